@@ -1,0 +1,160 @@
+//! Causal self-attention, computed the flash way: for each query row, keys are visited in tiles of
+//! `KEY_TILE` with an online softmax (running max and running sum rescaled as each tile arrives),
+//! so no T x T score matrix exists; only one log-sum-exp per row is saved. Backward recomputes
+//! each score from q, k and that log-sum-exp.
+//!
+//! Layout (llm.c's): qkv is [B, T, 3C], the c_attn output, with q, k, v side by side and head h
+//! at columns h*hd .. (h+1)*hd of each third; out is [B, T, C]; lse is [B, NH, T].
+//! Work is split over (batch, head) pairs, one rayon task each.
+
+use super::{axpy, dot, SendPtr};
+use rayon::prelude::*;
+
+/// Keys per tile of the online softmax.
+pub const KEY_TILE: usize = 32;
+
+/// The per-(b, h) views of q, k, v rows in the packed qkv layout.
+struct Head<'a> {
+    qkv: &'a [f32],
+    base: usize,
+    c: usize,
+    hd: usize,
+    h: usize,
+}
+
+impl<'a> Head<'a> {
+    fn q(&self, t: usize) -> &'a [f32] {
+        let o = self.base + t * 3 * self.c + self.h * self.hd;
+        &self.qkv[o..o + self.hd]
+    }
+    fn k(&self, t: usize) -> &'a [f32] {
+        let o = self.base + t * 3 * self.c + self.c + self.h * self.hd;
+        &self.qkv[o..o + self.hd]
+    }
+    fn v(&self, t: usize) -> &'a [f32] {
+        let o = self.base + t * 3 * self.c + 2 * self.c + self.h * self.hd;
+        &self.qkv[o..o + self.hd]
+    }
+}
+
+/// One step of the online softmax: folds scores `s` (for values `vs`) into the running max `m`,
+/// running sum `l` and accumulator `acc`. Shared with the CUDA kernel's host twin.
+#[inline]
+pub fn online_softmax_update(m: &mut f32, l: &mut f32, acc: &mut [f32], s: &[f32], vs: &[&[f32]]) {
+    let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let m_new = m.max(tile_max);
+    let correction = (*m - m_new).exp();
+    *l *= correction;
+    for a in acc.iter_mut() {
+        *a *= correction;
+    }
+    for (&sj, vj) in s.iter().zip(vs) {
+        let p = (sj - m_new).exp();
+        *l += p;
+        axpy(acc, p, vj);
+    }
+    *m = m_new;
+}
+
+pub fn attention_forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    qkv: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) {
+    debug_assert_eq!(lse.len(), b * nh * t);
+    let hd = c / nh;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    lse.par_chunks_mut(t).enumerate().for_each(|(bh, lse_row)| {
+        let (bi, h) = (bh / nh, bh % nh);
+        let head = Head {
+            qkv,
+            base: bi * t * 3 * c,
+            c,
+            hd,
+            h,
+        };
+        let mut acc = vec![0f32; hd];
+        let mut s = [0f32; KEY_TILE];
+        let p = out_ptr;
+        for i in 0..t {
+            let q = head.q(i);
+            let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+            acc.fill(0.0);
+            for j0 in (0..=i).step_by(KEY_TILE) {
+                let j1 = (j0 + KEY_TILE).min(i + 1);
+                let mut vs: [&[f32]; KEY_TILE] = [&[]; KEY_TILE];
+                for j in j0..j1 {
+                    s[j - j0] = dot(q, head.k(j)) * scale;
+                    vs[j - j0] = head.v(j);
+                }
+                online_softmax_update(&mut m, &mut l, &mut acc, &s[..j1 - j0], &vs[..j1 - j0]);
+            }
+            lse_row[i] = m + l.ln();
+            let inv = 1.0 / l;
+            // SAFETY: row (bi, i), columns of head h: written by this task only.
+            let o =
+                unsafe { std::slice::from_raw_parts_mut(p.0.add((bi * t + i) * c + h * hd), hd) };
+            for (o, a) in o.iter_mut().zip(&acc) {
+                *o = a * inv;
+            }
+        }
+    });
+}
+
+/// dqkv = d loss / d qkv, given dout [B, T, C] and the forward's out and lse.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) {
+    let hd = c / nh;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let dptr = SendPtr(dqkv.as_mut_ptr());
+    (0..b * nh).into_par_iter().for_each(|bh| {
+        let (bi, h) = (bh / nh, bh % nh);
+        let head = Head {
+            qkv,
+            base: bi * t * 3 * c,
+            c,
+            hd,
+            h,
+        };
+        let row = |i: usize| (bi * t + i) * c + h * hd..(bi * t + i) * c + (h + 1) * hd;
+        let lse = &lse[bh * t..(bh + 1) * t];
+        let (mut dq, mut dk, mut dv) = (vec![0f32; t * hd], vec![0f32; t * hd], vec![0f32; t * hd]);
+        for i in 0..t {
+            let (q, go) = (head.q(i), &dout[row(i)]);
+            // D_i = sum_j p_ij dp_ij = dout_i . out_i
+            let d_i = dot(go, &out[row(i)]);
+            let dq_i = &mut dq[i * hd..(i + 1) * hd];
+            for j in 0..=i {
+                let p = (dot(q, head.k(j)) * scale - lse[i]).exp();
+                axpy(&mut dv[j * hd..(j + 1) * hd], p, go);
+                let ds = p * (dot(go, head.v(j)) - d_i) * scale;
+                axpy(dq_i, ds, head.k(j));
+                axpy(&mut dk[j * hd..(j + 1) * hd], ds, q);
+            }
+        }
+        let p = dptr;
+        for i in 0..t {
+            let o = bi * t * 3 * c + i * 3 * c + h * hd;
+            for (part, buf) in [(0, &dq), (1, &dk), (2, &dv)] {
+                // SAFETY: the q/k/v columns of head h in batch row bi belong to this task alone.
+                let dst = unsafe { std::slice::from_raw_parts_mut(p.0.add(o + part * c), hd) };
+                dst.copy_from_slice(&buf[i * hd..(i + 1) * hd]);
+            }
+        }
+    });
+}

@@ -1,0 +1,65 @@
+//! Token + position embedding: out[b, t] = wte[ids[b, t]] + wpe[t]. The backward scatter-adds
+//! rows in a fixed order (parallel over channels, serial over positions), so it is deterministic.
+
+use rayon::prelude::*;
+
+pub fn embedding_forward(
+    out: &mut [f32],
+    ids: &[i32],
+    wte: &[f32],
+    wpe: &[f32],
+    t: usize,
+    c: usize,
+) {
+    out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
+        let id = ids[row] as usize;
+        let pos = row % t;
+        let (te, pe) = (&wte[id * c..(id + 1) * c], &wpe[pos * c..(pos + 1) * c]);
+        for i in 0..c {
+            o[i] = te[i] + pe[i];
+        }
+    });
+}
+
+/// dwte[id] += dout[b, t] for every (b, t) with ids[b, t] = id; dwpe[t] += sum over b of dout[b, t].
+/// Both outputs are overwritten (zeroed first).
+pub fn embedding_backward(
+    dwte: Option<&mut [f32]>,
+    dwpe: Option<&mut [f32]>,
+    dout: &[f32],
+    ids: &[i32],
+    t: usize,
+    c: usize,
+) {
+    // Split channels into stripes: each task owns a column range of both tables, so the
+    // scatter-add needs no atomics and runs in the same order every time.
+    const STRIPE: usize = 64;
+    let stripes = c.div_ceil(STRIPE);
+    let rows = ids.len();
+    if let Some(dwte) = dwte {
+        dwte.fill(0.0);
+        let ptr = super::SendPtr(dwte.as_mut_ptr());
+        (0..stripes).into_par_iter().for_each(|s| {
+            let (lo, hi) = (s * STRIPE, ((s + 1) * STRIPE).min(c));
+            let p = ptr;
+            for r in 0..rows {
+                let id = ids[r] as usize;
+                for i in lo..hi {
+                    // SAFETY: column range [lo, hi) belongs to this task alone.
+                    unsafe { *p.0.add(id * c + i) += dout[r * c + i] };
+                }
+            }
+        });
+    }
+    if let Some(dwpe) = dwpe {
+        dwpe.fill(0.0);
+        for r in 0..rows {
+            let pos = r % t;
+            super::axpy(
+                &mut dwpe[pos * c..(pos + 1) * c],
+                1.0,
+                &dout[r * c..(r + 1) * c],
+            );
+        }
+    }
+}

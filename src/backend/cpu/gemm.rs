@@ -1,0 +1,151 @@
+//! Matrix multiply on the CPU through the `gemm` crate (AVX-512 where the CPU has it), with the
+//! bias and GELU epilogues of `kernels/gemm.cu`.
+//!
+//! Layout: every matrix is row-major. `a_trans` means A is stored [k, m] and used as its transpose,
+//! `b_trans` means B is stored [n, k]; the crate takes strides, so a transpose costs nothing.
+
+use super::elementwise::gelu;
+use rayon::prelude::*;
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// out[m, n] (+)= op(A)[m, k] @ op(B)[k, n]; accumulates into `out` when `accumulate` is true.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a_trans: bool,
+    b_trans: bool,
+    accumulate: bool,
+) {
+    assert_eq!(
+        out.len(),
+        m * n,
+        "matmul: out has {} elements, expected {m} x {n}",
+        out.len()
+    );
+    assert_eq!(
+        a.len(),
+        m * k,
+        "matmul: A has {} elements, expected {m} x {k}",
+        a.len()
+    );
+    assert_eq!(
+        b.len(),
+        k * n,
+        "matmul: B has {} elements, expected {k} x {n}",
+        b.len()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
+    // (row stride, column stride) of each operand as seen by the product.
+    let (a_rs, a_cs) = if a_trans {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (b_rs, b_cs) = if b_trans {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
+    // SAFETY: the asserts above bound every index the strides can reach.
+    // The crate computes dst = alpha * dst + beta * lhs @ rhs (alpha and beta swapped vs BLAS).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+}
+
+/// out[m, n] = op(A) @ op(B) + bias, optionally followed by GELU. With `gelu`, `pre` receives
+/// the pre-activation (backward needs it) and `out` the activation.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_forward(
+    out: &mut [f32],
+    pre: Option<&mut [f32]>,
+    a: &[f32],
+    b: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    n: usize,
+    k: usize,
+    a_trans: bool,
+    b_trans: bool,
+) {
+    let bias_then_matmul = |dst: &mut [f32]| {
+        if let Some(bias) = bias {
+            dst.par_chunks_mut(n)
+                .for_each(|row| row.copy_from_slice(bias));
+        }
+        matmul(dst, a, b, m, n, k, a_trans, b_trans, bias.is_some());
+    };
+    match pre {
+        None => bias_then_matmul(out),
+        Some(pre) => {
+            bias_then_matmul(pre);
+            out.par_chunks_mut(1 << 14)
+                .zip(pre.par_chunks(1 << 14))
+                .for_each(|(o, p)| {
+                    for (o, &x) in o.iter_mut().zip(p) {
+                        *o = gelu(x);
+                    }
+                });
+        }
+    }
+}
+
+/// dbias[n] = sum over rows of dout[m, n]
+pub fn bias_backward(dbias: &mut [f32], dout: &[f32], n: usize) {
+    let rows = dout.len() / n.max(1);
+    let per = super::rows_per_task(n).max(64);
+    let partial: Vec<Vec<f32>> = dout
+        .par_chunks(per * n)
+        .map(|chunk| {
+            let mut acc = vec![0f32; n];
+            for row in chunk.chunks_exact(n) {
+                super::axpy(&mut acc, 1.0, row);
+            }
+            acc
+        })
+        .collect();
+    dbias.fill(0.0);
+    for p in &partial {
+        super::axpy(dbias, 1.0, p);
+    }
+    debug_assert!(rows * n == dout.len());
+}

@@ -1,0 +1,51 @@
+//! The CPU backend: f32 compute over slices, parallel over rows with rayon, GEMM from the `gemm`
+//! crate. Each file is one op family and mirrors `kernels/<family>.cu`: same function names, same
+//! argument order (outputs first, then inputs, then sizes).
+
+pub mod attention;
+pub mod elementwise;
+pub mod embedding;
+pub mod gemm;
+pub mod layernorm;
+pub mod xent;
+
+/// Rows per rayon task for row-wise ops: large enough that scheduling costs stay small.
+pub(crate) fn rows_per_task(cols: usize) -> usize {
+    (16384 / cols.max(1)).max(1)
+}
+
+/// A raw pointer that may cross threads. Used only where tasks write provably disjoint elements
+/// that do not form contiguous chunks (attention heads interleaved within a row).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Dot product with eight independent accumulators, so the compiler can vectorise it.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// y += a * x
+#[inline]
+pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}

@@ -1,0 +1,67 @@
+//! Fused softmax cross-entropy over rows of logits [N, V]: one pass finds each row's max and
+//! log-sum-exp, the loss of a row is lse - logit[target]; rows whose target is `IGNORE` (-100)
+//! count for nothing. Backward writes dlogits = (softmax - onehot) * scale from the saved lse,
+//! without keeping the probabilities.
+
+use rayon::prelude::*;
+
+/// The label that marks a position without a target (PyTorch's ignore_index).
+pub const IGNORE: i32 = -100;
+
+/// log sum exp of a row, computed stably.
+#[inline]
+pub fn logsumexp(row: &[f32]) -> f32 {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f32 = row.iter().map(|&x| (x - m).exp()).sum();
+    m + s.ln()
+}
+
+/// Writes each row's lse and loss (0 for ignored rows); returns (sum of losses, counted rows).
+pub fn xent_forward(
+    losses: &mut [f32],
+    lse: &mut [f32],
+    logits: &[f32],
+    targets: &[i32],
+    v: usize,
+) -> (f64, usize) {
+    losses
+        .par_iter_mut()
+        .zip(lse.par_iter_mut())
+        .zip(logits.par_chunks(v).zip(targets.par_iter()))
+        .map(|((loss, lse), (row, &tgt))| {
+            *lse = logsumexp(row);
+            if tgt == IGNORE {
+                *loss = 0.0;
+                (0.0, 0)
+            } else {
+                *loss = *lse - row[tgt as usize];
+                (*loss as f64, 1)
+            }
+        })
+        .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// dlogits[r] = (softmax(logits[r]) - onehot(target[r])) * scale; zero for ignored rows.
+pub fn xent_backward(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    lse: &[f32],
+    targets: &[i32],
+    v: usize,
+    scale: f32,
+) {
+    dlogits
+        .par_chunks_mut(v)
+        .zip(logits.par_chunks(v))
+        .zip(lse.par_iter().zip(targets.par_iter()))
+        .for_each(|((d, row), (&lse, &tgt))| {
+            if tgt == IGNORE {
+                d.fill(0.0);
+                return;
+            }
+            for (d, &x) in d.iter_mut().zip(row) {
+                *d = (x - lse).exp() * scale;
+            }
+            d[tgt as usize] -= scale;
+        });
+}

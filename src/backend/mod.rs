@@ -1,0 +1,4 @@
+//! Backends: plain functions over buffers, with no knowledge of the tape. The CPU backend is the
+//! readable reference every CUDA kernel is checked against.
+
+pub mod cpu;

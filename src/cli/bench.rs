@@ -1,0 +1,92 @@
+//! `kiln bench`: timed runs reported as ratios to a ceiling measured in the same process.
+
+use crate::bench;
+use crate::io::checkpoint;
+use crate::model::gpt2::{Gpt2, Gpt2Config};
+use crate::{Device, Result};
+use clap::Subcommand;
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Time GPT-2 training steps (forward, backward, fp32 AdamW) against the CPU's sgemm rate.
+    TrainStep {
+        /// Model size (see `kiln init`); ignored when --model is given.
+        #[arg(long, default_value = "gpt2")]
+        preset: String,
+        /// Time a checkpoint instead of a random preset.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 64)]
+        seq: usize,
+        /// Timed steps (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Untimed steps first (allocation and page faults settle).
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::TrainStep {
+            preset,
+            model,
+            batch,
+            seq,
+            steps,
+            warmup,
+            device,
+        } => {
+            device.parse::<Device>()?.ensure_available()?;
+            let mut m = match &model {
+                Some(dir) => checkpoint::load_gpt2(dir)?,
+                None => Gpt2::new_random(Gpt2Config::preset(&preset)?, 0)?,
+            };
+            if seq > m.config.n_positions {
+                return Err(crate::Error::SeqTooLong {
+                    t: seq,
+                    n_positions: m.config.n_positions,
+                });
+            }
+            let name = model
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or(preset);
+            let threads = rayon::current_num_threads();
+            println!("kiln bench train-step: {name}, {} parameters, batch {batch} x seq {seq}, {threads} threads, cpu", m.params.numel());
+            let (ceiling, each) = bench::sgemm_ceiling();
+            for (shape, g) in &each {
+                println!("  sgemm {shape:>16}: {g:8.1} GFLOP/s");
+            }
+            let report = bench::train_step(&mut m, batch, seq, warmup, steps, |i, d| {
+                let tag = if i < warmup { "warm-up" } else { "step" };
+                eprintln!("  {tag} {:>2}: {:.3} s", i + 1, d.as_secs_f64());
+            })?;
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            println!("  step (median of {}): {:.1} ms  = forward {:.1} + backward {:.1} + adamw {:.1} ms", report.steps.len(), ms(report.median()), ms(report.forward), ms(report.backward), ms(report.optimizer));
+            println!(
+                "  loss: {:.4} -> {:.4}",
+                report.losses[0],
+                report.losses[report.losses.len() - 1]
+            );
+            println!("  tokens/s:  {:.1}", report.tokens_per_s());
+            println!(
+                "  achieved:  {:.1} GFLOP/s ({:.1} GFLOP per step)",
+                report.gflops(),
+                report.flops / 1e9
+            );
+            println!("  sgemm:     {ceiling:.1} GFLOP/s (best shape above)");
+            println!(
+                "  ratio:     {:.0}% of sgemm",
+                100.0 * report.gflops() / ceiling
+            );
+            Ok(())
+        }
+    }
+}

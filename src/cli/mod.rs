@@ -1,0 +1,194 @@
+//! The `kiln` command line.
+
+mod bench;
+
+use crate::data::batch::Batch;
+use crate::io::checkpoint;
+use crate::model::gpt2::{Gpt2, Gpt2Config, Mode, PRESETS};
+use crate::{DType, Device, Error, Result, Tape, Tensor};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Train, study and benchmark GPT-2 language models: a from-scratch tensor engine in Rust"
+)]
+struct Cli {
+    /// Worker threads for the CPU backend (default: all cores, or RAYON_NUM_THREADS).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a randomly initialised GPT-2 as a Hugging Face checkpoint directory.
+    Init {
+        /// Model size: tiny, gpt2, gpt2-medium, gpt2-large or gpt2-xl.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Output directory (created; an existing checkpoint there is refused unless --overwrite).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Storage dtype of the weights: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Replace a checkpoint already in --out.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Print the mean next-token loss of a batch file under a model.
+    Eval {
+        /// Hugging Face checkpoint directory (config.json + model.safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// safetensors with input_ids [B, T] (I64 or I32) and optional labels (-100 = masked).
+        #[arg(long)]
+        batch: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Write the loss and every parameter's gradient (Hugging Face names) to a safetensors file.
+    Grads {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        batch: PathBuf,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Benchmarks, reported against a ceiling measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| Error::Input(format!("cannot start {n} threads: {e}")))?;
+    }
+    match cli.command {
+        Command::Init {
+            preset,
+            out,
+            seed,
+            dtype,
+            overwrite,
+        } => init(&preset, &out, seed, DType::parse(&dtype)?, overwrite),
+        Command::Eval {
+            model,
+            batch,
+            device,
+        } => eval(&model, &batch, device.parse()?),
+        Command::Grads {
+            model,
+            batch,
+            out,
+            device,
+        } => grads(&model, &batch, &out, device.parse()?),
+        Command::Bench { what } => bench::run(what),
+    }
+}
+
+fn init(preset: &str, out: &Path, seed: u64, dtype: DType, overwrite: bool) -> Result<()> {
+    let config = Gpt2Config::preset(preset)?;
+    if out.join("model.safetensors").exists() && !overwrite {
+        return Err(Error::Input(format!(
+            "{} already holds a checkpoint; pass --overwrite to replace it",
+            out.display()
+        )));
+    }
+    let model = Gpt2::new_random(config, seed)?;
+    checkpoint::save_gpt2(&model, out, dtype)?;
+    println!(
+        "wrote a random {preset} GPT-2 ({} parameters, {dtype:?}) to {}",
+        model.params.numel(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// Loads the model and batch and runs the forward pass on `tape`.
+fn forward(
+    model_dir: &Path,
+    batch_path: &Path,
+    device: Device,
+    tape: &mut Tape,
+) -> Result<(Gpt2, Batch, Tensor)> {
+    device.ensure_available()?;
+    let model = checkpoint::load_gpt2(model_dir)?;
+    let batch = Batch::load(batch_path)?;
+    batch.validate(&model.config)?;
+    let targets = batch.targets()?;
+    let out = model.forward(tape, &batch.input_ids, Some(&targets), Mode::Eval)?;
+    let loss = out.loss.expect("targets were given");
+    Ok((model, batch, loss))
+}
+
+fn eval(model_dir: &Path, batch_path: &Path, device: Device) -> Result<()> {
+    let (_, batch, loss) = forward(model_dir, batch_path, device, &mut Tape::inference())?;
+    let (b, t) = batch.dims();
+    let loss = loss.item()?;
+    println!(
+        "loss {loss:.6}  (perplexity {:.3}, batch {b} x {t})",
+        loss.exp()
+    );
+    Ok(())
+}
+
+fn grads(model_dir: &Path, batch_path: &Path, out: &Path, device: Device) -> Result<()> {
+    let mut tape = Tape::new();
+    let (model, _, loss) = forward(model_dir, batch_path, device, &mut tape)?;
+    let grads = tape.backward(&loss)?;
+    let mut tensors = vec![("loss".to_string(), loss.clone())];
+    for p in model.params.iter().filter(|p| p.trainable) {
+        let g = grads
+            .get(&p.tensor)
+            .cloned()
+            .unwrap_or_else(|| Tensor::zeros(p.tensor.dims()));
+        tensors.push((p.name.clone(), g));
+    }
+    crate::io::safetensors::save(out, &tensors, &[("producer", "kiln grads")])?;
+    println!(
+        "loss {:.6}; wrote {} gradients to {}",
+        loss.item()?,
+        tensors.len() - 1,
+        out.display()
+    );
+    Ok(())
+}
+
+/// The preset names, for help texts.
+pub fn presets() -> String {
+    PRESETS.join(", ")
+}

@@ -1,0 +1,3 @@
+//! Data: batch files of token ids (tokenizers and corpora arrive with the pre-training issue).
+
+pub mod batch;

@@ -1,0 +1,498 @@
+//! GPT-2 (Radford et al. 2019) as Hugging Face's GPT2LMHeadModel lays it out: pre-norm blocks,
+//! learned position embeddings, tanh GELU, Conv1D weights stored [in, out], lm_head tied to wte.
+//! Parameter names are the checkpoint keys, so loading and saving is a walk over `param_shapes`.
+
+use crate::nn::ParamStore;
+use crate::ops::gemm::WeightLayout;
+use crate::ops::{attention, elementwise, embedding, gemm, layernorm, xent};
+use crate::tape::Tape;
+use crate::{Error, Result, Tensor};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// The hyper-parameters of a GPT-2, as in a Hugging Face `config.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    /// Context length: the number of learned positions.
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    /// MLP width; None means 4 * n_embd.
+    pub n_inner: Option<usize>,
+    pub layer_norm_epsilon: f32,
+    pub embd_pdrop: f32,
+    pub resid_pdrop: f32,
+    pub attn_pdrop: f32,
+    pub initializer_range: f32,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+/// The names `Gpt2Config::preset` knows.
+pub const PRESETS: &[&str] = &["tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"];
+
+impl Gpt2Config {
+    /// A named size: `gpt2` (124M), `gpt2-medium` (355M), `gpt2-large`, `gpt2-xl`, or `tiny`
+    /// (about 0.9M parameters: for tests and CPU demos).
+    pub fn preset(name: &str) -> Result<Self> {
+        let (n_embd, n_layer, n_head, vocab_size, n_positions) = match name {
+            "tiny" => (128, 4, 4, 512, 256),
+            "gpt2" => (768, 12, 12, 50257, 1024),
+            "gpt2-medium" => (1024, 24, 16, 50257, 1024),
+            "gpt2-large" => (1280, 36, 20, 50257, 1024),
+            "gpt2-xl" => (1600, 48, 25, 50257, 1024),
+            _ => {
+                return Err(Error::Input(format!(
+                    "unknown preset '{name}': choose one of {}",
+                    PRESETS.join(", ")
+                )))
+            }
+        };
+        let eos = (vocab_size - 1) as u32;
+        Ok(Gpt2Config {
+            vocab_size,
+            n_positions,
+            n_embd,
+            n_layer,
+            n_head,
+            n_inner: None,
+            layer_norm_epsilon: 1e-5,
+            embd_pdrop: 0.1,
+            resid_pdrop: 0.1,
+            attn_pdrop: 0.1,
+            initializer_range: 0.02,
+            bos_token_id: Some(eos),
+            eos_token_id: Some(eos),
+        })
+    }
+
+    /// The MLP's hidden width.
+    pub fn ffn_dim(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+
+    /// Reads a Hugging Face `config.json`, rejecting what kiln's GPT-2 does not implement.
+    pub fn from_json_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::read(path, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::config(path, format!("not valid JSON ({e})")))?;
+        Self::from_json(&v, path)
+    }
+
+    /// Parses a config object; `path` only labels errors.
+    pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::config(path, "the top level must be a JSON object"))?;
+        if let Some(mt) = obj.get("model_type") {
+            if mt.as_str() != Some("gpt2") {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "model_type is {mt}, but kiln reads GPT-2 configs (model_type \"gpt2\")"
+                    ),
+                ));
+            }
+        }
+        // GPT2Config's attribute_map: the generic names are accepted too.
+        let get = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| obj.get(*k).filter(|v| !v.is_null()))
+        };
+        let int = |keys: &[&str], default: Option<usize>| -> Result<usize> {
+            match get(keys) {
+                None => default.ok_or_else(|| {
+                    Error::config(path, format!("missing required key \"{}\"", keys[0]))
+                }),
+                Some(x) => match x.as_u64() {
+                    Some(n) if n > 0 => Ok(n as usize),
+                    _ => Err(Error::config(
+                        path,
+                        format!("\"{}\" must be a positive integer, got {x}", keys[0]),
+                    )),
+                },
+            }
+        };
+        let float = |key: &str, default: f32| -> Result<f32> {
+            match obj.get(key).filter(|v| !v.is_null()) {
+                None => Ok(default),
+                Some(x) => x.as_f64().map(|f| f as f32).ok_or_else(|| {
+                    Error::config(path, format!("\"{key}\" must be a number, got {x}"))
+                }),
+            }
+        };
+        let flag = |key: &str, default: bool| -> Result<bool> {
+            match obj.get(key).filter(|v| !v.is_null()) {
+                None => Ok(default),
+                Some(x) => x.as_bool().ok_or_else(|| {
+                    Error::config(path, format!("\"{key}\" must be true or false, got {x}"))
+                }),
+            }
+        };
+        let token =
+            |key: &str| -> Option<u32> { obj.get(key).and_then(|x| x.as_u64()).map(|x| x as u32) };
+
+        let cfg = Gpt2Config {
+            vocab_size: int(&["vocab_size"], None)?,
+            n_positions: int(&["n_positions", "max_position_embeddings", "n_ctx"], None)?,
+            n_embd: int(&["n_embd", "hidden_size"], None)?,
+            n_layer: int(&["n_layer", "num_hidden_layers"], None)?,
+            n_head: int(&["n_head", "num_attention_heads"], None)?,
+            n_inner: match obj.get("n_inner").filter(|v| !v.is_null()) {
+                None => None,
+                Some(_) => Some(int(&["n_inner"], None)?),
+            },
+            layer_norm_epsilon: float("layer_norm_epsilon", 1e-5)?,
+            embd_pdrop: float("embd_pdrop", 0.1)?,
+            resid_pdrop: float("resid_pdrop", 0.1)?,
+            attn_pdrop: float("attn_pdrop", 0.1)?,
+            initializer_range: float("initializer_range", 0.02)?,
+            bos_token_id: token("bos_token_id"),
+            eos_token_id: token("eos_token_id"),
+        };
+        let act = obj
+            .get("activation_function")
+            .and_then(|x| x.as_str())
+            .unwrap_or("gelu_new");
+        if !matches!(act, "gelu_new" | "gelu_pytorch_tanh") {
+            return Err(Error::config(
+                path,
+                format!("activation_function \"{act}\" is not supported: kiln's GPT-2 uses the tanh GELU (\"gelu_new\"); set it to \"gelu_new\" or convert the model"),
+            ));
+        }
+        let unsupported = [
+            (
+                "scale_attn_weights",
+                true,
+                "attention scores are always scaled by 1/sqrt(head_dim)",
+            ),
+            (
+                "scale_attn_by_inverse_layer_idx",
+                false,
+                "per-layer attention scaling is not implemented",
+            ),
+            (
+                "add_cross_attention",
+                false,
+                "cross-attention (encoder-decoder use) is not implemented",
+            ),
+            ("tie_word_embeddings", true, "kiln's lm_head is tied to wte"),
+        ];
+        for (key, want, why) in unsupported {
+            if flag(key, want)? != want {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "\"{key}\": {} is not supported ({why}); set it to {want}",
+                        !want
+                    ),
+                ));
+            }
+        }
+        for (key, p) in [
+            ("embd_pdrop", cfg.embd_pdrop),
+            ("resid_pdrop", cfg.resid_pdrop),
+            ("attn_pdrop", cfg.attn_pdrop),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::config(
+                    path,
+                    format!("\"{key}\" = {p} must be in [0, 1)"),
+                ));
+            }
+        }
+        if !(cfg.layer_norm_epsilon > 0.0) {
+            return Err(Error::config(
+                path,
+                format!(
+                    "\"layer_norm_epsilon\" = {} must be positive",
+                    cfg.layer_norm_epsilon
+                ),
+            ));
+        }
+        if cfg.n_embd % cfg.n_head != 0 {
+            return Err(Error::config(
+                path,
+                format!(
+                    "n_embd = {} is not divisible by n_head = {}",
+                    cfg.n_embd, cfg.n_head
+                ),
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// The config as Hugging Face writes it, so transformers loads kiln's checkpoints.
+    pub fn to_json(&self, dtype: crate::DType) -> Value {
+        json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "activation_function": "gelu_new",
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": self.n_inner,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "embd_pdrop": self.embd_pdrop,
+            "resid_pdrop": self.resid_pdrop,
+            "attn_pdrop": self.attn_pdrop,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "scale_attn_weights": true,
+            "scale_attn_by_inverse_layer_idx": false,
+            "reorder_and_upcast_attn": false,
+            "tie_word_embeddings": true,
+            "use_cache": true,
+            "dtype": match dtype {
+                crate::DType::BF16 => "bfloat16",
+                crate::DType::F16 => "float16",
+                _ => "float32",
+            },
+        })
+    }
+
+    /// Every parameter's Hugging Face name and shape, in transformers' order.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (c, f, v, p) = (
+            self.n_embd,
+            self.ffn_dim(),
+            self.vocab_size,
+            self.n_positions,
+        );
+        let mut out = vec![
+            ("transformer.wte.weight".to_string(), vec![v, c]),
+            ("transformer.wpe.weight".to_string(), vec![p, c]),
+        ];
+        for i in 0..self.n_layer {
+            let h = format!("transformer.h.{i}");
+            out.extend([
+                (format!("{h}.ln_1.weight"), vec![c]),
+                (format!("{h}.ln_1.bias"), vec![c]),
+                (format!("{h}.attn.c_attn.weight"), vec![c, 3 * c]),
+                (format!("{h}.attn.c_attn.bias"), vec![3 * c]),
+                (format!("{h}.attn.c_proj.weight"), vec![c, c]),
+                (format!("{h}.attn.c_proj.bias"), vec![c]),
+                (format!("{h}.ln_2.weight"), vec![c]),
+                (format!("{h}.ln_2.bias"), vec![c]),
+                (format!("{h}.mlp.c_fc.weight"), vec![c, f]),
+                (format!("{h}.mlp.c_fc.bias"), vec![f]),
+                (format!("{h}.mlp.c_proj.weight"), vec![f, c]),
+                (format!("{h}.mlp.c_proj.bias"), vec![c]),
+            ]);
+        }
+        out.push(("transformer.ln_f.weight".to_string(), vec![c]));
+        out.push(("transformer.ln_f.bias".to_string(), vec![c]));
+        out
+    }
+
+    /// Number of parameters (wte counted once: lm_head shares it).
+    pub fn num_params(&self) -> usize {
+        self.param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+}
+
+/// Whether dropout is active. Training takes a seed so that every mask can be replayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Eval,
+    Train { seed: u64 },
+}
+
+/// What a forward pass returns.
+pub struct Gpt2Output {
+    /// [B, T, V]
+    pub logits: Tensor,
+    /// Mean cross-entropy over positions with a target, when targets were given.
+    pub loss: Option<Tensor>,
+}
+
+/// One transformer block's weights (shapes with C = n_embd, F = ffn_dim).
+struct Block {
+    ln_1_w: Tensor,     // [C]
+    ln_1_b: Tensor,     // [C]
+    c_attn_w: Tensor,   // [C, 3C]
+    c_attn_b: Tensor,   // [3C]
+    c_proj_w: Tensor,   // [C, C]
+    c_proj_b: Tensor,   // [C]
+    ln_2_w: Tensor,     // [C]
+    ln_2_b: Tensor,     // [C]
+    c_fc_w: Tensor,     // [C, F]
+    c_fc_b: Tensor,     // [F]
+    mlp_proj_w: Tensor, // [F, C]
+    mlp_proj_b: Tensor, // [C]
+}
+
+/// A GPT-2 language model with its parameters under Hugging Face names.
+#[derive(Clone)]
+pub struct Gpt2 {
+    pub config: Gpt2Config,
+    pub params: ParamStore,
+}
+
+impl Gpt2 {
+    /// A randomly initialised model, as GPT2LMHeadModel initialises one: weights ~ N(0, 0.02),
+    /// the two residual projections (attn.c_proj, mlp.c_proj) ~ N(0, 0.02 / sqrt(2 n_layer)),
+    /// biases 0, layernorm weights 1. Deterministic in `seed`.
+    pub fn new_random(config: Gpt2Config, seed: u64) -> Result<Self> {
+        let std = config.initializer_range;
+        let proj_std = std / (2.0 * config.n_layer as f32).sqrt();
+        let tensors: Vec<(String, Tensor)> = config
+            .param_shapes()
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, (name, dims))| {
+                let n: usize = dims.iter().product();
+                let data = if name.ends_with(".bias") {
+                    vec![0.0; n]
+                } else if name.contains(".ln_") {
+                    vec![1.0; n]
+                } else {
+                    let s = if name.ends_with("c_proj.weight") {
+                        proj_std
+                    } else {
+                        std
+                    };
+                    let normal = Normal::new(0.0f32, s).expect("a positive standard deviation");
+                    // One stream per parameter, so initialisation is parallel and order-free.
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(
+                        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64,
+                    );
+                    (0..n).map(|_| normal.sample(&mut rng)).collect()
+                };
+                Tensor::from_f32(data, dims.as_slice()).map(|t| (name, t))
+            })
+            .collect::<Result<_>>()?;
+        let mut params = ParamStore::new();
+        for (name, t) in tensors {
+            params.insert(name, t);
+        }
+        Ok(Gpt2 { config, params })
+    }
+
+    fn p(&self, name: &str) -> Result<Tensor> {
+        self.params.get(name).cloned()
+    }
+
+    fn block(&self, i: usize) -> Result<Block> {
+        let h = |s: &str| self.p(&format!("transformer.h.{i}.{s}"));
+        Ok(Block {
+            ln_1_w: h("ln_1.weight")?,
+            ln_1_b: h("ln_1.bias")?,
+            c_attn_w: h("attn.c_attn.weight")?,
+            c_attn_b: h("attn.c_attn.bias")?,
+            c_proj_w: h("attn.c_proj.weight")?,
+            c_proj_b: h("attn.c_proj.bias")?,
+            ln_2_w: h("ln_2.weight")?,
+            ln_2_b: h("ln_2.bias")?,
+            c_fc_w: h("mlp.c_fc.weight")?,
+            c_fc_b: h("mlp.c_fc.bias")?,
+            mlp_proj_w: h("mlp.c_proj.weight")?,
+            mlp_proj_b: h("mlp.c_proj.bias")?,
+        })
+    }
+
+    /// Logits for `ids` (I32 [B, T]) and, with `targets` (I32 [B, T], -100 = no target), the
+    /// mean loss. Trainable parameters are watched on `tape`, so `tape.backward(loss)` yields
+    /// their gradients.
+    pub fn forward(
+        &self,
+        tape: &mut Tape,
+        ids: &Tensor,
+        targets: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Gpt2Output> {
+        for p in self.params.iter().filter(|p| p.trainable) {
+            tape.watch(&p.tensor);
+        }
+        let cfg = &self.config;
+        let eps = cfg.layer_norm_epsilon;
+        let (train, seed) = match mode {
+            Mode::Eval => (false, 0),
+            Mode::Train { seed } => (true, seed),
+        };
+        // Each dropout site draws its mask from its own stream of the step's seed.
+        let site_seed = |site: u64| seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(site);
+
+        let wte = self.p("transformer.wte.weight")?; // [V, C]
+        let wpe = self.p("transformer.wpe.weight")?; // [P, C]
+        let mut x = embedding::embedding(tape, ids, &wte, &wpe)?; // [B, T, C]
+        x = elementwise::dropout(tape, &x, cfg.embd_pdrop, train, site_seed(0))?;
+        for i in 0..cfg.n_layer {
+            let w = self.block(i)?;
+            let h = layernorm::layernorm(tape, &x, &w.ln_1_w, &w.ln_1_b, eps)?;
+            let qkv = gemm::linear(
+                tape,
+                &h,
+                &w.c_attn_w,
+                Some(&w.c_attn_b),
+                WeightLayout::InOut,
+                false,
+            )?; // [B, T, 3C]
+            let a = attention::attention(tape, &qkv, cfg.n_head)?; // [B, T, C]
+            let a = gemm::linear(
+                tape,
+                &a,
+                &w.c_proj_w,
+                Some(&w.c_proj_b),
+                WeightLayout::InOut,
+                false,
+            )?;
+            let a = elementwise::dropout(
+                tape,
+                &a,
+                cfg.resid_pdrop,
+                train,
+                site_seed(2 * i as u64 + 1),
+            )?;
+            x = elementwise::add(tape, &x, &a)?;
+            let h = layernorm::layernorm(tape, &x, &w.ln_2_w, &w.ln_2_b, eps)?;
+            let f = gemm::linear(
+                tape,
+                &h,
+                &w.c_fc_w,
+                Some(&w.c_fc_b),
+                WeightLayout::InOut,
+                true,
+            )?; // [B, T, F]
+            let m = gemm::linear(
+                tape,
+                &f,
+                &w.mlp_proj_w,
+                Some(&w.mlp_proj_b),
+                WeightLayout::InOut,
+                false,
+            )?;
+            let m = elementwise::dropout(
+                tape,
+                &m,
+                cfg.resid_pdrop,
+                train,
+                site_seed(2 * i as u64 + 2),
+            )?;
+            x = elementwise::add(tape, &x, &m)?;
+        }
+        let h = layernorm::layernorm(
+            tape,
+            &x,
+            &self.p("transformer.ln_f.weight")?,
+            &self.p("transformer.ln_f.bias")?,
+            eps,
+        )?;
+        let logits = gemm::linear(tape, &h, &wte, None, WeightLayout::OutIn, false)?; // [B, T, V], lm_head tied to wte
+        let loss = targets
+            .map(|t| xent::cross_entropy(tape, &logits, t))
+            .transpose()?;
+        Ok(Gpt2Output { logits, loss })
+    }
+}

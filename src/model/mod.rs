@@ -1,0 +1,3 @@
+//! Models written directly on the ops.
+
+pub mod gpt2;

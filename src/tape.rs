@@ -1,0 +1,227 @@
+//! The autograd tape. Each coarse op (embedding, layernorm, matmul, attention, ...) appends one
+//! node holding what its backward needs; `backward` walks the nodes in reverse and hands every
+//! node the gradient of its output. Gradients exist only for tensors that lead back to a watched
+//! parameter: a frozen parameter is never watched, so nothing is ever allocated for it.
+//!
+//! The tape knows no arithmetic: each op's backward rule is a plain function in
+//! `src/ops/<family>.rs`, next to its forward, and `Op::backward` only dispatches to it.
+
+use crate::ops::{attention, elementwise, embedding, gemm, layernorm, xent};
+use crate::{Error, Result, Tensor, TensorId};
+use std::collections::{HashMap, HashSet};
+
+/// What one node saved for its backward pass.
+pub(crate) enum Op {
+    Embedding(embedding::Saved),
+    LayerNorm(layernorm::Saved),
+    Matmul(gemm::Saved),
+    Attention(attention::Saved),
+    Gelu(elementwise::GeluSaved),
+    Add,
+    Dropout(elementwise::DropoutSaved),
+    CrossEntropy(xent::Saved),
+}
+
+impl Op {
+    /// The op's name, as shown by `Tape::summary`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Embedding(_) => "embedding",
+            Op::LayerNorm(_) => "layernorm",
+            Op::Matmul(s) => {
+                if s.gelu.is_some() {
+                    "matmul+gelu"
+                } else {
+                    "matmul"
+                }
+            }
+            Op::Attention(_) => "attention",
+            Op::Gelu(_) => "gelu",
+            Op::Add => "add",
+            Op::Dropout(_) => "dropout",
+            Op::CrossEntropy(_) => "cross_entropy",
+        }
+    }
+
+    /// Gradients of the node's inputs, in input order, computed only where `needs[i]`.
+    fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        match self {
+            Op::Embedding(s) => embedding::backward(s, dout, needs),
+            Op::LayerNorm(s) => layernorm::backward(s, dout, needs),
+            Op::Matmul(s) => gemm::backward(s, dout, needs),
+            Op::Attention(s) => attention::backward(s, dout),
+            Op::Gelu(s) => elementwise::gelu_backward(s, dout),
+            Op::Add => Ok(vec![Some(dout.clone()), Some(dout.clone())]),
+            Op::Dropout(s) => elementwise::dropout_backward(s, dout),
+            Op::CrossEntropy(s) => xent::backward(s, dout),
+        }
+    }
+}
+
+struct Node {
+    op: Op,
+    inputs: Vec<TensorId>,
+    output: TensorId,
+}
+
+/// Records ops during a forward pass and runs them backward.
+pub struct Tape {
+    recording: bool,
+    nodes: Vec<Node>,
+    /// Tensors whose gradient is wanted: watched parameters and everything computed from them.
+    tracked: HashSet<TensorId>,
+    watched: HashSet<TensorId>,
+}
+
+impl Default for Tape {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tape {
+    /// A tape that records ops touching watched tensors (training, gradient studies).
+    pub fn new() -> Self {
+        Tape {
+            recording: true,
+            nodes: Vec::new(),
+            tracked: HashSet::new(),
+            watched: HashSet::new(),
+        }
+    }
+
+    /// A tape that records nothing: inference keeps no activations alive.
+    pub fn inference() -> Self {
+        Tape {
+            recording: false,
+            ..Self::new()
+        }
+    }
+
+    pub fn is_recording(&self) -> bool {
+        self.recording
+    }
+
+    /// Asks for the gradient of `t` (a parameter). Unwatched tensors get none.
+    pub fn watch(&mut self, t: &Tensor) {
+        if self.recording {
+            self.tracked.insert(t.id());
+            self.watched.insert(t.id());
+        }
+    }
+
+    /// True when a gradient must flow into `t`.
+    pub fn tracks(&self, t: &Tensor) -> bool {
+        self.tracked.contains(&t.id())
+    }
+
+    /// True when an op over `inputs` must be recorded (some input needs a gradient).
+    pub(crate) fn wants(&self, inputs: &[&Tensor]) -> bool {
+        self.recording && inputs.iter().any(|t| self.tracks(t))
+    }
+
+    /// Appends a node; ops call this only when `wants(inputs)` is true.
+    pub(crate) fn record(&mut self, op: Op, inputs: &[&Tensor], output: &Tensor) {
+        self.tracked.insert(output.id());
+        self.nodes.push(Node {
+            op,
+            inputs: inputs.iter().map(|t| t.id()).collect(),
+            output: output.id(),
+        });
+    }
+
+    /// The number of recorded nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// One line per recorded op, in order (for studying what a forward pass did).
+    pub fn summary(&self) -> Vec<&'static str> {
+        self.nodes.iter().map(|n| n.op.name()).collect()
+    }
+
+    /// Runs backward from a scalar `loss` (d loss / d loss = 1) and returns the gradients of the
+    /// watched tensors. The tape is consumed node by node, so saved activations are freed as
+    /// backward passes them.
+    pub fn backward(&mut self, loss: &Tensor) -> Result<Gradients> {
+        if loss.numel() != 1 {
+            return Err(Error::shape(
+                "backward",
+                format!("the loss must be a scalar, got shape {:?}", loss.shape()),
+            ));
+        }
+        if !self.tracks(loss) {
+            return Err(Error::Input(
+                "backward: the loss does not depend on any watched parameter (was the forward pass run on this tape?)".into(),
+            ));
+        }
+        let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
+        grads.insert(
+            loss.id(),
+            Tensor::from_f32(vec![1.0], loss.shape().clone())?,
+        );
+        while let Some(node) = self.nodes.pop() {
+            let Some(dout) = grads.remove(&node.output) else {
+                continue;
+            };
+            let needs: Vec<bool> = node
+                .inputs
+                .iter()
+                .map(|id| self.tracked.contains(id))
+                .collect();
+            let dins = node.op.backward(&dout, &needs)?;
+            drop(node.op);
+            for ((id, din), need) in node.inputs.iter().zip(dins).zip(needs) {
+                let Some(din) = din else { continue };
+                if !need {
+                    continue;
+                }
+                accumulate(&mut grads, *id, din)?;
+            }
+        }
+        self.tracked.clear();
+        grads.retain(|id, _| self.watched.contains(id));
+        Ok(Gradients { map: grads })
+    }
+}
+
+fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) -> Result<()> {
+    match grads.get_mut(&id) {
+        None => {
+            grads.insert(id, g);
+        }
+        Some(acc) => {
+            let src = g.f32s()?;
+            let dst = acc.f32s_mut()?;
+            if dst.len() != src.len() {
+                return Err(Error::shape(
+                    "backward",
+                    format!("gradient sizes differ: {} vs {}", dst.len(), src.len()),
+                ));
+            }
+            crate::backend::cpu::elementwise::add_assign(dst, src);
+        }
+    }
+    Ok(())
+}
+
+/// Gradients of the watched tensors after `Tape::backward`.
+pub struct Gradients {
+    map: HashMap<TensorId, Tensor>,
+}
+
+impl Gradients {
+    /// The gradient of `t`, or None when `t` was not watched or did not influence the loss.
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.map.get(&t.id())
+    }
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
