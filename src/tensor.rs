@@ -122,6 +122,14 @@ impl CpuStorage {
     }
 }
 
+impl Drop for CpuStorage {
+    fn drop(&mut self) {
+        if let CpuStorage::F32(v) = self {
+            crate::backend::cpu::pool::give(std::mem::take(v));
+        }
+    }
+}
+
 /// The buffer behind a tensor. This enum is the one place that knows which device holds the data;
 /// the CUDA variant joins it with the CUDA backend.
 #[derive(Clone)]

@@ -1,7 +1,7 @@
 //! Token + position embedding, GPT-2's first op: [B, T] ids -> [B, T, C].
 
 use super::{f32_input, new_f32};
-use crate::backend::cpu::embedding as cpu;
+use crate::backend::cpu::{embedding as cpu, pool};
 use crate::tape::{Op, Tape};
 use crate::{Error, Result, Tensor};
 
@@ -70,8 +70,8 @@ pub fn embedding(tape: &mut Tape, ids: &Tensor, wte: &Tensor, wpe: &Tensor) -> R
 pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
     let (ids, g) = (s.ids.i32s()?, dout.f32s()?);
     let (t, c) = (s.ids.dims()[1], s.wte_dims[1]);
-    let mut dwte = needs[0].then(|| vec![0f32; s.wte_dims.iter().product()]);
-    let mut dwpe = needs[1].then(|| vec![0f32; s.wpe_dims.iter().product()]);
+    let mut dwte = needs[0].then(|| pool::take(s.wte_dims.iter().product()));
+    let mut dwpe = needs[1].then(|| pool::take(s.wpe_dims.iter().product()));
     cpu::embedding_backward(dwte.as_deref_mut(), dwpe.as_deref_mut(), g, ids, t, c);
     Ok(vec![
         dwte.map(|d| Tensor::from_f32(d, s.wte_dims.as_slice()))

@@ -9,7 +9,7 @@
 //! each one GEMM call with the transposes expressed as strides.
 
 use super::{f32_input, new_f32};
-use crate::backend::cpu::{elementwise as cpu_ew, gemm as cpu};
+use crate::backend::cpu::{elementwise as cpu_ew, gemm as cpu, pool};
 use crate::tape::{Op, Tape};
 use crate::{Error, Result, Tensor};
 
@@ -32,7 +32,7 @@ pub(crate) struct Saved {
     trans_b: bool,
     has_bias: bool,
     /// The pre-activation, when GELU was fused.
-    pub(crate) gelu: Option<Vec<f32>>,
+    pub(crate) gelu: Option<Tensor>,
 }
 
 /// C = op(A) @ op(B). Without `trans_a`, A may have leading batch dims ([..., K]); with it A must
@@ -115,7 +115,7 @@ pub fn matmul_ex(
     let biasd = bias.map(|t| f32_input(OP, t)).transpose()?;
     let mut out_dims = lead;
     out_dims.push(n);
-    let mut pre = gelu.then(|| vec![0f32; m * n]);
+    let mut pre = gelu.then(|| pool::take(m * n));
     let out = new_f32(&out_dims, |o| {
         cpu::matmul_forward(
             o,
@@ -130,6 +130,9 @@ pub fn matmul_ex(
             trans_b,
         )
     })?;
+    let pre = pre
+        .map(|p| Tensor::from_f32(p, out_dims.as_slice()))
+        .transpose()?;
     let inputs: Vec<&Tensor> = [Some(a), Some(b), bias].into_iter().flatten().collect();
     if tape.wants(&inputs) {
         let saved = Saved {
@@ -150,19 +153,20 @@ pub fn matmul_ex(
 
 pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
     let (m, n, k) = (s.m, s.n, s.k);
-    let gelu_grad;
-    let g: &[f32] = match &s.gelu {
+    let gelu_grad = match &s.gelu {
         Some(pre) => {
-            let mut d = vec![0f32; m * n];
-            cpu_ew::gelu_backward(&mut d, pre, dout.f32s()?);
-            gelu_grad = d;
-            &gelu_grad
+            let (pre, go) = (pre.f32s()?, dout.f32s()?);
+            Some(new_f32(&[m, n], |d| cpu_ew::gelu_backward(d, pre, go))?)
         }
+        None => None,
+    };
+    let g: &[f32] = match &gelu_grad {
+        Some(t) => t.f32s()?,
         None => dout.f32s()?,
     };
     let (a, b) = (s.a.f32s()?, s.b.f32s()?);
     let da = needs[0].then(|| {
-        let mut d = vec![0f32; m * k];
+        let mut d = pool::take(m * k);
         if s.trans_a {
             // dA [K, M] = B' [K, N] @ G^T [N, M]
             cpu::matmul(&mut d, b, g, k, m, n, s.trans_b, true, false);
@@ -173,7 +177,7 @@ pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<O
         d
     });
     let db = needs[1].then(|| {
-        let mut d = vec![0f32; k * n];
+        let mut d = pool::take(k * n);
         if s.trans_b {
             // dB [N, K] = G^T [N, M] @ A' [M, K]
             cpu::matmul(&mut d, g, a, n, k, m, true, s.trans_a, false);

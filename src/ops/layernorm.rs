@@ -1,7 +1,7 @@
 //! LayerNorm over the last dimension, with affine weight and bias.
 
 use super::{expect_dims, f32_input, new_f32};
-use crate::backend::cpu::layernorm as cpu;
+use crate::backend::cpu::{layernorm as cpu, pool};
 use crate::tape::{Op, Tape};
 use crate::{Result, Tensor};
 
@@ -41,7 +41,7 @@ pub fn layernorm(tape: &mut Tape, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) 
 
 pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
     let c = s.x.shape().last();
-    let mut dx = needs[0].then(|| vec![0f32; s.x.numel()]);
+    let mut dx = needs[0].then(|| pool::take(s.x.numel()));
     let mut dw = needs[1].then(|| vec![0f32; c]);
     let mut db = needs[2].then(|| vec![0f32; c]);
     cpu::layernorm_backward(

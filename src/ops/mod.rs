@@ -35,9 +35,10 @@ pub(crate) fn expect_dims(op: &'static str, what: &str, t: &Tensor, dims: &[usiz
     Ok(())
 }
 
-/// A fresh f32 buffer shaped like `dims`, filled by `fill`.
+/// A new f32 tensor shaped like `dims`; `fill` must write every element (the buffer may be a
+/// recycled one with stale contents).
 pub(crate) fn new_f32(dims: &[usize], fill: impl FnOnce(&mut [f32])) -> Result<Tensor> {
-    let mut v = vec![0f32; dims.iter().product()];
+    let mut v = crate::backend::cpu::pool::take(dims.iter().product());
     fill(&mut v);
     Tensor::from_f32(v, dims)
 }

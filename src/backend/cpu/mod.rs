@@ -7,6 +7,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
 pub mod layernorm;
+pub mod pool;
 pub mod xent;
 
 /// Rows per rayon task for row-wise ops: large enough that scheduling costs stay small.
