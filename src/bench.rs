@@ -30,10 +30,8 @@ pub fn sgemm_gflops(m: usize, n: usize, k: usize, reps: usize) -> f64 {
 /// The sgemm ceiling: the best of a square 1024^3 product and GPT-2 124M's MLP shape.
 pub fn sgemm_ceiling() -> (f64, Vec<(String, f64)>) {
     let shapes = [(1024, 1024, 1024), (768, 3072, 768)];
-    let each: Vec<(String, f64)> = shapes
-        .iter()
-        .map(|&(m, n, k)| (format!("{m}x{n}x{k}"), sgemm_gflops(m, n, k, 5)))
-        .collect();
+    let each: Vec<(String, f64)> =
+        shapes.iter().map(|&(m, n, k)| (format!("{m}x{n}x{k}"), sgemm_gflops(m, n, k, 5))).collect();
     let best = each.iter().map(|(_, g)| *g).fold(0.0, f64::max);
     (best, each)
 }
@@ -81,12 +79,7 @@ impl TrainStepReport {
 /// A random batch of `b` rows of `t` token ids below `vocab`.
 pub fn random_tokens(vocab: usize, b: usize, t: usize, seed: u64) -> Result<Tensor> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    Tensor::from_i32(
-        (0..b * t)
-            .map(|_| rng.random_range(0..vocab as i32))
-            .collect(),
-        [b, t],
-    )
+    Tensor::from_i32((0..b * t).map(|_| rng.random_range(0..vocab as i32)).collect(), [b, t])
 }
 
 /// Runs `warmup` untimed and `steps` timed training steps of `model` on random tokens; the
@@ -101,15 +94,8 @@ pub fn train_step(
 ) -> Result<TrainStepReport> {
     let cfg = model.config.clone();
     let ids = random_tokens(cfg.vocab_size, b, t, 1)?;
-    let targets = crate::data::batch::Batch {
-        input_ids: ids.clone(),
-        labels: None,
-    }
-    .targets()?;
-    let mut opt = AdamW::new(AdamWConfig {
-        lr: 1e-4,
-        ..Default::default()
-    });
+    let targets = crate::data::batch::Batch { input_ids: ids.clone(), labels: None }.targets()?;
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-4, ..Default::default() });
     let mut report = TrainStepReport {
         params: cfg.num_params(),
         tokens: b * t,
@@ -121,14 +107,13 @@ pub fn train_step(
         losses: vec![],
     };
     for i in 0..warmup + steps.max(1) {
+        if i == warmup {
+            crate::profile::reset();
+            crate::profile::enable(true);
+        }
         let t0 = Instant::now();
         let mut tape = Tape::new();
-        let out = model.forward(
-            &mut tape,
-            &ids,
-            Some(&targets),
-            Mode::Train { seed: i as u64 },
-        )?;
+        let out = model.forward(&mut tape, &ids, Some(&targets), Mode::Train { seed: i as u64 })?;
         let loss = out.loss.expect("targets were given");
         drop(out.logits);
         let t1 = Instant::now();
@@ -146,6 +131,7 @@ pub fn train_step(
         }
         on_step(i, t3 - t0);
     }
+    crate::profile::enable(false);
     let n = report.steps.len() as u32;
     report.forward /= n;
     report.backward /= n;

@@ -43,9 +43,7 @@ impl FromStr for Device {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Device::Cuda)
-                .ok_or_else(|| {
-                    Error::Input(format!("unknown device '{s}': use cpu, cuda or cuda:N"))
-                }),
+                .ok_or_else(|| Error::Input(format!("unknown device '{s}': use cpu, cuda or cuda:N"))),
         }
     }
 }

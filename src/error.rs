@@ -7,16 +7,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read {}: {source}. Check that the path exists and that you may read it.", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
 
     #[error("cannot write {}: {source}. Check that the directory exists, is writable and has free space.", path.display())]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 
     #[error("{}: malformed config: {msg}", path.display())]
     Config { path: PathBuf, msg: String },
@@ -31,22 +25,13 @@ pub enum Error {
     Shape { op: &'static str, msg: String },
 
     #[error("{op}: expected dtype {expected:?}, got {got:?}")]
-    DType {
-        op: &'static str,
-        expected: crate::DType,
-        got: crate::DType,
-    },
+    DType { op: &'static str, expected: crate::DType, got: crate::DType },
 
     #[error("device cuda:{0} requested, but this kiln was built without CUDA. Rebuild with `cargo build --release --features cuda` (the CUDA backend arrives with the CUDA issue), or use --device cpu.")]
     CudaNotBuilt(usize),
 
     #[error("token id {id} at batch row {row}, position {pos} is outside the vocabulary (vocab_size = {vocab}). The batch was made with a different tokenizer than this model's.")]
-    TokenOutOfRange {
-        id: i64,
-        row: usize,
-        pos: usize,
-        vocab: usize,
-    },
+    TokenOutOfRange { id: i64, row: usize, pos: usize, vocab: usize },
 
     #[error("the batch has {t} tokens per row but the model's context is n_positions = {n_positions}. Cut the rows to at most {n_positions} tokens.")]
     SeqTooLong { t: usize, n_positions: usize },
@@ -59,39 +44,21 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn read(path: &Path, source: std::io::Error) -> Self {
-        Error::Read {
-            path: path.to_path_buf(),
-            source,
-        }
+        Error::Read { path: path.to_path_buf(), source }
     }
     pub(crate) fn write(path: &Path, source: std::io::Error) -> Self {
-        Error::Write {
-            path: path.to_path_buf(),
-            source,
-        }
+        Error::Write { path: path.to_path_buf(), source }
     }
     pub(crate) fn config(path: &Path, msg: impl Into<String>) -> Self {
-        Error::Config {
-            path: path.to_path_buf(),
-            msg: msg.into(),
-        }
+        Error::Config { path: path.to_path_buf(), msg: msg.into() }
     }
     pub(crate) fn safetensors(path: &Path, msg: impl Into<String>) -> Self {
-        Error::Safetensors {
-            path: path.to_path_buf(),
-            msg: msg.into(),
-        }
+        Error::Safetensors { path: path.to_path_buf(), msg: msg.into() }
     }
     pub(crate) fn checkpoint(path: &Path, msg: impl Into<String>) -> Self {
-        Error::Checkpoint {
-            path: path.to_path_buf(),
-            msg: msg.into(),
-        }
+        Error::Checkpoint { path: path.to_path_buf(), msg: msg.into() }
     }
     pub(crate) fn shape(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::Shape {
-            op,
-            msg: msg.into(),
-        }
+        Error::Shape { op, msg: msg.into() }
     }
 }

@@ -13,6 +13,7 @@ pub mod model;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod profile;
 pub mod tape;
 pub mod tensor;
 

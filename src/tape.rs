@@ -82,20 +82,12 @@ impl Default for Tape {
 impl Tape {
     /// A tape that records ops touching watched tensors (training, gradient studies).
     pub fn new() -> Self {
-        Tape {
-            recording: true,
-            nodes: Vec::new(),
-            tracked: HashSet::new(),
-            watched: HashSet::new(),
-        }
+        Tape { recording: true, nodes: Vec::new(), tracked: HashSet::new(), watched: HashSet::new() }
     }
 
     /// A tape that records nothing: inference keeps no activations alive.
     pub fn inference() -> Self {
-        Tape {
-            recording: false,
-            ..Self::new()
-        }
+        Tape { recording: false, ..Self::new() }
     }
 
     pub fn is_recording(&self) -> bool {
@@ -123,11 +115,7 @@ impl Tape {
     /// Appends a node; ops call this only when `wants(inputs)` is true.
     pub(crate) fn record(&mut self, op: Op, inputs: &[&Tensor], output: &Tensor) {
         self.tracked.insert(output.id());
-        self.nodes.push(Node {
-            op,
-            inputs: inputs.iter().map(|t| t.id()).collect(),
-            output: output.id(),
-        });
+        self.nodes.push(Node { op, inputs: inputs.iter().map(|t| t.id()).collect(), output: output.id() });
     }
 
     /// The number of recorded nodes.
@@ -148,31 +136,24 @@ impl Tape {
     /// backward passes them.
     pub fn backward(&mut self, loss: &Tensor) -> Result<Gradients> {
         if loss.numel() != 1 {
-            return Err(Error::shape(
-                "backward",
-                format!("the loss must be a scalar, got shape {:?}", loss.shape()),
-            ));
+            return Err(Error::shape("backward", format!("the loss must be a scalar, got shape {:?}", loss.shape())));
         }
         if !self.tracks(loss) {
             return Err(Error::Input(
-                "backward: the loss does not depend on any watched parameter (was the forward pass run on this tape?)".into(),
+                "backward: the loss does not depend on any watched parameter (was the forward pass run on this tape?)"
+                    .into(),
             ));
         }
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
-        grads.insert(
-            loss.id(),
-            Tensor::from_f32(vec![1.0], loss.shape().clone())?,
-        );
+        grads.insert(loss.id(), Tensor::from_f32(vec![1.0], loss.shape().clone())?);
         while let Some(node) = self.nodes.pop() {
             let Some(dout) = grads.remove(&node.output) else {
                 continue;
             };
-            let needs: Vec<bool> = node
-                .inputs
-                .iter()
-                .map(|id| self.tracked.contains(id))
-                .collect();
+            let needs: Vec<bool> = node.inputs.iter().map(|id| self.tracked.contains(id)).collect();
+            let timer = crate::profile::scope(node.op.name(), crate::profile::Phase::Backward);
             let dins = node.op.backward(&dout, &needs)?;
+            drop(timer);
             drop(node.op);
             for ((id, din), need) in node.inputs.iter().zip(dins).zip(needs) {
                 let Some(din) = din else { continue };
@@ -197,10 +178,7 @@ fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) ->
             let src = g.f32s()?;
             let dst = acc.f32s_mut()?;
             if dst.len() != src.len() {
-                return Err(Error::shape(
-                    "backward",
-                    format!("gradient sizes differ: {} vs {}", dst.len(), src.len()),
-                ));
+                return Err(Error::shape("backward", format!("gradient sizes differ: {} vs {}", dst.len(), src.len())));
             }
             crate::backend::cpu::elementwise::add_assign(dst, src);
         }

@@ -40,9 +40,7 @@ impl DType {
             "f16" | "float16" => Ok(DType::F16),
             "u8" | "uint8" => Ok(DType::U8),
             "i32" | "int32" => Ok(DType::I32),
-            _ => Err(Error::Input(format!(
-                "unknown dtype '{s}': use f32, bf16 or f16"
-            ))),
+            _ => Err(Error::Input(format!("unknown dtype '{s}': use f32, bf16 or f16"))),
         }
     }
 }
@@ -158,13 +156,7 @@ pub struct Tensor {
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Tensor({:?}, {:?}, {})",
-            self.shape,
-            self.dtype(),
-            self.device()
-        )
+        write!(f, "Tensor({:?}, {:?}, {})", self.shape, self.dtype(), self.device())
     }
 }
 
@@ -173,19 +165,10 @@ impl Tensor {
         if storage.len() != shape.numel() {
             return Err(Error::shape(
                 "tensor",
-                format!(
-                    "{} elements do not fill shape {:?} ({} elements)",
-                    storage.len(),
-                    shape,
-                    shape.numel()
-                ),
+                format!("{} elements do not fill shape {:?} ({} elements)", storage.len(), shape, shape.numel()),
             ));
         }
-        Ok(Tensor {
-            id: TensorId::fresh(),
-            shape,
-            storage: Arc::new(Storage::Cpu(storage)),
-        })
+        Ok(Tensor { id: TensorId::fresh(), shape, storage: Arc::new(Storage::Cpu(storage)) })
     }
 
     /// An f32 tensor on the CPU from a vector (its length must equal the shape's element count).
@@ -208,11 +191,7 @@ impl Tensor {
     pub fn zeros(shape: impl Into<Shape>) -> Self {
         let shape = shape.into();
         let n = shape.numel();
-        Tensor {
-            id: TensorId::fresh(),
-            shape,
-            storage: Arc::new(Storage::Cpu(CpuStorage::F32(vec![0.0; n]))),
-        }
+        Tensor { id: TensorId::fresh(), shape, storage: Arc::new(Storage::Cpu(CpuStorage::F32(vec![0.0; n]))) }
     }
     /// An f32 scalar, stored with shape [1].
     pub fn scalar(v: f32) -> Self {
@@ -253,16 +232,9 @@ impl Tensor {
     pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
         if shape.numel() != self.numel() {
-            return Err(Error::shape(
-                "reshape",
-                format!("cannot view {:?} as {:?}", self.shape, shape),
-            ));
+            return Err(Error::shape("reshape", format!("cannot view {:?} as {:?}", self.shape, shape)));
         }
-        Ok(Tensor {
-            id: TensorId::fresh(),
-            shape,
-            storage: self.storage.clone(),
-        })
+        Ok(Tensor { id: TensorId::fresh(), shape, storage: self.storage.clone() })
     }
 
     /// Copies this tensor to `device`.
@@ -275,31 +247,19 @@ impl Tensor {
     pub fn f32s(&self) -> Result<&[f32]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-            _ => Err(Error::DType {
-                op: "f32 access",
-                expected: DType::F32,
-                got: self.dtype(),
-            }),
+            _ => Err(Error::DType { op: "f32 access", expected: DType::F32, got: self.dtype() }),
         }
     }
     pub fn i32s(&self) -> Result<&[i32]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::I32(v)) => Ok(v),
-            _ => Err(Error::DType {
-                op: "i32 access",
-                expected: DType::I32,
-                got: self.dtype(),
-            }),
+            _ => Err(Error::DType { op: "i32 access", expected: DType::I32, got: self.dtype() }),
         }
     }
     pub fn u8s(&self) -> Result<&[u8]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::U8(v)) => Ok(v),
-            _ => Err(Error::DType {
-                op: "u8 access",
-                expected: DType::U8,
-                got: self.dtype(),
-            }),
+            _ => Err(Error::DType { op: "u8 access", expected: DType::U8, got: self.dtype() }),
         }
     }
 
@@ -308,11 +268,7 @@ impl Tensor {
         let dtype = self.dtype();
         match Arc::make_mut(&mut self.storage) {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-            _ => Err(Error::DType {
-                op: "f32 write",
-                expected: DType::F32,
-                got: dtype,
-            }),
+            _ => Err(Error::DType { op: "f32 write", expected: DType::F32, got: dtype }),
         }
     }
 
@@ -338,10 +294,7 @@ impl Tensor {
             DType::BF16 => CpuStorage::BF16(f.iter().map(|&x| bf16::from_f32(x)).collect()),
             DType::F16 => CpuStorage::F16(f.iter().map(|&x| f16::from_f32(x)).collect()),
             _ => {
-                return Err(Error::Input(format!(
-                    "cannot convert a {:?} tensor to {dtype:?}",
-                    self.dtype()
-                )));
+                return Err(Error::Input(format!("cannot convert a {:?} tensor to {dtype:?}", self.dtype())));
             }
         };
         Self::from_cpu(storage, self.shape.clone())
@@ -360,20 +313,13 @@ impl Tensor {
 
     /// The first element as f32 (for scalars such as a loss).
     pub fn item(&self) -> Result<f32> {
-        self.f32s()?
-            .first()
-            .copied()
-            .ok_or_else(|| Error::shape("item", "the tensor is empty"))
+        self.f32s()?.first().copied().ok_or_else(|| Error::shape("item", "the tensor is empty"))
     }
 
     /// Checks the dtype, naming `op` in the error.
     pub fn expect_dtype(&self, op: &'static str, dtype: DType) -> Result<()> {
         if self.dtype() != dtype {
-            return Err(Error::DType {
-                op,
-                expected: dtype,
-                got: self.dtype(),
-            });
+            return Err(Error::DType { op, expected: dtype, got: self.dtype() });
         }
         Ok(())
     }

@@ -34,32 +34,21 @@ pub enum BenchCommand {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::TrainStep {
-            preset,
-            model,
-            batch,
-            seq,
-            steps,
-            warmup,
-            device,
-        } => {
+        BenchCommand::TrainStep { preset, model, batch, seq, steps, warmup, device } => {
             device.parse::<Device>()?.ensure_available()?;
             let mut m = match &model {
                 Some(dir) => checkpoint::load_gpt2(dir)?,
                 None => Gpt2::new_random(Gpt2Config::preset(&preset)?, 0)?,
             };
             if seq > m.config.n_positions {
-                return Err(crate::Error::SeqTooLong {
-                    t: seq,
-                    n_positions: m.config.n_positions,
-                });
+                return Err(crate::Error::SeqTooLong { t: seq, n_positions: m.config.n_positions });
             }
-            let name = model
-                .as_ref()
-                .map(|d| d.display().to_string())
-                .unwrap_or(preset);
+            let name = model.as_ref().map(|d| d.display().to_string()).unwrap_or(preset);
             let threads = rayon::current_num_threads();
-            println!("kiln bench train-step: {name}, {} parameters, batch {batch} x seq {seq}, {threads} threads, cpu", m.params.numel());
+            println!(
+                "kiln bench train-step: {name}, {} parameters, batch {batch} x seq {seq}, {threads} threads, cpu",
+                m.params.numel()
+            );
             let (ceiling, each) = bench::sgemm_ceiling();
             for (shape, g) in &each {
                 println!("  sgemm {shape:>16}: {g:8.1} GFLOP/s");
@@ -69,23 +58,31 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 eprintln!("  {tag} {:>2}: {:.3} s", i + 1, d.as_secs_f64());
             })?;
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-            println!("  step (median of {}): {:.1} ms  = forward {:.1} + backward {:.1} + adamw {:.1} ms", report.steps.len(), ms(report.median()), ms(report.forward), ms(report.backward), ms(report.optimizer));
             println!(
-                "  loss: {:.4} -> {:.4}",
-                report.losses[0],
-                report.losses[report.losses.len() - 1]
+                "  step (median of {}): {:.1} ms  = forward {:.1} + backward {:.1} + adamw {:.1} ms",
+                report.steps.len(),
+                ms(report.median()),
+                ms(report.forward),
+                ms(report.backward),
+                ms(report.optimizer)
             );
+            let per_step = report.steps.len() as f64;
+            println!("  where a step goes (mean per step):");
+            for (op, phase, total, calls) in crate::profile::report() {
+                let t = total.as_secs_f64() / per_step;
+                let share = 100.0 * t / report.median().as_secs_f64();
+                let phase = format!("{phase:?}").to_lowercase();
+                println!(
+                    "    {op:<12} {phase:<9} {:7.1} ms {share:5.1}%  ({} calls)",
+                    t * 1e3,
+                    calls / per_step as u64
+                );
+            }
+            println!("  loss: {:.4} -> {:.4}", report.losses[0], report.losses[report.losses.len() - 1]);
             println!("  tokens/s:  {:.1}", report.tokens_per_s());
-            println!(
-                "  achieved:  {:.1} GFLOP/s ({:.1} GFLOP per step)",
-                report.gflops(),
-                report.flops / 1e9
-            );
+            println!("  achieved:  {:.1} GFLOP/s ({:.1} GFLOP per step)", report.gflops(), report.flops / 1e9);
             println!("  sgemm:     {ceiling:.1} GFLOP/s (best shape above)");
-            println!(
-                "  ratio:     {:.0}% of sgemm",
-                100.0 * report.gflops() / ceiling
-            );
+            println!("  ratio:     {:.0}% of sgemm", 100.0 * report.gflops() / ceiling);
             Ok(())
         }
     }

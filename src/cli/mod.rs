@@ -98,24 +98,11 @@ fn run(cli: Cli) -> Result<()> {
             .map_err(|e| Error::Input(format!("cannot start {n} threads: {e}")))?;
     }
     match cli.command {
-        Command::Init {
-            preset,
-            out,
-            seed,
-            dtype,
-            overwrite,
-        } => init(&preset, &out, seed, DType::parse(&dtype)?, overwrite),
-        Command::Eval {
-            model,
-            batch,
-            device,
-        } => eval(&model, &batch, device.parse()?),
-        Command::Grads {
-            model,
-            batch,
-            out,
-            device,
-        } => grads(&model, &batch, &out, device.parse()?),
+        Command::Init { preset, out, seed, dtype, overwrite } => {
+            init(&preset, &out, seed, DType::parse(&dtype)?, overwrite)
+        }
+        Command::Eval { model, batch, device } => eval(&model, &batch, device.parse()?),
+        Command::Grads { model, batch, out, device } => grads(&model, &batch, &out, device.parse()?),
         Command::Bench { what } => bench::run(what),
     }
 }
@@ -130,21 +117,12 @@ fn init(preset: &str, out: &Path, seed: u64, dtype: DType, overwrite: bool) -> R
     }
     let model = Gpt2::new_random(config, seed)?;
     checkpoint::save_gpt2(&model, out, dtype)?;
-    println!(
-        "wrote a random {preset} GPT-2 ({} parameters, {dtype:?}) to {}",
-        model.params.numel(),
-        out.display()
-    );
+    println!("wrote a random {preset} GPT-2 ({} parameters, {dtype:?}) to {}", model.params.numel(), out.display());
     Ok(())
 }
 
 /// Loads the model and batch and runs the forward pass on `tape`.
-fn forward(
-    model_dir: &Path,
-    batch_path: &Path,
-    device: Device,
-    tape: &mut Tape,
-) -> Result<(Gpt2, Batch, Tensor)> {
+fn forward(model_dir: &Path, batch_path: &Path, device: Device, tape: &mut Tape) -> Result<(Gpt2, Batch, Tensor)> {
     device.ensure_available()?;
     let model = checkpoint::load_gpt2(model_dir)?;
     let batch = Batch::load(batch_path)?;
@@ -159,10 +137,7 @@ fn eval(model_dir: &Path, batch_path: &Path, device: Device) -> Result<()> {
     let (_, batch, loss) = forward(model_dir, batch_path, device, &mut Tape::inference())?;
     let (b, t) = batch.dims();
     let loss = loss.item()?;
-    println!(
-        "loss {loss:.6}  (perplexity {:.3}, batch {b} x {t})",
-        loss.exp()
-    );
+    println!("loss {loss:.6}  (perplexity {:.3}, batch {b} x {t})", loss.exp());
     Ok(())
 }
 
@@ -172,19 +147,11 @@ fn grads(model_dir: &Path, batch_path: &Path, out: &Path, device: Device) -> Res
     let grads = tape.backward(&loss)?;
     let mut tensors = vec![("loss".to_string(), loss.clone())];
     for p in model.params.iter().filter(|p| p.trainable) {
-        let g = grads
-            .get(&p.tensor)
-            .cloned()
-            .unwrap_or_else(|| Tensor::zeros(p.tensor.dims()));
+        let g = grads.get(&p.tensor).cloned().unwrap_or_else(|| Tensor::zeros(p.tensor.dims()));
         tensors.push((p.name.clone(), g));
     }
     crate::io::safetensors::save(out, &tensors, &[("producer", "kiln grads")])?;
-    println!(
-        "loss {:.6}; wrote {} gradients to {}",
-        loss.item()?,
-        tensors.len() - 1,
-        out.display()
-    );
+    println!("loss {:.6}; wrote {} gradients to {}", loss.item()?, tensors.len() - 1, out.display());
     Ok(())
 }
 

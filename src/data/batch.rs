@@ -33,38 +33,24 @@ impl Batch {
             if t.dtype() != DType::I32 {
                 return Err(Error::checkpoint(
                     path,
-                    format!(
-                        "'{name}' has dtype {:?}; token ids must be I64 or I32",
-                        t.dtype()
-                    ),
+                    format!("'{name}' has dtype {:?}; token ids must be I64 or I32", t.dtype()),
                 ));
             }
             if t.dims().len() != 2 || t.numel() == 0 {
                 return Err(Error::checkpoint(
                     path,
-                    format!(
-                        "'{name}' has shape {:?}; expected a non-empty [batch, seq]",
-                        t.dims()
-                    ),
+                    format!("'{name}' has shape {:?}; expected a non-empty [batch, seq]", t.dims()),
                 ));
             }
             Ok(t)
         };
         let input_ids = read("input_ids")?;
-        let labels = if f.contains("labels") {
-            Some(read("labels")?)
-        } else {
-            None
-        };
+        let labels = if f.contains("labels") { Some(read("labels")?) } else { None };
         if let Some(l) = &labels {
             if l.dims() != input_ids.dims() {
                 return Err(Error::checkpoint(
                     path,
-                    format!(
-                        "labels {:?} and input_ids {:?} differ in shape",
-                        l.dims(),
-                        input_ids.dims()
-                    ),
+                    format!("labels {:?} and input_ids {:?} differ in shape", l.dims(), input_ids.dims()),
                 ));
             }
         }
@@ -80,29 +66,15 @@ impl Batch {
     pub fn validate(&self, config: &Gpt2Config) -> Result<()> {
         let (_, t) = self.dims();
         if t > config.n_positions {
-            return Err(Error::SeqTooLong {
-                t,
-                n_positions: config.n_positions,
-            });
+            return Err(Error::SeqTooLong { t, n_positions: config.n_positions });
         }
         let ids = self.input_ids.i32s()?;
-        if let Some(i) = ids
-            .iter()
-            .position(|&id| id < 0 || id as usize >= config.vocab_size)
-        {
-            return Err(Error::TokenOutOfRange {
-                id: ids[i] as i64,
-                row: i / t,
-                pos: i % t,
-                vocab: config.vocab_size,
-            });
+        if let Some(i) = ids.iter().position(|&id| id < 0 || id as usize >= config.vocab_size) {
+            return Err(Error::TokenOutOfRange { id: ids[i] as i64, row: i / t, pos: i % t, vocab: config.vocab_size });
         }
         if let Some(l) = &self.labels {
             let lv = l.i32s()?;
-            if let Some(i) = lv
-                .iter()
-                .position(|&x| x != IGNORE && (x < 0 || x as usize >= config.vocab_size))
-            {
+            if let Some(i) = lv.iter().position(|&x| x != IGNORE && (x < 0 || x as usize >= config.vocab_size)) {
                 return Err(Error::Input(format!(
                     "label {} at batch row {}, position {} is outside the vocabulary (vocab_size = {}); use -100 to mask a position",
                     lv[i],

@@ -23,22 +23,16 @@ fn open_weights(dir: &Path) -> Result<(Vec<SafeFile>, HashMap<String, usize>)> {
         vec![SafeFile::open(&single)?]
     } else if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::read(&index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(&index, format!("not valid JSON ({e})")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::config(&index, format!("not valid JSON ({e})")))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| Error::config(&index, "no \"weight_map\" object"))?;
-        let mut shards: Vec<String> = map
-            .values()
-            .filter_map(|s| s.as_str().map(String::from))
-            .collect();
+        let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
         shards.sort();
         shards.dedup();
-        shards
-            .iter()
-            .map(|s| SafeFile::open(&dir.join(s)))
-            .collect::<Result<_>>()?
+        shards.iter().map(|s| SafeFile::open(&dir.join(s))).collect::<Result<_>>()?
     } else if dir.join("pytorch_model.bin").exists() {
         return Err(Error::checkpoint(
             dir,
@@ -46,10 +40,7 @@ fn open_weights(dir: &Path) -> Result<(Vec<SafeFile>, HashMap<String, usize>)> {
              GPT2LMHeadModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)",
         ));
     } else {
-        return Err(Error::checkpoint(
-            dir,
-            "has no model.safetensors: is this a Hugging Face checkpoint directory?",
-        ));
+        return Err(Error::checkpoint(dir, "has no model.safetensors: is this a Hugging Face checkpoint directory?"));
     };
     let mut names = HashMap::new();
     for (i, f) in files.iter().enumerate() {
@@ -64,25 +55,19 @@ fn open_weights(dir: &Path) -> Result<(Vec<SafeFile>, HashMap<String, usize>)> {
 /// converted to f32; every tensor's shape is checked against config.json.
 pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
     if !dir.is_dir() {
-        return Err(Error::read(
-            dir,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
-        ));
+        return Err(Error::read(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory")));
     }
     let config = Gpt2Config::from_json_file(&dir.join("config.json"))?;
     let (files, names) = open_weights(dir)?;
     let mut params = ParamStore::new();
     let mut used = std::collections::HashSet::new();
     for (name, dims) in config.param_shapes() {
-        let short = name
-            .strip_prefix("transformer.")
-            .unwrap_or(&name)
-            .to_string();
-        let Some((key, &fi)) = [&name, &short]
-            .into_iter()
-            .find_map(|k| names.get_key_value(k.as_str()))
-        else {
-            return Err(Error::checkpoint(dir, format!("model.safetensors has no tensor '{name}': the checkpoint is incomplete or not a GPT-2")));
+        let short = name.strip_prefix("transformer.").unwrap_or(&name).to_string();
+        let Some((key, &fi)) = [&name, &short].into_iter().find_map(|k| names.get_key_value(k.as_str())) else {
+            return Err(Error::checkpoint(
+                dir,
+                format!("model.safetensors has no tensor '{name}': the checkpoint is incomplete or not a GPT-2"),
+            ));
         };
         used.insert(key.clone());
         let file = &files[fi];
@@ -94,19 +79,25 @@ pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
             ));
         }
         let t = file.tensor_f32(key).map_err(|_| {
-            Error::checkpoint(file.path(), format!("tensor '{key}' has dtype {stored_dtype}; GPT-2 weights must be F32, BF16 or F16"))
+            Error::checkpoint(
+                file.path(),
+                format!("tensor '{key}' has dtype {stored_dtype}; GPT-2 weights must be F32, BF16 or F16"),
+            )
         })?;
         params.insert(name, t);
     }
-    let extra: Vec<&String> = names
-        .keys()
-        .filter(|k| !used.contains(*k) && !is_ignored(k))
-        .collect();
+    let extra: Vec<&String> = names.keys().filter(|k| !used.contains(*k) && !is_ignored(k)).collect();
     if !extra.is_empty() {
         let mut extra: Vec<&str> = extra.into_iter().map(|s| s.as_str()).collect();
         extra.sort();
         extra.truncate(5);
-        return Err(Error::checkpoint(dir, format!("holds tensors a GPT-2 of this config does not have (e.g. {}): is this another architecture?", extra.join(", "))));
+        return Err(Error::checkpoint(
+            dir,
+            format!(
+                "holds tensors a GPT-2 of this config does not have (e.g. {}): is this another architecture?",
+                extra.join(", ")
+            ),
+        ));
     }
     Ok(Gpt2 { config, params })
 }
@@ -116,29 +107,18 @@ pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
 /// previous checkpoint readable.
 pub fn save_gpt2(model: &Gpt2, dir: &Path, dtype: DType) -> Result<()> {
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-        return Err(Error::Input(format!(
-            "checkpoints are written as f32, bf16 or f16, not {dtype:?}"
-        )));
+        return Err(Error::Input(format!("checkpoints are written as f32, bf16 or f16, not {dtype:?}")));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
-    let tensors: Vec<(String, Tensor)> = model
-        .params
-        .iter()
-        .map(|p| p.tensor.to_dtype(dtype).map(|t| (p.name.clone(), t)))
-        .collect::<Result<_>>()?;
+    let tensors: Vec<(String, Tensor)> =
+        model.params.iter().map(|p| p.tensor.to_dtype(dtype).map(|t| (p.name.clone(), t))).collect::<Result<_>>()?;
     st::save(&dir.join("model.safetensors"), &tensors, &[])?;
-    let config = serde_json::to_string_pretty(&model.config.to_json(dtype))
-        .expect("a JSON value serialises");
-    super::write_atomic(&dir.join("config.json"), |w| {
-        std::io::Write::write_all(w, config.as_bytes())
-    })
+    let config = serde_json::to_string_pretty(&model.config.to_json(dtype)).expect("a JSON value serialises");
+    super::write_atomic(&dir.join("config.json"), |w| std::io::Write::write_all(w, config.as_bytes()))
 }
 
 /// Loads every tensor of a safetensors file as f32 (float) or i32 (integer), by name.
 pub fn load_all(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let f = SafeFile::open(path)?;
-    f.names()
-        .into_iter()
-        .map(|n| f.tensor(&n).map(|t| (n, t)))
-        .collect()
+    f.names().into_iter().map(|n| f.tensor(&n).map(|t| (n, t))).collect()
 }

@@ -22,17 +22,13 @@ impl SafeFile {
         // SAFETY: the map is read-only; a file changed underneath us could only garble values,
         // and checkpoints are replaced by rename, never rewritten in place.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::read(path, e))?;
-        let f = SafeFile {
-            path: path.to_path_buf(),
-            mmap,
-        };
+        let f = SafeFile { path: path.to_path_buf(), mmap };
         f.parse()?;
         Ok(f)
     }
 
     fn parse(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.mmap)
-            .map_err(|e| Error::safetensors(&self.path, e.to_string()))
+        SafeTensors::deserialize(&self.mmap).map_err(|e| Error::safetensors(&self.path, e.to_string()))
     }
 
     pub fn path(&self) -> &Path {
@@ -41,25 +37,21 @@ impl SafeFile {
 
     /// Tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .parse()
-            .map(|st| st.names().into_iter().map(String::from).collect())
-            .unwrap_or_default();
+        let mut v: Vec<String> =
+            self.parse().map(|st| st.names().into_iter().map(String::from).collect()).unwrap_or_default();
         v.sort();
         v
     }
 
     /// The `__metadata__` map of the header.
     pub fn metadata(&self) -> Result<HashMap<String, String>> {
-        let (_, meta) = SafeTensors::read_metadata(&self.mmap)
-            .map_err(|e| Error::safetensors(&self.path, e.to_string()))?;
+        let (_, meta) =
+            SafeTensors::read_metadata(&self.mmap).map_err(|e| Error::safetensors(&self.path, e.to_string()))?;
         Ok(meta.metadata().clone().unwrap_or_default())
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.parse()
-            .map(|st| st.tensor(name).is_ok())
-            .unwrap_or(false)
+        self.parse().map(|st| st.tensor(name).is_ok()).unwrap_or(false)
     }
 
     /// The stored dtype name (e.g. "F32", "I64") and shape of `name`.
@@ -82,33 +74,16 @@ impl SafeFile {
         let bad = |what: &str| Error::safetensors(&self.path, format!("tensor '{name}': {what}"));
         match v.dtype() {
             StDtype::F32 => Tensor::from_f32(cast(bytes), shape),
-            StDtype::BF16 => Tensor::from_bf16(
-                cast::<u16>(bytes)
-                    .into_iter()
-                    .map(bf16::from_bits)
-                    .collect(),
-                shape,
-            ),
-            StDtype::F16 => Tensor::from_f16(
-                cast::<u16>(bytes).into_iter().map(f16::from_bits).collect(),
-                shape,
-            ),
+            StDtype::BF16 => Tensor::from_bf16(cast::<u16>(bytes).into_iter().map(bf16::from_bits).collect(), shape),
+            StDtype::F16 => Tensor::from_f16(cast::<u16>(bytes).into_iter().map(f16::from_bits).collect(), shape),
             StDtype::U8 => Tensor::from_u8(bytes.to_vec(), shape),
             StDtype::I32 => Tensor::from_i32(cast(bytes), shape),
             StDtype::I64 => {
                 let wide: Vec<i64> = cast(bytes);
-                let narrow = wide
-                    .iter()
-                    .map(|&x| i32::try_from(x))
-                    .collect::<std::result::Result<Vec<i32>, _>>();
-                Tensor::from_i32(
-                    narrow.map_err(|_| bad("an I64 value does not fit in 32 bits"))?,
-                    shape,
-                )
+                let narrow = wide.iter().map(|&x| i32::try_from(x)).collect::<std::result::Result<Vec<i32>, _>>();
+                Tensor::from_i32(narrow.map_err(|_| bad("an I64 value does not fit in 32 bits"))?, shape)
             }
-            other => Err(bad(&format!(
-                "dtype {other:?} is not supported (use F32, BF16, F16, I64, I32 or U8)"
-            ))),
+            other => Err(bad(&format!("dtype {other:?} is not supported (use F32, BF16, F16, I64, I32 or U8)"))),
         }
     }
 
@@ -117,7 +92,10 @@ impl SafeFile {
         let t = self.tensor(name)?;
         match t.dtype() {
             DType::F32 | DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
-            other => Err(Error::checkpoint(&self.path, format!("tensor '{name}' has dtype {other:?}; expected a float tensor (F32, BF16 or F16)"))),
+            other => Err(Error::checkpoint(
+                &self.path,
+                format!("tensor '{name}' has dtype {other:?}; expected a float tensor (F32, BF16 or F16)"),
+            )),
         }
     }
 }
@@ -126,8 +104,7 @@ impl SafeFile {
 fn cast<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
     let n = bytes.len() / std::mem::size_of::<T>();
     let mut out = vec![T::zeroed(); n];
-    bytemuck::cast_slice_mut::<T, u8>(&mut out)
-        .copy_from_slice(&bytes[..n * std::mem::size_of::<T>()]);
+    bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(&bytes[..n * std::mem::size_of::<T>()]);
     out
 }
 
@@ -157,15 +134,11 @@ impl View for TensorView<'_> {
 /// Writes `tensors` to `path` atomically, with header metadata {"format": "pt"} (what
 /// transformers expects) plus `extra`.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], extra: &[(&str, &str)]) -> Result<()> {
-    let mut meta: HashMap<String, String> =
-        HashMap::from([("format".to_string(), "pt".to_string())]);
+    let mut meta: HashMap<String, String> = HashMap::from([("format".to_string(), "pt".to_string())]);
     for (k, v) in extra {
         meta.insert(k.to_string(), v.to_string());
     }
-    let views: Vec<(&str, TensorView)> = tensors
-        .iter()
-        .map(|(n, t)| (n.as_str(), TensorView(t)))
-        .collect();
+    let views: Vec<(&str, TensorView)> = tensors.iter().map(|(n, t)| (n.as_str(), TensorView(t))).collect();
     let bytes = safetensors::tensor::serialize(views, Some(meta))
         .map_err(|e| Error::Input(format!("cannot serialise {}: {e}", path.display())))?;
     super::write_atomic(path, |w| std::io::Write::write_all(w, &bytes))

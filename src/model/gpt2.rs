@@ -46,12 +46,7 @@ impl Gpt2Config {
             "gpt2-medium" => (1024, 24, 16, 50257, 1024),
             "gpt2-large" => (1280, 36, 20, 50257, 1024),
             "gpt2-xl" => (1600, 48, 25, 50257, 1024),
-            _ => {
-                return Err(Error::Input(format!(
-                    "unknown preset '{name}': choose one of {}",
-                    PRESETS.join(", ")
-                )))
-            }
+            _ => return Err(Error::Input(format!("unknown preset '{name}': choose one of {}", PRESETS.join(", ")))),
         };
         let eos = (vocab_size - 1) as u32;
         Ok(Gpt2Config {
@@ -79,63 +74,50 @@ impl Gpt2Config {
     /// Reads a Hugging Face `config.json`, rejecting what kiln's GPT-2 does not implement.
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::read(path, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(path, format!("not valid JSON ({e})")))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not valid JSON ({e})")))?;
         Self::from_json(&v, path)
     }
 
     /// Parses a config object; `path` only labels errors.
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
-        let obj = v
-            .as_object()
-            .ok_or_else(|| Error::config(path, "the top level must be a JSON object"))?;
+        let obj = v.as_object().ok_or_else(|| Error::config(path, "the top level must be a JSON object"))?;
         if let Some(mt) = obj.get("model_type") {
             if mt.as_str() != Some("gpt2") {
                 return Err(Error::config(
                     path,
-                    format!(
-                        "model_type is {mt}, but kiln reads GPT-2 configs (model_type \"gpt2\")"
-                    ),
+                    format!("model_type is {mt}, but kiln reads GPT-2 configs (model_type \"gpt2\")"),
                 ));
             }
         }
         // GPT2Config's attribute_map: the generic names are accepted too.
-        let get = |keys: &[&str]| {
-            keys.iter()
-                .find_map(|k| obj.get(*k).filter(|v| !v.is_null()))
-        };
+        let get = |keys: &[&str]| keys.iter().find_map(|k| obj.get(*k).filter(|v| !v.is_null()));
         let int = |keys: &[&str], default: Option<usize>| -> Result<usize> {
             match get(keys) {
-                None => default.ok_or_else(|| {
-                    Error::config(path, format!("missing required key \"{}\"", keys[0]))
-                }),
+                None => default.ok_or_else(|| Error::config(path, format!("missing required key \"{}\"", keys[0]))),
                 Some(x) => match x.as_u64() {
                     Some(n) if n > 0 => Ok(n as usize),
-                    _ => Err(Error::config(
-                        path,
-                        format!("\"{}\" must be a positive integer, got {x}", keys[0]),
-                    )),
+                    _ => Err(Error::config(path, format!("\"{}\" must be a positive integer, got {x}", keys[0]))),
                 },
             }
         };
         let float = |key: &str, default: f32| -> Result<f32> {
             match obj.get(key).filter(|v| !v.is_null()) {
                 None => Ok(default),
-                Some(x) => x.as_f64().map(|f| f as f32).ok_or_else(|| {
-                    Error::config(path, format!("\"{key}\" must be a number, got {x}"))
-                }),
+                Some(x) => x
+                    .as_f64()
+                    .map(|f| f as f32)
+                    .ok_or_else(|| Error::config(path, format!("\"{key}\" must be a number, got {x}"))),
             }
         };
         let flag = |key: &str, default: bool| -> Result<bool> {
             match obj.get(key).filter(|v| !v.is_null()) {
                 None => Ok(default),
-                Some(x) => x.as_bool().ok_or_else(|| {
-                    Error::config(path, format!("\"{key}\" must be true or false, got {x}"))
-                }),
+                Some(x) => {
+                    x.as_bool().ok_or_else(|| Error::config(path, format!("\"{key}\" must be true or false, got {x}")))
+                }
             }
         };
-        let token =
-            |key: &str| -> Option<u32> { obj.get(key).and_then(|x| x.as_u64()).map(|x| x as u32) };
+        let token = |key: &str| -> Option<u32> { obj.get(key).and_then(|x| x.as_u64()).map(|x| x as u32) };
 
         let cfg = Gpt2Config {
             vocab_size: int(&["vocab_size"], None)?,
@@ -155,10 +137,7 @@ impl Gpt2Config {
             bos_token_id: token("bos_token_id"),
             eos_token_id: token("eos_token_id"),
         };
-        let act = obj
-            .get("activation_function")
-            .and_then(|x| x.as_str())
-            .unwrap_or("gelu_new");
+        let act = obj.get("activation_function").and_then(|x| x.as_str()).unwrap_or("gelu_new");
         if !matches!(act, "gelu_new" | "gelu_pytorch_tanh") {
             return Err(Error::config(
                 path,
@@ -166,62 +145,36 @@ impl Gpt2Config {
             ));
         }
         let unsupported = [
-            (
-                "scale_attn_weights",
-                true,
-                "attention scores are always scaled by 1/sqrt(head_dim)",
-            ),
-            (
-                "scale_attn_by_inverse_layer_idx",
-                false,
-                "per-layer attention scaling is not implemented",
-            ),
-            (
-                "add_cross_attention",
-                false,
-                "cross-attention (encoder-decoder use) is not implemented",
-            ),
+            ("scale_attn_weights", true, "attention scores are always scaled by 1/sqrt(head_dim)"),
+            ("scale_attn_by_inverse_layer_idx", false, "per-layer attention scaling is not implemented"),
+            ("add_cross_attention", false, "cross-attention (encoder-decoder use) is not implemented"),
             ("tie_word_embeddings", true, "kiln's lm_head is tied to wte"),
         ];
         for (key, want, why) in unsupported {
             if flag(key, want)? != want {
                 return Err(Error::config(
                     path,
-                    format!(
-                        "\"{key}\": {} is not supported ({why}); set it to {want}",
-                        !want
-                    ),
+                    format!("\"{key}\": {} is not supported ({why}); set it to {want}", !want),
                 ));
             }
         }
-        for (key, p) in [
-            ("embd_pdrop", cfg.embd_pdrop),
-            ("resid_pdrop", cfg.resid_pdrop),
-            ("attn_pdrop", cfg.attn_pdrop),
-        ] {
+        for (key, p) in
+            [("embd_pdrop", cfg.embd_pdrop), ("resid_pdrop", cfg.resid_pdrop), ("attn_pdrop", cfg.attn_pdrop)]
+        {
             if !(0.0..1.0).contains(&p) {
-                return Err(Error::config(
-                    path,
-                    format!("\"{key}\" = {p} must be in [0, 1)"),
-                ));
+                return Err(Error::config(path, format!("\"{key}\" = {p} must be in [0, 1)")));
             }
         }
         if !(cfg.layer_norm_epsilon > 0.0) {
             return Err(Error::config(
                 path,
-                format!(
-                    "\"layer_norm_epsilon\" = {} must be positive",
-                    cfg.layer_norm_epsilon
-                ),
+                format!("\"layer_norm_epsilon\" = {} must be positive", cfg.layer_norm_epsilon),
             ));
         }
         if cfg.n_embd % cfg.n_head != 0 {
             return Err(Error::config(
                 path,
-                format!(
-                    "n_embd = {} is not divisible by n_head = {}",
-                    cfg.n_embd, cfg.n_head
-                ),
+                format!("n_embd = {} is not divisible by n_head = {}", cfg.n_embd, cfg.n_head),
             ));
         }
         Ok(cfg)
@@ -261,12 +214,7 @@ impl Gpt2Config {
 
     /// Every parameter's Hugging Face name and shape, in transformers' order.
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (c, f, v, p) = (
-            self.n_embd,
-            self.ffn_dim(),
-            self.vocab_size,
-            self.n_positions,
-        );
+        let (c, f, v, p) = (self.n_embd, self.ffn_dim(), self.vocab_size, self.n_positions);
         let mut out = vec![
             ("transformer.wte.weight".to_string(), vec![v, c]),
             ("transformer.wpe.weight".to_string(), vec![p, c]),
@@ -295,10 +243,7 @@ impl Gpt2Config {
 
     /// Number of parameters (wte counted once: lm_head shares it).
     pub fn num_params(&self) -> usize {
-        self.param_shapes()
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+        self.param_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
 }
 
@@ -358,16 +303,11 @@ impl Gpt2 {
                 } else if name.contains(".ln_") {
                     vec![1.0; n]
                 } else {
-                    let s = if name.ends_with("c_proj.weight") {
-                        proj_std
-                    } else {
-                        std
-                    };
+                    let s = if name.ends_with("c_proj.weight") { proj_std } else { std };
                     let normal = Normal::new(0.0f32, s).expect("a positive standard deviation");
                     // One stream per parameter, so initialisation is parallel and order-free.
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(
-                        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64,
-                    );
+                    let mut rng =
+                        rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64);
                     (0..n).map(|_| normal.sample(&mut rng)).collect()
                 };
                 Tensor::from_f32(data, dims.as_slice()).map(|t| (name, t))
@@ -405,13 +345,7 @@ impl Gpt2 {
     /// Logits for `ids` (I32 [B, T]) and, with `targets` (I32 [B, T], -100 = no target), the
     /// mean loss. Trainable parameters are watched on `tape`, so `tape.backward(loss)` yields
     /// their gradients.
-    pub fn forward(
-        &self,
-        tape: &mut Tape,
-        ids: &Tensor,
-        targets: Option<&Tensor>,
-        mode: Mode,
-    ) -> Result<Gpt2Output> {
+    pub fn forward(&self, tape: &mut Tape, ids: &Tensor, targets: Option<&Tensor>, mode: Mode) -> Result<Gpt2Output> {
         for p in self.params.iter().filter(|p| p.trainable) {
             tape.watch(&p.tensor);
         }
@@ -431,55 +365,15 @@ impl Gpt2 {
         for i in 0..cfg.n_layer {
             let w = self.block(i)?;
             let h = layernorm::layernorm(tape, &x, &w.ln_1_w, &w.ln_1_b, eps)?;
-            let qkv = gemm::linear(
-                tape,
-                &h,
-                &w.c_attn_w,
-                Some(&w.c_attn_b),
-                WeightLayout::InOut,
-                false,
-            )?; // [B, T, 3C]
+            let qkv = gemm::linear(tape, &h, &w.c_attn_w, Some(&w.c_attn_b), WeightLayout::InOut, false)?; // [B, T, 3C]
             let a = attention::attention(tape, &qkv, cfg.n_head)?; // [B, T, C]
-            let a = gemm::linear(
-                tape,
-                &a,
-                &w.c_proj_w,
-                Some(&w.c_proj_b),
-                WeightLayout::InOut,
-                false,
-            )?;
-            let a = elementwise::dropout(
-                tape,
-                &a,
-                cfg.resid_pdrop,
-                train,
-                site_seed(2 * i as u64 + 1),
-            )?;
+            let a = gemm::linear(tape, &a, &w.c_proj_w, Some(&w.c_proj_b), WeightLayout::InOut, false)?;
+            let a = elementwise::dropout(tape, &a, cfg.resid_pdrop, train, site_seed(2 * i as u64 + 1))?;
             x = elementwise::add(tape, &x, &a)?;
             let h = layernorm::layernorm(tape, &x, &w.ln_2_w, &w.ln_2_b, eps)?;
-            let f = gemm::linear(
-                tape,
-                &h,
-                &w.c_fc_w,
-                Some(&w.c_fc_b),
-                WeightLayout::InOut,
-                true,
-            )?; // [B, T, F]
-            let m = gemm::linear(
-                tape,
-                &f,
-                &w.mlp_proj_w,
-                Some(&w.mlp_proj_b),
-                WeightLayout::InOut,
-                false,
-            )?;
-            let m = elementwise::dropout(
-                tape,
-                &m,
-                cfg.resid_pdrop,
-                train,
-                site_seed(2 * i as u64 + 2),
-            )?;
+            let f = gemm::linear(tape, &h, &w.c_fc_w, Some(&w.c_fc_b), WeightLayout::InOut, true)?; // [B, T, F]
+            let m = gemm::linear(tape, &f, &w.mlp_proj_w, Some(&w.mlp_proj_b), WeightLayout::InOut, false)?;
+            let m = elementwise::dropout(tape, &m, cfg.resid_pdrop, train, site_seed(2 * i as u64 + 2))?;
             x = elementwise::add(tape, &x, &m)?;
         }
         let h = layernorm::layernorm(
@@ -490,9 +384,7 @@ impl Gpt2 {
             eps,
         )?;
         let logits = gemm::linear(tape, &h, &wte, None, WeightLayout::OutIn, false)?; // [B, T, V], lm_head tied to wte
-        let loss = targets
-            .map(|t| xent::cross_entropy(tape, &logits, t))
-            .transpose()?;
+        let loss = targets.map(|t| xent::cross_entropy(tape, &logits, t)).transpose()?;
         Ok(Gpt2Output { logits, loss })
     }
 }

@@ -32,11 +32,7 @@ impl ParamStore {
             Some(&i) => self.params[i].tensor = tensor,
             None => {
                 self.index.insert(name.clone(), self.params.len());
-                self.params.push(Param {
-                    name,
-                    tensor,
-                    trainable: true,
-                });
+                self.params.push(Param { name, tensor, trainable: true });
             }
         }
     }
@@ -75,11 +71,7 @@ impl ParamStore {
     }
     /// Number of scalars in trainable parameters.
     pub fn trainable_numel(&self) -> usize {
-        self.params
-            .iter()
-            .filter(|p| p.trainable)
-            .map(|p| p.tensor.numel())
-            .sum()
+        self.params.iter().filter(|p| p.trainable).map(|p| p.tensor.numel()).sum()
     }
     /// Marks every parameter trainable or frozen.
     pub fn set_trainable(&mut self, trainable: bool) {

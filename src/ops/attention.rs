@@ -16,46 +16,26 @@ pub(crate) struct Saved {
 /// softmax(q k^T / sqrt(hd), causal) v per head. qkv: [B, T, 3C] -> out: [B, T, C].
 pub fn attention(tape: &mut Tape, qkv: &Tensor, n_head: usize) -> Result<Tensor> {
     const OP: &str = "attention";
+    let _t = crate::profile::scope("attention", crate::profile::Phase::Forward);
     let [b, t, c3] = *qkv.dims() else {
-        return Err(Error::shape(
-            OP,
-            format!("qkv must be [B, T, 3C], got {:?}", qkv.dims()),
-        ));
+        return Err(Error::shape(OP, format!("qkv must be [B, T, 3C], got {:?}", qkv.dims())));
     };
     if c3 % 3 != 0 || n_head == 0 || (c3 / 3) % n_head != 0 {
-        return Err(Error::shape(
-            OP,
-            format!("qkv width {c3} must be 3 x C with C divisible by n_head = {n_head}"),
-        ));
+        return Err(Error::shape(OP, format!("qkv width {c3} must be 3 x C with C divisible by n_head = {n_head}")));
     }
     let c = c3 / 3;
     let qd = f32_input(OP, qkv)?;
     let mut lse = vec![0f32; b * n_head * t];
-    let out = new_f32(&[b, t, c], |o| {
-        cpu::attention_forward(o, &mut lse, qd, b, t, c, n_head)
-    })?;
+    let out = new_f32(&[b, t, c], |o| cpu::attention_forward(o, &mut lse, qd, b, t, c, n_head))?;
     if tape.wants(&[qkv]) {
-        tape.record(
-            Op::Attention(Saved {
-                qkv: qkv.clone(),
-                out: out.clone(),
-                lse,
-                n_head,
-            }),
-            &[qkv],
-            &out,
-        );
+        tape.record(Op::Attention(Saved { qkv: qkv.clone(), out: out.clone(), lse, n_head }), &[qkv], &out);
     }
     Ok(out)
 }
 
 pub(crate) fn backward(s: &Saved, dout: &Tensor) -> Result<Vec<Option<Tensor>>> {
-    let [b, t, c3] = *s.qkv.dims() else {
-        unreachable!("checked in forward")
-    };
+    let [b, t, c3] = *s.qkv.dims() else { unreachable!("checked in forward") };
     let (g, qkv, out) = (dout.f32s()?, s.qkv.f32s()?, s.out.f32s()?);
-    let dqkv = new_f32(&[b, t, c3], |d| {
-        cpu::attention_backward(d, g, qkv, out, &s.lse, b, t, c3 / 3, s.n_head)
-    })?;
+    let dqkv = new_f32(&[b, t, c3], |d| cpu::attention_backward(d, g, qkv, out, &s.lse, b, t, c3 / 3, s.n_head))?;
     Ok(vec![Some(dqkv)])
 }

@@ -37,13 +37,7 @@ pub(crate) struct Saved {
 
 /// C = op(A) @ op(B). Without `trans_a`, A may have leading batch dims ([..., K]); with it A must
 /// be [K, M]. B is [K, N], or [N, K] with `trans_b`.
-pub fn matmul(
-    tape: &mut Tape,
-    a: &Tensor,
-    b: &Tensor,
-    trans_a: bool,
-    trans_b: bool,
-) -> Result<Tensor> {
+pub fn matmul(tape: &mut Tape, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
     matmul_ex(tape, a, b, None, trans_a, trans_b, false)
 }
 
@@ -70,15 +64,11 @@ pub fn matmul_ex(
     gelu: bool,
 ) -> Result<Tensor> {
     const OP: &str = "matmul";
+    let _t = crate::profile::scope(if gelu { "matmul+gelu" } else { "matmul" }, crate::profile::Phase::Forward);
     let (m, k, lead) = if trans_a {
         match *a.dims() {
             [k, m] => (m, k, vec![m]),
-            _ => {
-                return Err(Error::shape(
-                    OP,
-                    format!("a transposed A must be 2-D [K, M], got {:?}", a.dims()),
-                ))
-            }
+            _ => return Err(Error::shape(OP, format!("a transposed A must be 2-D [K, M], got {:?}", a.dims()))),
         }
     } else {
         let k = a.shape().last();
@@ -89,12 +79,7 @@ pub fn matmul_ex(
     let (kb, n) = match (b.dims(), trans_b) {
         (&[kb, n], false) => (kb, n),
         (&[n, kb], true) => (kb, n),
-        _ => {
-            return Err(Error::shape(
-                OP,
-                format!("B must be 2-D, got {:?}", b.dims()),
-            ))
-        }
+        _ => return Err(Error::shape(OP, format!("B must be 2-D, got {:?}", b.dims()))),
     };
     if k != kb {
         return Err(Error::shape(
@@ -116,36 +101,13 @@ pub fn matmul_ex(
     let mut out_dims = lead;
     out_dims.push(n);
     let mut pre = gelu.then(|| pool::take(m * n));
-    let out = new_f32(&out_dims, |o| {
-        cpu::matmul_forward(
-            o,
-            pre.as_deref_mut(),
-            ad,
-            bd,
-            biasd,
-            m,
-            n,
-            k,
-            trans_a,
-            trans_b,
-        )
-    })?;
-    let pre = pre
-        .map(|p| Tensor::from_f32(p, out_dims.as_slice()))
-        .transpose()?;
+    let out =
+        new_f32(&out_dims, |o| cpu::matmul_forward(o, pre.as_deref_mut(), ad, bd, biasd, m, n, k, trans_a, trans_b))?;
+    let pre = pre.map(|p| Tensor::from_f32(p, out_dims.as_slice())).transpose()?;
     let inputs: Vec<&Tensor> = [Some(a), Some(b), bias].into_iter().flatten().collect();
     if tape.wants(&inputs) {
-        let saved = Saved {
-            a: a.clone(),
-            b: b.clone(),
-            m,
-            n,
-            k,
-            trans_a,
-            trans_b,
-            has_bias: bias.is_some(),
-            gelu: pre,
-        };
+        let saved =
+            Saved { a: a.clone(), b: b.clone(), m, n, k, trans_a, trans_b, has_bias: bias.is_some(), gelu: pre };
         tape.record(Op::Matmul(saved), &inputs, &out);
     }
     Ok(out)

@@ -15,26 +15,16 @@ pub(crate) struct Saved {
 /// y = (x - mean) / sqrt(var + eps) * w + b over the last dimension C; w, b: [C].
 pub fn layernorm(tape: &mut Tape, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
     const OP: &str = "layernorm";
+    let _t = crate::profile::scope("layernorm", crate::profile::Phase::Forward);
     let c = x.shape().last();
     expect_dims(OP, "weight", w, &[c])?;
     expect_dims(OP, "bias", b, &[c])?;
     let (xd, wd, bd) = (f32_input(OP, x)?, f32_input(OP, w)?, f32_input(OP, b)?);
     let rows = x.shape().rows();
     let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
-    let out = new_f32(x.dims(), |o| {
-        cpu::layernorm_forward(o, &mut mean, &mut rstd, xd, wd, bd, c, eps)
-    })?;
+    let out = new_f32(x.dims(), |o| cpu::layernorm_forward(o, &mut mean, &mut rstd, xd, wd, bd, c, eps))?;
     if tape.wants(&[x, w, b]) {
-        tape.record(
-            Op::LayerNorm(Saved {
-                x: x.clone(),
-                w: w.clone(),
-                mean,
-                rstd,
-            }),
-            &[x, w, b],
-            &out,
-        );
+        tape.record(Op::LayerNorm(Saved { x: x.clone(), w: w.clone(), mean, rstd }), &[x, w, b], &out);
     }
     Ok(out)
 }

@@ -15,11 +15,7 @@ use crate::{DType, Error, Result, Tensor};
 pub(crate) fn f32_input<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a [f32]> {
     t.device().ensure_available()?;
     if t.dtype() != DType::F32 {
-        return Err(Error::DType {
-            op,
-            expected: DType::F32,
-            got: t.dtype(),
-        });
+        return Err(Error::DType { op, expected: DType::F32, got: t.dtype() });
     }
     t.f32s()
 }
@@ -27,10 +23,7 @@ pub(crate) fn f32_input<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a [f32]
 /// Checks that `t` has exactly `dims`.
 pub(crate) fn expect_dims(op: &'static str, what: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
     if t.dims() != dims {
-        return Err(Error::shape(
-            op,
-            format!("{what} has shape {:?}, expected {:?}", t.dims(), dims),
-        ));
+        return Err(Error::shape(op, format!("{what} has shape {:?}, expected {:?}", t.dims(), dims)));
     }
     Ok(())
 }

@@ -18,24 +18,18 @@ pub(crate) struct Saved {
 /// Mean cross-entropy of `logits` [..., V] against `targets` (I32, the leading dims of logits).
 pub fn cross_entropy(tape: &mut Tape, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     const OP: &str = "cross_entropy";
+    let _t = crate::profile::scope("cross_entropy", crate::profile::Phase::Forward);
     targets.expect_dtype(OP, DType::I32)?;
     let v = logits.shape().last();
     let n = logits.shape().rows();
     if targets.numel() != n || &logits.dims()[..logits.dims().len() - 1] != targets.dims() {
         return Err(Error::shape(
             OP,
-            format!(
-                "targets {:?} must match the leading dims of logits {:?}",
-                targets.dims(),
-                logits.dims()
-            ),
+            format!("targets {:?} must match the leading dims of logits {:?}", targets.dims(), logits.dims()),
         ));
     }
     let td = targets.i32s()?;
-    if let Some(&bad) = td
-        .iter()
-        .find(|&&x| x != IGNORE && (x < 0 || x as usize >= v))
-    {
+    if let Some(&bad) = td.iter().find(|&&x| x != IGNORE && (x < 0 || x as usize >= v)) {
         return Err(Error::Input(format!(
             "{OP}: target {bad} is outside the vocabulary (size {v}); use -100 to mask a position"
         )));
@@ -43,19 +37,10 @@ pub fn cross_entropy(tape: &mut Tape, logits: &Tensor, targets: &Tensor) -> Resu
     let ld = f32_input(OP, logits)?;
     let (mut losses, mut lse) = (vec![0f32; n], vec![0f32; n]);
     let (sum, count) = cpu::xent_forward(&mut losses, &mut lse, ld, td, v);
-    let loss = Tensor::scalar(if count == 0 {
-        0.0
-    } else {
-        (sum / count as f64) as f32
-    });
+    let loss = Tensor::scalar(if count == 0 { 0.0 } else { (sum / count as f64) as f32 });
     if tape.wants(&[logits]) {
         tape.record(
-            Op::CrossEntropy(Saved {
-                logits: logits.clone(),
-                targets: targets.clone(),
-                lse,
-                count,
-            }),
+            Op::CrossEntropy(Saved { logits: logits.clone(), targets: targets.clone(), lse, count }),
             &[logits],
             &loss,
         );
@@ -65,13 +50,7 @@ pub fn cross_entropy(tape: &mut Tape, logits: &Tensor, targets: &Tensor) -> Resu
 
 pub(crate) fn backward(s: &Saved, dout: &Tensor) -> Result<Vec<Option<Tensor>>> {
     let v = s.logits.shape().last();
-    let scale = if s.count == 0 {
-        0.0
-    } else {
-        dout.item()? / s.count as f32
-    };
+    let scale = if s.count == 0 { 0.0 } else { dout.item()? / s.count as f32 };
     let (l, t) = (s.logits.f32s()?, s.targets.i32s()?);
-    Ok(vec![Some(new_f32(s.logits.dims(), |d| {
-        cpu::xent_backward(d, l, &s.lse, t, v, scale)
-    })?)])
+    Ok(vec![Some(new_f32(s.logits.dims(), |d| cpu::xent_backward(d, l, &s.lse, t, v, scale))?)])
 }

@@ -22,13 +22,7 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        }
+        AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
     }
 }
 
@@ -78,8 +72,7 @@ pub fn adamw_step(
         .for_each(|(((p, m), v), g)| {
             for i in 0..p.len() {
                 adamw_update(
-                    &mut p[i], &mut m[i], &mut v[i], g[i], lr, cfg.beta1, cfg.beta2, cfg.eps, wd,
-                    bc1, bc2_sqrt,
+                    &mut p[i], &mut m[i], &mut v[i], g[i], lr, cfg.beta1, cfg.beta2, cfg.eps, wd, bc1, bc2_sqrt,
                 );
             }
         });
@@ -95,11 +88,7 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(config: AdamWConfig) -> Self {
-        AdamW {
-            config,
-            step: 0,
-            state: HashMap::new(),
-        }
+        AdamW { config, step: 0, state: HashMap::new() }
     }
 
     /// Steps taken so far.
@@ -109,14 +98,12 @@ impl AdamW {
 
     /// Bytes of optimizer state (two f32 moments per trainable scalar once stepped).
     pub fn state_bytes(&self) -> usize {
-        self.state
-            .values()
-            .map(|(m, v)| 4 * (m.len() + v.len()))
-            .sum()
+        self.state.values().map(|(m, v)| 4 * (m.len() + v.len())).sum()
     }
 
     /// One update at learning rate `lr` of every trainable parameter that has a gradient.
     pub fn step(&mut self, params: &mut ParamStore, grads: &Gradients, lr: f32) -> Result<()> {
+        let _t = crate::profile::scope("adamw", crate::profile::Phase::Optimizer);
         self.step += 1;
         for p in params.iter_mut().filter(|p| p.trainable) {
             let Some(g) = grads.get(&p.tensor) else {
@@ -127,28 +114,12 @@ impl AdamW {
             if g.len() != n {
                 return Err(Error::shape(
                     "adamw",
-                    format!(
-                        "gradient of {} has {} elements, the parameter {n}",
-                        p.name,
-                        g.len()
-                    ),
+                    format!("gradient of {} has {} elements, the parameter {n}", p.name, g.len()),
                 ));
             }
             let decay = p.tensor.dims().len() >= 2;
-            let (m, v) = self
-                .state
-                .entry(p.name.clone())
-                .or_insert_with(|| (vec![0.0; n], vec![0.0; n]));
-            adamw_step(
-                p.tensor.f32s_mut()?,
-                m,
-                v,
-                g,
-                &self.config,
-                lr,
-                self.step,
-                decay,
-            );
+            let (m, v) = self.state.entry(p.name.clone()).or_insert_with(|| (vec![0.0; n], vec![0.0; n]));
+            adamw_step(p.tensor.f32s_mut()?, m, v, g, &self.config, lr, self.step, decay);
         }
         Ok(())
     }

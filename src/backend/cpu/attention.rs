@@ -56,28 +56,14 @@ pub fn online_softmax_update(m: &mut f32, l: &mut f32, acc: &mut [f32], s: &[f32
     *m = m_new;
 }
 
-pub fn attention_forward(
-    out: &mut [f32],
-    lse: &mut [f32],
-    qkv: &[f32],
-    b: usize,
-    t: usize,
-    c: usize,
-    nh: usize,
-) {
+pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) {
     debug_assert_eq!(lse.len(), b * nh * t);
     let hd = c / nh;
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = SendPtr(out.as_mut_ptr());
     lse.par_chunks_mut(t).enumerate().for_each(|(bh, lse_row)| {
         let (bi, h) = (bh / nh, bh % nh);
-        let head = Head {
-            qkv,
-            base: bi * t * 3 * c,
-            c,
-            hd,
-            h,
-        };
+        let head = Head { qkv, base: bi * t * 3 * c, c, hd, h };
         let mut acc = vec![0f32; hd];
         let mut s = [0f32; KEY_TILE];
         let p = out_ptr;
@@ -97,8 +83,7 @@ pub fn attention_forward(
             lse_row[i] = m + l.ln();
             let inv = 1.0 / l;
             // SAFETY: row (bi, i), columns of head h: written by this task only.
-            let o =
-                unsafe { std::slice::from_raw_parts_mut(p.0.add((bi * t + i) * c + h * hd), hd) };
+            let o = unsafe { std::slice::from_raw_parts_mut(p.0.add((bi * t + i) * c + h * hd), hd) };
             for (o, a) in o.iter_mut().zip(&acc) {
                 *o = a * inv;
             }
@@ -124,13 +109,7 @@ pub fn attention_backward(
     let dptr = SendPtr(dqkv.as_mut_ptr());
     (0..b * nh).into_par_iter().for_each(|bh| {
         let (bi, h) = (bh / nh, bh % nh);
-        let head = Head {
-            qkv,
-            base: bi * t * 3 * c,
-            c,
-            hd,
-            h,
-        };
+        let head = Head { qkv, base: bi * t * 3 * c, c, hd, h };
         let row = |i: usize| (bi * t + i) * c + h * hd..(bi * t + i) * c + (h + 1) * hd;
         let lse = &lse[bh * t..(bh + 1) * t];
         let (mut dq, mut dk, mut dv) = (vec![0f32; t * hd], vec![0f32; t * hd], vec![0f32; t * hd]);

@@ -8,75 +8,115 @@ const CHUNK: usize = 1 << 14;
 const GELU_K: f32 = 0.797_884_6;
 const GELU_C: f32 = 0.044_715;
 
+/// e^x for f32 without a libm call, so loops over it vectorise: x = k ln2 + r with |r| <= ln2/2
+/// (ln2 split in two parts so k ln2 is exact), e^r by its Taylor series to r^7 (truncation
+/// below 2e-9 relative), and 2^k built in the exponent bits. Max relative error about 2 ulp;
+/// inputs are clamped to [-87, 88], where e^x stays a normal f32.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.0, 88.0);
+    // round to nearest by adding and removing 1.5 * 2^23 (no libm call, vectorises on SSE2)
+    const ROUND: f32 = 12_582_912.0;
+    let k = (x * LOG2E + ROUND) - ROUND;
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+}
+
+/// tanh(u) = sign(u) (1 - 2 / (e^{2|u|} + 1)); absolute error below 1e-7, which is what GELU
+/// needs (it adds tanh to 1).
+#[inline(always)]
+pub fn fast_tanh(u: f32) -> f32 {
+    let e = fast_exp(2.0 * u.abs().min(20.0));
+    (1.0 - 2.0 / (e + 1.0)).copysign(u)
+}
+
 /// GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 #[inline]
 pub fn gelu(x: f32) -> f32 {
     let u = GELU_K * (x + GELU_C * x * x * x);
-    0.5 * x * (1.0 + u.tanh())
+    0.5 * x * (1.0 + fast_tanh(u))
 }
 
 /// d gelu(x) / dx for the tanh approximation.
 #[inline]
 pub fn gelu_grad(x: f32) -> f32 {
     let u = GELU_K * (x + GELU_C * x * x * x);
-    let t = u.tanh();
+    let t = fast_tanh(u);
     let du = GELU_K * (1.0 + 3.0 * GELU_C * x * x);
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
 }
 
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
-    out.par_chunks_mut(CHUNK)
-        .zip(inp.par_chunks(CHUNK))
-        .for_each(|(o, i)| {
-            for (o, &x) in o.iter_mut().zip(i) {
-                *o = gelu(x);
-            }
-        });
+    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, i)| {
+        for (o, &x) in o.iter_mut().zip(i) {
+            *o = gelu(x);
+        }
+    });
 }
 
 /// dinp = dout * gelu'(inp)
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
-    dinp.par_chunks_mut(CHUNK)
-        .zip(inp.par_chunks(CHUNK))
-        .zip(dout.par_chunks(CHUNK))
-        .for_each(|((d, i), g)| {
-            for ((d, &x), &g) in d.iter_mut().zip(i).zip(g) {
-                *d = g * gelu_grad(x);
-            }
-        });
+    dinp.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).zip(dout.par_chunks(CHUNK)).for_each(|((d, i), g)| {
+        for ((d, &x), &g) in d.iter_mut().zip(i).zip(g) {
+            *d = g * gelu_grad(x);
+        }
+    });
 }
 
 /// out = a + b
 pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK))
-        .zip(b.par_chunks(CHUNK))
-        .for_each(|((o, a), b)| {
-            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                *o = a + b;
-            }
-        });
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((o, a), b)| {
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = a + b;
+        }
+    });
 }
 
 /// dst += src
 pub fn add_assign(dst: &mut [f32], src: &[f32]) {
-    dst.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| {
-            for (d, s) in d.iter_mut().zip(s) {
-                *d += s;
-            }
-        });
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| {
+        for (d, s) in d.iter_mut().zip(s) {
+            *d += s;
+        }
+    });
+}
+
+/// The dropout mask bit of element `i` under `seed`: kept when a counter-based hash of (seed, i)
+/// clears the threshold. Any element can be drawn independently, in any order, on any thread:
+/// the same rule a CUDA kernel applies per thread.
+#[inline(always)]
+pub fn dropout_keep(seed: u64, i: u64, p: f32) -> bool {
+    // splitmix64's finaliser over the element's counter.
+    let mut z = seed.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // the top 24 bits as a uniform in [0, 1)
+    ((z >> 40) as f32) * (1.0 / (1u64 << 24) as f32) >= p
+}
+
+/// mask[i] = dropout_keep(seed, i, p) as 0 or 1.
+pub fn dropout_mask(mask: &mut [u8], seed: u64, p: f32) {
+    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(c, m)| {
+        let base = (c * CHUNK) as u64;
+        for (j, m) in m.iter_mut().enumerate() {
+            *m = dropout_keep(seed, base + j as u64, p) as u8;
+        }
+    });
 }
 
 /// out = x * mask * scale, where mask holds 0 or 1 (kept elements) and scale = 1 / (1 - p).
 pub fn dropout_forward(out: &mut [f32], inp: &[f32], mask: &[u8], scale: f32) {
-    out.par_chunks_mut(CHUNK)
-        .zip(inp.par_chunks(CHUNK))
-        .zip(mask.par_chunks(CHUNK))
-        .for_each(|((o, i), m)| {
-            for ((o, &x), &m) in o.iter_mut().zip(i).zip(m) {
-                *o = if m != 0 { x * scale } else { 0.0 };
-            }
-        });
+    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).zip(mask.par_chunks(CHUNK)).for_each(|((o, i), m)| {
+        for ((o, &x), &m) in o.iter_mut().zip(i).zip(m) {
+            *o = if m != 0 { x * scale } else { 0.0 };
+        }
+    });
 }

@@ -3,14 +3,7 @@
 
 use rayon::prelude::*;
 
-pub fn embedding_forward(
-    out: &mut [f32],
-    ids: &[i32],
-    wte: &[f32],
-    wpe: &[f32],
-    t: usize,
-    c: usize,
-) {
+pub fn embedding_forward(out: &mut [f32], ids: &[i32], wte: &[f32], wpe: &[f32], t: usize, c: usize) {
     out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
         let id = ids[row] as usize;
         let pos = row % t;
@@ -55,11 +48,7 @@ pub fn embedding_backward(
         dwpe.fill(0.0);
         for r in 0..rows {
             let pos = r % t;
-            super::axpy(
-                &mut dwpe[pos * c..(pos + 1) * c],
-                1.0,
-                &dout[r * c..(r + 1) * c],
-            );
+            super::axpy(&mut dwpe[pos * c..(pos + 1) * c], 1.0, &dout[r * c..(r + 1) * c]);
         }
     }
 }

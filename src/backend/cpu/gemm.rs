@@ -27,24 +27,9 @@ pub fn matmul(
     b_trans: bool,
     accumulate: bool,
 ) {
-    assert_eq!(
-        out.len(),
-        m * n,
-        "matmul: out has {} elements, expected {m} x {n}",
-        out.len()
-    );
-    assert_eq!(
-        a.len(),
-        m * k,
-        "matmul: A has {} elements, expected {m} x {k}",
-        a.len()
-    );
-    assert_eq!(
-        b.len(),
-        k * n,
-        "matmul: B has {} elements, expected {k} x {n}",
-        b.len()
-    );
+    assert_eq!(out.len(), m * n, "matmul: out has {} elements, expected {m} x {n}", out.len());
+    assert_eq!(a.len(), m * k, "matmul: A has {} elements, expected {m} x {k}", a.len());
+    assert_eq!(b.len(), k * n, "matmul: B has {} elements, expected {k} x {n}", b.len());
     if m == 0 || n == 0 {
         return;
     }
@@ -55,16 +40,8 @@ pub fn matmul(
         return;
     }
     // (row stride, column stride) of each operand as seen by the product.
-    let (a_rs, a_cs) = if a_trans {
-        (1, m as isize)
-    } else {
-        (k as isize, 1)
-    };
-    let (b_rs, b_cs) = if b_trans {
-        (1, k as isize)
-    } else {
-        (n as isize, 1)
-    };
+    let (a_rs, a_cs) = if a_trans { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if b_trans { (1, k as isize) } else { (n as isize, 1) };
     // SAFETY: the asserts above bound every index the strides can reach.
     // The crate computes dst = alpha * dst + beta * lhs @ rhs (alpha and beta swapped vs BLAS).
     unsafe {
@@ -109,8 +86,7 @@ pub fn matmul_forward(
 ) {
     let bias_then_matmul = |dst: &mut [f32]| {
         if let Some(bias) = bias {
-            dst.par_chunks_mut(n)
-                .for_each(|row| row.copy_from_slice(bias));
+            dst.par_chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
         }
         matmul(dst, a, b, m, n, k, a_trans, b_trans, bias.is_some());
     };
@@ -118,13 +94,11 @@ pub fn matmul_forward(
         None => bias_then_matmul(out),
         Some(pre) => {
             bias_then_matmul(pre);
-            out.par_chunks_mut(1 << 14)
-                .zip(pre.par_chunks(1 << 14))
-                .for_each(|(o, p)| {
-                    for (o, &x) in o.iter_mut().zip(p) {
-                        *o = gelu(x);
-                    }
-                });
+            out.par_chunks_mut(1 << 14).zip(pre.par_chunks(1 << 14)).for_each(|(o, p)| {
+                for (o, &x) in o.iter_mut().zip(p) {
+                    *o = gelu(x);
+                }
+            });
         }
     }
 }

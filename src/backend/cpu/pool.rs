@@ -20,13 +20,8 @@ static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 /// Upper bound on memory parked in the pool (KILN_POOL_MB overrides; 0 turns pooling off).
 fn limit_bytes() -> usize {
     static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *LIMIT.get_or_init(|| {
-        std::env::var("KILN_POOL_MB")
-            .ok()
-            .and_then(|s| s.parse::<usize>().ok())
-            .unwrap_or(8192)
-            << 20
-    })
+    *LIMIT
+        .get_or_init(|| std::env::var("KILN_POOL_MB").ok().and_then(|s| s.parse::<usize>().ok()).unwrap_or(8192) << 20)
 }
 
 /// A buffer of exactly `n` elements whose contents are unspecified.
@@ -59,10 +54,7 @@ pub fn give(v: Vec<f32>) {
         return;
     }
     let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let pool = guard.get_or_insert_with(|| Pool {
-        free: HashMap::new(),
-        bytes: 0,
-    });
+    let pool = guard.get_or_insert_with(|| Pool { free: HashMap::new(), bytes: 0 });
     if pool.bytes + 4 * n <= limit_bytes() {
         pool.bytes += 4 * n;
         pool.free.entry(n).or_default().push(v);

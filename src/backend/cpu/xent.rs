@@ -17,13 +17,7 @@ pub fn logsumexp(row: &[f32]) -> f32 {
 }
 
 /// Writes each row's lse and loss (0 for ignored rows); returns (sum of losses, counted rows).
-pub fn xent_forward(
-    losses: &mut [f32],
-    lse: &mut [f32],
-    logits: &[f32],
-    targets: &[i32],
-    v: usize,
-) -> (f64, usize) {
+pub fn xent_forward(losses: &mut [f32], lse: &mut [f32], logits: &[f32], targets: &[i32], v: usize) -> (f64, usize) {
     losses
         .par_iter_mut()
         .zip(lse.par_iter_mut())
@@ -42,19 +36,9 @@ pub fn xent_forward(
 }
 
 /// dlogits[r] = (softmax(logits[r]) - onehot(target[r])) * scale; zero for ignored rows.
-pub fn xent_backward(
-    dlogits: &mut [f32],
-    logits: &[f32],
-    lse: &[f32],
-    targets: &[i32],
-    v: usize,
-    scale: f32,
-) {
-    dlogits
-        .par_chunks_mut(v)
-        .zip(logits.par_chunks(v))
-        .zip(lse.par_iter().zip(targets.par_iter()))
-        .for_each(|((d, row), (&lse, &tgt))| {
+pub fn xent_backward(dlogits: &mut [f32], logits: &[f32], lse: &[f32], targets: &[i32], v: usize, scale: f32) {
+    dlogits.par_chunks_mut(v).zip(logits.par_chunks(v)).zip(lse.par_iter().zip(targets.par_iter())).for_each(
+        |((d, row), (&lse, &tgt))| {
             if tgt == IGNORE {
                 d.fill(0.0);
                 return;
@@ -63,5 +47,6 @@ pub fn xent_backward(
                 *d = (x - lse).exp() * scale;
             }
             d[tgt as usize] -= scale;
-        });
+        },
+    );
 }
