@@ -55,7 +55,8 @@ fn open_weights(dir: &Path) -> Result<(Vec<SafeFile>, HashMap<String, usize>)> {
 /// converted to f32; every tensor's shape is checked against config.json.
 pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
     if !dir.is_dir() {
-        return Err(Error::read(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory")));
+        let why = if dir.exists() { "it is a file, not a checkpoint directory" } else { "no such directory" };
+        return Err(Error::read(dir, std::io::Error::new(std::io::ErrorKind::NotFound, why)));
     }
     let config = Gpt2Config::from_json_file(&dir.join("config.json"))?;
     let (files, names) = open_weights(dir)?;

@@ -10,14 +10,15 @@ use crate::{Error, Result};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
-/// AdamW hyper-parameters (torch's defaults but for weight decay, which GPT-2 recipes set).
+/// AdamW hyper-parameters. Kept in f64, as PyTorch keeps them (Python floats), so that the
+/// per-step scalars below round to the same f32 values as torch's.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
 }
 
 impl Default for AdamWConfig {
@@ -26,30 +27,51 @@ impl Default for AdamWConfig {
     }
 }
 
-/// One AdamW update of `p` in place, at 1-based step `t`; `decay` turns weight decay on.
-/// Shared with the CUDA kernel's host twin, so both sides use this arithmetic.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-pub fn adamw_update(
-    p: &mut f32,
-    m: &mut f32,
-    v: &mut f32,
-    g: f32,
-    lr: f32,
-    b1: f32,
-    b2: f32,
-    eps: f32,
-    wd: f32,
-    bc1: f32,
-    bc2_sqrt: f32,
-) {
-    *p *= 1.0 - lr * wd;
-    *m = b1 * *m + (1.0 - b1) * g;
-    *v = b2 * *v + (1.0 - b2) * g * g;
-    *p -= (lr / bc1) * *m / ((*v).sqrt() / bc2_sqrt + eps);
+/// The f32 scalars of one step, computed in f64 like torch computes them from Python floats.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWScalars {
+    /// 1 - lr * weight_decay (1 when the parameter is not decayed)
+    pub decay: f32,
+    pub beta1: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    /// lr / (1 - beta1^t)
+    pub step_size: f32,
+    /// sqrt(1 - beta2^t)
+    pub bc2_sqrt: f32,
+    pub eps: f32,
 }
 
-/// Applies AdamW to one buffer. `t` is the 1-based step count.
+impl AdamWScalars {
+    /// The scalars for 1-based step `t` at learning rate `lr`.
+    pub fn new(cfg: &AdamWConfig, lr: f64, t: u64, decay: bool) -> Self {
+        let t = t as i32;
+        AdamWScalars {
+            decay: if decay { (1.0 - lr * cfg.weight_decay) as f32 } else { 1.0 },
+            beta1: cfg.beta1 as f32,
+            one_minus_beta1: (1.0 - cfg.beta1) as f32,
+            beta2: cfg.beta2 as f32,
+            one_minus_beta2: (1.0 - cfg.beta2) as f32,
+            step_size: (lr / (1.0 - cfg.beta1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - cfg.beta2.powi(t)).sqrt() as f32,
+            eps: cfg.eps as f32,
+        }
+    }
+}
+
+/// One AdamW update of a single element, in torch's operation order (m by lerp, v by
+/// mul-then-addcmul, p by addcdiv). The CUDA kernel's host twin uses this same function.
+#[inline]
+pub fn adamw_update(p: &mut f32, m: &mut f32, v: &mut f32, g: f32, s: &AdamWScalars) {
+    *p *= s.decay;
+    *m += s.one_minus_beta1 * (g - *m);
+    *v = *v * s.beta2 + s.one_minus_beta2 * g * g;
+    let denom = v.sqrt() / s.bc2_sqrt + s.eps;
+    *p += -s.step_size * (*m / denom);
+}
+
+/// Applies AdamW to one buffer at 1-based step `t`.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_step(
     p: &mut [f32],
@@ -57,13 +79,11 @@ pub fn adamw_step(
     v: &mut [f32],
     g: &[f32],
     cfg: &AdamWConfig,
-    lr: f32,
+    lr: f64,
     t: u64,
     decay: bool,
 ) {
-    let bc1 = 1.0 - cfg.beta1.powi(t as i32);
-    let bc2_sqrt = (1.0 - cfg.beta2.powi(t as i32)).sqrt();
-    let wd = if decay { cfg.weight_decay } else { 0.0 };
+    let s = AdamWScalars::new(cfg, lr, t, decay);
     const CHUNK: usize = 1 << 14;
     p.par_chunks_mut(CHUNK)
         .zip(m.par_chunks_mut(CHUNK))
@@ -71,9 +91,7 @@ pub fn adamw_step(
         .zip(g.par_chunks(CHUNK))
         .for_each(|(((p, m), v), g)| {
             for i in 0..p.len() {
-                adamw_update(
-                    &mut p[i], &mut m[i], &mut v[i], g[i], lr, cfg.beta1, cfg.beta2, cfg.eps, wd, bc1, bc2_sqrt,
-                );
+                adamw_update(&mut p[i], &mut m[i], &mut v[i], g[i], &s);
             }
         });
 }
@@ -102,7 +120,7 @@ impl AdamW {
     }
 
     /// One update at learning rate `lr` of every trainable parameter that has a gradient.
-    pub fn step(&mut self, params: &mut ParamStore, grads: &Gradients, lr: f32) -> Result<()> {
+    pub fn step(&mut self, params: &mut ParamStore, grads: &Gradients, lr: f64) -> Result<()> {
         let _t = crate::profile::scope("adamw", crate::profile::Phase::Optimizer);
         self.step += 1;
         for p in params.iter_mut().filter(|p| p.trainable) {

@@ -2,4 +2,4 @@
 //! and pre-training.
 
 pub mod adamw;
-pub use adamw::{AdamW, AdamWConfig};
+pub use adamw::{AdamW, AdamWConfig, AdamWScalars};

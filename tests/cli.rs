@@ -1,0 +1,244 @@
+//! The `kiln` command line, run as a user runs it: eval and grads on the oracle fixture, and a
+//! clear error with a non-zero exit code (never a panic) for each kind of bad input.
+
+use kiln::io::checkpoint::load_all;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle/dev-set").join(name)
+}
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("the kiln binary runs")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Runs kiln, expects failure with exit code 1 and an error mentioning every `needle`.
+fn fails_with(args: &[&str], needles: &[&str]) -> String {
+    let o = kiln(args);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "expected exit code 1 for {args:?}, got {:?}:\n{t}", o.status.code());
+    assert!(!t.contains("panicked"), "kiln panicked on bad input {args:?}:\n{t}");
+    assert!(t.starts_with("error: "), "the message should start with 'error: ':\n{t}");
+    for n in needles {
+        assert!(t.contains(n), "error for {args:?} should mention '{n}':\n{t}");
+    }
+    t
+}
+
+/// A copy of the fixture model directory that a test may damage.
+fn model_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("model").join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn eval_prints_the_oracle_loss() {
+    let o = kiln(&["eval", "--model", s(&fixture("model")), "--batch", s(&fixture("batch.safetensors"))]);
+    assert!(o.status.success(), "{}", text(&o));
+    let want = load_all(&fixture("forward.safetensors")).unwrap()["loss"].item().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let got: f32 = out.split_whitespace().nth(1).and_then(|x| x.parse().ok()).expect("'loss X' on stdout");
+    assert!((got - want).abs() < 1e-5, "kiln eval printed {got}, transformers says {want}");
+}
+
+#[test]
+fn grads_reproduces_the_oracle_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("grads.safetensors");
+    let o = kiln(&[
+        "grads",
+        "--model",
+        s(&fixture("model")),
+        "--batch",
+        s(&fixture("batch.safetensors")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let got = load_all(&out).unwrap();
+    let want = load_all(&fixture("grads.safetensors")).unwrap();
+    assert_eq!(got.len(), want.len() + 1, "every gradient plus the loss");
+    let loss_want = load_all(&fixture("forward.safetensors")).unwrap()["loss"].item().unwrap();
+    assert!((got["loss"].item().unwrap() - loss_want).abs() < 1e-5);
+    for (name, w) in &want {
+        let g = got.get(name).unwrap_or_else(|| panic!("kiln grads wrote no '{name}'"));
+        let (g, w) = (g.f32s().unwrap(), w.f32s().unwrap());
+        let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = w.iter().map(|b| b.abs()).fold(0f32, f32::max);
+        assert!(diff / (scale + 1e-6) < 1e-4, "{name}: rel err {}", diff / (scale + 1e-6));
+    }
+}
+
+#[test]
+fn init_writes_a_checkpoint_that_eval_reads_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("tiny");
+    let o = kiln(&["init", "--preset", "tiny", "--out", s(&m), "--dtype", "bf16"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let model = kiln::io::checkpoint::load_gpt2(&m).unwrap();
+    assert_eq!(model.config, kiln::Gpt2Config::preset("tiny").unwrap());
+    fails_with(&["init", "--preset", "tiny", "--out", s(&m)], &["already holds a checkpoint", "--overwrite"]);
+    fails_with(&["init", "--preset", "gpt5", "--out", s(&m)], &["unknown preset 'gpt5'", "gpt2-medium"]);
+}
+
+#[test]
+fn bench_train_step_reports_the_ratio_to_sgemm() {
+    let o = kiln(&[
+        "bench",
+        "train-step",
+        "--preset",
+        "tiny",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    for needle in ["tokens/s", "GFLOP/s", "% of sgemm", "matmul"] {
+        assert!(t.contains(needle), "bench output lacks '{needle}':\n{t}");
+    }
+}
+
+#[test]
+fn missing_files_are_named() {
+    let batch = fixture("batch.safetensors");
+    fails_with(&["eval", "--model", "/nonexistent/model", "--batch", s(&batch)], &["/nonexistent/model"]);
+    let m = fixture("model");
+    fails_with(
+        &["eval", "--model", s(&m), "--batch", "/nonexistent/batch.safetensors"],
+        &["/nonexistent/batch.safetensors", "exists"],
+    );
+    let empty = tempfile::tempdir().unwrap();
+    fails_with(&["eval", "--model", s(empty.path()), "--batch", s(&batch)], &["config.json"]);
+}
+
+#[test]
+fn malformed_configs_are_rejected_with_the_reason() {
+    let batch = fixture("batch.safetensors");
+    let cases: &[(&str, &[&str])] = &[
+        ("{ not json", &["config.json", "not valid JSON"]),
+        (r#"{"model_type": "gpt2", "vocab_size": 96, "n_embd": 48, "n_layer": 2, "n_head": 4}"#, &["n_positions"]),
+        (
+            r#"{"vocab_size": -3, "n_positions": 32, "n_embd": 48, "n_layer": 2, "n_head": 4}"#,
+            &["vocab_size", "positive integer"],
+        ),
+        (
+            r#"{"vocab_size": 96, "n_positions": 32, "n_embd": 48, "n_layer": 2, "n_head": 4, "activation_function": "relu"}"#,
+            &["activation_function", "relu", "gelu_new"],
+        ),
+        (
+            r#"{"vocab_size": 96, "n_positions": 32, "n_embd": 48, "n_layer": 2, "n_head": 5}"#,
+            &["not divisible by n_head"],
+        ),
+        (r#"{"model_type": "llama", "vocab_size": 96}"#, &["model_type", "llama"]),
+        (
+            r#"{"vocab_size": 96, "n_positions": 32, "n_embd": 48, "n_layer": 2, "n_head": 4, "scale_attn_by_inverse_layer_idx": true}"#,
+            &["scale_attn_by_inverse_layer_idx"],
+        ),
+    ];
+    for (config, needles) in cases {
+        let dir = model_copy();
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        fails_with(&["eval", "--model", s(dir.path()), "--batch", s(&batch)], needles);
+    }
+}
+
+#[test]
+fn truncated_or_corrupt_safetensors_are_rejected() {
+    let batch = fixture("batch.safetensors");
+    let dir = model_copy();
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(
+        &["eval", "--model", s(dir.path()), "--batch", s(&batch)],
+        &["model.safetensors", "truncated or corrupt"],
+    );
+    let mut bad = bytes.clone();
+    bad[10] = b'#'; // inside the JSON header
+    std::fs::write(&path, &bad).unwrap();
+    fails_with(
+        &["eval", "--model", s(dir.path()), "--batch", s(&batch)],
+        &["model.safetensors", "truncated or corrupt"],
+    );
+    std::fs::write(&path, b"").unwrap();
+    fails_with(&["eval", "--model", s(dir.path()), "--batch", s(&batch)], &["model.safetensors"]);
+}
+
+/// Rewrites the fixture model with one tensor replaced.
+fn model_with(name: &str, t: kiln::Tensor) -> tempfile::TempDir {
+    let dir = model_copy();
+    let mut all: Vec<(String, kiln::Tensor)> =
+        load_all(&fixture("model/model.safetensors")).unwrap().into_iter().collect();
+    for (n, v) in all.iter_mut() {
+        if n == name {
+            *v = t.clone();
+        }
+    }
+    kiln::io::safetensors::save(&dir.path().join("model.safetensors"), &all, &[]).unwrap();
+    dir
+}
+
+#[test]
+fn tensors_that_do_not_match_the_config_are_rejected() {
+    let batch = fixture("batch.safetensors");
+    let wrong_shape = model_with("transformer.h.1.mlp.c_fc.weight", kiln::Tensor::zeros([48, 190]));
+    fails_with(
+        &["eval", "--model", s(wrong_shape.path()), "--batch", s(&batch)],
+        &["transformer.h.1.mlp.c_fc.weight", "[48, 190]", "[48, 192]"],
+    );
+    let wrong_dtype = model_with("transformer.ln_f.bias", kiln::Tensor::from_i32(vec![0; 48], [48]).unwrap());
+    fails_with(
+        &["eval", "--model", s(wrong_dtype.path()), "--batch", s(&batch)],
+        &["transformer.ln_f.bias", "I32", "F32, BF16 or F16"],
+    );
+}
+
+fn batch_file(dir: &Path, ids: Vec<i32>, b: usize, t: usize) -> PathBuf {
+    let p = dir.join("batch.safetensors");
+    let ids = kiln::Tensor::from_i32(ids, [b, t]).unwrap();
+    kiln::io::safetensors::save(&p, &[("input_ids".into(), ids)], &[]).unwrap();
+    p
+}
+
+#[test]
+fn bad_batches_are_rejected() {
+    let m = fixture("model");
+    let dir = tempfile::tempdir().unwrap();
+    let mut ids = vec![1; 2 * 8];
+    ids[11] = 96;
+    let p = batch_file(dir.path(), ids, 2, 8);
+    fails_with(&["eval", "--model", s(&m), "--batch", s(&p)], &["token id 96", "row 1, position 3", "vocab_size = 96"]);
+    let p = batch_file(dir.path(), vec![1; 40], 1, 40);
+    fails_with(&["eval", "--model", s(&m), "--batch", s(&p)], &["40 tokens", "n_positions = 32"]);
+    let p = dir.path().join("nobatch.safetensors");
+    kiln::io::safetensors::save(&p, &[("tokens".into(), kiln::Tensor::from_i32(vec![1; 4], [1, 4]).unwrap())], &[])
+        .unwrap();
+    fails_with(&["eval", "--model", s(&m), "--batch", s(&p)], &["input_ids"]);
+}
+
+#[test]
+fn cuda_without_the_feature_is_a_clear_error() {
+    let o = fails_with(
+        &["eval", "--model", s(&fixture("model")), "--batch", s(&fixture("batch.safetensors")), "--device", "cuda"],
+        &["built without CUDA", "--features cuda"],
+    );
+    assert!(!o.contains("loss"), "nothing should run on an unavailable device");
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Checks kiln's checkpoints against Hugging Face transformers both ways, where torch and
+transformers are installed (they are too heavy for CI, whose Rust tests check the file layout
+instead):
+
+  1. a checkpoint `kiln init` writes (f32 and bf16) loads in transformers, and transformers' loss
+     on a batch equals `kiln eval`'s;
+  2. a checkpoint transformers' save_pretrained writes loads in kiln, with the same loss.
+
+Usage: python tools/check_transformers.py [path/to/kiln]   (default target/release/kiln)
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+KILN = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "target", "release", "kiln")
+
+
+def kiln(*args):
+    r = subprocess.run([KILN, *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"kiln {' '.join(args)} failed:\n{r.stderr}")
+    return r.stdout
+
+
+def kiln_loss(model_dir, batch):
+    return float(kiln("eval", "--model", model_dir, "--batch", batch).split()[1])
+
+
+def hf_loss(model_dir, ids):
+    m = GPT2LMHeadModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return m(input_ids=ids, labels=ids).loss.item()
+
+
+def main():
+    torch.manual_seed(0)
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        # 1. kiln -> transformers
+        for dtype in ["f32", "bf16"]:
+            d = os.path.join(tmp, f"kiln-{dtype}")
+            kiln("init", "--preset", "tiny", "--out", d, "--dtype", dtype, "--seed", "3")
+            ids = torch.randint(0, 512, (2, 24))
+            batch = os.path.join(tmp, "batch.safetensors")
+            save_file({"input_ids": ids}, batch)
+            a, b = kiln_loss(d, batch), hf_loss(d, ids)
+            ok = abs(a - b) < 1e-4 * max(1.0, abs(b)) if dtype == "f32" else abs(a - b) < 2e-2
+            failures += not ok
+            print(f"kiln {dtype} checkpoint in transformers: kiln loss {a:.6f}, transformers loss {b:.6f} {'ok' if ok else 'MISMATCH'}")
+        # 2. transformers -> kiln
+        cfg = GPT2Config(vocab_size=300, n_positions=64, n_embd=96, n_layer=3, n_head=6, activation_function="gelu_new",
+                     bos_token_id=299, eos_token_id=299)
+        m = GPT2LMHeadModel(cfg)
+        d = os.path.join(tmp, "hf")
+        m.save_pretrained(d, safe_serialization=True)
+        ids = torch.randint(0, 300, (3, 40))
+        batch = os.path.join(tmp, "batch2.safetensors")
+        save_file({"input_ids": ids, "labels": ids.clone()}, batch)
+        a, b = kiln_loss(d, batch), hf_loss(d, ids)
+        ok = abs(a - b) < 1e-4 * max(1.0, abs(b))
+        failures += not ok
+        print(f"transformers checkpoint in kiln: kiln loss {a:.6f}, transformers loss {b:.6f} {'ok' if ok else 'MISMATCH'}")
+    print(f"{3 - failures} passed, {failures} failed")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
