@@ -3,16 +3,32 @@
 //! count for nothing. Backward writes dlogits = (softmax - onehot) * scale from the saved lse,
 //! without keeping the probabilities.
 
+use super::elementwise::fast_exp;
 use rayon::prelude::*;
 
 /// The label that marks a position without a target (PyTorch's ignore_index).
 pub const IGNORE: i32 = -100;
 
-/// log sum exp of a row, computed stably.
+/// log sum exp of a row, computed stably (max first). Eight independent lanes for the max and
+/// the sum let the loops vectorise; fast_exp keeps libm out of the inner loop.
 #[inline]
 pub fn logsumexp(row: &[f32]) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f32 = row.iter().map(|&x| (x - m).exp()).sum();
+    let mut mx = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks.clone() {
+        for i in 0..8 {
+            mx[i] = mx[i].max(c[i]);
+        }
+    }
+    let m = tail.iter().copied().fold(mx.iter().copied().fold(f32::NEG_INFINITY, f32::max), f32::max);
+    let mut acc = [0f32; 8];
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += fast_exp(c[i] - m);
+        }
+    }
+    let s = acc.iter().sum::<f32>() + tail.iter().map(|&x| fast_exp(x - m)).sum::<f32>();
     m + s.ln()
 }
 
@@ -44,7 +60,7 @@ pub fn xent_backward(dlogits: &mut [f32], logits: &[f32], lse: &[f32], targets: 
                 return;
             }
             for (d, &x) in d.iter_mut().zip(row) {
-                *d = (x - lse).exp() * scale;
+                *d = fast_exp(x - lse) * scale;
             }
             d[tgt as usize] -= scale;
         },
