@@ -10,15 +10,24 @@
 //! so L itself adds no rounding. Both extra ops have their own checks in gemm.rs and xent.rs.
 //! cross_entropy, already a scalar, is checked directly (`Objective::Output`).
 //!
-//! The error budget, for inputs of order 1. A central difference with step h errs by
-//!   rounding:   |dL| / h, where dL is the change of L caused by f32 rounding inside the op,
+//! The error budget, for inputs of order 1 (u = 6e-8, the f32 unit roundoff). A central
+//! difference with step h errs by
+//!   rounding:   dL / h, dL = the change of L due to f32 rounding inside the op's forward;
 //!   truncation: h^2 |d3L/dx3| / 6.
-//! With the probe, dL ~ k u |y| |g|_2 (u = 6e-8, g = dL/dy, k = the roundings behind one output,
-//! ~ sqrt of its reduction length) and |g|_2 ~ 0.3 sqrt(C / rows) ~ 0.3, while the largest
-//! gradient entry is ~ 0.3 / rows ... 0.3. At h = 1e-2 that puts rounding near k * 2e-6 absolute
-//! and truncation near 2e-5 times the gradient scale: both far under 1e-3 of max|an|. Each file
-//! states its `Tol`; a wrong backward (a missing term, a swapped transpose, a factor off by a
-//! few percent) misses by 1e-2 of max|an| or more.
+//! Outputs that do not depend on the perturbed input come out bit-identical in both runs and
+//! cancel, so dL involves only the n outputs that input touches (1 for elementwise ops and
+//! embeddings, a row for layernorm, a row or column for gemm), each off by k u |y| (k = the
+//! roundings behind one output, ~ sqrt of its reduction length). The errors have random signs,
+//! so dL ~ k u sqrt(n) |g| |y| with g the probe's cotangent, while the gradient itself is
+//! ~ |g| |dy/dx|. Relative to max|an| rounding is therefore ~ k u sqrt(n) / h <= 3e-4 here
+//! (k <= 4, n <= 130, h = 1e-2), and truncation ~ h^2 / 6 times a curvature of order 1-10,
+//! <= 2e-4. Measured worst cases are 2e-4 of max|an| (gemm with fused GELU, where the
+//! curvature is largest) down to 5e-6 (embedding), so every family uses
+//!   |fd - an| <= 1e-6 + 2e-3 max|an|,
+//! 10x the worst measured error and well below what a wrong backward gives: deliberately broken
+//! backwards (a transpose flag flipped, the bias gradient scaled by 1.003, the D_i term of
+//! attention scaled by 0.99, a GELU slope term off by 2%) all fail it. The atol only matters
+//! for gradients below 5e-4. xent.rs uses h = 5e-2; its file says why.
 
 #![allow(dead_code)]
 
@@ -31,15 +40,29 @@ use std::collections::BTreeSet;
 /// The f32 unit roundoff (half an ulp of 1).
 pub const U32: f64 = 5.96e-8;
 
+/// The CPU backend recycles f32 buffers of at least this many elements with their stale
+/// contents (src/backend/cpu/pool.rs). Each family checks one shape past it twice, the second
+/// time after `poison_pool`, so that an element an op forgets to write shows up as NaN.
+pub const POOLED: usize = 1 << 14;
+
+/// Parks NaN-filled buffers of each size in kiln's pool (a stack), so that the next buffers of
+/// those sizes that ops take are NaN wherever the op does not write.
+pub fn poison_pool(sizes: &[usize]) {
+    for &n in sizes {
+        assert!(n >= POOLED, "{n} elements would not be pooled");
+        for _ in 0..4 {
+            drop(Tensor::from_f32(vec![f32::NAN; n], [n]).unwrap());
+        }
+    }
+}
+
 pub fn rng(seed: u64) -> StdRng {
     StdRng::seed_from_u64(seed)
 }
 
 /// n values uniform in [-scale, scale).
 pub fn uniform(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect()
+    (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
 }
 
 /// An f32 tensor of `dims` uniform in [-scale, scale).
@@ -80,13 +103,7 @@ impl Probe {
         let r = uniform(&mut rng, c * v, 1.0);
         let rows = lead.iter().product();
         let targets = (0..rows).map(|_| rng.random_range(0..v as i32)).collect();
-        Probe {
-            c,
-            v,
-            r,
-            targets,
-            lead,
-        }
+        Probe { c, v, r, targets, lead }
     }
 
     fn on_tape(&self, tape: &mut Tape, y: &Tensor) -> Result<Tensor> {
@@ -174,18 +191,17 @@ where
     let mut pick = rng(0x5eed ^ inputs.len() as u64);
     let mut out = Vec::new();
     for &i in wrt {
-        let an = grads
-            .get(&inputs[i])
-            .unwrap_or_else(|| panic!("{label}: no gradient for input {i}"));
+        let an = grads.get(&inputs[i]).unwrap_or_else(|| panic!("{label}: no gradient for input {i}"));
         assert_eq!(an.dims(), inputs[i].dims(), "{label}: input {i} grad shape");
         let an = an.f32s().unwrap().to_vec();
+        assert!(an.iter().all(|x| x.is_finite()), "{label}: gradient of input {i} is not finite");
         let amax = max_abs(&an);
         assert!(amax > 0.0, "{label}: gradient of input {i} is all zeros");
         let bound = tol.atol + tol.rtol * amax;
         let x0 = inputs[i].f32s().unwrap().to_vec();
         let (mut worst, mut worst_at, mut fd_max) = (0f64, (0, 0.0, 0.0), 0f64);
         for k in sample_coords(x0.len(), samples, &mut pick) {
-            let mut eval = |x: f32| {
+            let eval = |x: f32| {
                 let mut x1 = x0.clone();
                 x1[k] = x;
                 let mut args = inputs.to_vec();
@@ -194,6 +210,7 @@ where
             };
             let (xp, xm) = (x0[k] + tol.h, x0[k] - tol.h);
             let fd = (eval(xp) - eval(xm)) / (xp as f64 - xm as f64);
+            assert!(fd.is_finite(), "{label}: input {i}, element {k}: the forward is not finite");
             let err = (fd - an[k] as f64).abs();
             fd_max = fd_max.max(fd.abs());
             if err > worst {
