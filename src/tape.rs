@@ -187,6 +187,7 @@ fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) ->
 }
 
 /// Gradients of the watched tensors after `Tape::backward`.
+#[derive(Debug)]
 pub struct Gradients {
     map: HashMap<TensorId, Tensor>,
 }
