@@ -1,3 +1,4 @@
 //! Data: batch files of token ids (tokenizers and corpora arrive with the pre-training issue).
 
 pub mod batch;
+pub mod tokenizer;
