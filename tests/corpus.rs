@@ -1,0 +1,300 @@
+//! Corpora: input expansion, token files (ids equal the tokenizer's plus EOS per document, at
+//! u16 and u32 widths, big documents cut into parallel pieces), every bad-input error, and the
+//! window sampler's determinism across a serialise/restore.
+
+use kiln::data::corpus::*;
+use kiln::data::tokenizer::{train_bpe, Tokenizer};
+use std::path::{Path, PathBuf};
+
+/// Deterministic text with the whitespace shapes that matter to GPT-2's split regex: runs of
+/// spaces and newlines, indented lines, trailing spaces, CRLF, tabs, non-ASCII.
+fn text(seed: u64, words: usize) -> String {
+    const WORDS: &[&str] =
+        &["the", "kiln", "fires", "clay", "at", "1200", "degrees", "naïve", "日本", "🦀", "it's", "--"];
+    const SEPS: &[&str] = &[" ", " ", " ", ", ", ".\n", "\n\n", "\n ", "\n  ", "  \n", " \r\n", "\t", "\n", ". "];
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x as usize
+    };
+    let mut s = String::new();
+    for _ in 0..words {
+        s.push_str(WORDS[next() % WORDS.len()]);
+        s.push_str(SEPS[next() % SEPS.len()]);
+    }
+    s
+}
+
+fn write(dir: &Path, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, contents).unwrap();
+    p
+}
+
+fn small_tokenizer(dir: &Path) -> Tokenizer {
+    let f = write(dir, "train/tok.txt", text(7, 20_000));
+    train_bpe(&[f], 300, 2).unwrap()
+}
+
+/// What a token file built from `docs` must hold: each document's ids, then EOS.
+fn expected(tok: &Tokenizer, docs: &[String]) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for d in docs.iter().filter(|d| !d.is_empty()) {
+        ids.extend(tok.encode(d).unwrap());
+        ids.extend(tok.eos_id());
+    }
+    ids
+}
+
+fn err<T>(r: kiln::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn expand_inputs_files_globs_and_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let a = write(d, "a.txt", "a");
+    write(d, "dir/z.txt", "z");
+    write(d, "dir/sub/b.jsonl", "{}");
+    write(d, "dir/c.txt", "c");
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let got = expand_inputs(&[s(&d.join("dir")), s(&a), s(&d.join("*.txt")), s(&d.join("dir/*.txt"))]).unwrap();
+    let want: Vec<PathBuf> = ["dir/c.txt", "dir/sub/b.jsonl", "dir/z.txt", "a.txt"].iter().map(|n| d.join(n)).collect();
+    assert_eq!(got, want, "directories sorted and recursive, duplicates once");
+
+    let pattern = s(&d.join("*.parquet"));
+    let msg = err(expand_inputs(&[pattern.clone()]));
+    assert!(msg.contains(&pattern) && msg.contains("matches no files"), "{msg}");
+    let msg = err(expand_inputs(&[s(&d.join("missing.txt"))]));
+    assert!(msg.contains("missing.txt"), "{msg}");
+}
+
+#[test]
+fn token_file_holds_the_tokenizer_ids_plus_eos() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let tok = small_tokenizer(d);
+    // One document bigger than several pieces, so a single file is cut and tokenized in parallel.
+    let docs = vec![text(1, 3_000), String::new(), text(2, 4 * CHUNK_BYTES / 5), "x".to_string()];
+    let files: Vec<PathBuf> = docs.iter().enumerate().map(|(i, t)| write(d, &format!("c/{i}.txt"), t)).collect();
+    let out = d.join("corpus.tok");
+    let tf = build_token_file(&files, &tok, &out, false).unwrap();
+    let want = expected(&tok, &docs);
+    assert_eq!(tf.len(), want.len());
+    assert_eq!(tf.vocab_size(), 300);
+    assert!(!tf.is_empty());
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), 32 + 2 * want.len() as u64, "u16 ids after a 32-byte header");
+    assert_eq!(tf.tokens(0..tf.len()), want);
+    assert_eq!(tf.tokens(5..9), want[5..9]);
+    assert_eq!(TokenFile::open(&out).unwrap().tokens(0..tf.len()), want);
+}
+
+#[test]
+fn gpt2_token_file_matches_encode() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/gpt2_tokenizer");
+    if !dir.join("tokenizer.json").is_file() {
+        eprintln!("skipped: {} is absent", dir.display());
+        return;
+    }
+    let tok = Tokenizer::load(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = vec![text(3, 3 * CHUNK_BYTES / 4), text(4, 500) + "<|endoftext|> inline", text(5, 100)];
+    let files: Vec<PathBuf> = docs.iter().enumerate().map(|(i, t)| write(tmp.path(), &format!("{i}.txt"), t)).collect();
+    let tf = build_token_file(&files, &tok, &tmp.path().join("g.tok"), false).unwrap();
+    assert_eq!(tf.vocab_size(), 50257);
+    assert_eq!(tf.tokens(0..tf.len()), expected(&tok, &docs));
+}
+
+/// A byte-level tokenizer whose ids start at 70,000, so the token file needs u32 ids.
+fn wide_tokenizer(dir: &Path) -> Tokenizer {
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort();
+    let mut vocab: serde_json::Map<String, serde_json::Value> =
+        alphabet.iter().enumerate().map(|(i, c)| (c.to_string(), (70_000 + i).into())).collect();
+    vocab.insert("<|endoftext|>".into(), 80_000.into());
+    write(dir, "wide/vocab.json", serde_json::to_string(&vocab).unwrap());
+    write(dir, "wide/merges.txt", "#version: 0.2\n");
+    Tokenizer::load(&dir.join("wide")).unwrap()
+}
+
+#[test]
+fn wide_vocabulary_uses_u32_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = wide_tokenizer(tmp.path());
+    assert_eq!(tok.eos_id(), Some(80_000));
+    let docs = vec![text(6, 200), "ünïcode 🦀".to_string()];
+    let files: Vec<PathBuf> = docs.iter().enumerate().map(|(i, t)| write(tmp.path(), &format!("{i}.txt"), t)).collect();
+    let out = tmp.path().join("wide.tok");
+    let tf = build_token_file(&files, &tok, &out, false).unwrap();
+    let want = expected(&tok, &docs);
+    assert_eq!(want.len(), docs.iter().map(|d| d.len() + 1).sum::<usize>(), "one id per byte, plus EOS");
+    assert_eq!(tf.vocab_size(), 80_001);
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), 32 + 4 * want.len() as u64);
+    assert_eq!(tf.tokens(0..tf.len()), want);
+    let msg = err(check_vocab(&tf, 50257));
+    assert!(msg.contains("tokenizer vocabulary 80001 does not fit the model's vocab_size 50257"), "{msg}");
+    check_vocab(&tf, 80_001).unwrap();
+}
+
+#[test]
+fn jsonl_and_json_documents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let tok = small_tokenizer(d);
+    let docs = vec![text(8, 50), "second\nwith \"quotes\"".to_string(), text(9, 30)];
+    let lines: Vec<String> = docs.iter().map(|t| serde_json::json!({ "text": t, "id": 1 }).to_string()).collect();
+    let jsonl = write(d, "a.jsonl", format!("{}\n\n{}\n{}\n", lines[0], lines[1], lines[2]));
+    let array = write(d, "b.json", serde_json::json!([{ "text": docs[2] }, { "text": docs[0] }]).to_string());
+    assert_eq!(read_documents(&jsonl).unwrap(), docs);
+    let tf = build_token_file(&[jsonl, array], &tok, &d.join("j.tok"), false).unwrap();
+    let all = [docs.clone(), vec![docs[2].clone(), docs[0].clone()]].concat();
+    assert_eq!(tf.tokens(0..tf.len()), expected(&tok, &all));
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let tok = small_tokenizer(d);
+    let out = d.join("out.tok");
+
+    let empty = write(d, "empty.txt", "");
+    let msg = err(build_token_file(&[empty], &tok, &out, false));
+    assert!(msg.contains("empty"), "{msg}");
+    assert!(!out.exists(), "no token file is left behind by a failed build");
+
+    let latin1 = write(d, "latin1.txt", b"line one\ncaf\xe9 au lait");
+    let msg = err(build_token_file(&[latin1], &tok, &out, false));
+    assert!(msg.contains("latin1.txt") && msg.contains("byte offset 12") && msg.contains("UTF-8"), "{msg}");
+
+    let no_text = write(d, "bad.jsonl", "{\"text\": \"fine\"}\n{\"body\": \"no text\"}\n");
+    let msg = err(build_token_file(&[no_text], &tok, &out, false));
+    assert!(msg.contains("bad.jsonl") && msg.contains("line 2") && msg.contains("\"text\""), "{msg}");
+    let not_object = write(d, "list.jsonl", "[1, 2]\n");
+    let msg = err(read_documents(&not_object));
+    assert!(msg.contains("line 1") && msg.contains("not a JSON object"), "{msg}");
+    let not_string = write(d, "num.jsonl", "{\"text\": 3}\n");
+    assert!(err(read_documents(&not_string)).contains("not a string"));
+
+    let msg = err(build_token_file(&[], &tok, &out, false));
+    assert!(msg.contains("no input files"), "{msg}");
+}
+
+#[test]
+fn damaged_token_files_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let tok = small_tokenizer(d);
+    let src = write(d, "a.txt", text(10, 100));
+    let good = d.join("good.tok");
+    build_token_file(&[src], &tok, &good, false).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+
+    let cut = write(d, "cut.tok", &bytes[..bytes.len() - 1]);
+    let msg = err(TokenFile::open(&cut));
+    assert!(msg.contains("cut.tok") && msg.contains("truncated"), "{msg}");
+    let stub = write(d, "stub.tok", &bytes[..20]);
+    assert!(err(TokenFile::open(&stub)).contains("truncated"));
+    let mut wrong = bytes.clone();
+    wrong[..8].copy_from_slice(b"NOTKILN!");
+    let wrong = write(d, "wrong.tok", wrong);
+    assert!(err(TokenFile::open(&wrong)).contains("not a kiln token file"));
+    let msg = err(TokenFile::open(&d.join("absent.tok")));
+    assert!(msg.contains("absent.tok"), "{msg}");
+}
+
+/// A token file of ids 0..n (written by hand from the documented layout), so a window's ids
+/// are its own offsets.
+fn counting_file(dir: &Path, n: u32) -> TokenFile {
+    let mut bytes = b"KILNTOK1".to_vec();
+    bytes.extend(1u32.to_le_bytes());
+    bytes.extend(4u32.to_le_bytes());
+    bytes.extend((n as u64).to_le_bytes());
+    bytes.extend((n as u64).to_le_bytes());
+    bytes.extend((0..n).flat_map(|i| i.to_le_bytes()));
+    TokenFile::open(&write(dir, "count.tok", bytes)).unwrap()
+}
+
+fn rows(t: &kiln::Tensor) -> Vec<Vec<i32>> {
+    let seq = t.dims()[1];
+    t.i32s().unwrap().chunks(seq).map(|r| r.to_vec()).collect()
+}
+
+#[test]
+fn sampler_windows_are_in_range_and_shifted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = counting_file(tmp.path(), 1000);
+    let (train, val) = split(file.len(), 0.1);
+    assert_eq!((train.clone(), val), (0..900, 900..1000));
+    assert_eq!(split(1000, 0.0).1, 1000..1000);
+    let mut s = WindowSampler::new(3, 100..900);
+    let (seq, mut starts) = (16, std::collections::HashSet::new());
+    for _ in 0..50 {
+        let (x, y) = s.next_batch(&file, 4, seq).unwrap();
+        assert_eq!(x.dims(), &[4, seq]);
+        assert_eq!(x.dtype(), kiln::DType::I32);
+        for (xr, yr) in rows(&x).iter().zip(rows(&y)) {
+            let start = xr[0];
+            assert!((100..=900 - (seq as i32 + 1)).contains(&start), "window at {start}");
+            assert_eq!(*xr, (start..start + seq as i32).collect::<Vec<_>>());
+            assert_eq!(yr, (start + 1..start + 1 + seq as i32).collect::<Vec<_>>());
+            starts.insert(start);
+        }
+    }
+    assert_eq!(s.drawn, 200);
+    assert!(starts.len() > 150, "starts are spread: {} distinct of 200", starts.len());
+
+    let mut exact = WindowSampler::new(0, 10..27);
+    let (x, _) = exact.next_batch(&file, 3, 16).unwrap();
+    assert!(rows(&x).iter().all(|r| r[0] == 10), "only one window fits");
+    let msg = err(WindowSampler::new(0, 10..26).next_batch(&file, 1, 16));
+    assert!(msg.contains("16 tokens, fewer than one window of seq+1 = 17") && msg.contains("--seq"), "{msg}");
+    assert!(err(WindowSampler::new(0, 0..2000).next_batch(&file, 1, 16)).contains("outside the token file"));
+}
+
+#[test]
+fn sampler_resumes_exactly_from_its_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = counting_file(tmp.path(), 5000);
+    let draw = |s: &mut WindowSampler, k: usize| -> Vec<Vec<Vec<i32>>> {
+        (0..k).map(|_| rows(&s.next_batch(&file, 3, 32).unwrap().0)).collect()
+    };
+    let mut whole = WindowSampler::new(42, 0..5000);
+    let mut twin = WindowSampler::new(42, 0..5000);
+    let all = draw(&mut whole, 8);
+    assert_eq!(draw(&mut twin, 8), all, "same seed, same batches");
+    assert_ne!(draw(&mut WindowSampler::new(43, 0..5000), 8), all, "another seed, other batches");
+
+    let mut first = WindowSampler::new(42, 0..5000);
+    let head = draw(&mut first, 3);
+    let saved = serde_json::to_string(&first).unwrap();
+    drop(first);
+    let mut resumed: WindowSampler = serde_json::from_str(&saved).unwrap();
+    assert_eq!(resumed.drawn, 9);
+    let tail = draw(&mut resumed, 5);
+    assert_eq!([head, tail].concat(), all);
+}
+
+#[test]
+fn eval_windows_tile_without_overlap() {
+    for (range, seq, max) in [(0..1000, 15, 10), (0..1000, 15, 1000), (37..1000, 9, 7), (5..20, 15, 4), (0..16, 15, 0)]
+    {
+        let w = eval_windows(range.clone(), seq, max);
+        let fit = (range.end - range.start) / (seq + 1);
+        assert_eq!(w.len(), fit.min(max), "{range:?} seq {seq} max {max}");
+        for pair in w.windows(2) {
+            assert!(pair[0] + seq + 1 <= pair[1], "overlap in {w:?}");
+        }
+        assert!(w.iter().all(|&s| s >= range.start && s + seq + 1 <= range.end), "{w:?} outside {range:?}");
+        assert_eq!(w, eval_windows(range.clone(), seq, max));
+    }
+    let spread = eval_windows(0..1000, 15, 10);
+    assert!(*spread.last().unwrap() > 800, "evenly spread: {spread:?}");
+}
