@@ -16,6 +16,7 @@ pub mod optim;
 pub mod profile;
 pub mod tape;
 pub mod tensor;
+pub mod train;
 
 pub use device::Device;
 pub use error::{Error, Result};

@@ -193,6 +193,48 @@ pub struct Gradients {
 }
 
 impl Gradients {
+    /// An empty set, to accumulate micro-batches into.
+    pub fn empty() -> Self {
+        Gradients { map: HashMap::new() }
+    }
+
+    /// Adds `other` into `self` (gradient accumulation over micro-batches).
+    pub fn accumulate(&mut self, other: Gradients) -> Result<()> {
+        for (id, g) in other.map {
+            accumulate(&mut self.map, id, g)?;
+        }
+        Ok(())
+    }
+
+    /// The global L2 norm over every gradient (what clipping by global norm measures).
+    pub fn global_norm(&self) -> Result<f64> {
+        let mut ids: Vec<&TensorId> = self.map.keys().collect();
+        ids.sort();
+        let mut total = 0.0;
+        for id in ids {
+            total += crate::backend::cpu::reduce::sum_squares(self.map[id].f32s()?);
+        }
+        Ok(total.sqrt())
+    }
+
+    /// Multiplies every gradient by `s`.
+    pub fn scale(&mut self, s: f32) -> Result<()> {
+        for g in self.map.values_mut() {
+            crate::backend::cpu::reduce::scale(g.f32s_mut()?, s);
+        }
+        Ok(())
+    }
+
+    /// Scales the gradients so their global norm is at most `max_norm`; returns the norm before.
+    pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let norm = self.global_norm()?;
+        if norm > max_norm && norm.is_finite() {
+            // torch.nn.utils.clip_grad_norm_'s factor
+            self.scale((max_norm / (norm + 1e-6)) as f32)?;
+        }
+        Ok(norm)
+    }
+
     /// The gradient of `t`, or None when `t` was not watched or did not influence the loss.
     pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
         self.map.get(&t.id())

@@ -1,6 +1,10 @@
 //! The `kiln` command line.
 
 mod bench;
+mod demo;
+mod generate;
+mod pretrain;
+mod tokenizer;
 
 use crate::data::batch::Batch;
 use crate::io::checkpoint;
@@ -65,6 +69,17 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// The main job: pre-train a tiny GPT-2 on the built-in corpus and show what it learned.
+    Demo(demo::DemoArgs),
+    /// Pre-train a GPT-2 on a corpus (the built-in one by default), with checkpoints and resume.
+    Pretrain(pretrain::PretrainArgs),
+    /// Generate text (or token ids) from a checkpoint, streamed as it comes.
+    Generate(generate::GenerateArgs),
+    /// Tokenizers: train a byte-level BPE on your text.
+    Tokenizer {
+        #[command(subcommand)]
+        what: tokenizer::TokenizerCommand,
+    },
     /// Benchmarks, reported against a ceiling measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -104,6 +119,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { model, batch, device } => eval(&model, &batch, device.parse()?),
         Command::Grads { model, batch, out, device } => grads(&model, &batch, &out, device.parse()?),
         Command::Bench { what } => bench::run(what),
+        Command::Pretrain(args) => pretrain::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Tokenizer { what } => tokenizer::run(what),
+        Command::Generate(args) => generate::run(args),
     }
 }
 

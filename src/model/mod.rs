@@ -1,3 +1,4 @@
 //! Models written directly on the ops.
 
+pub mod generate;
 pub mod gpt2;

@@ -119,6 +119,49 @@ impl AdamW {
         self.state.values().map(|(m, v)| 4 * (m.len() + v.len())).sum()
     }
 
+    /// The moments as tensors named `exp_avg.<param>` and `exp_avg_sq.<param>` (torch's names),
+    /// for saving with a checkpoint.
+    pub fn state_tensors(&self) -> Result<Vec<(String, crate::Tensor)>> {
+        let mut names: Vec<&String> = self.state.keys().collect();
+        names.sort();
+        let mut out = Vec::with_capacity(2 * names.len());
+        for n in names {
+            let (m, v) = &self.state[n];
+            out.push((format!("exp_avg.{n}"), crate::Tensor::from_f32(m.clone(), [m.len()])?));
+            out.push((format!("exp_avg_sq.{n}"), crate::Tensor::from_f32(v.clone(), [v.len()])?));
+        }
+        Ok(out)
+    }
+
+    /// Restores moments saved by `state_tensors` and the step count, checking each against the
+    /// parameter it belongs to.
+    pub fn load_state(
+        &mut self,
+        tensors: &std::collections::BTreeMap<String, crate::Tensor>,
+        step: u64,
+        params: &ParamStore,
+    ) -> Result<()> {
+        self.state.clear();
+        for p in params.iter().filter(|p| p.trainable) {
+            let (Some(m), Some(v)) =
+                (tensors.get(&format!("exp_avg.{}", p.name)), tensors.get(&format!("exp_avg_sq.{}", p.name)))
+            else {
+                continue;
+            };
+            if m.numel() != p.tensor.numel() || v.numel() != p.tensor.numel() {
+                return Err(Error::Input(format!(
+                    "optimizer state for {} has {} elements but the parameter has {}: the checkpoint belongs to another model",
+                    p.name,
+                    m.numel(),
+                    p.tensor.numel()
+                )));
+            }
+            self.state.insert(p.name.clone(), (m.f32s()?.to_vec(), v.f32s()?.to_vec()));
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// One update at learning rate `lr` of every trainable parameter that has a gradient.
     pub fn step(&mut self, params: &mut ParamStore, grads: &Gradients, lr: f64) -> Result<()> {
         let _t = crate::profile::scope("adamw", crate::profile::Phase::Optimizer);

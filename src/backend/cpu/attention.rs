@@ -137,3 +137,58 @@ pub fn attention_backward(
         }
     });
 }
+
+/// Causal attention of `n` new query rows per sequence against a key/value cache, for generation:
+/// query i sits at absolute position past + i and sees cached positions 0..=past + i.
+/// q, out: [B, n, C]; k_cache, v_cache: [B, cap, C] (head h at columns h*hd..(h+1)*hd) with rows
+/// 0..past + n filled, the new ones included. Tiles and online softmax are attention_forward's, so
+/// each row's result is the one the full forward computes from the same q, k and v.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(
+    out: &mut [f32],
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    b: usize,
+    n: usize,
+    past: usize,
+    cap: usize,
+    c: usize,
+    nh: usize,
+) {
+    debug_assert!(past + n <= cap);
+    debug_assert_eq!(out.len(), b * n * c);
+    debug_assert_eq!(k_cache.len(), b * cap * c);
+    let hd = c / nh;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..b * nh).into_par_iter().for_each(|bh| {
+        let (bi, h) = (bh / nh, bh % nh);
+        let kv_row = |j: usize| (bi * cap + j) * c + h * hd..(bi * cap + j) * c + (h + 1) * hd;
+        let mut acc = vec![0f32; hd];
+        let mut s = [0f32; KEY_TILE];
+        let p = out_ptr;
+        for i in 0..n {
+            let o = (bi * n + i) * c + h * hd;
+            let qi = &q[o..o + hd];
+            let pos = past + i;
+            let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+            acc.fill(0.0);
+            for j0 in (0..=pos).step_by(KEY_TILE) {
+                let j1 = (j0 + KEY_TILE).min(pos + 1);
+                let mut vs: [&[f32]; KEY_TILE] = [&[]; KEY_TILE];
+                for j in j0..j1 {
+                    s[j - j0] = dot(qi, &k_cache[kv_row(j)]) * scale;
+                    vs[j - j0] = &v_cache[kv_row(j)];
+                }
+                online_softmax_update(&mut m, &mut l, &mut acc, &s[..j1 - j0], &vs[..j1 - j0]);
+            }
+            let inv = 1.0 / l;
+            // SAFETY: row (bi, i), columns of head h: written by this task only.
+            let dst = unsafe { std::slice::from_raw_parts_mut(p.0.add(o), hd) };
+            for (d, a) in dst.iter_mut().zip(&acc) {
+                *d = a * inv;
+            }
+        }
+    });
+}

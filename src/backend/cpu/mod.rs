@@ -8,6 +8,7 @@ pub mod embedding;
 pub mod gemm;
 pub mod layernorm;
 pub mod pool;
+pub mod reduce;
 pub mod xent;
 
 /// Rows per rayon task for row-wise ops: large enough that scheduling costs stay small.

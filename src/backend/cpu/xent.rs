@@ -33,22 +33,16 @@ pub fn logsumexp(row: &[f32]) -> f32 {
 }
 
 /// Writes each row's lse and loss (0 for ignored rows); returns (sum of losses, counted rows).
+/// The sum runs serially in row order, so it is the same however the rows were scheduled.
 pub fn xent_forward(losses: &mut [f32], lse: &mut [f32], logits: &[f32], targets: &[i32], v: usize) -> (f64, usize) {
-    losses
-        .par_iter_mut()
-        .zip(lse.par_iter_mut())
-        .zip(logits.par_chunks(v).zip(targets.par_iter()))
-        .map(|((loss, lse), (row, &tgt))| {
+    losses.par_iter_mut().zip(lse.par_iter_mut()).zip(logits.par_chunks(v).zip(targets.par_iter())).for_each(
+        |((loss, lse), (row, &tgt))| {
             *lse = logsumexp(row);
-            if tgt == IGNORE {
-                *loss = 0.0;
-                (0.0, 0)
-            } else {
-                *loss = *lse - row[tgt as usize];
-                (*loss as f64, 1)
-            }
-        })
-        .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+            *loss = if tgt == IGNORE { 0.0 } else { *lse - row[tgt as usize] };
+        },
+    );
+    let count = targets.iter().filter(|&&t| t != IGNORE).count();
+    (losses.iter().map(|&l| l as f64).sum(), count)
 }
 
 /// dlogits[r] = (softmax(logits[r]) - onehot(target[r])) * scale; zero for ignored rows.

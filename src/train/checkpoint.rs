@@ -1,0 +1,101 @@
+//! Training checkpoints: `checkpoints/step-NNNNNNNN/` holds a Hugging Face checkpoint (f32, so a
+//! resume is exact) with its tokenizer, the AdamW moments (`optimizer.safetensors`) and
+//! `trainer_state.json` (step, sampler position, elapsed time). A checkpoint is written into a
+//! hidden temporary directory and renamed into place; only then are older ones pruned.
+
+use crate::data::corpus::WindowSampler;
+use crate::data::tokenizer::Tokenizer;
+use crate::io::checkpoint::{load_all, load_gpt2, save_gpt2};
+use crate::model::gpt2::Gpt2;
+use crate::optim::AdamW;
+use crate::{DType, Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where a run stands, beyond its weights and optimizer moments.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: usize,
+    pub sampler: WindowSampler,
+    pub elapsed_s: f64,
+}
+
+/// A checkpoint read back.
+pub struct Loaded {
+    pub model: Gpt2,
+    pub sampler: WindowSampler,
+    pub step: usize,
+    pub elapsed_s: f64,
+}
+
+fn checkpoints(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let dir = run_dir.join("checkpoints");
+    if !dir.exists() {
+        return Ok(vec![]);
+    }
+    let mut out = vec![];
+    for e in std::fs::read_dir(&dir).map_err(|e| Error::read(&dir, e))? {
+        let e = e.map_err(|e| Error::read(&dir, e))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) {
+            if e.path().join("trainer_state.json").exists() {
+                out.push((step, e.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(checkpoints(run_dir)?.pop().map(|(_, p)| p))
+}
+
+/// Writes a checkpoint for `state.step` and keeps the newest `keep_last` (at least one).
+pub fn save(
+    run_dir: &Path,
+    model: &Gpt2,
+    tok: &Tokenizer,
+    opt: &AdamW,
+    state: &TrainerState,
+    keep_last: usize,
+) -> Result<PathBuf> {
+    let root = run_dir.join("checkpoints");
+    std::fs::create_dir_all(&root).map_err(|e| Error::write(&root, e))?;
+    let name = format!("step-{:08}", state.step);
+    let (tmp, dest) = (root.join(format!(".{name}.tmp")), root.join(&name));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::write(&tmp, e))?;
+    }
+    save_gpt2(model, &tmp, DType::F32)?;
+    tok.save(&tmp.join("tokenizer.json"))?;
+    crate::io::safetensors::save(
+        &tmp.join("optimizer.safetensors"),
+        &opt.state_tensors()?,
+        &[("producer", "kiln AdamW")],
+    )?;
+    let json = serde_json::to_string_pretty(state).expect("the trainer state serialises");
+    crate::io::write_atomic(&tmp.join("trainer_state.json"), |w| std::io::Write::write_all(w, json.as_bytes()))?;
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(|e| Error::write(&dest, e))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| Error::write(&dest, e))?;
+    let all = checkpoints(run_dir)?;
+    for (_, old) in all.iter().take(all.len().saturating_sub(keep_last.max(1))) {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(dest)
+}
+
+/// Reads a checkpoint, restoring the optimizer's moments and step into `opt`.
+pub fn load(dir: &Path, opt: &mut AdamW) -> Result<Loaded> {
+    let model = load_gpt2(dir)?;
+    let path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::read(&path, e))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::config(&path, format!("{e}")))?;
+    let moments = load_all(&dir.join("optimizer.safetensors"))?;
+    opt.load_state(&moments, state.step as u64, &model.params)?;
+    Ok(Loaded { model, sampler: state.sampler, step: state.step, elapsed_s: state.elapsed_s })
+}

@@ -1,0 +1,198 @@
+//! Run configuration: a TOML file in three sections (model, data, train), every key optional
+//! with a default, plus `section.key=value` overrides from the command line. The resolved config
+//! is written into the run directory, so a run can always be reproduced from what it left.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+}
+
+/// The model: a preset size (or a checkpoint to start from), with optional overrides.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// tiny, gpt2, gpt2-medium, gpt2-large or gpt2-xl
+    pub preset: String,
+    /// Start from this Hugging Face checkpoint instead of random weights.
+    pub init_from: Option<PathBuf>,
+    pub n_layer: Option<usize>,
+    pub n_head: Option<usize>,
+    pub n_embd: Option<usize>,
+    pub n_positions: Option<usize>,
+    /// Sets embd_pdrop, resid_pdrop and attn_pdrop together.
+    pub dropout: Option<f32>,
+}
+
+/// The corpus and tokenizer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSection {
+    /// Text files, globs, directories, or .jsonl files with a "text" field. Empty: the built-in corpus.
+    pub train: Vec<String>,
+    /// Held-out files; when empty, the last `val_fraction` of the training tokens.
+    pub val: Vec<String>,
+    pub val_fraction: f64,
+    /// A tokenizer.json (or GPT-2 vocab.json + merges.txt directory); when absent one is trained.
+    pub tokenizer: Option<PathBuf>,
+    /// Vocabulary size of a tokenizer trained for this run.
+    pub tokenizer_vocab_size: usize,
+    /// Size of the built-in corpus, in bytes.
+    pub builtin_bytes: usize,
+}
+
+/// The optimisation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub max_steps: usize,
+    pub lr: f64,
+    /// The schedule decays to lr * min_lr_ratio.
+    pub min_lr_ratio: f64,
+    pub warmup_steps: usize,
+    /// cosine, linear or constant (after warm-up)
+    pub schedule: String,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip gradients to this global norm (0 = off).
+    pub grad_clip: f64,
+    pub eval_every: usize,
+    /// Windows of seq_len + 1 validation tokens per evaluation.
+    pub eval_windows: usize,
+    pub save_every: usize,
+    /// Checkpoints kept (older ones are deleted).
+    pub keep_last: usize,
+    pub log_every: usize,
+    pub seed: u64,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            preset: "tiny".into(),
+            init_from: None,
+            n_layer: None,
+            n_head: None,
+            n_embd: None,
+            n_positions: None,
+            dropout: None,
+        }
+    }
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            train: vec![],
+            val: vec![],
+            val_fraction: 0.05,
+            tokenizer: None,
+            tokenizer_vocab_size: 2048,
+            builtin_bytes: 2_000_000,
+        }
+    }
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            batch_size: 8,
+            seq_len: 128,
+            grad_accum: 1,
+            max_steps: 1000,
+            lr: 1e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 50,
+            schedule: "cosine".into(),
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            eval_every: 100,
+            eval_windows: 32,
+            save_every: 250,
+            keep_last: 2,
+            log_every: 10,
+            seed: 0,
+        }
+    }
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig { model: ModelSection::default(), data: DataSection::default(), train: TrainSection::default() }
+    }
+}
+
+impl RunConfig {
+    /// Reads `path` (if given), applies `section.key=value` overrides, and checks the result.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
+        let mut table: toml::Table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| Error::read(p, e))?;
+                text.parse().map_err(|e| Error::config(p, format!("not valid TOML: {e}")))?
+            }
+            None => toml::Table::new(),
+        };
+        for o in overrides {
+            set(&mut table, o)?;
+        }
+        let label = path.unwrap_or(Path::new("(command line)"));
+        let cfg: RunConfig = table.try_into().map_err(|e| Error::config(label, format!("{e}")))?;
+        cfg.check(label)?;
+        Ok(cfg)
+    }
+
+    /// The config as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the run config serialises")
+    }
+
+    fn check(&self, label: &Path) -> Result<()> {
+        let t = &self.train;
+        let bad = |msg: String| Err(Error::config(label, msg));
+        if t.batch_size == 0 || t.seq_len == 0 || t.grad_accum == 0 {
+            return bad("train.batch_size, train.seq_len and train.grad_accum must be at least 1".into());
+        }
+        if !matches!(t.schedule.as_str(), "cosine" | "linear" | "constant") {
+            return bad(format!("train.schedule = \"{}\": use cosine, linear or constant", t.schedule));
+        }
+        if !(t.lr > 0.0) || !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return bad("train.lr must be positive and train.min_lr_ratio in [0, 1]".into());
+        }
+        if !(0.0..1.0).contains(&self.data.val_fraction) {
+            return bad(format!("data.val_fraction = {} must be in [0, 1)", self.data.val_fraction));
+        }
+        Ok(())
+    }
+}
+
+/// Applies one `section.key=value` override; the value is read as TOML (numbers, booleans,
+/// quoted strings, arrays), falling back to a plain string.
+fn set(table: &mut toml::Table, kv: &str) -> Result<()> {
+    let bad = || Error::Input(format!("override '{kv}' must look like section.key=value, e.g. train.lr=3e-4"));
+    let (key, value) = kv.split_once('=').ok_or_else(bad)?;
+    let (section, field) = key.trim().split_once('.').ok_or_else(bad)?;
+    let value: toml::Value = format!("v = {}", value.trim())
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.trim().to_string()));
+    let entry = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(sec) = entry else { return Err(bad()) };
+    sec.insert(field.to_string(), value);
+    Ok(())
+}

@@ -1,0 +1,428 @@
+//! Pre-training: the loop behind `kiln pretrain` and `kiln demo`. A run lives in one directory:
+//!
+//! ```text
+//! run.toml            the resolved config          metrics.jsonl   one JSON object per log/eval
+//! tokenizer.json      the run's tokenizer          loss.svg        the loss curves
+//! data/train.tok      token file (and val.tok)     checkpoints/step-NNNNNNNN/  HF checkpoint +
+//!                                                  optimizer.safetensors + trainer_state.json
+//! ```
+//!
+//! Everything a step depends on (weights, AdamW moments, step count, the sampler's position, the
+//! dropout seed, derived from the step) is in a checkpoint, so a resumed run continues exactly
+//! as the uninterrupted one would have. Checkpoints are written to a temporary directory and
+//! renamed, so a crash or Ctrl-C never leaves a half-written one behind.
+
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod schedule;
+
+use crate::data::corpus::{self, TokenFile, WindowSampler};
+use crate::data::tokenizer::Tokenizer;
+use crate::model::gpt2::{Gpt2, Gpt2Config, Mode};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::tape::{Gradients, Tape};
+use crate::{Error, Result, Tensor};
+pub use config::RunConfig;
+use metrics::Record;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// How to treat a run directory that already holds a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Refuse a directory that holds another run.
+    Fresh,
+    /// Continue from the latest checkpoint.
+    Resume,
+    /// Delete kiln's files of the previous run (nothing else) and start again.
+    Overwrite,
+}
+
+/// Options that are not part of the run's config.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub start: Start,
+    /// Draw a progress bar on the terminal.
+    pub progress: bool,
+    /// Stop (and save) after this many steps in total, as Ctrl-C would, without changing the
+    /// schedule: used to test resume.
+    pub stop_after: Option<usize>,
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub steps: usize,
+    pub last_loss: Option<f64>,
+    pub val_loss: Option<f64>,
+    /// Median tokens per second over this invocation's steps.
+    pub tokens_per_s: f64,
+    pub interrupted: bool,
+    pub checkpoint: Option<PathBuf>,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs the Ctrl-C handler once: the first Ctrl-C finishes the step and saves; a second
+/// one exits at once.
+fn install_ctrlc() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                eprintln!("\ninterrupted twice: exiting without saving");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\ninterrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to quit now)"
+            );
+        });
+    });
+}
+
+/// Files a run writes at the top of its directory (an overwrite deletes these and nothing else).
+const RUN_FILES: &[&str] = &["run.toml", "tokenizer.json", "metrics.jsonl", "loss.svg"];
+const RUN_DIRS: &[&str] = &["checkpoints", "data"];
+
+/// Creates (or checks, or clears) a run directory according to `start`.
+pub fn prepare_dir(run_dir: &Path, start: Start) -> Result<()> {
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::write(run_dir, e))?;
+    let probe = run_dir.join(".kiln-write-test");
+    std::fs::write(&probe, b"").map_err(|e| Error::write(run_dir, e))?;
+    let _ = std::fs::remove_file(&probe);
+    let has_run = run_dir.join("run.toml").exists();
+    match start {
+        Start::Fresh if has_run => Err(Error::Input(format!(
+            "{} already holds a run: pass --resume to continue it, --overwrite to replace it, or choose another --out",
+            run_dir.display()
+        ))),
+        Start::Resume if !has_run => Err(Error::Input(format!(
+            "{} holds no run to resume (no run.toml); start one without --resume",
+            run_dir.display()
+        ))),
+        Start::Overwrite => {
+            for f in RUN_FILES {
+                let _ = std::fs::remove_file(run_dir.join(f));
+            }
+            for d in RUN_DIRS {
+                let p = run_dir.join(d);
+                if p.exists() {
+                    std::fs::remove_dir_all(&p).map_err(|e| Error::write(&p, e))?;
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The tokenizer of a run: given, reused (resume), or trained on the training files.
+pub fn run_tokenizer(cfg: &RunConfig, run_dir: &Path, train_files: &[PathBuf]) -> Result<Tokenizer> {
+    let saved = run_dir.join("tokenizer.json");
+    if saved.exists() {
+        return Tokenizer::from_file(&saved);
+    }
+    let tok = match &cfg.data.tokenizer {
+        Some(p) => Tokenizer::load(p)?,
+        None => crate::data::tokenizer::train_bpe(train_files, cfg.data.tokenizer_vocab_size, 2)?,
+    };
+    tok.save(&saved)?;
+    Ok(tok)
+}
+
+/// The training files: the configured ones, or the built-in corpus written into the run.
+pub fn train_inputs(cfg: &RunConfig, run_dir: &Path) -> Result<Vec<PathBuf>> {
+    if !cfg.data.train.is_empty() {
+        return corpus::expand_inputs(&cfg.data.train);
+    }
+    let path = run_dir.join("data").join("builtin.txt");
+    if !path.exists() {
+        std::fs::create_dir_all(run_dir.join("data")).map_err(|e| Error::write(run_dir, e))?;
+        let (_, text) = crate::data::synthetic::default_corpus(cfg.data.builtin_bytes);
+        crate::io::write_atomic(&path, |w| std::io::Write::write_all(w, text.as_bytes()))?;
+    }
+    Ok(vec![path])
+}
+
+fn token_file(inputs: &[PathBuf], tok: &Tokenizer, path: &Path, progress: bool) -> Result<TokenFile> {
+    if path.exists() {
+        return TokenFile::open(path);
+    }
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).map_err(|e| Error::write(path, e))?;
+    corpus::build_token_file(inputs, tok, path, progress)
+}
+
+/// The model config a run trains: the preset (or init checkpoint) with the run's overrides and
+/// the tokenizer's vocabulary.
+pub fn model_config(cfg: &RunConfig, tok: &Tokenizer) -> Result<Gpt2Config> {
+    let m = &cfg.model;
+    let mut c = Gpt2Config::preset(&m.preset)?;
+    c.vocab_size = tok.id_bound();
+    c.n_layer = m.n_layer.unwrap_or(c.n_layer);
+    c.n_head = m.n_head.unwrap_or(c.n_head);
+    c.n_embd = m.n_embd.unwrap_or(c.n_embd);
+    c.n_positions = m.n_positions.unwrap_or(c.n_positions);
+    if let Some(p) = m.dropout {
+        (c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) = (p, p, p);
+    }
+    c.eos_token_id = tok.eos_id();
+    c.bos_token_id = tok.eos_id();
+    if c.n_embd % c.n_head != 0 {
+        return Err(Error::Input(format!(
+            "model.n_embd = {} is not divisible by model.n_head = {}",
+            c.n_embd, c.n_head
+        )));
+    }
+    Ok(c)
+}
+
+/// Input ids and next-token targets [B, T] for windows of seq+1 tokens starting at `starts`.
+pub fn windows_batch(file: &TokenFile, starts: &[usize], seq: usize) -> Result<(Tensor, Tensor)> {
+    let (mut ids, mut tgt) = (Vec::with_capacity(starts.len() * seq), Vec::with_capacity(starts.len() * seq));
+    for &s in starts {
+        let w = file.tokens(s..s + seq + 1);
+        ids.extend(w[..seq].iter().map(|&x| x as i32));
+        tgt.extend(w[1..].iter().map(|&x| x as i32));
+    }
+    Ok((Tensor::from_i32(ids, [starts.len(), seq])?, Tensor::from_i32(tgt, [starts.len(), seq])?))
+}
+
+/// Mean loss over the evaluation windows (deterministic: the same windows every time).
+pub fn evaluate(model: &Gpt2, file: &TokenFile, starts: &[usize], batch: usize, seq: usize) -> Result<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in starts.chunks(batch.max(1)) {
+        let (ids, tgt) = windows_batch(file, chunk, seq)?;
+        let loss = model.forward(&mut Tape::inference(), &ids, Some(&tgt), Mode::Eval)?.loss.expect("targets given");
+        sum += loss.item()? as f64 * chunk.len() as f64;
+        n += chunk.len();
+    }
+    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+}
+
+/// The dropout seed of one micro-batch: a function of the run seed and the position in the run,
+/// so a resumed run draws the same masks.
+fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((step as u64) << 16) ^ micro as u64
+}
+
+/// Runs (or resumes) pre-training as configured, writing everything into `run_dir`.
+pub fn pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summary> {
+    prepare_dir(run_dir, opts.start)?;
+    if opts.start == Start::Resume {
+        let stored = RunConfig::load(Some(&run_dir.join("run.toml")), &[])?;
+        if stored.model != cfg.model || stored.data != cfg.data {
+            return Err(Error::Input(format!(
+                "{} was started with a different [model] or [data] config; resume with the same ones (only [train] may change)",
+                run_dir.display()
+            )));
+        }
+    }
+    crate::io::write_atomic(&run_dir.join("run.toml"), |w| std::io::Write::write_all(w, cfg.to_toml().as_bytes()))?;
+    let t = &cfg.train;
+
+    let inputs = train_inputs(cfg, run_dir)?;
+    let tok = run_tokenizer(cfg, run_dir, &inputs)?;
+    let train_file = token_file(&inputs, &tok, &run_dir.join("data").join("train.tok"), opts.progress)?;
+    let (train_range, val_file, val_range) = if cfg.data.val.is_empty() {
+        let (a, b) = corpus::split(train_file.len(), cfg.data.val_fraction);
+        (a, None, b)
+    } else {
+        let vf = token_file(
+            &corpus::expand_inputs(&cfg.data.val)?,
+            &tok,
+            &run_dir.join("data").join("val.tok"),
+            opts.progress,
+        )?;
+        let n = vf.len();
+        (0..train_file.len(), Some(vf), 0..n)
+    };
+    let val_file = val_file.as_ref().unwrap_or(&train_file);
+
+    // model, optimizer and position: from the latest checkpoint, or new
+    let adam = AdamWConfig { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
+    let mut opt = AdamW::new(adam);
+    let latest = if opts.start == Start::Resume { checkpoint::latest(run_dir)? } else { None };
+    let (mut model, mut sampler, start_step, elapsed0) = match &latest {
+        Some(dir) => {
+            let s = checkpoint::load(dir, &mut opt)?;
+            metrics::truncate_after(&run_dir.join("metrics.jsonl"), s.step)?;
+            (s.model, s.sampler, s.step, s.elapsed_s)
+        }
+        None => {
+            let model = match &cfg.model.init_from {
+                Some(dir) => crate::io::checkpoint::load_gpt2(dir)?,
+                None => Gpt2::new_random(model_config(cfg, &tok)?, t.seed)?,
+            };
+            (model, WindowSampler::new(t.seed, train_range.clone()), 0, 0.0)
+        }
+    };
+    corpus::check_vocab(&train_file, model.config.vocab_size)?;
+    if t.seq_len > model.config.n_positions {
+        return Err(Error::SeqTooLong { t: t.seq_len, n_positions: model.config.n_positions });
+    }
+    let eval_starts = corpus::eval_windows(val_range.clone(), t.seq_len, t.eval_windows);
+
+    install_ctrlc();
+    INTERRUPTED.store(false, Ordering::SeqCst);
+    let bar = progress_bar(opts.progress, start_step, t.max_steps);
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
+    let clock = Instant::now();
+    let mut rates = Vec::new();
+    let mut summary = Summary {
+        run_dir: run_dir.to_path_buf(),
+        steps: start_step,
+        last_loss: None,
+        val_loss: None,
+        tokens_per_s: 0.0,
+        interrupted: false,
+        checkpoint: latest.clone(),
+    };
+    let mut last_saved = latest.as_ref().map(|_| start_step);
+
+    for step in start_step..t.max_steps {
+        let t0 = Instant::now();
+        let lr = schedule::lr_at(step, t.max_steps, t.lr, t.min_lr_ratio, t.warmup_steps, &t.schedule);
+        let mut grads = Gradients::empty();
+        let mut loss_sum = 0.0;
+        for micro in 0..t.grad_accum {
+            let (ids, tgt) = sampler.next_batch(&train_file, t.batch_size, t.seq_len)?;
+            let mut tape = Tape::new();
+            let out =
+                model.forward(&mut tape, &ids, Some(&tgt), Mode::Train { seed: dropout_seed(t.seed, step, micro) })?;
+            let loss = out.loss.expect("targets given");
+            loss_sum += loss.item()? as f64;
+            grads.accumulate(tape.backward(&loss)?)?;
+        }
+        if t.grad_accum > 1 {
+            grads.scale(1.0 / t.grad_accum as f32)?;
+        }
+        let loss = loss_sum / t.grad_accum as f64;
+        let norm = if t.grad_clip > 0.0 { grads.clip_global_norm(t.grad_clip)? } else { grads.global_norm()? };
+        if !loss.is_finite() || !norm.is_finite() {
+            bar.abandon();
+            let what = if loss.is_finite() {
+                format!("the gradient norm became {norm}")
+            } else {
+                format!("the loss became {loss}")
+            };
+            let kept = match &summary.checkpoint {
+                Some(c) => format!("the last good checkpoint, {}, is intact", c.display()),
+                None => "no checkpoint had been written yet".to_string(),
+            };
+            return Err(Error::Input(format!(
+                "training stopped at step {}: {what}; nothing was saved from this step and {kept}. Lower train.lr, raise train.warmup_steps or set train.grad_clip.",
+                step + 1
+            )));
+        }
+        opt.step(&mut model.params, &grads, lr)?;
+        drop(grads);
+        let done = step + 1;
+        let dt = t0.elapsed().as_secs_f64();
+        let rate = tokens_per_step as f64 / dt;
+        rates.push(rate);
+        summary.steps = done;
+        summary.last_loss = Some(loss);
+        bar.set_position(done as u64);
+        bar.set_message(format!("loss {loss:.4} | lr {lr:.2e} | {rate:.0} tok/s"));
+        let elapsed = elapsed0 + clock.elapsed().as_secs_f64();
+        let mut records = vec![];
+        if done % t.log_every.max(1) == 0 || done == t.max_steps || done == start_step + 1 {
+            records.push(Record {
+                step: done,
+                loss: Some(loss),
+                lr: Some(lr),
+                grad_norm: Some(norm),
+                tokens_per_s: Some(rate),
+                val_loss: None,
+                val_ppl: None,
+                elapsed_s: elapsed,
+            });
+        }
+        let eval_now = (t.eval_every > 0 && done % t.eval_every == 0) || done == t.max_steps;
+        if eval_now && !eval_starts.is_empty() {
+            let v = evaluate(&model, val_file, &eval_starts, t.batch_size, t.seq_len)?;
+            summary.val_loss = Some(v);
+            say(
+                &bar,
+                format!("step {done:>6}: train loss {loss:.4}, validation loss {v:.4} (perplexity {:.2})", v.exp()),
+            );
+            records.push(Record {
+                step: done,
+                val_loss: Some(v),
+                val_ppl: Some(v.exp()),
+                elapsed_s: elapsed,
+                ..blank(done)
+            });
+        }
+        metrics::append(&metrics_path, &records)?;
+        if eval_now {
+            metrics::plot(&metrics::read(&metrics_path)?, &run_dir.join("loss.svg"), "kiln pretrain: loss")?;
+        }
+        let stop = INTERRUPTED.load(Ordering::SeqCst) || opts.stop_after == Some(done);
+        if (t.save_every > 0 && done % t.save_every == 0) || done == t.max_steps || stop {
+            let state = checkpoint::TrainerState { step: done, sampler: sampler.clone(), elapsed_s: elapsed };
+            summary.checkpoint = Some(checkpoint::save(run_dir, &model, &tok, &opt, &state, t.keep_last)?);
+            last_saved = Some(done);
+        }
+        if stop {
+            summary.interrupted = INTERRUPTED.load(Ordering::SeqCst);
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    if last_saved.is_none() && summary.steps > 0 {
+        let state = checkpoint::TrainerState {
+            step: summary.steps,
+            sampler,
+            elapsed_s: elapsed0 + clock.elapsed().as_secs_f64(),
+        };
+        summary.checkpoint = Some(checkpoint::save(run_dir, &model, &tok, &opt, &state, t.keep_last)?);
+    }
+    metrics::plot(&metrics::read(&metrics_path)?, &run_dir.join("loss.svg"), "kiln pretrain: loss")?;
+    if !rates.is_empty() {
+        rates.sort_by(|a, b| a.total_cmp(b));
+        summary.tokens_per_s = rates[rates.len() / 2];
+    }
+    Ok(summary)
+}
+
+/// Prints above the progress bar, or plainly when there is none.
+fn say(bar: &indicatif::ProgressBar, msg: String) {
+    if bar.is_hidden() {
+        println!("{msg}");
+    } else {
+        bar.println(msg);
+    }
+}
+
+fn blank(step: usize) -> Record {
+    Record {
+        step,
+        loss: None,
+        lr: None,
+        grad_norm: None,
+        tokens_per_s: None,
+        val_loss: None,
+        val_ppl: None,
+        elapsed_s: 0.0,
+    }
+}
+
+fn progress_bar(show: bool, pos: usize, len: usize) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {pos}/{len} steps | {msg} | {elapsed_precise} elapsed, {eta} left",
+        )
+        .expect("a valid template"),
+    );
+    bar.set_position(pos as u64);
+    bar
+}
