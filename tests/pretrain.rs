@@ -180,3 +180,13 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
         latest.display()
     );
 }
+
+#[test]
+fn the_example_config_parses() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/wikitext-tiny.toml");
+    let cfg = RunConfig::load(Some(&p), &["train.max_steps=7".into()]).unwrap();
+    assert_eq!((cfg.model.preset.as_str(), cfg.train.max_steps, cfg.train.batch_size), ("tiny", 7, 16));
+    // unknown keys are errors, not silently ignored
+    let e = RunConfig::load(Some(&p), &["train.lr_max=1".into()]).unwrap_err().to_string();
+    assert!(e.contains("lr_max"), "{e}");
+}

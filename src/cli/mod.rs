@@ -8,7 +8,7 @@ mod tokenizer;
 
 use crate::data::batch::Batch;
 use crate::io::checkpoint;
-use crate::model::gpt2::{Gpt2, Gpt2Config, Mode, PRESETS};
+use crate::model::gpt2::{Gpt2, Gpt2Config, Mode};
 use crate::{DType, Device, Error, Result, Tape, Tensor};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -172,9 +172,4 @@ fn grads(model_dir: &Path, batch_path: &Path, out: &Path, device: Device) -> Res
     crate::io::safetensors::save(out, &tensors, &[("producer", "kiln grads")])?;
     println!("loss {:.6}; wrote {} gradients to {}", loss.item()?, tensors.len() - 1, out.display());
     Ok(())
-}
-
-/// The preset names, for help texts.
-pub fn presets() -> String {
-    PRESETS.join(", ")
 }

@@ -25,6 +25,16 @@ pub const CHUNK_BYTES: usize = 1 << 18;
 /// Files are read and tokenized in groups of about this many bytes, which bounds memory.
 const GROUP_BYTES: u64 = 64 << 20;
 
+/// The files' names for a message: "a.txt", or "a.txt, b.txt and 3 more".
+pub fn name_files(files: &[PathBuf]) -> String {
+    let shown: Vec<String> = files.iter().take(2).map(|p| p.display().to_string()).collect();
+    match files.len() {
+        0 => "no file".into(),
+        1 | 2 => shown.join(" and "),
+        n => format!("{} and {} more", shown.join(", "), n - 2),
+    }
+}
+
 /// The files named by `inputs`: files as given, directories walked recursively (sorted, every
 /// regular file), glob patterns expanded (sorted). Duplicates are kept once, in first-seen order.
 pub fn expand_inputs(inputs: &[String]) -> Result<Vec<PathBuf>> {
@@ -291,8 +301,8 @@ pub fn build_token_file(inputs: &[PathBuf], tok: &Tokenizer, out: &Path, progres
             }
             if text_bytes == 0 {
                 return Err(Error::Input(format!(
-                    "the corpus is empty: the {} input file(s) hold no text; check the --data paths",
-                    inputs.len()
+                    "the corpus is empty: {} hold(s) no text; check the --data paths",
+                    name_files(inputs)
                 )));
             }
             Ok(())
@@ -468,7 +478,7 @@ impl WindowSampler {
         }
         if r.len() < seq + 1 {
             return Err(Error::Input(format!(
-                "the corpus has {} tokens, fewer than one window of seq+1 = {}; use a shorter --seq or more data",
+                "the corpus has {} tokens, fewer than one window of seq+1 = {}; use a shorter train.seq_len (--set train.seq_len=N) or more data",
                 r.len(),
                 seq + 1
             )));

@@ -248,8 +248,8 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize, min_frequency: u64) -> Re
     }
     if text_bytes.into_inner() == 0 {
         return Err(Error::Input(format!(
-            "the {} input file(s) hold no text; a tokenizer needs a non-empty corpus",
-            files.len()
+            "{} hold(s) no text; a tokenizer needs a non-empty corpus",
+            crate::data::corpus::name_files(files)
         )));
     }
     Ok(Tokenizer { inner })

@@ -93,7 +93,11 @@ pub fn prepare_dir(run_dir: &Path, start: Start) -> Result<()> {
     let probe = run_dir.join(".kiln-write-test");
     std::fs::write(&probe, b"").map_err(|e| Error::write(run_dir, e))?;
     let _ = std::fs::remove_file(&probe);
-    let has_run = run_dir.join("run.toml").exists();
+    // A run.toml with neither metrics nor checkpoints is a start that failed before its first
+    // step (bad data, a mismatched model): a fresh start clears it rather than refusing.
+    let started = run_dir.join("run.toml").exists();
+    let has_run = started && (run_dir.join("metrics.jsonl").exists() || run_dir.join("checkpoints").exists());
+    let start = if start == Start::Fresh && started && !has_run { Start::Overwrite } else { start };
     match start {
         Start::Fresh if has_run => Err(Error::Input(format!(
             "{} already holds a run: pass --resume to continue it, --overwrite to replace it, or choose another --out",

@@ -1,0 +1,161 @@
+//! `kiln pretrain` and `kiln demo` as a user runs them: Ctrl-C finishes the step, saves and
+//! exits cleanly; bad input stops with a clear error; the demo writes what it promises.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn kiln() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+const SMALL: &[&str] = &[
+    "--set",
+    "model.n_layer=2",
+    "--set",
+    "model.n_embd=64",
+    "--set",
+    "model.n_positions=64",
+    "--set",
+    "train.seq_len=32",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "data.builtin_bytes=60000",
+    "--set",
+    "data.tokenizer_vocab_size=300",
+];
+
+#[test]
+fn ctrl_c_finishes_the_step_saves_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut child = kiln()
+        .args(["pretrain", "--out", run.to_str().unwrap(), "--max-steps", "100000", "--set", "train.log_every=1"])
+        .args(SMALL)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait until training is under way (a few steps logged), then interrupt
+    let start = Instant::now();
+    while kiln::train::metrics::read(&run.join("metrics.jsonl")).map(|m| m.len()).unwrap_or(0) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(120), "training never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "kiln did not stop after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "Ctrl-C must end the run cleanly (exit 0):\n{t}");
+    assert!(t.contains("stopped at step"), "{t}");
+    let latest = kiln::train::checkpoint::latest(&run).unwrap().expect("a checkpoint was saved on Ctrl-C");
+    let logged = kiln::train::metrics::read(&run.join("metrics.jsonl")).unwrap().iter().map(|r| r.step).max().unwrap();
+    assert!(
+        latest.ends_with(format!("step-{logged:08}")),
+        "the checkpoint ({}) is not the last finished step ({logged})",
+        latest.display()
+    );
+    // and the run resumes from it
+    let o = kiln()
+        .args(["pretrain", "--out", run.to_str().unwrap(), "--resume", "--max-steps", &(logged + 2).to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(&format!("done at step {}", logged + 2)), "{}", text(&o));
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let o = kiln().args(args).output().unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "expected exit code 1 for {args:?}:\n{t}");
+    assert!(!t.contains("panicked"), "{t}");
+    for n in needles {
+        assert!(t.contains(n), "error for {args:?} should mention '{n}':\n{t}");
+    }
+}
+
+#[test]
+fn bad_corpora_and_mismatched_models_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    std::fs::write(d.join("empty.txt"), "").unwrap();
+    let run = s(&d.join("r1"));
+    let mut args = vec!["pretrain", "--out", &run, "--data"];
+    let empty = s(&d.join("empty.txt"));
+    args.push(&empty);
+    fails_with(&args, &["empty.txt", "no text"]);
+    // a start that failed before its first step does not block the next attempt
+    std::fs::write(d.join("ok.txt"), "some words of text, enough to fill a few windows of four tokens. ".repeat(20))
+        .unwrap();
+    let ok = s(&d.join("ok.txt"));
+    let o = kiln()
+        .args(["pretrain", "--out", &run, "--data", &ok, "--max-steps", "1", "--set", "train.seq_len=4"])
+        .args(["--set", "data.tokenizer_vocab_size=260", "--set", "model.n_layer=1", "--set", "model.n_embd=32"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "a fresh start after a failed one must not need --overwrite:\n{}", text(&o));
+
+    std::fs::write(d.join("latin1.txt"), b"caf\xe9 au lait").unwrap();
+    let latin = s(&d.join("latin1.txt"));
+    let run2 = s(&d.join("r2"));
+    fails_with(&["pretrain", "--out", &run2, "--data", &latin], &["latin1.txt", "UTF-8", "3"]);
+
+    std::fs::write(d.join("short.txt"), "just a few words of text").unwrap();
+    let short = s(&d.join("short.txt"));
+    let run3 = s(&d.join("r3"));
+    let mut a = vec!["pretrain", "--out", &run3, "--data", &short, "--set", "data.val_fraction=0"];
+    a.extend(SMALL);
+    fails_with(&a, &["fewer than one window"]);
+
+    // a model whose vocabulary is smaller than the tokenizer's
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle/dev-set/model");
+    let init = format!("model.init_from={:?}", model.to_str().unwrap());
+    let run4 = s(&d.join("r4"));
+    let mut a = vec!["pretrain", "--out", &run4, "--set", &init];
+    a.extend(SMALL);
+    fails_with(&a, &["vocab"]);
+
+    let run5 = s(&d.join("r5"));
+    fails_with(&["pretrain", "--out", &run5, "--set", "train.lr"], &["section.key=value"]);
+    fails_with(&["pretrain", "--out", &run5, "--set", "train.learning_rate=3"], &["learning_rate"]);
+}
+
+#[test]
+fn the_demo_trains_samples_and_writes_its_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("demo");
+    let o = kiln()
+        .args(["demo", "--out", run.to_str().unwrap(), "--steps", "30"])
+        .args(["--set", "data.builtin_bytes=100000", "--set", "train.eval_every=10"])
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    for needle in
+        ["before training it answers", "after 30 steps it answers", "Where does", "knows where people live", "loss:"]
+    {
+        assert!(t.contains(needle), "demo output lacks '{needle}':\n{t}");
+    }
+    for f in ["metrics.jsonl", "loss.svg", "tokenizer.json", "run.toml", "checkpoints/step-00000030/model.safetensors"]
+    {
+        assert!(run.join(f).exists(), "the demo did not write {f}");
+    }
+    let m = kiln::train::metrics::read(&run.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = m.iter().filter_map(|r| r.loss).collect();
+    assert!(losses.last().unwrap() < &(losses[0] - 1.0), "30 steps should cut the loss by more than a nat: {losses:?}");
+    // a second demo into the same directory is refused unless --overwrite
+    let o = kiln().args(["demo", "--out", run.to_str().unwrap(), "--steps", "1"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("--overwrite"));
+}
