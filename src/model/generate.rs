@@ -156,8 +156,8 @@ impl Gpt2 {
         // Only the last position of each sequence needs logits: the lm_head is the widest GEMM.
         let xd = x.f32s()?;
         let last: Vec<f32> = (0..b).flat_map(|r| &xd[((r + 1) * n - 1) * c..(r + 1) * n * c]).copied().collect();
-        let h = ln(self, "transformer.ln_f", &Tensor::from_f32(last, [b, c])?)?; // [B, C]
-                                                                                 // lm_head is tied to wte: logits [B, V] = h @ wte^T.
+        // ln_f of the last positions, [B, C]; lm_head is tied to wte: logits [B, V] = h @ wte^T.
+        let h = ln(self, "transformer.ln_f", &Tensor::from_f32(last, [b, c])?)?;
         gemm::linear(&mut Tape::inference(), &h, wte, None, WeightLayout::OutIn, false)
     }
 }
