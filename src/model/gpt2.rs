@@ -248,6 +248,8 @@ impl Gpt2Config {
 }
 
 /// Whether dropout is active. Training takes a seed so that every mask can be replayed.
+/// Embedding and residual dropout (embd_pdrop, resid_pdrop) are applied; dropout on the
+/// attention probabilities (attn_pdrop) is not: the flash-style attention never forms them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Eval,
