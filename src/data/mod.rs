@@ -2,5 +2,6 @@
 
 pub mod batch;
 pub mod corpus;
+pub mod sft;
 pub mod synthetic;
 pub mod tokenizer;
