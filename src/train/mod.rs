@@ -16,18 +16,16 @@ pub mod checkpoint;
 pub mod config;
 pub mod metrics;
 pub mod schedule;
+pub mod steps;
 
 use crate::data::corpus::{self, TokenFile, WindowSampler};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::gpt2::{Gpt2, Gpt2Config, Mode};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::tape::{Gradients, Tape};
+use crate::tape::Tape;
 use crate::{Error, Result, Tensor};
 pub use config::RunConfig;
-use metrics::Record;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 /// How to treat a run directory that already holds a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,25 +60,6 @@ pub struct Summary {
     pub tokens_per_s: f64,
     pub interrupted: bool,
     pub checkpoint: Option<PathBuf>,
-}
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Installs the Ctrl-C handler once: the first Ctrl-C finishes the step and saves; a second
-/// one exits at once.
-fn install_ctrlc() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = ctrlc::set_handler(|| {
-            if INTERRUPTED.swap(true, Ordering::SeqCst) {
-                eprintln!("\ninterrupted twice: exiting without saving");
-                std::process::exit(130);
-            }
-            eprintln!(
-                "\ninterrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to quit now)"
-            );
-        });
-    });
 }
 
 /// Files a run writes at the top of its directory (an overwrite deletes these and nothing else).
@@ -206,12 +185,6 @@ pub fn evaluate(model: &Gpt2, file: &TokenFile, starts: &[usize], batch: usize, 
     Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
 }
 
-/// The dropout seed of one micro-batch: a function of the run seed and the position in the run,
-/// so a resumed run draws the same masks.
-fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
-    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((step as u64) << 16) ^ micro as u64
-}
-
 /// Runs (or resumes) pre-training as configured, writing everything into `run_dir`.
 pub fn pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summary> {
     prepare_dir(run_dir, opts.start)?;
@@ -249,7 +222,7 @@ pub fn pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
     let adam = AdamWConfig { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
     let mut opt = AdamW::new(adam);
     let latest = if opts.start == Start::Resume { checkpoint::latest(run_dir)? } else { None };
-    let (mut model, mut sampler, start_step, elapsed0) = match &latest {
+    let (mut model, sampler, start_step, elapsed0) = match &latest {
         Some(dir) => {
             let s = checkpoint::load(dir, &mut opt)?;
             metrics::truncate_after(&run_dir.join("metrics.jsonl"), s.step)?;
@@ -269,164 +242,55 @@ pub fn pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
     }
     let eval_starts = corpus::eval_windows(val_range.clone(), t.seq_len, t.eval_windows);
 
-    install_ctrlc();
-    INTERRUPTED.store(false, Ordering::SeqCst);
-    let bar = progress_bar(opts.progress, start_step, t.max_steps);
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
-    let clock = Instant::now();
-    let mut rates = Vec::new();
-    let mut summary = Summary {
+    let mut task = PretrainTask {
         run_dir: run_dir.to_path_buf(),
-        steps: start_step,
-        last_loss: None,
-        val_loss: None,
-        tokens_per_s: 0.0,
-        interrupted: false,
-        checkpoint: latest.clone(),
+        tok,
+        train_file: &train_file,
+        val_file,
+        sampler,
+        eval_starts,
+        batch: t.batch_size,
+        seq: t.seq_len,
+        keep_last: t.keep_last,
     };
-    let mut last_saved = latest.as_ref().map(|_| start_step);
-
-    for step in start_step..t.max_steps {
-        let t0 = Instant::now();
-        let lr = schedule::lr_at(step, t.max_steps, t.lr, t.min_lr_ratio, t.warmup_steps, &t.schedule);
-        let mut grads = Gradients::empty();
-        let mut loss_sum = 0.0;
-        for micro in 0..t.grad_accum {
-            let (ids, tgt) = sampler.next_batch(&train_file, t.batch_size, t.seq_len)?;
-            let mut tape = Tape::new();
-            let out =
-                model.forward(&mut tape, &ids, Some(&tgt), Mode::Train { seed: dropout_seed(t.seed, step, micro) })?;
-            let loss = out.loss.expect("targets given");
-            loss_sum += loss.item()? as f64;
-            grads.accumulate(tape.backward(&loss)?)?;
-        }
-        if t.grad_accum > 1 {
-            grads.scale(1.0 / t.grad_accum as f32)?;
-        }
-        let loss = loss_sum / t.grad_accum as f64;
-        let norm = if t.grad_clip > 0.0 { grads.clip_global_norm(t.grad_clip)? } else { grads.global_norm()? };
-        if !loss.is_finite() || !norm.is_finite() {
-            bar.abandon();
-            let what = if loss.is_finite() {
-                format!("the gradient norm became {norm}")
-            } else {
-                format!("the loss became {loss}")
-            };
-            let kept = match &summary.checkpoint {
-                Some(c) => format!("the last good checkpoint, {}, is intact", c.display()),
-                None => "no checkpoint had been written yet".to_string(),
-            };
-            return Err(Error::Input(format!(
-                "training stopped at step {}: {what}; nothing was saved from this step and {kept}. Lower train.lr, raise train.warmup_steps or set train.grad_clip.",
-                step + 1
-            )));
-        }
-        opt.step(&mut model.params, &grads, lr)?;
-        drop(grads);
-        let done = step + 1;
-        let dt = t0.elapsed().as_secs_f64();
-        let rate = tokens_per_step as f64 / dt;
-        rates.push(rate);
-        summary.steps = done;
-        summary.last_loss = Some(loss);
-        bar.set_position(done as u64);
-        bar.set_message(format!("loss {loss:.4} | lr {lr:.2e} | {rate:.0} tok/s"));
-        let elapsed = elapsed0 + clock.elapsed().as_secs_f64();
-        let mut records = vec![];
-        if done % t.log_every.max(1) == 0 || done == t.max_steps || done == start_step + 1 {
-            records.push(Record {
-                step: done,
-                loss: Some(loss),
-                lr: Some(lr),
-                grad_norm: Some(norm),
-                tokens_per_s: Some(rate),
-                val_loss: None,
-                val_ppl: None,
-                elapsed_s: elapsed,
-            });
-        }
-        let eval_now = (t.eval_every > 0 && done % t.eval_every == 0) || done == t.max_steps;
-        if eval_now && !eval_starts.is_empty() {
-            let v = evaluate(&model, val_file, &eval_starts, t.batch_size, t.seq_len)?;
-            summary.val_loss = Some(v);
-            say(
-                &bar,
-                format!("step {done:>6}: train loss {loss:.4}, validation loss {v:.4} (perplexity {:.2})", v.exp()),
-            );
-            records.push(Record {
-                step: done,
-                val_loss: Some(v),
-                val_ppl: Some(v.exp()),
-                elapsed_s: elapsed,
-                ..blank(done)
-            });
-        }
-        metrics::append(&metrics_path, &records)?;
-        if eval_now {
-            metrics::plot(&metrics::read(&metrics_path)?, &run_dir.join("loss.svg"), "kiln pretrain: loss")?;
-        }
-        let stop = INTERRUPTED.load(Ordering::SeqCst) || opts.stop_after == Some(done);
-        if (t.save_every > 0 && done % t.save_every == 0) || done == t.max_steps || stop {
-            let state = checkpoint::TrainerState { step: done, sampler: sampler.clone(), elapsed_s: elapsed };
-            summary.checkpoint = Some(checkpoint::save(run_dir, &model, &tok, &opt, &state, t.keep_last)?);
-            last_saved = Some(done);
-        }
-        if stop {
-            summary.interrupted = INTERRUPTED.load(Ordering::SeqCst);
-            break;
-        }
-    }
-    bar.finish_and_clear();
-    if last_saved.is_none() && summary.steps > 0 {
-        let state = checkpoint::TrainerState {
-            step: summary.steps,
-            sampler,
-            elapsed_s: elapsed0 + clock.elapsed().as_secs_f64(),
-        };
-        summary.checkpoint = Some(checkpoint::save(run_dir, &model, &tok, &opt, &state, t.keep_last)?);
-    }
-    metrics::plot(&metrics::read(&metrics_path)?, &run_dir.join("loss.svg"), "kiln pretrain: loss")?;
-    if !rates.is_empty() {
-        rates.sort_by(|a, b| a.total_cmp(b));
-        summary.tokens_per_s = rates[rates.len() / 2];
-    }
-    Ok(summary)
+    let spec = steps::Spec {
+        train: t,
+        run_dir,
+        opts,
+        start_step,
+        elapsed0,
+        latest,
+        tokens_per_micro_batch: t.batch_size * t.seq_len,
+        title: "kiln pretrain: loss",
+    };
+    steps::run(&mut model, &mut opt, &mut task, &spec)
 }
 
-/// Prints above the progress bar, or plainly when there is none.
-fn say(bar: &indicatif::ProgressBar, msg: String) {
-    if bar.is_hidden() {
-        println!("{msg}");
-    } else {
-        bar.println(msg);
-    }
+/// Pre-training's data, evaluation and checkpoints, for the shared step loop.
+struct PretrainTask<'a> {
+    run_dir: PathBuf,
+    tok: Tokenizer,
+    train_file: &'a TokenFile,
+    val_file: &'a TokenFile,
+    sampler: WindowSampler,
+    eval_starts: Vec<usize>,
+    batch: usize,
+    seq: usize,
+    keep_last: usize,
 }
 
-fn blank(step: usize) -> Record {
-    Record {
-        step,
-        loss: None,
-        lr: None,
-        grad_norm: None,
-        tokens_per_s: None,
-        val_loss: None,
-        val_ppl: None,
-        elapsed_s: 0.0,
+impl steps::Task for PretrainTask<'_> {
+    fn next_batch(&mut self) -> Result<(Tensor, Tensor)> {
+        self.sampler.next_batch(self.train_file, self.batch, self.seq)
     }
-}
-
-fn progress_bar(show: bool, pos: usize, len: usize) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
+    fn evaluate(&mut self, model: &Gpt2) -> Result<Option<f64>> {
+        if self.eval_starts.is_empty() {
+            return Ok(None);
+        }
+        evaluate(model, self.val_file, &self.eval_starts, self.batch, self.seq).map(Some)
     }
-    let bar = indicatif::ProgressBar::new(len as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30.cyan/blue} {pos}/{len} steps | {msg} | {elapsed_precise} elapsed, {eta} left",
-        )
-        .expect("a valid template"),
-    );
-    bar.set_position(pos as u64);
-    bar
+    fn save(&mut self, model: &Gpt2, opt: &AdamW, step: usize, elapsed_s: f64) -> Result<PathBuf> {
+        let state = checkpoint::TrainerState { step, sampler: self.sampler.clone(), elapsed_s };
+        checkpoint::save(&self.run_dir, model, &self.tok, opt, &state, self.keep_last)
+    }
 }
