@@ -1,9 +1,8 @@
 //! Training checkpoints: `checkpoints/step-NNNNNNNN/` holds a Hugging Face checkpoint (f32, so a
 //! resume is exact) with its tokenizer, the AdamW moments (`optimizer.safetensors`) and
-//! `trainer_state.json` (step, sampler position, elapsed time). A checkpoint is written into a
+//! `trainer_state.json` (step, the data position as its task records it, elapsed time). A checkpoint is written into a
 //! hidden temporary directory and renamed into place; only then are older ones pruned.
 
-use crate::data::corpus::WindowSampler;
 use crate::data::tokenizer::Tokenizer;
 use crate::io::checkpoint::{load_all, load_gpt2, save_gpt2};
 use crate::model::gpt2::Gpt2;
@@ -17,14 +16,15 @@ use std::path::{Path, PathBuf};
 pub struct TrainerState {
     /// Optimizer steps completed.
     pub step: usize,
-    pub sampler: WindowSampler,
+    /// Where the data stands (pre-training: the window sampler), as the task serialises it.
+    pub data: serde_json::Value,
     pub elapsed_s: f64,
 }
 
 /// A checkpoint read back.
 pub struct Loaded {
     pub model: Gpt2,
-    pub sampler: WindowSampler,
+    pub data: serde_json::Value,
     pub step: usize,
     pub elapsed_s: f64,
 }
@@ -97,5 +97,5 @@ pub fn load(dir: &Path, opt: &mut AdamW) -> Result<Loaded> {
     let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::config(&path, format!("{e}")))?;
     let moments = load_all(&dir.join("optimizer.safetensors"))?;
     opt.load_state(&moments, state.step as u64, &model.params)?;
-    Ok(Loaded { model, sampler: state.sampler, step: state.step, elapsed_s: state.elapsed_s })
+    Ok(Loaded { model, data: state.data, step: state.step, elapsed_s: state.elapsed_s })
 }

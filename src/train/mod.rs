@@ -226,7 +226,9 @@ pub fn pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         Some(dir) => {
             let s = checkpoint::load(dir, &mut opt)?;
             metrics::truncate_after(&run_dir.join("metrics.jsonl"), s.step)?;
-            (s.model, s.sampler, s.step, s.elapsed_s)
+            let sampler = serde_json::from_value(s.data)
+                .map_err(|e| Error::checkpoint(dir, format!("trainer_state.json: the data position is unreadable ({e})")))?;
+            (s.model, sampler, s.step, s.elapsed_s)
         }
         None => {
             let model = match &cfg.model.init_from {
@@ -290,7 +292,8 @@ impl steps::Task for PretrainTask<'_> {
         evaluate(model, self.val_file, &self.eval_starts, self.batch, self.seq).map(Some)
     }
     fn save(&mut self, model: &Gpt2, opt: &AdamW, step: usize, elapsed_s: f64) -> Result<PathBuf> {
-        let state = checkpoint::TrainerState { step, sampler: self.sampler.clone(), elapsed_s };
+        let data = serde_json::to_value(&self.sampler).expect("the sampler serialises");
+        let state = checkpoint::TrainerState { step, data, elapsed_s };
         checkpoint::save(&self.run_dir, model, &self.tok, opt, &state, self.keep_last)
     }
 }
