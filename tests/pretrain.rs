@@ -168,7 +168,12 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
         "train.warmup_steps=0",
         "train.grad_clip=0",
     ]);
-    let hot = RunConfig { model: cfg.model.clone(), data: cfg.data.clone(), train: hot.train };
+    let hot = RunConfig {
+        model: cfg.model.clone(),
+        data: cfg.data.clone(),
+        train: hot.train,
+        finetune: cfg.finetune.clone(),
+    };
     let e = pretrain(&hot, dir.path(), &opts(Start::Resume, None)).unwrap_err().to_string();
     assert!(e.contains("training stopped at step") && e.contains("last good checkpoint"), "{e}");
     // every checkpoint left is loadable and finite

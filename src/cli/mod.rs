@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod finetune;
 mod generate;
 mod pretrain;
 mod tokenizer;
@@ -71,6 +72,8 @@ enum Command {
     },
     /// The main job: pre-train a tiny GPT-2 on the built-in corpus and show what it learned.
     Demo(demo::DemoArgs),
+    /// Supervised fine-tuning of a checkpoint on labelled examples (prompt/completion, Alpaca, chat).
+    Finetune(finetune::FinetuneArgs),
     /// Pre-train a GPT-2 on a corpus (the built-in one by default), with checkpoints and resume.
     Pretrain(pretrain::PretrainArgs),
     /// Generate text (or token ids) from a checkpoint, streamed as it comes.
@@ -121,6 +124,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { what } => bench::run(what),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Finetune(args) => finetune::run(args),
         Command::Tokenizer { what } => tokenizer::run(what),
         Command::Generate(args) => generate::run(args),
     }

@@ -133,3 +133,28 @@ pub fn default_corpus(bytes: usize) -> (World, String) {
     let text = world.corpus(0, bytes);
     (world, text)
 }
+
+impl World {
+    /// The built-in fine-tuning task: questions about the world in a question/answer layout the
+    /// corpus never uses, as prompt/completion pairs (one per person and question kind).
+    pub fn task(&self) -> Vec<(String, String)> {
+        let mut out = vec![];
+        for p in &self.people {
+            let t = &self.towns[p.town];
+            let n = &p.name;
+            out.push((format!("Q: In which town does {n} live?\nA:"), format!(" {}", t.name)));
+            out.push((format!("Q: What is the job of {n}?\nA:"), format!(" {}", p.job)));
+            out.push((format!("Q: Which animal does {n} keep?\nA:"), format!(" {}", p.pet)));
+            out.push((format!("Q: Which colour does {n} like?\nA:"), format!(" {}", p.colour)));
+        }
+        out
+    }
+
+    /// The task as JSON lines ({"prompt", "completion"}), the format `kiln finetune` reads.
+    pub fn task_jsonl(&self) -> String {
+        self.task()
+            .iter()
+            .map(|(p, c)| serde_json::json!({ "prompt": p, "completion": c }).to_string() + "\n")
+            .collect()
+    }
+}

@@ -12,6 +12,37 @@ pub struct RunConfig {
     pub model: ModelSection,
     pub data: DataSection,
     pub train: TrainSection,
+    pub finetune: FinetuneSection,
+}
+
+/// Supervised fine-tuning (`kiln finetune`); pre-training ignores this section.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FinetuneSection {
+    /// full, lora or qlora
+    pub method: String,
+    /// adamw, or adamw8bit (the default for qlora)
+    pub optimizer: String,
+    /// The examples' format: auto, prompt_completion, alpaca or chat.
+    pub format: crate::data::sft::Format,
+    /// How chat messages become text.
+    pub chat: crate::data::sft::ChatTemplate,
+    /// Concatenate short examples into full rows.
+    pub pack: bool,
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for FinetuneSection {
+    fn default() -> Self {
+        FinetuneSection {
+            method: "full".into(),
+            optimizer: "adamw".into(),
+            format: crate::data::sft::Format::Auto,
+            chat: crate::data::sft::ChatTemplate::default(),
+            pack: false,
+            gradient_checkpointing: false,
+        }
+    }
 }
 
 /// The model: a preset size (or a checkpoint to start from), with optional overrides.
@@ -133,7 +164,12 @@ impl Default for TrainSection {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { model: ModelSection::default(), data: DataSection::default(), train: TrainSection::default() }
+        RunConfig {
+            model: ModelSection::default(),
+            data: DataSection::default(),
+            train: TrainSection::default(),
+            finetune: FinetuneSection::default(),
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod finetune;
 pub mod metrics;
 pub mod schedule;
 pub mod steps;

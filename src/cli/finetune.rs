@@ -1,0 +1,124 @@
+//! `kiln finetune`: supervised fine-tuning of a Hugging Face checkpoint on labelled examples.
+
+use crate::train::{self, Options, RunConfig, Start};
+use crate::Result;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct FinetuneArgs {
+    /// The pre-trained base: a Hugging Face checkpoint directory (kiln's or transformers').
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Examples: JSON lines or a JSON array, as prompt/completion, Alpaca or chat messages.
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<String>,
+    /// Held-out examples (default: data.val_fraction of --data).
+    #[arg(long, num_args = 1..)]
+    pub val_data: Vec<String>,
+    /// Run directory for checkpoints, metrics.jsonl and loss.svg.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// full, lora or qlora.
+    #[arg(long, default_value = "full")]
+    pub method: String,
+    /// A TOML run config (the [finetune] section holds method, optimizer, format, chat, pack).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The examples' format: auto, prompt_completion, alpaca or chat.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Concatenate short examples into full rows.
+    #[arg(long)]
+    pub pack: bool,
+    /// Tokenizer, when the base model's directory has no tokenizer.json.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Recompute each block's activations in backward instead of keeping them.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Any config key: --set train.lr=5e-5 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    #[arg(long)]
+    pub overwrite: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+fn quoted(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn list(xs: &[String]) -> String {
+    toml::Value::Array(xs.iter().map(|s| toml::Value::String(s.clone())).collect()).to_string()
+}
+
+pub fn run(args: FinetuneArgs) -> Result<()> {
+    args.device.parse::<crate::Device>()?.ensure_available()?;
+    let stored = args.out.join("run.toml");
+    let file = args.config.clone().or_else(|| (args.resume && stored.exists()).then_some(stored));
+    // fine-tuning defaults: a small learning rate, short warm-up, context from the model
+    let mut o = vec![
+        "train.lr=5e-5".to_string(),
+        "train.warmup_steps=10".into(),
+        "train.seq_len=1024".into(),
+        "train.max_steps=200".into(),
+    ];
+    if file.is_some() {
+        o.clear();
+    }
+    o.push(format!("model.init_from={}", quoted(&args.model.display().to_string())));
+    o.push(format!("finetune.method={}", quoted(&args.method)));
+    if !args.data.is_empty() {
+        o.push(format!("data.train={}", list(&args.data)));
+    }
+    if !args.val_data.is_empty() {
+        o.push(format!("data.val={}", list(&args.val_data)));
+    }
+    if let Some(f) = &args.format {
+        o.push(format!("finetune.format={}", quoted(f)));
+    }
+    if args.pack {
+        o.push("finetune.pack=true".into());
+    }
+    if args.gradient_checkpointing {
+        o.push("finetune.gradient_checkpointing=true".into());
+    }
+    if let Some(t) = &args.tokenizer {
+        o.push(format!("data.tokenizer={}", quoted(&t.display().to_string())));
+    }
+    if let Some(n) = args.max_steps {
+        o.push(format!("train.max_steps={n}"));
+    }
+    o.extend(args.set.iter().cloned());
+    let cfg = RunConfig::load(file.as_deref(), &o)?;
+    let start = match (args.resume, args.overwrite) {
+        (true, _) => Start::Resume,
+        (_, true) => Start::Overwrite,
+        _ => Start::Fresh,
+    };
+    println!(
+        "kiln finetune: {} fine-tuning of {} on {}, {} steps, lr {:.1e}, run directory {}",
+        cfg.finetune.method,
+        args.model.display(),
+        cfg.data.train.join(", "),
+        cfg.train.max_steps,
+        cfg.train.lr,
+        args.out.display()
+    );
+    let opts = Options { start, progress: std::io::IsTerminal::is_terminal(&std::io::stderr()), stop_after: None };
+    let s = train::finetune::finetune(&cfg, &args.out, &opts)?;
+    let ckpt = s.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());
+    println!(
+        "{} at step {}: train loss {}, validation loss {}; checkpoint {ckpt}",
+        if s.interrupted { "stopped" } else { "done" },
+        s.steps,
+        s.last_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+        s.val_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+    );
+    Ok(())
+}

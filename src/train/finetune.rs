@@ -1,0 +1,253 @@
+//! Supervised fine-tuning: a pre-trained checkpoint, a labelled dataset (src/data/sft.rs), the
+//! shared step loop (steps.rs). Examples are visited in a shuffled order per epoch, drawn from
+//! the run seed, so (epoch, position) is the data's whole state and a resume is exact. Before
+//! training, the cost of the method is printed: parameters, trainable parameters and the bytes of
+//! weights, gradients, optimizer state and activations.
+
+use super::config::RunConfig;
+use super::{checkpoint, steps, Options, Start, Summary};
+use crate::data::sft::{self, SftData};
+use crate::data::tokenizer::Tokenizer;
+use crate::model::gpt2::{Gpt2, Mode};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::tape::Tape;
+use crate::{Error, Result, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where the data stands: the epoch (its shuffle) and the next example's index in it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SftPosition {
+    pub epoch: u64,
+    pub next: usize,
+}
+
+/// The shuffled order of `n` examples in `epoch`.
+fn order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+    idx
+}
+
+struct SftTask {
+    run_dir: PathBuf,
+    tok: Tokenizer,
+    train: SftData,
+    val: SftData,
+    seed: u64,
+    pos: SftPosition,
+    perm: Vec<usize>,
+    batch: usize,
+    pad: u32,
+    keep_last: usize,
+}
+
+impl steps::Task for SftTask {
+    fn next_batch(&mut self) -> Result<(Tensor, Tensor)> {
+        let mut rows = Vec::with_capacity(self.batch);
+        while rows.len() < self.batch {
+            if self.pos.next >= self.perm.len() {
+                self.pos = SftPosition { epoch: self.pos.epoch + 1, next: 0 };
+                self.perm = order(self.seed, self.pos.epoch, self.train.rows.len());
+            }
+            rows.push(&self.train.rows[self.perm[self.pos.next]]);
+            self.pos.next += 1;
+        }
+        sft::batch(&rows, self.pad)
+    }
+
+    fn evaluate(&mut self, model: &Gpt2) -> Result<Option<f64>> {
+        if self.val.rows.is_empty() {
+            return Ok(None);
+        }
+        evaluate_rows(model, &self.val, self.batch, self.pad).map(Some)
+    }
+
+    fn save(&mut self, model: &Gpt2, opt: &AdamW, step: usize, elapsed_s: f64) -> Result<PathBuf> {
+        let data = serde_json::to_value(&self.pos).expect("the position serialises");
+        checkpoint::save(
+            &self.run_dir,
+            model,
+            &self.tok,
+            opt,
+            &checkpoint::TrainerState { step, data, elapsed_s },
+            self.keep_last,
+        )
+    }
+}
+
+/// Mean loss per trained token over `data`'s rows.
+pub fn evaluate_rows(model: &Gpt2, data: &SftData, batch: usize, pad: u32) -> Result<f64> {
+    let (mut sum, mut count) = (0.0, 0usize);
+    let rows: Vec<&(Vec<u32>, Vec<i32>)> = data.rows.iter().collect();
+    for chunk in rows.chunks(batch.max(1)) {
+        let (ids, tgt) = sft::batch(chunk, pad)?;
+        let n = tgt.i32s()?.iter().filter(|&&t| t != crate::ops::xent::IGNORE).count();
+        if n == 0 {
+            continue;
+        }
+        let loss = model.forward(&mut Tape::inference(), &ids, Some(&tgt), Mode::Eval)?.loss.expect("targets given");
+        sum += loss.item()? as f64 * n as f64;
+        count += n;
+    }
+    Ok(if count == 0 { f64::NAN } else { sum / count as f64 })
+}
+
+/// The cost of training `model` as configured, before it starts: one table a person can read.
+pub fn memory_table(model: &Gpt2, batch: usize, seq: usize, optimizer_bytes_per_param: usize) -> String {
+    let c = &model.config;
+    let (total, trainable) = (model.params.numel(), model.params.trainable_numel());
+    let mb = |b: f64| format!("{:9.1} MB", b / 1e6);
+    // Saved per token and layer by kiln's ops: ln_1 out, qkv (3C), attention out, c_proj out,
+    // residual, ln_2 out, c_fc pre-activation and GELU out (2F), mlp out, residual: 8C + 2F floats.
+    // Plus logits and their gradient (2V per token) and the embeddings (C).
+    let per_token = (c.n_layer * (8 * c.n_embd + 2 * c.ffn_dim()) + 2 * c.vocab_size + c.n_embd) as f64 * 4.0;
+    // With checkpointing only each block's input stays, plus one block recomputed at a time.
+    let per_token_ckpt =
+        (c.n_layer * c.n_embd + 8 * c.n_embd + 2 * c.ffn_dim() + 2 * c.vocab_size + c.n_embd) as f64 * 4.0;
+    let tokens = (batch * seq) as f64;
+    let rows = [
+        ("parameters", format!("{total:>12}")),
+        ("trainable", format!("{trainable:>12} ({:.2}%)", 100.0 * trainable as f64 / total.max(1) as f64)),
+        ("weights", mb(4.0 * total as f64)),
+        ("gradients", mb(4.0 * trainable as f64)),
+        ("optimizer state", mb((optimizer_bytes_per_param * trainable) as f64)),
+        ("activations (est.)", format!("{} for {batch} x {seq} tokens", mb(per_token * tokens))),
+        ("  with checkpointing", mb(per_token_ckpt * tokens)),
+    ];
+    rows.iter().map(|(k, v)| format!("  {k:<20} {v}\n")).collect()
+}
+
+/// Peak resident memory of this process so far (Linux: VmHWM), in bytes.
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+/// Fine-tunes `cfg.model.init_from` on `cfg.data.train` (SFT files) into `run_dir`.
+pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summary> {
+    let f = &cfg.finetune;
+    if f.method != "full" {
+        return Err(Error::Input(format!(
+            "--method {}: only `full` fine-tuning is wired into `kiln finetune` so far; LoRA and QLoRA arrive with the rest of issue 4",
+            f.method
+        )));
+    }
+    if f.optimizer != "adamw" {
+        return Err(Error::Input(format!("optimizer \"{}\" is not available yet; use adamw", f.optimizer)));
+    }
+    if f.gradient_checkpointing {
+        return Err(Error::Input(
+            "gradient checkpointing is not implemented yet; drop --gradient-checkpointing".into(),
+        ));
+    }
+    let base = cfg
+        .model
+        .init_from
+        .as_ref()
+        .ok_or_else(|| Error::Input("fine-tuning needs a base model: pass --model DIR".into()))?;
+    if cfg.data.train.is_empty() {
+        return Err(Error::Input("fine-tuning needs examples: pass --data FILE (JSON lines or a JSON array)".into()));
+    }
+    super::prepare_dir(run_dir, opts.start)?;
+    crate::io::write_atomic(&run_dir.join("run.toml"), |w| std::io::Write::write_all(w, cfg.to_toml().as_bytes()))?;
+    let t = &cfg.train;
+
+    let tok_path = cfg.data.tokenizer.clone().unwrap_or_else(|| base.join("tokenizer.json"));
+    let tok = Tokenizer::load(&tok_path).map_err(|e| {
+        Error::Input(format!(
+            "{e}\n(fine-tuning reads the base model's tokenizer.json; pass --tokenizer FILE if it lives elsewhere)"
+        ))
+    })?;
+    let mut model = crate::io::checkpoint::load_gpt2(base)?;
+    if tok.id_bound() > model.config.vocab_size {
+        return Err(Error::Input(format!(
+            "the tokenizer's vocabulary ({}) does not fit the model's vocab_size ({}): use the base model's own tokenizer",
+            tok.id_bound(),
+            model.config.vocab_size
+        )));
+    }
+    // train.seq_len caps the context; the model's n_positions caps it too
+    let ctx = t.seq_len.min(model.config.n_positions);
+    let load = |inputs: &[String]| -> Result<Vec<sft::Example>> {
+        let mut all = vec![];
+        for p in crate::data::corpus::expand_inputs(inputs)? {
+            all.extend(sft::load_examples(&p, f.format, &f.chat)?);
+        }
+        Ok(all)
+    };
+    let mut examples = load(&cfg.data.train)?;
+    let mut val_examples = if cfg.data.val.is_empty() { vec![] } else { load(&cfg.data.val)? };
+    if cfg.data.val.is_empty() && cfg.data.val_fraction > 0.0 && examples.len() > 1 {
+        // hold out the tail of a fixed shuffle
+        let perm = order(t.seed ^ 0xfeed, 0, examples.len());
+        let n_val = ((examples.len() as f64 * cfg.data.val_fraction).round() as usize).clamp(1, examples.len() - 1);
+        let mut shuffled: Vec<sft::Example> = perm.iter().map(|&i| examples[i].clone()).collect();
+        val_examples = shuffled.split_off(examples.len() - n_val);
+        examples = shuffled;
+    }
+    let eos = tok.eos_id().or(model.config.eos_token_id);
+    let train = sft::tokenize(&examples, &tok, ctx, eos, f.pack)?;
+    let val = sft::tokenize(&val_examples, &tok, ctx, eos, false)?;
+    println!(
+        "  data: {} training examples ({} rows{}), {} validation; {} trained tokens; {} examples cut to {ctx} tokens ({} tokens cut)",
+        train.examples,
+        train.rows.len(),
+        if f.pack { ", packed" } else { "" },
+        val.examples,
+        train.trained_tokens,
+        train.truncated_examples,
+        train.truncated_tokens
+    );
+
+    let adam = AdamWConfig { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
+    let mut opt = AdamW::new(adam);
+    let latest = if opts.start == Start::Resume { checkpoint::latest(run_dir)? } else { None };
+    let (mut pos, start_step, elapsed0) = match &latest {
+        Some(dir) => {
+            let s = checkpoint::load(dir, &mut opt)?;
+            super::metrics::truncate_after(&run_dir.join("metrics.jsonl"), s.step)?;
+            model = s.model;
+            let pos: SftPosition = serde_json::from_value(s.data).map_err(|e| {
+                Error::checkpoint(dir, format!("trainer_state.json: the data position is unreadable ({e})"))
+            })?;
+            (pos, s.step, s.elapsed_s)
+        }
+        None => (SftPosition::default(), 0, 0.0),
+    };
+    model.params.set_trainable(true);
+    print!("{}", memory_table(&model, t.batch_size, ctx, 8));
+    let perm = order(t.seed, pos.epoch, train.rows.len());
+    pos.next = pos.next.min(perm.len());
+    let tokens_per_row = train.rows.iter().map(|r| r.0.len()).sum::<usize>() / train.rows.len().max(1);
+    let mut task = SftTask {
+        run_dir: run_dir.to_path_buf(),
+        pad: eos.unwrap_or(0),
+        tok,
+        train,
+        val,
+        seed: t.seed,
+        pos,
+        perm,
+        batch: t.batch_size,
+        keep_last: t.keep_last,
+    };
+    let spec = steps::Spec {
+        train: t,
+        run_dir,
+        opts,
+        start_step,
+        elapsed0,
+        latest,
+        tokens_per_micro_batch: t.batch_size * tokens_per_row,
+        title: "kiln finetune: loss",
+    };
+    let summary = steps::run(&mut model, &mut opt, &mut task, &spec)?;
+    if let Some(peak) = peak_rss() {
+        println!("  peak memory (resident): {:.1} MB", peak as f64 / 1e6);
+    }
+    Ok(summary)
+}
