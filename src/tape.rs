@@ -6,7 +6,7 @@
 //! The tape knows no arithmetic: each op's backward rule is a plain function in
 //! `src/ops/<family>.rs`, next to its forward, and `Op::backward` only dispatches to it.
 
-use crate::ops::{attention, elementwise, embedding, gemm, layernorm, xent};
+use crate::ops::{attention, elementwise, embedding, gemm, layernorm, lora, xent};
 use crate::{Error, Result, Tensor, TensorId};
 use std::collections::{HashMap, HashSet};
 
@@ -20,6 +20,7 @@ pub(crate) enum Op {
     Add,
     Dropout(elementwise::DropoutSaved),
     CrossEntropy(xent::Saved),
+    Lora(lora::Saved),
 }
 
 impl Op {
@@ -40,6 +41,7 @@ impl Op {
             Op::Add => "add",
             Op::Dropout(_) => "dropout",
             Op::CrossEntropy(_) => "cross_entropy",
+            Op::Lora(_) => "lora_linear",
         }
     }
 
@@ -54,6 +56,7 @@ impl Op {
             Op::Add => Ok(vec![Some(dout.clone()), Some(dout.clone())]),
             Op::Dropout(s) => elementwise::dropout_backward(s, dout),
             Op::CrossEntropy(s) => xent::backward(s, dout),
+            Op::Lora(s) => lora::backward(s, dout, needs),
         }
     }
 }

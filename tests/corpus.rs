@@ -255,7 +255,7 @@ fn sampler_windows_are_in_range_and_shifted() {
     let (x, _) = exact.next_batch(&file, 3, 16).unwrap();
     assert!(rows(&x).iter().all(|r| r[0] == 10), "only one window fits");
     let msg = err(WindowSampler::new(0, 10..26).next_batch(&file, 1, 16));
-    assert!(msg.contains("16 tokens, fewer than one window of seq+1 = 17") && msg.contains("--seq"), "{msg}");
+    assert!(msg.contains("16 tokens, fewer than one window of seq+1 = 17") && msg.contains("train.seq_len"), "{msg}");
     assert!(err(WindowSampler::new(0, 0..2000).next_batch(&file, 1, 16)).contains("outside the token file"));
 }
 

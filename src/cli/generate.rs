@@ -14,6 +14,9 @@ pub struct GenerateArgs {
     /// Hugging Face checkpoint directory (config.json + model.safetensors).
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter directory made for --model, applied without merging it.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Prompt text, tokenized with <model>/tokenizer.json or --tokenizer.
     #[arg(long, required_unless_present = "prompt_ids", conflicts_with = "prompt_ids")]
     pub prompt: Option<String>,
@@ -60,7 +63,10 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     args.device.parse::<Device>()?.ensure_available()?;
-    let model = checkpoint::load_gpt2(&args.model)?;
+    let mut model = checkpoint::load_gpt2(&args.model)?;
+    if let Some(dir) = &args.adapter {
+        crate::io::peft::load_adapter(&mut model, dir)?;
+    }
     let tokenizer = if args.prompt.is_some() || args.tokenizer.is_some() { Some(load_tokenizer(&args)?) } else { None };
     let prompt = match (&args.prompt, &args.prompt_ids, &tokenizer) {
         (Some(text), _, Some(tok)) => tok.encode(text)?,

@@ -8,7 +8,7 @@ mod pretrain;
 mod tokenizer;
 
 use crate::data::batch::Batch;
-use crate::io::checkpoint;
+use crate::io::{checkpoint, peft};
 use crate::model::gpt2::{Gpt2, Gpt2Config, Mode};
 use crate::{DType, Device, Error, Result, Tape, Tensor};
 use clap::{Parser, Subcommand};
@@ -58,7 +58,8 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Write the loss and every parameter's gradient (Hugging Face names) to a safetensors file.
+    /// Write the loss and every parameter's gradient (Hugging Face names) to a safetensors file;
+    /// with --adapter, the gradients of the adapter's tensors (PEFT names) instead.
     Grads {
         #[arg(long)]
         model: PathBuf,
@@ -67,8 +68,31 @@ enum Command {
         /// Output safetensors file.
         #[arg(long)]
         out: PathBuf,
+        /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply
+        /// to the frozen model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// Fold a LoRA adapter into its base model and write the result as a plain checkpoint.
+    Merge {
+        /// The base model's Hugging Face checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT LoRA adapter directory made for that model.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output checkpoint directory (created; an existing checkpoint there is refused unless
+        /// --overwrite).
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage dtype of the merged weights: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Replace a checkpoint already in --out.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// The main job: pre-train a tiny GPT-2 on the built-in corpus and show what it learned.
     Demo(demo::DemoArgs),
@@ -120,7 +144,12 @@ fn run(cli: Cli) -> Result<()> {
             init(&preset, &out, seed, DType::parse(&dtype)?, overwrite)
         }
         Command::Eval { model, batch, device } => eval(&model, &batch, device.parse()?),
-        Command::Grads { model, batch, out, device } => grads(&model, &batch, &out, device.parse()?),
+        Command::Grads { model, batch, out, adapter, device } => {
+            grads(&model, &batch, &out, adapter.as_deref(), device.parse()?)
+        }
+        Command::Merge { model, adapter, out, dtype, overwrite } => {
+            merge(&model, &adapter, &out, DType::parse(&dtype)?, overwrite)
+        }
         Command::Bench { what } => bench::run(what),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Demo(args) => demo::run(args),
@@ -144,10 +173,19 @@ fn init(preset: &str, out: &Path, seed: u64, dtype: DType, overwrite: bool) -> R
     Ok(())
 }
 
-/// Loads the model and batch and runs the forward pass on `tape`.
-fn forward(model_dir: &Path, batch_path: &Path, device: Device, tape: &mut Tape) -> Result<(Gpt2, Batch, Tensor)> {
+/// Loads the model (with `adapter` on it) and batch and runs the forward pass on `tape`.
+fn forward(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    batch_path: &Path,
+    device: Device,
+    tape: &mut Tape,
+) -> Result<(Gpt2, Batch, Tensor)> {
     device.ensure_available()?;
-    let model = checkpoint::load_gpt2(model_dir)?;
+    let mut model = checkpoint::load_gpt2(model_dir)?;
+    if let Some(dir) = adapter {
+        peft::load_adapter(&mut model, dir)?;
+    }
     let batch = Batch::load(batch_path)?;
     batch.validate(&model.config)?;
     let targets = batch.targets()?;
@@ -157,23 +195,71 @@ fn forward(model_dir: &Path, batch_path: &Path, device: Device, tape: &mut Tape)
 }
 
 fn eval(model_dir: &Path, batch_path: &Path, device: Device) -> Result<()> {
-    let (_, batch, loss) = forward(model_dir, batch_path, device, &mut Tape::inference())?;
+    let (_, batch, loss) = forward(model_dir, None, batch_path, device, &mut Tape::inference())?;
     let (b, t) = batch.dims();
     let loss = loss.item()?;
     println!("loss {loss:.6}  (perplexity {:.3}, batch {b} x {t})", loss.exp());
     Ok(())
 }
 
-fn grads(model_dir: &Path, batch_path: &Path, out: &Path, device: Device) -> Result<()> {
+fn grads(model_dir: &Path, batch_path: &Path, out: &Path, adapter: Option<&Path>, device: Device) -> Result<()> {
     let mut tape = Tape::new();
-    let (model, _, loss) = forward(model_dir, batch_path, device, &mut tape)?;
+    let (model, _, loss) = forward(model_dir, adapter, batch_path, device, &mut tape)?;
     let grads = tape.backward(&loss)?;
     let mut tensors = vec![("loss".to_string(), loss.clone())];
-    for p in model.params.iter().filter(|p| p.trainable) {
+    // With an adapter the base is frozen: only the adapter's tensors are trainable.
+    let adapter_params = model.lora.iter().flat_map(|l| l.params.iter());
+    for p in model.params.iter().chain(adapter_params).filter(|p| p.trainable) {
         let g = grads.get(&p.tensor).cloned().unwrap_or_else(|| Tensor::zeros(p.tensor.dims()));
         tensors.push((p.name.clone(), g));
     }
     crate::io::safetensors::save(out, &tensors, &[("producer", "kiln grads")])?;
     println!("loss {:.6}; wrote {} gradients to {}", loss.item()?, tensors.len() - 1, out.display());
+    Ok(())
+}
+
+/// Files of a Hugging Face model directory besides the weights and config.json, copied next to a
+/// merged checkpoint so that it tokenizes and generates like its base.
+const MODEL_SIDE_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+];
+
+fn merge(model_dir: &Path, adapter: &Path, out: &Path, dtype: DType, overwrite: bool) -> Result<()> {
+    let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
+    if same(model_dir, out) {
+        return Err(Error::Input(format!(
+            "--out {} is the base model's directory: merging there would replace the base weights; choose \
+             another --out",
+            out.display()
+        )));
+    }
+    if out.join("model.safetensors").exists() && !overwrite {
+        return Err(Error::Input(format!(
+            "{} already holds a checkpoint; pass --overwrite to replace it",
+            out.display()
+        )));
+    }
+    let mut model = checkpoint::load_gpt2(model_dir)?;
+    peft::load_adapter(&mut model, adapter)?;
+    let merged = crate::nn::lora::merged(&model)?;
+    checkpoint::save_gpt2(&merged, out, dtype)?;
+    for f in MODEL_SIDE_FILES.iter().map(|f| model_dir.join(f)).filter(|p| p.is_file()) {
+        let dst = out.join(f.file_name().expect("a file name"));
+        std::fs::copy(&f, &dst).map_err(|e| Error::write(&dst, e))?;
+    }
+    let lora = model.lora.as_ref().expect("the adapter was loaded");
+    println!(
+        "merged {} ({} adapted layers, {} adapter parameters) into {}; wrote {dtype:?} weights to {}",
+        adapter.display(),
+        lora.modules().len(),
+        lora.params.numel(),
+        model_dir.display(),
+        out.display()
+    );
     Ok(())
 }

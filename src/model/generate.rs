@@ -12,7 +12,7 @@
 use super::gpt2::{Gpt2, Gpt2Config};
 use crate::backend::cpu::attention::attention_decode;
 use crate::ops::gemm::{self, WeightLayout};
-use crate::ops::{elementwise, layernorm};
+use crate::ops::{elementwise, layernorm, lora};
 use crate::{Error, Result, Tape, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -168,10 +168,21 @@ fn ln(model: &Gpt2, prefix: &str, x: &Tensor) -> Result<Tensor> {
     layernorm::layernorm(&mut Tape::inference(), x, p("weight")?, p("bias")?, model.config.layer_norm_epsilon)
 }
 
-/// The Conv1D `prefix` of `model` (weight [in, out], bias [out]): x @ W + b, GELU'd when `gelu`.
+/// The Conv1D `prefix` of `model` (weight [in, out], bias [out]): x @ W + b, GELU'd when `gelu`,
+/// plus the LoRA update when the model's adapter targets the layer (unmerged: the base weights
+/// stay as loaded).
 fn conv1d(model: &Gpt2, prefix: &str, x: &Tensor, gelu: bool) -> Result<Tensor> {
     let p = |s: &str| model.params.get(&format!("{prefix}.{s}"));
-    gemm::linear(&mut Tape::inference(), x, p("weight")?, Some(p("bias")?), WeightLayout::InOut, gelu)
+    let (w, b, tape) = (p("weight")?, p("bias")?, &mut Tape::inference());
+    let Some(ad) = model.lora.as_ref().and_then(|l| l.adapter(prefix)) else {
+        return gemm::linear(tape, x, w, Some(b), WeightLayout::InOut, gelu);
+    };
+    let y = lora::lora_linear(tape, x, w, Some(b), ad.a, ad.b, ad.scaling, 0.0, false, 0)?;
+    if gelu {
+        elementwise::gelu(tape, &y)
+    } else {
+        Ok(y)
+    }
 }
 
 /// How to generate; the defaults are greedy decoding of 50 tokens with every processor off.

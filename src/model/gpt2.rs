@@ -2,9 +2,10 @@
 //! learned position embeddings, tanh GELU, Conv1D weights stored [in, out], lm_head tied to wte.
 //! Parameter names are the checkpoint keys, so loading and saving is a walk over `param_shapes`.
 
+use crate::nn::lora::Lora;
 use crate::nn::ParamStore;
 use crate::ops::gemm::WeightLayout;
-use crate::ops::{attention, elementwise, embedding, gemm, layernorm, xent};
+use crate::ops::{attention, elementwise, embedding, gemm, layernorm, lora, xent};
 use crate::tape::Tape;
 use crate::{Error, Result, Tensor};
 use rand::SeedableRng;
@@ -285,6 +286,9 @@ struct Block {
 pub struct Gpt2 {
     pub config: Gpt2Config,
     pub params: ParamStore,
+    /// A LoRA adapter on the Conv1D layers (`nn::lora::attach`, `io::peft::load_adapter`); the
+    /// forward pass and generation apply it unmerged.
+    pub lora: Option<Lora>,
 }
 
 impl Gpt2 {
@@ -319,7 +323,7 @@ impl Gpt2 {
         for (name, t) in tensors {
             params.insert(name, t);
         }
-        Ok(Gpt2 { config, params })
+        Ok(Gpt2 { config, params, lora: None })
     }
 
     fn p(&self, name: &str) -> Result<Tensor> {
@@ -344,11 +348,38 @@ impl Gpt2 {
         })
     }
 
+    /// The Conv1D `module` (weight [in, out], bias [out]): x @ W + b, GELU'd when `gelu`; through
+    /// the LoRA op when the model's adapter targets the module (dropout on the adapter's input
+    /// from `seed` when `train`).
+    #[allow(clippy::too_many_arguments)]
+    fn conv1d(
+        &self,
+        tape: &mut Tape,
+        module: &str,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        gelu: bool,
+        train: bool,
+        seed: u64,
+    ) -> Result<Tensor> {
+        let Some((ad, p)) = self.lora.as_ref().and_then(|l| Some((l.adapter(module)?, l.config.dropout))) else {
+            return gemm::linear(tape, x, w, Some(b), WeightLayout::InOut, gelu);
+        };
+        let y = lora::lora_linear(tape, x, w, Some(b), ad.a, ad.b, ad.scaling, p, train, seed)?;
+        if gelu {
+            elementwise::gelu(tape, &y)
+        } else {
+            Ok(y)
+        }
+    }
+
     /// Logits for `ids` (I32 [B, T]) and, with `targets` (I32 [B, T], -100 = no target), the
-    /// mean loss. Trainable parameters are watched on `tape`, so `tape.backward(loss)` yields
-    /// their gradients.
+    /// mean loss. Trainable parameters (the adapter's too) are watched on `tape`, so
+    /// `tape.backward(loss)` yields their gradients.
     pub fn forward(&self, tape: &mut Tape, ids: &Tensor, targets: Option<&Tensor>, mode: Mode) -> Result<Gpt2Output> {
-        for p in self.params.iter().filter(|p| p.trainable) {
+        let adapter = self.lora.iter().flat_map(|l| l.params.iter());
+        for p in self.params.iter().chain(adapter).filter(|p| p.trainable) {
             tape.watch(&p.tensor);
         }
         let cfg = &self.config;
@@ -366,15 +397,20 @@ impl Gpt2 {
         x = elementwise::dropout(tape, &x, cfg.embd_pdrop, train, site_seed(0))?;
         for i in 0..cfg.n_layer {
             let w = self.block(i)?;
+            // A Conv1D of this block; the LoRA dropout sites (k = 0..3) are apart from the model's own.
+            let conv1d = |tape: &mut Tape, k: u64, name: &str, x: &Tensor, w: &Tensor, b: &Tensor, gelu: bool| {
+                let seed = site_seed((1 << 32) + 4 * i as u64 + k);
+                self.conv1d(tape, &format!("transformer.h.{i}.{name}"), x, w, b, gelu, train, seed)
+            };
             let h = layernorm::layernorm(tape, &x, &w.ln_1_w, &w.ln_1_b, eps)?;
-            let qkv = gemm::linear(tape, &h, &w.c_attn_w, Some(&w.c_attn_b), WeightLayout::InOut, false)?; // [B, T, 3C]
+            let qkv = conv1d(tape, 0, "attn.c_attn", &h, &w.c_attn_w, &w.c_attn_b, false)?; // [B, T, 3C]
             let a = attention::attention(tape, &qkv, cfg.n_head)?; // [B, T, C]
-            let a = gemm::linear(tape, &a, &w.c_proj_w, Some(&w.c_proj_b), WeightLayout::InOut, false)?;
+            let a = conv1d(tape, 1, "attn.c_proj", &a, &w.c_proj_w, &w.c_proj_b, false)?;
             let a = elementwise::dropout(tape, &a, cfg.resid_pdrop, train, site_seed(2 * i as u64 + 1))?;
             x = elementwise::add(tape, &x, &a)?;
             let h = layernorm::layernorm(tape, &x, &w.ln_2_w, &w.ln_2_b, eps)?;
-            let f = gemm::linear(tape, &h, &w.c_fc_w, Some(&w.c_fc_b), WeightLayout::InOut, true)?; // [B, T, F]
-            let m = gemm::linear(tape, &f, &w.mlp_proj_w, Some(&w.mlp_proj_b), WeightLayout::InOut, false)?;
+            let f = conv1d(tape, 2, "mlp.c_fc", &h, &w.c_fc_w, &w.c_fc_b, true)?; // [B, T, F]
+            let m = conv1d(tape, 3, "mlp.c_proj", &f, &w.mlp_proj_w, &w.mlp_proj_b, false)?;
             let m = elementwise::dropout(tape, &m, cfg.resid_pdrop, train, site_seed(2 * i as u64 + 2))?;
             x = elementwise::add(tape, &x, &m)?;
         }

@@ -1,5 +1,7 @@
 //! Parameters: named tensors in checkpoint order, each trainable or frozen.
 
+pub mod lora;
+
 use crate::{Error, Result, Tensor};
 use std::collections::HashMap;
 

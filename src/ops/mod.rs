@@ -7,6 +7,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
 pub mod layernorm;
+pub mod lora;
 pub mod xent;
 
 use crate::{DType, Error, Result, Tensor};

@@ -1,0 +1,124 @@
+//! LoRA linear on the CPU: a frozen Conv1D (W [k, n], y = x W + b) plus the low-rank update
+//! scaling * dropout(x) A^T B^T, with A [r, k] and B [n, r] as PEFT stores them.
+//!
+//! The update goes through the rank-r bottleneck u = dropout(x) A^T [m, r] and is never formed as
+//! a [k, n] matrix: that costs 2 m r (k + n) flops instead of 2 k n r, and keeps A and B the only
+//! tensors that grow with the adapter. Backward with G = dout [m, n] and s = scaling:
+//!   du = s G B            [m, r]
+//!   dB = s G^T u          [n, r]
+//!   dA = du^T dropout(x)  [r, k]
+//!   dx = G W^T + dropout'(du A)
+//!   dW = x^T G, dbias = sum of G's rows (only when the base is trainable, which LoRA's is not)
+
+use super::gemm::{bias_backward, matmul, matmul_forward};
+use super::pool;
+
+/// out[m, n] = x @ W + bias + us @ B^T, where `us` [m, r] receives scaling * xd @ A^T (xd is
+/// dropout(x), or x itself without dropout). The base product is computed exactly as a plain
+/// linear layer computes it, so an all-zero B leaves `out` bit-identical to the base layer.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_forward(
+    out: &mut [f32],
+    us: &mut [f32],
+    x: &[f32],
+    xd: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+    scaling: f32,
+) {
+    matmul_forward(out, None, x, w, bias, m, n, k, false, false);
+    matmul(us, xd, a, m, r, k, false, true, false);
+    us.iter_mut().for_each(|v| *v *= scaling);
+    matmul(out, us, b, m, n, r, false, true, true);
+}
+
+/// Which gradients `lora_backward` writes; each is skipped when None.
+pub struct LoraGrads<'a> {
+    pub dx: Option<&'a mut [f32]>,    // [m, k]
+    pub dw: Option<&'a mut [f32]>,    // [k, n]
+    pub dbias: Option<&'a mut [f32]>, // [n]
+    pub da: Option<&'a mut [f32]>,    // [r, k]
+    pub db: Option<&'a mut [f32]>,    // [n, r]
+}
+
+/// The gradients of `lora_forward`'s inputs from dout [m, n]. `keep` is the dropout mask (1 =
+/// kept) with its scale 1 / (1 - p), or None without dropout; `xd` is dropout(x) (x itself
+/// without dropout) and `us` what the forward wrote.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward(
+    grads: LoraGrads,
+    dout: &[f32],
+    x: &[f32],
+    xd: &[f32],
+    keep: Option<(&[u8], f32)>,
+    w: &[f32],
+    a: &[f32],
+    b: &[f32],
+    us: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+    scaling: f32,
+) {
+    let g = dout;
+    if let Some(db) = grads.db {
+        // dB [n, r] = G^T [n, m] @ us [m, r]
+        matmul(db, g, us, n, r, m, true, false, false);
+    }
+    let mut du = Vec::new();
+    if grads.da.is_some() || grads.dx.is_some() {
+        // du [m, r] = s G [m, n] @ B [n, r]
+        du = pool::take(m * r);
+        matmul(&mut du, g, b, m, r, n, false, false, false);
+        du.iter_mut().for_each(|v| *v *= scaling);
+    }
+    if let Some(da) = grads.da {
+        // dA [r, k] = du^T [r, m] @ xd [m, k]
+        matmul(da, &du, xd, r, k, m, true, false, false);
+    }
+    if let Some(dx) = grads.dx {
+        // dx [m, k] = G [m, n] @ W^T [n, k], plus du [m, r] @ A [r, k] through the dropout mask
+        matmul(dx, g, w, m, k, n, false, true, false);
+        match keep {
+            None => matmul(dx, &du, a, m, k, r, false, false, true),
+            Some((mask, keep_scale)) => {
+                let mut t = pool::take(m * k);
+                matmul(&mut t, &du, a, m, k, r, false, false, false);
+                for ((d, &t), &mk) in dx.iter_mut().zip(&t).zip(mask) {
+                    if mk != 0 {
+                        *d += t * keep_scale;
+                    }
+                }
+                pool::give(t);
+            }
+        }
+    }
+    if let Some(dw) = grads.dw {
+        // dW [k, n] = x^T [k, m] @ G [m, n]
+        matmul(dw, x, g, k, n, m, true, false, false);
+    }
+    if let Some(dbias) = grads.dbias {
+        bias_backward(dbias, g, n);
+    }
+    if !du.is_empty() {
+        pool::give(du);
+    }
+}
+
+/// w[k, n] += scaling * A^T [k, r] @ B^T [r, n]: folds an adapter into its Conv1D weight
+/// (PEFT's merge with fan_in_fan_out, W += scaling * (B A)^T).
+pub fn lora_merge(w: &mut [f32], a: &[f32], b: &[f32], k: usize, n: usize, r: usize, scaling: f32) {
+    let mut delta = pool::take(k * n);
+    matmul(&mut delta, a, b, k, n, r, true, true, false);
+    for (w, d) in w.iter_mut().zip(&delta) {
+        *w += scaling * d;
+    }
+    pool::give(delta);
+}

@@ -1,0 +1,375 @@
+//! PEFT adapter directories: `adapter_config.json` + `adapter_model.safetensors`, as
+//! `PeftModel.save_pretrained` writes them for a GPT-2 LoRA and `PeftModel.from_pretrained`
+//! reads them. Tensors are named `base_model.model.<module>.lora_A.weight` [r, in] and
+//! `...lora_B.weight` [out, r] (PEFT drops the adapter name "default" when saving).
+//!
+//! Loading checks the adapter against the base model before anything is attached: every target
+//! must name a Conv1D of this model, every tensor must fit its layer (a mismatch names the model
+//! size the adapter was made for), and the file must hold exactly the tensors its config implies.
+
+use super::safetensors::{self as st, SafeFile};
+use crate::model::gpt2::Gpt2;
+use crate::nn::lora::{self, Lora, LoraConfig, ALL_LINEAR, PEFT_PREFIX};
+use crate::nn::ParamStore;
+use crate::{Error, Result};
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// The PEFT release whose adapter_config.json layout kiln writes (the oracle fixtures' version).
+pub const PEFT_FORMAT_VERSION: &str = "0.21.2";
+
+/// Reads a PEFT LoRA `adapter_config.json`, rejecting what kiln's LoRA does not implement.
+pub fn read_config(path: &Path) -> Result<LoraConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::read(path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not valid JSON ({e})")))?;
+    config_from_json(&v, path)
+}
+
+/// Parses an adapter config object; `path` only labels errors.
+pub fn config_from_json(v: &Value, path: &Path) -> Result<LoraConfig> {
+    let obj = v.as_object().ok_or_else(|| Error::config(path, "the top level must be a JSON object"))?;
+    let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    let bad = |msg: String| Err(Error::config(path, msg));
+    match get("peft_type").and_then(|t| t.as_str()) {
+        Some("LORA") => {}
+        Some(t) => return bad(format!("peft_type is \"{t}\"; kiln reads LoRA adapters (peft_type \"LORA\")")),
+        None => return bad("no \"peft_type\": is this a PEFT adapter_config.json?".into()),
+    }
+    let r = match get("r") {
+        None => 8, // LoraConfig's default
+        Some(x) => match x.as_u64() {
+            Some(r) => r as usize,
+            None => return bad(format!("\"r\" must be a non-negative integer, got {x}")),
+        },
+    };
+    let number = |k: &str, default: f64| -> Result<f64> {
+        match get(k) {
+            None => Ok(default),
+            Some(x) => x.as_f64().ok_or_else(|| Error::config(path, format!("\"{k}\" must be a number, got {x}"))),
+        }
+    };
+    let flag = |k: &str| -> Result<bool> {
+        match get(k) {
+            None => Ok(false),
+            Some(x) => {
+                x.as_bool().ok_or_else(|| Error::config(path, format!("\"{k}\" must be true or false, got {x}")))
+            }
+        }
+    };
+    let targets = match get("target_modules") {
+        // PEFT's default for GPT-2 (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+        None => vec!["c_attn".to_string()],
+        Some(Value::String(s)) if s == ALL_LINEAR => vec![s.clone()],
+        Some(Value::String(s)) => {
+            return bad(format!(
+                "target_modules is the regular expression \"{s}\"; kiln reads target_modules as a list of module \
+                 names (or \"{ALL_LINEAR}\"): rewrite it as a list, e.g. [\"c_attn\", \"c_proj\"]"
+            ))
+        }
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|t| {
+                t.as_str().map(String::from).ok_or_else(|| {
+                    Error::config(path, format!("\"target_modules\" must hold module names (strings), got {t}"))
+                })
+            })
+            .collect::<Result<_>>()?,
+        Some(x) => return bad(format!("\"target_modules\" must be a list of module names, got {x}")),
+    };
+    let unsupported: [(&str, bool, &str); 4] = [
+        ("use_dora", flag("use_dora")?, "DoRA adapters are not supported"),
+        ("lora_bias", flag("lora_bias")?, "adapters with a bias on lora_B are not supported"),
+        ("use_qalora", flag("use_qalora")?, "QA-LoRA adapters are not supported"),
+        ("use_bdlora", flag("use_bdlora")?, "block-diagonal LoRA adapters are not supported"),
+    ];
+    if let Some((k, _, why)) = unsupported.iter().find(|(_, on, _)| *on) {
+        return bad(format!("\"{k}\" is true: {why}; kiln reads plain LoRA adapters"));
+    }
+    if let Some(b) = get("bias").and_then(|b| b.as_str()).filter(|b| *b != "none") {
+        return bad(format!(
+            "\"bias\" is \"{b}\": the adapter also trains the base model's biases, which kiln's adapters do not \
+             hold; use bias \"none\""
+        ));
+    }
+    let non_empty = |x: &Value| match x {
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        _ => true,
+    };
+    for (k, why) in [
+        ("modules_to_save", "the adapter carries full copies of whole modules"),
+        ("layers_to_transform", "the adapter covers only some layers"),
+        ("layer_replication", "the adapter replicates layers"),
+        ("target_parameters", "the adapter targets parameters rather than modules"),
+        ("trainable_token_indices", "the adapter trains individual token embeddings"),
+        ("exclude_modules", "the adapter excludes modules"),
+    ] {
+        if get(k).is_some_and(non_empty) {
+            return bad(format!(
+                "\"{k}\" is set ({why}), which kiln does not support yet; it reads plain LoRA adapters"
+            ));
+        }
+    }
+    let pattern = |k: &str| -> Result<BTreeMap<String, f64>> {
+        match get(k) {
+            None => Ok(BTreeMap::new()),
+            Some(Value::Object(m)) => m
+                .iter()
+                .map(|(key, x)| {
+                    x.as_f64()
+                        .map(|f| (key.clone(), f))
+                        .ok_or_else(|| Error::config(path, format!("\"{k}\".\"{key}\" must be a number, got {x}")))
+                })
+                .collect(),
+            Some(x) => Err(Error::config(path, format!("\"{k}\" must be an object, got {x}"))),
+        }
+    };
+    let mut rank_pattern = BTreeMap::new();
+    for (key, f) in pattern("rank_pattern")? {
+        if f.fract() != 0.0 || f < 0.0 {
+            return bad(format!("\"rank_pattern\".\"{key}\" = {f} must be a non-negative integer"));
+        }
+        rank_pattern.insert(key, f as usize);
+    }
+    let cfg = LoraConfig {
+        r,
+        alpha: number("lora_alpha", 8.0)?,
+        dropout: number("lora_dropout", 0.0)? as f32,
+        targets,
+        rslora: flag("use_rslora")?,
+        rank_pattern,
+        alpha_pattern: pattern("alpha_pattern")?,
+        base_model: get("base_model_name_or_path").and_then(|x| x.as_str()).map(String::from),
+        task_type: get("task_type").and_then(|x| x.as_str()).map(String::from),
+    };
+    cfg.validate().map_err(|e| Error::config(path, e.to_string()))?;
+    Ok(cfg)
+}
+
+/// lora_alpha as PEFT writes it: an integer when it is one (PEFT types it int), else a float.
+fn py_number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
+}
+
+/// The adapter_config.json PEFT writes for `cfg` on a GPT-2 (every key PEFT 0.21 writes).
+pub fn config_to_json(cfg: &LoraConfig) -> Value {
+    let targets = match cfg.targets.as_slice() {
+        [t] if t == ALL_LINEAR => json!(ALL_LINEAR),
+        ts => json!(ts),
+    };
+    // PEFT records the model class only for adapters without a task type.
+    let auto_mapping = match cfg.task_type {
+        None => json!({
+            "base_model_class": "GPT2LMHeadModel",
+            "parent_library": "transformers.models.gpt2.modeling_gpt2"
+        }),
+        Some(_) => Value::Null,
+    };
+    // 0.05f32 is written as 0.05, not as its f64 widening 0.05000000074505806.
+    let dropout: f64 = format!("{}", cfg.dropout).parse().unwrap_or(cfg.dropout as f64);
+    json!({
+        "alora_invocation_tokens": null,
+        "alpha_pattern": cfg.alpha_pattern.iter().map(|(k, &a)| (k.clone(), py_number(a))).collect::<Map<_, _>>(),
+        "arrow_config": null,
+        "auto_mapping": auto_mapping,
+        "base_model_name_or_path": cfg.base_model,
+        "bias": "none",
+        "corda_config": null,
+        "ensure_weight_tying": false,
+        "eva_config": null,
+        "exclude_modules": null,
+        "fan_in_fan_out": true,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "kasa_config": null,
+        "layer_replication": null,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "loftq_config": {},
+        "lora_alpha": py_number(cfg.alpha),
+        "lora_bias": false,
+        "lora_dropout": dropout,
+        "lora_ga_config": null,
+        "megatron_config": null,
+        "megatron_core": "megatron.core",
+        "modules_to_save": null,
+        "monteclora_config": null,
+        "peft_type": "LORA",
+        "peft_version": PEFT_FORMAT_VERSION,
+        "qalora_group_size": 16,
+        "r": cfg.r,
+        "rank_pattern": cfg.rank_pattern.clone(),
+        "revision": null,
+        "target_modules": targets,
+        "target_parameters": null,
+        "task_type": cfg.task_type,
+        "trainable_token_indices": null,
+        "use_bdlora": null,
+        "use_dora": false,
+        "use_qalora": false,
+        "use_rslora": cfg.rslora,
+        "velora_config": null
+    })
+}
+
+/// Writes `model`'s adapter to `dir` (created if needed) as a PEFT adapter directory, f32
+/// tensors. Each file is written to a temporary name and renamed into place.
+pub fn save_adapter(model: &Gpt2, dir: &Path) -> Result<()> {
+    let lora = model
+        .lora
+        .as_ref()
+        .ok_or_else(|| Error::Input("this model carries no LoRA adapter to save (attach or load one first)".into()))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
+    let tensors: Vec<_> = lora.params.iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
+    st::save(&dir.join(WEIGHTS_FILE), &tensors, &[])?;
+    let text = serde_json::to_string_pretty(&config_to_json(&lora.config)).expect("a JSON value serialises");
+    super::write_atomic(&dir.join(CONFIG_FILE), |w| std::io::Write::write_all(w, text.as_bytes()))
+}
+
+/// The module a PEFT tensor name belongs to and which factor it is ("A" or "B").
+fn split_name(name: &str) -> Option<(&str, char)> {
+    let rest = name.strip_prefix(PEFT_PREFIX)?;
+    if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+        return Some((m, 'A'));
+    }
+    rest.strip_suffix(".lora_B.weight").map(|m| (m, 'B'))
+}
+
+/// The n_embd a Conv1D adapter factor implies, when its shape pins it down.
+fn implied_n_embd(module: &str, factor: char, dims: &[usize]) -> Option<usize> {
+    let kind = module.rsplit_once(".h.").map(|(_, s)| s.split_once('.').map_or(s, |(_, k)| k))?;
+    match (kind, factor, dims) {
+        ("attn.c_attn" | "attn.c_proj" | "mlp.c_fc", 'A', &[_, c]) => Some(c),
+        ("attn.c_attn", 'B', &[o, _]) if o % 3 == 0 => Some(o / 3),
+        ("attn.c_proj" | "mlp.c_proj", 'B', &[c, _]) => Some(c),
+        _ => None,
+    }
+}
+
+/// Loads the PEFT LoRA adapter in `dir` onto `model`, whose base parameters are frozen. The
+/// adapter must have been made for this model's architecture and size.
+pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        let why = if dir.exists() { "it is a file, not an adapter directory" } else { "no such directory" };
+        return Err(Error::read(dir, std::io::Error::new(std::io::ErrorKind::NotFound, why)));
+    }
+    if model.lora.is_some() {
+        return Err(Error::Input("this model already carries a LoRA adapter: merge it (kiln merge) first".into()));
+    }
+    let cfg = read_config(&dir.join(CONFIG_FILE))?;
+    let wpath = dir.join(WEIGHTS_FILE);
+    if !wpath.exists() {
+        let msg = if dir.join("adapter_model.bin").exists() {
+            "holds only adapter_model.bin; kiln reads safetensors. Convert it with PEFT: \
+             PeftModel.from_pretrained(base, dir).save_pretrained(dir, safe_serialization=True)"
+        } else {
+            "has no adapter_model.safetensors: is this a PEFT adapter directory?"
+        };
+        return Err(Error::checkpoint(dir, msg));
+    }
+    let file = SafeFile::open(&wpath)?;
+    let mc = model.config.clone();
+    let convs: HashMap<String, (usize, usize)> =
+        lora::conv1d_modules(&mc).into_iter().map(|(m, i, o)| (m, (i, o))).collect();
+
+    // The base check first: tensors that do not fit this model say which model they were made for.
+    let mut stored: HashMap<(String, char), Vec<usize>> = HashMap::new();
+    let mut max_layer = None;
+    for name in file.names() {
+        let Some((module, factor)) = split_name(&name) else {
+            let what = if name.contains("lora_embedding_") {
+                "an embedding adapter (lora_embedding_A/B), which kiln does not support yet"
+            } else if name.contains("lora_magnitude_vector") {
+                "a DoRA magnitude vector, which kiln does not support"
+            } else {
+                "not a tensor of a PEFT LoRA adapter (base_model.model.<module>.lora_A.weight / lora_B.weight)"
+            };
+            return Err(Error::checkpoint(&wpath, format!("tensor '{name}' is {what}")));
+        };
+        let layer = module.strip_prefix("transformer.h.").and_then(|s| s.split('.').next()?.parse::<usize>().ok());
+        max_layer = max_layer.max(layer);
+        let (_, dims) = file.info(&name)?;
+        let Some(&(fan_in, fan_out)) = convs.get(module) else {
+            let msg = match layer {
+                Some(l) if l >= mc.n_layer => format!(
+                    "holds '{name}' for layer {l}: the adapter was made for a model with more layers, this model has \
+                     n_layer = {}. Load the adapter onto the base model it was trained from",
+                    mc.n_layer
+                ),
+                _ => format!(
+                    "holds '{name}', but {module} is not a Conv1D layer of GPT-2: the adapter was made for another \
+                     architecture (or targets a module kiln does not adapt)"
+                ),
+            };
+            return Err(Error::checkpoint(&wpath, msg));
+        };
+        let fits = match (factor, dims.as_slice()) {
+            ('A', &[_, i]) => i == fan_in,
+            ('B', &[o, _]) => o == fan_out,
+            _ => false,
+        };
+        if !fits {
+            let implied = implied_n_embd(module, factor, &dims).filter(|&c| c != mc.n_embd);
+            let why = match implied {
+                Some(c) => {
+                    format!("the adapter was made for a model with n_embd {c}, this model has n_embd {}", mc.n_embd)
+                }
+                None => "the adapter was made for a model of another size".to_string(),
+            };
+            return Err(Error::checkpoint(
+                &wpath,
+                format!(
+                    "tensor '{name}' has shape {dims:?}, which does not fit {module} of this model ({fan_in} -> \
+                     {fan_out}): {why}. Load the adapter onto the base model it was trained from"
+                ),
+            ));
+        }
+        stored.insert((module.to_string(), factor), dims);
+    }
+
+    let modules = lora::resolve(&cfg, &mc).map_err(|e| Error::checkpoint(&dir.join(CONFIG_FILE), e.to_string()))?;
+    let mut params = ParamStore::new();
+    for m in &modules {
+        for (factor, name) in [('A', m.a_name()), ('B', m.b_name())] {
+            let Some(dims) = stored.remove(&(m.module.clone(), factor)) else {
+                let hint = match max_layer {
+                    Some(l) if l + 1 < mc.n_layer => format!(
+                        ": the adapter was made for a model with n_layer = {}, this model has n_layer = {}",
+                        l + 1,
+                        mc.n_layer
+                    ),
+                    _ => ": the file is incomplete or belongs to another adapter_config.json".to_string(),
+                };
+                return Err(Error::checkpoint(
+                    &wpath,
+                    format!("has no tensor '{name}', which target_modules imply{hint}"),
+                ));
+            };
+            let r = if factor == 'A' { dims[0] } else { dims[1] };
+            if r != m.r {
+                return Err(Error::checkpoint(
+                    &wpath,
+                    format!("tensor '{name}' has rank {r} but adapter_config.json says r = {} for {}", m.r, m.module),
+                ));
+            }
+            params.insert(name.clone(), file.tensor_f32(&name)?);
+        }
+    }
+    if let Some(((module, _), _)) = stored.iter().next() {
+        return Err(Error::checkpoint(
+            &wpath,
+            format!("holds tensors for {module}, which the target_modules of adapter_config.json do not name"),
+        ));
+    }
+    model.lora = Some(Lora::new(cfg, modules, params)?);
+    model.params.set_trainable(false);
+    Ok(())
+}

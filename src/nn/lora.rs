@@ -1,0 +1,353 @@
+//! LoRA (Hu et al. 2021) for GPT-2, laid out as PEFT lays it out, so adapters move between kiln
+//! and PEFT unchanged.
+//!
+//! A targeted Conv1D (W [in, out], y = x W + b) gains lora_A [r, in] and lora_B [out, r]:
+//!   y = x W + b + scaling * dropout(x) A^T B^T,   scaling = alpha / r  (rsLoRA: alpha / sqrt(r)).
+//! Targets are module names matched as PEFT matches them: a module is targeted when its full
+//! name (e.g. `transformer.h.0.attn.c_attn`) equals a target or ends with "." + target, so
+//! "c_proj" adapts both attn.c_proj and mlp.c_proj. The adapter tensors live in their own
+//! `ParamStore` under PEFT's saved names (`base_model.model.<module>.lora_A.weight`); attaching
+//! freezes every base parameter, so the tape allocates no gradient for them and an optimizer given
+//! `Lora::params` keeps no state for them.
+
+use crate::model::gpt2::{Gpt2, Gpt2Config};
+use crate::nn::ParamStore;
+use crate::{Error, Result, Tensor};
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap};
+
+/// The prefix PEFT gives every tensor of a causal-LM adapter (PeftModel.base_model.model).
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// PEFT's shorthand for every linear layer except the output layer (for GPT-2: every Conv1D).
+pub const ALL_LINEAR: &str = "all-linear";
+
+/// The hyper-parameters of a LoRA adapter, as in PEFT's LoraConfig.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    /// The rank of every adapter (`rank_pattern` may override it per module).
+    pub r: usize,
+    /// lora_alpha: the update is scaled by alpha / r (alpha / sqrt(r) with `rslora`).
+    pub alpha: f64,
+    /// Dropout probability on each adapter's input while training.
+    pub dropout: f32,
+    /// Module names or name suffixes (c_attn, c_proj, c_fc, attn.c_proj, h.0.mlp.c_fc, ...), or
+    /// the single entry "all-linear".
+    pub targets: Vec<String>,
+    /// Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023).
+    pub rslora: bool,
+    /// Per-module rank overrides, keyed by a module name suffix (PEFT's rank_pattern).
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides, keyed by a module name suffix (PEFT's alpha_pattern).
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Where the base model came from, recorded in adapter_config.json for the reader.
+    pub base_model: Option<String>,
+    /// PEFT's task_type ("CAUSAL_LM" for adapters kiln creates).
+    pub task_type: Option<String>,
+}
+
+impl LoraConfig {
+    /// A config from the values a fine-tuning command takes (`--r 8 --alpha 16 --dropout 0.05
+    /// --targets c_attn,c_proj --rslora`); checks each value.
+    pub fn new<S: AsRef<str>>(r: usize, alpha: f64, dropout: f32, targets: &[S], rslora: bool) -> Result<Self> {
+        let cfg = LoraConfig {
+            r,
+            alpha,
+            dropout,
+            targets: targets.iter().map(|t| t.as_ref().trim().to_string()).filter(|t| !t.is_empty()).collect(),
+            rslora,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            base_model: None,
+            task_type: Some("CAUSAL_LM".into()),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Splits a comma-separated target list ("c_attn,c_proj").
+    pub fn parse_targets(list: &str) -> Vec<String> {
+        list.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect()
+    }
+
+    /// Checks the values that do not depend on the model.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Input(msg));
+        if self.r == 0 {
+            return bad("LoRA rank r = 0: the rank must be at least 1 (8 or 16 are common choices)".into());
+        }
+        if let Some((k, _)) = self.rank_pattern.iter().find(|(_, &r)| r == 0) {
+            return bad(format!("rank_pattern gives '{k}' rank 0: every rank must be at least 1"));
+        }
+        for (what, a) in std::iter::once(("lora_alpha", self.alpha))
+            .chain(self.alpha_pattern.values().map(|&a| ("alpha_pattern", a)))
+        {
+            if !(a.is_finite() && a > 0.0) {
+                return bad(format!("{what} = {a} must be a positive number (the update is scaled by alpha / r)"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("LoRA dropout {} must be in [0, 1)", self.dropout));
+        }
+        if self.targets.is_empty() {
+            return bad(format!("no LoRA target modules given: name some, e.g. c_attn,c_proj,c_fc (or {ALL_LINEAR})"));
+        }
+        for key in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
+            if !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+                return bad(format!(
+                    "rank_pattern / alpha_pattern key '{key}' is a regular expression; kiln matches these keys as \
+                     module names or name suffixes (like h.0.attn.c_attn): rewrite it as one"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The rank of `module` (a full module name).
+    pub fn rank_of(&self, module: &str) -> usize {
+        self.rank_pattern.iter().find(|(k, _)| matches(module, k)).map_or(self.r, |(_, &r)| r)
+    }
+
+    /// The alpha of `module` (a full module name).
+    pub fn alpha_of(&self, module: &str) -> f64 {
+        self.alpha_pattern.iter().find(|(k, _)| matches(module, k)).map_or(self.alpha, |(_, &a)| a)
+    }
+
+    /// The factor on the update: alpha / r, or alpha / sqrt(r) with rsLoRA (computed in f64 and
+    /// rounded once, as PEFT's Python float is).
+    pub fn scaling(&self, r: usize, alpha: f64) -> f32 {
+        let d = if self.rslora { (r as f64).sqrt() } else { r as f64 };
+        (alpha / d) as f32
+    }
+}
+
+/// PEFT's rule: `target` names `module` when it is the full name or a dot-separated suffix of it.
+fn matches(module: &str, target: &str) -> bool {
+    module == target || module.strip_suffix(target).is_some_and(|head| head.ends_with('.'))
+}
+
+/// One adapted Conv1D.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraModule {
+    /// The module's full name, e.g. `transformer.h.0.attn.c_attn`.
+    pub module: String,
+    pub r: usize,
+    pub fan_in: usize,
+    pub fan_out: usize,
+    pub scaling: f32,
+}
+
+impl LoraModule {
+    /// PEFT's saved name of lora_A [r, in].
+    pub fn a_name(&self) -> String {
+        format!("{PEFT_PREFIX}{}.lora_A.weight", self.module)
+    }
+    /// PEFT's saved name of lora_B [out, r].
+    pub fn b_name(&self) -> String {
+        format!("{PEFT_PREFIX}{}.lora_B.weight", self.module)
+    }
+}
+
+/// The adapter of one module, as the forward pass uses it.
+pub struct Adapter<'a> {
+    pub a: &'a Tensor, // [r, in]
+    pub b: &'a Tensor, // [out, r]
+    pub scaling: f32,
+}
+
+/// A LoRA adapter attached to a GPT-2: its config, its modules and their tensors.
+#[derive(Clone, Debug)]
+pub struct Lora {
+    pub config: LoraConfig,
+    /// lora_A and lora_B of every adapted module under PEFT's saved names, in model order: what an
+    /// optimizer steps and what adapter_model.safetensors holds.
+    pub params: ParamStore,
+    modules: Vec<LoraModule>,
+    index: HashMap<String, usize>,
+}
+
+impl Lora {
+    /// An adapter over `modules` whose tensors are in `params` (checked: every module's A and B
+    /// with the right shapes, and nothing else).
+    pub fn new(config: LoraConfig, modules: Vec<LoraModule>, params: ParamStore) -> Result<Self> {
+        for m in &modules {
+            for (name, dims) in [(m.a_name(), [m.r, m.fan_in]), (m.b_name(), [m.fan_out, m.r])] {
+                let t = params.get(&name)?;
+                if t.dims() != dims {
+                    return Err(Error::shape("lora", format!("{name} has shape {:?}, expected {dims:?}", t.dims())));
+                }
+            }
+        }
+        if params.len() != 2 * modules.len() {
+            return Err(Error::Input(format!(
+                "a LoRA adapter over {} modules holds {} tensors, expected {}",
+                modules.len(),
+                params.len(),
+                2 * modules.len()
+            )));
+        }
+        let index = modules.iter().enumerate().map(|(i, m)| (m.module.clone(), i)).collect();
+        Ok(Lora { config, params, modules, index })
+    }
+
+    /// The adapted modules, in model order.
+    pub fn modules(&self) -> &[LoraModule] {
+        &self.modules
+    }
+
+    /// The adapter of the module called `module` (full name), if it has one.
+    pub fn adapter(&self, module: &str) -> Option<Adapter<'_>> {
+        let m = &self.modules[*self.index.get(module)?];
+        Some(Adapter {
+            a: self.params.get(&m.a_name()).ok()?,
+            b: self.params.get(&m.b_name()).ok()?,
+            scaling: m.scaling,
+        })
+    }
+}
+
+/// GPT-2's Conv1D modules, the layers kiln's LoRA adapts: (full name, in, out), in model order.
+pub fn conv1d_modules(cfg: &Gpt2Config) -> Vec<(String, usize, usize)> {
+    let (c, f) = (cfg.n_embd, cfg.ffn_dim());
+    (0..cfg.n_layer)
+        .flat_map(|i| {
+            let h = format!("transformer.h.{i}");
+            [
+                (format!("{h}.attn.c_attn"), c, 3 * c),
+                (format!("{h}.attn.c_proj"), c, c),
+                (format!("{h}.mlp.c_fc"), c, f),
+                (format!("{h}.mlp.c_proj"), f, c),
+            ]
+        })
+        .collect()
+}
+
+/// GPT-2's other modules (as GPT2LMHeadModel names them) and why LoRA does not adapt them here.
+fn other_modules(cfg: &Gpt2Config) -> Vec<(String, &'static str)> {
+    const EMBED: &str = "LoRA on the embeddings and on lm_head (PEFT's lora_embedding_A/B) is not supported yet: \
+                         kiln adapts GPT-2's Conv1D layers (c_attn, c_proj, c_fc); leave it out of the targets";
+    const NORM: &str = "a LayerNorm, which LoRA does not adapt (PEFT adapts Linear, Conv1D and Embedding layers)";
+    const CONTAINER: &str = "a container of several layers, not a layer LoRA can adapt: name the layers inside it \
+                             (c_attn, c_proj, c_fc)";
+    const NONE: &str = "a layer without weights, which LoRA cannot adapt";
+    let mut out = vec![
+        ("transformer".to_string(), CONTAINER),
+        ("transformer.wte".to_string(), EMBED),
+        ("transformer.wpe".to_string(), EMBED),
+        ("transformer.drop".to_string(), NONE),
+        ("transformer.h".to_string(), CONTAINER),
+    ];
+    for i in 0..cfg.n_layer {
+        let h = format!("transformer.h.{i}");
+        out.extend([
+            (h.clone(), CONTAINER),
+            (format!("{h}.ln_1"), NORM),
+            (format!("{h}.attn"), CONTAINER),
+            (format!("{h}.attn.attn_dropout"), NONE),
+            (format!("{h}.attn.resid_dropout"), NONE),
+            (format!("{h}.ln_2"), NORM),
+            (format!("{h}.mlp"), CONTAINER),
+            (format!("{h}.mlp.act"), NONE),
+            (format!("{h}.mlp.dropout"), NONE),
+        ]);
+    }
+    out.push(("transformer.ln_f".to_string(), NORM));
+    out.push(("lm_head".to_string(), EMBED));
+    out
+}
+
+/// The modules of a GPT-2 of `model` that `config` targets, each with its rank and scaling, in
+/// model order. Errors name a target that matches nothing (listing the names that exist), a
+/// target that is not a Conv1D, and a rank above the layer's min(in, out).
+pub fn resolve(config: &LoraConfig, model: &Gpt2Config) -> Result<Vec<LoraModule>> {
+    config.validate()?;
+    let convs = conv1d_modules(model);
+    let others = other_modules(model);
+    let mut chosen = vec![false; convs.len()];
+    let all_linear = config.targets.iter().any(|t| t == ALL_LINEAR);
+    if all_linear && config.targets.len() > 1 {
+        return Err(Error::Input(format!(
+            "target modules {:?}: \"{ALL_LINEAR}\" already names every Conv1D; give it alone or list names",
+            config.targets
+        )));
+    }
+    for t in &config.targets {
+        if let Some((m, why)) = others.iter().find(|(m, _)| !all_linear && matches(m, t)) {
+            return Err(Error::Input(format!("LoRA target '{t}' matches {m}: {why}")));
+        }
+        let mut found = false;
+        for (i, (m, _, _)) in convs.iter().enumerate() {
+            if all_linear || matches(m, t) {
+                chosen[i] = true;
+                found = true;
+            }
+        }
+        if !found {
+            return Err(Error::Input(format!(
+                "LoRA target '{t}' matches no module of this GPT-2. Its modules are transformer.wte, transformer.wpe, \
+                 transformer.h.{{0..{}}}.{{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj}}, transformer.ln_f \
+                 and lm_head; a target names a module or a dot-separated suffix of its name. kiln's LoRA adapts the \
+                 Conv1D layers: c_attn, c_proj (attn and mlp), c_fc, or a longer suffix such as attn.c_proj or h.0.mlp.c_fc",
+                model.n_layer.saturating_sub(1)
+            )));
+        }
+    }
+    let mut out = Vec::new();
+    for ((module, fan_in, fan_out), _) in convs.into_iter().zip(chosen).filter(|(_, c)| *c) {
+        let r = config.rank_of(&module);
+        let limit = fan_in.min(fan_out);
+        if r > limit {
+            return Err(Error::Input(format!(
+                "LoRA rank r = {r} is larger than {module} ({fan_in} -> {fan_out}): a rank above min(in, out) = \
+                 {limit} adds parameters but cannot add expressiveness; use r <= {limit}"
+            )));
+        }
+        let scaling = config.scaling(r, config.alpha_of(&module));
+        out.push(LoraModule { module, r, fan_in, fan_out, scaling });
+    }
+    Ok(out)
+}
+
+/// Attaches fresh adapters to `model` as PEFT initialises them (lora_A ~ kaiming_uniform(a =
+/// sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)); lora_B = 0, so the model's outputs do not change)
+/// and freezes every base parameter. Deterministic in `seed`.
+pub fn attach(model: &mut Gpt2, config: LoraConfig, seed: u64) -> Result<()> {
+    if model.lora.is_some() {
+        return Err(Error::Input("this model already carries a LoRA adapter: merge it (kiln merge) first".into()));
+    }
+    let modules = resolve(&config, &model.config)?;
+    let mut params = ParamStore::new();
+    for (i, m) in modules.iter().enumerate() {
+        let bound = 1.0 / (m.fan_in as f32).sqrt();
+        // One stream per adapted module, so the draws do not depend on thread or module order.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64);
+        let a: Vec<f32> = (0..m.r * m.fan_in).map(|_| rng.random_range(-bound..bound)).collect();
+        params.insert(m.a_name(), Tensor::from_f32(a, [m.r, m.fan_in])?);
+        params.insert(m.b_name(), Tensor::zeros([m.fan_out, m.r]));
+    }
+    model.lora = Some(Lora::new(config, modules, params)?);
+    model.params.set_trainable(false);
+    Ok(())
+}
+
+/// A plain model with the adapter folded into the base weights (W += scaling * A^T B^T, PEFT's
+/// merge for Conv1D), every parameter trainable. The model itself is left as it is.
+pub fn merged(model: &Gpt2) -> Result<Gpt2> {
+    let mut params = model.params.clone();
+    params.set_trainable(true);
+    if let Some(lora) = &model.lora {
+        for m in lora.modules() {
+            let ad = lora.adapter(&m.module).ok_or_else(|| Error::Input(format!("no adapter for {}", m.module)))?;
+            let w = &mut params.get_mut(&format!("{}.weight", m.module))?.tensor;
+            if w.dims() != [m.fan_in, m.fan_out] {
+                return Err(Error::shape(
+                    "lora merge",
+                    format!("{}.weight is {:?}, the adapter expects [{}, {}]", m.module, w.dims(), m.fan_in, m.fan_out),
+                ));
+            }
+            let (a, b) = (ad.a.f32s()?, ad.b.f32s()?);
+            crate::backend::cpu::lora::lora_merge(w.f32s_mut()?, a, b, m.fan_in, m.fan_out, m.r, ad.scaling);
+        }
+    }
+    Ok(Gpt2 { config: model.config.clone(), params, lora: None })
+}

@@ -1,0 +1,163 @@
+//! LoRA linear: a Conv1D layer (W [in, out], y = x W + b) with PEFT's low-rank update,
+//!   y = x W + b + scaling * dropout(x) A^T B^T,   A = lora_A [r, in], B = lora_B [out, r],
+//! as one tape node (llm.c granularity). Backward computes only what `needs` asks for, so the
+//! frozen base weight of a LoRA model costs no dW GEMM and no gradient buffer; the rules are in
+//! `src/backend/cpu/lora.rs`.
+
+use super::{expect_dims, f32_input, new_f32};
+use crate::backend::cpu::{elementwise as cpu_ew, lora as cpu, pool};
+use crate::tape::{Op, Tape};
+use crate::{Error, Result, Tensor};
+
+pub(crate) struct Saved {
+    x: Tensor,
+    w: Tensor,
+    a: Tensor,
+    b: Tensor,
+    /// scaling * dropout(x) A^T, [M, r]
+    us: Vec<f32>,
+    /// The dropout mask (1 = kept) and 1 / (1 - p), when dropout was applied.
+    keep: Option<(Vec<u8>, f32)>,
+    scaling: f32,
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+    has_bias: bool,
+}
+
+/// y = x @ w + bias + scaling * dropout(x) @ a^T @ b^T for x [..., in], w [in, out] (Conv1D
+/// layout), a [r, in], b [out, r]. Dropout with probability `dropout_p` applies to the adapter's
+/// input only, when `train`; its mask is drawn from `seed`. The inputs are recorded in the order
+/// x, w, a, b, bias.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_linear(
+    tape: &mut Tape,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f32,
+    dropout_p: f32,
+    train: bool,
+    seed: u64,
+) -> Result<Tensor> {
+    const OP: &str = "lora_linear";
+    let _t = crate::profile::scope(OP, crate::profile::Phase::Forward);
+    if !(0.0..1.0).contains(&dropout_p) {
+        return Err(Error::Input(format!("{OP}: dropout probability {dropout_p} must be in [0, 1)")));
+    }
+    let &[k, n] = w.dims() else {
+        return Err(Error::shape(OP, format!("the weight must be 2-D [in, out], got {:?}", w.dims())));
+    };
+    if x.dims().is_empty() || x.shape().last() != k {
+        return Err(Error::shape(
+            OP,
+            format!("x {:?} does not end in the weight's in = {k} (weight {:?})", x.dims(), w.dims()),
+        ));
+    }
+    let r = match a.dims() {
+        &[r, ka] if ka == k && r > 0 => r,
+        _ => return Err(Error::shape(OP, format!("lora_A has shape {:?}, expected [r, {k}] with r >= 1", a.dims()))),
+    };
+    expect_dims(OP, "lora_B", b, &[n, r])?;
+    if let Some(bias) = bias {
+        expect_dims(OP, "bias", bias, &[n])?;
+    }
+    let m = x.shape().rows();
+    let (xv, wd, ad, bd) = (f32_input(OP, x)?, f32_input(OP, w)?, f32_input(OP, a)?, f32_input(OP, b)?);
+    let biasd = bias.map(|t| f32_input(OP, t)).transpose()?;
+
+    let keep = (train && dropout_p > 0.0).then(|| {
+        let mut mask = vec![0u8; m * k];
+        cpu_ew::dropout_mask(&mut mask, seed, dropout_p);
+        (mask, 1.0 / (1.0 - dropout_p))
+    });
+    let dropped = keep.as_ref().map(|(mask, s)| {
+        let mut d = pool::take(m * k);
+        cpu_ew::dropout_forward(&mut d, xv, mask, *s);
+        d
+    });
+    let xd = dropped.as_deref().unwrap_or(xv);
+    let mut us = vec![0f32; m * r];
+    let mut out_dims = x.dims().to_vec();
+    out_dims.pop();
+    out_dims.push(n);
+    let out = new_f32(&out_dims, |o| cpu::lora_forward(o, &mut us, xv, xd, wd, biasd, ad, bd, m, n, k, r, scaling))?;
+    if let Some(d) = dropped {
+        pool::give(d);
+    }
+    let inputs: Vec<&Tensor> = [Some(x), Some(w), Some(a), Some(b), bias].into_iter().flatten().collect();
+    if tape.wants(&inputs) {
+        let saved = Saved {
+            x: x.clone(),
+            w: w.clone(),
+            a: a.clone(),
+            b: b.clone(),
+            us,
+            keep,
+            scaling,
+            m,
+            n,
+            k,
+            r,
+            has_bias: bias.is_some(),
+        };
+        tape.record(Op::Lora(saved), &inputs, &out);
+    }
+    Ok(out)
+}
+
+pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    let (m, n, k, r) = (s.m, s.n, s.k, s.r);
+    let x = s.x.f32s()?;
+    // dA needs dropout(x) again: rebuilt from the mask rather than kept alive since the forward.
+    let dropped = match (&s.keep, needs[2]) {
+        (Some((mask, scale)), true) => {
+            let mut d = pool::take(m * k);
+            cpu_ew::dropout_forward(&mut d, x, mask, *scale);
+            Some(d)
+        }
+        _ => None,
+    };
+    let need_bias = s.has_bias && needs[4];
+    let take = |need: bool, len: usize| need.then(|| pool::take(len));
+    let (mut dx, mut dw, mut da, mut db) =
+        (take(needs[0], m * k), take(needs[1], k * n), take(needs[2], r * k), take(needs[3], n * r));
+    let mut dbias = need_bias.then(|| vec![0f32; n]);
+    let grads = cpu::LoraGrads {
+        dx: dx.as_deref_mut(),
+        dw: dw.as_deref_mut(),
+        dbias: dbias.as_deref_mut(),
+        da: da.as_deref_mut(),
+        db: db.as_deref_mut(),
+    };
+    let keep = s.keep.as_ref().map(|(mask, scale)| (mask.as_slice(), *scale));
+    let xd = dropped.as_deref().unwrap_or(x);
+    cpu::lora_backward(
+        grads,
+        dout.f32s()?,
+        x,
+        xd,
+        keep,
+        s.w.f32s()?,
+        s.a.f32s()?,
+        s.b.f32s()?,
+        &s.us,
+        m,
+        n,
+        k,
+        r,
+        s.scaling,
+    );
+    if let Some(d) = dropped {
+        pool::give(d);
+    }
+    let wrap = |d: Option<Vec<f32>>, dims: &[usize]| d.map(|d| Tensor::from_f32(d, dims)).transpose();
+    let mut out = vec![wrap(dx, s.x.dims())?, wrap(dw, s.w.dims())?, wrap(da, s.a.dims())?, wrap(db, s.b.dims())?];
+    if s.has_bias {
+        out.push(wrap(dbias, &[n])?);
+    }
+    Ok(out)
+}
