@@ -227,8 +227,9 @@ pub fn pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         Some(dir) => {
             let s = checkpoint::load(dir, &mut opt)?;
             metrics::truncate_after(&run_dir.join("metrics.jsonl"), s.step)?;
-            let sampler = serde_json::from_value(s.data)
-                .map_err(|e| Error::checkpoint(dir, format!("trainer_state.json: the data position is unreadable ({e})")))?;
+            let sampler = serde_json::from_value(s.data).map_err(|e| {
+                Error::checkpoint(dir, format!("trainer_state.json: the data position is unreadable ({e})"))
+            })?;
             (s.model, sampler, s.step, s.elapsed_s)
         }
         None => {
