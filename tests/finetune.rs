@@ -134,3 +134,45 @@ fn the_command_prints_its_cost_and_refuses_what_it_cannot_do() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent"));
 }
+
+#[test]
+fn lora_finetuning_trains_only_the_adapter_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, base) = base_model(dir.path());
+    let task = dir.path().join("task.jsonl");
+    let extra = [
+        "finetune.method=\"lora\"",
+        "finetune.lora_r=4",
+        "finetune.lora_dropout=0.1",
+        "train.max_steps=10",
+        "train.eval_every=10",
+    ];
+    let cfg = config(&base, &task, &extra);
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let s = finetune(&cfg, &a, &opts(Start::Fresh, None)).unwrap();
+    let ckpt = s.checkpoint.unwrap();
+    assert!(ckpt.join("adapter_config.json").exists() && ckpt.join("adapter_model.safetensors").exists());
+    assert!(!ckpt.join("model.safetensors").exists(), "a LoRA checkpoint holds the adapter, not the frozen base");
+    // the adapter loads onto the base with kiln's PEFT reader, and moved away from its B = 0 start
+    let mut m = kiln::io::checkpoint::load_gpt2(&base).unwrap();
+    kiln::io::peft::load_adapter(&mut m, &ckpt).unwrap();
+    let lora = m.lora.as_ref().unwrap();
+    assert!(lora.params.iter().filter(|p| p.name.contains("lora_B")).any(|p| p
+        .tensor
+        .f32s()
+        .unwrap()
+        .iter()
+        .any(|&x| x != 0.0)));
+    // optimizer state exists for adapter tensors only
+    let opt = kiln::io::checkpoint::load_all(&ckpt.join("optimizer.safetensors")).unwrap();
+    assert!(!opt.is_empty() && opt.keys().all(|k| k.contains("lora_")), "{:?}", opt.keys().take(3).collect::<Vec<_>>());
+    // stop at 4, resume: the same losses
+    finetune(&cfg, &b, &opts(Start::Fresh, Some(4))).unwrap();
+    finetune(&cfg, &b, &opts(Start::Resume, None)).unwrap();
+    let losses = |p: &Path| -> Vec<(usize, f64)> {
+        metrics::read(&p.join("metrics.jsonl")).unwrap().iter().filter_map(|r| r.loss.map(|l| (r.step, l))).collect()
+    };
+    assert_eq!(losses(&a).len(), 10);
+    assert_eq!(losses(&a), losses(&b));
+    assert!(losses(&a)[9].1 < losses(&a)[0].1);
+}

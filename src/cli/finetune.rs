@@ -35,6 +35,21 @@ pub struct FinetuneArgs {
     pub tokenizer: Option<PathBuf>,
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// LoRA rank (--method lora).
+    #[arg(long)]
+    pub r: Option<usize>,
+    /// LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with --rslora).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Dropout on the LoRA path's input.
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
+    /// Modules LoRA adapts, comma separated (GPT-2: c_attn, c_proj, c_fc).
+    #[arg(long)]
+    pub targets: Option<String>,
+    /// rsLoRA scaling, alpha / sqrt(r).
+    #[arg(long)]
+    pub rslora: bool,
     /// Recompute each block's activations in backward instead of keeping them.
     #[arg(long)]
     pub gradient_checkpointing: bool,
@@ -61,9 +76,11 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     args.device.parse::<crate::Device>()?.ensure_available()?;
     let stored = args.out.join("run.toml");
     let file = args.config.clone().or_else(|| (args.resume && stored.exists()).then_some(stored));
-    // fine-tuning defaults: a small learning rate, short warm-up, context from the model
+    // fine-tuning defaults: a small learning rate (larger for adapters), short warm-up, the
+    // model's context
+    let lr = if args.method == "full" { "5e-5" } else { "2e-4" };
     let mut o = vec![
-        "train.lr=5e-5".to_string(),
+        format!("train.lr={lr}"),
         "train.warmup_steps=10".into(),
         "train.seq_len=1024".into(),
         "train.max_steps=200".into(),
@@ -84,6 +101,21 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     }
     if args.pack {
         o.push("finetune.pack=true".into());
+    }
+    if let Some(r) = args.r {
+        o.push(format!("finetune.lora_r={r}"));
+    }
+    if let Some(a) = args.alpha {
+        o.push(format!("finetune.lora_alpha={a:?}"));
+    }
+    if let Some(d) = args.lora_dropout {
+        o.push(format!("finetune.lora_dropout={d:?}"));
+    }
+    if let Some(t) = &args.targets {
+        o.push(format!("finetune.lora_targets={}", list(&crate::nn::lora::LoraConfig::parse_targets(t))));
+    }
+    if args.rslora {
+        o.push("finetune.rslora=true".into());
     }
     if args.gradient_checkpointing {
         o.push("finetune.gradient_checkpointing=true".into());

@@ -374,6 +374,24 @@ impl Gpt2 {
         }
     }
 
+    /// The parameter stores: the base model's, then the adapter's when one is attached.
+    pub fn stores(&self) -> Vec<&ParamStore> {
+        let mut v = vec![&self.params];
+        if let Some(l) = &self.lora {
+            v.push(&l.params);
+        }
+        v
+    }
+
+    /// `stores`, mutably (what an optimizer steps).
+    pub fn stores_mut(&mut self) -> Vec<&mut ParamStore> {
+        let mut v = vec![&mut self.params];
+        if let Some(l) = &mut self.lora {
+            v.push(&mut l.params);
+        }
+        v
+    }
+
     /// Logits for `ids` (I32 [B, T]) and, with `targets` (I32 [B, T], -100 = no target), the
     /// mean loss. Trainable parameters (the adapter's too) are watched on `tape`, so
     /// `tape.backward(loss)` yields their gradients.

@@ -141,8 +141,18 @@ impl AdamW {
         step: u64,
         params: &ParamStore,
     ) -> Result<()> {
+        self.load_state_all(tensors, step, &[params])
+    }
+
+    /// `load_state` over several stores (a base model and its adapter).
+    pub fn load_state_all(
+        &mut self,
+        tensors: &std::collections::BTreeMap<String, crate::Tensor>,
+        step: u64,
+        stores: &[&ParamStore],
+    ) -> Result<()> {
         self.state.clear();
-        for p in params.iter().filter(|p| p.trainable) {
+        for p in stores.iter().flat_map(|s| s.iter()).filter(|p| p.trainable) {
             let (Some(m), Some(v)) =
                 (tensors.get(&format!("exp_avg.{}", p.name)), tensors.get(&format!("exp_avg_sq.{}", p.name)))
             else {
@@ -164,9 +174,15 @@ impl AdamW {
 
     /// One update at learning rate `lr` of every trainable parameter that has a gradient.
     pub fn step(&mut self, params: &mut ParamStore, grads: &Gradients, lr: f64) -> Result<()> {
+        self.step_all(&mut [params], grads, lr)
+    }
+
+    /// One update of every trainable parameter in several stores (a base model and its adapter):
+    /// one optimizer step, so the bias correction advances once.
+    pub fn step_all(&mut self, stores: &mut [&mut ParamStore], grads: &Gradients, lr: f64) -> Result<()> {
         let _t = crate::profile::scope("adamw", crate::profile::Phase::Optimizer);
         self.step += 1;
-        for p in params.iter_mut().filter(|p| p.trainable) {
+        for p in stores.iter_mut().flat_map(|s| s.iter_mut()).filter(|p| p.trainable) {
             let Some(g) = grads.get(&p.tensor) else {
                 continue;
             };

@@ -69,7 +69,12 @@ pub fn save(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::write(&tmp, e))?;
     }
-    save_gpt2(model, &tmp, DType::F32)?;
+    // With an adapter attached the base is frozen and unchanged: the checkpoint is the adapter.
+    if model.lora.is_some() {
+        crate::io::peft::save_adapter(model, &tmp)?;
+    } else {
+        save_gpt2(model, &tmp, DType::F32)?;
+    }
     tok.save(&tmp.join("tokenizer.json"))?;
     crate::io::safetensors::save(
         &tmp.join("optimizer.safetensors"),
@@ -89,13 +94,22 @@ pub fn save(
     Ok(dest)
 }
 
-/// Reads a checkpoint, restoring the optimizer's moments and step into `opt`.
-pub fn load(dir: &Path, opt: &mut AdamW) -> Result<Loaded> {
-    let model = load_gpt2(dir)?;
+/// Reads a checkpoint, restoring the optimizer's moments and step into `opt`. A checkpoint that
+/// holds an adapter (adapter_config.json) is applied to `base`, which must then be given.
+pub fn load(dir: &Path, base: Option<Gpt2>, opt: &mut AdamW) -> Result<Loaded> {
+    let model = if dir.join("adapter_config.json").exists() {
+        let mut base =
+            base.ok_or_else(|| Error::checkpoint(dir, "holds an adapter; its base model is needed to resume"))?;
+        base.lora = None;
+        crate::io::peft::load_adapter(&mut base, dir)?;
+        base
+    } else {
+        load_gpt2(dir)?
+    };
     let path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::read(&path, e))?;
     let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::config(&path, format!("{e}")))?;
     let moments = load_all(&dir.join("optimizer.safetensors"))?;
-    opt.load_state(&moments, state.step as u64, &model.params)?;
+    opt.load_state_all(&moments, state.step as u64, &model.stores())?;
     Ok(Loaded { model, data: state.data, step: state.step, elapsed_s: state.elapsed_s })
 }

@@ -30,6 +30,13 @@ pub struct FinetuneSection {
     /// Concatenate short examples into full rows.
     pub pack: bool,
     pub gradient_checkpointing: bool,
+    /// LoRA rank, alpha (scaling alpha / r, or alpha / sqrt(r) with rslora), dropout and the
+    /// modules it adapts (by name suffix, as PEFT matches them).
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f32,
+    pub lora_targets: Vec<String>,
+    pub rslora: bool,
 }
 
 impl Default for FinetuneSection {
@@ -41,6 +48,11 @@ impl Default for FinetuneSection {
             chat: crate::data::sft::ChatTemplate::default(),
             pack: false,
             gradient_checkpointing: false,
+            lora_r: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.05,
+            lora_targets: vec!["c_attn".into(), "c_proj".into(), "c_fc".into()],
+            rslora: false,
         }
     }
 }

@@ -9,6 +9,7 @@ use super::{checkpoint, steps, Options, Start, Summary};
 use crate::data::sft::{self, SftData};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::gpt2::{Gpt2, Mode};
+use crate::nn::lora::LoraConfig;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::tape::Tape;
 use crate::{Error, Result, Tensor};
@@ -98,7 +99,9 @@ pub fn evaluate_rows(model: &Gpt2, data: &SftData, batch: usize, pad: u32) -> Re
 /// The cost of training `model` as configured, before it starts: one table a person can read.
 pub fn memory_table(model: &Gpt2, batch: usize, seq: usize, optimizer_bytes_per_param: usize) -> String {
     let c = &model.config;
-    let (total, trainable) = (model.params.numel(), model.params.trainable_numel());
+    let stores = model.stores();
+    let total: usize = stores.iter().map(|s| s.numel()).sum();
+    let trainable: usize = stores.iter().map(|s| s.trainable_numel()).sum();
     let mb = |b: f64| format!("{:9.1} MB", b / 1e6);
     // Saved per token and layer by kiln's ops: ln_1 out, qkv (3C), attention out, c_proj out,
     // residual, ln_2 out, c_fc pre-activation and GELU out (2F), mlp out, residual: 8C + 2F floats.
@@ -130,11 +133,15 @@ pub fn peak_rss() -> Option<u64> {
 /// Fine-tunes `cfg.model.init_from` on `cfg.data.train` (SFT files) into `run_dir`.
 pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summary> {
     let f = &cfg.finetune;
-    if f.method != "full" {
-        return Err(Error::Input(format!(
-            "--method {}: only `full` fine-tuning is wired into `kiln finetune` so far; LoRA and QLoRA arrive with the rest of issue 4",
-            f.method
-        )));
+    match f.method.as_str() {
+        "full" | "lora" => {}
+        "qlora" => {
+            return Err(Error::Input(
+                "--method qlora is not wired into `kiln finetune` yet (the NF4 linear op is next); use --method lora"
+                    .into(),
+            ))
+        }
+        other => return Err(Error::Input(format!("unknown method \"{other}\": use full, lora or qlora"))),
     }
     if f.optimizer != "adamw" {
         return Err(Error::Input(format!("optimizer \"{}\" is not available yet; use adamw", f.optimizer)));
@@ -208,7 +215,8 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
     let latest = if opts.start == Start::Resume { checkpoint::latest(run_dir)? } else { None };
     let (mut pos, start_step, elapsed0) = match &latest {
         Some(dir) => {
-            let s = checkpoint::load(dir, &mut opt)?;
+            let base = (f.method == "lora").then(|| model.clone());
+            let s = checkpoint::load(dir, base, &mut opt)?;
             super::metrics::truncate_after(&run_dir.join("metrics.jsonl"), s.step)?;
             model = s.model;
             let pos: SftPosition = serde_json::from_value(s.data).map_err(|e| {
@@ -216,9 +224,17 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
             })?;
             (pos, s.step, s.elapsed_s)
         }
-        None => (SftPosition::default(), 0, 0.0),
+        None => {
+            if f.method == "lora" {
+                let lc = LoraConfig::new(f.lora_r, f.lora_alpha, f.lora_dropout, &f.lora_targets, f.rslora)?;
+                crate::nn::lora::attach(&mut model, lc, t.seed)?;
+            }
+            (SftPosition::default(), 0, 0.0)
+        }
     };
-    model.params.set_trainable(true);
+    if f.method == "full" {
+        model.params.set_trainable(true);
+    }
     print!("{}", memory_table(&model, t.batch_size, ctx, 8));
     let perm = order(t.seed, pos.epoch, train.rows.len());
     pos.next = pos.next.min(perm.len());

@@ -225,7 +225,7 @@ pub fn pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
     let latest = if opts.start == Start::Resume { checkpoint::latest(run_dir)? } else { None };
     let (mut model, sampler, start_step, elapsed0) = match &latest {
         Some(dir) => {
-            let s = checkpoint::load(dir, &mut opt)?;
+            let s = checkpoint::load(dir, None, &mut opt)?;
             metrics::truncate_after(&run_dir.join("metrics.jsonl"), s.step)?;
             let sampler = serde_json::from_value(s.data).map_err(|e| {
                 Error::checkpoint(dir, format!("trainer_state.json: the data position is unreadable ({e})"))

@@ -121,7 +121,7 @@ pub fn run(model: &mut Gpt2, opt: &mut AdamW, task: &mut dyn Task, spec: &Spec) 
                 step + 1
             )));
         }
-        opt.step(&mut model.params, &grads, lr)?;
+        opt.step_all(&mut model.stores_mut(), &grads, lr)?;
         drop(grads);
         let done = step + 1;
         let rate = tokens_per_step as f64 / t0.elapsed().as_secs_f64();
