@@ -125,5 +125,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
         world.people[0].name
     );
     println!("  metrics {}/metrics.jsonl, loss curve {}/loss.svg", dir.display(), dir.display());
+    // the built-in fine-tuning task, for the next step
+    let task = dir.join("data").join("task.jsonl");
+    crate::io::write_atomic(&task, |w| std::io::Write::write_all(w, world.task_jsonl().as_bytes()))?;
+    println!(
+        "  next, fine-tune it on question/answer pairs about the same world: kiln finetune --model {} --data {} --method lora --out {}-lora",
+        ckpt.display(),
+        task.display(),
+        dir.display()
+    );
     Ok(())
 }
