@@ -14,6 +14,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod profile;
+pub mod quant;
 pub mod tape;
 pub mod tensor;
 pub mod train;

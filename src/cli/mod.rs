@@ -5,6 +5,7 @@ mod demo;
 mod finetune;
 mod generate;
 mod pretrain;
+mod quantize;
 mod tokenizer;
 
 use crate::data::batch::Batch;
@@ -102,6 +103,8 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Generate text (or token ids) from a checkpoint, streamed as it comes.
     Generate(generate::GenerateArgs),
+    /// Quantize every 2-D tensor of a safetensors file to NF4, as bitsandbytes stores it.
+    Quantize(quantize::QuantizeArgs),
     /// Tokenizers: train a byte-level BPE on your text.
     Tokenizer {
         #[command(subcommand)]
@@ -154,6 +157,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(args) => pretrain::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Finetune(args) => finetune::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Tokenizer { what } => tokenizer::run(what),
         Command::Generate(args) => generate::run(args),
     }

@@ -3,3 +3,5 @@
 
 pub mod adamw;
 pub use adamw::{AdamW, AdamWConfig, AdamWScalars};
+pub mod adamw8bit;
+pub use adamw8bit::AdamW8bit;

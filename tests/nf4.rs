@@ -1,0 +1,235 @@
+//! NF4 against bitsandbytes (oracle fixture nf4.safetensors: a 64x256 N(0,1) matrix quantized
+//! by bitsandbytes' CPU quantize_4bit, block size 64): packed codes, absmax and dequantized
+//! values must be equal bit for bit. Also the tie rule, the refusal of sizes that do not fill
+//! whole blocks, the double-quantization error bound, and the safetensors layout `kiln
+//! quantize` writes (tested through `kiln::quant::quantize_file_nf4`, the function behind the
+//! command, since the subcommand is wired into the CLI separately).
+
+use kiln::io::checkpoint::load_all;
+use kiln::io::safetensors::{save, SafeFile};
+use kiln::quant::blockwise::dynamic_map;
+use kiln::quant::nf4::{dequantize_nf4, quantize_nf4, unpack_nf4, NF4_CODE};
+use kiln::quant::{py_float_repr, quantize_file_nf4, Nf4FileOptions};
+use kiln::{DType, Tensor};
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+fn fixture() -> BTreeMap<String, Tensor> {
+    load_all(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle/dev-set/nf4.safetensors")).unwrap()
+}
+
+fn bit_mismatches(a: &[f32], b: &[f32]) -> usize {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count()
+}
+
+#[test]
+fn code_table_equals_bitsandbytes() {
+    let f = fixture();
+    assert_eq!(bit_mismatches(&NF4_CODE, f["code_table"].f32s().unwrap()), 0);
+}
+
+#[test]
+fn packed_absmax_and_dequant_equal_bitsandbytes() {
+    let f = fixture();
+    let w = f["W"].f32s().unwrap();
+    let q = quantize_nf4(w, 64).unwrap();
+    let packed_mismatches = q.packed.iter().zip(f["packed"].u8s().unwrap()).filter(|(a, b)| a != b).count();
+    println!("packed: {packed_mismatches} mismatching bytes of {}", q.packed.len());
+    assert_eq!(q.packed.len(), f["packed"].numel());
+    assert_eq!(packed_mismatches, 0, "packed NF4 codes differ from bitsandbytes'");
+    assert_eq!(unpack_nf4(&q.packed), f["codes"].u8s().unwrap(), "unpacked codes (high nibble first) differ");
+    assert_eq!(bit_mismatches(&q.absmax, f["absmax"].f32s().unwrap()), 0, "absmax differs");
+    let deq = dequantize_nf4(&q);
+    assert_eq!(bit_mismatches(&deq, f["dequant"].f32s().unwrap()), 0, "dequant differs");
+}
+
+#[test]
+fn midpoint_ties_go_to_the_lower_code_and_zero_blocks_to_zero() {
+    // block 0 has absmax exactly 1, so x * (1/absmax) is x itself: element 1 + k sits exactly on
+    // the midpoint between codes k and k+1, element 17 + k one ulp above it
+    let mut w = vec![0f32; 128];
+    w[0] = 1.0;
+    for k in 0..15 {
+        let mid = (NF4_CODE[k] + NF4_CODE[k + 1]) / 2.0;
+        w[1 + k] = mid;
+        w[17 + k] = f32::from_bits(if mid > 0.0 { mid.to_bits() + 1 } else { mid.to_bits() - 1 });
+    }
+    let q = quantize_nf4(&w, 64).unwrap();
+    let codes = unpack_nf4(&q.packed);
+    for k in 0..15 {
+        assert_eq!(codes[1 + k] as usize, k, "the midpoint of codes {k} and {} goes to the lower one", k + 1);
+        assert_eq!(codes[17 + k] as usize, k + 1, "just above the midpoint of {k} and {} goes up", k + 1);
+    }
+    assert_eq!(codes[0], 15);
+    // block 1 is all zeros: absmax 0, every code the exact zero (index 7), dequantized to 0
+    assert_eq!(q.absmax[1], 0.0);
+    assert!(codes[64..].iter().all(|&c| c == 7));
+    assert!(dequantize_nf4(&q)[64..].iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn sizes_that_do_not_fill_whole_blocks_are_refused() {
+    let err = quantize_nf4(&vec![0.5f32; 100], 64).unwrap_err().to_string();
+    assert!(err.contains("100") && err.contains("64") && err.contains("refuses rather than pads"), "{err}");
+    let err = quantize_nf4(&vec![0.5f32; 96], 48).unwrap_err().to_string();
+    assert!(err.contains("48") && err.contains("not supported"), "{err}");
+    assert!(quantize_nf4(&[], 64).is_err());
+}
+
+/// Double quantization changes each block's absmax A into A' = map[c] * A2 + offset, where A2 is
+/// the nested block's max |A - offset| and c the 8-bit code of (A - offset) / A2. The code is
+/// the nearest map entry except within one table step (2/65535) of a midpoint, so
+///   |A' - A| <= (g/2 + 2/65535) * A2 + rounding,
+/// g = the widest gap of the signed dynamic map (0.9/64, its top decade; its lowest entry
+/// -0.99297 is also within g/2 of -1). Rounding: the product and the offset add, one half-ulp
+/// each, under 2 * 2^-24 * max(A) together. Since every NF4 value has |code| <= 1, each
+/// dequantized element moves by at most |A' - A| plus a half-ulp of itself.
+#[test]
+fn double_quant_round_trip_is_bounded() {
+    let map = dynamic_map(true);
+    let g = map.windows(2).map(|w| (w[1] - w[0]) as f64).fold(0f64, f64::max);
+    assert!((g - 0.9 / 64.0).abs() < 1e-6 && (1.0 + map[0] as f64) <= g / 2.0 + 1e-7);
+    let table_step = 2.0 / 65535.0;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(41);
+    // the fixture (256 absmax, one nested block) and 650 rows of 64 with row scales over three
+    // decades (650 absmax: two full nested blocks and a partial one of 138)
+    let fixture_w = fixture()["W"].f32s().unwrap().to_vec();
+    let scaled_w: Vec<f32> = (0..650 * 64)
+        .map(|i| {
+            let scale = 10f32.powf(((i / 64) % 13) as f32 / 4.0 - 1.5);
+            (rng.random::<f32>() * 2.0 - 1.0) * scale
+        })
+        .collect();
+    for w in [fixture_w, scaled_w] {
+        let q = quantize_nf4(&w, 64).unwrap();
+        let dq = q.double_quant();
+        assert_eq!(dq.codes.len(), q.absmax.len());
+        assert_eq!(dq.nested_absmax.len(), q.absmax.len().div_ceil(256));
+        let a2 = dq.dequantize();
+        let max_a = q.absmax.iter().fold(0f64, |m, &a| m.max(a as f64));
+        let round = 2.0 * f32::EPSILON as f64 / 2.0 * max_a;
+        let mut worst = 0f64;
+        for (j, (&a, &a_dq)) in q.absmax.iter().zip(&a2).enumerate() {
+            let nested = dq.nested_absmax[j / 256] as f64;
+            let bound = (g / 2.0 + table_step) * nested + round;
+            let err = (a_dq as f64 - a as f64).abs();
+            worst = worst.max(err / nested);
+            assert!(err <= bound, "absmax {j}: {a} became {a_dq} (error {err:e}, bound {bound:e})");
+        }
+        let single = dequantize_nf4(&q);
+        let double = q.dequantize_with(&dq).unwrap();
+        for (i, (&s, &d)) in single.iter().zip(&double).enumerate() {
+            let j = i / 64;
+            let bound = (a2[j] as f64 - q.absmax[j] as f64).abs() + (d.abs() as f64) * f32::EPSILON as f64;
+            assert!(((s - d) as f64).abs() <= bound, "element {i}: {s} vs {d}");
+        }
+        println!(
+            "{} absmax: worst error {worst:.5} of the nested absmax (bound {:.5}), offset {}",
+            q.absmax.len(),
+            g / 2.0 + table_step,
+            dq.offset
+        );
+    }
+}
+
+#[test]
+fn python_float_repr() {
+    for (x, s) in [
+        (0.1, "0.1"),
+        (1.0, "1.0"),
+        (0.0001, "0.0001"),
+        (1e-5, "1e-05"),
+        (2.5e-7, "2.5e-07"),
+        (1e16, "1e+16"),
+        (123456.789, "123456.789"),
+        (-0.75, "-0.75"),
+        (0.7928085327148438, "0.7928085327148438"),
+    ] {
+        assert_eq!(py_float_repr(x), s);
+    }
+}
+
+fn write_model(dir: &Path) -> std::path::PathBuf {
+    let f = fixture();
+    let w = f["W"].clone();
+    let bf: Vec<half::bf16> = (0..128 * 64).map(|i| half::bf16::from_f32(((i as f32) * 0.37).sin())).collect();
+    let tensors = vec![
+        ("h.0.attn.c_attn.weight".to_string(), w),
+        ("h.0.attn.c_attn.bias".to_string(), Tensor::from_f32(vec![0.5; 256], [256]).unwrap()),
+        ("h.0.mlp.c_fc.weight".to_string(), Tensor::from_bf16(bf, [128, 64]).unwrap()),
+    ];
+    let path = dir.join("model.safetensors");
+    save(&path, &tensors, &[]).unwrap();
+    path
+}
+
+#[test]
+fn quantize_file_writes_the_bitsandbytes_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path());
+    let f = fixture();
+    let name = "h.0.attn.c_attn.weight";
+
+    // single quantization, from the checkpoint directory
+    let out = dir.path().join("nf4.safetensors");
+    let opts = Nf4FileOptions { blocksize: 64, double_quant: false, dequant: true };
+    let report = quantize_file_nf4(dir.path(), &out, &opts).unwrap();
+    assert_eq!(report.quantized.len(), 2);
+    assert_eq!(report.copied, vec!["h.0.attn.c_attn.bias".to_string()]);
+    let sf = SafeFile::open(&out).unwrap();
+    assert_eq!(sf.info(name).unwrap(), ("U8".to_string(), vec![8192, 1]), "bitsandbytes stores [numel/2, 1]");
+    let t = load_all(&out).unwrap();
+    assert_eq!(t[name].u8s().unwrap(), f["packed"].u8s().unwrap());
+    assert_eq!(bit_mismatches(t[&format!("{name}.absmax")].f32s().unwrap(), f["absmax"].f32s().unwrap()), 0);
+    assert_eq!(bit_mismatches(t[&format!("{name}.quant_map")].f32s().unwrap(), &NF4_CODE), 0);
+    assert_eq!(t[&format!("{name}.dequant")].dims(), &[64, 256]);
+    assert_eq!(bit_mismatches(t[&format!("{name}.dequant")].f32s().unwrap(), f["dequant"].f32s().unwrap()), 0);
+    let state = String::from_utf8(t[&format!("{name}.quant_state.bitsandbytes__nf4")].u8s().unwrap().to_vec()).unwrap();
+    assert_eq!(state, r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [64, 256]}"#);
+    assert_eq!(t["h.0.attn.c_attn.bias"].f32s().unwrap(), &[0.5; 256][..], "1-D tensors are copied unchanged");
+    // a bf16 matrix: its quant state names bfloat16 and its dequant comes back as bf16
+    let bf_state = t["h.0.mlp.c_fc.weight.quant_state.bitsandbytes__nf4"].u8s().unwrap();
+    assert!(String::from_utf8_lossy(bf_state).contains(r#""dtype": "bfloat16", "shape": [128, 64]"#));
+    assert_eq!(t["h.0.mlp.c_fc.weight.dequant"].dtype(), DType::BF16);
+
+    // double quantization, from the file itself
+    let out2 = dir.path().join("nf4-dq.safetensors");
+    let opts = Nf4FileOptions { blocksize: 64, double_quant: true, dequant: true };
+    quantize_file_nf4(&dir.path().join("model.safetensors"), &out2, &opts).unwrap();
+    let t = load_all(&out2).unwrap();
+    let q = quantize_nf4(f["W"].f32s().unwrap(), 64).unwrap();
+    let dq = q.double_quant();
+    assert_eq!(t[&format!("{name}.absmax")].u8s().unwrap(), &dq.codes[..], "double-quantized absmax is U8 codes");
+    assert_eq!(bit_mismatches(t[&format!("{name}.nested_absmax")].f32s().unwrap(), &dq.nested_absmax), 0);
+    assert_eq!(bit_mismatches(t[&format!("{name}.nested_quant_map")].f32s().unwrap(), &dynamic_map(true)), 0);
+    let state = String::from_utf8(t[&format!("{name}.quant_state.bitsandbytes__nf4")].u8s().unwrap().to_vec()).unwrap();
+    let want_prefix = r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [64, 256], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": "#;
+    assert!(state.starts_with(want_prefix), "{state}");
+    let json: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(json["nested_offset"].as_f64().unwrap() as f32, dq.offset);
+    let deq = q.dequantize_with(&dq).unwrap();
+    assert_eq!(bit_mismatches(t[&format!("{name}.dequant")].f32s().unwrap(), &deq), 0);
+}
+
+#[test]
+fn quantize_file_names_a_matrix_that_does_not_fill_whole_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("odd.safetensors");
+    let tensors = vec![
+        ("ok.weight".to_string(), Tensor::from_f32(vec![0.25; 128], [2, 64]).unwrap()),
+        ("odd.weight".to_string(), Tensor::from_f32(vec![0.25; 30], [5, 6]).unwrap()),
+    ];
+    save(&path, &tensors, &[]).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let err = quantize_file_nf4(&path, &out, &Nf4FileOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("odd.weight") && err.contains("[5, 6]") && err.contains("30"), "{err}");
+    assert!(!out.exists(), "nothing is written when a tensor is refused");
+    let err = quantize_file_nf4(&path, &path, &Nf4FileOptions { blocksize: 2, ..Default::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("block size 2"), "{err}");
+    let err = quantize_file_nf4(&path, &path, &Nf4FileOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("is the input file"), "{err}");
+}
