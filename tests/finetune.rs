@@ -176,3 +176,27 @@ fn lora_finetuning_trains_only_the_adapter_and_resumes_exactly() {
     assert_eq!(losses(&a), losses(&b));
     assert!(losses(&a)[9].1 < losses(&a)[0].1);
 }
+
+#[test]
+fn eight_bit_adamw_finetunes_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, base) = base_model(dir.path());
+    let cfg = config(&base, &dir.path().join("task.jsonl"), &["finetune.optimizer=\"adamw8bit\"", "train.max_steps=8"]);
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    finetune(&cfg, &a, &opts(Start::Fresh, None)).unwrap();
+    finetune(&cfg, &b, &opts(Start::Fresh, Some(3))).unwrap();
+    finetune(&cfg, &b, &opts(Start::Resume, None)).unwrap();
+    let losses = |p: &Path| -> Vec<(usize, f64)> {
+        metrics::read(&p.join("metrics.jsonl")).unwrap().iter().filter_map(|r| r.loss.map(|l| (r.step, l))).collect()
+    };
+    assert_eq!(losses(&a), losses(&b));
+    assert!(losses(&a)[7].1 < losses(&a)[0].1);
+    // the checkpoint holds 8-bit codes for the large tensors
+    let ckpt = kiln::train::checkpoint::latest(&a).unwrap().unwrap();
+    let state = kiln::io::checkpoint::load_all(&ckpt.join("optimizer.safetensors")).unwrap();
+    assert!(
+        state.iter().any(|(k, t)| k.starts_with("state1.") && t.dtype() == kiln::DType::U8),
+        "{:?}",
+        state.keys().take(4).collect::<Vec<_>>()
+    );
+}

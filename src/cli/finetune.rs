@@ -35,6 +35,9 @@ pub struct FinetuneArgs {
     pub tokenizer: Option<PathBuf>,
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// adamw (fp32 moments) or adamw8bit (bitsandbytes' blockwise 8-bit moments).
+    #[arg(long)]
+    pub optimizer: Option<String>,
     /// LoRA rank (--method lora).
     #[arg(long)]
     pub r: Option<usize>,
@@ -101,6 +104,9 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     }
     if args.pack {
         o.push("finetune.pack=true".into());
+    }
+    if let Some(opt) = &args.optimizer {
+        o.push(format!("finetune.optimizer={}", quoted(opt)));
     }
     if let Some(r) = args.r {
         o.push(format!("finetune.lora_r={r}"));

@@ -6,7 +6,7 @@
 use crate::data::tokenizer::Tokenizer;
 use crate::io::checkpoint::{load_all, load_gpt2, save_gpt2};
 use crate::model::gpt2::Gpt2;
-use crate::optim::AdamW;
+use crate::optim::Optimizer;
 use crate::{DType, Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -58,7 +58,7 @@ pub fn save(
     run_dir: &Path,
     model: &Gpt2,
     tok: &Tokenizer,
-    opt: &AdamW,
+    opt: &dyn Optimizer,
     state: &TrainerState,
     keep_last: usize,
 ) -> Result<PathBuf> {
@@ -96,7 +96,7 @@ pub fn save(
 
 /// Reads a checkpoint, restoring the optimizer's moments and step into `opt`. A checkpoint that
 /// holds an adapter (adapter_config.json) is applied to `base`, which must then be given.
-pub fn load(dir: &Path, base: Option<Gpt2>, opt: &mut AdamW) -> Result<Loaded> {
+pub fn load(dir: &Path, base: Option<Gpt2>, opt: &mut dyn Optimizer) -> Result<Loaded> {
     let model = if dir.join("adapter_config.json").exists() {
         let mut base =
             base.ok_or_else(|| Error::checkpoint(dir, "holds an adapter; its base model is needed to resume"))?;

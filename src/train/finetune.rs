@@ -10,7 +10,7 @@ use crate::data::sft::{self, SftData};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::gpt2::{Gpt2, Mode};
 use crate::nn::lora::LoraConfig;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamW8bit, AdamWConfig, Optimizer};
 use crate::tape::Tape;
 use crate::{Error, Result, Tensor};
 use rand::seq::SliceRandom;
@@ -66,7 +66,7 @@ impl steps::Task for SftTask {
         evaluate_rows(model, &self.val, self.batch, self.pad).map(Some)
     }
 
-    fn save(&mut self, model: &Gpt2, opt: &AdamW, step: usize, elapsed_s: f64) -> Result<PathBuf> {
+    fn save(&mut self, model: &Gpt2, opt: &dyn Optimizer, step: usize, elapsed_s: f64) -> Result<PathBuf> {
         let data = serde_json::to_value(&self.pos).expect("the position serialises");
         checkpoint::save(
             &self.run_dir,
@@ -97,7 +97,7 @@ pub fn evaluate_rows(model: &Gpt2, data: &SftData, batch: usize, pad: u32) -> Re
 }
 
 /// The cost of training `model` as configured, before it starts: one table a person can read.
-pub fn memory_table(model: &Gpt2, batch: usize, seq: usize, optimizer_bytes_per_param: usize) -> String {
+pub fn memory_table(model: &Gpt2, batch: usize, seq: usize, optimizer_bytes_per_param: f64) -> String {
     let c = &model.config;
     let stores = model.stores();
     let total: usize = stores.iter().map(|s| s.numel()).sum();
@@ -116,7 +116,7 @@ pub fn memory_table(model: &Gpt2, batch: usize, seq: usize, optimizer_bytes_per_
         ("trainable", format!("{trainable:>12} ({:.2}%)", 100.0 * trainable as f64 / total.max(1) as f64)),
         ("weights", mb(4.0 * total as f64)),
         ("gradients", mb(4.0 * trainable as f64)),
-        ("optimizer state", mb((optimizer_bytes_per_param * trainable) as f64)),
+        ("optimizer state", mb(optimizer_bytes_per_param * trainable as f64)),
         ("activations (est.)", format!("{} for {batch} x {seq} tokens", mb(per_token * tokens))),
         ("  with checkpointing", mb(per_token_ckpt * tokens)),
     ];
@@ -143,8 +143,8 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         }
         other => return Err(Error::Input(format!("unknown method \"{other}\": use full, lora or qlora"))),
     }
-    if f.optimizer != "adamw" {
-        return Err(Error::Input(format!("optimizer \"{}\" is not available yet; use adamw", f.optimizer)));
+    if !matches!(f.optimizer.as_str(), "adamw" | "adamw8bit") {
+        return Err(Error::Input(format!("unknown optimizer \"{}\": use adamw or adamw8bit", f.optimizer)));
     }
     if f.gradient_checkpointing {
         return Err(Error::Input(
@@ -211,12 +211,16 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
     );
 
     let adam = AdamWConfig { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
-    let mut opt = AdamW::new(adam);
+    let (mut opt, state_bytes_per_param): (Box<dyn Optimizer>, f64) = match f.optimizer.as_str() {
+        // two 8-bit codes per element plus one f32 absmax per 256-block and moment
+        "adamw8bit" => (Box::new(AdamW8bit::new(adam)), 2.0 + 8.0 / 256.0),
+        _ => (Box::new(AdamW::new(adam)), 8.0),
+    };
     let latest = if opts.start == Start::Resume { checkpoint::latest(run_dir)? } else { None };
     let (mut pos, start_step, elapsed0) = match &latest {
         Some(dir) => {
             let base = (f.method == "lora").then(|| model.clone());
-            let s = checkpoint::load(dir, base, &mut opt)?;
+            let s = checkpoint::load(dir, base, opt.as_mut())?;
             super::metrics::truncate_after(&run_dir.join("metrics.jsonl"), s.step)?;
             model = s.model;
             let pos: SftPosition = serde_json::from_value(s.data).map_err(|e| {
@@ -235,7 +239,7 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
     if f.method == "full" {
         model.params.set_trainable(true);
     }
-    print!("{}", memory_table(&model, t.batch_size, ctx, 8));
+    print!("{}", memory_table(&model, t.batch_size, ctx, state_bytes_per_param));
     let perm = order(t.seed, pos.epoch, train.rows.len());
     pos.next = pos.next.min(perm.len());
     let tokens_per_row = train.rows.iter().map(|r| r.0.len()).sum::<usize>() / train.rows.len().max(1);
@@ -261,7 +265,7 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         tokens_per_micro_batch: t.batch_size * tokens_per_row,
         title: "kiln finetune: loss",
     };
-    let summary = steps::run(&mut model, &mut opt, &mut task, &spec)?;
+    let summary = steps::run(&mut model, opt.as_mut(), &mut task, &spec)?;
     if let Some(peak) = peak_rss() {
         println!("  peak memory (resident): {:.1} MB", peak as f64 / 1e6);
     }

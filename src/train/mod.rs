@@ -293,7 +293,13 @@ impl steps::Task for PretrainTask<'_> {
         }
         evaluate(model, self.val_file, &self.eval_starts, self.batch, self.seq).map(Some)
     }
-    fn save(&mut self, model: &Gpt2, opt: &AdamW, step: usize, elapsed_s: f64) -> Result<PathBuf> {
+    fn save(
+        &mut self,
+        model: &Gpt2,
+        opt: &dyn crate::optim::Optimizer,
+        step: usize,
+        elapsed_s: f64,
+    ) -> Result<PathBuf> {
         let data = serde_json::to_value(&self.sampler).expect("the sampler serialises");
         let state = checkpoint::TrainerState { step, data, elapsed_s };
         checkpoint::save(&self.run_dir, model, &self.tok, opt, &state, self.keep_last)

@@ -7,7 +7,7 @@ use super::config::TrainSection;
 use super::metrics::{self, Record};
 use super::{schedule, Options, Summary};
 use crate::model::gpt2::{Gpt2, Mode};
-use crate::optim::AdamW;
+use crate::optim::Optimizer;
 use crate::tape::{Gradients, Tape};
 use crate::{Error, Result, Tensor};
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ pub trait Task {
     /// Validation loss, or None when there is nothing to validate on.
     fn evaluate(&mut self, model: &Gpt2) -> Result<Option<f64>>;
     /// Writes a checkpoint after `step` optimizer steps and returns where.
-    fn save(&mut self, model: &Gpt2, opt: &AdamW, step: usize, elapsed_s: f64) -> Result<PathBuf>;
+    fn save(&mut self, model: &Gpt2, opt: &dyn Optimizer, step: usize, elapsed_s: f64) -> Result<PathBuf>;
 }
 
 /// Where the loop starts and what it reports.
@@ -67,7 +67,7 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
 
 /// Runs optimizer steps from `spec.start_step` to `train.max_steps` (or until Ctrl-C or
 /// `opts.stop_after`), saving, evaluating and logging as configured.
-pub fn run(model: &mut Gpt2, opt: &mut AdamW, task: &mut dyn Task, spec: &Spec) -> Result<Summary> {
+pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec: &Spec) -> Result<Summary> {
     let t = spec.train;
     install_ctrlc();
     INTERRUPTED.store(false, Ordering::SeqCst);
