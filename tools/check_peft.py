@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Checks that a LoRA adapter trained by `kiln finetune --method lora` loads in PEFT and gives the
+same loss as kiln, where torch, transformers and peft are installed (too heavy for CI, whose
+tests check the adapter's file layout against PEFT's instead).
+
+Usage: python tools/check_peft.py [path/to/kiln]   (default target/release/kiln)
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import GPT2LMHeadModel
+
+KILN = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "target", "release", "kiln")
+
+
+def kiln(*args):
+    r = subprocess.run([KILN, *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"kiln {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
+    return r.stdout
+
+
+def main():
+    rng = random.Random(0)
+    words = ["red", "blue", "cat", "dog", "one", "two", "three", "river", "hill", "tree"]
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        with open(corpus, "w") as f:
+            for _ in range(3000):
+                f.write(" ".join(rng.choice(words) for _ in range(12)) + "\n")
+        base = os.path.join(tmp, "base")
+        kiln("init", "--preset", "tiny", "--out", base)
+        kiln("tokenizer", "train", "--data", corpus, "--vocab-size", "300", "--out", os.path.join(base, "tokenizer.json"))
+        task = os.path.join(tmp, "task.jsonl")
+        with open(task, "w") as f:
+            for _ in range(200):
+                a, b = rng.choice(words), rng.choice(words)
+                f.write(json.dumps({"prompt": f"{a} {b} ->", "completion": f" {b} {a}"}) + "\n")
+        run = os.path.join(tmp, "run")
+        kiln("finetune", "--model", base, "--data", task, "--out", run, "--method", "lora", "--r", "4", "--alpha", "8",
+             "--max-steps", "30", "--set", "train.batch_size=8", "--set", "train.lr=3e-3")
+        ckpts = sorted(os.listdir(os.path.join(run, "checkpoints")))
+        adapter = os.path.join(run, "checkpoints", ckpts[-1])
+
+        ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+        batch = os.path.join(tmp, "batch.safetensors")
+        save_file({"input_ids": ids}, batch)
+        out = os.path.join(tmp, "grads.safetensors")
+        kiln("grads", "--model", base, "--batch", batch, "--adapter", adapter, "--out", out)
+        kiln_loss = load_file(out)["loss"].item()
+
+        with torch.no_grad():
+            plain = GPT2LMHeadModel.from_pretrained(base, attn_implementation="eager").eval()
+            base_loss = plain(input_ids=ids, labels=ids).loss.item()
+            peft_model = PeftModel.from_pretrained(plain, adapter).eval()
+            peft_loss = peft_model(input_ids=ids, labels=ids).loss.item()
+        # the adapter must matter (else equal losses would prove nothing) and agree with kiln
+        ok = abs(kiln_loss - peft_loss) < 1e-4 * max(1.0, abs(peft_loss)) and abs(base_loss - peft_loss) > 1e-3
+        print(f"kiln adapter in peft: kiln loss {kiln_loss:.6f}, peft loss {peft_loss:.6f} "
+              f"(base without the adapter {base_loss:.6f}) {'ok' if ok else 'MISMATCH'}")
+        print(f"{int(ok)} passed, {int(not ok)} failed")
+        sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
