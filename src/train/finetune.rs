@@ -117,7 +117,7 @@ pub fn memory_table(model: &Gpt2, batch: usize, seq: usize, optimizer_bytes_per_
         ("weights", mb(4.0 * total as f64)),
         ("gradients", mb(4.0 * trainable as f64)),
         ("optimizer state", mb(optimizer_bytes_per_param * trainable as f64)),
-        ("activations (est.)", format!("{} for {batch} x {seq} tokens", mb(per_token * tokens))),
+        ("activations (est.)", format!("{} at most ({batch} rows of up to {seq} tokens)", mb(per_token * tokens))),
         ("  with checkpointing", mb(per_token_ckpt * tokens)),
     ];
     rows.iter().map(|(k, v)| format!("  {k:<20} {v}\n")).collect()
