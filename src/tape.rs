@@ -6,7 +6,7 @@
 //! The tape knows no arithmetic: each op's backward rule is a plain function in
 //! `src/ops/<family>.rs`, next to its forward, and `Op::backward` only dispatches to it.
 
-use crate::ops::{attention, elementwise, embedding, gemm, layernorm, lora, xent};
+use crate::ops::{attention, elementwise, embedding, gemm, layernorm, lora, nf4, xent};
 use crate::{Error, Result, Tensor, TensorId};
 use std::collections::{HashMap, HashSet};
 
@@ -21,6 +21,7 @@ pub(crate) enum Op {
     Dropout(elementwise::DropoutSaved),
     CrossEntropy(xent::Saved),
     Lora(lora::Saved),
+    Nf4(nf4::Saved),
 }
 
 impl Op {
@@ -42,6 +43,7 @@ impl Op {
             Op::Dropout(_) => "dropout",
             Op::CrossEntropy(_) => "cross_entropy",
             Op::Lora(_) => "lora_linear",
+            Op::Nf4(_) => "nf4_linear",
         }
     }
 
@@ -57,6 +59,7 @@ impl Op {
             Op::Dropout(s) => elementwise::dropout_backward(s, dout),
             Op::CrossEntropy(s) => xent::backward(s, dout),
             Op::Lora(s) => lora::backward(s, dout, needs),
+            Op::Nf4(s) => nf4::backward(s, dout, needs),
         }
     }
 }

@@ -35,10 +35,11 @@ pub struct FinetuneArgs {
     pub tokenizer: Option<PathBuf>,
     #[arg(long)]
     pub max_steps: Option<usize>,
-    /// adamw (fp32 moments) or adamw8bit (bitsandbytes' blockwise 8-bit moments).
+    /// adamw (fp32 moments) or adamw8bit (bitsandbytes' blockwise 8-bit moments; the default
+    /// for --method qlora).
     #[arg(long)]
     pub optimizer: Option<String>,
-    /// LoRA rank (--method lora).
+    /// LoRA rank (--method lora or qlora).
     #[arg(long)]
     pub r: Option<usize>,
     /// LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with --rslora).

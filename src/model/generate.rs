@@ -9,10 +9,10 @@
 //! A request that does not fit the context (prompt + max_new_tokens > n_positions) is refused,
 //! not clamped: GPT-2 has no positions past n_positions, and a silently shorter output surprises.
 
-use super::gpt2::{Gpt2, Gpt2Config};
+use super::gpt2::{Conv1dWeight, Gpt2, Gpt2Config};
 use crate::backend::cpu::attention::attention_decode;
 use crate::ops::gemm::{self, WeightLayout};
-use crate::ops::{elementwise, layernorm, lora};
+use crate::ops::{elementwise, layernorm, lora, nf4};
 use crate::{Error, Result, Tape, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -172,12 +172,25 @@ fn ln(model: &Gpt2, prefix: &str, x: &Tensor) -> Result<Tensor> {
 /// plus the LoRA update when the model's adapter targets the layer (unmerged: the base weights
 /// stay as loaded).
 fn conv1d(model: &Gpt2, prefix: &str, x: &Tensor, gelu: bool) -> Result<Tensor> {
-    let p = |s: &str| model.params.get(&format!("{prefix}.{s}"));
-    let (w, b, tape) = (p("weight")?, p("bias")?, &mut Tape::inference());
-    let Some(ad) = model.lora.as_ref().and_then(|l| l.adapter(prefix)) else {
-        return gemm::linear(tape, x, w, Some(b), WeightLayout::InOut, gelu);
+    let (b, tape) = (model.params.get(&format!("{prefix}.bias"))?, &mut Tape::inference());
+    let ad = model.lora.as_ref().and_then(|l| l.adapter(prefix));
+    let y = match (model.conv1d_weight(&format!("{prefix}.weight"))?, ad) {
+        (Conv1dWeight::F32(w), None) => return gemm::linear(tape, x, &w, Some(b), WeightLayout::InOut, gelu),
+        (Conv1dWeight::F32(w), Some(ad)) => {
+            lora::lora_linear(tape, x, &w, Some(b), ad.a, ad.b, ad.scaling, 0.0, false, 0)?
+        }
+        (Conv1dWeight::Nf4(w), ad) => {
+            let ad = ad.map(|ad| nf4::Nf4Lora {
+                a: ad.a,
+                b: ad.b,
+                scaling: ad.scaling,
+                dropout_p: 0.0,
+                train: false,
+                seed: 0,
+            });
+            nf4::nf4_linear(tape, x, &w, Some(b), ad)?
+        }
     };
-    let y = lora::lora_linear(tape, x, w, Some(b), ad.a, ad.b, ad.scaling, 0.0, false, 0)?;
     if gelu {
         elementwise::gelu(tape, &y)
     } else {

@@ -5,14 +5,17 @@
 use crate::nn::lora::Lora;
 use crate::nn::ParamStore;
 use crate::ops::gemm::WeightLayout;
-use crate::ops::{attention, elementwise, embedding, gemm, layernorm, lora, xent};
+use crate::ops::{attention, elementwise, embedding, gemm, layernorm, lora, nf4, xent};
+use crate::quant::nf4::Nf4Weight;
 use crate::tape::Tape;
 use crate::{Error, Result, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// The hyper-parameters of a GPT-2, as in a Hugging Face `config.json`.
 #[derive(Clone, Debug, PartialEq)]
@@ -267,18 +270,25 @@ pub struct Gpt2Output {
 
 /// One transformer block's weights (shapes with C = n_embd, F = ffn_dim).
 struct Block {
-    ln_1_w: Tensor,     // [C]
-    ln_1_b: Tensor,     // [C]
-    c_attn_w: Tensor,   // [C, 3C]
-    c_attn_b: Tensor,   // [3C]
-    c_proj_w: Tensor,   // [C, C]
-    c_proj_b: Tensor,   // [C]
-    ln_2_w: Tensor,     // [C]
-    ln_2_b: Tensor,     // [C]
-    c_fc_w: Tensor,     // [C, F]
-    c_fc_b: Tensor,     // [F]
-    mlp_proj_w: Tensor, // [F, C]
-    mlp_proj_b: Tensor, // [C]
+    ln_1_w: Tensor,           // [C]
+    ln_1_b: Tensor,           // [C]
+    c_attn_w: Conv1dWeight,   // [C, 3C]
+    c_attn_b: Tensor,         // [3C]
+    c_proj_w: Conv1dWeight,   // [C, C]
+    c_proj_b: Tensor,         // [C]
+    ln_2_w: Tensor,           // [C]
+    ln_2_b: Tensor,           // [C]
+    c_fc_w: Conv1dWeight,     // [C, F]
+    c_fc_b: Tensor,           // [F]
+    mlp_proj_w: Conv1dWeight, // [F, C]
+    mlp_proj_b: Tensor,       // [C]
+}
+
+/// A Conv1D weight [in, out]: f32 in `params`, or NF4 in `Gpt2::nf4` (QLoRA's frozen base).
+#[derive(Clone)]
+pub(crate) enum Conv1dWeight {
+    F32(Tensor),
+    Nf4(Arc<Nf4Weight>),
 }
 
 /// A GPT-2 language model with its parameters under Hugging Face names.
@@ -289,6 +299,10 @@ pub struct Gpt2 {
     /// A LoRA adapter on the Conv1D layers (`nn::lora::attach`, `io::peft::load_adapter`); the
     /// forward pass and generation apply it unmerged.
     pub lora: Option<Lora>,
+    /// QLoRA's frozen base: Conv1D weights (by checkpoint name, e.g.
+    /// `transformer.h.0.attn.c_attn.weight`) held in NF4 and absent from `params`
+    /// (`quantize_nf4`). The forward pass dequantizes them per call.
+    pub nf4: Option<BTreeMap<String, Arc<Nf4Weight>>>,
 }
 
 impl Gpt2 {
@@ -323,29 +337,87 @@ impl Gpt2 {
         for (name, t) in tensors {
             params.insert(name, t);
         }
-        Ok(Gpt2 { config, params, lora: None })
+        Ok(Gpt2 { config, params, lora: None, nf4: None })
     }
 
     fn p(&self, name: &str) -> Result<Tensor> {
         self.params.get(name).cloned()
     }
 
+    /// The Conv1D weight called `name`: its NF4 form when quantized, else the f32 parameter.
+    pub(crate) fn conv1d_weight(&self, name: &str) -> Result<Conv1dWeight> {
+        match self.nf4.as_ref().and_then(|q| q.get(name)) {
+            Some(q) => Ok(Conv1dWeight::Nf4(Arc::clone(q))),
+            None => self.p(name).map(Conv1dWeight::F32),
+        }
+    }
+
     fn block(&self, i: usize) -> Result<Block> {
         let h = |s: &str| self.p(&format!("transformer.h.{i}.{s}"));
+        let w = |s: &str| self.conv1d_weight(&format!("transformer.h.{i}.{s}"));
         Ok(Block {
             ln_1_w: h("ln_1.weight")?,
             ln_1_b: h("ln_1.bias")?,
-            c_attn_w: h("attn.c_attn.weight")?,
+            c_attn_w: w("attn.c_attn.weight")?,
             c_attn_b: h("attn.c_attn.bias")?,
-            c_proj_w: h("attn.c_proj.weight")?,
+            c_proj_w: w("attn.c_proj.weight")?,
             c_proj_b: h("attn.c_proj.bias")?,
             ln_2_w: h("ln_2.weight")?,
             ln_2_b: h("ln_2.bias")?,
-            c_fc_w: h("mlp.c_fc.weight")?,
+            c_fc_w: w("mlp.c_fc.weight")?,
             c_fc_b: h("mlp.c_fc.bias")?,
-            mlp_proj_w: h("mlp.c_proj.weight")?,
+            mlp_proj_w: w("mlp.c_proj.weight")?,
             mlp_proj_b: h("mlp.c_proj.bias")?,
         })
+    }
+
+    /// QLoRA's base: moves every Conv1D weight from `params` into `nf4` (NF4 in blocks of
+    /// `blocksize`, absmax double-quantized), freeing the f32 copies; wte, wpe, the layernorms
+    /// and the biases stay f32 and are frozen. Refuses (naming the layer, changing nothing) when
+    /// a layer's size is not a multiple of the block size: kiln does not pad.
+    pub fn quantize_nf4(&mut self, blocksize: usize) -> Result<()> {
+        let mut done = self.nf4.take().unwrap_or_default();
+        let mut todo = Vec::new();
+        for (module, fan_in, fan_out) in crate::nn::lora::conv1d_modules(&self.config) {
+            let name = format!("{module}.weight");
+            if done.contains_key(&name) {
+                continue;
+            }
+            let w = self.params.get(&name)?;
+            let q = Nf4Weight::quantize(w.f32s()?, [fan_in, fan_out], blocksize).map_err(|e| {
+                Error::Input(format!(
+                    "QLoRA cannot quantize {module} (weight [{fan_in}, {fan_out}], {} elements) to NF4: {e}",
+                    fan_in * fan_out
+                ))
+            });
+            match q {
+                Ok(q) => todo.push((name, Arc::new(q))),
+                Err(e) => {
+                    self.nf4 = (!done.is_empty()).then_some(done);
+                    return Err(e);
+                }
+            }
+        }
+        let mut kept = ParamStore::new();
+        for p in self.params.iter().filter(|p| !todo.iter().any(|(n, _)| *n == p.name)) {
+            kept.insert(p.name.clone(), p.tensor.clone());
+        }
+        kept.set_trainable(false);
+        self.params = kept;
+        done.extend(todo);
+        self.nf4 = Some(done);
+        Ok(())
+    }
+
+    /// Bytes the base weights occupy: f32 parameters at 4 bytes, NF4 layers at their storage.
+    pub fn weight_bytes(&self) -> usize {
+        let nf4: usize = self.nf4.iter().flat_map(|q| q.values()).map(|w| w.storage_bytes()).sum();
+        4 * self.params.numel() + nf4
+    }
+
+    /// Elements of the NF4 layers (parameters that `params` no longer holds).
+    pub fn nf4_numel(&self) -> usize {
+        self.nf4.iter().flat_map(|q| q.values()).map(|w| w.numel()).sum()
     }
 
     /// The Conv1D `module` (weight [in, out], bias [out]): x @ W + b, GELU'd when `gelu`; through
@@ -357,16 +429,24 @@ impl Gpt2 {
         tape: &mut Tape,
         module: &str,
         x: &Tensor,
-        w: &Tensor,
+        w: &Conv1dWeight,
         b: &Tensor,
         gelu: bool,
         train: bool,
         seed: u64,
     ) -> Result<Tensor> {
-        let Some((ad, p)) = self.lora.as_ref().and_then(|l| Some((l.adapter(module)?, l.config.dropout))) else {
-            return gemm::linear(tape, x, w, Some(b), WeightLayout::InOut, gelu);
+        let adapter = self.lora.as_ref().and_then(|l| Some((l.adapter(module)?, l.config.dropout)));
+        let y = match (w, adapter) {
+            (Conv1dWeight::F32(w), None) => return gemm::linear(tape, x, w, Some(b), WeightLayout::InOut, gelu),
+            (Conv1dWeight::F32(w), Some((ad, p))) => {
+                lora::lora_linear(tape, x, w, Some(b), ad.a, ad.b, ad.scaling, p, train, seed)?
+            }
+            (Conv1dWeight::Nf4(w), ad) => {
+                let ad =
+                    ad.map(|(ad, p)| nf4::Nf4Lora { a: ad.a, b: ad.b, scaling: ad.scaling, dropout_p: p, train, seed });
+                nf4::nf4_linear(tape, x, w, Some(b), ad)?
+            }
         };
-        let y = lora::lora_linear(tape, x, w, Some(b), ad.a, ad.b, ad.scaling, p, train, seed)?;
         if gelu {
             elementwise::gelu(tape, &y)
         } else {
@@ -416,7 +496,7 @@ impl Gpt2 {
         for i in 0..cfg.n_layer {
             let w = self.block(i)?;
             // A Conv1D of this block; the LoRA dropout sites (k = 0..3) are apart from the model's own.
-            let conv1d = |tape: &mut Tape, k: u64, name: &str, x: &Tensor, w: &Tensor, b: &Tensor, gelu: bool| {
+            let conv1d = |tape: &mut Tape, k: u64, name: &str, x: &Tensor, w: &Conv1dWeight, b: &Tensor, gelu: bool| {
                 let seed = site_seed((1 << 32) + 4 * i as u64 + k);
                 self.conv1d(tape, &format!("transformer.h.{i}.{name}"), x, w, b, gelu, train, seed)
             };

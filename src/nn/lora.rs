@@ -331,9 +331,22 @@ pub fn attach(model: &mut Gpt2, config: LoraConfig, seed: u64) -> Result<()> {
 }
 
 /// A plain model with the adapter folded into the base weights (W += scaling * A^T B^T, PEFT's
-/// merge for Conv1D), every parameter trainable. The model itself is left as it is.
+/// merge for Conv1D), every parameter trainable. The model itself is left as it is; NF4 base
+/// layers (QLoRA) are dequantized to f32 first.
 pub fn merged(model: &Gpt2) -> Result<Gpt2> {
-    let mut params = model.params.clone();
+    let mut params = match &model.nf4 {
+        None => model.params.clone(),
+        Some(q) => {
+            let mut all = ParamStore::new();
+            for (name, dims) in model.config.param_shapes() {
+                match q.get(&name) {
+                    Some(w) => all.insert(name, Tensor::from_f32(w.dequantize()?, dims.as_slice())?),
+                    None => all.insert(name.clone(), model.params.get(&name)?.clone()),
+                }
+            }
+            all
+        }
+    };
     params.set_trainable(true);
     if let Some(lora) = &model.lora {
         for m in lora.modules() {
@@ -349,5 +362,5 @@ pub fn merged(model: &Gpt2) -> Result<Gpt2> {
             crate::backend::cpu::lora::lora_merge(w.f32s_mut()?, a, b, m.fan_in, m.fan_out, m.r, ad.scaling);
         }
     }
-    Ok(Gpt2 { config: model.config.clone(), params, lora: None })
+    Ok(Gpt2 { config: model.config.clone(), params, lora: None, nf4: None })
 }

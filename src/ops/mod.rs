@@ -8,6 +8,7 @@ pub mod embedding;
 pub mod gemm;
 pub mod layernorm;
 pub mod lora;
+pub mod nf4;
 pub mod xent;
 
 use crate::{DType, Error, Result, Tensor};

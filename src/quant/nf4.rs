@@ -207,3 +207,54 @@ impl DoubleQuant {
         out
     }
 }
+
+/// A Conv1D weight [in, out] as QLoRA keeps it: the row-major tensor's NF4 codes (two a byte)
+/// and its absmax double-quantized to 8 bits, bitsandbytes' `Linear4bit` storage with
+/// compress_statistics=True. The f32 weight is never kept: `dequantize_into` rebuilds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nf4Weight {
+    /// numel/2 bytes, as `Nf4::packed`.
+    pub packed: Vec<u8>,
+    /// One 8-bit absmax per block of `blocksize` elements.
+    pub absmax: DoubleQuant,
+    pub blocksize: usize,
+    /// [in, out]
+    pub dims: [usize; 2],
+}
+
+impl Nf4Weight {
+    /// Quantizes `w` (row-major, `dims` = [in, out]); errors if in * out is not a multiple of
+    /// `blocksize` (kiln refuses rather than pads).
+    pub fn quantize(w: &[f32], dims: [usize; 2], blocksize: usize) -> Result<Self> {
+        if w.len() != dims[0] * dims[1] {
+            return Err(Error::Input(format!("NF4: {} values do not make a {dims:?} weight", w.len())));
+        }
+        let q = quantize_nf4(w, blocksize)?;
+        let absmax = q.double_quant();
+        Ok(Nf4Weight { packed: q.packed, absmax, blocksize, dims })
+    }
+
+    pub fn numel(&self) -> usize {
+        self.dims[0] * self.dims[1]
+    }
+
+    /// Bytes held: the codes, the 8-bit absmax, the f32 nested absmax and the offset (about
+    /// 0.5 + 1/64 + 4/(64 * 256) bytes a weight at block size 64, against 4 in f32).
+    pub fn storage_bytes(&self) -> usize {
+        self.packed.len() + self.absmax.codes.len() + 4 * self.absmax.nested_absmax.len() + 4
+    }
+
+    /// Writes the f32 weight [in, out] into `out` (numel values): the absmax first (numel / 64
+    /// values), then NF4_CODE[code] * absmax per element.
+    pub fn dequantize_into(&self, out: &mut [f32]) -> Result<()> {
+        let absmax = self.absmax.dequantize();
+        dequantize_nf4_into(&self.packed, &absmax, self.blocksize, out)
+    }
+
+    /// The f32 weight [in, out] this stands for.
+    pub fn dequantize(&self) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.numel()];
+        self.dequantize_into(&mut out)?;
+        Ok(out)
+    }
+}

@@ -21,7 +21,7 @@ pub struct RunConfig {
 pub struct FinetuneSection {
     /// full, lora or qlora
     pub method: String,
-    /// adamw, or adamw8bit (the default for qlora)
+    /// adamw, adamw8bit, or auto: adamw8bit for qlora, adamw otherwise
     pub optimizer: String,
     /// The examples' format: auto, prompt_completion, alpaca or chat.
     pub format: crate::data::sft::Format,
@@ -43,7 +43,7 @@ impl Default for FinetuneSection {
     fn default() -> Self {
         FinetuneSection {
             method: "full".into(),
-            optimizer: "adamw".into(),
+            optimizer: "auto".into(),
             format: crate::data::sft::Format::Auto,
             chat: crate::data::sft::ChatTemplate::default(),
             pack: false,

@@ -11,6 +11,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::model::gpt2::{Gpt2, Mode};
 use crate::nn::lora::LoraConfig;
 use crate::optim::{AdamW, AdamW8bit, AdamWConfig, Optimizer};
+use crate::quant::nf4::NF4_BLOCKSIZE;
 use crate::tape::Tape;
 use crate::{Error, Result, Tensor};
 use rand::seq::SliceRandom;
@@ -97,11 +98,14 @@ pub fn evaluate_rows(model: &Gpt2, data: &SftData, batch: usize, pad: u32) -> Re
 }
 
 /// The cost of training `model` as configured, before it starts: one table a person can read.
+/// Weights are counted at their storage size: 4 bytes for f32, about 0.52 for NF4 layers.
 pub fn memory_table(model: &Gpt2, batch: usize, seq: usize, optimizer_bytes_per_param: f64) -> String {
     let c = &model.config;
     let stores = model.stores();
-    let total: usize = stores.iter().map(|s| s.numel()).sum();
+    let quantized = model.nf4_numel();
+    let total: usize = stores.iter().map(|s| s.numel()).sum::<usize>() + quantized;
     let trainable: usize = stores.iter().map(|s| s.trainable_numel()).sum();
+    let weight_bytes = model.weight_bytes() + model.lora.iter().map(|l| 4 * l.params.numel()).sum::<usize>();
     let mb = |b: f64| format!("{:9.1} MB", b / 1e6);
     // Saved per token and layer by kiln's ops: ln_1 out, qkv (3C), attention out, c_proj out,
     // residual, ln_2 out, c_fc pre-activation and GELU out (2F), mlp out, residual: 8C + 2F floats.
@@ -111,10 +115,19 @@ pub fn memory_table(model: &Gpt2, batch: usize, seq: usize, optimizer_bytes_per_
     let per_token_ckpt =
         (c.n_layer * c.n_embd + 8 * c.n_embd + 2 * c.ffn_dim() + 2 * c.vocab_size + c.n_embd) as f64 * 4.0;
     let tokens = (batch * seq) as f64;
+    let weights = if quantized > 0 {
+        format!(
+            "{} ({quantized} parameters in NF4; {} if all f32)",
+            mb(weight_bytes as f64),
+            mb(4.0 * total as f64).trim()
+        )
+    } else {
+        mb(weight_bytes as f64)
+    };
     let rows = [
         ("parameters", format!("{total:>12}")),
         ("trainable", format!("{trainable:>12} ({:.2}%)", 100.0 * trainable as f64 / total.max(1) as f64)),
-        ("weights", mb(4.0 * total as f64)),
+        ("weights", weights),
         ("gradients", mb(4.0 * trainable as f64)),
         ("optimizer state", mb(optimizer_bytes_per_param * trainable as f64)),
         ("activations (est.)", format!("{} at most ({batch} rows of up to {seq} tokens)", mb(per_token * tokens))),
@@ -134,18 +147,16 @@ pub fn peak_rss() -> Option<u64> {
 pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summary> {
     let f = &cfg.finetune;
     match f.method.as_str() {
-        "full" | "lora" => {}
-        "qlora" => {
-            return Err(Error::Input(
-                "--method qlora is not wired into `kiln finetune` yet (the NF4 linear op is next); use --method lora"
-                    .into(),
-            ))
-        }
+        "full" | "lora" | "qlora" => {}
         other => return Err(Error::Input(format!("unknown method \"{other}\": use full, lora or qlora"))),
     }
-    if !matches!(f.optimizer.as_str(), "adamw" | "adamw8bit") {
-        return Err(Error::Input(format!("unknown optimizer \"{}\": use adamw or adamw8bit", f.optimizer)));
-    }
+    // QLoRA's usual optimizer keeps 8-bit moments; "auto" picks it for qlora, AdamW otherwise
+    let optimizer = match (f.optimizer.as_str(), f.method.as_str()) {
+        ("auto", "qlora") => "adamw8bit",
+        ("auto", _) => "adamw",
+        (o @ ("adamw" | "adamw8bit"), _) => o,
+        (other, _) => return Err(Error::Input(format!("unknown optimizer \"{other}\": use adamw, adamw8bit or auto"))),
+    };
     if f.gradient_checkpointing {
         return Err(Error::Input(
             "gradient checkpointing is not implemented yet; drop --gradient-checkpointing".into(),
@@ -170,6 +181,12 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         ))
     })?;
     let mut model = crate::io::checkpoint::load_gpt2(base)?;
+    // QLoRA: the base's Conv1D weights go to NF4 now, before anything else holds their f32 copies;
+    // a layer whose size is not a multiple of the block size is refused by name.
+    let adapter = matches!(f.method.as_str(), "lora" | "qlora");
+    if f.method == "qlora" {
+        model.quantize_nf4(NF4_BLOCKSIZE)?;
+    }
     if tok.id_bound() > model.config.vocab_size {
         return Err(Error::Input(format!(
             "the tokenizer's vocabulary ({}) does not fit the model's vocab_size ({}): use the base model's own tokenizer",
@@ -211,7 +228,7 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
     );
 
     let adam = AdamWConfig { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
-    let (mut opt, state_bytes_per_param): (Box<dyn Optimizer>, f64) = match f.optimizer.as_str() {
+    let (mut opt, state_bytes_per_param): (Box<dyn Optimizer>, f64) = match optimizer {
         // two 8-bit codes per element plus one f32 absmax per 256-block and moment
         "adamw8bit" => (Box::new(AdamW8bit::new(adam)), 2.0 + 8.0 / 256.0),
         _ => (Box::new(AdamW::new(adam)), 8.0),
@@ -219,7 +236,7 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
     let latest = if opts.start == Start::Resume { checkpoint::latest(run_dir)? } else { None };
     let (mut pos, start_step, elapsed0) = match &latest {
         Some(dir) => {
-            let base = (f.method == "lora").then(|| model.clone());
+            let base = adapter.then(|| model.clone());
             let s = checkpoint::load(dir, base, opt.as_mut())?;
             super::metrics::truncate_after(&run_dir.join("metrics.jsonl"), s.step)?;
             model = s.model;
@@ -229,7 +246,7 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
             (pos, s.step, s.elapsed_s)
         }
         None => {
-            if f.method == "lora" {
+            if adapter {
                 let lc = LoraConfig::new(f.lora_r, f.lora_alpha, f.lora_dropout, &f.lora_targets, f.rslora)?;
                 crate::nn::lora::attach(&mut model, lc, t.seed)?;
             }
@@ -238,6 +255,13 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
     };
     if f.method == "full" {
         model.params.set_trainable(true);
+    }
+    if f.method == "qlora" {
+        println!(
+            "  qlora: {} base layers in NF4 (blocks of {NF4_BLOCKSIZE}, absmax double-quantized), optimizer {}",
+            model.nf4.as_ref().map_or(0, |q| q.len()),
+            optimizer
+        );
     }
     print!("{}", memory_table(&model, t.batch_size, ctx, state_bytes_per_param));
     let perm = order(t.seed, pos.epoch, train.rows.len());

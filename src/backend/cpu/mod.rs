@@ -8,6 +8,7 @@ pub mod embedding;
 pub mod gemm;
 pub mod layernorm;
 pub mod lora;
+pub mod nf4;
 pub mod pool;
 pub mod reduce;
 pub mod xent;

@@ -1,0 +1,88 @@
+//! NF4 linear on the CPU: y = x W + b (+ the LoRA update) with W [k, n] held as NF4 codes and a
+//! double-quantized absmax (`quant::nf4::Nf4Weight`). W is dequantized per call into a pooled
+//! f32 buffer, used by the same GEMMs as the f32 layer, and given back: only the 4-bit form
+//! outlives the call. Backward dequantizes again for dx = G W^T; the base is frozen, so there
+//! is no dW. The LoRA arithmetic is `lora::lora_forward` / `lora::lora_backward`, called on the
+//! dequantized W, so the two paths cannot drift apart.
+
+use super::gemm::{bias_backward, matmul, matmul_forward};
+use super::lora::{lora_backward, lora_forward, LoraGrads};
+use super::pool;
+use crate::quant::nf4::Nf4Weight;
+
+/// The adapter of an NF4 layer: A [r, k], B [n, r], the scaling, and xd = dropout(x) (x itself
+/// without dropout).
+pub struct Nf4Adapter<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub xd: &'a [f32],
+    pub r: usize,
+    pub scaling: f32,
+}
+
+/// The dequantized W [k, n] in a pooled buffer (give it back with `pool::give`).
+fn dequantized(w: &Nf4Weight) -> Vec<f32> {
+    let mut buf = pool::take(w.numel());
+    w.dequantize_into(&mut buf).expect("an Nf4Weight built by Nf4Weight::quantize is self-consistent");
+    buf
+}
+
+/// out[m, n] = x @ W + bias (+ us @ B^T, `us` [m, r] receiving scaling * xd @ A^T when an
+/// adapter is given), with W dequantized from `w`.
+#[allow(clippy::too_many_arguments)]
+pub fn nf4_linear_forward(
+    out: &mut [f32],
+    us: &mut [f32],
+    x: &[f32],
+    w: &Nf4Weight,
+    bias: Option<&[f32]>,
+    adapter: Option<&Nf4Adapter>,
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    let wd = dequantized(w);
+    match adapter {
+        Some(ad) => lora_forward(out, us, x, ad.xd, &wd, bias, ad.a, ad.b, m, n, k, ad.r, ad.scaling),
+        None => matmul_forward(out, None, x, &wd, bias, m, n, k, false, false),
+    }
+    pool::give(wd);
+}
+
+/// The gradients of `nf4_linear_forward`'s inputs from dout [m, n] (`grads.dw` must be None: the
+/// quantized base is frozen). `keep` is the adapter's dropout mask with its scale.
+#[allow(clippy::too_many_arguments)]
+pub fn nf4_linear_backward(
+    grads: LoraGrads,
+    dout: &[f32],
+    x: &[f32],
+    keep: Option<(&[u8], f32)>,
+    w: &Nf4Weight,
+    adapter: Option<&Nf4Adapter>,
+    us: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    assert!(grads.dw.is_none(), "nf4_linear: the NF4 base weight is frozen and has no gradient");
+    if grads.dx.is_none() && grads.da.is_none() && grads.db.is_none() {
+        if let Some(dbias) = grads.dbias {
+            bias_backward(dbias, dout, n);
+        }
+        return;
+    }
+    let wd = dequantized(w);
+    match adapter {
+        Some(ad) => lora_backward(grads, dout, x, ad.xd, keep, &wd, ad.a, ad.b, us, m, n, k, ad.r, ad.scaling),
+        None => {
+            if let Some(dx) = grads.dx {
+                // dx [m, k] = G [m, n] @ W^T [n, k]
+                matmul(dx, dout, &wd, m, k, n, false, true, false);
+            }
+            if let Some(dbias) = grads.dbias {
+                bias_backward(dbias, dout, n);
+            }
+        }
+    }
+    pool::give(wd);
+}
