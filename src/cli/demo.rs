@@ -7,7 +7,7 @@ use crate::data::synthetic::World;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::generate::{generate, GenerateConfig};
 use crate::model::gpt2::Gpt2;
-use crate::train::{self, Options, RunConfig, Start};
+use crate::train::{self, Options, Start};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -26,29 +26,6 @@ pub struct DemoArgs {
     /// Extra config overrides, as for `kiln pretrain --set`.
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
-}
-
-/// The demo's run config: the tiny preset on 2 MB of the built-in corpus.
-pub fn demo_config(steps: usize, extra: &[String]) -> Result<RunConfig> {
-    let mut o: Vec<String> = [
-        "model.preset=\"tiny\"",
-        "model.n_positions=128",
-        "model.dropout=0.0",
-        "data.tokenizer_vocab_size=1024",
-        "data.builtin_bytes=2000000",
-        "train.batch_size=16",
-        "train.seq_len=128",
-        "train.lr=2e-3",
-        "train.warmup_steps=50",
-        "train.eval_every=200",
-        "train.save_every=400",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    o.push(format!("train.max_steps={steps}"));
-    o.extend(extra.iter().cloned());
-    RunConfig::load(None, &o)
 }
 
 /// Asks the model where each person lives (greedy) and counts the right answers; prints a few.
@@ -73,7 +50,7 @@ fn quiz(model: &Gpt2, tok: &Tokenizer, world: &World, show: usize) -> Result<usi
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let wall = Instant::now();
-    let cfg = demo_config(args.steps, &args.set)?;
+    let cfg = train::demo_config(args.steps, &args.set)?;
     let dir: &Path = &args.out;
     if dir.join("run.toml").exists() && !args.overwrite {
         return Err(Error::Input(format!(

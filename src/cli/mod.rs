@@ -1,6 +1,7 @@
 //! The `kiln` command line.
 
 mod bench;
+mod compare;
 mod demo;
 mod finetune;
 mod generate;
@@ -97,6 +98,8 @@ enum Command {
     },
     /// The main job: pre-train a tiny GPT-2 on the built-in corpus and show what it learned.
     Demo(demo::DemoArgs),
+    /// Pre-train-then-fine-tune vs from scratch, and full vs LoRA vs QLoRA, on the built-in world.
+    Compare(compare::CompareArgs),
     /// Supervised fine-tuning of a checkpoint on labelled examples (prompt/completion, Alpaca, chat).
     Finetune(finetune::FinetuneArgs),
     /// Pre-train a GPT-2 on a corpus (the built-in one by default), with checkpoints and resume.
@@ -157,6 +160,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(args) => pretrain::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Finetune(args) => finetune::run(args),
+        Command::Compare(args) => compare::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Tokenizer { what } => tokenizer::run(what),
         Command::Generate(args) => generate::run(args),

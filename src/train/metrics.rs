@@ -98,3 +98,40 @@ pub fn plot(records: &[Record], path: &Path, title: &str) -> Result<()> {
     draw().map_err(|e| Error::write(path, std::io::Error::other(e.to_string())))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::write(path, e))
 }
+
+/// Draws several named curves (step, value) into one SVG: the comparison plot.
+pub fn plot_runs(series: &[(String, Vec<(f64, f64)>)], path: &Path, title: &str, y_desc: &str) -> Result<()> {
+    use plotters::prelude::*;
+    let points = || series.iter().flat_map(|(_, s)| s.iter()).filter(|p| p.1.is_finite());
+    if points().next().is_none() {
+        return Ok(());
+    }
+    let x_max = points().map(|p| p.0).fold(1.0, f64::max);
+    let y_max = points().map(|p| p.1).fold(0.0, f64::max) * 1.05;
+    let y_min = points().map(|p| p.1).fold(f64::INFINITY, f64::min).min(y_max) * 0.95;
+    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    let tmp = path.with_extension("svg.tmp");
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::new(&tmp, (900, 540)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..x_max, y_min..y_max.max(y_min + 1e-3))?;
+        chart.configure_mesh().x_desc("step").y_desc(y_desc).draw()?;
+        for (i, (name, s)) in series.iter().enumerate() {
+            let c = colours[i % colours.len()];
+            chart
+                .draw_series(LineSeries::new(s.iter().copied(), c.stroke_width(2)))?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        }
+        chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| Error::write(path, std::io::Error::other(e.to_string())))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::write(path, e))
+}

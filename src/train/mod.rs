@@ -13,6 +13,7 @@
 //! renamed, so a crash or Ctrl-C never leaves a half-written one behind.
 
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod finetune;
 pub mod metrics;
@@ -66,6 +67,29 @@ pub struct Summary {
 /// Files a run writes at the top of its directory (an overwrite deletes these and nothing else).
 const RUN_FILES: &[&str] = &["run.toml", "tokenizer.json", "metrics.jsonl", "loss.svg"];
 const RUN_DIRS: &[&str] = &["checkpoints", "data"];
+
+/// The demo's run config: the tiny preset on 2 MB of the built-in corpus.
+pub fn demo_config(steps: usize, extra: &[String]) -> Result<RunConfig> {
+    let mut o: Vec<String> = [
+        "model.preset=\"tiny\"",
+        "model.n_positions=128",
+        "model.dropout=0.0",
+        "data.tokenizer_vocab_size=1024",
+        "data.builtin_bytes=2000000",
+        "train.batch_size=16",
+        "train.seq_len=128",
+        "train.lr=2e-3",
+        "train.warmup_steps=50",
+        "train.eval_every=200",
+        "train.save_every=400",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    o.push(format!("train.max_steps={steps}"));
+    o.extend(extra.iter().cloned());
+    RunConfig::load(None, &o)
+}
 
 /// Creates (or checks, or clears) a run directory according to `start`.
 pub fn prepare_dir(run_dir: &Path, start: Start) -> Result<()> {
