@@ -36,7 +36,8 @@ fn quiz(model: &Gpt2, tok: &Tokenizer, world: &World, show: usize) -> Result<usi
         let ids = tok.encode(&prompt)?;
         let cfg = GenerateConfig { max_new_tokens: 6, eos_token_id: tok.eos_id(), ..Default::default() };
         let out = generate(model, &ids, &cfg, |_, _| {})?;
-        let answer = tok.decode(&out[0][ids.len()..])?;
+        let new: Vec<u32> = out[0][ids.len()..].iter().copied().take_while(|&t| Some(t) != tok.eos_id()).collect();
+        let answer = tok.decode(&new)?;
         let town = &world.towns[p.town].name;
         let ok = answer.trim_start().starts_with(town.as_str());
         right += ok as usize;

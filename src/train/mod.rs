@@ -141,16 +141,24 @@ pub fn run_tokenizer(cfg: &RunConfig, run_dir: &Path, train_files: &[PathBuf]) -
     Ok(tok)
 }
 
-/// The training files: the configured ones, or the built-in corpus written into the run.
+/// The training files: the configured ones, or the built-in corpus written into the run. The
+/// built-in corpus is JSON lines, one paragraph per document, so every paragraph ends with the
+/// end-of-text token and the model learns to emit it (a fine-tuned adapter that must stop after
+/// an answer cannot learn that through a frozen, tied embedding the base never trained).
 pub fn train_inputs(cfg: &RunConfig, run_dir: &Path) -> Result<Vec<PathBuf>> {
     if !cfg.data.train.is_empty() {
         return corpus::expand_inputs(&cfg.data.train);
     }
-    let path = run_dir.join("data").join("builtin.txt");
+    let path = run_dir.join("data").join("builtin.jsonl");
     if !path.exists() {
         std::fs::create_dir_all(run_dir.join("data")).map_err(|e| Error::write(run_dir, e))?;
         let (_, text) = crate::data::synthetic::default_corpus(cfg.data.builtin_bytes);
-        crate::io::write_atomic(&path, |w| std::io::Write::write_all(w, text.as_bytes()))?;
+        let lines: String = text
+            .split("\n\n")
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| serde_json::json!({ "text": p }).to_string() + "\n")
+            .collect();
+        crate::io::write_atomic(&path, |w| std::io::Write::write_all(w, lines.as_bytes()))?;
     }
     Ok(vec![path])
 }
