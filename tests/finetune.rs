@@ -42,7 +42,7 @@ fn config(base: &Path, data: &Path, extra: &[&str]) -> RunConfig {
 }
 
 fn opts(start: Start, stop_after: Option<usize>) -> Options {
-    Options { start, progress: false, stop_after }
+    Options { start, progress: false, stop_after, quiet: true }
 }
 
 #[test]

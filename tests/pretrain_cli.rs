@@ -136,18 +136,23 @@ fn the_demo_trains_samples_and_writes_its_run() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("demo");
     let o = kiln()
-        .args(["demo", "--out", run.to_str().unwrap(), "--steps", "30"])
+        .args(["demo", "--out", run.to_str().unwrap(), "--steps", "30", "--compare-steps", "10"])
         .args(["--set", "data.builtin_bytes=100000", "--set", "train.eval_every=10"])
         .output()
         .unwrap();
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    for needle in
-        ["before training it answers", "after 30 steps it answers", "Where does", "knows where people live", "loss:"]
-    {
+    for needle in [
+        "before training it answers",
+        "after 30 steps it answers",
+        "knows where people live",
+        "| scratch |",
+        "| qlora |",
+    ] {
         assert!(t.contains(needle), "demo output lacks '{needle}':\n{t}");
     }
-    for f in ["metrics.jsonl", "loss.svg", "tokenizer.json", "run.toml", "checkpoints/step-00000030/model.safetensors"]
+    for f in
+        ["metrics.jsonl", "loss.svg", "run.toml", "checkpoints/step-00000030/model.safetensors", "compare/compare.md"]
     {
         assert!(run.join(f).exists(), "the demo did not write {f}");
     }

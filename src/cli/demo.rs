@@ -20,6 +20,9 @@ pub struct DemoArgs {
     /// Optimizer steps (the default takes a few minutes on 2 cores).
     #[arg(long, default_value_t = 1200)]
     pub steps: usize,
+    /// Fine-tuning steps of each method in the closing comparison (0 skips it).
+    #[arg(long, default_value_t = 150)]
+    pub compare_steps: usize,
     /// Replace a previous demo run in --out.
     #[arg(long)]
     pub overwrite: bool,
@@ -79,6 +82,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         start: Start::Fresh,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         stop_after: None,
+        quiet: false,
     };
     let summary = train::pretrain(&cfg, dir, &opts)?;
     let ckpt = summary.checkpoint.clone().ok_or_else(|| Error::Input("the demo run saved no checkpoint".into()))?;
@@ -106,8 +110,21 @@ pub fn run(args: DemoArgs) -> Result<()> {
     // the built-in fine-tuning task, for the next step
     let task = dir.join("data").join("task.jsonl");
     crate::io::write_atomic(&task, |w| std::io::Write::write_all(w, world.task_jsonl().as_bytes()))?;
+    if args.compare_steps > 0 {
+        println!("\nThen the comparison: the built-in Q/A task learned from this model (full, LoRA, QLoRA) and from scratch:");
+        let opts = crate::train::compare::CompareOptions {
+            pretrain_steps: 0,
+            finetune_steps: args.compare_steps,
+            target_loss: 1.0,
+            methods: ["scratch", "full", "lora", "qlora"].map(String::from).to_vec(),
+            pretrained: Some(ckpt.clone()),
+            progress: false,
+            quiet: true,
+        };
+        crate::train::compare::compare(&dir.join("compare"), &opts)?;
+    }
     println!(
-        "  next, fine-tune it on question/answer pairs about the same world: kiln finetune --model {} --data {} --method lora --out {}-lora",
+        "  next, fine-tune it yourself: kiln finetune --model {} --data {} --method lora --out {}-lora",
         ckpt.display(),
         task.display(),
         dir.display()

@@ -149,7 +149,12 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         cfg.train.lr,
         args.out.display()
     );
-    let opts = Options { start, progress: std::io::IsTerminal::is_terminal(&std::io::stderr()), stop_after: None };
+    let opts = Options {
+        start,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        stop_after: None,
+        quiet: false,
+    };
     let s = train::finetune::finetune(&cfg, &args.out, &opts)?;
     let ckpt = s.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());
     println!(

@@ -97,8 +97,12 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         t.schedule,
         args.out.display()
     );
-    let opts =
-        Options { start, progress: std::io::IsTerminal::is_terminal(&std::io::stderr()), stop_after: args.stop_after };
+    let opts = Options {
+        start,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        stop_after: args.stop_after,
+        quiet: false,
+    };
     let s = train::pretrain(&cfg, &args.out, &opts)?;
     let ckpt = s.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());
     println!(

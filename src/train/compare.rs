@@ -47,6 +47,8 @@ pub struct CompareOptions {
     /// Reuse this pre-trained checkpoint (with tokenizer.json) instead of pre-training.
     pub pretrained: Option<PathBuf>,
     pub progress: bool,
+    /// Print only the table (each run's own output is suppressed).
+    pub quiet: bool,
 }
 
 /// Splits the task 80/20 with a fixed shuffle and writes train.jsonl / val.jsonl.
@@ -86,7 +88,8 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
     let world = crate::data::synthetic::default_corpus(0).0;
     let (train_task, val_task, held_out) = write_task(&world, &dir.join("data"))?;
-    let run_opts = |start| Options { start, progress: opts.progress, stop_after: None };
+    let run_opts =
+        |start| Options { start, progress: opts.progress && !opts.quiet, stop_after: None, quiet: opts.quiet };
 
     // 1. the pre-trained model
     let pretrained = match &opts.pretrained {
@@ -134,7 +137,9 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
             "model.dropout=0.0".into(),
         ];
         let cfg = RunConfig::load(None, &o)?;
-        println!("\n== {method} ==");
+        if !opts.quiet {
+            println!("\n== {method} ==");
+        }
         let run_dir = dir.join(method);
         let s = match finetune::finetune(&cfg, &run_dir, &run_opts(Start::Overwrite)) {
             Ok(s) => s,

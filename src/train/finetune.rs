@@ -216,7 +216,8 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
     let eos = tok.eos_id().or(model.config.eos_token_id);
     let train = sft::tokenize(&examples, &tok, ctx, eos, f.pack)?;
     let val = sft::tokenize(&val_examples, &tok, ctx, eos, false)?;
-    println!(
+    if !opts.quiet {
+        println!(
         "  data: {} training examples ({} rows{}), {} validation; {} trained tokens; {} examples cut to {ctx} tokens ({} tokens cut)",
         train.examples,
         train.rows.len(),
@@ -226,6 +227,7 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         train.truncated_examples,
         train.truncated_tokens
     );
+    }
 
     let adam = AdamWConfig { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
     let (mut opt, state_bytes_per_param): (Box<dyn Optimizer>, f64) = match optimizer {
@@ -257,13 +259,17 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         model.params.set_trainable(true);
     }
     if f.method == "qlora" {
-        println!(
-            "  qlora: {} base layers in NF4 (blocks of {NF4_BLOCKSIZE}, absmax double-quantized), optimizer {}",
-            model.nf4.as_ref().map_or(0, |q| q.len()),
-            optimizer
-        );
+        if !opts.quiet {
+            println!(
+                "  qlora: {} base layers in NF4 (blocks of {NF4_BLOCKSIZE}, absmax double-quantized), optimizer {}",
+                model.nf4.as_ref().map_or(0, |q| q.len()),
+                optimizer
+            );
+        }
     }
-    print!("{}", memory_table(&model, t.batch_size, ctx, state_bytes_per_param));
+    if !opts.quiet {
+        print!("{}", memory_table(&model, t.batch_size, ctx, state_bytes_per_param));
+    }
     let perm = order(t.seed, pos.epoch, train.rows.len());
     pos.next = pos.next.min(perm.len());
     let tokens_per_row = train.rows.iter().map(|r| r.0.len()).sum::<usize>() / train.rows.len().max(1);
@@ -290,7 +296,7 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         title: "kiln finetune: loss",
     };
     let summary = steps::run(&mut model, opt.as_mut(), &mut task, &spec)?;
-    if let Some(peak) = peak_rss() {
+    if let Some(peak) = peak_rss().filter(|_| !opts.quiet) {
         println!("  peak memory (resident): {:.1} MB", peak as f64 / 1e6);
     }
     Ok(summary)

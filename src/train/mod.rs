@@ -49,6 +49,8 @@ pub struct Options {
     /// Stop (and save) after this many steps in total, as Ctrl-C would, without changing the
     /// schedule: used to test resume.
     pub stop_after: Option<usize>,
+    /// Print nothing but errors (used when a run is one part of a larger command).
+    pub quiet: bool,
 }
 
 /// What a run did.

@@ -146,6 +146,7 @@ pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec:
             if let Some(v) = task.evaluate(model)? {
                 summary.val_loss = Some(v);
                 say(
+                    spec.opts.quiet,
                     &bar,
                     format!("step {done:>6}: train loss {loss:.4}, validation loss {v:.4} (perplexity {:.2})", v.exp()),
                 );
@@ -180,7 +181,10 @@ pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec:
 }
 
 /// Prints above the progress bar, or plainly when there is none.
-fn say(bar: &indicatif::ProgressBar, msg: String) {
+fn say(quiet: bool, bar: &indicatif::ProgressBar, msg: String) {
+    if quiet {
+        return;
+    }
     if bar.is_hidden() {
         println!("{msg}");
     } else {
