@@ -6,12 +6,13 @@
 //! The tape knows no arithmetic: each op's backward rule is a plain function in
 //! `src/ops/<family>.rs`, next to its forward, and `Op::backward` only dispatches to it.
 
-use crate::ops::{attention, elementwise, embedding, gemm, layernorm, lora, nf4, xent};
+use crate::ops::{attention, checkpoint, elementwise, embedding, gemm, layernorm, lora, nf4, xent};
 use crate::{Error, Result, Tensor, TensorId};
 use std::collections::{HashMap, HashSet};
 
 /// What one node saved for its backward pass.
 pub(crate) enum Op {
+    Checkpoint(checkpoint::Saved),
     Embedding(embedding::Saved),
     LayerNorm(layernorm::Saved),
     Matmul(gemm::Saved),
@@ -28,6 +29,7 @@ impl Op {
     /// The op's name, as shown by `Tape::summary`.
     pub fn name(&self) -> &'static str {
         match self {
+            Op::Checkpoint(_) => "checkpoint",
             Op::Embedding(_) => "embedding",
             Op::LayerNorm(_) => "layernorm",
             Op::Matmul(s) => {
@@ -50,6 +52,7 @@ impl Op {
     /// Gradients of the node's inputs, in input order, computed only where `needs[i]`.
     fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         match self {
+            Op::Checkpoint(s) => checkpoint::backward(s, dout, needs),
             Op::Embedding(s) => embedding::backward(s, dout, needs),
             Op::LayerNorm(s) => layernorm::backward(s, dout, needs),
             Op::Matmul(s) => gemm::backward(s, dout, needs),
@@ -144,6 +147,19 @@ impl Tape {
         if loss.numel() != 1 {
             return Err(Error::shape("backward", format!("the loss must be a scalar, got shape {:?}", loss.shape())));
         }
+        self.backward_from(loss, Tensor::from_f32(vec![1.0], loss.shape().clone())?)
+    }
+
+    /// Runs backward from `out` with incoming gradient `dout` (same shape): what a node that
+    /// wraps a sub-computation (gradient checkpointing) uses to back-propagate through it.
+    pub fn backward_from(&mut self, out: &Tensor, dout: Tensor) -> Result<Gradients> {
+        let loss = out;
+        if dout.dims() != out.dims() {
+            return Err(Error::shape(
+                "backward",
+                format!("gradient {:?} does not match output {:?}", dout.dims(), out.dims()),
+            ));
+        }
         if !self.tracks(loss) {
             return Err(Error::Input(
                 "backward: the loss does not depend on any watched parameter (was the forward pass run on this tape?)"
@@ -151,7 +167,7 @@ impl Tape {
             ));
         }
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
-        grads.insert(loss.id(), Tensor::from_f32(vec![1.0], loss.shape().clone())?);
+        grads.insert(loss.id(), dout);
         while let Some(node) = self.nodes.pop() {
             let Some(dout) = grads.remove(&node.output) else {
                 continue;

@@ -100,7 +100,7 @@ pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
             ),
         ));
     }
-    Ok(Gpt2 { config, params, lora: None, nf4: None })
+    Ok(Gpt2 { config, params, lora: None, nf4: None, gradient_checkpointing: false })
 }
 
 /// Writes `model` to `dir` (created if needed) as config.json + model.safetensors in `dtype`.

@@ -303,6 +303,8 @@ pub struct Gpt2 {
     /// `transformer.h.0.attn.c_attn.weight`) held in NF4 and absent from `params`
     /// (`quantize_nf4`). The forward pass dequantizes them per call.
     pub nf4: Option<BTreeMap<String, Arc<Nf4Weight>>>,
+    /// Recompute each block's activations during backward instead of keeping them.
+    pub gradient_checkpointing: bool,
 }
 
 impl Gpt2 {
@@ -337,7 +339,7 @@ impl Gpt2 {
         for (name, t) in tensors {
             params.insert(name, t);
         }
-        Ok(Gpt2 { config, params, lora: None, nf4: None })
+        Ok(Gpt2 { config, params, lora: None, nf4: None, gradient_checkpointing: false })
     }
 
     fn p(&self, name: &str) -> Result<Tensor> {
@@ -472,6 +474,56 @@ impl Gpt2 {
         v
     }
 
+    /// Transformer block `i` on the residual stream x [B, T, C] (pre-norm: x + attn(ln_1(x)),
+    /// then + mlp(ln_2(x))). Dropout sites draw from `seed`, so a recomputation draws the same masks.
+    fn block_forward(&self, tape: &mut Tape, i: usize, x: &Tensor, train: bool, seed: u64) -> Result<Tensor> {
+        let cfg = &self.config;
+        let eps = cfg.layer_norm_epsilon;
+        let site_seed = |site: u64| seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(site);
+        let w = self.block(i)?;
+        // A Conv1D of this block; the LoRA dropout sites (k = 0..3) are apart from the model's own.
+        let conv1d = |tape: &mut Tape, k: u64, name: &str, x: &Tensor, w: &Conv1dWeight, b: &Tensor, gelu: bool| {
+            let seed = site_seed((1 << 32) + 4 * i as u64 + k);
+            self.conv1d(tape, &format!("transformer.h.{i}.{name}"), x, w, b, gelu, train, seed)
+        };
+        let h = layernorm::layernorm(tape, x, &w.ln_1_w, &w.ln_1_b, eps)?;
+        let qkv = conv1d(tape, 0, "attn.c_attn", &h, &w.c_attn_w, &w.c_attn_b, false)?; // [B, T, 3C]
+        let a = attention::attention(tape, &qkv, cfg.n_head)?; // [B, T, C]
+        let a = conv1d(tape, 1, "attn.c_proj", &a, &w.c_proj_w, &w.c_proj_b, false)?;
+        let a = elementwise::dropout(tape, &a, cfg.resid_pdrop, train, site_seed(2 * i as u64 + 1))?;
+        let x = elementwise::add(tape, x, &a)?;
+        let h = layernorm::layernorm(tape, &x, &w.ln_2_w, &w.ln_2_b, eps)?;
+        let f = conv1d(tape, 2, "mlp.c_fc", &h, &w.c_fc_w, &w.c_fc_b, true)?; // [B, T, F]
+        let m = conv1d(tape, 3, "mlp.c_proj", &f, &w.mlp_proj_w, &w.mlp_proj_b, false)?;
+        let m = elementwise::dropout(tape, &m, cfg.resid_pdrop, train, site_seed(2 * i as u64 + 2))?;
+        elementwise::add(tape, &x, &m)
+    }
+
+    /// Block `i` with gradient checkpointing: run without keeping activations, and record one
+    /// node whose backward re-runs the block on a fresh tape (same dropout masks) and
+    /// back-propagates through it. Costs one more block forward in backward; saves every
+    /// activation inside the block.
+    fn checkpointed_block(&self, tape: &mut Tape, i: usize, x: &Tensor, train: bool, seed: u64) -> Result<Tensor> {
+        let out = self.block_forward(&mut Tape::inference(), i, x, train, seed)?;
+        let (base, adapter) = (format!("transformer.h.{i}."), format!("base_model.model.transformer.h.{i}."));
+        let params: Vec<Tensor> = self
+            .stores()
+            .iter()
+            .flat_map(|s| s.iter())
+            .filter(|p| (p.name.starts_with(&base) || p.name.starts_with(&adapter)) && tape.tracks(&p.tensor))
+            .map(|p| p.tensor.clone())
+            .collect();
+        let mut inputs: Vec<&Tensor> = vec![x];
+        inputs.extend(params.iter());
+        if tape.wants(&inputs) {
+            // the recomputation owns a (cheap, Arc-sharing) copy of the model
+            let model = self.clone();
+            let recompute = move |t: &mut Tape, x: &Tensor| model.block_forward(t, i, x, train, seed);
+            crate::ops::checkpoint::record(tape, Box::new(recompute), x, params.clone(), &out);
+        }
+        Ok(out)
+    }
+
     /// Logits for `ids` (I32 [B, T]) and, with `targets` (I32 [B, T], -100 = no target), the
     /// mean loss. Trainable parameters (the adapter's too) are watched on `tape`, so
     /// `tape.backward(loss)` yields their gradients.
@@ -494,23 +546,11 @@ impl Gpt2 {
         let mut x = embedding::embedding(tape, ids, &wte, &wpe)?; // [B, T, C]
         x = elementwise::dropout(tape, &x, cfg.embd_pdrop, train, site_seed(0))?;
         for i in 0..cfg.n_layer {
-            let w = self.block(i)?;
-            // A Conv1D of this block; the LoRA dropout sites (k = 0..3) are apart from the model's own.
-            let conv1d = |tape: &mut Tape, k: u64, name: &str, x: &Tensor, w: &Conv1dWeight, b: &Tensor, gelu: bool| {
-                let seed = site_seed((1 << 32) + 4 * i as u64 + k);
-                self.conv1d(tape, &format!("transformer.h.{i}.{name}"), x, w, b, gelu, train, seed)
+            x = if self.gradient_checkpointing && tape.is_recording() {
+                self.checkpointed_block(tape, i, &x, train, seed)?
+            } else {
+                self.block_forward(tape, i, &x, train, seed)?
             };
-            let h = layernorm::layernorm(tape, &x, &w.ln_1_w, &w.ln_1_b, eps)?;
-            let qkv = conv1d(tape, 0, "attn.c_attn", &h, &w.c_attn_w, &w.c_attn_b, false)?; // [B, T, 3C]
-            let a = attention::attention(tape, &qkv, cfg.n_head)?; // [B, T, C]
-            let a = conv1d(tape, 1, "attn.c_proj", &a, &w.c_proj_w, &w.c_proj_b, false)?;
-            let a = elementwise::dropout(tape, &a, cfg.resid_pdrop, train, site_seed(2 * i as u64 + 1))?;
-            x = elementwise::add(tape, &x, &a)?;
-            let h = layernorm::layernorm(tape, &x, &w.ln_2_w, &w.ln_2_b, eps)?;
-            let f = conv1d(tape, 2, "mlp.c_fc", &h, &w.c_fc_w, &w.c_fc_b, true)?; // [B, T, F]
-            let m = conv1d(tape, 3, "mlp.c_proj", &f, &w.mlp_proj_w, &w.mlp_proj_b, false)?;
-            let m = elementwise::dropout(tape, &m, cfg.resid_pdrop, train, site_seed(2 * i as u64 + 2))?;
-            x = elementwise::add(tape, &x, &m)?;
         }
         let h = layernorm::layernorm(
             tape,

@@ -362,5 +362,5 @@ pub fn merged(model: &Gpt2) -> Result<Gpt2> {
             crate::backend::cpu::lora::lora_merge(w.f32s_mut()?, a, b, m.fan_in, m.fan_out, m.r, ad.scaling);
         }
     }
-    Ok(Gpt2 { config: model.config.clone(), params, lora: None, nf4: None })
+    Ok(Gpt2 { config: model.config.clone(), params, lora: None, nf4: None, gradient_checkpointing: false })
 }

@@ -3,6 +3,7 @@
 //! needs a gradient.
 
 pub mod attention;
+pub mod checkpoint;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemm;

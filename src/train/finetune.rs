@@ -157,11 +157,6 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         (o @ ("adamw" | "adamw8bit"), _) => o,
         (other, _) => return Err(Error::Input(format!("unknown optimizer \"{other}\": use adamw, adamw8bit or auto"))),
     };
-    if f.gradient_checkpointing {
-        return Err(Error::Input(
-            "gradient checkpointing is not implemented yet; drop --gradient-checkpointing".into(),
-        ));
-    }
     let base = cfg
         .model
         .init_from
@@ -267,6 +262,7 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
             );
         }
     }
+    model.gradient_checkpointing = f.gradient_checkpointing;
     if !opts.quiet {
         print!("{}", memory_table(&model, t.batch_size, ctx, state_bytes_per_param));
     }
