@@ -182,22 +182,13 @@ impl AdamW {
     pub fn step_all(&mut self, stores: &mut [&mut ParamStore], grads: &Gradients, lr: f64) -> Result<()> {
         let _t = crate::profile::scope("adamw", crate::profile::Phase::Optimizer);
         self.step += 1;
-        for p in stores.iter_mut().flat_map(|s| s.iter_mut()).filter(|p| p.trainable) {
-            let Some(g) = grads.get(&p.tensor) else {
-                continue;
-            };
-            let g = g.f32s()?;
-            let n = p.tensor.numel();
-            if g.len() != n {
-                return Err(Error::shape(
-                    "adamw",
-                    format!("gradient of {} has {} elements, the parameter {n}", p.name, g.len()),
-                ));
-            }
-            let decay = p.tensor.dims().len() >= 2;
-            let (m, v) = self.state.entry(p.name.clone()).or_insert_with(|| (vec![0.0; n], vec![0.0; n]));
-            adamw_step(p.tensor.f32s_mut()?, m, v, g, &self.config, lr, self.step, decay);
-        }
+        let (state, config, t) = (&mut self.state, &self.config, self.step);
+        super::for_each_update("adamw", stores, grads, |p, g, decay| {
+            let n = g.len();
+            let (m, v) = state.entry(p.name.clone()).or_insert_with(|| (vec![0.0; n], vec![0.0; n]));
+            adamw_step(p.tensor.f32s_mut()?, m, v, g, config, lr, t, decay);
+            Ok(())
+        })?;
         Ok(())
     }
 }

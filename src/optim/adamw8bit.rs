@@ -280,27 +280,19 @@ impl AdamW8bit {
     pub fn step_all(&mut self, stores: &mut [&mut ParamStore], grads: &Gradients, lr: f64) -> Result<()> {
         let _t = crate::profile::scope("adamw8bit", crate::profile::Phase::Optimizer);
         self.step += 1;
-        for p in stores.iter_mut().flat_map(|s| s.iter_mut()).filter(|p| p.trainable) {
-            let Some(g) = grads.get(&p.tensor) else {
-                continue;
-            };
-            let g = g.f32s()?;
-            let n = p.tensor.numel();
-            if g.len() != n {
-                return Err(Error::shape(
-                    "adamw8bit",
-                    format!("gradient of {} has {} elements, the parameter {n}", p.name, g.len()),
-                ));
-            }
-            let s = AdamWScalars::new(&self.config, lr, self.step, p.tensor.dims().len() >= 2);
+        let (state, config, maps, t) = (&mut self.state, &self.config, &self.maps, self.step);
+        super::for_each_update("adamw8bit", stores, grads, |p, g, decay| {
+            let s = AdamWScalars::new(config, lr, t, decay);
+            let n = g.len();
             let w = p.tensor.f32s_mut()?;
-            match self.state.entry(p.name.clone()).or_insert_with(|| Moments::zeros(n)) {
+            match state.entry(p.name.clone()).or_insert_with(|| Moments::zeros(n)) {
                 Moments::F32 { m, v } => update(w, m, v, g, &s),
                 Moments::Q8 { state1, absmax1, state2, absmax2 } => {
-                    adamw8bit_step(w, g, state1, absmax1, state2, absmax2, &self.maps, &s);
+                    adamw8bit_step(w, g, state1, absmax1, state2, absmax2, maps, &s);
                 }
             }
-        }
+            Ok(())
+        })?;
         Ok(())
     }
 }
