@@ -2,53 +2,17 @@
 //! completions are trained, a resumed run reproduces the uninterrupted one, and the command
 //! prints the cost table and refuses what it cannot do.
 
-use kiln::data::synthetic::World;
-use kiln::model::gpt2::Gpt2;
-use kiln::train::{finetune::finetune, metrics, Options, RunConfig, Start};
+mod common;
+
+use common::sft::{base_model, config, opts};
+use kiln::train::{finetune::finetune, metrics, Start};
 use std::path::Path;
 use std::process::Command;
-
-/// A small random GPT-2 with a tokenizer trained on the world's text, saved as a checkpoint.
-fn base_model(dir: &Path) -> (World, std::path::PathBuf) {
-    let (world, text) = kiln::data::synthetic::default_corpus(120_000);
-    let corpus = dir.join("corpus.txt");
-    std::fs::write(&corpus, text).unwrap();
-    let tok = kiln::data::tokenizer::train_bpe(&[corpus], 400, 2).unwrap();
-    let cfg =
-        RunConfig::load(None, &["model.n_layer=2".into(), "model.n_embd=64".into(), "model.n_positions=64".into()])
-            .unwrap();
-    let model = Gpt2::new_random(kiln::train::model_config(&cfg, &tok).unwrap(), 0).unwrap();
-    let m = dir.join("base");
-    kiln::io::checkpoint::save_gpt2(&model, &m, kiln::DType::F32).unwrap();
-    tok.save(&m.join("tokenizer.json")).unwrap();
-    std::fs::write(dir.join("task.jsonl"), world.task_jsonl()).unwrap();
-    (world, m)
-}
-
-fn config(base: &Path, data: &Path, extra: &[&str]) -> RunConfig {
-    let mut o = vec![
-        format!("model.init_from={:?}", base.to_str().unwrap()),
-        format!("data.train=[{:?}]", data.to_str().unwrap()),
-        "data.val_fraction=0.1".into(),
-        "train.batch_size=8".into(),
-        "train.seq_len=64".into(),
-        "train.lr=3e-3".into(),
-        "train.warmup_steps=5".into(),
-        "train.log_every=1".into(),
-        "train.save_every=0".into(),
-    ];
-    o.extend(extra.iter().map(|s| s.to_string()));
-    RunConfig::load(None, &o).unwrap()
-}
-
-fn opts(start: Start, stop_after: Option<usize>) -> Options {
-    Options { start, progress: false, stop_after, quiet: true }
-}
 
 #[test]
 fn full_finetuning_lowers_the_held_out_loss() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, base) = base_model(dir.path());
+    let (_, base) = base_model(dir.path(), 64);
     let cfg = config(&base, &dir.path().join("task.jsonl"), &["train.max_steps=60", "train.eval_every=30"]);
     let s = finetune(&cfg, &dir.path().join("run"), &opts(Start::Fresh, None)).unwrap();
     let evals: Vec<f64> =
@@ -63,7 +27,7 @@ fn full_finetuning_lowers_the_held_out_loss() {
 #[test]
 fn a_resumed_finetune_matches_the_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, base) = base_model(dir.path());
+    let (_, base) = base_model(dir.path(), 64);
     // 240 examples, 216 after the hold-out: at 32 rows a step an epoch lasts 6.75 steps, so the
     // stop at step 7 falls just after an epoch boundary and the resume must reshuffle the same way
     let cfg = config(
@@ -85,7 +49,7 @@ fn a_resumed_finetune_matches_the_uninterrupted_one() {
 #[test]
 fn the_command_prints_its_cost_and_refuses_what_it_cannot_do() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, base) = base_model(dir.path());
+    let (_, base) = base_model(dir.path(), 64);
     let task = dir.path().join("task.jsonl");
     let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap();
     let (b, t, out) = (base.to_str().unwrap(), task.to_str().unwrap(), dir.path().join("run"));
@@ -138,7 +102,7 @@ fn the_command_prints_its_cost_and_refuses_what_it_cannot_do() {
 #[test]
 fn lora_finetuning_trains_only_the_adapter_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, base) = base_model(dir.path());
+    let (_, base) = base_model(dir.path(), 64);
     let task = dir.path().join("task.jsonl");
     let extra = [
         "finetune.method=\"lora\"",
@@ -180,7 +144,7 @@ fn lora_finetuning_trains_only_the_adapter_and_resumes_exactly() {
 #[test]
 fn eight_bit_adamw_finetunes_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, base) = base_model(dir.path());
+    let (_, base) = base_model(dir.path(), 64);
     let cfg = config(&base, &dir.path().join("task.jsonl"), &["finetune.optimizer=\"adamw8bit\"", "train.max_steps=8"]);
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     finetune(&cfg, &a, &opts(Start::Fresh, None)).unwrap();
@@ -204,7 +168,7 @@ fn eight_bit_adamw_finetunes_and_resumes_exactly() {
 #[test]
 fn gradient_checkpointing_changes_memory_not_losses() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, base) = base_model(dir.path());
+    let (_, base) = base_model(dir.path(), 64);
     let task = dir.path().join("task.jsonl");
     let plain = config(&base, &task, &["train.max_steps=5", "model.dropout=0.1"]);
     let ckpt =

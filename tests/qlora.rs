@@ -8,8 +8,8 @@
 
 mod common;
 
+use common::sft::{base_model, config, opts};
 use common::{poison_pool, rand_tensor, rng};
-use kiln::data::synthetic::World;
 use kiln::model::gpt2::{Gpt2, Gpt2Config, Mode};
 use kiln::nn::lora::{self, LoraConfig};
 use kiln::ops::gemm::{linear, WeightLayout};
@@ -17,7 +17,7 @@ use kiln::ops::lora::lora_linear;
 use kiln::ops::nf4::{nf4_linear, Nf4Lora};
 use kiln::ops::xent::cross_entropy;
 use kiln::quant::nf4::{Nf4Weight, NF4_BLOCKSIZE};
-use kiln::train::{finetune::finetune, metrics, Options, RunConfig, Start};
+use kiln::train::{finetune::finetune, metrics, Start};
 use kiln::{Tape, Tensor};
 use std::path::Path;
 use std::process::Command;
@@ -240,42 +240,6 @@ fn a_layer_not_a_multiple_of_the_block_size_is_refused_by_name() {
     // n_embd 24: 24 x 72, 24 x 24, 24 x 96 are all whole blocks
     let mut m = Gpt2::new_random(tiny(24, None), 0).unwrap();
     m.quantize_nf4(NF4_BLOCKSIZE).unwrap();
-}
-
-/// A small random GPT-2 with a tokenizer trained on the world's text, saved as a checkpoint.
-fn base_model(dir: &Path, n_embd: usize) -> (World, std::path::PathBuf) {
-    let (world, text) = kiln::data::synthetic::default_corpus(120_000);
-    let corpus = dir.join("corpus.txt");
-    std::fs::write(&corpus, text).unwrap();
-    let tok = kiln::data::tokenizer::train_bpe(&[corpus], 400, 2).unwrap();
-    let sets = ["model.n_layer=2".into(), format!("model.n_embd={n_embd}"), "model.n_positions=64".into()];
-    let cfg = RunConfig::load(None, &sets).unwrap();
-    let model = Gpt2::new_random(kiln::train::model_config(&cfg, &tok).unwrap(), 0).unwrap();
-    let m = dir.join("base");
-    kiln::io::checkpoint::save_gpt2(&model, &m, kiln::DType::F32).unwrap();
-    tok.save(&m.join("tokenizer.json")).unwrap();
-    std::fs::write(dir.join("task.jsonl"), world.task_jsonl()).unwrap();
-    (world, m)
-}
-
-fn config(base: &Path, data: &Path, extra: &[&str]) -> RunConfig {
-    let mut o = vec![
-        format!("model.init_from={:?}", base.to_str().unwrap()),
-        format!("data.train=[{:?}]", data.to_str().unwrap()),
-        "data.val_fraction=0.1".into(),
-        "train.batch_size=8".into(),
-        "train.seq_len=64".into(),
-        "train.lr=3e-3".into(),
-        "train.warmup_steps=5".into(),
-        "train.log_every=1".into(),
-        "train.save_every=0".into(),
-    ];
-    o.extend(extra.iter().map(|s| s.to_string()));
-    RunConfig::load(None, &o).unwrap()
-}
-
-fn opts(start: Start, stop_after: Option<usize>) -> Options {
-    Options { start, progress: false, stop_after, quiet: true }
 }
 
 fn losses(p: &Path) -> Vec<(usize, f64)> {

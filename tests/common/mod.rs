@@ -31,6 +31,8 @@
 
 #![allow(dead_code)]
 
+pub mod sft;
+
 use kiln::ops::{gemm, xent};
 use kiln::{Result, Tape, Tensor};
 use rand::rngs::StdRng;
