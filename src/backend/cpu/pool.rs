@@ -12,6 +12,9 @@ const MIN_POOLED: usize = 1 << 14;
 
 struct Pool {
     free: HashMap<usize, Vec<Vec<f32>>>,
+    /// Buffers of each size handed out by `take` and not yet given back. Only those are taken
+    /// back: a buffer allocated elsewhere is freed, so the pool never outgrows what was taken.
+    out: HashMap<usize, usize>,
     bytes: usize,
 }
 
@@ -28,12 +31,12 @@ fn limit_bytes() -> usize {
 pub fn take(n: usize) -> Vec<f32> {
     if n >= MIN_POOLED {
         let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pool) = guard.as_mut() {
-            if let Some(v) = pool.free.get_mut(&n).and_then(|list| list.pop()) {
-                pool.bytes -= 4 * n;
-                drop(guard);
-                return poison(v);
-            }
+        let pool = guard.get_or_insert_with(|| Pool { free: HashMap::new(), out: HashMap::new(), bytes: 0 });
+        *pool.out.entry(n).or_default() += 1;
+        if let Some(v) = pool.free.get_mut(&n).and_then(|list| list.pop()) {
+            pool.bytes -= 4 * n;
+            drop(guard);
+            return poison(v);
         }
     }
     poison(vec![0.0; n])
@@ -54,7 +57,11 @@ pub fn give(v: Vec<f32>) {
         return;
     }
     let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let pool = guard.get_or_insert_with(|| Pool { free: HashMap::new(), bytes: 0 });
+    let pool = guard.get_or_insert_with(|| Pool { free: HashMap::new(), out: HashMap::new(), bytes: 0 });
+    match pool.out.get_mut(&n) {
+        Some(c) if *c > 0 => *c -= 1,
+        _ => return,
+    }
     if pool.bytes + 4 * n <= limit_bytes() {
         pool.bytes += 4 * n;
         pool.free.entry(n).or_default().push(v);
