@@ -69,16 +69,8 @@ pub fn lora_linear(
     let (xv, wd, ad, bd) = (f32_input(OP, x)?, f32_input(OP, w)?, f32_input(OP, a)?, f32_input(OP, b)?);
     let biasd = bias.map(|t| f32_input(OP, t)).transpose()?;
 
-    let keep = (train && dropout_p > 0.0).then(|| {
-        let mut mask = vec![0u8; m * k];
-        cpu_ew::dropout_mask(&mut mask, seed, dropout_p);
-        (mask, 1.0 / (1.0 - dropout_p))
-    });
-    let dropped = keep.as_ref().map(|(mask, s)| {
-        let mut d = pool::take(m * k);
-        cpu_ew::dropout_forward(&mut d, xv, mask, *s);
-        d
-    });
+    let keep = dropout_keep(train, dropout_p, seed, m * k);
+    let dropped = keep.as_ref().map(|k| dropped_input(xv, k));
     let xd = dropped.as_deref().unwrap_or(xv);
     let mut us = vec![0f32; m * r];
     let mut out_dims = x.dims().to_vec();
@@ -109,18 +101,28 @@ pub fn lora_linear(
     Ok(out)
 }
 
+/// The LoRA path's dropout mask and scale for `n` input elements, when dropout is active.
+/// Shared with the NF4 op, whose LoRA path drops its input the same way.
+pub(crate) fn dropout_keep(train: bool, p: f32, seed: u64, n: usize) -> Option<(Vec<u8>, f32)> {
+    (train && p > 0.0).then(|| {
+        let mut mask = vec![0u8; n];
+        cpu_ew::dropout_mask(&mut mask, seed, p);
+        (mask, 1.0 / (1.0 - p))
+    })
+}
+
+/// dropout(x) under a saved mask, in a pooled buffer (the caller gives it back).
+pub(crate) fn dropped_input(x: &[f32], (mask, scale): &(Vec<u8>, f32)) -> Vec<f32> {
+    let mut d = pool::take(x.len());
+    cpu_ew::dropout_forward(&mut d, x, mask, *scale);
+    d
+}
+
 pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
     let (m, n, k, r) = (s.m, s.n, s.k, s.r);
     let x = s.x.f32s()?;
     // dA needs dropout(x) again: rebuilt from the mask rather than kept alive since the forward.
-    let dropped = match (&s.keep, needs[2]) {
-        (Some((mask, scale)), true) => {
-            let mut d = pool::take(m * k);
-            cpu_ew::dropout_forward(&mut d, x, mask, *scale);
-            Some(d)
-        }
-        _ => None,
-    };
+    let dropped = s.keep.as_ref().filter(|_| needs[2]).map(|k| dropped_input(x, k));
     let need_bias = s.has_bias && needs[4];
     let take = |need: bool, len: usize| need.then(|| pool::take(len));
     let (mut dx, mut dw, mut da, mut db) =

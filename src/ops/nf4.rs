@@ -6,7 +6,7 @@
 //! `src/backend/cpu/nf4.rs`, which calls the LoRA backend's.
 
 use super::{expect_dims, f32_input, new_f32};
-use crate::backend::cpu::{elementwise as cpu_ew, lora::LoraGrads, nf4 as cpu, pool};
+use crate::backend::cpu::{lora::LoraGrads, nf4 as cpu, pool};
 use crate::quant::nf4::Nf4Weight;
 use crate::tape::{Op, Tape};
 use crate::{Error, Result, Tensor};
@@ -80,16 +80,8 @@ pub fn nf4_linear(
     let biasd = bias.map(|t| f32_input(OP, t)).transpose()?;
     let ab = lora.as_ref().map(|l| Ok::<_, Error>((f32_input(OP, l.a)?, f32_input(OP, l.b)?))).transpose()?;
 
-    let keep = lora.as_ref().filter(|l| l.train && l.dropout_p > 0.0).map(|l| {
-        let mut mask = vec![0u8; m * k];
-        cpu_ew::dropout_mask(&mut mask, l.seed, l.dropout_p);
-        (mask, 1.0 / (1.0 - l.dropout_p))
-    });
-    let dropped = keep.as_ref().map(|(mask, s)| {
-        let mut d = pool::take(m * k);
-        cpu_ew::dropout_forward(&mut d, xv, mask, *s);
-        d
-    });
+    let keep = lora.as_ref().and_then(|l| super::lora::dropout_keep(l.train, l.dropout_p, l.seed, m * k));
+    let dropped = keep.as_ref().map(|k| super::lora::dropped_input(xv, k));
     let scaling = lora.as_ref().map_or(0.0, |l| l.scaling);
     let adapter = ab.map(|(a, b)| cpu::Nf4Adapter { a, b, xd: dropped.as_deref().unwrap_or(xv), r, scaling });
     let mut us = vec![0f32; m * r];
@@ -128,14 +120,7 @@ pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<O
     // needs follows the recorded inputs: x, [A, B], [bias]
     let (need_x, need_a, need_b) = (needs[0], has_lora && needs[1], has_lora && needs[2]);
     let need_bias = s.has_bias && needs[if has_lora { 3 } else { 1 }];
-    let dropped = match (&s.keep, need_a) {
-        (Some((mask, scale)), true) => {
-            let mut d = pool::take(m * k);
-            cpu_ew::dropout_forward(&mut d, x, mask, *scale);
-            Some(d)
-        }
-        _ => None,
-    };
+    let dropped = s.keep.as_ref().filter(|_| need_a).map(|k| super::lora::dropped_input(x, k));
     let take = |need: bool, len: usize| need.then(|| pool::take(len));
     let (mut dx, mut da, mut db) = (take(need_x, m * k), take(need_a, r * k), take(need_b, n * r));
     let mut dbias = need_bias.then(|| vec![0f32; n]);
