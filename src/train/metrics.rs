@@ -62,53 +62,35 @@ pub fn truncate_after(path: &Path, step: usize) -> Result<()> {
 
 /// Draws training loss (line) and validation loss (points) against the step into an SVG.
 pub fn plot(records: &[Record], path: &Path, title: &str) -> Result<()> {
-    use plotters::prelude::*;
     let train: Vec<(f64, f64)> = records.iter().filter_map(|r| r.loss.map(|l| (r.step as f64, l))).collect();
     let val: Vec<(f64, f64)> = records.iter().filter_map(|r| r.val_loss.map(|l| (r.step as f64, l))).collect();
-    if train.is_empty() && val.is_empty() {
-        return Ok(());
-    }
-    let all = train.iter().chain(&val);
-    let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max);
-    let y_max = all.clone().map(|p| p.1).filter(|v| v.is_finite()).fold(0.0, f64::max) * 1.05;
-    let y_min = all.map(|p| p.1).filter(|v| v.is_finite()).fold(f64::INFINITY, f64::min).min(y_max) * 0.95;
-    let tmp = path.with_extension("svg.tmp");
-    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let root = SVGBackend::new(&tmp, (900, 540)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0.0..x_max, y_min..y_max.max(y_min + 1e-3))?;
-        chart.configure_mesh().x_desc("step").y_desc("loss (nats/token)").draw()?;
-        chart
-            .draw_series(LineSeries::new(train.iter().copied(), &BLUE))?
-            .label("train")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE));
-        chart
-            .draw_series(val.iter().map(|&p| Circle::new(p, 4, RED.filled())))?
-            .label("validation")
-            .legend(|(x, y)| Circle::new((x + 9, y), 4, RED.filled()));
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw()?;
-        root.present()?;
-        Ok(())
-    };
-    draw().map_err(|e| Error::write(path, std::io::Error::other(e.to_string())))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::write(path, e))
+    render(path, title, "loss (nats/token)", &[("train".into(), train)], &[("validation".into(), val)])
 }
 
 /// Draws several named curves (step, value) into one SVG: the comparison plot.
 pub fn plot_runs(series: &[(String, Vec<(f64, f64)>)], path: &Path, title: &str, y_desc: &str) -> Result<()> {
+    render(path, title, y_desc, series, &[])
+}
+
+type Series = (String, Vec<(f64, f64)>);
+
+/// One SVG chart against the step: `lines` drawn as lines, `points` as dots, colours in order,
+/// written to a temporary file and renamed. Non-finite values are left out; nothing is written
+/// when there is nothing to draw.
+fn render(path: &Path, title: &str, y_desc: &str, lines: &[Series], points: &[Series]) -> Result<()> {
     use plotters::prelude::*;
-    let points = || series.iter().flat_map(|(_, s)| s.iter()).filter(|p| p.1.is_finite());
-    if points().next().is_none() {
+    let finite = |s: &'_ Series| s.1.iter().copied().filter(|p| p.1.is_finite()).collect::<Vec<_>>();
+    let (lines, points): (Vec<_>, Vec<_>) = (
+        lines.iter().map(|s| (s.0.as_str(), finite(s))).collect(),
+        points.iter().map(|s| (s.0.as_str(), finite(s))).collect(),
+    );
+    let all = || lines.iter().chain(&points).flat_map(|(_, s)| s.iter());
+    if all().next().is_none() {
         return Ok(());
     }
-    let x_max = points().map(|p| p.0).fold(1.0, f64::max);
-    let y_max = points().map(|p| p.1).fold(0.0, f64::max) * 1.05;
-    let y_min = points().map(|p| p.1).fold(f64::INFINITY, f64::min).min(y_max) * 0.95;
+    let x_max = all().map(|p| p.0).fold(1.0, f64::max);
+    let y_max = all().map(|p| p.1).fold(0.0, f64::max) * 1.05;
+    let y_min = all().map(|p| p.1).fold(f64::INFINITY, f64::min).min(y_max) * 0.95;
     let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     let tmp = path.with_extension("svg.tmp");
     let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
@@ -121,12 +103,19 @@ pub fn plot_runs(series: &[(String, Vec<(f64, f64)>)], path: &Path, title: &str,
             .y_label_area_size(56)
             .build_cartesian_2d(0.0..x_max, y_min..y_max.max(y_min + 1e-3))?;
         chart.configure_mesh().x_desc("step").y_desc(y_desc).draw()?;
-        for (i, (name, s)) in series.iter().enumerate() {
+        for (i, (name, s)) in lines.iter().enumerate() {
             let c = colours[i % colours.len()];
             chart
                 .draw_series(LineSeries::new(s.iter().copied(), c.stroke_width(2)))?
-                .label(name.as_str())
+                .label(*name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        }
+        for (j, (name, s)) in points.iter().enumerate() {
+            let c = colours[(lines.len() + j) % colours.len()];
+            chart
+                .draw_series(s.iter().map(|&p| Circle::new(p, 4, c.filled())))?
+                .label(*name)
+                .legend(move |(x, y)| Circle::new((x + 9, y), 4, c.filled()));
         }
         chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw()?;
         root.present()?;
