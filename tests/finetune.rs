@@ -4,9 +4,8 @@
 
 mod common;
 
-use common::sft::{base_model, config, opts};
+use common::sft::{base_model, config, losses, opts};
 use kiln::train::{finetune::finetune, metrics, Start};
-use std::path::Path;
 use std::process::Command;
 
 #[test]
@@ -39,9 +38,6 @@ fn a_resumed_finetune_matches_the_uninterrupted_one() {
     finetune(&cfg, &a, &opts(Start::Fresh, None)).unwrap();
     finetune(&cfg, &b, &opts(Start::Fresh, Some(7))).unwrap();
     finetune(&cfg, &b, &opts(Start::Resume, None)).unwrap();
-    let losses = |p: &Path| -> Vec<(usize, f64)> {
-        metrics::read(&p.join("metrics.jsonl")).unwrap().iter().filter_map(|r| r.loss.map(|l| (r.step, l))).collect()
-    };
     assert_eq!(losses(&a).len(), 12);
     assert_eq!(losses(&a), losses(&b));
 }
@@ -133,9 +129,6 @@ fn lora_finetuning_trains_only_the_adapter_and_resumes_exactly() {
     // stop at 4, resume: the same losses
     finetune(&cfg, &b, &opts(Start::Fresh, Some(4))).unwrap();
     finetune(&cfg, &b, &opts(Start::Resume, None)).unwrap();
-    let losses = |p: &Path| -> Vec<(usize, f64)> {
-        metrics::read(&p.join("metrics.jsonl")).unwrap().iter().filter_map(|r| r.loss.map(|l| (r.step, l))).collect()
-    };
     assert_eq!(losses(&a).len(), 10);
     assert_eq!(losses(&a), losses(&b));
     assert!(losses(&a)[9].1 < losses(&a)[0].1);
@@ -150,9 +143,6 @@ fn eight_bit_adamw_finetunes_and_resumes_exactly() {
     finetune(&cfg, &a, &opts(Start::Fresh, None)).unwrap();
     finetune(&cfg, &b, &opts(Start::Fresh, Some(3))).unwrap();
     finetune(&cfg, &b, &opts(Start::Resume, None)).unwrap();
-    let losses = |p: &Path| -> Vec<(usize, f64)> {
-        metrics::read(&p.join("metrics.jsonl")).unwrap().iter().filter_map(|r| r.loss.map(|l| (r.step, l))).collect()
-    };
     assert_eq!(losses(&a), losses(&b));
     assert!(losses(&a)[7].1 < losses(&a)[0].1);
     // the checkpoint holds 8-bit codes for the large tensors
@@ -176,9 +166,6 @@ fn gradient_checkpointing_changes_memory_not_losses() {
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     finetune(&plain, &a, &opts(Start::Fresh, None)).unwrap();
     finetune(&ckpt, &b, &opts(Start::Fresh, None)).unwrap();
-    let losses = |p: &Path| -> Vec<(usize, f64)> {
-        metrics::read(&p.join("metrics.jsonl")).unwrap().iter().filter_map(|r| r.loss.map(|l| (r.step, l))).collect()
-    };
     assert_eq!(losses(&a).len(), 5);
     assert_eq!(losses(&a), losses(&b), "checkpointing must not change what is computed");
 }

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::sft::{base_model, config, opts};
+use common::sft::{base_model, config, losses, opts};
 use common::{poison_pool, rand_tensor, rng};
 use kiln::model::gpt2::{Gpt2, Gpt2Config, Mode};
 use kiln::nn::lora::{self, LoraConfig};
@@ -17,9 +17,8 @@ use kiln::ops::lora::lora_linear;
 use kiln::ops::nf4::{nf4_linear, Nf4Lora};
 use kiln::ops::xent::cross_entropy;
 use kiln::quant::nf4::{Nf4Weight, NF4_BLOCKSIZE};
-use kiln::train::{finetune::finetune, metrics, Start};
+use kiln::train::{finetune::finetune, Start};
 use kiln::{Tape, Tensor};
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
@@ -240,10 +239,6 @@ fn a_layer_not_a_multiple_of_the_block_size_is_refused_by_name() {
     // n_embd 24: 24 x 72, 24 x 24, 24 x 96 are all whole blocks
     let mut m = Gpt2::new_random(tiny(24, None), 0).unwrap();
     m.quantize_nf4(NF4_BLOCKSIZE).unwrap();
-}
-
-fn losses(p: &Path) -> Vec<(usize, f64)> {
-    metrics::read(&p.join("metrics.jsonl")).unwrap().iter().filter_map(|r| r.loss.map(|l| (r.step, l))).collect()
 }
 
 #[test]

@@ -41,3 +41,12 @@ pub fn config(base: &Path, data: &Path, extra: &[&str]) -> RunConfig {
 pub fn opts(start: Start, stop_after: Option<usize>) -> Options {
     Options { start, progress: false, stop_after, quiet: true }
 }
+
+/// (step, training loss) of every logged step of a run.
+pub fn losses(run_dir: &Path) -> Vec<(usize, f64)> {
+    kiln::train::metrics::read(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.loss.map(|l| (r.step, l)))
+        .collect()
+}
