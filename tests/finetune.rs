@@ -75,6 +75,15 @@ fn the_command_prints_its_cost_and_refuses_what_it_cannot_do() {
     ] {
         assert!(text.contains(needle), "finetune output lacks '{needle}':\n{text}");
     }
+    // The binary's counting allocator reports the live peak next to the resident one; a model
+    // plus its optimizer state cannot fit in under a megabyte.
+    let live: f64 = text
+        .split(" MB live")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("finetune output lacks the live peak:\n{text}"));
+    assert!(live > 1.0, "live peak {live} MB is implausibly small:\n{text}");
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\"}\n").unwrap();
     let o = run(&[
@@ -132,6 +141,39 @@ fn lora_finetuning_trains_only_the_adapter_and_resumes_exactly() {
     assert_eq!(losses(&a).len(), 10);
     assert_eq!(losses(&a), losses(&b));
     assert!(losses(&a)[9].1 < losses(&a)[0].1);
+}
+
+#[test]
+fn lora_on_wte_and_lm_head_finetunes_into_a_peft_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, base) = base_model(dir.path(), 64);
+    let task = dir.path().join("task.jsonl");
+    let extra = [
+        "finetune.method=\"lora\"",
+        "finetune.lora_r=4",
+        "finetune.lora_dropout=0.1",
+        "finetune.lora_targets=[\"wte\", \"lm_head\", \"c_attn\"]",
+        "train.max_steps=8",
+    ];
+    let cfg = config(&base, &task, &extra);
+    let run = dir.path().join("run");
+    let ckpt = finetune(&cfg, &run, &opts(Start::Fresh, None)).unwrap().checkpoint.unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("adapter_config.json")).unwrap()).unwrap();
+    let mut targets: Vec<&str> =
+        json["target_modules"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    targets.sort();
+    assert_eq!(targets, ["c_attn", "lm_head", "wte"]);
+    let mut m = kiln::io::checkpoint::load_gpt2(&base).unwrap();
+    kiln::io::peft::load_adapter(&mut m, &ckpt).unwrap();
+    let lora = m.lora.as_ref().unwrap();
+    // both factors that start at zero (lora_embedding_A, lm_head's lora_B) have moved
+    for name in ["base_model.model.transformer.wte.lora_embedding_A", "base_model.model.lm_head.lora_B.weight"] {
+        assert!(lora.params.get(name).unwrap().f32s().unwrap().iter().any(|&x| x != 0.0), "{name} did not train");
+    }
+    let l = losses(&run);
+    assert_eq!(l.len(), 8);
+    assert!(l[7].1 < l[0].1, "{l:?}");
 }
 
 #[test]

@@ -1,5 +1,11 @@
 //! `kiln quantize`: write a model's weight matrices in bitsandbytes' NF4 format, under the
 //! names transformers uses for a 4-bit checkpoint. The work is `quant::quantize_file_nf4`.
+//!
+//! Every 2-D tensor is quantized in the layout it is stored in (GPT-2's Conv1D weights stay
+//! [in, out]; the embeddings are included), so the codes equal bitsandbytes' `quantize_4bit` on
+//! that tensor. transformers' 4-bit loading transposes Conv1D weights to Linear's [out, in] and
+//! keeps embeddings and lm_head in 16 bits: its blocks differ, which is why this file is a record of
+//! the format rather than a checkpoint transformers loads in 4 bits.
 
 use crate::quant::{self, Nf4FileOptions};
 use crate::Result;

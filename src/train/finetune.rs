@@ -292,8 +292,19 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         title: "kiln finetune: loss",
     };
     let summary = steps::run(&mut model, opt.as_mut(), &mut task, &spec)?;
-    if let Some(peak) = peak_rss().filter(|_| !opts.quiet) {
-        println!("  peak memory (resident): {:.1} MB", peak as f64 / 1e6);
+    if !opts.quiet {
+        // Resident counts what the pool and the system allocator keep; live counts what kiln's
+        // tensors, gradients and optimizer state hold (the `kiln` binary's counting allocator).
+        let resident = peak_rss().map_or("unknown".to_string(), |b| format!("{:.1} MB", b as f64 / 1e6));
+        match crate::memory::peak_live_bytes() {
+            Some(live) => {
+                println!(
+                    "  peak memory: {resident} resident, {:.1} MB live (heap in use, pool excluded)",
+                    live as f64 / 1e6
+                )
+            }
+            None => println!("  peak memory (resident): {resident}"),
+        }
     }
     Ok(summary)
 }

@@ -5,6 +5,7 @@
 //! must write every element (debug builds fill them with NaN so a missed element shows).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Buffers smaller than this go straight to the system allocator.
@@ -19,6 +20,15 @@ struct Pool {
 }
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+
+/// Bytes parked in the pool right now (a copy of `Pool::bytes` readable without the lock, so the
+/// counting allocator can tell buffers in use from buffers parked).
+static PARKED: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes parked in the pool for reuse: allocated, but holding no tensor.
+pub fn parked_bytes() -> usize {
+    PARKED.load(Ordering::Relaxed)
+}
 
 /// Upper bound on memory parked in the pool (KILN_POOL_MB overrides; 0 turns pooling off).
 fn limit_bytes() -> usize {
@@ -35,6 +45,7 @@ pub fn take(n: usize) -> Vec<f32> {
         *pool.out.entry(n).or_default() += 1;
         if let Some(v) = pool.free.get_mut(&n).and_then(|list| list.pop()) {
             pool.bytes -= 4 * n;
+            PARKED.fetch_sub(4 * n, Ordering::Relaxed);
             drop(guard);
             return poison(v);
         }
@@ -64,11 +75,14 @@ pub fn give(v: Vec<f32>) {
     }
     if pool.bytes + 4 * n <= limit_bytes() {
         pool.bytes += 4 * n;
+        PARKED.fetch_add(4 * n, Ordering::Relaxed);
         pool.free.entry(n).or_default().push(v);
     }
 }
 
 /// Frees every parked buffer (for long-lived processes between unrelated jobs).
 pub fn clear() {
-    *POOL.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    *guard = None;
+    PARKED.store(0, Ordering::Relaxed);
 }
