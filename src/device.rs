@@ -1,5 +1,5 @@
-//! Where a tensor lives. The CPU backend is always present; CUDA arrives with the `cuda` feature
-//! (the CUDA issue). Until then every request for a CUDA device is a clear error, never a panic.
+//! Where a tensor lives. The CPU backend is always present; the CUDA backend comes with the `cuda`
+//! feature. Every request for a CUDA device that cannot be served is a clear error, never a panic.
 
 use crate::{Error, Result};
 use std::fmt;
@@ -18,7 +18,26 @@ impl Device {
     pub fn ensure_available(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
+            #[cfg(not(feature = "cuda"))]
             Device::Cuda(ordinal) => Err(Error::CudaNotBuilt(ordinal)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => {
+                if ordinal != 0 {
+                    return Err(Error::Input(format!(
+                        "cuda:{ordinal}: kiln drives one GPU, cuda:0. Select another with \
+                         CUDA_VISIBLE_DEVICES={ordinal} and --device cuda"
+                    )));
+                }
+                let cu = crate::backend::cuda::cuda()?;
+                // The kernels and their launch wrappers exist and are tested op by op; the tape
+                // does not dispatch to them yet.
+                Err(Error::Cuda(format!(
+                    "found {} ({} SMs), but training on CUDA is not wired into the tape yet: the CUDA kernels \
+                     are tested op by op (cargo test --features cuda). Use --device cpu for now.",
+                    cu.name(),
+                    cu.sm_count()
+                )))
+            }
         }
     }
 }

@@ -27,8 +27,12 @@ pub enum Error {
     #[error("{op}: expected dtype {expected:?}, got {got:?}")]
     DType { op: &'static str, expected: crate::DType, got: crate::DType },
 
-    #[error("device cuda:{0} requested, but this kiln was built without CUDA. Rebuild with `cargo build --release --features cuda` (the CUDA backend arrives with the CUDA issue), or use --device cpu.")]
+    #[error("device cuda:{0} requested, but this kiln was built without CUDA. Rebuild with `cargo build --release --features cuda` (tools/install-cuda.sh installs the nvcc it needs), or use --device cpu.")]
     CudaNotBuilt(usize),
+
+    /// A CUDA failure: no driver or device, out of memory, a failed launch.
+    #[error("{0}")]
+    Cuda(String),
 
     #[error("token id {id} at batch row {row}, position {pos} is outside the vocabulary (vocab_size = {vocab}). The batch was made with a different tokenizer than this model's.")]
     TokenOutOfRange { id: i64, row: usize, pos: usize, vocab: usize },

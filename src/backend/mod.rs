@@ -2,3 +2,5 @@
 //! readable reference every CUDA kernel is checked against.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;

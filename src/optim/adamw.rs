@@ -27,21 +27,10 @@ impl Default for AdamWConfig {
     }
 }
 
-/// The f32 scalars of one step, computed in f64 like torch computes them from Python floats.
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWScalars {
-    /// 1 - lr * weight_decay (1 when the parameter is not decayed)
-    pub decay: f32,
-    pub beta1: f32,
-    pub one_minus_beta1: f32,
-    pub beta2: f32,
-    pub one_minus_beta2: f32,
-    /// lr / (1 - beta1^t)
-    pub step_size: f32,
-    /// sqrt(1 - beta2^t)
-    pub bc2_sqrt: f32,
-    pub eps: f32,
-}
+/// The f32 scalars of one step, computed in f64 like torch computes them from Python floats. The
+/// struct is defined in kernels/kiln_kernels.h and generated for Rust, so the AdamW kernel and
+/// this update read the same layout.
+pub use crate::abi::AdamWScalars;
 
 impl AdamWScalars {
     /// The scalars for 1-based step `t` at learning rate `lr`.

@@ -238,3 +238,20 @@ where
     }
     out
 }
+
+/// The CUDA device, or None after printing why a GPU test is skipped. A skipped test passes
+/// without checking anything, so it says so loudly; tools/gpu-bundle's run.sh fails on any skip.
+#[cfg(feature = "cuda")]
+#[allow(dead_code)]
+pub fn gpu(test: &str) -> Option<&'static kiln::backend::cuda::Cuda> {
+    match kiln::backend::cuda::cuda() {
+        Ok(cu) => Some(cu),
+        Err(e) => {
+            // Written to the process's stderr directly: the test harness captures eprintln!, and
+            // a skip must show in the log even when the test passes.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {e}");
+            None
+        }
+    }
+}

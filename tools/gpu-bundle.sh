@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds, on this machine (the GPU machines have no Rust toolchain), everything a GPU machine needs
+# to check and time kiln's CUDA backend in one call, into gpu-bundle/ (git-ignored, under 64 MiB):
+#   gpu-bundle/kiln          the CLI (kiln bench kernels, kiln bench train-step)
+#   gpu-bundle/tests/<name>  the test binaries that exercise CUDA (--features cuda)
+#   gpu-bundle/run.sh        runs them all, then the benchmarks, and prints one summary table
+# Then, from the repository root on the GPU machine: `gpu-bundle/run.sh` (it fails without a GPU).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+out=gpu-bundle
+tests=(ptxas gemm attention layernorm elementwise embedding xent reduce adamw)
+
+tools/install-cuda.sh >/dev/null
+rm -rf "$out" && mkdir -p "$out/tests"
+cargo build --release --features cuda --bin kiln
+cp target/release/kiln "$out/kiln"
+# `cargo test --no-run` names each test executable in its JSON messages.
+cargo test --release --features cuda --no-run --message-format=json $(printf -- '--test %s ' "${tests[@]}") \
+  | python3 -c '
+import json, sys, shutil
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
+        shutil.copy(m["executable"], sys.argv[1] + "/tests/" + m["target"]["name"])
+' "$out"
+strip "$out/kiln" "$out"/tests/* 2>/dev/null || true
+cp tools/gpu/run.sh "$out/run.sh" && chmod +x "$out/run.sh"
+du -sh "$out"
+size=$(du -sm "$out" | cut -f1)
+if [ "$size" -gt 60 ]; then echo "error: the bundle is ${size} MiB; the device tool carries at most 64 MiB" >&2; exit 1; fi
+echo "bundle ready: carry gpu-bundle and run gpu-bundle/run.sh"

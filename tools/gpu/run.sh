@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs on a GPU machine, from the repository root, after tools/gpu-bundle.sh built gpu-bundle/:
+# every CUDA test binary, then `kiln bench kernels`, then a GPT-2 124M train step; logs go to
+# $OUT (or gpu-bundle/logs), and the last thing printed is one summary table.
+# Fails when no GPU is present: a GPU check that skips is not a pass.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+logs="${OUT:-$here/logs}"
+mkdir -p "$logs"
+if ! nvidia-smi -L >"$logs/gpu.txt" 2>&1; then
+    cat "$logs/gpu.txt"; echo "FAIL: no GPU found (nvidia-smi -L failed); this script checks kernels on a GPU"; exit 1
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv >>"$logs/gpu.txt" 2>&1
+rows=()
+status=0
+for t in "$here"/tests/*; do
+    name=$(basename "$t")
+    start=$(date +%s.%N)
+    "$t" --test-threads=1 >"$logs/test-$name.log" 2>&1
+    rc=$?
+    secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
+    passed=$(grep -o '[0-9]* passed' "$logs/test-$name.log" | awk '{s+=$1} END{print s+0}')
+    failed=$(grep -o '[0-9]* failed' "$logs/test-$name.log" | awk '{s+=$1} END{print s+0}')
+    skipped=$(grep -c '^SKIPPED' "$logs/test-$name.log")
+    verdict=ok
+    if [ $rc -ne 0 ] || [ "$failed" -gt 0 ] || [ "$skipped" -gt 0 ]; then verdict=FAIL; status=1; fi
+    rows+=("$(printf '%-22s %-5s %7s %7s %8s %7ss' "test $name" "$verdict" "$passed" "$failed" "$skipped" "$secs")")
+    grep -E "^(test .*FAILED|---- |thread .* panicked|SKIPPED)" "$logs/test-$name.log" | head -20
+done
+"$here/kiln" bench kernels 2>&1 | tee "$logs/bench-kernels.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; rows+=("bench kernels          FAIL"); }
+"$here/kiln" bench train-step --preset gpt2 --batch 4 --seq 1024 --device cuda 2>&1 | tee "$logs/bench-train-step.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; rows+=("train step (cuda)      FAIL"); }
+echo
+echo "== summary ($(head -1 "$logs/gpu.txt"))"
+printf '%-22s %-5s %7s %7s %8s %8s\n' "what" "ok?" "passed" "failed" "skipped" "time"
+printf '%s\n' "${rows[@]}"
+echo "kernel benchmarks: see above and $logs/bench-kernels.txt"
+exit $status
