@@ -22,6 +22,7 @@ pub(crate) enum Op {
     Dropout(elementwise::DropoutSaved),
     CrossEntropy(xent::Saved),
     Lora(lora::Saved),
+    LoraEmbedding(lora::EmbeddingSaved),
     Nf4(nf4::Saved),
 }
 
@@ -45,6 +46,7 @@ impl Op {
             Op::Dropout(_) => "dropout",
             Op::CrossEntropy(_) => "cross_entropy",
             Op::Lora(_) => "lora_linear",
+            Op::LoraEmbedding(_) => "lora_embedding",
             Op::Nf4(_) => "nf4_linear",
         }
     }
@@ -62,6 +64,7 @@ impl Op {
             Op::Dropout(s) => elementwise::dropout_backward(s, dout),
             Op::CrossEntropy(s) => xent::backward(s, dout),
             Op::Lora(s) => lora::backward(s, dout, needs),
+            Op::LoraEmbedding(s) => lora::embedding_backward(s, dout, needs),
             Op::Nf4(s) => nf4::backward(s, dout, needs),
         }
     }
@@ -197,15 +200,36 @@ fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) ->
             grads.insert(id, g);
         }
         Some(acc) => {
-            let src = g.f32s()?;
-            let dst = acc.f32s_mut()?;
-            if dst.len() != src.len() {
-                return Err(Error::shape("backward", format!("gradient sizes differ: {} vs {}", dst.len(), src.len())));
+            if acc.numel() != g.numel() {
+                return Err(Error::shape(
+                    "backward",
+                    format!("gradient sizes differ: {} vs {}", acc.numel(), g.numel()),
+                ));
             }
-            crate::backend::cpu::elementwise::add_assign(dst, src);
+            #[cfg(feature = "cuda")]
+            if acc.device() != crate::Device::Cpu {
+                return accumulate_cuda(acc, &g);
+            }
+            crate::backend::cpu::elementwise::add_assign(acc.f32s_mut()?, g.f32s()?);
         }
     }
     Ok(())
+}
+
+/// acc += g on the GPU: bf16 activation gradients and f32 parameter gradients alike.
+#[cfg(feature = "cuda")]
+fn accumulate_cuda(acc: &mut Tensor, g: &Tensor) -> Result<()> {
+    use crate::backend::cuda::elementwise;
+    use crate::tensor::CudaStorage;
+    let (got, want) = (g.dtype(), acc.dtype());
+    match (acc.cuda_storage_mut(), g.cuda_storage()) {
+        (Some(CudaStorage::BF16(dst)), Some(CudaStorage::BF16(src))) => elementwise::add_assign(dst, src),
+        (Some(CudaStorage::F32(dst)), Some(CudaStorage::F32(src))) => elementwise::add_assign_f32(dst, src),
+        _ => Err(Error::Input(format!(
+            "backward: cannot add a {got:?} gradient on {} into a {want:?} one on the GPU",
+            g.device()
+        ))),
+    }
 }
 
 /// Gradients of the watched tensors after `Tape::backward`.
@@ -233,8 +257,21 @@ impl Gradients {
         let mut ids: Vec<&TensorId> = self.map.keys().collect();
         ids.sort();
         let mut total = 0.0;
+        #[cfg(feature = "cuda")]
+        let mut on_gpu = Vec::new();
         for id in ids {
-            total += crate::backend::cpu::reduce::sum_squares(self.map[id].f32s()?);
+            let g = &self.map[id];
+            #[cfg(feature = "cuda")]
+            if g.device() != crate::Device::Cpu {
+                on_gpu.push(crate::ops::dev::f32_in("global norm", g)?);
+                continue;
+            }
+            total += crate::backend::cpu::reduce::sum_squares(g.f32s()?);
+        }
+        #[cfg(feature = "cuda")]
+        if !on_gpu.is_empty() {
+            // One deterministic reduction over every GPU gradient, in id order.
+            total += crate::backend::cuda::reduce::sum_squares_many(&on_gpu)?;
         }
         Ok(total.sqrt())
     }
@@ -242,6 +279,14 @@ impl Gradients {
     /// Multiplies every gradient by `s`.
     pub fn scale(&mut self, s: f32) -> Result<()> {
         for g in self.map.values_mut() {
+            #[cfg(feature = "cuda")]
+            if g.device() != crate::Device::Cpu {
+                match g.cuda_storage_mut() {
+                    Some(crate::tensor::CudaStorage::F32(d)) => crate::backend::cuda::reduce::scale(d, s)?,
+                    _ => return Err(Error::Input("scaling gradients: GPU gradients of parameters are f32".into())),
+                }
+                continue;
+            }
             crate::backend::cpu::reduce::scale(g.f32s_mut()?, s);
         }
         Ok(())

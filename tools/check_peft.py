@@ -43,30 +43,34 @@ def main():
             for _ in range(200):
                 a, b = rng.choice(words), rng.choice(words)
                 f.write(json.dumps({"prompt": f"{a} {b} ->", "completion": f" {b} {a}"}) + "\n")
-        run = os.path.join(tmp, "run")
-        kiln("finetune", "--model", base, "--data", task, "--out", run, "--method", "lora", "--r", "4", "--alpha", "8",
-             "--max-steps", "30", "--set", "train.batch_size=8", "--set", "train.lr=3e-3")
-        ckpts = sorted(os.listdir(os.path.join(run, "checkpoints")))
-        adapter = os.path.join(run, "checkpoints", ckpts[-1])
-
         ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
         batch = os.path.join(tmp, "batch.safetensors")
         save_file({"input_ids": ids}, batch)
-        out = os.path.join(tmp, "grads.safetensors")
-        kiln("grads", "--model", base, "--batch", batch, "--adapter", adapter, "--out", out)
-        kiln_loss = load_file(out)["loss"].item()
+        results = []
+        # the default targets (the Conv1D layers), and the token embedding + tied output layer
+        for name, extra in [("c_attn,c_proj,c_fc", []), ("wte,lm_head,c_attn", ["--targets", "wte,lm_head,c_attn"])]:
+            run = os.path.join(tmp, "run-" + name.replace(",", "-"))
+            kiln("finetune", "--model", base, "--data", task, "--out", run, "--method", "lora", "--r", "4",
+                 "--alpha", "8", "--max-steps", "30", "--set", "train.batch_size=8", "--set", "train.lr=3e-3",
+                 *extra)
+            ckpts = sorted(os.listdir(os.path.join(run, "checkpoints")))
+            adapter = os.path.join(run, "checkpoints", ckpts[-1])
+            out = os.path.join(tmp, "grads.safetensors")
+            kiln("grads", "--model", base, "--batch", batch, "--adapter", adapter, "--out", out)
+            kiln_loss = load_file(out)["loss"].item()
 
-        with torch.no_grad():
-            plain = GPT2LMHeadModel.from_pretrained(base, attn_implementation="eager").eval()
-            base_loss = plain(input_ids=ids, labels=ids).loss.item()
-            peft_model = PeftModel.from_pretrained(plain, adapter).eval()
-            peft_loss = peft_model(input_ids=ids, labels=ids).loss.item()
-        # the adapter must matter (else equal losses would prove nothing) and agree with kiln
-        ok = abs(kiln_loss - peft_loss) < 1e-4 * max(1.0, abs(peft_loss)) and abs(base_loss - peft_loss) > 1e-3
-        print(f"kiln adapter in peft: kiln loss {kiln_loss:.6f}, peft loss {peft_loss:.6f} "
-              f"(base without the adapter {base_loss:.6f}) {'ok' if ok else 'MISMATCH'}")
-        print(f"{int(ok)} passed, {int(not ok)} failed")
-        sys.exit(0 if ok else 1)
+            with torch.no_grad():
+                plain = GPT2LMHeadModel.from_pretrained(base, attn_implementation="eager").eval()
+                base_loss = plain(input_ids=ids, labels=ids).loss.item()
+                peft_model = PeftModel.from_pretrained(plain, adapter).eval()
+                peft_loss = peft_model(input_ids=ids, labels=ids).loss.item()
+            # the adapter must matter (else equal losses would prove nothing) and agree with kiln
+            ok = abs(kiln_loss - peft_loss) < 1e-4 * max(1.0, abs(peft_loss)) and abs(base_loss - peft_loss) > 1e-3
+            print(f"kiln adapter on {name} in peft: kiln loss {kiln_loss:.6f}, peft loss {peft_loss:.6f} "
+                  f"(base without the adapter {base_loss:.6f}) {'ok' if ok else 'MISMATCH'}")
+            results.append(ok)
+        print(f"{sum(results)} passed, {len(results) - sum(results)} failed")
+        sys.exit(0 if all(results) else 1)
 
 
 if __name__ == "__main__":

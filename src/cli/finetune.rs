@@ -48,7 +48,7 @@ pub struct FinetuneArgs {
     /// Dropout on the LoRA path's input.
     #[arg(long)]
     pub lora_dropout: Option<f32>,
-    /// Modules LoRA adapts, comma separated (GPT-2: c_attn, c_proj, c_fc).
+    /// Modules LoRA adapts, comma separated (GPT-2: c_attn, c_proj, c_fc, wte, lm_head).
     #[arg(long)]
     pub targets: Option<String>,
     /// rsLoRA scaling, alpha / sqrt(r).

@@ -1,10 +1,18 @@
 //! PEFT adapter directories: `adapter_config.json` + `adapter_model.safetensors`, as
 //! `PeftModel.save_pretrained` writes them for a GPT-2 LoRA and `PeftModel.from_pretrained`
 //! reads them. Tensors are named `base_model.model.<module>.lora_A.weight` [r, in] and
-//! `...lora_B.weight` [out, r] (PEFT drops the adapter name "default" when saving).
+//! `...lora_B.weight` [out, r] (PEFT drops the adapter name "default" when saving); the token
+//! embedding's are `base_model.model.transformer.wte.lora_embedding_A` [r, V] and
+//! `...lora_embedding_B` [C, r], without a `.weight` suffix.
+//!
+//! With wte or lm_head among the targets PEFT also saves a copy of the (tied) embedding matrix
+//! under `<module>.base_layer.weight` (its save_embedding_layers="auto"), which
+//! `from_pretrained` loads over the base model's. kiln reads such copies and requires them to
+//! equal the base model's wte (else the adapter was trained on other embeddings); it writes none
+//! (PEFT's save_embedding_layers=False), as PEFT needs none to load an adapter onto its base.
 //!
 //! Loading checks the adapter against the base model before anything is attached: every target
-//! must name a Conv1D of this model, every tensor must fit its layer (a mismatch names the model
+//! must name a layer kiln adapts, every tensor must fit its layer (a mismatch names the model
 //! size the adapter was made for), and the file must hold exactly the tensors its config implies.
 
 use super::safetensors::{self as st, SafeFile};
@@ -237,14 +245,22 @@ pub fn save_adapter(model: &Gpt2, dir: &Path) -> Result<()> {
 /// The module a PEFT tensor name belongs to and which factor it is ("A" or "B").
 fn split_name(name: &str) -> Option<(&str, char)> {
     let rest = name.strip_prefix(PEFT_PREFIX)?;
-    if let Some(m) = rest.strip_suffix(".lora_A.weight") {
-        return Some((m, 'A'));
+    for (suffix, factor) in
+        [(".lora_A.weight", 'A'), (".lora_B.weight", 'B'), (".lora_embedding_A", 'A'), (".lora_embedding_B", 'B')]
+    {
+        if let Some(m) = rest.strip_suffix(suffix) {
+            return Some((m, factor));
+        }
     }
-    rest.strip_suffix(".lora_B.weight").map(|m| (m, 'B'))
+    None
 }
 
-/// The n_embd a Conv1D adapter factor implies, when its shape pins it down.
+/// The n_embd an adapter factor implies, when its shape pins it down.
 fn implied_n_embd(module: &str, factor: char, dims: &[usize]) -> Option<usize> {
+    match (module, factor, dims) {
+        (lora::WTE, 'B', &[c, _]) | (lora::LM_HEAD, 'A', &[_, c]) => return Some(c),
+        _ => {}
+    }
     let kind = module.rsplit_once(".h.").map(|(_, s)| s.split_once('.').map_or(s, |(_, k)| k))?;
     match (kind, factor, dims) {
         ("attn.c_attn" | "attn.c_proj" | "mlp.c_fc", 'A', &[_, c]) => Some(c),
@@ -277,17 +293,21 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
     }
     let file = SafeFile::open(&wpath)?;
     let mc = model.config.clone();
-    let convs: HashMap<String, (usize, usize)> =
-        lora::conv1d_modules(&mc).into_iter().map(|(m, i, o)| (m, (i, o))).collect();
+    let layers: HashMap<String, (usize, usize)> =
+        lora::adaptable_modules(&mc).into_iter().map(|(m, _, i, o)| (m, (i, o))).collect();
 
     // The base check first: tensors that do not fit this model say which model they were made for.
-    let mut stored: HashMap<(String, char), Vec<usize>> = HashMap::new();
+    let mut stored: HashMap<(String, char), (String, Vec<usize>)> = HashMap::new();
     let mut max_layer = None;
     for name in file.names() {
+        if let Some(module) = name.strip_prefix(PEFT_PREFIX).and_then(|n| n.strip_suffix(".base_layer.weight")) {
+            if module == lora::WTE || module == lora::LM_HEAD {
+                check_embedding_copy(model, &file, &wpath, &name)?;
+                continue;
+            }
+        }
         let Some((module, factor)) = split_name(&name) else {
-            let what = if name.contains("lora_embedding_") {
-                "an embedding adapter (lora_embedding_A/B), which kiln does not support yet"
-            } else if name.contains("lora_magnitude_vector") {
+            let what = if name.contains("lora_magnitude_vector") {
                 "a DoRA magnitude vector, which kiln does not support"
             } else {
                 "not a tensor of a PEFT LoRA adapter (base_model.model.<module>.lora_A.weight / lora_B.weight)"
@@ -297,7 +317,7 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
         let layer = module.strip_prefix("transformer.h.").and_then(|s| s.split('.').next()?.parse::<usize>().ok());
         max_layer = max_layer.max(layer);
         let (_, dims) = file.info(&name)?;
-        let Some(&(fan_in, fan_out)) = convs.get(module) else {
+        let Some(&(fan_in, fan_out)) = layers.get(module) else {
             let msg = match layer {
                 Some(l) if l >= mc.n_layer => format!(
                     "holds '{name}' for layer {l}: the adapter was made for a model with more layers, this model has \
@@ -305,8 +325,9 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
                     mc.n_layer
                 ),
                 _ => format!(
-                    "holds '{name}', but {module} is not a Conv1D layer of GPT-2: the adapter was made for another \
-                     architecture (or targets a module kiln does not adapt)"
+                    "holds '{name}', but {module} is not a layer of GPT-2 that kiln's LoRA adapts (the Conv1D layers, \
+                     transformer.wte and lm_head): the adapter was made for another architecture (or targets a \
+                     module kiln does not adapt)"
                 ),
             };
             return Err(Error::checkpoint(&wpath, msg));
@@ -332,14 +353,14 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
                 ),
             ));
         }
-        stored.insert((module.to_string(), factor), dims);
+        stored.insert((module.to_string(), factor), (name.clone(), dims));
     }
 
     let modules = lora::resolve(&cfg, &mc).map_err(|e| Error::checkpoint(&dir.join(CONFIG_FILE), e.to_string()))?;
     let mut params = ParamStore::new();
     for m in &modules {
         for (factor, name) in [('A', m.a_name()), ('B', m.b_name())] {
-            let Some(dims) = stored.remove(&(m.module.clone(), factor)) else {
+            let Some((found, dims)) = stored.remove(&(m.module.clone(), factor)) else {
                 let hint = match max_layer {
                     Some(l) if l + 1 < mc.n_layer => format!(
                         ": the adapter was made for a model with n_layer = {}, this model has n_layer = {}",
@@ -353,6 +374,12 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
                     format!("has no tensor '{name}', which target_modules imply{hint}"),
                 ));
             };
+            if found != name {
+                return Err(Error::checkpoint(
+                    &wpath,
+                    format!("holds '{found}' where PEFT names the tensor of {} '{name}'", m.module),
+                ));
+            }
             let r = if factor == 'A' { dims[0] } else { dims[1] };
             if r != m.r {
                 return Err(Error::checkpoint(
@@ -371,5 +398,36 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
     }
     model.lora = Some(Lora::new(cfg, modules, params)?);
     model.params.set_trainable(false);
+    Ok(())
+}
+
+/// Checks PEFT's copy of the tied embedding matrix (`<module>.base_layer.weight`, written when an
+/// adapter targets wte or lm_head) against the base model's wte: PEFT would load the copy over
+/// the base weights, so a copy that differs means the adapter belongs to other embeddings.
+fn check_embedding_copy(model: &Gpt2, file: &SafeFile, wpath: &Path, name: &str) -> Result<()> {
+    let wte = model.params.get("transformer.wte.weight")?;
+    let (_, dims) = file.info(name)?;
+    if dims != wte.dims() {
+        return Err(Error::checkpoint(
+            wpath,
+            format!(
+                "holds '{name}' of shape {dims:?} (PEFT's copy of the embedding matrix), but this model's \
+                 transformer.wte is {:?}: the adapter was made for a model of another size. Load the adapter onto \
+                 the base model it was trained from",
+                wte.dims()
+            ),
+        ));
+    }
+    let copy = file.tensor_f32(name)?;
+    if copy.f32s()? != wte.f32s()? {
+        return Err(Error::checkpoint(
+            wpath,
+            format!(
+                "holds '{name}', PEFT's copy of the embedding matrix, and it differs from this model's \
+                 transformer.wte: the adapter was trained on other (resized or retrained) embeddings, which kiln \
+                 does not load from an adapter. Load it onto the base model it was trained from"
+            ),
+        ));
+    }
     Ok(())
 }

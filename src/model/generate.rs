@@ -139,6 +139,10 @@ impl Gpt2 {
             }
         }
         let mut x = Tensor::from_f32(x, [b, n, c])?; // [B, n, C]
+        if self.lora.is_some() {
+            let ids = Tensor::from_i32(ids.iter().map(|&id| id as i32).collect(), [b, n])?;
+            x = self.wte_lora(&mut Tape::inference(), &ids, x)?;
+        }
         for l in 0..cfg.n_layer {
             let h = format!("transformer.h.{l}");
             let a = ln(self, &format!("{h}.ln_1"), &x)?;
@@ -156,9 +160,10 @@ impl Gpt2 {
         // Only the last position of each sequence needs logits: the lm_head is the widest GEMM.
         let xd = x.f32s()?;
         let last: Vec<f32> = (0..b).flat_map(|r| &xd[((r + 1) * n - 1) * c..(r + 1) * n * c]).copied().collect();
-        // ln_f of the last positions, [B, C]; lm_head is tied to wte: logits [B, V] = h @ wte^T.
+        // ln_f of the last positions, [B, C]; lm_head is tied to wte: logits [B, V] = h @ wte^T
+        // (plus its LoRA update, when the adapter has one).
         let h = ln(self, "transformer.ln_f", &Tensor::from_f32(last, [b, c])?)?;
-        gemm::linear(&mut Tape::inference(), &h, wte, None, WeightLayout::OutIn, false)
+        self.lm_head(&mut Tape::inference(), &h, wte, false, 0)
     }
 }
 

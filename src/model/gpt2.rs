@@ -251,6 +251,10 @@ impl Gpt2Config {
     }
 }
 
+/// The dropout site of lm_head's LoRA input, apart from the model's own sites (0, 1, 2, ...) and
+/// the blocks' LoRA sites (2^32 + ...).
+const LM_HEAD_LORA_SITE: u64 = 1 << 33;
+
 /// Whether dropout is active. Training takes a seed so that every mask can be replayed.
 /// Embedding and residual dropout (embd_pdrop, resid_pdrop) are applied; dropout on the
 /// attention probabilities (attn_pdrop) is not: the flash-style attention never forms them.
@@ -296,8 +300,8 @@ pub(crate) enum Conv1dWeight {
 pub struct Gpt2 {
     pub config: Gpt2Config,
     pub params: ParamStore,
-    /// A LoRA adapter on the Conv1D layers (`nn::lora::attach`, `io::peft::load_adapter`); the
-    /// forward pass and generation apply it unmerged.
+    /// A LoRA adapter on the Conv1D layers, wte and lm_head (`nn::lora::attach`,
+    /// `io::peft::load_adapter`); the forward pass and generation apply it unmerged.
     pub lora: Option<Lora>,
     /// QLoRA's frozen base: Conv1D weights (by checkpoint name, e.g.
     /// `transformer.h.0.attn.c_attn.weight`) held in NF4 and absent from `params`
@@ -456,6 +460,32 @@ impl Gpt2 {
         }
     }
 
+    /// x [..., C] (the embedding of `ids`) plus the LoRA update of `transformer.wte` when the
+    /// adapter targets it: scaling * lora_embedding_A[:, ids]^T lora_embedding_B^T (no dropout,
+    /// as in PEFT).
+    pub(crate) fn wte_lora(&self, tape: &mut Tape, ids: &Tensor, x: Tensor) -> Result<Tensor> {
+        match self.lora.as_ref().and_then(|l| l.adapter(crate::nn::lora::WTE)) {
+            None => Ok(x),
+            Some(ad) => {
+                let delta = lora::lora_embedding(tape, ids, ad.a, ad.b, ad.scaling)?;
+                elementwise::add(tape, &x, &delta)
+            }
+        }
+    }
+
+    /// The output layer on h [..., C]: logits [..., V] = h @ wte^T (lm_head is tied to wte), plus
+    /// the LoRA update scaling * dropout(h) A^T B^T when the adapter targets `lm_head` (dropout
+    /// from `seed` when `train`).
+    pub(crate) fn lm_head(&self, tape: &mut Tape, h: &Tensor, wte: &Tensor, train: bool, seed: u64) -> Result<Tensor> {
+        let adapter = self.lora.as_ref().and_then(|l| Some((l.adapter(crate::nn::lora::LM_HEAD)?, l.config.dropout)));
+        match adapter {
+            None => gemm::linear(tape, h, wte, None, WeightLayout::OutIn, false),
+            Some((ad, p)) => {
+                lora::lora_linear_ex(tape, h, wte, WeightLayout::OutIn, None, ad.a, ad.b, ad.scaling, p, train, seed)
+            }
+        }
+    }
+
     /// The parameter stores: the base model's, then the adapter's when one is attached.
     pub fn stores(&self) -> Vec<&ParamStore> {
         let mut v = vec![&self.params];
@@ -544,6 +574,7 @@ impl Gpt2 {
         let wte = self.p("transformer.wte.weight")?; // [V, C]
         let wpe = self.p("transformer.wpe.weight")?; // [P, C]
         let mut x = embedding::embedding(tape, ids, &wte, &wpe)?; // [B, T, C]
+        x = self.wte_lora(tape, ids, x)?;
         x = elementwise::dropout(tape, &x, cfg.embd_pdrop, train, site_seed(0))?;
         for i in 0..cfg.n_layer {
             x = if self.gradient_checkpointing && tape.is_recording() {
@@ -559,7 +590,7 @@ impl Gpt2 {
             &self.p("transformer.ln_f.bias")?,
             eps,
         )?;
-        let logits = gemm::linear(tape, &h, &wte, None, WeightLayout::OutIn, false)?; // [B, T, V], lm_head tied to wte
+        let logits = self.lm_head(tape, &h, &wte, train, site_seed(LM_HEAD_LORA_SITE))?; // [B, T, V]
         let loss = targets.map(|t| xent::cross_entropy(tape, &logits, t)).transpose()?;
         Ok(Gpt2Output { logits, loss })
     }

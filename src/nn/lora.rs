@@ -3,12 +3,28 @@
 //!
 //! A targeted Conv1D (W [in, out], y = x W + b) gains lora_A [r, in] and lora_B [out, r]:
 //!   y = x W + b + scaling * dropout(x) A^T B^T,   scaling = alpha / r  (rsLoRA: alpha / sqrt(r)).
-//! Targets are module names matched as PEFT matches them: a module is targeted when its full
-//! name (e.g. `transformer.h.0.attn.c_attn`) equals a target or ends with "." + target, so
-//! "c_proj" adapts both attn.c_proj and mlp.c_proj. The adapter tensors live in their own
-//! `ParamStore` under PEFT's saved names (`base_model.model.<module>.lora_A.weight`); attaching
-//! freezes every base parameter, so the tape allocates no gradient for them and an optimizer given
-//! `Lora::params` keeps no state for them.
+//! GPT2LMHeadModel's two other layers with a weight matrix can be targeted too, as PEFT adapts
+//! them:
+//! - `transformer.wte` (nn.Embedding, [V, C]) gains lora_embedding_A [r, V] and
+//!   lora_embedding_B [C, r] (saved without a `.weight` suffix), and each token's embedding
+//!   gains scaling * A[:, id]^T B^T. PEFT applies no dropout on this path and initialises the
+//!   other way round (A = 0, B ~ N(0, 1)).
+//! - `lm_head` (nn.Linear(C, V, bias=False), tied to wte) gains lora_A [r, C] and lora_B [V, r]:
+//!   logits = h wte^T + scaling * dropout(h) A^T B^T.
+//!
+//! The position embedding (wpe) is not adapted, and "all-linear" means the Conv1D layers only (as
+//! in PEFT, which leaves the output layer out). Targets are module names matched as PEFT matches
+//! them: a module is targeted when its full name (e.g. `transformer.h.0.attn.c_attn`) equals a
+//! target or ends with "." + target, so "c_proj" adapts both attn.c_proj and mlp.c_proj. The
+//! adapter tensors live in their own `ParamStore` under PEFT's saved names
+//! (`base_model.model.<module>.lora_A.weight`); attaching freezes every base parameter, so the
+//! tape allocates no gradient for them and an optimizer given `Lora::params` keeps no state for
+//! them.
+//!
+//! Merging (`merged`, `kiln merge`) folds Conv1D adapters into their weights and refuses an
+//! adapter on wte or lm_head: GPT-2 ties the two to one weight matrix (kiln's checkpoints are
+//! always tied), so folding either adapter into it would also change the other layer, and the
+//! merged model would compute something else. Such an adapter is used unmerged (`--adapter`).
 
 use crate::model::gpt2::{Gpt2, Gpt2Config};
 use crate::nn::ParamStore;
@@ -31,8 +47,8 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// Dropout probability on each adapter's input while training.
     pub dropout: f32,
-    /// Module names or name suffixes (c_attn, c_proj, c_fc, attn.c_proj, h.0.mlp.c_fc, ...), or
-    /// the single entry "all-linear".
+    /// Module names or name suffixes (c_attn, c_proj, c_fc, attn.c_proj, h.0.mlp.c_fc, wte,
+    /// lm_head, ...), or the single entry "all-linear" (every Conv1D).
     pub targets: Vec<String>,
     /// Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023).
     pub rslora: bool,
@@ -126,27 +142,51 @@ fn matches(module: &str, target: &str) -> bool {
     module == target || module.strip_suffix(target).is_some_and(|head| head.ends_with('.'))
 }
 
-/// One adapted Conv1D.
+/// What kind of layer an adapted module is; it decides the tensor names, the initialisation and
+/// where the forward pass applies the update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModuleKind {
+    /// A Conv1D, W [in, out].
+    Conv1d,
+    /// GPT-2's token embedding `transformer.wte`, W [V, C]: in = V, out = C.
+    Embedding,
+    /// GPT-2's lm_head, an nn.Linear(C, V) whose weight is wte [V, C]: in = C, out = V.
+    LmHead,
+}
+
+/// One adapted layer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraModule {
     /// The module's full name, e.g. `transformer.h.0.attn.c_attn`.
     pub module: String,
+    pub kind: ModuleKind,
     pub r: usize,
+    /// A is [r, fan_in] and B [fan_out, r]; for the embedding fan_in = V and fan_out = C.
     pub fan_in: usize,
     pub fan_out: usize,
     pub scaling: f32,
 }
 
 impl LoraModule {
-    /// PEFT's saved name of lora_A [r, in].
+    /// PEFT's saved name of lora_A [r, in] (lora_embedding_A [r, V] for the embedding).
     pub fn a_name(&self) -> String {
-        format!("{PEFT_PREFIX}{}.lora_A.weight", self.module)
+        match self.kind {
+            ModuleKind::Embedding => format!("{PEFT_PREFIX}{}.lora_embedding_A", self.module),
+            _ => format!("{PEFT_PREFIX}{}.lora_A.weight", self.module),
+        }
     }
-    /// PEFT's saved name of lora_B [out, r].
+    /// PEFT's saved name of lora_B [out, r] (lora_embedding_B [C, r] for the embedding).
     pub fn b_name(&self) -> String {
-        format!("{PEFT_PREFIX}{}.lora_B.weight", self.module)
+        match self.kind {
+            ModuleKind::Embedding => format!("{PEFT_PREFIX}{}.lora_embedding_B", self.module),
+            _ => format!("{PEFT_PREFIX}{}.lora_B.weight", self.module),
+        }
     }
 }
+
+/// The module names of GPT-2's token embedding and output layer, as GPT2LMHeadModel names them.
+pub const WTE: &str = "transformer.wte";
+pub const LM_HEAD: &str = "lm_head";
 
 /// The adapter of one module, as the forward pass uses it.
 pub struct Adapter<'a> {
@@ -222,18 +262,27 @@ pub fn conv1d_modules(cfg: &Gpt2Config) -> Vec<(String, usize, usize)> {
         .collect()
 }
 
+/// Every layer kiln's LoRA can adapt: (full name, kind, in, out), in model order (wte, the
+/// Conv1D layers, lm_head), with in and out as `LoraModule` counts them.
+pub fn adaptable_modules(cfg: &Gpt2Config) -> Vec<(String, ModuleKind, usize, usize)> {
+    let (v, c) = (cfg.vocab_size, cfg.n_embd);
+    let mut out = vec![(WTE.to_string(), ModuleKind::Embedding, v, c)];
+    out.extend(conv1d_modules(cfg).into_iter().map(|(m, i, o)| (m, ModuleKind::Conv1d, i, o)));
+    out.push((LM_HEAD.to_string(), ModuleKind::LmHead, c, v));
+    out
+}
+
 /// GPT-2's other modules (as GPT2LMHeadModel names them) and why LoRA does not adapt them here.
 fn other_modules(cfg: &Gpt2Config) -> Vec<(String, &'static str)> {
-    const EMBED: &str = "LoRA on the embeddings and on lm_head (PEFT's lora_embedding_A/B) is not supported yet: \
-                         kiln adapts GPT-2's Conv1D layers (c_attn, c_proj, c_fc); leave it out of the targets";
+    const WPE: &str = "the position embedding, which kiln's LoRA does not adapt (it adapts transformer.wte, \
+                       lm_head and the Conv1D layers c_attn, c_proj, c_fc); leave it out of the targets";
     const NORM: &str = "a LayerNorm, which LoRA does not adapt (PEFT adapts Linear, Conv1D and Embedding layers)";
     const CONTAINER: &str = "a container of several layers, not a layer LoRA can adapt: name the layers inside it \
                              (c_attn, c_proj, c_fc)";
     const NONE: &str = "a layer without weights, which LoRA cannot adapt";
     let mut out = vec![
         ("transformer".to_string(), CONTAINER),
-        ("transformer.wte".to_string(), EMBED),
-        ("transformer.wpe".to_string(), EMBED),
+        ("transformer.wpe".to_string(), WPE),
         ("transformer.drop".to_string(), NONE),
         ("transformer.h".to_string(), CONTAINER),
     ];
@@ -252,18 +301,17 @@ fn other_modules(cfg: &Gpt2Config) -> Vec<(String, &'static str)> {
         ]);
     }
     out.push(("transformer.ln_f".to_string(), NORM));
-    out.push(("lm_head".to_string(), EMBED));
     out
 }
 
 /// The modules of a GPT-2 of `model` that `config` targets, each with its rank and scaling, in
 /// model order. Errors name a target that matches nothing (listing the names that exist), a
-/// target that is not a Conv1D, and a rank above the layer's min(in, out).
+/// target that is not a layer kiln adapts, and a rank above the layer's min(in, out).
 pub fn resolve(config: &LoraConfig, model: &Gpt2Config) -> Result<Vec<LoraModule>> {
     config.validate()?;
-    let convs = conv1d_modules(model);
+    let layers = adaptable_modules(model);
     let others = other_modules(model);
-    let mut chosen = vec![false; convs.len()];
+    let mut chosen = vec![false; layers.len()];
     let all_linear = config.targets.iter().any(|t| t == ALL_LINEAR);
     if all_linear && config.targets.len() > 1 {
         return Err(Error::Input(format!(
@@ -276,8 +324,9 @@ pub fn resolve(config: &LoraConfig, model: &Gpt2Config) -> Result<Vec<LoraModule
             return Err(Error::Input(format!("LoRA target '{t}' matches {m}: {why}")));
         }
         let mut found = false;
-        for (i, (m, _, _)) in convs.iter().enumerate() {
-            if all_linear || matches(m, t) {
+        for (i, (m, kind, _, _)) in layers.iter().enumerate() {
+            // all-linear: the Conv1D layers, not the output layer (PEFT's meaning) nor the embedding
+            if (all_linear && *kind == ModuleKind::Conv1d) || (!all_linear && matches(m, t)) {
                 chosen[i] = true;
                 found = true;
             }
@@ -287,30 +336,36 @@ pub fn resolve(config: &LoraConfig, model: &Gpt2Config) -> Result<Vec<LoraModule
                 "LoRA target '{t}' matches no module of this GPT-2. Its modules are transformer.wte, transformer.wpe, \
                  transformer.h.{{0..{}}}.{{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj}}, transformer.ln_f \
                  and lm_head; a target names a module or a dot-separated suffix of its name. kiln's LoRA adapts the \
-                 Conv1D layers: c_attn, c_proj (attn and mlp), c_fc, or a longer suffix such as attn.c_proj or h.0.mlp.c_fc",
+                 Conv1D layers: c_attn, c_proj (attn and mlp), c_fc, or a longer suffix such as attn.c_proj or \
+                 h.0.mlp.c_fc; and the token embedding (wte) and the output layer (lm_head)",
                 model.n_layer.saturating_sub(1)
             )));
         }
     }
     let mut out = Vec::new();
-    for ((module, fan_in, fan_out), _) in convs.into_iter().zip(chosen).filter(|(_, c)| *c) {
+    for ((module, kind, fan_in, fan_out), _) in layers.into_iter().zip(chosen).filter(|(_, c)| *c) {
         let r = config.rank_of(&module);
         let limit = fan_in.min(fan_out);
         if r > limit {
+            let what = match kind {
+                ModuleKind::Embedding => format!("{fan_in} tokens x {fan_out}"),
+                _ => format!("{fan_in} -> {fan_out}"),
+            };
             return Err(Error::Input(format!(
-                "LoRA rank r = {r} is larger than {module} ({fan_in} -> {fan_out}): a rank above min(in, out) = \
+                "LoRA rank r = {r} is larger than {module} ({what}): a rank above min(in, out) = \
                  {limit} adds parameters but cannot add expressiveness; use r <= {limit}"
             )));
         }
         let scaling = config.scaling(r, config.alpha_of(&module));
-        out.push(LoraModule { module, r, fan_in, fan_out, scaling });
+        out.push(LoraModule { module, kind, r, fan_in, fan_out, scaling });
     }
     Ok(out)
 }
 
 /// Attaches fresh adapters to `model` as PEFT initialises them (lora_A ~ kaiming_uniform(a =
-/// sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)); lora_B = 0, so the model's outputs do not change)
-/// and freezes every base parameter. Deterministic in `seed`.
+/// sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)); lora_B = 0; on the embedding the other way round,
+/// lora_embedding_A = 0 and lora_embedding_B ~ N(0, 1): either way the model's outputs do not
+/// change) and freezes every base parameter. Deterministic in `seed`.
 pub fn attach(model: &mut Gpt2, config: LoraConfig, seed: u64) -> Result<()> {
     if model.lora.is_some() {
         return Err(Error::Input("this model already carries a LoRA adapter: merge it (kiln merge) first".into()));
@@ -321,9 +376,17 @@ pub fn attach(model: &mut Gpt2, config: LoraConfig, seed: u64) -> Result<()> {
         let bound = 1.0 / (m.fan_in as f32).sqrt();
         // One stream per adapted module, so the draws do not depend on thread or module order.
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64);
-        let a: Vec<f32> = (0..m.r * m.fan_in).map(|_| rng.random_range(-bound..bound)).collect();
-        params.insert(m.a_name(), Tensor::from_f32(a, [m.r, m.fan_in])?);
-        params.insert(m.b_name(), Tensor::zeros([m.fan_out, m.r]));
+        if m.kind == ModuleKind::Embedding {
+            let normal = rand_distr::Normal::new(0f32, 1.0).expect("a positive standard deviation");
+            let b: Vec<f32> =
+                (0..m.fan_out * m.r).map(|_| rand_distr::Distribution::sample(&normal, &mut rng)).collect();
+            params.insert(m.a_name(), Tensor::zeros([m.r, m.fan_in]));
+            params.insert(m.b_name(), Tensor::from_f32(b, [m.fan_out, m.r])?);
+        } else {
+            let a: Vec<f32> = (0..m.r * m.fan_in).map(|_| rng.random_range(-bound..bound)).collect();
+            params.insert(m.a_name(), Tensor::from_f32(a, [m.r, m.fan_in])?);
+            params.insert(m.b_name(), Tensor::zeros([m.fan_out, m.r]));
+        }
     }
     model.lora = Some(Lora::new(config, modules, params)?);
     model.params.set_trainable(false);
@@ -332,8 +395,22 @@ pub fn attach(model: &mut Gpt2, config: LoraConfig, seed: u64) -> Result<()> {
 
 /// A plain model with the adapter folded into the base weights (W += scaling * A^T B^T, PEFT's
 /// merge for Conv1D), every parameter trainable. The model itself is left as it is; NF4 base
-/// layers (QLoRA) are dequantized to f32 first.
+/// layers (QLoRA) are dequantized to f32 first. Refuses an adapter on wte or lm_head (see the
+/// module doc: the two share one weight).
 pub fn merged(model: &Gpt2) -> Result<Gpt2> {
+    if let Some(lora) = &model.lora {
+        let tied: Vec<&str> =
+            lora.modules().iter().filter(|m| m.kind != ModuleKind::Conv1d).map(|m| m.module.as_str()).collect();
+        if !tied.is_empty() {
+            return Err(Error::Input(format!(
+                "cannot merge this adapter: it adapts {}, and GPT-2's transformer.wte and lm_head share one \
+                 weight matrix (tied embeddings), so folding the update into that matrix would change the other \
+                 layer too and the merged model would compute something else. Use the adapter unmerged instead \
+                 (--adapter with generate, grads or eval), or train one without wte and lm_head among its targets",
+                tied.join(" and ")
+            )));
+        }
+    }
     let mut params = match &model.nf4 {
         None => model.params.clone(),
         Some(q) => {

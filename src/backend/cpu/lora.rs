@@ -9,6 +9,14 @@
 //!   dA = du^T dropout(x)  [r, k]
 //!   dx = G W^T + dropout'(du A)
 //!   dW = x^T G, dbias = sum of G's rows (only when the base is trainable, which LoRA's is not)
+//! The `_t` variants take the base weight stored [n, k] (nn.Linear's layout; GPT-2's lm_head is
+//! the tied wte [V, C] used that way).
+//!
+//! LoRA on an embedding (PEFT's lora_embedding_A [r, V], lora_embedding_B [C, r]) adds
+//! scaling * A[:, id]^T B^T to the row of each token id: a gather of A's columns into
+//! us [m, r] (scaled), then one [m, r] x [r, C] GEMM. Backward with G = dout [m, C]:
+//!   dB = G^T us           [C, r]
+//!   dA[:, id] += s (G B)[row]   for every row with that id (a scatter-add, in row order)
 
 use super::gemm::{bias_backward, matmul, matmul_forward};
 use super::pool;
@@ -32,7 +40,29 @@ pub fn lora_forward(
     r: usize,
     scaling: f32,
 ) {
-    matmul_forward(out, None, x, w, bias, m, n, k, false, false);
+    lora_forward_t(out, us, x, xd, w, false, bias, a, b, m, n, k, r, scaling);
+}
+
+/// `lora_forward` for a weight stored [k, n] (`w_trans` false, Conv1D) or [n, k] (`w_trans`
+/// true: nn.Linear, and GPT-2's lm_head, which is wte [V, C] used transposed).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_forward_t(
+    out: &mut [f32],
+    us: &mut [f32],
+    x: &[f32],
+    xd: &[f32],
+    w: &[f32],
+    w_trans: bool,
+    bias: Option<&[f32]>,
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+    scaling: f32,
+) {
+    matmul_forward(out, None, x, w, bias, m, n, k, false, w_trans);
     matmul(us, xd, a, m, r, k, false, true, false);
     us.iter_mut().for_each(|v| *v *= scaling);
     matmul(out, us, b, m, n, r, false, true, true);
@@ -67,6 +97,29 @@ pub fn lora_backward(
     r: usize,
     scaling: f32,
 ) {
+    lora_backward_t(grads, dout, x, xd, keep, w, false, a, b, us, m, n, k, r, scaling);
+}
+
+/// `lora_backward` for a weight stored [k, n] (`w_trans` false) or [n, k] (`w_trans` true; dW
+/// is then [n, k] too).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward_t(
+    grads: LoraGrads,
+    dout: &[f32],
+    x: &[f32],
+    xd: &[f32],
+    keep: Option<(&[u8], f32)>,
+    w: &[f32],
+    w_trans: bool,
+    a: &[f32],
+    b: &[f32],
+    us: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+    scaling: f32,
+) {
     let g = dout;
     if let Some(db) = grads.db {
         // dB [n, r] = G^T [n, m] @ us [m, r]
@@ -84,8 +137,9 @@ pub fn lora_backward(
         matmul(da, &du, xd, r, k, m, true, false, false);
     }
     if let Some(dx) = grads.dx {
-        // dx [m, k] = G [m, n] @ W^T [n, k], plus du [m, r] @ A [r, k] through the dropout mask
-        matmul(dx, g, w, m, k, n, false, true, false);
+        // dx [m, k] = G [m, n] @ W'^T [n, k] (W' = W, or W^T when stored [n, k]), plus
+        // du [m, r] @ A [r, k] through the dropout mask
+        matmul(dx, g, w, m, k, n, false, !w_trans, false);
         match keep {
             None => matmul(dx, &du, a, m, k, r, false, false, true),
             Some((mask, keep_scale)) => {
@@ -101,8 +155,13 @@ pub fn lora_backward(
         }
     }
     if let Some(dw) = grads.dw {
-        // dW [k, n] = x^T [k, m] @ G [m, n]
-        matmul(dw, x, g, k, n, m, true, false, false);
+        if w_trans {
+            // dW [n, k] = G^T [n, m] @ x [m, k]
+            matmul(dw, g, x, n, k, m, true, false, false);
+        } else {
+            // dW [k, n] = x^T [k, m] @ G [m, n]
+            matmul(dw, x, g, k, n, m, true, false, false);
+        }
     }
     if let Some(dbias) = grads.dbias {
         bias_backward(dbias, g, n);
@@ -121,4 +180,62 @@ pub fn lora_merge(w: &mut [f32], a: &[f32], b: &[f32], k: usize, n: usize, r: us
         *w += scaling * d;
     }
     pool::give(delta);
+}
+
+/// out[m, c] = us @ B^T, where `us` [m, r] receives scaling * A[:, ids]^T (row i holds column
+/// ids[i] of A [r, v], scaled): LoRA's update of an embedding lookup, for B [c, r].
+#[allow(clippy::too_many_arguments)]
+pub fn lora_embedding_forward(
+    out: &mut [f32],
+    us: &mut [f32],
+    ids: &[i32],
+    a: &[f32],
+    b: &[f32],
+    v: usize,
+    c: usize,
+    r: usize,
+    scaling: f32,
+) {
+    let m = ids.len();
+    for (row, &id) in us.chunks_mut(r).zip(ids) {
+        for (j, u) in row.iter_mut().enumerate() {
+            *u = scaling * a[j * v + id as usize];
+        }
+    }
+    matmul(out, us, b, m, c, r, false, true, false);
+}
+
+/// The gradients of `lora_embedding_forward`'s A [r, v] and B [c, r] from dout [m, c]; each is
+/// skipped when None, and overwritten otherwise. The scatter into dA runs in row order, so it
+/// is deterministic.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_embedding_backward(
+    da: Option<&mut [f32]>,
+    db: Option<&mut [f32]>,
+    dout: &[f32],
+    ids: &[i32],
+    us: &[f32],
+    b: &[f32],
+    v: usize,
+    c: usize,
+    r: usize,
+    scaling: f32,
+) {
+    let m = ids.len();
+    if let Some(db) = db {
+        // dB [c, r] = G^T [c, m] @ us [m, r]
+        matmul(db, dout, us, c, r, m, true, false, false);
+    }
+    if let Some(da) = da {
+        // du [m, r] = s G [m, c] @ B [c, r], scattered into the columns of dA
+        let mut du = pool::take(m * r);
+        matmul(&mut du, dout, b, m, r, c, false, false, false);
+        da.fill(0.0);
+        for (row, &id) in du.chunks(r).zip(ids) {
+            for (j, d) in row.iter().enumerate() {
+                da[j * v + id as usize] += scaling * d;
+            }
+        }
+        pool::give(du);
+    }
 }
