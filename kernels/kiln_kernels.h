@@ -63,6 +63,10 @@ typedef struct {
 #define KILN_GEMM_BN 128
 #define KILN_GEMM_BK 32
 #define KILN_GEMM_THREADS 256
+// The small tile (gemm_mma_small_*), for products whose 128 x 128 grid would leave SMs idle.
+#define KILN_GEMM_SMALL_BM 64
+#define KILN_GEMM_SMALL_BN 64
+#define KILN_GEMM_SMALL_THREADS 128
 // Block of the naive kernel: KILN_GEMM_NAIVE_TILE x KILN_GEMM_NAIVE_TILE threads, one per output.
 #define KILN_GEMM_NAIVE_TILE 16
 // Block of gemm_bias_backward: 32 columns x KILN_GEMM_BIAS_ROWS row lanes.
@@ -82,6 +86,11 @@ typedef struct {
 #define KILN_ATTN_KERNEL_FORWARD 0
 #define KILN_ATTN_KERNEL_DKDV 1
 #define KILN_ATTN_KERNEL_DQ 2
+// The tensor-core forward (attention_forward_mma, head dim 64 only, sm_80+): 64 query rows per
+// block (4 warps of 16, one mma.sync m16 row block each) against tiles of 64 keys.
+#define KILN_ATTN_KERNEL_FORWARD_MMA 3
+#define KILN_ATTN_MMA_ROWS 64
+#define KILN_ATTN_MMA_HEAD_DIM 64
 
 // ---- layernorm ----
 // Rows per block of the one-warp-per-row kernels (forward, residual forward, backward dx).

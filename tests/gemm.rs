@@ -170,3 +170,410 @@ fn matmul_rejects_bad_shapes() {
     let res = matmul(&mut tape, &ids, &t(&[5, 3]), false, false);
     assert!(matches!(res, Err(Error::DType { .. })), "I32 A: {res:?}");
 }
+
+/// The CUDA GEMM (kernels/gemm.cu): the host twin of its epilogue against the CPU backend (runs
+/// everywhere), and the kernels against the CPU backend (skipped without a GPU).
+///
+/// Tolerance of a kernel output against the CPU's f32 result on the same bf16-rounded inputs. The
+/// product of two bf16 values is exact in f32, so the two sides differ only in how the K products
+/// (and the bias, the old output) are summed, plus the final rounding:
+///   - each f32 sum of K + 2 terms errs by at most (K + 2) u S, S = sum_p |a_ip b_pj| + |bias_j|
+///     (+ |old_ij|), the standard gamma bound; the CPU rounds to nearest (u = 2^-24), the tensor
+///     cores' f32 accumulation truncates (u = 2^-23, Fasi et al. 2021). Together
+///     3 (K + 2) 2^-24 S; we allow 2x that: 3 (K + 2) 2^-23 S.
+///   - GELU (the same bits on both sides, elementwise.cuh) passes that through with slope <= 1.13.
+///   - a bf16 output is then rounded once: 2^-9 relative; we allow 2^-8 |want|. An f32 output: 0.
+/// For K = 768 with inputs in [-1, 1], S ~ 192, so the accumulation term is ~0.05 against outputs
+/// ~9: a dropped k-tile (error ~2) or a flipped transpose (error ~10) fails it by orders.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::common::{self, rng, uniform};
+    use half::bf16;
+    use kiln::backend::cpu::gemm as cpu;
+    use kiln::backend::cuda::gemm::{self as gpu, twin, GemmOut, GemmVariant};
+    use kiln::backend::cuda::{Cuda, CudaSlice};
+    use rand::rngs::StdRng;
+
+    const U23: f64 = 1.0 / (1u64 << 23) as f64;
+    const U24: f64 = 1.0 / (1u64 << 24) as f64;
+
+    /// (M, N, K): one element, sizes no multiple of anything (K = 29 and N = 13 take the
+    /// element-wise load path), N = 770 (rows 8-byte aligned only every 4th), GPT-2's QKV
+    /// projection at T = 128 (all 16-byte aligned), and M = 1025 with a narrow N.
+    const SHAPES: [(usize, usize, usize); 5] =
+        [(1, 1, 1), (7, 13, 29), (97, 770, 64), (128, 2304, 768), (1025, 50, 768)];
+    /// Both tile sizes of the mma.sync kernel, forced (the automatic choice takes the small one at
+    /// every shape here on a GPU with >= 64 SMs), and the naive reference.
+    const VARIANTS: [GemmVariant; 3] = [GemmVariant::MmaSyncLarge, GemmVariant::MmaSyncSmall, GemmVariant::Naive];
+    const TRANSPOSES: [(bool, bool); 4] = [(false, false), (false, true), (true, false), (true, true)];
+
+    fn round_bf16(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
+    }
+
+    fn to_bf16(v: &[f32]) -> Vec<bf16> {
+        v.iter().map(|&x| bf16::from_f32(x)).collect()
+    }
+
+    /// Random bf16-exact values in [-1, 1).
+    fn rand_bf16(r: &mut StdRng, n: usize) -> Vec<f32> {
+        round_bf16(&uniform(r, n, 1.0))
+    }
+
+    /// S[i, j] = sum_p |op(A)_ip op(B)_pj| (+ |bias_j|) (+ |old_ij|): the scale of the rounding error.
+    #[allow(clippy::too_many_arguments)]
+    fn scale(
+        a: &[f32],
+        b: &[f32],
+        bias: Option<&[f32]>,
+        old: Option<&[f32]>,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+    ) -> Vec<f32> {
+        let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
+        let mut s = vec![0f32; m * n];
+        cpu::matmul(&mut s, &abs(a), &abs(b), m, n, k, ta, tb, false);
+        for (idx, s) in s.iter_mut().enumerate() {
+            *s += bias.map_or(0.0, |b| b[idx % n].abs()) + old.map_or(0.0, |o| o[idx].abs());
+        }
+        s
+    }
+
+    /// Asserts |got - want| <= round_u |want| + slope 3 (K + 2) 2^-23 S element by element (NaN fails).
+    fn check(label: &str, got: &[f32], want: &[f32], s: &[f32], k: usize, round_u: f64, slope: f64) {
+        assert_eq!(got.len(), want.len(), "{label}: length");
+        let mut worst = 0f64;
+        for (idx, ((&g, &w), &s)) in got.iter().zip(want).zip(s).enumerate() {
+            let bound = round_u * (w as f64).abs() + slope * 3.0 * (k + 2) as f64 * U23 * s as f64 + 1e-30;
+            let err = (g as f64 - w as f64).abs();
+            assert!(err <= bound, "{label}: element {idx} = {g}, expected {w} (error {err:.3e}, bound {bound:.3e})");
+            worst = worst.max(err / bound);
+        }
+        println!("{label}: worst error {worst:.3} of the bound");
+    }
+
+    /// The output element types, with what the tests need of them.
+    trait Out: GemmOut + Copy + Default {
+        fn from_f32(x: f32) -> Self;
+        fn to_f32(self) -> f32;
+        /// The relative rounding allowed for a stored output.
+        const ROUND_U: f64;
+    }
+    impl Out for bf16 {
+        fn from_f32(x: f32) -> Self {
+            bf16::from_f32(x)
+        }
+        fn to_f32(self) -> f32 {
+            bf16::to_f32(self)
+        }
+        const ROUND_U: f64 = 1.0 / 256.0;
+    }
+    impl Out for f32 {
+        fn from_f32(x: f32) -> Self {
+            x
+        }
+        fn to_f32(self) -> f32 {
+            self
+        }
+        const ROUND_U: f64 = 0.0;
+    }
+
+    fn upload<O: Out>(cu: &Cuda, v: &[f32]) -> CudaSlice<O> {
+        cu.upload(&v.iter().map(|&x| O::from_f32(x)).collect::<Vec<O>>()).unwrap()
+    }
+
+    fn download<O: Out>(cu: &Cuda, d: &CudaSlice<O>) -> Vec<f32> {
+        cu.download(d).unwrap().into_iter().map(O::to_f32).collect()
+    }
+
+    fn nan_buffer<O: Out>(cu: &Cuda, n: usize) -> CudaSlice<O> {
+        upload(cu, &vec![f32::NAN; n])
+    }
+
+    // ---- host twin (no GPU needed) ----
+
+    /// The twin's epilogue on the CPU's product, against cpu::matmul_forward. Without a bias the
+    /// two compute the same product and GELU's bits match (elementwise.cuh), so they must agree
+    /// exactly; with one, the CPU adds the bias inside the GEMM, so the sum order differs:
+    /// (K + 2) u S, times GELU's slope 1.13.
+    #[test]
+    fn epilogue_twin_matches_cpu_matmul_forward() {
+        let mut r = rng(101);
+        for (m, n, k) in [(1, 1, 1), (7, 13, 29), (33, 70, 17), (64, 48, 200)] {
+            for (ta, tb) in TRANSPOSES {
+                for (with_bias, gelu) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let a = rand_bf16(&mut r, m * k);
+                    let b = rand_bf16(&mut r, k * n);
+                    let bias = with_bias.then(|| rand_bf16(&mut r, n));
+                    let mut acc = vec![0f32; m * n];
+                    cpu::matmul(&mut acc, &a, &b, m, n, k, ta, tb, false);
+                    let (mut want, mut want_pre) = (vec![0f32; m * n], vec![0f32; m * n]);
+                    cpu::matmul_forward(
+                        &mut want,
+                        gelu.then_some(&mut want_pre[..]),
+                        &a,
+                        &b,
+                        bias.as_deref(),
+                        m,
+                        n,
+                        k,
+                        ta,
+                        tb,
+                    );
+                    let (mut got, mut got_pre) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                    twin::gemm_epilogue(
+                        &mut got,
+                        gelu.then_some(&mut got_pre[..]),
+                        &acc,
+                        bias.as_deref(),
+                        m,
+                        n,
+                        true,
+                        false,
+                        gelu,
+                    );
+                    let label = format!("twin M={m} N={n} K={k} ta={ta} tb={tb} bias={with_bias} gelu={gelu}");
+                    if with_bias {
+                        let s = scale(&a, &b, bias.as_deref(), None, m, n, k, ta, tb);
+                        for (idx, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                            let bound = 1.13 * (k + 2) as f64 * U24 * s[idx] as f64;
+                            assert!(((g - w) as f64).abs() <= bound, "{label}: [{idx}] {g} vs {w} (bound {bound:.2e})");
+                        }
+                    } else {
+                        assert_eq!(got, want, "{label}: out");
+                    }
+                    if gelu && !with_bias {
+                        assert_eq!(got_pre, want_pre, "{label}: pre");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A bf16 output is the f32 epilogue rounded to nearest-even: exactly half's from_f32, ties
+    /// included, for the output and the pre-activation.
+    #[test]
+    fn epilogue_twin_rounds_bf16_to_nearest_even() {
+        let mut r = rng(102);
+        let (m, n) = (9, 37);
+        let mut acc = uniform(&mut r, m * n, 4.0);
+        // Ties: 1 + 2^-8 lies halfway between bf16 1 and 1 + 2^-7 (even: 1); 1 + 3 2^-8 halfway
+        // between 1 + 2^-7 and 1 + 2^-6 (even: 1 + 2^-6); and their negatives.
+        acc[..4].copy_from_slice(&[1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -1.0 - 1.0 / 256.0, -1.0 - 3.0 / 256.0]);
+        let bias = rand_bf16(&mut r, n);
+        for (with_bias, gelu) in [(false, false), (true, true)] {
+            let b = with_bias.then_some(&bias[..]);
+            let (mut f, mut f_pre) = (vec![0f32; m * n], vec![0f32; m * n]);
+            twin::gemm_epilogue(&mut f, Some(&mut f_pre), &acc, b, m, n, true, false, gelu);
+            let (mut h, mut h_pre) = (vec![0f32; m * n], vec![0f32; m * n]);
+            twin::gemm_epilogue(&mut h, Some(&mut h_pre), &acc, b, m, n, false, false, gelu);
+            assert_eq!(h, round_bf16(&f), "bias={with_bias} gelu={gelu}: out");
+            assert_eq!(h_pre, round_bf16(&f_pre), "bias={with_bias} gelu={gelu}: pre");
+        }
+        let mut h = vec![0f32; m * n];
+        twin::gemm_epilogue(&mut h, None, &acc, None, m, n, false, false, false);
+        assert_eq!(&h[..4], &[1.0, 1.0 + 4.0 / 256.0, -1.0, -1.0 - 4.0 / 256.0]);
+    }
+
+    /// Accumulate: the twin adds the product to the old output as cpu::matmul(accumulate) does,
+    /// up to the sum order, (K + 2) u S with S including |old|.
+    #[test]
+    fn epilogue_twin_accumulates_like_cpu_matmul() {
+        let mut r = rng(103);
+        for (m, n, k) in [(1, 1, 1), (7, 13, 29), (40, 33, 96)] {
+            for (ta, tb) in TRANSPOSES {
+                let a = rand_bf16(&mut r, m * k);
+                let b = rand_bf16(&mut r, k * n);
+                let old = uniform(&mut r, m * n, 3.0);
+                let mut acc = vec![0f32; m * n];
+                cpu::matmul(&mut acc, &a, &b, m, n, k, ta, tb, false);
+                let mut want = old.clone();
+                cpu::matmul(&mut want, &a, &b, m, n, k, ta, tb, true);
+                let mut got = old.clone();
+                twin::gemm_epilogue(&mut got, None, &acc, None, m, n, true, true, false);
+                let s = scale(&a, &b, None, Some(&old), m, n, k, ta, tb);
+                for (idx, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    let bound = (k + 2) as f64 * U24 * s[idx] as f64;
+                    assert!(((g - w) as f64).abs() <= bound, "M={m} N={n} K={k} ta={ta} tb={tb} [{idx}]: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    // ---- kernels (GPU) ----
+
+    /// One forward case on the GPU with `variant`, out and pre in O, against cpu::matmul_forward.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_case<O: Out>(
+        cu: &Cuda,
+        r: &mut StdRng,
+        variant: GemmVariant,
+        (m, n, k): (usize, usize, usize),
+        ta: bool,
+        tb: bool,
+        with_bias: bool,
+        gelu: bool,
+    ) {
+        let a = rand_bf16(r, m * k);
+        let b = rand_bf16(r, k * n);
+        let bias = with_bias.then(|| rand_bf16(r, n));
+        let (mut want, mut want_pre) = (vec![0f32; m * n], vec![0f32; m * n]);
+        cpu::matmul_forward(&mut want, gelu.then_some(&mut want_pre[..]), &a, &b, bias.as_deref(), m, n, k, ta, tb);
+        let s = scale(&a, &b, bias.as_deref(), None, m, n, k, ta, tb);
+
+        let (da, db) = (cu.upload(&to_bf16(&a)).unwrap(), cu.upload(&to_bf16(&b)).unwrap());
+        let dbias = bias.as_ref().map(|v| cu.upload(&to_bf16(v)).unwrap());
+        let mut out = nan_buffer::<O>(cu, m * n);
+        let mut pre = gelu.then(|| nan_buffer::<O>(cu, m * n));
+        gpu::matmul_with(variant, &mut out, pre.as_mut(), &da, &db, dbias.as_ref(), m, n, k, ta, tb, false, gelu)
+            .unwrap();
+        cu.sync().unwrap();
+        let label = format!(
+            "{variant:?} {} M={m} N={n} K={k} ta={ta} tb={tb} bias={with_bias} gelu={gelu}",
+            std::any::type_name::<O>()
+        );
+        check(&label, &download(cu, &out), &want, &s, k, O::ROUND_U, if gelu { 1.13 } else { 1.0 });
+        if let Some(pre) = &pre {
+            check(&format!("{label} pre"), &download(cu, pre), &want_pre, &s, k, O::ROUND_U, 1.0);
+        }
+    }
+
+    /// Every transpose combination, with and without bias and GELU, bf16 output, every variant,
+    /// at every shape; then f32 output with bias and GELU.
+    #[test]
+    fn gemm_forward_matches_cpu_every_transpose_bias_gelu() {
+        let Some(cu) = common::gpu("gemm_forward_matches_cpu_every_transpose_bias_gelu") else { return };
+        let mut r = rng(201);
+        for variant in VARIANTS {
+            for shape in SHAPES {
+                for (ta, tb) in TRANSPOSES {
+                    for (with_bias, gelu) in [(false, false), (true, false), (false, true), (true, true)] {
+                        forward_case::<bf16>(cu, &mut r, variant, shape, ta, tb, with_bias, gelu);
+                    }
+                    forward_case::<f32>(cu, &mut r, variant, shape, ta, tb, true, true);
+                }
+            }
+        }
+    }
+
+    /// matmul into f32 with and without accumulate (the weight-gradient path), every transpose;
+    /// K = 0 included (accumulate leaves out as it was, otherwise zeros).
+    #[test]
+    fn gemm_matmul_f32_accumulate_matches_cpu() {
+        let Some(cu) = common::gpu("gemm_matmul_f32_accumulate_matches_cpu") else { return };
+        let mut r = rng(202);
+        let shapes = SHAPES.iter().copied().chain([(5, 9, 0)]);
+        for variant in VARIANTS {
+            for (m, n, k) in shapes.clone() {
+                for (ta, tb) in TRANSPOSES {
+                    for accumulate in [false, true] {
+                        let a = rand_bf16(&mut r, m * k);
+                        let b = rand_bf16(&mut r, k * n);
+                        let old = uniform(&mut r, m * n, 3.0);
+                        let mut want = old.clone();
+                        cpu::matmul(&mut want, &a, &b, m, n, k, ta, tb, accumulate);
+                        let s = scale(&a, &b, None, accumulate.then_some(&old[..]), m, n, k, ta, tb);
+                        let (da, db) = (cu.upload(&to_bf16(&a)).unwrap(), cu.upload(&to_bf16(&b)).unwrap());
+                        // Without accumulate the old contents must not matter: NaN.
+                        let mut out: CudaSlice<f32> =
+                            if accumulate { cu.upload(&old).unwrap() } else { nan_buffer(cu, m * n) };
+                        gpu::matmul_with(variant, &mut out, None, &da, &db, None, m, n, k, ta, tb, accumulate, false)
+                            .unwrap();
+                        let label =
+                            format!("{variant:?} matmul f32 M={m} N={n} K={k} ta={ta} tb={tb} accumulate={accumulate}");
+                        check(&label, &download(cu, &out), &want, &s, k, 0.0, 1.0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The products ops::gemm::backward forms, through the shipped `matmul` wrapper with the same
+    /// flags: dA and dB (f32) from bf16 operands and a bf16 gradient G, for every forward
+    /// transpose combination.
+    #[test]
+    fn gemm_backward_products_match_cpu() {
+        let Some(cu) = common::gpu("gemm_backward_products_match_cpu") else { return };
+        let mut r = rng(203);
+        for (m, n, k) in [(97, 770, 64), (1025, 50, 768), (7, 13, 29)] {
+            for (ta, tb) in TRANSPOSES {
+                let a = rand_bf16(&mut r, m * k);
+                let b = rand_bf16(&mut r, k * n);
+                let g = rand_bf16(&mut r, m * n);
+                let (da_dev, db_dev, g_dev) = (
+                    cu.upload(&to_bf16(&a)).unwrap(),
+                    cu.upload(&to_bf16(&b)).unwrap(),
+                    cu.upload(&to_bf16(&g)).unwrap(),
+                );
+                // dA: (out, lhs, rhs, rows, cols, inner, lhs^T, rhs^T) exactly as ops::gemm::backward.
+                let da_args = if ta {
+                    (&b, &g, &db_dev, &g_dev, k, m, n, tb, true)
+                } else {
+                    (&g, &b, &g_dev, &db_dev, m, k, n, false, !tb)
+                };
+                let db_args = if tb {
+                    (&g, &a, &g_dev, &da_dev, n, k, m, true, ta)
+                } else {
+                    (&a, &g, &da_dev, &g_dev, k, n, m, !ta, false)
+                };
+                for (what, (x, y, dx, dy, rows, cols, inner, tx, ty)) in [("dA", da_args), ("dB", db_args)] {
+                    let mut want = vec![0f32; rows * cols];
+                    cpu::matmul(&mut want, x, y, rows, cols, inner, tx, ty, false);
+                    let s = scale(x, y, None, None, rows, cols, inner, tx, ty);
+                    let mut out = nan_buffer::<f32>(cu, rows * cols);
+                    gpu::matmul(&mut out, dx, dy, rows, cols, inner, tx, ty, false).unwrap();
+                    let label = format!("backward {what} M={m} N={n} K={k} ta={ta} tb={tb}");
+                    check(&label, &download(cu, &out), &want, &s, inner, 0.0, 1.0);
+                }
+            }
+        }
+    }
+
+    /// Column sums of a bf16 dY against cpu::bias_backward on the same values. Both sum in f32:
+    /// the CPU in at most `rows` steps, the kernel in rows / 16 + 16; so
+    /// |err| <= (rows + rows / 16 + 18) u sum_i |dY_ij|.
+    #[test]
+    fn gemm_bias_backward_matches_cpu() {
+        let Some(cu) = common::gpu("gemm_bias_backward_matches_cpu") else { return };
+        let mut r = rng(204);
+        for rows in [1, 7, 97, 1025] {
+            for n in [1, 50, 770, 2304] {
+                let dy = rand_bf16(&mut r, rows * n);
+                let mut want = vec![0f32; n];
+                cpu::bias_backward(&mut want, &dy, n);
+                let dy_dev = cu.upload(&to_bf16(&dy)).unwrap();
+                let mut got_dev = nan_buffer::<f32>(cu, n);
+                gpu::bias_backward(&mut got_dev, &dy_dev, n).unwrap();
+                let got = download(cu, &got_dev);
+                for j in 0..n {
+                    let s: f64 = (0..rows).map(|i| dy[i * n + j].abs() as f64).sum();
+                    let bound = (rows + rows / 16 + 18) as f64 * U24 * s;
+                    let err = (got[j] as f64 - want[j] as f64).abs();
+                    assert!(err <= bound, "rows={rows} n={n} [{j}]: {} vs {} (bound {bound:.2e})", got[j], want[j]);
+                }
+            }
+        }
+    }
+
+    /// Wrong lengths are errors, not out-of-bounds launches.
+    #[test]
+    fn gemm_rejects_wrong_lengths() {
+        let Some(cu) = common::gpu("gemm_rejects_wrong_lengths") else { return };
+        let a: CudaSlice<bf16> = cu.upload(&to_bf16(&[1.0; 12])).unwrap();
+        let b: CudaSlice<bf16> = cu.upload(&to_bf16(&[1.0; 20])).unwrap();
+        let mut out: CudaSlice<f32> = cu.zeros(15).unwrap();
+        assert!(gpu::matmul(&mut out, &a, &b, 3, 5, 4, false, false, false).is_ok());
+        assert!(gpu::matmul(&mut out, &a, &b, 3, 5, 5, false, false, false).is_err(), "K too large for A");
+        assert!(gpu::matmul(&mut out, &a, &b, 4, 5, 3, false, false, false).is_err(), "out too small");
+        let short_bias: CudaSlice<bf16> = cu.upload(&to_bf16(&[0.0; 4])).unwrap();
+        let r = gpu::matmul_forward(&mut out, None, &a, &b, Some(&short_bias), 3, 5, 4, false, false);
+        assert!(r.is_err(), "bias of the wrong length");
+        let mut dbias: CudaSlice<f32> = cu.zeros(5).unwrap();
+        let dy: CudaSlice<bf16> = cu.upload(&to_bf16(&[0.0; 14])).unwrap();
+        assert!(gpu::bias_backward(&mut dbias, &dy, 5).is_err(), "14 is no whole number of rows of 5");
+        cu.sync().unwrap();
+    }
+}

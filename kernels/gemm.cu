@@ -1,0 +1,370 @@
+// gemm.cu: C = op(A) @ op(B) (+ bias) (then GELU), bf16 operands, f32 accumulation, bf16 or f32
+// output; and the bias gradient (column sums of dY). CPU twin: src/backend/cpu/gemm.rs.
+//
+// Types: A, B and the optional bias [n] are bf16 (the bias is a weight, and weights are bf16 on the
+// device); out and the optional pre-activation share one type, bf16 or f32 (flags).
+//
+// Layout, as on the CPU: every matrix is row-major; op(A) = A^T means A is stored [K, M], op(B) =
+// B^T means B is stored [N, K]. The epilogue (bias, optional accumulate into the old output,
+// optional GELU with the pre-activation saved, rounding to the output type) is gemm.cuh's, one
+// definition for every kernel here and for the host twin (kernels/host/gemm.cu).
+//
+// gemm_mma_{nn,nt,tn,tt} (first letter: A transposed, second: B transposed): the shipped variant
+// (GemmVariant::MmaSync in src/backend/cuda/gemm.rs). One block of 256 threads (8 warps, 2 along
+// M x 4 along N) computes a 128 x 128 output tile; each warp a 64 x 32 piece of it as 4 x 4
+// mma.sync.m16n8k16 bf16 tiles (64 f32 accumulators per thread). K advances 32 at a time: the A
+// and B tiles of the next step are copied global -> shared with cp.async (16 bytes per copy,
+// cache-global) while the tensor cores work on the current one (two shared stages, 34-40 KB
+// static shared memory). gemm_mma_small_{nn,nt,tn,tt}: the same code on 64 x 64 tiles, 4 warps of
+// 32 x 32 (2 x 4 mma tiles), 17-20 KB; the wrapper takes it when 128 x 128 tiles would give fewer
+// blocks than the GPU has SMs (small M: GPT-2 at short T, the tests' shapes).
+// Tiles are staged in shared memory exactly as they lie in global memory (the copy never
+// transposes); ldmatrix, with or without .trans, turns either layout into the
+// mma fragments, so the four transpose combinations differ only in the shared tile shapes and
+// the ldmatrix addresses. Rows are padded by 16 bytes, which makes every ldmatrix phase hit 8
+// distinct 16-byte bank groups. Edges: a 16-byte chunk that is not wholly inside the matrix, or
+// whose global address is not 16-byte aligned (a leading dimension that is no multiple of 8, e.g.
+// K = 29 or a vocabulary of 50257), is loaded element by element with bounds checks and zero
+// fill: correct for every shape, but such operands lose the asynchronous copy (the slow path is
+// per chunk, so only the misaligned operand pays). Outputs are stored with per-element bounds
+// checks. A wgmma (sm_90a) variant can follow as another GemmVariant with the same epilogue.
+//
+// gemm_naive: the obviously-correct reference, one thread per output (16 x 16 blocks), f32
+// accumulation straight from global memory; every transpose, bias, GELU and accumulate. The tests
+// hold every variant to the same bound against the CPU; the bench shows the tensor-core speedup.
+//
+// gemm_bias_backward: dbias[j] = sum_i dY[i, j], f32 out. A block of 32 x 16 threads owns 32
+// columns: each of the 16 row lanes sums every 16th row (coalesced 32-column reads), then one row
+// of threads adds the 16 partials in a fixed order, so the result is deterministic.
+//
+// Tested by: cargo test --release --features cuda --test gemm
+// Timed by:  kiln bench kernels (GemmVariant::Naive is the in-family baseline)
+#include "gemm.cuh"
+
+namespace {
+
+typedef __nv_bfloat16 bf16;
+
+constexpr int BK = KILN_GEMM_BK;
+constexpr int PAD = 8;  // bf16 elements (16 bytes) of padding per shared row
+static_assert(BK % 16 == 0, "k16 steps");
+
+// A block-tile configuration: BM x BN outputs per block, WARPS_M x WARPS_N warps, each owning a
+// (BM / WARPS_M) x (BN / WARPS_N) piece as m16n8 mma tiles.
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_>
+struct Tiling {
+    static constexpr int BM = BM_;
+    static constexpr int BN = BN_;
+    static constexpr int WARPS_M = WARPS_M_;
+    static constexpr int WARPS_N = WARPS_N_;
+    static constexpr int THREADS = WARPS_M * WARPS_N * 32;
+    static constexpr int WM = BM / WARPS_M;
+    static constexpr int WN = BN / WARPS_N;
+    static constexpr int MT = WM / 16;
+    static constexpr int NT = WN / 8;
+    static_assert(WM % 16 == 0 && WN % 16 == 0, "B fragments come in pairs of n8 tiles");
+};
+// Large: 128 x 128, 8 warps of 64 x 32 (64 accumulators per thread).
+typedef Tiling<KILN_GEMM_BM, KILN_GEMM_BN, 2, 4> Large;
+// Small: 64 x 64, 4 warps of 32 x 32, for products whose large-tile grid would leave SMs idle.
+typedef Tiling<KILN_GEMM_SMALL_BM, KILN_GEMM_SMALL_BN, 2, 2> Small;
+static_assert(Large::THREADS == KILN_GEMM_THREADS && Small::THREADS == KILN_GEMM_SMALL_THREADS, "header");
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8 x 8 b16 matrices; lanes 8q..8q+7 give the row addresses of matrix q, register q receives it.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+// As ldmatrix_x4, each 8 x 8 matrix transposed on the way.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+// c (16 x 8, f32) += a (16 x 16, row) @ b (16 x 8, col).
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Copy the ROWS x COLS tile at (row0, col0) of the row-major matrix g [rows, cols] into shared
+// memory s (row pitch PITCH), zero outside the matrix. Whole in-bounds 16-byte-aligned chunks go
+// by cp.async; any other chunk element by element (synchronous, bounds-checked).
+template <int THREADS, int ROWS, int COLS, int PITCH>
+__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, int rows, int cols, int row0, int col0) {
+    constexpr int CPR = COLS / 8;  // 16-byte chunks per tile row
+    constexpr int CHUNKS = ROWS * CPR;
+    static_assert(COLS % 8 == 0 && CHUNKS % THREADS == 0, "whole chunks, the same count per thread");
+#pragma unroll
+    for (int i = 0; i < CHUNKS / THREADS; ++i) {
+        const int c = threadIdx.x + i * THREADS;
+        const int r = c / CPR;
+        const int cc = (c % CPR) * 8;
+        const int gr = row0 + r;
+        const int gc = col0 + cc;
+        bf16* dst = s + r * PITCH + cc;
+        const bool row_ok = gr < rows;
+        const bf16* src = g + (row_ok ? static_cast<int64_t>(gr) * cols + gc : 0);
+        if (row_ok && gc + 8 <= cols && (reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+            cp_async16(dst, src);
+        } else {
+            uint32_t w[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const uint32_t lo = (row_ok && gc + 2 * j < cols) ? __bfloat16_as_ushort(src[2 * j]) : 0u;
+                const uint32_t hi = (row_ok && gc + 2 * j + 1 < cols) ? __bfloat16_as_ushort(src[2 * j + 1]) : 0u;
+                w[j] = lo | (hi << 16);
+            }
+            *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+    }
+}
+
+__device__ __forceinline__ void store_value(void* p, int64_t idx, float v, bool out_f32) {
+    if (out_f32) {
+        static_cast<float*>(p)[idx] = v;
+    } else {
+        static_cast<bf16*>(p)[idx] = __float2bfloat16_rn(v);
+    }
+}
+
+// The epilogue of output element idx (column col) from its f32 dot product; gemm.cuh's math.
+__device__ __forceinline__ void store_output(void* out, void* pre, const bf16* bias, int64_t idx, int col, float acc,
+                                             int flags) {
+    const bool out_f32 = (flags & KILN_GEMM_OUT_F32) != 0;
+    const bool accumulate = (flags & KILN_GEMM_ACCUMULATE) != 0;
+    float old = 0.0f;
+    if (accumulate) {
+        old = out_f32 ? static_cast<const float*>(out)[idx] : __bfloat162float(static_cast<const bf16*>(out)[idx]);
+    }
+    const float b = bias != nullptr ? __bfloat162float(bias[col]) : 0.0f;
+    const float v = kiln_gemm_preact(acc, bias != nullptr, b, accumulate, old);
+    if (pre != nullptr) {
+        store_value(pre, idx, v, out_f32);
+    }
+    store_value(out, idx, kiln_gemm_activate(v, (flags & KILN_GEMM_GELU) != 0), out_f32);
+}
+
+template <typename T, bool TRANS_A, bool TRANS_B>
+__device__ __forceinline__ void gemm_mma_body(void* out, void* pre, const bf16* a, const bf16* b, const bf16* bias,
+                                              int m, int n, int k, int flags) {
+    constexpr int BM = T::BM, BN = T::BN, WM = T::WM, WN = T::WN, MT = T::MT, NT = T::NT, THREADS = T::THREADS;
+    // Shared tiles as they lie in global memory: A [BM][BK] or, transposed, [BK][BM]; B [BK][BN]
+    // or, transposed, [BN][BK].
+    constexpr int A_ROWS = TRANS_A ? BK : BM;
+    constexpr int A_COLS = TRANS_A ? BM : BK;
+    constexpr int A_PITCH = A_COLS + PAD;
+    constexpr int B_ROWS = TRANS_B ? BN : BK;
+    constexpr int B_COLS = TRANS_B ? BK : BN;
+    constexpr int B_PITCH = B_COLS + PAD;
+    __shared__ __align__(16) bf16 sa[2][A_ROWS * A_PITCH];
+    __shared__ __align__(16) bf16 sb[2][B_ROWS * B_PITCH];
+
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+    const int wm = (warp / T::WARPS_N) * WM;  // the warp's first row within the block tile
+    const int wn = (warp % T::WARPS_N) * WN;  // and its first column
+    const int m0 = blockIdx.y * BM;
+    const int n0 = blockIdx.x * BN;
+    const int ktiles = (k + BK - 1) / BK;
+
+    auto load = [&](int stage, int kt) {
+        const int k0 = kt * BK;
+        if constexpr (TRANS_A) {
+            load_tile<THREADS, BK, BM, A_PITCH>(sa[stage], a, k, m, k0, m0);
+        } else {
+            load_tile<THREADS, BM, BK, A_PITCH>(sa[stage], a, m, k, m0, k0);
+        }
+        if constexpr (TRANS_B) {
+            load_tile<THREADS, BN, BK, B_PITCH>(sb[stage], b, n, k, n0, k0);
+        } else {
+            load_tile<THREADS, BK, BN, B_PITCH>(sb[stage], b, k, n, k0, n0);
+        }
+    };
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[i][j][e] = 0.0f;
+            }
+        }
+    }
+
+    if (ktiles > 0) {
+        load(0, 0);
+    }
+    cp_async_commit();
+    for (int kt = 0; kt < ktiles; ++kt) {
+        // The stage written here was last read in iteration kt - 1, which ended in a barrier.
+        if (kt + 1 < ktiles) {
+            load((kt + 1) & 1, kt + 1);
+        }
+        cp_async_commit();   // possibly empty: one group per iteration keeps the count simple
+        cp_async_wait<1>();  // this thread's copies of step kt have landed ...
+        __syncthreads();     // ... and everyone's, with the element-wise stores
+        const bf16* As = sa[kt & 1];
+        const bf16* Bs = sb[kt & 1];
+#pragma unroll
+        for (int ks = 0; ks < BK; ks += 16) {
+            // A fragment of tile mt: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7,
+            // k 8-15), (rows 8-15, k 8-15), i.e. registers a0..a3 of mma.m16n8k16.
+            uint32_t af[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int r0 = wm + mt * 16;
+                if constexpr (TRANS_A) {
+                    const int kk = ks + (lane & 7) + ((lane >> 4) << 3);
+                    const int mm = r0 + ((lane >> 3) & 1) * 8;
+                    ldmatrix_x4_trans(af[mt], As + kk * A_PITCH + mm);
+                } else {
+                    const int mm = r0 + (lane & 15);
+                    const int kk = ks + (lane >> 4) * 8;
+                    ldmatrix_x4(af[mt], As + mm * A_PITCH + kk);
+                }
+            }
+            // B fragments of n8 tiles 2p and 2p + 1: matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
+            // (n 8-15, k 0-7), (n 8-15, k 8-15), i.e. b0, b1 of tile 2p then b0, b1 of tile 2p + 1.
+            uint32_t bfr[NT][2];
+#pragma unroll
+            for (int p = 0; p < NT / 2; ++p) {
+                const int c0 = wn + p * 16;
+                uint32_t r[4];
+                if constexpr (TRANS_B) {
+                    const int nn = c0 + (lane & 7) + ((lane >> 4) << 3);
+                    const int kk = ks + ((lane >> 3) & 1) * 8;
+                    ldmatrix_x4(r, Bs + nn * B_PITCH + kk);
+                } else {
+                    const int kk = ks + (lane & 7) + ((lane >> 3) & 1) * 8;
+                    const int nn = c0 + (lane >> 4) * 8;
+                    ldmatrix_x4_trans(r, Bs + kk * B_PITCH + nn);
+                }
+                bfr[2 * p][0] = r[0];
+                bfr[2 * p][1] = r[1];
+                bfr[2 * p + 1][0] = r[2];
+                bfr[2 * p + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    mma_bf16_16816(acc[mt][nt], af[mt], bfr[nt][0], bfr[nt][1]);
+                }
+            }
+        }
+        __syncthreads();  // everyone is done with this stage before it is refilled
+    }
+    cp_async_wait<0>();  // nothing is in flight (the last groups are empty); keep it explicit
+
+    // Accumulator e of tile (mt, nt) is row (lane / 4) + 8 (e / 2), column 2 (lane % 4) + e % 2.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = m0 + wm + mt * 16 + (lane >> 2) + (e >> 1) * 8;
+                const int col = n0 + wn + nt * 8 + (lane & 3) * 2 + (e & 1);
+                if (row < m && col < n) {
+                    store_output(out, pre, bias, static_cast<int64_t>(row) * n + col, col, acc[mt][nt][e], flags);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+// out [m, n] (bf16 or f32 by flags) = op(A) @ op(B) (+ bias [n]) (+ out_old) (then GELU, with the
+// pre-activation written to `pre` when it is not null). nn: A [m, k], B [k, n]; nt: B stored
+// [n, k]; tn: A stored [k, m]; tt: both. Large tiles: grid (ceil(n / 128), ceil(m / 128)), 256
+// threads; small (_small_): grid (ceil(n / 64), ceil(m / 64)), 128 threads.
+extern "C" __global__ void gemm_mma_nn(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
+    gemm_mma_body<Large, false, false>(out, pre, a, b, bias, m, n, k, flags);
+}
+extern "C" __global__ void gemm_mma_nt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
+    gemm_mma_body<Large, false, true>(out, pre, a, b, bias, m, n, k, flags);
+}
+extern "C" __global__ void gemm_mma_tn(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
+    gemm_mma_body<Large, true, false>(out, pre, a, b, bias, m, n, k, flags);
+}
+extern "C" __global__ void gemm_mma_tt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
+    gemm_mma_body<Large, true, true>(out, pre, a, b, bias, m, n, k, flags);
+}
+extern "C" __global__ void gemm_mma_small_nn(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
+    gemm_mma_body<Small, false, false>(out, pre, a, b, bias, m, n, k, flags);
+}
+extern "C" __global__ void gemm_mma_small_nt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
+    gemm_mma_body<Small, false, true>(out, pre, a, b, bias, m, n, k, flags);
+}
+extern "C" __global__ void gemm_mma_small_tn(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
+    gemm_mma_body<Small, true, false>(out, pre, a, b, bias, m, n, k, flags);
+}
+extern "C" __global__ void gemm_mma_small_tt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
+    gemm_mma_body<Small, true, true>(out, pre, a, b, bias, m, n, k, flags);
+}
+
+// The reference: one thread per output element, f32 accumulation in k order. trans_a / trans_b
+// are 0 or 1. Grid (ceil(n / 16), ceil(m / 16)), 16 x 16 threads.
+extern "C" __global__ void gemm_naive(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int trans_a, int trans_b, int flags) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = blockIdx.y * blockDim.y + threadIdx.y;
+    if (i >= m || j >= n) {
+        return;
+    }
+    float s = 0.0f;
+    for (int p = 0; p < k; ++p) {
+        const float x = __bfloat162float(trans_a ? a[static_cast<int64_t>(p) * m + i] : a[static_cast<int64_t>(i) * k + p]);
+        const float y = __bfloat162float(trans_b ? b[static_cast<int64_t>(j) * k + p] : b[static_cast<int64_t>(p) * n + j]);
+        s = fmaf(x, y, s);  // the product of two bf16 is exact in f32 either way
+    }
+    store_output(out, pre, bias, static_cast<int64_t>(i) * n + j, j, s, flags);
+}
+
+// dbias [n] = column sums of dout [rows, n], f32. Grid ceil(n / 32), block 32 x KILN_GEMM_BIAS_ROWS.
+extern "C" __global__ void gemm_bias_backward(float* dbias, const __nv_bfloat16* dout, int rows, int n) {
+    __shared__ float part[KILN_GEMM_BIAS_ROWS][33];
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    float s = 0.0f;
+    if (col < n) {
+#pragma unroll 4
+        for (int r = threadIdx.y; r < rows; r += KILN_GEMM_BIAS_ROWS) {
+            s += __bfloat162float(dout[static_cast<int64_t>(r) * n + col]);
+        }
+    }
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < n) {
+        float t = 0.0f;
+#pragma unroll
+        for (int y = 0; y < KILN_GEMM_BIAS_ROWS; ++y) {
+            t += part[y][threadIdx.x];
+        }
+        dbias[col] = t;
+    }
+}

@@ -1,0 +1,204 @@
+//! Launch wrappers for kernels/adamw.cu: fp32 AdamW over every parameter tensor in one launch,
+//! bit-identical to `optim::adamw::adamw_step`; plus the host twins (`twin`) that CI tests
+//! without a GPU.
+
+use super::{bf16, cuda, launch_err, CudaSlice, DevicePtr, DevicePtrMut, Kernel, LaunchConfig, PushKernelArg};
+use crate::abi::{AdamWScalars, AdamWTensor, KILN_ADAMW_BLOCK, KILN_ADAMW_CHUNK};
+use crate::optim::adamw::AdamWConfig;
+use crate::{Error, Result};
+
+/// One parameter tensor of a multi-tensor step: f32 master weights, moments and gradient of equal
+/// length, and optionally the bf16 copy of the weights that the forward reads, refreshed in the
+/// same pass.
+pub struct AdamWParam<'a> {
+    pub p: &'a mut CudaSlice<f32>,
+    pub m: &'a mut CudaSlice<f32>,
+    pub v: &'a mut CudaSlice<f32>,
+    pub g: &'a CudaSlice<f32>,
+    pub p_bf16: Option<&'a mut CudaSlice<bf16>>,
+    /// Whether weight decay applies (GPT-2 practice: matrices yes, biases and norms no).
+    pub decay: bool,
+}
+
+/// Sets each descriptor's `chunk_start` (the chunks of the tensors before it) and returns the
+/// launch's work items, the total number of chunks.
+pub fn plan(descs: &mut [AdamWTensor]) -> i64 {
+    let mut start = 0i64;
+    for d in descs.iter_mut() {
+        d.chunk_start = start;
+        start += (d.n.max(0) as usize).div_ceil(KILN_ADAMW_CHUNK as usize) as i64;
+    }
+    start
+}
+
+/// AdamW at 1-based step `t` on one buffer: optim::adamw::adamw_step's signature and bits.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(
+    p: &mut CudaSlice<f32>,
+    m: &mut CudaSlice<f32>,
+    v: &mut CudaSlice<f32>,
+    g: &CudaSlice<f32>,
+    cfg: &AdamWConfig,
+    lr: f64,
+    t: u64,
+    decay: bool,
+) -> Result<()> {
+    adamw_step_multi(&mut [AdamWParam { p, m, v, g, p_bf16: None, decay }], cfg, lr, t)
+}
+
+/// AdamW at 1-based step `t` on every tensor of `params` in one launch (one optimizer step: the
+/// bias correction is the same for all).
+pub fn adamw_step_multi(params: &mut [AdamWParam], cfg: &AdamWConfig, lr: f64, t: u64) -> Result<()> {
+    if params.is_empty() {
+        return Ok(());
+    }
+    let cu = cuda()?;
+    let stream = cu.stream();
+    let mut descs = Vec::with_capacity(params.len());
+    // The guards record, when dropped after the launch, that the kernel used these buffers.
+    let mut guards = Vec::with_capacity(5 * params.len());
+    for (i, q) in params.iter_mut().enumerate() {
+        let n = q.p.len();
+        let lens = [("m", q.m.len()), ("v", q.v.len()), ("g", q.g.len())];
+        let bf = q.p_bf16.as_ref().map(|b| ("p_bf16", b.len()));
+        for (name, len) in lens.into_iter().chain(bf) {
+            if len != n {
+                return Err(Error::Shape {
+                    op: "cuda::adamw_step",
+                    msg: format!("tensor {i}: {name} has {len} elements but the parameter has {n}"),
+                });
+            }
+        }
+        let (p, gp) = q.p.device_ptr_mut(stream);
+        let (m, gm) = q.m.device_ptr_mut(stream);
+        let (v, gv) = q.v.device_ptr_mut(stream);
+        let (g, gg) = q.g.device_ptr(stream);
+        let p_bf16 = match q.p_bf16.as_mut() {
+            Some(b) => {
+                let (ptr, gb) = b.device_ptr_mut(stream);
+                guards.push(gb);
+                ptr
+            }
+            None => 0,
+        };
+        guards.extend([gp, gm, gv, gg]);
+        descs.push(AdamWTensor { p, m, v, g, p_bf16, n: n as i64, chunk_start: 0, decay: q.decay as i32, reserved: 0 });
+    }
+    let work_items = plan(&mut descs);
+    if work_items > 0 {
+        let table = cu.upload(&descs)?;
+        let s = AdamWScalars::new(cfg, lr, t, true);
+        unsafe { adamw_step_table(&table, work_items, s) }?;
+    }
+    drop(guards);
+    Ok(())
+}
+
+/// Launches the kernel on an uploaded descriptor table (planned by `plan`), for callers that keep
+/// one table across steps. `s` is the step's scalars with decay; tensors whose descriptor clears
+/// `decay` get none.
+///
+/// # Safety
+/// Every address in the table must point at live device memory of the descriptor's length
+/// (f32 for p, m, v, g; bf16 for a non-zero p_bf16), no two tensors may share memory, and nothing
+/// else may use these buffers while the kernel runs.
+pub unsafe fn adamw_step_table(table: &CudaSlice<AdamWTensor>, work_items: i64, s: AdamWScalars) -> Result<()> {
+    let cu = cuda()?;
+    // 3 blocks of 256 fit an SM at ~80 registers a thread; 4 per SM keeps every SM busy while
+    // the grid-stride loop covers the rest.
+    let blocks = (work_items as usize).clamp(1, 4 * cu.sm_count().max(1));
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (KILN_ADAMW_BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let n_tensors = table.len() as i32;
+    let mut b = cu.stream().launch_builder(cu.func(Kernel::AdamwStep));
+    b.arg(table).arg(&n_tensors).arg(&work_items).arg(&s);
+    b.launch(cfg).map_err(launch_err)?;
+    Ok(())
+}
+
+/// kernels/adamw.cuh compiled for the host (kernels/host/adamw.cu).
+pub mod twin {
+    use crate::abi::{AdamWScalars, AdamWTensor};
+
+    extern "C" {
+        pub fn kiln_host_adamw_update(
+            p: *mut f32,
+            m: *mut f32,
+            v: *mut f32,
+            g: *const f32,
+            s: *const AdamWScalars,
+            n: i64,
+        );
+        pub fn kiln_host_adamw_step(tensors: *const AdamWTensor, n_tensors: i32, work_items: i64, s: AdamWScalars);
+    }
+
+    /// kiln_adamw_update on every element.
+    pub fn adamw_update(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamWScalars) {
+        let n = p.len();
+        assert!(m.len() == n && v.len() == n && g.len() == n, "adamw twin: lengths differ");
+        unsafe { kiln_host_adamw_update(p.as_mut_ptr(), m.as_mut_ptr(), v.as_mut_ptr(), g.as_ptr(), s, n as i64) }
+    }
+
+    /// The kernel simulated on the host, every work item and thread in turn, over descriptors
+    /// planned by `super::plan`.
+    ///
+    /// # Safety
+    /// The descriptors' addresses must point at live host memory of their lengths, no two
+    /// tensors sharing memory.
+    pub unsafe fn adamw_step(descs: &[AdamWTensor], work_items: i64, s: AdamWScalars) {
+        kiln_host_adamw_step(descs.as_ptr(), descs.len() as i32, work_items, s)
+    }
+}
+
+/// `kiln bench kernels` row: one step over GPT-2 124M's parameter tensors (~124M f32 elements, bf16
+/// copies of the matrices), GB/s counting p, m, v, g read and p, m, v (and the copy) written once,
+/// against device-to-device copy. The descriptor upload is inside the timing, as in training.
+pub fn bench(cu: &super::Cuda, copy: f64) -> Result<Vec<super::bench::Row>> {
+    use super::bench::{random_f32, time_ms, Row};
+    let (c, l, vocab, ctx) = (768usize, 12usize, 50257usize, 1024usize);
+    // (elements, is a matrix): wte, wpe, then per layer ln_1, attn (c_attn, c_proj), ln_2, mlp, then ln_f.
+    let mut shapes = vec![(vocab * c, true), (ctx * c, true)];
+    for _ in 0..l {
+        shapes.extend([(c, false), (c, false), (c * 3 * c, true), (3 * c, false), (c * c, true), (c, false)]);
+        shapes.extend([(c, false), (c, false), (c * 4 * c, true), (4 * c, false), (4 * c * c, true), (c, false)]);
+    }
+    shapes.extend([(c, false), (c, false)]);
+    let mut bufs = Vec::with_capacity(shapes.len());
+    for (i, &(n, matrix)) in shapes.iter().enumerate() {
+        let s = 4 * i as u64;
+        // v is a second moment: non-negative, ~g^2 (1 - beta2) in size.
+        let v: Vec<f32> = cu.download(&random_f32(cu, n, s + 2)?)?.iter().map(|x| x.abs() * 1e-4).collect();
+        let copy = if matrix { Some(cu.alloc::<bf16>(n)?) } else { None };
+        bufs.push((
+            random_f32(cu, n, s)?,
+            random_f32(cu, n, s + 1)?,
+            cu.upload(&v)?,
+            random_f32(cu, n, s + 3)?,
+            copy,
+            matrix,
+        ));
+    }
+    let total: usize = shapes.iter().map(|s| s.0).sum();
+    let bytes: usize = shapes.iter().map(|&(n, m)| n * (28 + if m { 2 } else { 0 })).sum();
+    let cfg = AdamWConfig::default();
+    let ms = time_ms(cu, 3, 20, || {
+        let mut params: Vec<AdamWParam> = bufs
+            .iter_mut()
+            .map(|(p, m, v, g, c, decay)| AdamWParam { p, m, v, g, p_bf16: c.as_mut(), decay: *decay })
+            .collect();
+        adamw_step_multi(&mut params, &cfg, 1e-4, 10)
+    })?;
+    Ok(vec![Row {
+        kernel: "adamw_step".to_string(),
+        shape: format!("GPT-2 124M, {} tensors, {:.1}M", shapes.len(), total as f64 / 1e6),
+        ms,
+        achieved: bytes as f64 / (ms * 1e-3) / 1e9,
+        unit: "GB/s",
+        ceiling: copy,
+        ceiling_name: "d2d copy".to_string(),
+        target: Some(0.7),
+    }])
+}

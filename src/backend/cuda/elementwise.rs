@@ -1,0 +1,241 @@
+//! Launch wrappers for kernels/elementwise.cu: GELU, residual add, in-place add and dropout over
+//! bf16 device buffers, with the names and argument order of `backend::cpu::elementwise`; plus
+//! the host twins of the kernels' per-element math (`twin`), which CI tests without a GPU.
+
+use super::{bf16, cuda, launch_err, CudaSlice, Kernel, LaunchConfig, PushKernelArg};
+use crate::abi::KILN_ELEMENTWISE_BLOCK;
+use crate::{Error, Result};
+
+/// Enough blocks for `threads` threads, at most 8 blocks (2048 threads) per SM: the kernels are
+/// grid-stride loops, so a smaller grid just loops more.
+fn config(threads: usize, sm_count: usize) -> LaunchConfig {
+    let block = KILN_ELEMENTWISE_BLOCK as usize;
+    let blocks = threads.div_ceil(block).clamp(1, 8 * sm_count.max(1));
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (block as u32, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn same_len(op: &'static str, n: usize, others: &[(&str, usize)]) -> Result<()> {
+    for &(name, len) in others {
+        if len != n {
+            return Err(Error::Shape { op, msg: format!("{name} has {len} elements but the output has {n}") });
+        }
+    }
+    Ok(())
+}
+
+/// out = gelu(inp), the tanh approximation, bf16 rounded from the f32 value cpu::gelu computes.
+pub fn gelu_forward(out: &mut CudaSlice<bf16>, inp: &CudaSlice<bf16>) -> Result<()> {
+    let n = out.len();
+    same_len("cuda::gelu_forward", n, &[("inp", inp.len())])?;
+    let cu = cuda()?;
+    let n64 = n as i64;
+    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseGeluForward));
+    b.arg(out).arg(inp).arg(&n64);
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// dinp = dout * gelu'(inp).
+pub fn gelu_backward(dinp: &mut CudaSlice<bf16>, inp: &CudaSlice<bf16>, dout: &CudaSlice<bf16>) -> Result<()> {
+    let n = dinp.len();
+    same_len("cuda::gelu_backward", n, &[("inp", inp.len()), ("dout", dout.len())])?;
+    let cu = cuda()?;
+    let n64 = n as i64;
+    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseGeluBackward));
+    b.arg(dinp).arg(inp).arg(dout).arg(&n64);
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// out = a + b (f32 sum, rounded once to bf16).
+pub fn residual_forward(out: &mut CudaSlice<bf16>, a: &CudaSlice<bf16>, b: &CudaSlice<bf16>) -> Result<()> {
+    let n = out.len();
+    same_len("cuda::residual_forward", n, &[("a", a.len()), ("b", b.len())])?;
+    let cu = cuda()?;
+    let n64 = n as i64;
+    let mut l = cu.stream().launch_builder(cu.func(Kernel::ElementwiseResidualForward));
+    l.arg(out).arg(a).arg(b).arg(&n64);
+    unsafe { l.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// dst += src (f32 sum, rounded once to bf16).
+pub fn add_assign(dst: &mut CudaSlice<bf16>, src: &CudaSlice<bf16>) -> Result<()> {
+    let n = dst.len();
+    same_len("cuda::add_assign", n, &[("src", src.len())])?;
+    let cu = cuda()?;
+    let n64 = n as i64;
+    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseAddAssign));
+    b.arg(dst).arg(src).arg(&n64);
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// dst += src on f32 buffers (gradient accumulation in f32).
+pub fn add_assign_f32(dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -> Result<()> {
+    let n = dst.len();
+    same_len("cuda::add_assign_f32", n, &[("src", src.len())])?;
+    let cu = cuda()?;
+    let n64 = n as i64;
+    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseAddAssignF32));
+    b.arg(dst).arg(src).arg(&n64);
+    unsafe { b.launch(config(n.div_ceil(4), cu.sm_count())) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// out = bf16(inp), rounded to nearest even (half::bf16::from_f32's bits).
+pub fn cast_f32_to_bf16(out: &mut CudaSlice<bf16>, inp: &CudaSlice<f32>) -> Result<()> {
+    let n = out.len();
+    same_len("cuda::cast_f32_to_bf16", n, &[("inp", inp.len())])?;
+    let cu = cuda()?;
+    let n64 = n as i64;
+    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseCastF32ToBf16));
+    b.arg(out).arg(inp).arg(&n64);
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// out = f32(inp), exact.
+pub fn cast_bf16_to_f32(out: &mut CudaSlice<f32>, inp: &CudaSlice<bf16>) -> Result<()> {
+    let n = out.len();
+    same_len("cuda::cast_bf16_to_f32", n, &[("inp", inp.len())])?;
+    let cu = cuda()?;
+    let n64 = n as i64;
+    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseCastBf16ToF32));
+    b.arg(out).arg(inp).arg(&n64);
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// mask[i] = 1 if element i survives dropout with drop probability `p` under `seed`, else 0:
+/// cpu::dropout_mask's bits.
+pub fn dropout_mask(mask: &mut CudaSlice<u8>, seed: u64, p: f32) -> Result<()> {
+    let n = mask.len();
+    let cu = cuda()?;
+    let n64 = n as i64;
+    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseDropoutMask));
+    b.arg(mask).arg(&seed).arg(&p).arg(&n64);
+    unsafe { b.launch(config(n, cu.sm_count())) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// out = inp * mask * scale with a stored 0/1 mask; on dout it is dropout's backward.
+pub fn dropout_forward(
+    out: &mut CudaSlice<bf16>,
+    inp: &CudaSlice<bf16>,
+    mask: &CudaSlice<u8>,
+    scale: f32,
+) -> Result<()> {
+    let n = out.len();
+    same_len("cuda::dropout_forward", n, &[("inp", inp.len()), ("mask", mask.len())])?;
+    let cu = cuda()?;
+    let n64 = n as i64;
+    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseDropoutForward));
+    b.arg(out).arg(inp).arg(mask).arg(&scale).arg(&n64);
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// dropout_mask and dropout_forward in one pass, the mask drawn per element and stored only when
+/// `mask` is given. Run on dout with the same seed, p and scale it is the backward, no mask needed.
+pub fn dropout(
+    out: &mut CudaSlice<bf16>,
+    mask: Option<&mut CudaSlice<u8>>,
+    inp: &CudaSlice<bf16>,
+    seed: u64,
+    p: f32,
+    scale: f32,
+) -> Result<()> {
+    let n = out.len();
+    let mask_len = mask.as_ref().map_or(n, |m| m.len());
+    same_len("cuda::dropout", n, &[("inp", inp.len()), ("mask", mask_len)])?;
+    let cu = cuda()?;
+    let n64 = n as i64;
+    let null = 0u64;
+    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseDropout));
+    b.arg(out);
+    match mask {
+        Some(m) => b.arg(m),
+        None => b.arg(&null),
+    };
+    b.arg(inp).arg(&seed).arg(&p).arg(&scale).arg(&n64);
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// The per-element math of kernels/elementwise.cuh compiled for the host (kernels/host/
+/// elementwise.cu), f32 in and out.
+pub mod twin {
+    extern "C" {
+        pub fn kiln_host_gelu(out: *mut f32, inp: *const f32, n: i64);
+        pub fn kiln_host_gelu_grad(out: *mut f32, inp: *const f32, n: i64);
+        pub fn kiln_host_gelu_backward(dinp: *mut f32, inp: *const f32, dout: *const f32, n: i64);
+        pub fn kiln_host_dropout_mask(mask: *mut u8, seed: u64, p: f32, first: u64, n: i64);
+    }
+
+    /// out = kiln_gelu(inp).
+    pub fn gelu(out: &mut [f32], inp: &[f32]) {
+        assert_eq!(out.len(), inp.len());
+        unsafe { kiln_host_gelu(out.as_mut_ptr(), inp.as_ptr(), out.len() as i64) }
+    }
+
+    /// out = kiln_gelu_grad(inp).
+    pub fn gelu_grad(out: &mut [f32], inp: &[f32]) {
+        assert_eq!(out.len(), inp.len());
+        unsafe { kiln_host_gelu_grad(out.as_mut_ptr(), inp.as_ptr(), out.len() as i64) }
+    }
+
+    /// dinp = dout * kiln_gelu_grad(inp), as the backward kernel computes it.
+    pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+        assert_eq!(dinp.len(), inp.len());
+        assert_eq!(dinp.len(), dout.len());
+        unsafe { kiln_host_gelu_backward(dinp.as_mut_ptr(), inp.as_ptr(), dout.as_ptr(), dinp.len() as i64) }
+    }
+
+    /// mask[i] = kiln_dropout_keep(seed, first + i, p) as 0 or 1.
+    pub fn dropout_mask(mask: &mut [u8], seed: u64, p: f32, first: u64) {
+        unsafe { kiln_host_dropout_mask(mask.as_mut_ptr(), seed, p, first, mask.len() as i64) }
+    }
+}
+
+/// `kiln bench kernels` rows: each kernel on 2^26 elements (128 MB a bf16 buffer, several times
+/// the L2), GB/s counting every byte read and written once, against device-to-device copy.
+pub fn bench(cu: &super::Cuda, copy: f64) -> Result<Vec<super::bench::Row>> {
+    use super::bench::{random_bf16, random_f32, time_ms, Row};
+    let n = 1usize << 26;
+    let shape = "n = 2^26".to_string();
+    let a = random_bf16(cu, n, 11)?;
+    let b = random_bf16(cu, n, 12)?;
+    let mut out = cu.alloc::<bf16>(n)?;
+    let mut mask = cu.alloc::<u8>(n)?;
+    let af = random_f32(cu, n, 13)?;
+    let mut bf = random_f32(cu, n, 14)?;
+    let mut rows = Vec::new();
+    let mut row = |kernel: &str, bytes_per_elem: f64, ms: f64| {
+        let gbs = bytes_per_elem * n as f64 / (ms * 1e-3) / 1e9;
+        rows.push(Row {
+            kernel: kernel.to_string(),
+            shape: shape.clone(),
+            ms,
+            achieved: gbs,
+            unit: "GB/s",
+            ceiling: copy,
+            ceiling_name: "d2d copy".to_string(),
+            target: Some(0.7),
+        });
+    };
+    let (w, r) = (3, 20);
+    row("gelu_forward", 4.0, time_ms(cu, w, r, || gelu_forward(&mut out, &a))?);
+    row("gelu_backward", 6.0, time_ms(cu, w, r, || gelu_backward(&mut out, &a, &b))?);
+    row("residual_forward", 6.0, time_ms(cu, w, r, || residual_forward(&mut out, &a, &b))?);
+    row("add_assign", 6.0, time_ms(cu, w, r, || add_assign(&mut out, &a))?);
+    row("add_assign_f32", 12.0, time_ms(cu, w, r, || add_assign_f32(&mut bf, &af))?);
+    let mut outf = cu.alloc::<f32>(n)?;
+    row("cast_f32_to_bf16", 6.0, time_ms(cu, w, r, || cast_f32_to_bf16(&mut out, &af))?);
+    row("cast_bf16_to_f32", 6.0, time_ms(cu, w, r, || cast_bf16_to_f32(&mut outf, &a))?);
+    row("dropout_mask", 1.0, time_ms(cu, w, r, || dropout_mask(&mut mask, 7, 0.1))?);
+    row("dropout_forward", 5.0, time_ms(cu, w, r, || dropout_forward(&mut out, &a, &mask, 1.0 / 0.9))?);
+    row("dropout (+mask)", 5.0, time_ms(cu, w, r, || dropout(&mut out, Some(&mut mask), &a, 7, 0.1, 1.0 / 0.9))?);
+    row("dropout (no mask)", 4.0, time_ms(cu, w, r, || dropout(&mut out, None, &a, 7, 0.1, 1.0 / 0.9))?);
+    Ok(rows)
+}

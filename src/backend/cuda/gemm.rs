@@ -1,0 +1,294 @@
+//! Launch wrappers for kernels/gemm.cu: matrix multiply with transpose flags, bias, fused GELU and
+//! accumulate, bf16 operands and f32 accumulation, with the names and argument order of
+//! `backend::cpu::gemm`; plus the host twin of the kernels' epilogue (`twin`), which CI tests
+//! without a GPU.
+//!
+//! Layout as on the CPU: row-major, `a_trans` means A is stored [k, m], `b_trans` that B is stored
+//! [n, k]. Outputs are bf16 (activations) or f32 (weight gradients, usually with `accumulate`);
+//! the bias is bf16, like the weights it sits beside.
+
+use super::{bf16, cuda, launch_err, CudaSlice, DeviceRepr, Kernel, LaunchConfig, PushKernelArg};
+use crate::abi::{
+    KILN_GEMM_ACCUMULATE, KILN_GEMM_BIAS_ROWS, KILN_GEMM_BM, KILN_GEMM_BN, KILN_GEMM_GELU, KILN_GEMM_NAIVE_TILE,
+    KILN_GEMM_OUT_F32, KILN_GEMM_SMALL_BM, KILN_GEMM_SMALL_BN, KILN_GEMM_SMALL_THREADS, KILN_GEMM_THREADS,
+};
+use crate::{Error, Result};
+
+// The shared constants as the types used here (cast: the header's generator picks the integer type).
+const BM: usize = KILN_GEMM_BM as usize;
+const BN: usize = KILN_GEMM_BN as usize;
+const THREADS: u32 = KILN_GEMM_THREADS as u32;
+const SMALL_BM: usize = KILN_GEMM_SMALL_BM as usize;
+const SMALL_BN: usize = KILN_GEMM_SMALL_BN as usize;
+const SMALL_THREADS: u32 = KILN_GEMM_SMALL_THREADS as u32;
+const NAIVE_TILE: usize = KILN_GEMM_NAIVE_TILE as usize;
+const BIAS_ROWS: u32 = KILN_GEMM_BIAS_ROWS as u32;
+const FLAG_OUT_F32: i32 = KILN_GEMM_OUT_F32 as i32;
+const FLAG_ACCUMULATE: i32 = KILN_GEMM_ACCUMULATE as i32;
+const FLAG_GELU: i32 = KILN_GEMM_GELU as i32;
+
+/// Which GEMM kernel runs; `SHIPPED` is the one `matmul` and `matmul_forward` use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmVariant {
+    /// mma.sync m16n8k16 tensor cores with cp.async double buffering (sm_80 and later), the tile
+    /// picked per call: 128 x 128 (gemm_mma_*) unless that grid has fewer blocks than the GPU has
+    /// SMs, then 64 x 64 (gemm_mma_small_*).
+    MmaSync,
+    /// MmaSync held to 128 x 128 tiles, whatever the shape (tests, benches).
+    MmaSyncLarge,
+    /// MmaSync held to 64 x 64 tiles, whatever the shape (tests, benches).
+    MmaSyncSmall,
+    /// gemm_naive: one thread per output, f32 accumulation from global memory; the reference the
+    /// tests hold next to the CPU, and the bench's baseline.
+    Naive,
+}
+
+/// The variant behind `matmul` and `matmul_forward`. A wgmma (sm_90a) variant would join the enum
+/// and be chosen here by compute capability.
+pub const SHIPPED: GemmVariant = GemmVariant::MmaSync;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for f32 {}
+}
+
+/// An output element type of the GEMM: bf16 or f32.
+pub trait GemmOut: DeviceRepr + sealed::Sealed {
+    /// The KILN_GEMM_OUT_F32 bit for this type.
+    const FLAGS: i32;
+}
+impl GemmOut for bf16 {
+    const FLAGS: i32 = 0;
+}
+impl GemmOut for f32 {
+    const FLAGS: i32 = FLAG_OUT_F32;
+}
+
+/// Errors unless a buffer holds exactly `need` elements (any length when `need` is 0: the
+/// allocator hands out at least one element).
+fn check_len(op: &'static str, what: &str, len: usize, need: usize, dims: &str) -> Result<()> {
+    if need > 0 && len != need {
+        return Err(Error::Shape { op, msg: format!("{what} has {len} elements, expected {dims} = {need}") });
+    }
+    Ok(())
+}
+
+/// Every size must fit the kernels' i32 indices with room for a tile past the end.
+fn check_dims(op: &'static str, m: usize, n: usize, k: usize) -> Result<()> {
+    const LIMIT: usize = (i32::MAX as usize) - 4096;
+    if m > LIMIT || n > LIMIT || k > LIMIT {
+        return Err(Error::Shape { op, msg: format!("m = {m}, n = {n}, k = {k}: each must be below {LIMIT}") });
+    }
+    // Every grid puts m / tile on grid.y (tile >= 16), which is capped at 65535.
+    if m.div_ceil(NAIVE_TILE) > 65535 {
+        return Err(Error::Shape {
+            op,
+            msg: format!("m = {m} rows is more than one launch covers; split the rows into chunks"),
+        });
+    }
+    Ok(())
+}
+
+/// The full GEMM: out = epilogue(op(A) @ op(B)) with `variant`. `pre` receives the
+/// pre-activation (only meaningful with `gelu`); `accumulate` adds the product to the old `out`
+/// (after the bias, when both are given).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_with<O: GemmOut>(
+    variant: GemmVariant,
+    out: &mut CudaSlice<O>,
+    pre: Option<&mut CudaSlice<O>>,
+    a: &CudaSlice<bf16>,
+    b: &CudaSlice<bf16>,
+    bias: Option<&CudaSlice<bf16>>,
+    m: usize,
+    n: usize,
+    k: usize,
+    a_trans: bool,
+    b_trans: bool,
+    accumulate: bool,
+    gelu: bool,
+) -> Result<()> {
+    const OP: &str = "cuda::matmul";
+    check_dims(OP, m, n, k)?;
+    check_len(OP, "out", out.len(), m * n, &format!("{m} x {n}"))?;
+    check_len(OP, "A", a.len(), m * k, &format!("{m} x {k}"))?;
+    check_len(OP, "B", b.len(), k * n, &format!("{k} x {n}"))?;
+    if let Some(p) = &pre {
+        check_len(OP, "pre", p.len(), m * n, &format!("{m} x {n}"))?;
+    }
+    if let Some(bias) = bias {
+        check_len(OP, "bias", bias.len(), n, &format!("{n}"))?;
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let flags = O::FLAGS | if accumulate { FLAG_ACCUMULATE } else { 0 } | if gelu { FLAG_GELU } else { 0 };
+    let cu = cuda()?;
+    let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+    // A null device pointer switches the bias or the pre-activation off.
+    let null: u64 = 0;
+    let large_blocks = n.div_ceil(BN) * m.div_ceil(BM);
+    let variant = match variant {
+        GemmVariant::MmaSync if large_blocks < cu.sm_count() => GemmVariant::MmaSyncSmall,
+        GemmVariant::MmaSync => GemmVariant::MmaSyncLarge,
+        v => v,
+    };
+    let (kernel, cfg) = match variant {
+        GemmVariant::MmaSyncLarge | GemmVariant::MmaSync => {
+            let kernel = match (a_trans, b_trans) {
+                (false, false) => Kernel::GemmMmaNn,
+                (false, true) => Kernel::GemmMmaNt,
+                (true, false) => Kernel::GemmMmaTn,
+                (true, true) => Kernel::GemmMmaTt,
+            };
+            let grid = (n.div_ceil(BN) as u32, m.div_ceil(BM) as u32, 1);
+            (kernel, LaunchConfig { grid_dim: grid, block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })
+        }
+        GemmVariant::MmaSyncSmall => {
+            let kernel = match (a_trans, b_trans) {
+                (false, false) => Kernel::GemmMmaSmallNn,
+                (false, true) => Kernel::GemmMmaSmallNt,
+                (true, false) => Kernel::GemmMmaSmallTn,
+                (true, true) => Kernel::GemmMmaSmallTt,
+            };
+            let grid = (n.div_ceil(SMALL_BN) as u32, m.div_ceil(SMALL_BM) as u32, 1);
+            (kernel, LaunchConfig { grid_dim: grid, block_dim: (SMALL_THREADS, 1, 1), shared_mem_bytes: 0 })
+        }
+        GemmVariant::Naive => {
+            let t = NAIVE_TILE;
+            let grid = (n.div_ceil(t) as u32, m.div_ceil(t) as u32, 1);
+            (
+                Kernel::GemmNaive,
+                LaunchConfig { grid_dim: grid, block_dim: (t as u32, t as u32, 1), shared_mem_bytes: 0 },
+            )
+        }
+    };
+    let (ta, tb) = (a_trans as i32, b_trans as i32);
+    let mut l = cu.stream().launch_builder(cu.func(kernel));
+    l.arg(out);
+    match pre {
+        Some(p) => l.arg(p),
+        None => l.arg(&null),
+    };
+    l.arg(a).arg(b);
+    match bias {
+        Some(bias) => l.arg(bias),
+        None => l.arg(&null),
+    };
+    l.arg(&mi).arg(&ni).arg(&ki);
+    if variant == GemmVariant::Naive {
+        l.arg(&ta).arg(&tb);
+    }
+    l.arg(&flags);
+    unsafe { l.launch(cfg) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// out[m, n] (+)= op(A)[m, k] @ op(B)[k, n]; accumulates into `out` when `accumulate` is true.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul<O: GemmOut>(
+    out: &mut CudaSlice<O>,
+    a: &CudaSlice<bf16>,
+    b: &CudaSlice<bf16>,
+    m: usize,
+    n: usize,
+    k: usize,
+    a_trans: bool,
+    b_trans: bool,
+    accumulate: bool,
+) -> Result<()> {
+    matmul_with(SHIPPED, out, None, a, b, None, m, n, k, a_trans, b_trans, accumulate, false)
+}
+
+/// out[m, n] = op(A) @ op(B) + bias, optionally followed by GELU. With `pre`, GELU is applied and
+/// `pre` receives the pre-activation (backward needs it), as cpu::gemm::matmul_forward.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_forward<O: GemmOut>(
+    out: &mut CudaSlice<O>,
+    pre: Option<&mut CudaSlice<O>>,
+    a: &CudaSlice<bf16>,
+    b: &CudaSlice<bf16>,
+    bias: Option<&CudaSlice<bf16>>,
+    m: usize,
+    n: usize,
+    k: usize,
+    a_trans: bool,
+    b_trans: bool,
+) -> Result<()> {
+    let gelu = pre.is_some();
+    matmul_with(SHIPPED, out, pre, a, b, bias, m, n, k, a_trans, b_trans, false, gelu)
+}
+
+/// dbias[n] = sum over rows of dout[rows, n], in f32 (overwrites dbias, as the CPU twin).
+pub fn bias_backward(dbias: &mut CudaSlice<f32>, dout: &CudaSlice<bf16>, n: usize) -> Result<()> {
+    const OP: &str = "cuda::bias_backward";
+    if n == 0 {
+        return Ok(());
+    }
+    check_len(OP, "dbias", dbias.len(), n, &format!("{n}"))?;
+    let rows = dout.len() / n;
+    if rows * n != dout.len() || rows > i32::MAX as usize {
+        return Err(Error::Shape {
+            op: OP,
+            msg: format!("dout has {} elements, not a whole number of rows of {n}", dout.len()),
+        });
+    }
+    let cu = cuda()?;
+    let cfg =
+        LaunchConfig { grid_dim: (n.div_ceil(32) as u32, 1, 1), block_dim: (32, BIAS_ROWS, 1), shared_mem_bytes: 0 };
+    let mut l = cu.stream().launch_builder(cu.func(Kernel::GemmBiasBackward));
+    let (rows_i, n_i) = (rows as i32, n as i32);
+    l.arg(dbias).arg(dout).arg(&rows_i).arg(&n_i);
+    unsafe { l.launch(cfg) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// The host twin of the kernels' epilogue (kernels/host/gemm.cu), for tests without a GPU.
+pub mod twin {
+    extern "C" {
+        fn kiln_host_gemm_epilogue(
+            out: *mut f32,
+            pre: *mut f32,
+            acc: *const f32,
+            bias: *const f32,
+            m: i64,
+            n: i64,
+            flags: i32,
+        );
+    }
+
+    /// What every gemm kernel does to out[m, n] once the f32 products `acc` are known: bias (give
+    /// bf16-representable values: the kernels read bf16), the old `out` when `accumulate`, the
+    /// pre-activation into `pre`, GELU when `gelu`, and rounding to bf16 unless `out_f32`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_epilogue(
+        out: &mut [f32],
+        pre: Option<&mut [f32]>,
+        acc: &[f32],
+        bias: Option<&[f32]>,
+        m: usize,
+        n: usize,
+        out_f32: bool,
+        accumulate: bool,
+        gelu: bool,
+    ) {
+        assert_eq!(out.len(), m * n, "gemm_epilogue: out");
+        assert_eq!(acc.len(), m * n, "gemm_epilogue: acc");
+        if let Some(p) = &pre {
+            assert_eq!(p.len(), m * n, "gemm_epilogue: pre");
+        }
+        if let Some(b) = bias {
+            assert_eq!(b.len(), n, "gemm_epilogue: bias");
+        }
+        use super::{FLAG_ACCUMULATE, FLAG_GELU, FLAG_OUT_F32};
+        let flags = if out_f32 { FLAG_OUT_F32 } else { 0 }
+            | if accumulate { FLAG_ACCUMULATE } else { 0 }
+            | if gelu { FLAG_GELU } else { 0 };
+        let pre = pre.map_or(std::ptr::null_mut(), |p| p.as_mut_ptr());
+        let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        // SAFETY: the lengths are checked above; the twin reads acc, bias, and out, and writes
+        // out and pre, within m x n (n for bias).
+        unsafe { kiln_host_gemm_epilogue(out.as_mut_ptr(), pre, acc.as_ptr(), bias, m as i64, n as i64, flags) }
+    }
+}
