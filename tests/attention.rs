@@ -184,3 +184,405 @@ fn attention_rejects_bad_shapes() {
         assert!(matches!(res, Err(Error::Shape { .. })), "{what}: {res:?}");
     }
 }
+
+/// The CUDA kernels (kernels/attention.cu): host twins of their softmax math against the CPU
+/// backend (run without a GPU), and the kernels against the CPU twins at awkward sizes.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::common::{self, max_abs, rng, uniform, U32};
+    use kiln::backend::cpu::attention as cpu;
+    use kiln::backend::cuda::attention::{self as gpu, twin, AttentionVariant};
+    use kiln::backend::cuda::{bf16, Cuda, CudaSlice};
+    use kiln::Error;
+    use rand::Rng;
+
+    /// The bf16 unit roundoff (half an ulp of 1): 8 significant bits.
+    const U_BF16: f64 = 1.0 / 256.0;
+
+    fn bf(x: f32) -> f32 {
+        bf16::from_f32(x).to_f32()
+    }
+
+    fn to_bf16(v: &[f32]) -> Vec<bf16> {
+        v.iter().map(|&x| bf16::from_f32(x)).collect()
+    }
+
+    fn to_f32(v: &[bf16]) -> Vec<f32> {
+        v.iter().map(|x| x.to_f32()).collect()
+    }
+
+    /// Largest |a - b|; NaN anywhere (an unwritten, poisoned element) gives infinity.
+    fn max_diff(a: &[f32], b: &[f32]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).fold(0f64, |m, (&x, &y)| {
+            let d = (x as f64 - y as f64).abs();
+            if d.is_nan() {
+                f64::INFINITY
+            } else {
+                m.max(d)
+            }
+        })
+    }
+
+    // ---- host twins (no GPU needed) ----
+
+    /// The twin's online-softmax step against cpu::attention::online_softmax_update over chains of
+    /// tiles of every length 1..=32, with masked (-inf) scores after the first tile as the kernel
+    /// passes them, and score jumps that move the max up (rescale < 1) and not at all (rescale 1).
+    /// Same operations in the same order (the twin is built with -ffp-contract=off), so the only
+    /// possible difference is expf vs Rust's exp, both within 1 ulp: allow 4 u relative to the
+    /// largest magnitude involved. In practice they agree bit for bit.
+    #[test]
+    fn online_softmax_twin_matches_cpu() {
+        let mut r = rng(71);
+        let mut exact = true;
+        for hd in [1, 8, 64, 96] {
+            let (mut m0, mut l0, mut a0) = (f32::NEG_INFINITY, 0f32, vec![0f32; hd]);
+            let (mut m1, mut l1, mut a1) = (f32::NEG_INFINITY, 0f32, vec![0f32; hd]);
+            for (step, n) in (1..=32).chain([32, 5, 1]).enumerate() {
+                let shift = if step % 3 == 1 { 6.0 } else { 0.0 };
+                let mut s: Vec<f32> = uniform(&mut r, n, 4.0).iter().map(|x| x + shift).collect();
+                if step > 0 {
+                    for x in s.iter_mut() {
+                        if r.random::<f32>() < 0.25 {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let v = uniform(&mut r, n * hd, 1.0);
+                let rows: Vec<&[f32]> = v.chunks_exact(hd).collect();
+                cpu::online_softmax_update(&mut m0, &mut l0, &mut a0, &s, &rows);
+                twin::online_softmax_update(&mut m1, &mut l1, &mut a1, &s, &v);
+                assert_eq!(m0, m1, "hd {hd} step {step}: running max");
+                let tol = 4.0 * U32 * (l0 as f64);
+                assert!((l0 as f64 - l1 as f64).abs() <= tol, "hd {hd} step {step}: sum {l0} vs {l1}");
+                let e = max_diff(&a0, &a1);
+                assert!(e <= 4.0 * U32 * l0 as f64, "hd {hd} step {step}: accumulator off by {e:.3e}");
+                exact &= l0 == l1 && a0 == a1;
+            }
+        }
+        eprintln!("online softmax twin bit-identical to the CPU: {exact}");
+    }
+
+    /// lse = m + ln l, p = exp(s - lse) and dS = p (dP - D) against the formulas written out in
+    /// Rust: equal up to the 1-ulp difference allowed between two libm's exp and ln.
+    #[test]
+    fn elementwise_twins_match_formulas() {
+        let mut r = rng(72);
+        let n = 4096;
+        let m = uniform(&mut r, n, 8.0);
+        let l: Vec<f32> = uniform(&mut r, n, 1.0).iter().map(|x| 1.0 + 500.0 * (x + 1.0)).collect();
+        let mut lse = vec![0f32; n];
+        twin::lse(&mut lse, &m, &l);
+        for i in 0..n {
+            let want = m[i] + l[i].ln();
+            assert!((lse[i] - want).abs() <= 2.0 * f32::EPSILON * want.abs().max(1.0), "lse {i}: {} vs {want}", lse[i]);
+        }
+        let s: Vec<f32> = uniform(&mut r, n, 6.0).iter().map(|x| x - 3.0).collect();
+        let mut p = vec![0f32; n];
+        twin::prob(&mut p, &s, &lse);
+        for i in 0..n {
+            let want = (s[i] - lse[i]).exp();
+            assert!((p[i] - want).abs() <= 2.0 * f32::EPSILON * want, "prob {i}: {} vs {want}", p[i]);
+        }
+        let (dp, d) = (uniform(&mut r, n, 2.0), uniform(&mut r, n, 2.0));
+        let mut ds = vec![0f32; n];
+        twin::dscore(&mut ds, &p, &dp, &d);
+        for i in 0..n {
+            assert_eq!(ds[i], p[i] * (dp[i] - d[i]), "dscore {i}");
+        }
+    }
+
+    /// The shared-memory sizes the wrappers launch with, written out: at GPT-2's hd = 64 every
+    /// kernel fits the default 48 KB; at hd = 128 the backward needs the opt-in limit.
+    #[test]
+    fn smem_sizes() {
+        use kiln::abi::{KILN_ATTN_KERNEL_DKDV as DKDV, KILN_ATTN_KERNEL_DQ as DQ, KILN_ATTN_KERNEL_FORWARD as FWD};
+        let (fwd, dkdv, dq) = (FWD as usize, DKDV as usize, DQ as usize);
+        // Forward: Q f32 32 x hd, K and V bf16 32 x (hd + 8), P f32 4 x 8 x 32.
+        assert_eq!(twin::smem_bytes(fwd, 64), 32 * 64 * 4 + 2 * 32 * 72 * 2 + 4096);
+        // Backward: two f32 tiles, two padded bf16 tiles, P.
+        assert_eq!(twin::smem_bytes(dkdv, 64), 2 * 32 * 64 * 4 + 2 * 32 * 72 * 2 + 4096);
+        assert_eq!(twin::smem_bytes(dq, 64), twin::smem_bytes(dkdv, 64));
+        assert!(twin::smem_bytes(dkdv, 64) <= 48 * 1024 && twin::smem_bytes(fwd, 128) <= 48 * 1024);
+        assert_eq!(twin::smem_bytes(dkdv, 128), 54272);
+        // The tensor-core forward (hd = 64 only): Q, and K and V twice, each 64 x (64 + 8) bf16.
+        let mma = kiln::abi::KILN_ATTN_KERNEL_FORWARD_MMA as usize;
+        assert_eq!(twin::smem_bytes(mma, 64), 5 * 64 * 72 * 2);
+        assert!(twin::smem_bytes(mma, 64) <= 48 * 1024);
+    }
+
+    /// The shipped forward: tensor cores exactly where they apply (hd = 64 on sm_80+).
+    #[test]
+    fn shipped_variant() {
+        use AttentionVariant::{Mma, Simt};
+        assert_eq!(AttentionVariant::shipped(64, (8, 0)), Mma);
+        assert_eq!(AttentionVariant::shipped(64, (9, 0)), Mma);
+        assert_eq!(AttentionVariant::shipped(64, (7, 5)), Simt);
+        for hd in [32, 40, 96, 128] {
+            assert_eq!(AttentionVariant::shipped(hd, (9, 0)), Simt, "hd {hd}");
+            assert!(!Mma.supports(hd, (9, 0)) && Simt.supports(hd, (9, 0)));
+        }
+    }
+
+    // ---- kernels vs the CPU (skip without a GPU) ----
+
+    /// The plain bf16 implementation the tolerance is measured against (flash-attention's rule):
+    /// bf16 inputs, scores and softmax in f32, the normalised P rounded to bf16 before P V, the
+    /// output rounded to bf16. Returns out [B, T, C].
+    fn plain_forward(qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) -> Vec<f32> {
+        let hd = c / nh;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let at = |bi: usize, ti: usize, part: usize, h: usize| {
+            let o = (bi * t + ti) * 3 * c + part * c + h * hd;
+            &qkv[o..o + hd]
+        };
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let mut out = vec![0f32; b * t * c];
+        for bi in 0..b {
+            for h in 0..nh {
+                for i in 0..t {
+                    let s: Vec<f32> = (0..=i).map(|j| dot(at(bi, i, 0, h), at(bi, j, 1, h)) * scale).collect();
+                    let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+                    let l: f32 = e.iter().sum();
+                    let o = &mut out[(bi * t + i) * c + h * hd..][..hd];
+                    for (j, ej) in e.iter().enumerate() {
+                        let p = bf(ej / l);
+                        for (od, vd) in o.iter_mut().zip(at(bi, j, 2, h)) {
+                            *od += p * vd;
+                        }
+                    }
+                    o.iter_mut().for_each(|x| *x = bf(*x));
+                }
+            }
+        }
+        out
+    }
+
+    /// The plain bf16 backward: bf16 inputs and bf16 out (so D = rowsum(dO * O) sees a rounded
+    /// O), P and dS in f32 and rounded to bf16 before the products dV = P^T dO, dQ = dS K,
+    /// dK = dS^T Q, which accumulate in f32 and are rounded to bf16. lse is the f32 reference's.
+    #[allow(clippy::too_many_arguments)]
+    fn plain_backward(
+        dout: &[f32],
+        qkv: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Vec<f32> {
+        let hd = c / nh;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let mut dqkv = vec![0f32; b * t * 3 * c];
+        for bi in 0..b {
+            for h in 0..nh {
+                let row = |ti: usize, part: usize| (bi * t + ti) * 3 * c + part * c + h * hd;
+                let orow = |ti: usize| (bi * t + ti) * c + h * hd;
+                for i in 0..t {
+                    let go = &dout[orow(i)..][..hd];
+                    let o: Vec<f32> = out[orow(i)..][..hd].iter().map(|&x| bf(x)).collect();
+                    let d_i = dot(go, &o);
+                    let q = qkv[row(i, 0)..][..hd].to_vec();
+                    for j in 0..=i {
+                        let (k, v) = (&qkv[row(j, 1)..][..hd], &qkv[row(j, 2)..][..hd]);
+                        let p = (dot(&q, k) * scale - lse[(bi * nh + h) * t + i]).exp();
+                        let ds = bf(p * (dot(go, v) - d_i) * scale);
+                        let p = bf(p);
+                        for d in 0..hd {
+                            dqkv[row(j, 2) + d] += p * go[d];
+                            dqkv[row(i, 0) + d] += ds * qkv[row(j, 1) + d];
+                            dqkv[row(j, 1) + d] += ds * q[d];
+                        }
+                    }
+                }
+            }
+        }
+        dqkv.iter_mut().for_each(|x| *x = bf(*x));
+        dqkv
+    }
+
+    /// The q, k or v third of every row of a [B, T, 3C] buffer.
+    fn part(v: &[f32], c: usize, p: usize) -> Vec<f32> {
+        v.chunks_exact(3 * c).flat_map(|r| r[p * c..(p + 1) * c].to_vec()).collect()
+    }
+
+    fn nan_bf16(cu: &Cuda, n: usize) -> CudaSlice<bf16> {
+        cu.upload(&vec![bf16::NAN; n]).unwrap()
+    }
+
+    /// The kernel's error may be at most twice the plain bf16 implementation's plus a floor of
+    /// U_BF16 max|ref|: rounding an exact result to bf16 alone costs up to that, and where the
+    /// plain result happens to be exact (T = 1 returns v itself) the floor is all there is.
+    /// `f32_floor` is an absolute term for f32-level differences that the plain implementation,
+    /// computing them exactly like the CPU, does not have (see check_shape).
+    fn check_bf16(what: &str, got: &[f32], plain: &[f32], want: &[f32], f32_floor: f64) {
+        let (e_k, e_p) = (max_diff(got, want), max_diff(plain, want));
+        let bound = 2.0 * e_p + U_BF16 * max_abs(want) + f32_floor;
+        eprintln!("{what}: kernel err {e_k:.3e}, plain bf16 err {e_p:.3e}, bound {bound:.3e}");
+        assert!(e_k <= bound, "{what}: max error {e_k:.3e} > {bound:.3e} (plain bf16: {e_p:.3e})");
+    }
+
+    /// Forward (out and lse) and backward (dq, dk, dv) against the CPU twins, on inputs rounded to
+    /// bf16 for both, with every output poisoned with NaN before the launch. lse is f32 on both
+    /// sides and never rounded to bf16, so it gets an f32 bound: scores are length-hd dots (CPU
+    /// and kernel sum in different orders: up to ~hd u |s| apart, at most 64 u for these inputs),
+    /// the sum of up to T exps in the kernel takes 2-ulp device expf and per-lane partial sums
+    /// (<= 32 + 5 + 2 roundings), and m + ln l one more: 256 u (1 + max|lse|) covers all of it
+    /// with room, and is still far below what a missing key or a wrong scale moves lse by.
+    ///
+    /// `variant` picks the forward; the backward always runs from that forward's out and lse.
+    /// The Mma forward rounds the unnormalised P (each row's largest entry is 1) to bf16 before
+    /// P V, as the plain reference rounds the normalised P: the same relative rounding, so the
+    /// same 2x-plain bound applies to it.
+    fn check_shape(cu: &Cuda, variant: AttentionVariant, b: usize, t: usize, nh: usize, hd: usize, seed: u64) {
+        let c = nh * hd;
+        let label = format!("{variant:?} B={b} T={t} nh={nh} hd={hd}");
+        let mut r = rng(seed);
+        let qkv = to_bf16(&uniform(&mut r, b * t * 3 * c, 2.0));
+        let dout = to_bf16(&uniform(&mut r, b * t * c, 1.0));
+        let (qkv_r, dout_r) = (to_f32(&qkv), to_f32(&dout));
+
+        // The f32 reference.
+        let (mut out_ref, mut lse_ref) = (vec![0f32; b * t * c], vec![0f32; b * nh * t]);
+        cpu::attention_forward(&mut out_ref, &mut lse_ref, &qkv_r, b, t, c, nh);
+        let mut dqkv_ref = vec![0f32; b * t * 3 * c];
+        cpu::attention_backward(&mut dqkv_ref, &dout_r, &qkv_r, &out_ref, &lse_ref, b, t, c, nh);
+
+        // The kernels; the backward takes the forward's own bf16 out and f32 lse.
+        let qkv_d = cu.upload(&qkv).unwrap();
+        let dout_d = cu.upload(&dout).unwrap();
+        let mut out_d = nan_bf16(cu, b * t * c);
+        let mut lse_d = cu.upload(&vec![f32::NAN; b * nh * t]).unwrap();
+        gpu::attention_forward_with(variant, &mut out_d, &mut lse_d, &qkv_d, b, t, c, nh).unwrap();
+        let mut dqkv_d = nan_bf16(cu, b * t * 3 * c);
+        gpu::attention_backward(&mut dqkv_d, &dout_d, &qkv_d, &out_d, &lse_d, b, t, c, nh).unwrap();
+        cu.sync().unwrap();
+        let out_k = to_f32(&cu.download(&out_d).unwrap());
+        let lse_k = cu.download(&lse_d).unwrap();
+        let dqkv_k = to_f32(&cu.download(&dqkv_d).unwrap());
+
+        check_bf16(&format!("{label} out"), &out_k, &plain_forward(&qkv_r, b, t, c, nh), &out_ref, 0.0);
+        let e_lse = max_diff(&lse_k, &lse_ref);
+        let lse_bound = 256.0 * U32 * (1.0 + max_abs(&lse_ref));
+        eprintln!("{label} lse: kernel err {e_lse:.3e}, bound {lse_bound:.3e}");
+        assert!(e_lse <= lse_bound, "{label} lse: max error {e_lse:.3e} > {lse_bound:.3e}");
+
+        // dS = P (dP - D) cancels where one key holds all of a row's weight (T = 1: dP = D and
+        // dq = dk = 0 exactly on the CPU and in the plain version, which form both dots alike).
+        // The kernel forms D and dP as f32 dots of length hd in different orders, so there it is
+        // off by up to ~hd u |dO| |V|: 64 u of the gradient's scale, max|dqkv| over all parts.
+        let f32_floor = 64.0 * U32 * max_abs(&dqkv_ref);
+        let plain = plain_backward(&dout_r, &qkv_r, &out_ref, &lse_ref, b, t, c, nh);
+        for (p, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            let want = part(&dqkv_ref, c, p);
+            check_bf16(&format!("{label} {name}"), &part(&dqkv_k, c, p), &part(&plain, c, p), &want, f32_floor);
+        }
+
+        // Deterministic: no atomics, fixed summation order, so a second run is bit-identical.
+        let mut dqkv2 = nan_bf16(cu, b * t * 3 * c);
+        gpu::attention_backward(&mut dqkv2, &dout_d, &qkv_d, &out_d, &lse_d, b, t, c, nh).unwrap();
+        let mut out2 = nan_bf16(cu, b * t * c);
+        gpu::attention_forward_with(variant, &mut out2, &mut lse_d, &qkv_d, b, t, c, nh).unwrap();
+        let same = |x: &CudaSlice<bf16>, y: &CudaSlice<bf16>| {
+            let (x, y) = (cu.download(x).unwrap(), cu.download(y).unwrap());
+            x.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits())
+        };
+        assert!(same(&dqkv_d, &dqkv2), "{label}: the backward is not deterministic");
+        assert!(same(&out_d, &out2), "{label}: the forward is not deterministic");
+    }
+
+    /// The plain bf16 references against the f32 CPU twins (no GPU needed): each within a few
+    /// bf16 roundoffs of the result's scale, so that "2x the plain error" cannot turn vacuous
+    /// through a broken reference, and not exact either (they do round where a bf16 version would).
+    #[test]
+    fn plain_bf16_references_are_close_not_exact() {
+        for (k, (b, t, nh, hd)) in [(2, 7, 3, 64), (1, 97, 2, 64), (1, 45, 2, 40)].into_iter().enumerate() {
+            let c = nh * hd;
+            let mut r = rng(300 + k as u64);
+            let qkv: Vec<f32> = uniform(&mut r, b * t * 3 * c, 2.0).iter().map(|&x| bf(x)).collect();
+            let dout: Vec<f32> = uniform(&mut r, b * t * c, 1.0).iter().map(|&x| bf(x)).collect();
+            let (mut out, mut lse) = (vec![0f32; b * t * c], vec![0f32; b * nh * t]);
+            cpu::attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh);
+            let mut dqkv = vec![0f32; b * t * 3 * c];
+            cpu::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh);
+            let plain_out = plain_forward(&qkv, b, t, c, nh);
+            let plain = plain_backward(&dout, &qkv, &out, &lse, b, t, c, nh);
+            let mut pairs = vec![("out", plain_out, out)];
+            for (p, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
+                pairs.push((name, part(&plain, c, p), part(&dqkv, c, p)));
+            }
+            for (name, got, want) in pairs {
+                let (e, scale) = (max_diff(&got, &want), max_abs(&want));
+                eprintln!("B={b} T={t} nh={nh} hd={hd} {name}: plain bf16 err {e:.3e} of max {scale:.3e}");
+                assert!(
+                    e > 0.0 && e <= 4.0 * U_BF16 * scale,
+                    "{name}: plain bf16 error {e:.3e} (max|ref| {scale:.3e})"
+                );
+            }
+        }
+    }
+
+    /// GPT-2's head dim 64 at T = 1 (one key), 7 and 97 (partial tiles), 1025 (33 tiles, the last
+    /// with one row; 17 Mma tiles of 64), 64 with 12 heads; then the generic path at hd = 32, 40
+    /// (16-byte rows fall in two banks), 96 and 128 (backward over 48 KB of shared memory). Both
+    /// forward variants at every shape: where the Mma one does not apply, it must refuse.
+    /// The default attention_forward must pick the shipped variant and match it bit for bit.
+    #[test]
+    fn kernels_match_cpu() {
+        let Some(cu) = common::gpu("attention kernels_match_cpu") else { return };
+        let shapes = [
+            (1, 1, 1, 64),
+            (2, 7, 3, 64),
+            (1, 97, 2, 64),
+            (1, 1025, 2, 64),
+            (2, 64, 12, 64),
+            (2, 97, 3, 32),
+            (1, 45, 2, 40),
+            (1, 70, 2, 96),
+            (2, 33, 1, 128),
+        ];
+        let cc = cu.compute_capability();
+        for (k, (b, t, nh, hd)) in shapes.into_iter().enumerate() {
+            for variant in [AttentionVariant::Simt, AttentionVariant::Mma] {
+                if variant.supports(hd, cc) {
+                    check_shape(cu, variant, b, t, nh, hd, 100 + k as u64);
+                } else {
+                    let c = nh * hd;
+                    let qkv = cu.upload(&vec![bf16::ZERO; b * t * 3 * c]).unwrap();
+                    let mut out = cu.alloc::<bf16>(b * t * c).unwrap();
+                    let mut lse = cu.alloc::<f32>(b * nh * t).unwrap();
+                    let res = gpu::attention_forward_with(variant, &mut out, &mut lse, &qkv, b, t, c, nh);
+                    assert!(matches!(res, Err(Error::Shape { .. })), "{variant:?} at hd {hd}: {res:?}");
+                }
+            }
+            // The default entry point runs the shipped variant.
+            let (c, shipped) = (nh * hd, AttentionVariant::shipped(hd, cc));
+            let mut r = rng(200 + k as u64);
+            let qkv = cu.upload(&to_bf16(&uniform(&mut r, b * t * 3 * c, 2.0))).unwrap();
+            let (mut o1, mut o2) = (nan_bf16(cu, b * t * c), nan_bf16(cu, b * t * c));
+            let mut lse = cu.alloc::<f32>(b * nh * t).unwrap();
+            gpu::attention_forward(&mut o1, &mut lse, &qkv, b, t, c, nh).unwrap();
+            gpu::attention_forward_with(shipped, &mut o2, &mut lse, &qkv, b, t, c, nh).unwrap();
+            let (o1, o2) = (cu.download(&o1).unwrap(), cu.download(&o2).unwrap());
+            assert!(o1.iter().zip(&o2).all(|(x, y)| x.to_bits() == y.to_bits()), "hd {hd}: default is not {shipped:?}");
+        }
+    }
+
+    /// Head dims the kernels cannot take are refused with a shape error, before any launch.
+    #[test]
+    fn kernels_refuse_unsupported_head_dims() {
+        let Some(cu) = common::gpu("attention kernels_refuse_unsupported_head_dims") else { return };
+        for (c, nh) in [(36, 3), (272, 1), (30, 4)] {
+            let (b, t) = (1, 4);
+            let qkv = cu.upload(&vec![bf16::ZERO; b * t * 3 * c]).unwrap();
+            let mut out = cu.alloc::<bf16>(b * t * c).unwrap();
+            let mut lse = cu.alloc::<f32>(b * nh * t).unwrap();
+            let res = gpu::attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh);
+            assert!(matches!(res, Err(Error::Shape { .. })), "C = {c}, n_head = {nh}: {res:?}");
+        }
+    }
+}

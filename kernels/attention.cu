@@ -1,0 +1,706 @@
+// attention.cu: causal multi-head self-attention, the flash way (FlashAttention-2's loop order),
+// on CUDA cores. Twin: src/backend/cpu/attention.rs (same names, same argument order).
+//
+// What it computes. qkv [B, T, 3C] bf16 is the c_attn output (q, k, v side by side; head h at
+// columns h*hd .. (h+1)*hd of each third, hd = C / NH). Forward: out [B, T, C] bf16 =
+// softmax(q k^T / sqrt(hd), causal) v, and lse [B, NH, T] f32, the log-sum-exp of each row's
+// scaled scores, all the backward keeps of the softmax. Backward: dqkv [B, T, 3C] bf16, every
+// element written once (=, not +=), from dout [B, T, C], qkv, out and lse, by three kernels:
+//   attention_backward_preprocess  D [B, NH, T] f32 = rowsum(dout * out) per head;
+//   attention_backward_dkdv        dK, dV: one block per key tile, looping over query tiles;
+//   attention_backward_dq          dQ: one block per query tile, looping over key tiles.
+// Each recomputes P = exp(s - lse) rather than storing it. Splitting dQ from dK/dV recomputes the
+// scores and dP once more (7 tile products instead of 5), and buys determinism with no atomics:
+// each output element is summed by one thread in a fixed order.
+//
+// How the work splits. A tile is 32 rows (KILN_ATTN_TILE). One block of 4 warps per
+// (tile, head, batch) = grid (ceil(T / 32), NH, B); each warp owns 8 of the block's 32 rows
+// (queries in the forward and dQ, keys in dK/dV). Blocks take query tiles last first, so that the
+// longest (those with the most key tiles) start first; in dK/dV the longest, the first key tiles,
+// come first anyway. A score tile is computed with lanes over the other side's 32 rows: lane j
+// takes key j (or query j) and forms the 8 dot products of its warp's rows with it, reading its
+// own row of a bf16 tile (padded so the 32 rows fall in different banks) and the warp's rows from
+// an f32 tile by broadcast. The probabilities go to a per-warp block of
+// shared memory; the products P V, dS K, P^T dO and dS^T Q then run with lanes over head-dim
+// pairs (lane owns dims 2*lane, 2*lane+1 and, for hd > 64, 64 + the same), reading the
+// probabilities as broadcast float4s. Scores are computed by one function (dot_rows) in all three
+// kernels, in the same order over d, so the backward's recomputed scores equal the forward's bit
+// for bit. The online softmax keeps the row max in every lane (a butterfly reduction) and the
+// running sum per lane, summed across the warp once at the end.
+//
+// Variants. Each CUDA-core kernel body is a template on the head dim: 64 (GPT-2, fully unrolled)
+// and 0 (any multiple of 8 up to KILN_ATTN_MAX_HEAD_DIM = 128, read at run time); the kernel picks
+// one. These keep P, dS and all sums in f32, so they are at least as accurate as the plain bf16
+// reference the tests measure against. The forward has a second, tensor-core variant,
+// attention_forward_mma (head dim 64 only, sm_80+; the wrapper's AttentionVariant picks it there):
+// FlashAttention-2's forward on mma.sync m16n8k16 bf16 -> f32. One block of 4 warps per 64 query
+// rows, each warp 16 rows (one m16 block); K and V tiles of 64 keys staged in shared memory with
+// cp.async, double-buffered (the next tile loads while this one is used); S = Q K^T and O += P V
+// on tensor cores, the online softmax in f32 on the accumulator fragments, P rounded to bf16 in
+// registers (the S accumulators are the P V A-fragments, see the layout note at the kernel), and
+// the causal mask applied on the diagonal tile only. Same out and lse as attention_forward.
+// The backward has no tensor-core variant yet.
+//
+// Shared memory is dynamic, sized by attention_smem_bytes (attention.cuh): 21.5 KB (forward),
+// 45 KB (forward_mma) and 29.7 KB (backward) at hd = 64; the backward needs 54.3 KB at hd = 128,
+// which the wrapper allows by raising the kernel's dynamic shared-memory limit.
+//
+// Tested by: cargo test --release --features cuda --test attention (both forward variants at every
+// shape; needs a GPU), and on the CPU by the emulator in tools/cuda-emu (README.md there).
+#include "common.cuh"
+#include "attention.cuh"
+
+namespace {
+
+constexpr int TILE = KILN_ATTN_TILE;
+constexpr int WARPS = KILN_ATTN_WARPS;
+constexpr int ROWS = KILN_ATTN_ROWS;
+constexpr int PAD = KILN_ATTN_PAD;
+constexpr int THREADS = WARPS * 32;
+// Head-dim pairs per lane: hd / 2 <= 64 pairs over 32 lanes.
+constexpr int NP = KILN_ATTN_MAX_HEAD_DIM / 64;
+static_assert(WARPS * ROWS == TILE, "a block's warps cover one tile of rows");
+static_assert(TILE == 32, "lanes index the rows of a tile");
+static_assert(TILE % 4 == 0, "probabilities are read four at a time");
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// Eight bf16 (one 16-byte word, element 0 in the low half of .x) as f32.
+__device__ __forceinline__ void unpack8(uint4 u, float f[8]) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+// Copies `rows` (<= TILE) rows of hd bf16 from global (row stride src_ld elements) into a bf16
+// shared tile with row stride hd + PAD; rows rows..TILE-1 become zeros, so every value read later
+// is finite. All pointers and strides are multiples of 8 elements (16 bytes): hd % 8 == 0 makes
+// C, 3C and h * hd multiples of 8.
+__device__ __forceinline__ void load_tile_bf16(bf16* dst, const bf16* src, size_t src_ld, int rows, int hd) {
+    const int hd8 = hd / 8, ld = hd + PAD;
+    for (int idx = threadIdx.x; idx < TILE * hd8; idx += THREADS) {
+        const int r = idx / hd8, c = idx - r * hd8;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (r < rows) v = *reinterpret_cast<const uint4*>(src + (size_t)r * src_ld + c * 8);
+        *reinterpret_cast<uint4*>(dst + r * ld + c * 8) = v;
+    }
+}
+
+// The same into an f32 tile with row stride hd.
+__device__ __forceinline__ void load_tile_f32(float* dst, const bf16* src, size_t src_ld, int rows, int hd) {
+    const int hd8 = hd / 8;
+    for (int idx = threadIdx.x; idx < TILE * hd8; idx += THREADS) {
+        const int r = idx / hd8, c = idx - r * hd8;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (r < rows) v = *reinterpret_cast<const uint4*>(src + (size_t)r * src_ld + c * 8);
+        float f[8];
+        unpack8(v, f);
+        float4* d = reinterpret_cast<float4*>(dst + r * hd + c * 8);
+        d[0] = make_float4(f[0], f[1], f[2], f[3]);
+        d[1] = make_float4(f[4], f[5], f[6], f[7]);
+    }
+}
+
+// s[r] = sum_d a[r][d] * b[d] for the ROWS rows of an f32 tile starting at a (row stride hd),
+// against one bf16 row b, accumulated with fmaf in the order d = 0, 1, ..., hd - 1. fmaf(x, y, s)
+// == fmaf(y, x, s), so a score comes out the same whichever side is the f32 tile.
+template <int HD>
+__device__ __forceinline__ void dot_rows(float s[ROWS], const float* a, const bf16* b, int hd_rt) {
+    const int hd = HD ? HD : hd_rt;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) s[r] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < hd / 8; ++c) {
+        float y[8];
+        unpack8(*reinterpret_cast<const uint4*>(b + c * 8), y);
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const float4 x0 = *reinterpret_cast<const float4*>(a + r * hd + c * 8);
+            const float4 x1 = *reinterpret_cast<const float4*>(a + r * hd + c * 8 + 4);
+            float t = s[r];
+            t = fmaf(x0.x, y[0], t);
+            t = fmaf(x0.y, y[1], t);
+            t = fmaf(x0.z, y[2], t);
+            t = fmaf(x0.w, y[3], t);
+            t = fmaf(x1.x, y[4], t);
+            t = fmaf(x1.y, y[5], t);
+            t = fmaf(x1.z, y[6], t);
+            t = fmaf(x1.w, y[7], t);
+            s[r] = t;
+        }
+    }
+}
+
+// acc[r][2k + e] += sum_j p[r][j] * x[j][2 * (lane + 32 k) + e] over the TILE rows j of a bf16
+// tile x (row stride hd + PAD) and the warp's probability block p [ROWS][TILE]: the lane's
+// head-dim pairs of (P X) for the warp's rows.
+template <int HD>
+__device__ __forceinline__ void accumulate_rows(float acc[ROWS][2 * NP], const float* p, const bf16* x, int lane,
+                                                int hd_rt) {
+    const int hd = HD ? HD : hd_rt;
+    const int ld = hd + PAD;
+    constexpr int np = HD ? (HD / 2 + 31) / 32 : NP;
+    for (int j = 0; j < TILE; j += 4) {
+        float xv[4][2 * np];
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+#pragma unroll
+            for (int k = 0; k < np; ++k) {
+                const int pair = lane + 32 * k;
+                float2 f = make_float2(0.0f, 0.0f);
+                if (pair < hd / 2) f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + (j + jj) * ld + 2 * pair));
+                xv[jj][2 * k] = f.x;
+                xv[jj][2 * k + 1] = f.y;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const float4 p4 = *reinterpret_cast<const float4*>(p + r * TILE + j);
+#pragma unroll
+            for (int e = 0; e < 2 * np; ++e) {
+                float t = acc[r][e];
+                t = fmaf(p4.x, xv[0][e], t);
+                t = fmaf(p4.y, xv[1][e], t);
+                t = fmaf(p4.z, xv[2][e], t);
+                t = fmaf(p4.w, xv[3][e], t);
+                acc[r][e] = t;
+            }
+        }
+    }
+}
+
+// Stores the lane's pairs of one row (already scaled) as bf16.
+template <int HD>
+__device__ __forceinline__ void store_row(bf16* dst, const float v[2 * NP], float mul, int lane, int hd_rt) {
+    const int hd = HD ? HD : hd_rt;
+    constexpr int np = HD ? (HD / 2 + 31) / 32 : NP;
+#pragma unroll
+    for (int k = 0; k < np; ++k) {
+        const int pair = lane + 32 * k;
+        if (pair < hd / 2)
+            *reinterpret_cast<__nv_bfloat162*>(dst + 2 * pair) =
+                __floats2bfloat162_rn(v[2 * k] * mul, v[2 * k + 1] * mul);
+    }
+}
+
+template <int HD>
+__device__ __forceinline__ void forward_body(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, int hd_rt) {
+    const int hd = HD ? HD : hd_rt;
+    // Query tiles in reverse: the longest rows (most key tiles) start first, the short ones fill in.
+    const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * TILE;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t ld = 3 * (size_t)C;
+    const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    float* qs = reinterpret_cast<float*>(smem);                                      // [TILE][hd]
+    bf16* ks = reinterpret_cast<bf16*>(smem + attention_f32_tile_bytes(hd));         // [TILE][hd + PAD]
+    bf16* vs = ks + TILE * (hd + PAD);                                               // [TILE][hd + PAD]
+    float* pw = reinterpret_cast<float*>(vs + TILE * (hd + PAD)) + warp * ROWS * TILE;  // this warp's [ROWS][TILE]
+
+    load_tile_f32(qs, base + (size_t)q0 * ld, ld, min(TILE, T - q0), hd);
+
+    float m[ROWS], l[ROWS], acc[ROWS][2 * NP];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 2 * NP; ++e) acc[r][e] = 0.0f;
+    }
+    // Key tiles up to the block's last real row. Tile 0 holds key 0, which every row sees, so each
+    // row's max is finite from the first tile on and a later fully masked tile rescales by 1.
+    const int n_kt = (min(q0 + TILE, T) - 1) / TILE + 1;
+    for (int kt = 0; kt < n_kt; ++kt) {
+        const int k0 = kt * TILE;
+        __syncthreads();  // every warp is done with the previous K, V tiles
+        load_tile_bf16(ks, base + (size_t)k0 * ld + C, ld, min(TILE, T - k0), hd);
+        load_tile_bf16(vs, base + (size_t)k0 * ld + 2 * C, ld, min(TILE, T - k0), hd);
+        __syncthreads();
+
+        float s[ROWS];
+        dot_rows<HD>(s, qs + warp * ROWS * hd, ks + lane * (hd + PAD), hd);
+        const int j = k0 + lane;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int i = q0 + warp * ROWS + r;
+            const float sr = j <= i ? s[r] * scale : -INFINITY;
+            const float m_new = attention_online_max(m[r], warp_max(sr));
+            const float corr = attention_rescale(m[r], m_new);
+            const float p = attention_prob(sr, m_new);
+            m[r] = m_new;
+            l[r] = l[r] * corr + p;
+#pragma unroll
+            for (int e = 0; e < 2 * NP; ++e) acc[r][e] *= corr;
+            pw[r * TILE + lane] = p;
+        }
+        __syncwarp();  // the warp's p are visible to all its lanes
+        accumulate_rows<HD>(acc, pw, vs, lane, hd);
+        // The next writes to pw come after the __syncthreads at the top of the loop.
+    }
+
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int i = q0 + warp * ROWS + r;
+        const float lsum = warp_sum(l[r]);
+        if (i < T) {
+            if (lane == 0) lse[((size_t)b * NH + h) * T + i] = attention_lse(m[r], lsum);
+            store_row<HD>(out + ((size_t)b * T + i) * C + (size_t)h * hd, acc[r], 1.0f / lsum, lane, hd);
+        }
+    }
+}
+
+template <int HD>
+__device__ __forceinline__ void dkdv_body(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
+                                          const float* dsum, int T, int C, int NH, int hd_rt) {
+    const int hd = HD ? HD : hd_rt;
+    const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * TILE;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t ld = 3 * (size_t)C;
+    const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * hd;
+    const bf16* dbase = dout + (size_t)b * T * C + (size_t)h * hd;
+    const float* lse_bh = lse + ((size_t)b * NH + h) * T;
+    const float* d_bh = dsum + ((size_t)b * NH + h) * T;
+    const float scale = 1.0f / sqrtf((float)hd);
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    float* ks = reinterpret_cast<float*>(smem);                      // [TILE][hd]
+    float* vs = ks + TILE * hd;                                      // [TILE][hd]
+    bf16* qs = reinterpret_cast<bf16*>(vs + TILE * hd);              // [TILE][hd + PAD]
+    bf16* dos = qs + TILE * (hd + PAD);                              // [TILE][hd + PAD]
+    float* pw = reinterpret_cast<float*>(dos + TILE * (hd + PAD)) + warp * ROWS * TILE;
+
+    load_tile_f32(ks, base + (size_t)k0 * ld + C, ld, min(TILE, T - k0), hd);
+    load_tile_f32(vs, base + (size_t)k0 * ld + 2 * C, ld, min(TILE, T - k0), hd);
+
+    float dk[ROWS][2 * NP], dv[ROWS][2 * NP];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int e = 0; e < 2 * NP; ++e) dk[r][e] = dv[r][e] = 0.0f;
+
+    // Query tiles from the diagonal (the tile holding key k0) to the end.
+    const int n_qt = (T + TILE - 1) / TILE;
+    for (int qt = blockIdx.x; qt < n_qt; ++qt) {
+        const int q0 = qt * TILE;
+        __syncthreads();  // every warp is done with the previous Q, dO tiles (and K, V are loaded)
+        load_tile_bf16(qs, base + (size_t)q0 * ld, ld, min(TILE, T - q0), hd);
+        load_tile_bf16(dos, dbase + (size_t)q0 * C, C, min(TILE, T - q0), hd);
+        __syncthreads();
+
+        const int i = q0 + lane;
+        const float lse_i = i < T ? lse_bh[i] : 0.0f;
+        const float d_i = i < T ? d_bh[i] : 0.0f;
+        float s[ROWS], dp[ROWS], ds[ROWS];
+        dot_rows<HD>(s, ks + warp * ROWS * hd, qs + lane * (hd + PAD), hd);
+        dot_rows<HD>(dp, vs + warp * ROWS * hd, dos + lane * (hd + PAD), hd);
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int j = k0 + warp * ROWS + r;
+            const float p = (i < T && j <= i) ? attention_prob(s[r] * scale, lse_i) : 0.0f;
+            ds[r] = attention_dscore(p, dp[r], d_i) * scale;
+            pw[r * TILE + lane] = p;
+        }
+        __syncwarp();
+        accumulate_rows<HD>(dv, pw, dos, lane, hd);  // dV_j += sum_i p_ij dO_i
+        __syncwarp();  // all lanes have read p before it is overwritten
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) pw[r * TILE + lane] = ds[r];
+        __syncwarp();
+        accumulate_rows<HD>(dk, pw, qs, lane, hd);  // dK_j += sum_i dS_ij Q_i
+    }
+
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int j = k0 + warp * ROWS + r;
+        if (j < T) {
+            bf16* row = dqkv + ((size_t)b * T + j) * ld + (size_t)h * hd;
+            store_row<HD>(row + C, dk[r], 1.0f, lane, hd);
+            store_row<HD>(row + 2 * (size_t)C, dv[r], 1.0f, lane, hd);
+        }
+    }
+}
+
+template <int HD>
+__device__ __forceinline__ void dq_body(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
+                                        const float* dsum, int T, int C, int NH, int hd_rt) {
+    const int hd = HD ? HD : hd_rt;
+    // Query tiles in reverse: the longest rows (most key tiles) start first, the short ones fill in.
+    const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * TILE;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t ld = 3 * (size_t)C;
+    const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * hd;
+    const bf16* dbase = dout + (size_t)b * T * C + (size_t)h * hd;
+    const float* lse_bh = lse + ((size_t)b * NH + h) * T;
+    const float* d_bh = dsum + ((size_t)b * NH + h) * T;
+    const float scale = 1.0f / sqrtf((float)hd);
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    float* qs = reinterpret_cast<float*>(smem);                      // [TILE][hd]
+    float* dos = qs + TILE * hd;                                     // [TILE][hd]
+    bf16* ks = reinterpret_cast<bf16*>(dos + TILE * hd);             // [TILE][hd + PAD]
+    bf16* vs = ks + TILE * (hd + PAD);                               // [TILE][hd + PAD]
+    float* pw = reinterpret_cast<float*>(vs + TILE * (hd + PAD)) + warp * ROWS * TILE;
+
+    load_tile_f32(qs, base + (size_t)q0 * ld, ld, min(TILE, T - q0), hd);
+    load_tile_f32(dos, dbase + (size_t)q0 * C, C, min(TILE, T - q0), hd);
+
+    float lse_r[ROWS], d_r[ROWS], dq[ROWS][2 * NP];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int i = q0 + warp * ROWS + r;
+        lse_r[r] = i < T ? lse_bh[i] : 0.0f;
+        d_r[r] = i < T ? d_bh[i] : 0.0f;
+#pragma unroll
+        for (int e = 0; e < 2 * NP; ++e) dq[r][e] = 0.0f;
+    }
+
+    const int n_kt = (min(q0 + TILE, T) - 1) / TILE + 1;
+    for (int kt = 0; kt < n_kt; ++kt) {
+        const int k0 = kt * TILE;
+        __syncthreads();  // every warp is done with the previous K, V tiles (and Q, dO are loaded)
+        load_tile_bf16(ks, base + (size_t)k0 * ld + C, ld, min(TILE, T - k0), hd);
+        load_tile_bf16(vs, base + (size_t)k0 * ld + 2 * C, ld, min(TILE, T - k0), hd);
+        __syncthreads();
+
+        float s[ROWS], dp[ROWS];
+        dot_rows<HD>(s, qs + warp * ROWS * hd, ks + lane * (hd + PAD), hd);
+        dot_rows<HD>(dp, dos + warp * ROWS * hd, vs + lane * (hd + PAD), hd);
+        const int j = k0 + lane;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int i = q0 + warp * ROWS + r;
+            const float p = (i < T && j <= i) ? attention_prob(s[r] * scale, lse_r[r]) : 0.0f;
+            pw[r * TILE + lane] = attention_dscore(p, dp[r], d_r[r]) * scale;
+        }
+        __syncwarp();
+        accumulate_rows<HD>(dq, pw, ks, lane, hd);  // dQ_i += sum_j dS_ij K_j
+    }
+
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int i = q0 + warp * ROWS + r;
+        if (i < T) store_row<HD>(dqkv + ((size_t)b * T + i) * ld + (size_t)h * hd, dq[r], 1.0f, lane, hd);
+    }
+}
+
+
+// ---- The tensor-core forward (head dim 64, sm_80+) ----
+//
+// Fragment layouts of mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (PTX ISA, "Matrix
+// Fragments for mma.m16n8k16 with floating point type"), with g = lane / 4, t = lane % 4; each
+// 32-bit register holds two bf16, the lower column (A) or row (B) in the low half:
+//   A (16 x 16, row): a[0] = A[g][2t, 2t+1], a[1] = A[g+8][2t, 2t+1], a[2] = A[g][2t+8, 2t+9],
+//                     a[3] = A[g+8][2t+8, 2t+9];
+//   B (16 x 8, col):  b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g];
+//   C, D (16 x 8 f32): c[0], c[1] = C[g][2t, 2t+1], c[2], c[3] = C[g+8][2t, 2t+1].
+// So the score accumulators of two neighbouring 8-key column blocks are, rounded to bf16 and
+// packed in pairs, exactly the A fragment of the 16 keys they cover: P never leaves registers.
+//
+// The inline PTX sits in four helpers; under KILN_CUDA_EMU (tools/cuda-emu, the CPU emulator)
+// they call the emulator's implementations of the same instructions (kiln_emu_*, defined in
+// tools/cuda-emu/emu.h, which is included before this file) instead.
+constexpr int MMA_ROWS = KILN_ATTN_MMA_ROWS;     // query rows per block, 16 per warp
+constexpr int MMA_KEYS = KILN_ATTN_MMA_ROWS;     // keys per K/V tile (equal: the diagonal is one tile)
+constexpr int MMA_HD = KILN_ATTN_MMA_HEAD_DIM;
+constexpr int MMA_LD = MMA_HD + PAD;             // bf16 row stride of the shared tiles: 36 words
+static_assert(MMA_ROWS == 16 * WARPS, "each warp owns one m16 block of query rows");
+static_assert(MMA_LD % 8 == 0, "rows stay 16-byte aligned for cp.async");
+static_assert((MMA_LD / 2) % 32 == 4, "rows g = 0..7 of a fragment load start 4 banks apart");
+
+// d += A B for one m16n8k16 block (fragments as above), f32 accumulation.
+__device__ __forceinline__ void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef KILN_CUDA_EMU
+    kiln_emu_mma_m16n8k16_bf16(d, a, b);
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Starts copying 16 bytes global -> shared; with valid false, writes 16 zero bytes and reads none.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+#ifdef KILN_CUDA_EMU
+    kiln_emu_cp_async_16(dst, src, valid);
+#else
+    const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n) : "memory");
+#endif
+}
+
+// Closes the group of this thread's copies started since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef KILN_CUDA_EMU
+    kiln_emu_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are still in flight (then a
+// __syncthreads makes every thread's finished copies visible to the block).
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef KILN_CUDA_EMU
+    kiln_emu_cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Two floats as a bf16 pair in one register, lo in the low half.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+}
+
+// Two bf16 from shared memory as one register, lo in the low half.
+__device__ __forceinline__ uint32_t pack_bf16_raw(const bf16& lo, const bf16& hi) {
+    uint16_t a, b;
+    memcpy(&a, &lo, 2);
+    memcpy(&b, &hi, 2);
+    return (uint32_t)a | ((uint32_t)b << 16);
+}
+
+// Starts copying `rows` (<= MMA_ROWS) rows of 64 bf16 (global row stride src_ld) into a shared
+// tile of row stride MMA_LD; the rest of the tile's rows become zeros.
+__device__ __forceinline__ void mma_load_tile(bf16* dst, const bf16* src, size_t src_ld, int rows) {
+    constexpr int CHUNKS = MMA_HD / 8;  // 16-byte chunks per row
+#pragma unroll
+    for (int k = 0; k < MMA_ROWS * CHUNKS / THREADS; ++k) {
+        const int idx = threadIdx.x + k * THREADS, r = idx / CHUNKS, c = idx % CHUNKS;
+        const bool valid = r < rows;
+        cp_async_16(dst + r * MMA_LD + c * 8, src + (valid ? (size_t)r * src_ld : 0) + c * 8, valid);
+    }
+}
+
+__device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH) {
+    // Query tiles in reverse: the longest rows (most key tiles) start first, the short ones fill in.
+    const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const size_t ld = 3 * (size_t)C;
+    const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * MMA_HD;
+    const float scale = 1.0f / sqrtf((float)MMA_HD);
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* qs = reinterpret_cast<bf16*>(smem);  // [MMA_ROWS][MMA_LD]
+    bf16* ks = qs + MMA_ROWS * MMA_LD;         // [2][MMA_KEYS][MMA_LD], double-buffered
+    bf16* vs = ks + 2 * MMA_KEYS * MMA_LD;     // [2][MMA_KEYS][MMA_LD]
+
+    // Key tiles 0 .. the diagonal one (q0 / 64: query and key tiles are the same 64 rows). Only the
+    // diagonal tile can hold keys after a row, or keys >= T (zeros, then masked for real rows).
+    const int n_kt = q0 / MMA_KEYS + 1;
+    mma_load_tile(qs, base + (size_t)q0 * ld, ld, min(MMA_ROWS, T - q0));
+    mma_load_tile(ks, base + C, ld, min(MMA_KEYS, T));
+    mma_load_tile(vs, base + 2 * (size_t)C, ld, min(MMA_KEYS, T));
+    cp_async_commit();
+
+    // This thread's rows of the warp's 16: i0 (fragment row g) and i1 = i0 + 8.
+    const int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+    uint32_t qf[MMA_HD / 16][4];  // Q as A fragments, one per 16 head dims
+    float o[MMA_HD / 8][4];       // O as accumulators, one per 8 head dims
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this thread's 16 columns per tile
+#pragma unroll
+    for (int n = 0; n < MMA_HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+
+    for (int kt = 0; kt < n_kt; ++kt) {
+        const int buf = kt & 1, k0 = kt * MMA_KEYS;
+        // Start the next tile into the other buffer (free: the __syncthreads closing the previous
+        // iteration came after every warp's last read of it), then wait for this one.
+        if (kt + 1 < n_kt) {
+            const int k1 = k0 + MMA_KEYS;
+            mma_load_tile(ks + (buf ^ 1) * MMA_KEYS * MMA_LD, base + (size_t)k1 * ld + C, ld, min(MMA_KEYS, T - k1));
+            mma_load_tile(vs + (buf ^ 1) * MMA_KEYS * MMA_LD, base + (size_t)k1 * ld + 2 * (size_t)C, ld,
+                          min(MMA_KEYS, T - k1));
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // every thread's copies of tile kt (and Q) have landed
+        const bf16* kb = ks + buf * MMA_KEYS * MMA_LD;
+        const bf16* vb = vs + buf * MMA_KEYS * MMA_LD;
+        if (kt == 0) {
+            const bf16* q = qs + (warp * 16 + g) * MMA_LD + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < MMA_HD / 16; ++kk) {
+                qf[kk][0] = *reinterpret_cast<const uint32_t*>(q + kk * 16);
+                qf[kk][1] = *reinterpret_cast<const uint32_t*>(q + 8 * MMA_LD + kk * 16);
+                qf[kk][2] = *reinterpret_cast<const uint32_t*>(q + kk * 16 + 8);
+                qf[kk][3] = *reinterpret_cast<const uint32_t*>(q + 8 * MMA_LD + kk * 16 + 8);
+            }
+        }
+
+        // S = Q K^T for the warp's 16 rows and the tile's 64 keys: B[d][j] = K[j][d], so the B
+        // fragment of keys 8n .. 8n + 7 is two words of key row 8n + g.
+        float s[MMA_KEYS / 8][4];
+#pragma unroll
+        for (int n = 0; n < MMA_KEYS / 8; ++n) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+            const bf16* k = kb + (n * 8 + g) * MMA_LD + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < MMA_HD / 16; ++kk) {
+                const uint32_t bk[2] = {*reinterpret_cast<const uint32_t*>(k + kk * 16),
+                                        *reinterpret_cast<const uint32_t*>(k + kk * 16 + 8)};
+                mma_bf16_16816(s[n], qf[kk], bk);
+            }
+        }
+
+        // Online softmax on the fragments: element e of block n is row (e < 2 ? i0 : i1), key
+        // k0 + 8n + 2t + (e & 1). A row's 64 scores live in the 4 lanes of a quad (same g).
+        const bool diag = kt == n_kt - 1;
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < MMA_KEYS / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = k0 + n * 8 + 2 * t + (e & 1);
+                const float v = (!diag || j <= (e < 2 ? i0 : i1)) ? s[n][e] * scale : -INFINITY;
+                s[n][e] = v;
+                mx[e / 2] = fmaxf(mx[e / 2], v);
+            }
+        }
+        float corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            // Key k0 = 0 is seen by every row in tile 0, so m is finite from the first tile on.
+            const float m_new = attention_online_max(m[r], mx[r]);
+            corr[r] = attention_rescale(m[r], m_new);
+            m[r] = m_new;
+            l[r] *= corr[r];
+        }
+#pragma unroll
+        for (int n = 0; n < MMA_KEYS / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[n][e] = attention_prob(s[n][e], m[e / 2]);
+                l[e / 2] += s[n][e];
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < MMA_HD / 8; ++n) {
+            o[n][0] *= corr[0];
+            o[n][1] *= corr[0];
+            o[n][2] *= corr[1];
+            o[n][3] *= corr[1];
+        }
+
+        // O += P V: P's A fragment for keys 16kk .. 16kk + 15 is blocks 2kk and 2kk + 1 of s, in
+        // bf16; V's B fragment for head dims 8n .. 8n + 7 is V[16kk + 2t (+1, +8, +9)][8n + g].
+#pragma unroll
+        for (int kk = 0; kk < MMA_KEYS / 16; ++kk) {
+            const uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                                    pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                    pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const bf16* v = vb + (kk * 16 + 2 * t) * MMA_LD + g;
+#pragma unroll
+            for (int n = 0; n < MMA_HD / 8; ++n) {
+                const uint32_t bv[2] = {pack_bf16_raw(v[n * 8], v[MMA_LD + n * 8]),
+                                        pack_bf16_raw(v[8 * MMA_LD + n * 8], v[9 * MMA_LD + n * 8])};
+                mma_bf16_16816(o[n], pa, bv);
+            }
+        }
+        __syncthreads();  // every warp is done with buffer buf before the next iteration refills it
+    }
+
+    // A row's sum over the quad's four lanes; rows past T (zero queries of the last tile) are dropped.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = r ? i1 : i0;
+        if (i >= T) continue;
+        if (t == 0) lse[((size_t)b * NH + h) * T + i] = attention_lse(m[r], l[r]);
+        const float mul = 1.0f / l[r];
+        bf16* row = out + ((size_t)b * T + i) * C + (size_t)h * MMA_HD + 2 * t;
+#pragma unroll
+        for (int n = 0; n < MMA_HD / 8; ++n)
+            *reinterpret_cast<__nv_bfloat162*>(row + n * 8) =
+                __floats2bfloat162_rn(o[n][2 * r] * mul, o[n][2 * r + 1] * mul);
+    }
+}
+
+}  // namespace
+
+// out [B, T, C] bf16, lse [B, NH, T] f32 from qkv [B, T, 3C] bf16. Grid (ceil(T / 32), NH, B),
+// 128 threads, attention_smem_bytes(FORWARD, C / NH) bytes of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(128) attention_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T, int C, int NH) {
+    const int hd = C / NH;
+    if (hd == 64) forward_body<64>(out, lse, qkv, T, C, NH, hd);
+    else forward_body<0>(out, lse, qkv, T, C, NH, hd);
+}
+
+// dsum [B, NH, T] f32 = sum over the head's dims of dout * out. One warp per (b, t, h), 4 warps
+// per block: grid ceil(B * T * NH / 4), 128 threads.
+extern "C" __global__ void __launch_bounds__(128) attention_backward_preprocess(float* dsum, const __nv_bfloat16* dout, const __nv_bfloat16* out, int B, int T, int C, int NH) {
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (w >= (long long)B * T * NH) return;
+    const int h = (int)(w % NH);
+    const long long bt = w / NH;
+    const int b = (int)(bt / T), t = (int)(bt % T);
+    const int hd = C / NH;
+    const size_t off = (size_t)bt * C + (size_t)h * hd;
+    float acc = 0.0f;
+    for (int pair = lane; pair < hd / 2; pair += 32) {
+        const float2 g = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dout + off + 2 * pair));
+        const float2 o = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(out + off + 2 * pair));
+        acc = fmaf(g.x, o.x, acc);
+        acc = fmaf(g.y, o.y, acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) dsum[((size_t)b * NH + h) * T + t] = acc;
+}
+
+// The dK and dV columns of dqkv [B, T, 3C] bf16. Grid (ceil(T / 32), NH, B) over key tiles, 128
+// threads, attention_smem_bytes(DKDV, C / NH) bytes of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* dsum, int B, int T, int C, int NH) {
+    const int hd = C / NH;
+    if (hd == 64) dkdv_body<64>(dqkv, dout, qkv, lse, dsum, T, C, NH, hd);
+    else dkdv_body<0>(dqkv, dout, qkv, lse, dsum, T, C, NH, hd);
+}
+
+// The dQ columns of dqkv [B, T, 3C] bf16. Grid (ceil(T / 32), NH, B) over query tiles, 128
+// threads, attention_smem_bytes(DQ, C / NH) bytes of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dq(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* dsum, int B, int T, int C, int NH) {
+    const int hd = C / NH;
+    if (hd == 64) dq_body<64>(dqkv, dout, qkv, lse, dsum, T, C, NH, hd);
+    else dq_body<0>(dqkv, dout, qkv, lse, dsum, T, C, NH, hd);
+}
+
+// The tensor-core forward for head dim 64 on sm_80+: out and lse exactly as attention_forward.
+// Grid (ceil(T / 64), NH, B), 128 threads, attention_smem_bytes(FORWARD_MMA, 64) = 46080 bytes
+// of dynamic shared memory. The wrapper launches it only when C / NH == 64.
+extern "C" __global__ void __launch_bounds__(128) attention_forward_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T, int C, int NH) {
+#if defined(KILN_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+    forward_mma_body(out, lse, qkv, T, C, NH);
+#else
+    __trap();  // mma.sync bf16 and cp.async need sm_80; the wrapper never launches it below that
+#endif
+}

@@ -1,0 +1,289 @@
+//! Launch wrappers for kernels/attention.cu: causal flash attention over GPT-2's packed qkv, with
+//! the names and argument order of `backend::cpu::attention`; plus the host twins (`twin`) of the
+//! kernels' softmax math, which CI tests without a GPU.
+//!
+//! Layout as on the CPU: qkv [B, T, 3C] and dqkv [B, T, 3C], out and dout [B, T, C], lse
+//! [B, NH, T]. Activations and their gradients are bf16 (dqkv too: every element is written once,
+//! as the CPU twin's copy does, never accumulated); lse is f32. The forward has two variants
+//! (`AttentionVariant`): tensor cores (mma.sync) at GPT-2's head dim 64 on sm_80+, CUDA cores
+//! otherwise. The backward runs on CUDA cores and is deterministic: no atomics.
+
+use super::{bf16, cuda, launch_err, CudaFunction, CudaSlice, Kernel, LaunchConfig, PushKernelArg};
+use crate::abi::{
+    KILN_ATTN_KERNEL_DKDV, KILN_ATTN_KERNEL_DQ, KILN_ATTN_KERNEL_FORWARD, KILN_ATTN_KERNEL_FORWARD_MMA,
+    KILN_ATTN_MAX_HEAD_DIM, KILN_ATTN_MMA_HEAD_DIM, KILN_ATTN_MMA_ROWS, KILN_ATTN_TILE, KILN_ATTN_WARPS,
+};
+use crate::{Error, Result};
+use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+
+/// Shared memory a block gets without opting in.
+const DEFAULT_SHARED: usize = 48 * 1024;
+
+/// Checks the sizes the kernels rely on and returns the head dim.
+fn check(op: &'static str, lens: &[(&str, usize, usize)], b: usize, t: usize, c: usize, nh: usize) -> Result<usize> {
+    let shape = |msg: String| Err(Error::Shape { op, msg });
+    if nh == 0 || c % nh != 0 {
+        return shape(format!("C = {c} must be a multiple of n_head = {nh}"));
+    }
+    let hd = c / nh;
+    let max = KILN_ATTN_MAX_HEAD_DIM as usize;
+    if hd == 0 || hd % 8 != 0 || hd > max {
+        return shape(format!(
+            "head dim C / n_head = {hd} is not supported by the CUDA kernels: it must be a multiple of 8 \
+             between 8 and {max} (GPT-2 uses 64)"
+        ));
+    }
+    if nh > 65535 || b > 65535 {
+        return shape(format!("n_head = {nh} and B = {b} must each be at most 65535 (CUDA grid limits)"));
+    }
+    if 3 * c > i32::MAX as usize || t > i32::MAX as usize || b.saturating_mul(t).saturating_mul(nh) > i32::MAX as usize
+    {
+        return shape(format!("B = {b}, T = {t}, C = {c} are too large for the kernels' 32-bit sizes"));
+    }
+    for &(name, len, want) in lens {
+        if len != want {
+            return shape(format!(
+                "{name} has {len} elements, expected {want} for B = {b}, T = {t}, C = {c}, n_head = {nh}"
+            ));
+        }
+    }
+    Ok(hd)
+}
+
+/// Which forward kernel runs. Both write the same out and lse (same layouts, same math up to
+/// rounding), and both stay tested at every shape (tests/attention.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionVariant {
+    /// attention_forward: f32 FMAs on CUDA cores, any head dim that is a multiple of 8 up to 128.
+    Simt,
+    /// attention_forward_mma: mma.sync bf16 tensor cores, 64-row query tiles; head dim 64, sm_80+.
+    Mma,
+}
+
+impl AttentionVariant {
+    /// The shipped choice: Mma where it applies (head dim 64 on sm_80 or newer), Simt otherwise.
+    pub fn shipped(hd: usize, compute_capability: (i32, i32)) -> AttentionVariant {
+        if Self::Mma.supports(hd, compute_capability) {
+            AttentionVariant::Mma
+        } else {
+            AttentionVariant::Simt
+        }
+    }
+
+    /// Whether this variant can run at head dim `hd` on a GPU of this compute capability.
+    pub fn supports(self, hd: usize, compute_capability: (i32, i32)) -> bool {
+        match self {
+            AttentionVariant::Simt => true,
+            AttentionVariant::Mma => hd == KILN_ATTN_MMA_HEAD_DIM as usize && compute_capability >= (8, 0),
+        }
+    }
+}
+
+/// One block of 4 warps per (`rows`-row tile, head, batch), with `kernel`'s dynamic shared memory,
+/// raising the kernel's limit when it needs more than the default 48 KB.
+#[allow(clippy::too_many_arguments)]
+fn config(
+    f: &CudaFunction,
+    kernel: usize,
+    rows: usize,
+    hd: usize,
+    b: usize,
+    t: usize,
+    nh: usize,
+) -> Result<LaunchConfig> {
+    let bytes = twin::smem_bytes(kernel, hd);
+    let cu = cuda()?;
+    if bytes > DEFAULT_SHARED {
+        if bytes > cu.max_shared_per_block() {
+            return Err(Error::Cuda(format!(
+                "attention at head dim {hd} needs {bytes} bytes of shared memory per block; this GPU allows {}",
+                cu.max_shared_per_block()
+            )));
+        }
+        f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32).map_err(|e| {
+            Error::Cuda(format!("cannot raise the attention kernel's shared memory to {bytes} bytes: {e}"))
+        })?;
+    }
+    let tiles = t.div_ceil(rows) as u32;
+    Ok(LaunchConfig {
+        grid_dim: (tiles, nh as u32, b as u32),
+        block_dim: (32 * KILN_ATTN_WARPS as u32, 1, 1),
+        shared_mem_bytes: bytes as u32,
+    })
+}
+
+/// out [B, T, C] = causal softmax(q k^T / sqrt(hd)) v per head, and lse [B, NH, T], from qkv
+/// [B, T, 3C]: cpu::attention::attention_forward on bf16 device buffers, with the shipped variant.
+pub fn attention_forward(
+    out: &mut CudaSlice<bf16>,
+    lse: &mut CudaSlice<f32>,
+    qkv: &CudaSlice<bf16>,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<()> {
+    // Without a GPU (or with bad sizes) attention_forward_with reports the error.
+    let hd = c.checked_div(nh).unwrap_or(0);
+    let variant = cuda().map_or(AttentionVariant::Simt, |cu| AttentionVariant::shipped(hd, cu.compute_capability()));
+    attention_forward_with(variant, out, lse, qkv, b, t, c, nh)
+}
+
+/// attention_forward with a chosen variant (tests and benchmarks run both); a shape error if
+/// the variant cannot take this head dim or GPU.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_with(
+    variant: AttentionVariant,
+    out: &mut CudaSlice<bf16>,
+    lse: &mut CudaSlice<f32>,
+    qkv: &CudaSlice<bf16>,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<()> {
+    let lens = [("out", out.len(), b * t * c), ("lse", lse.len(), b * nh * t), ("qkv", qkv.len(), b * t * 3 * c)];
+    let hd = check("cuda::attention_forward", &lens, b, t, c, nh)?;
+    let cu = cuda()?;
+    if !variant.supports(hd, cu.compute_capability()) {
+        let (major, minor) = cu.compute_capability();
+        return Err(Error::Shape {
+            op: "cuda::attention_forward",
+            msg: format!(
+                "the {variant:?} forward needs head dim {} on sm_80 or newer; got head dim {hd} on sm_{major}{minor}",
+                KILN_ATTN_MMA_HEAD_DIM
+            ),
+        });
+    }
+    if b * t == 0 {
+        return Ok(());
+    }
+    let (kernel, which, rows) = match variant {
+        AttentionVariant::Simt => (Kernel::AttentionForward, KILN_ATTN_KERNEL_FORWARD, KILN_ATTN_TILE),
+        AttentionVariant::Mma => (Kernel::AttentionForwardMma, KILN_ATTN_KERNEL_FORWARD_MMA, KILN_ATTN_MMA_ROWS),
+    };
+    let f = cu.func(kernel);
+    let cfg = config(f, which as usize, rows as usize, hd, b, t, nh)?;
+    let (b32, t32, c32, nh32) = (b as i32, t as i32, c as i32, nh as i32);
+    let mut l = cu.stream().launch_builder(f);
+    l.arg(out).arg(lse).arg(qkv).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
+    unsafe { l.launch(cfg) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// dqkv [B, T, 3C] (overwritten, all of it) from dout [B, T, C] and the forward's qkv, out and
+/// lse: cpu::attention::attention_backward on bf16 device buffers. Takes a B x NH x T f32 scratch
+/// buffer for D = rowsum(dout * out).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dqkv: &mut CudaSlice<bf16>,
+    dout: &CudaSlice<bf16>,
+    qkv: &CudaSlice<bf16>,
+    out: &CudaSlice<bf16>,
+    lse: &CudaSlice<f32>,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<()> {
+    let lens = [
+        ("dqkv", dqkv.len(), b * t * 3 * c),
+        ("dout", dout.len(), b * t * c),
+        ("qkv", qkv.len(), b * t * 3 * c),
+        ("out", out.len(), b * t * c),
+        ("lse", lse.len(), b * nh * t),
+    ];
+    let hd = check("cuda::attention_backward", &lens, b, t, c, nh)?;
+    if b * t == 0 {
+        return Ok(());
+    }
+    let cu = cuda()?;
+    let (b32, t32, c32, nh32) = (b as i32, t as i32, c as i32, nh as i32);
+    let mut dsum = cu.alloc::<f32>(b * nh * t)?;
+
+    // One warp per (b, t, h), 4 warps per block.
+    let warps_per_block = KILN_ATTN_WARPS as usize;
+    let pre = LaunchConfig {
+        grid_dim: ((b * t * nh).div_ceil(warps_per_block) as u32, 1, 1),
+        block_dim: (32 * warps_per_block as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = cu.stream().launch_builder(cu.func(Kernel::AttentionBackwardPreprocess));
+    l.arg(&mut dsum).arg(dout).arg(out).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
+    unsafe { l.launch(pre) }.map_err(launch_err)?;
+
+    // dK, dV (key tiles) and dQ (query tiles) write disjoint columns of dqkv.
+    for (kernel, which) in [
+        (Kernel::AttentionBackwardDkdv, KILN_ATTN_KERNEL_DKDV as usize),
+        (Kernel::AttentionBackwardDq, KILN_ATTN_KERNEL_DQ as usize),
+    ] {
+        let f = cu.func(kernel);
+        let cfg = config(f, which, KILN_ATTN_TILE as usize, hd, b, t, nh)?;
+        let mut l = cu.stream().launch_builder(f);
+        l.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(&dsum).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
+        unsafe { l.launch(cfg) }.map_err(launch_err)?;
+    }
+    Ok(())
+}
+
+/// Host twins of kernels/attention.cuh, compiled for the CPU (kernels/host/attention.cu).
+pub mod twin {
+    extern "C" {
+        pub fn kiln_host_attention_online_softmax_update(
+            m: *mut f32,
+            l: *mut f32,
+            acc: *mut f32,
+            s: *const f32,
+            v: *const f32,
+            n: i32,
+            hd: i32,
+        );
+        pub fn kiln_host_attention_lse(lse: *mut f32, m: *const f32, l: *const f32, n: i64);
+        pub fn kiln_host_attention_prob(p: *mut f32, s: *const f32, lse: *const f32, n: i64);
+        pub fn kiln_host_attention_dscore(ds: *mut f32, p: *const f32, dp: *const f32, d: *const f32, n: i64);
+        pub fn kiln_host_attention_smem_bytes(kernel: i32, hd: i32) -> i32;
+    }
+
+    /// The kernels' online-softmax step: folds scores `s` (values `v`, s.len() rows of acc.len())
+    /// into the running max `m`, sum `l` and accumulator `acc`, as cpu::attention::online_softmax_update.
+    pub fn online_softmax_update(m: &mut f32, l: &mut f32, acc: &mut [f32], s: &[f32], v: &[f32]) {
+        assert_eq!(v.len(), s.len() * acc.len(), "v must hold s.len() rows of acc.len() values");
+        unsafe {
+            kiln_host_attention_online_softmax_update(
+                m,
+                l,
+                acc.as_mut_ptr(),
+                s.as_ptr(),
+                v.as_ptr(),
+                s.len() as i32,
+                acc.len() as i32,
+            )
+        }
+    }
+
+    /// lse = m + ln(l), elementwise: what the forward stores per row.
+    pub fn lse(lse: &mut [f32], m: &[f32], l: &[f32]) {
+        assert!(m.len() == lse.len() && l.len() == lse.len());
+        unsafe { kiln_host_attention_lse(lse.as_mut_ptr(), m.as_ptr(), l.as_ptr(), lse.len() as i64) }
+    }
+
+    /// p = exp(s - lse), elementwise: the backward's recomputed probability of a scaled score.
+    pub fn prob(p: &mut [f32], s: &[f32], lse: &[f32]) {
+        assert!(s.len() == p.len() && lse.len() == p.len());
+        unsafe { kiln_host_attention_prob(p.as_mut_ptr(), s.as_ptr(), lse.as_ptr(), p.len() as i64) }
+    }
+
+    /// ds = p * (dp - d), elementwise: the softmax backward before the 1/sqrt(hd) scale.
+    pub fn dscore(ds: &mut [f32], p: &[f32], dp: &[f32], d: &[f32]) {
+        assert!(p.len() == ds.len() && dp.len() == ds.len() && d.len() == ds.len());
+        unsafe { kiln_host_attention_dscore(ds.as_mut_ptr(), p.as_ptr(), dp.as_ptr(), d.as_ptr(), ds.len() as i64) }
+    }
+
+    /// Bytes of dynamic shared memory the kernel (KILN_ATTN_KERNEL_*) needs at head dim `hd`
+    /// (the Mma forward takes only hd = 64).
+    pub fn smem_bytes(kernel: usize, hd: usize) -> usize {
+        let bytes = unsafe { kiln_host_attention_smem_bytes(kernel as i32, hd as i32) };
+        assert!(bytes > 0, "unknown attention kernel {kernel}");
+        bytes as usize
+    }
+}
