@@ -134,3 +134,168 @@ fn embedding_rejects_bad_inputs() {
     let res = embedding(&mut tape, &float_ids, &wte, &wpe);
     assert!(matches!(res, Err(Error::DType { .. })), "f32 ids: {res:?}");
 }
+
+/// The CUDA kernels (kernels/embedding.cu): host twins and the host-side bucketing against the
+/// CPU backend (these run everywhere), and on a GPU each kernel against the CPU backend at T = 1,
+/// 7, 97, 1025 and C = 1, 13, 768, 1000, with NaN-poisoned outputs and a determinism check.
+///
+/// Tolerance: none. The forward is one f32 add of two bf16-valued numbers, the same on both
+/// sides, then one round to nearest even, so the device output equals bf16(cpu value) bit for
+/// bit. The backward adds the same f32 values in the same order as the CPU (rows ascending, from
+/// zero), so dwte and dwpe equal the CPU's bits (its axpy adds 1.0 * x, which is x exactly).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::common::{self, rng, uniform};
+    use kiln::backend::cpu::embedding as cpu;
+    use kiln::backend::cuda::embedding::{self as gpu, twin, Buckets};
+    use kiln::backend::cuda::{bf16, Cuda, CudaSlice, DeviceRepr};
+    use rand::Rng;
+
+    const TS: [usize; 4] = [1, 7, 97, 1025];
+    const CS: [usize; 4] = [1, 13, 768, 1000];
+
+    fn to_bf(v: &[f32]) -> Vec<bf16> {
+        v.iter().map(|&x| bf16::from_f32(x)).collect()
+    }
+    fn to_f(v: &[bf16]) -> Vec<f32> {
+        v.iter().map(|x| x.to_f32()).collect()
+    }
+    fn rounded(v: Vec<f32>) -> Vec<f32> {
+        to_f(&to_bf(&v))
+    }
+    fn poisoned<T: DeviceRepr + Copy>(cu: &Cuda, n: usize, nan: T) -> CudaSlice<T> {
+        cu.upload(&vec![nan; n]).unwrap()
+    }
+    fn assert_bits(label: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{label}: length");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(g.to_bits() == w.to_bits(), "{label}: element {i}: {g:e} vs {w:e}");
+        }
+    }
+
+    /// ids drawn mostly from a few popular tokens (long buckets) and the rest of the vocabulary.
+    fn ids(seed: u64, rows: usize, vocab: usize) -> Vec<i32> {
+        let mut r = rng(seed);
+        (0..rows)
+            .map(|_| {
+                if r.random_bool(0.5) {
+                    r.random_range(0..vocab.min(5) as i32)
+                } else {
+                    r.random_range(0..vocab as i32)
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn buckets_group_rows_by_id_and_drop_bad_ids() {
+        let b = Buckets::new(&[3, 1, 3, -1, 7, 1, 3, 9], 8);
+        assert_eq!(b.ids, vec![1, 3, 7]);
+        assert_eq!(b.start, vec![0, 2, 5, 6]);
+        assert_eq!(b.rows, vec![1, 5, 0, 2, 6, 4]);
+        let empty = Buckets::new(&[], 8);
+        assert_eq!((empty.ids.len(), empty.start, empty.rows.len()), (0, vec![0], 0));
+    }
+
+    /// The twins (the kernels' loops over the host bucketing) give the CPU's bits.
+    #[test]
+    fn twin_matches_cpu_bits() {
+        for (k, (b, t, c, vocab)) in [(1, 1, 1, 3), (2, 7, 13, 50), (3, 97, 64, 1000)].into_iter().enumerate() {
+            let rows = b * t;
+            let mut r = rng(10 + k as u64);
+            let (wte, wpe) = (uniform(&mut r, vocab * c, 1.0), uniform(&mut r, (t + 2) * c, 1.0));
+            let (id, dout) = (ids(20 + k as u64, rows, vocab), uniform(&mut r, rows * c, 1.0));
+            let label = format!("twin B={b} T={t} C={c}");
+            let (mut o1, mut o2) = (vec![f32::NAN; rows * c], vec![f32::NAN; rows * c]);
+            twin::embedding_forward(&mut o1, &id, &wte, &wpe, t, c);
+            cpu::embedding_forward(&mut o2, &id, &wte, &wpe, t, c);
+            assert_bits(&format!("{label} out"), &o1, &o2);
+            let (mut a1, mut p1) = (vec![f32::NAN; vocab * c], vec![f32::NAN; (t + 2) * c]);
+            let (mut a2, mut p2) = (a1.clone(), p1.clone());
+            twin::embedding_backward(Some(&mut a1), Some(&mut p1), &dout, &id, t, c);
+            cpu::embedding_backward(Some(&mut a2), Some(&mut p2), &dout, &id, t, c);
+            assert_bits(&format!("{label} dwte"), &a1, &a2);
+            assert_bits(&format!("{label} dwpe"), &p1, &p2);
+        }
+    }
+
+    struct Run {
+        out: Vec<bf16>,
+        dwte: Vec<f32>,
+        dwpe: Vec<f32>,
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(cu: &Cuda, id: &[i32], wte: &[f32], wpe: &[f32], dout: &[f32], t: usize, c: usize) -> Run {
+        let rows = id.len();
+        let (did, dte, dpe, dg) = (
+            cu.upload(id).unwrap(),
+            cu.upload(&to_bf(wte)).unwrap(),
+            cu.upload(&to_bf(wpe)).unwrap(),
+            cu.upload(&to_bf(dout)).unwrap(),
+        );
+        let mut out = poisoned(cu, rows * c, bf16::NAN);
+        gpu::embedding_forward(&mut out, &did, &dte, &dpe, t, c).unwrap();
+        let (mut dwte, mut dwpe) = (poisoned(cu, wte.len(), f32::NAN), poisoned(cu, wpe.len(), f32::NAN));
+        gpu::embedding_backward(Some(&mut dwte), Some(&mut dwpe), &dg, id, t, c).unwrap();
+        Run { out: cu.download(&out).unwrap(), dwte: cu.download(&dwte).unwrap(), dwpe: cu.download(&dwpe).unwrap() }
+    }
+
+    /// Forward, backward and a second run, every shape; wpe has more positions than T (as GPT-2's
+    /// [n_positions, C] table does), so dwpe's rows past T must come back zero.
+    #[test]
+    fn gpu_matches_cpu_bits_and_repeats() {
+        let Some(cu) = common::gpu("embedding gpu_matches_cpu_bits_and_repeats") else { return };
+        let vocab = 1000;
+        for (k, (&t, &c)) in TS.iter().flat_map(|t| CS.iter().map(move |c| (t, c))).enumerate() {
+            let b = if t > 97 { 2 } else { 3 };
+            let rows = b * t;
+            let mut r = rng(100 + k as u64);
+            let (wte, wpe) = (rounded(uniform(&mut r, vocab * c, 1.0)), rounded(uniform(&mut r, (t + 3) * c, 1.0)));
+            let (id, dout) = (ids(200 + k as u64, rows, vocab), rounded(uniform(&mut r, rows * c, 1.0)));
+            let label = format!("gpu B={b} T={t} C={c}");
+            let got = run(cu, &id, &wte, &wpe, &dout, t, c);
+            let mut out = vec![0f32; rows * c];
+            cpu::embedding_forward(&mut out, &id, &wte, &wpe, t, c);
+            let want: Vec<bf16> = to_bf(&out);
+            for (i, (g, w)) in got.out.iter().zip(&want).enumerate() {
+                assert!(g.to_bits() == w.to_bits(), "{label}: out[{i}] = {g} vs bf16(cpu) {w}");
+            }
+            let (mut dwte, mut dwpe) = (vec![f32::NAN; vocab * c], vec![f32::NAN; (t + 3) * c]);
+            cpu::embedding_backward(Some(&mut dwte), Some(&mut dwpe), &dout, &id, t, c);
+            assert_bits(&format!("{label} dwte"), &got.dwte, &dwte);
+            assert_bits(&format!("{label} dwpe"), &got.dwpe, &dwpe);
+            let again = run(cu, &id, &wte, &wpe, &dout, t, c);
+            assert!(
+                again.out.iter().zip(&got.out).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{label}: out, second run"
+            );
+            assert_bits(&format!("{label} dwte, second run"), &again.dwte, &got.dwte);
+            assert_bits(&format!("{label} dwpe, second run"), &again.dwpe, &got.dwpe);
+        }
+    }
+
+    /// Ids outside the table (which the op rejects before launching) neither fault nor write out
+    /// of bounds: the forward writes a NaN row, the backward leaves their rows out of dwte.
+    #[test]
+    fn gpu_bad_ids_are_contained() {
+        let Some(cu) = common::gpu("embedding gpu_bad_ids_are_contained") else { return };
+        let (vocab, t, c) = (50, 4, 13);
+        let mut r = rng(300);
+        let (wte, wpe) = (rounded(uniform(&mut r, vocab * c, 1.0)), rounded(uniform(&mut r, t * c, 1.0)));
+        let id = vec![3, -7, 49, 50, 3, 1000, 0, 2];
+        let dout = rounded(uniform(&mut r, id.len() * c, 1.0));
+        let got = run(cu, &id, &wte, &wpe, &dout, t, c);
+        for (row, &i) in id.iter().enumerate() {
+            let bad = !(0..vocab as i32).contains(&i);
+            let o = &got.out[row * c..(row + 1) * c];
+            assert!(o.iter().all(|x| x.is_nan() == bad), "row {row} (id {i}): {o:?}");
+        }
+        let keep: Vec<usize> = (0..id.len()).filter(|&r| (0..vocab as i32).contains(&id[r])).collect();
+        let kid: Vec<i32> = keep.iter().map(|&r| id[r]).collect();
+        let kdout: Vec<f32> = keep.iter().flat_map(|&r| dout[r * c..(r + 1) * c].to_vec()).collect();
+        let mut dwte = vec![f32::NAN; vocab * c];
+        cpu::embedding_backward(Some(&mut dwte), None, &kdout, &kid, t, c);
+        assert_bits("dwte without the bad rows", &got.dwte, &dwte);
+    }
+}

@@ -119,3 +119,309 @@ fn layernorm_rejects_bad_shapes() {
     let res = layernorm(&mut tape, &ids, &w, &b, EPS);
     assert!(matches!(res, Err(Error::DType { .. })), "I32 x: {res:?}");
 }
+
+/// The CUDA kernels (kernels/layernorm.cu): host twins against the CPU backend (these run
+/// everywhere), and on a GPU each kernel against the CPU backend at awkward shapes, forward and
+/// backward, with NaN-poisoned outputs and a determinism check.
+///
+/// Tolerances, all derived from u = 2^-24 (f32) and u_bf = 2^-8 (bf16 round to nearest: a bf16
+/// output g differs from its f32 value by at most u_bf |g|). The kernels take bf16 inputs; the
+/// CPU gets the same rounded values as f32, so the only differences are (1) the order of the row
+/// sums (lane partials and a butterfly vs the CPU's serial loop) and (2) the bf16 rounding of the
+/// outputs. A length-C f32 sum errs by at most (C - 1) u sum|terms| in any order, so two
+/// implementations differ by at most 2 C u sum|terms|; every bound below is that plus a few u per
+/// elementwise operation, propagated through the formula (see each test). These are worst-case
+/// bounds: the plain bf16 implementation (the CPU's f32 result rounded to bf16) sits at u_bf |y|,
+/// and these allow that plus the f32 terms, which are 1e-4 or less of it at C = 1000.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::common::{self, max_abs, rng, uniform, U32};
+    use kiln::backend::cpu::layernorm as cpu;
+    use kiln::backend::cuda::layernorm::{self as gpu, twin};
+    use kiln::backend::cuda::{bf16, Cuda, CudaSlice, DeviceRepr};
+
+    const U_BF: f64 = 1.0 / 256.0;
+    const EPS: f32 = 1e-5;
+    const ROWS: [usize; 4] = [1, 7, 97, 1025];
+    const COLS: [usize; 4] = [1, 13, 768, 1000];
+
+    fn to_bf(v: &[f32]) -> Vec<bf16> {
+        v.iter().map(|&x| bf16::from_f32(x)).collect()
+    }
+    fn to_f(v: &[bf16]) -> Vec<f32> {
+        v.iter().map(|x| x.to_f32()).collect()
+    }
+    /// The values a bf16 buffer holds, as f32 (what the CPU is given).
+    fn rounded(v: Vec<f32>) -> Vec<f32> {
+        to_f(&to_bf(&v))
+    }
+
+    /// x (rows * c, offset by `offset`), w ~ 1 +- 0.5, b ~ +-0.5, all bf16-valued.
+    fn inputs(seed: u64, rows: usize, c: usize, offset: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut r = rng(seed);
+        let x = rounded(uniform(&mut r, rows * c, 1.0).iter().map(|v| v + offset).collect());
+        let w = rounded(uniform(&mut r, c, 0.5).iter().map(|v| v + 1.0).collect());
+        let b = rounded(uniform(&mut r, c, 0.5));
+        (x, w, b)
+    }
+
+    fn assert_bits(label: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{label}: length");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(g.to_bits() == w.to_bits(), "{label}: element {i}: {g:e} vs {w:e}");
+        }
+    }
+
+    /// The host twin's forward is the CPU's formulas in the CPU's order: equal bits.
+    #[test]
+    fn twin_forward_matches_cpu_bits() {
+        for (k, (rows, c, off)) in [(1, 1, 0.0), (7, 13, 0.0), (97, 768, 3.0), (5, 1000, 10.0)].into_iter().enumerate()
+        {
+            let (x, w, b) = inputs(100 + k as u64, rows, c, off);
+            let (mut o1, mut m1, mut r1) = (vec![f32::NAN; rows * c], vec![f32::NAN; rows], vec![f32::NAN; rows]);
+            let (mut o2, mut m2, mut r2) = (o1.clone(), m1.clone(), r1.clone());
+            twin::layernorm_forward(&mut o1, &mut m1, &mut r1, &x, &w, &b, c, EPS);
+            cpu::layernorm_forward(&mut o2, &mut m2, &mut r2, &x, &w, &b, c, EPS);
+            let label = format!("twin forward rows={rows} C={c}");
+            assert_bits(&format!("{label} out"), &o1, &o2);
+            assert_bits(&format!("{label} mean"), &m1, &m2);
+            assert_bits(&format!("{label} rstd"), &r1, &r2);
+        }
+    }
+
+    /// dx: the CPU's formulas and order, equal bits. dw, db: the kernels' grouping (64-row groups,
+    /// a fused multiply-add) against the CPU's (rows_per_task groups, separate multiplies): two
+    /// length-rows sums, each within (rows - 1) u sum|terms|, and a rounding or two per term, so
+    /// |twin - cpu| <= 2 (rows + 2) u sum_r |term_r|.
+    #[test]
+    fn twin_backward_matches_cpu() {
+        for (k, (rows, c)) in [(1, 1), (7, 13), (97, 768), (300, 40)].into_iter().enumerate() {
+            let (x, w, b) = inputs(200 + k as u64, rows, c, 1.0);
+            let g = rounded(uniform(&mut rng(300 + k as u64), rows * c, 1.0));
+            let (mut y, mut mean, mut rstd) = (vec![0f32; rows * c], vec![0f32; rows], vec![0f32; rows]);
+            cpu::layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &w, &b, c, EPS);
+            let (mut dx1, mut dw1, mut db1) = (vec![f32::NAN; rows * c], vec![f32::NAN; c], vec![f32::NAN; c]);
+            let (mut dx2, mut dw2, mut db2) = (dx1.clone(), dw1.clone(), db1.clone());
+            twin::layernorm_backward(Some(&mut dx1), Some(&mut dw1), Some(&mut db1), &g, &x, &w, &mean, &rstd, c);
+            cpu::layernorm_backward(Some(&mut dx2), Some(&mut dw2), Some(&mut db2), &g, &x, &w, &mean, &rstd, c);
+            let label = format!("twin backward rows={rows} C={c}");
+            assert_bits(&format!("{label} dx"), &dx1, &dx2);
+            for col in 0..c {
+                let (mut sw, mut sb) = (0f64, 0f64);
+                for r in 0..rows {
+                    let gi = g[r * c + col] as f64;
+                    sw += (gi * (x[r * c + col] as f64 - mean[r] as f64) * rstd[r] as f64).abs();
+                    sb += gi.abs();
+                }
+                let k = 2.0 * (rows as f64 + 2.0) * U32;
+                let (ew, eb) = ((dw1[col] - dw2[col]).abs() as f64, (db1[col] - db2[col]).abs() as f64);
+                assert!(ew <= k * sw, "{label} dw[{col}]: {} vs {} (bound {:.2e})", dw1[col], dw2[col], k * sw);
+                assert!(eb <= k * sb, "{label} db[{col}]: {} vs {} (bound {:.2e})", db1[col], db2[col], k * sb);
+            }
+        }
+    }
+
+    /// Per-row bounds of the forward statistics between two f32 implementations that differ in
+    /// summation order: mean within 2 C u max|x| (+ one rounding of the division); rstd within
+    /// 2 (C + 8) u rstd (the centred sum of squares errs by C u of itself, plus 3 u per term for
+    /// the subtraction and square, the square root and division add 2 u; halved by the square
+    /// root, doubled for two implementations; the mean's own error enters the centred sum only
+    /// at second order, delta^2 / var < 1e-6 here).
+    fn stat_bounds(xr: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
+        let c = xr.len() as f64;
+        let dm = 2.0 * c * U32 * max_abs(xr) + 2.0 * U32 * (mean as f64).abs();
+        let dr = 2.0 * (c + 8.0) * U32 * rstd as f64;
+        (dm, dr)
+    }
+
+    /// A forward output against the CPU's f32 value `want`: the f32 difference
+    /// |w| (|x - mean| drstd + rstd dmean) + 4 u (|y| + |b|) (the final multiply-add, which the
+    /// device may fuse), then the bf16 rounding u_bf (|y| + that).
+    #[allow(clippy::too_many_arguments)]
+    fn out_bound(want: f32, x: f32, mean: f32, rstd: f32, w: f32, b: f32, dm: f64, dr: f64) -> f64 {
+        let f = (w as f64).abs() * ((x as f64 - mean as f64).abs() * dr + rstd as f64 * dm)
+            + 4.0 * U32 * ((want as f64).abs() + (b as f64).abs());
+        f + U_BF * ((want as f64).abs() + f)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_forward(label: &str, x: &[f32], w: &[f32], b: &[f32], c: usize, got: (&[f32], &[f32], &[f32])) {
+        let rows = x.len() / c;
+        let (mut y, mut mean, mut rstd) = (vec![0f32; rows * c], vec![0f32; rows], vec![0f32; rows]);
+        cpu::layernorm_forward(&mut y, &mut mean, &mut rstd, x, w, b, c, EPS);
+        let (gy, gm, gr) = got;
+        for r in 0..rows {
+            let xr = &x[r * c..(r + 1) * c];
+            let (dm, dr) = stat_bounds(xr, mean[r], rstd[r]);
+            assert!(
+                (gm[r] - mean[r]).abs() as f64 <= dm,
+                "{label} row {r}: mean {} vs {} (bound {dm:.2e})",
+                gm[r],
+                mean[r]
+            );
+            assert!(
+                (gr[r] - rstd[r]).abs() as f64 <= dr,
+                "{label} row {r}: rstd {} vs {} (bound {dr:.2e})",
+                gr[r],
+                rstd[r]
+            );
+            for i in 0..c {
+                let want = y[r * c + i];
+                let bound = out_bound(want, xr[i], mean[r], rstd[r], w[i], b[i], dm, dr);
+                let g = gy[r * c + i];
+                assert!(
+                    (g as f64 - want as f64).abs() <= bound,
+                    "{label} row {r} col {i}: {g} vs cpu {want} (bound {bound:.2e})"
+                );
+            }
+        }
+    }
+
+    fn poisoned<T: DeviceRepr + Copy>(cu: &Cuda, n: usize, nan: T) -> CudaSlice<T> {
+        cu.upload(&vec![nan; n]).unwrap()
+    }
+
+    #[test]
+    fn gpu_forward_matches_cpu() {
+        let Some(cu) = common::gpu("layernorm gpu_forward_matches_cpu") else { return };
+        for (k, (&rows, &c)) in ROWS.iter().flat_map(|r| COLS.iter().map(move |c| (r, c))).enumerate() {
+            let offset = if k % 2 == 0 { 0.0 } else { 3.0 };
+            let (x, w, b) = inputs(400 + k as u64, rows, c, offset);
+            let (dx, dw, db) =
+                (cu.upload(&to_bf(&x)).unwrap(), cu.upload(&to_bf(&w)).unwrap(), cu.upload(&to_bf(&b)).unwrap());
+            let mut out = poisoned(cu, rows * c, bf16::NAN);
+            let (mut mean, mut rstd) = (poisoned(cu, rows, f32::NAN), poisoned(cu, rows, f32::NAN));
+            gpu::layernorm_forward(&mut out, &mut mean, &mut rstd, &dx, &dw, &db, c, EPS).unwrap();
+            let y = to_f(&cu.download(&out).unwrap());
+            let (m, r) = (cu.download(&mean).unwrap(), cu.download(&rstd).unwrap());
+            check_forward(&format!("gpu forward rows={rows} C={c} offset={offset}"), &x, &w, &b, c, (&y, &m, &r));
+        }
+    }
+
+    /// h = bf16(a + r) equals the CPU's f32 sum rounded to bf16 bit for bit (one f32 add, one
+    /// round to nearest even on both sides); out, mean, rstd as the plain forward of that h.
+    #[test]
+    fn gpu_residual_forward_matches_cpu() {
+        let Some(cu) = common::gpu("layernorm gpu_residual_forward_matches_cpu") else { return };
+        for (k, (&rows, &c)) in ROWS.iter().flat_map(|r| COLS.iter().map(move |c| (r, c))).enumerate() {
+            let (a, w, b) = inputs(500 + k as u64, rows, c, 1.0);
+            let res = rounded(uniform(&mut rng(600 + k as u64), rows * c, 1.0));
+            let h_want: Vec<bf16> = a.iter().zip(&res).map(|(&p, &q)| bf16::from_f32(p + q)).collect();
+            let up = |v: &[f32]| cu.upload(&to_bf(v)).unwrap();
+            let (da, dr, dw, db) = (up(&a), up(&res), up(&w), up(&b));
+            let (mut h, mut out) = (poisoned(cu, rows * c, bf16::NAN), poisoned(cu, rows * c, bf16::NAN));
+            let (mut mean, mut rstd) = (poisoned(cu, rows, f32::NAN), poisoned(cu, rows, f32::NAN));
+            gpu::layernorm_residual_forward(&mut h, &mut out, &mut mean, &mut rstd, &da, &dr, &dw, &db, c, EPS)
+                .unwrap();
+            let hg = cu.download(&h).unwrap();
+            let label = format!("gpu residual forward rows={rows} C={c}");
+            for (i, (g, want)) in hg.iter().zip(&h_want).enumerate() {
+                assert!(g.to_bits() == want.to_bits(), "{label}: h[{i}] = {g} vs {want}");
+            }
+            let y = to_f(&cu.download(&out).unwrap());
+            let (m, r) = (cu.download(&mean).unwrap(), cu.download(&rstd).unwrap());
+            check_forward(&label, &to_f(&h_want), &w, &b, c, (&y, &m, &r));
+        }
+    }
+
+    struct Grads {
+        dx: Vec<f32>,
+        dw: Vec<f32>,
+        db: Vec<f32>,
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_backward(cu: &Cuda, g: &[f32], x: &[f32], w: &[f32], mean: &[f32], rstd: &[f32], c: usize) -> Grads {
+        let rows = mean.len();
+        let up = |v: &[f32]| cu.upload(&to_bf(v)).unwrap();
+        let (dg, dxin, dw_in) = (up(g), up(x), up(w));
+        let (dm, dr) = (cu.upload(mean).unwrap(), cu.upload(rstd).unwrap());
+        let mut dx = poisoned(cu, rows * c, bf16::NAN);
+        let (mut dw, mut db) = (poisoned(cu, c, f32::NAN), poisoned(cu, c, f32::NAN));
+        gpu::layernorm_backward(Some(&mut dx), Some(&mut dw), Some(&mut db), &dg, &dxin, &dw_in, &dm, &dr, c).unwrap();
+        Grads { dx: to_f(&cu.download(&dx).unwrap()), dw: cu.download(&dw).unwrap(), db: cu.download(&db).unwrap() }
+    }
+
+    /// dx against the CPU: per row, the two row means m1 = mean(g w), m2 = mean(g w xhat) differ
+    /// between the implementations by dm1 <= 2 u (sum|g w| + |m1|) and
+    /// dm2 <= 2 u (sum|g w xhat| (1 + 3 / C) + |m2|) (length-C sums, the products' roundings);
+    /// then dx = rstd (g w - m1 - xhat m2) moves by rstd (dm1 + |xhat| dm2) plus 4 u of its terms,
+    /// and the bf16 rounding adds u_bf |dx|. dw, db: equal bits to the host twin (same order,
+    /// same fused multiply-add), and within the twin test's bound of the CPU.
+    #[test]
+    fn gpu_backward_matches_cpu_and_twin_and_repeats() {
+        let Some(cu) = common::gpu("layernorm gpu_backward_matches_cpu_and_twin_and_repeats") else { return };
+        for (k, (&rows, &c)) in ROWS.iter().flat_map(|r| COLS.iter().map(move |c| (r, c))).enumerate() {
+            let (x, w, b) = inputs(700 + k as u64, rows, c, if k % 2 == 0 { 0.0 } else { 3.0 });
+            let g = rounded(uniform(&mut rng(800 + k as u64), rows * c, 1.0));
+            let (mut y, mut mean, mut rstd) = (vec![0f32; rows * c], vec![0f32; rows], vec![0f32; rows]);
+            cpu::layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &w, &b, c, EPS);
+            let got = run_backward(cu, &g, &x, &w, &mean, &rstd, c);
+            let label = format!("gpu backward rows={rows} C={c}");
+
+            let mut dx = vec![0f32; rows * c];
+            cpu::layernorm_backward(Some(&mut dx), None, None, &g, &x, &w, &mean, &rstd, c);
+            for r in 0..rows {
+                let (mut m1, mut m2, mut a1, mut a2) = (0f64, 0f64, 0f64, 0f64);
+                for i in 0..c {
+                    let dxhat = g[r * c + i] as f64 * w[i] as f64;
+                    let xhat = (x[r * c + i] as f64 - mean[r] as f64) * rstd[r] as f64;
+                    m1 += dxhat / c as f64;
+                    m2 += dxhat * xhat / c as f64;
+                    a1 += dxhat.abs();
+                    a2 += (dxhat * xhat).abs();
+                }
+                let dm1 = 2.0 * U32 * (a1 + m1.abs());
+                let dm2 = 2.0 * U32 * (a2 * (1.0 + 3.0 / c as f64) + m2.abs());
+                let rs = rstd[r] as f64;
+                for i in 0..c {
+                    let xhat = (x[r * c + i] as f64 - mean[r] as f64) * rs;
+                    let gw = g[r * c + i] as f64 * w[i] as f64;
+                    let want = dx[r * c + i] as f64;
+                    let f = rs * (dm1 + xhat.abs() * dm2) + 4.0 * U32 * rs * (gw.abs() + m1.abs() + (xhat * m2).abs());
+                    let bound = f + U_BF * (want.abs() + f);
+                    let gdx = got.dx[r * c + i] as f64;
+                    assert!(
+                        (gdx - want).abs() <= bound,
+                        "{label} dx row {r} col {i}: {gdx} vs cpu {want} (bound {bound:.2e})"
+                    );
+                }
+            }
+
+            let (mut tw, mut tb) = (vec![f32::NAN; c], vec![f32::NAN; c]);
+            twin::layernorm_backward(None, Some(&mut tw), Some(&mut tb), &g, &x, &w, &mean, &rstd, c);
+            assert_bits(&format!("{label} dw vs twin"), &got.dw, &tw);
+            assert_bits(&format!("{label} db vs twin"), &got.db, &tb);
+
+            let again = run_backward(cu, &g, &x, &w, &mean, &rstd, c);
+            assert_bits(&format!("{label} dx, second run"), &again.dx, &got.dx);
+            assert_bits(&format!("{label} dw, second run"), &again.dw, &got.dw);
+            assert_bits(&format!("{label} db, second run"), &again.db, &got.db);
+        }
+    }
+
+    /// Each output may be skipped alone (a null pointer to the kernel), and what is computed
+    /// does not change.
+    #[test]
+    fn gpu_backward_skips_outputs() {
+        let Some(cu) = common::gpu("layernorm gpu_backward_skips_outputs") else { return };
+        let (rows, c) = (97, 768);
+        let (x, w, b) = inputs(900, rows, c, 0.0);
+        let g = rounded(uniform(&mut rng(901), rows * c, 1.0));
+        let (mut y, mut mean, mut rstd) = (vec![0f32; rows * c], vec![0f32; rows], vec![0f32; rows]);
+        cpu::layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &w, &b, c, EPS);
+        let all = run_backward(cu, &g, &x, &w, &mean, &rstd, c);
+        let up = |v: &[f32]| cu.upload(&to_bf(v)).unwrap();
+        let (dg, dxin, dw_in) = (up(&g), up(&x), up(&w));
+        let (dm, dr) = (cu.upload(&mean).unwrap(), cu.upload(&rstd).unwrap());
+        let mut dw = poisoned(cu, c, f32::NAN);
+        gpu::layernorm_backward(None, Some(&mut dw), None, &dg, &dxin, &dw_in, &dm, &dr, c).unwrap();
+        assert_bits("dw alone", &cu.download(&dw).unwrap(), &all.dw);
+        let mut db = poisoned(cu, c, f32::NAN);
+        gpu::layernorm_backward(None, None, Some(&mut db), &dg, &dxin, &dw_in, &dm, &dr, c).unwrap();
+        assert_bits("db alone", &cu.download(&db).unwrap(), &all.db);
+        let mut dx = poisoned(cu, rows * c, bf16::NAN);
+        gpu::layernorm_backward(Some(&mut dx), None, None, &dg, &dxin, &dw_in, &dm, &dr, c).unwrap();
+        assert_bits("dx alone", &to_f(&cu.download(&dx).unwrap()), &all.dx);
+    }
+}

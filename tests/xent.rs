@@ -182,3 +182,213 @@ fn cross_entropy_rejects_bad_inputs() {
     let res = cross_entropy(&mut tape, &logits, &Tensor::zeros([2, 7]));
     assert!(matches!(res, Err(Error::DType { .. })), "f32 targets: {res:?}");
 }
+
+/// The CUDA kernels (kernels/xent.cu): host twins against the CPU backend (these run
+/// everywhere), and on a GPU each kernel against an f64 reference and the CPU backend at V = 50257
+/// (GPT-2's vocabulary, a multiple of nothing), 1000, 13 and 1, rows 1 to 1025, bf16 and f32
+/// logits, with NaN-poisoned outputs and a determinism check.
+///
+/// Tolerances. A row's lse sums V positive terms; in f32 the relative error of that sum, hence
+/// the absolute error of lse, depends on the summation order, which differs between the CPU (8
+/// lanes, then a serial tail), the twin (1 to 1024 simulated lanes) and the kernel (256 threads,
+/// 16-byte groups, a butterfly). The bound is the flash-attention rule: within twice the error
+/// the plain f32 implementation (the CPU's logsumexp) makes against f64 on the same rows, or
+/// within the CPU test's own allowance 8 u (max|z| + ln V + 1) when that is larger (it covers the
+/// final m + ln(s) and the exp's few ulp). The loss adds one subtraction (2 u |loss|). The
+/// gradient p * scale (- scale at the target) with p = exp(z - lse) inherits p * dlse from lse,
+/// (|z - lse| + 6) u p from the subtraction, the exp (2 ulp = 4 u on the device) and the
+/// multiply, 2 u scale at the target, and for bf16 the output rounding u_bf |d|, u_bf = 2^-8.
+/// The host twin with fewer than 8 simulated lanes sums in longer chains than the CPU, and its
+/// bound grows in proportion (check_forward).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::common::{self, max_abs, rng, uniform, U32};
+    use kiln::backend::cpu::xent::{self as cpu, IGNORE};
+    use kiln::backend::cuda::xent::{self as gpu, twin};
+    use kiln::backend::cuda::{bf16, Cuda, CudaSlice, DeviceRepr};
+    use rand::Rng;
+
+    const U_BF: f64 = 1.0 / 256.0;
+
+    fn to_bf(v: &[f32]) -> Vec<bf16> {
+        v.iter().map(|&x| bf16::from_f32(x)).collect()
+    }
+    fn to_f(v: &[bf16]) -> Vec<f32> {
+        v.iter().map(|x| x.to_f32()).collect()
+    }
+
+    fn poisoned<T: DeviceRepr + Copy>(cu: &Cuda, n: usize, nan: T) -> CudaSlice<T> {
+        cu.upload(&vec![nan; n]).unwrap()
+    }
+
+    /// bf16-valued logits uniform in [-4, 4) + offset, and targets with every third IGNORE.
+    fn problem(seed: u64, rows: usize, v: usize, offset: f32) -> (Vec<f32>, Vec<i32>) {
+        let mut r = rng(seed);
+        let z = to_f(&to_bf(&uniform(&mut r, rows * v, 4.0).iter().map(|x| x + offset).collect::<Vec<_>>()));
+        let t = (0..rows).map(|i| if i % 3 == 1 { IGNORE } else { r.random_range(0..v as i32) }).collect();
+        (z, t)
+    }
+
+    fn lse_f64(row: &[f32]) -> f64 {
+        let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
+        m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+    }
+
+    /// The lse bound for these logits (module note): max(2 * the CPU's worst error, 8 u (...)).
+    fn lse_bound(z: &[f32], v: usize, exact: &[f64]) -> f64 {
+        let cpu_err =
+            z.chunks(v).zip(exact).map(|(row, &e)| (cpu::logsumexp(row) as f64 - e).abs()).fold(0f64, f64::max);
+        (2.0 * cpu_err).max(8.0 * U32 * (max_abs(z) + (v as f64).ln() + 1.0))
+    }
+
+    /// `depth` scales the bound for an implementation whose serial summation chains are longer
+    /// than the CPU's (V / 8 per lane): a sum's worst-case rounding grows with its chain length,
+    /// so a single-lane twin (chains of V) gets 8 times the bound; the kernel (256 lanes) gets 1.
+    fn check_forward(label: &str, z: &[f32], t: &[i32], v: usize, losses: &[f32], lse: &[f32], depth: f64) -> f64 {
+        let exact: Vec<f64> = z.chunks(v).map(lse_f64).collect();
+        let bound = depth.max(1.0) * lse_bound(z, v, &exact);
+        let worst = lse.iter().zip(&exact).map(|(&l, &e)| (l as f64 - e).abs()).fold(0f64, f64::max);
+        eprintln!("{label}: worst |lse - f64| = {worst:.2e} ({:.3} of the bound {bound:.2e})", worst / bound);
+        for (r, &tr) in t.iter().enumerate() {
+            let e = (lse[r] as f64 - exact[r]).abs();
+            assert!(e <= bound, "{label} row {r}: lse {} vs f64 {} (bound {bound:.2e})", lse[r], exact[r]);
+            if tr == IGNORE {
+                assert!(
+                    losses[r] == 0.0 && losses[r].is_sign_positive(),
+                    "{label} row {r}: ignored, loss {}",
+                    losses[r]
+                );
+            } else {
+                let want = exact[r] - z[r * v + tr as usize] as f64;
+                let b = bound + 2.0 * U32 * want.abs();
+                assert!(
+                    (losses[r] as f64 - want).abs() <= b,
+                    "{label} row {r}: loss {} vs f64 {want} (bound {b:.2e})",
+                    losses[r]
+                );
+            }
+        }
+        bound
+    }
+
+    /// Gradient bound for one element (module note); `bf` adds the bf16 output rounding.
+    #[allow(clippy::too_many_arguments)]
+    fn check_backward(label: &str, z: &[f32], t: &[i32], v: usize, scale: f32, dlse: f64, got: &[f32], bf: bool) {
+        let s = scale.abs() as f64;
+        for (r, &tr) in t.iter().enumerate() {
+            let lse = lse_f64(&z[r * v..(r + 1) * v]);
+            for j in 0..v {
+                let g = got[r * v + j] as f64;
+                if tr == IGNORE {
+                    assert!(g == 0.0, "{label} row {r} col {j}: ignored row, dlogit {g}");
+                    continue;
+                }
+                let zj = z[r * v + j] as f64;
+                let p = (zj - lse).exp();
+                let is_t = j == tr as usize;
+                let want = (p - if is_t { 1.0 } else { 0.0 }) * scale as f64;
+                let mut b = s * (p * (dlse + ((zj - lse).abs() + 6.0) * U32) + if is_t { 2.0 * U32 } else { 0.0 });
+                if bf {
+                    b += U_BF * (want.abs() + b);
+                }
+                assert!((g - want).abs() <= b, "{label} row {r} col {j}: {g:e} vs f64 {want:e} (bound {b:.2e})");
+            }
+        }
+    }
+
+    /// The twin's online recurrence (any lane count) against f64 within the same bound the kernels
+    /// meet, and its gradient formula; runs without a GPU.
+    #[test]
+    fn twin_matches_f64_and_cpu() {
+        for (k, (rows, v, offset)) in
+            [(3, 1, 0.0), (7, 13, 0.0), (5, 1000, 80.0), (3, 50257, 0.0)].into_iter().enumerate()
+        {
+            let (z, t) = problem(1000 + k as u64, rows, v, offset);
+            for lanes in [1, 7, 256] {
+                let (mut losses, mut lse) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
+                twin::xent_forward(&mut losses, &mut lse, &z, &t, v, lanes);
+                let label = format!("twin rows={rows} V={v} offset={offset} lanes={lanes}");
+                let dlse = check_forward(&label, &z, &t, v, &losses, &lse, 8.0 / lanes as f64);
+                let mut d = vec![f32::NAN; rows * v];
+                twin::xent_backward(&mut d, &z, &lse, &t, v, 0.25);
+                check_backward(&label, &z, &t, v, 0.25, dlse, &d, false);
+                // And the CPU's own gradient, from the CPU's lse, meets the same bound.
+                let (mut cl, mut clse) = (vec![0f32; rows], vec![0f32; rows]);
+                cpu::xent_forward(&mut cl, &mut clse, &z, &t, v);
+                cpu::xent_backward(&mut d, &z, &clse, &t, v, 0.25);
+                check_backward(&format!("{label} (cpu)"), &z, &t, v, 0.25, dlse, &d, false);
+            }
+        }
+    }
+
+    /// Forward and in-place backward on the device, bf16 and f32 logits, each run twice with
+    /// equal bits, against f64 and (through lse_bound) the CPU.
+    #[test]
+    fn gpu_forward_backward_match_f64_and_repeat() {
+        let Some(cu) = common::gpu("xent gpu_forward_backward_match_f64_and_repeat") else { return };
+        let mut shapes: Vec<(usize, usize)> = [1, 7, 97, 1025].iter().flat_map(|&r| [(r, 1000), (r, 50257)]).collect();
+        shapes.extend([(7, 1), (7, 13)]);
+        for (k, &(rows, v)) in shapes.iter().enumerate() {
+            let offset = if k % 3 == 2 { 80.0 } else { 0.0 };
+            let (z, t) = problem(2000 + k as u64, rows, v, offset);
+            let scale = 1.0 / rows as f32;
+            let dt = cu.upload(&t).unwrap();
+            for f32_logits in [false, true] {
+                let label = format!("gpu rows={rows} V={v} offset={offset} f32={f32_logits}");
+                let run = || -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+                    let (mut losses, mut lse) = (poisoned(cu, rows, f32::NAN), poisoned(cu, rows, f32::NAN));
+                    let d = if f32_logits {
+                        let mut dz = cu.upload(&z).unwrap();
+                        gpu::xent_forward_f32(&mut losses, &mut lse, &dz, &dt, v).unwrap();
+                        gpu::xent_backward_f32(&mut dz, &lse, &dt, v, scale).unwrap();
+                        cu.download(&dz).unwrap()
+                    } else {
+                        let mut dz = cu.upload(&to_bf(&z)).unwrap();
+                        gpu::xent_forward(&mut losses, &mut lse, &dz, &dt, v).unwrap();
+                        gpu::xent_backward(&mut dz, &lse, &dt, v, scale).unwrap();
+                        to_f(&cu.download(&dz).unwrap())
+                    };
+                    (cu.download(&losses).unwrap(), cu.download(&lse).unwrap(), d)
+                };
+                let (losses, lse, d) = run();
+                let dlse = check_forward(&label, &z, &t, v, &losses, &lse, 1.0);
+                check_backward(&label, &z, &t, v, scale, dlse, &d, !f32_logits);
+                let (l2, lse2, d2) = run();
+                let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same(&losses, &l2) && same(&lse, &lse2) && same(&d, &d2), "{label}: second run differs");
+                // The loss sum, as the CPU twin returns it.
+                let (sum, count) = gpu::loss_sum(&cu.upload(&losses).unwrap(), &t).unwrap();
+                assert_eq!(count, t.iter().filter(|&&x| x != IGNORE).count(), "{label}: count");
+                assert_eq!(sum, losses.iter().map(|&l| l as f64).sum::<f64>(), "{label}: sum");
+            }
+        }
+    }
+
+    /// A target outside [0, V) that is not IGNORE is never dereferenced: NaN loss and NaN row.
+    #[test]
+    fn gpu_bad_target_is_nan_not_a_fault() {
+        let Some(cu) = common::gpu("xent gpu_bad_target_is_nan_not_a_fault") else { return };
+        let (rows, v) = (3, 1000);
+        let (z, mut t) = problem(3000, rows, v, 0.0);
+        t[0] = v as i32;
+        t[2] = -1;
+        let dt = cu.upload(&t).unwrap();
+        let mut dz = cu.upload(&to_bf(&z)).unwrap();
+        let (mut losses, mut lse) = (poisoned(cu, rows, 0f32), poisoned(cu, rows, 0f32));
+        gpu::xent_forward(&mut losses, &mut lse, &dz, &dt, v).unwrap();
+        gpu::xent_backward(&mut dz, &lse, &dt, v, 1.0).unwrap();
+        let (l, d) = (cu.download(&losses).unwrap(), to_f(&cu.download(&dz).unwrap()));
+        assert!(l[0].is_nan() && l[1] == 0.0 && l[2].is_nan(), "{l:?}");
+        assert!(
+            d[..v].iter().all(|x| x.is_nan())
+                && d[v..2 * v].iter().all(|&x| x == 0.0)
+                && d[2 * v..].iter().all(|x| x.is_nan())
+        );
+    }
+
+    /// The kernel's ignore label is the CPU's.
+    #[test]
+    fn ignore_label_agrees() {
+        assert_eq!(gpu::IGNORE, IGNORE);
+    }
+}

@@ -1,0 +1,262 @@
+// layernorm.cu: LayerNorm over the last dimension C of a [rows, C] tensor, bf16 in and out, f32
+// statistics. y = (x - mean) * rstd * w + b, saving mean and rstd (f32, one per row) for backward.
+// CPU twin: src/backend/cpu/layernorm.rs (layernorm_forward, layernorm_backward).
+//
+// Kernels and work split:
+// - layernorm_forward: one warp per row, KILN_LN_WARPS rows per block, no shared memory and no
+//   block barrier. The warp walks its row three times, as row_stats does: the sum (mean), the
+//   centred squares (variance; two passes rather than Welford so the arithmetic matches the CPU),
+//   then the output. The second and third walks hit L1/L2 (a GPT-2 row is 1.5 KB).
+// - layernorm_residual_forward: the same, but the first walk computes h = a + b (rounded to bf16,
+//   the value backward will see as x), writes h and sums it; GPT-2 adds the residual and then
+//   normalises, so this saves a launch and a read of h.
+// - layernorm_backward_dx: one warp per row: the two row means of g w and g w xhat, then dx.
+// - layernorm_backward_dwdb_partial + layernorm_backward_dwdb_finish: the parameter gradients,
+//   deterministically and without atomics. The partial kernel's block (x = group of
+//   KILN_LN_DW_ROWS rows, y = stripe of KILN_LN_DW_THREADS columns) gives each thread one column,
+//   which it accumulates over the group's rows in row order; it writes [groups, 2, C] partial sums.
+//   The finish kernel gives each thread one column and adds the groups in order. The grouping
+//   depends only on (rows, C), so the bits are the same on every run and every GPU. Cost: the
+//   partial kernel re-reads dout and x (the dx kernel reads them too), i.e. ~1.5x the bytes of a
+//   fused kernel that kept dw/db in shared memory; fusing would need per-warp shared copies of
+//   dw/db (8 warps * 2 * C floats) to stay deterministic. Left for a measured need.
+// Every kernel also has a 16-byte path (8 bf16 per access) taken when C % 8 == 0 and every bf16
+// pointer is 16-byte aligned; otherwise the scalar path (one bf16 per lane per step). Both sum a
+// row in the same lane-strided way up to the order inside a lane.
+//
+// Numerics: layernorm.cuh holds the formulas; row sums are lane partials then a butterfly
+// (__shfl_xor), so mean/rstd differ from the CPU's serial sums only by summation order.
+//
+// Test: cargo test --release --features cuda --test layernorm
+#include "layernorm.cuh"
+
+namespace {
+
+__device__ __forceinline__ void load8(float (&f)[8], const __nv_bfloat16* p) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 t = __bfloat1622float2(h[j]);
+        f[2 * j] = t.x;
+        f[2 * j + 1] = t.y;
+    }
+}
+
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&f)[8]) {
+    uint4 u;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; j++) h[j] = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum of one row (lane partials, then the butterfly).
+template <bool VEC>
+__device__ __forceinline__ float row_sum(const __nv_bfloat16* x, int c, int lane) {
+    float s = 0.0f;
+    if (VEC) {
+        for (int i = 8 * lane; i < c; i += 256) {
+            float f[8];
+            load8(f, x + i);
+#pragma unroll
+            for (int j = 0; j < 8; j++) s += f[j];
+        }
+    } else {
+        for (int i = lane; i < c; i += 32) s += __bfloat162float(x[i]);
+    }
+    return warp_sum(s);
+}
+
+// h = bf16(a + r), written to h, and the row sum of h (of the rounded values).
+template <bool VEC>
+__device__ __forceinline__ float residual_row_sum(__nv_bfloat16* h, const __nv_bfloat16* a, const __nv_bfloat16* r, int c, int lane) {
+    float s = 0.0f;
+    if (VEC) {
+        for (int i = 8 * lane; i < c; i += 256) {
+            float fa[8], fr[8];
+            load8(fa, a + i);
+            load8(fr, r + i);
+#pragma unroll
+            for (int j = 0; j < 8; j++) fa[j] = __bfloat162float(__float2bfloat16_rn(fa[j] + fr[j]));
+            store8(h + i, fa);
+#pragma unroll
+            for (int j = 0; j < 8; j++) s += fa[j];
+        }
+    } else {
+        for (int i = lane; i < c; i += 32) {
+            const __nv_bfloat16 v = __float2bfloat16_rn(__bfloat162float(a[i]) + __bfloat162float(r[i]));
+            h[i] = v;
+            s += __bfloat162float(v);
+        }
+    }
+    return warp_sum(s);
+}
+
+// The rest of a forward row once its sum is known: the centred squares, then the output. The
+// lane-to-element mapping is row_sum's, so a lane re-reads only elements it wrote itself when x
+// is the h that residual_row_sum just stored.
+template <bool VEC>
+__device__ __forceinline__ void finish_row(__nv_bfloat16* out, float* mean_out, float* rstd_out, const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* b, int c, float eps, int lane, float sum) {
+    const float mean = ln_mean(sum, c);
+    float sq = 0.0f;
+    if (VEC) {
+        for (int i = 8 * lane; i < c; i += 256) {
+            float f[8];
+            load8(f, x + i);
+#pragma unroll
+            for (int j = 0; j < 8; j++) sq += (f[j] - mean) * (f[j] - mean);
+        }
+    } else {
+        for (int i = lane; i < c; i += 32) {
+            const float d = __bfloat162float(x[i]) - mean;
+            sq += d * d;
+        }
+    }
+    const float rstd = ln_rstd(ln_var(warp_sum(sq), c), eps);
+    if (VEC) {
+        for (int i = 8 * lane; i < c; i += 256) {
+            float f[8], fw[8], fb[8];
+            load8(f, x + i);
+            load8(fw, w + i);
+            load8(fb, b + i);
+#pragma unroll
+            for (int j = 0; j < 8; j++) f[j] = ln_out(f[j], mean, rstd, fw[j], fb[j]);
+            store8(out + i, f);
+        }
+    } else {
+        for (int i = lane; i < c; i += 32) {
+            out[i] = __float2bfloat16_rn(ln_out(__bfloat162float(x[i]), mean, rstd, __bfloat162float(w[i]), __bfloat162float(b[i])));
+        }
+    }
+    if (lane == 0) {
+        *mean_out = mean;
+        *rstd_out = rstd;
+    }
+}
+
+template <bool VEC>
+__device__ __forceinline__ void dx_row(__nv_bfloat16* dx, const __nv_bfloat16* g, const __nv_bfloat16* x, const __nv_bfloat16* w, float mean, float rstd, int c, int lane) {
+    float s1 = 0.0f, s2 = 0.0f;
+    if (VEC) {
+        for (int i = 8 * lane; i < c; i += 256) {
+            float fg[8], fx[8], fw[8];
+            load8(fg, g + i);
+            load8(fx, x + i);
+            load8(fw, w + i);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float dxhat = fg[j] * fw[j];
+                s1 += dxhat;
+                s2 += dxhat * ln_xhat(fx[j], mean, rstd);
+            }
+        }
+    } else {
+        for (int i = lane; i < c; i += 32) {
+            const float dxhat = __bfloat162float(g[i]) * __bfloat162float(w[i]);
+            s1 += dxhat;
+            s2 += dxhat * ln_xhat(__bfloat162float(x[i]), mean, rstd);
+        }
+    }
+    const float m1 = warp_sum(s1) / (float)c;
+    const float m2 = warp_sum(s2) / (float)c;
+    if (VEC) {
+        for (int i = 8 * lane; i < c; i += 256) {
+            float fg[8], fx[8], fw[8];
+            load8(fg, g + i);
+            load8(fx, x + i);
+            load8(fw, w + i);
+#pragma unroll
+            for (int j = 0; j < 8; j++) fg[j] = ln_dx(fg[j], fw[j], ln_xhat(fx[j], mean, rstd), rstd, m1, m2);
+            store8(dx + i, fg);
+        }
+    } else {
+        for (int i = lane; i < c; i += 32) {
+            const float xhat = ln_xhat(__bfloat162float(x[i]), mean, rstd);
+            dx[i] = __float2bfloat16_rn(ln_dx(__bfloat162float(g[i]), __bfloat162float(w[i]), xhat, rstd, m1, m2));
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) layernorm_forward(__nv_bfloat16* out, float* mean, float* rstd, const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* b, int rows, int c, float eps) {
+    const int row = blockIdx.x * KILN_LN_WARPS + (int)(threadIdx.x >> 5);
+    if (row >= rows) return;  // a whole warp leaves together; the kernel has no block barrier
+    const int lane = threadIdx.x & 31;
+    const int64_t off = (int64_t)row * c;
+    if (c % 8 == 0 && aligned16(out) && aligned16(x) && aligned16(w) && aligned16(b)) {
+        const float s = row_sum<true>(x + off, c, lane);
+        finish_row<true>(out + off, mean + row, rstd + row, x + off, w, b, c, eps, lane, s);
+    } else {
+        const float s = row_sum<false>(x + off, c, lane);
+        finish_row<false>(out + off, mean + row, rstd + row, x + off, w, b, c, eps, lane, s);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) layernorm_residual_forward(__nv_bfloat16* h, __nv_bfloat16* out, float* mean, float* rstd, const __nv_bfloat16* a, const __nv_bfloat16* r, const __nv_bfloat16* w, const __nv_bfloat16* b, int rows, int c, float eps) {
+    const int row = blockIdx.x * KILN_LN_WARPS + (int)(threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    const int64_t off = (int64_t)row * c;
+    if (c % 8 == 0 && aligned16(h) && aligned16(out) && aligned16(a) && aligned16(r) && aligned16(w) && aligned16(b)) {
+        const float s = residual_row_sum<true>(h + off, a + off, r + off, c, lane);
+        finish_row<true>(out + off, mean + row, rstd + row, h + off, w, b, c, eps, lane, s);
+    } else {
+        const float s = residual_row_sum<false>(h + off, a + off, r + off, c, lane);
+        finish_row<false>(out + off, mean + row, rstd + row, h + off, w, b, c, eps, lane, s);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) layernorm_backward_dx(__nv_bfloat16* dx, const __nv_bfloat16* dout, const __nv_bfloat16* x, const __nv_bfloat16* w, const float* mean, const float* rstd, int rows, int c) {
+    const int row = blockIdx.x * KILN_LN_WARPS + (int)(threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    const int64_t off = (int64_t)row * c;
+    if (c % 8 == 0 && aligned16(dx) && aligned16(dout) && aligned16(x) && aligned16(w)) {
+        dx_row<true>(dx + off, dout + off, x + off, w, mean[row], rstd[row], c, lane);
+    } else {
+        dx_row<false>(dx + off, dout + off, x + off, w, mean[row], rstd[row], c, lane);
+    }
+}
+
+// partial[g, 0, col] = sum over the group's rows of dout * xhat, partial[g, 1, col] = of dout.
+// Grid (groups, ceil(C / KILN_LN_DW_THREADS)); groups = ceil(rows / KILN_LN_DW_ROWS).
+extern "C" __global__ void __launch_bounds__(KILN_LN_DW_THREADS) layernorm_backward_dwdb_partial(float* partial, const __nv_bfloat16* dout, const __nv_bfloat16* x, const float* mean, const float* rstd, int rows, int c) {
+    const int col = blockIdx.y * KILN_LN_DW_THREADS + threadIdx.x;
+    if (col >= c) return;
+    const int r0 = blockIdx.x * KILN_LN_DW_ROWS;
+    const int r1 = min(r0 + KILN_LN_DW_ROWS, rows);
+    float aw = 0.0f, ab = 0.0f;
+    for (int r = r0; r < r1; r++) {
+        const int64_t i = (int64_t)r * c + col;
+        const float g = __bfloat162float(dout[i]);
+        aw = ln_dw_acc(aw, g, ln_xhat(__bfloat162float(x[i]), mean[r], rstd[r]));
+        ab += g;
+    }
+    float* p = partial + (int64_t)blockIdx.x * 2 * c;
+    p[col] = aw;
+    p[c + col] = ab;
+}
+
+// dw[col] = sum over groups (in order) of partial[g, 0, col]; db likewise. Either may be null.
+extern "C" __global__ void __launch_bounds__(KILN_LN_DW_THREADS) layernorm_backward_dwdb_finish(float* dw, float* db, const float* partial, int groups, int c) {
+    const int col = blockIdx.x * KILN_LN_DW_THREADS + threadIdx.x;
+    if (col >= c) return;
+    float sw = 0.0f, sb = 0.0f;
+    for (int g = 0; g < groups; g++) {
+        const float* p = partial + (int64_t)g * 2 * c;
+        sw += p[col];
+        sb += p[c + col];
+    }
+    if (dw) dw[col] = sw;
+    if (db) db[col] = sb;
+}

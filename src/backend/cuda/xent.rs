@@ -1,0 +1,191 @@
+//! Launch wrappers for kernels/xent.cu: fused softmax cross-entropy over bf16 (or f32) logits on
+//! the device, with the names and argument order of `backend::cpu::xent` (the backward works in
+//! place, so its `dlogits` holds the logits on entry); plus the host twins (`twin`), which CI tests
+//! against the CPU backend without a GPU.
+
+use super::{bf16, cuda, launch_err, CudaSlice, Kernel, LaunchConfig, PushKernelArg};
+use crate::abi::KILN_XENT_THREADS;
+use crate::{Error, Result};
+
+/// The targets' label for "no target here" (PyTorch's ignore_index), equal to `cpu::xent::IGNORE`.
+pub const IGNORE: i32 = crate::abi::KILN_XENT_IGNORE as i32;
+
+fn check(op: &'static str, logits: usize, rows: usize, v: usize, others: &[(&str, usize)]) -> Result<()> {
+    if v == 0 || v > i32::MAX as usize || rows > i32::MAX as usize {
+        return Err(Error::Shape { op, msg: format!("V = {v} and {rows} rows: need 0 < V and both within i32") });
+    }
+    if logits != rows * v {
+        return Err(Error::Shape {
+            op,
+            msg: format!("logits have {logits} elements, expected rows * V = {rows} * {v}"),
+        });
+    }
+    for &(name, len) in others {
+        if len != rows {
+            return Err(Error::Shape { op, msg: format!("{name} has {len} elements, expected one per row ({rows})") });
+        }
+    }
+    Ok(())
+}
+
+/// One block per row.
+fn config(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (KILN_XENT_THREADS as u32, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Each row's lse and loss = lse - logit[target] (0 where the target is IGNORE); rows =
+/// targets.len(). Unlike the CPU twin it does not sum the losses (that would wait for the
+/// device): `loss_sum` does, when the caller wants the number.
+pub fn xent_forward(
+    losses: &mut CudaSlice<f32>,
+    lse: &mut CudaSlice<f32>,
+    logits: &CudaSlice<bf16>,
+    targets: &CudaSlice<i32>,
+    v: usize,
+) -> Result<()> {
+    let rows = targets.len();
+    check("cuda::xent_forward", logits.len(), rows, v, &[("losses", losses.len()), ("lse", lse.len())])?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let cu = cuda()?;
+    let v32 = v as i32;
+    let mut l = cu.stream().launch_builder(cu.func(Kernel::XentForward));
+    l.arg(losses).arg(lse).arg(logits).arg(targets).arg(&v32);
+    unsafe { l.launch(config(rows)) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// `xent_forward` over f32 logits (the CPU twin's input type).
+pub fn xent_forward_f32(
+    losses: &mut CudaSlice<f32>,
+    lse: &mut CudaSlice<f32>,
+    logits: &CudaSlice<f32>,
+    targets: &CudaSlice<i32>,
+    v: usize,
+) -> Result<()> {
+    let rows = targets.len();
+    check("cuda::xent_forward_f32", logits.len(), rows, v, &[("losses", losses.len()), ("lse", lse.len())])?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let cu = cuda()?;
+    let v32 = v as i32;
+    let mut l = cu.stream().launch_builder(cu.func(Kernel::XentForwardF32));
+    l.arg(losses).arg(lse).arg(logits).arg(targets).arg(&v32);
+    unsafe { l.launch(config(rows)) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// (sum of the row losses in row order, in f64; rows whose target is not IGNORE), as the CPU
+/// twin's xent_forward returns them. Waits for the device.
+pub fn loss_sum(losses: &CudaSlice<f32>, targets: &[i32]) -> Result<(f64, usize)> {
+    let cu = cuda()?;
+    let l = cu.download(losses)?;
+    let count = targets.iter().filter(|&&t| t != IGNORE).count();
+    Ok((l.iter().take(targets.len()).map(|&x| x as f64).sum(), count))
+}
+
+/// dlogits = (softmax(logits) - onehot(target)) * scale, in place: `dlogits` holds the logits on
+/// entry (the CPU twin's separate `logits` argument); zero rows where the target is IGNORE.
+pub fn xent_backward(
+    dlogits: &mut CudaSlice<bf16>,
+    lse: &CudaSlice<f32>,
+    targets: &CudaSlice<i32>,
+    v: usize,
+    scale: f32,
+) -> Result<()> {
+    let rows = targets.len();
+    check("cuda::xent_backward", dlogits.len(), rows, v, &[("lse", lse.len())])?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let cu = cuda()?;
+    let v32 = v as i32;
+    let mut l = cu.stream().launch_builder(cu.func(Kernel::XentBackward));
+    l.arg(dlogits).arg(lse).arg(targets).arg(&v32).arg(&scale);
+    unsafe { l.launch(config(rows)) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// `xent_backward` over f32 logits, in place.
+pub fn xent_backward_f32(
+    dlogits: &mut CudaSlice<f32>,
+    lse: &CudaSlice<f32>,
+    targets: &CudaSlice<i32>,
+    v: usize,
+    scale: f32,
+) -> Result<()> {
+    let rows = targets.len();
+    check("cuda::xent_backward_f32", dlogits.len(), rows, v, &[("lse", lse.len())])?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let cu = cuda()?;
+    let v32 = v as i32;
+    let mut l = cu.stream().launch_builder(cu.func(Kernel::XentBackwardF32));
+    l.arg(dlogits).arg(lse).arg(targets).arg(&v32).arg(&scale);
+    unsafe { l.launch(config(rows)) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// The host twins of kernels/xent.cuh (kernels/host/xent.cu), over f32 host arrays.
+pub mod twin {
+    extern "C" {
+        pub fn kiln_host_xent_forward(
+            losses: *mut f32,
+            lse: *mut f32,
+            logits: *const f32,
+            targets: *const i32,
+            rows: i64,
+            v: i64,
+            lanes: i32,
+        );
+        pub fn kiln_host_xent_backward(
+            dlogits: *mut f32,
+            logits: *const f32,
+            lse: *const f32,
+            targets: *const i32,
+            rows: i64,
+            v: i64,
+            scale: f32,
+        );
+    }
+
+    /// lse and losses with the kernels' online recurrence over `lanes` simulated lanes (1..=1024),
+    /// merged in lane order; rows = targets.len().
+    pub fn xent_forward(losses: &mut [f32], lse: &mut [f32], logits: &[f32], targets: &[i32], v: usize, lanes: i32) {
+        let rows = targets.len();
+        assert!(losses.len() == rows && lse.len() == rows && logits.len() == rows * v);
+        // SAFETY: lengths asserted above.
+        unsafe {
+            kiln_host_xent_forward(
+                losses.as_mut_ptr(),
+                lse.as_mut_ptr(),
+                logits.as_ptr(),
+                targets.as_ptr(),
+                rows as i64,
+                v as i64,
+                lanes,
+            )
+        }
+    }
+
+    /// dlogits from the kernels' per-element formula; rows = targets.len().
+    pub fn xent_backward(dlogits: &mut [f32], logits: &[f32], lse: &[f32], targets: &[i32], v: usize, scale: f32) {
+        let rows = targets.len();
+        assert!(dlogits.len() == rows * v && logits.len() == rows * v && lse.len() == rows);
+        // SAFETY: lengths asserted above.
+        unsafe {
+            kiln_host_xent_backward(
+                dlogits.as_mut_ptr(),
+                logits.as_ptr(),
+                lse.as_ptr(),
+                targets.as_ptr(),
+                rows as i64,
+                v as i64,
+                scale,
+            )
+        }
+    }
+}
