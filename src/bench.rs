@@ -116,11 +116,14 @@ pub fn train_step(
         let out = model.forward(&mut tape, &ids, Some(&targets), Mode::Train { seed: i as u64 })?;
         let loss = out.loss.expect("targets were given");
         drop(out.logits);
+        settle(model)?;
         let t1 = Instant::now();
         let grads = tape.backward(&loss)?;
+        settle(model)?;
         let t2 = Instant::now();
         opt.step(&mut model.params, &grads, 1e-4)?;
         drop(grads);
+        settle(model)?;
         let t3 = Instant::now();
         if i >= warmup {
             report.steps.push(t3 - t0);
@@ -137,4 +140,14 @@ pub fn train_step(
     report.backward /= n;
     report.optimizer /= n;
     Ok(report)
+}
+
+/// Waits for the model's device, so host clocks time finished work (a no-op on the CPU).
+fn settle(model: &Gpt2) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if model.device() != crate::Device::Cpu {
+        return crate::backend::cuda::cuda()?.sync();
+    }
+    let _ = model;
+    Ok(())
 }

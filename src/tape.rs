@@ -24,6 +24,8 @@ pub(crate) enum Op {
     Lora(lora::Saved),
     LoraEmbedding(lora::EmbeddingSaved),
     Nf4(nf4::Saved),
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Cast(elementwise::CastSaved),
 }
 
 impl Op {
@@ -48,6 +50,7 @@ impl Op {
             Op::Lora(_) => "lora_linear",
             Op::LoraEmbedding(_) => "lora_embedding",
             Op::Nf4(_) => "nf4_linear",
+            Op::Cast(_) => "cast",
         }
     }
 
@@ -66,6 +69,7 @@ impl Op {
             Op::Lora(s) => lora::backward(s, dout, needs),
             Op::LoraEmbedding(s) => lora::embedding_backward(s, dout, needs),
             Op::Nf4(s) => nf4::backward(s, dout, needs),
+            Op::Cast(s) => elementwise::cast_backward(s, dout),
         }
     }
 }
@@ -222,6 +226,17 @@ fn accumulate_cuda(acc: &mut Tensor, g: &Tensor) -> Result<()> {
     use crate::backend::cuda::elementwise;
     use crate::tensor::CudaStorage;
     let (got, want) = (g.dtype(), acc.dtype());
+    // A weight used twice (wte: embedding and lm_head) can collect an f32 and a bf16 gradient:
+    // the sum is kept in f32.
+    if want == crate::DType::BF16 && got == crate::DType::F32 {
+        let mut promoted = to_f32_cuda(acc)?;
+        accumulate_cuda(&mut promoted, g)?;
+        *acc = promoted;
+        return Ok(());
+    }
+    if want == crate::DType::F32 && got == crate::DType::BF16 {
+        return accumulate_cuda(acc, &to_f32_cuda(g)?);
+    }
     match (acc.cuda_storage_mut(), g.cuda_storage()) {
         (Some(CudaStorage::BF16(dst)), Some(CudaStorage::BF16(src))) => elementwise::add_assign(dst, src),
         (Some(CudaStorage::F32(dst)), Some(CudaStorage::F32(src))) => elementwise::add_assign_f32(dst, src),
@@ -230,6 +245,15 @@ fn accumulate_cuda(acc: &mut Tensor, g: &Tensor) -> Result<()> {
             g.device()
         ))),
     }
+}
+
+/// An f32 copy of a bf16 GPU tensor (same tape identity).
+#[cfg(feature = "cuda")]
+fn to_f32_cuda(t: &Tensor) -> Result<Tensor> {
+    let src = crate::ops::dev::bf16_in("backward", t)?;
+    let mut out = crate::ops::dev::new_f32(t.dims(), |d| crate::backend::cuda::elementwise::cast_bf16_to_f32(d, src))?;
+    out.set_id(t.id());
+    Ok(out)
 }
 
 /// Gradients of the watched tensors after `Tape::backward`.

@@ -128,11 +128,34 @@ impl Drop for CpuStorage {
     }
 }
 
-/// The buffer behind a tensor. This enum is the one place that knows which device holds the data;
-/// the CUDA variant joins it with the CUDA backend.
+/// A CUDA buffer of one dtype (feature `cuda`). Cloning copies on the device.
+#[cfg(feature = "cuda")]
+#[derive(Clone)]
+pub enum CudaStorage {
+    F32(crate::backend::cuda::CudaSlice<f32>),
+    BF16(crate::backend::cuda::CudaSlice<bf16>),
+    U8(crate::backend::cuda::CudaSlice<u8>),
+    I32(crate::backend::cuda::CudaSlice<i32>),
+}
+
+#[cfg(feature = "cuda")]
+impl CudaStorage {
+    fn dtype(&self) -> DType {
+        match self {
+            CudaStorage::F32(_) => DType::F32,
+            CudaStorage::BF16(_) => DType::BF16,
+            CudaStorage::U8(_) => DType::U8,
+            CudaStorage::I32(_) => DType::I32,
+        }
+    }
+}
+
+/// The buffer behind a tensor. This enum is the one place that knows which device holds the data.
 #[derive(Clone)]
 pub enum Storage {
     Cpu(CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(CudaStorage),
 }
 
 /// Identifies a tensor for the tape: clones share an id, every new buffer gets a fresh one.
@@ -205,6 +228,11 @@ impl Tensor {
     pub fn id(&self) -> TensorId {
         self.id
     }
+    /// Gives this tensor another tensor's tape identity (a dtype change of a gradient in place).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn set_id(&mut self, id: TensorId) {
+        self.id = id;
+    }
     pub fn shape(&self) -> &Shape {
         &self.shape
     }
@@ -217,11 +245,15 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         match &*self.storage {
             Storage::Cpu(s) => s.dtype(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.dtype(),
         }
     }
     pub fn device(&self) -> Device {
         match &*self.storage {
             Storage::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Device::Cuda(0),
         }
     }
     pub fn storage(&self) -> &Storage {
@@ -237,10 +269,80 @@ impl Tensor {
         Ok(Tensor { id: TensorId::fresh(), shape, storage: self.storage.clone() })
     }
 
-    /// Copies this tensor to `device`.
+    /// Copies this tensor to `device` (the same tensor when it is already there).
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
-        device.ensure_available()?;
-        Ok(self.clone())
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            use crate::backend::cuda::cuda;
+            let storage = match (&*self.storage, device) {
+                (Storage::Cpu(c), Device::Cuda(_)) => {
+                    let cu = cuda()?;
+                    Storage::Cuda(match c {
+                        CpuStorage::F32(v) => CudaStorage::F32(cu.upload(v)?),
+                        CpuStorage::BF16(v) => CudaStorage::BF16(cu.upload(v)?),
+                        CpuStorage::F16(v) => CudaStorage::BF16(
+                            cu.upload(&v.iter().map(|x| bf16::from_f32(x.to_f32())).collect::<Vec<_>>())?,
+                        ),
+                        CpuStorage::U8(v) => CudaStorage::U8(cu.upload(v)?),
+                        CpuStorage::I32(v) => CudaStorage::I32(cu.upload(v)?),
+                    })
+                }
+                (Storage::Cuda(c), Device::Cpu) => {
+                    let cu = cuda()?;
+                    Storage::Cpu(match c {
+                        CudaStorage::F32(d) => CpuStorage::F32(cu.download(d)?),
+                        CudaStorage::BF16(d) => CpuStorage::BF16(cu.download(d)?),
+                        CudaStorage::U8(d) => CpuStorage::U8(cu.download(d)?),
+                        CudaStorage::I32(d) => CpuStorage::I32(cu.download(d)?),
+                    })
+                }
+                _ => return Err(Error::Input(format!("cannot copy a tensor from {} to {device}", self.device()))),
+            };
+            Ok(Tensor { id: TensorId::fresh(), shape: self.shape.clone(), storage: Arc::new(storage) })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            device.ensure_available()?;
+            Ok(self.clone())
+        }
+    }
+
+    /// A tensor over a CUDA buffer; its length must equal the shape's element count.
+    #[cfg(feature = "cuda")]
+    pub fn from_cuda(storage: CudaStorage, shape: impl Into<Shape>) -> Result<Self> {
+        let shape = shape.into();
+        let len = match &storage {
+            CudaStorage::F32(d) => d.len(),
+            CudaStorage::BF16(d) => d.len(),
+            CudaStorage::U8(d) => d.len(),
+            CudaStorage::I32(d) => d.len(),
+        };
+        // Device buffers of zero elements are allocated with one, so only check the lower bound.
+        if len < shape.numel() || (shape.numel() > 0 && len != shape.numel()) {
+            return Err(Error::shape("tensor", format!("{len} device elements do not fill shape {shape:?}")));
+        }
+        Ok(Tensor { id: TensorId::fresh(), shape, storage: Arc::new(Storage::Cuda(storage)) })
+    }
+
+    /// The CUDA buffer of a CUDA tensor, or None.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_storage(&self) -> Option<&CudaStorage> {
+        match &*self.storage {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Mutable CUDA buffer; copies it first (on the device) if another tensor shares it.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_storage_mut(&mut self) -> Option<&mut CudaStorage> {
+        match Arc::make_mut(&mut self.storage) {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        }
     }
 
     /// The f32 data of a CPU tensor, or an error naming `op` when the tensor is another dtype.
@@ -272,9 +374,15 @@ impl Tensor {
         }
     }
 
-    /// The data converted to f32 (a copy for bf16/f16/i32/u8, a clone of the Vec for f32).
+    /// The data converted to f32 (a copy for bf16/f16/i32/u8, a clone of the Vec for f32). A CUDA
+    /// tensor is copied to the host first.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match &*self.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => self
+                .to_device(Device::Cpu)
+                .unwrap_or_else(|e| panic!("copying a CUDA tensor to the host failed: {e}"))
+                .to_f32_vec(),
             Storage::Cpu(CpuStorage::F32(v)) => v.clone(),
             Storage::Cpu(CpuStorage::BF16(v)) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::Cpu(CpuStorage::F16(v)) => v.iter().map(|x| x.to_f32()).collect(),
@@ -303,6 +411,8 @@ impl Tensor {
     /// The raw little-endian bytes of the buffer (what a safetensors file stores).
     pub fn raw_bytes(&self) -> &[u8] {
         match &*self.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => panic!("raw_bytes of a CUDA tensor: copy it to the CPU first (to_device)"),
             Storage::Cpu(CpuStorage::F32(v)) => bytemuck::cast_slice(v),
             Storage::Cpu(CpuStorage::BF16(v)) => bytemuck::cast_slice(v),
             Storage::Cpu(CpuStorage::F16(v)) => bytemuck::cast_slice(v),

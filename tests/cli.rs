@@ -235,10 +235,27 @@ fn bad_batches_are_rejected() {
 }
 
 #[test]
+#[cfg(not(feature = "cuda"))]
 fn cuda_without_the_feature_is_a_clear_error() {
     let o = fails_with(
         &["eval", "--model", s(&fixture("model")), "--batch", s(&fixture("batch.safetensors")), "--device", "cuda"],
         &["built without CUDA", "--features cuda"],
     );
     assert!(!o.contains("loss"), "nothing should run on an unavailable device");
+}
+
+/// A binary built with the feature starts on a machine without a GPU and says so plainly.
+#[test]
+#[cfg(feature = "cuda")]
+fn cuda_without_a_gpu_is_a_clear_error() {
+    if kiln::backend::cuda::cuda().is_ok() {
+        println!("a GPU is present: the no-GPU message cannot be checked here");
+        return;
+    }
+    let o = fails_with(
+        &["eval", "--model", s(&fixture("model")), "--batch", s(&fixture("batch.safetensors")), "--device", "cuda"],
+        &["no CUDA device"],
+    );
+    assert!(!o.contains("loss"), "nothing should run on an unavailable device");
+    fails_with(&["bench", "kernels"], &["no CUDA device"]);
 }

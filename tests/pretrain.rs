@@ -17,7 +17,7 @@ fn shared_data(rel: &str) -> Option<PathBuf> {
 }
 
 fn opts(start: Start, stop_after: Option<usize>) -> Options {
-    Options { start, progress: false, stop_after, quiet: true }
+    Options { start, progress: false, stop_after, quiet: true, device: kiln::Device::Cpu }
 }
 
 /// A small, fast model and schedule; `extra` overrides on top.

@@ -9,7 +9,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 out=gpu-bundle
-tests=(ptxas gemm attention layernorm elementwise embedding xent reduce adamw)
+tests=(ptxas gemm attention layernorm elementwise embedding xent reduce adamw gpt2_cuda)
 
 tools/install-cuda.sh >/dev/null
 rm -rf "$out" && mkdir -p "$out/tests"

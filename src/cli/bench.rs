@@ -30,12 +30,21 @@ pub enum BenchCommand {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Time every CUDA kernel family against ceilings measured in the same run: cuBLAS for the
+    /// matrix kernels, device-to-device copy bandwidth for the memory-bound ones (needs a GPU and
+    /// a build with --features cuda).
+    Kernels,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        #[cfg(feature = "cuda")]
+        BenchCommand::Kernels => crate::backend::cuda::bench::run(),
+        #[cfg(not(feature = "cuda"))]
+        BenchCommand::Kernels => Err(crate::Error::CudaNotBuilt(0)),
         BenchCommand::TrainStep { preset, model, batch, seq, steps, warmup, device } => {
-            device.parse::<Device>()?.ensure_available()?;
+            let device = device.parse::<Device>()?;
+            device.ensure_available()?;
             let mut m = match &model {
                 Some(dir) => checkpoint::load_gpt2(dir)?,
                 None => Gpt2::new_random(Gpt2Config::preset(&preset)?, 0)?,
@@ -44,6 +53,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 return Err(crate::Error::SeqTooLong { t: seq, n_positions: m.config.n_positions });
             }
             let name = model.as_ref().map(|d| d.display().to_string()).unwrap_or(preset);
+            if device != Device::Cpu {
+                m.to_device(device)?;
+                return gpu_train_step(&mut m, &name, batch, seq, warmup, steps);
+            }
             let threads = rayon::current_num_threads();
             println!(
                 "kiln bench train-step: {name}, {} parameters, batch {batch} x seq {seq}, {threads} threads, cpu",
@@ -86,4 +99,46 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `kiln bench train-step --device cuda`: the step's TFLOP/s against cuBLAS' bf16 GEMM rate at
+/// 4096^3 measured in the same run.
+#[cfg(feature = "cuda")]
+fn gpu_train_step(m: &mut Gpt2, name: &str, batch: usize, seq: usize, warmup: usize, steps: usize) -> Result<()> {
+    let cu = crate::backend::cuda::cuda()?;
+    println!(
+        "kiln bench train-step: {name}, {} parameters, batch {batch} x seq {seq}, {}",
+        m.params.numel(),
+        cu.name()
+    );
+    let report = bench::train_step(m, batch, seq, warmup, steps, |i, d| {
+        let tag = if i < warmup { "warm-up" } else { "step" };
+        eprintln!("  {tag} {:>2}: {:.1} ms", i + 1, d.as_secs_f64() * 1e3);
+    })?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "  step (median of {}): {:.1} ms  = forward {:.1} + backward {:.1} + adamw {:.1} ms",
+        report.steps.len(),
+        ms(report.median()),
+        ms(report.forward),
+        ms(report.backward),
+        ms(report.optimizer)
+    );
+    println!("  loss: {:.4} -> {:.4}", report.losses[0], report.losses[report.losses.len() - 1]);
+    println!("  tokens/s:  {:.0}", report.tokens_per_s());
+    let achieved = report.gflops() / 1e3;
+    println!("  achieved:  {achieved:.1} TFLOP/s ({:.1} GFLOP per step)", report.flops / 1e9);
+    match crate::backend::cuda::bench::cublas_tflops(cu, 4096, 4096, 4096)? {
+        Ok(ceiling) => {
+            println!("  cuBLAS bf16 GEMM 4096^3: {ceiling:.1} TFLOP/s");
+            println!("  ratio:     {:.0}% of cuBLAS GEMM", 100.0 * achieved / ceiling);
+        }
+        Err(why) => println!("  no cuBLAS ceiling: {why}"),
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_train_step(_: &mut Gpt2, _: &str, _: usize, _: usize, _: usize, _: usize) -> Result<()> {
+    Err(crate::Error::CudaNotBuilt(0))
 }

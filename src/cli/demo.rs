@@ -83,6 +83,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         stop_after: None,
         quiet: false,
+        device: crate::Device::Cpu,
     };
     let summary = train::pretrain(&cfg, dir, &opts)?;
     let ckpt = summary.checkpoint.clone().ok_or_else(|| Error::Input("the demo run saved no checkpoint".into()))?;

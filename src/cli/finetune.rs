@@ -154,6 +154,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         stop_after: None,
         quiet: false,
+        device: crate::Device::Cpu,
     };
     let s = train::finetune::finetune(&cfg, &args.out, &opts)?;
     let ckpt = s.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());

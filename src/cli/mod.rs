@@ -194,6 +194,7 @@ fn forward(
     if let Some(dir) = adapter {
         peft::load_adapter(&mut model, dir)?;
     }
+    model.to_device(device)?;
     let batch = Batch::load(batch_path)?;
     batch.validate(&model.config)?;
     let targets = batch.targets()?;

@@ -78,7 +78,8 @@ fn toml_list(xs: &[String]) -> String {
 }
 
 pub fn run(args: PretrainArgs) -> Result<()> {
-    args.device.parse::<crate::Device>()?.ensure_available()?;
+    let device = args.device.parse::<crate::Device>()?;
+    device.ensure_available()?;
     let cfg = args.run_config()?;
     let start = match (args.resume, args.overwrite) {
         (true, _) => Start::Resume,
@@ -102,6 +103,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         stop_after: args.stop_after,
         quiet: false,
+        device,
     };
     let s = train::pretrain(&cfg, &args.out, &opts)?;
     let ckpt = s.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());

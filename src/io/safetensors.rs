@@ -138,7 +138,10 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], extra: &[(&str, &str)]) -
     for (k, v) in extra {
         meta.insert(k.to_string(), v.to_string());
     }
-    let views: Vec<(&str, TensorView)> = tensors.iter().map(|(n, t)| (n.as_str(), TensorView(t))).collect();
+    // A GPU tensor is written from a host copy.
+    let host: Vec<Tensor> = tensors.iter().map(|(_, t)| t.to_device(crate::Device::Cpu)).collect::<Result<_>>()?;
+    let views: Vec<(&str, TensorView)> =
+        tensors.iter().zip(&host).map(|((n, _), t)| (n.as_str(), TensorView(t))).collect();
     let bytes = safetensors::tensor::serialize(views, Some(meta))
         .map_err(|e| Error::Input(format!("cannot serialise {}: {e}", path.display())))?;
     super::write_atomic(path, |w| std::io::Write::write_all(w, &bytes))

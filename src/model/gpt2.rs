@@ -562,6 +562,49 @@ impl Gpt2 {
         for p in self.params.iter().chain(adapter).filter(|p| p.trainable) {
             tape.watch(&p.tensor);
         }
+        let device = self.device();
+        if device == crate::Device::Cpu {
+            return self.forward_compute(tape, ids, targets, mode);
+        }
+        // On the GPU the parameters are f32 masters and the forward pass runs in bf16: a view of
+        // the model over bf16 casts, recorded on the tape so each master gets an f32 gradient.
+        if self.lora.is_some() || self.nf4.is_some() {
+            return Err(Error::Input(
+                "LoRA and QLoRA run on the CPU for now: the GPU path covers full training; use --device cpu".into(),
+            ));
+        }
+        let mut view = self.clone();
+        for p in view.params.iter_mut() {
+            p.tensor = crate::ops::elementwise::to_compute_dtype(tape, &p.tensor)?;
+        }
+        // ids and targets stay on the host: the embedding and loss check them there and upload.
+        view.forward_compute(tape, ids, targets, mode)
+    }
+
+    /// The device holding the parameters.
+    pub fn device(&self) -> crate::Device {
+        self.params.iter().next().map(|p| p.tensor.device()).unwrap_or_default()
+    }
+
+    /// Moves every parameter to `device` (f32 masters; the GPU forward casts them to bf16).
+    pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
+        device.ensure_available()?;
+        if device != crate::Device::Cpu && (self.lora.is_some() || self.nf4.is_some()) {
+            return Err(Error::Input("LoRA and QLoRA models stay on the CPU for now; use --device cpu".into()));
+        }
+        for p in self.params.iter_mut() {
+            p.tensor = p.tensor.to_dtype(crate::DType::F32)?.to_device(device)?;
+        }
+        Ok(())
+    }
+
+    fn forward_compute(
+        &self,
+        tape: &mut Tape,
+        ids: &Tensor,
+        targets: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Gpt2Output> {
         let cfg = &self.config;
         let eps = cfg.layer_norm_epsilon;
         let (train, seed) = match mode {

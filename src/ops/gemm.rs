@@ -7,10 +7,20 @@
 //!   dB' = A'^T @ G   (so dB = G^T @ A' when trans_b)
 //!   dbias = sum over rows of G
 //! each one GEMM call with the transposes expressed as strides.
+//!
+//! On the GPU A and B are bf16 and every product accumulates in f32 (backend::cuda::gemm). There
+//! op(B) is always a weight (a bf16 cast of an f32 master), so dB and dbias come out in f32 for
+//! the master while dA, an activation gradient, stays bf16.
 
+#[cfg(feature = "cuda")]
+use super::dev;
 use super::{f32_input, new_f32};
 use crate::backend::cpu::{elementwise as cpu_ew, gemm as cpu, pool};
+#[cfg(feature = "cuda")]
+use crate::backend::cuda::{bf16, gemm as cuda};
 use crate::tape::{Op, Tape};
+#[cfg(feature = "cuda")]
+use crate::tensor::CudaStorage;
 use crate::{Error, Result, Tensor};
 
 /// How a layer's weight is stored.
@@ -96,14 +106,29 @@ pub fn matmul_ex(
     if let Some(bias) = bias {
         super::expect_dims(OP, "bias", bias, &[n])?;
     }
-    let (ad, bd) = (f32_input(OP, a)?, f32_input(OP, b)?);
-    let biasd = bias.map(|t| f32_input(OP, t)).transpose()?;
     let mut out_dims = lead;
     out_dims.push(n);
-    let mut pre = gelu.then(|| pool::take(m * n));
-    let out =
-        new_f32(&out_dims, |o| cpu::matmul_forward(o, pre.as_deref_mut(), ad, bd, biasd, m, n, k, trans_a, trans_b))?;
-    let pre = pre.map(|p| Tensor::from_f32(p, out_dims.as_slice())).transpose()?;
+    let (out, pre) = match a.device() {
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda(_) => {
+            let (ad, bd) = (dev::bf16_in(OP, a)?, dev::bf16_in(OP, b)?);
+            let biasd = bias.map(|t| dev::bf16_in(OP, t)).transpose()?;
+            let mut pre = gelu.then(|| crate::backend::cuda::cuda()?.alloc::<bf16>(m * n)).transpose()?;
+            let out = dev::new_bf16(&out_dims, |o| {
+                cuda::matmul_forward(o, pre.as_mut(), ad, bd, biasd, m, n, k, trans_a, trans_b)
+            })?;
+            (out, pre.map(|p| Tensor::from_cuda(CudaStorage::BF16(p), out_dims.as_slice())).transpose()?)
+        }
+        _ => {
+            let (ad, bd) = (f32_input(OP, a)?, f32_input(OP, b)?);
+            let biasd = bias.map(|t| f32_input(OP, t)).transpose()?;
+            let mut pre = gelu.then(|| pool::take(m * n));
+            let out = new_f32(&out_dims, |o| {
+                cpu::matmul_forward(o, pre.as_deref_mut(), ad, bd, biasd, m, n, k, trans_a, trans_b)
+            })?;
+            (out, pre.map(|p| Tensor::from_f32(p, out_dims.as_slice())).transpose()?)
+        }
+    };
     let inputs: Vec<&Tensor> = [Some(a), Some(b), bias].into_iter().flatten().collect();
     if tape.wants(&inputs) {
         let saved =
@@ -114,6 +139,10 @@ pub fn matmul_ex(
 }
 
 pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    #[cfg(feature = "cuda")]
+    if dout.device() != crate::Device::Cpu {
+        return backward_cuda(s, dout, needs);
+    }
     let (m, n, k) = (s.m, s.n, s.k);
     let gelu_grad = match &s.gelu {
         Some(pre) => {
@@ -160,6 +189,57 @@ pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<O
             d
         });
         grads.push(dbias.map(|d| Tensor::from_f32(d, [n])).transpose()?);
+    }
+    Ok(grads)
+}
+
+/// The GPU backward: the same three products as the CPU's, bf16 operands with f32 accumulation.
+#[cfg(feature = "cuda")]
+fn backward_cuda(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    const OP: &str = "matmul backward";
+    let (m, n, k) = (s.m, s.n, s.k);
+    let cu = crate::backend::cuda::cuda()?;
+    let gelu_grad = match &s.gelu {
+        Some(pre) => {
+            let (pre, go) = (dev::bf16_in(OP, pre)?, dev::bf16_in(OP, dout)?);
+            Some(dev::new_bf16(&[m, n], |d| crate::backend::cuda::elementwise::gelu_backward(d, pre, go))?)
+        }
+        None => None,
+    };
+    let g = dev::bf16_in(OP, gelu_grad.as_ref().unwrap_or(dout))?;
+    let (a, b) = (dev::bf16_in(OP, &s.a)?, dev::bf16_in(OP, &s.b)?);
+    let da = if needs[0] {
+        let mut d = cu.alloc::<bf16>(m * k)?;
+        if s.trans_a {
+            cuda::matmul(&mut d, b, g, k, m, n, s.trans_b, true, false)?;
+        } else {
+            cuda::matmul(&mut d, g, b, m, k, n, false, !s.trans_b, false)?;
+        }
+        Some(Tensor::from_cuda(CudaStorage::BF16(d), s.a.dims())?)
+    } else {
+        None
+    };
+    let db = if needs[1] {
+        let mut d = cu.alloc::<f32>(k * n)?;
+        if s.trans_b {
+            cuda::matmul(&mut d, g, a, n, k, m, true, s.trans_a, false)?;
+        } else {
+            cuda::matmul(&mut d, a, g, k, n, m, !s.trans_a, false, false)?;
+        }
+        Some(Tensor::from_cuda(CudaStorage::F32(d), s.b.dims())?)
+    } else {
+        None
+    };
+    let mut grads = vec![da, db];
+    if s.has_bias {
+        let dbias = if needs[2] {
+            let mut d = cu.alloc::<f32>(n)?;
+            cuda::bias_backward(&mut d, g, n)?;
+            Some(Tensor::from_cuda(CudaStorage::F32(d), [n])?)
+        } else {
+            None
+        };
+        grads.push(dbias);
     }
     Ok(grads)
 }

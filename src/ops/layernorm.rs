@@ -1,15 +1,22 @@
 //! LayerNorm over the last dimension, with affine weight and bias.
 
+#[cfg(feature = "cuda")]
+use super::dev;
 use super::{expect_dims, f32_input, new_f32};
 use crate::backend::cpu::{layernorm as cpu, pool};
+#[cfg(feature = "cuda")]
+use crate::backend::cuda::layernorm as cuda;
 use crate::tape::{Op, Tape};
+#[cfg(feature = "cuda")]
+use crate::tensor::CudaStorage;
 use crate::{Result, Tensor};
 
 pub(crate) struct Saved {
     x: Tensor,
     w: Tensor,
-    mean: Vec<f32>,
-    rstd: Vec<f32>,
+    /// Per-row statistics, f32 on the op's device.
+    mean: Tensor,
+    rstd: Tensor,
 }
 
 /// y = (x - mean) / sqrt(var + eps) * w + b over the last dimension C; w, b: [C].
@@ -19,10 +26,30 @@ pub fn layernorm(tape: &mut Tape, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) 
     let c = x.shape().last();
     expect_dims(OP, "weight", w, &[c])?;
     expect_dims(OP, "bias", b, &[c])?;
-    let (xd, wd, bd) = (f32_input(OP, x)?, f32_input(OP, w)?, f32_input(OP, b)?);
     let rows = x.shape().rows();
-    let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
-    let out = new_f32(x.dims(), |o| cpu::layernorm_forward(o, &mut mean, &mut rstd, xd, wd, bd, c, eps))?;
+    let (out, mean, rstd) = match x.device() {
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda(_) => {
+            let (xd, wd, bd) = (dev::bf16_in(OP, x)?, dev::bf16_in(OP, w)?, dev::bf16_in(OP, b)?);
+            let mut mean = dev::new_f32(&[rows], |_| Ok(()))?;
+            let mut rstd = dev::new_f32(&[rows], |_| Ok(()))?;
+            let out = dev::new_bf16(x.dims(), |o| {
+                let (Some(CudaStorage::F32(m)), Some(CudaStorage::F32(r))) =
+                    (mean.cuda_storage_mut(), rstd.cuda_storage_mut())
+                else {
+                    unreachable!("made as f32 CUDA tensors above")
+                };
+                cuda::layernorm_forward(o, m, r, xd, wd, bd, c, eps)
+            })?;
+            (out, mean, rstd)
+        }
+        _ => {
+            let (xd, wd, bd) = (f32_input(OP, x)?, f32_input(OP, w)?, f32_input(OP, b)?);
+            let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+            let out = new_f32(x.dims(), |o| cpu::layernorm_forward(o, &mut mean, &mut rstd, xd, wd, bd, c, eps))?;
+            (out, Tensor::from_f32(mean, [rows])?, Tensor::from_f32(rstd, [rows])?)
+        }
+    };
     if tape.wants(&[x, w, b]) {
         tape.record(Op::LayerNorm(Saved { x: x.clone(), w: w.clone(), mean, rstd }), &[x, w, b], &out);
     }
@@ -31,6 +58,23 @@ pub fn layernorm(tape: &mut Tape, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) 
 
 pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
     let c = s.x.shape().last();
+    #[cfg(feature = "cuda")]
+    if s.x.device() != crate::Device::Cpu {
+        const OP: &str = "layernorm backward";
+        let cu = crate::backend::cuda::cuda()?;
+        let (g, x, w) = (dev::bf16_in(OP, dout)?, dev::bf16_in(OP, &s.x)?, dev::bf16_in(OP, &s.w)?);
+        let (mean, rstd) = (dev::f32_in(OP, &s.mean)?, dev::f32_in(OP, &s.rstd)?);
+        let mut dx = needs[0].then(|| cu.alloc::<crate::backend::cuda::bf16>(s.x.numel())).transpose()?;
+        // dw, db: f32 for the f32 masters (the bf16 cast passes them through).
+        let mut dw = needs[1].then(|| cu.alloc::<f32>(c)).transpose()?;
+        let mut db = needs[2].then(|| cu.alloc::<f32>(c)).transpose()?;
+        cuda::layernorm_backward(dx.as_mut(), dw.as_mut(), db.as_mut(), g, x, w, mean, rstd, c)?;
+        return Ok(vec![
+            dx.map(|d| Tensor::from_cuda(CudaStorage::BF16(d), s.x.dims())).transpose()?,
+            dw.map(|d| Tensor::from_cuda(CudaStorage::F32(d), [c])).transpose()?,
+            db.map(|d| Tensor::from_cuda(CudaStorage::F32(d), [c])).transpose()?,
+        ]);
+    }
     let mut dx = needs[0].then(|| pool::take(s.x.numel()));
     let mut dw = needs[1].then(|| vec![0f32; c]);
     let mut db = needs[2].then(|| vec![0f32; c]);
@@ -41,8 +85,8 @@ pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<O
         dout.f32s()?,
         s.x.f32s()?,
         s.w.f32s()?,
-        &s.mean,
-        &s.rstd,
+        s.mean.f32s()?,
+        s.rstd.f32s()?,
         c,
     );
     Ok(vec![

@@ -91,11 +91,20 @@ pub struct AdamW {
     pub config: AdamWConfig,
     step: u64,
     state: HashMap<String, (Vec<f32>, Vec<f32>)>,
+    /// The moments of parameters that live on the GPU (one multi-tensor launch per step).
+    #[cfg(feature = "cuda")]
+    gpu_state: HashMap<String, (crate::backend::cuda::CudaSlice<f32>, crate::backend::cuda::CudaSlice<f32>)>,
 }
 
 impl AdamW {
     pub fn new(config: AdamWConfig) -> Self {
-        AdamW { config, step: 0, state: HashMap::new() }
+        AdamW {
+            config,
+            step: 0,
+            state: HashMap::new(),
+            #[cfg(feature = "cuda")]
+            gpu_state: HashMap::new(),
+        }
     }
 
     /// Steps taken so far.
@@ -105,16 +114,28 @@ impl AdamW {
 
     /// Bytes of optimizer state (two f32 moments per trainable scalar once stepped).
     pub fn state_bytes(&self) -> usize {
-        self.state.values().map(|(m, v)| 4 * (m.len() + v.len())).sum()
+        let cpu: usize = self.state.values().map(|(m, v)| 4 * (m.len() + v.len())).sum();
+        #[cfg(feature = "cuda")]
+        let cpu = cpu + self.gpu_state.values().map(|(m, v)| 4 * (m.len() + v.len())).sum::<usize>();
+        cpu
     }
 
     /// The moments as tensors named `exp_avg.<param>` and `exp_avg_sq.<param>` (torch's names),
     /// for saving with a checkpoint.
     pub fn state_tensors(&self) -> Result<Vec<(String, crate::Tensor)>> {
         let mut names: Vec<&String> = self.state.keys().collect();
+        #[cfg(feature = "cuda")]
+        names.extend(self.gpu_state.keys());
         names.sort();
         let mut out = Vec::with_capacity(2 * names.len());
         for n in names {
+            #[cfg(feature = "cuda")]
+            if let Some((m, v)) = self.gpu_state.get(n) {
+                let cu = crate::backend::cuda::cuda()?;
+                out.push((format!("exp_avg.{n}"), crate::Tensor::from_f32(cu.download(m)?, [m.len()])?));
+                out.push((format!("exp_avg_sq.{n}"), crate::Tensor::from_f32(cu.download(v)?, [v.len()])?));
+                continue;
+            }
             let (m, v) = &self.state[n];
             out.push((format!("exp_avg.{n}"), crate::Tensor::from_f32(m.clone(), [m.len()])?));
             out.push((format!("exp_avg_sq.{n}"), crate::Tensor::from_f32(v.clone(), [v.len()])?));
@@ -141,6 +162,8 @@ impl AdamW {
         stores: &[&ParamStore],
     ) -> Result<()> {
         self.state.clear();
+        #[cfg(feature = "cuda")]
+        self.gpu_state.clear();
         for p in stores.iter().flat_map(|s| s.iter()).filter(|p| p.trainable) {
             let (Some(m), Some(v)) =
                 (tensors.get(&format!("exp_avg.{}", p.name)), tensors.get(&format!("exp_avg_sq.{}", p.name)))
@@ -171,6 +194,10 @@ impl AdamW {
     pub fn step_all(&mut self, stores: &mut [&mut ParamStore], grads: &Gradients, lr: f64) -> Result<()> {
         let _t = crate::profile::scope("adamw", crate::profile::Phase::Optimizer);
         self.step += 1;
+        #[cfg(feature = "cuda")]
+        if stores.iter().flat_map(|s| s.iter()).any(|p| p.trainable && p.tensor.device() != crate::Device::Cpu) {
+            return self.step_gpu(stores, grads, lr);
+        }
         let (state, config, t) = (&mut self.state, &self.config, self.step);
         super::for_each_update("adamw", stores, grads, |p, g, decay| {
             let n = g.len();
@@ -179,5 +206,53 @@ impl AdamW {
             Ok(())
         })?;
         Ok(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl AdamW {
+    /// The GPU step: every trainable parameter that has a gradient in one multi-tensor launch.
+    /// Moments restored from a checkpoint (host copies) are uploaded on first use.
+    fn step_gpu(&mut self, stores: &mut [&mut ParamStore], grads: &Gradients, lr: f64) -> Result<()> {
+        use crate::backend::cuda::{adamw::adamw_step_multi, adamw::AdamWParam, cuda};
+        use crate::tensor::CudaStorage;
+        let cu = cuda()?;
+        let mut params: Vec<&mut crate::nn::Param> = Vec::new();
+        for p in stores.iter_mut().flat_map(|s| s.iter_mut()).filter(|p| p.trainable) {
+            let Some(g) = grads.get(&p.tensor) else { continue };
+            if g.numel() != p.tensor.numel() {
+                return Err(Error::Input(format!(
+                    "adamw: gradient of {} has {} elements, the parameter {}",
+                    p.name,
+                    g.numel(),
+                    p.tensor.numel()
+                )));
+            }
+            if !self.gpu_state.contains_key(&p.name) {
+                let moments = match self.state.remove(&p.name) {
+                    Some((m, v)) => (cu.upload(&m)?, cu.upload(&v)?),
+                    None => (cu.zeros::<f32>(p.tensor.numel())?, cu.zeros::<f32>(p.tensor.numel())?),
+                };
+                self.gpu_state.insert(p.name.clone(), moments);
+            }
+            params.push(p);
+        }
+        // Gradients are looked up before the parameters are borrowed mutably (a write may give a
+        // parameter tensor a new identity).
+        let gs: Vec<&crate::Tensor> = params.iter().map(|p| grads.get(&p.tensor).expect("checked above")).collect();
+        let mut moments: HashMap<&str, (&mut _, &mut _)> =
+            self.gpu_state.iter_mut().map(|(k, (m, v))| (k.as_str(), (m, v))).collect();
+        let mut work = Vec::with_capacity(params.len());
+        for (p, g) in params.into_iter().zip(gs) {
+            let decay = p.tensor.dims().len() >= 2;
+            let g = crate::ops::dev::f32_in("adamw", g)?;
+            let (m, v) = moments.remove(p.name.as_str()).expect("inserted above");
+            let name = p.name.clone();
+            let Some(CudaStorage::F32(w)) = p.tensor.cuda_storage_mut() else {
+                return Err(Error::Input(format!("adamw: {name} is not an f32 parameter on the GPU")));
+            };
+            work.push(AdamWParam { p: w, m, v, g, p_bf16: None, decay });
+        }
+        adamw_step_multi(&mut work, &self.config, lr, self.step)
     }
 }

@@ -88,8 +88,13 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
     let world = crate::data::synthetic::default_corpus(0).0;
     let (train_task, val_task, held_out) = write_task(&world, &dir.join("data"))?;
-    let run_opts =
-        |start| Options { start, progress: opts.progress && !opts.quiet, stop_after: None, quiet: opts.quiet };
+    let run_opts = |start| Options {
+        start,
+        progress: opts.progress && !opts.quiet,
+        stop_after: None,
+        quiet: opts.quiet,
+        device: crate::Device::Cpu,
+    };
 
     // 1. the pre-trained model
     let pretrained = match &opts.pretrained {

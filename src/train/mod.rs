@@ -51,6 +51,8 @@ pub struct Options {
     pub stop_after: Option<usize>,
     /// Print nothing but errors (used when a run is one part of a larger command).
     pub quiet: bool,
+    /// Where the model trains (`--device`); checkpoints are always written from host copies.
+    pub device: crate::Device,
 }
 
 /// What a run did.
@@ -275,6 +277,7 @@ pub fn pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         }
     };
     corpus::check_vocab(&train_file, model.config.vocab_size)?;
+    model.to_device(opts.device)?;
     if t.seq_len > model.config.n_positions {
         return Err(Error::SeqTooLong { t: t.seq_len, n_positions: model.config.n_positions });
     }

@@ -39,7 +39,7 @@ pub fn config(base: &Path, data: &Path, extra: &[&str]) -> RunConfig {
 }
 
 pub fn opts(start: Start, stop_after: Option<usize>) -> Options {
-    Options { start, progress: false, stop_after, quiet: true }
+    Options { start, progress: false, stop_after, quiet: true, device: kiln::Device::Cpu }
 }
 
 /// (step, training loss) of every logged step of a run.

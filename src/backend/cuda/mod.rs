@@ -20,6 +20,7 @@ use std::sync::{Arc, OnceLock};
 
 pub mod adamw;
 pub mod attention;
+pub mod bench;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemm;

@@ -1,0 +1,349 @@
+//! `kiln bench kernels`: every kernel family timed on the GPU, each figure next to a ceiling
+//! measured in the same run (METHOD.md's two numbers):
+//! - matrix-bound kernels (GEMM, attention) against cuBLAS' bf16 GEMM with f32 compute at the same
+//!   shape (cuBLAS is the benchmark baseline only; the training path never calls it);
+//! - memory-bound kernels against a device-to-device copy of a buffer far larger than L2,
+//!   counting bytes read plus bytes written for both.
+//!
+//! Timing: CUDA events around each repetition after warm-up, median reported; inputs are random
+//! (never zeros, which can run faster than real data) and each memory-bound kernel's working set
+//! is several times the L2 so repetitions do not measure the cache.
+
+use super::{bf16, cuda, Cuda, CudaSlice, DeviceRepr};
+use crate::{Error, Result};
+use rand::{Rng, SeedableRng};
+
+/// One line of the table.
+pub struct Row {
+    pub kernel: String,
+    pub shape: String,
+    pub ms: f64,
+    /// TFLOP/s or GB/s, per `unit`.
+    pub achieved: f64,
+    pub unit: &'static str,
+    /// The ceiling's figure in the same unit, and what it is.
+    pub ceiling: f64,
+    pub ceiling_name: String,
+    /// The target ratio the CUDA issue sets, if any.
+    pub target: Option<f64>,
+}
+
+impl Row {
+    pub fn ratio(&self) -> f64 {
+        self.achieved / self.ceiling
+    }
+}
+
+/// Median milliseconds of `reps` runs of `f`, timed with events after `warmup` untimed runs.
+pub fn time_ms(cu: &Cuda, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    cu.sync()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let start = cu.event()?;
+        f()?;
+        let end = cu.event()?;
+        times.push(start.elapsed_ms(&end).map_err(|e| Error::Cuda(format!("event timing failed: {e}")))? as f64);
+    }
+    cu.sync()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Uniform values in [-1, 1) on the device.
+pub fn random_bf16(cu: &Cuda, n: usize, seed: u64) -> Result<CudaSlice<bf16>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let h: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0)).collect();
+    cu.upload(&h)
+}
+
+/// Uniform values in [-1, 1) on the device.
+pub fn random_f32(cu: &Cuda, n: usize, seed: u64) -> Result<CudaSlice<f32>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let h: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+    cu.upload(&h)
+}
+
+/// Device-to-device copy bandwidth in GB/s (bytes read + bytes written), on `bytes`-sized buffers.
+pub fn copy_bandwidth(cu: &Cuda, bytes: usize) -> Result<f64> {
+    let n = bytes / 4;
+    let src = random_f32(cu, n, 1)?;
+    let mut dst = cu.alloc::<f32>(n)?;
+    let ms = time_ms(cu, 3, 20, || {
+        cu.stream().memcpy_dtod(&src, &mut dst).map_err(|e| Error::Cuda(format!("device copy failed: {e}")))
+    })?;
+    Ok(2.0 * (n * 4) as f64 / (ms * 1e-3) / 1e9)
+}
+
+/// cuBLAS bf16 GEMM (f32 compute) in TFLOP/s for row-major C[m,n] = A[m,k] B[k,n], or None (with
+/// the reason) when libcublas cannot be loaded here.
+pub fn cublas_tflops(cu: &Cuda, m: usize, n: usize, k: usize) -> Result<std::result::Result<f64, String>> {
+    use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Ok(Err("libcublas not found (put its directory on LD_LIBRARY_PATH)".into()));
+    }
+    let blas = CudaBlas::new(cu.stream().clone()).map_err(|e| Error::Cuda(format!("cuBLAS init failed: {e}")))?;
+    let a = random_bf16(cu, m * k, 2)?;
+    let b = random_bf16(cu, k * n, 3)?;
+    let mut c = cu.alloc::<bf16>(m * n)?;
+    // Row-major C = A B is column-major C^T = B^T A^T: pass B first.
+    let cfg = GemmConfig {
+        transa: Op::CUBLAS_OP_N,
+        transb: Op::CUBLAS_OP_N,
+        m: n as i32,
+        n: m as i32,
+        k: k as i32,
+        alpha: bf16::ONE,
+        lda: n as i32,
+        ldb: k as i32,
+        beta: bf16::ZERO,
+        ldc: n as i32,
+    };
+    let ms = time_ms(cu, 3, 20, || {
+        unsafe { blas.gemm(cfg, &b, &a, &mut c) }.map_err(|e| Error::Cuda(format!("cuBLAS gemm failed: {e}")))
+    })?;
+    Ok(Ok(2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12))
+}
+
+/// Bytes of `n` elements of `T`.
+pub fn bytes_of<T: DeviceRepr>(n: usize) -> f64 {
+    (n * std::mem::size_of::<T>()) as f64
+}
+
+/// Prints the table, ratios and targets included.
+pub fn print_table(rows: &[Row]) {
+    println!(
+        "{:<26} {:<22} {:>9} {:>14} {:>28} {:>7} {:>7}",
+        "kernel", "shape", "ms", "achieved", "ceiling (same run)", "ratio", "target"
+    );
+    for r in rows {
+        let target = r
+            .target
+            .map_or(String::new(), |t| format!("{:.0}%{}", 100.0 * t, if r.ratio() >= t { "" } else { " MISS" }));
+        println!(
+            "{:<26} {:<22} {:>9.3} {:>9.1} {:<4} {:>15.1} {:<12} {:>6.0}% {:>7}",
+            r.kernel,
+            r.shape,
+            r.ms,
+            r.achieved,
+            r.unit,
+            r.ceiling,
+            r.ceiling_name,
+            100.0 * r.ratio(),
+            target
+        );
+    }
+}
+
+/// Runs every benchmark and prints the table.
+pub fn run() -> Result<()> {
+    let cu = cuda()?;
+    let (maj, min) = cu.compute_capability();
+    println!("kiln bench kernels: {} (sm_{maj}{min}, {} SMs)", cu.name(), cu.sm_count());
+    let copy = copy_bandwidth(cu, 1 << 30)?;
+    println!("  device-to-device copy: {copy:.0} GB/s (1 GiB, read + write)");
+    let mut rows = Vec::new();
+    for f in [
+        gemm_rows,
+        attention_rows,
+        layernorm_rows,
+        super::elementwise::bench,
+        embedding_rows,
+        xent_rows,
+        super::adamw::bench,
+        reduce_rows,
+    ] {
+        // One family's failure is reported and the others still run.
+        match f(cu, copy) {
+            Ok(r) => rows.extend(r),
+            Err(e) => println!("  FAILED: {e}"),
+        }
+    }
+    print_table(&rows);
+    let missed: Vec<&Row> = rows.iter().filter(|r| r.target.is_some_and(|t| r.ratio() < t)).collect();
+    println!(
+        "{} of {} rows with a target meet it",
+        rows.iter().filter(|r| r.target.is_some()).count() - missed.len(),
+        rows.iter().filter(|r| r.target.is_some()).count()
+    );
+    Ok(())
+}
+
+/// Rows for GEMM at 4096^3 and at GPT-2 124M's training shapes (B x T = 8192 tokens), each
+/// against cuBLAS at the same shape.
+pub fn gemm_rows(cu: &Cuda, _copy: f64) -> Result<Vec<Row>> {
+    let shapes: [(&str, usize, usize, usize); 5] = [
+        ("square", 4096, 4096, 4096),
+        ("c_attn", 8192, 2304, 768),
+        ("mlp.c_fc", 8192, 3072, 768),
+        ("mlp.c_proj", 8192, 768, 3072),
+        ("lm_head", 8192, 50257, 768),
+    ];
+    let mut rows = Vec::new();
+    for (what, m, n, k) in shapes {
+        let a = random_bf16(cu, m * k, 11)?;
+        let b = random_bf16(cu, k * n, 12)?;
+        let mut c = cu.alloc::<bf16>(m * n)?;
+        let ms = time_ms(cu, 3, 20, || super::gemm::matmul(&mut c, &a, &b, m, n, k, false, false, false))?;
+        let tflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
+        let (ceiling, name) = match cublas_tflops(cu, m, n, k)? {
+            Ok(t) => (t, "cuBLAS".to_string()),
+            Err(why) => {
+                println!("  gemm {what}: {why}");
+                (f64::NAN, "cuBLAS n/a".to_string())
+            }
+        };
+        rows.push(Row {
+            kernel: format!("gemm ({what})"),
+            shape: format!("{m}x{n}x{k}"),
+            ms,
+            achieved: tflops,
+            unit: "TF/s",
+            ceiling,
+            ceiling_name: name,
+            target: Some(0.70),
+        });
+    }
+    Ok(rows)
+}
+
+/// Causal attention forward and backward at B=8, H=12, T=1024, D=64, against cuBLAS' rate at
+/// 4096^3 (the GEMM ceiling). FLOPs count the causal half: 4·B·H·D·T(T+1)/2 forward (Q Kᵀ and
+/// P V), 2.5 times that backward (five products).
+pub fn attention_rows(cu: &Cuda, _copy: f64) -> Result<Vec<Row>> {
+    let (b, h, t, d) = (8usize, 12usize, 1024usize, 64usize);
+    let c = h * d;
+    let ceiling = cublas_tflops(cu, 4096, 4096, 4096)?.unwrap_or(f64::NAN);
+    let qkv = random_bf16(cu, b * t * 3 * c, 21)?;
+    let mut out = cu.alloc::<bf16>(b * t * c)?;
+    let mut lse = cu.alloc::<f32>(b * h * t)?;
+    let fwd_ms = time_ms(cu, 3, 20, || super::attention::attention_forward(&mut out, &mut lse, &qkv, b, t, c, h))?;
+    let dout = random_bf16(cu, b * t * c, 22)?;
+    let mut dqkv = cu.alloc::<bf16>(b * t * 3 * c)?;
+    let bwd_ms =
+        time_ms(cu, 3, 20, || super::attention::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, h))?;
+    let fwd_flops = 4.0 * (b * h * d) as f64 * (t * (t + 1) / 2) as f64;
+    let shape = format!("B{b} H{h} T{t} D{d}");
+    let row = |kernel: &str, ms: f64, flops: f64, target| Row {
+        kernel: kernel.to_string(),
+        shape: shape.clone(),
+        ms,
+        achieved: flops / (ms * 1e-3) / 1e12,
+        unit: "TF/s",
+        ceiling,
+        ceiling_name: "cuBLAS 4096^3".into(),
+        target,
+    };
+    Ok(vec![
+        row("attention forward", fwd_ms, fwd_flops, Some(0.40)),
+        row("attention backward", bwd_ms, 2.5 * fwd_flops, None),
+    ])
+}
+
+/// A memory-bound row: `bytes` moved (read + written once) in `ms`, against the copy bandwidth.
+pub fn bandwidth_row(kernel: &str, shape: String, ms: f64, bytes: f64, copy: f64) -> Row {
+    Row {
+        kernel: kernel.to_string(),
+        shape,
+        ms,
+        achieved: bytes / (ms * 1e-3) / 1e9,
+        unit: "GB/s",
+        ceiling: copy,
+        ceiling_name: "d2d copy".into(),
+        target: Some(0.70),
+    }
+}
+
+/// LayerNorm forward and backward over GPT-2's 8192 x 768 activations.
+pub fn layernorm_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
+    let (rows, c) = (8192usize, 768usize);
+    let x = random_bf16(cu, rows * c, 31)?;
+    let w = random_bf16(cu, c, 32)?;
+    let bias = random_bf16(cu, c, 33)?;
+    let mut out = cu.alloc::<bf16>(rows * c)?;
+    let (mut mean, mut rstd) = (cu.alloc::<f32>(rows)?, cu.alloc::<f32>(rows)?);
+    let f = time_ms(cu, 3, 50, || {
+        super::layernorm::layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &w, &bias, c, 1e-5)
+    })?;
+    let dout = random_bf16(cu, rows * c, 34)?;
+    let mut dx = cu.alloc::<bf16>(rows * c)?;
+    let (mut dw, mut db) = (cu.alloc::<f32>(c)?, cu.alloc::<f32>(c)?);
+    let bw = time_ms(cu, 3, 50, || {
+        super::layernorm::layernorm_backward(
+            Some(&mut dx),
+            Some(&mut dw),
+            Some(&mut db),
+            &dout,
+            &x,
+            &w,
+            &mean,
+            &rstd,
+            c,
+        )
+    })?;
+    let act = bytes_of::<bf16>(rows * c);
+    let shape = format!("{rows}x{c}");
+    Ok(vec![
+        bandwidth_row("layernorm forward", shape.clone(), f, 2.0 * act + bytes_of::<f32>(2 * rows), copy),
+        bandwidth_row("layernorm backward", shape, bw, 3.0 * act + bytes_of::<f32>(2 * rows), copy),
+    ])
+}
+
+/// Token + position embedding forward and its deterministic backward at 8192 tokens of GPT-2.
+pub fn embedding_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
+    let (b, t, c, v) = (8usize, 1024usize, 768usize, 50257usize);
+    let rows = b * t;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(41);
+    let ids_h: Vec<i32> = (0..rows).map(|_| rng.random_range(0..v as i32)).collect();
+    let ids = cu.upload(&ids_h)?;
+    let wte = random_bf16(cu, v * c, 42)?;
+    let wpe = random_bf16(cu, t * c, 43)?;
+    let mut out = cu.alloc::<bf16>(rows * c)?;
+    let f = time_ms(cu, 3, 50, || super::embedding::embedding_forward(&mut out, &ids, &wte, &wpe, t, c))?;
+    let dout = random_bf16(cu, rows * c, 44)?;
+    let (mut dwte, mut dwpe) = (cu.alloc::<f32>(v * c)?, cu.alloc::<f32>(t * c)?);
+    let bw = time_ms(cu, 3, 20, || {
+        super::embedding::embedding_backward(Some(&mut dwte), Some(&mut dwpe), &dout, &ids_h, t, c)
+    })?;
+    let shape = format!("{rows} tokens, C {c}");
+    let act = bytes_of::<bf16>(rows * c);
+    Ok(vec![
+        bandwidth_row("embedding forward", shape.clone(), f, 3.0 * act, copy),
+        // reads dout once, writes all of dwte and dwpe (f32, zeros included)
+        bandwidth_row("embedding backward", shape, bw, act + bytes_of::<f32>((v + t) * c), copy),
+    ])
+}
+
+/// Fused softmax cross-entropy over GPT-2's vocabulary at 8192 rows.
+pub fn xent_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
+    let (rows, v) = (8192usize, 50257usize);
+    let logits = random_bf16(cu, rows * v, 51)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(52);
+    let targets = cu.upload(&(0..rows).map(|_| rng.random_range(0..v as i32)).collect::<Vec<_>>())?;
+    let (mut losses, mut lse) = (cu.alloc::<f32>(rows)?, cu.alloc::<f32>(rows)?);
+    let f = time_ms(cu, 3, 20, || super::xent::xent_forward(&mut losses, &mut lse, &logits, &targets, v))?;
+    let mut d = cu.stream().clone_dtod(&logits).map_err(|e| Error::Cuda(format!("device copy failed: {e}")))?;
+    // In place: each repetition turns the previous result into new "logits"; the work is the same.
+    let bw = time_ms(cu, 3, 20, || super::xent::xent_backward(&mut d, &lse, &targets, v, 1.0 / rows as f32))?;
+    let shape = format!("{rows}x{v}");
+    let l = bytes_of::<bf16>(rows * v);
+    Ok(vec![
+        bandwidth_row("xent forward", shape.clone(), f, l, copy),
+        bandwidth_row("xent backward (in place)", shape, bw, 2.0 * l, copy),
+    ])
+}
+
+/// The global-norm reduction over GPT-2 124M's gradient (one f32 buffer of 124M elements).
+pub fn reduce_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
+    let n = 124_439_808usize;
+    let g = random_f32(cu, n, 61)?;
+    let ms = time_ms(cu, 3, 20, || super::reduce::sum_squares(&g).map(|_| ()))?;
+    let mut x = random_f32(cu, n, 62)?;
+    let sc = time_ms(cu, 3, 20, || super::reduce::scale(&mut x, 0.999))?;
+    Ok(vec![
+        bandwidth_row("reduce sum of squares", format!("{n}"), ms, bytes_of::<f32>(n), copy),
+        bandwidth_row("reduce scale", format!("{n}"), sc, 2.0 * bytes_of::<f32>(n), copy),
+    ])
+}
