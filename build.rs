@@ -240,7 +240,9 @@ fn build_cuda(root: &Path, kernels: &Path, out: &Path) {
         .map(|src| {
             let obj = out.join(format!("host_{}.o", src.file_stem().unwrap().to_string_lossy()));
             let o = Command::new(&nvcc)
-                .args(["-c", "-O2", "-std=c++17", "-Xcompiler", "-fPIC,-ffp-contract=off", "-I"])
+                // As C++ (-x c++): compiled as .cu, nvcc would add fatbinary registration calls
+                // that need the CUDA runtime library; the twins are plain host code.
+                .args(["-x", "c++", "-c", "-O2", "-std=c++17", "-Xcompiler", "-fPIC,-ffp-contract=off", "-I"])
                 .arg(kernels)
                 .arg(src)
                 .arg("-o")
