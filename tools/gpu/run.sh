@@ -11,6 +11,13 @@ if ! nvidia-smi -L >"$logs/gpu.txt" 2>&1; then
     cat "$logs/gpu.txt"; echo "FAIL: no GPU found (nvidia-smi -L failed); this script checks kernels on a GPU"; exit 1
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv >>"$logs/gpu.txt" 2>&1
+if [ ! -x "$here/kiln" ]; then
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$here/bins.tar.xz" "$here" \
+        || { echo "FAIL: cannot unpack $here/bins.tar.xz"; exit 1; }
+fi
+# cuBLAS (the GEMM baseline of kiln bench kernels) ships with PyTorch's wheels on the GPU machine.
+cublas_dir=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null)
+[ -n "$cublas_dir" ] && export LD_LIBRARY_PATH="$cublas_dir:${LD_LIBRARY_PATH:-}"
 rows=()
 status=0
 for t in "$here"/tests/*; do
@@ -21,11 +28,11 @@ for t in "$here"/tests/*; do
     secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
     passed=$(grep -o '[0-9]* passed' "$logs/test-$name.log" | awk '{s+=$1} END{print s+0}')
     failed=$(grep -o '[0-9]* failed' "$logs/test-$name.log" | awk '{s+=$1} END{print s+0}')
-    skipped=$(grep -c '^SKIPPED' "$logs/test-$name.log")
+    skipped=$(grep -c 'SKIPPED' "$logs/test-$name.log")
     verdict=ok
     if [ $rc -ne 0 ] || [ "$failed" -gt 0 ] || [ "$skipped" -gt 0 ]; then verdict=FAIL; status=1; fi
     rows+=("$(printf '%-22s %-5s %7s %7s %8s %7ss' "test $name" "$verdict" "$passed" "$failed" "$skipped" "$secs")")
-    grep -E "^(test .*FAILED|---- |thread .* panicked|SKIPPED)" "$logs/test-$name.log" | head -20
+    grep -E "(FAILED|^---- |panicked|SKIPPED)" "$logs/test-$name.log" | head -20
 done
 "$here/kiln" bench kernels 2>&1 | tee "$logs/bench-kernels.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; rows+=("bench kernels          FAIL"); }
