@@ -77,7 +77,8 @@ fn list(xs: &[String]) -> String {
 }
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
-    args.device.parse::<crate::Device>()?.ensure_available()?;
+    let device = args.device.parse::<crate::Device>()?;
+    device.ensure_available()?;
     let stored = args.out.join("run.toml");
     let file = args.config.clone().or_else(|| (args.resume && stored.exists()).then_some(stored));
     // fine-tuning defaults: a small learning rate (larger for adapters), short warm-up, the
@@ -154,7 +155,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         stop_after: None,
         quiet: false,
-        device: crate::Device::Cpu,
+        device,
     };
     let s = train::finetune::finetune(&cfg, &args.out, &opts)?;
     let ckpt = s.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());

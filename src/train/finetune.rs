@@ -157,6 +157,14 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         (o @ ("adamw" | "adamw8bit"), _) => o,
         (other, _) => return Err(Error::Input(format!("unknown optimizer \"{other}\": use adamw, adamw8bit or auto"))),
     };
+    // Checked before the run directory is touched.
+    if opts.device != crate::Device::Cpu && (f.method != "full" || optimizer != "adamw") {
+        return Err(Error::Input(format!(
+            "--method {} with --optimizer {optimizer} runs on the CPU for now: the GPU path covers full fine-tuning \
+             with fp32 AdamW (--method full --optimizer adamw); use --device cpu for LoRA, QLoRA and 8-bit AdamW",
+            f.method
+        )));
+    }
     let base = cfg
         .model
         .init_from
@@ -263,6 +271,7 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         }
     }
     model.gradient_checkpointing = f.gradient_checkpointing;
+    model.to_device(opts.device)?;
     if !opts.quiet {
         print!("{}", memory_table(&model, t.batch_size, ctx, state_bytes_per_param));
     }
