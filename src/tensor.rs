@@ -391,7 +391,9 @@ impl Tensor {
         }
     }
 
-    /// Converts to another float dtype (f32, bf16, f16), rounding to nearest even.
+    /// Converts to another float dtype (f32, bf16, f16), rounding to nearest even. The result is
+    /// on the CPU: a GPU tensor of another dtype is copied to the host first (what checkpoint
+    /// writing wants); the GPU's own casts are `ops::elementwise::to_compute_dtype`.
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
             return Ok(self.clone());
