@@ -70,43 +70,74 @@ typedef Tiling<KILN_GEMM_BM, KILN_GEMM_BN, 2, 4> Large;
 typedef Tiling<KILN_GEMM_SMALL_BM, KILN_GEMM_SMALL_BN, 2, 2> Small;
 static_assert(Large::THREADS == KILN_GEMM_THREADS && Small::THREADS == KILN_GEMM_SMALL_THREADS, "header");
 
+#ifndef KILN_CUDA_EMU
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+#endif
 
+// Under KILN_CUDA_EMU (tools/cuda-emu, the CPU emulator) the inline-PTX helpers below call the
+// emulator's implementations of the same instructions (kiln_emu_*, tools/cuda-emu/emu.h) instead.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#ifdef KILN_CUDA_EMU
+    kiln_emu_cp_async_16(dst, src, true);
+#else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+#endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef KILN_CUDA_EMU
+    kiln_emu_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 
 // Wait until at most N of this thread's committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef KILN_CUDA_EMU
+    kiln_emu_cp_async_wait(N);
+#else
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 // Four 8 x 8 b16 matrices; lanes 8q..8q+7 give the row addresses of matrix q, register q receives it.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+#ifdef KILN_CUDA_EMU
+    kiln_emu_ldmatrix_x4(r, p, false);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_u32(p)));
+#endif
 }
 
 // As ldmatrix_x4, each 8 x 8 matrix transposed on the way.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+#ifdef KILN_CUDA_EMU
+    kiln_emu_ldmatrix_x4(r, p, true);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_u32(p)));
+#endif
 }
 
 // c (16 x 8, f32) += a (16 x 16, row) @ b (16 x 8, col).
 __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef KILN_CUDA_EMU
+    const uint32_t b[2] = {b0, b1};
+    kiln_emu_mma_m16n8k16_bf16(c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Copy the ROWS x COLS tile at (row0, col0) of the row-major matrix g [rows, cols] into shared

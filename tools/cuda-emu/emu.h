@@ -1,7 +1,8 @@
-// Host emulation of the CUDA features kernels/attention.cu uses, for checking kernels without a
-// GPU: one std::thread per CUDA thread, std::barrier for __syncthreads/__syncwarp, warp shuffles
-// and mma.sync through a per-warp exchange area, cp.async as deferred copies. Include this, define
-// the dynamic shared memory array `smem` in an anonymous namespace, then include the kernel source
+// Host emulation of the CUDA features kernels/attention.cu and kernels/gemm.cu use, for checking
+// kernels without a GPU: one std::thread per CUDA thread, std::barrier for __syncthreads/__syncwarp,
+// warp shuffles, mma.sync and ldmatrix through a per-warp exchange area, cp.async as deferred
+// copies. Include this, define the dynamic shared memory array `smem` in an anonymous namespace (or,
+// for gemm.cu's static __shared__ arrays, see gemm_emu.cpp), then include the kernel source
 // (compiled with -DKILN_CUDA_EMU, which routes the kernels' inline PTX to the kiln_emu_* functions).
 #pragma once
 #include <cstdint>
@@ -28,6 +29,7 @@ struct Warp {
     float ex[32];
     uint32_t a[32][4], b[32][2];  // mma.sync operands of each lane
     float c[32][4];
+    const void* addr[32];  // ldmatrix row addresses of each lane
 };
 extern std::barrier<>* g_block_bar;
 extern Warp g_warps[32];
@@ -112,4 +114,39 @@ inline void kiln_emu_cp_async_wait(int n) {
         }
         g_cp_groups.erase(g_cp_groups.begin());
     }
+}
+
+// When set by the harness: whether [p, p + n) lies in the block's shared memory (ldmatrix checks
+// every row address with it).
+inline bool (*g_smem_check)(const void* p, size_t n) = nullptr;
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 {r0, r1, r2, r3}, [p], from the PTX ISA's
+// description ("Warp-level matrix load instruction: ldmatrix"): lanes 8q .. 8q + 7 give the
+// addresses of rows 0 .. 7 of matrix q (each row 8 contiguous b16, 16 bytes, 16-byte aligned);
+// register q of every lane receives a fragment of matrix q, laid out as in the figure "ldmatrix
+// fragment layout for one 8x8 Matrix with 16-bit elements": a group of four consecutive lanes
+// loads one row, so lane l holds row l / 4, columns 2 (l % 4) (low half) and 2 (l % 4) + 1 (high
+// half). With .trans the matrix is read column-major: the eight addressed rows are its columns,
+// so lane l holds element l / 4 of addressed rows 2 (l % 4) (low half) and 2 (l % 4) + 1 (high).
+// The warp meets before reading (all addresses given, all earlier shared stores done by the
+// caller's own synchronisation) and after (the exchange area is free again).
+inline void kiln_emu_ldmatrix_x4(uint32_t r[4], const void* p, bool trans) {
+    Warp& w = g_warps[threadIdx.x / 32];
+    const int lane = threadIdx.x % 32;
+    if ((reinterpret_cast<uintptr_t>(p) & 15) != 0) { printf("ldmatrix: lane %d row address %p not 16-byte aligned\n", lane, p); exit(3); }
+    if (g_smem_check && !g_smem_check(p, 16)) {
+        printf("ldmatrix: lane %d row address %p outside shared memory\n", lane, p); exit(3);
+    }
+    w.addr[lane] = p;
+    w.bar->arrive_and_wait();
+    const int g = lane >> 2, t = lane % 4;
+    for (int q = 0; q < 4; ++q) {
+        uint32_t v = 0;
+        for (int j = 0; j < 2; ++j) {
+            const uint16_t* row = static_cast<const uint16_t*>(w.addr[8 * q + (trans ? 2 * t + j : g)]);
+            v |= (uint32_t)row[trans ? g : 2 * t + j] << (16 * j);
+        }
+        r[q] = v;
+    }
+    w.bar->arrive_and_wait();
 }
