@@ -109,9 +109,8 @@ pub fn lora_linear_ex(
     let mut out_dims = x.dims().to_vec();
     out_dims.pop();
     out_dims.push(n);
-    let out = new_f32(&out_dims, |o| {
-        cpu::lora_forward_t(o, &mut us, xv, xd, wd, w_trans, biasd, ad, bd, m, n, k, r, scaling)
-    })?;
+    let out =
+        new_f32(&out_dims, |o| cpu::lora_forward(o, &mut us, xv, xd, wd, w_trans, biasd, ad, bd, m, n, k, r, scaling))?;
     if let Some(d) = dropped {
         pool::give(d);
     }
@@ -173,7 +172,7 @@ pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<O
     };
     let keep = s.keep.as_ref().map(|(mask, scale)| (mask.as_slice(), *scale));
     let xd = dropped.as_deref().unwrap_or(x);
-    cpu::lora_backward_t(
+    cpu::lora_backward(
         grads,
         dout.f32s()?,
         x,

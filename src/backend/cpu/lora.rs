@@ -24,29 +24,10 @@ use super::pool;
 /// out[m, n] = x @ W + bias + us @ B^T, where `us` [m, r] receives scaling * xd @ A^T (xd is
 /// dropout(x), or x itself without dropout). The base product is computed exactly as a plain
 /// linear layer computes it, so an all-zero B leaves `out` bit-identical to the base layer.
+/// The weight is stored [k, n] (`w_trans` false, Conv1D) or [n, k] (`w_trans` true: nn.Linear,
+/// and GPT-2's lm_head, which is wte [V, C] used transposed).
 #[allow(clippy::too_many_arguments)]
 pub fn lora_forward(
-    out: &mut [f32],
-    us: &mut [f32],
-    x: &[f32],
-    xd: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    r: usize,
-    scaling: f32,
-) {
-    lora_forward_t(out, us, x, xd, w, false, bias, a, b, m, n, k, r, scaling);
-}
-
-/// `lora_forward` for a weight stored [k, n] (`w_trans` false, Conv1D) or [n, k] (`w_trans`
-/// true: nn.Linear, and GPT-2's lm_head, which is wte [V, C] used transposed).
-#[allow(clippy::too_many_arguments)]
-pub fn lora_forward_t(
     out: &mut [f32],
     us: &mut [f32],
     x: &[f32],
@@ -80,30 +61,10 @@ pub struct LoraGrads<'a> {
 /// The gradients of `lora_forward`'s inputs from dout [m, n]. `keep` is the dropout mask (1 =
 /// kept) with its scale 1 / (1 - p), or None without dropout; `xd` is dropout(x) (x itself
 /// without dropout) and `us` what the forward wrote.
+/// The weight is stored [k, n] (`w_trans` false) or [n, k] (`w_trans` true; dW is then [n, k]
+/// too).
 #[allow(clippy::too_many_arguments)]
 pub fn lora_backward(
-    grads: LoraGrads,
-    dout: &[f32],
-    x: &[f32],
-    xd: &[f32],
-    keep: Option<(&[u8], f32)>,
-    w: &[f32],
-    a: &[f32],
-    b: &[f32],
-    us: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    r: usize,
-    scaling: f32,
-) {
-    lora_backward_t(grads, dout, x, xd, keep, w, false, a, b, us, m, n, k, r, scaling);
-}
-
-/// `lora_backward` for a weight stored [k, n] (`w_trans` false) or [n, k] (`w_trans` true; dW
-/// is then [n, k] too).
-#[allow(clippy::too_many_arguments)]
-pub fn lora_backward_t(
     grads: LoraGrads,
     dout: &[f32],
     x: &[f32],

@@ -43,7 +43,7 @@ pub fn nf4_linear_forward(
 ) {
     let wd = dequantized(w);
     match adapter {
-        Some(ad) => lora_forward(out, us, x, ad.xd, &wd, bias, ad.a, ad.b, m, n, k, ad.r, ad.scaling),
+        Some(ad) => lora_forward(out, us, x, ad.xd, &wd, false, bias, ad.a, ad.b, m, n, k, ad.r, ad.scaling),
         None => matmul_forward(out, None, x, &wd, bias, m, n, k, false, false),
     }
     pool::give(wd);
@@ -73,7 +73,7 @@ pub fn nf4_linear_backward(
     }
     let wd = dequantized(w);
     match adapter {
-        Some(ad) => lora_backward(grads, dout, x, ad.xd, keep, &wd, ad.a, ad.b, us, m, n, k, ad.r, ad.scaling),
+        Some(ad) => lora_backward(grads, dout, x, ad.xd, keep, &wd, false, ad.a, ad.b, us, m, n, k, ad.r, ad.scaling),
         None => {
             if let Some(dx) = grads.dx {
                 // dx [m, k] = G [m, n] @ W^T [n, k]
