@@ -25,31 +25,7 @@
 //
 // Test: cargo test --release --features cuda --test embedding
 #include "embedding.cuh"
-
-namespace {
-
-__device__ __forceinline__ void load8(float (&f)[8], const __nv_bfloat16* p) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        const float2 t = __bfloat1622float2(h[j]);
-        f[2 * j] = t.x;
-        f[2 * j + 1] = t.y;
-    }
-}
-
-__device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&f)[8]) {
-    uint4 u;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-    for (int j = 0; j < 4; j++) h[j] = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
-    *reinterpret_cast<uint4*>(p) = u;
-}
-
-__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
-}  // namespace
+#include "vec.cuh"
 
 extern "C" __global__ void __launch_bounds__(KILN_EMB_WARPS * 32) embedding_forward(__nv_bfloat16* out, const int32_t* ids, const __nv_bfloat16* wte, const __nv_bfloat16* wpe, int rows, int t, int c, int vocab) {
     const int row = blockIdx.x * KILN_EMB_WARPS + (int)(threadIdx.x >> 5);

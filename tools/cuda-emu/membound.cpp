@@ -14,12 +14,13 @@ namespace { alignas(16) unsigned char smem[16]; }
 #define __shared__ static
 #include <math.h>
 #include "common.cuh"
+#include "vec.cuh"
 #include <random>
 #include <functional>
 #include <map>
 #include <string>
-// Each family in its own namespace: the files share helper names (load8, aligned16) in anonymous
-// namespaces. adamw.cu goes with elementwise.cu (adamw.cuh includes elementwise.cuh once).
+// Each family in its own namespace: the files share helper names in anonymous namespaces.
+// adamw.cu goes with elementwise.cu (adamw.cuh includes elementwise.cuh once).
 namespace ln {
 #include "layernorm.cu"
 }

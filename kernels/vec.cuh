@@ -1,0 +1,27 @@
+// vec.cuh: 16-byte loads and stores of bf16 for the memory-bound kernels (elementwise,
+// layernorm, embedding). Device code only: the host twins never include it.
+#pragma once
+#include "common.cuh"
+
+// 8 bf16 in 16 bytes, widened to f32 / narrowed back with round-to-nearest-even.
+__device__ __forceinline__ void load8(float (&f)[8], const __nv_bfloat16* p) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 t = __bfloat1622float2(h[j]);
+        f[2 * j] = t.x;
+        f[2 * j + 1] = t.y;
+    }
+}
+
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&f)[8]) {
+    uint4 u;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; j++) h[j] = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+}
+
+// Whether a 16-byte access at p is aligned (the vector paths need every pointer aligned).
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
