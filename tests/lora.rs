@@ -450,8 +450,9 @@ fn kiln_merge_writes_a_plain_checkpoint_and_generate_agrees_with_the_adapter() {
     );
 }
 
-#[test]
-fn kiln_grads_with_an_adapter_writes_peft_names() {
+/// `kiln grads --adapter` on the oracle batch writes exactly the fixture's names minus logits (the
+/// loss and every adapter gradient, nothing of the base), each within TOL of the fixture.
+fn grads_cli_matches(adapter: &Path, want: &Path) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("g.safetensors");
     let o = kiln(&[
@@ -461,14 +462,13 @@ fn kiln_grads_with_an_adapter_writes_peft_names() {
         "--batch",
         s(&fixture("batch.safetensors")),
         "--adapter",
-        s(&fixture("rslora")),
+        s(adapter),
         "--out",
         s(&out),
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let got = load_all(&out).unwrap();
-    let want = load_all(&fixture("rslora_grads.safetensors")).unwrap();
-    // the fixture's names minus logits: loss and every adapter gradient, nothing of the base
+    let want = load_all(want).unwrap();
     let mut names: Vec<&String> = want.keys().filter(|k| *k != "logits").collect();
     names.sort();
     assert_eq!(got.keys().collect::<Vec<_>>(), names);
@@ -476,6 +476,11 @@ fn kiln_grads_with_an_adapter_writes_peft_names() {
         let e = rel_err(g, &want[n]);
         assert!(e < TOL, "{n}: rel err {e}");
     }
+}
+
+#[test]
+fn kiln_grads_with_an_adapter_writes_peft_names() {
+    grads_cli_matches(&fixture("rslora"), &fixture("rslora_grads.safetensors"));
 }
 
 // ------------------------------------------------------------- initialisation and dropout
@@ -959,29 +964,7 @@ fn an_adapter_on_wte_or_lm_head_is_not_merged() {
 #[test]
 fn grads_and_generate_take_an_embedding_and_lm_head_adapter() {
     let adapter = embedding_fixture("adapter");
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("g.safetensors");
-    let o = kiln(&[
-        "grads",
-        "--model",
-        s(&fixture("model")),
-        "--batch",
-        s(&fixture("batch.safetensors")),
-        "--adapter",
-        s(&adapter),
-        "--out",
-        s(&out),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let got = load_all(&out).unwrap();
-    let want = load_all(&embedding_fixture("grads.safetensors")).unwrap();
-    let mut names: Vec<&String> = want.keys().filter(|k| *k != "logits").collect();
-    names.sort();
-    assert_eq!(got.keys().collect::<Vec<_>>(), names);
-    for (n, g) in &got {
-        let e = rel_err(g, &want[n]);
-        assert!(e < TOL, "{n}: rel err {e}");
-    }
+    grads_cli_matches(&adapter, &embedding_fixture("grads.safetensors"));
 
     // Generation: the KV-cached path applies both adapters as the full forward pass does.
     // Greedy decoding step by step through `forward` (no cache) is the reference.

@@ -339,8 +339,8 @@ mod cuda {
                     let (mut losses, mut lse) = (poisoned(cu, rows, f32::NAN), poisoned(cu, rows, f32::NAN));
                     let d = if f32_logits {
                         let mut dz = cu.upload(&z).unwrap();
-                        gpu::xent_forward_f32(&mut losses, &mut lse, &dz, &dt, v).unwrap();
-                        gpu::xent_backward_f32(&mut dz, &lse, &dt, v, scale).unwrap();
+                        gpu::xent_forward(&mut losses, &mut lse, &dz, &dt, v).unwrap();
+                        gpu::xent_backward(&mut dz, &lse, &dt, v, scale).unwrap();
                         cu.download(&dz).unwrap()
                     } else {
                         let mut dz = cu.upload(&to_bf(&z)).unwrap();

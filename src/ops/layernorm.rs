@@ -31,17 +31,15 @@ pub fn layernorm(tape: &mut Tape, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) 
         #[cfg(feature = "cuda")]
         crate::Device::Cuda(_) => {
             let (xd, wd, bd) = (dev::bf16_in(OP, x)?, dev::bf16_in(OP, w)?, dev::bf16_in(OP, b)?);
-            let mut mean = dev::new_f32(&[rows], |_| Ok(()))?;
-            let mut rstd = dev::new_f32(&[rows], |_| Ok(()))?;
-            let out = dev::new_bf16(x.dims(), |o| {
-                let (Some(CudaStorage::F32(m)), Some(CudaStorage::F32(r))) =
-                    (mean.cuda_storage_mut(), rstd.cuda_storage_mut())
-                else {
-                    unreachable!("made as f32 CUDA tensors above")
-                };
-                cuda::layernorm_forward(o, m, r, xd, wd, bd, c, eps)
-            })?;
-            (out, mean, rstd)
+            let cu = crate::backend::cuda::cuda()?;
+            let (mut mean, mut rstd) = (cu.alloc::<f32>(rows)?, cu.alloc::<f32>(rows)?);
+            let out =
+                dev::new_bf16(x.dims(), |o| cuda::layernorm_forward(o, &mut mean, &mut rstd, xd, wd, bd, c, eps))?;
+            (
+                out,
+                Tensor::from_cuda(CudaStorage::F32(mean), [rows])?,
+                Tensor::from_cuda(CudaStorage::F32(rstd), [rows])?,
+            )
         }
         _ => {
             let (xd, wd, bd) = (f32_input(OP, x)?, f32_input(OP, w)?, f32_input(OP, b)?);

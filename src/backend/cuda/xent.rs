@@ -3,7 +3,7 @@
 //! place, so its `dlogits` holds the logits on entry); plus the host twins (`twin`), which CI tests
 //! against the CPU backend without a GPU.
 
-use super::{bf16, cuda, launch_err, CudaSlice, Kernel, LaunchConfig, PushKernelArg};
+use super::{bf16, cuda, launch_err, CudaSlice, DeviceRepr, Kernel, LaunchConfig, PushKernelArg};
 use crate::abi::KILN_XENT_THREADS;
 use crate::{Error, Result};
 
@@ -33,13 +33,33 @@ fn config(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (KILN_XENT_THREADS as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// The logit types the kernels take: bf16 (what the GPU forward pass makes) and f32 (the CPU
+/// twin's type, for comparing the two on the same values).
+pub trait Logits: DeviceRepr + sealed::Sealed {
+    const FORWARD: Kernel;
+    const BACKWARD: Kernel;
+}
+impl Logits for bf16 {
+    const FORWARD: Kernel = Kernel::XentForward;
+    const BACKWARD: Kernel = Kernel::XentBackward;
+}
+impl Logits for f32 {
+    const FORWARD: Kernel = Kernel::XentForwardF32;
+    const BACKWARD: Kernel = Kernel::XentBackwardF32;
+}
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for f32 {}
+}
+
 /// Each row's lse and loss = lse - logit[target] (0 where the target is IGNORE); rows =
 /// targets.len(). Unlike the CPU twin it does not sum the losses (that would wait for the
 /// device): `loss_sum` does, when the caller wants the number.
-pub fn xent_forward(
+pub fn xent_forward<T: Logits>(
     losses: &mut CudaSlice<f32>,
     lse: &mut CudaSlice<f32>,
-    logits: &CudaSlice<bf16>,
+    logits: &CudaSlice<T>,
     targets: &CudaSlice<i32>,
     v: usize,
 ) -> Result<()> {
@@ -50,28 +70,7 @@ pub fn xent_forward(
     }
     let cu = cuda()?;
     let v32 = v as i32;
-    let mut l = cu.stream().launch_builder(cu.func(Kernel::XentForward));
-    l.arg(losses).arg(lse).arg(logits).arg(targets).arg(&v32);
-    unsafe { l.launch(config(rows)) }.map_err(launch_err)?;
-    Ok(())
-}
-
-/// `xent_forward` over f32 logits (the CPU twin's input type).
-pub fn xent_forward_f32(
-    losses: &mut CudaSlice<f32>,
-    lse: &mut CudaSlice<f32>,
-    logits: &CudaSlice<f32>,
-    targets: &CudaSlice<i32>,
-    v: usize,
-) -> Result<()> {
-    let rows = targets.len();
-    check("cuda::xent_forward_f32", logits.len(), rows, v, &[("losses", losses.len()), ("lse", lse.len())])?;
-    if rows == 0 {
-        return Ok(());
-    }
-    let cu = cuda()?;
-    let v32 = v as i32;
-    let mut l = cu.stream().launch_builder(cu.func(Kernel::XentForwardF32));
+    let mut l = cu.stream().launch_builder(cu.func(T::FORWARD));
     l.arg(losses).arg(lse).arg(logits).arg(targets).arg(&v32);
     unsafe { l.launch(config(rows)) }.map_err(launch_err)?;
     Ok(())
@@ -88,8 +87,8 @@ pub fn loss_sum(losses: &CudaSlice<f32>, targets: &[i32]) -> Result<(f64, usize)
 
 /// dlogits = (softmax(logits) - onehot(target)) * scale, in place: `dlogits` holds the logits on
 /// entry (the CPU twin's separate `logits` argument); zero rows where the target is IGNORE.
-pub fn xent_backward(
-    dlogits: &mut CudaSlice<bf16>,
+pub fn xent_backward<T: Logits>(
+    dlogits: &mut CudaSlice<T>,
     lse: &CudaSlice<f32>,
     targets: &CudaSlice<i32>,
     v: usize,
@@ -102,28 +101,7 @@ pub fn xent_backward(
     }
     let cu = cuda()?;
     let v32 = v as i32;
-    let mut l = cu.stream().launch_builder(cu.func(Kernel::XentBackward));
-    l.arg(dlogits).arg(lse).arg(targets).arg(&v32).arg(&scale);
-    unsafe { l.launch(config(rows)) }.map_err(launch_err)?;
-    Ok(())
-}
-
-/// `xent_backward` over f32 logits, in place.
-pub fn xent_backward_f32(
-    dlogits: &mut CudaSlice<f32>,
-    lse: &CudaSlice<f32>,
-    targets: &CudaSlice<i32>,
-    v: usize,
-    scale: f32,
-) -> Result<()> {
-    let rows = targets.len();
-    check("cuda::xent_backward_f32", dlogits.len(), rows, v, &[("lse", lse.len())])?;
-    if rows == 0 {
-        return Ok(());
-    }
-    let cu = cuda()?;
-    let v32 = v as i32;
-    let mut l = cu.stream().launch_builder(cu.func(Kernel::XentBackwardF32));
+    let mut l = cu.stream().launch_builder(cu.func(T::BACKWARD));
     l.arg(dlogits).arg(lse).arg(targets).arg(&v32).arg(&scale);
     unsafe { l.launch(config(rows)) }.map_err(launch_err)?;
     Ok(())
