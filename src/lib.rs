@@ -20,6 +20,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod profile;
+pub mod progress;
 pub mod quant;
 pub mod tape;
 pub mod tensor;

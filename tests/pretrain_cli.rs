@@ -31,7 +31,7 @@ const SMALL: &[&str] = &[
 ];
 
 #[test]
-fn ctrl_c_finishes_the_step_saves_and_exits_cleanly() {
+fn ctrl_c_finishes_the_step_saves_and_exits_130() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let mut child = kiln()
@@ -47,8 +47,12 @@ fn ctrl_c_finishes_the_step_saves_and_exits_cleanly() {
         assert!(start.elapsed() < Duration::from_secs(120), "training never started");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
+    // The same interrupt, delivered twice at once (as `timeout -s INT` signals the process and then
+    // its group, or a terminal signals both `cargo run` and kiln): one interrupt, so a checkpoint.
+    for _ in 0..2 {
+        let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "kiln did not stop after Ctrl-C");
@@ -56,8 +60,9 @@ fn ctrl_c_finishes_the_step_saves_and_exits_cleanly() {
     }
     let out = child.wait_with_output().unwrap();
     let t = text(&out);
-    assert!(out.status.success(), "Ctrl-C must end the run cleanly (exit 0):\n{t}");
-    assert!(t.contains("stopped at step"), "{t}");
+    assert_eq!(out.status.code(), Some(130), "an interrupted run exits with status 130:\n{t}");
+    assert!(t.contains("stopped by an interrupt at step"), "{t}");
+    assert!(!t.contains("interrupted again"), "two signals at once are one interrupt:\n{t}");
     let latest = kiln::train::checkpoint::latest(&run).unwrap().expect("a checkpoint was saved on Ctrl-C");
     let logged = kiln::train::metrics::read(&run.join("metrics.jsonl")).unwrap().iter().map(|r| r.step).max().unwrap();
     assert!(
@@ -71,7 +76,106 @@ fn ctrl_c_finishes_the_step_saves_and_exits_cleanly() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("resuming from step-{logged:08}, {logged}/{} steps done", logged + 2)),
+        "{}",
+        text(&o)
+    );
     assert!(text(&o).contains(&format!("done at step {}", logged + 2)), "{}", text(&o));
+}
+
+/// Runs `kiln pretrain` with SMALL and `extra`, returning its output.
+fn pretrain(run: &Path, extra: &[&str]) -> Output {
+    kiln().args(["pretrain", "--out", run.to_str().unwrap()]).args(SMALL).args(extra).output().unwrap()
+}
+
+#[test]
+fn resume_without_a_checkpoint_starts_again_and_keeps_metrics_in_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // 6 steps logged, none saved (save_every is larger than the run; --stop-after is not used, so
+    // fake the crash by deleting the checkpoint the end of the run writes)
+    let o = pretrain(&run, &["--max-steps", "6", "--set", "train.log_every=1", "--set", "train.save_every=100"]);
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
+    let o = pretrain(&run, &["--resume", "--max-steps", "4", "--set", "train.log_every=1"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("nothing to resume from") && t.contains("starting from step 1"), "{t}");
+    let steps: Vec<usize> = kiln::train::metrics::read(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|r| r.loss.is_some())
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4], "metrics.jsonl must hold each step once, as the run that exists did them");
+
+    // metrics written after the last checkpoint (a crash before the next save) are dropped on resume
+    let o = pretrain(&run, &["--resume", "--max-steps", "8", "--set", "train.log_every=1", "--stop-after", "6"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut m = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    m.push_str("{\"step\":7,\"loss\":1.0,\"elapsed_s\":1.0}\n");
+    std::fs::write(run.join("metrics.jsonl"), m).unwrap();
+    let o = pretrain(&run, &["--resume", "--max-steps", "8", "--set", "train.log_every=1"]);
+    assert!(text(&o).contains("resuming from step-00000006, 6/8 steps done"), "{}", text(&o));
+    let steps: Vec<usize> = kiln::train::metrics::read(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|r| r.loss.is_some())
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_stop_labels_the_step_of_its_validation_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = pretrain(&run, &["--max-steps", "20", "--stop-after", "7", "--set", "train.eval_every=5"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("at step 7:") && t.contains("validation loss") && t.contains(" at step 5 "), "{t}");
+}
+
+#[test]
+fn a_run_that_cannot_start_leaves_nothing_and_says_so_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    for (args, needle) in [
+        (vec!["--preset", "gpt5"], "unknown preset"),
+        (vec!["--set", "train.lrr=3"], "lrr"),
+        (vec!["--tokenizer", "/nonexistent/tokenizer.json"], "/nonexistent/tokenizer.json"),
+        (vec!["--data", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+        (vec!["--set", "train.seq_len=4096"], "n_positions"),
+    ] {
+        let o = pretrain(&run, &args);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {t}");
+        assert!(o.stdout.is_empty(), "{args:?}: the error must come before any header line:\n{t}");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one error line, got:\n{stderr}");
+        assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{args:?}: {stderr}");
+        assert!(!run.exists(), "{args:?}: a run that could not start left {} behind", run.display());
+    }
+    // a data file that turns out to be bad while tokenizing: the directory it made is removed too
+    std::fs::write(dir.path().join("bad.txt"), b"caf\xe9").unwrap();
+    let o = pretrain(&run, &["--data", dir.path().join("bad.txt").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(!run.exists(), "a run that failed before its first step left {} behind", run.display());
+}
+
+#[test]
+fn progress_without_a_terminal_is_plain_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // stderr is a pipe here, as in a CI log
+    let o = pretrain(&run, &["--max-steps", "5"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for needle in ["training a 300-token byte-level BPE tokenizer", "tokenizing: ", "training: 5/5 steps (100%)"] {
+        assert!(err.contains(needle), "stderr lacks '{needle}':\n{err}");
+    }
 }
 
 fn fails_with(args: &[&str], needles: &[&str]) {

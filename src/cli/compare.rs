@@ -34,7 +34,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         target_loss: args.target_loss,
         methods: args.methods.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
         pretrained: args.pretrained,
-        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        progress: true,
         quiet: false,
     };
     compare(&args.out, &opts).map(|_| ())

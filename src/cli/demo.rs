@@ -68,7 +68,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         dir.display()
     );
     let inputs = train::train_inputs(&cfg, dir)?;
-    let tok = train::run_tokenizer(&cfg, dir, &inputs)?;
+    let tok = train::run_tokenizer(&cfg, dir, &inputs, None, true)?;
     let world = crate::data::synthetic::default_corpus(0).0;
     let (_, sample) = crate::data::synthetic::default_corpus(300);
     println!("  corpus: {} bytes like this: {}", cfg.data.builtin_bytes, sample.lines().next().unwrap_or(""));
@@ -78,13 +78,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("  model: {} parameters; before training it answers:", before.params.numel());
     let right_before = quiz(&before, &tok, &world, 3)?;
 
-    let opts = Options {
-        start: Start::Fresh,
-        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        stop_after: None,
-        quiet: false,
-        device: crate::Device::Cpu,
-    };
+    let opts =
+        Options { start: Start::Fresh, progress: true, stop_after: None, quiet: false, device: crate::Device::Cpu };
     let summary = train::pretrain(&cfg, dir, &opts)?;
     let ckpt = summary.checkpoint.clone().ok_or_else(|| Error::Input("the demo run saved no checkpoint".into()))?;
     let after = crate::io::checkpoint::load_gpt2(&ckpt)?;

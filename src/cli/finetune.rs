@@ -150,21 +150,8 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         cfg.train.lr,
         args.out.display()
     );
-    let opts = Options {
-        start,
-        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        stop_after: None,
-        quiet: false,
-        device,
-    };
+    let opts = Options { start, progress: true, stop_after: None, quiet: false, device };
     let s = train::finetune::finetune(&cfg, &args.out, &opts)?;
-    let ckpt = s.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());
-    println!(
-        "{} at step {}: train loss {}, validation loss {}; checkpoint {ckpt}",
-        if s.interrupted { "stopped" } else { "done" },
-        s.steps,
-        s.last_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
-        s.val_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
-    );
+    println!("{}; metrics {d}/metrics.jsonl; plot {d}/loss.svg", s.describe(), d = args.out.display());
     Ok(())
 }

@@ -130,9 +130,14 @@ pub fn main() -> i32 {
         }
     };
     match run(cli) {
+        // An interrupted run saved what it had and stopped early: the status says so, as shells expect.
+        Ok(()) if crate::train::steps::interrupt::requested() => 130,
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e}");
+            // one line, whatever the message: the problem and the fix come first in every error
+            let msg = e.to_string();
+            let line: Vec<&str> = msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            eprintln!("error: {}", line.join(" "));
             1
         }
     }

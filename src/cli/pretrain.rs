@@ -86,37 +86,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         (_, true) => Start::Overwrite,
         _ => Start::Fresh,
     };
-    let t = &cfg.train;
-    println!(
-        "kiln pretrain: {} preset, batch {} x {} tokens x {} accumulation, {} steps, lr {:.1e} ({}), run directory {}",
-        cfg.model.preset,
-        t.batch_size,
-        t.seq_len,
-        t.grad_accum,
-        t.max_steps,
-        t.lr,
-        t.schedule,
-        args.out.display()
-    );
-    let opts = Options {
-        start,
-        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        stop_after: args.stop_after,
-        quiet: false,
-        device,
-    };
+    let opts = Options { start, progress: true, stop_after: args.stop_after, quiet: false, device };
     let s = train::pretrain(&cfg, &args.out, &opts)?;
-    let ckpt = s.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());
-    println!(
-        "{} at step {}: train loss {}, validation loss {}, {:.0} tokens/s; checkpoint {ckpt}; metrics {}/metrics.jsonl; plot {}/loss.svg",
-        if s.interrupted { "stopped" } else { "done" },
-        s.steps,
-        s.last_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
-        s.val_loss.map(|l| format!("{l:.4} (perplexity {:.2})", l.exp())).unwrap_or_else(|| "-".into()),
-        s.tokens_per_s,
-        args.out.display(),
-        args.out.display()
-    );
+    println!("{}; metrics {d}/metrics.jsonl; plot {d}/loss.svg", s.describe(), d = args.out.display());
     if s.steps == 0 {
         return Err(Error::Input(
             "no step was run: train.max_steps is at or below the checkpoint's step; raise it with --max-steps".into(),

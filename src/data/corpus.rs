@@ -214,17 +214,6 @@ fn safe_cut(s: &str, from: usize) -> Option<usize> {
     None
 }
 
-fn progress_bar(total: u64, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let style = indicatif::ProgressStyle::with_template(
-        "tokenizing {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    indicatif::ProgressBar::new(total).with_style(style)
-}
-
 /// Tokenizes every document of `inputs` (in parallel, order kept), appends the tokenizer's EOS id
 /// after each non-empty document, and writes the token file `out` atomically.
 pub fn build_token_file(inputs: &[PathBuf], tok: &Tokenizer, out: &Path, progress: bool) -> Result<TokenFile> {
@@ -238,7 +227,13 @@ pub fn build_token_file(inputs: &[PathBuf], tok: &Tokenizer, out: &Path, progres
     let vocab = tok.id_bound();
     let width: usize = if vocab <= 1 << 16 { 2 } else { 4 };
     let eos = tok.eos_id();
-    let bar = progress_bar(sizes.iter().sum(), progress);
+    let bar = crate::progress::Progress::new(
+        progress,
+        "tokenizing",
+        "bytes",
+        sizes.iter().sum(),
+        "tokenizing {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    );
 
     let mut failure: Option<Error> = None;
     let mut n_tokens: u64 = 0;
@@ -320,7 +315,7 @@ pub fn build_token_file(inputs: &[PathBuf], tok: &Tokenizer, out: &Path, progres
         w.seek(SeekFrom::Start(0))?;
         w.write_all(&header)
     });
-    bar.finish_and_clear();
+    bar.finish();
     if let Some(e) = failure {
         return Err(e);
     }

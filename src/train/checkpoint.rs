@@ -53,6 +53,46 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(checkpoints(run_dir)?.pop().map(|(_, p)| p))
 }
 
+/// The checkpoint `--resume` continues from, said aloud ("resuming from step-00000141, 141/300
+/// steps done"). With none (the run stopped before its first save), the run starts again from
+/// step 1 and metrics.jsonl is emptied to match, so it never holds steps no checkpoint has.
+/// Temporary directories left by a save that was killed are removed.
+pub fn resume_point(run_dir: &Path, max_steps: usize, quiet: bool) -> Result<Option<PathBuf>> {
+    let root = run_dir.join("checkpoints");
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let latest = checkpoints(run_dir)?.pop();
+    let metrics = run_dir.join("metrics.jsonl");
+    match &latest {
+        Some((step, dir)) => {
+            super::metrics::truncate_after(&metrics, *step)?;
+            if !quiet {
+                let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                println!("resuming from {name}, {step}/{max_steps} steps done");
+            }
+        }
+        None => {
+            let had = super::metrics::read(&metrics)?.iter().map(|r| r.step).max();
+            super::metrics::truncate_after(&metrics, 0)?;
+            if !quiet {
+                let lost =
+                    had.map(|s| format!(" (metrics.jsonl held steps up to {s}; cleared to match)")).unwrap_or_default();
+                println!(
+                    "nothing to resume from: {} has no complete checkpoint yet{lost}; starting from step 1",
+                    run_dir.display()
+                );
+            }
+        }
+    }
+    Ok(latest.map(|(_, p)| p))
+}
+
 /// Writes a checkpoint for `state.step` and keeps the newest `keep_last` (at least one).
 pub fn save(
     run_dir: &Path,

@@ -191,7 +191,10 @@ impl RunConfig {
         let mut table: toml::Table = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| Error::read(p, e))?;
-                text.parse().map_err(|e| Error::config(p, format!("not valid TOML: {e}")))?
+                text.parse().map_err(|e: toml::de::Error| {
+                    let at = e.span().map(|s| line_col(&text, s.start)).unwrap_or_default();
+                    Error::config(p, format!("{at}not valid TOML: {}", e.message().trim()))
+                })?
             }
             None => toml::Table::new(),
         };
@@ -199,7 +202,7 @@ impl RunConfig {
             set(&mut table, o)?;
         }
         let label = path.unwrap_or(Path::new("(command line)"));
-        let cfg: RunConfig = table.try_into().map_err(|e| Error::config(label, format!("{e}")))?;
+        let cfg: RunConfig = table.try_into().map_err(|e| Error::config(label, one_line(&e)))?;
         cfg.check(label)?;
         Ok(cfg)
     }
@@ -226,6 +229,64 @@ impl RunConfig {
         }
         Ok(())
     }
+}
+
+/// "line L, column C: " for a byte offset into `text`.
+fn line_col(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {col}: ")
+}
+
+/// A config error on one line, the problem and the fix first: an unknown key names its section,
+/// the closest valid key and then all of them; a bad value names its key.
+fn one_line(e: &toml::de::Error) -> String {
+    let msg = e.message().trim();
+    // serde's wording, which toml passes on: "unknown field `x`, expected one of `a`, `b`" (or
+    // "expected `a` or `b`"), and a following "in `section.key`" line in the error's display
+    let shown = e.to_string();
+    let place = shown.lines().find_map(|l| l.trim().strip_prefix("in `").and_then(|r| r.strip_suffix('`')));
+    let Some(rest) = msg.strip_prefix("unknown field `") else {
+        return match place {
+            Some(p) => format!("{p}: {msg}"),
+            None => msg.to_string(),
+        };
+    };
+    let (key, expected) = rest.split_once('`').unwrap_or((rest, ""));
+    let valid: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let hint = closest(key, &valid).map(|k| format!(" Did you mean `{k}`?")).unwrap_or_default();
+    match place {
+        Some(p) => format!("unknown key `{key}` in [{p}].{hint} The keys of [{p}] are: {}.", valid.join(", ")),
+        None => format!("unknown section [{key}].{hint} The sections are: [{}].", valid.join("], [")),
+    }
+}
+
+/// The valid key nearest to a misspelt one, when it is near (at most a third of it changed).
+fn closest<'a>(key: &str, valid: &[&'a str]) -> Option<&'a str> {
+    let dist = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for j in 0..b.len() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + (ca != b[j]) as usize).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    };
+    if let Some(v) = valid.iter().find(|v| key.len() >= 3 && (v.starts_with(key) || key.starts_with(**v))) {
+        return Some(v);
+    }
+    valid
+        .iter()
+        .map(|v| (dist(key, v), *v))
+        .filter(|(d, v)| *d <= key.len().max(v.len()).div_ceil(3))
+        .min()
+        .map(|(_, v)| v)
 }
 
 /// Applies one `section.key=value` override; the value is read as TOML (numbers, booleans,

@@ -238,12 +238,12 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         "adamw8bit" => (Box::new(AdamW8bit::new(adam)), 2.0 + 8.0 / 256.0),
         _ => (Box::new(AdamW::new(adam)), 8.0),
     };
-    let latest = if opts.start == Start::Resume { checkpoint::latest(run_dir)? } else { None };
+    let latest =
+        if opts.start == Start::Resume { checkpoint::resume_point(run_dir, t.max_steps, opts.quiet)? } else { None };
     let (mut pos, start_step, elapsed0) = match &latest {
         Some(dir) => {
             let base = adapter.then(|| model.clone());
             let s = checkpoint::load(dir, base, opt.as_mut())?;
-            super::metrics::truncate_after(&run_dir.join("metrics.jsonl"), s.step)?;
             model = s.model;
             let pos: SftPosition = serde_json::from_value(s.data).map_err(|e| {
                 Error::checkpoint(dir, format!("trainer_state.json: the data position is unreadable ({e})"))

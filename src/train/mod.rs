@@ -44,7 +44,7 @@ pub enum Start {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub start: Start,
-    /// Draw a progress bar on the terminal.
+    /// Report progress: a bar on a terminal, plain lines every few seconds elsewhere.
     pub progress: bool,
     /// Stop (and save) after this many steps in total, as Ctrl-C would, without changing the
     /// schedule: used to test resume.
@@ -62,10 +62,31 @@ pub struct Summary {
     pub steps: usize,
     pub last_loss: Option<f64>,
     pub val_loss: Option<f64>,
+    /// The step `val_loss` was measured at.
+    pub val_step: Option<usize>,
     /// Median tokens per second over this invocation's steps.
     pub tokens_per_s: f64,
     pub interrupted: bool,
     pub checkpoint: Option<PathBuf>,
+}
+
+impl Summary {
+    /// One line for the end of a run: where it stopped, the last losses (the validation loss
+    /// with the step it was measured at), speed and the checkpoint.
+    pub fn describe(&self) -> String {
+        let val = match (self.val_loss, self.val_step) {
+            (Some(v), Some(s)) => format!("validation loss {v:.4} at step {s} (perplexity {:.2})", v.exp()),
+            _ => "no validation loss".into(),
+        };
+        let ckpt = self.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());
+        format!(
+            "{} at step {}: train loss {}, {val}, {:.0} tokens/s; checkpoint {ckpt}",
+            if self.interrupted { "stopped by an interrupt" } else { "done" },
+            self.steps,
+            self.last_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+            self.tokens_per_s,
+        )
+    }
 }
 
 /// Files a run writes at the top of its directory (an overwrite deletes these and nothing else).
@@ -132,14 +153,25 @@ pub fn prepare_dir(run_dir: &Path, start: Start) -> Result<()> {
 }
 
 /// The tokenizer of a run: given, reused (resume), or trained on the training files.
-pub fn run_tokenizer(cfg: &RunConfig, run_dir: &Path, train_files: &[PathBuf]) -> Result<Tokenizer> {
+pub fn run_tokenizer(
+    cfg: &RunConfig,
+    run_dir: &Path,
+    train_files: &[PathBuf],
+    given: Option<Tokenizer>,
+    progress: bool,
+) -> Result<Tokenizer> {
     let saved = run_dir.join("tokenizer.json");
     if saved.exists() {
         return Tokenizer::from_file(&saved);
     }
-    let tok = match &cfg.data.tokenizer {
-        Some(p) => Tokenizer::load(p)?,
-        None => crate::data::tokenizer::train_bpe(train_files, cfg.data.tokenizer_vocab_size, 2)?,
+    let tok = match (given, &cfg.data.tokenizer) {
+        (Some(t), _) => t,
+        (None, Some(p)) => Tokenizer::load(p)?,
+        (None, None) => {
+            let what = format!("training a {}-token byte-level BPE tokenizer", cfg.data.tokenizer_vocab_size);
+            let _ticker = crate::progress::Ticker::new(progress, &what);
+            crate::data::tokenizer::train_bpe(train_files, cfg.data.tokenizer_vocab_size, 2)?
+        }
     };
     tok.save(&saved)?;
     Ok(tok)
@@ -178,9 +210,17 @@ fn token_file(inputs: &[PathBuf], tok: &Tokenizer, path: &Path, progress: bool) 
 /// The model config a run trains: the preset (or init checkpoint) with the run's overrides and
 /// the tokenizer's vocabulary.
 pub fn model_config(cfg: &RunConfig, tok: &Tokenizer) -> Result<Gpt2Config> {
+    let mut c = base_model_config(cfg)?;
+    c.vocab_size = tok.id_bound();
+    c.eos_token_id = tok.eos_id();
+    c.bos_token_id = tok.eos_id();
+    Ok(c)
+}
+
+/// The preset with the run's overrides, before a tokenizer sets the vocabulary.
+fn base_model_config(cfg: &RunConfig) -> Result<Gpt2Config> {
     let m = &cfg.model;
     let mut c = Gpt2Config::preset(&m.preset)?;
-    c.vocab_size = tok.id_bound();
     c.n_layer = m.n_layer.unwrap_or(c.n_layer);
     c.n_head = m.n_head.unwrap_or(c.n_head);
     c.n_embd = m.n_embd.unwrap_or(c.n_embd);
@@ -188,8 +228,6 @@ pub fn model_config(cfg: &RunConfig, tok: &Tokenizer) -> Result<Gpt2Config> {
     if let Some(p) = m.dropout {
         (c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) = (p, p, p);
     }
-    c.eos_token_id = tok.eos_id();
-    c.bos_token_id = tok.eos_id();
     if c.n_embd % c.n_head != 0 {
         return Err(Error::Input(format!(
             "model.n_embd = {} is not divisible by model.n_head = {}",
@@ -222,23 +260,104 @@ pub fn evaluate(model: &Gpt2, file: &TokenFile, starts: &[usize], batch: usize, 
     Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
 }
 
-/// Runs (or resumes) pre-training as configured, writing everything into `run_dir`.
+/// What can be checked before a run touches the disk: the preset and model shape (or the
+/// checkpoint it starts from), the data and validation files, the tokenizer and the context. A
+/// run that cannot start fails here, before its directory exists. Returns the configured
+/// tokenizer, loaded.
+pub fn check_start(cfg: &RunConfig) -> Result<Option<Tokenizer>> {
+    let n_positions = match &cfg.model.init_from {
+        Some(dir) => {
+            if !dir.join("config.json").is_file() {
+                return Err(Error::checkpoint(
+                    dir,
+                    "model.init_from has no config.json: give a Hugging Face checkpoint directory",
+                ));
+            }
+            crate::model::gpt2::Gpt2Config::from_json_file(&dir.join("config.json"))?.n_positions
+        }
+        None => base_model_config(cfg)?.n_positions,
+    };
+    if cfg.train.seq_len > n_positions {
+        return Err(Error::Input(format!(
+            "train.seq_len = {} is longer than the model's context (n_positions = {n_positions}); lower \
+             train.seq_len or raise model.n_positions",
+            cfg.train.seq_len
+        )));
+    }
+    if !cfg.data.train.is_empty() {
+        corpus::expand_inputs(&cfg.data.train)?;
+    }
+    corpus::expand_inputs(&cfg.data.val)?;
+    cfg.data.tokenizer.as_deref().map(Tokenizer::load).transpose()
+}
+
+/// Runs (or resumes) pre-training as configured, writing everything into `run_dir`. A run that
+/// fails before its first step leaves no directory behind (when it made the directory).
 pub fn pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summary> {
+    let given_tok = check_start(cfg)?;
+    let t = &cfg.train;
+    if !opts.quiet {
+        println!(
+            "kiln pretrain: {} preset, batch {} x {} tokens x {} accumulation, {} steps, lr {:.1e} ({}), run directory {}",
+            cfg.model.preset,
+            t.batch_size,
+            t.seq_len,
+            t.grad_accum,
+            t.max_steps,
+            t.lr,
+            t.schedule,
+            run_dir.display()
+        );
+    }
+    let created = !run_dir.exists();
     prepare_dir(run_dir, opts.start)?;
+    let started = setup_pretrain(cfg, run_dir, opts, given_tok);
+    if started.is_err() && created {
+        let _ = std::fs::remove_dir_all(run_dir);
+    }
+    started?.run(cfg, run_dir, opts)
+}
+
+/// A pre-training run ready for its first step.
+struct Prepared {
+    model: Gpt2,
+    opt: AdamW,
+    tok: Tokenizer,
+    train_file: TokenFile,
+    val_file: Option<TokenFile>,
+    sampler: WindowSampler,
+    eval_starts: Vec<usize>,
+    start_step: usize,
+    elapsed0: f64,
+    latest: Option<PathBuf>,
+}
+
+fn setup_pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options, given_tok: Option<Tokenizer>) -> Result<Prepared> {
     if opts.start == Start::Resume {
         let stored = RunConfig::load(Some(&run_dir.join("run.toml")), &[])?;
-        if stored.model != cfg.model || stored.data != cfg.data {
+        // the run's tokenizer is reused, so the vocabulary size asked for no longer matters
+        let asked = config::DataSection { tokenizer_vocab_size: stored.data.tokenizer_vocab_size, ..cfg.data.clone() };
+        if stored.model != cfg.model || stored.data != asked {
             return Err(Error::Input(format!(
                 "{} was started with a different [model] or [data] config; resume with the same ones (only [train] may change)",
                 run_dir.display()
             )));
         }
     }
-    crate::io::write_atomic(&run_dir.join("run.toml"), |w| std::io::Write::write_all(w, cfg.to_toml().as_bytes()))?;
+    let write_config = |cfg: &RunConfig| {
+        crate::io::write_atomic(&run_dir.join("run.toml"), |w| std::io::Write::write_all(w, cfg.to_toml().as_bytes()))
+    };
+    write_config(cfg)?;
     let t = &cfg.train;
 
     let inputs = train_inputs(cfg, run_dir)?;
-    let tok = run_tokenizer(cfg, run_dir, &inputs)?;
+    let tok = run_tokenizer(cfg, run_dir, &inputs, given_tok, opts.progress && !opts.quiet)?;
+    if cfg.data.tokenizer.is_none() && tok.vocab_size() != cfg.data.tokenizer_vocab_size {
+        // record the vocabulary the trainer built (it stops early on a small corpus), not the request
+        let mut built = cfg.clone();
+        built.data.tokenizer_vocab_size = tok.vocab_size();
+        write_config(&built)?;
+    }
     let train_file = token_file(&inputs, &tok, &run_dir.join("data").join("train.tok"), opts.progress)?;
     let (train_range, val_file, val_range) = if cfg.data.val.is_empty() {
         let (a, b) = corpus::split(train_file.len(), cfg.data.val_fraction);
@@ -253,16 +372,15 @@ pub fn pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         let n = vf.len();
         (0..train_file.len(), Some(vf), 0..n)
     };
-    let val_file = val_file.as_ref().unwrap_or(&train_file);
 
     // model, optimizer and position: from the latest checkpoint, or new
     let adam = AdamWConfig { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
     let mut opt = AdamW::new(adam);
-    let latest = if opts.start == Start::Resume { checkpoint::latest(run_dir)? } else { None };
+    let latest =
+        if opts.start == Start::Resume { checkpoint::resume_point(run_dir, t.max_steps, opts.quiet)? } else { None };
     let (mut model, sampler, start_step, elapsed0) = match &latest {
         Some(dir) => {
             let s = checkpoint::load(dir, None, &mut opt)?;
-            metrics::truncate_after(&run_dir.join("metrics.jsonl"), s.step)?;
             let sampler = serde_json::from_value(s.data).map_err(|e| {
                 Error::checkpoint(dir, format!("trainer_state.json: the data position is unreadable ({e})"))
             })?;
@@ -282,29 +400,47 @@ pub fn pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         return Err(Error::SeqTooLong { t: t.seq_len, n_positions: model.config.n_positions });
     }
     let eval_starts = corpus::eval_windows(val_range.clone(), t.seq_len, t.eval_windows);
+    Ok(Prepared { model, opt, tok, train_file, val_file, sampler, eval_starts, start_step, elapsed0, latest })
+}
 
-    let mut task = PretrainTask {
-        run_dir: run_dir.to_path_buf(),
-        tok,
-        train_file: &train_file,
-        val_file,
-        sampler,
-        eval_starts,
-        batch: t.batch_size,
-        seq: t.seq_len,
-        keep_last: t.keep_last,
-    };
-    let spec = steps::Spec {
-        train: t,
-        run_dir,
-        opts,
-        start_step,
-        elapsed0,
-        latest,
-        tokens_per_micro_batch: t.batch_size * t.seq_len,
-        title: "kiln pretrain: loss",
-    };
-    steps::run(&mut model, &mut opt, &mut task, &spec)
+impl Prepared {
+    fn run(self, cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summary> {
+        let t = &cfg.train;
+        let Prepared {
+            mut model,
+            mut opt,
+            tok,
+            train_file,
+            val_file,
+            sampler,
+            eval_starts,
+            start_step,
+            elapsed0,
+            latest,
+        } = self;
+        let mut task = PretrainTask {
+            run_dir: run_dir.to_path_buf(),
+            tok,
+            train_file: &train_file,
+            val_file: val_file.as_ref().unwrap_or(&train_file),
+            sampler,
+            eval_starts,
+            batch: t.batch_size,
+            seq: t.seq_len,
+            keep_last: t.keep_last,
+        };
+        let spec = steps::Spec {
+            train: t,
+            run_dir,
+            opts,
+            start_step,
+            elapsed0,
+            latest,
+            tokens_per_micro_batch: t.batch_size * t.seq_len,
+            title: "kiln pretrain: loss",
+        };
+        steps::run(&mut model, &mut opt, &mut task, &spec)
+    }
 }
 
 /// Pre-training's data, evaluation and checkpoints, for the shared step loop.

@@ -11,7 +11,6 @@ use crate::optim::Optimizer;
 use crate::tape::{Gradients, Tape};
 use crate::{Error, Result, Tensor};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// What a kind of training supplies to the loop.
@@ -40,23 +39,70 @@ pub struct Spec<'a> {
     pub title: &'a str,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Ctrl-C. Signals that arrive together are one interrupt: a terminal's Ctrl-C reaches both
+/// `cargo run` and kiln, and `timeout -s INT` signals the process and then its group. The first
+/// interrupt finishes the step, saves a checkpoint and stops; one that comes more than
+/// `SAME_INTERRUPT` later is a deliberate second one and exits at once, but never in the middle of
+/// a checkpoint: it waits for a save under way to finish. Once interrupted, a process stays
+/// interrupted (`kiln compare` stops between its runs too) and exits with status 130.
+pub mod interrupt {
+    use std::sync::{Mutex, MutexGuard};
+    use std::time::{Duration, Instant};
 
-/// Installs the Ctrl-C handler once: the first Ctrl-C finishes the step and saves; a second
-/// one exits at once.
-fn install_ctrlc() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = ctrlc::set_handler(|| {
-            if INTERRUPTED.swap(true, Ordering::SeqCst) {
-                eprintln!("\ninterrupted twice: exiting without saving");
+    /// Signals closer together than this are the same interrupt.
+    pub const SAME_INTERRUPT: Duration = Duration::from_secs(2);
+    static FIRST: Mutex<Option<Instant>> = Mutex::new(None);
+    /// Held while a checkpoint is written.
+    static SAVING: Mutex<()> = Mutex::new(());
+
+    fn lock<T>(m: &'static Mutex<T>) -> MutexGuard<'static, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Installs the handler (once per process).
+    pub fn install() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let _ = ctrlc::set_handler(on_signal);
+        });
+    }
+
+    fn on_signal() {
+        let now = Instant::now();
+        let mut first = lock(&FIRST);
+        match *first {
+            None => {
+                *first = Some(now);
+                eprintln!(
+                    "\ninterrupt: finishing this step, saving a checkpoint, then stopping (interrupt again to quit \
+                     without saving this step)"
+                );
+            }
+            Some(t) if now.duration_since(t) < SAME_INTERRUPT => {}
+            Some(_) => {
+                drop(first);
+                let _saving = match SAVING.try_lock() {
+                    Ok(g) => g,
+                    Err(_) => {
+                        eprintln!("interrupted again: finishing the checkpoint being written, then exiting");
+                        lock(&SAVING)
+                    }
+                };
+                eprintln!("interrupted again: exiting without saving this step; the last checkpoint is intact");
                 std::process::exit(130);
             }
-            eprintln!(
-                "\ninterrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to quit now)"
-            );
-        });
-    });
+        }
+    }
+
+    /// Whether this process has been interrupted.
+    pub fn requested() -> bool {
+        lock(&FIRST).is_some()
+    }
+
+    /// Held while a checkpoint is written, so that a second interrupt waits for it.
+    pub fn saving() -> MutexGuard<'static, ()> {
+        lock(&SAVING)
+    }
 }
 
 /// The dropout seed of one micro-batch: a function of the run seed and the position in the run,
@@ -69,9 +115,15 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
 /// `opts.stop_after`), saving, evaluating and logging as configured.
 pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec: &Spec) -> Result<Summary> {
     let t = spec.train;
-    install_ctrlc();
-    INTERRUPTED.store(false, Ordering::SeqCst);
-    let bar = progress_bar(spec.opts.progress, spec.start_step, t.max_steps);
+    interrupt::install();
+    let bar = crate::progress::Progress::new(
+        spec.opts.progress && !spec.opts.quiet,
+        "training",
+        "steps",
+        t.max_steps as u64,
+        "{bar:30.cyan/blue} {pos}/{len} steps | {msg} | {elapsed_precise} elapsed, {eta} left",
+    );
+    bar.set_position(spec.start_step as u64);
     let metrics_path = spec.run_dir.join("metrics.jsonl");
     let tokens_per_step = spec.tokens_per_micro_batch * t.grad_accum;
     let clock = Instant::now();
@@ -81,6 +133,7 @@ pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec:
         steps: spec.start_step,
         last_loss: None,
         val_loss: None,
+        val_step: None,
         tokens_per_s: 0.0,
         interrupted: false,
         checkpoint: spec.latest.clone(),
@@ -88,6 +141,10 @@ pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec:
     let mut last_saved = spec.latest.as_ref().map(|_| spec.start_step);
 
     for step in spec.start_step..t.max_steps {
+        if interrupt::requested() {
+            summary.interrupted = true;
+            break;
+        }
         let t0 = Instant::now();
         let lr = schedule::lr_at(step, t.max_steps, t.lr, t.min_lr_ratio, t.warmup_steps, &t.schedule);
         let mut grads = Gradients::empty();
@@ -128,8 +185,8 @@ pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec:
         rates.push(rate);
         summary.steps = done;
         summary.last_loss = Some(loss);
-        bar.set_position(done as u64);
         bar.set_message(format!("loss {loss:.4} | lr {lr:.2e} | {rate:.0} tok/s"));
+        bar.set_position(done as u64);
         let elapsed = spec.elapsed0 + clock.elapsed().as_secs_f64();
         let mut records = vec![];
         if done % t.log_every.max(1) == 0 || done == t.max_steps || done == spec.start_step + 1 {
@@ -145,6 +202,7 @@ pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec:
         if eval_now {
             if let Some(v) = task.evaluate(model)? {
                 summary.val_loss = Some(v);
+                summary.val_step = Some(done);
                 say(
                     spec.opts.quiet,
                     &bar,
@@ -157,19 +215,25 @@ pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec:
         if eval_now {
             metrics::plot(&metrics::read(&metrics_path)?, &spec.run_dir.join("loss.svg"), spec.title)?;
         }
-        let stop = INTERRUPTED.load(Ordering::SeqCst) || spec.opts.stop_after == Some(done);
+        let stop = interrupt::requested() || spec.opts.stop_after == Some(done);
         if (t.save_every > 0 && done % t.save_every == 0) || done == t.max_steps || stop {
+            let _saving = interrupt::saving();
             summary.checkpoint = Some(task.save(model, opt, done, elapsed)?);
             last_saved = Some(done);
         }
         if stop {
-            summary.interrupted = INTERRUPTED.load(Ordering::SeqCst);
+            summary.interrupted = interrupt::requested();
             break;
         }
     }
-    bar.finish_and_clear();
-    if last_saved.is_none() && summary.steps > 0 {
+    if summary.interrupted {
+        bar.abandon();
+    } else {
+        bar.finish();
+    }
+    if last_saved != Some(summary.steps) && summary.steps > spec.start_step {
         let elapsed = spec.elapsed0 + clock.elapsed().as_secs_f64();
+        let _saving = interrupt::saving();
         summary.checkpoint = Some(task.save(model, opt, summary.steps, elapsed)?);
     }
     metrics::plot(&metrics::read(&metrics_path)?, &spec.run_dir.join("loss.svg"), spec.title)?;
@@ -181,32 +245,12 @@ pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec:
 }
 
 /// Prints above the progress bar, or plainly when there is none.
-fn say(quiet: bool, bar: &indicatif::ProgressBar, msg: String) {
-    if quiet {
-        return;
-    }
-    if bar.is_hidden() {
-        println!("{msg}");
-    } else {
-        bar.println(msg);
+fn say(quiet: bool, bar: &crate::progress::Progress, msg: String) {
+    if !quiet {
+        bar.println(&msg);
     }
 }
 
 fn blank(step: usize, elapsed_s: f64) -> Record {
     Record { step, loss: None, lr: None, grad_norm: None, tokens_per_s: None, val_loss: None, val_ppl: None, elapsed_s }
-}
-
-fn progress_bar(show: bool, pos: usize, len: usize) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30.cyan/blue} {pos}/{len} steps | {msg} | {elapsed_precise} elapsed, {eta} left",
-        )
-        .expect("a valid template"),
-    );
-    bar.set_position(pos as u64);
-    bar
 }
