@@ -17,8 +17,10 @@ pub enum BenchCommand {
         /// Time a checkpoint instead of a random preset.
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Rows per step.
         #[arg(long, default_value_t = 4)]
         batch: usize,
+        /// Tokens per row (at most the model's n_positions).
         #[arg(long, default_value_t = 64)]
         seq: usize,
         /// Timed steps (the median is reported).
@@ -27,6 +29,7 @@ pub enum BenchCommand {
         /// Untimed steps first (allocation and page faults settle).
         #[arg(long, default_value_t = 1)]
         warmup: usize,
+        /// Where to run: cpu, or cuda (cuda:N) in a build with `--features cuda`.
         #[arg(long, default_value = "cpu")]
         device: String,
     },

@@ -81,6 +81,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let opts =
         Options { start: Start::Fresh, progress: true, stop_after: None, quiet: false, device: crate::Device::Cpu };
     let summary = train::pretrain(&cfg, dir, &opts)?;
+    if summary.interrupted {
+        println!("  {}", summary.describe());
+        return Ok(());
+    }
     let ckpt = summary.checkpoint.clone().ok_or_else(|| Error::Input("the demo run saved no checkpoint".into()))?;
     let after = crate::io::checkpoint::load_gpt2(&ckpt)?;
     println!("  after {} steps it answers:", summary.steps);

@@ -33,6 +33,7 @@ pub struct FinetuneArgs {
     /// Tokenizer, when the base model's directory has no tokenizer.json.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Total optimizer steps of the run (sets train.max_steps; with --resume, where it now ends).
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// adamw (fp32 moments) or adamw8bit (bitsandbytes' blockwise 8-bit moments; the default
@@ -60,10 +61,13 @@ pub struct FinetuneArgs {
     /// Any config key: --set train.lr=5e-5 (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
+    /// Continue the run in --out from its latest checkpoint (optimizer, schedule and data position).
     #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Replace the run in --out (deletes its checkpoints and metrics, nothing else).
     #[arg(long)]
     pub overwrite: bool,
+    /// Where to train: cpu, or cuda (cuda:N) in a build with `--features cuda`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }

@@ -40,6 +40,7 @@ enum Command {
         /// Output directory (created; an existing checkpoint there is refused unless --overwrite).
         #[arg(long)]
         out: PathBuf,
+        /// Seed of the random initialisation (the same seed gives the same weights).
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Storage dtype of the weights: f32, bf16 or f16.
@@ -57,14 +58,17 @@ enum Command {
         /// safetensors with input_ids [B, T] (I64 or I32) and optional labels (-100 = masked).
         #[arg(long)]
         batch: PathBuf,
+        /// Where to run: cpu, or cuda (cuda:N) in a build with `--features cuda`.
         #[arg(long, default_value = "cpu")]
         device: String,
     },
     /// Write the loss and every parameter's gradient (Hugging Face names) to a safetensors file;
     /// with --adapter, the gradients of the adapter's tensors (PEFT names) instead.
     Grads {
+        /// Hugging Face checkpoint directory (config.json + model.safetensors).
         #[arg(long)]
         model: PathBuf,
+        /// safetensors with input_ids [B, T] (I64 or I32) and optional labels (-100 = masked).
         #[arg(long)]
         batch: PathBuf,
         /// Output safetensors file.
@@ -74,6 +78,7 @@ enum Command {
         /// to the frozen model.
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// Where to run: cpu, or cuda (cuda:N) in a build with `--features cuda`.
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -276,4 +281,29 @@ fn merge(model_dir: &Path, adapter: &Path, out: &Path, dtype: DType, overwrite: 
         out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag of every command says what it does in `kiln help <command>`.
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} --{}", arg.get_long().unwrap_or(id)));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = vec![];
+        walk(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "flags without help text:\n{}", missing.join("\n"));
+    }
 }

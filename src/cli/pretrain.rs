@@ -24,6 +24,7 @@ pub struct PretrainArgs {
     /// A tokenizer.json, or a directory with GPT-2's vocab.json + merges.txt (default: train one).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Total optimizer steps of the run (sets train.max_steps; with --resume, where it now ends).
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Any config key: --set train.lr=3e-4 --set model.n_layer=6 (repeatable).
@@ -38,6 +39,7 @@ pub struct PretrainArgs {
     /// Stop after this many steps in total, saving a checkpoint, as Ctrl-C would.
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// Where to train: cpu, or cuda (cuda:N) in a build with `--features cuda`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }

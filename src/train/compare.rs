@@ -103,6 +103,10 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
             println!("pre-training the tiny preset on the built-in corpus ({} steps) ...", opts.pretrain_steps);
             let cfg = super::demo_config(opts.pretrain_steps, &[])?;
             let s = super::pretrain(&cfg, &dir.join("pretrain"), &run_opts(Start::Overwrite))?;
+            if s.interrupted {
+                println!("interrupted: the comparison stops after pre-training ({})", s.describe());
+                return Ok(vec![]);
+            }
             let ckpt = s.checkpoint.ok_or_else(|| Error::Input("pre-training saved no checkpoint".into()))?;
             std::fs::copy(dir.join("pretrain/tokenizer.json"), ckpt.join("tokenizer.json"))
                 .map_err(|e| Error::write(&ckpt, e))?;
@@ -154,6 +158,10 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
             }
             Err(e) => return Err(e),
         };
+        if s.interrupted {
+            println!("interrupted: the comparison stops at {method} ({})", s.describe());
+            break;
+        }
         let records = metrics::read(&run_dir.join("metrics.jsonl"))?;
         let val: Vec<(usize, f64)> = records.iter().filter_map(|r| r.val_loss.map(|v| (r.step, v))).collect();
         // the model as trained: a plain checkpoint, or the base with the saved adapter

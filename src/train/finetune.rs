@@ -145,6 +145,13 @@ pub fn peak_rss() -> Option<u64> {
 
 /// Fine-tunes `cfg.model.init_from` on `cfg.data.train` (SFT files) into `run_dir`.
 pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summary> {
+    let created = !run_dir.exists();
+    let result = finetune_in(cfg, run_dir, opts);
+    super::forget_failed_start(run_dir, created, &result);
+    result
+}
+
+fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summary> {
     let f = &cfg.finetune;
     match f.method.as_str() {
         "full" | "lora" | "qlora" => {}
@@ -173,14 +180,12 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
     if cfg.data.train.is_empty() {
         return Err(Error::Input("fine-tuning needs examples: pass --data FILE (JSON lines or a JSON array)".into()));
     }
-    super::prepare_dir(run_dir, opts.start)?;
-    crate::io::write_atomic(&run_dir.join("run.toml"), |w| std::io::Write::write_all(w, cfg.to_toml().as_bytes()))?;
     let t = &cfg.train;
 
     let tok_path = cfg.data.tokenizer.clone().unwrap_or_else(|| base.join("tokenizer.json"));
     let tok = Tokenizer::load(&tok_path).map_err(|e| {
         Error::Input(format!(
-            "{e}\n(fine-tuning reads the base model's tokenizer.json; pass --tokenizer FILE if it lives elsewhere)"
+            "{e} (fine-tuning reads the base model's tokenizer.json; pass --tokenizer FILE if it lives elsewhere)"
         ))
     })?;
     let mut model = crate::io::checkpoint::load_gpt2(base)?;
@@ -231,6 +236,10 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
         train.truncated_tokens
     );
     }
+
+    // Everything above only read: a run that cannot start fails before its directory exists.
+    super::prepare_dir(run_dir, opts.start)?;
+    crate::io::write_atomic(&run_dir.join("run.toml"), |w| std::io::Write::write_all(w, cfg.to_toml().as_bytes()))?;
 
     let adam = AdamWConfig { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
     let (mut opt, state_bytes_per_param): (Box<dyn Optimizer>, f64) = match optimizer {

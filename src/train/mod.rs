@@ -311,11 +311,18 @@ pub fn pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
     }
     let created = !run_dir.exists();
     prepare_dir(run_dir, opts.start)?;
-    let started = setup_pretrain(cfg, run_dir, opts, given_tok);
-    if started.is_err() && created {
+    let result = setup_pretrain(cfg, run_dir, opts, given_tok).and_then(|p| p.run(cfg, run_dir, opts));
+    forget_failed_start(run_dir, created, &result);
+    result
+}
+
+/// Removes a run directory that this invocation made when the run failed before any step was
+/// logged or saved: a start that failed leaves nothing behind. Anything else stays.
+pub(crate) fn forget_failed_start<T>(run_dir: &Path, created: bool, result: &Result<T>) {
+    let trained = run_dir.join("metrics.jsonl").exists() || run_dir.join("checkpoints").exists();
+    if result.is_err() && created && !trained {
         let _ = std::fs::remove_dir_all(run_dir);
     }
-    started?.run(cfg, run_dir, opts)
 }
 
 /// A pre-training run ready for its first step.
