@@ -266,11 +266,8 @@ fn merge(model_dir: &Path, adapter: &Path, out: &Path, dtype: DType, overwrite: 
     let mut model = checkpoint::load_gpt2(model_dir)?;
     peft::load_adapter(&mut model, adapter)?;
     let merged = crate::nn::lora::merged(&model)?;
-    checkpoint::save_gpt2(&merged, out, dtype)?;
-    for f in MODEL_SIDE_FILES.iter().map(|f| model_dir.join(f)).filter(|p| p.is_file()) {
-        let dst = out.join(f.file_name().expect("a file name"));
-        std::fs::copy(&f, &dst).map_err(|e| Error::write(&dst, e))?;
-    }
+    let side: Vec<PathBuf> = MODEL_SIDE_FILES.iter().map(|f| model_dir.join(f)).filter(|p| p.is_file()).collect();
+    checkpoint::save_gpt2_with(&merged, out, dtype, &side)?;
     let lora = model.lora.as_ref().expect("the adapter was loaded");
     println!(
         "merged {} ({} adapted layers, {} adapter parameters) into {}; wrote {dtype:?} weights to {}",

@@ -104,18 +104,33 @@ pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
 }
 
 /// Writes `model` to `dir` (created if needed) as config.json + model.safetensors in `dtype`.
-/// Each file is written to a temporary name and renamed, so an interrupted save leaves the
-/// previous checkpoint readable.
+/// A directory is a checkpoint once its weights are there: an old model.safetensors is removed
+/// first and the new one written last (to a temporary name, then renamed), so a crash leaves the
+/// old checkpoint, no checkpoint, or the new one, never weights beside a config they do not fit.
+/// Other files in `dir` are left alone.
 pub fn save_gpt2(model: &Gpt2, dir: &Path, dtype: DType) -> Result<()> {
+    save_gpt2_with(model, dir, dtype, &[])
+}
+
+/// `save_gpt2`, with `files` (a tokenizer, generation config) copied into `dir` before the
+/// weights are written, so a checkpoint is never without them.
+pub fn save_gpt2_with(model: &Gpt2, dir: &Path, dtype: DType, files: &[std::path::PathBuf]) -> Result<()> {
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(Error::Input(format!("checkpoints are written as f32, bf16 or f16, not {dtype:?}")));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
     let tensors: Vec<(String, Tensor)> =
         model.params.iter().map(|p| p.tensor.to_dtype(dtype).map(|t| (p.name.clone(), t))).collect::<Result<_>>()?;
-    st::save(&dir.join("model.safetensors"), &tensors, &[])?;
+    let weights = dir.join("model.safetensors");
+    super::remove_if_present(&weights)?;
     let config = serde_json::to_string_pretty(&model.config.to_json(dtype)).expect("a JSON value serialises");
-    super::write_atomic(&dir.join("config.json"), |w| std::io::Write::write_all(w, config.as_bytes()))
+    super::write_atomic(&dir.join("config.json"), |w| std::io::Write::write_all(w, config.as_bytes()))?;
+    for f in files {
+        let dst = dir.join(f.file_name().ok_or_else(|| Error::read(f, std::io::ErrorKind::InvalidInput.into()))?);
+        let bytes = std::fs::read(f).map_err(|e| Error::read(f, e))?;
+        super::write_atomic(&dst, |w| std::io::Write::write_all(w, &bytes))?;
+    }
+    st::save(&weights, &tensors, &[])
 }
 
 /// Loads every tensor of a safetensors file as f32 (float) or i32 (integer), by name.

@@ -26,14 +26,48 @@ pub fn write_atomic(
         let file = std::fs::File::create(&tmp)?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
         fill(&mut w)?;
+        crash_point();
         w.flush()?;
         w.get_ref().sync_all()?;
         drop(w);
-        std::fs::rename(&tmp, path)
+        crash_point();
+        std::fs::rename(&tmp, path)?;
+        crash_point();
+        Ok(())
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::write(path, e));
     }
     Ok(())
+}
+
+/// Deletes a file if it exists (a crash point follows, so tests stop kiln right after it).
+pub(crate) fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            crash_point();
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::write(path, e)),
+    }
+}
+
+/// A place where a write can be cut short, for the crash tests (tests/crash.rs): with
+/// `KILN_CRASH_AT=N` in the environment, the N-th crash point this process reaches kills it with
+/// SIGKILL, so a test can stop kiln at every step of every write and check what it left. Without
+/// the variable it is one relaxed load.
+pub fn crash_point() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static REACHED: AtomicU64 = AtomicU64::new(0);
+    let Some(at) = *AT.get_or_init(|| std::env::var("KILN_CRASH_AT").ok().and_then(|v| v.parse().ok())) else {
+        return;
+    };
+    if REACHED.fetch_add(1, Ordering::SeqCst) + 1 == at {
+        let me = std::process::id().to_string();
+        let _ = std::process::Command::new("kill").args(["-KILL", &me]).status();
+        std::process::abort();
+    }
 }

@@ -229,7 +229,9 @@ pub fn config_to_json(cfg: &LoraConfig) -> Value {
 }
 
 /// Writes `model`'s adapter to `dir` (created if needed) as a PEFT adapter directory, f32
-/// tensors. Each file is written to a temporary name and renamed into place.
+/// tensors. As with a checkpoint's weights, old adapter weights are removed first and the new
+/// ones written last (to a temporary name, then renamed), so a crash never pairs them with a
+/// config they do not belong to.
 pub fn save_adapter(model: &Gpt2, dir: &Path) -> Result<()> {
     let lora = model
         .lora
@@ -237,9 +239,10 @@ pub fn save_adapter(model: &Gpt2, dir: &Path) -> Result<()> {
         .ok_or_else(|| Error::Input("this model carries no LoRA adapter to save (attach or load one first)".into()))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
     let tensors: Vec<_> = lora.params.iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
-    st::save(&dir.join(WEIGHTS_FILE), &tensors, &[])?;
+    super::remove_if_present(&dir.join(WEIGHTS_FILE))?;
     let text = serde_json::to_string_pretty(&config_to_json(&lora.config)).expect("a JSON value serialises");
-    super::write_atomic(&dir.join(CONFIG_FILE), |w| std::io::Write::write_all(w, text.as_bytes()))
+    super::write_atomic(&dir.join(CONFIG_FILE), |w| std::io::Write::write_all(w, text.as_bytes()))?;
+    st::save(&dir.join(WEIGHTS_FILE), &tensors, &[])
 }
 
 /// The module a PEFT tensor name belongs to and which factor it is ("A" or "B").

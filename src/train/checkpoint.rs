@@ -123,13 +123,16 @@ pub fn save(
     )?;
     let json = serde_json::to_string_pretty(state).expect("the trainer state serialises");
     crate::io::write_atomic(&tmp.join("trainer_state.json"), |w| std::io::Write::write_all(w, json.as_bytes()))?;
+    crate::io::crash_point();
     if dest.exists() {
         std::fs::remove_dir_all(&dest).map_err(|e| Error::write(&dest, e))?;
     }
     std::fs::rename(&tmp, &dest).map_err(|e| Error::write(&dest, e))?;
+    crate::io::crash_point();
     let all = checkpoints(run_dir)?;
     for (_, old) in all.iter().take(all.len().saturating_sub(keep_last.max(1))) {
         let _ = std::fs::remove_dir_all(old);
+        crate::io::crash_point();
     }
     Ok(dest)
 }
