@@ -188,3 +188,46 @@ fn initialisation_follows_gpt2() {
     assert_eq!(logits(&Gpt2::new_random(c.clone(), 0).unwrap()), logits(&m));
     assert_ne!(logits(&Gpt2::new_random(c, 1).unwrap()), logits(&m));
 }
+
+/// The float keys of config.json as f64, as a JSON reader sees them.
+fn json_floats(path: &Path) -> Vec<(&'static str, f64)> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    ["layer_norm_epsilon", "embd_pdrop", "resid_pdrop", "attn_pdrop", "initializer_range"]
+        .into_iter()
+        .map(|k| (k, v[k].as_f64().unwrap_or_else(|| panic!("{k} is not a number in {}", path.display()))))
+        .collect()
+}
+
+#[test]
+fn config_json_holds_the_values_given_not_their_f32_roundings() {
+    // `kiln init` with the defaults: the file says 1e-05 and 0.1, not 9.999999747e-06 and 0.10000000149
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["init", "--preset", "tiny", "--out", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let written = json_floats(&dir.path().join("config.json"));
+    let want = [
+        ("layer_norm_epsilon", 1e-5),
+        ("embd_pdrop", 0.1),
+        ("resid_pdrop", 0.1),
+        ("attn_pdrop", 0.1),
+        ("initializer_range", 0.02),
+    ];
+    assert_eq!(written, want, "{}", std::fs::read_to_string(dir.path().join("config.json")).unwrap());
+
+    // transformers' config.json, read and written by kiln, keeps every float as transformers wrote it
+    let theirs = fixture_model().join("config.json");
+    let model = load_gpt2(&fixture_model()).unwrap();
+    save_gpt2(&model, dir.path(), DType::F32).unwrap();
+    assert_eq!(json_floats(&dir.path().join("config.json")), json_floats(&theirs));
+    // and values that are not f32-exact survive a read and a write too
+    let mut c = model.config.clone();
+    (c.layer_norm_epsilon, c.resid_pdrop, c.initializer_range) = (1e-6, 0.15, 0.037);
+    let v = c.to_json(DType::F32);
+    assert_eq!(v["layer_norm_epsilon"].as_f64(), Some(1e-6));
+    assert_eq!(v["resid_pdrop"].as_f64(), Some(0.15));
+    assert_eq!(v["initializer_range"].as_f64(), Some(0.037));
+    assert_eq!(Gpt2Config::from_json(&v, Path::new("config.json")).unwrap(), c);
+}

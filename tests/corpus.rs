@@ -96,20 +96,56 @@ fn token_file_holds_the_tokenizer_ids_plus_eos() {
     assert_eq!(TokenFile::open(&out).unwrap().tokens(0..tf.len()), want);
 }
 
-#[test]
-fn gpt2_token_file_matches_encode() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/gpt2_tokenizer");
-    if !dir.join("tokenizer.json").is_file() {
-        eprintln!("skipped: {} is absent", dir.display());
-        return;
-    }
-    let tok = Tokenizer::load(&dir).unwrap();
+/// A token file built with `tok` from documents that span several parallel pieces and hold an
+/// inline `<|endoftext|>` equals encode + EOS per document.
+fn check_token_file_matches_encode(tok: &Tokenizer, vocab_size: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let docs = vec![text(3, 3 * CHUNK_BYTES / 4), text(4, 500) + "<|endoftext|> inline", text(5, 100)];
+    let eos = tok.eos_id().unwrap();
+    let inline = tok.encode(&docs[1]).unwrap();
+    assert!(inline[..inline.len() - 1].contains(&eos), "an inline <|endoftext|> is the special token");
     let files: Vec<PathBuf> = docs.iter().enumerate().map(|(i, t)| write(tmp.path(), &format!("{i}.txt"), t)).collect();
-    let tf = build_token_file(&files, &tok, &tmp.path().join("g.tok"), false).unwrap();
-    assert_eq!(tf.vocab_size(), 50257);
-    assert_eq!(tf.tokens(0..tf.len()), expected(&tok, &docs));
+    let tf = build_token_file(&files, tok, &tmp.path().join("g.tok"), false).unwrap();
+    assert_eq!(tf.vocab_size(), vocab_size);
+    assert_eq!(tf.tokens(0..tf.len()), expected(tok, &docs));
+}
+
+#[test]
+fn trained_token_file_matches_encode() {
+    // A BPE trained by kiln on its built-in corpus, loaded as GPT-2's pair is: vocab.json + merges.txt
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = write(tmp.path(), "world.txt", kiln::data::synthetic::default_corpus(60_000).1 + &text(11, 2_000));
+    let tok = train_bpe(&[corpus], 800, 2).unwrap();
+    tok.save(&tmp.path().join("tokenizer.json")).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("tokenizer.json")).unwrap()).unwrap();
+    let merges: Vec<String> = json["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            m.as_str()
+                .map(String::from)
+                .unwrap_or_else(|| format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()))
+        })
+        .collect();
+    write(tmp.path(), "pair/vocab.json", json["model"]["vocab"].to_string());
+    write(tmp.path(), "pair/merges.txt", format!("#version: 0.2\n{}\n", merges.join("\n")));
+    let pair = Tokenizer::load(&tmp.path().join("pair")).unwrap();
+    assert_eq!(pair.encode(&text(12, 300)).unwrap(), tok.encode(&text(12, 300)).unwrap());
+    assert!(tok.vocab_size() > 600, "{} tokens", tok.vocab_size());
+    assert_eq!(pair.vocab_size(), tok.vocab_size());
+    check_token_file_matches_encode(&pair, tok.vocab_size());
+}
+
+#[path = "common/shared_data.rs"]
+mod shared_data;
+
+#[test]
+#[ignore = "needs ../shared/data (GPT-2 tokenizer): cargo test --release -- --ignored"]
+fn gpt2_token_file_matches_encode() {
+    let tok = Tokenizer::load(&shared_data::shared_data("gpt2_tokenizer/tokenizer.json")).unwrap();
+    check_token_file_matches_encode(&tok, 50257);
 }
 
 /// A byte-level tokenizer whose ids start at 70,000, so the token file needs u32 ids.

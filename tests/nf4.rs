@@ -174,7 +174,7 @@ fn quantize_file_writes_the_bitsandbytes_layout() {
 
     // single quantization, from the checkpoint directory
     let out = dir.path().join("nf4.safetensors");
-    let opts = Nf4FileOptions { blocksize: 64, double_quant: false, dequant: true };
+    let opts = Nf4FileOptions { blocksize: 64, double_quant: false, dequant: true, ..Default::default() };
     let report = quantize_file_nf4(dir.path(), &out, &opts).unwrap();
     assert_eq!(report.quantized.len(), 2);
     assert_eq!(report.copied, vec!["h.0.attn.c_attn.bias".to_string()]);
@@ -196,7 +196,7 @@ fn quantize_file_writes_the_bitsandbytes_layout() {
 
     // double quantization, from the file itself
     let out2 = dir.path().join("nf4-dq.safetensors");
-    let opts = Nf4FileOptions { blocksize: 64, double_quant: true, dequant: true };
+    let opts = Nf4FileOptions { blocksize: 64, double_quant: true, dequant: true, ..Default::default() };
     quantize_file_nf4(&dir.path().join("model.safetensors"), &out2, &opts).unwrap();
     let t = load_all(&out2).unwrap();
     let q = quantize_nf4(f["W"].f32s().unwrap(), 64).unwrap();

@@ -115,7 +115,7 @@ fn packing_fills_rows_and_batches_pad_on_the_right() {
     let lines: String =
         (0..20).map(|_| "{\"prompt\": \"what is two plus two? \", \"completion\": \"four.\"}\n").collect();
     let ex = load_examples(&write(dir.path(), "p.jsonl", &lines), Format::Auto, &ChatTemplate::default()).unwrap();
-    let plain = tokenize(&ex, &tok, 64, tok.eos_id(), false).unwrap();
+    let plain = tokenize(&ex, &tok, 128, tok.eos_id(), false).unwrap();
     let packed = tokenize(&ex, &tok, 64, tok.eos_id(), true).unwrap();
     assert_eq!(plain.rows.len(), 20);
     assert!(packed.rows.len() < 20 && packed.rows.iter().all(|r| r.0.len() <= 64));
@@ -160,14 +160,62 @@ fn malformed_examples_name_their_line() {
     }
 }
 
+/// An Alpaca file laid out as alpaca_en_demo.json is (a pretty-printed JSON array of
+/// instruction / input / output records), written here from the built-in world: questions with
+/// and without an input field, and long answers that a short context cuts.
+fn alpaca_fixture(dir: &Path) -> (PathBuf, usize) {
+    let world = kiln::data::synthetic::default_corpus(0).0;
+    let records: Vec<serde_json::Value> = world
+        .task()
+        .iter()
+        .take(30)
+        .enumerate()
+        .map(|(i, (q, a))| {
+            let q = q.trim_start_matches("Q: ").trim_end_matches("\nA:");
+            match i % 3 {
+                0 => serde_json::json!({ "instruction": "Answer the question about the world.", "input": q, "output": a.trim() }),
+                1 => serde_json::json!({ "instruction": q, "input": "", "output": a.trim() }),
+                _ => serde_json::json!({ "instruction": q, "input": "", "output": world.corpus(i as u64, 1_000) }),
+            }
+        })
+        .collect();
+    let p = dir.join("alpaca.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&records).unwrap()).unwrap();
+    (p, records.len())
+}
+
 #[test]
+fn an_alpaca_file_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, n) = alpaca_fixture(dir.path());
+    let corpus = write(dir.path(), "world.txt", &kiln::data::synthetic::default_corpus(60_000).1);
+    let tok = train_bpe(&[corpus], 400, 2).unwrap();
+    let ex = load_examples(&p, Format::Auto, &ChatTemplate::default()).unwrap();
+    assert_eq!(ex.len(), n);
+    assert!(
+        ex[0][0].text.starts_with("### Instruction:\nAnswer the question") && ex[0][0].text.contains("### Input:\n")
+    );
+    assert!(
+        ex[1][0].text.starts_with("### Instruction:\nWhat is the job of ") && !ex[1][0].text.contains("### Input:")
+    );
+    let d = tokenize(&ex, &tok, 128, tok.eos_id(), false).unwrap();
+    println!(
+        "alpaca fixture: {} examples, {} trained tokens, {} cut to 128 tokens ({} tokens cut)",
+        d.examples, d.trained_tokens, d.truncated_examples, d.truncated_tokens
+    );
+    assert_eq!(d.rows.len(), n);
+    assert_eq!(d.truncated_examples, n / 3, "the long answers, and only they, are cut");
+    assert!(d.rows.iter().all(|r| r.0.len() <= 128 && r.1.iter().any(|&l| l != IGNORE)));
+}
+
+#[path = "common/shared_data.rs"]
+mod shared_data;
+
+#[test]
+#[ignore = "needs ../shared/data (Alpaca demo set, GPT-2 tokenizer): cargo test --release -- --ignored"]
 fn the_shared_alpaca_set_loads() {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/sft/alpaca_en_demo.json");
-    let t = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/gpt2_tokenizer/tokenizer.json");
-    if !p.exists() || !t.exists() {
-        println!("SKIPPED: ../shared/data is absent");
-        return;
-    }
+    let p = shared_data::shared_data("sft/alpaca_en_demo.json");
+    let t = shared_data::shared_data("gpt2_tokenizer/tokenizer.json");
     let ex = load_examples(&p, Format::Auto, &ChatTemplate::default()).unwrap();
     assert_eq!(ex.len(), 999);
     let tok = Tokenizer::load(&t).unwrap();

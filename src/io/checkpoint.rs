@@ -1,17 +1,22 @@
 //! Hugging Face checkpoint directories: `config.json` + `model.safetensors` (or shards listed in
 //! `model.safetensors.index.json`). kiln reads what transformers writes (with or without the
 //! `transformer.` prefix, ignoring the causal-mask buffers and the tied `lm_head.weight`) and
-//! writes what transformers reads.
+//! writes what transformers reads. Weights that `kiln quantize` stored in NF4 load too:
+//! dequantized (`load_gpt2`), or kept in NF4 as QLoRA's base (`load_gpt2_nf4_base`).
 
 use super::safetensors::{self as st, SafeFile};
 use crate::model::gpt2::{Gpt2, Gpt2Config};
 use crate::nn::ParamStore;
+use crate::quant::{self, NF4_SUFFIXES};
 use crate::{DType, Error, Result, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
-/// Buffers and tied copies that transformers may store and kiln derives instead.
+/// Buffers and tied copies that transformers may store and kiln derives instead (a tied lm_head
+/// in NF4 included: it spreads over several tensors).
 fn is_ignored(key: &str) -> bool {
+    let key = NF4_SUFFIXES.iter().find_map(|s| key.strip_suffix(s)).unwrap_or(key);
     key == "lm_head.weight" || key.ends_with(".attn.bias") || key.ends_with(".attn.masked_bias")
 }
 
@@ -52,8 +57,22 @@ fn open_weights(dir: &Path) -> Result<(Vec<SafeFile>, HashMap<String, usize>)> {
 }
 
 /// Loads a GPT-2 from a Hugging Face checkpoint directory. Weights stored as bf16 or f16 are
-/// converted to f32; every tensor's shape is checked against config.json.
+/// converted to f32, and weights stored in NF4 (`kiln quantize`) are dequantized to f32; every
+/// tensor's shape is checked against config.json.
 pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
+    load(dir, false)
+}
+
+/// QLoRA's base: as `load_gpt2`, but the Conv1D weights a checkpoint stores in NF4 stay in NF4
+/// (in `Gpt2::nf4`, frozen, their absmax double-quantized as QLoRA's own quantization does), so
+/// `Gpt2::quantize_nf4` then quantizes only what the file holds in f32, and a pre-quantized base
+/// gives the same codes as quantizing its original on the fly. Other NF4 tensors (embeddings,
+/// which QLoRA keeps in f32) are dequantized.
+pub fn load_gpt2_nf4_base(dir: &Path) -> Result<Gpt2> {
+    load(dir, true)
+}
+
+fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
     if !dir.is_dir() {
         let why = if dir.exists() { "it is a file, not a checkpoint directory" } else { "no such directory" };
         return Err(Error::read(dir, std::io::Error::new(std::io::ErrorKind::NotFound, why)));
@@ -62,6 +81,12 @@ pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
     let (files, names) = open_weights(dir)?;
     let mut params = ParamStore::new();
     let mut used = std::collections::HashSet::new();
+    let conv1d: std::collections::HashSet<String> = if keep_nf4 {
+        crate::nn::lora::conv1d_modules(&config).into_iter().map(|(m, _, _)| format!("{m}.weight")).collect()
+    } else {
+        Default::default()
+    };
+    let mut kept = BTreeMap::new();
     for (name, dims) in config.param_shapes() {
         let short = name.strip_prefix("transformer.").unwrap_or(&name).to_string();
         let Some((key, &fi)) = [&name, &short].into_iter().find_map(|k| names.get_key_value(k.as_str())) else {
@@ -72,6 +97,21 @@ pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
         };
         used.insert(key.clone());
         let file = &files[fi];
+        if let Some(q) = quant::read_nf4(file, key)? {
+            used.extend(NF4_SUFFIXES.iter().map(|s| format!("{key}{s}")));
+            if q.shape != dims {
+                return Err(Error::checkpoint(
+                    file.path(),
+                    format!("NF4 tensor '{key}' has shape {:?} but config.json implies {dims:?}: the weights and config.json do not belong together", q.shape),
+                ));
+            }
+            if conv1d.contains(&name) {
+                kept.insert(name, Arc::new(q.into_weight()?));
+            } else {
+                params.insert(name, Tensor::from_f32(q.dequantize()?, dims.as_slice())?);
+            }
+            continue;
+        }
         let (stored_dtype, stored_dims) = file.info(key)?;
         if stored_dims != dims {
             return Err(Error::checkpoint(
@@ -100,7 +140,12 @@ pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
             ),
         ));
     }
-    Ok(Gpt2 { config, params, lora: None, nf4: None, gradient_checkpointing: false })
+    let nf4 = (!kept.is_empty()).then_some(kept);
+    if nf4.is_some() {
+        // a base with frozen NF4 layers is frozen throughout, as `Gpt2::quantize_nf4` leaves it
+        params.set_trainable(false);
+    }
+    Ok(Gpt2 { config, params, lora: None, nf4, gradient_checkpointing: false })
 }
 
 /// Writes `model` to `dir` (created if needed) as config.json + model.safetensors in `dtype`.

@@ -37,6 +37,12 @@ pub struct Gpt2Config {
     pub eos_token_id: Option<u32>,
 }
 
+/// An f32 as the f64 of its shortest round-tripping decimal (0.1f32 -> 0.1), for JSON.
+fn shortest_decimal(x: f32) -> f64 {
+    // Display prints the shortest digits that parse back to the same f32
+    x.to_string().parse().expect("an f32's decimal form parses")
+}
+
 /// The names `Gpt2Config::preset` knows.
 pub const PRESETS: &[&str] = &["tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"];
 
@@ -184,7 +190,9 @@ impl Gpt2Config {
         Ok(cfg)
     }
 
-    /// The config as Hugging Face writes it, so transformers loads kiln's checkpoints.
+    /// The config as Hugging Face writes it, so transformers loads kiln's checkpoints. Floats are
+    /// written as the shortest decimal that reads back to the same f32 (1e-05, 0.1), the value
+    /// the user gave, not the f32's exact binary value widened to f64 (0.10000000149011612).
     pub fn to_json(&self, dtype: crate::DType) -> Value {
         json!({
             "architectures": ["GPT2LMHeadModel"],
@@ -196,11 +204,11 @@ impl Gpt2Config {
             "n_layer": self.n_layer,
             "n_head": self.n_head,
             "n_inner": self.n_inner,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "embd_pdrop": self.embd_pdrop,
-            "resid_pdrop": self.resid_pdrop,
-            "attn_pdrop": self.attn_pdrop,
-            "initializer_range": self.initializer_range,
+            "layer_norm_epsilon": shortest_decimal(self.layer_norm_epsilon),
+            "embd_pdrop": shortest_decimal(self.embd_pdrop),
+            "resid_pdrop": shortest_decimal(self.resid_pdrop),
+            "attn_pdrop": shortest_decimal(self.attn_pdrop),
+            "initializer_range": shortest_decimal(self.initializer_range),
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "scale_attn_weights": true,

@@ -1,7 +1,8 @@
 //! Quantized formats of bitsandbytes, reimplemented bit for bit: 8-bit blockwise with the
 //! dynamic map (AdamW8bit's moments, NF4's nested absmax) and NF4 with double quantization
 //! (QLoRA's base weights). This file also writes NF4 safetensors files the way bitsandbytes
-//! and transformers store a 4-bit model (`kiln quantize`).
+//! and transformers store a 4-bit model (`kiln quantize`), and reads them back (`read_nf4`), so a
+//! pre-quantized checkpoint loads in `kiln eval`, `generate` and `finetune --method qlora`.
 
 pub mod blockwise;
 pub mod nf4;
@@ -20,11 +21,14 @@ pub struct Nf4FileOptions {
     pub double_quant: bool,
     /// Also write each dequantized tensor as `NAME.dequant` (in the original dtype).
     pub dequant: bool,
+    /// Copy GPT-2's embeddings (wte, wpe, an untied lm_head) unchanged, as QLoRA and
+    /// transformers' `load_in_4bit` leave them.
+    pub keep_embeddings: bool,
 }
 
 impl Default for Nf4FileOptions {
     fn default() -> Self {
-        Nf4FileOptions { blocksize: nf4::NF4_BLOCKSIZE, double_quant: false, dequant: false }
+        Nf4FileOptions { blocksize: nf4::NF4_BLOCKSIZE, double_quant: false, dequant: false, keep_embeddings: false }
     }
 }
 
@@ -35,7 +39,7 @@ pub struct Nf4FileReport {
     pub input: PathBuf,
     /// Quantized tensors with their shapes.
     pub quantized: Vec<(String, Vec<usize>)>,
-    /// Tensors copied unchanged (not 2-D, or not floating point).
+    /// Tensors copied unchanged (not 2-D, not floating point, or kept embeddings).
     pub copied: Vec<String>,
     /// Bytes of tensor data read and written (the written count excludes `.dequant` copies).
     pub bytes_in: usize,
@@ -106,7 +110,7 @@ pub fn quantize_file_nf4(input: &Path, output: &Path, opts: &Nf4FileOptions) -> 
     for name in &names {
         let (dtype, shape) = file.info(name)?;
         let float = ["F32", "BF16", "F16"].contains(&dtype.as_str());
-        if shape.len() != 2 || !float {
+        if shape.len() != 2 || !float || (opts.keep_embeddings && is_embedding(name)) {
             let t = file.tensor(name)?;
             report.bytes_in += t.raw_bytes().len();
             put(name.clone(), t, true, &mut report)?;
@@ -175,12 +179,164 @@ pub fn quantize_file_nf4(input: &Path, output: &Path, opts: &Nf4FileOptions) -> 
     Ok(report)
 }
 
+/// GPT-2's embedding matrices (with or without the `transformer.` prefix), and lm_head.
+fn is_embedding(name: &str) -> bool {
+    let base = name.strip_prefix("transformer.").unwrap_or(name);
+    matches!(base, "wte.weight" | "wpe.weight" | "lm_head.weight")
+}
+
 fn t_dtype(safetensors_dtype: &str) -> DType {
     match safetensors_dtype {
         "BF16" => DType::BF16,
         "F16" => DType::F16,
         _ => DType::F32,
     }
+}
+
+/// The suffixes of the tensors that hold NAME's NF4 form beside NAME itself (the packed codes),
+/// and `.dequant`, the inspection copy `--dequant` adds.
+pub const NF4_SUFFIXES: [&str; 6] =
+    [".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4", ".dequant"];
+
+/// The absmax of a stored NF4 tensor: f32, or double-quantized to 8 bits.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoredAbsmax {
+    F32(Vec<f32>),
+    Double(nf4::DoubleQuant),
+}
+
+/// One tensor's NF4 form as `quantize_file_nf4` (or bitsandbytes) stores it, read back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredNf4 {
+    /// numel/2 bytes, the first element in the high nibble.
+    pub packed: Vec<u8>,
+    pub absmax: StoredAbsmax,
+    pub blocksize: usize,
+    /// The original tensor's shape (from the quant state).
+    pub shape: Vec<usize>,
+}
+
+impl StoredNf4 {
+    /// The f32 values it stands for, NF4_CODE[code] * absmax (a double-quantized absmax
+    /// dequantized first): what `--dequant` writes for an f32 tensor.
+    pub fn dequantize(&self) -> Result<Vec<f32>> {
+        let dq;
+        let absmax = match &self.absmax {
+            StoredAbsmax::F32(a) => a.as_slice(),
+            StoredAbsmax::Double(d) => {
+                dq = d.dequantize();
+                dq.as_slice()
+            }
+        };
+        let mut out = vec![0f32; self.shape.iter().product()];
+        nf4::dequantize_nf4_into(&self.packed, absmax, self.blocksize, &mut out)?;
+        Ok(out)
+    }
+
+    /// QLoRA's form of a weight stored [in, out] (GPT-2's Conv1D layout, which both
+    /// `quantize_file_nf4` and `Gpt2::quantize_nf4` quantize as it is): the same codes, and the
+    /// absmax double-quantized as `Nf4Weight::quantize` does unless it already is, so the result
+    /// equals quantizing the original weight on the fly, bit for bit.
+    pub fn into_weight(self) -> Result<nf4::Nf4Weight> {
+        let dims = match self.shape[..] {
+            [i, o] => [i, o],
+            _ => return Err(Error::Input(format!("an NF4 weight must be 2-D, not {:?}", self.shape))),
+        };
+        let absmax = match self.absmax {
+            StoredAbsmax::F32(a) => nf4::double_quantize(&a),
+            StoredAbsmax::Double(d) => d,
+        };
+        Ok(nf4::Nf4Weight { packed: self.packed, absmax, blocksize: self.blocksize, dims })
+    }
+}
+
+/// Reads `name`'s NF4 form from `file`, or None when `name` has no quant state (a plain tensor).
+/// Every part is checked against the quant state (dtype, length, the NF4 and dynamic tables,
+/// finite absmax) before it is used, and a bad part is named.
+pub fn read_nf4(file: &SafeFile, name: &str) -> Result<Option<StoredNf4>> {
+    let state_name = format!("{name}.quant_state.bitsandbytes__nf4");
+    if !file.contains(&state_name) {
+        return Ok(None);
+    }
+    let bad = |what: String| {
+        Error::checkpoint(
+            file.path(),
+            format!("NF4 tensor '{name}': {what}; quantize the original model again with kiln quantize"),
+        )
+    };
+    let part = |suffix: &str, dtype: &str, len: usize| -> Result<Tensor> {
+        let n = format!("{name}{suffix}");
+        if !file.contains(&n) {
+            return Err(bad(format!("its part '{n}' is missing")));
+        }
+        let (d, shape) = file.info(&n)?;
+        let numel = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+        if d != dtype || numel != Some(len) {
+            return Err(bad(format!("its part '{n}' is {d} {shape:?}; expected {dtype} with {len} elements")));
+        }
+        file.tensor(&n)
+    };
+    let bytes = file.tensor(&state_name)?;
+    let state = match bytes.u8s().ok().and_then(|b| std::str::from_utf8(b).ok()).map(serde_json::from_str) {
+        Some(Ok(serde_json::Value::Object(m))) => m,
+        _ => return Err(bad("its quant state is not a JSON object in U8 bytes".into())),
+    };
+    let get = |k: &str| state.get(k).filter(|v| !v.is_null());
+    match get("quant_type").and_then(|v| v.as_str()) {
+        Some("nf4") => {}
+        other => return Err(bad(format!("quant_type is {other:?}; kiln reads \"nf4\" (not fp4)"))),
+    }
+    let blocksize = get("blocksize").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    let shape: Option<Vec<usize>> = get("shape")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect());
+    let shape = match (shape, get("shape").and_then(|v| v.as_array()).map(|a| a.len())) {
+        (Some(s), Some(n)) if s.len() == n && n > 0 => s,
+        _ => return Err(bad(format!("its quant state has no valid \"shape\" ({:?})", get("shape")))),
+    };
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .ok_or_else(|| bad(format!("its shape {shape:?} is too large")))?;
+    nf4::check_nf4_size(numel, blocksize).map_err(|e| bad(e.to_string()))?;
+    let packed = part("", "U8", numel / 2)?.u8s()?.to_vec();
+    let map = part(".quant_map", "F32", 16)?;
+    if map.f32s()?.iter().zip(&nf4::NF4_CODE).any(|(a, b)| a.to_bits() != b.to_bits()) {
+        return Err(bad("its quant_map is not the NF4 table".into()));
+    }
+    let blocks = numel / blocksize;
+    let finite = |t: &Tensor, what: &str| -> Result<Vec<f32>> {
+        let v = t.f32s()?.to_vec();
+        match v.iter().position(|x| !x.is_finite()) {
+            Some(i) => Err(bad(format!("its {what} holds a non-finite value ({}) at index {i}", v[i]))),
+            None => Ok(v),
+        }
+    };
+    let double = get("nested_blocksize").is_some() || file.contains(&format!("{name}.nested_absmax"));
+    let absmax = if double {
+        if get("nested_blocksize").and_then(|v| v.as_u64()) != Some(blockwise::BLOCKSIZE_8BIT as u64) {
+            return Err(bad(format!(
+                "its nested_blocksize is {:?}; bitsandbytes uses {}",
+                get("nested_blocksize"),
+                blockwise::BLOCKSIZE_8BIT
+            )));
+        }
+        let offset = get("nested_offset").and_then(|v| v.as_f64()).filter(|o| o.is_finite());
+        let offset = offset.ok_or_else(|| bad("its quant state has no finite \"nested_offset\"".into()))? as f32;
+        let codes = part(".absmax", "U8", blocks)?.u8s()?.to_vec();
+        let nested = finite(
+            &part(".nested_absmax", "F32", blockwise::num_blocks(blocks, blockwise::BLOCKSIZE_8BIT))?,
+            "nested_absmax",
+        )?;
+        let nmap = part(".nested_quant_map", "F32", 256)?;
+        if nmap.f32s()?.iter().zip(&blockwise::dynamic_map(true)).any(|(a, b)| a.to_bits() != b.to_bits()) {
+            return Err(bad("its nested_quant_map is not bitsandbytes' signed dynamic map".into()));
+        }
+        StoredAbsmax::Double(nf4::DoubleQuant { codes, nested_absmax: nested, offset })
+    } else {
+        StoredAbsmax::F32(finite(&part(".absmax", "F32", blocks)?, "absmax")?)
+    };
+    Ok(Some(StoredNf4 { packed, absmax, blocksize, shape }))
 }
 
 /// A float as Python's `repr` writes it (what `json.dumps` puts in bitsandbytes' quant state):

@@ -188,13 +188,18 @@ fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summar
             "{e} (fine-tuning reads the base model's tokenizer.json; pass --tokenizer FILE if it lives elsewhere)"
         ))
     })?;
-    let mut model = crate::io::checkpoint::load_gpt2(base)?;
-    // QLoRA: the base's Conv1D weights go to NF4 now, before anything else holds their f32 copies;
-    // a layer whose size is not a multiple of the block size is refused by name.
+    // QLoRA: the base's Conv1D weights go to NF4 now, before anything else holds their f32 copies
+    // (a layer whose size is not a multiple of the block size is refused by name); those a
+    // pre-quantized checkpoint (`kiln quantize`) stores in NF4 are taken as they are.
     let adapter = matches!(f.method.as_str(), "lora" | "qlora");
-    if f.method == "qlora" {
-        model.quantize_nf4(NF4_BLOCKSIZE)?;
-    }
+    let (mut model, prequantized) = if f.method == "qlora" {
+        let mut m = crate::io::checkpoint::load_gpt2_nf4_base(base)?;
+        let stored = m.nf4.as_ref().map_or(0, |q| q.len());
+        m.quantize_nf4(NF4_BLOCKSIZE)?;
+        (m, stored)
+    } else {
+        (crate::io::checkpoint::load_gpt2(base)?, 0)
+    };
     if tok.id_bound() > model.config.vocab_size {
         return Err(Error::Input(format!(
             "the tokenizer's vocabulary ({}) does not fit the model's vocab_size ({}): use the base model's own tokenizer",
@@ -270,14 +275,17 @@ fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summar
     if f.method == "full" {
         model.params.set_trainable(true);
     }
-    if f.method == "qlora" {
-        if !opts.quiet {
-            println!(
-                "  qlora: {} base layers in NF4 (blocks of {NF4_BLOCKSIZE}, absmax double-quantized), optimizer {}",
-                model.nf4.as_ref().map_or(0, |q| q.len()),
-                optimizer
-            );
-        }
+    if f.method == "qlora" && !opts.quiet {
+        let layers = model.nf4.as_ref().map_or(0, |q| q.len());
+        let mut sizes: Vec<usize> = model.nf4.iter().flat_map(|q| q.values()).map(|w| w.blocksize).collect();
+        sizes.sort();
+        sizes.dedup();
+        let sizes = sizes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", ");
+        let stored =
+            if prequantized > 0 { format!(", {prequantized} as the checkpoint stores them") } else { "".into() };
+        println!(
+            "  qlora: {layers} base layers in NF4 (blocks of {sizes}, absmax double-quantized{stored}), optimizer {optimizer}"
+        );
     }
     model.gradient_checkpointing = f.gradient_checkpointing;
     model.to_device(opts.device)?;
