@@ -339,4 +339,34 @@ fn merge_and_quantize_killed_anywhere_leave_old_or_new_never_half() {
         }
     }
     assert!(points >= 3, "quantize passes several crash points, got {points}");
+
+    // quantize into a checkpoint directory, over an existing checkpoint: old, none, or new
+    let qdir_ref = tmp.path().join("qdir");
+    let qd = |out: &Path, crash_at: Option<usize>| {
+        kiln(
+            &["quantize", "--in", reference.to_str().unwrap(), "--out", out.to_str().unwrap(), "--overwrite"],
+            crash_at,
+        )
+    };
+    assert!(qd(&qdir_ref, None).status.success());
+    let (new, new_config) = (weights(&qdir_ref), std::fs::read(qdir_ref.join("config.json")).unwrap());
+    let mut points = 0;
+    for n in 1.. {
+        let out = tmp.path().join(format!("qdir{n}"));
+        copy_dir(&base, &out);
+        if !killed(&qd(&out, Some(n)), "quantize") {
+            break;
+        }
+        points = n;
+        let what = format!("quantize into a checkpoint directory killed at crash point {n}");
+        if out.join("model.safetensors").exists() {
+            let w = weights(&out);
+            assert!(w == new || w == old, "{what}: the weights are neither the old nor the new ones");
+            if w == new {
+                assert_eq!(std::fs::read(out.join("config.json")).unwrap(), new_config, "{what}: mismatched config");
+            }
+            load(&out).unwrap_or_else(|e| panic!("{what}: the output does not load: {e}"));
+        }
+    }
+    assert!(points >= 3, "quantize passes several crash points, got {points}");
 }

@@ -134,6 +134,8 @@ fn quantize_checkpoint(
     let partial = out.join(format!(".model.safetensors.{}.partial", std::process::id()));
     let result = (|| {
         let report = quant::quantize_file_nf4(input, &partial, opts)?;
+        // an old checkpoint here stops being one before its config is replaced
+        crate::io::remove_if_present(&out.join("model.safetensors"))?;
         for name in std::iter::once("config.json").chain(super::MODEL_SIDE_FILES.iter().copied()) {
             let src = input.join(name);
             if src.is_file() {
