@@ -67,6 +67,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "kiln demo: pre-training a tiny GPT-2 on the built-in corpus (an invented world), run directory {}",
         dir.display()
     );
+    // Times differ between machines; this rate lets a reader scale the README's figures.
+    println!(
+        "  this machine: sgemm {:.0} GFLOP/s on {} threads (1024^3, f32); the README's figures name the rate they were measured at",
+        crate::bench::sgemm_gflops(1024, 1024, 1024, 3),
+        rayon::current_num_threads()
+    );
     let inputs = train::train_inputs(&cfg, dir)?;
     let tok = train::run_tokenizer(&cfg, dir, &inputs, None, true)?;
     let world = crate::data::synthetic::default_corpus(0).0;

@@ -33,6 +33,9 @@ pub struct FinetuneArgs {
     /// Tokenizer, when the base model's directory has no tokenizer.json.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Peak learning rate (sets train.lr).
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Total optimizer steps of the run (sets train.max_steps; with --resume, where it now ends).
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -137,6 +140,9 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     }
     if let Some(n) = args.max_steps {
         o.push(format!("train.max_steps={n}"));
+    }
+    if let Some(lr) = args.lr {
+        o.push(format!("train.lr={lr:?}"));
     }
     o.extend(args.set.iter().cloned());
     let cfg = RunConfig::load(file.as_deref(), &o)?;

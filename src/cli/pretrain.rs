@@ -24,6 +24,9 @@ pub struct PretrainArgs {
     /// A tokenizer.json, or a directory with GPT-2's vocab.json + merges.txt (default: train one).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Peak learning rate (sets train.lr).
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Total optimizer steps of the run (sets train.max_steps; with --resume, where it now ends).
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -69,6 +72,9 @@ impl PretrainArgs {
         }
         if let Some(n) = self.max_steps {
             overrides.push(format!("train.max_steps={n}"));
+        }
+        if let Some(lr) = self.lr {
+            overrides.push(format!("train.lr={lr:?}"));
         }
         overrides.extend(self.set.iter().cloned());
         RunConfig::load(file.as_deref(), &overrides)
