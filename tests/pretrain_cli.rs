@@ -263,6 +263,22 @@ fn the_demo_trains_samples_and_writes_its_run() {
     let m = kiln::train::metrics::read(&run.join("metrics.jsonl")).unwrap();
     let losses: Vec<f64> = m.iter().filter_map(|r| r.loss).collect();
     assert!(losses.last().unwrap() < &(losses[0] - 1.0), "30 steps should cut the loss by more than a nat: {losses:?}");
+    // the suggested next command is the table's LoRA row: run as printed, it lands on the table's loss
+    let line = t.lines().find(|l| l.contains("next, fine-tune it yourself")).expect("a suggested next command");
+    let cmd: Vec<&str> = line[line.find("kiln finetune").unwrap()..].split_whitespace().collect();
+    let o = kiln().args(&cmd[1..]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("compare/compare.json")).unwrap()).unwrap();
+    let table =
+        rows.as_array().unwrap().iter().find(|r| r["name"] == "lora").unwrap()["final_val_loss"].as_f64().unwrap();
+    let out = cmd[cmd.iter().position(|a| *a == "--out").unwrap() + 1];
+    let m = kiln::train::metrics::read(&Path::new(out).join("metrics.jsonl")).unwrap();
+    let got = m.iter().rev().find_map(|r| r.val_loss).unwrap();
+    assert!(
+        (got - table).abs() < 1e-9,
+        "the suggested command ends at validation loss {got}, the table's LoRA row at {table}"
+    );
     // a second demo into the same directory is refused unless --overwrite
     let o = kiln().args(["demo", "--out", run.to_str().unwrap(), "--steps", "1"]).output().unwrap();
     assert_eq!(o.status.code(), Some(1));

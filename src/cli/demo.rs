@@ -124,16 +124,32 @@ pub fn run(args: DemoArgs) -> Result<()> {
             target_loss: 1.0,
             methods: ["scratch", "full", "lora", "qlora"].map(String::from).to_vec(),
             pretrained: Some(ckpt.clone()),
-            progress: false,
+            progress: true,
             quiet: true,
         };
         crate::train::compare::compare(&dir.join("compare"), &opts)?;
     }
-    println!(
-        "  next, fine-tune it yourself: kiln finetune --model {} --data {} --method lora --out {}-lora",
-        ckpt.display(),
-        task.display(),
-        dir.display()
-    );
+    // The suggestion is the table's LoRA run, flag for flag, so it lands where the table says.
+    let next = if args.compare_steps > 0 {
+        let data = dir.join("compare").join("data");
+        format!(
+            "kiln finetune --model {} --data {} --val-data {} --method lora --lr {} --max-steps {} --set train.batch_size={} --out {}-lora",
+            ckpt.display(),
+            data.join("task-train.jsonl").display(),
+            data.join("task-val.jsonl").display(),
+            crate::train::compare::LORA_LR,
+            args.compare_steps,
+            crate::train::compare::BATCH,
+            dir.display()
+        )
+    } else {
+        format!(
+            "kiln finetune --model {} --data {} --method lora --out {}-lora",
+            ckpt.display(),
+            task.display(),
+            dir.display()
+        )
+    };
+    println!("  next, fine-tune it yourself (the table's LoRA row): {next}");
     Ok(())
 }

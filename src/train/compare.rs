@@ -22,6 +22,11 @@ use rand::SeedableRng;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// The adapters' learning rate in the comparison (and in the demo's suggested command).
+pub const LORA_LR: &str = "3e-3";
+/// Rows per step of every run in the comparison.
+pub const BATCH: usize = 16;
+
 /// One row of the comparison table.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Row {
@@ -47,7 +52,8 @@ pub struct CompareOptions {
     /// Reuse this pre-trained checkpoint (with tokenizer.json) instead of pre-training.
     pub pretrained: Option<PathBuf>,
     pub progress: bool,
-    /// Print only the table (each run's own output is suppressed).
+    /// Print only the table and a line per method (each run's own output is suppressed; its
+    /// progress still shows when `progress` is set).
     pub quiet: bool,
 }
 
@@ -90,7 +96,7 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
     let (train_task, val_task, held_out) = write_task(&world, &dir.join("data"))?;
     let run_opts = |start| Options {
         start,
-        progress: opts.progress && !opts.quiet,
+        progress: opts.progress,
         stop_after: None,
         quiet: opts.quiet,
         device: crate::Device::Cpu,
@@ -127,8 +133,8 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
         let (init, ft_method, lr) = match method.as_str() {
             "scratch" => (&scratch_dir, "full", "1e-3"),
             "full" => (&pretrained, "full", "3e-4"),
-            "lora" => (&pretrained, "lora", "3e-3"),
-            "qlora" => (&pretrained, "qlora", "3e-3"),
+            "lora" => (&pretrained, "lora", LORA_LR),
+            "qlora" => (&pretrained, "qlora", LORA_LR),
             other => return Err(Error::Input(format!("unknown method \"{other}\": use scratch, full, lora or qlora"))),
         };
         let o: Vec<String> = vec![
@@ -138,7 +144,7 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
             format!("finetune.method=\"{ft_method}\""),
             format!("train.lr={lr}"),
             format!("train.max_steps={}", opts.finetune_steps),
-            "train.batch_size=16".into(),
+            format!("train.batch_size={BATCH}"),
             "train.warmup_steps=10".into(),
             "train.eval_every=25".into(),
             "train.log_every=25".into(),
@@ -146,7 +152,9 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
             "model.dropout=0.0".into(),
         ];
         let cfg = RunConfig::load(None, &o)?;
-        if !opts.quiet {
+        if opts.quiet {
+            println!("  {method}: {} steps ...", opts.finetune_steps);
+        } else {
             println!("\n== {method} ==");
         }
         let run_dir = dir.join(method);

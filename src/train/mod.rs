@@ -44,7 +44,8 @@ pub enum Start {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub start: Start,
-    /// Report progress: a bar on a terminal, plain lines every few seconds elsewhere.
+    /// Report progress: a bar on a terminal, plain lines every few seconds elsewhere (even when
+    /// `quiet`, which silences everything else).
     pub progress: bool,
     /// Stop (and save) after this many steps in total, as Ctrl-C would, without changing the
     /// schedule: used to test resume.
@@ -358,7 +359,7 @@ fn setup_pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options, given_tok: Op
     let t = &cfg.train;
 
     let inputs = train_inputs(cfg, run_dir)?;
-    let tok = run_tokenizer(cfg, run_dir, &inputs, given_tok, opts.progress && !opts.quiet)?;
+    let tok = run_tokenizer(cfg, run_dir, &inputs, given_tok, opts.progress)?;
     if cfg.data.tokenizer.is_none() && tok.vocab_size() != cfg.data.tokenizer_vocab_size {
         // record the vocabulary the trainer built (it stops early on a small corpus), not the request
         let mut built = cfg.clone();

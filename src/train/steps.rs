@@ -117,7 +117,7 @@ pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec:
     let t = spec.train;
     interrupt::install();
     let bar = crate::progress::Progress::new(
-        spec.opts.progress && !spec.opts.quiet,
+        spec.opts.progress,
         "training",
         "steps",
         t.max_steps as u64,
