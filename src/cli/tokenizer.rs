@@ -31,7 +31,10 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
             let bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
             println!("training a byte-level BPE on {} file(s), {:.1} MB", files.len(), bytes as f64 / 1e6);
             let t0 = std::time::Instant::now();
-            let tok = train_bpe(&files, vocab_size, min_frequency)?;
+            let tok = {
+                let _ticker = crate::progress::Ticker::new(true, "training the tokenizer");
+                train_bpe(&files, vocab_size, min_frequency)?
+            };
             let secs = t0.elapsed().as_secs_f64();
             tok.save(&out)?;
             let eos = tok.eos_id().map_or("none".to_string(), |id| id.to_string());
