@@ -284,3 +284,19 @@ fn the_demo_trains_samples_and_writes_its_run() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("--overwrite"));
 }
+
+#[test]
+fn run_toml_records_the_tokenizer_that_was_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // far more tokens than 60 kB of the built-in corpus has merges for
+    let o = pretrain(&run, &["--max-steps", "1", "--set", "data.tokenizer_vocab_size=5000"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let built = kiln::data::tokenizer::Tokenizer::load(&run.join("tokenizer.json")).unwrap().vocab_size();
+    assert!(built < 5000, "the test needs a corpus too small for the vocabulary asked ({built})");
+    let cfg = kiln::train::RunConfig::load(Some(&run.join("run.toml")), &[]).unwrap();
+    assert_eq!(cfg.data.tokenizer_vocab_size, built, "run.toml must record the vocabulary that was built");
+    // and the run resumes with its own run.toml
+    let o = kiln().args(["pretrain", "--out", run.to_str().unwrap(), "--resume", "--max-steps", "2"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+}
