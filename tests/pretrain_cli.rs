@@ -89,6 +89,12 @@ fn pretrain(run: &Path, extra: &[&str]) -> Output {
     kiln().args(["pretrain", "--out", run.to_str().unwrap()]).args(SMALL).args(extra).output().unwrap()
 }
 
+/// The steps metrics.jsonl holds a training loss for, in file order.
+fn logged_steps(run: &Path) -> Vec<usize> {
+    let m = kiln::train::metrics::read(&run.join("metrics.jsonl")).unwrap();
+    m.iter().filter(|r| r.loss.is_some()).map(|r| r.step).collect()
+}
+
 #[test]
 fn resume_without_a_checkpoint_starts_again_and_keeps_metrics_in_step() {
     let dir = tempfile::tempdir().unwrap();
@@ -102,12 +108,7 @@ fn resume_without_a_checkpoint_starts_again_and_keeps_metrics_in_step() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("nothing to resume from") && t.contains("starting from step 1"), "{t}");
-    let steps: Vec<usize> = kiln::train::metrics::read(&run.join("metrics.jsonl"))
-        .unwrap()
-        .iter()
-        .filter(|r| r.loss.is_some())
-        .map(|r| r.step)
-        .collect();
+    let steps = logged_steps(&run);
     assert_eq!(steps, vec![1, 2, 3, 4], "metrics.jsonl must hold each step once, as the run that exists did them");
 
     // metrics written after the last checkpoint (a crash before the next save) are dropped on resume
@@ -118,12 +119,7 @@ fn resume_without_a_checkpoint_starts_again_and_keeps_metrics_in_step() {
     std::fs::write(run.join("metrics.jsonl"), m).unwrap();
     let o = pretrain(&run, &["--resume", "--max-steps", "8", "--set", "train.log_every=1"]);
     assert!(text(&o).contains("resuming from step-00000006, 6/8 steps done"), "{}", text(&o));
-    let steps: Vec<usize> = kiln::train::metrics::read(&run.join("metrics.jsonl"))
-        .unwrap()
-        .iter()
-        .filter(|r| r.loss.is_some())
-        .map(|r| r.step)
-        .collect();
+    let steps = logged_steps(&run);
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
 }
 
