@@ -296,25 +296,33 @@ pub fn check_start(cfg: &RunConfig) -> Result<Option<Tokenizer>> {
 /// fails before its first step leaves no directory behind (when it made the directory).
 pub fn pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summary> {
     let given_tok = check_start(cfg)?;
-    let t = &cfg.train;
-    if !opts.quiet {
-        println!(
-            "kiln pretrain: {} preset, batch {} x {} tokens x {} accumulation, {} steps, lr {:.1e} ({}), run directory {}",
-            cfg.model.preset,
-            t.batch_size,
-            t.seq_len,
-            t.grad_accum,
-            t.max_steps,
-            t.lr,
-            t.schedule,
-            run_dir.display()
-        );
-    }
     let created = !run_dir.exists();
-    prepare_dir(run_dir, opts.start)?;
-    let result = setup_pretrain(cfg, run_dir, opts, given_tok).and_then(|p| p.run(cfg, run_dir, opts));
+    let result = prepare_dir(run_dir, opts.start)
+        .and_then(|()| {
+            if !opts.quiet {
+                println!("{}", header(cfg, run_dir));
+            }
+            setup_pretrain(cfg, run_dir, opts, given_tok)
+        })
+        .and_then(|p| p.run(cfg, run_dir, opts));
     forget_failed_start(run_dir, created, &result);
     result
+}
+
+/// The line a pre-training run starts with.
+fn header(cfg: &RunConfig, run_dir: &Path) -> String {
+    let t = &cfg.train;
+    format!(
+        "kiln pretrain: {} preset, batch {} x {} tokens x {} accumulation, {} steps, lr {:.1e} ({}), run directory {}",
+        cfg.model.preset,
+        t.batch_size,
+        t.seq_len,
+        t.grad_accum,
+        t.max_steps,
+        t.lr,
+        t.schedule,
+        run_dir.display()
+    )
 }
 
 /// Removes a run directory that this invocation made when the run failed before any step was
