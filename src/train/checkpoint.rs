@@ -125,16 +125,28 @@ pub fn save(
     crate::io::write_atomic(&tmp.join("trainer_state.json"), |w| std::io::Write::write_all(w, json.as_bytes()))?;
     crate::io::crash_point();
     if dest.exists() {
-        std::fs::remove_dir_all(&dest).map_err(|e| Error::write(&dest, e))?;
+        discard(&dest)?;
     }
     std::fs::rename(&tmp, &dest).map_err(|e| Error::write(&dest, e))?;
     crate::io::crash_point();
     let all = checkpoints(run_dir)?;
     for (_, old) in all.iter().take(all.len().saturating_sub(keep_last.max(1))) {
-        let _ = std::fs::remove_dir_all(old);
-        crate::io::crash_point();
+        let _ = discard(old);
     }
     Ok(dest)
+}
+
+/// Deletes a checkpoint directory: first renamed to a hidden name (atomic), then removed, so a
+/// kill in the middle of the removal never leaves a half-deleted directory that looks like a
+/// checkpoint. The next resume removes what is left.
+fn discard(dir: &Path) -> Result<()> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let hidden = dir.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    std::fs::rename(dir, &hidden).map_err(|e| Error::write(dir, e))?;
+    crate::io::crash_point();
+    std::fs::remove_dir_all(&hidden).map_err(|e| Error::write(&hidden, e))?;
+    crate::io::crash_point();
+    Ok(())
 }
 
 /// Reads a checkpoint, restoring the optimizer's moments and step into `opt`. A checkpoint that
