@@ -77,8 +77,23 @@ fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
         let why = if dir.exists() { "it is a file, not a checkpoint directory" } else { "no such directory" };
         return Err(Error::read(dir, std::io::Error::new(std::io::ErrorKind::NotFound, why)));
     }
-    let config = Gpt2Config::from_json_file(&dir.join("config.json"))?;
+    let config_path = dir.join("config.json");
+    let config = Gpt2Config::from_json_file(&config_path)?;
     let (files, names) = open_weights(dir)?;
+    // Checked before anything the size of the model is built: a config.json that describes a
+    // model larger than its weights (a corrupt or foreign one) would otherwise allocate for it.
+    let stored: u64 = files.iter().map(|f| f.len() as u64).sum();
+    let needed = config.checked_num_params().and_then(|n| (n as u64).checked_mul(2));
+    if !matches!(needed, Some(n) if n <= stored) {
+        return Err(Error::config(
+            &config_path,
+            format!(
+                "describes a GPT-2 of {} parameters, more than the {stored} bytes of weights beside it hold (2 bytes \
+                 each at least): config.json and the weights do not belong together",
+                config.checked_num_params().map_or("more than 2^64".into(), |n| n.to_string())
+            ),
+        ));
+    }
     let mut params = ParamStore::new();
     let mut used = std::collections::HashSet::new();
     let conv1d: std::collections::HashSet<String> = if keep_nf4 {
@@ -125,6 +140,7 @@ fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
                 format!("tensor '{key}' has dtype {stored_dtype}; GPT-2 weights must be F32, BF16 or F16"),
             )
         })?;
+        st::check_finite(file.path(), key, &t)?;
         params.insert(name, t);
     }
     let extra: Vec<&String> = names.keys().filter(|k| !used.contains(*k) && !is_ignored(k)).collect();
@@ -133,9 +149,10 @@ fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
         extra.sort();
         extra.truncate(5);
         return Err(Error::checkpoint(
-            dir,
+            files[names[extra[0]]].path(),
             format!(
-                "holds tensors a GPT-2 of this config does not have (e.g. {}): is this another architecture?",
+                "holds tensors a GPT-2 of this config.json does not have (e.g. {}): is this another architecture, \
+                 or does config.json belong to another model?",
                 extra.join(", ")
             ),
         ));
