@@ -34,7 +34,14 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::read(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {
+        let bytes = std::fs::read(path).map_err(|e| Error::read(path, e))?;
+        // The tokenizers crate panics on some syntax errors (inside "decoder"), so the JSON is
+        // checked here first; only well-formed JSON reaches it.
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| Error::config(path, format!("not UTF-8 text ({e}); a tokenizer.json is JSON")))?;
+        serde_json::from_str::<serde::de::IgnoredAny>(text)
+            .map_err(|e| Error::config(path, format!("not valid JSON ({e})")))?;
+        let inner = text.parse::<tokenizers::Tokenizer>().map_err(|e| {
             Error::config(path, format!("not a tokenizer.json that the tokenizers library reads ({e})"))
         })?;
         Ok(Tokenizer { inner })
