@@ -127,7 +127,8 @@ impl Gpt2Config {
                 }
             }
         };
-        let token = |key: &str| -> Option<u32> { obj.get(key).and_then(|x| x.as_u64()).map(|x| x as u32) };
+        let token =
+            |key: &str| -> Option<u32> { obj.get(key).and_then(|x| x.as_u64()).and_then(|x| u32::try_from(x).ok()) };
 
         let cfg = Gpt2Config {
             vocab_size: int(&["vocab_size"], None)?,
@@ -253,8 +254,8 @@ impl Gpt2Config {
         out
     }
 
-    /// `num_params` computed without building the shapes, None when it overflows: what a
-    /// config read from a file is checked with before anything of its size is allocated.
+    /// `num_params` computed without building the shapes, None when it overflows: a config read
+    /// from a file is checked with it before its shapes are computed.
     pub fn checked_num_params(&self) -> Option<usize> {
         let [c, v, p, l] = [self.n_embd, self.vocab_size, self.n_positions, self.n_layer].map(|x| x as u128);
         let f = self.n_inner.map_or(4 * c, |f| f as u128);

@@ -33,10 +33,14 @@ fn model_with_config(key: &str, value: Value) -> tempfile::TempDir {
 #[test]
 fn a_config_json_larger_than_its_weights_is_refused_before_allocating() {
     let _serial = serial();
-    // Before: 1.2 million parameter shapes were built (over 100 MB) before any was looked up.
+    // Before: 1.2 million parameter shapes were built (160 MB) before any was looked up.
     let dir = model_with_config("n_layer", 100_000.into());
     let msg = load_error(&dir.path().join("config.json"), || checkpoint::load_gpt2(dir.path()));
-    assert!(msg.contains("do not belong together"), "{msg}");
+    assert!(msg.contains("has no tensor 'transformer.h.2.ln_1.weight'"), "{msg}");
+    // and sizes whose parameter count overflows are refused before any shape is computed
+    let dir = model_with_config("n_embd", (1u64 << 63).into());
+    let msg = load_error(&dir.path().join("config.json"), || checkpoint::load_gpt2(dir.path()));
+    assert!(msg.contains("overflows"), "{msg}");
 }
 
 #[test]
