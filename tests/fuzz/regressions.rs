@@ -145,3 +145,23 @@ fn the_closed_form_parameter_count_matches_the_shapes() {
     c.n_layer = usize::MAX;
     assert_eq!(c.checked_num_params(), None);
 }
+
+#[test]
+fn inconsistent_bpe_files_are_errors_not_panics() {
+    let _serial = serial();
+    // Before: the tokenizers crate panicked on both (a length underflow, a buffer overrun).
+    let dir = case_dir(None);
+    let path = dir.path().join("tokenizer.json");
+    let mut tj: Value = serde_json::from_slice(&std::fs::read(&seeds().tokenizer).unwrap()).unwrap();
+    tj["model"]["continuing_subword_prefix"] = "a prefix longer than any token".into();
+    std::fs::write(&path, serde_json::to_vec(&tj).unwrap()).unwrap();
+    let msg = load_error(&path, || Tokenizer::load(&path));
+    assert!(msg.contains("fails on it"), "{msg}");
+
+    let dir = case_dir(None);
+    let (vocab, merges) = (dir.path().join("vocab.json"), dir.path().join("merges.txt"));
+    std::fs::write(&vocab, r#"{"ab": 0, "cd": 1}"#).unwrap();
+    std::fs::write(&merges, "#version: 0.2\nab cd\n").unwrap();
+    let msg = load_error(&merges, || Tokenizer::load(dir.path()));
+    assert!(msg.contains("needs the token 'abcd'") && msg.contains("vocab.json"), "{msg}");
+}
