@@ -399,6 +399,7 @@ pub fn apply_st(file: &mut Vec<u8>, e: &StEdit) {
                 "F32" | "I32" => 4,
                 "BF16" | "F16" => 2,
                 "I64" => 8,
+                "U8" => 1,
                 _ => return,
             };
             if end <= s || end - s < width {
@@ -412,6 +413,8 @@ pub fn apply_st(file: &mut Vec<u8>, e: &StEdit) {
                 "BF16" => half::bf16::from_f32(f).to_le_bytes().to_vec(),
                 "F16" => half::f16::from_f32(f).to_le_bytes().to_vec(),
                 "I32" => (ints[what.index(6)] as i32).to_le_bytes().to_vec(),
+                // NF4 codes, and the JSON quant state bitsandbytes stores as U8 bytes
+                "U8" => vec![[b'9', b'}', b'"', 0xff, b'-', b'e'][what.index(6)]],
                 _ => ints[what.index(6)].to_le_bytes().to_vec(),
             };
             data[k..k + width].copy_from_slice(&bytes);

@@ -37,6 +37,26 @@ fn fuzz_checkpoint_weights() {
 }
 
 #[test]
+fn fuzz_nf4_checkpoint() {
+    let _serial = serial();
+    let s = seeds();
+    fuzz("nf4-checkpoint", cases(160), (any::<bool>(), st_edits()), |(as_qlora_base, edits)| {
+        let dir = case_dir(Some(&s.model_nf4));
+        let path = dir.path().join("model.safetensors");
+        let n = put(&path, &mutated_st(&path, &edits));
+        let load = || match as_qlora_base {
+            true => checkpoint::load_gpt2_nf4_base(dir.path()),
+            false => checkpoint::load_gpt2(dir.path()),
+        };
+        if let Some(model) = check(&path, n, load)? {
+            prop_assert!(finite_params(&model), "an NF4 checkpoint with non-finite values loaded");
+            downstream("a forward pass", || forward(&model))?;
+        }
+        Ok(())
+    });
+}
+
+#[test]
 fn fuzz_checkpoint_config() {
     let _serial = serial();
     let s = seeds();
@@ -310,7 +330,7 @@ fn fuzz_quantize_input() {
     let _serial = serial();
     let s = seeds();
     let input = s.model_f32.join("model.safetensors");
-    let opts = kiln::quant::Nf4FileOptions { blocksize: 64, double_quant: true, dequant: false };
+    let opts = kiln::quant::Nf4FileOptions { double_quant: true, ..Default::default() };
     fuzz("quantize", cases(64), st_edits(), |edits| {
         let dir = case_dir(None);
         let (path, out) = (dir.path().join("model.safetensors"), dir.path().join("nf4.safetensors"));

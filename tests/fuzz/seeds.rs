@@ -28,6 +28,8 @@ pub struct Seeds {
     /// tiny GPT-2 checkpoints: f32 and bf16 (config.json + model.safetensors + tokenizer.json)
     pub model_f32: PathBuf,
     pub model_bf16: PathBuf,
+    /// the f32 model quantized to NF4 by `kiln quantize` (double-quantized absmax)
+    pub model_nf4: PathBuf,
     /// a PEFT adapter for model_f32 (c_attn and wte)
     pub adapter: PathBuf,
     pub tokenizer: PathBuf,
@@ -55,6 +57,11 @@ pub fn seeds() -> &'static Seeds {
             checkpoint::save_gpt2(&model, dir, dtype).unwrap();
             tok.save(&dir.join("tokenizer.json")).unwrap();
         }
+        let model_nf4 = d.join("model-nf4");
+        std::fs::create_dir_all(&model_nf4).unwrap();
+        std::fs::copy(model_f32.join("config.json"), model_nf4.join("config.json")).unwrap();
+        let opts = kiln::quant::Nf4FileOptions { double_quant: true, ..Default::default() };
+        kiln::quant::quantize_file_nf4(&model_f32, &model_nf4.join("model.safetensors"), &opts).unwrap();
         let mut tuned = model.clone();
         lora::attach(&mut tuned, LoraConfig::new(2, 4.0, 0.0, &["c_attn", "wte"], false).unwrap(), 3).unwrap();
         let adapter = d.join("adapter");
@@ -73,7 +80,18 @@ pub fn seeds() -> &'static Seeds {
         }
         let token_file = d.join("train.tok");
         build_token_file(std::slice::from_ref(&text), &tok, &token_file, false).unwrap();
-        Seeds { _dir: dir, model_f32, model_bf16, adapter, tokenizer, vocab_json, merges_txt, token_file, text }
+        Seeds {
+            _dir: dir,
+            model_f32,
+            model_bf16,
+            model_nf4,
+            adapter,
+            tokenizer,
+            vocab_json,
+            merges_txt,
+            token_file,
+            text,
+        }
     })
 }
 
