@@ -181,9 +181,13 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|p| {
-            p.parse::<u32>().map_err(|_| {
+            p.parse::<u32>().map_err(|e| {
+                let what = match e.kind() {
+                    std::num::IntErrorKind::PosOverflow => "is larger than any token id",
+                    _ => "is not a token id",
+                };
                 Error::Input(format!(
-                    "--prompt-ids: '{p}' is not a token id; give non-negative integers separated by commas, like 1,2,3"
+                    "--prompt-ids: '{p}' {what}; give non-negative integers separated by commas, like 1,2,3"
                 ))
             })
         })

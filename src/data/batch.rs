@@ -42,6 +42,22 @@ impl Batch {
                     format!("'{name}' has shape {:?}; expected a non-empty [batch, seq]", t.dims()),
                 ));
             }
+            // No model accepts a negative id, so it is the file's fault, named here.
+            let v = t.i32s()?;
+            let ok = |x: i32| x >= 0 || (name == "labels" && x == IGNORE);
+            if let Some(i) = v.iter().position(|&x| !ok(x)) {
+                let seq = t.dims()[1];
+                return Err(Error::checkpoint(
+                    path,
+                    format!(
+                        "'{name}' holds {} at row {}, position {}; token ids are non-negative{}",
+                        v[i],
+                        i / seq,
+                        i % seq,
+                        if name == "labels" { " (or -100 to mask a position)" } else { "" }
+                    ),
+                ));
+            }
             Ok(t)
         };
         let input_ids = read("input_ids")?;

@@ -366,7 +366,24 @@ impl TokenFile {
                 want.map_or("more than 2^64".into(), |w| w.to_string())
             )));
         }
-        Ok(TokenFile { path: path.to_path_buf(), map, len: len as usize, vocab: vocab as usize, width })
+        // Ids become i32 token ids; every one must be inside the vocabulary the header declares, or
+        // a corrupt id would surface far from here as a model's out-of-range token.
+        if vocab == 0 || vocab > i32::MAX as u64 {
+            return Err(bad(format!("declares a vocabulary of {vocab} tokens (corrupt header)")));
+        }
+        let tf = TokenFile { path: path.to_path_buf(), map, len: len as usize, vocab: vocab as usize, width };
+        let chunk = 1 << 20;
+        let outside = (0..tf.len.div_ceil(chunk)).into_par_iter().find_map_first(|k| {
+            let start = k * chunk;
+            let ids = tf.tokens(start..(start + chunk).min(tf.len));
+            ids.iter().position(|&id| id as u64 >= vocab).map(|i| (start + i, ids[i]))
+        });
+        if let Some((at, id)) = outside {
+            return Err(bad(format!(
+                "holds token id {id} at position {at}, outside the vocabulary of {vocab} its header declares (corrupt data)"
+            )));
+        }
+        Ok(tf)
     }
 
     pub fn path(&self) -> &Path {

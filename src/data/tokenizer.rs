@@ -34,7 +34,14 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::read(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {
+        let bytes = std::fs::read(path).map_err(|e| Error::read(path, e))?;
+        // The tokenizers crate panics on some syntax errors (inside "decoder"), so the JSON is
+        // checked here first; only well-formed JSON reaches it.
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| Error::config(path, format!("not UTF-8 text ({e}); a tokenizer.json is JSON")))?;
+        serde_json::from_str::<serde::de::IgnoredAny>(text)
+            .map_err(|e| Error::config(path, format!("not valid JSON ({e})")))?;
+        let inner = guarded(path, || text.parse::<tokenizers::Tokenizer>())?.map_err(|e| {
             Error::config(path, format!("not a tokenizer.json that the tokenizers library reads ({e})"))
         })?;
         Ok(Tokenizer { inner })
@@ -95,8 +102,23 @@ impl Tokenizer {
         })?;
         let vocab: Vocab = map.into_iter().collect();
         let merges = read_merges(merges_path)?;
+        // The crate assumes what it then checks: a merge whose result the vocabulary lacks
+        // overruns a buffer (a panic) when the result is longer than every token.
+        for (i, (a, b)) in merges.iter().enumerate() {
+            if let Some(t) = [a.clone(), b.clone(), format!("{a}{b}")].into_iter().find(|t| !vocab.contains_key(t)) {
+                return Err(Error::config(
+                    merges_path,
+                    format!(
+                        "does not fit the vocabulary {} (merge {} '{a} {b}' needs the token '{t}', which it lacks); \
+                         the two files must come from the same tokenizer",
+                        vocab_path.display(),
+                        i + 1
+                    ),
+                ));
+            }
+        }
         let has_eos = vocab.contains_key(EOS);
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| {
+        let bpe = guarded(merges_path, || BPE::builder().vocab_and_merges(vocab, merges).build())?.map_err(|e| {
             Error::config(
                 merges_path,
                 format!(
@@ -162,6 +184,22 @@ impl Tokenizer {
             self.inner.to_string(true).map_err(|e| Error::Input(format!("cannot serialise the tokenizer: {e}")))?;
         crate::io::write_atomic(path, |w| std::io::Write::write_all(w, json.as_bytes()))
     }
+}
+
+/// Runs the tokenizers crate on a file's contents, turning a panic inside it into an error naming
+/// the file: it panics on some inconsistent inputs (a continuing_subword_prefix longer than a
+/// merge's token underflows a length) instead of returning an error.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T> {
+    std::panic::catch_unwind(f).map_err(|p| {
+        let why = p.downcast_ref::<String>().map(String::as_str).or_else(|| p.downcast_ref::<&str>().copied());
+        Error::config(
+            path,
+            format!(
+                "the tokenizers library fails on it ({}); the file is corrupt or inconsistent",
+                why.unwrap_or("a panic")
+            ),
+        )
+    })
 }
 
 /// A tokenizer around `bpe` with GPT-2's byte-level pre-tokenizer, post-processor and decoder,

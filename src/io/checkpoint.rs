@@ -77,22 +77,33 @@ fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
         let why = if dir.exists() { "it is a file, not a checkpoint directory" } else { "no such directory" };
         return Err(Error::read(dir, std::io::Error::new(std::io::ErrorKind::NotFound, why)));
     }
-    let config = Gpt2Config::from_json_file(&dir.join("config.json"))?;
+    let config_path = dir.join("config.json");
+    let config = Gpt2Config::from_json_file(&config_path)?;
     let (files, names) = open_weights(dir)?;
+    if config.checked_num_params().is_none() {
+        return Err(Error::config(
+            &config_path,
+            "describes a GPT-2 too large to count (its parameter count overflows): the file is corrupt",
+        ));
+    }
+    // A corrupt n_layer must not build millions of shapes: list at most two layers more than the
+    // files hold tensors for (12 a layer), so the first missing tensor is still the error.
+    let mut listed = config.clone();
+    listed.n_layer = listed.n_layer.min(names.len() / 12 + 2);
     let mut params = ParamStore::new();
     let mut used = std::collections::HashSet::new();
     let conv1d: std::collections::HashSet<String> = if keep_nf4 {
-        crate::nn::lora::conv1d_modules(&config).into_iter().map(|(m, _, _)| format!("{m}.weight")).collect()
+        crate::nn::lora::conv1d_modules(&listed).into_iter().map(|(m, _, _)| format!("{m}.weight")).collect()
     } else {
         Default::default()
     };
     let mut kept = BTreeMap::new();
-    for (name, dims) in config.param_shapes() {
+    for (name, dims) in listed.param_shapes() {
         let short = name.strip_prefix("transformer.").unwrap_or(&name).to_string();
         let Some((key, &fi)) = [&name, &short].into_iter().find_map(|k| names.get_key_value(k.as_str())) else {
             return Err(Error::checkpoint(
                 dir,
-                format!("model.safetensors has no tensor '{name}': the checkpoint is incomplete or not a GPT-2"),
+                format!("model.safetensors has no tensor '{name}': the checkpoint is incomplete or not a GPT-2, or config.json belongs to another model"),
             ));
         };
         used.insert(key.clone());
@@ -125,6 +136,7 @@ fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
                 format!("tensor '{key}' has dtype {stored_dtype}; GPT-2 weights must be F32, BF16 or F16"),
             )
         })?;
+        st::check_finite(file.path(), key, &t)?;
         params.insert(name, t);
     }
     let extra: Vec<&String> = names.keys().filter(|k| !used.contains(*k) && !is_ignored(k)).collect();
@@ -133,9 +145,10 @@ fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
         extra.sort();
         extra.truncate(5);
         return Err(Error::checkpoint(
-            dir,
+            files[names[extra[0]]].path(),
             format!(
-                "holds tensors a GPT-2 of this config does not have (e.g. {}): is this another architecture?",
+                "holds tensors a GPT-2 of this config.json does not have (e.g. {}): is this another architecture, \
+                 or does config.json belong to another model?",
                 extra.join(", ")
             ),
         ));

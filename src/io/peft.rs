@@ -390,7 +390,9 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
                     format!("tensor '{name}' has rank {r} but adapter_config.json says r = {} for {}", m.r, m.module),
                 ));
             }
-            params.insert(name.clone(), file.tensor_f32(&name)?);
+            let t = file.tensor_f32(&name)?;
+            st::check_finite(&wpath, &name, &t)?;
+            params.insert(name.clone(), t);
         }
     }
     if let Some(((module, _), _)) = stored.iter().next() {

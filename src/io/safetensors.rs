@@ -35,6 +35,15 @@ impl SafeFile {
         &self.path
     }
 
+    /// The file's size in bytes.
+    pub fn len(&self) -> usize {
+        self.mmap.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mmap.is_empty()
+    }
+
     /// Tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut v: Vec<String> =
@@ -97,6 +106,23 @@ impl SafeFile {
                 format!("tensor '{name}' has dtype {other:?}; expected a float tensor (F32, BF16 or F16)"),
             )),
         }
+    }
+}
+
+/// Errors when float weights read from `path` hold a NaN or an infinity: a model that loads them
+/// computes NaN everywhere, far from the file that caused it.
+pub fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<()> {
+    let Ok(v) = t.f32s() else { return Ok(()) };
+    match v.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::checkpoint(
+            path,
+            format!(
+                "tensor '{name}' holds {} at flat index {i}: the file is corrupt, or the run that wrote it \
+                 diverged; use an earlier checkpoint",
+                v[i]
+            ),
+        )),
     }
 }
 

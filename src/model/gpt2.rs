@@ -113,10 +113,10 @@ impl Gpt2Config {
         let float = |key: &str, default: f32| -> Result<f32> {
             match obj.get(key).filter(|v| !v.is_null()) {
                 None => Ok(default),
-                Some(x) => x
-                    .as_f64()
-                    .map(|f| f as f32)
-                    .ok_or_else(|| Error::config(path, format!("\"{key}\" must be a number, got {x}"))),
+                Some(x) => match x.as_f64().map(|f| f as f32) {
+                    Some(f) if f.is_finite() => Ok(f),
+                    _ => Err(Error::config(path, format!("\"{key}\" must be a finite number, got {x}"))),
+                },
             }
         };
         let flag = |key: &str, default: bool| -> Result<bool> {
@@ -127,7 +127,8 @@ impl Gpt2Config {
                 }
             }
         };
-        let token = |key: &str| -> Option<u32> { obj.get(key).and_then(|x| x.as_u64()).map(|x| x as u32) };
+        let token =
+            |key: &str| -> Option<u32> { obj.get(key).and_then(|x| x.as_u64()).and_then(|x| u32::try_from(x).ok()) };
 
         let cfg = Gpt2Config {
             vocab_size: int(&["vocab_size"], None)?,
@@ -251,6 +252,18 @@ impl Gpt2Config {
         out.push(("transformer.ln_f.weight".to_string(), vec![c]));
         out.push(("transformer.ln_f.bias".to_string(), vec![c]));
         out
+    }
+
+    /// `num_params` computed without building the shapes, None when it overflows: a config read
+    /// from a file is checked with it before its shapes are computed.
+    pub fn checked_num_params(&self) -> Option<usize> {
+        let [c, v, p, l] = [self.n_embd, self.vocab_size, self.n_positions, self.n_layer].map(|x| x as u128);
+        let f = self.n_inner.map_or(4 * c, |f| f as u128);
+        // per block: ln_1 and ln_2 (2C each), c_attn (C*3C + 3C), attn c_proj (C*C + C), c_fc (C*F + F),
+        // mlp c_proj (F*C + C); products are checked in u128
+        let block = (c * c).checked_mul(4)?.checked_add(c.checked_mul(f)?.checked_mul(2)?)?.checked_add(9 * c + f)?;
+        let total = (v + p).checked_mul(c)?.checked_add(l.checked_mul(block)?)?.checked_add(2 * c)?;
+        usize::try_from(total).ok()
     }
 
     /// Number of parameters (wte counted once: lm_head shares it).

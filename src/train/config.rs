@@ -227,6 +227,11 @@ impl RunConfig {
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             return bad(format!("data.val_fraction = {} must be in [0, 1)", self.data.val_fraction));
         }
+        // NaN and infinities (TOML's nan and inf) are never a setting.
+        let tree = toml::Value::try_from(self).map_err(|e| Error::config(label, e.to_string()))?;
+        if let Some((key, x)) = non_finite(&tree, "") {
+            return bad(format!("{key} = {x} must be a finite number"));
+        }
         Ok(())
     }
 }
@@ -304,4 +309,16 @@ fn set(table: &mut toml::Table, kv: &str) -> Result<()> {
     let toml::Value::Table(sec) = entry else { return Err(bad()) };
     sec.insert(field.to_string(), value);
     Ok(())
+}
+
+/// The dotted key and value of the first NaN or infinite number in `v`.
+fn non_finite(v: &toml::Value, at: &str) -> Option<(String, f64)> {
+    match v {
+        toml::Value::Float(f) if !f.is_finite() => Some((at.to_string(), *f)),
+        toml::Value::Table(t) => {
+            t.iter().find_map(|(k, x)| non_finite(x, &format!("{at}{}{k}", if at.is_empty() { "" } else { "." })))
+        }
+        toml::Value::Array(a) => a.iter().find_map(|x| non_finite(x, at)),
+        _ => None,
+    }
 }
