@@ -15,6 +15,10 @@ pub enum Error {
     #[error("{}: malformed config: {msg}", path.display())]
     Config { path: PathBuf, msg: String },
 
+    /// A file kiln reads that is not config: a data file, a tokenizer, a run's own records.
+    #[error("{}: malformed {kind}: {msg}", path.display())]
+    Malformed { path: PathBuf, kind: &'static str, msg: String },
+
     #[error("{}: not a readable safetensors file: {msg}. The file may be truncated or corrupt; re-download or re-export it.", path.display())]
     Safetensors { path: PathBuf, msg: String },
 
@@ -55,6 +59,9 @@ impl Error {
     }
     pub(crate) fn config(path: &Path, msg: impl Into<String>) -> Self {
         Error::Config { path: path.to_path_buf(), msg: msg.into() }
+    }
+    pub(crate) fn malformed(path: &Path, kind: &'static str, msg: impl Into<String>) -> Self {
+        Error::Malformed { path: path.to_path_buf(), kind, msg: msg.into() }
     }
     pub(crate) fn safetensors(path: &Path, msg: impl Into<String>) -> Self {
         Error::Safetensors { path: path.to_path_buf(), msg: msg.into() }

@@ -76,7 +76,7 @@ pub fn load_examples(path: &Path, format: Format, chat: &ChatTemplate) -> Result
     let text = std::fs::read_to_string(path).map_err(|e| Error::read(path, e))?;
     let records: Vec<(usize, Value)> = if text.trim_start().starts_with('[') {
         let v: Vec<Value> = serde_json::from_str(&text)
-            .map_err(|e| Error::config(path, format!("not a JSON array of examples ({e})")))?;
+            .map_err(|e| Error::malformed(path, "data file", format!("not a JSON array of examples ({e})")))?;
         v.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect()
     } else {
         let mut out = vec![];
@@ -85,24 +85,26 @@ pub fn load_examples(path: &Path, format: Format, chat: &ChatTemplate) -> Result
                 continue;
             }
             let v = serde_json::from_str(line)
-                .map_err(|e| Error::config(path, format!("line {}: not valid JSON ({e})", i + 1)))?;
+                .map_err(|e| Error::malformed(path, "data file", format!("line {}: not valid JSON ({e})", i + 1)))?;
             out.push((i + 1, v));
         }
         out
     };
     if records.is_empty() {
-        return Err(Error::config(path, "holds no examples"));
+        return Err(Error::malformed(path, "data file", "holds no examples"));
     }
     let unit = if text.trim_start().starts_with('[') { "example" } else { "line" };
     let format = match format {
         Format::Auto => detect(&records[0].1).ok_or_else(|| {
-            Error::config(path, format!("{unit} {}: cannot tell the format: expected \"prompt\"/\"completion\", \"instruction\"/\"output\" or \"messages\"", records[0].0))
+            Error::malformed(path, "data file", format!("{unit} {}: cannot tell the format: expected \"prompt\"/\"completion\", \"instruction\"/\"output\" or \"messages\"", records[0].0))
         })?,
         f => f,
     };
     records
         .iter()
-        .map(|(n, v)| example(v, format, chat).map_err(|msg| Error::config(path, format!("{unit} {n}: {msg}"))))
+        .map(|(n, v)| {
+            example(v, format, chat).map_err(|msg| Error::malformed(path, "data file", format!("{unit} {n}: {msg}")))
+        })
         .collect()
 }
 

@@ -37,12 +37,17 @@ impl Tokenizer {
         let bytes = std::fs::read(path).map_err(|e| Error::read(path, e))?;
         // The tokenizers crate panics on some syntax errors (inside "decoder"), so the JSON is
         // checked here first; only well-formed JSON reaches it.
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|e| Error::config(path, format!("not UTF-8 text ({e}); a tokenizer.json is JSON")))?;
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            Error::malformed(path, "tokenizer file", format!("not UTF-8 text ({e}); a tokenizer.json is JSON"))
+        })?;
         serde_json::from_str::<serde::de::IgnoredAny>(text)
-            .map_err(|e| Error::config(path, format!("not valid JSON ({e})")))?;
+            .map_err(|e| Error::malformed(path, "tokenizer file", format!("not valid JSON ({e})")))?;
         let inner = guarded(path, || text.parse::<tokenizers::Tokenizer>())?.map_err(|e| {
-            Error::config(path, format!("not a tokenizer.json that the tokenizers library reads ({e})"))
+            Error::malformed(
+                path,
+                "tokenizer file",
+                format!("not a tokenizer.json that the tokenizers library reads ({e})"),
+            )
         })?;
         Ok(Tokenizer { inner })
     }
@@ -61,8 +66,9 @@ impl Tokenizer {
                     return Self::from_vocab_merges(&path.join(vocab), &path.join(merges));
                 }
             }
-            return Err(Error::config(
+            return Err(Error::malformed(
                 path,
+                "tokenizer file",
                 "holds no tokenizer: expected tokenizer.json, vocab.json + merges.txt, or encoder.json + \
                  vocab.bpe; pass the tokenizer file itself or train one with `kiln tokenizer train`",
             ));
@@ -79,8 +85,9 @@ impl Tokenizer {
             };
             if !partner.0.is_file() || !partner.1.is_file() {
                 let missing = if partner.0.is_file() { &partner.1 } else { &partner.0 };
-                return Err(Error::config(
+                return Err(Error::malformed(
                     path,
+                    "tokenizer file",
                     format!(
                         "is half of a GPT-2 vocabulary pair but {} is missing; put {vocab} and {merges} in \
                          one directory",
@@ -98,7 +105,11 @@ impl Tokenizer {
     pub fn from_vocab_merges(vocab_path: &Path, merges_path: &Path) -> Result<Self> {
         let bytes = std::fs::read(vocab_path).map_err(|e| Error::read(vocab_path, e))?;
         let map: HashMap<String, u32> = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::config(vocab_path, format!("not a JSON object mapping token strings to integer ids ({e})"))
+            Error::malformed(
+                vocab_path,
+                "tokenizer file",
+                format!("not a JSON object mapping token strings to integer ids ({e})"),
+            )
         })?;
         let vocab: Vocab = map.into_iter().collect();
         let merges = read_merges(merges_path)?;
@@ -106,8 +117,9 @@ impl Tokenizer {
         // overruns a buffer (a panic) when the result is longer than every token.
         for (i, (a, b)) in merges.iter().enumerate() {
             if let Some(t) = [a.clone(), b.clone(), format!("{a}{b}")].into_iter().find(|t| !vocab.contains_key(t)) {
-                return Err(Error::config(
+                return Err(Error::malformed(
                     merges_path,
+                    "tokenizer file",
                     format!(
                         "does not fit the vocabulary {} (merge {} '{a} {b}' needs the token '{t}', which it lacks); \
                          the two files must come from the same tokenizer",
@@ -119,8 +131,9 @@ impl Tokenizer {
         }
         let has_eos = vocab.contains_key(EOS);
         let bpe = guarded(merges_path, || BPE::builder().vocab_and_merges(vocab, merges).build())?.map_err(|e| {
-            Error::config(
+            Error::malformed(
                 merges_path,
+                "tokenizer file",
                 format!(
                     "does not fit the vocabulary {} ({e}); the two files must come from the same tokenizer",
                     vocab_path.display()
@@ -129,9 +142,13 @@ impl Tokenizer {
         })?;
         let mut inner = byte_level_tokenizer(bpe);
         if has_eos {
-            inner
-                .add_special_tokens([AddedToken::from(EOS, true)])
-                .map_err(|e| Error::config(vocab_path, format!("cannot register {EOS} as a special token ({e})")))?;
+            inner.add_special_tokens([AddedToken::from(EOS, true)]).map_err(|e| {
+                Error::malformed(
+                    vocab_path,
+                    "tokenizer file",
+                    format!("cannot register {EOS} as a special token ({e})"),
+                )
+            })?;
         }
         Ok(Tokenizer { inner })
     }
@@ -190,10 +207,26 @@ impl Tokenizer {
 /// the file: it panics on some inconsistent inputs (a continuing_subword_prefix longer than a
 /// merge's token underflows a length) instead of returning an error.
 fn guarded<T>(path: &Path, f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T> {
-    std::panic::catch_unwind(f).map_err(|p| {
+    // The panic becomes kiln's one error line; the default hook would print it first. A hook that
+    // stays quiet on this thread while `f` runs, and defers to the previous hook otherwise.
+    thread_local!(static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(|g| g.get()) {
+                previous(info)
+            }
+        }));
+    });
+    GUARDED.with(|g| g.set(true));
+    let result = std::panic::catch_unwind(f);
+    GUARDED.with(|g| g.set(false));
+    result.map_err(|p| {
         let why = p.downcast_ref::<String>().map(String::as_str).or_else(|| p.downcast_ref::<&str>().copied());
-        Error::config(
+        Error::malformed(
             path,
+            "tokenizer file",
             format!(
                 "the tokenizers library fails on it ({}); the file is corrupt or inconsistent",
                 why.unwrap_or("a panic")
@@ -224,8 +257,9 @@ fn read_merges(path: &Path) -> Result<Merges> {
         match line.split(' ').collect::<Vec<_>>()[..] {
             [a, b] if !a.is_empty() && !b.is_empty() => merges.push((a.to_string(), b.to_string())),
             _ => {
-                return Err(Error::config(
+                return Err(Error::malformed(
                     path,
+                    "tokenizer file",
                     format!("line {}: expected a merge 'left right' (two tokens, one space), got {line:?}", i + 1),
                 ))
             }

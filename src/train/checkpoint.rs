@@ -163,7 +163,8 @@ pub fn load(dir: &Path, base: Option<Gpt2>, opt: &mut dyn Optimizer) -> Result<L
     };
     let path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::read(&path, e))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::config(&path, format!("{e}")))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| Error::malformed(&path, "checkpoint file", format!("{e}")))?;
     let moments = load_all(&dir.join("optimizer.safetensors"))?;
     opt.load_state_all(&moments, state.step as u64, &model.stores())?;
     Ok(Loaded { model, data: state.data, step: state.step, elapsed_s: state.elapsed_s })

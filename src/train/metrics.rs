@@ -35,7 +35,9 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::config(path, format!("line {}: {e}", i + 1))))
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| Error::malformed(path, "metrics file", format!("line {}: {e}", i + 1)))
+        })
         .collect()
 }
 

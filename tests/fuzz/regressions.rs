@@ -157,6 +157,14 @@ fn inconsistent_bpe_files_are_errors_not_panics() {
     std::fs::write(&path, serde_json::to_vec(&tj).unwrap()).unwrap();
     let msg = load_error(&path, || Tokenizer::load(&path));
     assert!(msg.contains("fails on it"), "{msg}");
+    // through the binary: one error line, and no panic message from the default hook before it
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["pretrain", "--out", dir.path().join("run").to_str().unwrap(), "--tokenizer", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.lines().count() == 1 && err.starts_with("error: ") && !err.contains("panicked"), "{err}");
 
     let dir = case_dir(None);
     let (vocab, merges) = (dir.path().join("vocab.json"), dir.path().join("merges.txt"));
