@@ -74,8 +74,8 @@ pub mod interrupt {
             None => {
                 *first = Some(now);
                 eprintln!(
-                    "\ninterrupt: finishing this step, saving a checkpoint, then stopping (interrupt again to quit \
-                     without saving this step)"
+                    "\ninterrupt: finishing this step, saving a checkpoint, then stopping (a second interrupt, 2 s \
+                     or more from now, quits without saving this step)"
                 );
             }
             Some(t) if now.duration_since(t) < SAME_INTERRUPT => {}
