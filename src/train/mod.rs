@@ -20,7 +20,7 @@ pub mod metrics;
 pub mod schedule;
 pub mod steps;
 
-use crate::data::corpus::{self, TokenFile, WindowSampler};
+use crate::data::corpus::{self, Sampling, TokenFile, WindowSampler};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::gpt2::{Gpt2, Gpt2Config, Mode};
 use crate::optim::{AdamW, AdamWConfig};
@@ -399,7 +399,7 @@ fn setup_pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options, given_tok: Op
                 Some(dir) => crate::io::checkpoint::load_gpt2(dir)?,
                 None => Gpt2::new_random(model_config(cfg, &tok)?, t.seed)?,
             };
-            (model, WindowSampler::new(t.seed, train_range.clone()), 0, 0.0)
+            (model, WindowSampler::new(t.seed, train_range.clone(), Sampling::Random), 0, 0.0)
         }
     };
     corpus::check_vocab(&train_file, model.config.vocab_size)?;
