@@ -121,6 +121,8 @@ pub struct TrainSection {
     pub save_every: usize,
     /// Checkpoints kept (older ones are deleted).
     pub keep_last: usize,
+    /// Log the training loss every this many steps (and the first and last). Fine-tuning lowers
+    /// the default, 10, so that a short run logs at least 50 losses.
     pub log_every: usize,
     pub seed: u64,
 }
