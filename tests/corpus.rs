@@ -1,6 +1,6 @@
 //! Corpora: input expansion, token files (ids equal the tokenizer's plus EOS per document, at
 //! u16 and u32 widths, big documents cut into parallel pieces), every bad-input error, and the
-//! window sampler's determinism across a serialise/restore.
+//! window samplers (epoch blocks and random offsets): coverage, order and exact resume.
 
 use kiln::data::corpus::*;
 use kiln::data::tokenizer::{train_bpe, Tokenizer};
@@ -270,7 +270,7 @@ fn sampler_windows_are_in_range_and_shifted() {
     let (train, val) = split(file.len(), 0.1);
     assert_eq!((train.clone(), val), (0..900, 900..1000));
     assert_eq!(split(1000, 0.0).1, 1000..1000);
-    let mut s = WindowSampler::new(3, 100..900);
+    let mut s = WindowSampler::new(3, 100..900, Sampling::Random);
     let (seq, mut starts) = (16, std::collections::HashSet::new());
     for _ in 0..50 {
         let (x, y) = s.next_batch(&file, 4, seq).unwrap();
@@ -287,12 +287,13 @@ fn sampler_windows_are_in_range_and_shifted() {
     assert_eq!(s.drawn, 200);
     assert!(starts.len() > 150, "starts are spread: {} distinct of 200", starts.len());
 
-    let mut exact = WindowSampler::new(0, 10..27);
+    let mut exact = WindowSampler::new(0, 10..27, Sampling::Random);
     let (x, _) = exact.next_batch(&file, 3, 16).unwrap();
     assert!(rows(&x).iter().all(|r| r[0] == 10), "only one window fits");
-    let msg = err(WindowSampler::new(0, 10..26).next_batch(&file, 1, 16));
+    let msg = err(WindowSampler::new(0, 10..26, Sampling::Random).next_batch(&file, 1, 16));
     assert!(msg.contains("16 tokens, fewer than one window of seq+1 = 17") && msg.contains("train.seq_len"), "{msg}");
-    assert!(err(WindowSampler::new(0, 0..2000).next_batch(&file, 1, 16)).contains("outside the token file"));
+    assert!(err(WindowSampler::new(0, 0..2000, Sampling::Random).next_batch(&file, 1, 16))
+        .contains("outside the token file"));
 }
 
 #[test]
@@ -302,13 +303,13 @@ fn sampler_resumes_exactly_from_its_state() {
     let draw = |s: &mut WindowSampler, k: usize| -> Vec<Vec<Vec<i32>>> {
         (0..k).map(|_| rows(&s.next_batch(&file, 3, 32).unwrap().0)).collect()
     };
-    let mut whole = WindowSampler::new(42, 0..5000);
-    let mut twin = WindowSampler::new(42, 0..5000);
+    let mut whole = WindowSampler::new(42, 0..5000, Sampling::Random);
+    let mut twin = WindowSampler::new(42, 0..5000, Sampling::Random);
     let all = draw(&mut whole, 8);
     assert_eq!(draw(&mut twin, 8), all, "same seed, same batches");
-    assert_ne!(draw(&mut WindowSampler::new(43, 0..5000), 8), all, "another seed, other batches");
+    assert_ne!(draw(&mut WindowSampler::new(43, 0..5000, Sampling::Random), 8), all, "another seed, other batches");
 
-    let mut first = WindowSampler::new(42, 0..5000);
+    let mut first = WindowSampler::new(42, 0..5000, Sampling::Random);
     let head = draw(&mut first, 3);
     let saved = serde_json::to_string(&first).unwrap();
     drop(first);
@@ -316,6 +317,130 @@ fn sampler_resumes_exactly_from_its_state() {
     assert_eq!(resumed.drawn, 9);
     let tail = draw(&mut resumed, 5);
     assert_eq!([head, tail].concat(), all);
+}
+
+/// The starts of the next `n` windows, drawn through `next_batch` in batches of `batch` (the
+/// last one possibly smaller), checking that every row is a window of the counting file.
+fn starts(s: &mut WindowSampler, file: &TokenFile, n: usize, batch: usize, seq: usize) -> Vec<usize> {
+    let mut out = vec![];
+    while out.len() < n {
+        let (x, y) = s.next_batch(file, batch.min(n - out.len()), seq).unwrap();
+        for (xr, yr) in rows(&x).iter().zip(rows(&y)) {
+            let start = xr[0];
+            assert_eq!(*xr, (start..start + seq as i32).collect::<Vec<_>>());
+            assert_eq!(yr, (start + 1..start + 1 + seq as i32).collect::<Vec<_>>());
+            out.push(start as usize);
+        }
+    }
+    out
+}
+
+#[test]
+fn epoch_sampler_trains_every_token_once_per_epoch_in_a_fresh_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = counting_file(tmp.path(), 1000);
+    // 800 tokens at a stride of 16: (800 - 16) / 16 = 49 blocks fit after any phase below 16
+    let (seq, blocks) = (16, 49);
+    let mut s = WindowSampler::new(7, 100..900, Sampling::Epoch);
+    // batches of 5 straddle the epoch boundaries (49 is no multiple of 5)
+    let drawn = starts(&mut s, &file, 4 * blocks + 11, 5, seq);
+    assert_eq!(s.drawn, 4 * blocks as u64 + 11);
+    let epochs: Vec<&[usize]> = drawn.chunks(blocks).collect();
+    let mut phases = vec![];
+    for (e, order) in epochs.iter().take(4).enumerate() {
+        let mut sorted = order.to_vec();
+        sorted.sort();
+        let phase = sorted[0] - 100;
+        assert!(phase < seq, "epoch {e} starts its grid at {}", sorted[0]);
+        let grid: Vec<usize> = (0..blocks).map(|b| 100 + phase + b * seq).collect();
+        assert_eq!(sorted, grid, "epoch {e} visits each block of its grid once");
+        // inputs and targets each cover 784 consecutive tokens exactly once
+        let (mut inputs, mut targets) = (vec![0; 1000], vec![0; 1000]);
+        for &b in order.iter() {
+            (b..b + seq).for_each(|t| inputs[t] += 1);
+            (b + 1..b + seq + 1).for_each(|t| targets[t] += 1);
+        }
+        let first = 100 + phase;
+        assert!((first..first + 784).all(|t| inputs[t] == 1) && inputs.iter().sum::<i32>() == 784, "epoch {e}");
+        assert!((first + 1..first + 785).all(|t| targets[t] == 1) && targets.iter().sum::<i32>() == 784, "epoch {e}");
+        assert_ne!(order.to_vec(), grid, "epoch {e} is shuffled");
+        // shuffled, not nearly sorted: consecutive windows are neighbouring blocks only by chance
+        let adjacent = order.windows(2).filter(|w| w[0].abs_diff(w[1]) == seq).count();
+        assert!(adjacent < 8, "{adjacent} of 48 consecutive windows are neighbouring blocks: {order:?}");
+        phases.push(phase);
+    }
+    // each epoch a fresh order, and a fresh phase, so windows do not repeat their exact contexts
+    assert!(epochs[..4].windows(2).all(|w| w[0] != w[1]), "each epoch a fresh order");
+    assert!(phases.iter().any(|&p| p != phases[0]), "the grid moves between epochs: {phases:?}");
+    let other = starts(&mut WindowSampler::new(8, 100..900, Sampling::Epoch), &file, blocks, 7, seq);
+    assert_ne!(other, epochs[0], "another seed, another order");
+
+    // a range holding exactly one block, and the errors shared with random offsets
+    let mut one = WindowSampler::new(0, 10..27, Sampling::Epoch);
+    assert_eq!(starts(&mut one, &file, 3, 3, 16), [10, 10, 10]);
+    // one block with room to move: its phase varies over the 4 starts that fit
+    let moved = starts(&mut WindowSampler::new(0, 10..30, Sampling::Epoch), &file, 40, 8, 16);
+    assert!(moved.iter().all(|s| (10..14).contains(s)) && moved.iter().any(|&s| s != moved[0]), "{moved:?}");
+    let msg = err(WindowSampler::new(0, 10..26, Sampling::Epoch).next_batch(&file, 1, 16));
+    assert!(msg.contains("fewer than one window of seq+1 = 17") && msg.contains("train.seq_len"), "{msg}");
+    assert!(err(WindowSampler::new(0, 0..2000, Sampling::Epoch).next_batch(&file, 1, 16))
+        .contains("outside the token file"));
+}
+
+#[test]
+fn epoch_sampler_resumes_mid_epoch_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = counting_file(tmp.path(), 5000);
+    let draw = |s: &mut WindowSampler, k: usize| -> Vec<Vec<Vec<i32>>> {
+        (0..k).map(|_| rows(&s.next_batch(&file, 3, 32).unwrap().0)).collect()
+    };
+    // (5000 - 1) / 32 = 156 blocks: 60 batches of 3 cross into the second epoch
+    let all = draw(&mut WindowSampler::new(42, 0..5000, Sampling::Epoch), 60);
+    assert_eq!(draw(&mut WindowSampler::new(42, 0..5000, Sampling::Epoch), 60), all, "same seed, same batches");
+    for stop in [1, 17, 52, 53] {
+        let mut first = WindowSampler::new(42, 0..5000, Sampling::Epoch);
+        let head = draw(&mut first, stop);
+        let saved = serde_json::to_string(&first).unwrap();
+        assert!(saved.contains("\"mode\":\"epoch\""), "{saved}");
+        drop(first);
+        let mut resumed: WindowSampler = serde_json::from_str(&saved).unwrap();
+        assert_eq!((resumed.drawn, resumed.mode), (3 * stop as u64, Sampling::Epoch));
+        let tail = draw(&mut resumed, 60 - stop);
+        assert_eq!([head, tail].concat(), all, "resumed after {stop} batches");
+    }
+}
+
+#[test]
+fn a_sampler_state_saved_before_modes_existed_continues_with_random_offsets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = counting_file(tmp.path(), 5000);
+    // what trainer_state.json held as "data" before data.sampling: seed, drawn and range only
+    let old = r#"{"seed":42,"drawn":9,"range":{"start":0,"end":5000}}"#;
+    let mut s: WindowSampler = serde_json::from_str(old).unwrap();
+    assert_eq!(s.mode, Sampling::Random);
+    // the windows the old sampler drew next (its SplitMix64 formula, evaluated by hand)
+    assert_eq!(starts(&mut s, &file, 6, 3, 32), [1211, 3797, 4402, 4471, 399, 188]);
+}
+
+#[test]
+fn permute_is_a_bijection_chosen_by_its_key() {
+    for n in (1..=130).chain([255, 256, 257, 1000, 1023, 1024, 1025, 4097]) {
+        for key in [0, 1, 0xdead_beef] {
+            let mut seen = vec![false; n as usize];
+            for i in 0..n {
+                let p = permute(i, n, key);
+                assert!(p < n && !seen[p as usize], "n {n} key {key}: {i} -> {p}");
+                seen[p as usize] = true;
+            }
+        }
+    }
+    let order = |key| (0..1000).map(|i| permute(i, 1000, key)).collect::<Vec<_>>();
+    assert_ne!(order(1), order(2));
+    // a shuffle, not a near-identity: few fixed points, displacement near the uniform n/3
+    let p = order(3);
+    let fixed = p.iter().enumerate().filter(|&(i, &x)| i as u64 == x).count();
+    let mean_shift = p.iter().enumerate().map(|(i, &x)| (i as f64 - x as f64).abs()).sum::<f64>() / 1000.0;
+    assert!(fixed < 8 && (280.0..390.0).contains(&mean_shift), "fixed points {fixed}, mean shift {mean_shift}");
 }
 
 #[test]

@@ -24,6 +24,25 @@ fn full_finetuning_lowers_the_held_out_loss() {
 }
 
 #[test]
+fn a_short_finetune_logs_enough_losses_to_draw_a_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, base) = base_model(dir.path(), 32);
+    let task = dir.path().join("task.jsonl");
+    // the default log_every (10) would log 6 of 50 steps; fine-tuning logs every step of them
+    let cfg = config(&base, &task, &["train.max_steps=50", "train.log_every=10", "train.eval_every=0"]);
+    finetune(&cfg, &dir.path().join("short"), &opts(Start::Fresh, None)).unwrap();
+    let steps: Vec<usize> = losses(&dir.path().join("short")).iter().map(|l| l.0).collect();
+    assert_eq!(steps, (1..=50).collect::<Vec<_>>(), "a 50-step fine-tune draws {} points", steps.len());
+    let toml = std::fs::read_to_string(dir.path().join("short/run.toml")).unwrap();
+    assert!(toml.contains("log_every = 1\n"), "run.toml records what was logged:\n{toml}");
+    // a value chosen on purpose is kept
+    let cfg = config(&base, &task, &["train.max_steps=20", "train.log_every=5", "train.eval_every=0"]);
+    finetune(&cfg, &dir.path().join("chosen"), &opts(Start::Fresh, None)).unwrap();
+    let steps: Vec<usize> = losses(&dir.path().join("chosen")).iter().map(|l| l.0).collect();
+    assert_eq!(steps, [1, 5, 10, 15, 20]);
+}
+
+#[test]
 fn a_resumed_finetune_matches_the_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
     let (_, base) = base_model(dir.path(), 64);

@@ -1,6 +1,7 @@
 //! Pre-training corpora: text files (or `.jsonl` with a "text" field) expanded from files, globs
 //! and directories, tokenized in parallel into one flat token file, then read back through a
-//! memory map as random training windows and fixed validation windows.
+//! memory map as training windows (shuffled blocks per epoch, or random offsets) and fixed
+//! validation windows.
 //!
 //! Token file layout (little-endian), 32-byte header then the ids:
 //!   0..8   magic b"KILNTOK1"
@@ -449,31 +450,134 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Random training windows. (seed, drawn) is the whole state: window k starts at a value drawn
-/// from SplitMix64's k-th output for the seed, so a sampler restored from its serialised state
-/// continues exactly where it stopped.
+/// How training windows are drawn (`data.sampling`).
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampling {
+    /// Blocks of seq + 1 tokens, shuffled afresh every epoch and drawn without replacement, so
+    /// every token is trained on once per epoch (as transformers' Trainer feeds `group_texts`
+    /// blocks); the block grid shifts between epochs. The default.
+    Epoch,
+    /// Windows at uniformly random offsets, drawn with replacement (what kiln did before epochs).
+    Random,
+}
+
+impl Sampling {
+    /// The values `data.sampling` accepts.
+    pub const NAMES: &'static str = "\"epoch\" or \"random\"";
+
+    /// The mode as `data.sampling` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sampling::Epoch => "epoch",
+            Sampling::Random => "random",
+        }
+    }
+
+    /// A trainer_state.json written before the mode was recorded came from random offsets.
+    fn legacy() -> Sampling {
+        Sampling::Random
+    }
+}
+
+impl std::str::FromStr for Sampling {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Sampling> {
+        match s {
+            "epoch" => Ok(Sampling::Epoch),
+            "random" => Ok(Sampling::Random),
+            other => Err(Error::Input(format!("data.sampling = {other:?}: use {}", Sampling::NAMES))),
+        }
+    }
+}
+
+/// Training windows of seq + 1 tokens from a token range. (seed, drawn, range, mode) is the whole
+/// state and the order is recomputed from it, so a sampler restored from its serialised state
+/// continues exactly where it stopped, mid-epoch included.
+///
+/// `Epoch`: each epoch cuts the range into blocks of seq + 1 tokens at a stride of seq, so that
+/// neighbouring blocks share one boundary token (the last target of one is the first input of
+/// the next): in an epoch every token is an input once and a target once, and every next-token
+/// pair is trained once, except fewer than 2 * seq tokens at the ends of the range. Epoch e
+/// visits its blocks in the order of a pseudo-random permutation keyed by (seed, e), computed
+/// per window (`permute`), never stored, and shifts its grid by a phase below seq drawn from the
+/// same key: with fixed block edges a model sees the same contexts every epoch and overfits them
+/// (on the built-in corpus over 10 epochs, validation loss 1.33 against 1.26 with the phase).
+///
+/// `Random`: window k starts at a value drawn from SplitMix64's k-th output for the seed.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct WindowSampler {
     pub seed: u64,
-    /// Windows drawn so far (batch rows, not batches).
+    /// Windows drawn so far (batch rows, not batches), over all epochs.
     pub drawn: u64,
     /// Token range windows are drawn from (e.g. the train split).
     pub range: Range<usize>,
+    #[serde(default = "Sampling::legacy")]
+    pub mode: Sampling,
+}
+
+/// Rounds of the Feistel network behind `permute`; four make a pseudo-random permutation from
+/// pseudo-random round functions (Luby-Rackoff), two more are margin for SplitMix's mix.
+const FEISTEL_ROUNDS: u64 = 6;
+
+/// Position `i` of a pseudo-random permutation of 0..n chosen by `key`: a Feistel network over
+/// the smallest even number of bits that holds n, walked until it lands inside 0..n (cycle
+/// walking keeps it a bijection of 0..n; the domain is under 4n, so under 4 walks on average).
+pub fn permute(i: u64, n: u64, key: u64) -> u64 {
+    assert!(i < n, "permute: position {i} outside 0..{n}");
+    let bits = 64 - (n - 1).leading_zeros() as u64;
+    let half = bits.div_ceil(2).max(1);
+    let mask = (1u64 << half) - 1;
+    let round_keys: [u64; FEISTEL_ROUNDS as usize] =
+        std::array::from_fn(|r| mix(key ^ (r as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    let mut x = i;
+    loop {
+        let (mut left, mut right) = (x >> half, x & mask);
+        for k in &round_keys {
+            (left, right) = (right, left ^ (mix(k ^ right) & mask));
+        }
+        x = (left << half) | right;
+        if x < n {
+            return x;
+        }
+    }
 }
 
 impl WindowSampler {
-    pub fn new(seed: u64, range: Range<usize>) -> Self {
-        WindowSampler { seed, drawn: 0, range }
+    pub fn new(seed: u64, range: Range<usize>, mode: Sampling) -> Self {
+        WindowSampler { seed, drawn: 0, range, mode }
     }
 
-    /// The start of window `k`: uniform over the `count` possible starts (multiply-shift; the
-    /// bias is below count / 2^64).
-    fn start(&self, k: u64, count: usize) -> usize {
+    /// The start of random window `k`: uniform over the `count` possible starts (multiply-shift;
+    /// the bias is below count / 2^64).
+    fn random_start(&self, k: u64, count: usize) -> usize {
         let x = mix(mix(self.seed).wrapping_add(k.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
         self.range.start + ((x as u128 * count as u128) >> 64) as usize
     }
 
-    /// Input ids and next-token targets, both I32 [batch, seq], from `batch` random windows of
+    /// The start of epoch window `k`: block `permute(i)` of epoch `k / blocks`, on that epoch's
+    /// grid of `blocks` blocks at a stride of `seq` shifted by a phase below `phases`.
+    fn epoch_start(&self, k: u64, blocks: u64, phases: usize, seq: usize) -> usize {
+        let (epoch, i) = (k / blocks, k % blocks);
+        let key = mix(mix(self.seed ^ 0x6570_6f63_685f_6b65).wrapping_add(epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        let phase = ((mix(key) as u128 * phases as u128) >> 64) as usize;
+        self.range.start + phase + permute(i, blocks, key) as usize * seq
+    }
+
+    /// The start of window `k` for windows of seq + 1 tokens (the range holds at least one).
+    pub fn start(&self, k: u64, seq: usize) -> usize {
+        let len = self.range.len();
+        match self.mode {
+            Sampling::Random => self.random_start(k, len - seq),
+            Sampling::Epoch => {
+                // as many blocks as fit after any phase below seq (one when only one fits at all)
+                let blocks = ((len - seq) / seq).max(1);
+                self.epoch_start(k, blocks as u64, (len - blocks * seq).min(seq), seq)
+            }
+        }
+    }
+
+    /// Input ids and next-token targets, both I32 [batch, seq], from the next `batch` windows of
     /// seq + 1 tokens.
     pub fn next_batch(&mut self, file: &TokenFile, batch: usize, seq: usize) -> Result<(Tensor, Tensor)> {
         if batch == 0 || seq == 0 {
@@ -495,11 +599,10 @@ impl WindowSampler {
                 seq + 1
             )));
         }
-        let count = r.len() - seq;
         let mut inputs = Vec::with_capacity(batch * seq);
         let mut targets = Vec::with_capacity(batch * seq);
         for _ in 0..batch {
-            let s = self.start(self.drawn, count);
+            let s = self.start(self.drawn, seq);
             self.drawn += 1;
             let window = file
                 .tokens(s..s + seq + 1)

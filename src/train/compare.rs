@@ -147,7 +147,6 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
             format!("train.batch_size={BATCH}"),
             "train.warmup_steps=10".into(),
             "train.eval_every=25".into(),
-            "train.log_every=25".into(),
             "train.save_every=0".into(),
             "model.dropout=0.0".into(),
         ];

@@ -88,6 +88,10 @@ pub struct DataSection {
     pub tokenizer_vocab_size: usize,
     /// Size of the built-in corpus, in bytes.
     pub builtin_bytes: usize,
+    /// How training windows are drawn: "epoch" (blocks of seq_len + 1 tokens shuffled anew each
+    /// epoch, every token trained on once per epoch) or "random" (random offsets, with
+    /// replacement).
+    pub sampling: String,
 }
 
 /// The optimisation.
@@ -117,6 +121,8 @@ pub struct TrainSection {
     pub save_every: usize,
     /// Checkpoints kept (older ones are deleted).
     pub keep_last: usize,
+    /// Log the training loss every this many steps (and the first and last). Fine-tuning lowers
+    /// the default, 10, so that a short run logs at least 50 losses.
     pub log_every: usize,
     pub seed: u64,
 }
@@ -144,6 +150,7 @@ impl Default for DataSection {
             tokenizer: None,
             tokenizer_vocab_size: 2048,
             builtin_bytes: 2_000_000,
+            sampling: "epoch".into(),
         }
     }
 }
@@ -223,6 +230,10 @@ impl RunConfig {
         }
         if !(t.lr > 0.0) || !(0.0..=1.0).contains(&t.min_lr_ratio) {
             return bad("train.lr must be positive and train.min_lr_ratio in [0, 1]".into());
+        }
+        if self.data.sampling.parse::<crate::data::corpus::Sampling>().is_err() {
+            let names = crate::data::corpus::Sampling::NAMES;
+            return bad(format!("data.sampling = {:?}: use {names}", self.data.sampling));
         }
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             return bad(format!("data.val_fraction = {} must be in [0, 1)", self.data.val_fraction));

@@ -143,6 +143,21 @@ pub fn peak_rss() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
+/// Training losses a fine-tuning run logs at least (fewer steps: every one), so that its plot
+/// shows a curve: pre-training's default of every 10 steps draws 5 points for a 50-step run.
+pub const MIN_LOGGED: usize = 50;
+
+/// `cfg` with the default `train.log_every` (10) lowered to max_steps / MIN_LOGGED, at least 1;
+/// any other value is one a user chose, and is kept.
+fn log_often(cfg: &RunConfig) -> RunConfig {
+    let mut c = cfg.clone();
+    let default = super::config::TrainSection::default().log_every;
+    if c.train.log_every == default {
+        c.train.log_every = (c.train.max_steps / MIN_LOGGED).clamp(1, default);
+    }
+    c
+}
+
 /// Fine-tunes `cfg.model.init_from` on `cfg.data.train` (SFT files) into `run_dir`.
 pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summary> {
     let created = !run_dir.exists();
@@ -152,6 +167,7 @@ pub fn finetune(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summa
 }
 
 fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summary> {
+    let cfg = &log_often(cfg);
     let f = &cfg.finetune;
     match f.method.as_str() {
         "full" | "lora" | "qlora" => {}

@@ -397,9 +397,23 @@ fn setup_pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options, given_tok: Op
     let (mut model, sampler, start_step, elapsed0) = match &latest {
         Some(dir) => {
             let s = checkpoint::load(dir, None, &mut opt)?;
-            let sampler = serde_json::from_value(s.data).map_err(|e| {
+            let sampler: WindowSampler = serde_json::from_value(s.data).map_err(|e| {
                 Error::checkpoint(dir, format!("trainer_state.json: the data position is unreadable ({e})"))
             })?;
+            // The state's mode is what the run does; a state from before data.sampling existed
+            // (random offsets) meets a run.toml without the key, read as the default.
+            if sampler.mode.name() != cfg.data.sampling {
+                let mut actual = RunConfig::load(Some(&run_dir.join("run.toml")), &[])?;
+                actual.data.sampling = sampler.mode.name().into();
+                write_config(&actual)?;
+                if !opts.quiet {
+                    println!(
+                        "note: {} draws windows with data.sampling = \"{}\"; run.toml now says so",
+                        dir.display(),
+                        sampler.mode.name()
+                    );
+                }
+            }
             (s.model, sampler, s.step, s.elapsed_s)
         }
         None => {
@@ -407,7 +421,8 @@ fn setup_pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options, given_tok: Op
                 Some(dir) => crate::io::checkpoint::load_gpt2(dir)?,
                 None => Gpt2::new_random(model_config(cfg, &tok)?, t.seed)?,
             };
-            (model, WindowSampler::new(t.seed, train_range.clone()), 0, 0.0)
+            let mode = cfg.data.sampling.parse()?;
+            (model, WindowSampler::new(t.seed, train_range.clone(), mode), 0, 0.0)
         }
     };
     corpus::check_vocab(&train_file, model.config.vocab_size)?;
