@@ -243,6 +243,7 @@ fn the_demo_trains_samples_and_writes_its_run() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     for needle in [
+        "this machine: sgemm ",
         "before training it answers",
         "after 30 steps it answers",
         "knows where people live",

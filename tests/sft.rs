@@ -157,6 +157,7 @@ fn malformed_examples_name_their_line() {
             assert!(e.contains(n), "case {i}: '{e}' should mention '{n}'");
         }
         assert!(e.contains(&format!("bad{i}.jsonl")), "the error names the file: {e}");
+        assert!(e.contains("malformed data file") && !e.contains("config"), "a data file is not a config: {e}");
     }
 }
 
