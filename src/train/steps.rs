@@ -88,7 +88,9 @@ pub mod interrupt {
                         lock(&SAVING)
                     }
                 };
-                eprintln!("interrupted again: exiting without saving this step; the last checkpoint is intact");
+                eprintln!(
+                    "interrupted again: exiting now without saving this step; checkpoints already written are intact"
+                );
                 std::process::exit(130);
             }
         }
