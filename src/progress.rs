@@ -91,16 +91,6 @@ impl Progress {
         Progress { kind }
     }
 
-    /// True when nothing is drawn (a message must then be printed plainly).
-    pub fn is_hidden(&self) -> bool {
-        matches!(self.kind, Kind::Hidden)
-    }
-
-    /// Whether the report is plain lines rather than a bar.
-    pub fn is_lines(&self) -> bool {
-        matches!(self.kind, Kind::Lines(_))
-    }
-
     pub fn set_message(&self, msg: String) {
         match &self.kind {
             Kind::Bar(b) => b.set_message(msg),
