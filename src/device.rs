@@ -5,7 +5,8 @@ use crate::{Error, Result};
 use std::fmt;
 use std::str::FromStr;
 
-/// A compute device: the CPU, or a CUDA GPU by ordinal.
+/// A compute device: the CPU, or the CUDA backend (a GPU by ordinal, or the emulated device, which
+/// the process chooses once: `--device emu` is `Cuda(0)` on the emulator).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Device {
     #[default]
@@ -38,6 +39,12 @@ impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Device::Cpu => write!(f, "cpu"),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_)
+                if crate::backend::cuda::selected() == Some(crate::backend::cuda::RuntimeKind::Emulator) =>
+            {
+                write!(f, "emu")
+            }
             Device::Cuda(i) => write!(f, "cuda:{i}"),
         }
     }
@@ -45,16 +52,59 @@ impl fmt::Display for Device {
 
 impl FromStr for Device {
     type Err = Error;
-    /// Parses `cpu`, `cuda` (ordinal 0) or `cuda:N`.
+    /// Parses `cpu`, `cuda` (ordinal 0), `cuda:N`, `emu` (the emulated GPU: kiln's CUDA kernels
+    /// on the CPU, every memory access checked) or `auto` (the GPU when kiln is built with CUDA
+    /// and one is present, else the CPU; it says which on stderr). `cuda` and `emu` choose the
+    /// runtime of this process's CUDA backend.
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Device::Cuda)
-                .ok_or_else(|| Error::Input(format!("unknown device '{s}': use cpu, cuda or cuda:N"))),
+            "auto" => Ok(auto()),
+            "emu" => emu(),
+            _ => {
+                let d = match s {
+                    "cuda" => Some(Device::Cuda(0)),
+                    _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Device::Cuda),
+                }
+                .ok_or_else(|| Error::Input(format!("unknown device '{s}': use auto, cpu, cuda, cuda:N or emu")))?;
+                #[cfg(feature = "cuda")]
+                crate::backend::cuda::select(crate::backend::cuda::RuntimeKind::Driver)?;
+                Ok(d)
+            }
         }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn auto() -> Device {
+    use crate::backend::cuda;
+    if cuda::gpu_present() && cuda::select(cuda::RuntimeKind::Driver).is_ok() {
+        if let Ok(cu) = cuda::cuda() {
+            eprintln!("device: the GPU ({}); --device cpu to run on the CPU", cu.name());
+            return Device::Cuda(0);
+        }
+    }
+    eprintln!("device: the CPU (no NVIDIA GPU found); --device emu runs kiln's CUDA kernels emulated");
+    Device::Cpu
+}
+
+#[cfg(not(feature = "cuda"))]
+fn auto() -> Device {
+    eprintln!("device: the CPU (this kiln is built without CUDA: cargo build --release --features cuda)");
+    Device::Cpu
+}
+
+#[cfg(feature = "cuda")]
+fn emu() -> Result<Device> {
+    crate::backend::cuda::select(crate::backend::cuda::RuntimeKind::Emulator)?;
+    Ok(Device::Cuda(0))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn emu() -> Result<Device> {
+    Err(Error::Input(
+        "--device emu needs kiln built with its CUDA kernels: run tools/install-cuda.sh (nvcc and the CUDA \
+         headers, no GPU needed), then cargo build --release --features cuda"
+            .into(),
+    ))
 }

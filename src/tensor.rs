@@ -132,10 +132,10 @@ impl Drop for CpuStorage {
 #[cfg(feature = "cuda")]
 #[derive(Clone)]
 pub enum CudaStorage {
-    F32(crate::backend::cuda::CudaSlice<f32>),
-    BF16(crate::backend::cuda::CudaSlice<bf16>),
-    U8(crate::backend::cuda::CudaSlice<u8>),
-    I32(crate::backend::cuda::CudaSlice<i32>),
+    F32(crate::backend::cuda::DevBuf<f32>),
+    BF16(crate::backend::cuda::DevBuf<bf16>),
+    U8(crate::backend::cuda::DevBuf<u8>),
+    I32(crate::backend::cuda::DevBuf<i32>),
 }
 
 #[cfg(feature = "cuda")]

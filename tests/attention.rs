@@ -192,7 +192,7 @@ mod cuda {
     use super::common::{self, max_abs, rng, uniform, U32};
     use kiln::backend::cpu::attention as cpu;
     use kiln::backend::cuda::attention::{self as gpu, twin, AttentionVariant};
-    use kiln::backend::cuda::{bf16, Cuda, CudaSlice};
+    use kiln::backend::cuda::{bf16, Cuda, DevBuf};
     use kiln::Error;
     use rand::Rng;
 
@@ -410,7 +410,7 @@ mod cuda {
         v.chunks_exact(3 * c).flat_map(|r| r[p * c..(p + 1) * c].to_vec()).collect()
     }
 
-    fn nan_bf16(cu: &Cuda, n: usize) -> CudaSlice<bf16> {
+    fn nan_bf16(cu: &Cuda, n: usize) -> DevBuf<bf16> {
         cu.upload(&vec![bf16::NAN; n]).unwrap()
     }
 
@@ -487,7 +487,7 @@ mod cuda {
         gpu::attention_backward(&mut dqkv2, &dout_d, &qkv_d, &out_d, &lse_d, b, t, c, nh).unwrap();
         let mut out2 = nan_bf16(cu, b * t * c);
         gpu::attention_forward_with(variant, &mut out2, &mut lse_d, &qkv_d, b, t, c, nh).unwrap();
-        let same = |x: &CudaSlice<bf16>, y: &CudaSlice<bf16>| {
+        let same = |x: &DevBuf<bf16>, y: &DevBuf<bf16>| {
             let (x, y) = (cu.download(x).unwrap(), cu.download(y).unwrap());
             x.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits())
         };

@@ -154,7 +154,7 @@ mod cuda {
     use super::common::{self, rng, uniform, U32};
     use kiln::backend::cpu::elementwise as cpu;
     use kiln::backend::cuda::elementwise::{self as gpu, twin};
-    use kiln::backend::cuda::{bf16, grid_1d, launch_err, Cuda, Kernel, PushKernelArg};
+    use kiln::backend::cuda::{bf16, grid_1d, Cuda, Kernel};
 
     const SIZES: [usize; 5] = [1, 7, 97, 1025, (1 << 20) + 3];
 
@@ -280,7 +280,7 @@ mod cuda {
     }
 
     /// A device buffer of n NaNs: any element a kernel does not write fails the comparison.
-    fn poisoned(cu: &Cuda, n: usize) -> kiln::backend::cuda::CudaSlice<bf16> {
+    fn poisoned(cu: &Cuda, n: usize) -> kiln::backend::cuda::DevBuf<bf16> {
         cu.upload(&vec![bf16::NAN; n]).unwrap()
     }
 
@@ -328,9 +328,9 @@ mod cuda {
                 let xv = xd.slice(1..);
                 let mut yv = y.slice_mut(1..);
                 let n64 = n as i64;
-                let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseGeluForward));
+                let mut b = cu.launch_builder(Kernel::ElementwiseGeluForward);
                 b.arg(&mut yv).arg(&xv).arg(&n64);
-                unsafe { b.launch(grid_1d(n, 256)) }.map_err(launch_err).unwrap();
+                unsafe { b.launch(grid_1d(n, 256)) }.unwrap();
             }
             let got = cu.download(&y).unwrap();
             assert!(got[0].is_nan(), "n={n}: the element before the view was written");

@@ -148,7 +148,7 @@ mod cuda {
     use super::common::{self, rng, uniform};
     use kiln::backend::cpu::embedding as cpu;
     use kiln::backend::cuda::embedding::{self as gpu, twin, Buckets};
-    use kiln::backend::cuda::{bf16, Cuda, CudaSlice, DeviceRepr};
+    use kiln::backend::cuda::{bf16, Cuda, DevBuf, DeviceElem};
     use rand::Rng;
 
     const TS: [usize; 4] = [1, 7, 97, 1025];
@@ -163,7 +163,7 @@ mod cuda {
     fn rounded(v: Vec<f32>) -> Vec<f32> {
         to_f(&to_bf(&v))
     }
-    fn poisoned<T: DeviceRepr + Copy>(cu: &Cuda, n: usize, nan: T) -> CudaSlice<T> {
+    fn poisoned<T: DeviceElem + Copy>(cu: &Cuda, n: usize, nan: T) -> DevBuf<T> {
         cu.upload(&vec![nan; n]).unwrap()
     }
     fn assert_bits(label: &str, got: &[f32], want: &[f32]) {

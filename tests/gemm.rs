@@ -191,7 +191,7 @@ mod cuda {
     use half::bf16;
     use kiln::backend::cpu::gemm as cpu;
     use kiln::backend::cuda::gemm::{self as gpu, twin, GemmOut, GemmVariant};
-    use kiln::backend::cuda::{Cuda, CudaSlice};
+    use kiln::backend::cuda::{Cuda, DevBuf};
     use rand::rngs::StdRng;
 
     const U23: f64 = 1.0 / (1u64 << 23) as f64;
@@ -281,15 +281,15 @@ mod cuda {
         const ROUND_U: f64 = 0.0;
     }
 
-    fn upload<O: Out>(cu: &Cuda, v: &[f32]) -> CudaSlice<O> {
+    fn upload<O: Out>(cu: &Cuda, v: &[f32]) -> DevBuf<O> {
         cu.upload(&v.iter().map(|&x| O::from_f32(x)).collect::<Vec<O>>()).unwrap()
     }
 
-    fn download<O: Out>(cu: &Cuda, d: &CudaSlice<O>) -> Vec<f32> {
+    fn download<O: Out>(cu: &Cuda, d: &DevBuf<O>) -> Vec<f32> {
         cu.download(d).unwrap().into_iter().map(O::to_f32).collect()
     }
 
-    fn nan_buffer<O: Out>(cu: &Cuda, n: usize) -> CudaSlice<O> {
+    fn nan_buffer<O: Out>(cu: &Cuda, n: usize) -> DevBuf<O> {
         upload(cu, &vec![f32::NAN; n])
     }
 
@@ -478,7 +478,7 @@ mod cuda {
                         let s = scale(&a, &b, None, accumulate.then_some(&old[..]), m, n, k, ta, tb);
                         let (da, db) = (cu.upload(&to_bf16(&a)).unwrap(), cu.upload(&to_bf16(&b)).unwrap());
                         // Without accumulate the old contents must not matter: NaN.
-                        let mut out: CudaSlice<f32> =
+                        let mut out: DevBuf<f32> =
                             if accumulate { cu.upload(&old).unwrap() } else { nan_buffer(cu, m * n) };
                         gpu::matmul_with(variant, &mut out, None, &da, &db, None, m, n, k, ta, tb, accumulate, false)
                             .unwrap();
@@ -562,17 +562,17 @@ mod cuda {
     #[test]
     fn gemm_rejects_wrong_lengths() {
         let Some(cu) = common::gpu("gemm_rejects_wrong_lengths") else { return };
-        let a: CudaSlice<bf16> = cu.upload(&to_bf16(&[1.0; 12])).unwrap();
-        let b: CudaSlice<bf16> = cu.upload(&to_bf16(&[1.0; 20])).unwrap();
-        let mut out: CudaSlice<f32> = cu.zeros(15).unwrap();
+        let a: DevBuf<bf16> = cu.upload(&to_bf16(&[1.0; 12])).unwrap();
+        let b: DevBuf<bf16> = cu.upload(&to_bf16(&[1.0; 20])).unwrap();
+        let mut out: DevBuf<f32> = cu.zeros(15).unwrap();
         assert!(gpu::matmul(&mut out, &a, &b, 3, 5, 4, false, false, false).is_ok());
         assert!(gpu::matmul(&mut out, &a, &b, 3, 5, 5, false, false, false).is_err(), "K too large for A");
         assert!(gpu::matmul(&mut out, &a, &b, 4, 5, 3, false, false, false).is_err(), "out too small");
-        let short_bias: CudaSlice<bf16> = cu.upload(&to_bf16(&[0.0; 4])).unwrap();
+        let short_bias: DevBuf<bf16> = cu.upload(&to_bf16(&[0.0; 4])).unwrap();
         let r = gpu::matmul_forward(&mut out, None, &a, &b, Some(&short_bias), 3, 5, 4, false, false);
         assert!(r.is_err(), "bias of the wrong length");
-        let mut dbias: CudaSlice<f32> = cu.zeros(5).unwrap();
-        let dy: CudaSlice<bf16> = cu.upload(&to_bf16(&[0.0; 14])).unwrap();
+        let mut dbias: DevBuf<f32> = cu.zeros(5).unwrap();
+        let dy: DevBuf<bf16> = cu.upload(&to_bf16(&[0.0; 14])).unwrap();
         assert!(gpu::bias_backward(&mut dbias, &dy, 5).is_err(), "14 is no whole number of rows of 5");
         cu.sync().unwrap();
     }

@@ -138,7 +138,7 @@ mod cuda {
     use super::common::{self, max_abs, rng, uniform, U32};
     use kiln::backend::cpu::layernorm as cpu;
     use kiln::backend::cuda::layernorm::{self as gpu, twin};
-    use kiln::backend::cuda::{bf16, Cuda, CudaSlice, DeviceRepr};
+    use kiln::backend::cuda::{bf16, Cuda, DevBuf, DeviceElem};
 
     const U_BF: f64 = 1.0 / 256.0;
     const EPS: f32 = 1e-5;
@@ -277,7 +277,7 @@ mod cuda {
         }
     }
 
-    fn poisoned<T: DeviceRepr + Copy>(cu: &Cuda, n: usize, nan: T) -> CudaSlice<T> {
+    fn poisoned<T: DeviceElem + Copy>(cu: &Cuda, n: usize, nan: T) -> DevBuf<T> {
         cu.upload(&vec![nan; n]).unwrap()
     }
 

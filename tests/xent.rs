@@ -205,7 +205,7 @@ mod cuda {
     use super::common::{self, max_abs, rng, uniform, U32};
     use kiln::backend::cpu::xent::{self as cpu, IGNORE};
     use kiln::backend::cuda::xent::{self as gpu, twin};
-    use kiln::backend::cuda::{bf16, Cuda, CudaSlice, DeviceRepr};
+    use kiln::backend::cuda::{bf16, Cuda, DevBuf, DeviceElem};
     use rand::Rng;
 
     const U_BF: f64 = 1.0 / 256.0;
@@ -217,7 +217,7 @@ mod cuda {
         v.iter().map(|x| x.to_f32()).collect()
     }
 
-    fn poisoned<T: DeviceRepr + Copy>(cu: &Cuda, n: usize, nan: T) -> CudaSlice<T> {
+    fn poisoned<T: DeviceElem + Copy>(cu: &Cuda, n: usize, nan: T) -> DevBuf<T> {
         cu.upload(&vec![nan; n]).unwrap()
     }
 

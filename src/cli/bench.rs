@@ -29,8 +29,9 @@ pub enum BenchCommand {
         /// Untimed steps first (allocation and page faults settle).
         #[arg(long, default_value_t = 1)]
         warmup: usize,
-        /// Where to run: cpu, or cuda (cuda:N) in a build with `--features cuda`.
-        #[arg(long, default_value = "cpu")]
+        /// Where to run: auto (the GPU if there is one, else the CPU), cpu, cuda (cuda:N), or emu (the
+        /// emulated GPU: kiln's CUDA kernels on the CPU, checked); cuda and emu need `--features cuda`.
+        #[arg(long, default_value = "auto")]
         device: String,
     },
     /// Time every CUDA kernel family against ceilings measured in the same run: cuBLAS for the

@@ -70,8 +70,9 @@ pub struct FinetuneArgs {
     /// Replace the run in --out (deletes its checkpoints and metrics, nothing else).
     #[arg(long)]
     pub overwrite: bool,
-    /// Where to train: cpu, or cuda (cuda:N) in a build with `--features cuda`.
-    #[arg(long, default_value = "cpu")]
+    /// Where to train: auto (the GPU if there is one, else the CPU), cpu, cuda (cuda:N), or emu (the
+    /// emulated GPU: kiln's CUDA kernels on the CPU, checked); cuda and emu need `--features cuda`.
+    #[arg(long, default_value = "auto")]
     pub device: String,
 }
 
@@ -84,7 +85,12 @@ fn list(xs: &[String]) -> String {
 }
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
-    let device = args.device.parse::<crate::Device>()?;
+    // LoRA and QLoRA run on the CPU only so far: `auto` means the CPU for them.
+    let device = if args.device == "auto" && args.method != "full" {
+        crate::Device::Cpu
+    } else {
+        args.device.parse::<crate::Device>()?
+    };
     device.ensure_available()?;
     let stored = args.out.join("run.toml");
     let file = args.config.clone().or_else(|| (args.resume && stored.exists()).then_some(stored));

@@ -56,8 +56,9 @@ pub struct GenerateArgs {
     /// Do not stop at the end-of-text token: always generate --max-new-tokens tokens.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// cpu (cuda needs a kiln built with the cuda feature).
-    #[arg(long, default_value = "cpu")]
+    /// auto (the GPU if there is one, else the CPU), cpu, cuda or emu (cuda and emu need a kiln built
+    /// with the cuda feature).
+    #[arg(long, default_value = "auto")]
     pub device: String,
 }
 

@@ -58,8 +58,9 @@ enum Command {
         /// safetensors with input_ids [B, T] (I64 or I32) and optional labels (-100 = masked).
         #[arg(long)]
         batch: PathBuf,
-        /// Where to run: cpu, or cuda (cuda:N) in a build with `--features cuda`.
-        #[arg(long, default_value = "cpu")]
+        /// Where to run: auto (the GPU if there is one, else the CPU), cpu, cuda (cuda:N), or emu (the
+        /// emulated GPU: kiln's CUDA kernels on the CPU, checked); cuda and emu need `--features cuda`.
+        #[arg(long, default_value = "auto")]
         device: String,
     },
     /// Write the loss and every parameter's gradient (Hugging Face names) to a safetensors file;
@@ -78,8 +79,9 @@ enum Command {
         /// to the frozen model.
         #[arg(long)]
         adapter: Option<PathBuf>,
-        /// Where to run: cpu, or cuda (cuda:N) in a build with `--features cuda`.
-        #[arg(long, default_value = "cpu")]
+        /// Where to run: auto (the GPU if there is one, else the CPU), cpu, cuda (cuda:N), or emu (the
+        /// emulated GPU: kiln's CUDA kernels on the CPU, checked); cuda and emu need `--features cuda`.
+        #[arg(long, default_value = "auto")]
         device: String,
     },
     /// Fold a LoRA adapter into its base model and write the result as a plain checkpoint.

@@ -42,8 +42,9 @@ pub struct PretrainArgs {
     /// Stop after this many steps in total, saving a checkpoint, as Ctrl-C would.
     #[arg(long)]
     pub stop_after: Option<usize>,
-    /// Where to train: cpu, or cuda (cuda:N) in a build with `--features cuda`.
-    #[arg(long, default_value = "cpu")]
+    /// Where to train: auto (the GPU if there is one, else the CPU), cpu, cuda (cuda:N), or emu (the
+    /// emulated GPU: kiln's CUDA kernels on the CPU, checked); cuda and emu need `--features cuda`.
+    #[arg(long, default_value = "auto")]
     pub device: String,
 }
 

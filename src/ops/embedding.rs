@@ -66,7 +66,7 @@ pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<O
         let mut dwte = needs[0].then(|| cu.alloc::<f32>(s.wte_dims.iter().product())).transpose()?;
         let mut dwpe = needs[1].then(|| cu.alloc::<f32>(s.wpe_dims.iter().product())).transpose()?;
         cuda::embedding_backward(dwte.as_mut(), dwpe.as_mut(), g, ids, t, c)?;
-        let wrap = |d: crate::backend::cuda::CudaSlice<f32>, dims: &[usize]| {
+        let wrap = |d: crate::backend::cuda::DevBuf<f32>, dims: &[usize]| {
             Tensor::from_cuda(crate::tensor::CudaStorage::F32(d), dims)
         };
         return Ok(vec![

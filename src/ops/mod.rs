@@ -46,7 +46,7 @@ pub(crate) fn new_f32(dims: &[usize], fill: impl FnOnce(&mut [f32])) -> Result<T
 /// calls `backend::cuda::<family>` from its own file.
 #[cfg(feature = "cuda")]
 pub(crate) mod dev {
-    use crate::backend::cuda::{bf16, cuda, CudaSlice};
+    use crate::backend::cuda::{bf16, cuda, DevBuf};
     use crate::tensor::CudaStorage;
     use crate::{DType, Error, Result, Tensor};
 
@@ -55,7 +55,7 @@ pub(crate) mod dev {
     }
 
     /// A bf16 CUDA input.
-    pub fn bf16_in<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a CudaSlice<bf16>> {
+    pub fn bf16_in<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a DevBuf<bf16>> {
         match t.cuda_storage() {
             Some(CudaStorage::BF16(d)) => Ok(d),
             Some(_) => Err(Error::DType { op, expected: DType::BF16, got: t.dtype() }),
@@ -63,7 +63,7 @@ pub(crate) mod dev {
         }
     }
     /// An f32 CUDA input.
-    pub fn f32_in<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a CudaSlice<f32>> {
+    pub fn f32_in<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a DevBuf<f32>> {
         match t.cuda_storage() {
             Some(CudaStorage::F32(d)) => Ok(d),
             Some(_) => Err(Error::DType { op, expected: DType::F32, got: t.dtype() }),
@@ -71,7 +71,7 @@ pub(crate) mod dev {
         }
     }
     /// An i32 CUDA input (token ids, targets).
-    pub fn i32_in<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a CudaSlice<i32>> {
+    pub fn i32_in<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a DevBuf<i32>> {
         match t.cuda_storage() {
             Some(CudaStorage::I32(d)) => Ok(d),
             Some(_) => Err(Error::DType { op, expected: DType::I32, got: t.dtype() }),
@@ -79,13 +79,13 @@ pub(crate) mod dev {
         }
     }
     /// A new bf16 CUDA tensor of `dims`; `fill` must write every element.
-    pub fn new_bf16(dims: &[usize], fill: impl FnOnce(&mut CudaSlice<bf16>) -> Result<()>) -> Result<Tensor> {
+    pub fn new_bf16(dims: &[usize], fill: impl FnOnce(&mut DevBuf<bf16>) -> Result<()>) -> Result<Tensor> {
         let mut d = cuda()?.alloc::<bf16>(dims.iter().product())?;
         fill(&mut d)?;
         Tensor::from_cuda(CudaStorage::BF16(d), dims)
     }
     /// A new f32 CUDA tensor of `dims`; `fill` must write every element.
-    pub fn new_f32(dims: &[usize], fill: impl FnOnce(&mut CudaSlice<f32>) -> Result<()>) -> Result<Tensor> {
+    pub fn new_f32(dims: &[usize], fill: impl FnOnce(&mut DevBuf<f32>) -> Result<()>) -> Result<Tensor> {
         let mut d = cuda()?.alloc::<f32>(dims.iter().product())?;
         fill(&mut d)?;
         Tensor::from_cuda(CudaStorage::F32(d), dims)

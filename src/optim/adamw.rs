@@ -93,7 +93,7 @@ pub struct AdamW {
     state: HashMap<String, (Vec<f32>, Vec<f32>)>,
     /// The moments of parameters that live on the GPU (one multi-tensor launch per step).
     #[cfg(feature = "cuda")]
-    gpu_state: HashMap<String, (crate::backend::cuda::CudaSlice<f32>, crate::backend::cuda::CudaSlice<f32>)>,
+    gpu_state: HashMap<String, (crate::backend::cuda::DevBuf<f32>, crate::backend::cuda::DevBuf<f32>)>,
 }
 
 impl AdamW {

@@ -239,13 +239,22 @@ where
     out
 }
 
-/// The CUDA device, or None after printing why a GPU test is skipped. A skipped test passes
-/// without checking anything, so it says so loudly; tools/gpu-bundle's run.sh fails on any skip.
+/// The CUDA device: the GPU where one is present, else the emulated device (KILN_TEST_DEVICE=gpu
+/// or emu forces one). Prints which, once per test, to the process's stderr (the harness captures
+/// eprintln!). None, after printing why the test is skipped, only when the device cannot start; a
+/// skipped test passes without checking anything, so it says so loudly, and tools/gpu-bundle's
+/// run.sh fails on any skip.
 #[cfg(feature = "cuda")]
 #[allow(dead_code)]
 pub fn gpu(test: &str) -> Option<&'static kiln::backend::cuda::Cuda> {
+    kiln::backend::cuda::select_for_tests();
     match kiln::backend::cuda::cuda() {
-        Ok(cu) => Some(cu),
+        Ok(cu) => {
+            use std::io::Write;
+            let on = if cu.is_emulated() { "the emulated device" } else { cu.name() };
+            let _ = writeln!(std::io::stderr(), "{test}: on {on}");
+            Some(cu)
+        }
         Err(e) => {
             // Written to the process's stderr directly: the test harness captures eprintln!, and
             // a skip must show in the log even when the test passes.

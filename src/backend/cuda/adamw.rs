@@ -2,7 +2,7 @@
 //! bit-identical to `optim::adamw::adamw_step`; plus the host twins (`twin`) that CI tests
 //! without a GPU.
 
-use super::{bf16, cuda, launch_err, CudaSlice, DevicePtr, DevicePtrMut, Kernel, LaunchConfig, PushKernelArg};
+use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::{AdamWScalars, AdamWTensor, KILN_ADAMW_BLOCK, KILN_ADAMW_CHUNK};
 use crate::optim::adamw::AdamWConfig;
 use crate::{Error, Result};
@@ -11,11 +11,11 @@ use crate::{Error, Result};
 /// length, and optionally the bf16 copy of the weights that the forward reads, refreshed in the
 /// same pass.
 pub struct AdamWParam<'a> {
-    pub p: &'a mut CudaSlice<f32>,
-    pub m: &'a mut CudaSlice<f32>,
-    pub v: &'a mut CudaSlice<f32>,
-    pub g: &'a CudaSlice<f32>,
-    pub p_bf16: Option<&'a mut CudaSlice<bf16>>,
+    pub p: &'a mut DevBuf<f32>,
+    pub m: &'a mut DevBuf<f32>,
+    pub v: &'a mut DevBuf<f32>,
+    pub g: &'a DevBuf<f32>,
+    pub p_bf16: Option<&'a mut DevBuf<bf16>>,
     /// Whether weight decay applies (GPT-2 practice: matrices yes, biases and norms no).
     pub decay: bool,
 }
@@ -34,10 +34,10 @@ pub fn plan(descs: &mut [AdamWTensor]) -> i64 {
 /// AdamW at 1-based step `t` on one buffer: optim::adamw::adamw_step's signature and bits.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_step(
-    p: &mut CudaSlice<f32>,
-    m: &mut CudaSlice<f32>,
-    v: &mut CudaSlice<f32>,
-    g: &CudaSlice<f32>,
+    p: &mut DevBuf<f32>,
+    m: &mut DevBuf<f32>,
+    v: &mut DevBuf<f32>,
+    g: &DevBuf<f32>,
     cfg: &AdamWConfig,
     lr: f64,
     t: u64,
@@ -53,10 +53,7 @@ pub fn adamw_step_multi(params: &mut [AdamWParam], cfg: &AdamWConfig, lr: f64, t
         return Ok(());
     }
     let cu = cuda()?;
-    let stream = cu.stream();
     let mut descs = Vec::with_capacity(params.len());
-    // The guards record, when dropped after the launch, that the kernel used these buffers.
-    let mut guards = Vec::with_capacity(5 * params.len());
     for (i, q) in params.iter_mut().enumerate() {
         let n = q.p.len();
         let lens = [("m", q.m.len()), ("v", q.v.len()), ("g", q.g.len())];
@@ -69,19 +66,8 @@ pub fn adamw_step_multi(params: &mut [AdamWParam], cfg: &AdamWConfig, lr: f64, t
                 });
             }
         }
-        let (p, gp) = q.p.device_ptr_mut(stream);
-        let (m, gm) = q.m.device_ptr_mut(stream);
-        let (v, gv) = q.v.device_ptr_mut(stream);
-        let (g, gg) = q.g.device_ptr(stream);
-        let p_bf16 = match q.p_bf16.as_mut() {
-            Some(b) => {
-                let (ptr, gb) = b.device_ptr_mut(stream);
-                guards.push(gb);
-                ptr
-            }
-            None => 0,
-        };
-        guards.extend([gp, gm, gv, gg]);
+        let (p, m, v, g) = (q.p.ptr(), q.m.ptr(), q.v.ptr(), q.g.ptr());
+        let p_bf16 = q.p_bf16.as_ref().map_or(0, |b| b.ptr());
         descs.push(AdamWTensor { p, m, v, g, p_bf16, n: n as i64, chunk_start: 0, decay: q.decay as i32, reserved: 0 });
     }
     let work_items = plan(&mut descs);
@@ -90,7 +76,6 @@ pub fn adamw_step_multi(params: &mut [AdamWParam], cfg: &AdamWConfig, lr: f64, t
         let s = AdamWScalars::new(cfg, lr, t, true);
         unsafe { adamw_step_table(&table, work_items, s) }?;
     }
-    drop(guards);
     Ok(())
 }
 
@@ -102,7 +87,7 @@ pub fn adamw_step_multi(params: &mut [AdamWParam], cfg: &AdamWConfig, lr: f64, t
 /// Every address in the table must point at live device memory of the descriptor's length
 /// (f32 for p, m, v, g; bf16 for a non-zero p_bf16), no two tensors may share memory, and nothing
 /// else may use these buffers while the kernel runs.
-pub unsafe fn adamw_step_table(table: &CudaSlice<AdamWTensor>, work_items: i64, s: AdamWScalars) -> Result<()> {
+pub unsafe fn adamw_step_table(table: &DevBuf<AdamWTensor>, work_items: i64, s: AdamWScalars) -> Result<()> {
     let cu = cuda()?;
     // 3 blocks of 256 fit an SM at ~80 registers a thread; 4 per SM keeps every SM busy while
     // the grid-stride loop covers the rest.
@@ -113,9 +98,9 @@ pub unsafe fn adamw_step_table(table: &CudaSlice<AdamWTensor>, work_items: i64, 
         shared_mem_bytes: 0,
     };
     let n_tensors = table.len() as i32;
-    let mut b = cu.stream().launch_builder(cu.func(Kernel::AdamwStep));
+    let mut b = cu.launch_builder(Kernel::AdamwStep);
     b.arg(table).arg(&n_tensors).arg(&work_items).arg(&s);
-    b.launch(cfg).map_err(launch_err)?;
+    unsafe { b.launch(cfg) }?;
     Ok(())
 }
 

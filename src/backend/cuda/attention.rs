@@ -8,13 +8,12 @@
 //! (`AttentionVariant`): tensor cores (mma.sync) at GPT-2's head dim 64 on sm_80+, CUDA cores
 //! otherwise. The backward runs on CUDA cores and is deterministic: no atomics.
 
-use super::{bf16, cuda, launch_err, CudaFunction, CudaSlice, Kernel, LaunchConfig, PushKernelArg};
+use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::{
     KILN_ATTN_KERNEL_DKDV, KILN_ATTN_KERNEL_DQ, KILN_ATTN_KERNEL_FORWARD, KILN_ATTN_KERNEL_FORWARD_MMA,
     KILN_ATTN_MAX_HEAD_DIM, KILN_ATTN_MMA_HEAD_DIM, KILN_ATTN_MMA_ROWS, KILN_ATTN_TILE, KILN_ATTN_WARPS,
 };
 use crate::{Error, Result};
-use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 
 /// Shared memory a block gets without opting in.
 const DEFAULT_SHARED: usize = 48 * 1024;
@@ -82,15 +81,7 @@ impl AttentionVariant {
 /// One block of 4 warps per (`rows`-row tile, head, batch), with `kernel`'s dynamic shared memory,
 /// raising the kernel's limit when it needs more than the default 48 KB.
 #[allow(clippy::too_many_arguments)]
-fn config(
-    f: &CudaFunction,
-    kernel: usize,
-    rows: usize,
-    hd: usize,
-    b: usize,
-    t: usize,
-    nh: usize,
-) -> Result<LaunchConfig> {
+fn config(f: Kernel, kernel: usize, rows: usize, hd: usize, b: usize, t: usize, nh: usize) -> Result<LaunchConfig> {
     let bytes = twin::smem_bytes(kernel, hd);
     let cu = cuda()?;
     if bytes > DEFAULT_SHARED {
@@ -100,9 +91,7 @@ fn config(
                 cu.max_shared_per_block()
             )));
         }
-        f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32).map_err(|e| {
-            Error::Cuda(format!("cannot raise the attention kernel's shared memory to {bytes} bytes: {e}"))
-        })?;
+        cu.set_max_dynamic_shared(f, bytes)?;
     }
     let tiles = t.div_ceil(rows) as u32;
     Ok(LaunchConfig {
@@ -115,9 +104,9 @@ fn config(
 /// out [B, T, C] = causal softmax(q k^T / sqrt(hd)) v per head, and lse [B, NH, T], from qkv
 /// [B, T, 3C]: cpu::attention::attention_forward on bf16 device buffers, with the shipped variant.
 pub fn attention_forward(
-    out: &mut CudaSlice<bf16>,
-    lse: &mut CudaSlice<f32>,
-    qkv: &CudaSlice<bf16>,
+    out: &mut DevBuf<bf16>,
+    lse: &mut DevBuf<f32>,
+    qkv: &DevBuf<bf16>,
     b: usize,
     t: usize,
     c: usize,
@@ -134,9 +123,9 @@ pub fn attention_forward(
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward_with(
     variant: AttentionVariant,
-    out: &mut CudaSlice<bf16>,
-    lse: &mut CudaSlice<f32>,
-    qkv: &CudaSlice<bf16>,
+    out: &mut DevBuf<bf16>,
+    lse: &mut DevBuf<f32>,
+    qkv: &DevBuf<bf16>,
     b: usize,
     t: usize,
     c: usize,
@@ -162,12 +151,11 @@ pub fn attention_forward_with(
         AttentionVariant::Simt => (Kernel::AttentionForward, KILN_ATTN_KERNEL_FORWARD, KILN_ATTN_TILE),
         AttentionVariant::Mma => (Kernel::AttentionForwardMma, KILN_ATTN_KERNEL_FORWARD_MMA, KILN_ATTN_MMA_ROWS),
     };
-    let f = cu.func(kernel);
-    let cfg = config(f, which as usize, rows as usize, hd, b, t, nh)?;
+    let cfg = config(kernel, which as usize, rows as usize, hd, b, t, nh)?;
     let (b32, t32, c32, nh32) = (b as i32, t as i32, c as i32, nh as i32);
-    let mut l = cu.stream().launch_builder(f);
+    let mut l = cu.launch_builder(kernel);
     l.arg(out).arg(lse).arg(qkv).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
-    unsafe { l.launch(cfg) }.map_err(launch_err)?;
+    unsafe { l.launch(cfg) }?;
     Ok(())
 }
 
@@ -176,11 +164,11 @@ pub fn attention_forward_with(
 /// buffer for D = rowsum(dout * out).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
-    dqkv: &mut CudaSlice<bf16>,
-    dout: &CudaSlice<bf16>,
-    qkv: &CudaSlice<bf16>,
-    out: &CudaSlice<bf16>,
-    lse: &CudaSlice<f32>,
+    dqkv: &mut DevBuf<bf16>,
+    dout: &DevBuf<bf16>,
+    qkv: &DevBuf<bf16>,
+    out: &DevBuf<bf16>,
+    lse: &DevBuf<f32>,
     b: usize,
     t: usize,
     c: usize,
@@ -208,20 +196,19 @@ pub fn attention_backward(
         block_dim: (32 * warps_per_block as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut l = cu.stream().launch_builder(cu.func(Kernel::AttentionBackwardPreprocess));
+    let mut l = cu.launch_builder(Kernel::AttentionBackwardPreprocess);
     l.arg(&mut dsum).arg(dout).arg(out).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
-    unsafe { l.launch(pre) }.map_err(launch_err)?;
+    unsafe { l.launch(pre) }?;
 
     // dK, dV (key tiles) and dQ (query tiles) write disjoint columns of dqkv.
     for (kernel, which) in [
         (Kernel::AttentionBackwardDkdv, KILN_ATTN_KERNEL_DKDV as usize),
         (Kernel::AttentionBackwardDq, KILN_ATTN_KERNEL_DQ as usize),
     ] {
-        let f = cu.func(kernel);
-        let cfg = config(f, which, KILN_ATTN_TILE as usize, hd, b, t, nh)?;
-        let mut l = cu.stream().launch_builder(f);
+        let cfg = config(kernel, which, KILN_ATTN_TILE as usize, hd, b, t, nh)?;
+        let mut l = cu.launch_builder(kernel);
         l.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(&dsum).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
-        unsafe { l.launch(cfg) }.map_err(launch_err)?;
+        unsafe { l.launch(cfg) }?;
     }
     Ok(())
 }

@@ -9,7 +9,7 @@
 //! (never zeros, which can run faster than real data) and each memory-bound kernel's working set
 //! is several times the L2 so repetitions do not measure the cache.
 
-use super::{bf16, cuda, Cuda, CudaSlice, DeviceRepr};
+use super::{bf16, cuda, Cuda, DevBuf, DeviceElem};
 use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
 
@@ -45,7 +45,7 @@ pub fn time_ms(cu: &Cuda, warmup: usize, reps: usize, mut f: impl FnMut() -> Res
         let start = cu.event()?;
         f()?;
         let end = cu.event()?;
-        times.push(start.elapsed_ms(&end).map_err(|e| Error::Cuda(format!("event timing failed: {e}")))? as f64);
+        times.push(cu.elapsed_ms(&start, &end)? as f64);
     }
     cu.sync()?;
     times.sort_by(f64::total_cmp);
@@ -53,14 +53,14 @@ pub fn time_ms(cu: &Cuda, warmup: usize, reps: usize, mut f: impl FnMut() -> Res
 }
 
 /// Uniform values in [-1, 1) on the device.
-pub fn random_bf16(cu: &Cuda, n: usize, seed: u64) -> Result<CudaSlice<bf16>> {
+pub fn random_bf16(cu: &Cuda, n: usize, seed: u64) -> Result<DevBuf<bf16>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let h: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0)).collect();
     cu.upload(&h)
 }
 
 /// Uniform values in [-1, 1) on the device.
-pub fn random_f32(cu: &Cuda, n: usize, seed: u64) -> Result<CudaSlice<f32>> {
+pub fn random_f32(cu: &Cuda, n: usize, seed: u64) -> Result<DevBuf<f32>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let h: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
     cu.upload(&h)
@@ -71,44 +71,58 @@ pub fn copy_bandwidth(cu: &Cuda, bytes: usize) -> Result<f64> {
     let n = bytes / 4;
     let src = random_f32(cu, n, 1)?;
     let mut dst = cu.alloc::<f32>(n)?;
-    let ms = time_ms(cu, 3, 20, || {
-        cu.stream().memcpy_dtod(&src, &mut dst).map_err(|e| Error::Cuda(format!("device copy failed: {e}")))
-    })?;
+    let ms = time_ms(cu, 3, 20, || cu.copy(&mut dst, &src))?;
     Ok(2.0 * (n * 4) as f64 / (ms * 1e-3) / 1e9)
 }
 
 /// cuBLAS bf16 GEMM (f32 compute) in TFLOP/s for row-major C[m,n] = A[m,k] B[k,n], or None (with
 /// the reason) when libcublas cannot be loaded here.
 pub fn cublas_tflops(cu: &Cuda, m: usize, n: usize, k: usize) -> Result<std::result::Result<f64, String>> {
-    use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t as Op, cudaDataType};
+    use cudarc::cublas::CudaBlas;
+    let Some(drv) = cu.driver() else {
+        return Ok(Err("cuBLAS runs on a GPU only (this is the emulated device)".into()));
+    };
     if !unsafe { cudarc::cublas::sys::is_culib_present() } {
         return Ok(Err("libcublas not found (put its directory on LD_LIBRARY_PATH)".into()));
     }
-    let blas = CudaBlas::new(cu.stream().clone()).map_err(|e| Error::Cuda(format!("cuBLAS init failed: {e}")))?;
+    let blas = CudaBlas::new(drv.stream().clone()).map_err(|e| Error::Cuda(format!("cuBLAS init failed: {e}")))?;
     let a = random_bf16(cu, m * k, 2)?;
     let b = random_bf16(cu, k * n, 3)?;
-    let mut c = cu.alloc::<bf16>(m * n)?;
-    // Row-major C = A B is column-major C^T = B^T A^T: pass B first.
-    let cfg = GemmConfig {
-        transa: Op::CUBLAS_OP_N,
-        transb: Op::CUBLAS_OP_N,
-        m: n as i32,
-        n: m as i32,
-        k: k as i32,
-        alpha: bf16::ONE,
-        lda: n as i32,
-        ldb: k as i32,
-        beta: bf16::ZERO,
-        ldc: n as i32,
-    };
+    let c = cu.alloc::<bf16>(m * n)?;
+    // Row-major C = A B is column-major C^T = B^T A^T: pass B first. bf16 data, f32 compute.
+    let (alpha, beta) = (1f32, 0f32);
     let ms = time_ms(cu, 3, 20, || {
-        unsafe { blas.gemm(cfg, &b, &a, &mut c) }.map_err(|e| Error::Cuda(format!("cuBLAS gemm failed: {e}")))
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                Op::CUBLAS_OP_N,
+                Op::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const std::ffi::c_void,
+                b.ptr() as *const std::ffi::c_void,
+                cudaDataType::CUDA_R_16BF,
+                n as i32,
+                a.ptr() as *const std::ffi::c_void,
+                cudaDataType::CUDA_R_16BF,
+                k as i32,
+                &beta as *const f32 as *const std::ffi::c_void,
+                c.ptr() as *mut std::ffi::c_void,
+                cudaDataType::CUDA_R_16BF,
+                n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::Cuda(format!("cuBLAS gemm failed: {e}")))
     })?;
     Ok(Ok(2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12))
 }
 
 /// Bytes of `n` elements of `T`.
-pub fn bytes_of<T: DeviceRepr>(n: usize) -> f64 {
+pub fn bytes_of<T: DeviceElem>(n: usize) -> f64 {
     (n * std::mem::size_of::<T>()) as f64
 }
 
@@ -324,7 +338,7 @@ pub fn xent_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
     let targets = cu.upload(&(0..rows).map(|_| rng.random_range(0..v as i32)).collect::<Vec<_>>())?;
     let (mut losses, mut lse) = (cu.alloc::<f32>(rows)?, cu.alloc::<f32>(rows)?);
     let f = time_ms(cu, 3, 20, || super::xent::xent_forward(&mut losses, &mut lse, &logits, &targets, v))?;
-    let mut d = cu.stream().clone_dtod(&logits).map_err(|e| Error::Cuda(format!("device copy failed: {e}")))?;
+    let mut d = logits.try_clone()?;
     // In place: each repetition turns the previous result into new "logits"; the work is the same.
     let bw = time_ms(cu, 3, 20, || super::xent::xent_backward(&mut d, &lse, &targets, v, 1.0 / rows as f32))?;
     let shape = format!("{rows}x{v}");

@@ -2,7 +2,7 @@
 //! bf16 device buffers, with the names and argument order of `backend::cpu::elementwise`; plus
 //! the host twins of the kernels' per-element math (`twin`), which CI tests without a GPU.
 
-use super::{bf16, cuda, launch_err, CudaSlice, Kernel, LaunchConfig, PushKernelArg};
+use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::KILN_ELEMENTWISE_BLOCK;
 use crate::{Error, Result};
 
@@ -24,124 +24,119 @@ fn same_len(op: &'static str, n: usize, others: &[(&str, usize)]) -> Result<()> 
 }
 
 /// out = gelu(inp), the tanh approximation, bf16 rounded from the f32 value cpu::gelu computes.
-pub fn gelu_forward(out: &mut CudaSlice<bf16>, inp: &CudaSlice<bf16>) -> Result<()> {
+pub fn gelu_forward(out: &mut DevBuf<bf16>, inp: &DevBuf<bf16>) -> Result<()> {
     let n = out.len();
     same_len("cuda::gelu_forward", n, &[("inp", inp.len())])?;
     let cu = cuda()?;
     let n64 = n as i64;
-    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseGeluForward));
+    let mut b = cu.launch_builder(Kernel::ElementwiseGeluForward);
     b.arg(out).arg(inp).arg(&n64);
-    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
 
 /// dinp = dout * gelu'(inp).
-pub fn gelu_backward(dinp: &mut CudaSlice<bf16>, inp: &CudaSlice<bf16>, dout: &CudaSlice<bf16>) -> Result<()> {
+pub fn gelu_backward(dinp: &mut DevBuf<bf16>, inp: &DevBuf<bf16>, dout: &DevBuf<bf16>) -> Result<()> {
     let n = dinp.len();
     same_len("cuda::gelu_backward", n, &[("inp", inp.len()), ("dout", dout.len())])?;
     let cu = cuda()?;
     let n64 = n as i64;
-    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseGeluBackward));
+    let mut b = cu.launch_builder(Kernel::ElementwiseGeluBackward);
     b.arg(dinp).arg(inp).arg(dout).arg(&n64);
-    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
 
 /// out = a + b (f32 sum, rounded once to bf16).
-pub fn residual_forward(out: &mut CudaSlice<bf16>, a: &CudaSlice<bf16>, b: &CudaSlice<bf16>) -> Result<()> {
+pub fn residual_forward(out: &mut DevBuf<bf16>, a: &DevBuf<bf16>, b: &DevBuf<bf16>) -> Result<()> {
     let n = out.len();
     same_len("cuda::residual_forward", n, &[("a", a.len()), ("b", b.len())])?;
     let cu = cuda()?;
     let n64 = n as i64;
-    let mut l = cu.stream().launch_builder(cu.func(Kernel::ElementwiseResidualForward));
+    let mut l = cu.launch_builder(Kernel::ElementwiseResidualForward);
     l.arg(out).arg(a).arg(b).arg(&n64);
-    unsafe { l.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    unsafe { l.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
 
 /// dst += src (f32 sum, rounded once to bf16).
-pub fn add_assign(dst: &mut CudaSlice<bf16>, src: &CudaSlice<bf16>) -> Result<()> {
+pub fn add_assign(dst: &mut DevBuf<bf16>, src: &DevBuf<bf16>) -> Result<()> {
     let n = dst.len();
     same_len("cuda::add_assign", n, &[("src", src.len())])?;
     let cu = cuda()?;
     let n64 = n as i64;
-    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseAddAssign));
+    let mut b = cu.launch_builder(Kernel::ElementwiseAddAssign);
     b.arg(dst).arg(src).arg(&n64);
-    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
 
 /// dst += src on f32 buffers (gradient accumulation in f32).
-pub fn add_assign_f32(dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -> Result<()> {
+pub fn add_assign_f32(dst: &mut DevBuf<f32>, src: &DevBuf<f32>) -> Result<()> {
     let n = dst.len();
     same_len("cuda::add_assign_f32", n, &[("src", src.len())])?;
     let cu = cuda()?;
     let n64 = n as i64;
-    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseAddAssignF32));
+    let mut b = cu.launch_builder(Kernel::ElementwiseAddAssignF32);
     b.arg(dst).arg(src).arg(&n64);
-    unsafe { b.launch(config(n.div_ceil(4), cu.sm_count())) }.map_err(launch_err)?;
+    unsafe { b.launch(config(n.div_ceil(4), cu.sm_count())) }?;
     Ok(())
 }
 
 /// out = bf16(inp), rounded to nearest even (half::bf16::from_f32's bits).
-pub fn cast_f32_to_bf16(out: &mut CudaSlice<bf16>, inp: &CudaSlice<f32>) -> Result<()> {
+pub fn cast_f32_to_bf16(out: &mut DevBuf<bf16>, inp: &DevBuf<f32>) -> Result<()> {
     let n = out.len();
     same_len("cuda::cast_f32_to_bf16", n, &[("inp", inp.len())])?;
     let cu = cuda()?;
     let n64 = n as i64;
-    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseCastF32ToBf16));
+    let mut b = cu.launch_builder(Kernel::ElementwiseCastF32ToBf16);
     b.arg(out).arg(inp).arg(&n64);
-    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
 
 /// out = f32(inp), exact.
-pub fn cast_bf16_to_f32(out: &mut CudaSlice<f32>, inp: &CudaSlice<bf16>) -> Result<()> {
+pub fn cast_bf16_to_f32(out: &mut DevBuf<f32>, inp: &DevBuf<bf16>) -> Result<()> {
     let n = out.len();
     same_len("cuda::cast_bf16_to_f32", n, &[("inp", inp.len())])?;
     let cu = cuda()?;
     let n64 = n as i64;
-    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseCastBf16ToF32));
+    let mut b = cu.launch_builder(Kernel::ElementwiseCastBf16ToF32);
     b.arg(out).arg(inp).arg(&n64);
-    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
 
 /// mask[i] = 1 if element i survives dropout with drop probability `p` under `seed`, else 0:
 /// cpu::dropout_mask's bits.
-pub fn dropout_mask(mask: &mut CudaSlice<u8>, seed: u64, p: f32) -> Result<()> {
+pub fn dropout_mask(mask: &mut DevBuf<u8>, seed: u64, p: f32) -> Result<()> {
     let n = mask.len();
     let cu = cuda()?;
     let n64 = n as i64;
-    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseDropoutMask));
+    let mut b = cu.launch_builder(Kernel::ElementwiseDropoutMask);
     b.arg(mask).arg(&seed).arg(&p).arg(&n64);
-    unsafe { b.launch(config(n, cu.sm_count())) }.map_err(launch_err)?;
+    unsafe { b.launch(config(n, cu.sm_count())) }?;
     Ok(())
 }
 
 /// out = inp * mask * scale with a stored 0/1 mask; on dout it is dropout's backward.
-pub fn dropout_forward(
-    out: &mut CudaSlice<bf16>,
-    inp: &CudaSlice<bf16>,
-    mask: &CudaSlice<u8>,
-    scale: f32,
-) -> Result<()> {
+pub fn dropout_forward(out: &mut DevBuf<bf16>, inp: &DevBuf<bf16>, mask: &DevBuf<u8>, scale: f32) -> Result<()> {
     let n = out.len();
     same_len("cuda::dropout_forward", n, &[("inp", inp.len()), ("mask", mask.len())])?;
     let cu = cuda()?;
     let n64 = n as i64;
-    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseDropoutForward));
+    let mut b = cu.launch_builder(Kernel::ElementwiseDropoutForward);
     b.arg(out).arg(inp).arg(mask).arg(&scale).arg(&n64);
-    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
 
 /// dropout_mask and dropout_forward in one pass, the mask drawn per element and stored only when
 /// `mask` is given. Run on dout with the same seed, p and scale it is the backward, no mask needed.
 pub fn dropout(
-    out: &mut CudaSlice<bf16>,
-    mask: Option<&mut CudaSlice<u8>>,
-    inp: &CudaSlice<bf16>,
+    out: &mut DevBuf<bf16>,
+    mask: Option<&mut DevBuf<u8>>,
+    inp: &DevBuf<bf16>,
     seed: u64,
     p: f32,
     scale: f32,
@@ -152,14 +147,14 @@ pub fn dropout(
     let cu = cuda()?;
     let n64 = n as i64;
     let null = 0u64;
-    let mut b = cu.stream().launch_builder(cu.func(Kernel::ElementwiseDropout));
+    let mut b = cu.launch_builder(Kernel::ElementwiseDropout);
     b.arg(out);
     match mask {
         Some(m) => b.arg(m),
         None => b.arg(&null),
     };
     b.arg(inp).arg(&seed).arg(&p).arg(&scale).arg(&n64);
-    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }.map_err(launch_err)?;
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! atomics: the token rows are grouped by id on the host, `Buckets`); plus the host twins
 //! (`twin`), which CI tests against the CPU backend without a GPU.
 
-use super::{bf16, cuda, launch_err, CudaSlice, Kernel, LaunchConfig, PushKernelArg};
+use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::{KILN_EMB_THREADS, KILN_EMB_WARPS};
 use crate::{Error, Result};
 
@@ -62,10 +62,10 @@ fn check(op: &'static str, rows: usize, t: usize, c: usize, table: (&str, usize)
 /// out[r] = wte[ids[r]] + wpe[r % t] (f32 add, rounded to bf16); rows = ids.len(). An id outside
 /// the table gives a NaN row (the op checks ids first; the kernel never reads out of bounds).
 pub fn embedding_forward(
-    out: &mut CudaSlice<bf16>,
-    ids: &CudaSlice<i32>,
-    wte: &CudaSlice<bf16>,
-    wpe: &CudaSlice<bf16>,
+    out: &mut DevBuf<bf16>,
+    ids: &DevBuf<i32>,
+    wte: &DevBuf<bf16>,
+    wpe: &DevBuf<bf16>,
     t: usize,
     c: usize,
 ) -> Result<()> {
@@ -89,9 +89,9 @@ pub fn embedding_forward(
         block_dim: (32 * warps as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut l = cu.stream().launch_builder(cu.func(Kernel::EmbeddingForward));
+    let mut l = cu.launch_builder(Kernel::EmbeddingForward);
     l.arg(out).arg(ids).arg(wte).arg(wpe).arg(&rows32).arg(&t32).arg(&c32).arg(&vocab32);
-    unsafe { l.launch(cfg) }.map_err(launch_err)?;
+    unsafe { l.launch(cfg) }?;
     Ok(())
 }
 
@@ -100,9 +100,9 @@ pub fn embedding_forward(
 /// `ids` are the host copy of the batch's token ids (rows = ids.len()): the backward groups them
 /// by value on the host (`Buckets`) instead of sorting or using atomics on the device.
 pub fn embedding_backward(
-    dwte: Option<&mut CudaSlice<f32>>,
-    dwpe: Option<&mut CudaSlice<f32>>,
-    dout: &CudaSlice<bf16>,
+    dwte: Option<&mut DevBuf<f32>>,
+    dwpe: Option<&mut DevBuf<f32>>,
+    dout: &DevBuf<bf16>,
     ids: &[i32],
     t: usize,
     c: usize,
@@ -121,7 +121,7 @@ pub fn embedding_backward(
     if let Some(dwte) = dwte {
         check(op, rows, t, c, ("dwte", dwte.len()), ("t * c", t * c))?;
         let vocab = dwte.len() / c;
-        cu.stream().memset_zeros(dwte).map_err(launch_err)?;
+        cu.memset_zeros(&mut dwte.slice_mut(..))?;
         let b = Buckets::new(ids, vocab);
         if !b.ids.is_empty() {
             let (bids, bstart, brows) = (cu.upload(&b.ids)?, cu.upload(&b.start)?, cu.upload(&b.rows)?);
@@ -131,19 +131,19 @@ pub fn embedding_backward(
                 block_dim: (threads as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut l = cu.stream().launch_builder(cu.func(Kernel::EmbeddingBackwardWte));
+            let mut l = cu.launch_builder(Kernel::EmbeddingBackwardWte);
             l.arg(dwte).arg(dout).arg(&bids).arg(&bstart).arg(&brows).arg(&c32).arg(&vocab32);
-            unsafe { l.launch(cfg) }.map_err(launch_err)?;
+            unsafe { l.launch(cfg) }?;
         }
     }
     if let Some(dwpe) = dwpe {
         check(op, rows, t, c, ("t * c", t * c), ("dwpe", dwpe.len()))?;
         if dwpe.len() > t * c {
-            cu.stream().memset_zeros(&mut dwpe.slice_mut(t * c..)).map_err(launch_err)?;
+            cu.memset_zeros(&mut dwpe.slice_mut(t * c..))?;
         }
-        let mut l = cu.stream().launch_builder(cu.func(Kernel::EmbeddingBackwardWpe));
+        let mut l = cu.launch_builder(Kernel::EmbeddingBackwardWpe);
         l.arg(dwpe).arg(dout).arg(&rows32).arg(&t32).arg(&c32);
-        unsafe { l.launch(super::grid_1d(t * c, threads as u32)) }.map_err(launch_err)?;
+        unsafe { l.launch(super::grid_1d(t * c, threads as u32)) }?;
     }
     Ok(())
 }

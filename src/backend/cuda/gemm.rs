@@ -7,7 +7,7 @@
 //! [n, k]. Outputs are bf16 (activations) or f32 (weight gradients, usually with `accumulate`);
 //! the bias is bf16, like the weights it sits beside.
 
-use super::{bf16, cuda, launch_err, CudaSlice, DeviceRepr, Kernel, LaunchConfig, PushKernelArg};
+use super::{bf16, cuda, DevBuf, DeviceElem, Kernel, LaunchConfig};
 use crate::abi::{
     KILN_GEMM_ACCUMULATE, KILN_GEMM_BIAS_ROWS, KILN_GEMM_BM, KILN_GEMM_BN, KILN_GEMM_GELU, KILN_GEMM_NAIVE_TILE,
     KILN_GEMM_OUT_F32, KILN_GEMM_SMALL_BM, KILN_GEMM_SMALL_BN, KILN_GEMM_SMALL_THREADS, KILN_GEMM_THREADS,
@@ -54,7 +54,7 @@ mod sealed {
 }
 
 /// An output element type of the GEMM: bf16 or f32.
-pub trait GemmOut: DeviceRepr + sealed::Sealed {
+pub trait GemmOut: DeviceElem + sealed::Sealed {
     /// The KILN_GEMM_OUT_F32 bit for this type.
     const FLAGS: i32;
 }
@@ -96,11 +96,11 @@ fn check_dims(op: &'static str, m: usize, n: usize, k: usize) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_with<O: GemmOut>(
     variant: GemmVariant,
-    out: &mut CudaSlice<O>,
-    pre: Option<&mut CudaSlice<O>>,
-    a: &CudaSlice<bf16>,
-    b: &CudaSlice<bf16>,
-    bias: Option<&CudaSlice<bf16>>,
+    out: &mut DevBuf<O>,
+    pre: Option<&mut DevBuf<O>>,
+    a: &DevBuf<bf16>,
+    b: &DevBuf<bf16>,
+    bias: Option<&DevBuf<bf16>>,
     m: usize,
     n: usize,
     k: usize,
@@ -165,7 +165,7 @@ pub fn matmul_with<O: GemmOut>(
         }
     };
     let (ta, tb) = (a_trans as i32, b_trans as i32);
-    let mut l = cu.stream().launch_builder(cu.func(kernel));
+    let mut l = cu.launch_builder(kernel);
     l.arg(out);
     match pre {
         Some(p) => l.arg(p),
@@ -181,16 +181,16 @@ pub fn matmul_with<O: GemmOut>(
         l.arg(&ta).arg(&tb);
     }
     l.arg(&flags);
-    unsafe { l.launch(cfg) }.map_err(launch_err)?;
+    unsafe { l.launch(cfg) }?;
     Ok(())
 }
 
 /// out[m, n] (+)= op(A)[m, k] @ op(B)[k, n]; accumulates into `out` when `accumulate` is true.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul<O: GemmOut>(
-    out: &mut CudaSlice<O>,
-    a: &CudaSlice<bf16>,
-    b: &CudaSlice<bf16>,
+    out: &mut DevBuf<O>,
+    a: &DevBuf<bf16>,
+    b: &DevBuf<bf16>,
     m: usize,
     n: usize,
     k: usize,
@@ -205,11 +205,11 @@ pub fn matmul<O: GemmOut>(
 /// `pre` receives the pre-activation (backward needs it), as cpu::gemm::matmul_forward.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_forward<O: GemmOut>(
-    out: &mut CudaSlice<O>,
-    pre: Option<&mut CudaSlice<O>>,
-    a: &CudaSlice<bf16>,
-    b: &CudaSlice<bf16>,
-    bias: Option<&CudaSlice<bf16>>,
+    out: &mut DevBuf<O>,
+    pre: Option<&mut DevBuf<O>>,
+    a: &DevBuf<bf16>,
+    b: &DevBuf<bf16>,
+    bias: Option<&DevBuf<bf16>>,
     m: usize,
     n: usize,
     k: usize,
@@ -221,7 +221,7 @@ pub fn matmul_forward<O: GemmOut>(
 }
 
 /// dbias[n] = sum over rows of dout[rows, n], in f32 (overwrites dbias, as the CPU twin).
-pub fn bias_backward(dbias: &mut CudaSlice<f32>, dout: &CudaSlice<bf16>, n: usize) -> Result<()> {
+pub fn bias_backward(dbias: &mut DevBuf<f32>, dout: &DevBuf<bf16>, n: usize) -> Result<()> {
     const OP: &str = "cuda::bias_backward";
     if n == 0 {
         return Ok(());
@@ -237,10 +237,10 @@ pub fn bias_backward(dbias: &mut CudaSlice<f32>, dout: &CudaSlice<bf16>, n: usiz
     let cu = cuda()?;
     let cfg =
         LaunchConfig { grid_dim: (n.div_ceil(32) as u32, 1, 1), block_dim: (32, BIAS_ROWS, 1), shared_mem_bytes: 0 };
-    let mut l = cu.stream().launch_builder(cu.func(Kernel::GemmBiasBackward));
+    let mut l = cu.launch_builder(Kernel::GemmBiasBackward);
     let (rows_i, n_i) = (rows as i32, n as i32);
     l.arg(dbias).arg(dout).arg(&rows_i).arg(&n_i);
-    unsafe { l.launch(cfg) }.map_err(launch_err)?;
+    unsafe { l.launch(cfg) }?;
     Ok(())
 }
 

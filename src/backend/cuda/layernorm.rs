@@ -3,7 +3,7 @@
 //! names and argument order of `backend::cpu::layernorm`; plus the host twins (`twin`), which CI
 //! tests against the CPU backend without a GPU.
 
-use super::{bf16, cuda, launch_err, CudaSlice, Kernel, LaunchConfig, PushKernelArg};
+use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::{KILN_LN_DW_ROWS, KILN_LN_DW_THREADS, KILN_LN_WARPS};
 use crate::{Error, Result};
 
@@ -53,12 +53,12 @@ fn row_config(rows: usize) -> LaunchConfig {
 /// out = (x - mean) * rstd * w + b per row of C, saving mean and rstd; rows = mean.len().
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward(
-    out: &mut CudaSlice<bf16>,
-    mean: &mut CudaSlice<f32>,
-    rstd: &mut CudaSlice<f32>,
-    x: &CudaSlice<bf16>,
-    w: &CudaSlice<bf16>,
-    b: &CudaSlice<bf16>,
+    out: &mut DevBuf<bf16>,
+    mean: &mut DevBuf<f32>,
+    rstd: &mut DevBuf<f32>,
+    x: &DevBuf<bf16>,
+    w: &DevBuf<bf16>,
+    b: &DevBuf<bf16>,
     c: usize,
     eps: f32,
 ) -> Result<()> {
@@ -81,9 +81,9 @@ pub fn layernorm_forward(
     }
     let cu = cuda()?;
     let (rows32, c32) = (rows as i32, c as i32);
-    let mut l = cu.stream().launch_builder(cu.func(Kernel::LayernormForward));
+    let mut l = cu.launch_builder(Kernel::LayernormForward);
     l.arg(out).arg(mean).arg(rstd).arg(x).arg(w).arg(b).arg(&rows32).arg(&c32).arg(&eps);
-    unsafe { l.launch(row_config(rows)) }.map_err(launch_err)?;
+    unsafe { l.launch(row_config(rows)) }?;
     Ok(())
 }
 
@@ -91,14 +91,14 @@ pub fn layernorm_forward(
 /// backward takes as x. GPT-2's residual stream followed by the next block's norm, in one pass.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_residual_forward(
-    h: &mut CudaSlice<bf16>,
-    out: &mut CudaSlice<bf16>,
-    mean: &mut CudaSlice<f32>,
-    rstd: &mut CudaSlice<f32>,
-    a: &CudaSlice<bf16>,
-    r: &CudaSlice<bf16>,
-    w: &CudaSlice<bf16>,
-    b: &CudaSlice<bf16>,
+    h: &mut DevBuf<bf16>,
+    out: &mut DevBuf<bf16>,
+    mean: &mut DevBuf<f32>,
+    rstd: &mut DevBuf<f32>,
+    a: &DevBuf<bf16>,
+    r: &DevBuf<bf16>,
+    w: &DevBuf<bf16>,
+    b: &DevBuf<bf16>,
     c: usize,
     eps: f32,
 ) -> Result<()> {
@@ -119,9 +119,9 @@ pub fn layernorm_residual_forward(
     }
     let cu = cuda()?;
     let (rows32, c32) = (rows as i32, c as i32);
-    let mut l = cu.stream().launch_builder(cu.func(Kernel::LayernormResidualForward));
+    let mut l = cu.launch_builder(Kernel::LayernormResidualForward);
     l.arg(h).arg(out).arg(mean).arg(rstd).arg(a).arg(r).arg(w).arg(b).arg(&rows32).arg(&c32).arg(&eps);
-    unsafe { l.launch(row_config(rows)) }.map_err(launch_err)?;
+    unsafe { l.launch(row_config(rows)) }?;
     Ok(())
 }
 
@@ -129,14 +129,14 @@ pub fn layernorm_residual_forward(
 /// run). Any output may be skipped; rows = mean.len().
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
-    dx: Option<&mut CudaSlice<bf16>>,
-    dw: Option<&mut CudaSlice<f32>>,
-    db: Option<&mut CudaSlice<f32>>,
-    dout: &CudaSlice<bf16>,
-    x: &CudaSlice<bf16>,
-    w: &CudaSlice<bf16>,
-    mean: &CudaSlice<f32>,
-    rstd: &CudaSlice<f32>,
+    dx: Option<&mut DevBuf<bf16>>,
+    dw: Option<&mut DevBuf<f32>>,
+    db: Option<&mut DevBuf<f32>>,
+    dout: &DevBuf<bf16>,
+    x: &DevBuf<bf16>,
+    w: &DevBuf<bf16>,
+    mean: &DevBuf<f32>,
+    rstd: &DevBuf<f32>,
     c: usize,
 ) -> Result<()> {
     let op = "cuda::layernorm_backward";
@@ -160,9 +160,9 @@ pub fn layernorm_backward(
     let (rows32, c32) = (rows as i32, c as i32);
     if let Some(dx) = dx {
         if rows > 0 {
-            let mut l = cu.stream().launch_builder(cu.func(Kernel::LayernormBackwardDx));
+            let mut l = cu.launch_builder(Kernel::LayernormBackwardDx);
             l.arg(dx).arg(dout).arg(x).arg(w).arg(mean).arg(rstd).arg(&rows32).arg(&c32);
-            unsafe { l.launch(row_config(rows)) }.map_err(launch_err)?;
+            unsafe { l.launch(row_config(rows)) }?;
         }
     }
     if dw.is_none() && db.is_none() {
@@ -174,17 +174,17 @@ pub fn layernorm_backward(
     // Scratch [groups, 2, C] (at least one element: alloc(0) is not a valid pointer to pass).
     let mut partial = cu.alloc::<f32>((groups * 2 * c).max(1))?;
     if groups > 0 {
-        let mut l = cu.stream().launch_builder(cu.func(Kernel::LayernormBackwardDwdbPartial));
+        let mut l = cu.launch_builder(Kernel::LayernormBackwardDwdbPartial);
         l.arg(&mut partial).arg(dout).arg(x).arg(mean).arg(rstd).arg(&rows32).arg(&c32);
         let cfg = LaunchConfig {
             grid_dim: (groups as u32, stripes as u32, 1),
             block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        unsafe { l.launch(cfg) }.map_err(launch_err)?;
+        unsafe { l.launch(cfg) }?;
     }
     let groups32 = groups as i32;
-    let mut l = cu.stream().launch_builder(cu.func(Kernel::LayernormBackwardDwdbFinish));
+    let mut l = cu.launch_builder(Kernel::LayernormBackwardDwdbFinish);
     // A skipped output is a null pointer to the kernel.
     let null: u64 = 0;
     match dw {
@@ -197,7 +197,7 @@ pub fn layernorm_backward(
     };
     l.arg(&partial).arg(&groups32).arg(&c32);
     let cfg = LaunchConfig { grid_dim: (stripes as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
-    unsafe { l.launch(cfg) }.map_err(launch_err)?;
+    unsafe { l.launch(cfg) }?;
     Ok(())
 }
 

@@ -1,182 +1,214 @@
-//! The CUDA backend (feature `cuda`): one device, one stream, the kernels of kernels/*.cu loaded
-//! from fatbins embedded at build time, and launch wrappers with the same names and argument
-//! order as their CPU twins in `backend::cpu`.
+//! The CUDA backend (feature `cuda`): one device, one stream, the kernels of kernels/*.cu, and
+//! launch wrappers with the same names and argument order as their CPU twins in `backend::cpu`.
 //!
-//! cudarc loads libcuda at run time, so a binary built with the feature starts anywhere; `cuda()`
-//! checks for the driver before touching it (cudarc panics without one) and turns every missing
-//! piece into an error that says what is missing. Device memory comes from the driver's
-//! stream-ordered pool (cuMemAllocAsync) with its release threshold raised to "never", so a freed
-//! buffer stays in the pool and a training step after the first allocates without cudaMalloc.
+//! The device is a `Runtime` (runtime.rs): an NVIDIA GPU through the driver (driver.rs), or the
+//! emulated device (emu.rs) that runs the same kernel source on the CPU with a memcheck. One
+//! process uses one of them, chosen by `select` before the first use (`--device cuda` or
+//! `--device emu`); the wrappers do not know which runs.
 
 use crate::{Error, Result};
-use cudarc::driver::sys;
-pub use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
-    DevicePtrMut, DeviceRepr, DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-};
 pub use half::bf16;
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 pub mod adamw;
 pub mod attention;
 pub mod bench;
+pub mod driver;
 pub mod elementwise;
 pub mod embedding;
+pub mod emu;
 pub mod gemm;
 pub mod layernorm;
 pub mod reduce;
+pub mod runtime;
 pub mod xent;
+
+pub use runtime::{
+    DevBuf, DevView, DevViewMut, DeviceElem, Event, KernelArg, KernelScalar, Launch, LaunchConfig, Properties, Runtime,
+    RuntimeKind,
+};
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 /// ptxas' resource report (`-Xptxas -v`) for every kernel and architecture, as build.rs kept it.
 pub const PTXAS_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/ptxas.txt"));
 
-/// The CUDA device kiln runs on: its context, its one stream and every kernel, loaded.
+enum Rt {
+    Driver(driver::Driver),
+    Emu(emu::Emulator),
+}
+
+/// The CUDA device kiln runs on: a GPU or the emulated device.
 pub struct Cuda {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    functions: HashMap<Kernel, CudaFunction>,
-    _modules: Vec<Arc<CudaModule>>,
-    name: String,
-    sm_count: usize,
-    max_shared_per_block: usize,
-    compute_capability: (i32, i32),
+    rt: Rt,
+}
+
+static SELECTED: OnceLock<RuntimeKind> = OnceLock::new();
+static CUDA: OnceLock<std::result::Result<Cuda, String>> = OnceLock::new();
+
+/// Chooses the runtime behind the CUDA backend for this process, before its first use. Choosing
+/// again the same one is fine; another one is an error.
+pub fn select(kind: RuntimeKind) -> Result<()> {
+    let chosen = *SELECTED.get_or_init(|| kind);
+    if chosen != kind {
+        return Err(Error::Cuda(format!(
+            "this process already runs the CUDA backend on {}; it cannot switch to {}",
+            describe(chosen),
+            describe(kind)
+        )));
+    }
+    Ok(())
+}
+
+fn describe(k: RuntimeKind) -> &'static str {
+    match k {
+        RuntimeKind::Driver => "the GPU",
+        RuntimeKind::Emulator => "the emulated device",
+    }
+}
+
+/// The runtime this process chose, if it chose one yet.
+pub fn selected() -> Option<RuntimeKind> {
+    SELECTED.get().copied()
+}
+
+/// Whether an NVIDIA GPU and its driver are present (opens nothing).
+pub fn gpu_present() -> bool {
+    driver::gpu_present()
+}
+
+/// For tests: the GPU where one is present, else the emulated device (KILN_TEST_DEVICE=emu or gpu
+/// forces one). Returns which, so the test can say so.
+pub fn select_for_tests() -> RuntimeKind {
+    let kind = match std::env::var("KILN_TEST_DEVICE").as_deref() {
+        Ok("emu") => RuntimeKind::Emulator,
+        Ok("gpu") | Ok("cuda") => RuntimeKind::Driver,
+        _ if gpu_present() => RuntimeKind::Driver,
+        _ => RuntimeKind::Emulator,
+    };
+    let _ = select(kind);
+    *SELECTED.get().unwrap()
 }
 
 /// The device, initialised on first use (ordinal 0: pick another GPU with CUDA_VISIBLE_DEVICES).
 pub fn cuda() -> Result<&'static Cuda> {
-    static CUDA: OnceLock<std::result::Result<Cuda, String>> = OnceLock::new();
-    CUDA.get_or_init(init).as_ref().map_err(|e| Error::Cuda(e.clone()))
-}
-
-fn init() -> std::result::Result<Cuda, String> {
-    // cudarc panics on a missing libcuda; ask first.
-    if !unsafe { sys::is_culib_present() } {
-        return Err("no CUDA device: the NVIDIA driver library (libcuda.so) was not found on this machine. \
-                    Run on a machine with an NVIDIA GPU and driver, or use --device cpu."
-            .into());
-    }
-    let n = CudaContext::device_count().map_err(|e| format!("no CUDA device: the driver did not start ({e})"))?;
-    if n < 1 {
-        return Err("no CUDA device: the driver found no GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES)".into());
-    }
-    let ctx = CudaContext::new(0).map_err(|e| format!("cannot open CUDA device 0: {e}"))?;
-    let attr = |a| ctx.attribute(a).map_err(|e| format!("cannot query CUDA device 0: {e}"));
-    use sys::CUdevice_attribute as A;
-    let sm_count = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-    let max_shared_per_block = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
-    let compute_capability = (
-        attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
-        attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
-    );
-    let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-    keep_pool_memory(&ctx);
-    let stream = ctx.default_stream();
-    let mut modules = Vec::new();
-    let mut functions = HashMap::new();
-    for (family, image) in FATBINS {
-        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec())).map_err(|e| {
-            format!(
-                "cannot load the {family} kernels on {name} (compute capability {}.{}): {e}. This kiln was built \
-                 with machine code for sm_{{{ARCHS}}}; rebuild with KILN_CUDA_ARCHS including this GPU's.",
-                compute_capability.0, compute_capability.1
-            )
-        })?;
-        for k in Kernel::ALL.iter().filter(|k| k.family() == *family) {
-            let f = module
-                .load_function(k.name())
-                .map_err(|e| format!("kernel {} missing from the {family} fatbin: {e}", k.name()))?;
-            functions.insert(*k, f);
+    CUDA.get_or_init(|| {
+        let kind = *SELECTED.get_or_init(|| RuntimeKind::Driver);
+        match kind {
+            RuntimeKind::Driver => driver::open().map(|d| Cuda { rt: Rt::Driver(d) }),
+            RuntimeKind::Emulator => Ok(Cuda { rt: Rt::Emu(emu::open()) }),
         }
-        modules.push(module);
-    }
-    Ok(Cuda { ctx, stream, functions, _modules: modules, name, sm_count, max_shared_per_block, compute_capability })
-}
-
-/// Raises the default memory pool's release threshold so freed memory stays cached in the pool
-/// instead of going back to the driver at every synchronisation.
-fn keep_pool_memory(ctx: &CudaContext) {
-    unsafe {
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
-            let mut threshold: u64 = u64::MAX;
-            let _ = sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut threshold as *mut u64 as *mut std::ffi::c_void,
-            );
-        }
-    }
+    })
+    .as_ref()
+    .map_err(|e| Error::Cuda(e.clone()))
 }
 
 impl Cuda {
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+    fn rt(&self) -> &dyn Runtime {
+        match &self.rt {
+            Rt::Driver(d) => d,
+            Rt::Emu(e) => e,
+        }
     }
-    /// The one stream every kiln kernel runs on, in order.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    pub fn kind(&self) -> RuntimeKind {
+        self.rt().kind()
     }
-    /// A loaded kernel.
-    pub fn func(&self, k: Kernel) -> &CudaFunction {
-        // init() loads every Kernel or fails, so the entry exists.
-        &self.functions[&k]
+    pub fn is_emulated(&self) -> bool {
+        self.kind() == RuntimeKind::Emulator
+    }
+    /// The driver runtime, when this is a GPU (for the vendor baselines of `kiln bench`).
+    pub fn driver(&self) -> Option<&driver::Driver> {
+        match &self.rt {
+            Rt::Driver(d) => Some(d),
+            Rt::Emu(_) => None,
+        }
+    }
+    /// The emulated device, when this is one (for its counters).
+    pub fn emulator(&self) -> Option<&emu::Emulator> {
+        match &self.rt {
+            Rt::Emu(e) => Some(e),
+            Rt::Driver(_) => None,
+        }
     }
     pub fn name(&self) -> &str {
-        &self.name
+        &self.rt().properties().name
     }
     pub fn sm_count(&self) -> usize {
-        self.sm_count
+        self.rt().properties().sm_count
     }
     /// The most dynamic shared memory one block may opt in to, in bytes.
     pub fn max_shared_per_block(&self) -> usize {
-        self.max_shared_per_block
+        self.rt().properties().max_shared_per_block
     }
     pub fn compute_capability(&self) -> (i32, i32) {
-        self.compute_capability
+        self.rt().properties().compute_capability
     }
-    /// `n` uninitialised elements.
-    pub fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
-        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| oom(e, n * std::mem::size_of::<T>()))
+    /// `n` uninitialised elements (on the emulated device: poisoned, and reading them is a fault).
+    pub fn alloc<T: DeviceElem>(&self, n: usize) -> Result<DevBuf<T>> {
+        Ok(DevBuf::from_mem(self.rt().alloc(n * std::mem::size_of::<T>(), false)?, n))
     }
     /// `n` zeroed elements.
-    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| oom(e, n * std::mem::size_of::<T>()))
+    pub fn zeros<T: DeviceElem>(&self, n: usize) -> Result<DevBuf<T>> {
+        Ok(DevBuf::from_mem(self.rt().alloc(n * std::mem::size_of::<T>(), true)?, n))
     }
     /// A device copy of `host`.
-    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        if host.is_empty() {
-            return self.alloc(0);
+    pub fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<DevBuf<T>> {
+        let d = self.alloc::<T>(host.len())?;
+        if !host.is_empty() {
+            self.rt().htod(d.ptr(), bytemuck::cast_slice(host))?;
         }
-        self.stream.clone_htod(host).map_err(|e| oom(e, std::mem::size_of_val(host)))
+        Ok(d)
+    }
+    /// Overwrites `dst` with `host` (same length).
+    pub fn copy_from_host<T: DeviceElem>(&self, dst: &mut DevBuf<T>, host: &[T]) -> Result<()> {
+        assert_eq!(dst.len(), host.len(), "copy_from_host: lengths differ");
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.rt().htod(dst.ptr(), bytemuck::cast_slice(host))
     }
     /// A host copy of `d` (waits for the stream).
-    pub fn download<T: DeviceRepr + Clone + Default>(&self, d: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(d).map_err(|e| Error::Cuda(format!("device-to-host copy failed: {e}")))
+    pub fn download<T: DeviceElem>(&self, d: &DevBuf<T>) -> Result<Vec<T>> {
+        self.download_view(&d.slice(..))
+    }
+    /// A host copy of a view (waits for the stream).
+    pub fn download_view<T: DeviceElem>(&self, d: &DevView<'_, T>) -> Result<Vec<T>> {
+        let mut v = vec![T::default(); d.len()];
+        if !v.is_empty() {
+            self.rt().dtoh(bytemuck::cast_slice_mut(&mut v), d.ptr())?;
+        }
+        Ok(v)
+    }
+    /// dst = src, device to device (same length).
+    pub fn copy<T: DeviceElem>(&self, dst: &mut DevBuf<T>, src: &DevBuf<T>) -> Result<()> {
+        if dst.len() != src.len() {
+            return Err(Error::Cuda(format!("device copy of {} elements into {}", src.len(), dst.len())));
+        }
+        self.rt().dtod(dst.ptr(), src.ptr(), src.num_bytes())
+    }
+    /// Zeroes a range of a buffer.
+    pub fn memset_zeros<T: DeviceElem>(&self, d: &mut DevViewMut<'_, T>) -> Result<()> {
+        self.rt().memset(d.ptr(), 0, d.len() * std::mem::size_of::<T>())
+    }
+    /// A launch of kernel `k`, to give arguments to.
+    pub fn launch_builder(&self, k: Kernel) -> Launch<'_> {
+        Launch::new(self.rt(), k)
+    }
+    /// Lets `k` use up to `bytes` of dynamic shared memory (above the 48 KB default).
+    pub fn set_max_dynamic_shared(&self, k: Kernel, bytes: usize) -> Result<()> {
+        self.rt().set_max_dynamic_shared(k, bytes)
     }
     /// Waits for every launched kernel; a kernel's asynchronous fault surfaces here.
     pub fn sync(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| Error::Cuda(format!("a CUDA kernel failed: {e}")))
+        self.rt().sync()
     }
-    /// An event with timing enabled, recorded now on the stream.
-    pub fn event(&self) -> Result<CudaEvent> {
-        self.stream
-            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| Error::Cuda(format!("cannot record a CUDA event: {e}")))
+    /// A timing mark, recorded now on the stream.
+    pub fn event(&self) -> Result<Event> {
+        self.rt().event()
     }
-}
-
-fn oom(e: DriverError, bytes: usize) -> Error {
-    if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        Error::Cuda(format!(
-            "out of GPU memory allocating {:.1} MB. Use a smaller batch or sequence length, \
-             --gradient-checkpointing, or a GPU with more memory.",
-            bytes as f64 / 1e6
-        ))
-    } else {
-        Error::Cuda(format!("CUDA allocation or copy of {bytes} bytes failed: {e}"))
+    /// Milliseconds between two marks (waits for the second).
+    pub fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32> {
+        self.rt().elapsed_ms(start, end)
     }
 }
 
@@ -184,9 +216,4 @@ fn oom(e: DriverError, bytes: usize) -> Error {
 pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
     let blocks = n.div_ceil(block as usize).max(1) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
-}
-
-/// A failed launch as kiln's error.
-pub fn launch_err(e: DriverError) -> Error {
-    Error::Cuda(format!("kernel launch failed: {e}"))
 }

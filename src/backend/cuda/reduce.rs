@@ -3,7 +3,7 @@
 //! order of `backend::cpu::reduce`; plus the host twins (`twin`), which replay the kernels'
 //! summation order on the CPU.
 
-use super::{cuda, launch_err, CudaSlice, Kernel, LaunchConfig, PushKernelArg};
+use super::{cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::KILN_REDUCE_THREADS;
 use crate::Result;
 
@@ -13,7 +13,7 @@ fn blocks(n: u32) -> LaunchConfig {
 
 /// sum of x[i]^2, returned as f64 (waits for the device). Deterministic; within
 /// (twin::per_thread(n) + 1) * 2^-24 relative of the exact sum.
-pub fn sum_squares(x: &CudaSlice<f32>) -> Result<f64> {
+pub fn sum_squares(x: &DevBuf<f32>) -> Result<f64> {
     sum_squares_many(&[x])
 }
 
@@ -21,7 +21,7 @@ pub fn sum_squares(x: &CudaSlice<f32>) -> Result<f64> {
 /// gradients): each buffer's per-block partial sums land in its own range of one scratch buffer,
 /// which a single block then adds in order. The result depends only on the buffers' contents,
 /// lengths and order.
-pub fn sum_squares_many(xs: &[&CudaSlice<f32>]) -> Result<f64> {
+pub fn sum_squares_many(xs: &[&DevBuf<f32>]) -> Result<f64> {
     let counts: Vec<usize> = xs.iter().map(|x| twin::blocks(x.len())).collect();
     let total: usize = counts.iter().sum();
     if total == 0 {
@@ -36,21 +36,21 @@ pub fn sum_squares_many(xs: &[&CudaSlice<f32>]) -> Result<f64> {
         }
         let n = x.len() as i64;
         let mut slots = partial.slice_mut(off..off + nb);
-        let mut l = cu.stream().launch_builder(cu.func(Kernel::ReduceSumSquaresPartial));
+        let mut l = cu.launch_builder(Kernel::ReduceSumSquaresPartial);
         l.arg(&mut slots).arg(*x).arg(&n);
-        unsafe { l.launch(blocks(nb as u32)) }.map_err(launch_err)?;
+        unsafe { l.launch(blocks(nb as u32)) }?;
         off += nb;
     }
     let mut out = cu.alloc::<f64>(1)?;
     let total32 = total as i32;
-    let mut l = cu.stream().launch_builder(cu.func(Kernel::ReduceSumSquaresFinish));
+    let mut l = cu.launch_builder(Kernel::ReduceSumSquaresFinish);
     l.arg(&mut out).arg(&partial).arg(&total32);
-    unsafe { l.launch(blocks(1)) }.map_err(launch_err)?;
+    unsafe { l.launch(blocks(1)) }?;
     Ok(cu.download(&out)?[0])
 }
 
 /// x *= s
-pub fn scale(x: &mut CudaSlice<f32>, s: f32) -> Result<()> {
+pub fn scale(x: &mut DevBuf<f32>, s: f32) -> Result<()> {
     let n = x.len();
     if n == 0 {
         return Ok(());
@@ -59,9 +59,9 @@ pub fn scale(x: &mut CudaSlice<f32>, s: f32) -> Result<()> {
     let n64 = n as i64;
     // A grid-stride loop: enough blocks for one 4-element group per thread, capped at 8 per SM.
     let nb = n.div_ceil(4 * KILN_REDUCE_THREADS as usize).clamp(1, 8 * cu.sm_count().max(1));
-    let mut l = cu.stream().launch_builder(cu.func(Kernel::ReduceScale));
+    let mut l = cu.launch_builder(Kernel::ReduceScale);
     l.arg(x).arg(&s).arg(&n64);
-    unsafe { l.launch(blocks(nb as u32)) }.map_err(launch_err)?;
+    unsafe { l.launch(blocks(nb as u32)) }?;
     Ok(())
 }
 

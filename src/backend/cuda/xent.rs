@@ -3,7 +3,7 @@
 //! place, so its `dlogits` holds the logits on entry); plus the host twins (`twin`), which CI tests
 //! against the CPU backend without a GPU.
 
-use super::{bf16, cuda, launch_err, CudaSlice, DeviceRepr, Kernel, LaunchConfig, PushKernelArg};
+use super::{bf16, cuda, DevBuf, DeviceElem, Kernel, LaunchConfig};
 use crate::abi::KILN_XENT_THREADS;
 use crate::{Error, Result};
 
@@ -35,7 +35,7 @@ fn config(rows: usize) -> LaunchConfig {
 
 /// The logit types the kernels take: bf16 (what the GPU forward pass makes) and f32 (the CPU
 /// twin's type, for comparing the two on the same values).
-pub trait Logits: DeviceRepr + sealed::Sealed {
+pub trait Logits: DeviceElem + sealed::Sealed {
     const FORWARD: Kernel;
     const BACKWARD: Kernel;
 }
@@ -57,10 +57,10 @@ mod sealed {
 /// targets.len(). Unlike the CPU twin it does not sum the losses (that would wait for the
 /// device): `loss_sum` does, when the caller wants the number.
 pub fn xent_forward<T: Logits>(
-    losses: &mut CudaSlice<f32>,
-    lse: &mut CudaSlice<f32>,
-    logits: &CudaSlice<T>,
-    targets: &CudaSlice<i32>,
+    losses: &mut DevBuf<f32>,
+    lse: &mut DevBuf<f32>,
+    logits: &DevBuf<T>,
+    targets: &DevBuf<i32>,
     v: usize,
 ) -> Result<()> {
     let rows = targets.len();
@@ -70,15 +70,15 @@ pub fn xent_forward<T: Logits>(
     }
     let cu = cuda()?;
     let v32 = v as i32;
-    let mut l = cu.stream().launch_builder(cu.func(T::FORWARD));
+    let mut l = cu.launch_builder(T::FORWARD);
     l.arg(losses).arg(lse).arg(logits).arg(targets).arg(&v32);
-    unsafe { l.launch(config(rows)) }.map_err(launch_err)?;
+    unsafe { l.launch(config(rows)) }?;
     Ok(())
 }
 
 /// (sum of the row losses in row order, in f64; rows whose target is not IGNORE), as the CPU
 /// twin's xent_forward returns them. Waits for the device.
-pub fn loss_sum(losses: &CudaSlice<f32>, targets: &[i32]) -> Result<(f64, usize)> {
+pub fn loss_sum(losses: &DevBuf<f32>, targets: &[i32]) -> Result<(f64, usize)> {
     let cu = cuda()?;
     let l = cu.download(losses)?;
     let count = targets.iter().filter(|&&t| t != IGNORE).count();
@@ -88,9 +88,9 @@ pub fn loss_sum(losses: &CudaSlice<f32>, targets: &[i32]) -> Result<(f64, usize)
 /// dlogits = (softmax(logits) - onehot(target)) * scale, in place: `dlogits` holds the logits on
 /// entry (the CPU twin's separate `logits` argument); zero rows where the target is IGNORE.
 pub fn xent_backward<T: Logits>(
-    dlogits: &mut CudaSlice<T>,
-    lse: &CudaSlice<f32>,
-    targets: &CudaSlice<i32>,
+    dlogits: &mut DevBuf<T>,
+    lse: &DevBuf<f32>,
+    targets: &DevBuf<i32>,
     v: usize,
     scale: f32,
 ) -> Result<()> {
@@ -101,9 +101,9 @@ pub fn xent_backward<T: Logits>(
     }
     let cu = cuda()?;
     let v32 = v as i32;
-    let mut l = cu.stream().launch_builder(cu.func(T::BACKWARD));
+    let mut l = cu.launch_builder(T::BACKWARD);
     l.arg(dlogits).arg(lse).arg(targets).arg(&v32).arg(&scale);
-    unsafe { l.launch(config(rows)) }.map_err(launch_err)?;
+    unsafe { l.launch(config(rows)) }?;
     Ok(())
 }
 

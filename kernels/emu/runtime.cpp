@@ -1,0 +1,1106 @@
+// runtime.cpp: the emulated CUDA device behind `--device emu` (src/backend/cuda/emu.rs is its Rust
+// side). Device memory, the launch of a kernel over its grid, the emulated warp-level instructions,
+// the memcheck and the per-launch counters. The kernels themselves are compiled from kernels/*.cu
+// by build.rs with emu.h; this file is compiled without instrumentation.
+//
+// Execution. A launch's blocks are shared out to a pool of worker OS threads (one per core,
+// KILN_EMU_THREADS overrides). A worker runs one block at a time: every CUDA thread of the block is
+// a fiber with its own stack, and the fibers take turns on the worker: a fiber runs until it waits
+// at a barrier (__syncthreads, or a warp-level operation: __syncwarp, a shuffle, mma.sync,
+// ldmatrix) or exits, and the last thread to arrive at a barrier releases the others. A barrier
+// that can never be released (some live thread of the block is waiting elsewhere) is reported as a
+// fault, not a hang.
+//
+// Memcheck. Device memory is bump-allocated from one reserved address range and never reused, so
+// every address is either inside a live allocation or identifiably not. Each allocation has a
+// shadow byte per byte saying whether anything wrote it; allocations start poisoned (0xff bytes,
+// a NaN in f32 and bf16) and unwritten. Each access of kernel code is checked: global accesses
+// against their allocation's bounds, reads against the shadow, accesses of 2, 4, 8 and 16 bytes
+// against natural alignment, dynamic shared memory against the launch's size, and cp.async and
+// ldmatrix addresses against shared memory and 16-byte alignment. The first fault stops the launch
+// and is reported with the kernel, block, thread and address.
+//
+// Counters. Per launch: global requests (one per warp-level access instruction), the 32-byte
+// sectors they touch (distinct per request, as the memory system moves them) against the distinct
+// sectors of the whole launch (the fewest it could move: each byte read once, written once), the
+// shared-memory wavefronts per request against the conflict-free count (bank conflicts), mma.sync
+// instructions and barriers. Lanes of a warp are matched into one request by the order of their
+// accesses (the k-th global access of each lane), which is exact when the warp does not diverge.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdarg>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "emu.h"
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+namespace kiln_emu {
+
+// ------------------------------------------------------------------------------------------------
+// Limits of the emulated device: those of sm_90 (H100 / H200).
+constexpr unsigned MAX_THREADS = 1024;
+constexpr size_t SHARED_OPTIN = 232448;  // 227 KB per block with the opt-in attribute
+constexpr size_t SHARED_DEFAULT = 48 * 1024;
+constexpr size_t STACK = 256 * 1024;     // per fiber
+constexpr size_t DYN_CAP = SHARED_OPTIN + 4096;
+
+// ------------------------------------------------------------------------------------------------
+// Device memory.
+struct Alloc {
+    uintptr_t base;
+    size_t size;
+    uint64_t id;
+    uint8_t* init;  // 1 where written
+    uint8_t* rsec;  // per 32-byte sector: read in this launch
+    uint8_t* wsec;  // per 32-byte sector: written in this launch
+    std::atomic<bool>* touched;
+};
+static std::mutex g_mem_mu;
+static uintptr_t g_arena = 0;
+static size_t g_arena_size = 0;
+static uintptr_t g_bump = 0;
+static uint64_t g_next_id = 1;
+static std::vector<Alloc> g_allocs;                            // sorted by base (bump order)
+static std::vector<std::pair<uintptr_t, size_t>> g_freed;      // freed ranges, sorted
+static size_t g_live_bytes = 0;
+
+static bool arena_init() {
+    if (g_arena) return true;
+    for (size_t gib : {1024, 256, 64, 16}) {
+        size_t size = gib << 30;
+        void* p = mmap(nullptr, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p != MAP_FAILED) {
+            g_arena = reinterpret_cast<uintptr_t>(p);
+            g_arena_size = size;
+            g_bump = g_arena + 4096;
+            return true;
+        }
+    }
+    return false;
+}
+
+static size_t page_up(size_t n) { return (n + 4095) & ~size_t(4095); }
+
+static const Alloc* find_alloc(uintptr_t a) {
+    auto it = std::upper_bound(g_allocs.begin(), g_allocs.end(), a, [](uintptr_t x, const Alloc& al) { return x < al.base; });
+    if (it == g_allocs.begin()) return nullptr;
+    --it;
+    return &*it;
+}
+
+static bool was_freed(uintptr_t a) {
+    auto it = std::upper_bound(g_freed.begin(), g_freed.end(), a, [](uintptr_t x, const std::pair<uintptr_t, size_t>& r) { return x < r.first; });
+    if (it == g_freed.begin()) return false;
+    --it;
+    return a < it->first + it->second;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Fibers.
+enum class State : uint8_t { Runnable, WaitBlock, WaitWarp, Exited };
+enum class WarpOp : uint8_t { None, Syncwarp, Shfl, Mma, Ldmatrix };
+static const char* op_name(WarpOp k) {
+    switch (k) {
+        case WarpOp::Syncwarp: return "__syncwarp";
+        case WarpOp::Shfl: return "a warp shuffle";
+        case WarpOp::Mma: return "mma.sync";
+        case WarpOp::Ldmatrix: return "ldmatrix";
+        default: return "nothing";
+    }
+}
+
+struct Copy {
+    void* dst;
+    const void* src;
+    bool valid;
+};
+
+struct Thread {
+    Dim3 tid;  // first member: emu.h's thread_idx() reads it
+    int lin, lane, warp;
+    void* sp;
+    char* stack_lo;
+    State state;
+    uint32_t gseq, sseq;
+    std::vector<Copy> cp_open;
+    std::vector<std::vector<Copy>> cp_groups;
+};
+
+struct Slot {
+    uint32_t v;
+    uint32_t a[4], b[2];
+    float c[4];
+    const void* addr;
+    uint32_t r[4];
+};
+
+struct Warp {
+    int live;
+    uint32_t live_mask;
+    uint32_t arrived_mask;
+    uint32_t mask;
+    unsigned gen;
+    WarpOp kind;
+    const char* file;
+    int line;
+    Slot slot[2][32];
+    bool trans;
+};
+
+// A warp-level global request: the distinct sectors its lanes touch.
+struct GReq {
+    uint64_t sec[32];
+    uint32_t n, extra;
+};
+// A warp-level shared request: each lane's address and size.
+struct SReq {
+    uintptr_t addr[32];
+    uint32_t lanes;
+    uint8_t size;
+};
+
+struct Stats {
+    uint64_t global_requests = 0, global_sectors = 0, global_bytes = 0;
+    uint64_t shared_requests = 0, shared_wavefronts = 0, shared_ideal = 0;
+    uint64_t mma = 0, barriers = 0;
+    void add(const Stats& o) {
+        global_requests += o.global_requests; global_sectors += o.global_sectors; global_bytes += o.global_bytes;
+        shared_requests += o.shared_requests; shared_wavefronts += o.shared_wavefronts; shared_ideal += o.shared_ideal;
+        mma += o.mma; barriers += o.barriers;
+    }
+};
+
+struct LaunchState {
+    Launch dims;
+    const char* name;
+    kiln_emu_entry entry;
+    void** args;
+    size_t smem;
+    size_t static_smem_limit;
+    uint64_t total_blocks;
+    std::atomic<uint64_t> next{0};
+    std::atomic<bool> abort{false};
+    std::mutex mu;
+    std::string fault;
+    Stats stats;
+};
+static LaunchState* g_launch = nullptr;
+
+struct Region {
+    uintptr_t base;
+    size_t size;
+    uint64_t epoch;
+};
+
+struct Worker {
+    std::vector<Thread> threads;
+    std::vector<char*> stacks;
+    Warp warps[32];
+    void* sched_sp = nullptr;
+    std::deque<int> runq;
+    int live = 0, arrived = 0;
+    const char* bar_file = nullptr;
+    int bar_line = 0;
+    unsigned char* dyn = nullptr;
+    std::vector<Region> statics;
+    size_t static_bytes = 0;
+    uint64_t epoch = 0;
+    std::vector<GReq> greq[32];
+    std::vector<SReq> sreq[32];
+    Stats stats;
+    bool faulted = false;
+};
+
+thread_local Thread* cur = nullptr;
+thread_local Dim3 cur_block{0, 0, 0};
+thread_local const Launch* cur_launch = nullptr;
+static thread_local Worker* cur_worker = nullptr;
+
+// ------------------------------------------------------------------------------------------------
+// Context switch: saves the callee-saved registers, the SSE and x87 control words and the stack
+// pointer of the running context in *from, and resumes the one whose stack pointer is `to`.
+#if defined(__x86_64__)
+extern "C" void kiln_emu_switch(void** from, void* to);
+asm(R"(
+    .text
+    .globl kiln_emu_switch
+    .type kiln_emu_switch,@function
+kiln_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size kiln_emu_switch, .-kiln_emu_switch
+    .section .note.GNU-stack,"",@progbits
+    .text
+)");
+static void fiber_main();
+// A fresh fiber's stack as kiln_emu_switch expects to find it: control words, six registers, and
+// fiber_main as the return address, entered with the stack aligned as after a call.
+static void* fiber_init(char* lo) {
+    uintptr_t top = (reinterpret_cast<uintptr_t>(lo) + STACK) & ~uintptr_t(15);
+    uint64_t* sp = reinterpret_cast<uint64_t*>(top);
+    *--sp = 0;                                          // fiber_main's (absent) return address
+    *--sp = reinterpret_cast<uint64_t>(&fiber_main);    // kiln_emu_switch returns here
+    for (int i = 0; i < 6; ++i) *--sp = 0;              // rbp rbx r12 r13 r14 r15
+    *--sp = 0x1f80ull | (0x037full << 32);              // mxcsr, x87 control word
+    return sp;
+}
+static inline void switch_to(void** from, void* to) { kiln_emu_switch(from, to); }
+#else
+// Other architectures: ucontext (slower: it saves the signal mask on every switch).
+static thread_local std::vector<ucontext_t> t_ctx;
+static thread_local ucontext_t t_sched_ctx;
+static void fiber_main();
+static void* fiber_init(char* lo) {
+    (void)lo;
+    return nullptr;
+}
+static inline void switch_to(void** from, void* to) { (void)from; (void)to; }
+#endif
+
+// ------------------------------------------------------------------------------------------------
+// Faults.
+static std::string where() {
+    char buf[256];
+    Thread* t = cur;
+    snprintf(buf, sizeof buf, "kernel %s, block (%u, %u, %u), thread (%u, %u, %u)", g_launch ? g_launch->name : "?",
+             cur_block.x, cur_block.y, cur_block.z, t ? t->tid.x : 0, t ? t->tid.y : 0, t ? t->tid.z : 0);
+    return buf;
+}
+
+static void record_fault(const std::string& msg) {
+    std::lock_guard<std::mutex> g(g_launch->mu);
+    if (g_launch->fault.empty()) g_launch->fault = msg;
+    g_launch->abort.store(true);
+}
+
+// Stops the running fiber for good: the worker abandons the block.
+[[noreturn]] static void fault(const char* fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    record_fault(where() + ": " + buf);
+    Worker* w = cur_worker;
+    w->faulted = true;
+    void* dummy;
+    switch_to(&dummy, w->sched_sp);
+    __builtin_unreachable();
+}
+
+void trap(const char* file, int line) { fault("__trap() at %s:%d", file, line); }
+
+// ------------------------------------------------------------------------------------------------
+// Memory checks (called from the instrumentation hooks below and from the emulated instructions).
+static void describe_stray(char* buf, size_t len, uintptr_t a, size_t n) {
+    if (was_freed(a)) {
+        snprintf(buf, len, "%zu-byte access at 0x%lx, inside device memory that was already freed", n, (unsigned long)a);
+        return;
+    }
+    const Alloc* al = find_alloc(a);
+    if (al && a < al->base + al->size)
+        snprintf(buf, len, "%zu-byte access at 0x%lx runs %zu bytes past the end of allocation #%lu (%zu bytes at 0x%lx, access at offset %zu)",
+                 n, (unsigned long)a, (size_t)(a + n - (al->base + al->size)), (unsigned long)al->id, al->size, (unsigned long)al->base,
+                 (size_t)(a - al->base));
+    else if (al)
+        snprintf(buf, len, "%zu-byte access at 0x%lx is outside every device allocation: %zu bytes past the end of allocation #%lu (%zu bytes at 0x%lx)",
+                 n, (unsigned long)a, (size_t)(a - (al->base + al->size)), (unsigned long)al->id, al->size, (unsigned long)al->base);
+    else
+        snprintf(buf, len, "%zu-byte access at 0x%lx is outside every device allocation", n, (unsigned long)a);
+}
+
+static inline void check_align(uintptr_t a, size_t n, const char* space) {
+    if ((n == 2 || n == 4 || n == 8 || n == 16) && (a & (n - 1)))
+        fault("misaligned %zu-byte %s access at 0x%lx (a %zu-byte access needs a %zu-byte aligned address)", n, space, (unsigned long)a, n, n);
+}
+
+static void global_access(Thread* t, uintptr_t a, size_t n, bool write) {
+    const Alloc* al = find_alloc(a);
+    if (!al || a + n > al->base + al->size || a < al->base) {
+        char buf[512];
+        describe_stray(buf, sizeof buf, a, n);
+        fault("out-of-bounds global %s: %s", write ? "store" : "load", buf);
+    }
+    check_align(a, n, "global");
+    const size_t off = a - al->base;
+    if (write) {
+        memset(al->init + off, 1, n);
+        al->wsec[off / 32] = 1;
+        al->wsec[(off + n - 1) / 32] = 1;
+    } else {
+        for (size_t i = 0; i < n; ++i)
+            if (!al->init[off + i])
+                fault("uninitialised global load: %zu-byte read at 0x%lx (offset %zu of allocation #%lu, %zu bytes) of device memory that nothing has written",
+                      n, (unsigned long)a, off + i, (unsigned long)al->id, al->size);
+        al->rsec[off / 32] = 1;
+        al->rsec[(off + n - 1) / 32] = 1;
+    }
+    if (!al->touched->load(std::memory_order_relaxed)) al->touched->store(true, std::memory_order_relaxed);
+    // Counters: this access joins request number gseq of its warp.
+    Worker* w = cur_worker;
+    std::vector<GReq>& reqs = w->greq[t->warp];
+    const uint32_t k = t->gseq++;
+    if (k >= reqs.size()) reqs.resize(k + 1, GReq{{}, 0, 0});
+    GReq& r = reqs[k];
+    for (uint64_t s = a / 32; s <= (a + n - 1) / 32; ++s) {
+        bool seen = false;
+        for (uint32_t i = 0; i < r.n; ++i) seen |= r.sec[i] == s;
+        if (seen) continue;
+        if (r.n < 32) r.sec[r.n++] = s;
+        else r.extra++;
+    }
+    w->stats.global_bytes += n;
+}
+
+static bool in_shared(Worker* w, uintptr_t a, size_t n) {
+    const uintptr_t d = reinterpret_cast<uintptr_t>(w->dyn);
+    if (a >= d && a + n <= d + g_launch->smem) return true;
+    for (const Region& r : w->statics)
+        if (r.epoch == w->epoch && a >= r.base && a + n <= r.base + r.size) return true;
+    return false;
+}
+
+static void shared_stat(Thread* t, uintptr_t a, size_t n) {
+    Worker* w = cur_worker;
+    std::vector<SReq>& reqs = w->sreq[t->warp];
+    const uint32_t k = t->sseq++;
+    if (k >= reqs.size()) reqs.resize(k + 1, SReq{{}, 0, 0});
+    SReq& r = reqs[k];
+    r.addr[t->lane] = a;
+    r.lanes |= 1u << t->lane;
+    r.size = (uint8_t)std::max<size_t>(r.size, n);
+}
+
+static inline void access(uintptr_t a, size_t n, bool write) {
+    Thread* t = cur;
+    if (!t) return;
+    if (a - reinterpret_cast<uintptr_t>(t->stack_lo) < STACK) return;  // the thread's own locals
+    if (a - g_arena < g_arena_size) return global_access(t, a, n, write);
+    Worker* w = cur_worker;
+    const uintptr_t d = reinterpret_cast<uintptr_t>(w->dyn);
+    if (a - d < DYN_CAP) {
+        if (a + n > d + g_launch->smem)
+            fault("dynamic shared memory %s of %zu bytes at byte %zu, past the %zu bytes the launch gave", write ? "store" : "load", n,
+                  (size_t)(a - d), g_launch->smem);
+        check_align(a, n, "shared");
+        shared_stat(t, a, n);
+        return;
+    }
+    for (const Region& r : w->statics)
+        if (a - r.base < r.size) {
+            if (r.epoch != w->epoch) break;
+            check_align(a, n, "shared");
+            shared_stat(t, a, n);
+            return;
+        }
+    // Anything else (constant tables, the C library's own data) is not device memory kiln manages.
+}
+
+unsigned char* dyn_smem() { return cur_worker->dyn; }
+
+void shared_static(void* p, size_t bytes) {
+    Worker* w = cur_worker;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    for (Region& r : w->statics)
+        if (r.base == a) {
+            if (r.epoch == w->epoch) return;
+            r.epoch = w->epoch;
+            w->static_bytes += bytes;
+            goto poison;
+        }
+    w->statics.push_back({a, bytes, w->epoch});
+    w->static_bytes += bytes;
+poison:
+    if (w->static_bytes + g_launch->smem > SHARED_OPTIN)
+        fault("the block uses %zu bytes of static and %zu of dynamic shared memory, over sm_90's %zu", w->static_bytes, g_launch->smem, SHARED_OPTIN);
+    memset(p, 0x7f, bytes);  // shared memory starts as garbage
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scheduling.
+static inline void yield_to_scheduler() {
+    Thread* t = cur;
+    switch_to(&t->sp, cur_worker->sched_sp);
+}
+
+static void release_block(Worker* w) {
+    w->arrived = 0;
+    w->bar_file = nullptr;
+    w->stats.barriers++;
+    for (Thread& t : w->threads)
+        if (t.state == State::WaitBlock) {
+            t.state = State::Runnable;
+            w->runq.push_back(t.lin);
+        }
+}
+
+void block_barrier(const char* file, int line) {
+    Worker* w = cur_worker;
+    Thread* t = cur;
+    if (w->arrived == 0) {
+        w->bar_file = file;
+        w->bar_line = line;
+    } else if (w->bar_line != line || strcmp(w->bar_file, file) != 0) {
+        fault("__syncthreads at %s:%d while other threads of the block wait at the one at %s:%d (every thread must reach the same barrier)",
+              file, line, w->bar_file, w->bar_line);
+    }
+    if (++w->arrived == w->live) {
+        release_block(w);
+        return;
+    }
+    t->state = State::WaitBlock;
+    yield_to_scheduler();
+}
+
+// The warp-level operations: every participating lane deposits its operands in slot[gen & 1], the
+// last to arrive runs `done` over the whole warp and releases the others, and each lane then
+// reads its results from the same slot (the next operation uses the other one).
+template <typename F>
+static Slot* warp_op(WarpOp kind, uint32_t mask, const char* file, int line, F&& fill, void (*done)(Warp&, Slot*)) {
+    Worker* w = cur_worker;
+    Thread* t = cur;
+    Warp& wp = w->warps[t->warp];
+    const uint32_t bit = 1u << t->lane;
+    if (!(mask & bit)) fault("%s at %s:%d with a mask (0x%08x) that leaves out the calling lane %d", op_name(kind), file, line, mask, t->lane);
+    if (mask & ~wp.live_mask) {
+        const int gone = __builtin_ctz(mask & ~wp.live_mask);
+        fault("%s at %s:%d names lane %d in its mask (0x%08x), but that lane has exited or does not exist", op_name(kind), file, line,
+              gone, mask);
+    }
+    if (wp.arrived_mask == 0) {
+        wp.kind = kind;
+        wp.mask = mask;
+        wp.file = file;
+        wp.line = line;
+    } else if (wp.kind != kind || wp.mask != mask) {
+        fault("%s (mask 0x%08x) at %s:%d while other lanes of the warp wait at %s (mask 0x%08x) at %s:%d", op_name(kind), mask, file, line,
+              op_name(wp.kind), wp.mask, wp.file, wp.line);
+    }
+    Slot* s = wp.slot[wp.gen & 1];
+    fill(s[t->lane]);
+    wp.arrived_mask |= bit;
+    if (wp.arrived_mask == wp.mask) {
+        if (done) done(wp, s);
+        wp.arrived_mask = 0;
+        wp.gen++;
+        for (int l = 0; l < 32; ++l)
+            if ((wp.mask >> l) & 1) {
+                Thread& o = w->threads[t->warp * 32 + l];
+                if (o.state == State::WaitWarp) {
+                    o.state = State::Runnable;
+                    w->runq.push_back(o.lin);
+                }
+            }
+        return s;
+    }
+    t->state = State::WaitWarp;
+    yield_to_scheduler();
+    return s;
+}
+
+void warp_barrier(unsigned mask, const char* file, int line) {
+    warp_op(WarpOp::Syncwarp, mask, file, line, [](Slot&) {}, nullptr);
+}
+
+static uint32_t shfl(unsigned mask, uint32_t v, int src, int width, const char* file, int line) {
+    if (width <= 0 || width > 32 || (width & (width - 1))) fault("shuffle at %s:%d with width %d (must be a power of two up to 32)", file, line, width);
+    Slot* s = warp_op(WarpOp::Shfl, mask, file, line, [&](Slot& sl) { sl.v = v; }, nullptr);
+    const int lane = cur->lane;
+    const int base = lane & ~(width - 1);
+    const int from = base + (src & (width - 1));
+    if (!((mask >> from) & 1)) return v;  // a lane outside the mask: the hardware's value is undefined; keep ours
+    return s[from].v;
+}
+uint32_t shfl_xor(unsigned mask, uint32_t v, int lane_mask, int width, const char* file, int line) {
+    const int lane = cur->lane;
+    const int src = (lane ^ lane_mask);
+    if ((src & ~(width - 1)) != (lane & ~(width - 1))) return shfl(mask, v, lane & (width - 1), width, file, line);
+    return shfl(mask, v, src, width, file, line);
+}
+uint32_t shfl_idx(unsigned mask, uint32_t v, int src_lane, int width, const char* file, int line) {
+    return shfl(mask, v, src_lane, width, file, line);
+}
+uint32_t shfl_down(unsigned mask, uint32_t v, unsigned delta, int width, const char* file, int line) {
+    const int lane = cur->lane;
+    const int within = lane & (width - 1);
+    const int src = within + (int)delta < width ? within + (int)delta : within;
+    return shfl(mask, v, src, width, file, line);
+}
+
+static inline float bf16_bits(uint32_t h) {
+    uint32_t u = (h & 0xffffu) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 from the PTX ISA's fragment tables ("Matrix
+// Fragments for mma.m16n8k16 with floating point type"), g = lane >> 2, t = lane % 4, element i of
+// a lane's fragment (register i / 2, low half for even i):
+//   A: row g for i in {0, 1, 4, 5}, else g + 8; column 2t + (i & 1), + 8 for i >= 4;
+//   B: row 2t + (i & 1), + 8 for i >= 2; column g;
+//   C, D: row g for i < 2, else g + 8; column 2t + (i & 1).
+// The last lane to arrive rebuilds A (16 x 16), B (16 x 8) and C, and computes every lane's D
+// (products summed exactly in double, rounded once to f32) into the lanes' c slots.
+static void mma_done(Warp& wp, Slot* s) {
+    (void)wp;
+    float A[16][16], B[16][8], C[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l % 4;
+        for (int i = 0; i < 8; ++i) {
+            const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+            const int col = t * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+            A[row][col] = bf16_bits(s[l].a[i / 2] >> (16 * (i & 1)));
+        }
+        for (int i = 0; i < 4; ++i) B[t * 2 + (i & 1) + (i >= 2 ? 8 : 0)][g] = bf16_bits(s[l].b[i / 2] >> (16 * (i & 1)));
+        for (int i = 0; i < 4; ++i) C[i < 2 ? g : g + 8][t * 2 + (i & 1)] = s[l].c[i];
+    }
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l % 4;
+        for (int i = 0; i < 4; ++i) {
+            const int row = i < 2 ? g : g + 8, col = t * 2 + (i & 1);
+            double acc = C[row][col];
+            for (int k = 0; k < 16; ++k) acc += (double)A[row][k] * (double)B[k][col];
+            s[l].c[i] = (float)acc;
+        }
+    }
+    cur_worker->stats.mma++;
+}
+
+void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    Slot* s = warp_op(WarpOp::Mma, 0xffffffffu, "mma.sync", 0, [&](Slot& sl) {
+        memcpy(sl.a, a, 16);
+        memcpy(sl.b, b, 8);
+        memcpy(sl.c, d, 16);
+    }, mma_done);
+    memcpy(d, s[cur->lane].c, 16);
+}
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 (PTX ISA, "ldmatrix"): lanes 8q .. 8q + 7 give
+// the row addresses of matrix q (8 contiguous b16 each, 16-byte aligned); register q of lane l gets
+// row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 (low half first); with .trans, element l / 4 of
+// the addressed rows 2 (l % 4) and 2 (l % 4) + 1.
+static void ldmatrix_done(Warp& wp, Slot* s) {
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l % 4;
+        for (int q = 0; q < 4; ++q) {
+            uint32_t v = 0;
+            for (int j = 0; j < 2; ++j) {
+                const uint16_t* row = static_cast<const uint16_t*>(s[8 * q + (wp.trans ? 2 * t + j : g)].addr);
+                v |= (uint32_t)row[wp.trans ? g : 2 * t + j] << (16 * j);
+            }
+            s[l].r[q] = v;
+        }
+    }
+}
+
+void ldmatrix_x4(uint32_t r[4], const void* p, bool trans) {
+    Worker* w = cur_worker;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (a & 15) fault("ldmatrix row address 0x%lx is not 16-byte aligned", (unsigned long)a);
+    if (!in_shared(w, a, 16)) fault("ldmatrix row address 0x%lx (16 bytes) is not inside the block's shared memory", (unsigned long)a);
+    shared_stat(cur, a, 16);
+    w->warps[cur->warp].trans = trans;
+    Slot* s = warp_op(WarpOp::Ldmatrix, 0xffffffffu, "ldmatrix", 0, [&](Slot& sl) { sl.addr = p; }, ldmatrix_done);
+    memcpy(r, s[cur->lane].r, 16);
+}
+
+// cp.async: checked and counted at issue (a 16-byte global read, a 16-byte shared write); the
+// destination fills with garbage at once and the bytes land only when a wait retires the group,
+// so a read that misses its wait or barrier sees garbage.
+void cp_async_16(void* dst, const void* src, bool valid) {
+    Thread* t = cur;
+    Worker* w = cur_worker;
+    const uintptr_t d = reinterpret_cast<uintptr_t>(dst), a = reinterpret_cast<uintptr_t>(src);
+    if (d & 15) fault("cp.async shared destination 0x%lx is not 16-byte aligned", (unsigned long)d);
+    if (!in_shared(w, d, 16)) fault("cp.async destination 0x%lx (16 bytes) is not inside the block's shared memory", (unsigned long)d);
+    if (valid) {
+        if (a & 15) fault("cp.async global source 0x%lx is not 16-byte aligned", (unsigned long)a);
+        if (a - g_arena >= g_arena_size) fault("cp.async source 0x%lx is not device memory", (unsigned long)a);
+        global_access(t, a, 16, false);
+    }
+    shared_stat(t, d, 16);
+    memset(dst, 0x7f, 16);
+    t->cp_open.push_back({dst, src, valid});
+}
+void cp_async_commit() {
+    Thread* t = cur;
+    t->cp_groups.push_back(std::move(t->cp_open));
+    t->cp_open.clear();
+}
+void cp_async_wait(int n) {
+    Thread* t = cur;
+    while ((int)t->cp_groups.size() > n) {
+        for (const Copy& c : t->cp_groups.front()) {
+            if (c.valid) memcpy(c.dst, c.src, 16);
+            else memset(c.dst, 0, 16);
+        }
+        t->cp_groups.erase(t->cp_groups.begin());
+    }
+}
+
+static void thread_exit(Worker* w, Thread* t) {
+    if (!t->cp_open.empty() || !t->cp_groups.empty()) fault("the thread exits with cp.async copies it never waited for");
+    Warp& wp = w->warps[t->warp];
+    const uint32_t bit = 1u << t->lane;
+    if (wp.arrived_mask && (wp.mask & bit))
+        fault("the thread exits while lanes of its warp wait for it at %s (%s:%d)", op_name(wp.kind), wp.file, wp.line);
+    wp.live--;
+    wp.live_mask &= ~bit;
+    t->state = State::Exited;
+    w->live--;
+    if (w->arrived > 0 && w->arrived == w->live) release_block(w);
+}
+
+static void fiber_main() {
+    Worker* w = cur_worker;
+    Thread* t = cur;
+    g_launch->entry(g_launch->args);
+    thread_exit(w, t);
+    void* dummy;
+    switch_to(&dummy, w->sched_sp);
+    __builtin_unreachable();
+}
+
+// Bank conflicts of one shared request: the 32 banks are 4 bytes wide; 8-byte accesses are served
+// a half-warp at a time, 16-byte ones a quarter-warp; in each phase the wavefronts are the most
+// distinct 4-byte words any one bank holds.
+static void bank_stats(const SReq& r, Stats& st) {
+    const int per_phase = r.size <= 4 ? 32 : r.size == 8 ? 16 : 8;
+    for (int p = 0; p < 32; p += per_phase) {
+        uint64_t words[32][8];
+        int nw[32] = {0};
+        bool any = false;
+        int worst = 0;
+        for (int l = p; l < p + per_phase; ++l) {
+            if (!((r.lanes >> l) & 1)) continue;
+            any = true;
+            const uintptr_t a = r.addr[l];
+            for (uintptr_t wd = a / 4; wd <= (a + std::max<int>(r.size, 1) - 1) / 4; ++wd) {
+                const int bank = wd % 32;
+                bool seen = false;
+                for (int i = 0; i < nw[bank]; ++i) seen |= words[bank][i] == wd;
+                if (!seen && nw[bank] < 8) words[bank][nw[bank]++] = wd;
+                worst = std::max(worst, nw[bank]);
+            }
+        }
+        if (any) {
+            st.shared_wavefronts += worst;
+            st.shared_ideal += 1;
+        }
+    }
+    st.shared_requests++;
+}
+
+static void finish_block_stats(Worker* w, int warps) {
+    for (int i = 0; i < warps; ++i) {
+        for (const GReq& r : w->greq[i]) {
+            if (r.n == 0 && r.extra == 0) continue;
+            w->stats.global_requests++;
+            w->stats.global_sectors += r.n + r.extra;
+        }
+        w->greq[i].clear();
+        for (const SReq& r : w->sreq[i])
+            if (r.lanes) bank_stats(r, w->stats);
+        w->sreq[i].clear();
+    }
+}
+
+static void run_block(Worker* w, Dim3 b) {
+    const Launch& L = g_launch->dims;
+    const int n = (int)(L.block.x * L.block.y * L.block.z);
+    const int warps = (n + 31) / 32;
+    cur_block = b;
+    w->epoch++;
+    w->static_bytes = 0;
+    w->faulted = false;
+    while ((int)w->stacks.size() < n) {
+        void* p = mmap(nullptr, STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            record_fault("cannot allocate fiber stacks for the emulated threads");
+            return;
+        }
+        w->stacks.push_back(static_cast<char*>(p));
+    }
+    w->threads.resize(n);
+    for (int i = 0; i < warps; ++i) {
+        Warp& wp = w->warps[i];
+        const int lanes = std::min(32, n - 32 * i);
+        wp.live = lanes;
+        wp.live_mask = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1);
+        wp.arrived_mask = 0;
+        wp.gen = 0;
+    }
+    w->live = n;
+    w->arrived = 0;
+    w->runq.clear();
+    memset(w->dyn, 0x7f, g_launch->smem);
+    for (int i = 0; i < n; ++i) {
+        Thread& t = w->threads[i];
+        t.tid = {(unsigned)(i % L.block.x), (unsigned)((i / L.block.x) % L.block.y), (unsigned)(i / (L.block.x * L.block.y))};
+        t.lin = i;
+        t.lane = i % 32;
+        t.warp = i / 32;
+        t.stack_lo = w->stacks[i];
+        t.sp = fiber_init(t.stack_lo);
+        t.state = State::Runnable;
+        t.gseq = t.sseq = 0;
+        t.cp_open.clear();
+        t.cp_groups.clear();
+        w->runq.push_back(i);
+    }
+    while (!w->runq.empty()) {
+        const int i = w->runq.front();
+        w->runq.pop_front();
+        cur = &w->threads[i];
+        switch_to(&w->sched_sp, cur->sp);
+        cur = nullptr;
+        if (w->faulted) return;
+    }
+    if (w->live > 0) {
+        // Deadlock: some live threads wait at a barrier others never reach.
+        std::string msg;
+        int at_block = 0, at_warp = 0;
+        const Thread* first_block = nullptr;
+        const Thread* first_warp = nullptr;
+        for (const Thread& t : w->threads) {
+            if (t.state == State::WaitBlock) { at_block++; if (!first_block) first_block = &t; }
+            if (t.state == State::WaitWarp) { at_warp++; if (!first_warp) first_warp = &t; }
+        }
+        char buf[768];
+        if (first_block && first_warp) {
+            const Warp& wp = w->warps[first_warp->warp];
+            snprintf(buf, sizeof buf,
+                     "barrier deadlock: %d thread(s) wait at __syncthreads (%s:%d) while %d wait at %s (%s:%d), e.g. thread %u; "
+                     "a barrier is not reached by every live thread of the block",
+                     at_block, w->bar_file, w->bar_line, at_warp, op_name(wp.kind), wp.file, wp.line, first_warp->tid.x);
+        } else if (first_warp) {
+            const Warp& wp = w->warps[first_warp->warp];
+            snprintf(buf, sizeof buf, "barrier deadlock: %d lane(s) wait at %s (%s:%d) for lanes of their warp that never arrive", at_warp,
+                     op_name(wp.kind), wp.file, wp.line);
+        } else {
+            snprintf(buf, sizeof buf, "barrier deadlock: %d thread(s) wait at __syncthreads (%s:%d) that %d other live thread(s) never reach",
+                     at_block, w->bar_file, w->bar_line, w->live - at_block);
+        }
+        cur = first_block ? const_cast<Thread*>(first_block) : const_cast<Thread*>(first_warp);
+        record_fault(where() + ": " + buf);
+        cur = nullptr;
+        return;
+    }
+    finish_block_stats(w, warps);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The worker pool.
+struct Pool {
+    std::mutex mu;
+    std::condition_variable cv, done_cv;
+    uint64_t gen = 0;
+    int busy = 0;
+    std::vector<std::thread> threads;
+    std::vector<Worker*> workers;
+};
+static Pool* g_pool = nullptr;
+
+static void work(Worker* w) {
+    LaunchState* L = g_launch;
+    cur_worker = w;
+    cur_launch = &L->dims;
+    w->stats = Stats{};
+    const uint64_t gx = L->dims.grid.x, gy = L->dims.grid.y;
+    for (;;) {
+        if (L->abort.load()) break;
+        const uint64_t i = L->next.fetch_add(1);
+        if (i >= L->total_blocks) break;
+        run_block(w, Dim3{(unsigned)(i % gx), (unsigned)((i / gx) % gy), (unsigned)(i / (gx * gy))});
+    }
+    {
+        std::lock_guard<std::mutex> g(L->mu);
+        L->stats.add(w->stats);
+    }
+    cur_worker = nullptr;
+    cur_launch = nullptr;
+}
+
+static int worker_count() {
+    if (const char* e = getenv("KILN_EMU_THREADS")) {
+        const int n = atoi(e);
+        if (n > 0) return n;
+    }
+    const unsigned n = std::thread::hardware_concurrency();
+    return n ? (int)n : 1;
+}
+
+static Worker* new_worker() {
+    Worker* w = new Worker();
+    void* p = mmap(nullptr, DYN_CAP, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    w->dyn = static_cast<unsigned char*>(p);
+    return w;
+}
+
+static void pool_start() {
+    if (g_pool) return;
+    g_pool = new Pool();
+    const int n = worker_count();
+    for (int i = 0; i < n; ++i) g_pool->workers.push_back(new_worker());
+    // Worker 0 is the launching thread itself; the others wait for launches.
+    for (int i = 1; i < n; ++i) {
+        Worker* w = g_pool->workers[i];
+        g_pool->threads.emplace_back([w] {
+            uint64_t seen = 0;
+            for (;;) {
+                {
+                    std::unique_lock<std::mutex> lk(g_pool->mu);
+                    g_pool->cv.wait(lk, [&] { return g_pool->gen != seen; });
+                    seen = g_pool->gen;
+                }
+                work(w);
+                std::lock_guard<std::mutex> g(g_pool->mu);
+                if (--g_pool->busy == 0) g_pool->done_cv.notify_all();
+            }
+        });
+        g_pool->threads.back().detach();
+    }
+}
+
+// Distinct sectors of the launch (read and written), from the touched allocations' sector maps.
+static uint64_t unique_sectors() {
+    uint64_t n = 0;
+    for (Alloc& al : g_allocs) {
+        if (!al.touched->load()) continue;
+        const size_t secs = (al.size + 31) / 32;
+        for (size_t i = 0; i < secs; ++i) n += al.rsec[i] + al.wsec[i];
+        memset(al.rsec, 0, secs);
+        memset(al.wsec, 0, secs);
+        al.touched->store(false);
+    }
+    return n;
+}
+
+}  // namespace kiln_emu
+
+// ------------------------------------------------------------------------------------------------
+// Instrumentation hooks: GCC's -fsanitize=kernel-address with
+// --param asan-instrumentation-with-call-threshold=0 calls these before every load and store of
+// the kernel code.
+using kiln_emu::access;
+#define KILN_HOOK(n)                                                                                \
+    extern "C" void __asan_load##n##_noabort(uintptr_t a) { access(a, n, false); }                \
+    extern "C" void __asan_store##n##_noabort(uintptr_t a) { access(a, n, true); }
+KILN_HOOK(1)
+KILN_HOOK(2)
+KILN_HOOK(4)
+KILN_HOOK(8)
+KILN_HOOK(16)
+extern "C" void __asan_loadN_noabort(uintptr_t a, size_t n) { access(a, n, false); }
+extern "C" void __asan_storeN_noabort(uintptr_t a, size_t n) { access(a, n, true); }
+extern "C" void __asan_handle_no_return() {}
+
+// ------------------------------------------------------------------------------------------------
+// The C interface (src/backend/cuda/emu.rs).
+extern "C" {
+
+struct KilnEmuStats {
+    uint64_t global_requests, global_sectors, global_bytes, unique_sectors;
+    uint64_t shared_requests, shared_wavefronts, shared_ideal;
+    uint64_t mma, barriers, blocks, threads;
+};
+
+static std::string g_error;
+static KilnEmuStats g_last_stats;
+
+const char* kiln_emu_error() { return g_error.c_str(); }
+
+void kiln_emu_last_stats(KilnEmuStats* out) { *out = g_last_stats; }
+
+uint64_t kiln_emu_live_bytes() { return kiln_emu::g_live_bytes; }
+
+// n bytes of device memory, 0xff-filled and unwritten (or zeroed and written); 0 when out of memory.
+uintptr_t kiln_emu_malloc(size_t n, int zero) {
+    using namespace kiln_emu;
+    std::lock_guard<std::mutex> g(g_mem_mu);
+    if (!arena_init()) return 0;
+    const size_t size = std::max<size_t>(n, 1);
+    const size_t span = page_up(size);
+    if (g_bump + span + 4096 > g_arena + g_arena_size) return 0;
+    const uintptr_t base = g_bump;
+    if (mprotect(reinterpret_cast<void*>(base), span, PROT_READ | PROT_WRITE) != 0) return 0;
+    g_bump += span + 4096;  // an unmapped guard page after every allocation
+    Alloc al;
+    al.base = base;
+    al.size = size;
+    al.id = g_next_id++;
+    al.init = static_cast<uint8_t*>(calloc(size, 1));
+    al.rsec = static_cast<uint8_t*>(calloc((size + 31) / 32, 1));
+    al.wsec = static_cast<uint8_t*>(calloc((size + 31) / 32, 1));
+    al.touched = new std::atomic<bool>(false);
+    if (!al.init || !al.rsec || !al.wsec) return 0;
+    memset(reinterpret_cast<void*>(base), zero ? 0 : 0xff, size);
+    if (zero) memset(al.init, 1, size);
+    g_allocs.push_back(al);
+    g_live_bytes += size;
+    return base;
+}
+
+void kiln_emu_free(uintptr_t p) {
+    using namespace kiln_emu;
+    std::lock_guard<std::mutex> g(g_mem_mu);
+    auto it = std::lower_bound(g_allocs.begin(), g_allocs.end(), p, [](const Alloc& al, uintptr_t x) { return al.base < x; });
+    if (it == g_allocs.end() || it->base != p) return;
+    const size_t span = page_up(it->size);
+    madvise(reinterpret_cast<void*>(p), span, MADV_DONTNEED);
+    mprotect(reinterpret_cast<void*>(p), span, PROT_NONE);
+    free(it->init);
+    free(it->rsec);
+    free(it->wsec);
+    delete it->touched;
+    g_live_bytes -= it->size;
+    g_freed.push_back({p, it->size});
+    g_allocs.erase(it);
+}
+
+// Whether [p, p + n) lies in one live allocation; else an error message.
+static bool host_range(uintptr_t p, size_t n, const char* what) {
+    using namespace kiln_emu;
+    const Alloc* al = find_alloc(p);
+    if (n == 0) return true;
+    if (!al || p + n > al->base + al->size) {
+        char buf[512];
+        describe_stray(buf, sizeof buf, p, n);
+        g_error = std::string(what) + ": " + buf;
+        return false;
+    }
+    return true;
+}
+
+int kiln_emu_htod(uintptr_t dst, const void* src, size_t n) {
+    using namespace kiln_emu;
+    std::lock_guard<std::mutex> g(g_mem_mu);
+    if (!host_range(dst, n, "host-to-device copy")) return 1;
+    memcpy(reinterpret_cast<void*>(dst), src, n);
+    const Alloc* al = find_alloc(dst);
+    if (n) memset(al->init + (dst - al->base), 1, n);
+    return 0;
+}
+
+int kiln_emu_dtoh(void* dst, uintptr_t src, size_t n) {
+    using namespace kiln_emu;
+    std::lock_guard<std::mutex> g(g_mem_mu);
+    if (!host_range(src, n, "device-to-host copy")) return 1;
+    memcpy(dst, reinterpret_cast<const void*>(src), n);
+    return 0;
+}
+
+int kiln_emu_dtod(uintptr_t dst, uintptr_t src, size_t n) {
+    using namespace kiln_emu;
+    std::lock_guard<std::mutex> g(g_mem_mu);
+    if (!host_range(src, n, "device-to-device copy (source)") || !host_range(dst, n, "device-to-device copy (destination)")) return 1;
+    if (n == 0) return 0;
+    memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
+    const Alloc* s = find_alloc(src);
+    const Alloc* d = find_alloc(dst);
+    memmove(d->init + (dst - d->base), s->init + (src - s->base), n);
+    return 0;
+}
+
+int kiln_emu_memset(uintptr_t dst, int byte, size_t n) {
+    using namespace kiln_emu;
+    std::lock_guard<std::mutex> g(g_mem_mu);
+    if (!host_range(dst, n, "memset")) return 1;
+    memset(reinterpret_cast<void*>(dst), byte, n);
+    const Alloc* al = find_alloc(dst);
+    if (n) memset(al->init + (dst - al->base), 1, n);
+    return 0;
+}
+
+// Runs kernel `name` (entry: its launch entry, bound: its __launch_bounds__ or 0) over the grid,
+// synchronously. Returns 0, or 1 with the reason in kiln_emu_error().
+int kiln_emu_launch(const char* name, kiln_emu_entry entry, unsigned bound, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                    unsigned by, unsigned bz, unsigned smem, unsigned smem_optin, void** args) {
+    using namespace kiln_emu;
+    char buf[512];
+    const uint64_t threads = (uint64_t)bx * by * bz;
+    const char* bad = nullptr;
+    if (gx == 0 || gy == 0 || gz == 0) bad = "a grid dimension is 0";
+    else if (gx > 2147483647u || gy > 65535 || gz > 65535) bad = "the grid exceeds sm_90's limits (x < 2^31, y and z <= 65535)";
+    else if (bx == 0 || by == 0 || bz == 0) bad = "a block dimension is 0";
+    else if (bx > 1024 || by > 1024 || bz > 64 || threads > MAX_THREADS) bad = "the block exceeds sm_90's limits (at most 1024 threads; z <= 64)";
+    if (bad) {
+        snprintf(buf, sizeof buf, "launch of %s rejected: %s (grid (%u, %u, %u), block (%u, %u, %u))", name, bad, gx, gy, gz, bx, by, bz);
+        g_error = buf;
+        return 1;
+    }
+    if (bound && threads > bound) {
+        snprintf(buf, sizeof buf, "launch of %s rejected: %lu threads per block, over its __launch_bounds__(%u)", name, (unsigned long)threads, bound);
+        g_error = buf;
+        return 1;
+    }
+    if (smem > SHARED_OPTIN || (smem > SHARED_DEFAULT && smem > smem_optin)) {
+        snprintf(buf, sizeof buf,
+                 "launch of %s rejected: %u bytes of dynamic shared memory, over %s (cuFuncSetAttribute with "
+                 "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES raises the 48 KB default up to 227 KB)",
+                 name, smem, smem > SHARED_OPTIN ? "sm_90's 227 KB" : smem_optin > SHARED_DEFAULT ? "the kernel's opt-in attribute" : "the 48 KB default");
+        g_error = buf;
+        return 1;
+    }
+    pool_start();
+    LaunchState L;
+    L.dims = Launch{Dim3{gx, gy, gz}, Dim3{bx, by, bz}};
+    L.name = name;
+    L.entry = entry;
+    L.args = args;
+    L.smem = smem;
+    L.total_blocks = (uint64_t)gx * gy * gz;
+    g_launch = &L;
+    {
+        std::lock_guard<std::mutex> g(g_pool->mu);
+        g_pool->busy = (int)g_pool->workers.size() - 1;
+        g_pool->gen++;
+    }
+    g_pool->cv.notify_all();
+    work(g_pool->workers[0]);
+    {
+        std::unique_lock<std::mutex> lk(g_pool->mu);
+        g_pool->done_cv.wait(lk, [] { return g_pool->busy == 0; });
+    }
+    g_launch = nullptr;
+    g_last_stats = KilnEmuStats{L.stats.global_requests, L.stats.global_sectors, L.stats.global_bytes, unique_sectors(),
+                                L.stats.shared_requests, L.stats.shared_wavefronts, L.stats.shared_ideal, L.stats.mma,
+                                L.stats.barriers, L.total_blocks, L.total_blocks * threads};
+    if (!L.fault.empty()) {
+        g_error = "emulated CUDA fault in " + L.fault;
+        return 1;
+    }
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,209 @@
+//! The emulated CUDA device (`--device emu`): kiln's own kernels/*.cu, compiled by build.rs a
+//! second time for the host, launched by the same wrappers that launch them on a GPU. The
+//! emulator (kernels/emu/runtime.cpp, described in kernels/emu/README.md) runs every CUDA thread
+//! as a fiber and every block on the CPU's cores, checks every memory access of the kernels
+//! (bounds, uninitialised reads, alignment, shared-memory size, barriers) and counts the memory
+//! traffic each launch moves. It is slow, a few thousand times slower than a GPU, and exact about
+//! what the kernels do.
+
+use super::runtime::{Event, LaunchConfig, Mem, Properties, Runtime, RuntimeKind};
+use super::Kernel;
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::Mutex;
+
+/// Counters of one emulated launch (kernels/emu/runtime.cpp's KilnEmuStats).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LaunchStats {
+    /// Warp-level global memory requests, the 32-byte sectors they touched (distinct per
+    /// request), and the bytes the threads asked for.
+    pub global_requests: u64,
+    pub global_sectors: u64,
+    pub global_bytes: u64,
+    /// Distinct sectors read plus distinct sectors written over the launch: the fewest the kernel
+    /// could move.
+    pub unique_sectors: u64,
+    /// Warp-level shared memory requests, the wavefronts they took and the conflict-free count.
+    pub shared_requests: u64,
+    pub shared_wavefronts: u64,
+    pub shared_ideal: u64,
+    pub mma: u64,
+    pub barriers: u64,
+    pub blocks: u64,
+    pub threads: u64,
+}
+
+unsafe extern "C" {
+    fn kiln_emu_error() -> *const c_char;
+    fn kiln_emu_last_stats(out: *mut LaunchStats);
+    fn kiln_emu_malloc(n: usize, zero: i32) -> u64;
+    fn kiln_emu_free(p: u64);
+    fn kiln_emu_htod(dst: u64, src: *const c_void, n: usize) -> i32;
+    fn kiln_emu_dtoh(dst: *mut c_void, src: u64, n: usize) -> i32;
+    fn kiln_emu_dtod(dst: u64, src: u64, n: usize) -> i32;
+    fn kiln_emu_memset(dst: u64, byte: i32, n: usize) -> i32;
+    #[allow(clippy::too_many_arguments)]
+    fn kiln_emu_launch(
+        name: *const c_char,
+        entry: unsafe extern "C" fn(*mut *mut c_void),
+        bound: u32,
+        gx: u32,
+        gy: u32,
+        gz: u32,
+        bx: u32,
+        by: u32,
+        bz: u32,
+        smem: u32,
+        smem_optin: u32,
+        args: *mut *mut c_void,
+    ) -> i32;
+}
+
+fn last_error() -> String {
+    // SAFETY: the runtime returns a NUL-terminated string it owns until the next call.
+    unsafe { CStr::from_ptr(kiln_emu_error()) }.to_string_lossy().into_owned()
+}
+
+pub(crate) fn free(p: u64) {
+    unsafe { kiln_emu_free(p) }
+}
+
+/// The emulated device. Its properties are an H100/H200's (sm_90), so the wrappers choose the
+/// same kernels and launch shapes they would on one.
+pub struct Emulator {
+    props: Properties,
+    names: HashMap<Kernel, CString>,
+    optin: Mutex<HashMap<Kernel, u32>>,
+    /// Per kernel: the launches and their summed counters, for `kiln bench kernels --device emu`.
+    stats: Mutex<HashMap<Kernel, (u64, LaunchStats)>>,
+}
+
+pub fn open() -> Emulator {
+    let names = Kernel::ALL.iter().map(|k| (*k, CString::new(k.name()).unwrap())).collect();
+    Emulator {
+        props: Properties {
+            name: "emulated sm_90 (kiln's kernels on the CPU)".into(),
+            sm_count: 132,
+            max_shared_per_block: 232_448,
+            compute_capability: (9, 0),
+        },
+        names,
+        optin: Mutex::new(HashMap::new()),
+        stats: Mutex::new(HashMap::new()),
+    }
+}
+
+fn check(rc: i32) -> Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Error::Cuda(last_error()))
+    }
+}
+
+impl Emulator {
+    /// Counters summed per kernel since the last `take_stats`, and clears them.
+    pub fn take_stats(&self) -> Vec<(Kernel, u64, LaunchStats)> {
+        let mut m = self.stats.lock().unwrap();
+        let mut v: Vec<_> = m.drain().map(|(k, (n, s))| (k, n, s)).collect();
+        v.sort_by_key(|(k, _, _)| k.name());
+        v
+    }
+}
+
+impl Runtime for Emulator {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Emulator
+    }
+    fn properties(&self) -> &Properties {
+        &self.props
+    }
+    fn alloc(&self, bytes: usize, zero: bool) -> Result<Mem> {
+        let p = unsafe { kiln_emu_malloc(bytes, zero as i32) };
+        if p == 0 {
+            return Err(Error::Cuda(format!(
+                "the emulated device cannot allocate {:.1} MB (host memory or its address range is exhausted)",
+                bytes as f64 / 1e6
+            )));
+        }
+        Ok(Mem::Emu(p))
+    }
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        check(unsafe { kiln_emu_htod(dst, src.as_ptr() as *const c_void, src.len()) })
+    }
+    fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        check(unsafe { kiln_emu_dtoh(dst.as_mut_ptr() as *mut c_void, src, dst.len()) })
+    }
+    fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        check(unsafe { kiln_emu_dtod(dst, src, bytes) })
+    }
+    fn memset(&self, dst: u64, byte: u8, bytes: usize) -> Result<()> {
+        check(unsafe { kiln_emu_memset(dst, byte as i32, bytes) })
+    }
+    unsafe fn launch(&self, k: Kernel, cfg: &LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
+        let (entry, bound) = k.emu_entry();
+        let optin = self.optin.lock().unwrap().get(&k).copied().unwrap_or(0);
+        let (g, b) = (cfg.grid_dim, cfg.block_dim);
+        let rc = unsafe {
+            kiln_emu_launch(
+                self.names[&k].as_ptr(),
+                entry,
+                bound(),
+                g.0,
+                g.1,
+                g.2,
+                b.0,
+                b.1,
+                b.2,
+                cfg.shared_mem_bytes,
+                optin,
+                args.as_mut_ptr(),
+            )
+        };
+        let mut s = LaunchStats::default();
+        unsafe { kiln_emu_last_stats(&mut s) };
+        if rc == 0 {
+            let mut m = self.stats.lock().unwrap();
+            let e = m.entry(k).or_default();
+            e.0 += 1;
+            let t = &mut e.1;
+            t.global_requests += s.global_requests;
+            t.global_sectors += s.global_sectors;
+            t.global_bytes += s.global_bytes;
+            t.unique_sectors += s.unique_sectors;
+            t.shared_requests += s.shared_requests;
+            t.shared_wavefronts += s.shared_wavefronts;
+            t.shared_ideal += s.shared_ideal;
+            t.mma += s.mma;
+            t.barriers += s.barriers;
+            t.blocks += s.blocks;
+            t.threads += s.threads;
+        }
+        check(rc)
+    }
+    fn set_max_dynamic_shared(&self, k: Kernel, bytes: usize) -> Result<()> {
+        if bytes > self.props.max_shared_per_block {
+            return Err(Error::Cuda(format!(
+                "cannot give kernel {} {bytes} bytes of dynamic shared memory: sm_90 allows at most {}",
+                k.name(),
+                self.props.max_shared_per_block
+            )));
+        }
+        self.optin.lock().unwrap().insert(k, bytes as u32);
+        Ok(())
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+    fn event(&self) -> Result<Event> {
+        Ok(Event::Emu(std::time::Instant::now()))
+    }
+    fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32> {
+        match (start, end) {
+            (Event::Emu(a), Event::Emu(b)) => Ok(b.duration_since(*a).as_secs_f32() * 1e3),
+            _ => Err(Error::Cuda("event timing: events of another runtime".into())),
+        }
+    }
+}
