@@ -316,6 +316,8 @@ fn build_emu(kernels: &Path, out: &Path, cuda_include: &Path, sources: &[PathBuf
         .flag("-fno-tree-vectorize")
         .flag("-fno-tree-slp-vectorize")
         .flag("-fno-store-merging")
+        // Scalar replacement of aggregates would split a float4 load into four 4-byte ones.
+        .flag("-fno-tree-sra")
         // CUDA code reinterprets registers freely (a uint4 read as four bf16 pairs); nvcc allows
         // it, GCC's strict-aliasing optimisations would not.
         .flag("-fno-strict-aliasing")

@@ -46,7 +46,7 @@
 // which the wrapper allows by raising the kernel's dynamic shared-memory limit.
 //
 // Tested by: cargo test --release --features cuda --test attention (both forward variants at every
-// shape; needs a GPU), and on the CPU by the emulator in tools/cuda-emu (README.md there).
+// shape; needs a GPU), and on the CPU by the emulated device (kernels/emu/README.md).
 #include "common.cuh"
 #include "attention.cuh"
 
@@ -413,9 +413,9 @@ __device__ __forceinline__ void dq_body(bf16* dqkv, const bf16* dout, const bf16
 // So the score accumulators of two neighbouring 8-key column blocks are, rounded to bf16 and
 // packed in pairs, exactly the A fragment of the 16 keys they cover: P never leaves registers.
 //
-// The inline PTX sits in four helpers; under KILN_CUDA_EMU (tools/cuda-emu, the CPU emulator)
+// The inline PTX sits in four helpers; under KILN_CUDA_EMU (the emulated device, kernels/emu/)
 // they call the emulator's implementations of the same instructions (kiln_emu_*, defined in
-// tools/cuda-emu/emu.h, which is included before this file) instead.
+// kernels/emu/emu.h, which is included before this file) instead.
 constexpr int MMA_ROWS = KILN_ATTN_MMA_ROWS;     // query rows per block, 16 per warp
 constexpr int MMA_KEYS = KILN_ATTN_MMA_ROWS;     // keys per K/V tile (equal: the diagonal is one tile)
 constexpr int MMA_HD = KILN_ATTN_MMA_HEAD_DIM;

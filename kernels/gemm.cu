@@ -76,8 +76,8 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 }
 #endif
 
-// Under KILN_CUDA_EMU (tools/cuda-emu, the CPU emulator) the inline-PTX helpers below call the
-// emulator's implementations of the same instructions (kiln_emu_*, tools/cuda-emu/emu.h) instead.
+// Under KILN_CUDA_EMU (the emulated device, kernels/emu/) the inline-PTX helpers below call the
+// emulator's implementations of the same instructions (kiln_emu_*, kernels/emu/emu.h) instead.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 #ifdef KILN_CUDA_EMU
     kiln_emu_cp_async_16(dst, src, true);

@@ -935,8 +935,9 @@ struct KilnEmuStats {
     uint64_t mma, barriers, blocks, threads;
 };
 
-static std::string g_error;
-static KilnEmuStats g_last_stats;
+// Per calling thread: Rust reads them right after the call that set them.
+static thread_local std::string g_error;
+static thread_local KilnEmuStats g_last_stats;
 
 const char* kiln_emu_error() { return g_error.c_str(); }
 
@@ -1043,7 +1044,7 @@ int kiln_emu_memset(uintptr_t dst, int byte, size_t n) {
 }
 
 // Runs kernel `name` (entry: its launch entry, bound: its __launch_bounds__ or 0) over the grid,
-// synchronously. Returns 0, or 1 with the reason in kiln_emu_error().
+// synchronously, holding the memory lock. Returns 0, or 1 with the reason in kiln_emu_error().
 int kiln_emu_launch(const char* name, kiln_emu_entry entry, unsigned bound, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                     unsigned by, unsigned bz, unsigned smem, unsigned smem_optin, void** args) {
     using namespace kiln_emu;
@@ -1072,6 +1073,9 @@ int kiln_emu_launch(const char* name, kiln_emu_entry entry, unsigned bound, unsi
         g_error = buf;
         return 1;
     }
+    // One launch at a time, and no allocation or copy while one runs (the workers read the
+    // allocation table without a lock): host threads (tests run in parallel) take turns.
+    std::lock_guard<std::mutex> mem_guard(g_mem_mu);
     pool_start();
     LaunchState L;
     L.dims = Launch{Dim3{gx, gy, gz}, Dim3{bx, by, bz}};

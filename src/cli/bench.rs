@@ -37,15 +37,31 @@ pub enum BenchCommand {
     /// Time every CUDA kernel family against ceilings measured in the same run: cuBLAS for the
     /// matrix kernels, device-to-device copy bandwidth for the memory-bound ones (needs a GPU and
     /// a build with --features cuda).
-    Kernels,
+    Kernels {
+        /// cuda (the default): time every kernel on the GPU against its ceiling; emu: run every
+        /// kernel on the emulated device and print its memory traffic (sectors moved against the
+        /// fewest it could move, bank conflicts, mma and barrier counts).
+        #[arg(long, default_value = "cuda")]
+        device: String,
+    },
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         #[cfg(feature = "cuda")]
-        BenchCommand::Kernels => crate::backend::cuda::bench::run(),
+        BenchCommand::Kernels { device } => match device.as_str() {
+            "emu" => {
+                crate::backend::cuda::select(crate::backend::cuda::RuntimeKind::Emulator)?;
+                crate::backend::cuda::traffic::run().map(|_| ())
+            }
+            "cuda" | "cuda:0" => {
+                crate::backend::cuda::select(crate::backend::cuda::RuntimeKind::Driver)?;
+                crate::backend::cuda::bench::run()
+            }
+            other => Err(crate::Error::Input(format!("kiln bench kernels runs on cuda or emu, not '{other}'"))),
+        },
         #[cfg(not(feature = "cuda"))]
-        BenchCommand::Kernels => Err(crate::Error::CudaNotBuilt(0)),
+        BenchCommand::Kernels { .. } => Err(crate::Error::CudaNotBuilt(0)),
         BenchCommand::TrainStep { preset, model, batch, seq, steps, warmup, device } => {
             let device = device.parse::<Device>()?;
             device.ensure_available()?;

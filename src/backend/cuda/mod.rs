@@ -21,6 +21,7 @@ pub mod gemm;
 pub mod layernorm;
 pub mod reduce;
 pub mod runtime;
+pub mod traffic;
 pub mod xent;
 
 pub use runtime::{
