@@ -84,13 +84,17 @@ fn auto() -> Device {
             return Device::Cuda(0);
         }
     }
-    eprintln!("device: the CPU (no NVIDIA GPU found); --device emu runs kiln's CUDA kernels emulated");
+    // Said to a person at a terminal; in scripts and logs the CPU is what `auto` always meant.
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprintln!("device: the CPU (no NVIDIA GPU found); --device emu runs kiln's CUDA kernels emulated");
+    }
     Device::Cpu
 }
 
 #[cfg(not(feature = "cuda"))]
 fn auto() -> Device {
-    eprintln!("device: the CPU (this kiln is built without CUDA: cargo build --release --features cuda)");
+    // A build without CUDA has only the CPU: nothing to say.
     Device::Cpu
 }
 
