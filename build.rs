@@ -193,19 +193,11 @@ fn build_cuda(root: &Path, kernels: &Path, out: &Path) {
         }
         writeln!(report, "==== kernels/{family}.cu ({archs})\n{stderr}").unwrap();
         let src = std::fs::read_to_string(kernels.join(format!("{family}.cu"))).unwrap();
-        for line in src.lines() {
-            if let Some(rest) = line.trim_start().strip_prefix("extern \"C\" __global__") {
-                let rest = rest.trim_start().trim_start_matches("void").trim_start();
-                let rest = rest.trim_start_matches("__launch_bounds__").trim_start();
-                // skip a `__launch_bounds__(...)` argument list if present
-                let rest = if rest.starts_with('(') { &rest[rest.find(')').unwrap() + 1..] } else { rest };
-                let rest = rest.trim_start().trim_start_matches("void").trim_start();
-                let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-                if !name.starts_with(&format!("{family}_")) {
-                    fail(&format!("kernels/{family}.cu: kernel '{name}' must be named {family}_<what>"));
-                }
-                names.push((family.clone(), name));
+        for (name, _) in src.lines().filter_map(kernel_decl) {
+            if !name.starts_with(&format!("{family}_")) {
+                fail(&format!("kernels/{family}.cu: kernel '{name}' must be named {family}_<what>"));
             }
+            names.push((family.clone(), name));
         }
         let _ = fatbin;
     }
@@ -296,15 +288,23 @@ fn build_emu(kernels: &Path, out: &Path, cuda_include: &Path, sources: &[PathBuf
             ));
         }
     }
-    let mut build = cc::Build::new();
+    // What the kernels' emulated build and the emulator's runtime share: C++17 with the kernels'
+    // and CUDA's headers, KILN_CUDA_EMU, and TLS (threadIdx, the worker's state) through the fast
+    // model, since both libraries are linked into the executable.
+    let base = || {
+        let mut b = cc::Build::new();
+        b.cpp(true)
+            .std("c++17")
+            .opt_level(2)
+            .warnings(false)
+            .include(kernels)
+            .include(cuda_include)
+            .define("KILN_CUDA_EMU", None)
+            .flag("-ftls-model=initial-exec");
+        b
+    };
+    let mut build = base();
     build
-        .cpp(true)
-        .std("c++17")
-        .opt_level(2)
-        .warnings(false)
-        .include(kernels)
-        .include(cuda_include)
-        .define("KILN_CUDA_EMU", None)
         // The memcheck: every load and store calls a hook in runtime.cpp (kernel-address
         // instrumentation with outline calls), no shadow-memory layout of GCC's own.
         .flag("-fsanitize=kernel-address")
@@ -321,12 +321,8 @@ fn build_emu(kernels: &Path, out: &Path, cuda_include: &Path, sources: &[PathBuf
         // CUDA code reinterprets registers freely (a uint4 read as four bf16 pairs); nvcc allows
         // it, GCC's strict-aliasing optimisations would not.
         .flag("-fno-strict-aliasing")
-        // TLS (threadIdx, the worker's state) through the fast model: the library is linked into
-        // the executable.
-        .flag("-ftls-model=initial-exec")
         // As the GPU would round (except nvcc's FMA contraction, which emu.h documents).
         .flag("-ffp-contract=off");
-    let mut entries = String::new();
     let mut rs_decls = String::new();
     let mut rs_match = String::new();
     for src in sources {
@@ -363,22 +359,11 @@ fn build_emu(kernels: &Path, out: &Path, cuda_include: &Path, sources: &[PathBuf
         let path = out.join(format!("emu_{family}.cpp"));
         std::fs::write(&path, tu).unwrap();
         build.file(&path);
-        let _ = &mut entries;
     }
     build.compile("kiln_emu_kernels");
     // The runtime itself is not instrumented.
     println!("cargo:rerun-if-changed={}", kernels.join("emu").display());
-    cc::Build::new()
-        .cpp(true)
-        .std("c++17")
-        .opt_level(2)
-        .warnings(false)
-        .include(kernels)
-        .include(cuda_include)
-        .define("KILN_CUDA_EMU", None)
-        .flag("-ftls-model=initial-exec")
-        .file(kernels.join("emu/runtime.cpp"))
-        .compile("kiln_emu_runtime");
+    base().file(kernels.join("emu/runtime.cpp")).compile("kiln_emu_runtime");
     writeln!(kernels_rs, "\n/// The emulated device's launch entry and __launch_bounds__ of each kernel.\npub mod emu_entries {{\n    unsafe extern \"C\" {{").unwrap();
     kernels_rs.push_str(&rs_decls);
     kernels_rs.push_str("    }\n}\n\nimpl Kernel {\n    /// The kernel's entry in the emulator library and its __launch_bounds__ (0: none).\n    pub fn emu_entry(self) -> (unsafe extern \"C\" fn(*mut *mut core::ffi::c_void), unsafe extern \"C\" fn() -> u32) {\n        match self {\n");

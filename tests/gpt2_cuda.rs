@@ -17,14 +17,14 @@ use kiln::model::gpt2::Mode;
 use kiln::optim::{AdamW, AdamWConfig};
 use kiln::{Device, Gpt2, Gpt2Config, Tape, Tensor};
 
-/// A small GPT-2 with awkward sizes: head dim 16, vocabulary 97, T = 33 (crosses a 32-key tile).
-fn model() -> Gpt2 {
-    let cfg = Gpt2Config {
-        vocab_size: 97,
-        n_positions: 64,
-        n_embd: 64,
+/// A 2-layer GPT-2 without dropout of the given sizes.
+fn config(vocab_size: usize, n_positions: usize, n_embd: usize, n_head: usize) -> Gpt2Config {
+    Gpt2Config {
+        vocab_size,
+        n_positions,
+        n_embd,
         n_layer: 2,
-        n_head: 4,
+        n_head,
         n_inner: None,
         layer_norm_epsilon: 1e-5,
         embd_pdrop: 0.0,
@@ -33,8 +33,12 @@ fn model() -> Gpt2 {
         initializer_range: 0.02,
         bos_token_id: None,
         eos_token_id: None,
-    };
-    Gpt2::new_random(cfg, 7).unwrap()
+    }
+}
+
+/// A small GPT-2 with awkward sizes: head dim 16, vocabulary 97, T = 33 (crosses a 32-key tile).
+fn model() -> Gpt2 {
+    Gpt2::new_random(config(97, 64, 64, 4), 7).unwrap()
 }
 
 fn batch() -> (Tensor, Tensor) {
@@ -143,21 +147,7 @@ fn a_cuda_model_trains_and_saves_a_host_checkpoint() {
 fn kiln_grads_on_the_emulated_device_matches_the_cpu() {
     use kiln::io::checkpoint::load_all;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = Gpt2Config {
-        vocab_size: 211,
-        n_positions: 48,
-        n_embd: 96,
-        n_layer: 2,
-        n_head: 3,
-        n_inner: None,
-        layer_norm_epsilon: 1e-5,
-        embd_pdrop: 0.0,
-        resid_pdrop: 0.0,
-        attn_pdrop: 0.0,
-        initializer_range: 0.02,
-        bos_token_id: None,
-        eos_token_id: None,
-    };
+    let cfg = config(211, 48, 96, 3);
     let m = Gpt2::new_random(cfg, 11).unwrap();
     let model_dir = dir.path().join("model");
     kiln::io::checkpoint::save_gpt2(&m, &model_dir, kiln::DType::F32).unwrap();

@@ -40,9 +40,6 @@
 
 #include "emu.h"
 
-#if !defined(__x86_64__)
-#include <ucontext.h>
-#endif
 
 namespace kiln_emu {
 
@@ -275,15 +272,7 @@ static void* fiber_init(char* lo) {
 }
 static inline void switch_to(void** from, void* to) { kiln_emu_switch(from, to); }
 #else
-// Other architectures: ucontext (slower: it saves the signal mask on every switch).
-static thread_local std::vector<ucontext_t> t_ctx;
-static thread_local ucontext_t t_sched_ctx;
-static void fiber_main();
-static void* fiber_init(char* lo) {
-    (void)lo;
-    return nullptr;
-}
-static inline void switch_to(void** from, void* to) { (void)from; (void)to; }
+#error "the emulated device's fiber switch is written for x86-64 only (kernels/emu/runtime.cpp)"
 #endif
 
 // ------------------------------------------------------------------------------------------------

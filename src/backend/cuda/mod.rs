@@ -160,14 +160,6 @@ impl Cuda {
         }
         Ok(d)
     }
-    /// Overwrites `dst` with `host` (same length).
-    pub fn copy_from_host<T: DeviceElem>(&self, dst: &mut DevBuf<T>, host: &[T]) -> Result<()> {
-        assert_eq!(dst.len(), host.len(), "copy_from_host: lengths differ");
-        if host.is_empty() {
-            return Ok(());
-        }
-        self.rt().htod(dst.ptr(), bytemuck::cast_slice(host))
-    }
     /// A host copy of `d` (waits for the stream).
     pub fn download<T: DeviceElem>(&self, d: &DevBuf<T>) -> Result<Vec<T>> {
         self.download_view(&d.slice(..))
