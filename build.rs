@@ -441,7 +441,7 @@ fn emu_rewrite_line(line: &str) -> Result<String, String> {
     let mut outl = format!("{indent}KILN_EMU_SHARED {align}{};", &after);
     for d in names {
         let n: String = d.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-        write!(outl, " kiln_emu::shared_static({n}, sizeof({n}));").unwrap();
+        write!(outl, " kiln_emu::shared_static({n}, sizeof({n}), \"shared array {n}\");").unwrap();
     }
     outl.push_str(trailing);
     Ok(outl)

@@ -58,7 +58,7 @@ extern thread_local const Launch* cur_launch;
 inline const Dim3& thread_idx() { return *reinterpret_cast<const Dim3*>(cur); }
 
 unsigned char* dyn_smem();
-void shared_static(void* p, size_t bytes);
+void shared_static(void* p, size_t bytes, const char* name);
 [[noreturn]] void trap(const char* file, int line);
 
 void block_barrier(const char* file, int line);

@@ -193,10 +193,23 @@ struct LaunchState {
 };
 static LaunchState* g_launch = nullptr;
 
+// The race check's record of one byte of shared memory in the current barrier phase (entries from
+// an older phase are empty): its last writer, and who read it since.
+struct Race {
+    uint32_t phase;
+    uint16_t writer;  // linear thread index + 1; 0: none
+    uint32_t wgen;    // the writer's warp generation (warp-level operations completed) at the write
+    uint32_t rwarps;  // warps with a thread that read it
+    uint32_t rgen;    // while one warp read it: that warp's generation at its latest read(s)
+    uint32_t rlanes;  // and the lanes that read at that generation
+};
+
 struct Region {
     uintptr_t base;
     size_t size;
     uint64_t epoch;
+    const char* name;
+    Race* race;
 };
 
 struct Worker {
@@ -212,6 +225,10 @@ struct Worker {
     std::vector<Region> statics;
     size_t static_bytes = 0;
     uint64_t epoch = 0;
+    Race* dyn_race = nullptr;
+    uint32_t phase = 0;                 // barrier phase: advances at every block and every __syncthreads
+    const char* phase_file = nullptr;   // the __syncthreads that began it (null: the block's start)
+    int phase_line = 0;
     std::vector<GReq> greq[32];
     std::vector<SReq> sreq[32];
     Stats stats;
@@ -389,6 +406,86 @@ static void shared_stat(Thread* t, uintptr_t a, size_t n) {
     r.size = (uint8_t)std::max<size_t>(r.size, n);
 }
 
+// The race check (what compute-sanitizer's racecheck does): two threads of a block touching one
+// byte of shared memory in one barrier phase, at least one of them writing, is a hazard unless
+// both are lanes of one warp and a warp-level operation (__syncwarp, a shuffle, mma.sync, ldmatrix)
+// completed between the two accesses. cp.async writes its destination at issue and again when its
+// wait lands it; ldmatrix reads each lane's row. KILN_EMU_RACECHECK=0 turns the check off.
+static const bool g_racecheck = [] {
+    const char* e = getenv("KILN_EMU_RACECHECK");
+    return !(e && e[0] == '0');
+}();
+
+static void race_fault(Worker* w, Thread* t, const char* what, int other, uint32_t other_warps, bool write, size_t n,
+                       const char* space, size_t off) {
+    char who[96];
+    if (other >= 0) {
+        const Dim3& o = w->threads[other].tid;
+        snprintf(who, sizeof who, "thread (%u, %u, %u)", o.x, o.y, o.z);
+    } else {
+        snprintf(who, sizeof who, "a thread of warp %d", __builtin_ctz(other_warps));
+    }
+    char since[160];
+    if (w->phase_file) snprintf(since, sizeof since, "the __syncthreads at %s:%d", w->phase_file, w->phase_line);
+    else snprintf(since, sizeof since, "the block's start");
+    fault("shared-memory race (%s): this thread %s %zu byte(s) at %s byte %zu, which %s %s earlier with no barrier between "
+          "(both since %s)",
+          what, write ? "writes" : "reads", n, space, off, who, strcmp(what, "write after read") == 0 ? "read" : "wrote", since);
+}
+
+static void race(Worker* w, Thread* t, Race* e, size_t n, bool write, const char* space, size_t off) {
+    if (!g_racecheck) return;
+    const uint32_t gen = w->warps[t->warp].gen;
+    const uint32_t me = (uint32_t)t->lin + 1, wbit = 1u << t->warp;
+    for (size_t i = 0; i < n; ++i, ++e) {
+        if (e->phase != w->phase) *e = Race{w->phase, 0, 0, 0, 0, 0};
+        if (e->writer && e->writer != me) {
+            const int o = e->writer - 1;
+            if (o / 32 != t->warp || e->wgen == gen)
+                race_fault(w, t, write ? "write after write" : "read after write", o, 0, write, n, space, off);
+        }
+        if (write) {
+            const uint32_t others = e->rwarps & ~wbit;
+            if (others) race_fault(w, t, "write after read", -1, others, write, n, space, off);
+            if (e->rwarps && e->rgen == gen && (e->rlanes & ~(1u << t->lane)))
+                race_fault(w, t, "write after read", t->warp * 32 + __builtin_ctz(e->rlanes & ~(1u << t->lane)), 0, write, n, space, off);
+            e->writer = (uint16_t)me;
+            e->wgen = gen;
+        } else {
+            if (e->rwarps == wbit || e->rwarps == 0) {
+                if (e->rwarps == 0 || gen != e->rgen) e->rlanes = 0;
+                e->rgen = gen;
+                e->rlanes |= 1u << t->lane;
+            }
+            e->rwarps |= wbit;
+        }
+    }
+}
+
+// The race record of a shared-memory address, its description and offset; null when not shared.
+static Race* race_entry(Worker* w, uintptr_t a, const char** space, size_t* off) {
+    const uintptr_t d = reinterpret_cast<uintptr_t>(w->dyn);
+    if (a - d < DYN_CAP) {
+        *space = "dynamic shared memory";
+        *off = a - d;
+        return w->dyn_race + (a - d);
+    }
+    for (Region& r : w->statics)
+        if (a - r.base < r.size) {
+            *space = r.name;
+            *off = a - r.base;
+            return r.race + (a - r.base);
+        }
+    return nullptr;
+}
+
+static void shared_race(Thread* t, uintptr_t a, size_t n, bool write) {
+    Worker* w = cur_worker;
+    const char* space;
+    size_t off;
+    if (Race* e = race_entry(w, a, &space, &off)) race(w, t, e, n, write, space, off);
+}
+
 static inline void access(uintptr_t a, size_t n, bool write) {
     Thread* t = cur;
     if (!t) return;
@@ -402,13 +499,15 @@ static inline void access(uintptr_t a, size_t n, bool write) {
                   (size_t)(a - d), g_launch->smem);
         check_align(a, n, "shared");
         shared_stat(t, a, n);
+        race(w, t, w->dyn_race + (a - d), n, write, "dynamic shared memory", a - d);
         return;
     }
-    for (const Region& r : w->statics)
+    for (Region& r : w->statics)
         if (a - r.base < r.size) {
             if (r.epoch != w->epoch) break;
             check_align(a, n, "shared");
             shared_stat(t, a, n);
+            race(w, t, r.race + (a - r.base), n, write, r.name, a - r.base);
             return;
         }
     // Anything else (constant tables, the C library's own data) is not device memory kiln manages.
@@ -416,7 +515,7 @@ static inline void access(uintptr_t a, size_t n, bool write) {
 
 unsigned char* dyn_smem() { return cur_worker->dyn; }
 
-void shared_static(void* p, size_t bytes) {
+void shared_static(void* p, size_t bytes, const char* name) {
     Worker* w = cur_worker;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     for (Region& r : w->statics)
@@ -426,7 +525,7 @@ void shared_static(void* p, size_t bytes) {
             w->static_bytes += bytes;
             goto poison;
         }
-    w->statics.push_back({a, bytes, w->epoch});
+    w->statics.push_back({a, bytes, w->epoch, name, static_cast<Race*>(calloc(bytes, sizeof(Race)))});
     w->static_bytes += bytes;
 poison:
     if (w->static_bytes + g_launch->smem > SHARED_OPTIN)
@@ -442,6 +541,9 @@ static inline void yield_to_scheduler() {
 }
 
 static void release_block(Worker* w) {
+    w->phase++;
+    w->phase_file = w->bar_file;
+    w->phase_line = w->bar_line;
     w->arrived = 0;
     w->bar_file = nullptr;
     w->stats.barriers++;
@@ -618,6 +720,7 @@ void ldmatrix_x4(uint32_t r[4], const void* p, bool trans) {
     if (a & 15) fault("ldmatrix row address 0x%lx is not 16-byte aligned", (unsigned long)a);
     if (!in_shared(w, a, 16)) fault("ldmatrix row address 0x%lx (16 bytes) is not inside the block's shared memory", (unsigned long)a);
     shared_stat(cur, a, 16);
+    shared_race(cur, a, 16, false);
     w->warps[cur->warp].trans = trans;
     Slot* s = warp_op(WarpOp::Ldmatrix, 0xffffffffu, "ldmatrix", 0, [&](Slot& sl) { sl.addr = p; }, ldmatrix_done);
     memcpy(r, s[cur->lane].r, 16);
@@ -638,6 +741,7 @@ void cp_async_16(void* dst, const void* src, bool valid) {
         global_access(t, a, 16, false);
     }
     shared_stat(t, d, 16);
+    shared_race(t, d, 16, true);
     memset(dst, 0x7f, 16);
     t->cp_open.push_back({dst, src, valid});
 }
@@ -650,6 +754,7 @@ void cp_async_wait(int n) {
     Thread* t = cur;
     while ((int)t->cp_groups.size() > n) {
         for (const Copy& c : t->cp_groups.front()) {
+            shared_race(t, reinterpret_cast<uintptr_t>(c.dst), 16, true);
             if (c.valid) memcpy(c.dst, c.src, 16);
             else memset(c.dst, 0, 16);
         }
@@ -730,6 +835,8 @@ static void run_block(Worker* w, Dim3 b) {
     const int warps = (n + 31) / 32;
     cur_block = b;
     w->epoch++;
+    w->phase++;
+    w->phase_file = nullptr;
     w->static_bytes = 0;
     w->faulted = false;
     while ((int)w->stacks.size() < n) {
@@ -853,6 +960,8 @@ static Worker* new_worker() {
     Worker* w = new Worker();
     void* p = mmap(nullptr, DYN_CAP, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     w->dyn = static_cast<unsigned char*>(p);
+    void* r = mmap(nullptr, DYN_CAP * sizeof(Race), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    w->dyn_race = static_cast<Race*>(r);
     return w;
 }
 
@@ -1006,6 +1115,25 @@ int kiln_emu_dtoh(void* dst, uintptr_t src, size_t n) {
     using namespace kiln_emu;
     std::lock_guard<std::mutex> g(g_mem_mu);
     if (!host_range(src, n, "device-to-host copy")) return 1;
+    // What the memcheck does for kernel loads, for the host's reads too: bytes nothing wrote (a
+    // kernel launched over too few blocks, a skipped copy) are an error, not silent garbage.
+    if (n) {
+        const Alloc* al = find_alloc(src);
+        const size_t off = src - al->base;
+        const void* hole = memchr(al->init + off, 0, n);
+        if (hole) {
+            const size_t at = static_cast<const uint8_t*>(hole) - al->init;
+            size_t end = at;
+            while (end < off + n && !al->init[end]) ++end;
+            char buf[512];
+            snprintf(buf, sizeof buf,
+                     "device-to-host copy of %zu bytes at offset %zu of allocation #%lu (%zu bytes) reads bytes nothing has written: "
+                     "offsets %zu..%zu (the first unwritten run) were never stored by a kernel, copy or memset",
+                     n, off, (unsigned long)al->id, al->size, at, end);
+            g_error = buf;
+            return 1;
+        }
+    }
     memcpy(dst, reinterpret_cast<const void*>(src), n);
     return 0;
 }

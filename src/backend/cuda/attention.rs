@@ -18,8 +18,16 @@ use crate::{Error, Result};
 /// Shared memory a block gets without opting in.
 const DEFAULT_SHARED: usize = 48 * 1024;
 
-/// Checks the sizes the kernels rely on and returns the head dim.
-fn check(op: &'static str, lens: &[(&str, usize, usize)], b: usize, t: usize, c: usize, nh: usize) -> Result<usize> {
+/// Checks the sizes and alignment the kernels rely on and returns the head dim. `bufs`: (name,
+/// elements, elements expected, device address).
+fn check(
+    op: &'static str,
+    bufs: &[(&str, usize, usize, u64)],
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<usize> {
     let shape = |msg: String| Err(Error::Shape { op, msg });
     if nh == 0 || c % nh != 0 {
         return shape(format!("C = {c} must be a multiple of n_head = {nh}"));
@@ -39,10 +47,17 @@ fn check(op: &'static str, lens: &[(&str, usize, usize)], b: usize, t: usize, c:
     {
         return shape(format!("B = {b}, T = {t}, C = {c} are too large for the kernels' 32-bit sizes"));
     }
-    for &(name, len, want) in lens {
+    for &(name, len, want, ptr) in bufs {
         if len != want {
             return shape(format!(
                 "{name} has {len} elements, expected {want} for B = {b}, T = {t}, C = {c}, n_head = {nh}"
+            ));
+        }
+        // The kernels move rows in 16-byte vectors (cp.async, uint4 loads); head dims are
+        // multiples of 8 bf16, so every row stays aligned when the buffer's start is.
+        if ptr % 16 != 0 {
+            return shape(format!(
+                "{name}'s device address {ptr:#x} is not 16-byte aligned, as the kernels' vector loads need"
             ));
         }
     }
@@ -131,7 +146,11 @@ pub fn attention_forward_with(
     c: usize,
     nh: usize,
 ) -> Result<()> {
-    let lens = [("out", out.len(), b * t * c), ("lse", lse.len(), b * nh * t), ("qkv", qkv.len(), b * t * 3 * c)];
+    let lens = [
+        ("out", out.len(), b * t * c, out.ptr()),
+        ("lse", lse.len(), b * nh * t, lse.ptr()),
+        ("qkv", qkv.len(), b * t * 3 * c, qkv.ptr()),
+    ];
     let hd = check("cuda::attention_forward", &lens, b, t, c, nh)?;
     let cu = cuda()?;
     if !variant.supports(hd, cu.compute_capability()) {
@@ -175,11 +194,11 @@ pub fn attention_backward(
     nh: usize,
 ) -> Result<()> {
     let lens = [
-        ("dqkv", dqkv.len(), b * t * 3 * c),
-        ("dout", dout.len(), b * t * c),
-        ("qkv", qkv.len(), b * t * 3 * c),
-        ("out", out.len(), b * t * c),
-        ("lse", lse.len(), b * nh * t),
+        ("dqkv", dqkv.len(), b * t * 3 * c, dqkv.ptr()),
+        ("dout", dout.len(), b * t * c, dout.ptr()),
+        ("qkv", qkv.len(), b * t * 3 * c, qkv.ptr()),
+        ("out", out.len(), b * t * c, out.ptr()),
+        ("lse", lse.len(), b * nh * t, lse.ptr()),
     ];
     let hd = check("cuda::attention_backward", &lens, b, t, c, nh)?;
     if b * t == 0 {

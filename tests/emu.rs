@@ -1,0 +1,198 @@
+//! The emulated device's checks against deliberate breaks: each fault is caught and the error says
+//! where (kernel, block, thread, and the source line, shared array or allocation offset). The
+//! faults are switched on by launch arguments of kernels/selftest.cu, or made by launching a real
+//! kernel the wrong way from Rust, as a broken wrapper would. Every test here runs on the
+//! emulated device, GPU or not: it tests the emulator itself.
+#![cfg(feature = "cuda")]
+
+use kiln::abi::{
+    KILN_ATTN_KERNEL_FORWARD_MMA, KILN_ATTN_MMA_HEAD_DIM, KILN_ATTN_MMA_ROWS, KILN_ATTN_WARPS, KILN_LN_WARPS,
+};
+use kiln::backend::cuda::{self, attention, bf16, Cuda, Kernel, LaunchConfig, RuntimeKind};
+
+fn emu(test: &str) -> &'static Cuda {
+    cuda::select(RuntimeKind::Emulator).unwrap();
+    let cu = cuda::cuda().unwrap();
+    assert!(cu.is_emulated());
+    eprintln!("{test}: on the emulated device");
+    cu
+}
+
+fn blocks(grid: u32, block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The error's text, which must contain every one of `parts`.
+fn fault_says(r: kiln::Result<()>, parts: &[&str]) -> String {
+    let msg = match r {
+        Ok(()) => panic!("the deliberate fault was not caught"),
+        Err(e) => e.to_string(),
+    };
+    for p in parts {
+        assert!(msg.contains(p), "the fault message does not say {p:?}:\n{msg}");
+    }
+    eprintln!("caught: {msg}");
+    msg
+}
+
+fn rotate(cu: &Cuda, x: &cuda::DevBuf<f32>, out: &mut cuda::DevBuf<f32>, barrier: i32) -> kiln::Result<()> {
+    let mut l = cu.launch_builder(Kernel::SelftestRotate);
+    l.arg(out).arg(x).arg(&barrier);
+    unsafe { l.launch(blocks(2, 128)) }
+}
+
+#[test]
+fn a_missing_barrier_is_a_shared_memory_race() {
+    let cu = emu("a_missing_barrier_is_a_shared_memory_race");
+    let host: Vec<f32> = (0..256).map(|i| i as f32).collect();
+    let x = cu.upload(&host).unwrap();
+    let mut out = cu.alloc::<f32>(256).unwrap();
+    // With the barrier: correct, and no hazard reported.
+    rotate(cu, &x, &mut out, 1).unwrap();
+    let got = cu.download(&out).unwrap();
+    for (i, &v) in got.iter().enumerate() {
+        let (blk, t) = (i / 128, i % 128);
+        assert_eq!(v, (blk * 128 + (t + 1) % 128) as f32, "element {i}");
+    }
+    // Without it: thread t reads s[t + 1] in the phase thread t + 1 writes it.
+    let msg = fault_says(
+        rotate(cu, &x, &mut out, 0),
+        &[
+            "shared-memory race",
+            "kernel selftest_rotate",
+            "block (0, 0, 0)",
+            "shared array s",
+            "with no barrier between",
+        ],
+    );
+    assert!(msg.contains("write after read") || msg.contains("read after write"), "{msg}");
+}
+
+#[test]
+fn an_out_of_bounds_store_names_the_thread_and_the_allocation() {
+    let cu = emu("an_out_of_bounds_store_names_the_thread_and_the_allocation");
+    let n = 200;
+    let mut out = cu.alloc::<i32>(n).unwrap();
+    let fill = |out: &mut cuda::DevBuf<i32>, overrun: i32| {
+        let mut l = cu.launch_builder(Kernel::SelftestFill);
+        l.arg(out).arg(&(n as i32)).arg(&overrun);
+        unsafe { l.launch(blocks(4, 64)) }
+    };
+    fill(&mut out, 0).unwrap();
+    assert_eq!(cu.download(&out).unwrap(), (0..n as i32).collect::<Vec<_>>());
+    // Element 200 is the first past the end: block 3, thread 8.
+    fault_says(
+        fill(&mut out, 1),
+        &[
+            "out-of-bounds global store",
+            "kernel selftest_fill",
+            "block (3, 0, 0), thread (8, 0, 0)",
+            "past the end of allocation",
+        ],
+    );
+}
+
+#[test]
+fn a_barrier_not_reached_by_every_thread_names_both_lines() {
+    let cu = emu("a_barrier_not_reached_by_every_thread_names_both_lines");
+    let x = cu.upload(&vec![1.0f32; 256]).unwrap();
+    let mut out = cu.alloc::<f32>(1).unwrap();
+    let sum = |out: &mut cuda::DevBuf<f32>, split: i32| {
+        let mut l = cu.launch_builder(Kernel::SelftestBlockSum);
+        l.arg(out).arg(&x).arg(&split);
+        unsafe { l.launch(blocks(1, 256)) }
+    };
+    sum(&mut out, 0).unwrap();
+    assert_eq!(cu.download(&out).unwrap(), vec![256.0]);
+    fault_says(
+        sum(&mut out, 1),
+        &["__syncthreads at", "selftest.cu:", "kernel selftest_block_sum", "every thread must reach the same barrier"],
+    );
+}
+
+#[test]
+fn reading_memory_nothing_wrote_is_a_fault() {
+    let cu = emu("reading_memory_nothing_wrote_is_a_fault");
+    let x = cu.alloc::<f32>(256).unwrap();
+    let mut out = cu.alloc::<f32>(256).unwrap();
+    fault_says(
+        rotate(cu, &x, &mut out, 1),
+        &["uninitialised global load", "kernel selftest_rotate", "nothing has written"],
+    );
+}
+
+/// A wrapper that launches one block too few leaves rows unwritten; the download that reads them
+/// fails and names the unwritten byte range (here the last rows of layernorm's output).
+#[test]
+fn a_grid_one_block_short_leaves_rows_that_the_download_names() {
+    let cu = emu("a_grid_one_block_short_leaves_rows_that_the_download_names");
+    let (rows, c) = (20usize, 64usize);
+    let warps = KILN_LN_WARPS as usize;
+    let x: Vec<bf16> = (0..rows * c).map(|i| bf16::from_f32((i % 7) as f32 - 3.0)).collect();
+    let (x, w, b) =
+        (cu.upload(&x).unwrap(), cu.upload(&vec![bf16::ONE; c]).unwrap(), cu.upload(&vec![bf16::ZERO; c]).unwrap());
+    let run = |grid: usize| {
+        let mut out = cu.alloc::<bf16>(rows * c).unwrap();
+        let mut mean = cu.alloc::<f32>(rows).unwrap();
+        let mut rstd = cu.alloc::<f32>(rows).unwrap();
+        let mut l = cu.launch_builder(Kernel::LayernormForward);
+        l.arg(&mut out)
+            .arg(&mut mean)
+            .arg(&mut rstd)
+            .arg(&x)
+            .arg(&w)
+            .arg(&b)
+            .arg(&(rows as i32))
+            .arg(&(c as i32))
+            .arg(&1e-5f32);
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (grid as u32, 1, 1),
+                block_dim: (32 * warps as u32, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .unwrap();
+        cu.download(&out).map(|_| ())
+    };
+    let full = rows.div_ceil(warps);
+    run(full).unwrap();
+    let first_unwritten = (full - 1) * warps * c * 2;
+    fault_says(
+        run(full - 1),
+        &["reads bytes nothing has written", &format!("offsets {first_unwritten}..{}", rows * c * 2)],
+    );
+}
+
+/// attention_forward_mma copies q, k and v tiles with 16-byte cp.async: qkv one bf16 off its
+/// allocation's start is caught at the first copy.
+#[test]
+fn a_misaligned_pointer_is_caught_at_the_access() {
+    let cu = emu("a_misaligned_pointer_is_caught_at_the_access");
+    let (b, t, nh) = (1usize, 64usize, 2usize);
+    let c = nh * KILN_ATTN_MMA_HEAD_DIM as usize;
+    let n = b * t * 3 * c;
+    let host: Vec<bf16> = (0..n + 8).map(|i| bf16::from_f32(((i % 13) as f32 - 6.0) / 8.0)).collect();
+    let qkv = cu.upload(&host).unwrap();
+    let mut out = cu.alloc::<bf16>(b * t * c).unwrap();
+    let mut lse = cu.alloc::<f32>(b * nh * t).unwrap();
+    let smem = attention::twin::smem_bytes(KILN_ATTN_KERNEL_FORWARD_MMA as usize, KILN_ATTN_MMA_HEAD_DIM as usize);
+    cu.set_max_dynamic_shared(Kernel::AttentionForwardMma, smem).unwrap();
+    let cfg = LaunchConfig {
+        grid_dim: (t.div_ceil(KILN_ATTN_MMA_ROWS as usize) as u32, nh as u32, b as u32),
+        block_dim: (32 * KILN_ATTN_WARPS as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let (b32, t32, c32, nh32) = (b as i32, t as i32, c as i32, nh as i32);
+    let launch = |at: usize, out: &mut cuda::DevBuf<bf16>, lse: &mut cuda::DevBuf<f32>| {
+        let view = qkv.slice(at..at + n);
+        let mut l = cu.launch_builder(Kernel::AttentionForwardMma);
+        l.arg(out).arg(lse).arg(&view).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
+        unsafe { l.launch(cfg) }
+    };
+    launch(8, &mut out, &mut lse).unwrap();
+    fault_says(
+        launch(1, &mut out, &mut lse),
+        &["kernel attention_forward_mma", "cp.async global source", "is not 16-byte aligned"],
+    );
+}
