@@ -11,7 +11,10 @@
 //!   $KILN_CUDA_ARCHS (default 80,86,89,90a), in parallel, keeping ptxas' -v report in
 //!   $OUT_DIR/ptxas.txt for tests/ptxas.rs;
 //! - compiles kernels/host/*.cu for the host (the twins of the device math that CI tests without a
-//!   GPU) into a static library and links it;
+//!   GPU) with the `cc` crate into a static library and links it;
+//! - compiles kernels/*.cu once more as host C++ for the emulated device (kernels/emu/README.md);
+//! - runs bindgen (libclang) on kernels/kiln_kernels.h into $OUT_DIR/abi_bindgen.rs, which
+//!   tests/abi.rs checks against the generator's abi.rs;
 //! - generates $OUT_DIR/kernels.rs: the `Kernel` enum (one variant per `extern "C" __global__`
 //!   function, so a wrong kernel name is a compile error, not a run-time lookup failure) and the
 //!   embedded fatbins.
@@ -232,43 +235,49 @@ fn build_cuda(root: &Path, kernels: &Path, out: &Path) {
     build_emu(kernels, out, &cuda_include, &sources, &mut kernels_rs);
     std::fs::write(out.join("kernels.rs"), kernels_rs).unwrap();
 
-    // Host twins: the same .cuh math compiled for the CPU, archived and linked.
+    // Host twins: the same .cuh math compiled for the CPU, archived and linked. As C++ (`-x c++`):
+    // the twins are plain host code with the .cu extension of their device siblings.
     let host_srcs = files(&kernels.join("host"), "cu");
-    let objs: Vec<PathBuf> = host_srcs
-        .iter()
-        .map(|src| {
-            let obj = out.join(format!("host_{}.o", src.file_stem().unwrap().to_string_lossy()));
-            let o = Command::new(&nvcc)
-                // As C++ (-x c++): compiled as .cu, nvcc would add fatbinary registration calls
-                // that need the CUDA runtime library; the twins are plain host code.
-                .args(["-x", "c++", "-c", "-O2", "-std=c++17", "-Xcompiler", "-fPIC,-ffp-contract=off", "-I"])
-                .arg(kernels)
-                .arg(src)
-                .arg("-o")
-                .arg(&obj)
-                .output()
-                .unwrap_or_else(|e| fail(&format!("cannot run {}: {e}", nvcc.display())));
-            if !o.status.success() {
-                fail(&format!("nvcc failed on {}:\n{}", src.display(), String::from_utf8_lossy(&o.stderr)));
-            }
-            obj
-        })
-        .collect();
-    let lib = out.join("libkiln_host_twins.a");
-    let _ = std::fs::remove_file(&lib);
-    if !objs.is_empty() {
-        let o = Command::new("ar")
-            .arg("crs")
-            .arg(&lib)
-            .args(&objs)
-            .output()
-            .unwrap_or_else(|e| fail(&format!("cannot run ar (binutils) to archive the host twins: {e}")));
-        if !o.status.success() {
-            fail(&format!("ar failed: {}", String::from_utf8_lossy(&o.stderr)));
-        }
-        println!("cargo:rustc-link-search=native={}", out.display());
-        println!("cargo:rustc-link-lib=static=kiln_host_twins");
-        println!("cargo:rustc-link-lib=dylib=stdc++");
+    if !host_srcs.is_empty() {
+        host_cxx(kernels, &cuda_include)
+            .flag("-x")
+            .flag("c++")
+            .flag("-ffp-contract=off")
+            .files(&host_srcs)
+            .compile("kiln_host_twins");
+    }
+
+    bindgen_abi(root, kernels, out);
+}
+
+/// Host C++ as the twins and the emulated device compile it (the `cc` crate, the system's C++
+/// compiler): C++17 with the kernels' and CUDA's headers.
+fn host_cxx(kernels: &Path, cuda_include: &Path) -> cc::Build {
+    let mut b = cc::Build::new();
+    b.cpp(true).std("c++17").opt_level(2).warnings(false).include(kernels).include(cuda_include);
+    b
+}
+
+/// The Rust side of kernels/kiln_kernels.h as bindgen (libclang) reads it, into
+/// $OUT_DIR/abi_bindgen.rs, which tests/abi.rs checks against the hand generator's abi.rs (the
+/// generator stays: the default CPU build must need nothing but cargo).
+fn bindgen_abi(root: &Path, kernels: &Path, out: &Path) {
+    println!("cargo:rerun-if-env-changed=LIBCLANG_PATH");
+    let local = root.join(".cuda/clang/native");
+    if std::env::var_os("LIBCLANG_PATH").is_none() && local.join("libclang.so").exists() {
+        // SAFETY: the build script sets it before anything reads the environment concurrently.
+        unsafe { std::env::set_var("LIBCLANG_PATH", &local) };
+    }
+    let header = kernels.join("kiln_kernels.h");
+    let generated = std::panic::catch_unwind(|| {
+        bindgen::Builder::default().header(header.to_string_lossy()).allowlist_file(".*kiln_kernels\\.h").generate()
+    });
+    let help = "feature `cuda` runs bindgen, which needs libclang: tools/install-cuda.sh installs one into \
+                .cuda/ next to nvcc, or set LIBCLANG_PATH to the directory of your libclang.so";
+    match generated {
+        Ok(Ok(b)) => b.write_to_file(out.join("abi_bindgen.rs")).unwrap(),
+        Ok(Err(e)) => fail(&format!("bindgen could not read kernels/kiln_kernels.h: {e}. {help}")),
+        Err(_) => fail(&format!("bindgen could not load libclang. {help}")),
     }
 }
 
@@ -288,19 +297,12 @@ fn build_emu(kernels: &Path, out: &Path, cuda_include: &Path, sources: &[PathBuf
             ));
         }
     }
-    // What the kernels' emulated build and the emulator's runtime share: C++17 with the kernels'
-    // and CUDA's headers, KILN_CUDA_EMU, and TLS (threadIdx, the worker's state) through the fast
-    // model, since both libraries are linked into the executable.
+    // What the kernels' emulated build and the emulator's runtime add to the host C++ base:
+    // KILN_CUDA_EMU, and TLS (threadIdx, the worker's state) through the fast model, since both
+    // libraries are linked into the executable.
     let base = || {
-        let mut b = cc::Build::new();
-        b.cpp(true)
-            .std("c++17")
-            .opt_level(2)
-            .warnings(false)
-            .include(kernels)
-            .include(cuda_include)
-            .define("KILN_CUDA_EMU", None)
-            .flag("-ftls-model=initial-exec");
+        let mut b = host_cxx(kernels, cuda_include);
+        b.define("KILN_CUDA_EMU", None).flag("-ftls-model=initial-exec");
         b
     };
     let mut build = base();

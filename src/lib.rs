@@ -6,6 +6,21 @@
 /// kernels/kiln_kernels.h.
 pub mod abi {
     include!(concat!(env!("OUT_DIR"), "/abi.rs"));
+
+    /// kernels/kiln_kernels.h as bindgen (libclang) reads it, with its compile-time layout
+    /// assertions; built with feature `cuda` only, so that the default build needs nothing but
+    /// cargo. tests/abi.rs checks that it and the generator's definitions above agree.
+    #[cfg(feature = "cuda")]
+    #[allow(non_upper_case_globals, non_camel_case_types, non_snake_case, dead_code)]
+    pub mod bindgen {
+        include!(concat!(env!("OUT_DIR"), "/abi_bindgen.rs"));
+    }
+
+    /// The generator's and bindgen's Rust source, for tests/abi.rs.
+    #[cfg(feature = "cuda")]
+    #[doc(hidden)]
+    pub const SOURCES: (&str, &str) =
+        (include_str!(concat!(env!("OUT_DIR"), "/abi.rs")), include_str!(concat!(env!("OUT_DIR"), "/abi_bindgen.rs")));
 }
 pub mod backend;
 pub mod bench;
