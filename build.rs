@@ -365,7 +365,14 @@ fn build_emu(kernels: &Path, out: &Path, cuda_include: &Path, sources: &[PathBuf
     build.compile("kiln_emu_kernels");
     // The runtime itself is not instrumented.
     println!("cargo:rerun-if-changed={}", kernels.join("emu").display());
-    base().file(kernels.join("emu/runtime.cpp")).compile("kiln_emu_runtime");
+    // KILN_EMU_UCONTEXT=1 builds the portable fiber switch (POSIX ucontext) that non-x86-64 hosts
+    // use, so that it can be tested on x86-64 too.
+    println!("cargo:rerun-if-env-changed=KILN_EMU_UCONTEXT");
+    let mut runtime = base();
+    if std::env::var_os("KILN_EMU_UCONTEXT").is_some_and(|v| v != "0") {
+        runtime.define("KILN_EMU_UCONTEXT", None);
+    }
+    runtime.file(kernels.join("emu/runtime.cpp")).compile("kiln_emu_runtime");
     writeln!(kernels_rs, "\n/// The emulated device's launch entry and __launch_bounds__ of each kernel.\npub mod emu_entries {{\n    unsafe extern \"C\" {{").unwrap();
     kernels_rs.push_str(&rs_decls);
     kernels_rs.push_str("    }\n}\n\nimpl Kernel {\n    /// The kernel's entry in the emulator library and its __launch_bounds__ (0: none).\n    pub fn emu_entry(self) -> (unsafe extern \"C\" fn(*mut *mut core::ffi::c_void), unsafe extern \"C\" fn() -> u32) {\n        match self {\n");

@@ -243,7 +243,7 @@ static thread_local Worker* cur_worker = nullptr;
 // ------------------------------------------------------------------------------------------------
 // Context switch: saves the callee-saved registers, the SSE and x87 control words and the stack
 // pointer of the running context in *from, and resumes the one whose stack pointer is `to`.
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(KILN_EMU_UCONTEXT)
 extern "C" void kiln_emu_switch(void** from, void* to);
 asm(R"(
     .text
@@ -288,8 +288,32 @@ static void* fiber_init(char* lo) {
     return sp;
 }
 static inline void switch_to(void** from, void* to) { kiln_emu_switch(from, to); }
+static void* leave_context() { return nullptr; }      // where a fiber that never resumes saves itself
+static void* scheduler_context() { return nullptr; }  // the worker's own context (set by the switch)
 #else
-#error "the emulated device's fiber switch is written for x86-64 only (kernels/emu/runtime.cpp)"
+// Elsewhere (and on x86-64 with -DKILN_EMU_UCONTEXT, which is how it is tested): POSIX ucontext.
+// Slower, since swapcontext also saves the signal mask with a system call. A context pointer is a
+// ucontext_t: a fiber's sits at the top of its own stack; the scheduler's is `sched` below.
+}  // namespace kiln_emu
+#include <ucontext.h>
+namespace kiln_emu {
+static void fiber_main();
+static void* fiber_init(char* lo) {
+    const size_t room = (sizeof(ucontext_t) + 63) & ~size_t(63);
+    ucontext_t* uc = reinterpret_cast<ucontext_t*>(lo + STACK - room);
+    getcontext(uc);
+    uc->uc_stack.ss_sp = lo;
+    uc->uc_stack.ss_size = STACK - room;
+    uc->uc_link = nullptr;
+    makecontext(uc, &fiber_main, 0);
+    return uc;
+}
+static thread_local ucontext_t sched, scratch;
+static void* leave_context() { return &scratch; }
+static void* scheduler_context() { return &sched; }  // of the OS thread running the block
+static inline void switch_to(void** from, void* to) {
+    swapcontext(static_cast<ucontext_t*>(*from), static_cast<ucontext_t*>(to));
+}
 #endif
 
 // ------------------------------------------------------------------------------------------------
@@ -318,7 +342,7 @@ static void record_fault(const std::string& msg) {
     record_fault(where() + ": " + buf);
     Worker* w = cur_worker;
     w->faulted = true;
-    void* dummy;
+    void* dummy = leave_context();
     switch_to(&dummy, w->sched_sp);
     __builtin_unreachable();
 }
@@ -780,7 +804,7 @@ static void fiber_main() {
     Thread* t = cur;
     g_launch->entry(g_launch->args);
     thread_exit(w, t);
-    void* dummy;
+    void* dummy = leave_context();
     switch_to(&dummy, w->sched_sp);
     __builtin_unreachable();
 }
@@ -859,6 +883,7 @@ static void run_block(Worker* w, Dim3 b) {
     w->live = n;
     w->arrived = 0;
     w->runq.clear();
+    w->sched_sp = scheduler_context();
     memset(w->dyn, 0x7f, g_launch->smem);
     for (int i = 0; i < n; ++i) {
         Thread& t = w->threads[i];
