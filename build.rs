@@ -247,6 +247,8 @@ fn build_cuda(root: &Path, kernels: &Path, out: &Path) {
             .compile("kiln_host_twins");
     }
 
+    // bindgen is a build dependency of feature `cuda` only (the CPU build needs nothing but cargo).
+    #[cfg(feature = "cuda")]
     bindgen_abi(root, kernels, out);
 }
 
@@ -261,6 +263,7 @@ fn host_cxx(kernels: &Path, cuda_include: &Path) -> cc::Build {
 /// The Rust side of kernels/kiln_kernels.h as bindgen (libclang) reads it, into
 /// $OUT_DIR/abi_bindgen.rs, which tests/abi.rs checks against the hand generator's abi.rs (the
 /// generator stays: the default CPU build must need nothing but cargo).
+#[cfg(feature = "cuda")]
 fn bindgen_abi(root: &Path, kernels: &Path, out: &Path) {
     println!("cargo:rerun-if-env-changed=LIBCLANG_PATH");
     let local = root.join(".cuda/clang/native");
