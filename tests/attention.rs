@@ -35,7 +35,7 @@ fn attention_grads() {
                 poison_pool(&[t * 3 * c]);
             }
             let label = format!("attention B=1 T={t} C={c} n_head={nh}, pass {pass}");
-            grad_check(&label, &[qkv.clone()], &[0], Objective::Probe(12), TOL, 48, |tape, x| {
+            grad_check(&label, std::slice::from_ref(&qkv), &[0], Objective::Probe(12), TOL, 48, |tape, x| {
                 attention(tape, &x[0], nh)
             })
         })
@@ -187,6 +187,27 @@ fn attention_rejects_bad_shapes() {
 
 /// The CUDA kernels (kernels/attention.cu): host twins of their softmax math against the CPU
 /// backend (run without a GPU), and the kernels against the CPU twins at awkward sizes.
+/// The CPU kernel writes output rows through raw pointers; a caller of the public backend function
+/// with a buffer too short for the shape must get a panic, not a write past the end.
+#[test]
+#[should_panic(expected = "out has 255 elements, expected 256")]
+fn cpu_backend_attention_rejects_a_short_output_buffer() {
+    let (b, t, c, nh) = (1, 4, 64, 2);
+    let qkv = vec![0.1f32; b * t * 3 * c];
+    let (mut out, mut lse) = (vec![0f32; b * t * c - 1], vec![0f32; b * nh * t]);
+    kiln::backend::cpu::attention::attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh);
+}
+
+#[test]
+#[should_panic(expected = "dqkv has 767 elements, expected 768")]
+fn cpu_backend_attention_backward_rejects_a_short_gradient_buffer() {
+    let (b, t, c, nh) = (1, 4, 64, 2);
+    let qkv = vec![0.1f32; b * t * 3 * c];
+    let (out, dout, lse) = (vec![0.1f32; b * t * c], vec![0.1f32; b * t * c], vec![0f32; b * nh * t]);
+    let mut dqkv = vec![0f32; b * t * 3 * c - 1];
+    kiln::backend::cpu::attention::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh);
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::common::{self, max_abs, rng, uniform, U32};

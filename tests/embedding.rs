@@ -143,6 +143,28 @@ fn embedding_rejects_bad_inputs() {
 /// sides, then one round to nearest even, so the device output equals bf16(cpu value) bit for
 /// bit. The backward adds the same f32 values in the same order as the CPU (rows ascending, from
 /// zero), so dwte and dwpe equal the CPU's bits (its axpy adds 1.0 * x, which is x exactly).
+/// The CPU backward scatters rows of dwte through a raw pointer at id * C: an id outside the
+/// vocabulary must panic before any write, not land past the end of the table.
+#[test]
+#[should_panic(expected = "token id 9 is outside the vocabulary of 8")]
+fn cpu_backend_embedding_backward_rejects_an_id_past_the_vocabulary() {
+    let (v, t, c) = (8, 2, 4);
+    let ids = [1, 9];
+    let dout = vec![1f32; ids.len() * c];
+    let (mut dwte, mut dwpe) = (vec![0f32; v * c], vec![0f32; t * c]);
+    kiln::backend::cpu::embedding::embedding_backward(Some(&mut dwte), Some(&mut dwpe), &dout, &ids, t, c);
+}
+
+#[test]
+#[should_panic(expected = "token id -1 is outside the vocabulary of 8")]
+fn cpu_backend_embedding_backward_rejects_a_negative_id() {
+    let (v, t, c) = (8, 2, 4);
+    let ids = [-1, 0];
+    let dout = vec![1f32; ids.len() * c];
+    let mut dwte = vec![0f32; v * c];
+    kiln::backend::cpu::embedding::embedding_backward(Some(&mut dwte), None, &dout, &ids, t, c);
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::common::{self, rng, uniform};

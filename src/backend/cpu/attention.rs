@@ -56,8 +56,18 @@ pub fn online_softmax_update(m: &mut f32, l: &mut f32, acc: &mut [f32], s: &[f32
     *m = m_new;
 }
 
+/// Panics unless C is a multiple of n_head and every buffer has its layout's length: the unsafe
+/// row writes below rely on both.
+fn assert_layout(op: &str, bufs: &[(&str, usize, usize)], c: usize, nh: usize) {
+    assert!(nh > 0 && c % nh == 0, "{op}: C = {c} must be a multiple of n_head = {nh}");
+    for &(name, len, want) in bufs {
+        assert!(len == want, "{op}: {name} has {len} elements, expected {want}");
+    }
+}
+
 pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) {
-    debug_assert_eq!(lse.len(), b * nh * t);
+    let bufs = [("out", out.len(), b * t * c), ("lse", lse.len(), b * nh * t), ("qkv", qkv.len(), b * t * 3 * c)];
+    assert_layout("attention_forward", &bufs, c, nh);
     let hd = c / nh;
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -67,7 +77,7 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize
         let mut acc = vec![0f32; hd];
         let mut s = [0f32; KEY_TILE];
         let p = out_ptr;
-        for i in 0..t {
+        for (i, lse_i) in lse_row.iter_mut().enumerate() {
             let q = head.q(i);
             let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
             acc.fill(0.0);
@@ -80,9 +90,10 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize
                 }
                 online_softmax_update(&mut m, &mut l, &mut acc, &s[..j1 - j0], &vs[..j1 - j0]);
             }
-            lse_row[i] = m + l.ln();
+            *lse_i = m + l.ln();
             let inv = 1.0 / l;
-            // SAFETY: row (bi, i), columns of head h: written by this task only.
+            // SAFETY: out has B * T * C elements and hd * (h + 1) <= C (assert_layout), so the
+            // range is in bounds; row (bi, i), columns of head h are written by this task only.
             let o = unsafe { std::slice::from_raw_parts_mut(p.0.add((bi * t + i) * c + h * hd), hd) };
             for (o, a) in o.iter_mut().zip(&acc) {
                 *o = a * inv;
@@ -104,6 +115,14 @@ pub fn attention_backward(
     c: usize,
     nh: usize,
 ) {
+    let bufs = [
+        ("dqkv", dqkv.len(), b * t * 3 * c),
+        ("dout", dout.len(), b * t * c),
+        ("qkv", qkv.len(), b * t * 3 * c),
+        ("out", out.len(), b * t * c),
+        ("lse", lse.len(), b * nh * t),
+    ];
+    assert_layout("attention_backward", &bufs, c, nh);
     let hd = c / nh;
     let scale = 1.0 / (hd as f32).sqrt();
     let dptr = SendPtr(dqkv.as_mut_ptr());
@@ -130,7 +149,8 @@ pub fn attention_backward(
         for i in 0..t {
             let o = bi * t * 3 * c + i * 3 * c + h * hd;
             for (part, buf) in [(0, &dq), (1, &dk), (2, &dv)] {
-                // SAFETY: the q/k/v columns of head h in batch row bi belong to this task alone.
+                // SAFETY: dqkv has B * T * 3C elements (assert_layout), so o + 2C + hd is in bounds;
+                // the q/k/v columns of head h in batch row bi belong to this task alone.
                 let dst = unsafe { std::slice::from_raw_parts_mut(p.0.add(o + part * c), hd) };
                 dst.copy_from_slice(&buf[i * hd..(i + 1) * hd]);
             }
@@ -156,9 +176,14 @@ pub fn attention_decode(
     c: usize,
     nh: usize,
 ) {
-    debug_assert!(past + n <= cap);
-    debug_assert_eq!(out.len(), b * n * c);
-    debug_assert_eq!(k_cache.len(), b * cap * c);
+    assert!(past + n <= cap, "attention_decode: {past} cached + {n} new rows do not fit a cache of {cap}");
+    let bufs = [
+        ("out", out.len(), b * n * c),
+        ("q", q.len(), b * n * c),
+        ("k_cache", k_cache.len(), b * cap * c),
+        ("v_cache", v_cache.len(), b * cap * c),
+    ];
+    assert_layout("attention_decode", &bufs, c, nh);
     let hd = c / nh;
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -184,7 +209,8 @@ pub fn attention_decode(
                 online_softmax_update(&mut m, &mut l, &mut acc, &s[..j1 - j0], &vs[..j1 - j0]);
             }
             let inv = 1.0 / l;
-            // SAFETY: row (bi, i), columns of head h: written by this task only.
+            // SAFETY: out has B * n * C elements (assert_layout), so o + hd is in bounds; row
+            // (bi, i), columns of head h are written by this task only.
             let dst = unsafe { std::slice::from_raw_parts_mut(p.0.add(o), hd) };
             for (d, a) in dst.iter_mut().zip(&acc) {
                 *d = a * inv;

@@ -29,7 +29,18 @@ pub fn embedding_backward(
     const STRIPE: usize = 64;
     let stripes = c.div_ceil(STRIPE);
     let rows = ids.len();
+    assert!(dout.len() == rows * c, "embedding_backward: dout has {} elements, expected {rows} x {c}", dout.len());
     if let Some(dwte) = dwte {
+        // The unsafe scatter below writes row `id` of dwte: every id must name one.
+        let vocab = dwte.len() / c.max(1);
+        assert!(
+            dwte.len() == vocab * c,
+            "embedding_backward: dwte has {} elements, not a multiple of C = {c}",
+            dwte.len()
+        );
+        if let Some(bad) = ids.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+            panic!("embedding_backward: token id {bad} is outside the vocabulary of {vocab}");
+        }
         dwte.fill(0.0);
         let ptr = super::SendPtr(dwte.as_mut_ptr());
         (0..stripes).into_par_iter().for_each(|s| {
@@ -38,7 +49,8 @@ pub fn embedding_backward(
             for r in 0..rows {
                 let id = ids[r] as usize;
                 for i in lo..hi {
-                    // SAFETY: column range [lo, hi) belongs to this task alone.
+                    // SAFETY: 0 <= id < vocab and i < C (checked above), so id * C + i is inside
+                    // dwte; column range [lo, hi) belongs to this task alone.
                     unsafe { *p.0.add(id * c + i) += dout[r * c + i] };
                 }
             }
