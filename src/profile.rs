@@ -8,7 +8,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static TABLE: Mutex<BTreeMap<(&'static str, Phase), (Duration, u64)>> = Mutex::new(BTreeMap::new());
+/// (op, phase) -> (total time, calls).
+type Table = BTreeMap<(&'static str, Phase), (Duration, u64)>;
+static TABLE: Mutex<Table> = Mutex::new(BTreeMap::new());
 
 /// Which pass a timed scope belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -32,7 +34,7 @@ pub fn reset() {
 pub fn report() -> Vec<(&'static str, Phase, Duration, u64)> {
     let table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
     let mut v: Vec<_> = table.iter().map(|((k, p), (d, n))| (*k, *p, *d, *n)).collect();
-    v.sort_by(|a, b| b.2.cmp(&a.2));
+    v.sort_by_key(|e| std::cmp::Reverse(e.2));
     v
 }
 

@@ -125,7 +125,7 @@ impl Progress {
     }
 
     fn maybe_print(l: &mut Lines, force: bool) {
-        let due = l.last.map_or(true, |t| t.elapsed() >= line_interval());
+        let due = l.last.is_none_or(|t| t.elapsed() >= line_interval());
         if force || due {
             eprintln!("{}", l.line());
             l.last = Some(Instant::now());

@@ -64,7 +64,7 @@ fn half_precision_checkpoints_round_trip() {
         let f = SafeFile::open(&dir.path().join("model.safetensors")).unwrap();
         let stored = f.info("transformer.wte.weight").unwrap().0;
         assert_eq!(stored, format!("{dtype:?}"));
-        let back = load_gpt2(&dir.path()).unwrap();
+        let back = load_gpt2(dir.path()).unwrap();
         for p in model.params.iter() {
             // loading converts to f32; the values are the rounded originals exactly
             let want = p.tensor.to_dtype(dtype).unwrap().to_f32_vec();
@@ -148,7 +148,7 @@ fn a_failed_write_leaves_the_previous_file_intact() {
         std::io::Write::write_all(w, b"half of a new chec")?;
         Err(std::io::Error::other("disk full"))
     });
-    let e = r.err().expect("the write must report the failure").to_string();
+    let e = r.expect_err("the write must report the failure").to_string();
     assert!(e.contains("model.safetensors") && e.contains("disk full"), "{e}");
     assert_eq!(std::fs::read(&path).unwrap(), b"the last good checkpoint");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();

@@ -12,8 +12,11 @@ fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle/dev-set").join(name)
 }
 
-/// Loss and every gradient (by parameter name) of one forward/backward.
-fn run(model: &Gpt2, mode: Mode) -> (f32, Vec<(String, Vec<f32>)>, Vec<&'static str>) {
+/// Gradients by parameter name.
+type Grads = Vec<(String, Vec<f32>)>;
+
+/// Loss and every gradient (by parameter name) of one forward/backward, and the tape's op summary.
+fn run(model: &Gpt2, mode: Mode) -> (f32, Grads, Vec<&'static str>) {
     let batch = Batch::load(&fixture("batch.safetensors")).unwrap();
     let mut tape = Tape::new();
     let loss = model.forward(&mut tape, &batch.input_ids, Some(&batch.targets().unwrap()), mode).unwrap().loss.unwrap();

@@ -26,7 +26,7 @@ fn gelu_grads() {
         grad_check(&label, &[x], &[0], Objective::Probe(32), TOL, 48, |t, x| gelu(t, &x[0]));
     }
     // y and dx [2, 64, 128] are pooled buffers: the second pass takes ones filled with NaN.
-    assert!(2 * 64 * 128 >= POOLED);
+    const { assert!(2 * 64 * 128 >= POOLED) };
     let x = rand_tensor(&mut r, &[2, 64, 128], 4.0);
     let passes: Vec<_> = (0..2)
         .map(|pass| {
@@ -34,7 +34,7 @@ fn gelu_grads() {
                 poison_pool(&[2 * 64 * 128]);
             }
             let label = format!("gelu x=[2, 64, 128], pass {pass}");
-            grad_check(&label, &[x.clone()], &[0], Objective::Probe(32), TOL, 16, |t, x| gelu(t, &x[0]))
+            grad_check(&label, std::slice::from_ref(&x), &[0], Objective::Probe(32), TOL, 16, |t, x| gelu(t, &x[0]))
         })
         .collect();
     assert!(passes[0] == passes[1], "fresh and recycled buffers gave different gradients");
@@ -80,7 +80,9 @@ fn dropout_identity_cases() {
         assert_eq!(y.f32s().unwrap(), x.f32s().unwrap(), "p={p} train={train}");
         assert!(tape.is_empty(), "p={p} train={train} recorded {:?}", tape.summary());
         let label = format!("dropout p={p} train={train}");
-        grad_check(&label, &[x.clone()], &[0], Objective::Probe(37), TOL, 24, |t, x| dropout(t, &x[0], p, train, 99));
+        grad_check(&label, std::slice::from_ref(&x), &[0], Objective::Probe(37), TOL, 24, |t, x| {
+            dropout(t, &x[0], p, train, 99)
+        });
     }
 }
 
@@ -111,7 +113,7 @@ fn dropout_mask_and_grads() {
     assert_eq!(run(5), y, "the same seed must give the same mask");
     assert_ne!(run(6), y, "another seed should give another mask");
 
-    let dx = grad_check("dropout p=0.5", &[x.clone()], &[0], Objective::Probe(39), TOL, 48, |t, x| {
+    let dx = grad_check("dropout p=0.5", std::slice::from_ref(&x), &[0], Objective::Probe(39), TOL, 48, |t, x| {
         dropout(t, &x[0], 0.5, true, 5)
     });
     // dout: the probe's gradient at the dropout output, taken with that output as a leaf.
@@ -329,7 +331,7 @@ mod cuda {
                 let mut yv = y.slice_mut(1..);
                 let n64 = n as i64;
                 let mut b = cu.launch_builder(Kernel::ElementwiseGeluForward);
-                b.arg(&mut yv).arg(&xv).arg(&n64);
+                b.arg_mut(&mut yv).arg(&xv).arg(&n64);
                 unsafe { b.launch(grid_1d(n, 256)) }.unwrap();
             }
             let got = cu.download(&y).unwrap();

@@ -136,9 +136,9 @@ fn a_grid_one_block_short_leaves_rows_that_the_download_names() {
         let mut mean = cu.alloc::<f32>(rows).unwrap();
         let mut rstd = cu.alloc::<f32>(rows).unwrap();
         let mut l = cu.launch_builder(Kernel::LayernormForward);
-        l.arg(&mut out)
-            .arg(&mut mean)
-            .arg(&mut rstd)
+        l.arg_mut(&mut out)
+            .arg_mut(&mut mean)
+            .arg_mut(&mut rstd)
             .arg(&x)
             .arg(&w)
             .arg(&b)

@@ -98,7 +98,7 @@ fn a_resumed_run_matches_the_uninterrupted_one_exactly() {
     let tokdir = tempfile::tempdir().unwrap();
     let corpus = tokdir.path().join("corpus.txt");
     std::fs::write(&corpus, kiln::data::synthetic::default_corpus(150_000).1).unwrap();
-    let tok = kiln::data::tokenizer::train_bpe(&[corpus.clone()], 400, 2).unwrap();
+    let tok = kiln::data::tokenizer::train_bpe(std::slice::from_ref(&corpus), 400, 2).unwrap();
     tok.save(&tokdir.path().join("tokenizer.json")).unwrap();
     let tk = format!("data.tokenizer={:?}", tokdir.path().join("tokenizer.json").to_str().unwrap());
     let data = format!("data.train=[{:?}]", corpus.to_str().unwrap());

@@ -21,7 +21,7 @@ struct Entry {
 /// The number just before `unit` in `line` ("24 bytes stack frame" -> 24).
 fn number_before(line: &str, unit: &str) -> Option<u32> {
     let i = line.find(unit)?;
-    line[..i].split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+    line[..i].split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty())?.parse().ok()
 }
 
 /// (kernel, arch) -> entry. ptxas prints, per entry function: "Compiling entry function 'K' for

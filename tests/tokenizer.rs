@@ -224,7 +224,7 @@ fn train_rejects_small_vocab_and_empty_corpus() {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("a.txt");
     std::fs::write(&f, "some text").unwrap();
-    let small = train_bpe(&[f.clone()], 256, 2).err().unwrap().to_string();
+    let small = train_bpe(std::slice::from_ref(&f), 256, 2).err().unwrap().to_string();
     assert!(small.contains("257"), "{small}");
 
     let empty = tmp.path().join("empty.txt");

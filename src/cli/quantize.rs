@@ -61,7 +61,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         keep_embeddings: args.keep_embeddings,
     };
     let t0 = std::time::Instant::now();
-    let to_dir = args.out.extension().map_or(true, |e| e != "safetensors");
+    let to_dir = args.out.extension().is_none_or(|e| e != "safetensors");
     let r = if to_dir {
         quantize_checkpoint(&args.input, &args.out, &opts, args.overwrite)?
     } else {

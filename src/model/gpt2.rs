@@ -176,7 +176,7 @@ impl Gpt2Config {
                 return Err(Error::config(path, format!("\"{key}\" = {p} must be in [0, 1)")));
             }
         }
-        if !(cfg.layer_norm_epsilon > 0.0) {
+        if cfg.layer_norm_epsilon.is_nan() || cfg.layer_norm_epsilon <= 0.0 {
             return Err(Error::config(
                 path,
                 format!("\"layer_norm_epsilon\" = {} must be positive", cfg.layer_norm_epsilon),

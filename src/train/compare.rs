@@ -57,8 +57,12 @@ pub struct CompareOptions {
     pub quiet: bool,
 }
 
-/// Splits the task 80/20 with a fixed shuffle and writes train.jsonl / val.jsonl.
-fn write_task(world: &World, dir: &Path) -> Result<(PathBuf, PathBuf, Vec<(String, String)>)> {
+/// (prompt, completion) pairs.
+type Examples = Vec<(String, String)>;
+
+/// Splits the task 80/20 with a fixed shuffle and writes train.jsonl / val.jsonl; returns their
+/// paths and the held-out examples.
+fn write_task(world: &World, dir: &Path) -> Result<(PathBuf, PathBuf, Examples)> {
     let mut task = world.task();
     task.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
     let n_val = task.len() / 5;

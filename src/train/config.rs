@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
+#[derive(Default)]
 pub struct RunConfig {
     pub model: ModelSection,
     pub data: DataSection,
@@ -181,17 +182,6 @@ impl Default for TrainSection {
     }
 }
 
-impl Default for RunConfig {
-    fn default() -> Self {
-        RunConfig {
-            model: ModelSection::default(),
-            data: DataSection::default(),
-            train: TrainSection::default(),
-            finetune: FinetuneSection::default(),
-        }
-    }
-}
-
 impl RunConfig {
     /// Reads `path` (if given), applies `section.key=value` overrides, and checks the result.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
@@ -228,7 +218,7 @@ impl RunConfig {
         if !matches!(t.schedule.as_str(), "cosine" | "linear" | "constant") {
             return bad(format!("train.schedule = \"{}\": use cosine, linear or constant", t.schedule));
         }
-        if !(t.lr > 0.0) || !(0.0..=1.0).contains(&t.min_lr_ratio) {
+        if t.lr.is_nan() || t.lr <= 0.0 || !(0.0..=1.0).contains(&t.min_lr_ratio) {
             return bad("train.lr must be positive and train.min_lr_ratio in [0, 1]".into());
         }
         if self.data.sampling.parse::<crate::data::corpus::Sampling>().is_err() {

@@ -121,7 +121,8 @@ fn binary_pretrain_resume_on_corrupt_token_file() {
     let good = std::fs::read(&tok).unwrap();
     args.retain(|a| *a != "1" && *a != "--max-steps");
     args.extend(["--resume", "--max-steps", "2"]);
-    let cases: [(&str, Box<dyn Fn(&mut Vec<u8>)>); 4] = [
+    type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: [(&str, Damage); 4] = [
         ("truncated", Box::new(|d: &mut Vec<u8>| d.truncate(d.len() - 3))),
         ("bad magic", Box::new(|d: &mut Vec<u8>| d[0] = b'X')),
         ("huge count", Box::new(|d: &mut Vec<u8>| d[16..24].copy_from_slice(&u64::MAX.to_le_bytes()))),

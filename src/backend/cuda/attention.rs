@@ -216,7 +216,7 @@ pub fn attention_backward(
         shared_mem_bytes: 0,
     };
     let mut l = cu.launch_builder(Kernel::AttentionBackwardPreprocess);
-    l.arg(&mut dsum).arg(dout).arg(out).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
+    l.arg_mut(&mut dsum).arg(dout).arg(out).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
     unsafe { l.launch(pre) }?;
 
     // dK, dV (key tiles) and dQ (query tiles) write disjoint columns of dqkv.
@@ -226,7 +226,7 @@ pub fn attention_backward(
     ] {
         let cfg = config(kernel, which, KILN_ATTN_TILE as usize, hd, b, t, nh)?;
         let mut l = cu.launch_builder(kernel);
-        l.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(&dsum).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
+        l.arg_mut(dqkv).arg(dout).arg(qkv).arg(lse).arg(&dsum).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
         unsafe { l.launch(cfg) }?;
     }
     Ok(())

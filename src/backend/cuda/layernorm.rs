@@ -175,7 +175,7 @@ pub fn layernorm_backward(
     let mut partial = cu.alloc::<f32>((groups * 2 * c).max(1))?;
     if groups > 0 {
         let mut l = cu.launch_builder(Kernel::LayernormBackwardDwdbPartial);
-        l.arg(&mut partial).arg(dout).arg(x).arg(mean).arg(rstd).arg(&rows32).arg(&c32);
+        l.arg_mut(&mut partial).arg(dout).arg(x).arg(mean).arg(rstd).arg(&rows32).arg(&c32);
         let cfg = LaunchConfig {
             grid_dim: (groups as u32, stripes as u32, 1),
             block_dim: (threads as u32, 1, 1),
@@ -278,8 +278,8 @@ pub mod twin {
     ) {
         let rows = mean.len();
         assert!(dout.len() == rows * c && x.len() == rows * c && rstd.len() == rows && w.len() == c);
-        assert!(dx.as_ref().map_or(true, |d| d.len() == rows * c));
-        assert!(dw.as_ref().map_or(true, |d| d.len() == c) && db.as_ref().map_or(true, |d| d.len() == c));
+        assert!(dx.as_ref().is_none_or(|d| d.len() == rows * c));
+        assert!(dw.as_ref().is_none_or(|d| d.len() == c) && db.as_ref().is_none_or(|d| d.len() == c));
         // SAFETY: lengths asserted above; a null output is skipped by the twin.
         unsafe {
             kiln_host_layernorm_backward(

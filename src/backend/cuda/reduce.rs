@@ -37,14 +37,14 @@ pub fn sum_squares_many(xs: &[&DevBuf<f32>]) -> Result<f64> {
         let n = x.len() as i64;
         let mut slots = partial.slice_mut(off..off + nb);
         let mut l = cu.launch_builder(Kernel::ReduceSumSquaresPartial);
-        l.arg(&mut slots).arg(*x).arg(&n);
+        l.arg_mut(&mut slots).arg(*x).arg(&n);
         unsafe { l.launch(blocks(nb as u32)) }?;
         off += nb;
     }
     let mut out = cu.alloc::<f64>(1)?;
     let total32 = total as i32;
     let mut l = cu.launch_builder(Kernel::ReduceSumSquaresFinish);
-    l.arg(&mut out).arg(&partial).arg(&total32);
+    l.arg_mut(&mut out).arg(&partial).arg(&total32);
     unsafe { l.launch(blocks(1)) }?;
     Ok(cu.download(&out)?[0])
 }

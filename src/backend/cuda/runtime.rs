@@ -205,7 +205,11 @@ pub trait KernelArg {
     fn bytes(&self) -> Vec<u8>;
 }
 
-/// Plain values passed by value. # Safety: `repr(C)` (or primitive) with the kernel parameter's layout.
+/// Plain values passed by value.
+///
+/// # Safety
+/// The type must be `repr(C)` (or primitive) with the layout of the kernel parameter it is
+/// passed as: its bytes are copied into the launch's argument list as they are.
 pub unsafe trait KernelScalar: Copy {}
 unsafe impl KernelScalar for i32 {}
 unsafe impl KernelScalar for u32 {}
@@ -255,6 +259,10 @@ impl<'a> Launch<'a> {
         bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..b.len()].copy_from_slice(&b);
         self.args.push(words);
         self
+    }
+    /// An argument the kernel writes, borrowed mutably so that nothing else holds it meanwhile.
+    pub fn arg_mut<A: KernelArg + ?Sized>(&mut self, a: &mut A) -> &mut Self {
+        self.arg(&*a)
     }
     /// Launches the kernel.
     ///
