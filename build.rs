@@ -96,6 +96,7 @@ fn abi_from_header(h: &str) -> Result<String, String> {
         let name = rest[body_end + 1..name_end].trim();
         writeln!(rs, "\n/// Shared with the kernels: `{name}` in kernels/kiln_kernels.h.").unwrap();
         writeln!(rs, "#[repr(C)]\n#[derive(Clone, Copy, Debug, Default, PartialEq)]\npub struct {name} {{").unwrap();
+        let mut field_sizes = Vec::new();
         for field in rest[body_start..body_end].split(';').map(str::trim).filter(|f| !f.is_empty()) {
             let (ty, fname) =
                 field.rsplit_once(char::is_whitespace).ok_or(format!("{name}: cannot read field '{field}'"))?;
@@ -109,13 +110,20 @@ fn abi_from_header(h: &str) -> Result<String, String> {
                 other => return Err(format!("{name}.{fname}: field type '{other}' is not one the generator knows")),
             };
             writeln!(rs, "    pub {}: {rty},", fname.trim()).unwrap();
+            field_sizes.push(format!("std::mem::size_of::<{rty}>()"));
         }
         rs.push_str("}\n");
-        // Plain data without padding (the header's structs pad explicitly), so it can be uploaded.
-        writeln!(rs, "unsafe impl bytemuck::Zeroable for {name} {{}}\nunsafe impl bytemuck::Pod for {name} {{}}")
+        // Plain data without padding (the header's structs pad explicitly), so it can be uploaded;
+        // the assertion makes a struct that would need padding a compile error.
+        writeln!(rs, "const _: () = assert!(std::mem::size_of::<{name}>() == {});", field_sizes.join(" + ")).unwrap();
+        let safety = "// SAFETY: repr(C), every field a number, no padding (asserted above)";
+        writeln!(rs, "{safety}.\nunsafe impl bytemuck::Zeroable for {name} {{}}\n{safety}.\nunsafe impl bytemuck::Pod for {name} {{}}")
             .unwrap();
-        writeln!(rs, "#[cfg(feature = \"cuda\")]\nunsafe impl crate::backend::cuda::KernelScalar for {name} {{}}")
-            .unwrap();
+        writeln!(
+            rs,
+            "#[cfg(feature = \"cuda\")]\n{safety}: the kernels' parameter has these bytes.\nunsafe impl crate::backend::cuda::KernelScalar for {name} {{}}"
+        )
+        .unwrap();
         rest = &rest[name_end..];
     }
     Ok(rs)

@@ -180,6 +180,7 @@ mod cuda {
                 .collect();
             let work_items = plan(&mut descs);
             let s = AdamWScalars::new(&cfg, lr, t, true);
+            // SAFETY: every descriptor points at live host vectors of its n elements, and work_items is plan's count for them.
             unsafe { twin::adamw_step(&descs, work_items, s) };
             for (i, ([p, m, v, g], tw)) in cpu_state.iter_mut().zip(&twin_state).enumerate() {
                 g.clone_from(&tw[3]);

@@ -332,6 +332,7 @@ mod cuda {
                 let n64 = n as i64;
                 let mut b = cu.launch_builder(Kernel::ElementwiseGeluForward);
                 b.arg_mut(&mut yv).arg(&xv).arg(&n64);
+                // SAFETY: gelu_forward's arguments in order; both views hold n elements.
                 unsafe { b.launch(grid_1d(n, 256)) }.unwrap();
             }
             let got = cu.download(&y).unwrap();

@@ -38,6 +38,7 @@ fn fault_says(r: kiln::Result<()>, parts: &[&str]) -> String {
 fn rotate(cu: &Cuda, x: &cuda::DevBuf<f32>, out: &mut cuda::DevBuf<f32>, barrier: i32) -> kiln::Result<()> {
     let mut l = cu.launch_builder(Kernel::SelftestRotate);
     l.arg(out).arg(x).arg(&barrier);
+    // SAFETY: the emulated device checks every access before it happens and turns the deliberate fault into this launch's error.
     unsafe { l.launch(blocks(2, 128)) }
 }
 
@@ -76,6 +77,7 @@ fn an_out_of_bounds_store_names_the_thread_and_the_allocation() {
     let fill = |out: &mut cuda::DevBuf<i32>, overrun: i32| {
         let mut l = cu.launch_builder(Kernel::SelftestFill);
         l.arg(out).arg(&(n as i32)).arg(&overrun);
+        // SAFETY: the emulated device checks every access before it happens and turns the deliberate fault into this launch's error.
         unsafe { l.launch(blocks(4, 64)) }
     };
     fill(&mut out, 0).unwrap();
@@ -100,6 +102,7 @@ fn a_barrier_not_reached_by_every_thread_names_both_lines() {
     let sum = |out: &mut cuda::DevBuf<f32>, split: i32| {
         let mut l = cu.launch_builder(Kernel::SelftestBlockSum);
         l.arg(out).arg(&x).arg(&split);
+        // SAFETY: the emulated device checks every access before it happens and turns the deliberate fault into this launch's error.
         unsafe { l.launch(blocks(1, 256)) }
     };
     sum(&mut out, 0).unwrap();
@@ -145,6 +148,7 @@ fn a_grid_one_block_short_leaves_rows_that_the_download_names() {
             .arg(&(rows as i32))
             .arg(&(c as i32))
             .arg(&1e-5f32);
+        // SAFETY: the emulated device checks every access before it happens and turns the deliberate fault into this launch's error.
         unsafe {
             l.launch(LaunchConfig {
                 grid_dim: (grid as u32, 1, 1),
@@ -188,6 +192,7 @@ fn a_misaligned_pointer_is_caught_at_the_access() {
         let view = qkv.slice(at..at + n);
         let mut l = cu.launch_builder(Kernel::AttentionForwardMma);
         l.arg(out).arg(lse).arg(&view).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
+        // SAFETY: the emulated device checks every access before it happens and turns the deliberate fault into this launch's error.
         unsafe { l.launch(cfg) }
     };
     launch(8, &mut out, &mut lse).unwrap();

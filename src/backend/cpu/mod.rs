@@ -22,7 +22,9 @@ pub(crate) fn rows_per_task(cols: usize) -> usize {
 /// that do not form contiguous chunks (attention heads interleaved within a row).
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: every task that shares a SendPtr writes a range of the buffer no other task touches (see each use).
 unsafe impl Send for SendPtr {}
+// SAFETY: as for Send: the tasks' ranges are disjoint.
 unsafe impl Sync for SendPtr {}
 
 /// Dot product with eight independent accumulators, so the compiler can vectorise it.

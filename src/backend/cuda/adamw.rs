@@ -74,6 +74,7 @@ pub fn adamw_step_multi(params: &mut [AdamWParam], cfg: &AdamWConfig, lr: f64, t
     if work_items > 0 {
         let table = cu.upload(&descs)?;
         let s = AdamWScalars::new(cfg, lr, t, true);
+        // SAFETY: the table was built above from live buffers of n elements each, and work_items counts its chunks (plan).
         unsafe { adamw_step_table(&table, work_items, s) }?;
     }
     Ok(())
@@ -100,6 +101,7 @@ pub unsafe fn adamw_step_table(table: &DevBuf<AdamWTensor>, work_items: i64, s: 
     let n_tensors = table.len() as i32;
     let mut b = cu.launch_builder(Kernel::AdamwStep);
     b.arg(table).arg(&n_tensors).arg(&work_items).arg(&s);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -124,6 +126,7 @@ pub mod twin {
     pub fn adamw_update(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamWScalars) {
         let n = p.len();
         assert!(m.len() == n && v.len() == n && g.len() == n, "adamw twin: lengths differ");
+        // SAFETY: every slice holds the element count passed (asserted above); the twin touches exactly those elements.
         unsafe { kiln_host_adamw_update(p.as_mut_ptr(), m.as_mut_ptr(), v.as_mut_ptr(), g.as_ptr(), s, n as i64) }
     }
 

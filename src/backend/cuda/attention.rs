@@ -174,6 +174,7 @@ pub fn attention_forward_with(
     let (b32, t32, c32, nh32) = (b as i32, t as i32, c as i32, nh as i32);
     let mut l = cu.launch_builder(kernel);
     l.arg(out).arg(lse).arg(qkv).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(cfg) }?;
     Ok(())
 }
@@ -217,6 +218,7 @@ pub fn attention_backward(
     };
     let mut l = cu.launch_builder(Kernel::AttentionBackwardPreprocess);
     l.arg_mut(&mut dsum).arg(dout).arg(out).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(pre) }?;
 
     // dK, dV (key tiles) and dQ (query tiles) write disjoint columns of dqkv.
@@ -227,6 +229,7 @@ pub fn attention_backward(
         let cfg = config(kernel, which, KILN_ATTN_TILE as usize, hd, b, t, nh)?;
         let mut l = cu.launch_builder(kernel);
         l.arg_mut(dqkv).arg(dout).arg(qkv).arg(lse).arg(&dsum).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
+        // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
         unsafe { l.launch(cfg) }?;
     }
     Ok(())
@@ -254,6 +257,7 @@ pub mod twin {
     /// into the running max `m`, sum `l` and accumulator `acc`, as cpu::attention::online_softmax_update.
     pub fn online_softmax_update(m: &mut f32, l: &mut f32, acc: &mut [f32], s: &[f32], v: &[f32]) {
         assert_eq!(v.len(), s.len() * acc.len(), "v must hold s.len() rows of acc.len() values");
+        // SAFETY: every slice holds the element count passed (asserted above); the twin touches exactly those elements.
         unsafe {
             kiln_host_attention_online_softmax_update(
                 m,
@@ -270,24 +274,28 @@ pub mod twin {
     /// lse = m + ln(l), elementwise: what the forward stores per row.
     pub fn lse(lse: &mut [f32], m: &[f32], l: &[f32]) {
         assert!(m.len() == lse.len() && l.len() == lse.len());
+        // SAFETY: every slice holds the element count passed (asserted above); the twin touches exactly those elements.
         unsafe { kiln_host_attention_lse(lse.as_mut_ptr(), m.as_ptr(), l.as_ptr(), lse.len() as i64) }
     }
 
     /// p = exp(s - lse), elementwise: the backward's recomputed probability of a scaled score.
     pub fn prob(p: &mut [f32], s: &[f32], lse: &[f32]) {
         assert!(s.len() == p.len() && lse.len() == p.len());
+        // SAFETY: every slice holds the element count passed (asserted above); the twin touches exactly those elements.
         unsafe { kiln_host_attention_prob(p.as_mut_ptr(), s.as_ptr(), lse.as_ptr(), p.len() as i64) }
     }
 
     /// ds = p * (dp - d), elementwise: the softmax backward before the 1/sqrt(hd) scale.
     pub fn dscore(ds: &mut [f32], p: &[f32], dp: &[f32], d: &[f32]) {
         assert!(p.len() == ds.len() && dp.len() == ds.len() && d.len() == ds.len());
+        // SAFETY: every slice holds the element count passed (asserted above); the twin touches exactly those elements.
         unsafe { kiln_host_attention_dscore(ds.as_mut_ptr(), p.as_ptr(), dp.as_ptr(), d.as_ptr(), ds.len() as i64) }
     }
 
     /// Bytes of dynamic shared memory the kernel (KILN_ATTN_KERNEL_*) needs at head dim `hd`
     /// (the Mma forward takes only hd = 64).
     pub fn smem_bytes(kernel: usize, hd: usize) -> usize {
+        // SAFETY: plain integers in and out.
         let bytes = unsafe { kiln_host_attention_smem_bytes(kernel as i32, hd as i32) };
         assert!(bytes > 0, "unknown attention kernel {kernel}");
         bytes as usize

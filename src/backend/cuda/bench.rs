@@ -83,6 +83,7 @@ pub fn cublas_tflops(cu: &Cuda, m: usize, n: usize, k: usize) -> Result<std::res
     let Some(drv) = cu.driver() else {
         return Ok(Err("cuBLAS runs on a GPU only (this is the emulated device)".into()));
     };
+    // SAFETY: only looks for the driver library; nothing is called in it.
     if !unsafe { cudarc::cublas::sys::is_culib_present() } {
         return Ok(Err("libcublas not found (put its directory on LD_LIBRARY_PATH)".into()));
     }
@@ -93,6 +94,7 @@ pub fn cublas_tflops(cu: &Cuda, m: usize, n: usize, k: usize) -> Result<std::res
     // Row-major C = A B is column-major C^T = B^T A^T: pass B first. bf16 data, f32 compute.
     let (alpha, beta) = (1f32, 0f32);
     let ms = time_ms(cu, 3, 20, || {
+        // SAFETY: a, b and c hold m * k, k * n and m * n bf16 elements, the shapes passed to cuBLAS.
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 *blas.handle(),

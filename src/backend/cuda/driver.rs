@@ -24,6 +24,7 @@ pub struct Driver {
 
 /// Whether the driver library is present and sees at least one GPU (starts nothing else).
 pub fn gpu_present() -> bool {
+    // SAFETY: only looks for the driver library; nothing is called in it.
     if !unsafe { sys::is_culib_present() } {
         return false;
     }
@@ -32,6 +33,7 @@ pub fn gpu_present() -> bool {
 
 pub fn open() -> std::result::Result<Driver, String> {
     // cudarc panics on a missing libcuda; ask first.
+    // SAFETY: only looks for the driver library; nothing is called in it.
     if !unsafe { sys::is_culib_present() } {
         return Err("no CUDA device: the NVIDIA driver library (libcuda.so) was not found on this machine. \
                     Run on a machine with an NVIDIA GPU and driver, use --device emu for the emulated GPU, \
@@ -44,6 +46,7 @@ pub fn open() -> std::result::Result<Driver, String> {
     }
     let ctx = CudaContext::new(0).map_err(|e| format!("cannot open CUDA device 0: {e}"))?;
     // One stream: cudarc's cross-stream event tracking has nothing to order.
+    // SAFETY: called right after the context is created, before any stream or event uses it.
     unsafe { ctx.disable_event_tracking() };
     let attr = |a| ctx.attribute(a).map_err(|e| format!("cannot query CUDA device 0: {e}"));
     use sys::CUdevice_attribute as A;
@@ -81,6 +84,7 @@ pub fn open() -> std::result::Result<Driver, String> {
 /// Raises the default memory pool's release threshold so freed memory stays cached in the pool
 /// instead of going back to the driver at every synchronisation.
 fn keep_pool_memory(ctx: &CudaContext) {
+    // SAFETY: the context is current on this thread, and the driver writes `pool` before it is read.
     unsafe {
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
@@ -128,6 +132,7 @@ impl Runtime for Driver {
     }
     fn alloc(&self, bytes: usize, zero: bool) -> Result<Mem> {
         let n = bytes.max(1);
+        // SAFETY: uninitialised device memory is never read before a kernel or copy writes it (the emulated device checks this).
         let s = if zero { self.stream.alloc_zeros::<u8>(n) } else { unsafe { self.stream.alloc::<u8>(n) } }
             .map_err(|e| oom(e, bytes))?;
         let ptr = s.device_ptr(&self.stream).0;
@@ -135,6 +140,7 @@ impl Runtime for Driver {
     }
     fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| copy_err("context", e))?;
+        // SAFETY: the caller's DevBuf owns dst for src.len() bytes; the copy completes before the host slice can change (one stream, synchronised before any host reuse).
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
             .map_err(|e| copy_err("host-to-device copy", e))?;
         // The source is the caller's memory: finish before it can change.
@@ -142,23 +148,27 @@ impl Runtime for Driver {
     }
     fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| copy_err("context", e))?;
+        // SAFETY: src is a live device range of dst.len() bytes; dtoh is followed by a stream synchronise before dst is read.
         unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
             .map_err(|e| copy_err("device-to-host copy", e))?;
         self.sync()
     }
     fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| copy_err("context", e))?;
+        // SAFETY: both ranges are live device memory of `bytes` bytes, owned by the caller's buffers.
         unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
             .map_err(|e| copy_err("device copy", e))
     }
     fn memset(&self, dst: u64, byte: u8, bytes: usize) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| copy_err("context", e))?;
+        // SAFETY: dst is a live device range of `bytes` bytes owned by the caller's buffer.
         unsafe { cudarc::driver::result::memset_d8_async(dst, byte, bytes, self.stream.cu_stream()) }
             .map_err(|e| copy_err("memset", e))
     }
     unsafe fn launch(&self, k: Kernel, cfg: &LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| copy_err("context", e))?;
         let f = self.functions[&k].cu_function();
+        // SAFETY: the caller guarantees the arguments (Runtime::launch's contract); f belongs to this context.
         unsafe {
             cudarc::driver::result::launch_kernel(
                 f,

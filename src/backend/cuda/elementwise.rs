@@ -31,6 +31,7 @@ pub fn gelu_forward(out: &mut DevBuf<bf16>, inp: &DevBuf<bf16>) -> Result<()> {
     let n64 = n as i64;
     let mut b = cu.launch_builder(Kernel::ElementwiseGeluForward);
     b.arg(out).arg(inp).arg(&n64);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
@@ -43,6 +44,7 @@ pub fn gelu_backward(dinp: &mut DevBuf<bf16>, inp: &DevBuf<bf16>, dout: &DevBuf<
     let n64 = n as i64;
     let mut b = cu.launch_builder(Kernel::ElementwiseGeluBackward);
     b.arg(dinp).arg(inp).arg(dout).arg(&n64);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
@@ -55,6 +57,7 @@ pub fn residual_forward(out: &mut DevBuf<bf16>, a: &DevBuf<bf16>, b: &DevBuf<bf1
     let n64 = n as i64;
     let mut l = cu.launch_builder(Kernel::ElementwiseResidualForward);
     l.arg(out).arg(a).arg(b).arg(&n64);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
@@ -67,6 +70,7 @@ pub fn add_assign(dst: &mut DevBuf<bf16>, src: &DevBuf<bf16>) -> Result<()> {
     let n64 = n as i64;
     let mut b = cu.launch_builder(Kernel::ElementwiseAddAssign);
     b.arg(dst).arg(src).arg(&n64);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
@@ -79,6 +83,7 @@ pub fn add_assign_f32(dst: &mut DevBuf<f32>, src: &DevBuf<f32>) -> Result<()> {
     let n64 = n as i64;
     let mut b = cu.launch_builder(Kernel::ElementwiseAddAssignF32);
     b.arg(dst).arg(src).arg(&n64);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { b.launch(config(n.div_ceil(4), cu.sm_count())) }?;
     Ok(())
 }
@@ -91,6 +96,7 @@ pub fn cast_f32_to_bf16(out: &mut DevBuf<bf16>, inp: &DevBuf<f32>) -> Result<()>
     let n64 = n as i64;
     let mut b = cu.launch_builder(Kernel::ElementwiseCastF32ToBf16);
     b.arg(out).arg(inp).arg(&n64);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
@@ -103,6 +109,7 @@ pub fn cast_bf16_to_f32(out: &mut DevBuf<f32>, inp: &DevBuf<bf16>) -> Result<()>
     let n64 = n as i64;
     let mut b = cu.launch_builder(Kernel::ElementwiseCastBf16ToF32);
     b.arg(out).arg(inp).arg(&n64);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
@@ -115,6 +122,7 @@ pub fn dropout_mask(mask: &mut DevBuf<u8>, seed: u64, p: f32) -> Result<()> {
     let n64 = n as i64;
     let mut b = cu.launch_builder(Kernel::ElementwiseDropoutMask);
     b.arg(mask).arg(&seed).arg(&p).arg(&n64);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { b.launch(config(n, cu.sm_count())) }?;
     Ok(())
 }
@@ -127,6 +135,7 @@ pub fn dropout_forward(out: &mut DevBuf<bf16>, inp: &DevBuf<bf16>, mask: &DevBuf
     let n64 = n as i64;
     let mut b = cu.launch_builder(Kernel::ElementwiseDropoutForward);
     b.arg(out).arg(inp).arg(mask).arg(&scale).arg(&n64);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
@@ -154,6 +163,7 @@ pub fn dropout(
         None => b.arg(&null),
     };
     b.arg(inp).arg(&seed).arg(&p).arg(&scale).arg(&n64);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
 }
@@ -171,12 +181,14 @@ pub mod twin {
     /// out = kiln_gelu(inp).
     pub fn gelu(out: &mut [f32], inp: &[f32]) {
         assert_eq!(out.len(), inp.len());
+        // SAFETY: every slice holds the element count passed (asserted above); the twin touches exactly those elements.
         unsafe { kiln_host_gelu(out.as_mut_ptr(), inp.as_ptr(), out.len() as i64) }
     }
 
     /// out = kiln_gelu_grad(inp).
     pub fn gelu_grad(out: &mut [f32], inp: &[f32]) {
         assert_eq!(out.len(), inp.len());
+        // SAFETY: every slice holds the element count passed (asserted above); the twin touches exactly those elements.
         unsafe { kiln_host_gelu_grad(out.as_mut_ptr(), inp.as_ptr(), out.len() as i64) }
     }
 
@@ -184,11 +196,13 @@ pub mod twin {
     pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
         assert_eq!(dinp.len(), inp.len());
         assert_eq!(dinp.len(), dout.len());
+        // SAFETY: every slice holds the element count passed (asserted above); the twin touches exactly those elements.
         unsafe { kiln_host_gelu_backward(dinp.as_mut_ptr(), inp.as_ptr(), dout.as_ptr(), dinp.len() as i64) }
     }
 
     /// mask[i] = kiln_dropout_keep(seed, first + i, p) as 0 or 1.
     pub fn dropout_mask(mask: &mut [u8], seed: u64, p: f32, first: u64) {
+        // SAFETY: every slice holds the element count passed (asserted above); the twin touches exactly those elements.
         unsafe { kiln_host_dropout_mask(mask.as_mut_ptr(), seed, p, first, mask.len() as i64) }
     }
 }

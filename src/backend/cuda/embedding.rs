@@ -91,6 +91,7 @@ pub fn embedding_forward(
     };
     let mut l = cu.launch_builder(Kernel::EmbeddingForward);
     l.arg(out).arg(ids).arg(wte).arg(wpe).arg(&rows32).arg(&t32).arg(&c32).arg(&vocab32);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(cfg) }?;
     Ok(())
 }
@@ -133,6 +134,7 @@ pub fn embedding_backward(
             };
             let mut l = cu.launch_builder(Kernel::EmbeddingBackwardWte);
             l.arg(dwte).arg(dout).arg(&bids).arg(&bstart).arg(&brows).arg(&c32).arg(&vocab32);
+            // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
             unsafe { l.launch(cfg) }?;
         }
     }
@@ -143,6 +145,7 @@ pub fn embedding_backward(
         }
         let mut l = cu.launch_builder(Kernel::EmbeddingBackwardWpe);
         l.arg(dwpe).arg(dout).arg(&rows32).arg(&t32).arg(&c32);
+        // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
         unsafe { l.launch(super::grid_1d(t * c, threads as u32)) }?;
     }
     Ok(())

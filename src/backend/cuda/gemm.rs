@@ -181,6 +181,7 @@ pub fn matmul_with<O: GemmOut>(
         l.arg(&ta).arg(&tb);
     }
     l.arg(&flags);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(cfg) }?;
     Ok(())
 }
@@ -240,6 +241,7 @@ pub fn bias_backward(dbias: &mut DevBuf<f32>, dout: &DevBuf<bf16>, n: usize) -> 
     let mut l = cu.launch_builder(Kernel::GemmBiasBackward);
     let (rows_i, n_i) = (rows as i32, n as i32);
     l.arg(dbias).arg(dout).arg(&rows_i).arg(&n_i);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(cfg) }?;
     Ok(())
 }

@@ -83,6 +83,7 @@ pub fn layernorm_forward(
     let (rows32, c32) = (rows as i32, c as i32);
     let mut l = cu.launch_builder(Kernel::LayernormForward);
     l.arg(out).arg(mean).arg(rstd).arg(x).arg(w).arg(b).arg(&rows32).arg(&c32).arg(&eps);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(row_config(rows)) }?;
     Ok(())
 }
@@ -121,6 +122,7 @@ pub fn layernorm_residual_forward(
     let (rows32, c32) = (rows as i32, c as i32);
     let mut l = cu.launch_builder(Kernel::LayernormResidualForward);
     l.arg(h).arg(out).arg(mean).arg(rstd).arg(a).arg(r).arg(w).arg(b).arg(&rows32).arg(&c32).arg(&eps);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(row_config(rows)) }?;
     Ok(())
 }
@@ -162,6 +164,7 @@ pub fn layernorm_backward(
         if rows > 0 {
             let mut l = cu.launch_builder(Kernel::LayernormBackwardDx);
             l.arg(dx).arg(dout).arg(x).arg(w).arg(mean).arg(rstd).arg(&rows32).arg(&c32);
+            // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
             unsafe { l.launch(row_config(rows)) }?;
         }
     }
@@ -181,6 +184,7 @@ pub fn layernorm_backward(
             block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
+        // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
         unsafe { l.launch(cfg) }?;
     }
     let groups32 = groups as i32;
@@ -197,6 +201,7 @@ pub fn layernorm_backward(
     };
     l.arg(&partial).arg(&groups32).arg(&c32);
     let cfg = LaunchConfig { grid_dim: (stripes as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(cfg) }?;
     Ok(())
 }

@@ -38,6 +38,7 @@ pub fn sum_squares_many(xs: &[&DevBuf<f32>]) -> Result<f64> {
         let mut slots = partial.slice_mut(off..off + nb);
         let mut l = cu.launch_builder(Kernel::ReduceSumSquaresPartial);
         l.arg_mut(&mut slots).arg(*x).arg(&n);
+        // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
         unsafe { l.launch(blocks(nb as u32)) }?;
         off += nb;
     }
@@ -45,6 +46,7 @@ pub fn sum_squares_many(xs: &[&DevBuf<f32>]) -> Result<f64> {
     let total32 = total as i32;
     let mut l = cu.launch_builder(Kernel::ReduceSumSquaresFinish);
     l.arg_mut(&mut out).arg(&partial).arg(&total32);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(blocks(1)) }?;
     Ok(cu.download(&out)?[0])
 }
@@ -61,6 +63,7 @@ pub fn scale(x: &mut DevBuf<f32>, s: f32) -> Result<()> {
     let nb = n.div_ceil(4 * KILN_REDUCE_THREADS as usize).clamp(1, 8 * cu.sm_count().max(1));
     let mut l = cu.launch_builder(Kernel::ReduceScale);
     l.arg(x).arg(&s).arg(&n64);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(blocks(nb as u32)) }?;
     Ok(())
 }

@@ -211,11 +211,17 @@ pub trait KernelArg {
 /// The type must be `repr(C)` (or primitive) with the layout of the kernel parameter it is
 /// passed as: its bytes are copied into the launch's argument list as they are.
 pub unsafe trait KernelScalar: Copy {}
+// SAFETY: a primitive is passed by value with the same bytes the kernel's parameter holds.
 unsafe impl KernelScalar for i32 {}
+// SAFETY: a primitive is passed by value with the same bytes the kernel's parameter holds.
 unsafe impl KernelScalar for u32 {}
+// SAFETY: a primitive is passed by value with the same bytes the kernel's parameter holds.
 unsafe impl KernelScalar for i64 {}
+// SAFETY: a primitive is passed by value with the same bytes the kernel's parameter holds.
 unsafe impl KernelScalar for u64 {}
+// SAFETY: a primitive is passed by value with the same bytes the kernel's parameter holds.
 unsafe impl KernelScalar for f32 {}
+// SAFETY: a primitive is passed by value with the same bytes the kernel's parameter holds.
 unsafe impl KernelScalar for f64 {}
 
 impl<T: KernelScalar> KernelArg for T {
@@ -271,6 +277,7 @@ impl<'a> Launch<'a> {
     /// kernel handles.
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<()> {
         let mut ptrs: Vec<*mut c_void> = self.args.iter_mut().map(|a| a.as_mut_ptr() as *mut c_void).collect();
+        // SAFETY: the caller of this unsafe fn guarantees the arguments (Launch::launch's contract).
         unsafe { self.rt.launch(self.kernel, &cfg, &mut ptrs) }
     }
 }

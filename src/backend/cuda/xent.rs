@@ -72,6 +72,7 @@ pub fn xent_forward<T: Logits>(
     let v32 = v as i32;
     let mut l = cu.launch_builder(T::FORWARD);
     l.arg(losses).arg(lse).arg(logits).arg(targets).arg(&v32);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(config(rows)) }?;
     Ok(())
 }
@@ -103,6 +104,7 @@ pub fn xent_backward<T: Logits>(
     let v32 = v as i32;
     let mut l = cu.launch_builder(T::BACKWARD);
     l.arg(dlogits).arg(lse).arg(targets).arg(&v32).arg(&scale);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(config(rows)) }?;
     Ok(())
 }
