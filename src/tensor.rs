@@ -375,20 +375,17 @@ impl Tensor {
     }
 
     /// The data converted to f32 (a copy for bf16/f16/i32/u8, a clone of the Vec for f32). A CUDA
-    /// tensor is copied to the host first.
-    pub fn to_f32_vec(&self) -> Vec<f32> {
-        match &*self.storage {
+    /// tensor is copied to the host first, which can fail.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        Ok(match &*self.storage {
             #[cfg(feature = "cuda")]
-            Storage::Cuda(_) => self
-                .to_device(Device::Cpu)
-                .unwrap_or_else(|e| panic!("copying a CUDA tensor to the host failed: {e}"))
-                .to_f32_vec(),
+            Storage::Cuda(_) => return self.to_device(Device::Cpu)?.to_f32_vec(),
             Storage::Cpu(CpuStorage::F32(v)) => v.clone(),
             Storage::Cpu(CpuStorage::BF16(v)) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::Cpu(CpuStorage::F16(v)) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::Cpu(CpuStorage::U8(v)) => v.iter().map(|&x| x as f32).collect(),
             Storage::Cpu(CpuStorage::I32(v)) => v.iter().map(|&x| x as f32).collect(),
-        }
+        })
     }
 
     /// Converts to another float dtype (f32, bf16, f16), rounding to nearest even. The result is
@@ -398,7 +395,7 @@ impl Tensor {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
-        let f = self.to_f32_vec();
+        let f = self.to_f32_vec()?;
         let storage = match dtype {
             DType::F32 => CpuStorage::F32(f),
             DType::BF16 => CpuStorage::BF16(f.iter().map(|&x| bf16::from_f32(x)).collect()),
@@ -410,17 +407,23 @@ impl Tensor {
         Self::from_cpu(storage, self.shape.clone())
     }
 
-    /// The raw little-endian bytes of the buffer (what a safetensors file stores).
-    pub fn raw_bytes(&self) -> &[u8] {
-        match &*self.storage {
+    /// The raw little-endian bytes of the buffer (what a safetensors file stores); an error for a
+    /// CUDA tensor, whose bytes are on the device (`to_device(Device::Cpu)` first).
+    pub fn raw_bytes(&self) -> Result<&[u8]> {
+        Ok(match &*self.storage {
             #[cfg(feature = "cuda")]
-            Storage::Cuda(_) => panic!("raw_bytes of a CUDA tensor: copy it to the CPU first (to_device)"),
+            Storage::Cuda(_) => {
+                return Err(Error::Cuda(
+                    "raw_bytes of a CUDA tensor: its bytes are on the GPU; copy it with to_device(Device::Cpu) first"
+                        .into(),
+                ))
+            }
             Storage::Cpu(CpuStorage::F32(v)) => bytemuck::cast_slice(v),
             Storage::Cpu(CpuStorage::BF16(v)) => bytemuck::cast_slice(v),
             Storage::Cpu(CpuStorage::F16(v)) => bytemuck::cast_slice(v),
             Storage::Cpu(CpuStorage::U8(v)) => v,
             Storage::Cpu(CpuStorage::I32(v)) => bytemuck::cast_slice(v),
-        }
+        })
     }
 
     /// The first element as f32 (for scalars such as a loss).

@@ -82,7 +82,7 @@ fn a_cuda_train_step_matches_the_cpu_step() {
         let gg = gpu_grads.get(&pg.tensor).unwrap_or_else(|| panic!("no GPU gradient for {}", pg.name));
         assert_eq!(gg.device(), Device::Cuda(0), "{}", pg.name);
         assert_eq!(gg.dtype(), kiln::DType::F32, "{}: master gradients are f32", pg.name);
-        let e = rel_err(&gg.to_f32_vec(), &gc.to_f32_vec());
+        let e = rel_err(&gg.to_f32_vec().unwrap(), &gc.to_f32_vec().unwrap());
         println!("{:<40} {e:.2e}", pc.name);
         if e > worst.0 {
             worst = (e, pc.name.clone());
@@ -98,10 +98,10 @@ fn a_cuda_train_step_matches_the_cpu_step() {
     og.step(&mut gpu_model.params, &gpu_grads, 1e-3).unwrap();
     for (pc, pg) in cpu_model.params.iter().zip(gpu_model.params.iter()) {
         assert_eq!(pg.tensor.device(), Device::Cuda(0));
-        let (a, b) = (pg.tensor.to_f32_vec(), pc.tensor.to_f32_vec());
+        let (a, b) = (pg.tensor.to_f32_vec().unwrap(), pc.tensor.to_f32_vec().unwrap());
         // Adam's first step moves each weight by about lr * sign(g): compare the step taken.
         let before = model();
-        let p0 = before.params.get(&pc.name).unwrap().to_f32_vec();
+        let p0 = before.params.get(&pc.name).unwrap().to_f32_vec().unwrap();
         let step_c: Vec<f32> = b.iter().zip(&p0).map(|(x, y)| x - y).collect();
         let step_g: Vec<f32> = a.iter().zip(&p0).map(|(x, y)| x - y).collect();
         // Where a gradient is near zero its sign is noise in bf16: allow a tenth of steps to flip.

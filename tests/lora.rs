@@ -249,7 +249,11 @@ fn save_then_load_is_exact_and_the_layout_is_peft_s() {
         assert_eq!(ours.names(), theirs.names());
         for n in theirs.names() {
             assert_eq!(ours.info(&n).unwrap(), theirs.info(&n).unwrap(), "{n}");
-            assert_eq!(ours.tensor(&n).unwrap().raw_bytes(), theirs.tensor(&n).unwrap().raw_bytes(), "{n}");
+            assert_eq!(
+                ours.tensor(&n).unwrap().raw_bytes().unwrap(),
+                theirs.tensor(&n).unwrap().raw_bytes().unwrap(),
+                "{n}"
+            );
         }
         assert_eq!(ours.metadata().unwrap().get("format").map(String::as_str), Some("pt"));
 
@@ -863,7 +867,7 @@ fn embedding_and_lm_head_adapters_save_load_and_keep_peft_s_layout() {
     assert!(got.contains(&"base_model.model.lm_head.lora_B.weight".to_string()));
     for n in &want {
         assert_eq!(ours.info(n).unwrap(), theirs.info(n).unwrap(), "{n}");
-        assert_eq!(ours.tensor(n).unwrap().raw_bytes(), theirs.tensor(n).unwrap().raw_bytes(), "{n}");
+        assert_eq!(ours.tensor(n).unwrap().raw_bytes().unwrap(), theirs.tensor(n).unwrap().raw_bytes().unwrap(), "{n}");
     }
     let read = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
     let json = read(&dir.path().join(peft::CONFIG_FILE));

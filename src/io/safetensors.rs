@@ -134,7 +134,8 @@ fn cast<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
     out
 }
 
-struct TensorView<'a>(&'a Tensor);
+/// A host tensor and its bytes, as safetensors' serialiser reads them.
+struct TensorView<'a>(&'a Tensor, &'a [u8]);
 
 impl View for TensorView<'_> {
     fn dtype(&self) -> StDtype {
@@ -150,10 +151,10 @@ impl View for TensorView<'_> {
         self.0.dims()
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(self.0.raw_bytes())
+        Cow::Borrowed(self.1)
     }
     fn data_len(&self) -> usize {
-        self.0.raw_bytes().len()
+        self.1.len()
     }
 }
 
@@ -166,8 +167,11 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], extra: &[(&str, &str)]) -
     }
     // A GPU tensor is written from a host copy.
     let host: Vec<Tensor> = tensors.iter().map(|(_, t)| t.to_device(crate::Device::Cpu)).collect::<Result<_>>()?;
-    let views: Vec<(&str, TensorView)> =
-        tensors.iter().zip(&host).map(|((n, _), t)| (n.as_str(), TensorView(t))).collect();
+    let views: Vec<(&str, TensorView)> = tensors
+        .iter()
+        .zip(&host)
+        .map(|((n, _), t)| Ok((n.as_str(), TensorView(t, t.raw_bytes()?))))
+        .collect::<Result<_>>()?;
     let bytes = safetensors::tensor::serialize(views, Some(meta))
         .map_err(|e| Error::Input(format!("cannot serialise {}: {e}", path.display())))?;
     super::write_atomic(path, |w| std::io::Write::write_all(w, &bytes))

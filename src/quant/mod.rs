@@ -97,7 +97,7 @@ pub fn quantize_file_nf4(input: &Path, output: &Path, opts: &Nf4FileOptions) -> 
     let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut put = |name: String, t: Tensor, counted: bool, report: &mut Nf4FileReport| -> Result<()> {
         if counted {
-            report.bytes_out += t.raw_bytes().len();
+            report.bytes_out += t.raw_bytes()?.len();
         }
         if out.insert(name.clone(), t).is_some() {
             return Err(Error::checkpoint(
@@ -112,7 +112,7 @@ pub fn quantize_file_nf4(input: &Path, output: &Path, opts: &Nf4FileOptions) -> 
         let float = ["F32", "BF16", "F16"].contains(&dtype.as_str());
         if shape.len() != 2 || !float || (opts.keep_embeddings && is_embedding(name)) {
             let t = file.tensor(name)?;
-            report.bytes_in += t.raw_bytes().len();
+            report.bytes_in += t.raw_bytes()?.len();
             put(name.clone(), t, true, &mut report)?;
             report.copied.push(name.clone());
             continue;
