@@ -4,6 +4,9 @@
 //! only difference is operation order inside one update, worth a few ulp of a value ~1, so the
 //! bound is 1e-6 relative to the largest magnitude.
 
+mod common;
+
+use common::max_rel_err;
 use kiln::io::checkpoint::load_all;
 use kiln::optim::adamw::{adamw_step, AdamWConfig};
 use std::path::PathBuf;
@@ -19,11 +22,6 @@ fn repo_file(rel: &str) -> PathBuf {
     ];
     let root = candidates.into_iter().flatten().find(|r| r.join(rel).exists());
     root.unwrap_or_else(|| panic!("{rel} not found: run from the repository root")).join(rel)
-}
-
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    d / (b.iter().map(|y| y.abs()).fold(0f32, f32::max) + 1e-12)
 }
 
 #[test]
@@ -45,16 +43,31 @@ fn three_steps_match_torch_adamw() {
         println!(
             "step {}: rel err params {:.1e}, m {:.1e}, v {:.1e}",
             s + 1,
-            rel(&p, &want_p[r.clone()]),
-            rel(&m, &want_m[r.clone()]),
-            rel(&v, &want_v[r.clone()])
+            max_rel_err(&p, &want_p[r.clone()]),
+            max_rel_err(&m, &want_m[r.clone()]),
+            max_rel_err(&v, &want_v[r.clone()])
         );
-        assert!(rel(&p, &want_p[r.clone()]) < 1e-6, "step {}: params rel err {}", s + 1, rel(&p, &want_p[r.clone()]));
-        assert!(rel(&m, &want_m[r.clone()]) < 1e-6, "step {}: exp_avg rel err {}", s + 1, rel(&m, &want_m[r.clone()]));
-        assert!(rel(&v, &want_v[r.clone()]) < 1e-6, "step {}: exp_avg_sq rel err {}", s + 1, rel(&v, &want_v[r]));
+        assert!(
+            max_rel_err(&p, &want_p[r.clone()]) < 1e-6,
+            "step {}: params rel err {}",
+            s + 1,
+            max_rel_err(&p, &want_p[r.clone()])
+        );
+        assert!(
+            max_rel_err(&m, &want_m[r.clone()]) < 1e-6,
+            "step {}: exp_avg rel err {}",
+            s + 1,
+            max_rel_err(&m, &want_m[r.clone()])
+        );
+        assert!(
+            max_rel_err(&v, &want_v[r.clone()]) < 1e-6,
+            "step {}: exp_avg_sq rel err {}",
+            s + 1,
+            max_rel_err(&v, &want_v[r])
+        );
     }
     // the update moved the parameters by a visible amount (so the check has teeth)
-    assert!(rel(&p, f["adam.p0"].f32s().unwrap()) > 1e-4);
+    assert!(max_rel_err(&p, f["adam.p0"].f32s().unwrap()) > 1e-4);
 }
 
 #[test]
@@ -85,9 +98,6 @@ fn model_step_skips_decay_on_vectors_and_frozen_parameters() {
 /// kernels/adamw.cuh performs torch's f32 operations in the CPU's order with explicitly rounded
 /// intrinsics (no FMA contraction on the device; -ffp-contract=off for the host twins), and IEEE
 /// f32 +, -, *, / and sqrt are correctly rounded everywhere, so equal inputs give equal bits.
-#[cfg(feature = "cuda")]
-mod common;
-
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::common::{self, rng, uniform};

@@ -1,33 +1,15 @@
 //! The `kiln` command line, run as a user runs it: eval and grads on the oracle fixture, and a
 //! clear error with a non-zero exit code (never a panic) for each kind of bad input.
 
+mod common;
+
+use common::cli::{fails_with, kiln, text};
+
 use kiln::io::checkpoint::load_all;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle/dev-set").join(name)
-}
-
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("the kiln binary runs")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-/// Runs kiln, expects failure with exit code 1 and an error mentioning every `needle`.
-fn fails_with(args: &[&str], needles: &[&str]) -> String {
-    let o = kiln(args);
-    let t = text(&o);
-    assert_eq!(o.status.code(), Some(1), "expected exit code 1 for {args:?}, got {:?}:\n{t}", o.status.code());
-    assert!(!t.contains("panicked"), "kiln panicked on bad input {args:?}:\n{t}");
-    assert!(t.starts_with("error: "), "the message should start with 'error: ':\n{t}");
-    for n in needles {
-        assert!(t.contains(n), "error for {args:?} should mention '{n}':\n{t}");
-    }
-    t
 }
 
 /// A copy of the fixture model directory that a test may damage.

@@ -11,22 +11,22 @@
 //!
 //! Plus real SIGKILLs from outside at arbitrary moments of a pre-training run.
 
+mod common;
+
+use common::cli::{kiln_command, text};
+
 use kiln::train::checkpoint;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn kiln(args: &[&str], crash_at: Option<usize>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    let mut c = kiln_command();
     c.args(args).env("RAYON_NUM_THREADS", "1");
     if let Some(n) = crash_at {
         c.env("KILN_CRASH_AT", n.to_string());
     }
     c.output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 /// True when the process died of a signal (the crash point's SIGKILL), false when it exited 0;

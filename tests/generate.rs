@@ -8,6 +8,11 @@
 //! roundings of logits of order 1-10: 1e-5 of max |logit| (observed ~1e-7). Against transformers
 //! (another summation order throughout) the same 1e-4 as tests/gpt2_parity.rs.
 
+mod common;
+
+use common::cli::{fails_with, kiln, text};
+use common::max_rel_err;
+
 use kiln::backend::cpu::attention::{attention_decode, attention_forward};
 use kiln::io::checkpoint::{load_all, load_gpt2};
 use kiln::model::generate::{self as g, generate, GenerateConfig, KvCache};
@@ -15,7 +20,6 @@ use kiln::model::gpt2::Mode;
 use kiln::{Gpt2, Tape, Tensor};
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 const NEG: f32 = f32::NEG_INFINITY;
 
@@ -37,13 +41,6 @@ fn greedy(max_new_tokens: usize) -> GenerateConfig {
 
 fn sampling(max_new_tokens: usize, seed: u64) -> GenerateConfig {
     GenerateConfig { do_sample: true, seed, ..greedy(max_new_tokens) }
-}
-
-/// max |a - b| / max |b|
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    diff / b.iter().map(|y| y.abs()).fold(0f32, f32::max)
 }
 
 /// The last position's logits of a full-recompute forward over `ids`.
@@ -75,9 +72,9 @@ fn cached_logits_equal_the_oracle_and_the_full_forward() {
     let mut logits = model.forward_cached(&prompt, &mut cache).unwrap();
     for (i, want) in steps.f32s().unwrap().chunks(v).enumerate() {
         let got = logits.f32s().unwrap();
-        let e = rel_err(got, want);
+        let e = max_rel_err(got, want);
         assert!(e < 1e-4, "step {i}: cached logits vs transformers rel err {e}");
-        let e = rel_err(got, &full_last_logits(&model, &output[..prompt.len() + i]));
+        let e = max_rel_err(got, &full_last_logits(&model, &output[..prompt.len() + i]));
         assert!(e < 1e-5, "step {i}: cached logits vs kiln's full forward rel err {e}");
         if prompt.len() + i < output.len() - 1 {
             logits = model.forward_cached(&output[prompt.len() + i..prompt.len() + i + 1], &mut cache).unwrap();
@@ -107,7 +104,7 @@ fn cached_forward_equals_full_forward_for_any_chunking() {
         at += n;
         assert_eq!(cache.len(), at);
         for (i, &r) in rows_in.iter().enumerate() {
-            let e = rel_err(&logits.f32s().unwrap()[i * v..(i + 1) * v], &full_last_logits(&model, &rows[r][..at]));
+            let e = max_rel_err(&logits.f32s().unwrap()[i * v..(i + 1) * v], &full_last_logits(&model, &rows[r][..at]));
             assert!(e < 1e-5, "row {r} after {at} positions: rel err {e}");
         }
     }
@@ -324,24 +321,6 @@ fn bad_requests_are_refused_with_what_to_do() {
 }
 
 // ---- the command line ----
-
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("the kiln binary runs")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn fails_with(args: &[&str], needles: &[&str]) {
-    let o = kiln(args);
-    let t = text(&o);
-    assert_eq!(o.status.code(), Some(1), "expected exit code 1 for {args:?}:\n{t}");
-    assert!(!t.contains("panicked"), "kiln panicked on {args:?}:\n{t}");
-    for n in needles {
-        assert!(t.contains(n), "error for {args:?} should mention '{n}':\n{t}");
-    }
-}
 
 fn csv(ids: &[u32]) -> String {
     ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")

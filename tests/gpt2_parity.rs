@@ -4,6 +4,10 @@
 //! f32 with different summation orders; the observed worst case is ~1e-6, so 1e-4 leaves room
 //! for BLAS differences while still catching any real error (a wrong op is off by O(1)).
 
+mod common;
+
+use common::max_rel_err_t;
+
 use kiln::data::batch::Batch;
 use kiln::io::checkpoint::{load_all, load_gpt2};
 use kiln::model::gpt2::Mode;
@@ -14,15 +18,6 @@ const TOL: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle/dev-set").join(name)
-}
-
-/// max |a - b| / (max |b| + 1e-6)
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let (a, b) = (a.f32s().unwrap(), b.f32s().unwrap());
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
-    diff / (scale + 1e-6)
 }
 
 #[test]
@@ -38,7 +33,7 @@ fn logits_loss_and_every_gradient_match_transformers() {
     let want_loss = forward["loss"].item().unwrap();
     let got_loss = loss.item().unwrap();
     assert!((got_loss - want_loss).abs() / want_loss < TOL, "loss {got_loss} vs transformers {want_loss}");
-    let e = rel_err(&out.logits, &forward["logits"]);
+    let e = max_rel_err_t(&out.logits, &forward["logits"]);
     assert!(e < TOL, "logits rel err {e}");
 
     let g = tape.backward(&loss).unwrap();
@@ -48,7 +43,7 @@ fn logits_loss_and_every_gradient_match_transformers() {
     for p in model.params.iter() {
         let want = grads.get(&p.name).unwrap_or_else(|| panic!("fixture lacks {}", p.name));
         let got = g.get(&p.tensor).unwrap_or_else(|| panic!("kiln produced no gradient for {}", p.name));
-        let e = rel_err(got, want);
+        let e = max_rel_err_t(got, want);
         assert!(e < TOL, "{}: rel err {e}", p.name);
         if e > worst.0 {
             worst = (e, p.name.clone());
@@ -67,7 +62,7 @@ fn hidden_states_match_transformers() {
     let wte = model.params.get("transformer.wte.weight").unwrap();
     let wpe = model.params.get("transformer.wpe.weight").unwrap();
     let h0 = kiln::ops::embedding::embedding(&mut tape, &batch.input_ids, wte, wpe).unwrap();
-    let e = rel_err(&h0, &forward["hidden_states.0"]);
+    let e = max_rel_err_t(&h0, &forward["hidden_states.0"]);
     assert!(e < TOL, "hidden_states.0 rel err {e}");
 }
 
@@ -81,7 +76,7 @@ fn tied_embedding_gradient_is_the_sum_of_its_two_uses() {
     let b = split["wte_grad_from_embedding"].f32s().unwrap();
     let sum: Vec<f32> = a.iter().zip(b).map(|(x, y)| x + y).collect();
     let sum = Tensor::from_f32(sum, split["wte_grad_from_lm_head"].dims()).unwrap();
-    assert!(rel_err(&sum, &grads["transformer.wte.weight"]) < 1e-6);
+    assert!(max_rel_err_t(&sum, &grads["transformer.wte.weight"]) < 1e-6);
 
     // and kiln's dlogits equal transformers' (the cross-entropy backward on its own)
     let model = load_gpt2(&fixture("model")).unwrap();
@@ -93,7 +88,7 @@ fn tied_embedding_gradient_is_the_sum_of_its_two_uses() {
     tape2.watch(&logits);
     let loss = kiln::ops::xent::cross_entropy(&mut tape2, &logits, &batch.targets().unwrap()).unwrap();
     let g = tape2.backward(&loss).unwrap();
-    let e = rel_err(g.get(&logits).unwrap(), &split["dlogits"]);
+    let e = max_rel_err_t(g.get(&logits).unwrap(), &split["dlogits"]);
     assert!(e < TOL, "dlogits rel err {e}");
 }
 
@@ -109,5 +104,5 @@ fn frozen_parameters_get_no_gradient() {
     let g = tape.backward(&loss).unwrap();
     assert_eq!(g.len(), 1, "only the one trainable parameter may get a gradient buffer");
     let want = &load_all(&fixture("grads.safetensors")).unwrap()["transformer.ln_f.bias"];
-    assert!(rel_err(g.get(model.params.get("transformer.ln_f.bias").unwrap()).unwrap(), want) < TOL);
+    assert!(max_rel_err_t(g.get(model.params.get("transformer.ln_f.bias").unwrap()).unwrap(), want) < TOL);
 }

@@ -15,6 +15,9 @@
 
 mod common;
 
+use common::cli::{fails_with, kiln, text};
+use common::max_rel_err_t;
+
 use common::{grad_check, poison_pool, rand_tensor, rng, Objective, Tol, POOLED};
 use kiln::data::batch::Batch;
 use kiln::io::checkpoint::{load_all, load_gpt2, save_gpt2};
@@ -26,21 +29,11 @@ use kiln::ops::gemm::{linear, matmul, WeightLayout};
 use kiln::ops::lora::{lora_embedding, lora_linear, lora_linear_ex};
 use kiln::{DType, Gpt2, Tape, Tensor};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 const TOL: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle/dev-set").join(name)
-}
-
-/// max |a - b| / (max |b| + 1e-6)
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let (a, b) = (a.f32s().unwrap(), b.f32s().unwrap());
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
-    diff / (scale + 1e-6)
 }
 
 fn base() -> Gpt2 {
@@ -131,7 +124,7 @@ fn lora_linear_equals_its_composite_twin() {
         let u = matmul(&mut t2, &v[0], &v[2], false, true).unwrap();
         let upd = matmul(&mut t2, &u, &bs, false, true).unwrap();
         let twin = elementwise::add(&mut t2, &base, &upd).unwrap();
-        let e = rel_err(&fused, &twin);
+        let e = max_rel_err_t(&fused, &twin);
         assert!(e < 1e-5, "forward x={x:?}: rel err {e}");
 
         // The same scalar objective on both: cross-entropy of the outputs against fixed targets.
@@ -150,7 +143,7 @@ fn lora_linear_equals_its_composite_twin() {
             ("dA", g1.get(&v[2]).unwrap(), g2.get(&v[2]).unwrap()),
             ("dB", g1.get(&v[3]).unwrap(), &db2),
         ] {
-            let e = rel_err(a, b);
+            let e = max_rel_err_t(a, b);
             assert!(e < 1e-5, "{what} x={x:?}: rel err {e}");
         }
         // Only the watched inputs got gradients: the frozen weight and bias cost nothing.
@@ -191,7 +184,7 @@ fn check_against(name: &str, dir: &Path, grads: &Path) {
     let (got_loss, want_loss) = (loss.item().unwrap(), want["loss"].item().unwrap());
     let loss_err = (got_loss - want_loss).abs() / want_loss;
     assert!(loss_err < TOL, "{name}: loss {got_loss} vs peft {want_loss}");
-    let logits_err = rel_err(&out.logits, &want["logits"]);
+    let logits_err = max_rel_err_t(&out.logits, &want["logits"]);
     assert!(logits_err < TOL, "{name}: logits rel err {logits_err}");
 
     let g = tape.backward(&loss).unwrap();
@@ -204,7 +197,7 @@ fn check_against(name: &str, dir: &Path, grads: &Path) {
     let mut worst = (0f32, String::new());
     for p in lora.params.iter() {
         let w = want.get(&p.name).unwrap_or_else(|| panic!("{name}: fixture lacks {}", p.name));
-        let e = rel_err(g.get(&p.tensor).unwrap(), w);
+        let e = max_rel_err_t(g.get(&p.tensor).unwrap(), w);
         assert!(e < TOL, "{name}: {}: rel err {e}", p.name);
         if e > worst.0 {
             worst = (e, p.name.clone());
@@ -339,11 +332,11 @@ fn merged_forward_equals_the_unmerged_one() {
         let merged = lora::merged(&model).unwrap();
         assert!(merged.lora.is_none() && merged.params.iter().all(|p| p.trainable));
         let (a, b) = (logits(&merged), logits(&model));
-        let e = rel_err(&a, &b);
+        let e = max_rel_err_t(&a, &b);
         assert!(e < 1e-5, "{name}: merged vs unmerged logits rel err {e}");
         println!("{name}: merged vs unmerged logits rel err {e:.2e}");
         // the adapter changes the model: merging did something
-        assert!(rel_err(&logits(&base()), &b) > 1e-3);
+        assert!(max_rel_err_t(&logits(&base()), &b) > 1e-3);
         // W' = W + s A^T B^T, checked on one weight in f64
         let m = &model.lora.as_ref().unwrap().modules()[2];
         let ad = model.lora.as_ref().unwrap().adapter(&m.module).unwrap();
@@ -358,29 +351,8 @@ fn merged_forward_equals_the_unmerged_one() {
     }
 }
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("the kiln binary runs")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Runs kiln, expects failure with exit code 1, no panic, and an error mentioning every `needle`.
-fn fails_with(args: &[&str], needles: &[&str]) -> String {
-    let o = kiln(args);
-    let t = text(&o);
-    assert_eq!(o.status.code(), Some(1), "expected exit code 1 for {args:?}, got {:?}:\n{t}", o.status.code());
-    assert!(!t.contains("panicked"), "kiln panicked on bad input {args:?}:\n{t}");
-    assert!(t.starts_with("error: "), "the message should start with 'error: ':\n{t}");
-    for n in needles {
-        assert!(t.contains(n), "error for {args:?} should mention '{n}':\n{t}");
-    }
-    t
 }
 
 #[test]
@@ -399,7 +371,7 @@ fn kiln_merge_writes_a_plain_checkpoint_and_generate_agrees_with_the_adapter() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(std::fs::read(merged_dir.join("tokenizer.json")).unwrap(), b"{\"stand-in\": true}");
     let merged = load_gpt2(&merged_dir).unwrap();
-    let e = rel_err(&logits(&merged), &logits(&with_adapter(&adapter)));
+    let e = max_rel_err_t(&logits(&merged), &logits(&with_adapter(&adapter)));
     assert!(e < 1e-5, "kiln merge output vs unmerged adapter: logits rel err {e}");
 
     // Greedy decoding with the adapter unmerged equals greedy decoding on the merged checkpoint.
@@ -477,7 +449,7 @@ fn grads_cli_matches(adapter: &Path, want: &Path) {
     names.sort();
     assert_eq!(got.keys().collect::<Vec<_>>(), names);
     for (n, g) in &got {
-        let e = rel_err(g, &want[n]);
+        let e = max_rel_err_t(g, &want[n]);
         assert!(e < TOL, "{n}: rel err {e}");
     }
 }
@@ -815,7 +787,7 @@ fn embedding_and_lm_head_lora_equal_their_composite_twins() {
         let y1 =
             lora_linear_ex(&mut t1, &vv[0], &wt, WeightLayout::OutIn, None, &vv[2], &vv[3], s, 0.2, true, 5).unwrap();
         let y2 = lora_linear(&mut t2, &vv[0], &vv[1], None, &vv[2], &vv[3], s, 0.2, true, 5).unwrap();
-        assert!(rel_err(&y1, &y2) < 1e-5, "forward x={x:?}");
+        assert!(max_rel_err_t(&y1, &y2) < 1e-5, "forward x={x:?}");
         let rows = y1.shape().rows();
         let targets =
             Tensor::from_i32((0..rows).map(|j| (j % n) as i32).collect(), &y1.dims()[..y1.dims().len() - 1]).unwrap();
@@ -823,7 +795,7 @@ fn embedding_and_lm_head_lora_equal_their_composite_twins() {
         let l2 = kiln::ops::xent::cross_entropy(&mut t2, &y2, &targets).unwrap();
         let (g1, g2) = (t1.backward(&l1).unwrap(), t2.backward(&l2).unwrap());
         for (what, t) in [("dx", &vv[0]), ("dA", &vv[2]), ("dB", &vv[3])] {
-            let e = rel_err(g1.get(t).unwrap(), g2.get(t).unwrap());
+            let e = max_rel_err_t(g1.get(t).unwrap(), g2.get(t).unwrap());
             assert!(e < 1e-5, "{what} x={x:?}: rel err {e}");
         }
         assert!(g1.get(&wt).is_none(), "the frozen weight gets no gradient");
@@ -846,7 +818,7 @@ fn embedding_and_lm_head_lora_match_peft() {
         ]
     );
     // the adapter matters: without it the logits differ
-    assert!(rel_err(&logits(&base()), &logits(&m)) > 1e-3);
+    assert!(max_rel_err_t(&logits(&base()), &logits(&m)) > 1e-3);
 }
 
 #[test]

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::cli::kiln;
+
 use common::sft::{base_model, losses};
 use kiln::data::batch::Batch;
 use kiln::io::checkpoint::{load_all, load_gpt2, load_gpt2_nf4_base, save_gpt2};
@@ -13,11 +15,6 @@ use kiln::model::gpt2::{Gpt2, Mode};
 use kiln::quant::nf4::{quantize_nf4, NF4_BLOCKSIZE};
 use kiln::{DType, Tape, Tensor};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("the kiln binary runs")
-}
 
 /// Runs kiln, asserts success and returns stdout.
 fn ok(args: &[&str]) -> String {

@@ -1,17 +1,13 @@
 //! `kiln pretrain` and `kiln demo` as a user runs them: Ctrl-C finishes the step, saves and
 //! exits cleanly; bad input stops with a clear error; the demo writes what it promises.
 
+mod common;
+
+use common::cli::{fails_after_output, kiln_command, text};
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn kiln() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
 
 const SMALL: &[&str] = &[
     "--set",
@@ -34,7 +30,7 @@ const SMALL: &[&str] = &[
 fn ctrl_c_finishes_the_step_saves_and_exits_130() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let mut child = kiln()
+    let mut child = kiln_command()
         .args(["pretrain", "--out", run.to_str().unwrap(), "--max-steps", "100000", "--set", "train.log_every=1"])
         .args(SMALL)
         .stdout(Stdio::piped())
@@ -71,7 +67,7 @@ fn ctrl_c_finishes_the_step_saves_and_exits_130() {
         latest.display()
     );
     // and the run resumes from it
-    let o = kiln()
+    let o = kiln_command()
         .args(["pretrain", "--out", run.to_str().unwrap(), "--resume", "--max-steps", &(logged + 2).to_string()])
         .output()
         .unwrap();
@@ -86,7 +82,7 @@ fn ctrl_c_finishes_the_step_saves_and_exits_130() {
 
 /// Runs `kiln pretrain` with SMALL and `extra`, returning its output.
 fn pretrain(run: &Path, extra: &[&str]) -> Output {
-    kiln().args(["pretrain", "--out", run.to_str().unwrap()]).args(SMALL).args(extra).output().unwrap()
+    kiln_command().args(["pretrain", "--out", run.to_str().unwrap()]).args(SMALL).args(extra).output().unwrap()
 }
 
 /// The steps metrics.jsonl holds a training loss for, in file order.
@@ -174,16 +170,6 @@ fn progress_without_a_terminal_is_plain_lines() {
     }
 }
 
-fn fails_with(args: &[&str], needles: &[&str]) {
-    let o = kiln().args(args).output().unwrap();
-    let t = text(&o);
-    assert_eq!(o.status.code(), Some(1), "expected exit code 1 for {args:?}:\n{t}");
-    assert!(!t.contains("panicked"), "{t}");
-    for n in needles {
-        assert!(t.contains(n), "error for {args:?} should mention '{n}':\n{t}");
-    }
-}
-
 #[test]
 fn bad_corpora_and_mismatched_models_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -194,12 +180,12 @@ fn bad_corpora_and_mismatched_models_are_refused() {
     let mut args = vec!["pretrain", "--out", &run, "--data"];
     let empty = s(&d.join("empty.txt"));
     args.push(&empty);
-    fails_with(&args, &["empty.txt", "no text"]);
+    fails_after_output(&args, &["empty.txt", "no text"]);
     // a start that failed before its first step does not block the next attempt
     std::fs::write(d.join("ok.txt"), "some words of text, enough to fill a few windows of four tokens. ".repeat(20))
         .unwrap();
     let ok = s(&d.join("ok.txt"));
-    let o = kiln()
+    let o = kiln_command()
         .args(["pretrain", "--out", &run, "--data", &ok, "--max-steps", "1", "--set", "train.seq_len=4"])
         .args(["--set", "data.tokenizer_vocab_size=260", "--set", "model.n_layer=1", "--set", "model.n_embd=32"])
         .output()
@@ -209,14 +195,14 @@ fn bad_corpora_and_mismatched_models_are_refused() {
     std::fs::write(d.join("latin1.txt"), b"caf\xe9 au lait").unwrap();
     let latin = s(&d.join("latin1.txt"));
     let run2 = s(&d.join("r2"));
-    fails_with(&["pretrain", "--out", &run2, "--data", &latin], &["latin1.txt", "UTF-8", "3"]);
+    fails_after_output(&["pretrain", "--out", &run2, "--data", &latin], &["latin1.txt", "UTF-8", "3"]);
 
     std::fs::write(d.join("short.txt"), "just a few words of text").unwrap();
     let short = s(&d.join("short.txt"));
     let run3 = s(&d.join("r3"));
     let mut a = vec!["pretrain", "--out", &run3, "--data", &short, "--set", "data.val_fraction=0"];
     a.extend(SMALL);
-    fails_with(&a, &["fewer than one window"]);
+    fails_after_output(&a, &["fewer than one window"]);
 
     // a model whose vocabulary is smaller than the tokenizer's
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle/dev-set/model");
@@ -224,18 +210,18 @@ fn bad_corpora_and_mismatched_models_are_refused() {
     let run4 = s(&d.join("r4"));
     let mut a = vec!["pretrain", "--out", &run4, "--set", &init];
     a.extend(SMALL);
-    fails_with(&a, &["vocab"]);
+    fails_after_output(&a, &["vocab"]);
 
     let run5 = s(&d.join("r5"));
-    fails_with(&["pretrain", "--out", &run5, "--set", "train.lr"], &["section.key=value"]);
-    fails_with(&["pretrain", "--out", &run5, "--set", "train.learning_rate=3"], &["learning_rate"]);
+    fails_after_output(&["pretrain", "--out", &run5, "--set", "train.lr"], &["section.key=value"]);
+    fails_after_output(&["pretrain", "--out", &run5, "--set", "train.learning_rate=3"], &["learning_rate"]);
 }
 
 #[test]
 fn the_demo_trains_samples_and_writes_its_run() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("demo");
-    let o = kiln()
+    let o = kiln_command()
         .args(["demo", "--out", run.to_str().unwrap(), "--steps", "30", "--compare-steps", "10"])
         .args(["--set", "data.builtin_bytes=100000", "--set", "train.eval_every=10"])
         .output()
@@ -263,7 +249,7 @@ fn the_demo_trains_samples_and_writes_its_run() {
     // the suggested next command is the table's LoRA row: run as printed, it lands on the table's loss
     let line = t.lines().find(|l| l.contains("next, fine-tune it yourself")).expect("a suggested next command");
     let cmd: Vec<&str> = line[line.find("kiln finetune").unwrap()..].split_whitespace().collect();
-    let o = kiln().args(&cmd[1..]).output().unwrap();
+    let o = kiln_command().args(&cmd[1..]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let rows: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("compare/compare.json")).unwrap()).unwrap();
@@ -277,7 +263,7 @@ fn the_demo_trains_samples_and_writes_its_run() {
         "the suggested command ends at validation loss {got}, the table's LoRA row at {table}"
     );
     // a second demo into the same directory is refused unless --overwrite
-    let o = kiln().args(["demo", "--out", run.to_str().unwrap(), "--steps", "1"]).output().unwrap();
+    let o = kiln_command().args(["demo", "--out", run.to_str().unwrap(), "--steps", "1"]).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("--overwrite"));
 }
@@ -294,6 +280,9 @@ fn run_toml_records_the_tokenizer_that_was_built() {
     let cfg = kiln::train::RunConfig::load(Some(&run.join("run.toml")), &[]).unwrap();
     assert_eq!(cfg.data.tokenizer_vocab_size, built, "run.toml must record the vocabulary that was built");
     // and the run resumes with its own run.toml
-    let o = kiln().args(["pretrain", "--out", run.to_str().unwrap(), "--resume", "--max-steps", "2"]).output().unwrap();
+    let o = kiln_command()
+        .args(["pretrain", "--out", run.to_str().unwrap(), "--resume", "--max-steps", "2"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", text(&o));
 }

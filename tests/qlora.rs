@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::max_rel_err_t;
+
 use common::sft::{base_model, config, losses, opts};
 use common::{poison_pool, rand_tensor, rng};
 use kiln::model::gpt2::{Gpt2, Gpt2Config, Mode};
@@ -26,15 +28,6 @@ use std::time::Instant;
 /// Both sides run the same f32 GEMMs on the same W; only a different summation order could
 /// separate them, and there is none, so 1e-6 leaves room without hiding a wrong rule.
 const SAME_MATH: f32 = 1e-6;
-
-/// max |a - b| / (max |b| + 1e-6)
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let (a, b) = (a.f32s().unwrap(), b.f32s().unwrap());
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
-    diff / (scale + 1e-6)
-}
 
 /// A random weight [k, n] in NF4 and its dequantized f32 twin.
 fn nf4_pair(seed: u64, k: usize, n: usize) -> (Arc<Nf4Weight>, Tensor) {
@@ -79,7 +72,7 @@ fn check_against_f32(m: usize, k: usize, n: usize, r: usize, dropout: f32, lora_
     };
     let (got, want) = (run(true), run(false));
     for (what, (g, w)) in ["y", "dx", "dbias", "dA", "dB"].iter().zip(got.iter().zip(&want)) {
-        let e = rel_err(g, w);
+        let e = max_rel_err_t(g, w);
         assert!(e <= SAME_MATH, "m {m} k {k} n {n} r {r} p {dropout} lora {lora_on}: {what} differs by {e:e}");
     }
 }
@@ -152,7 +145,7 @@ fn a_quantized_gpt2_equals_its_dequantized_twin_and_stays_close_to_f32() {
     let ids = Tensor::from_i32((0..2 * 24).map(|i| i * 37 % 96).collect(), [2, 24]).unwrap();
     let logits = |m: &Gpt2| m.forward(&mut Tape::inference(), &ids, None, Mode::Eval).unwrap().logits;
     let (lq, lt, lf) = (logits(&q), logits(&twin), logits(&f));
-    assert!(rel_err(&lq, &lt) <= SAME_MATH, "{:e}", rel_err(&lq, &lt));
+    assert!(max_rel_err_t(&lq, &lt) <= SAME_MATH, "{:e}", max_rel_err_t(&lq, &lt));
     // The bound is set against the weights' own error: NF4 moves each Conv1D weight by e_w
     // (relative L2, ~0.1 at 4 bits); the logits of a random model move by about as much, and
     // no more than 2 e_w
@@ -168,7 +161,7 @@ fn a_quantized_gpt2_equals_its_dequantized_twin_and_stays_close_to_f32() {
     let rel_l2 = rel(lq.f32s().unwrap(), lf.f32s().unwrap());
     println!(
         "NF4 vs f32: weights relative L2 error {e_w:.2e}; logits relative L2 error {rel_l2:.2e}, max-norm {:.2e}",
-        rel_err(&lq, &lf)
+        max_rel_err_t(&lq, &lf)
     );
     assert!(rel_l2 < 2.0 * e_w, "{rel_l2} vs {e_w}");
     // memory: 4 bytes a Conv1D weight in f32, about 0.52 in NF4
@@ -211,9 +204,9 @@ fn lora_gradients_on_the_nf4_base_equal_those_on_its_dequantized_twin() {
         (loss, l.params.iter().map(|p| (p.name.clone(), g.get(&p.tensor).unwrap().clone())).collect::<Vec<_>>())
     };
     let ((lq, gq), (lt, gt)) = (grads(&q), grads(&twin));
-    assert!(rel_err(&lq, &lt) <= SAME_MATH);
+    assert!(max_rel_err_t(&lq, &lt) <= SAME_MATH);
     for ((name, a), (_, b)) in gq.iter().zip(&gt) {
-        assert!(rel_err(a, b) <= 1e-5, "{name}: {:e}", rel_err(a, b));
+        assert!(max_rel_err_t(a, b) <= 1e-5, "{name}: {:e}", max_rel_err_t(a, b));
     }
     // generation runs through the NF4 op too and agrees with the twin
     let cfg = kiln::model::generate::GenerateConfig { max_new_tokens: 8, ..Default::default() };

@@ -31,6 +31,7 @@
 
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod sft;
 
 use kiln::ops::{gemm, xent};
@@ -71,6 +72,20 @@ pub fn uniform(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
 pub fn rand_tensor(rng: &mut StdRng, dims: &[usize], scale: f32) -> Tensor {
     let n = dims.iter().product();
     Tensor::from_f32(uniform(rng, n, scale), dims).unwrap()
+}
+
+/// max |a - b| / max |b|: the largest error relative to the largest reference value (0 when both
+/// are all zeros; any difference from an all-zero reference is huge, not NaN).
+pub fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    diff / b.iter().map(|y| y.abs()).fold(0f32, f32::max).max(f32::MIN_POSITIVE)
+}
+
+/// `max_rel_err` of two f32 tensors of the same shape.
+pub fn max_rel_err_t(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    max_rel_err(a.f32s().unwrap(), b.f32s().unwrap())
 }
 
 /// The largest absolute value.
