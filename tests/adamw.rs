@@ -253,7 +253,7 @@ mod cuda {
                     decay: i % 3 != 1,
                 })
                 .collect();
-            gpu::adamw_step_multi(&mut params, &cfg, lr, t).unwrap();
+            gpu::adamw_step_multi(&mut params, &AdamWScalars::new(&cfg, lr, t, true)).unwrap();
             drop(params);
             for (i, ([p, m, v, g], (pd, md, vd))) in cpu_state.iter_mut().zip(&dev).enumerate() {
                 if sizes[i] == 0 {
@@ -276,7 +276,7 @@ mod cuda {
         let [mut p, mut m, mut v, g] = state(300, 97);
         let (mut pd, mut md, mut vd, gd) =
             (cu.upload(&p).unwrap(), cu.upload(&m).unwrap(), cu.upload(&v).unwrap(), cu.upload(&g).unwrap());
-        gpu::adamw_step(&mut pd, &mut md, &mut vd, &gd, &cfg, 1e-3, 7, true).unwrap();
+        gpu::adamw_step(&mut pd, &mut md, &mut vd, &gd, &AdamWScalars::new(&cfg, 1e-3, 7, true)).unwrap();
         adamw_step(&mut p, &mut m, &mut v, &g, &cfg, 1e-3, 7, true);
         assert_bits("single p", &cu.download(&pd).unwrap(), &p);
         assert_bits("single m", &cu.download(&md).unwrap(), &m);

@@ -208,7 +208,9 @@ fn forward(
     }
     model.to_device(device)?;
     let batch = Batch::load(batch_path)?;
-    batch.validate(&model.config).map_err(|e| Error::Input(format!("{}: {e}", batch_path.display())))?;
+    batch
+        .validate(model.config.vocab_size, model.config.n_positions)
+        .map_err(|e| Error::Input(format!("{}: {e}", batch_path.display())))?;
     let targets = batch.targets()?;
     let out = model.forward(tape, &batch.input_ids, Some(&targets), Mode::Eval)?;
     let loss = out.loss.expect("targets were given");

@@ -2,9 +2,8 @@
 //! with -100 masking. Labels follow Hugging Face's convention: they are aligned with input_ids,
 //! and the model shifts them, so position t is trained to predict labels[t + 1].
 
+use super::IGNORE;
 use crate::io::safetensors::SafeFile;
-use crate::model::gpt2::Gpt2Config;
-use crate::ops::xent::IGNORE;
 use crate::{DType, Error, Result, Tensor};
 use std::path::Path;
 
@@ -78,25 +77,26 @@ impl Batch {
         (self.input_ids.dims()[0], self.input_ids.dims()[1])
     }
 
-    /// Checks the batch against a model: every id in the vocabulary, T within the context.
-    pub fn validate(&self, config: &Gpt2Config) -> Result<()> {
+    /// Checks the batch against a model with `vocab_size` tokens and a context of `n_positions`:
+    /// every id in the vocabulary, T within the context.
+    pub fn validate(&self, vocab_size: usize, n_positions: usize) -> Result<()> {
         let (_, t) = self.dims();
-        if t > config.n_positions {
-            return Err(Error::SeqTooLong { t, n_positions: config.n_positions });
+        if t > n_positions {
+            return Err(Error::SeqTooLong { t, n_positions });
         }
         let ids = self.input_ids.i32s()?;
-        if let Some(i) = ids.iter().position(|&id| id < 0 || id as usize >= config.vocab_size) {
-            return Err(Error::TokenOutOfRange { id: ids[i] as i64, row: i / t, pos: i % t, vocab: config.vocab_size });
+        if let Some(i) = ids.iter().position(|&id| id < 0 || id as usize >= vocab_size) {
+            return Err(Error::TokenOutOfRange { id: ids[i] as i64, row: i / t, pos: i % t, vocab: vocab_size });
         }
         if let Some(l) = &self.labels {
             let lv = l.i32s()?;
-            if let Some(i) = lv.iter().position(|&x| x != IGNORE && (x < 0 || x as usize >= config.vocab_size)) {
+            if let Some(i) = lv.iter().position(|&x| x != IGNORE && (x < 0 || x as usize >= vocab_size)) {
                 return Err(Error::Input(format!(
                     "label {} at batch row {}, position {} is outside the vocabulary (vocab_size = {}); use -100 to mask a position",
                     lv[i],
                     i / t,
                     i % t,
-                    config.vocab_size
+                    vocab_size
                 )));
             }
         }

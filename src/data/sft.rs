@@ -12,8 +12,8 @@
 //! context is an error naming it. Packing concatenates examples into full rows (no attention
 //! reset between them: the usual cheap packing, documented as such).
 
+use super::IGNORE;
 use crate::data::tokenizer::Tokenizer;
-use crate::ops::xent::IGNORE;
 use crate::{Error, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -253,6 +253,6 @@ impl AdamW {
             };
             work.push(AdamWParam { p: w, m, v, g, p_bf16: None, decay });
         }
-        adamw_step_multi(&mut work, &self.config, lr, self.step)
+        adamw_step_multi(&mut work, &AdamWScalars::new(&self.config, lr, self.step, true))
     }
 }

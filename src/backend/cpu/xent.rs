@@ -7,7 +7,7 @@ use super::elementwise::fast_exp;
 use rayon::prelude::*;
 
 /// The label that marks a position without a target (PyTorch's ignore_index).
-pub const IGNORE: i32 = -100;
+pub const IGNORE: i32 = crate::abi::KILN_XENT_IGNORE as i32;
 
 /// log sum exp of a row, computed stably (max first). Eight independent lanes for the max and
 /// the sum let the loops vectorise; fast_exp keeps libm out of the inner loop.

@@ -4,7 +4,6 @@
 
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::{AdamWScalars, AdamWTensor, KILN_ADAMW_BLOCK, KILN_ADAMW_CHUNK};
-use crate::optim::adamw::AdamWConfig;
 use crate::{Error, Result};
 
 /// One parameter tensor of a multi-tensor step: f32 master weights, moments and gradient of equal
@@ -31,24 +30,40 @@ pub fn plan(descs: &mut [AdamWTensor]) -> i64 {
     start
 }
 
-/// AdamW at 1-based step `t` on one buffer: optim::adamw::adamw_step's signature and bits.
-#[allow(clippy::too_many_arguments)]
+/// Scalars of a typical step (torch's defaults, lr 1e-4, step 10) for benchmarks and the traffic
+/// table, where the values do not matter.
+pub fn typical_scalars() -> AdamWScalars {
+    let (lr, b1, b2, t) = (1e-4f64, 0.9f64, 0.999f64, 10);
+    AdamWScalars {
+        decay: (1.0 - lr * 0.01) as f32,
+        beta1: b1 as f32,
+        one_minus_beta1: (1.0 - b1) as f32,
+        beta2: b2 as f32,
+        one_minus_beta2: (1.0 - b2) as f32,
+        step_size: (lr / (1.0 - b1.powi(t))) as f32,
+        bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
+        eps: 1e-8,
+    }
+}
+
+/// One AdamW update of one buffer with the step's scalars `s` (optim::adamw builds them with
+/// `AdamWScalars::new(config, lr, t, decay)`, weight decay folded into `s.decay`): the bits of
+/// optim::adamw::adamw_step.
 pub fn adamw_step(
     p: &mut DevBuf<f32>,
     m: &mut DevBuf<f32>,
     v: &mut DevBuf<f32>,
     g: &DevBuf<f32>,
-    cfg: &AdamWConfig,
-    lr: f64,
-    t: u64,
-    decay: bool,
+    s: &AdamWScalars,
 ) -> Result<()> {
-    adamw_step_multi(&mut [AdamWParam { p, m, v, g, p_bf16: None, decay }], cfg, lr, t)
+    // s.decay is already 1 for a buffer without weight decay, so the tensor's flag can stay set.
+    adamw_step_multi(&mut [AdamWParam { p, m, v, g, p_bf16: None, decay: true }], s)
 }
 
-/// AdamW at 1-based step `t` on every tensor of `params` in one launch (one optimizer step: the
-/// bias correction is the same for all).
-pub fn adamw_step_multi(params: &mut [AdamWParam], cfg: &AdamWConfig, lr: f64, t: u64) -> Result<()> {
+/// One AdamW step of every tensor of `params` in one launch (the bias correction is the same for
+/// all). `s` holds the step's scalars with weight decay (`AdamWScalars::new(.., true)`); a tensor
+/// whose `decay` is false skips it.
+pub fn adamw_step_multi(params: &mut [AdamWParam], s: &AdamWScalars) -> Result<()> {
     if params.is_empty() {
         return Ok(());
     }
@@ -73,7 +88,7 @@ pub fn adamw_step_multi(params: &mut [AdamWParam], cfg: &AdamWConfig, lr: f64, t
     let work_items = plan(&mut descs);
     if work_items > 0 {
         let table = cu.upload(&descs)?;
-        let s = AdamWScalars::new(cfg, lr, t, true);
+        let s = *s;
         // SAFETY: the table was built above from live buffers of n elements each, and work_items counts its chunks (plan).
         unsafe { adamw_step_table(&table, work_items, s) }?;
     }
@@ -171,13 +186,13 @@ pub fn bench(cu: &super::Cuda, copy: f64) -> Result<Vec<super::bench::Row>> {
     }
     let total: usize = shapes.iter().map(|s| s.0).sum();
     let bytes: usize = shapes.iter().map(|&(n, m)| n * (28 + if m { 2 } else { 0 })).sum();
-    let cfg = AdamWConfig::default();
+    let s = typical_scalars();
     let ms = time_ms(cu, 3, 20, || {
         let mut params: Vec<AdamWParam> = bufs
             .iter_mut()
             .map(|(p, m, v, g, c, decay)| AdamWParam { p, m, v, g, p_bf16: c.as_mut(), decay: *decay })
             .collect();
-        adamw_step_multi(&mut params, &cfg, 1e-4, 10)
+        adamw_step_multi(&mut params, &s)
     })?;
     Ok(vec![Row {
         kernel: "adamw_step".to_string(),

@@ -8,7 +8,6 @@
 
 use super::bench::{random_bf16, random_f32};
 use super::{attention, bf16, cuda, elementwise, embedding, gemm, layernorm, reduce, xent, Cuda, Kernel};
-use crate::optim::adamw::AdamWConfig;
 use crate::{Error, Result};
 
 /// Runs every family once and prints the table; returns the rows (kernel, launches, counters).
@@ -139,7 +138,7 @@ fn workload(cu: &Cuda) -> Result<()> {
     let pn = 1 << 20;
     let (mut p, g) = (random_f32(cu, pn, 18)?, random_f32(cu, pn, 19)?);
     let (mut m, mut vv) = (cu.zeros::<f32>(pn)?, cu.zeros::<f32>(pn)?);
-    super::adamw::adamw_step(&mut p, &mut m, &mut vv, &g, &AdamWConfig::default(), 1e-3, 1, true)?;
+    super::adamw::adamw_step(&mut p, &mut m, &mut vv, &g, &super::adamw::typical_scalars())?;
     reduce::sum_squares(&g)?;
     reduce::scale(&mut p, 0.5)?;
     cu.sync()
