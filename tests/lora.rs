@@ -23,7 +23,8 @@ use kiln::data::batch::Batch;
 use kiln::io::checkpoint::{load_all, load_gpt2, save_gpt2};
 use kiln::io::peft::{self, load_adapter, save_adapter};
 use kiln::model::gpt2::Mode;
-use kiln::nn::lora::{self, LoraConfig};
+use kiln::model::lora;
+use kiln::nn::lora::LoraConfig;
 use kiln::ops::elementwise;
 use kiln::ops::gemm::{linear, matmul, WeightLayout};
 use kiln::ops::lora::{lora_embedding, lora_linear, lora_linear_ex};
@@ -807,14 +808,15 @@ fn embedding_and_lm_head_lora_match_peft() {
     check_against("wte+lm_head+c_attn", &embedding_fixture("adapter"), &embedding_fixture("grads.safetensors"));
     let m = with_adapter(&embedding_fixture("adapter"));
     let l = m.lora.as_ref().unwrap();
-    let kinds: Vec<(&str, lora::ModuleKind)> = l.modules().iter().map(|m| (m.module.as_str(), m.kind)).collect();
+    let kinds: Vec<(&str, kiln::nn::lora::ModuleKind)> =
+        l.modules().iter().map(|m| (m.module.as_str(), m.kind)).collect();
     assert_eq!(
         kinds,
         [
-            ("transformer.wte", lora::ModuleKind::Embedding),
-            ("transformer.h.0.attn.c_attn", lora::ModuleKind::Conv1d),
-            ("transformer.h.1.attn.c_attn", lora::ModuleKind::Conv1d),
-            ("lm_head", lora::ModuleKind::LmHead)
+            ("transformer.wte", kiln::nn::lora::ModuleKind::Embedding),
+            ("transformer.h.0.attn.c_attn", kiln::nn::lora::ModuleKind::Conv1d),
+            ("transformer.h.1.attn.c_attn", kiln::nn::lora::ModuleKind::Conv1d),
+            ("lm_head", kiln::nn::lora::ModuleKind::LmHead)
         ]
     );
     // the adapter matters: without it the logits differ
@@ -915,7 +917,7 @@ fn a_fresh_embedding_and_lm_head_adapter_is_peft_initialised_and_trains_both_fac
     // all-linear keeps its meaning: the Conv1D layers only
     let mut m = base();
     lora::attach(&mut m, LoraConfig::new(4, 8.0, 0.0, &["all-linear"], false).unwrap(), 0).unwrap();
-    assert!(m.lora.unwrap().modules().iter().all(|m| m.kind == lora::ModuleKind::Conv1d));
+    assert!(m.lora.unwrap().modules().iter().all(|m| m.kind == kiln::nn::lora::ModuleKind::Conv1d));
 }
 
 #[test]

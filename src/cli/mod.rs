@@ -269,7 +269,7 @@ fn merge(model_dir: &Path, adapter: &Path, out: &Path, dtype: DType, overwrite: 
     }
     let mut model = checkpoint::load_gpt2(model_dir)?;
     peft::load_adapter(&mut model, adapter)?;
-    let merged = crate::nn::lora::merged(&model)?;
+    let merged = crate::model::lora::merged(&model)?;
     let side: Vec<PathBuf> = MODEL_SIDE_FILES.iter().map(|f| model_dir.join(f)).filter(|p| p.is_file()).collect();
     checkpoint::save_gpt2_with(&merged, out, dtype, &side)?;
     let lora = model.lora.as_ref().expect("the adapter was loaded");

@@ -93,7 +93,7 @@ fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
     let mut params = ParamStore::new();
     let mut used = std::collections::HashSet::new();
     let conv1d: std::collections::HashSet<String> = if keep_nf4 {
-        crate::nn::lora::conv1d_modules(&listed).into_iter().map(|(m, _, _)| format!("{m}.weight")).collect()
+        crate::model::lora::conv1d_modules(&listed).into_iter().map(|(m, _, _)| format!("{m}.weight")).collect()
     } else {
         Default::default()
     };

@@ -297,7 +297,7 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
     let file = SafeFile::open(&wpath)?;
     let mc = model.config.clone();
     let layers: HashMap<String, (usize, usize)> =
-        lora::adaptable_modules(&mc).into_iter().map(|(m, _, i, o)| (m, (i, o))).collect();
+        crate::model::lora::adaptable_modules(&mc).into_iter().map(|(m, _, i, o)| (m, (i, o))).collect();
 
     // The base check first: tensors that do not fit this model say which model they were made for.
     let mut stored: HashMap<(String, char), (String, Vec<usize>)> = HashMap::new();
@@ -359,7 +359,8 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
         stored.insert((module.to_string(), factor), (name.clone(), dims));
     }
 
-    let modules = lora::resolve(&cfg, &mc).map_err(|e| Error::checkpoint(&dir.join(CONFIG_FILE), e.to_string()))?;
+    let modules =
+        crate::model::lora::resolve(&cfg, &mc).map_err(|e| Error::checkpoint(&dir.join(CONFIG_FILE), e.to_string()))?;
     let mut params = ParamStore::new();
     for m in &modules {
         for (factor, name) in [('A', m.a_name()), ('B', m.b_name())] {

@@ -405,7 +405,7 @@ impl Gpt2 {
     pub fn quantize_nf4(&mut self, blocksize: usize) -> Result<()> {
         let mut done = self.nf4.take().unwrap_or_default();
         let mut todo = Vec::new();
-        for (module, fan_in, fan_out) in crate::nn::lora::conv1d_modules(&self.config) {
+        for (module, fan_in, fan_out) in crate::model::lora::conv1d_modules(&self.config) {
             let name = format!("{module}.weight");
             if done.contains_key(&name) {
                 continue;

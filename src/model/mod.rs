@@ -2,3 +2,4 @@
 
 pub mod generate;
 pub mod gpt2;
+pub mod lora;

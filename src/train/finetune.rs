@@ -283,7 +283,7 @@ fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summar
         None => {
             if adapter {
                 let lc = LoraConfig::new(f.lora_r, f.lora_alpha, f.lora_dropout, &f.lora_targets, f.rslora)?;
-                crate::nn::lora::attach(&mut model, lc, t.seed)?;
+                crate::model::lora::attach(&mut model, lc, t.seed)?;
             }
             (SftPosition::default(), 0, 0.0)
         }
