@@ -2,14 +2,14 @@
 //! by bitsandbytes' CPU quantize_4bit, block size 64): packed codes, absmax and dequantized
 //! values must be equal bit for bit. Also the tie rule, the refusal of sizes that do not fill
 //! whole blocks, the double-quantization error bound, and the safetensors layout `kiln
-//! quantize` writes (tested through `kiln::quant::quantize_file_nf4`, the function behind the
+//! quantize` writes (tested through `kiln::io::nf4::quantize_file_nf4`, the function behind the
 //! command, since the subcommand is wired into the CLI separately).
 
 use kiln::io::checkpoint::load_all;
+use kiln::io::nf4::{py_float_repr, quantize_file_nf4, Nf4FileOptions};
 use kiln::io::safetensors::{save, SafeFile};
 use kiln::quant::blockwise::dynamic_map;
 use kiln::quant::nf4::{dequantize_nf4, quantize_nf4, unpack_nf4, NF4_CODE};
-use kiln::quant::{py_float_repr, quantize_file_nf4, Nf4FileOptions};
 use kiln::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;

@@ -1,5 +1,5 @@
 //! `kiln quantize`: write a model's weight matrices in bitsandbytes' NF4 format, under the
-//! names transformers uses for a 4-bit checkpoint. The work is `quant::quantize_file_nf4`.
+//! names transformers uses for a 4-bit checkpoint. The work is `io::nf4::quantize_file_nf4`.
 //! `--out` names one safetensors file, or a checkpoint directory (config.json and the tokenizer
 //! copied beside the NF4 model.safetensors) that `kiln eval`, `generate` and
 //! `finetune --method qlora` load (`io::checkpoint`).
@@ -10,7 +10,7 @@
 //! keeps embeddings and lm_head in 16 bits: its blocks differ, which is why this file is a record of
 //! the format rather than a checkpoint transformers loads in 4 bits.
 
-use crate::quant::{self, Nf4FileOptions};
+use crate::io::nf4::{self, Nf4FileOptions};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -65,7 +65,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     let r = if to_dir {
         quantize_checkpoint(&args.input, &args.out, &opts, args.overwrite)?
     } else {
-        quant::quantize_file_nf4(&args.input, &args.out, &opts)?
+        nf4::quantize_file_nf4(&args.input, &args.out, &opts)?
     };
     let size = |b: usize| match b {
         b if b >= 1 << 30 => format!("{:.2} GB", b as f64 / 1e9),
@@ -98,12 +98,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
 
 /// Writes the NF4 form of checkpoint directory `input` into directory `out`, with its
 /// config.json and tokenizer files: a checkpoint `io::checkpoint` loads.
-fn quantize_checkpoint(
-    input: &Path,
-    out: &Path,
-    opts: &Nf4FileOptions,
-    overwrite: bool,
-) -> Result<quant::Nf4FileReport> {
+fn quantize_checkpoint(input: &Path, out: &Path, opts: &Nf4FileOptions, overwrite: bool) -> Result<nf4::Nf4FileReport> {
     if !input.join("config.json").is_file() {
         return Err(Error::Input(format!(
             "--out {} is a directory, which needs a checkpoint directory with config.json as --in ({} is not one); \
@@ -125,7 +120,7 @@ fn quantize_checkpoint(
             out.display()
         )));
     }
-    quant::resolve_weights(input)?;
+    nf4::resolve_weights(input)?;
     let created = !out.exists();
     std::fs::create_dir_all(out).map_err(|e| Error::write(out, e))?;
     // The weights are quantized under a temporary name first, so a refused tensor leaves nothing
@@ -133,7 +128,7 @@ fn quantize_checkpoint(
     // always has the config that belongs to it.
     let partial = out.join(format!(".model.safetensors.{}.partial", std::process::id()));
     let result = (|| {
-        let report = quant::quantize_file_nf4(input, &partial, opts)?;
+        let report = nf4::quantize_file_nf4(input, &partial, opts)?;
         // an old checkpoint here stops being one before its config is replaced
         crate::io::remove_if_present(&out.join("model.safetensors"))?;
         for name in std::iter::once("config.json").chain(super::MODEL_SIDE_FILES.iter().copied()) {

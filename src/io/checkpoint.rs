@@ -4,10 +4,10 @@
 //! writes what transformers reads. Weights that `kiln quantize` stored in NF4 load too:
 //! dequantized (`load_gpt2`), or kept in NF4 as QLoRA's base (`load_gpt2_nf4_base`).
 
+use super::nf4::{self, NF4_SUFFIXES};
 use super::safetensors::{self as st, SafeFile};
 use crate::model::gpt2::{Gpt2, Gpt2Config};
 use crate::nn::ParamStore;
-use crate::quant::{self, NF4_SUFFIXES};
 use crate::{DType, Error, Result, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -108,7 +108,7 @@ fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
         };
         used.insert(key.clone());
         let file = &files[fi];
-        if let Some(q) = quant::read_nf4(file, key)? {
+        if let Some(q) = nf4::read_nf4(file, key)? {
             used.extend(NF4_SUFFIXES.iter().map(|s| format!("{key}{s}")));
             if q.shape != dims {
                 return Err(Error::checkpoint(

@@ -330,12 +330,12 @@ fn fuzz_quantize_input() {
     let _serial = serial();
     let s = seeds();
     let input = s.model_f32.join("model.safetensors");
-    let opts = kiln::quant::Nf4FileOptions { double_quant: true, ..Default::default() };
+    let opts = kiln::io::nf4::Nf4FileOptions { double_quant: true, ..Default::default() };
     fuzz("quantize", cases(64), st_edits(), |edits| {
         let dir = case_dir(None);
         let (path, out) = (dir.path().join("model.safetensors"), dir.path().join("nf4.safetensors"));
         let n = put(&path, &mutated_st(&input, &edits));
-        let written = check(&path, n, || kiln::quant::quantize_file_nf4(&path, &out, &opts))?;
+        let written = check(&path, n, || kiln::io::nf4::quantize_file_nf4(&path, &out, &opts))?;
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         match written {
             None => prop_assert!(left.len() == 1, "a failed quantize left files behind: {left:?}"),

@@ -60,8 +60,8 @@ pub fn seeds() -> &'static Seeds {
         let model_nf4 = d.join("model-nf4");
         std::fs::create_dir_all(&model_nf4).unwrap();
         std::fs::copy(model_f32.join("config.json"), model_nf4.join("config.json")).unwrap();
-        let opts = kiln::quant::Nf4FileOptions { double_quant: true, ..Default::default() };
-        kiln::quant::quantize_file_nf4(&model_f32, &model_nf4.join("model.safetensors"), &opts).unwrap();
+        let opts = kiln::io::nf4::Nf4FileOptions { double_quant: true, ..Default::default() };
+        kiln::io::nf4::quantize_file_nf4(&model_f32, &model_nf4.join("model.safetensors"), &opts).unwrap();
         let mut tuned = model.clone();
         lora::attach(&mut tuned, LoraConfig::new(2, 4.0, 0.0, &["c_attn", "wte"], false).unwrap(), 3).unwrap();
         let adapter = d.join("adapter");
