@@ -2,6 +2,7 @@
 //! writes them (`quantize_file_nf4`) and checkpoint loading reads them back (`read_nf4`), so a
 //! pre-quantized checkpoint loads in `kiln eval`, `generate` and `finetune --method qlora`. The
 //! formats themselves (NF4 with double quantization, 8-bit blockwise) are in quant/.
+
 use super::safetensors::{self as st, SafeFile};
 use crate::quant::{blockwise, nf4};
 use crate::{DType, Error, Result, Tensor};
