@@ -95,6 +95,9 @@ static const Alloc* find_alloc(uintptr_t a) {
     return &*it;
 }
 
+// Records that [a, a + n) of allocation `al` now holds written bytes.
+static void mark_written(const Alloc* al, uintptr_t a, size_t n) { memset(al->init + (a - al->base), 1, n); }
+
 static bool was_freed(uintptr_t a) {
     auto it = std::upper_bound(g_freed.begin(), g_freed.end(), a, [](uintptr_t x, const std::pair<uintptr_t, size_t>& r) { return x < r.first; });
     if (it == g_freed.begin()) return false;
@@ -383,7 +386,7 @@ static void global_access(Thread* t, uintptr_t a, size_t n, bool write) {
     check_align(a, n, "global");
     const size_t off = a - al->base;
     if (write) {
-        memset(al->init + off, 1, n);
+        mark_written(al, a, n);
         al->wsec[off / 32] = 1;
         al->wsec[(off + n - 1) / 32] = 1;
     } else {
@@ -411,12 +414,20 @@ static void global_access(Thread* t, uintptr_t a, size_t n, bool write) {
     w->stats.global_bytes += n;
 }
 
-static bool in_shared(Worker* w, uintptr_t a, size_t n) {
+// Where [a, a + n) lies in the running block's shared memory: the race records of its bytes, what a
+// message calls that memory, and the offset in it. `race` is null unless the range is inside the
+// launch's dynamic shared memory or one live static array.
+struct SharedAt {
+    Race* race;
+    const char* space;
+    size_t off;
+};
+static SharedAt shared_at(Worker* w, uintptr_t a, size_t n) {
     const uintptr_t d = reinterpret_cast<uintptr_t>(w->dyn);
-    if (a >= d && a + n <= d + g_launch->smem) return true;
-    for (const Region& r : w->statics)
-        if (r.epoch == w->epoch && a >= r.base && a + n <= r.base + r.size) return true;
-    return false;
+    if (a >= d && a + n <= d + g_launch->smem) return {w->dyn_race + (a - d), "dynamic shared memory", a - d};
+    for (Region& r : w->statics)
+        if (r.epoch == w->epoch && a >= r.base && a + n <= r.base + r.size) return {r.race + (a - r.base), r.name, a - r.base};
+    return {nullptr, nullptr, 0};
 }
 
 static void shared_stat(Thread* t, uintptr_t a, size_t n) {
@@ -440,8 +451,9 @@ static const bool g_racecheck = [] {
     return !(e && e[0] == '0');
 }();
 
-static void race_fault(Worker* w, Thread* t, const char* what, int other, uint32_t other_warps, bool write, size_t n,
-                       const char* space, size_t off) {
+// `other` is the other thread's linear index, or -1 with `other_warps` naming its warp.
+static void race_fault(Worker* w, const char* what, bool other_wrote, int other, uint32_t other_warps, bool write, size_t n,
+                       const SharedAt& at) {
     char who[96];
     if (other >= 0) {
         const Dim3& o = w->threads[other].tid;
@@ -454,11 +466,12 @@ static void race_fault(Worker* w, Thread* t, const char* what, int other, uint32
     else snprintf(since, sizeof since, "the block's start");
     fault("shared-memory race (%s): this thread %s %zu byte(s) at %s byte %zu, which %s %s earlier with no barrier between "
           "(both since %s)",
-          what, write ? "writes" : "reads", n, space, off, who, strcmp(what, "write after read") == 0 ? "read" : "wrote", since);
+          what, write ? "writes" : "reads", n, at.space, at.off, who, other_wrote ? "wrote" : "read", since);
 }
 
-static void race(Worker* w, Thread* t, Race* e, size_t n, bool write, const char* space, size_t off) {
-    if (!g_racecheck) return;
+static void race(Worker* w, Thread* t, const SharedAt& at, size_t n, bool write) {
+    if (!g_racecheck || !at.race) return;
+    Race* e = at.race;
     const uint32_t gen = w->warps[t->warp].gen;
     const uint32_t me = (uint32_t)t->lin + 1, wbit = 1u << t->warp;
     for (size_t i = 0; i < n; ++i, ++e) {
@@ -466,13 +479,13 @@ static void race(Worker* w, Thread* t, Race* e, size_t n, bool write, const char
         if (e->writer && e->writer != me) {
             const int o = e->writer - 1;
             if (o / 32 != t->warp || e->wgen == gen)
-                race_fault(w, t, write ? "write after write" : "read after write", o, 0, write, n, space, off);
+                race_fault(w, write ? "write after write" : "read after write", true, o, 0, write, n, at);
         }
         if (write) {
             const uint32_t others = e->rwarps & ~wbit;
-            if (others) race_fault(w, t, "write after read", -1, others, write, n, space, off);
+            if (others) race_fault(w, "write after read", false, -1, others, write, n, at);
             if (e->rwarps && e->rgen == gen && (e->rlanes & ~(1u << t->lane)))
-                race_fault(w, t, "write after read", t->warp * 32 + __builtin_ctz(e->rlanes & ~(1u << t->lane)), 0, write, n, space, off);
+                race_fault(w, "write after read", false, t->warp * 32 + __builtin_ctz(e->rlanes & ~(1u << t->lane)), 0, write, n, at);
             e->writer = (uint16_t)me;
             e->wgen = gen;
         } else {
@@ -484,30 +497,6 @@ static void race(Worker* w, Thread* t, Race* e, size_t n, bool write, const char
             e->rwarps |= wbit;
         }
     }
-}
-
-// The race record of a shared-memory address, its description and offset; null when not shared.
-static Race* race_entry(Worker* w, uintptr_t a, const char** space, size_t* off) {
-    const uintptr_t d = reinterpret_cast<uintptr_t>(w->dyn);
-    if (a - d < DYN_CAP) {
-        *space = "dynamic shared memory";
-        *off = a - d;
-        return w->dyn_race + (a - d);
-    }
-    for (Region& r : w->statics)
-        if (a - r.base < r.size) {
-            *space = r.name;
-            *off = a - r.base;
-            return r.race + (a - r.base);
-        }
-    return nullptr;
-}
-
-static void shared_race(Thread* t, uintptr_t a, size_t n, bool write) {
-    Worker* w = cur_worker;
-    const char* space;
-    size_t off;
-    if (Race* e = race_entry(w, a, &space, &off)) race(w, t, e, n, write, space, off);
 }
 
 static inline void access(uintptr_t a, size_t n, bool write) {
@@ -523,7 +512,7 @@ static inline void access(uintptr_t a, size_t n, bool write) {
                   (size_t)(a - d), g_launch->smem);
         check_align(a, n, "shared");
         shared_stat(t, a, n);
-        race(w, t, w->dyn_race + (a - d), n, write, "dynamic shared memory", a - d);
+        race(w, t, {w->dyn_race + (a - d), "dynamic shared memory", a - d}, n, write);
         return;
     }
     for (Region& r : w->statics)
@@ -531,7 +520,7 @@ static inline void access(uintptr_t a, size_t n, bool write) {
             if (r.epoch != w->epoch) break;
             check_align(a, n, "shared");
             shared_stat(t, a, n);
-            race(w, t, r.race + (a - r.base), n, write, r.name, a - r.base);
+            race(w, t, {r.race + (a - r.base), r.name, a - r.base}, n, write);
             return;
         }
     // Anything else (constant tables, the C library's own data) is not device memory kiln manages.
@@ -742,9 +731,10 @@ void ldmatrix_x4(uint32_t r[4], const void* p, bool trans) {
     Worker* w = cur_worker;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     if (a & 15) fault("ldmatrix row address 0x%lx is not 16-byte aligned", (unsigned long)a);
-    if (!in_shared(w, a, 16)) fault("ldmatrix row address 0x%lx (16 bytes) is not inside the block's shared memory", (unsigned long)a);
+    const SharedAt at = shared_at(w, a, 16);
+    if (!at.race) fault("ldmatrix row address 0x%lx (16 bytes) is not inside the block's shared memory", (unsigned long)a);
     shared_stat(cur, a, 16);
-    shared_race(cur, a, 16, false);
+    race(w, cur, at, 16, false);
     w->warps[cur->warp].trans = trans;
     Slot* s = warp_op(WarpOp::Ldmatrix, 0xffffffffu, "ldmatrix", 0, [&](Slot& sl) { sl.addr = p; }, ldmatrix_done);
     memcpy(r, s[cur->lane].r, 16);
@@ -758,14 +748,15 @@ void cp_async_16(void* dst, const void* src, bool valid) {
     Worker* w = cur_worker;
     const uintptr_t d = reinterpret_cast<uintptr_t>(dst), a = reinterpret_cast<uintptr_t>(src);
     if (d & 15) fault("cp.async shared destination 0x%lx is not 16-byte aligned", (unsigned long)d);
-    if (!in_shared(w, d, 16)) fault("cp.async destination 0x%lx (16 bytes) is not inside the block's shared memory", (unsigned long)d);
+    const SharedAt at = shared_at(w, d, 16);
+    if (!at.race) fault("cp.async destination 0x%lx (16 bytes) is not inside the block's shared memory", (unsigned long)d);
     if (valid) {
         if (a & 15) fault("cp.async global source 0x%lx is not 16-byte aligned", (unsigned long)a);
         if (a - g_arena >= g_arena_size) fault("cp.async source 0x%lx is not device memory", (unsigned long)a);
         global_access(t, a, 16, false);
     }
     shared_stat(t, d, 16);
-    shared_race(t, d, 16, true);
+    race(w, t, at, 16, true);
     memset(dst, 0x7f, 16);
     t->cp_open.push_back({dst, src, valid});
 }
@@ -776,9 +767,11 @@ void cp_async_commit() {
 }
 void cp_async_wait(int n) {
     Thread* t = cur;
+    Worker* w = cur_worker;
     while ((int)t->cp_groups.size() > n) {
         for (const Copy& c : t->cp_groups.front()) {
-            shared_race(t, reinterpret_cast<uintptr_t>(c.dst), 16, true);
+            // Checked at issue to lie in the block's shared memory, where it still is.
+            race(w, t, shared_at(w, reinterpret_cast<uintptr_t>(c.dst), 16), 16, true);
             if (c.valid) memcpy(c.dst, c.src, 16);
             else memset(c.dst, 0, 16);
         }
@@ -1131,8 +1124,7 @@ int kiln_emu_htod(uintptr_t dst, const void* src, size_t n) {
     std::lock_guard<std::mutex> g(g_mem_mu);
     if (!host_range(dst, n, "host-to-device copy")) return 1;
     memcpy(reinterpret_cast<void*>(dst), src, n);
-    const Alloc* al = find_alloc(dst);
-    if (n) memset(al->init + (dst - al->base), 1, n);
+    if (n) mark_written(find_alloc(dst), dst, n);
     return 0;
 }
 
@@ -1180,8 +1172,7 @@ int kiln_emu_memset(uintptr_t dst, int byte, size_t n) {
     std::lock_guard<std::mutex> g(g_mem_mu);
     if (!host_range(dst, n, "memset")) return 1;
     memset(reinterpret_cast<void*>(dst), byte, n);
-    const Alloc* al = find_alloc(dst);
-    if (n) memset(al->init + (dst - al->base), 1, n);
+    if (n) mark_written(find_alloc(dst), dst, n);
     return 0;
 }
 
