@@ -21,7 +21,7 @@ pub fn text(o: &Output) -> String {
 /// Runs kiln and expects a refusal before it does anything: exit code 1, no panic, nothing printed
 /// but an error that starts with "error: " and mentions every `needle`. Returns the output.
 pub fn fails_with(args: &[&str], needles: &[&str]) -> String {
-    let t = refused(args, needles);
+    let t = refused(&kiln(args), args, needles);
     assert!(t.starts_with("error: "), "the output should be only the error, starting with 'error: ':\n{t}");
     t
 }
@@ -33,14 +33,11 @@ pub fn fails_after_output(args: &[&str], needles: &[&str]) -> String {
     let err = String::from_utf8_lossy(&o.stderr);
     let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
     assert!(last.starts_with("error: "), "stderr should end with an 'error: ' line:\n{err}");
-    refused_output(&o, args, needles)
+    refused(&o, args, needles)
 }
 
-fn refused(args: &[&str], needles: &[&str]) -> String {
-    refused_output(&kiln(args), args, needles)
-}
-
-fn refused_output(o: &Output, args: &[&str], needles: &[&str]) -> String {
+/// Exit code 1, no panic, every `needle` mentioned; the output.
+fn refused(o: &Output, args: &[&str], needles: &[&str]) -> String {
     let t = text(o);
     assert_eq!(o.status.code(), Some(1), "expected exit code 1 for {args:?}, got {:?}:\n{t}", o.status.code());
     assert!(!t.contains("panicked"), "kiln panicked on bad input {args:?}:\n{t}");
