@@ -144,10 +144,5 @@ pub fn train_step(
 
 /// Waits for the model's device, so host clocks time finished work (a no-op on the CPU).
 fn settle(model: &Gpt2) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if model.device() != crate::Device::Cpu {
-        return crate::backend::cuda::cuda()?.sync();
-    }
-    let _ = model;
-    Ok(())
+    crate::backend::backend(model.device())?.sync()
 }

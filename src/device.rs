@@ -19,18 +19,7 @@ impl Device {
     pub fn ensure_available(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(ordinal) => Err(Error::CudaNotBuilt(ordinal)),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => {
-                if ordinal != 0 {
-                    return Err(Error::Input(format!(
-                        "cuda:{ordinal}: kiln drives one GPU, cuda:0. Select another with \
-                         CUDA_VISIBLE_DEVICES={ordinal} and --device cuda"
-                    )));
-                }
-                crate::backend::cuda::cuda().map(|_| ())
-            }
+            Device::Cuda(ordinal) => crate::backend::cuda::ensure_available(ordinal),
         }
     }
 }
@@ -39,12 +28,7 @@ impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Device::Cpu => write!(f, "cpu"),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(_)
-                if crate::backend::cuda::selected() == Some(crate::backend::cuda::RuntimeKind::Emulator) =>
-            {
-                write!(f, "emu")
-            }
+            Device::Cuda(_) if crate::backend::cuda::is_emulated() => write!(f, "emu"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
         }
     }
@@ -59,56 +43,17 @@ impl FromStr for Device {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "cpu" => Ok(Device::Cpu),
-            "auto" => Ok(auto()),
-            "emu" => emu(),
+            "auto" => Ok(crate::backend::cuda::auto()),
+            "emu" => crate::backend::cuda::emu(),
             _ => {
                 let d = match s {
                     "cuda" => Some(Device::Cuda(0)),
                     _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Device::Cuda),
                 }
                 .ok_or_else(|| Error::Input(format!("unknown device '{s}': use auto, cpu, cuda, cuda:N or emu")))?;
-                #[cfg(feature = "cuda")]
-                crate::backend::cuda::select(crate::backend::cuda::RuntimeKind::Driver)?;
+                crate::backend::cuda::select_driver()?;
                 Ok(d)
             }
         }
     }
-}
-
-#[cfg(feature = "cuda")]
-fn auto() -> Device {
-    use crate::backend::cuda;
-    if cuda::gpu_present() && cuda::select(cuda::RuntimeKind::Driver).is_ok() {
-        if let Ok(cu) = cuda::cuda() {
-            eprintln!("device: the GPU ({}); --device cpu to run on the CPU", cu.name());
-            return Device::Cuda(0);
-        }
-    }
-    // Said to a person at a terminal; in scripts and logs the CPU is what `auto` always meant.
-    use std::io::IsTerminal;
-    if std::io::stderr().is_terminal() {
-        eprintln!("device: the CPU (no NVIDIA GPU found); --device emu runs kiln's CUDA kernels emulated");
-    }
-    Device::Cpu
-}
-
-#[cfg(not(feature = "cuda"))]
-fn auto() -> Device {
-    // A build without CUDA has only the CPU: nothing to say.
-    Device::Cpu
-}
-
-#[cfg(feature = "cuda")]
-fn emu() -> Result<Device> {
-    crate::backend::cuda::select(crate::backend::cuda::RuntimeKind::Emulator)?;
-    Ok(Device::Cuda(0))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn emu() -> Result<Device> {
-    Err(Error::Input(
-        "--device emu needs kiln built with its CUDA kernels: run tools/install-cuda.sh (nvcc and the CUDA \
-         headers, no GPU needed), then cargo build --release --features cuda"
-            .into(),
-    ))
 }

@@ -3,79 +3,25 @@
 //! node the gradient of its output. Gradients exist only for tensors that lead back to a watched
 //! parameter: a frozen parameter is never watched, so nothing is ever allocated for it.
 //!
-//! The tape knows no arithmetic: each op's backward rule is a plain function in
-//! `src/ops/<family>.rs`, next to its forward, and `Op::backward` only dispatches to it.
+//! The tape knows no arithmetic and no op: each op's saved state and backward rule are one value
+//! implementing `Op`, defined next to its forward in `src/ops/<family>.rs`, and the tape holds
+//! them as trait objects.
 
-use crate::ops::{attention, checkpoint, elementwise, embedding, gemm, layernorm, lora, nf4, xent};
-use crate::{Error, Result, Tensor, TensorId};
+use crate::backend::{self, Backend};
+use crate::{DType, Device, Error, Result, Tensor, TensorId};
 use std::collections::{HashMap, HashSet};
 
-/// What one node saved for its backward pass.
-pub(crate) enum Op {
-    Checkpoint(checkpoint::Saved),
-    Embedding(embedding::Saved),
-    LayerNorm(layernorm::Saved),
-    Matmul(gemm::Saved),
-    Attention(attention::Saved),
-    Gelu(elementwise::GeluSaved),
-    Add,
-    Dropout(elementwise::DropoutSaved),
-    CrossEntropy(xent::Saved),
-    Lora(lora::Saved),
-    LoraEmbedding(lora::EmbeddingSaved),
-    Nf4(nf4::Saved),
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    Cast(elementwise::CastSaved),
-}
-
-impl Op {
-    /// The op's name, as shown by `Tape::summary`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Op::Checkpoint(_) => "checkpoint",
-            Op::Embedding(_) => "embedding",
-            Op::LayerNorm(_) => "layernorm",
-            Op::Matmul(s) => {
-                if s.gelu.is_some() {
-                    "matmul+gelu"
-                } else {
-                    "matmul"
-                }
-            }
-            Op::Attention(_) => "attention",
-            Op::Gelu(_) => "gelu",
-            Op::Add => "add",
-            Op::Dropout(_) => "dropout",
-            Op::CrossEntropy(_) => "cross_entropy",
-            Op::Lora(_) => "lora_linear",
-            Op::LoraEmbedding(_) => "lora_embedding",
-            Op::Nf4(_) => "nf4_linear",
-            Op::Cast(_) => "cast",
-        }
-    }
-
-    /// Gradients of the node's inputs, in input order, computed only where `needs[i]`.
-    fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        match self {
-            Op::Checkpoint(s) => checkpoint::backward(s, dout, needs),
-            Op::Embedding(s) => embedding::backward(s, dout, needs),
-            Op::LayerNorm(s) => layernorm::backward(s, dout, needs),
-            Op::Matmul(s) => gemm::backward(s, dout, needs),
-            Op::Attention(s) => attention::backward(s, dout),
-            Op::Gelu(s) => elementwise::gelu_backward(s, dout),
-            Op::Add => Ok(vec![Some(dout.clone()), Some(dout.clone())]),
-            Op::Dropout(s) => elementwise::dropout_backward(s, dout),
-            Op::CrossEntropy(s) => xent::backward(s, dout),
-            Op::Lora(s) => lora::backward(s, dout, needs),
-            Op::LoraEmbedding(s) => lora::embedding_backward(s, dout, needs),
-            Op::Nf4(s) => nf4::backward(s, dout, needs),
-            Op::Cast(s) => elementwise::cast_backward(s, dout),
-        }
-    }
+/// One recorded op: what its forward saved, and its backward rule.
+pub trait Op {
+    /// The op's name, as shown by `Tape::summary` and the profiler.
+    fn name(&self) -> &'static str;
+    /// Gradients of the node's inputs, in input order, computed only where `needs[i]` (an entry
+    /// may be None where it is not needed).
+    fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>>;
 }
 
 struct Node {
-    op: Op,
+    op: Box<dyn Op>,
     inputs: Vec<TensorId>,
     output: TensorId,
 }
@@ -124,14 +70,18 @@ impl Tape {
     }
 
     /// True when an op over `inputs` must be recorded (some input needs a gradient).
-    pub(crate) fn wants(&self, inputs: &[&Tensor]) -> bool {
+    pub fn wants(&self, inputs: &[&Tensor]) -> bool {
         self.recording && inputs.iter().any(|t| self.tracks(t))
     }
 
     /// Appends a node; ops call this only when `wants(inputs)` is true.
-    pub(crate) fn record(&mut self, op: Op, inputs: &[&Tensor], output: &Tensor) {
+    pub fn record(&mut self, op: impl Op + 'static, inputs: &[&Tensor], output: &Tensor) {
         self.tracked.insert(output.id());
-        self.nodes.push(Node { op, inputs: inputs.iter().map(|t| t.id()).collect(), output: output.id() });
+        self.nodes.push(Node {
+            op: Box::new(op),
+            inputs: inputs.iter().map(|t| t.id()).collect(),
+            output: output.id(),
+        });
     }
 
     /// The number of recorded nodes.
@@ -199,59 +149,29 @@ impl Tape {
 }
 
 fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) -> Result<()> {
-    match grads.get_mut(&id) {
-        None => {
-            grads.insert(id, g);
-        }
-        Some(acc) => {
-            if acc.numel() != g.numel() {
-                return Err(Error::shape(
-                    "backward",
-                    format!("gradient sizes differ: {} vs {}", acc.numel(), g.numel()),
-                ));
-            }
-            #[cfg(feature = "cuda")]
-            if acc.device() != crate::Device::Cpu {
-                return accumulate_cuda(acc, &g);
-            }
-            crate::backend::cpu::elementwise::add_assign(acc.f32s_mut()?, g.f32s()?);
-        }
-    }
-    Ok(())
-}
-
-/// acc += g on the GPU: bf16 activation gradients and f32 parameter gradients alike.
-#[cfg(feature = "cuda")]
-fn accumulate_cuda(acc: &mut Tensor, g: &Tensor) -> Result<()> {
-    use crate::backend::cuda::elementwise;
-    use crate::tensor::CudaStorage;
-    let (got, want) = (g.dtype(), acc.dtype());
-    // A weight used twice (wte: embedding and lm_head) can collect an f32 and a bf16 gradient:
-    // the sum is kept in f32.
-    if want == crate::DType::BF16 && got == crate::DType::F32 {
-        let mut promoted = to_f32_cuda(acc)?;
-        accumulate_cuda(&mut promoted, g)?;
-        *acc = promoted;
+    let Some(acc) = grads.get_mut(&id) else {
+        grads.insert(id, g);
         return Ok(());
+    };
+    if acc.numel() != g.numel() {
+        return Err(Error::shape("backward", format!("gradient sizes differ: {} vs {}", acc.numel(), g.numel())));
     }
-    if want == crate::DType::F32 && got == crate::DType::BF16 {
-        return accumulate_cuda(acc, &to_f32_cuda(g)?);
+    let be = backend::on("backward", &[acc, &g])?;
+    // A weight used twice (wte: embedding and lm_head) can collect an f32 and a bf16 gradient on
+    // the GPU: the sum is kept in f32.
+    let g = if acc.dtype() == g.dtype() { g } else { promote(be, &g)? };
+    if acc.dtype() != DType::F32 && g.dtype() == DType::F32 {
+        *acc = promote(be, acc)?;
     }
-    match (acc.cuda_storage_mut(), g.cuda_storage()) {
-        (Some(CudaStorage::BF16(dst)), Some(CudaStorage::BF16(src))) => elementwise::add_assign(dst, src),
-        (Some(CudaStorage::F32(dst)), Some(CudaStorage::F32(src))) => elementwise::add_assign_f32(dst, src),
-        _ => Err(Error::Input(format!(
-            "backward: cannot add a {got:?} gradient on {} into a {want:?} one on the GPU",
-            g.device()
-        ))),
-    }
+    be.add_assign(acc, &g)
 }
 
-/// An f32 copy of a bf16 GPU tensor (same tape identity).
-#[cfg(feature = "cuda")]
-fn to_f32_cuda(t: &Tensor) -> Result<Tensor> {
-    let src = crate::ops::dev::bf16_in("backward", t)?;
-    let mut out = crate::ops::dev::new_f32(t.dims(), |d| crate::backend::cuda::elementwise::cast_bf16_to_f32(d, src))?;
+/// An f32 copy of `t`, with its tape identity.
+fn promote(be: &dyn Backend, t: &Tensor) -> Result<Tensor> {
+    if t.dtype() == DType::F32 {
+        return Ok(t.clone());
+    }
+    let mut out = be.cast(t, DType::F32)?;
     out.set_id(t.id());
     Ok(out)
 }
@@ -276,26 +196,21 @@ impl Gradients {
         Ok(())
     }
 
-    /// The global L2 norm over every gradient (what clipping by global norm measures).
+    /// The global L2 norm over every gradient (what clipping by global norm measures): one
+    /// deterministic reduction per device, over its gradients in id order.
     pub fn global_norm(&self) -> Result<f64> {
         let mut ids: Vec<&TensorId> = self.map.keys().collect();
         ids.sort();
+        let mut devices: Vec<Device> = self.map.values().map(|g| g.device()).collect();
+        devices.sort_by_key(|d| match d {
+            Device::Cpu => 0,
+            Device::Cuda(i) => 1 + i,
+        });
+        devices.dedup();
         let mut total = 0.0;
-        #[cfg(feature = "cuda")]
-        let mut on_gpu = Vec::new();
-        for id in ids {
-            let g = &self.map[id];
-            #[cfg(feature = "cuda")]
-            if g.device() != crate::Device::Cpu {
-                on_gpu.push(crate::ops::dev::f32_in("global norm", g)?);
-                continue;
-            }
-            total += crate::backend::cpu::reduce::sum_squares(g.f32s()?);
-        }
-        #[cfg(feature = "cuda")]
-        if !on_gpu.is_empty() {
-            // One deterministic reduction over every GPU gradient, in id order.
-            total += crate::backend::cuda::reduce::sum_squares_many(&on_gpu)?;
+        for device in devices {
+            let on_device: Vec<&Tensor> = ids.iter().map(|id| &self.map[id]).filter(|g| g.device() == device).collect();
+            total += backend::backend(device)?.sum_squares(&on_device)?;
         }
         Ok(total.sqrt())
     }
@@ -303,15 +218,7 @@ impl Gradients {
     /// Multiplies every gradient by `s`.
     pub fn scale(&mut self, s: f32) -> Result<()> {
         for g in self.map.values_mut() {
-            #[cfg(feature = "cuda")]
-            if g.device() != crate::Device::Cpu {
-                match g.cuda_storage_mut() {
-                    Some(crate::tensor::CudaStorage::F32(d)) => crate::backend::cuda::reduce::scale(d, s)?,
-                    _ => return Err(Error::Input("scaling gradients: GPU gradients of parameters are f32".into())),
-                }
-                continue;
-            }
-            crate::backend::cpu::reduce::scale(g.f32s_mut()?, s);
+            backend::backend(g.device())?.scale(g, s)?;
         }
         Ok(())
     }

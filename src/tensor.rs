@@ -5,6 +5,7 @@
 //! On the CPU, bf16 and f16 are storage formats: they are converted to f32 (with `half`) before any
 //! op runs, and back when a checkpoint is written in that dtype.
 
+pub use crate::backend::cuda::CudaStorage;
 use crate::{Device, Error, Result};
 use half::{bf16, f16};
 use std::fmt;
@@ -83,6 +84,11 @@ impl From<&[usize]> for Shape {
         Shape(d.to_vec())
     }
 }
+impl From<Vec<usize>> for Shape {
+    fn from(d: Vec<usize>) -> Self {
+        Shape(d)
+    }
+}
 impl<const N: usize> From<[usize; N]> for Shape {
     fn from(d: [usize; N]) -> Self {
         Shape(d.to_vec())
@@ -128,33 +134,11 @@ impl Drop for CpuStorage {
     }
 }
 
-/// A CUDA buffer of one dtype (feature `cuda`). Cloning copies on the device.
-#[cfg(feature = "cuda")]
-#[derive(Clone)]
-pub enum CudaStorage {
-    F32(crate::backend::cuda::DevBuf<f32>),
-    BF16(crate::backend::cuda::DevBuf<bf16>),
-    U8(crate::backend::cuda::DevBuf<u8>),
-    I32(crate::backend::cuda::DevBuf<i32>),
-}
-
-#[cfg(feature = "cuda")]
-impl CudaStorage {
-    fn dtype(&self) -> DType {
-        match self {
-            CudaStorage::F32(_) => DType::F32,
-            CudaStorage::BF16(_) => DType::BF16,
-            CudaStorage::U8(_) => DType::U8,
-            CudaStorage::I32(_) => DType::I32,
-        }
-    }
-}
-
 /// The buffer behind a tensor. This enum is the one place that knows which device holds the data.
 #[derive(Clone)]
 pub enum Storage {
     Cpu(CpuStorage),
-    #[cfg(feature = "cuda")]
+    /// A buffer of the CUDA backend (which cannot exist in a build without it).
     Cuda(CudaStorage),
 }
 
@@ -229,7 +213,6 @@ impl Tensor {
         self.id
     }
     /// Gives this tensor another tensor's tape identity (a dtype change of a gradient in place).
-    #[cfg(feature = "cuda")]
     pub(crate) fn set_id(&mut self, id: TensorId) {
         self.id = id;
     }
@@ -245,14 +228,12 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         match &*self.storage {
             Storage::Cpu(s) => s.dtype(),
-            #[cfg(feature = "cuda")]
             Storage::Cuda(s) => s.dtype(),
         }
     }
     pub fn device(&self) -> Device {
         match &*self.storage {
             Storage::Cpu(_) => Device::Cpu,
-            #[cfg(feature = "cuda")]
             Storage::Cuda(_) => Device::Cuda(0),
         }
     }
@@ -274,52 +255,21 @@ impl Tensor {
         if device == self.device() {
             return Ok(self.clone());
         }
-        #[cfg(feature = "cuda")]
-        {
-            use crate::backend::cuda::cuda;
-            let storage = match (&*self.storage, device) {
-                (Storage::Cpu(c), Device::Cuda(_)) => {
-                    let cu = cuda()?;
-                    Storage::Cuda(match c {
-                        CpuStorage::F32(v) => CudaStorage::F32(cu.upload(v)?),
-                        CpuStorage::BF16(v) => CudaStorage::BF16(cu.upload(v)?),
-                        CpuStorage::F16(v) => CudaStorage::BF16(
-                            cu.upload(&v.iter().map(|x| bf16::from_f32(x.to_f32())).collect::<Vec<_>>())?,
-                        ),
-                        CpuStorage::U8(v) => CudaStorage::U8(cu.upload(v)?),
-                        CpuStorage::I32(v) => CudaStorage::I32(cu.upload(v)?),
-                    })
-                }
-                (Storage::Cuda(c), Device::Cpu) => {
-                    let cu = cuda()?;
-                    Storage::Cpu(match c {
-                        CudaStorage::F32(d) => CpuStorage::F32(cu.download(d)?),
-                        CudaStorage::BF16(d) => CpuStorage::BF16(cu.download(d)?),
-                        CudaStorage::U8(d) => CpuStorage::U8(cu.download(d)?),
-                        CudaStorage::I32(d) => CpuStorage::I32(cu.download(d)?),
-                    })
-                }
-                _ => return Err(Error::Input(format!("cannot copy a tensor from {} to {device}", self.device()))),
-            };
-            Ok(Tensor { id: TensorId::fresh(), shape: self.shape.clone(), storage: Arc::new(storage) })
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            device.ensure_available()?;
-            Ok(self.clone())
-        }
+        let storage = match (&*self.storage, device) {
+            (Storage::Cpu(c), Device::Cuda(ordinal)) => {
+                crate::backend::cuda::ensure_available(ordinal)?;
+                Storage::Cuda(crate::backend::cuda::upload(c)?)
+            }
+            (Storage::Cuda(c), Device::Cpu) => Storage::Cpu(crate::backend::cuda::download(c)?),
+            _ => return Err(Error::Input(format!("cannot copy a tensor from {} to {device}", self.device()))),
+        };
+        Ok(Tensor { id: TensorId::fresh(), shape: self.shape.clone(), storage: Arc::new(storage) })
     }
 
     /// A tensor over a CUDA buffer; its length must equal the shape's element count.
-    #[cfg(feature = "cuda")]
     pub fn from_cuda(storage: CudaStorage, shape: impl Into<Shape>) -> Result<Self> {
         let shape = shape.into();
-        let len = match &storage {
-            CudaStorage::F32(d) => d.len(),
-            CudaStorage::BF16(d) => d.len(),
-            CudaStorage::U8(d) => d.len(),
-            CudaStorage::I32(d) => d.len(),
-        };
+        let len = storage.len();
         // Device buffers of zero elements are allocated with one, so only check the lower bound.
         if len < shape.numel() || (shape.numel() > 0 && len != shape.numel()) {
             return Err(Error::shape("tensor", format!("{len} device elements do not fill shape {shape:?}")));
@@ -328,7 +278,6 @@ impl Tensor {
     }
 
     /// The CUDA buffer of a CUDA tensor, or None.
-    #[cfg(feature = "cuda")]
     pub fn cuda_storage(&self) -> Option<&CudaStorage> {
         match &*self.storage {
             Storage::Cuda(c) => Some(c),
@@ -337,7 +286,6 @@ impl Tensor {
     }
 
     /// Mutable CUDA buffer; copies it first (on the device) if another tensor shares it.
-    #[cfg(feature = "cuda")]
     pub fn cuda_storage_mut(&mut self) -> Option<&mut CudaStorage> {
         match Arc::make_mut(&mut self.storage) {
             Storage::Cuda(c) => Some(c),
@@ -378,7 +326,6 @@ impl Tensor {
     /// tensor is copied to the host first, which can fail.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         Ok(match &*self.storage {
-            #[cfg(feature = "cuda")]
             Storage::Cuda(_) => return self.to_device(Device::Cpu)?.to_f32_vec(),
             Storage::Cpu(CpuStorage::F32(v)) => v.clone(),
             Storage::Cpu(CpuStorage::BF16(v)) => v.iter().map(|x| x.to_f32()).collect(),
@@ -411,7 +358,6 @@ impl Tensor {
     /// CUDA tensor, whose bytes are on the device (`to_device(Device::Cpu)` first).
     pub fn raw_bytes(&self) -> Result<&[u8]> {
         Ok(match &*self.storage {
-            #[cfg(feature = "cuda")]
             Storage::Cuda(_) => {
                 return Err(Error::Cuda(
                     "raw_bytes of a CUDA tensor: its bytes are on the GPU; copy it with to_device(Device::Cpu) first"

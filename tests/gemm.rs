@@ -5,7 +5,15 @@
 mod common;
 
 use common::{grad_check, poison_pool, rand_tensor, rng, Objective, Tol, POOLED, U32};
-use kiln::ops::gemm::{linear, matmul, matmul_ex, WeightLayout};
+use kiln::ops::gemm::{linear, matmul, matmul_ex, Epilogue, Trans, WeightLayout};
+
+fn ep(gelu: bool) -> Epilogue {
+    if gelu {
+        Epilogue::Gelu
+    } else {
+        Epilogue::Plain
+    }
+}
 use kiln::{Error, Tensor};
 
 /// Tolerance. The op is linear in each input (GELU aside), so truncation is zero without GELU and
@@ -39,7 +47,15 @@ fn matmul_grads_every_transpose_bias_and_gelu() {
                         );
                         let wrt: Vec<usize> = (0..inputs.len()).collect();
                         grad_check(&label, &inputs, &wrt, Objective::Probe(7), TOL, 48, |t, x| {
-                            matmul_ex(t, &x[0], &x[1], x.get(2), trans_a, trans_b, gelu)
+                            matmul_ex(
+                                t,
+                                &x[0],
+                                &x[1],
+                                x.get(2),
+                                Trans::from_bool(trans_a),
+                                Trans::from_bool(trans_b),
+                                ep(gelu),
+                            )
                         });
                     }
                 }
@@ -95,7 +111,7 @@ fn linear_grads_with_leading_batch_dims() {
     // Plain matmul on a batched A, B transposed.
     let inputs = [rand_tensor(&mut r, &[3, 7, 12], 1.0), rand_tensor(&mut r, &[5, 12], 1.0)];
     grad_check("matmul A=[3,7,12] B^T", &inputs, &[0, 1], Objective::Probe(9), TOL, 48, |t, x| {
-        matmul(t, &x[0], &x[1], false, true)
+        matmul(t, &x[0], &x[1], Trans::No, Trans::Yes)
     });
 }
 
@@ -119,7 +135,16 @@ fn matmul_forward_matches_f64_reference() {
             let b = rand_tensor(&mut r, &if trans_b { [n, k] } else { [k, n] }, 1.0);
             let bias = rand_tensor(&mut r, &[n], 1.0);
             let mut tape = kiln::Tape::inference();
-            let y = matmul_ex(&mut tape, &a, &b, Some(&bias), trans_a, trans_b, gelu).unwrap();
+            let y = matmul_ex(
+                &mut tape,
+                &a,
+                &b,
+                Some(&bias),
+                Trans::from_bool(trans_a),
+                Trans::from_bool(trans_b),
+                ep(gelu),
+            )
+            .unwrap();
             assert_eq!(y.dims(), &[m, n]);
             let (ad, bd, cd) = (a.f32s().unwrap(), b.f32s().unwrap(), bias.f32s().unwrap());
             let at = |i: usize, p: usize| ad[if trans_a { p * m + i } else { i * k + p }] as f64;
@@ -153,21 +178,21 @@ fn matmul_rejects_bad_shapes() {
     let mut tape = kiln::Tape::new();
     let t = |d: &[usize]| Tensor::zeros(d);
     let cases: [(&str, kiln::Result<Tensor>); 6] = [
-        ("inner dims differ", matmul(&mut tape, &t(&[4, 5]), &t(&[6, 3]), false, false)),
-        ("inner dims differ, B^T", matmul(&mut tape, &t(&[4, 5]), &t(&[3, 6]), false, true)),
-        ("inner dims differ, A^T", matmul(&mut tape, &t(&[4, 5]), &t(&[5, 3]), true, false)),
-        ("A^T with batch dims", matmul(&mut tape, &t(&[2, 4, 5]), &t(&[4, 3]), true, false)),
-        ("B not 2-D", matmul(&mut tape, &t(&[4, 5]), &t(&[1, 5, 3]), false, false)),
+        ("inner dims differ", matmul(&mut tape, &t(&[4, 5]), &t(&[6, 3]), Trans::No, Trans::No)),
+        ("inner dims differ, B^T", matmul(&mut tape, &t(&[4, 5]), &t(&[3, 6]), Trans::No, Trans::Yes)),
+        ("inner dims differ, A^T", matmul(&mut tape, &t(&[4, 5]), &t(&[5, 3]), Trans::Yes, Trans::No)),
+        ("A^T with batch dims", matmul(&mut tape, &t(&[2, 4, 5]), &t(&[4, 3]), Trans::Yes, Trans::No)),
+        ("B not 2-D", matmul(&mut tape, &t(&[4, 5]), &t(&[1, 5, 3]), Trans::No, Trans::No)),
         (
             "bias of the wrong length",
-            matmul_ex(&mut tape, &t(&[4, 5]), &t(&[5, 3]), Some(&t(&[4])), false, false, false),
+            matmul_ex(&mut tape, &t(&[4, 5]), &t(&[5, 3]), Some(&t(&[4])), Trans::No, Trans::No, Epilogue::Plain),
         ),
     ];
     for (what, res) in cases {
         assert!(matches!(res, Err(Error::Shape { .. })), "{what}: {res:?}");
     }
     let ids = Tensor::from_i32(vec![0; 20], [4, 5]).unwrap();
-    let res = matmul(&mut tape, &ids, &t(&[5, 3]), false, false);
+    let res = matmul(&mut tape, &ids, &t(&[5, 3]), Trans::No, Trans::No);
     assert!(matches!(res, Err(Error::DType { .. })), "I32 A: {res:?}");
 }
 

@@ -26,7 +26,7 @@ use kiln::model::gpt2::Mode;
 use kiln::model::lora;
 use kiln::nn::lora::LoraConfig;
 use kiln::ops::elementwise;
-use kiln::ops::gemm::{linear, matmul, WeightLayout};
+use kiln::ops::gemm::{linear, matmul, Trans, WeightLayout};
 use kiln::ops::lora::{lora_embedding, lora_linear, lora_linear_ex};
 use kiln::{DType, Gpt2, Tape, Tensor};
 use std::path::{Path, PathBuf};
@@ -122,8 +122,8 @@ fn lora_linear_equals_its_composite_twin() {
             t2.watch(t);
         }
         let base = linear(&mut t2, &v[0], &v[1], Some(&v[4]), WeightLayout::InOut, false).unwrap();
-        let u = matmul(&mut t2, &v[0], &v[2], false, true).unwrap();
-        let upd = matmul(&mut t2, &u, &bs, false, true).unwrap();
+        let u = matmul(&mut t2, &v[0], &v[2], Trans::No, Trans::Yes).unwrap();
+        let upd = matmul(&mut t2, &u, &bs, Trans::No, Trans::Yes).unwrap();
         let twin = elementwise::add(&mut t2, &base, &upd).unwrap();
         let e = max_rel_err_t(&fused, &twin);
         assert!(e < 1e-5, "forward x={x:?}: rel err {e}");

@@ -31,7 +31,7 @@ fn only_watched_tensors_get_gradients() {
     let (a, b) = (t(&[1.0, 2.0, 3.0, 4.0], &[2, 2]), t(&[0.5, -1.0, 0.25, 2.0], &[2, 2]));
     let mut tape = Tape::new();
     tape.watch(&b);
-    let y = gemm::matmul(&mut tape, &a, &b, false, false).unwrap();
+    let y = gemm::matmul(&mut tape, &a, &b, gemm::Trans::No, gemm::Trans::No).unwrap();
     let loss = xent::cross_entropy(&mut tape, &y, &Tensor::from_i32(vec![0, 1], [2]).unwrap()).unwrap();
     let g = tape.backward(&loss).unwrap();
     assert!(g.get(&b).is_some());

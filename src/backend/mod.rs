@@ -1,6 +1,409 @@
-//! Backends: plain functions over buffers, with no knowledge of the tape. The CPU backend is the
-//! readable reference every CUDA kernel is checked against.
+//! Backends: what an op needs from a device, as one trait per op family, implemented by the CPU
+//! backend (`cpu::Cpu`, the readable reference) and the CUDA backend (`cuda::Cuda`, over the
+//! device runtime: a GPU or the emulated device). Ops are written once against these traits, in
+//! `src/ops`, and `on` is the one place that picks a backend for a device.
+//!
+//! Methods take and return `Tensor`s on the backend's device, in its compute dtype (f32 on the
+//! CPU, bf16 activations on CUDA, whose parameter gradients are f32 for the f32 masters). The ops
+//! check shapes before they call; a backend checks what its buffers need (dtypes, devices).
+//!
+//! A fused op with no kernel on a backend keeps the trait's default method: the CPU backend's
+//! implementation over host copies, with the results moved back (`on_host`). So every op runs on
+//! every backend from the day it is written, and fast where the backend has a kernel.
+//!
+//! Without the `cuda` feature, `cuda` is a stand-in (`no_cuda.rs`) with the CUDA backend's
+//! outward surface, whose every entry point says kiln was built without CUDA.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+// The one other place the feature is named: the stand-in that takes the CUDA backend's place.
+#[cfg(not(feature = "cuda"))]
+#[path = "no_cuda.rs"]
+pub mod cuda;
+
+use crate::quant::nf4::Nf4Weight;
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// A backend: every op family, plus what the tape and the optimizers ask of a device.
+pub trait Backend:
+    Elementwise + Norm + Matmul + Attention + Embedding + CrossEntropy + Lora + Nf4 + Optim + Sync
+{
+    /// The dtype activations are computed in (f32 on the CPU, bf16 on CUDA).
+    fn compute_dtype(&self) -> DType;
+    /// Waits for queued work (a no-op on the CPU): what a timer needs before it reads the clock.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The backend of `device`: an error when this build or this machine cannot serve it.
+pub fn backend(device: Device) -> Result<&'static dyn Backend> {
+    match device {
+        Device::Cpu => Ok(&cpu::Cpu),
+        Device::Cuda(_) => cuda::backend(),
+    }
+}
+
+/// The backend an op over `inputs` runs on: theirs, when they all live on one device.
+pub fn on(op: &'static str, inputs: &[&Tensor]) -> Result<&'static dyn Backend> {
+    let device = inputs.first().map_or(Device::Cpu, |t| t.device());
+    if let Some(t) = inputs.iter().find(|t| t.device() != device) {
+        return Err(Error::DeviceMismatch { op, a: device, b: t.device() });
+    }
+    backend(device)
+}
+
+/// `t` as an f32 CPU tensor (a copy unless it already is one).
+pub fn to_host_f32(t: &Tensor) -> Result<Tensor> {
+    t.to_device(Device::Cpu)?.to_dtype(DType::F32)
+}
+
+/// Runs `f` (the CPU backend's implementation) on host copies of a backend's tensors and moves
+/// its outputs back in `dtypes[i]`: how a backend without a kernel for a fused op still runs it.
+fn on_host<const N: usize>(
+    be: &dyn Backend,
+    device: Device,
+    dtypes: [DType; N],
+    outs: [Option<Tensor>; N],
+) -> Result<[Option<Tensor>; N]> {
+    let mut res: [Option<Tensor>; N] = std::array::from_fn(|_| None);
+    for (i, (out, dtype)) in outs.into_iter().zip(dtypes).enumerate() {
+        if let Some(t) = out {
+            let t = t.to_device(device)?;
+            res[i] = Some(if t.dtype() == dtype { t } else { be.cast(&t, dtype)? });
+        }
+    }
+    Ok(res)
+}
+
+/// Elementwise ops, the casts between compute and master dtypes, and the reductions the tape
+/// runs over gradients.
+pub trait Elementwise {
+    /// GELU, tanh approximation.
+    fn gelu(&self, x: &Tensor) -> Result<Tensor>;
+    /// d/dx of `gelu` at `x`, times `dout`.
+    fn gelu_backward(&self, x: &Tensor, dout: &Tensor) -> Result<Tensor>;
+    /// a + b (same shapes).
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+    /// Each element zeroed with probability `p` (drawn per element index from `seed`) and the
+    /// rest scaled by 1 / (1 - p). The same seed draws the same mask, so this is also the
+    /// backward of itself.
+    fn dropout(&self, x: &Tensor, p: f32, seed: u64) -> Result<Tensor>;
+    /// `x` converted to `dtype`, on this backend.
+    fn cast(&self, x: &Tensor, dtype: DType) -> Result<Tensor>;
+    /// acc += x, same dtype and size (gradient accumulation).
+    fn add_assign(&self, acc: &mut Tensor, x: &Tensor) -> Result<()>;
+    /// The sum of squares over every element of every tensor (f32 tensors), in one deterministic
+    /// order: what a global gradient norm measures.
+    fn sum_squares(&self, xs: &[&Tensor]) -> Result<f64>;
+    /// x *= s, in place (an f32 tensor).
+    fn scale(&self, x: &mut Tensor, s: f32) -> Result<()>;
+}
+
+/// LayerNorm's statistics: one mean and one 1 / std per row, f32.
+pub struct RowStats {
+    pub mean: Tensor,
+    pub rstd: Tensor,
+}
+
+/// LayerNorm over the last dimension.
+pub trait Norm {
+    /// (x - mean) * rstd * w + b per row of width w.len(), with the statistics backward needs.
+    fn layernorm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<(Tensor, RowStats)>;
+    /// [dx, dw, db], each computed only where `needs` asks (dw, db in f32 on every backend).
+    fn layernorm_backward(
+        &self,
+        dout: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        stats: &RowStats,
+        needs: [bool; 3],
+    ) -> Result<[Option<Tensor>; 3]>;
+}
+
+/// Whether an operand of a GEMM is read transposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trans {
+    /// As stored, row-major.
+    No,
+    /// Transposed: a stored [cols, rows] matrix read as [rows, cols].
+    Yes,
+}
+
+impl Trans {
+    pub fn from_bool(t: bool) -> Trans {
+        if t {
+            Trans::Yes
+        } else {
+            Trans::No
+        }
+    }
+    pub fn is_t(self) -> bool {
+        self == Trans::Yes
+    }
+    /// The other one.
+    pub fn flip(self) -> Trans {
+        Trans::from_bool(!self.is_t())
+    }
+}
+
+/// What a GEMM computes after the product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// op(A) @ op(B) (+ bias).
+    Plain,
+    /// GELU(op(A) @ op(B) + bias), keeping the pre-activation for backward.
+    Gelu,
+}
+
+/// One GEMM: C [m, n] = epilogue(op(A) [m, k] @ op(B) [k, n]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmDesc {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: Trans,
+    pub b: Trans,
+    pub epilogue: Epilogue,
+}
+
+impl GemmDesc {
+    /// A plain product.
+    pub fn new(m: usize, n: usize, k: usize, a: Trans, b: Trans) -> Self {
+        GemmDesc { m, n, k, a, b, epilogue: Epilogue::Plain }
+    }
+}
+
+/// Matrix products.
+pub trait Matmul {
+    /// epilogue(op(A) @ op(B) + bias) shaped `out_dims` (m x n elements), and the
+    /// pre-activation when the epilogue is GELU.
+    fn matmul(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        bias: Option<&Tensor>,
+        desc: &GemmDesc,
+        out_dims: &[usize],
+    ) -> Result<(Tensor, Option<Tensor>)>;
+    /// op(A) @ op(B) into a new tensor of `dtype` shaped `dims` (backward's products: f32 for
+    /// the gradient of a parameter, the compute dtype for an activation's).
+    fn gemm(&self, a: &Tensor, b: &Tensor, desc: &GemmDesc, dtype: DType, dims: &[usize]) -> Result<Tensor>;
+    /// The sum over rows of g [rows, n], in f32: a bias gradient.
+    fn bias_grad(&self, g: &Tensor, n: usize) -> Result<Tensor>;
+}
+
+/// Causal multi-head attention over packed qkv [B, T, 3C].
+pub trait Attention {
+    /// (out [B, T, C], lse [B, nh, T] in f32).
+    fn attention(&self, qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)>;
+    /// dqkv [B, T, 3C].
+    fn attention_backward(
+        &self,
+        dout: &Tensor,
+        qkv: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        n_head: usize,
+    ) -> Result<Tensor>;
+}
+
+/// Token + position embedding. Token ids are host i32 values the op has checked.
+pub trait Embedding {
+    /// out [B, T, C] = wte[ids] + wpe[t] for `ids` [B, T] (row-major, T = `t`).
+    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: &Tensor) -> Result<Tensor>;
+    /// [dwte, dwpe] in f32, each only where `needs` asks.
+    fn embedding_backward(
+        &self,
+        dout: &Tensor,
+        ids: &[i32],
+        t: usize,
+        dims: [&[usize]; 2],
+        needs: [bool; 2],
+    ) -> Result<[Option<Tensor>; 2]>;
+}
+
+/// What the cross-entropy forward leaves: the loss sum over counted rows, their count, and what
+/// backward needs (per-row lse in f32, the targets on the backend's device).
+pub struct XentSaved {
+    pub sum: f64,
+    pub count: usize,
+    pub lse: Tensor,
+    pub targets: Tensor,
+}
+
+/// Fused softmax cross-entropy over rows of logits [rows, V].
+pub trait CrossEntropy {
+    /// `targets` is the host I32 tensor (checked: each in [0, V) or IGNORE).
+    fn cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> Result<XentSaved>;
+    /// (softmax(logits) - onehot(target)) * scale, zero rows where the target is IGNORE.
+    fn cross_entropy_backward(&self, logits: &Tensor, saved: &XentSaved, scale: f32) -> Result<Tensor>;
+}
+
+/// A LoRA linear layer's operands: y = x op(W) + bias + scaling * dropout(x) A^T B^T, with
+/// x [m, k], W [k, n] (or [n, k] when `w_trans`), A [r, k], B [n, r].
+#[derive(Clone, Copy)]
+pub struct LoraArgs<'a> {
+    pub x: &'a Tensor,
+    pub w: &'a Tensor,
+    pub w_trans: bool,
+    pub bias: Option<&'a Tensor>,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scaling: f32,
+    /// The adapter's dropout mask over x (1 = kept) and its scale, when dropout applies.
+    pub keep: Option<(&'a [u8], f32)>,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub r: usize,
+}
+
+/// LoRA embedding operands: scaling * A[:, ids]^T B^T, A [r, v], B [c, r].
+#[derive(Clone, Copy)]
+pub struct LoraEmbeddingArgs<'a> {
+    pub ids: &'a [i32],
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scaling: f32,
+    pub v: usize,
+    pub c: usize,
+    pub r: usize,
+}
+
+impl<'a> LoraArgs<'a> {
+    fn with(self, x: &'a Tensor, w: &'a Tensor, bias: Option<&'a Tensor>, a: &'a Tensor, b: &'a Tensor) -> Self {
+        LoraArgs { x, w, bias, a, b, ..self }
+    }
+}
+
+/// The LoRA ops. The defaults run the CPU's implementation over host copies.
+pub trait Lora: Elementwise {
+    /// (y [m, n], us = scaling * dropout(x) A^T [m, r], which backward needs).
+    fn lora_linear(&self, args: &LoraArgs) -> Result<(Tensor, Tensor)> {
+        let h = |t: &Tensor| to_host_f32(t);
+        let (x, w, a, b) = (h(args.x)?, h(args.w)?, h(args.a)?, h(args.b)?);
+        let bias = args.bias.map(h).transpose()?;
+        let (y, us) = cpu::Cpu.lora_linear(&args.with(&x, &w, bias.as_ref(), &a, &b))?;
+        let dt = args.x.dtype();
+        let [y, us] = on_host(self.as_backend(), args.x.device(), [dt, DType::F32], [Some(y), Some(us)])?;
+        Ok((y.expect("given"), us.expect("given")))
+    }
+    /// [dx, dW, dA, dB, dbias], each only where `needs` asks; parameter gradients in f32.
+    fn lora_linear_backward(
+        &self,
+        args: &LoraArgs,
+        us: &Tensor,
+        dout: &Tensor,
+        needs: [bool; 5],
+    ) -> Result<[Option<Tensor>; 5]> {
+        let h = |t: &Tensor| to_host_f32(t);
+        let (x, w, a, b, us, dout) = (h(args.x)?, h(args.w)?, h(args.a)?, h(args.b)?, h(us)?, h(dout)?);
+        let bias = args.bias.map(h).transpose()?;
+        let g = cpu::Cpu.lora_linear_backward(&args.with(&x, &w, bias.as_ref(), &a, &b), &us, &dout, needs)?;
+        let f = DType::F32;
+        on_host(self.as_backend(), args.x.device(), [args.x.dtype(), f, f, f, f], g)
+    }
+    /// (scaling * A[:, ids]^T B^T [ids.len(), c], us = scaling * A[:, ids]^T [ids.len(), r]).
+    fn lora_embedding(&self, args: &LoraEmbeddingArgs) -> Result<(Tensor, Tensor)> {
+        let (a, b) = (to_host_f32(args.a)?, to_host_f32(args.b)?);
+        let (y, us) = cpu::Cpu.lora_embedding(&LoraEmbeddingArgs { a: &a, b: &b, ..*args })?;
+        let device = args.b.device();
+        let [y, us] =
+            on_host(self.as_backend(), device, [self.as_backend().compute_dtype(), DType::F32], [Some(y), Some(us)])?;
+        Ok((y.expect("given"), us.expect("given")))
+    }
+    /// [dA, dB] in f32, each only where `needs` asks.
+    fn lora_embedding_backward(
+        &self,
+        args: &LoraEmbeddingArgs,
+        us: &Tensor,
+        dout: &Tensor,
+        needs: [bool; 2],
+    ) -> Result<[Option<Tensor>; 2]> {
+        let (a, b, us, dout) = (to_host_f32(args.a)?, to_host_f32(args.b)?, to_host_f32(us)?, to_host_f32(dout)?);
+        let g = cpu::Cpu.lora_embedding_backward(&LoraEmbeddingArgs { a: &a, b: &b, ..*args }, &us, &dout, needs)?;
+        on_host(self.as_backend(), args.b.device(), [DType::F32; 2], g)
+    }
+    /// This backend as a `Backend` (for the defaults, which move results back through it).
+    fn as_backend(&self) -> &dyn Backend;
+}
+
+/// An NF4 linear layer's operands: y = x deq(W) + bias (+ the LoRA update with `lora`).
+#[derive(Clone, Copy)]
+pub struct Nf4Args<'a> {
+    pub x: &'a Tensor,
+    pub w: &'a Nf4Weight,
+    pub bias: Option<&'a Tensor>,
+    /// (A [r, k], B [n, r], scaling) of the adapter.
+    pub lora: Option<(&'a Tensor, &'a Tensor, f32)>,
+    pub keep: Option<(&'a [u8], f32)>,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub r: usize,
+}
+
+impl<'a> Nf4Args<'a> {
+    fn with(self, x: &'a Tensor, bias: Option<&'a Tensor>, ab: Option<(&'a Tensor, &'a Tensor)>) -> Self {
+        let lora = self.lora.zip(ab).map(|((_, _, s), (a, b))| (a, b, s));
+        Nf4Args { x, bias, lora, ..self }
+    }
+}
+
+/// NF4 linear (QLoRA's frozen base). The defaults run the CPU's implementation on host copies.
+pub trait Nf4: Lora {
+    /// (y [m, n], us [m, r]; r = 0 without an adapter).
+    fn nf4_linear(&self, args: &Nf4Args) -> Result<(Tensor, Tensor)> {
+        let x = to_host_f32(args.x)?;
+        let bias = args.bias.map(to_host_f32).transpose()?;
+        let ab = args.lora.map(|(a, b, _)| Ok::<_, Error>((to_host_f32(a)?, to_host_f32(b)?))).transpose()?;
+        let (y, us) = cpu::Cpu.nf4_linear(&args.with(&x, bias.as_ref(), ab.as_ref().map(|(a, b)| (a, b))))?;
+        let [y, us] = on_host(self.as_backend(), args.x.device(), [args.x.dtype(), DType::F32], [Some(y), Some(us)])?;
+        Ok((y.expect("given"), us.expect("given")))
+    }
+    /// [dx, dA, dB, dbias] (no dW: the quantized base is frozen), each only where `needs` asks.
+    fn nf4_linear_backward(
+        &self,
+        args: &Nf4Args,
+        us: &Tensor,
+        dout: &Tensor,
+        needs: [bool; 4],
+    ) -> Result<[Option<Tensor>; 4]> {
+        let (x, us, dout) = (to_host_f32(args.x)?, to_host_f32(us)?, to_host_f32(dout)?);
+        let bias = args.bias.map(to_host_f32).transpose()?;
+        let ab = args.lora.map(|(a, b, _)| Ok::<_, Error>((to_host_f32(a)?, to_host_f32(b)?))).transpose()?;
+        let host = args.with(&x, bias.as_ref(), ab.as_ref().map(|(a, b)| (a, b)));
+        let g = cpu::Cpu.nf4_linear_backward(&host, &us, &dout, needs)?;
+        let f = DType::F32;
+        on_host(self.as_backend(), args.x.device(), [args.x.dtype(), f, f, f], g)
+    }
+}
+
+/// One parameter's AdamW update: p, its two f32 moments and its gradient, on one device.
+pub struct AdamWSlot<'a> {
+    pub p: &'a mut Tensor,
+    pub m: &'a mut Tensor,
+    pub v: &'a mut Tensor,
+    pub g: &'a Tensor,
+    /// Weight decay applies (matrices, never biases or norms).
+    pub decay: bool,
+}
+
+/// Optimizer updates.
+pub trait Optim {
+    /// One AdamW step over every slot, with the step's scalars (`decay` is applied per slot).
+    fn adamw(&self, slots: &mut [AdamWSlot], scalars: &crate::abi::AdamWScalars) -> Result<()>;
+}
+
+/// (B, T, C) of packed qkv [B, T, 3C] for `n_head` heads, or the error that says why not.
+pub(crate) fn qkv_dims(op: &'static str, qkv: &Tensor, n_head: usize) -> Result<(usize, usize, usize)> {
+    match *qkv.dims() {
+        [b, t, c3] if c3 % 3 == 0 && n_head > 0 && (c3 / 3) % n_head == 0 => Ok((b, t, c3 / 3)),
+        _ => Err(Error::shape(
+            op,
+            format!("qkv must be [B, T, 3C] with C divisible by n_head = {n_head}, got {:?}", qkv.dims()),
+        )),
+    }
+}

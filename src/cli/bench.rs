@@ -48,20 +48,7 @@ pub enum BenchCommand {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        #[cfg(feature = "cuda")]
-        BenchCommand::Kernels { device } => match device.as_str() {
-            "emu" => {
-                crate::backend::cuda::select(crate::backend::cuda::RuntimeKind::Emulator)?;
-                crate::backend::cuda::traffic::run().map(|_| ())
-            }
-            "cuda" | "cuda:0" => {
-                crate::backend::cuda::select(crate::backend::cuda::RuntimeKind::Driver)?;
-                crate::backend::cuda::bench::run()
-            }
-            other => Err(crate::Error::Input(format!("kiln bench kernels runs on cuda or emu, not '{other}'"))),
-        },
-        #[cfg(not(feature = "cuda"))]
-        BenchCommand::Kernels { .. } => Err(crate::Error::CudaNotBuilt(0)),
+        BenchCommand::Kernels { device } => crate::backend::cuda::bench::kernels(&device),
         BenchCommand::TrainStep { preset, model, batch, seq, steps, warmup, device } => {
             let device = device.parse::<Device>()?;
             device.ensure_available()?;
@@ -123,13 +110,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 
 /// `kiln bench train-step --device cuda`: the step's TFLOP/s against cuBLAS' bf16 GEMM rate at
 /// 4096^3 measured in the same run.
-#[cfg(feature = "cuda")]
 fn gpu_train_step(m: &mut Gpt2, name: &str, batch: usize, seq: usize, warmup: usize, steps: usize) -> Result<()> {
-    let cu = crate::backend::cuda::cuda()?;
     println!(
         "kiln bench train-step: {name}, {} parameters, batch {batch} x seq {seq}, {}",
         m.params.numel(),
-        cu.name()
+        crate::backend::cuda::bench::device_name()?
     );
     let report = bench::train_step(m, batch, seq, warmup, steps, |i, d| {
         let tag = if i < warmup { "warm-up" } else { "step" };
@@ -148,7 +133,7 @@ fn gpu_train_step(m: &mut Gpt2, name: &str, batch: usize, seq: usize, warmup: us
     println!("  tokens/s:  {:.0}", report.tokens_per_s());
     let achieved = report.gflops() / 1e3;
     println!("  achieved:  {achieved:.1} TFLOP/s ({:.1} GFLOP per step)", report.flops / 1e9);
-    match crate::backend::cuda::bench::cublas_tflops(cu, 4096, 4096, 4096)? {
+    match crate::backend::cuda::bench::gemm_ceiling_tflops(4096)? {
         Ok(ceiling) => {
             println!("  cuBLAS bf16 GEMM 4096^3: {ceiling:.1} TFLOP/s");
             println!("  ratio:     {:.0}% of cuBLAS GEMM", 100.0 * achieved / ceiling);
@@ -156,9 +141,4 @@ fn gpu_train_step(m: &mut Gpt2, name: &str, batch: usize, seq: usize, warmup: us
         Err(why) => println!("  no cuBLAS ceiling: {why}"),
     }
     Ok(())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_train_step(_: &mut Gpt2, _: &str, _: usize, _: usize, _: usize, _: usize) -> Result<()> {
-    Err(crate::Error::CudaNotBuilt(0))
 }

@@ -9,7 +9,7 @@ use crate::{Result, Tensor};
 /// Re-runs the checkpointed computation on `tape` from its input.
 pub type Recompute = Box<dyn Fn(&mut Tape, &Tensor) -> Result<Tensor>>;
 
-pub(crate) struct Saved {
+struct Checkpoint {
     recompute: Recompute,
     x: Tensor,
     /// The parameters the computation reads that need gradients, in input order after x.
@@ -22,22 +22,27 @@ pub fn record(tape: &mut Tape, recompute: Recompute, x: &Tensor, params: Vec<Ten
     inputs.extend(params.iter());
     let inputs: Vec<Tensor> = inputs.into_iter().cloned().collect();
     let refs: Vec<&Tensor> = inputs.iter().collect();
-    tape.record(Op::Checkpoint(Saved { recompute, x: x.clone(), params }), &refs, out);
+    tape.record(Checkpoint { recompute, x: x.clone(), params }, &refs, out);
 }
 
-pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    let mut sub = Tape::new();
-    if needs[0] {
-        sub.watch(&s.x);
+impl Op for Checkpoint {
+    fn name(&self) -> &'static str {
+        "checkpoint"
     }
-    for (p, &need) in s.params.iter().zip(&needs[1..]) {
-        if need {
-            sub.watch(p);
+    fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let mut sub = Tape::new();
+        if needs[0] {
+            sub.watch(&self.x);
         }
+        for (p, &need) in self.params.iter().zip(&needs[1..]) {
+            if need {
+                sub.watch(p);
+            }
+        }
+        let out = (self.recompute)(&mut sub, &self.x)?;
+        let grads = sub.backward_from(&out, dout.clone())?;
+        let mut res = vec![needs[0].then(|| grads.get(&self.x).cloned()).flatten()];
+        res.extend(self.params.iter().zip(&needs[1..]).map(|(p, &need)| need.then(|| grads.get(p).cloned()).flatten()));
+        Ok(res)
     }
-    let out = (s.recompute)(&mut sub, &s.x)?;
-    let grads = sub.backward_from(&out, dout.clone())?;
-    let mut res = vec![needs[0].then(|| grads.get(&s.x).cloned()).flatten()];
-    res.extend(s.params.iter().zip(&needs[1..]).map(|(p, &need)| need.then(|| grads.get(p).cloned()).flatten()));
-    Ok(res)
 }

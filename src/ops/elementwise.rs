@@ -1,61 +1,42 @@
-//! GELU (tanh approximation), residual add, dropout, and the f32 -> bf16 cast that feeds a GPU
-//! forward pass its bf16 weights from the optimizer's f32 masters. On the GPU the activations
-//! are bf16 and the math f32, in `backend::cuda::elementwise`.
+//! GELU (tanh approximation), residual add, dropout, and the cast that feeds a GPU forward pass
+//! its bf16 weights from the optimizer's f32 masters.
 
-#[cfg(feature = "cuda")]
-use super::dev;
-use super::{f32_input, new_f32};
-use crate::backend::cpu::elementwise as cpu;
-#[cfg(feature = "cuda")]
-use crate::backend::cuda::elementwise as cuda;
+use crate::backend::on;
 use crate::tape::{Op, Tape};
-use crate::{Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 
-pub(crate) struct GeluSaved {
+struct Gelu {
     x: Tensor,
 }
 
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) struct DropoutSaved {
-    /// The CPU's mask; empty on the GPU, whose backward redraws it from `seed`.
-    mask: Vec<u8>,
-    scale: f32,
-    seed: u64,
-    p: f32,
-}
-
-pub(crate) struct CastSaved {
-    from: crate::DType,
+impl Op for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu"
+    }
+    fn backward(&self, dout: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(on("gelu backward", &[&self.x, dout])?.gelu_backward(&self.x, dout)?)])
+    }
 }
 
 /// GELU with the tanh approximation (GPT-2's "gelu_new").
 pub fn gelu(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
     let _t = crate::profile::scope("gelu", crate::profile::Phase::Forward);
-    let out = match x.device() {
-        #[cfg(feature = "cuda")]
-        crate::Device::Cuda(_) => {
-            let xd = dev::bf16_in("gelu", x)?;
-            dev::new_bf16(x.dims(), |o| cuda::gelu_forward(o, xd))?
-        }
-        _ => {
-            let xd = f32_input("gelu", x)?;
-            new_f32(x.dims(), |o| cpu::gelu_forward(o, xd))?
-        }
-    };
+    let out = on("gelu", &[x])?.gelu(x)?;
     if tape.wants(&[x]) {
-        tape.record(Op::Gelu(GeluSaved { x: x.clone() }), &[x], &out);
+        tape.record(Gelu { x: x.clone() }, &[x], &out);
     }
     Ok(out)
 }
 
-pub(crate) fn gelu_backward(s: &GeluSaved, dout: &Tensor) -> Result<Vec<Option<Tensor>>> {
-    #[cfg(feature = "cuda")]
-    if s.x.device() != crate::Device::Cpu {
-        let (x, g) = (dev::bf16_in("gelu backward", &s.x)?, dev::bf16_in("gelu backward", dout)?);
-        return Ok(vec![Some(dev::new_bf16(s.x.dims(), |d| cuda::gelu_backward(d, x, g))?)]);
+struct Add;
+
+impl Op for Add {
+    fn name(&self) -> &'static str {
+        "add"
     }
-    let (x, g) = (s.x.f32s()?, dout.f32s()?);
-    Ok(vec![Some(new_f32(s.x.dims(), |d| cpu::gelu_backward(d, x, g))?)])
+    fn backward(&self, dout: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(dout.clone()), Some(dout.clone())])
+    }
 }
 
 /// a + b, elementwise, same shapes (the residual connection).
@@ -64,21 +45,26 @@ pub fn add(tape: &mut Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return Err(Error::shape("add", format!("shapes differ: {:?} vs {:?}", a.dims(), b.dims())));
     }
     let _t = crate::profile::scope("add", crate::profile::Phase::Forward);
-    let out = match a.device() {
-        #[cfg(feature = "cuda")]
-        crate::Device::Cuda(_) => {
-            let (ad, bd) = (dev::bf16_in("add", a)?, dev::bf16_in("add", b)?);
-            dev::new_bf16(a.dims(), |o| cuda::residual_forward(o, ad, bd))?
-        }
-        _ => {
-            let (ad, bd) = (f32_input("add", a)?, f32_input("add", b)?);
-            new_f32(a.dims(), |o| cpu::residual_forward(o, ad, bd))?
-        }
-    };
+    let out = on("add", &[a, b])?.add(a, b)?;
     if tape.wants(&[a, b]) {
-        tape.record(Op::Add, &[a, b], &out);
+        tape.record(Add, &[a, b], &out);
     }
     Ok(out)
+}
+
+/// Dropout's backward is dropout under the same mask, which the seed redraws.
+struct Dropout {
+    p: f32,
+    seed: u64,
+}
+
+impl Op for Dropout {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+    fn backward(&self, dout: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(on("dropout backward", &[dout])?.dropout(dout, self.p, self.seed)?)])
+    }
 }
 
 /// Zeroes each element with probability `p` and scales the rest by 1 / (1 - p). The identity
@@ -92,68 +78,42 @@ pub fn dropout(tape: &mut Tape, x: &Tensor, p: f32, train: bool, seed: u64) -> R
         return Ok(x.clone());
     }
     let _t = crate::profile::scope("dropout", crate::profile::Phase::Forward);
-    let scale = 1.0 / (1.0 - p);
-    #[cfg(feature = "cuda")]
-    if x.device() != crate::Device::Cpu {
-        // The kernel draws the CPU's mask bits per element; backward redraws them from the seed.
-        let xd = dev::bf16_in("dropout", x)?;
-        let out = dev::new_bf16(x.dims(), |o| cuda::dropout(o, None, xd, seed, p, scale))?;
-        if tape.wants(&[x]) {
-            tape.record(Op::Dropout(DropoutSaved { mask: Vec::new(), scale, seed, p }), &[x], &out);
-        }
-        return Ok(out);
-    }
-    let xd = f32_input("dropout", x)?;
-    let mut mask = vec![0u8; x.numel()];
-    cpu::dropout_mask(&mut mask, seed, p);
-    let out = new_f32(x.dims(), |o| cpu::dropout_forward(o, xd, &mask, scale))?;
+    let out = on("dropout", &[x])?.dropout(x, p, seed)?;
     if tape.wants(&[x]) {
-        tape.record(Op::Dropout(DropoutSaved { mask, scale, seed, p }), &[x], &out);
+        tape.record(Dropout { p, seed }, &[x], &out);
     }
     Ok(out)
 }
 
-pub(crate) fn dropout_backward(s: &DropoutSaved, dout: &Tensor) -> Result<Vec<Option<Tensor>>> {
-    #[cfg(feature = "cuda")]
-    if dout.device() != crate::Device::Cpu {
-        let g = dev::bf16_in("dropout backward", dout)?;
-        return Ok(vec![Some(dev::new_bf16(dout.dims(), |d| cuda::dropout(d, None, g, s.seed, s.p, s.scale))?)]);
-    }
-    let g = dout.f32s()?;
-    Ok(vec![Some(new_f32(dout.dims(), |d| cpu::dropout_forward(d, g, &s.mask, s.scale))?)])
+/// A cast's backward hands the input the gradient in the input's dtype.
+struct Cast {
+    from: DType,
 }
 
-/// `x` in bf16 on the GPU (from an f32 master weight): the identity on the CPU, where every op
-/// computes in f32. Backward hands the master an f32 gradient whatever dtype reached the cast.
+impl Op for Cast {
+    fn name(&self) -> &'static str {
+        "cast"
+    }
+    fn backward(&self, dout: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        if dout.dtype() == self.from {
+            return Ok(vec![Some(dout.clone())]);
+        }
+        Ok(vec![Some(on("cast backward", &[dout])?.cast(dout, self.from)?)])
+    }
+}
+
+/// `x` in its backend's compute dtype (bf16 on the GPU, from an f32 master weight; the identity
+/// on the CPU, where every op computes in f32). Backward hands the master its gradient in the
+/// master's dtype, whatever dtype reached the cast.
 pub fn to_compute_dtype(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
-    if x.device() == crate::Device::Cpu || x.dtype() == crate::DType::BF16 {
+    let be = on("cast", &[x])?;
+    let to = be.compute_dtype();
+    if x.dtype() == to {
         return Ok(x.clone());
     }
-    #[cfg(feature = "cuda")]
-    {
-        let xd = dev::f32_in("cast to bf16", x)?;
-        let out = dev::new_bf16(x.dims(), |o| cuda::cast_f32_to_bf16(o, xd))?;
-        if tape.wants(&[x]) {
-            tape.record(Op::Cast(CastSaved { from: x.dtype() }), &[x], &out);
-        }
-        Ok(out)
+    let out = be.cast(x, to)?;
+    if tape.wants(&[x]) {
+        tape.record(Cast { from: x.dtype() }, &[x], &out);
     }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = tape;
-        Err(Error::CudaNotBuilt(0))
-    }
-}
-
-pub(crate) fn cast_backward(s: &CastSaved, dout: &Tensor) -> Result<Vec<Option<Tensor>>> {
-    if dout.dtype() == s.from {
-        return Ok(vec![Some(dout.clone())]);
-    }
-    #[cfg(feature = "cuda")]
-    {
-        let g = dev::bf16_in("cast backward", dout)?;
-        Ok(vec![Some(dev::new_f32(dout.dims(), |d| cuda::cast_bf16_to_f32(d, g))?)])
-    }
-    #[cfg(not(feature = "cuda"))]
-    Err(Error::Input(format!("cast backward: a {:?} gradient for a {:?} input", dout.dtype(), s.from)))
+    Ok(out)
 }

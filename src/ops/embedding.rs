@@ -1,26 +1,35 @@
 //! Token + position embedding, GPT-2's first op: [B, T] ids -> [B, T, C].
 
-#[cfg(feature = "cuda")]
-use super::dev;
-use super::{f32_input, new_f32};
-use crate::backend::cpu::{embedding as cpu, pool};
-#[cfg(feature = "cuda")]
-use crate::backend::cuda::embedding as cuda;
+use crate::backend::on;
 use crate::tape::{Op, Tape};
 use crate::{Error, Result, Tensor};
 
-pub(crate) struct Saved {
+struct Embedding {
+    /// The host ids.
     ids: Tensor,
     wte_dims: Vec<usize>,
     wpe_dims: Vec<usize>,
 }
 
-/// out[b, t] = wte[ids[b, t]] + wpe[t]. ids: I32 [B, T]; wte: [V, C]; wpe: [P, C] with T <= P.
+impl Op for Embedding {
+    fn name(&self) -> &'static str {
+        "embedding"
+    }
+    fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let be = on("embedding backward", &[dout])?;
+        let (ids, t) = (self.ids.i32s()?, self.ids.dims()[1]);
+        let dims = [self.wte_dims.as_slice(), self.wpe_dims.as_slice()];
+        Ok(be.embedding_backward(dout, ids, t, dims, [needs[0], needs[1]])?.into())
+    }
+}
+
+/// out[b, t] = wte[ids[b, t]] + wpe[t]. ids: I32 [B, T] on the host; wte: [V, C]; wpe: [P, C]
+/// with T <= P.
 pub fn embedding(tape: &mut Tape, ids: &Tensor, wte: &Tensor, wpe: &Tensor) -> Result<Tensor> {
     const OP: &str = "embedding";
     let _t = crate::profile::scope("embedding", crate::profile::Phase::Forward);
     let idv = ids.i32s()?;
-    let [b, t] = *ids.dims() else {
+    let [_, t] = *ids.dims() else {
         return Err(Error::shape(OP, format!("ids must be [B, T], got {:?}", ids.dims())));
     };
     let (&[v, c], &[p, c2]) = (wte.dims(), wpe.dims()) else {
@@ -35,51 +44,10 @@ pub fn embedding(tape: &mut Tape, ids: &Tensor, wte: &Tensor, wpe: &Tensor) -> R
     if let Some(i) = idv.iter().position(|&id| id < 0 || id as usize >= v) {
         return Err(Error::TokenOutOfRange { id: idv[i] as i64, row: i / t, pos: i % t, vocab: v });
     }
-    let out = match wte.device() {
-        #[cfg(feature = "cuda")]
-        crate::Device::Cuda(_) => {
-            // ids stay on the host (checked above, and the backward groups them there).
-            let ids_d = crate::backend::cuda::cuda()?.upload(idv)?;
-            let (wte_d, wpe_d) = (dev::bf16_in(OP, wte)?, dev::bf16_in(OP, wpe)?);
-            dev::new_bf16(&[b, t, c], |o| cuda::embedding_forward(o, &ids_d, wte_d, wpe_d, t, c))?
-        }
-        _ => {
-            let (wte_d, wpe_d) = (f32_input(OP, wte)?, f32_input(OP, wpe)?);
-            new_f32(&[b, t, c], |o| cpu::embedding_forward(o, idv, wte_d, wpe_d, t, c))?
-        }
-    };
+    let out = on(OP, &[wte, wpe])?.embedding(idv, t, wte, wpe)?;
     if tape.wants(&[wte, wpe]) {
-        let saved = Saved { ids: ids.clone(), wte_dims: wte.dims().to_vec(), wpe_dims: wpe.dims().to_vec() };
-        tape.record(Op::Embedding(saved), &[wte, wpe], &out);
+        let saved = Embedding { ids: ids.clone(), wte_dims: wte.dims().to_vec(), wpe_dims: wpe.dims().to_vec() };
+        tape.record(saved, &[wte, wpe], &out);
     }
     Ok(out)
-}
-
-pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    let ids = s.ids.i32s()?;
-    let (t, c) = (s.ids.dims()[1], s.wte_dims[1]);
-    #[cfg(feature = "cuda")]
-    if dout.device() != crate::Device::Cpu {
-        // f32 gradients for the f32 master weights (the bf16 cast passes them through).
-        let g = dev::bf16_in("embedding backward", dout)?;
-        let cu = crate::backend::cuda::cuda()?;
-        let mut dwte = needs[0].then(|| cu.alloc::<f32>(s.wte_dims.iter().product())).transpose()?;
-        let mut dwpe = needs[1].then(|| cu.alloc::<f32>(s.wpe_dims.iter().product())).transpose()?;
-        cuda::embedding_backward(dwte.as_mut(), dwpe.as_mut(), g, ids, t, c)?;
-        let wrap = |d: crate::backend::cuda::DevBuf<f32>, dims: &[usize]| {
-            Tensor::from_cuda(crate::tensor::CudaStorage::F32(d), dims)
-        };
-        return Ok(vec![
-            dwte.map(|d| wrap(d, &s.wte_dims)).transpose()?,
-            dwpe.map(|d| wrap(d, &s.wpe_dims)).transpose()?,
-        ]);
-    }
-    let g = dout.f32s()?;
-    let mut dwte = needs[0].then(|| pool::take(s.wte_dims.iter().product()));
-    let mut dwpe = needs[1].then(|| pool::take(s.wpe_dims.iter().product()));
-    cpu::embedding_backward(dwte.as_deref_mut(), dwpe.as_deref_mut(), g, ids, t, c);
-    Ok(vec![
-        dwte.map(|d| Tensor::from_f32(d, s.wte_dims.as_slice())).transpose()?,
-        dwpe.map(|d| Tensor::from_f32(d, s.wpe_dims.as_slice())).transpose()?,
-    ])
 }

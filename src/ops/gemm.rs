@@ -12,16 +12,10 @@
 //! op(B) is always a weight (a bf16 cast of an f32 master), so dB and dbias come out in f32 for
 //! the master while dA, an activation gradient, stays bf16.
 
-#[cfg(feature = "cuda")]
-use super::dev;
-use super::{f32_input, new_f32};
-use crate::backend::cpu::{elementwise as cpu_ew, gemm as cpu, pool};
-#[cfg(feature = "cuda")]
-use crate::backend::cuda::{bf16, gemm as cuda};
+use crate::backend::on;
+pub use crate::backend::{Epilogue, GemmDesc, Trans};
 use crate::tape::{Op, Tape};
-#[cfg(feature = "cuda")]
-use crate::tensor::CudaStorage;
-use crate::{Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 
 /// How a layer's weight is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,23 +26,19 @@ pub enum WeightLayout {
     OutIn,
 }
 
-pub(crate) struct Saved {
+struct Matmul {
     a: Tensor,
     b: Tensor,
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
+    desc: GemmDesc,
     has_bias: bool,
     /// The pre-activation, when GELU was fused.
-    pub(crate) gelu: Option<Tensor>,
+    pre: Option<Tensor>,
 }
 
-/// C = op(A) @ op(B). Without `trans_a`, A may have leading batch dims ([..., K]); with it A must
-/// be [K, M]. B is [K, N], or [N, K] with `trans_b`.
-pub fn matmul(tape: &mut Tape, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
-    matmul_ex(tape, a, b, None, trans_a, trans_b, false)
+/// C = op(A) @ op(B). Without a transposed A, A may have leading batch dims ([..., K]); a
+/// transposed A must be [K, M]. B is [K, N], or [N, K] transposed.
+pub fn matmul(tape: &mut Tape, a: &Tensor, b: &Tensor, ta: Trans, tb: Trans) -> Result<Tensor> {
+    matmul_ex(tape, a, b, None, ta, tb, Epilogue::Plain)
 }
 
 /// y = x @ W + bias for a weight in `layout`, with GELU applied when `gelu`. x: [..., in].
@@ -60,22 +50,24 @@ pub fn linear(
     layout: WeightLayout,
     gelu: bool,
 ) -> Result<Tensor> {
-    matmul_ex(tape, x, w, bias, false, layout == WeightLayout::OutIn, gelu)
+    let epilogue = if gelu { Epilogue::Gelu } else { Epilogue::Plain };
+    matmul_ex(tape, x, w, bias, Trans::No, Trans::from_bool(layout == WeightLayout::OutIn), epilogue)
 }
 
-/// The full op: op(A) @ op(B) + bias, then GELU when `gelu`.
+/// The full op: epilogue(op(A) @ op(B) + bias).
 pub fn matmul_ex(
     tape: &mut Tape,
     a: &Tensor,
     b: &Tensor,
     bias: Option<&Tensor>,
-    trans_a: bool,
-    trans_b: bool,
-    gelu: bool,
+    ta: Trans,
+    tb: Trans,
+    epilogue: Epilogue,
 ) -> Result<Tensor> {
     const OP: &str = "matmul";
+    let gelu = epilogue == Epilogue::Gelu;
     let _t = crate::profile::scope(if gelu { "matmul+gelu" } else { "matmul" }, crate::profile::Phase::Forward);
-    let (m, k, lead) = if trans_a {
+    let (m, k, lead) = if ta.is_t() {
         match *a.dims() {
             [k, m] => (m, k, vec![m]),
             _ => return Err(Error::shape(OP, format!("a transposed A must be 2-D [K, M], got {:?}", a.dims()))),
@@ -86,20 +78,21 @@ pub fn matmul_ex(
         lead.pop();
         (a.shape().rows(), k, lead)
     };
-    let (kb, n) = match (b.dims(), trans_b) {
-        (&[kb, n], false) => (kb, n),
-        (&[n, kb], true) => (kb, n),
+    let (kb, n) = match (b.dims(), tb) {
+        (&[kb, n], Trans::No) => (kb, n),
+        (&[n, kb], Trans::Yes) => (kb, n),
         _ => return Err(Error::shape(OP, format!("B must be 2-D, got {:?}", b.dims()))),
     };
     if k != kb {
+        let t = |t: Trans| if t.is_t() { "^T" } else { "" };
         return Err(Error::shape(
             OP,
             format!(
                 "inner dimensions differ: A {:?}{} and B {:?}{} give {k} vs {kb}",
                 a.dims(),
-                if trans_a { "^T" } else { "" },
+                t(ta),
                 b.dims(),
-                if trans_b { "^T" } else { "" }
+                t(tb)
             ),
         ));
     }
@@ -108,138 +101,61 @@ pub fn matmul_ex(
     }
     let mut out_dims = lead;
     out_dims.push(n);
-    let (out, pre) = match a.device() {
-        #[cfg(feature = "cuda")]
-        crate::Device::Cuda(_) => {
-            let (ad, bd) = (dev::bf16_in(OP, a)?, dev::bf16_in(OP, b)?);
-            let biasd = bias.map(|t| dev::bf16_in(OP, t)).transpose()?;
-            let mut pre = gelu.then(|| crate::backend::cuda::cuda()?.alloc::<bf16>(m * n)).transpose()?;
-            let out = dev::new_bf16(&out_dims, |o| {
-                cuda::matmul_forward(o, pre.as_mut(), ad, bd, biasd, m, n, k, trans_a, trans_b)
-            })?;
-            (out, pre.map(|p| Tensor::from_cuda(CudaStorage::BF16(p), out_dims.as_slice())).transpose()?)
-        }
-        _ => {
-            let (ad, bd) = (f32_input(OP, a)?, f32_input(OP, b)?);
-            let biasd = bias.map(|t| f32_input(OP, t)).transpose()?;
-            let mut pre = gelu.then(|| pool::take(m * n));
-            let out = new_f32(&out_dims, |o| {
-                cpu::matmul_forward(o, pre.as_deref_mut(), ad, bd, biasd, m, n, k, trans_a, trans_b)
-            })?;
-            (out, pre.map(|p| Tensor::from_f32(p, out_dims.as_slice())).transpose()?)
-        }
-    };
     let inputs: Vec<&Tensor> = [Some(a), Some(b), bias].into_iter().flatten().collect();
+    let desc = GemmDesc { m, n, k, a: ta, b: tb, epilogue };
+    let (out, pre) = on(OP, &inputs)?.matmul(a, b, bias, &desc, &out_dims)?;
     if tape.wants(&inputs) {
-        let saved =
-            Saved { a: a.clone(), b: b.clone(), m, n, k, trans_a, trans_b, has_bias: bias.is_some(), gelu: pre };
-        tape.record(Op::Matmul(saved), &inputs, &out);
+        let saved = Matmul { a: a.clone(), b: b.clone(), desc, has_bias: bias.is_some(), pre };
+        tape.record(saved, &inputs, &out);
     }
     Ok(out)
 }
 
-pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    #[cfg(feature = "cuda")]
-    if dout.device() != crate::Device::Cpu {
-        return backward_cuda(s, dout, needs);
-    }
-    let (m, n, k) = (s.m, s.n, s.k);
-    let gelu_grad = match &s.gelu {
-        Some(pre) => {
-            let (pre, go) = (pre.f32s()?, dout.f32s()?);
-            Some(new_f32(&[m, n], |d| cpu_ew::gelu_backward(d, pre, go))?)
-        }
-        None => None,
-    };
-    let g: &[f32] = match &gelu_grad {
-        Some(t) => t.f32s()?,
-        None => dout.f32s()?,
-    };
-    let (a, b) = (s.a.f32s()?, s.b.f32s()?);
-    let da = needs[0].then(|| {
-        let mut d = pool::take(m * k);
-        if s.trans_a {
-            // dA [K, M] = B' [K, N] @ G^T [N, M]
-            cpu::matmul(&mut d, b, g, k, m, n, s.trans_b, true, false);
+impl Op for Matmul {
+    fn name(&self) -> &'static str {
+        if self.pre.is_some() {
+            "matmul+gelu"
         } else {
-            // dA [M, K] = G [M, N] @ B'^T [N, K]
-            cpu::matmul(&mut d, g, b, m, k, n, false, !s.trans_b, false);
+            "matmul"
         }
-        d
-    });
-    let db = needs[1].then(|| {
-        let mut d = pool::take(k * n);
-        if s.trans_b {
-            // dB [N, K] = G^T [N, M] @ A' [M, K]
-            cpu::matmul(&mut d, g, a, n, k, m, true, s.trans_a, false);
-        } else {
-            // dB [K, N] = A'^T [K, M] @ G [M, N]
-            cpu::matmul(&mut d, a, g, k, n, m, !s.trans_a, false, false);
-        }
-        d
-    });
-    let mut grads = vec![
-        da.map(|d| Tensor::from_f32(d, s.a.dims())).transpose()?,
-        db.map(|d| Tensor::from_f32(d, s.b.dims())).transpose()?,
-    ];
-    if s.has_bias {
-        let dbias = needs[2].then(|| {
-            let mut d = vec![0f32; n];
-            cpu::bias_backward(&mut d, g, n);
-            d
-        });
-        grads.push(dbias.map(|d| Tensor::from_f32(d, [n])).transpose()?);
     }
-    Ok(grads)
-}
 
-/// The GPU backward: the same three products as the CPU's, bf16 operands with f32 accumulation.
-#[cfg(feature = "cuda")]
-fn backward_cuda(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    const OP: &str = "matmul backward";
-    let (m, n, k) = (s.m, s.n, s.k);
-    let cu = crate::backend::cuda::cuda()?;
-    let gelu_grad = match &s.gelu {
-        Some(pre) => {
-            let (pre, go) = (dev::bf16_in(OP, pre)?, dev::bf16_in(OP, dout)?);
-            Some(dev::new_bf16(&[m, n], |d| crate::backend::cuda::elementwise::gelu_backward(d, pre, go))?)
-        }
-        None => None,
-    };
-    let g = dev::bf16_in(OP, gelu_grad.as_ref().unwrap_or(dout))?;
-    let (a, b) = (dev::bf16_in(OP, &s.a)?, dev::bf16_in(OP, &s.b)?);
-    let da = if needs[0] {
-        let mut d = cu.alloc::<bf16>(m * k)?;
-        if s.trans_a {
-            cuda::matmul(&mut d, b, g, k, m, n, s.trans_b, true, false)?;
-        } else {
-            cuda::matmul(&mut d, g, b, m, k, n, false, !s.trans_b, false)?;
-        }
-        Some(Tensor::from_cuda(CudaStorage::BF16(d), s.a.dims())?)
-    } else {
-        None
-    };
-    let db = if needs[1] {
-        let mut d = cu.alloc::<f32>(k * n)?;
-        if s.trans_b {
-            cuda::matmul(&mut d, g, a, n, k, m, true, s.trans_a, false)?;
-        } else {
-            cuda::matmul(&mut d, a, g, k, n, m, !s.trans_a, false, false)?;
-        }
-        Some(Tensor::from_cuda(CudaStorage::F32(d), s.b.dims())?)
-    } else {
-        None
-    };
-    let mut grads = vec![da, db];
-    if s.has_bias {
-        let dbias = if needs[2] {
-            let mut d = cu.alloc::<f32>(n)?;
-            cuda::bias_backward(&mut d, g, n)?;
-            Some(Tensor::from_cuda(CudaStorage::F32(d), [n])?)
-        } else {
-            None
+    fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let be = on("matmul backward", &[dout, &self.a, &self.b])?;
+        let GemmDesc { m, n, k, a: ta, b: tb, .. } = self.desc;
+        let g = match &self.pre {
+            Some(pre) => be.gelu_backward(pre, dout)?,
+            None => dout.clone(),
         };
-        grads.push(dbias);
+        let (a, b) = (&self.a, &self.b);
+        // dA, an activation's gradient, in the compute dtype; dB and dbias (a weight's) in f32.
+        let da = needs[0]
+            .then(|| {
+                let act = be.compute_dtype();
+                if ta.is_t() {
+                    // dA [K, M] = B' [K, N] @ G^T [N, M]
+                    be.gemm(b, &g, &GemmDesc::new(k, m, n, tb, Trans::Yes), act, a.dims())
+                } else {
+                    // dA [M, K] = G [M, N] @ B'^T [N, K]
+                    be.gemm(&g, b, &GemmDesc::new(m, k, n, Trans::No, tb.flip()), act, a.dims())
+                }
+            })
+            .transpose()?;
+        let db = needs[1]
+            .then(|| {
+                if tb.is_t() {
+                    // dB [N, K] = G^T [N, M] @ A' [M, K]
+                    be.gemm(&g, a, &GemmDesc::new(n, k, m, Trans::Yes, ta), DType::F32, b.dims())
+                } else {
+                    // dB [K, N] = A'^T [K, M] @ G [M, N]
+                    be.gemm(a, &g, &GemmDesc::new(k, n, m, ta.flip(), Trans::No), DType::F32, b.dims())
+                }
+            })
+            .transpose()?;
+        let mut grads = vec![da, db];
+        if self.has_bias {
+            grads.push(needs[2].then(|| be.bias_grad(&g, n)).transpose()?);
+        }
+        Ok(grads)
     }
-    Ok(grads)
 }

@@ -1,22 +1,26 @@
 //! LayerNorm over the last dimension, with affine weight and bias.
 
-#[cfg(feature = "cuda")]
-use super::dev;
-use super::{expect_dims, f32_input, new_f32};
-use crate::backend::cpu::{layernorm as cpu, pool};
-#[cfg(feature = "cuda")]
-use crate::backend::cuda::layernorm as cuda;
+use super::expect_dims;
+use crate::backend::{on, RowStats};
 use crate::tape::{Op, Tape};
-#[cfg(feature = "cuda")]
-use crate::tensor::CudaStorage;
 use crate::{Result, Tensor};
 
-pub(crate) struct Saved {
+struct LayerNorm {
     x: Tensor,
     w: Tensor,
     /// Per-row statistics, f32 on the op's device.
-    mean: Tensor,
-    rstd: Tensor,
+    stats: RowStats,
+}
+
+impl Op for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layernorm"
+    }
+    fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let be = on("layernorm backward", &[dout, &self.x])?;
+        let grads = be.layernorm_backward(dout, &self.x, &self.w, &self.stats, [needs[0], needs[1], needs[2]])?;
+        Ok(grads.into())
+    }
 }
 
 /// y = (x - mean) / sqrt(var + eps) * w + b over the last dimension C; w, b: [C].
@@ -26,70 +30,9 @@ pub fn layernorm(tape: &mut Tape, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) 
     let c = x.shape().last();
     expect_dims(OP, "weight", w, &[c])?;
     expect_dims(OP, "bias", b, &[c])?;
-    let rows = x.shape().rows();
-    let (out, mean, rstd) = match x.device() {
-        #[cfg(feature = "cuda")]
-        crate::Device::Cuda(_) => {
-            let (xd, wd, bd) = (dev::bf16_in(OP, x)?, dev::bf16_in(OP, w)?, dev::bf16_in(OP, b)?);
-            let cu = crate::backend::cuda::cuda()?;
-            let (mut mean, mut rstd) = (cu.alloc::<f32>(rows)?, cu.alloc::<f32>(rows)?);
-            let out =
-                dev::new_bf16(x.dims(), |o| cuda::layernorm_forward(o, &mut mean, &mut rstd, xd, wd, bd, c, eps))?;
-            (
-                out,
-                Tensor::from_cuda(CudaStorage::F32(mean), [rows])?,
-                Tensor::from_cuda(CudaStorage::F32(rstd), [rows])?,
-            )
-        }
-        _ => {
-            let (xd, wd, bd) = (f32_input(OP, x)?, f32_input(OP, w)?, f32_input(OP, b)?);
-            let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
-            let out = new_f32(x.dims(), |o| cpu::layernorm_forward(o, &mut mean, &mut rstd, xd, wd, bd, c, eps))?;
-            (out, Tensor::from_f32(mean, [rows])?, Tensor::from_f32(rstd, [rows])?)
-        }
-    };
+    let (out, stats) = on(OP, &[x, w, b])?.layernorm(x, w, b, eps)?;
     if tape.wants(&[x, w, b]) {
-        tape.record(Op::LayerNorm(Saved { x: x.clone(), w: w.clone(), mean, rstd }), &[x, w, b], &out);
+        tape.record(LayerNorm { x: x.clone(), w: w.clone(), stats }, &[x, w, b], &out);
     }
     Ok(out)
-}
-
-pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    let c = s.x.shape().last();
-    #[cfg(feature = "cuda")]
-    if s.x.device() != crate::Device::Cpu {
-        const OP: &str = "layernorm backward";
-        let cu = crate::backend::cuda::cuda()?;
-        let (g, x, w) = (dev::bf16_in(OP, dout)?, dev::bf16_in(OP, &s.x)?, dev::bf16_in(OP, &s.w)?);
-        let (mean, rstd) = (dev::f32_in(OP, &s.mean)?, dev::f32_in(OP, &s.rstd)?);
-        let mut dx = needs[0].then(|| cu.alloc::<crate::backend::cuda::bf16>(s.x.numel())).transpose()?;
-        // dw, db: f32 for the f32 masters (the bf16 cast passes them through).
-        let mut dw = needs[1].then(|| cu.alloc::<f32>(c)).transpose()?;
-        let mut db = needs[2].then(|| cu.alloc::<f32>(c)).transpose()?;
-        cuda::layernorm_backward(dx.as_mut(), dw.as_mut(), db.as_mut(), g, x, w, mean, rstd, c)?;
-        return Ok(vec![
-            dx.map(|d| Tensor::from_cuda(CudaStorage::BF16(d), s.x.dims())).transpose()?,
-            dw.map(|d| Tensor::from_cuda(CudaStorage::F32(d), [c])).transpose()?,
-            db.map(|d| Tensor::from_cuda(CudaStorage::F32(d), [c])).transpose()?,
-        ]);
-    }
-    let mut dx = needs[0].then(|| pool::take(s.x.numel()));
-    let mut dw = needs[1].then(|| vec![0f32; c]);
-    let mut db = needs[2].then(|| vec![0f32; c]);
-    cpu::layernorm_backward(
-        dx.as_deref_mut(),
-        dw.as_deref_mut(),
-        db.as_deref_mut(),
-        dout.f32s()?,
-        s.x.f32s()?,
-        s.w.f32s()?,
-        s.mean.f32s()?,
-        s.rstd.f32s()?,
-        c,
-    );
-    Ok(vec![
-        dx.map(|d| Tensor::from_f32(d, s.x.dims())).transpose()?,
-        dw.map(|d| Tensor::from_f32(d, [c])).transpose()?,
-        db.map(|d| Tensor::from_f32(d, [c])).transpose()?,
-    ])
 }

@@ -9,21 +9,22 @@
 //! A = lora_embedding_A [r, V], B = lora_embedding_B [C, r] (no dropout: PEFT applies none on
 //! this path), as its own node; the caller adds it to the base lookup.
 
+use super::expect_dims;
 use super::gemm::WeightLayout;
-use super::{expect_dims, f32_input, new_f32};
-use crate::backend::cpu::{elementwise as cpu_ew, lora as cpu, pool};
+use crate::backend::{cpu::elementwise as cpu_ew, on, LoraArgs, LoraEmbeddingArgs};
 use crate::tape::{Op, Tape};
 use crate::{Error, Result, Tensor};
 
-pub(crate) struct Saved {
+struct LoraLinear {
     x: Tensor,
     w: Tensor,
     /// W is stored [out, in] (WeightLayout::OutIn).
     w_trans: bool,
     a: Tensor,
     b: Tensor,
+    bias: Option<Tensor>,
     /// scaling * dropout(x) A^T, [M, r]
-    us: Vec<f32>,
+    us: Tensor,
     /// The dropout mask (1 = kept) and 1 / (1 - p), when dropout was applied.
     keep: Option<(Vec<u8>, f32)>,
     scaling: f32,
@@ -31,7 +32,6 @@ pub(crate) struct Saved {
     n: usize,
     k: usize,
     r: usize,
-    has_bias: bool,
 }
 
 /// y = x @ w + bias + scaling * dropout(x) @ a^T @ b^T for x [..., in], w [in, out] (Conv1D
@@ -99,29 +99,35 @@ pub fn lora_linear_ex(
         expect_dims(OP, "bias", bias, &[n])?;
     }
     let m = x.shape().rows();
-    let (xv, wd, ad, bd) = (f32_input(OP, x)?, f32_input(OP, w)?, f32_input(OP, a)?, f32_input(OP, b)?);
-    let biasd = bias.map(|t| f32_input(OP, t)).transpose()?;
-
     let keep = dropout_keep(train, dropout_p, seed, m * k);
-    let dropped = keep.as_ref().map(|k| dropped_input(xv, k));
-    let xd = dropped.as_deref().unwrap_or(xv);
-    let mut us = vec![0f32; m * r];
+    let args = LoraArgs {
+        x,
+        w,
+        w_trans,
+        bias,
+        a,
+        b,
+        scaling,
+        keep: keep.as_ref().map(|(mask, scale)| (mask.as_slice(), *scale)),
+        m,
+        n,
+        k,
+        r,
+    };
+    let inputs: Vec<&Tensor> = [Some(x), Some(w), Some(a), Some(b), bias].into_iter().flatten().collect();
+    let (y, us) = on(OP, &inputs)?.lora_linear(&args)?;
     let mut out_dims = x.dims().to_vec();
     out_dims.pop();
     out_dims.push(n);
-    let out =
-        new_f32(&out_dims, |o| cpu::lora_forward(o, &mut us, xv, xd, wd, w_trans, biasd, ad, bd, m, n, k, r, scaling))?;
-    if let Some(d) = dropped {
-        pool::give(d);
-    }
-    let inputs: Vec<&Tensor> = [Some(x), Some(w), Some(a), Some(b), bias].into_iter().flatten().collect();
+    let out = y.reshape(out_dims)?;
     if tape.wants(&inputs) {
-        let saved = Saved {
+        let saved = LoraLinear {
             x: x.clone(),
             w: w.clone(),
             w_trans,
             a: a.clone(),
             b: b.clone(),
+            bias: bias.cloned(),
             us,
             keep,
             scaling,
@@ -129,9 +135,8 @@ pub fn lora_linear_ex(
             n,
             k,
             r,
-            has_bias: bias.is_some(),
         };
-        tape.record(Op::Lora(saved), &inputs, &out);
+        tape.record(saved, &inputs, &out);
     }
     Ok(out)
 }
@@ -146,67 +151,63 @@ pub(crate) fn dropout_keep(train: bool, p: f32, seed: u64, n: usize) -> Option<(
     })
 }
 
-/// dropout(x) under a saved mask, in a pooled buffer (the caller gives it back).
-pub(crate) fn dropped_input(x: &[f32], (mask, scale): &(Vec<u8>, f32)) -> Vec<f32> {
-    let mut d = pool::take(x.len());
-    cpu_ew::dropout_forward(&mut d, x, mask, *scale);
-    d
+impl Op for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora_linear"
+    }
+    fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let args = LoraArgs {
+            x: &self.x,
+            w: &self.w,
+            w_trans: self.w_trans,
+            bias: self.bias.as_ref(),
+            a: &self.a,
+            b: &self.b,
+            scaling: self.scaling,
+            keep: self.keep.as_ref().map(|(mask, scale)| (mask.as_slice(), *scale)),
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            r: self.r,
+        };
+        let has_bias = self.bias.is_some();
+        let needs5 = [needs[0], needs[1], needs[2], needs[3], has_bias && needs[4]];
+        let be = on("lora_linear backward", &[dout, &self.x])?;
+        let [dx, dw, da, db, dbias] = be.lora_linear_backward(&args, &self.us, dout, needs5)?;
+        let dx = dx.map(|d| d.reshape(self.x.dims())).transpose()?;
+        let mut out = vec![dx, dw, da, db];
+        if has_bias {
+            out.push(dbias);
+        }
+        Ok(out)
+    }
 }
 
-pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    let (m, n, k, r) = (s.m, s.n, s.k, s.r);
-    let x = s.x.f32s()?;
-    // dA needs dropout(x) again: rebuilt from the mask rather than kept alive since the forward.
-    let dropped = s.keep.as_ref().filter(|_| needs[2]).map(|k| dropped_input(x, k));
-    let need_bias = s.has_bias && needs[4];
-    let take = |need: bool, len: usize| need.then(|| pool::take(len));
-    let (mut dx, mut dw, mut da, mut db) =
-        (take(needs[0], m * k), take(needs[1], k * n), take(needs[2], r * k), take(needs[3], n * r));
-    let mut dbias = need_bias.then(|| vec![0f32; n]);
-    let grads = cpu::LoraGrads {
-        dx: dx.as_deref_mut(),
-        dw: dw.as_deref_mut(),
-        dbias: dbias.as_deref_mut(),
-        da: da.as_deref_mut(),
-        db: db.as_deref_mut(),
-    };
-    let keep = s.keep.as_ref().map(|(mask, scale)| (mask.as_slice(), *scale));
-    let xd = dropped.as_deref().unwrap_or(x);
-    cpu::lora_backward(
-        grads,
-        dout.f32s()?,
-        x,
-        xd,
-        keep,
-        s.w.f32s()?,
-        s.w_trans,
-        s.a.f32s()?,
-        s.b.f32s()?,
-        &s.us,
-        m,
-        n,
-        k,
-        r,
-        s.scaling,
-    );
-    if let Some(d) = dropped {
-        pool::give(d);
-    }
-    let wrap = |d: Option<Vec<f32>>, dims: &[usize]| d.map(|d| Tensor::from_f32(d, dims)).transpose();
-    let mut out = vec![wrap(dx, s.x.dims())?, wrap(dw, s.w.dims())?, wrap(da, s.a.dims())?, wrap(db, s.b.dims())?];
-    if s.has_bias {
-        out.push(wrap(dbias, &[n])?);
-    }
-    Ok(out)
-}
-
-pub(crate) struct EmbeddingSaved {
+struct LoraEmbedding {
+    /// The host ids.
     ids: Tensor,
-    a_dims: [usize; 2],
+    a: Tensor,
     b: Tensor,
     /// scaling * A[:, ids]^T, [M, r]
-    us: Vec<f32>,
+    us: Tensor,
     scaling: f32,
+}
+
+impl LoraEmbedding {
+    fn args(&self) -> Result<LoraEmbeddingArgs<'_>> {
+        let ([r, v], c) = ([self.a.dims()[0], self.a.dims()[1]], self.b.dims()[0]);
+        Ok(LoraEmbeddingArgs { ids: self.ids.i32s()?, a: &self.a, b: &self.b, scaling: self.scaling, v, c, r })
+    }
+}
+
+impl Op for LoraEmbedding {
+    fn name(&self) -> &'static str {
+        "lora_embedding"
+    }
+    fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let be = on("lora_embedding backward", &[dout, &self.b])?;
+        Ok(be.lora_embedding_backward(&self.args()?, &self.us, dout, [needs[0], needs[1]])?.into())
+    }
 }
 
 /// scaling * A[:, ids]^T @ B^T, [..., C]: LoRA's update of an embedding lookup (PEFT's
@@ -234,33 +235,13 @@ pub fn lora_embedding(tape: &mut Tape, ids: &Tensor, a: &Tensor, b: &Tensor, sca
         let t = ids.dims().last().copied().unwrap_or(1).max(1);
         return Err(Error::TokenOutOfRange { id: idv[i] as i64, row: i / t, pos: i % t, vocab: v });
     }
-    let (ad, bd) = (f32_input(OP, a)?, f32_input(OP, b)?);
-    let mut us = vec![0f32; idv.len() * r];
+    let saved = LoraEmbedding { ids: ids.clone(), a: a.clone(), b: b.clone(), us: Tensor::scalar(0.0), scaling };
+    let (y, us) = on(OP, &[a, b])?.lora_embedding(&saved.args()?)?;
     let mut out_dims = ids.dims().to_vec();
     out_dims.push(c);
-    let out = new_f32(&out_dims, |o| cpu::lora_embedding_forward(o, &mut us, idv, ad, bd, v, c, r, scaling))?;
+    let out = y.reshape(out_dims)?;
     if tape.wants(&[a, b]) {
-        let saved = EmbeddingSaved { ids: ids.clone(), a_dims: [r, v], b: b.clone(), us, scaling };
-        tape.record(Op::LoraEmbedding(saved), &[a, b], &out);
+        tape.record(LoraEmbedding { us, ..saved }, &[a, b], &out);
     }
     Ok(out)
-}
-
-pub(crate) fn embedding_backward(s: &EmbeddingSaved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    let ([r, v], c) = (s.a_dims, s.b.dims()[0]);
-    let mut da = needs[0].then(|| pool::take(r * v));
-    let mut db = needs[1].then(|| pool::take(c * r));
-    cpu::lora_embedding_backward(
-        da.as_deref_mut(),
-        db.as_deref_mut(),
-        dout.f32s()?,
-        s.ids.i32s()?,
-        &s.us,
-        s.b.f32s()?,
-        v,
-        c,
-        r,
-        s.scaling,
-    );
-    Ok(vec![da.map(|d| Tensor::from_f32(d, [r, v])).transpose()?, db.map(|d| Tensor::from_f32(d, [c, r])).transpose()?])
 }

@@ -5,8 +5,8 @@
 //! dequantizes again in backward for dx; there is no dW. The rules are in
 //! `src/backend/cpu/nf4.rs`, which calls the LoRA backend's.
 
-use super::{expect_dims, f32_input, new_f32};
-use crate::backend::cpu::{lora::LoraGrads, nf4 as cpu, pool};
+use super::expect_dims;
+use crate::backend::{on, Nf4Args};
 use crate::quant::nf4::Nf4Weight;
 use crate::tape::{Op, Tape};
 use crate::{Error, Result, Tensor};
@@ -24,20 +24,60 @@ pub struct Nf4Lora<'a> {
     pub seed: u64,
 }
 
-pub(crate) struct Saved {
+struct Nf4Linear {
     x: Tensor,
     w: Arc<Nf4Weight>,
+    bias: Option<Tensor>,
     /// (A, B) when the layer has an adapter.
     ab: Option<(Tensor, Tensor)>,
     /// scaling * dropout(x) A^T, [M, r]
-    us: Vec<f32>,
+    us: Tensor,
     keep: Option<(Vec<u8>, f32)>,
     scaling: f32,
     m: usize,
     n: usize,
     k: usize,
     r: usize,
-    has_bias: bool,
+}
+
+impl Nf4Linear {
+    fn args(&self) -> Nf4Args<'_> {
+        Nf4Args {
+            x: &self.x,
+            w: &self.w,
+            bias: self.bias.as_ref(),
+            lora: self.ab.as_ref().map(|(a, b)| (a, b, self.scaling)),
+            keep: self.keep.as_ref().map(|(mask, scale)| (mask.as_slice(), *scale)),
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            r: self.r,
+        }
+    }
+}
+
+impl Op for Nf4Linear {
+    fn name(&self) -> &'static str {
+        "nf4_linear"
+    }
+    fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let has_lora = self.ab.is_some();
+        let has_bias = self.bias.is_some();
+        // needs follows the recorded inputs: x, [A, B], [bias]
+        let need_bias = has_bias && needs[if has_lora { 3 } else { 1 }];
+        let needs4 = [needs[0], has_lora && needs[1], has_lora && needs[2], need_bias];
+        let be = on("nf4_linear backward", &[dout, &self.x])?;
+        let [dx, da, db, dbias] = be.nf4_linear_backward(&self.args(), &self.us, dout, needs4)?;
+        let mut out = vec![dx.map(|d| d.reshape(self.x.dims())).transpose()?];
+        if has_lora {
+            out.push(da);
+            out.push(db);
+        }
+        if has_bias {
+            out.push(dbias);
+        }
+        Ok(out)
+    }
 }
 
 /// y = x @ deq(w) + bias (+ the LoRA update) for x [..., in] and w an NF4 weight [in, out]. The
@@ -76,76 +116,30 @@ pub fn nf4_linear(
         }
     };
     let m = x.shape().rows();
-    let xv = f32_input(OP, x)?;
-    let biasd = bias.map(|t| f32_input(OP, t)).transpose()?;
-    let ab = lora.as_ref().map(|l| Ok::<_, Error>((f32_input(OP, l.a)?, f32_input(OP, l.b)?))).transpose()?;
-
     let keep = lora.as_ref().and_then(|l| super::lora::dropout_keep(l.train, l.dropout_p, l.seed, m * k));
-    let dropped = keep.as_ref().map(|k| super::lora::dropped_input(xv, k));
-    let scaling = lora.as_ref().map_or(0.0, |l| l.scaling);
-    let adapter = ab.map(|(a, b)| cpu::Nf4Adapter { a, b, xd: dropped.as_deref().unwrap_or(xv), r, scaling });
-    let mut us = vec![0f32; m * r];
+    let mut saved = Nf4Linear {
+        x: x.clone(),
+        w: Arc::clone(w),
+        bias: bias.cloned(),
+        ab: lora.as_ref().map(|l| (l.a.clone(), l.b.clone())),
+        us: Tensor::scalar(0.0),
+        keep,
+        scaling: lora.as_ref().map_or(0.0, |l| l.scaling),
+        m,
+        n,
+        k,
+        r,
+    };
+    let inputs: Vec<&Tensor> =
+        [Some(x), lora.as_ref().map(|l| l.a), lora.as_ref().map(|l| l.b), bias].into_iter().flatten().collect();
+    let (y, us) = on(OP, &inputs)?.nf4_linear(&saved.args())?;
     let mut out_dims = x.dims().to_vec();
     out_dims.pop();
     out_dims.push(n);
-    let out = new_f32(&out_dims, |o| cpu::nf4_linear_forward(o, &mut us, xv, w, biasd, adapter.as_ref(), m, n, k))?;
-    if let Some(d) = dropped {
-        pool::give(d);
-    }
-    let inputs: Vec<&Tensor> =
-        [Some(x), lora.as_ref().map(|l| l.a), lora.as_ref().map(|l| l.b), bias].into_iter().flatten().collect();
+    let out = y.reshape(out_dims)?;
     if tape.wants(&inputs) {
-        let saved = Saved {
-            x: x.clone(),
-            w: Arc::clone(w),
-            ab: lora.as_ref().map(|l| (l.a.clone(), l.b.clone())),
-            us,
-            keep,
-            scaling,
-            m,
-            n,
-            k,
-            r,
-            has_bias: bias.is_some(),
-        };
-        tape.record(Op::Nf4(saved), &inputs, &out);
-    }
-    Ok(out)
-}
-
-pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    let (m, n, k, r) = (s.m, s.n, s.k, s.r);
-    let x = s.x.f32s()?;
-    let has_lora = s.ab.is_some();
-    // needs follows the recorded inputs: x, [A, B], [bias]
-    let (need_x, need_a, need_b) = (needs[0], has_lora && needs[1], has_lora && needs[2]);
-    let need_bias = s.has_bias && needs[if has_lora { 3 } else { 1 }];
-    let dropped = s.keep.as_ref().filter(|_| need_a).map(|k| super::lora::dropped_input(x, k));
-    let take = |need: bool, len: usize| need.then(|| pool::take(len));
-    let (mut dx, mut da, mut db) = (take(need_x, m * k), take(need_a, r * k), take(need_b, n * r));
-    let mut dbias = need_bias.then(|| vec![0f32; n]);
-    let grads = LoraGrads {
-        dx: dx.as_deref_mut(),
-        dw: None,
-        dbias: dbias.as_deref_mut(),
-        da: da.as_deref_mut(),
-        db: db.as_deref_mut(),
-    };
-    let ab = s.ab.as_ref().map(|(a, b)| Ok::<_, Error>((a.f32s()?, b.f32s()?))).transpose()?;
-    let adapter = ab.map(|(a, b)| cpu::Nf4Adapter { a, b, xd: dropped.as_deref().unwrap_or(x), r, scaling: s.scaling });
-    let keep = s.keep.as_ref().map(|(mask, scale)| (mask.as_slice(), *scale));
-    cpu::nf4_linear_backward(grads, dout.f32s()?, x, keep, &s.w, adapter.as_ref(), &s.us, m, n, k);
-    if let Some(d) = dropped {
-        pool::give(d);
-    }
-    let wrap = |d: Option<Vec<f32>>, dims: &[usize]| d.map(|d| Tensor::from_f32(d, dims)).transpose();
-    let mut out = vec![wrap(dx, s.x.dims())?];
-    if has_lora {
-        out.push(wrap(da, &[r, k])?);
-        out.push(wrap(db, &[n, r])?);
-    }
-    if s.has_bias {
-        out.push(wrap(dbias, &[n])?);
+        saved.us = us;
+        tape.record(saved, &inputs, &out);
     }
     Ok(out)
 }

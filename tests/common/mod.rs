@@ -125,7 +125,7 @@ impl Probe {
 
     fn on_tape(&self, tape: &mut Tape, y: &Tensor) -> Result<Tensor> {
         let r = Tensor::from_f32(self.r.clone(), [self.c, self.v])?;
-        let z = gemm::matmul(tape, y, &r, false, false)?;
+        let z = gemm::matmul(tape, y, &r, gemm::Trans::No, gemm::Trans::No)?;
         let t = Tensor::from_i32(self.targets.clone(), self.lead.as_slice())?;
         xent::cross_entropy(tape, &z, &t)
     }

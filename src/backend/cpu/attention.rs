@@ -7,7 +7,9 @@
 //! at columns h*hd .. (h+1)*hd of each third; out is [B, T, C]; lse is [B, NH, T].
 //! Work is split over (batch, head) pairs, one rayon task each.
 
-use super::{axpy, dot, SendPtr};
+use super::{axpy, dot, f32_in, new_f32, SendPtr};
+use crate::backend::qkv_dims;
+use crate::{Result, Tensor};
 use rayon::prelude::*;
 
 /// Keys per tile of the online softmax.
@@ -217,4 +219,29 @@ pub fn attention_decode(
             }
         }
     });
+}
+
+impl crate::backend::Attention for super::Cpu {
+    fn attention(&self, qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "attention";
+        let (b, t, c) = qkv_dims(OP, qkv, n_head)?;
+        let qd = f32_in(OP, qkv)?;
+        let mut lse = vec![0f32; b * n_head * t];
+        let out = new_f32(&[b, t, c], |o| attention_forward(o, &mut lse, qd, b, t, c, n_head))?;
+        Ok((out, Tensor::from_f32(lse, [b, n_head, t])?))
+    }
+
+    fn attention_backward(
+        &self,
+        dout: &Tensor,
+        qkv: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        n_head: usize,
+    ) -> Result<Tensor> {
+        const OP: &str = "attention backward";
+        let (b, t, c) = qkv_dims(OP, qkv, n_head)?;
+        let (g, q, o, l) = (f32_in(OP, dout)?, f32_in(OP, qkv)?, f32_in(OP, out)?, f32_in(OP, lse)?);
+        new_f32(qkv.dims(), |d| attention_backward(d, g, q, o, l, b, t, c, n_head))
+    }
 }

@@ -1,5 +1,7 @@
 //! Elementwise ops: GELU (tanh approximation, GPT-2's "gelu_new"), residual add, dropout.
 
+use super::{f32_in, new_f32};
+use crate::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
@@ -119,4 +121,44 @@ pub fn dropout_forward(out: &mut [f32], inp: &[f32], mask: &[u8], scale: f32) {
             *o = if m != 0 { x * scale } else { 0.0 };
         }
     });
+}
+
+impl crate::backend::Elementwise for super::Cpu {
+    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let xd = f32_in("gelu", x)?;
+        new_f32(x.dims(), |o| gelu_forward(o, xd))
+    }
+    fn gelu_backward(&self, x: &Tensor, dout: &Tensor) -> Result<Tensor> {
+        let (xd, g) = (f32_in("gelu backward", x)?, f32_in("gelu backward", dout)?);
+        new_f32(x.dims(), |d| gelu_backward(d, xd, g))
+    }
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (ad, bd) = (f32_in("add", a)?, f32_in("add", b)?);
+        new_f32(a.dims(), |o| residual_forward(o, ad, bd))
+    }
+    fn dropout(&self, x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+        let xd = f32_in("dropout", x)?;
+        let mut mask = vec![0u8; x.numel()];
+        dropout_mask(&mut mask, seed, p);
+        new_f32(x.dims(), |o| dropout_forward(o, xd, &mask, 1.0 / (1.0 - p)))
+    }
+    fn cast(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        x.to_dtype(dtype)
+    }
+    fn add_assign(&self, acc: &mut Tensor, x: &Tensor) -> Result<()> {
+        let src = f32_in("backward", x)?;
+        add_assign(acc.f32s_mut()?, src);
+        Ok(())
+    }
+    fn sum_squares(&self, xs: &[&Tensor]) -> Result<f64> {
+        let mut total = 0.0;
+        for x in xs {
+            total += super::reduce::sum_squares(f32_in("global norm", x)?);
+        }
+        Ok(total)
+    }
+    fn scale(&self, x: &mut Tensor, s: f32) -> Result<()> {
+        super::reduce::scale(x.f32s_mut()?, s);
+        Ok(())
+    }
 }

@@ -1,6 +1,8 @@
 //! Token + position embedding: out[b, t] = wte[ids[b, t]] + wpe[t]. The backward scatter-adds
 //! rows in a fixed order (parallel over channels, serial over positions), so it is deterministic.
 
+use super::{f32_in, new_f32, take_if, wrap};
+use crate::{Result, Tensor};
 use rayon::prelude::*;
 
 pub fn embedding_forward(out: &mut [f32], ids: &[i32], wte: &[f32], wpe: &[f32], t: usize, c: usize) {
@@ -62,5 +64,29 @@ pub fn embedding_backward(
             let pos = r % t;
             super::axpy(&mut dwpe[pos * c..(pos + 1) * c], 1.0, &dout[r * c..(r + 1) * c]);
         }
+    }
+}
+
+impl crate::backend::Embedding for super::Cpu {
+    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: &Tensor) -> Result<Tensor> {
+        const OP: &str = "embedding";
+        let c = wte.shape().last();
+        let (wte_d, wpe_d) = (f32_in(OP, wte)?, f32_in(OP, wpe)?);
+        new_f32(&[ids.len() / t.max(1), t, c], |o| embedding_forward(o, ids, wte_d, wpe_d, t, c))
+    }
+
+    fn embedding_backward(
+        &self,
+        dout: &Tensor,
+        ids: &[i32],
+        t: usize,
+        [wte_dims, wpe_dims]: [&[usize]; 2],
+        needs: [bool; 2],
+    ) -> Result<[Option<Tensor>; 2]> {
+        let c = wte_dims.last().copied().unwrap_or(1);
+        let mut dwte = take_if(needs[0], wte_dims.iter().product());
+        let mut dwpe = take_if(needs[1], wpe_dims.iter().product());
+        embedding_backward(dwte.as_deref_mut(), dwpe.as_deref_mut(), f32_in("embedding backward", dout)?, ids, t, c);
+        Ok([wrap(dwte, wte_dims)?, wrap(dwpe, wpe_dims)?])
     }
 }

@@ -5,6 +5,9 @@
 //! `b_trans` means B is stored [n, k]; the crate takes strides, so a transpose costs nothing.
 
 use super::elementwise::gelu;
+use super::{f32_in, new_f32, pool};
+use crate::backend::{Epilogue, GemmDesc};
+use crate::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
 fn parallelism() -> gemm::Parallelism {
@@ -151,4 +154,40 @@ pub fn bias_backward(dbias: &mut [f32], dout: &[f32], n: usize) {
         super::axpy(dbias, 1.0, p);
     }
     debug_assert!(rows * n == dout.len());
+}
+
+impl crate::backend::Matmul for super::Cpu {
+    fn matmul(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        bias: Option<&Tensor>,
+        desc: &GemmDesc,
+        out_dims: &[usize],
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        const OP: &str = "matmul";
+        let GemmDesc { m, n, k, a: ta, b: tb, epilogue } = *desc;
+        let (ad, bd) = (f32_in(OP, a)?, f32_in(OP, b)?);
+        let biasd = bias.map(|t| f32_in(OP, t)).transpose()?;
+        let mut pre = (epilogue == Epilogue::Gelu).then(|| pool::take(m * n));
+        let out =
+            new_f32(out_dims, |o| matmul_forward(o, pre.as_deref_mut(), ad, bd, biasd, m, n, k, ta.is_t(), tb.is_t()))?;
+        Ok((out, pre.map(|p| Tensor::from_f32(p, out_dims)).transpose()?))
+    }
+
+    fn gemm(&self, a: &Tensor, b: &Tensor, desc: &GemmDesc, dtype: DType, dims: &[usize]) -> Result<Tensor> {
+        const OP: &str = "matmul backward";
+        if dtype != DType::F32 {
+            return Err(Error::DType { op: OP, expected: DType::F32, got: dtype });
+        }
+        let (ad, bd) = (f32_in(OP, a)?, f32_in(OP, b)?);
+        let GemmDesc { m, n, k, a: ta, b: tb, .. } = *desc;
+        new_f32(dims, |o| matmul(o, ad, bd, m, n, k, ta.is_t(), tb.is_t(), false))
+    }
+
+    fn bias_grad(&self, g: &Tensor, n: usize) -> Result<Tensor> {
+        let mut d = vec![0f32; n];
+        bias_backward(&mut d, f32_in("matmul backward", g)?, n);
+        Tensor::from_f32(d, [n])
+    }
 }

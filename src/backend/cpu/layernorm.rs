@@ -1,6 +1,9 @@
 //! LayerNorm over the last dimension, one row per task: y = (x - mean) * rstd * w + b, saving
 //! mean and rstd (1 / sqrt(var + eps), biased variance as PyTorch uses) for backward.
 
+use super::{f32_in, new_f32, take_if, wrap};
+use crate::backend::RowStats;
+use crate::{Result, Tensor};
 use rayon::prelude::*;
 
 /// Mean and variance of one row, two passes (one for the mean, one for the centred squares).
@@ -104,5 +107,43 @@ pub fn layernorm_backward(
         for (_, pb) in &partial {
             super::axpy(db, 1.0, pb);
         }
+    }
+}
+
+impl crate::backend::Norm for super::Cpu {
+    fn layernorm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<(Tensor, RowStats)> {
+        const OP: &str = "layernorm";
+        let (c, rows) = (x.shape().last(), x.shape().rows());
+        let (xd, wd, bd) = (f32_in(OP, x)?, f32_in(OP, w)?, f32_in(OP, b)?);
+        let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+        let out = new_f32(x.dims(), |o| layernorm_forward(o, &mut mean, &mut rstd, xd, wd, bd, c, eps))?;
+        Ok((out, RowStats { mean: Tensor::from_f32(mean, [rows])?, rstd: Tensor::from_f32(rstd, [rows])? }))
+    }
+
+    fn layernorm_backward(
+        &self,
+        dout: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        stats: &RowStats,
+        needs: [bool; 3],
+    ) -> Result<[Option<Tensor>; 3]> {
+        const OP: &str = "layernorm backward";
+        let c = x.shape().last();
+        let mut dx = take_if(needs[0], x.numel());
+        let mut dw = needs[1].then(|| vec![0f32; c]);
+        let mut db = needs[2].then(|| vec![0f32; c]);
+        layernorm_backward(
+            dx.as_deref_mut(),
+            dw.as_deref_mut(),
+            db.as_deref_mut(),
+            f32_in(OP, dout)?,
+            f32_in(OP, x)?,
+            f32_in(OP, w)?,
+            f32_in(OP, &stats.mean)?,
+            f32_in(OP, &stats.rstd)?,
+            c,
+        );
+        Ok([wrap(dx, x.dims())?, wrap(dw, &[c])?, wrap(db, &[c])?])
     }
 }

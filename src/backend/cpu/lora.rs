@@ -19,7 +19,9 @@
 //!   dA[:, id] += s (G B)[row]   for every row with that id (a scatter-add, in row order)
 
 use super::gemm::{bias_backward, matmul, matmul_forward};
-use super::pool;
+use super::{f32_in, new_f32, pool, take_if, wrap};
+use crate::backend::{LoraArgs, LoraEmbeddingArgs};
+use crate::{Result, Tensor};
 
 /// out[m, n] = x @ W + bias + us @ B^T, where `us` [m, r] receives scaling * xd @ A^T (xd is
 /// dropout(x), or x itself without dropout). The base product is computed exactly as a plain
@@ -198,5 +200,97 @@ pub fn lora_embedding_backward(
             }
         }
         pool::give(du);
+    }
+}
+
+/// dropout(x) under a mask with its scale, in a pooled buffer (the caller gives it back).
+pub(crate) fn dropped_input(x: &[f32], (mask, scale): (&[u8], f32)) -> Vec<f32> {
+    let mut d = pool::take(x.len());
+    super::elementwise::dropout_forward(&mut d, x, mask, scale);
+    d
+}
+
+impl crate::backend::Lora for super::Cpu {
+    fn lora_linear(&self, args: &LoraArgs) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "lora_linear";
+        let LoraArgs { m, n, k, r, w_trans, scaling, .. } = *args;
+        let (xv, wd, ad, bd) = (f32_in(OP, args.x)?, f32_in(OP, args.w)?, f32_in(OP, args.a)?, f32_in(OP, args.b)?);
+        let biasd = args.bias.map(|t| f32_in(OP, t)).transpose()?;
+        let dropped = args.keep.map(|k| dropped_input(xv, k));
+        let xd = dropped.as_deref().unwrap_or(xv);
+        let mut us = vec![0f32; m * r];
+        let out =
+            new_f32(&[m, n], |o| lora_forward(o, &mut us, xv, xd, wd, w_trans, biasd, ad, bd, m, n, k, r, scaling))?;
+        if let Some(d) = dropped {
+            pool::give(d);
+        }
+        Ok((out, Tensor::from_f32(us, [m, r])?))
+    }
+
+    fn lora_linear_backward(
+        &self,
+        args: &LoraArgs,
+        us: &Tensor,
+        dout: &Tensor,
+        needs: [bool; 5],
+    ) -> Result<[Option<Tensor>; 5]> {
+        const OP: &str = "lora_linear backward";
+        let LoraArgs { m, n, k, r, .. } = *args;
+        let x = f32_in(OP, args.x)?;
+        // dA needs dropout(x) again: rebuilt from the mask rather than kept alive since the forward.
+        let dropped = args.keep.filter(|_| needs[2]).map(|k| dropped_input(x, k));
+        let (mut dx, mut dw, mut da, mut db) =
+            (take_if(needs[0], m * k), take_if(needs[1], k * n), take_if(needs[2], r * k), take_if(needs[3], n * r));
+        let mut dbias = needs[4].then(|| vec![0f32; n]);
+        let grads = LoraGrads {
+            dx: dx.as_deref_mut(),
+            dw: dw.as_deref_mut(),
+            dbias: dbias.as_deref_mut(),
+            da: da.as_deref_mut(),
+            db: db.as_deref_mut(),
+        };
+        let xd = dropped.as_deref().unwrap_or(x);
+        let (w, a, b) = (f32_in(OP, args.w)?, f32_in(OP, args.a)?, f32_in(OP, args.b)?);
+        let (g, us) = (f32_in(OP, dout)?, f32_in(OP, us)?);
+        lora_backward(grads, g, x, xd, args.keep, w, args.w_trans, a, b, us, m, n, k, r, args.scaling);
+        if let Some(d) = dropped {
+            pool::give(d);
+        }
+        Ok([
+            wrap(dx, args.x.dims())?,
+            wrap(dw, args.w.dims())?,
+            wrap(da, args.a.dims())?,
+            wrap(db, args.b.dims())?,
+            wrap(dbias, &[n])?,
+        ])
+    }
+
+    fn lora_embedding(&self, args: &LoraEmbeddingArgs) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "lora_embedding";
+        let LoraEmbeddingArgs { ids, v, c, r, scaling, .. } = *args;
+        let (ad, bd) = (f32_in(OP, args.a)?, f32_in(OP, args.b)?);
+        let mut us = vec![0f32; ids.len() * r];
+        let out = new_f32(&[ids.len(), c], |o| lora_embedding_forward(o, &mut us, ids, ad, bd, v, c, r, scaling))?;
+        Ok((out, Tensor::from_f32(us, [ids.len(), r])?))
+    }
+
+    fn lora_embedding_backward(
+        &self,
+        args: &LoraEmbeddingArgs,
+        us: &Tensor,
+        dout: &Tensor,
+        needs: [bool; 2],
+    ) -> Result<[Option<Tensor>; 2]> {
+        const OP: &str = "lora_embedding backward";
+        let LoraEmbeddingArgs { ids, v, c, r, scaling, .. } = *args;
+        let mut da = take_if(needs[0], r * v);
+        let mut db = take_if(needs[1], c * r);
+        let (g, us, b) = (f32_in(OP, dout)?, f32_in(OP, us)?, f32_in(OP, args.b)?);
+        lora_embedding_backward(da.as_deref_mut(), db.as_deref_mut(), g, ids, us, b, v, c, r, scaling);
+        Ok([wrap(da, &[r, v])?, wrap(db, &[c, r])?])
+    }
+
+    fn as_backend(&self) -> &dyn crate::backend::Backend {
+        self
     }
 }

@@ -2,6 +2,7 @@
 //! crate. Each file is one op family and mirrors `kernels/<family>.cu`: same function names, same
 //! argument order (outputs first, then inputs, then sizes).
 
+pub mod adamw;
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
@@ -12,6 +13,61 @@ pub mod nf4;
 pub mod pool;
 pub mod reduce;
 pub mod xent;
+
+use crate::backend::{AdamWSlot, Backend, Optim};
+use crate::{DType, Error, Result, Tensor};
+
+/// The CPU backend: f32 everywhere.
+pub struct Cpu;
+
+impl Backend for Cpu {
+    fn compute_dtype(&self) -> DType {
+        DType::F32
+    }
+}
+
+/// The f32 data of an op's input, or an error that names the op.
+pub(crate) fn f32_in<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a [f32]> {
+    if t.device() != crate::Device::Cpu {
+        return Err(Error::DeviceMismatch { op, a: crate::Device::Cpu, b: t.device() });
+    }
+    if t.dtype() != DType::F32 {
+        return Err(Error::DType { op, expected: DType::F32, got: t.dtype() });
+    }
+    t.f32s()
+}
+
+/// A new f32 tensor shaped like `dims`; `fill` must write every element (the buffer may be a
+/// recycled one with stale contents).
+pub(crate) fn new_f32(dims: &[usize], fill: impl FnOnce(&mut [f32])) -> Result<Tensor> {
+    let mut v = pool::take(dims.iter().product());
+    fill(&mut v);
+    Tensor::from_f32(v, dims)
+}
+
+/// A pooled buffer of `len` when `need`, for a gradient that may be skipped.
+pub(crate) fn take_if(need: bool, len: usize) -> Option<Vec<f32>> {
+    need.then(|| pool::take(len))
+}
+
+/// An optional f32 buffer as an optional tensor of `dims`.
+pub(crate) fn wrap(d: Option<Vec<f32>>, dims: &[usize]) -> Result<Option<Tensor>> {
+    d.map(|d| Tensor::from_f32(d, dims)).transpose()
+}
+
+impl Optim for Cpu {
+    fn adamw(&self, slots: &mut [AdamWSlot], scalars: &crate::abi::AdamWScalars) -> Result<()> {
+        for slot in slots.iter_mut() {
+            let mut s = *scalars;
+            if !slot.decay {
+                s.decay = 1.0;
+            }
+            let g = f32_in("adamw", slot.g)?;
+            adamw::adamw_step(slot.p.f32s_mut()?, slot.m.f32s_mut()?, slot.v.f32s_mut()?, g, &s);
+        }
+        Ok(())
+    }
+}
 
 /// Rows per rayon task for row-wise ops: large enough that scheduling costs stay small.
 pub(crate) fn rows_per_task(cols: usize) -> usize {

@@ -6,9 +6,12 @@
 //! dequantized W, so the two paths cannot drift apart.
 
 use super::gemm::{bias_backward, matmul, matmul_forward};
+use super::lora::dropped_input;
 use super::lora::{lora_backward, lora_forward, LoraGrads};
-use super::pool;
+use super::{f32_in, new_f32, pool, take_if, wrap};
+use crate::backend::Nf4Args;
 use crate::quant::nf4::Nf4Weight;
+use crate::{Result, Tensor};
 
 /// The adapter of an NF4 layer: A [r, k], B [n, r], the scaling, and xd = dropout(x) (x itself
 /// without dropout).
@@ -85,4 +88,52 @@ pub fn nf4_linear_backward(
         }
     }
     pool::give(wd);
+}
+
+impl crate::backend::Nf4 for super::Cpu {
+    fn nf4_linear(&self, args: &Nf4Args) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "nf4_linear";
+        let Nf4Args { m, n, k, r, .. } = *args;
+        let xv = f32_in(OP, args.x)?;
+        let biasd = args.bias.map(|t| f32_in(OP, t)).transpose()?;
+        let ab = args.lora.map(|(a, b, s)| Ok::<_, crate::Error>((f32_in(OP, a)?, f32_in(OP, b)?, s))).transpose()?;
+        let dropped = args.keep.map(|k| dropped_input(xv, k));
+        let adapter = ab.map(|(a, b, scaling)| Nf4Adapter { a, b, xd: dropped.as_deref().unwrap_or(xv), r, scaling });
+        let mut us = vec![0f32; m * r];
+        let out = new_f32(&[m, n], |o| nf4_linear_forward(o, &mut us, xv, args.w, biasd, adapter.as_ref(), m, n, k))?;
+        if let Some(d) = dropped {
+            pool::give(d);
+        }
+        Ok((out, Tensor::from_f32(us, [m, r])?))
+    }
+
+    fn nf4_linear_backward(
+        &self,
+        args: &Nf4Args,
+        us: &Tensor,
+        dout: &Tensor,
+        needs: [bool; 4],
+    ) -> Result<[Option<Tensor>; 4]> {
+        const OP: &str = "nf4_linear backward";
+        let Nf4Args { m, n, k, r, .. } = *args;
+        let x = f32_in(OP, args.x)?;
+        let dropped = args.keep.filter(|_| needs[1]).map(|k| dropped_input(x, k));
+        let (mut dx, mut da, mut db) = (take_if(needs[0], m * k), take_if(needs[1], r * k), take_if(needs[2], n * r));
+        let mut dbias = needs[3].then(|| vec![0f32; n]);
+        let grads = LoraGrads {
+            dx: dx.as_deref_mut(),
+            dw: None,
+            dbias: dbias.as_deref_mut(),
+            da: da.as_deref_mut(),
+            db: db.as_deref_mut(),
+        };
+        let ab = args.lora.map(|(a, b, s)| Ok::<_, crate::Error>((f32_in(OP, a)?, f32_in(OP, b)?, s))).transpose()?;
+        let adapter = ab.map(|(a, b, scaling)| Nf4Adapter { a, b, xd: dropped.as_deref().unwrap_or(x), r, scaling });
+        let (g, us) = (f32_in(OP, dout)?, f32_in(OP, us)?);
+        nf4_linear_backward(grads, g, x, args.keep, args.w, adapter.as_ref(), us, m, n, k);
+        if let Some(d) = dropped {
+            pool::give(d);
+        }
+        Ok([wrap(dx, args.x.dims())?, wrap(da, &[r, k])?, wrap(db, &[n, r])?, wrap(dbias, &[n])?])
+    }
 }

@@ -4,6 +4,9 @@
 //! without keeping the probabilities.
 
 use super::elementwise::fast_exp;
+use super::{f32_in, new_f32};
+use crate::backend::XentSaved;
+use crate::{Result, Tensor};
 use rayon::prelude::*;
 
 /// The label that marks a position without a target (PyTorch's ignore_index).
@@ -59,4 +62,21 @@ pub fn xent_backward(dlogits: &mut [f32], logits: &[f32], lse: &[f32], targets: 
             d[tgt as usize] -= scale;
         },
     );
+}
+
+impl crate::backend::CrossEntropy for super::Cpu {
+    fn cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> Result<XentSaved> {
+        let (v, n) = (logits.shape().last(), logits.shape().rows());
+        let (ld, td) = (f32_in("cross_entropy", logits)?, targets.i32s()?);
+        let (mut losses, mut lse) = (vec![0f32; n], vec![0f32; n]);
+        let (sum, count) = xent_forward(&mut losses, &mut lse, ld, td, v);
+        Ok(XentSaved { sum, count, lse: Tensor::from_f32(lse, [n])?, targets: targets.clone() })
+    }
+
+    fn cross_entropy_backward(&self, logits: &Tensor, saved: &XentSaved, scale: f32) -> Result<Tensor> {
+        const OP: &str = "cross_entropy backward";
+        let v = logits.shape().last();
+        let (l, t, lse) = (f32_in(OP, logits)?, saved.targets.i32s()?, f32_in(OP, &saved.lse)?);
+        new_f32(logits.dims(), |d| xent_backward(d, l, lse, t, v, scale))
+    }
 }

@@ -205,3 +205,23 @@ pub fn bench(cu: &super::Cuda, copy: f64) -> Result<Vec<super::bench::Row>> {
         target: Some(0.7),
     }])
 }
+
+impl crate::backend::Optim for super::Cuda {
+    fn adamw(&self, slots: &mut [crate::backend::AdamWSlot], s: &AdamWScalars) -> Result<()> {
+        let mut work = Vec::with_capacity(slots.len());
+        for slot in slots.iter_mut() {
+            let g = super::tensor::f32_in("adamw", slot.g)?;
+            let (p, m, v) =
+                (f32_mut(slot.p, "parameter")?, f32_mut(slot.m, "first moment")?, f32_mut(slot.v, "second moment")?);
+            work.push(AdamWParam { p, m, v, g, p_bf16: None, decay: slot.decay });
+        }
+        adamw_step_multi(&mut work, s)
+    }
+}
+
+fn f32_mut<'a>(t: &'a mut crate::Tensor, what: &str) -> Result<&'a mut DevBuf<f32>> {
+    match t.cuda_storage_mut() {
+        Some(super::CudaStorage::F32(d)) => Ok(d),
+        _ => Err(Error::Input(format!("adamw: the {what} is not an f32 tensor on the GPU"))),
+    }
+}

@@ -8,12 +8,14 @@
 //! (`AttentionVariant`): tensor cores (mma.sync) at GPT-2's head dim 64 on sm_80+, CUDA cores
 //! otherwise. The backward runs on CUDA cores and is deterministic: no atomics.
 
+use super::tensor::{bf16_in, f32_in, new_bf16, wrap_f32};
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::{
     KILN_ATTN_KERNEL_DKDV, KILN_ATTN_KERNEL_DQ, KILN_ATTN_KERNEL_FORWARD, KILN_ATTN_KERNEL_FORWARD_MMA,
     KILN_ATTN_MAX_HEAD_DIM, KILN_ATTN_MMA_HEAD_DIM, KILN_ATTN_MMA_ROWS, KILN_ATTN_TILE, KILN_ATTN_WARPS,
 };
-use crate::{Error, Result};
+use crate::backend::qkv_dims;
+use crate::{Error, Result, Tensor};
 
 /// Shared memory a block gets without opting in.
 const DEFAULT_SHARED: usize = 48 * 1024;
@@ -299,5 +301,30 @@ pub mod twin {
         let bytes = unsafe { kiln_host_attention_smem_bytes(kernel as i32, hd as i32) };
         assert!(bytes > 0, "unknown attention kernel {kernel}");
         bytes as usize
+    }
+}
+
+impl crate::backend::Attention for super::Cuda {
+    fn attention(&self, qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "attention";
+        let (b, t, c) = qkv_dims(OP, qkv, n_head)?;
+        let qd = bf16_in(OP, qkv)?;
+        let mut lse = self.alloc::<f32>(b * n_head * t)?;
+        let out = new_bf16(&[b, t, c], |o| attention_forward(o, &mut lse, qd, b, t, c, n_head))?;
+        Ok((out, wrap_f32(lse, &[b, n_head, t])?))
+    }
+
+    fn attention_backward(
+        &self,
+        dout: &Tensor,
+        qkv: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        n_head: usize,
+    ) -> Result<Tensor> {
+        const OP: &str = "attention backward";
+        let (b, t, c) = qkv_dims(OP, qkv, n_head)?;
+        let (g, q, o, l) = (bf16_in(OP, dout)?, bf16_in(OP, qkv)?, bf16_in(OP, out)?, f32_in(OP, lse)?);
+        new_bf16(qkv.dims(), |d| attention_backward(d, g, q, o, l, b, t, c, n_head))
     }
 }

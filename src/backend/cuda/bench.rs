@@ -363,3 +363,30 @@ pub fn reduce_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
         bandwidth_row("reduce scale", format!("{n}"), sc, 2.0 * bytes_of::<f32>(n), copy),
     ])
 }
+
+/// `kiln bench kernels --device <device>`: every kernel timed against its ceiling on the GPU
+/// (`cuda`), or its memory traffic on the emulated device (`emu`).
+pub fn kernels(device: &str) -> Result<()> {
+    match device {
+        "emu" => {
+            super::select(super::RuntimeKind::Emulator)?;
+            super::traffic::run().map(|_| ())
+        }
+        "cuda" | "cuda:0" => {
+            super::select(super::RuntimeKind::Driver)?;
+            run()
+        }
+        other => Err(crate::Error::Input(format!("kiln bench kernels runs on cuda or emu, not '{other}'"))),
+    }
+}
+
+/// The CUDA device's name, for a benchmark's header.
+pub fn device_name() -> Result<String> {
+    Ok(super::cuda()?.name().to_string())
+}
+
+/// cuBLAS' bf16 GEMM rate at n^3 in TFLOP/s, the train step's ceiling; the inner error says why
+/// there is none (no GPU, no cuBLAS).
+pub fn gemm_ceiling_tflops(n: usize) -> Result<std::result::Result<f64, String>> {
+    cublas_tflops(super::cuda()?, n, n, n)
+}

@@ -2,9 +2,10 @@
 //! bf16 device buffers, with the names and argument order of `backend::cpu::elementwise`; plus
 //! the host twins of the kernels' per-element math (`twin`), which CI tests without a GPU.
 
+use super::tensor::{bf16_in, f32_in, new_bf16, new_f32, CudaStorage};
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::KILN_ELEMENTWISE_BLOCK;
-use crate::{Error, Result};
+use crate::{DType, Error, Result, Tensor};
 
 /// Enough blocks for `threads` threads, at most 8 blocks (2048 threads) per SM: the kernels are
 /// grid-stride loops, so a smaller grid just loops more.
@@ -247,4 +248,62 @@ pub fn bench(cu: &super::Cuda, copy: f64) -> Result<Vec<super::bench::Row>> {
     row("dropout (+mask)", 5.0, time_ms(cu, w, r, || dropout(&mut out, Some(&mut mask), &a, 7, 0.1, 1.0 / 0.9))?);
     row("dropout (no mask)", 4.0, time_ms(cu, w, r, || dropout(&mut out, None, &a, 7, 0.1, 1.0 / 0.9))?);
     Ok(rows)
+}
+
+impl crate::backend::Elementwise for super::Cuda {
+    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let xd = bf16_in("gelu", x)?;
+        new_bf16(x.dims(), |o| gelu_forward(o, xd))
+    }
+    fn gelu_backward(&self, x: &Tensor, dout: &Tensor) -> Result<Tensor> {
+        let (xd, g) = (bf16_in("gelu backward", x)?, bf16_in("gelu backward", dout)?);
+        new_bf16(x.dims(), |d| gelu_backward(d, xd, g))
+    }
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (ad, bd) = (bf16_in("add", a)?, bf16_in("add", b)?);
+        new_bf16(a.dims(), |o| residual_forward(o, ad, bd))
+    }
+    fn dropout(&self, x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+        // The kernel draws the CPU's mask bits per element, so backward redraws them from the seed.
+        let xd = bf16_in("dropout", x)?;
+        new_bf16(x.dims(), |o| dropout(o, None, xd, seed, p, 1.0 / (1.0 - p)))
+    }
+    fn cast(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        match (x.dtype(), dtype) {
+            (from, to) if from == to => Ok(x.clone()),
+            (DType::F32, DType::BF16) => {
+                let xd = f32_in("cast to bf16", x)?;
+                new_bf16(x.dims(), |o| cast_f32_to_bf16(o, xd))
+            }
+            (DType::BF16, DType::F32) => {
+                let xd = bf16_in("cast to f32", x)?;
+                new_f32(x.dims(), |o| cast_bf16_to_f32(o, xd))
+            }
+            (from, to) => Err(Error::Input(format!(
+                "the CUDA backend casts between f32 and bf16 only, not {from:?} to {to:?}; copy the tensor to the \
+                 CPU (to_device) for other conversions"
+            ))),
+        }
+    }
+    fn add_assign(&self, acc: &mut Tensor, x: &Tensor) -> Result<()> {
+        let (want, got) = (acc.dtype(), x.dtype());
+        match (acc.cuda_storage_mut(), x.cuda_storage()) {
+            (Some(CudaStorage::BF16(dst)), Some(CudaStorage::BF16(src))) => add_assign(dst, src),
+            (Some(CudaStorage::F32(dst)), Some(CudaStorage::F32(src))) => add_assign_f32(dst, src),
+            _ => Err(Error::Input(format!("backward: cannot add a {got:?} gradient into a {want:?} one on the GPU"))),
+        }
+    }
+    fn sum_squares(&self, xs: &[&Tensor]) -> Result<f64> {
+        if xs.is_empty() {
+            return Ok(0.0);
+        }
+        let bufs = xs.iter().map(|t| f32_in("global norm", t)).collect::<Result<Vec<_>>>()?;
+        super::reduce::sum_squares_many(&bufs)
+    }
+    fn scale(&self, x: &mut Tensor, s: f32) -> Result<()> {
+        match x.cuda_storage_mut() {
+            Some(CudaStorage::F32(d)) => super::reduce::scale(d, s),
+            _ => Err(Error::Input("scaling gradients: GPU gradients of parameters are f32".into())),
+        }
+    }
 }

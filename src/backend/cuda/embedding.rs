@@ -3,9 +3,10 @@
 //! atomics: the token rows are grouped by id on the host, `Buckets`); plus the host twins
 //! (`twin`), which CI tests against the CPU backend without a GPU.
 
+use super::tensor::{bf16_in, new_bf16, wrap_f32};
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::{KILN_EMB_THREADS, KILN_EMB_WARPS};
-use crate::{Error, Result};
+use crate::{Error, Result, Tensor};
 
 /// The rows of a batch grouped by token id: bucket b is token `ids[b]` (ascending), found at rows
 /// `rows[start[b] .. start[b + 1]]` (ascending). Ids outside [0, vocab) are left out.
@@ -237,5 +238,33 @@ pub mod twin {
                 kiln_host_embedding_backward_wpe(dwpe.as_mut_ptr(), dout.as_ptr(), rows as i64, t as i64, c as i64)
             }
         }
+    }
+}
+
+impl crate::backend::Embedding for super::Cuda {
+    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: &Tensor) -> Result<Tensor> {
+        const OP: &str = "embedding";
+        let c = wte.shape().last();
+        // ids stay on the host too (the op checked them there, and the backward groups them there).
+        let ids_d = self.upload(ids)?;
+        let (wte_d, wpe_d) = (bf16_in(OP, wte)?, bf16_in(OP, wpe)?);
+        new_bf16(&[ids.len() / t.max(1), t, c], |o| embedding_forward(o, &ids_d, wte_d, wpe_d, t, c))
+    }
+
+    fn embedding_backward(
+        &self,
+        dout: &Tensor,
+        ids: &[i32],
+        t: usize,
+        [wte_dims, wpe_dims]: [&[usize]; 2],
+        needs: [bool; 2],
+    ) -> Result<[Option<Tensor>; 2]> {
+        // f32 gradients for the f32 master weights (the bf16 cast passes them through).
+        let c = wte_dims.last().copied().unwrap_or(1);
+        let g = bf16_in("embedding backward", dout)?;
+        let mut dwte = needs[0].then(|| self.alloc::<f32>(wte_dims.iter().product())).transpose()?;
+        let mut dwpe = needs[1].then(|| self.alloc::<f32>(wpe_dims.iter().product())).transpose()?;
+        embedding_backward(dwte.as_mut(), dwpe.as_mut(), g, ids, t, c)?;
+        Ok([dwte.map(|d| wrap_f32(d, wte_dims)).transpose()?, dwpe.map(|d| wrap_f32(d, wpe_dims)).transpose()?])
     }
 }

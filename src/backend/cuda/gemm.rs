@@ -7,12 +7,14 @@
 //! [n, k]. Outputs are bf16 (activations) or f32 (weight gradients, usually with `accumulate`);
 //! the bias is bf16, like the weights it sits beside.
 
+use super::tensor::{bf16_in, new_bf16, new_f32, wrap_bf16};
 use super::{bf16, cuda, DevBuf, DeviceElem, Kernel, LaunchConfig};
 use crate::abi::{
     KILN_GEMM_ACCUMULATE, KILN_GEMM_BIAS_ROWS, KILN_GEMM_BM, KILN_GEMM_BN, KILN_GEMM_GELU, KILN_GEMM_NAIVE_TILE,
     KILN_GEMM_OUT_F32, KILN_GEMM_SMALL_BM, KILN_GEMM_SMALL_BN, KILN_GEMM_SMALL_THREADS, KILN_GEMM_THREADS,
 };
-use crate::{Error, Result};
+use crate::backend::{Epilogue, GemmDesc};
+use crate::{DType, Error, Result, Tensor};
 
 // The shared constants as the types used here (cast: the header's generator picks the integer type).
 const BM: usize = KILN_GEMM_BM as usize;
@@ -292,5 +294,41 @@ pub mod twin {
         // SAFETY: the lengths are checked above; the twin reads acc, bias, and out, and writes
         // out and pre, within m x n (n for bias).
         unsafe { kiln_host_gemm_epilogue(out.as_mut_ptr(), pre, acc.as_ptr(), bias, m as i64, n as i64, flags) }
+    }
+}
+
+impl crate::backend::Matmul for super::Cuda {
+    fn matmul(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        bias: Option<&Tensor>,
+        desc: &GemmDesc,
+        out_dims: &[usize],
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        const OP: &str = "matmul";
+        let GemmDesc { m, n, k, a: ta, b: tb, epilogue } = *desc;
+        let (ad, bd) = (bf16_in(OP, a)?, bf16_in(OP, b)?);
+        let biasd = bias.map(|t| bf16_in(OP, t)).transpose()?;
+        let mut pre = (epilogue == Epilogue::Gelu).then(|| self.alloc::<bf16>(m * n)).transpose()?;
+        let out =
+            new_bf16(out_dims, |o| matmul_forward(o, pre.as_mut(), ad, bd, biasd, m, n, k, ta.is_t(), tb.is_t()))?;
+        Ok((out, pre.map(|p| wrap_bf16(p, out_dims)).transpose()?))
+    }
+
+    fn gemm(&self, a: &Tensor, b: &Tensor, desc: &GemmDesc, dtype: DType, dims: &[usize]) -> Result<Tensor> {
+        const OP: &str = "matmul backward";
+        let (ad, bd) = (bf16_in(OP, a)?, bf16_in(OP, b)?);
+        let GemmDesc { m, n, k, a: ta, b: tb, .. } = *desc;
+        match dtype {
+            DType::BF16 => new_bf16(dims, |o| matmul(o, ad, bd, m, n, k, ta.is_t(), tb.is_t(), false)),
+            DType::F32 => new_f32(dims, |o| matmul(o, ad, bd, m, n, k, ta.is_t(), tb.is_t(), false)),
+            _ => Err(Error::DType { op: OP, expected: DType::F32, got: dtype }),
+        }
+    }
+
+    fn bias_grad(&self, g: &Tensor, n: usize) -> Result<Tensor> {
+        let gd = bf16_in("matmul backward", g)?;
+        new_f32(&[n], |d| bias_backward(d, gd, n))
     }
 }

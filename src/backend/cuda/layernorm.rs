@@ -3,9 +3,11 @@
 //! names and argument order of `backend::cpu::layernorm`; plus the host twins (`twin`), which CI
 //! tests against the CPU backend without a GPU.
 
+use super::tensor::{bf16_in, f32_in, new_bf16, wrap_bf16, wrap_f32};
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::{KILN_LN_DW_ROWS, KILN_LN_DW_THREADS, KILN_LN_WARPS};
-use crate::{Error, Result};
+use crate::backend::RowStats;
+use crate::{Error, Result, Tensor};
 
 /// The row count implied by `mean` (one statistic per row), checked against every buffer.
 fn rows_of(
@@ -300,5 +302,40 @@ pub mod twin {
                 c as i64,
             )
         }
+    }
+}
+
+impl crate::backend::Norm for super::Cuda {
+    fn layernorm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<(Tensor, RowStats)> {
+        const OP: &str = "layernorm";
+        let (c, rows) = (x.shape().last(), x.shape().rows());
+        let (xd, wd, bd) = (bf16_in(OP, x)?, bf16_in(OP, w)?, bf16_in(OP, b)?);
+        let (mut mean, mut rstd) = (self.alloc::<f32>(rows)?, self.alloc::<f32>(rows)?);
+        let out = new_bf16(x.dims(), |o| layernorm_forward(o, &mut mean, &mut rstd, xd, wd, bd, c, eps))?;
+        Ok((out, RowStats { mean: wrap_f32(mean, &[rows])?, rstd: wrap_f32(rstd, &[rows])? }))
+    }
+
+    fn layernorm_backward(
+        &self,
+        dout: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        stats: &RowStats,
+        needs: [bool; 3],
+    ) -> Result<[Option<Tensor>; 3]> {
+        const OP: &str = "layernorm backward";
+        let c = x.shape().last();
+        let (g, xd, wd) = (bf16_in(OP, dout)?, bf16_in(OP, x)?, bf16_in(OP, w)?);
+        let (mean, rstd) = (f32_in(OP, &stats.mean)?, f32_in(OP, &stats.rstd)?);
+        let mut dx = needs[0].then(|| self.alloc::<bf16>(x.numel())).transpose()?;
+        // dw, db: f32 for the f32 masters (the bf16 cast passes them through).
+        let mut dw = needs[1].then(|| self.alloc::<f32>(c)).transpose()?;
+        let mut db = needs[2].then(|| self.alloc::<f32>(c)).transpose()?;
+        layernorm_backward(dx.as_mut(), dw.as_mut(), db.as_mut(), g, xd, wd, mean, rstd, c)?;
+        Ok([
+            dx.map(|d| wrap_bf16(d, x.dims())).transpose()?,
+            dw.map(|d| wrap_f32(d, &[c])).transpose()?,
+            db.map(|d| wrap_f32(d, &[c])).transpose()?,
+        ])
     }
 }

@@ -21,6 +21,7 @@ pub mod gemm;
 pub mod layernorm;
 pub mod reduce;
 pub mod runtime;
+pub mod tensor;
 pub mod traffic;
 pub mod xent;
 
@@ -28,6 +29,8 @@ pub use runtime::{
     DevBuf, DevView, DevViewMut, DeviceElem, Event, KernelArg, KernelScalar, Launch, LaunchConfig, Properties, Runtime,
     RuntimeKind,
 };
+
+pub use tensor::{auto, backend, download, emu, ensure_available, is_emulated, select_driver, upload, CudaStorage};
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
@@ -210,3 +213,20 @@ pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
     let blocks = n.div_ceil(block as usize).max(1) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
+
+impl crate::backend::Backend for Cuda {
+    fn compute_dtype(&self) -> crate::DType {
+        crate::DType::BF16
+    }
+    fn sync(&self) -> Result<()> {
+        Cuda::sync(self)
+    }
+}
+
+// No LoRA or NF4 kernels yet: the trait's defaults run the CPU's implementation on host copies.
+impl crate::backend::Lora for Cuda {
+    fn as_backend(&self) -> &dyn crate::backend::Backend {
+        self
+    }
+}
+impl crate::backend::Nf4 for Cuda {}

@@ -3,9 +3,11 @@
 //! place, so its `dlogits` holds the logits on entry); plus the host twins (`twin`), which CI tests
 //! against the CPU backend without a GPU.
 
+use super::tensor::{bf16_in, f32_in, i32_in, wrap_f32, CudaStorage};
 use super::{bf16, cuda, DevBuf, DeviceElem, Kernel, LaunchConfig};
 use crate::abi::KILN_XENT_THREADS;
-use crate::{Error, Result};
+use crate::backend::XentSaved;
+use crate::{DType, Error, Result, Tensor};
 
 /// The targets' label for "no target here" (PyTorch's ignore_index), equal to `cpu::xent::IGNORE`.
 pub const IGNORE: i32 = crate::abi::KILN_XENT_IGNORE as i32;
@@ -167,5 +169,34 @@ pub mod twin {
                 scale,
             )
         }
+    }
+}
+
+impl crate::backend::CrossEntropy for super::Cuda {
+    fn cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> Result<XentSaved> {
+        const OP: &str = "cross_entropy";
+        let (v, n) = (logits.shape().last(), logits.shape().rows());
+        let td = targets.i32s()?;
+        let ld = bf16_in(OP, logits)?;
+        let td_dev = self.upload(td)?;
+        let (mut losses, mut lse) = (self.alloc::<f32>(n)?, self.alloc::<f32>(n)?);
+        xent_forward(&mut losses, &mut lse, ld, &td_dev, v)?;
+        let (sum, count) = loss_sum(&losses, td)?;
+        let targets = Tensor::from_cuda(CudaStorage::I32(td_dev), targets.dims())?;
+        Ok(XentSaved { sum, count, lse: wrap_f32(lse, &[n])?, targets })
+    }
+
+    fn cross_entropy_backward(&self, logits: &Tensor, saved: &XentSaved, scale: f32) -> Result<Tensor> {
+        const OP: &str = "cross_entropy backward";
+        let v = logits.shape().last();
+        // The kernel turns logits into dlogits in place; the tape still holds the logits, so this
+        // works on a device copy of them.
+        let mut dlogits = logits.clone().reshape(logits.dims())?;
+        let (lse, t) = (f32_in(OP, &saved.lse)?, i32_in(OP, &saved.targets)?);
+        match dlogits.cuda_storage_mut() {
+            Some(CudaStorage::BF16(d)) => xent_backward(d, lse, t, v, scale)?,
+            _ => return Err(Error::DType { op: OP, expected: DType::BF16, got: logits.dtype() }),
+        }
+        Ok(dlogits)
     }
 }
