@@ -1,0 +1,146 @@
+//! The backend interface from the outside: an op defined outside kiln records on the tape and
+//! back-propagates like kiln's own (ops are values the tape does not know); ops whose fused
+//! kernel a backend lacks still run there, through the CPU implementation on host copies (LoRA
+//! and NF4 on the CUDA backend); and inputs on two devices are refused with an error that names
+//! the op and both devices.
+
+mod common;
+
+use common::{rand_tensor, rng};
+use kiln::tape::Op;
+use kiln::{Result, Tape, Tensor};
+
+/// y = 3 x, computed on the host: a user's op, in one type, without touching kiln.
+struct Triple;
+
+impl Op for Triple {
+    fn name(&self) -> &'static str {
+        "triple"
+    }
+    fn backward(&self, dout: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let g: Vec<f32> = dout.f32s()?.iter().map(|g| 3.0 * g).collect();
+        Ok(vec![Some(Tensor::from_f32(g, dout.dims())?)])
+    }
+}
+
+fn triple(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
+    let y = Tensor::from_f32(x.f32s()?.iter().map(|v| 3.0 * v).collect(), x.dims())?;
+    if tape.wants(&[x]) {
+        tape.record(Triple, &[x], &y);
+    }
+    Ok(y)
+}
+
+#[test]
+fn an_op_defined_outside_kiln_records_and_back_propagates() {
+    let mut r = rng(1);
+    let x = rand_tensor(&mut r, &[2, 5], 1.0);
+    let mut tape = Tape::new();
+    tape.watch(&x);
+    let y = triple(&mut tape, &x).unwrap();
+    // a kiln op after it, so the gradient flows through both kinds of node
+    let z = kiln::ops::elementwise::gelu(&mut tape, &y).unwrap();
+    assert_eq!(tape.summary(), vec!["triple", "gelu"]);
+    let dout = rand_tensor(&mut r, &[2, 5], 1.0);
+    let grads = tape.backward_from(&z, dout.clone()).unwrap();
+    let dx = grads.get(&x).expect("x is watched").f32s().unwrap().to_vec();
+    // d/dx gelu(3x) = 3 gelu'(3x)
+    let (yv, dv) = (y.f32s().unwrap(), dout.f32s().unwrap());
+    for i in 0..dx.len() {
+        let want = 3.0 * kiln::backend::cpu::elementwise::gelu_grad(yv[i]) * dv[i];
+        assert!((dx[i] - want).abs() <= 1e-6 * (1.0 + want.abs()), "dx[{i}] = {} vs {want}", dx[i]);
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::common::{self, rand_tensor, rng};
+    use kiln::ops::{elementwise, lora, nf4};
+    use kiln::quant::nf4::Nf4Weight;
+    use kiln::{Device, Tape, Tensor};
+    use std::sync::Arc;
+
+    const GPU: Device = Device::Cuda(0);
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.to_f32_vec().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn inputs_on_two_devices_are_refused_naming_the_op_and_both() {
+        let Some(_) = common::gpu("inputs_on_two_devices_are_refused_naming_the_op_and_both") else { return };
+        let a = rand_tensor(&mut rng(2), &[4], 1.0);
+        let b = a.to_device(GPU).unwrap();
+        let err = elementwise::add(&mut Tape::inference(), &a, &b).unwrap_err().to_string();
+        assert!(err.starts_with("add: one input is on cpu and another on "), "{err}");
+        assert!(err.contains("to_device"), "the error names the fix: {err}");
+    }
+
+    /// lora_linear has no CUDA kernel: on the CUDA backend it runs the CPU's code on host copies.
+    /// With f32 inputs that is the CPU's arithmetic exactly, so every output and gradient equals
+    /// the CPU's bit for bit, and comes back on the device.
+    #[test]
+    fn lora_linear_without_a_cuda_kernel_runs_on_the_cuda_backend() {
+        let Some(_) = common::gpu("lora_linear_without_a_cuda_kernel_runs_on_the_cuda_backend") else { return };
+        let mut r = rng(3);
+        let (m, k, n, rank) = (6, 8, 5, 2);
+        let host = [
+            rand_tensor(&mut r, &[2, m / 2, k], 1.0),
+            rand_tensor(&mut r, &[k, n], 0.5),
+            rand_tensor(&mut r, &[n], 0.5),
+            rand_tensor(&mut r, &[rank, k], 0.5),
+            rand_tensor(&mut r, &[n, rank], 0.5),
+        ];
+        let dout = rand_tensor(&mut r, &[2, m / 2, n], 1.0);
+        let run = |xs: &[Tensor], dout: &Tensor| {
+            let mut tape = Tape::new();
+            xs.iter().for_each(|t| tape.watch(t));
+            let y =
+                lora::lora_linear(&mut tape, &xs[0], &xs[1], Some(&xs[2]), &xs[3], &xs[4], 2.0, 0.25, true, 9).unwrap();
+            let g = tape.backward_from(&y, dout.clone()).unwrap();
+            let grads: Vec<Tensor> = xs.iter().map(|t| g.get(t).expect("every input is watched").clone()).collect();
+            (y, grads)
+        };
+        let (want_y, want_g) = run(&host, &dout);
+        let dev: Vec<Tensor> = host.iter().map(|t| t.to_device(GPU).unwrap()).collect();
+        let (y, g) = run(&dev, &dout.to_device(GPU).unwrap());
+        assert_eq!(y.device(), GPU);
+        assert_eq!(y.dims(), want_y.dims());
+        assert_eq!(bits(&y), bits(&want_y), "output");
+        for (i, (g, w)) in g.iter().zip(&want_g).enumerate() {
+            assert_eq!(g.device(), GPU, "gradient {i} comes back on the device");
+            assert_eq!(bits(g), bits(w), "gradient of input {i}");
+        }
+    }
+
+    /// The same for nf4_linear with an adapter: the CPU's bits, on the device.
+    #[test]
+    fn nf4_linear_without_a_cuda_kernel_runs_on_the_cuda_backend() {
+        let Some(_) = common::gpu("nf4_linear_without_a_cuda_kernel_runs_on_the_cuda_backend") else { return };
+        let mut r = rng(4);
+        let (m, k, n, rank) = (4, 64, 8, 2);
+        let w = rand_tensor(&mut r, &[k, n], 0.5);
+        let q = Arc::new(Nf4Weight::quantize(w.f32s().unwrap(), [k, n], 64).unwrap());
+        let host = [
+            rand_tensor(&mut r, &[m, k], 1.0),
+            rand_tensor(&mut r, &[rank, k], 0.5),
+            rand_tensor(&mut r, &[n, rank], 0.5),
+        ];
+        let dout = rand_tensor(&mut r, &[m, n], 1.0);
+        let run = |xs: &[Tensor], dout: &Tensor| {
+            let mut tape = Tape::new();
+            xs.iter().for_each(|t| tape.watch(t));
+            let l = nf4::Nf4Lora { a: &xs[1], b: &xs[2], scaling: 0.5, dropout_p: 0.0, train: false, seed: 0 };
+            let y = nf4::nf4_linear(&mut tape, &xs[0], &q, None, Some(l)).unwrap();
+            let g = tape.backward_from(&y, dout.clone()).unwrap();
+            (y, xs.iter().map(|t| g.get(t).expect("watched").clone()).collect::<Vec<_>>())
+        };
+        let (want_y, want_g) = run(&host, &dout);
+        let dev: Vec<Tensor> = host.iter().map(|t| t.to_device(GPU).unwrap()).collect();
+        let (y, g) = run(&dev, &dout.to_device(GPU).unwrap());
+        assert_eq!(bits(&y), bits(&want_y), "output");
+        for (i, (g, w)) in g.iter().zip(&want_g).enumerate() {
+            assert_eq!(bits(g), bits(w), "gradient of input {i}");
+        }
+    }
+}
