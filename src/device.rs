@@ -50,7 +50,7 @@ impl FromStr for Device {
                     "cuda" => Some(Device::Cuda(0)),
                     _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Device::Cuda),
                 }
-                .ok_or_else(|| Error::Input(format!("unknown device '{s}': use auto, cpu, cuda, cuda:N or emu")))?;
+                .ok_or_else(|| Error::unknown("device", s, "auto, cpu, cuda, cuda:N or emu"))?;
                 crate::backend::cuda::select_driver()?;
                 Ok(d)
             }

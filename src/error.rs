@@ -47,6 +47,36 @@ pub enum Error {
     #[error("the batch has {t} tokens per row but the model's context is n_positions = {n_positions}. Cut the rows to at most {n_positions} tokens.")]
     SeqTooLong { t: usize, n_positions: usize },
 
+    /// A named choice (a preset, a method, a dtype, a device) that is not one kiln knows.
+    #[error("unknown {what} '{value}': use {choices}")]
+    Unknown { what: &'static str, value: String, choices: String },
+
+    /// A number outside the range its meaning allows.
+    #[error("{what} {value} must be {allowed}")]
+    OutOfRange { what: String, value: String, allowed: String },
+
+    /// Work that the CPU backend runs and the GPU path does not yet.
+    #[error("{what} runs on the CPU for now: {fix}")]
+    CpuOnly { what: String, fix: String },
+
+    /// Saved state (optimizer moments, an adapter, a cache, a tokenizer) that does not belong to
+    /// the model it is used with; the message says which and what to use instead.
+    #[error("{0}")]
+    Mismatch(String),
+
+    #[error("no parameter named '{0}'")]
+    NoParam(String),
+
+    #[error("{} already holds a run: pass --resume to continue it, --overwrite to replace it, or choose another --out", .0.display())]
+    RunExists(PathBuf),
+
+    #[error("{} holds no run to resume (no run.toml); start one without --resume", .0.display())]
+    NoRun(PathBuf),
+
+    #[error("backward: the loss does not depend on any watched parameter (was the forward pass run on this tape?)")]
+    NotTracked,
+
+    /// Any other bad input, with a message that says what is wrong and what to do.
     #[error("{0}")]
     Input(String),
 }
@@ -71,6 +101,19 @@ impl Error {
     }
     pub(crate) fn checkpoint(path: &Path, msg: impl Into<String>) -> Self {
         Error::Checkpoint { path: path.to_path_buf(), msg: msg.into() }
+    }
+    pub(crate) fn unknown(what: &'static str, value: impl Into<String>, choices: impl Into<String>) -> Self {
+        Error::Unknown { what, value: value.into(), choices: choices.into() }
+    }
+    pub(crate) fn dropout(what: &str, p: f32) -> Self {
+        Error::OutOfRange {
+            what: format!("{what}dropout probability"),
+            value: p.to_string(),
+            allowed: "in [0, 1)".into(),
+        }
+    }
+    pub(crate) fn cpu_only(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Error::CpuOnly { what: what.into(), fix: fix.into() }
     }
     pub(crate) fn shape(op: &'static str, msg: impl Into<String>) -> Self {
         Error::Shape { op, msg: msg.into() }

@@ -118,10 +118,7 @@ impl Tape {
             ));
         }
         if !self.tracks(loss) {
-            return Err(Error::Input(
-                "backward: the loss does not depend on any watched parameter (was the forward pass run on this tape?)"
-                    .into(),
-            ));
+            return Err(Error::NotTracked);
         }
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
         grads.insert(loss.id(), dout);

@@ -41,7 +41,7 @@ impl DType {
             "f16" | "float16" => Ok(DType::F16),
             "u8" | "uint8" => Ok(DType::U8),
             "i32" | "int32" => Ok(DType::I32),
-            _ => Err(Error::Input(format!("unknown dtype '{s}': use f32, bf16 or f16"))),
+            _ => Err(Error::unknown("dtype", s, "f32, bf16 or f16")),
         }
     }
 }

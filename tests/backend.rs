@@ -144,3 +144,24 @@ mod cuda {
         }
     }
 }
+
+/// What was one catch-all `Error::Input(String)` is now variants a caller can match, each still
+/// a sentence naming the problem and the fix.
+#[test]
+fn bad_input_errors_are_typed_and_say_the_fix() {
+    use kiln::{DType, Error, Gpt2Config};
+    let e = Gpt2Config::preset("gpt5").unwrap_err();
+    assert!(matches!(&e, Error::Unknown { what: "preset", value, .. } if value == "gpt5"), "{e:?}");
+    assert!(e.to_string().starts_with("unknown preset 'gpt5': use ") && e.to_string().contains("gpt2-medium"), "{e}");
+    let e = DType::parse("q7").unwrap_err();
+    assert!(matches!(e, Error::Unknown { what: "dtype", .. }), "{e:?}");
+    assert!("cuda:x".parse::<kiln::Device>().is_err_and(|e| matches!(e, Error::Unknown { what: "device", .. })));
+    let x = Tensor::zeros([3]);
+    let e = kiln::ops::elementwise::dropout(&mut Tape::new(), &x, 1.5, true, 0).unwrap_err();
+    assert!(matches!(e, Error::OutOfRange { .. }), "{e:?}");
+    assert_eq!(e.to_string(), "dropout probability 1.5 must be in [0, 1)");
+    // a loss that no watched tensor reaches
+    let e = Tape::new().backward(&Tensor::scalar(1.0)).unwrap_err();
+    assert!(matches!(e, Error::NotTracked), "{e:?}");
+    assert!(e.to_string().contains("was the forward pass run on this tape?"), "{e}");
+}

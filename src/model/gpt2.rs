@@ -56,7 +56,7 @@ impl Gpt2Config {
             "gpt2-medium" => (1024, 24, 16, 50257, 1024),
             "gpt2-large" => (1280, 36, 20, 50257, 1024),
             "gpt2-xl" => (1600, 48, 25, 50257, 1024),
-            _ => return Err(Error::Input(format!("unknown preset '{name}': choose one of {}", PRESETS.join(", ")))),
+            _ => return Err(Error::unknown("preset", name, PRESETS.join(", "))),
         };
         let eos = (vocab_size - 1) as u32;
         Ok(Gpt2Config {
@@ -590,9 +590,7 @@ impl Gpt2 {
         // On the GPU the parameters are f32 masters and the forward pass runs in bf16: a view of
         // the model over bf16 casts, recorded on the tape so each master gets an f32 gradient.
         if self.lora.is_some() || self.nf4.is_some() {
-            return Err(Error::Input(
-                "LoRA and QLoRA run on the CPU for now: the GPU path covers full training; use --device cpu".into(),
-            ));
+            return Err(Error::cpu_only("LoRA and QLoRA", "the GPU path covers full training; use --device cpu"));
         }
         let mut view = self.clone();
         for p in view.params.iter_mut() {
@@ -611,7 +609,10 @@ impl Gpt2 {
     pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
         device.ensure_available()?;
         if device != crate::Device::Cpu && (self.lora.is_some() || self.nf4.is_some()) {
-            return Err(Error::Input("LoRA and QLoRA models stay on the CPU for now; use --device cpu".into()));
+            return Err(Error::cpu_only(
+                "LoRA and QLoRA",
+                "models with an adapter or NF4 weights stay there; use --device cpu",
+            ));
         }
         for p in self.params.iter_mut() {
             p.tensor = p.tensor.to_dtype(crate::DType::F32)?.to_device(device)?;

@@ -220,7 +220,7 @@ impl Lora {
             }
         }
         if params.len() != 2 * modules.len() {
-            return Err(Error::Input(format!(
+            return Err(Error::Mismatch(format!(
                 "a LoRA adapter over {} modules holds {} tensors, expected {}",
                 modules.len(),
                 params.len(),

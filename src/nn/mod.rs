@@ -41,16 +41,13 @@ impl ParamStore {
 
     /// The parameter called `name`, or an error naming it.
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.index
-            .get(name)
-            .map(|&i| &self.params[i].tensor)
-            .ok_or_else(|| Error::Input(format!("no parameter named '{name}'")))
+        self.index.get(name).map(|&i| &self.params[i].tensor).ok_or_else(|| Error::NoParam(name.to_string()))
     }
 
     pub fn get_mut(&mut self, name: &str) -> Result<&mut Param> {
         match self.index.get(name) {
             Some(&i) => Ok(&mut self.params[i]),
-            None => Err(Error::Input(format!("no parameter named '{name}'"))),
+            None => Err(Error::NoParam(name.to_string())),
         }
     }
 

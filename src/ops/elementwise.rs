@@ -72,7 +72,7 @@ impl Op for Dropout {
 /// can be replayed exactly.
 pub fn dropout(tape: &mut Tape, x: &Tensor, p: f32, train: bool, seed: u64) -> Result<Tensor> {
     if !(0.0..1.0).contains(&p) {
-        return Err(Error::Input(format!("dropout probability {p} must be in [0, 1)")));
+        return Err(Error::dropout("", p));
     }
     if p == 0.0 || !train {
         return Ok(x.clone());

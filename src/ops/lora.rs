@@ -73,7 +73,7 @@ pub fn lora_linear_ex(
     const OP: &str = "lora_linear";
     let _t = crate::profile::scope(OP, crate::profile::Phase::Forward);
     if !(0.0..1.0).contains(&dropout_p) {
-        return Err(Error::Input(format!("{OP}: dropout probability {dropout_p} must be in [0, 1)")));
+        return Err(Error::dropout("lora_linear: ", dropout_p));
     }
     let w_trans = layout == WeightLayout::OutIn;
     let (k, n) = match (w.dims(), w_trans) {

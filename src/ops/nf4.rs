@@ -105,7 +105,7 @@ pub fn nf4_linear(
         None => 0,
         Some(l) => {
             if !(0.0..1.0).contains(&l.dropout_p) {
-                return Err(Error::Input(format!("{OP}: dropout probability {} must be in [0, 1)", l.dropout_p)));
+                return Err(Error::dropout("nf4_linear: ", l.dropout_p));
             }
             let r = match l.a.dims() {
                 &[r, ka] if ka == k && r > 0 => r,

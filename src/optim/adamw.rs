@@ -131,7 +131,7 @@ impl AdamW {
                 continue;
             };
             if m.numel() != p.tensor.numel() || v.numel() != p.tensor.numel() {
-                return Err(Error::Input(format!(
+                return Err(Error::Mismatch(format!(
                     "optimizer state for {} has {} elements but the parameter has {}: the checkpoint belongs to another model",
                     p.name,
                     m.numel(),

@@ -212,7 +212,7 @@ impl AdamW8bit {
             let nb = blockwise::num_blocks(n, BLOCKSIZE_8BIT);
             let get = |kind: &str| tensors.get(&format!("{kind}.{}", p.name));
             let wrong = |kind: &str, got: usize, want: usize| {
-                Error::Input(format!(
+                Error::Mismatch(format!(
                     "optimizer state {kind}.{} has {got} elements but the parameter {} needs {want} \
                      ({n} elements): the checkpoint belongs to another model",
                     p.name, p.name
@@ -220,7 +220,7 @@ impl AdamW8bit {
             };
             let moments = if get("state1").is_some() {
                 if n < MIN_8BIT_SIZE {
-                    return Err(Error::Input(format!(
+                    return Err(Error::Mismatch(format!(
                         "optimizer state for {} is 8-bit, but a parameter of {n} elements keeps f32 moments \
                          (under {MIN_8BIT_SIZE}): the checkpoint belongs to another model or optimizer",
                         p.name
@@ -229,7 +229,7 @@ impl AdamW8bit {
                 let mut parts = Vec::new();
                 for (kind, want) in [("state1", n), ("absmax1", nb), ("state2", n), ("absmax2", nb)] {
                     let t = get(kind).ok_or_else(|| {
-                        Error::Input(format!(
+                        Error::Mismatch(format!(
                             "the checkpoint has state1.{} but no {kind}.{}: its optimizer state is incomplete",
                             p.name, p.name
                         ))

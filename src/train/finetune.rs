@@ -171,22 +171,22 @@ fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summar
     let f = &cfg.finetune;
     match f.method.as_str() {
         "full" | "lora" | "qlora" => {}
-        other => return Err(Error::Input(format!("unknown method \"{other}\": use full, lora or qlora"))),
+        other => return Err(Error::unknown("method", other, "full, lora or qlora")),
     }
     // QLoRA's usual optimizer keeps 8-bit moments; "auto" picks it for qlora, AdamW otherwise
     let optimizer = match (f.optimizer.as_str(), f.method.as_str()) {
         ("auto", "qlora") => "adamw8bit",
         ("auto", _) => "adamw",
         (o @ ("adamw" | "adamw8bit"), _) => o,
-        (other, _) => return Err(Error::Input(format!("unknown optimizer \"{other}\": use adamw, adamw8bit or auto"))),
+        (other, _) => return Err(Error::unknown("optimizer", other, "adamw, adamw8bit or auto")),
     };
     // Checked before the run directory is touched.
     if opts.device != crate::Device::Cpu && (f.method != "full" || optimizer != "adamw") {
-        return Err(Error::Input(format!(
-            "--method {} with --optimizer {optimizer} runs on the CPU for now: the GPU path covers full fine-tuning \
-             with fp32 AdamW (--method full --optimizer adamw); use --device cpu for LoRA, QLoRA and 8-bit AdamW",
-            f.method
-        )));
+        return Err(Error::cpu_only(
+            format!("--method {} with --optimizer {optimizer}", f.method),
+            "the GPU path covers full fine-tuning with fp32 AdamW (--method full --optimizer adamw); use --device cpu \
+             for LoRA, QLoRA and 8-bit AdamW",
+        ));
     }
     let base = cfg
         .model
@@ -217,7 +217,7 @@ fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summar
         (crate::io::checkpoint::load_gpt2(base)?, 0)
     };
     if tok.id_bound() > model.config.vocab_size {
-        return Err(Error::Input(format!(
+        return Err(Error::Mismatch(format!(
             "the tokenizer's vocabulary ({}) does not fit the model's vocab_size ({}): use the base model's own tokenizer",
             tok.id_bound(),
             model.config.vocab_size

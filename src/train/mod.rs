@@ -129,14 +129,8 @@ pub fn prepare_dir(run_dir: &Path, start: Start) -> Result<()> {
     let has_run = started && (run_dir.join("metrics.jsonl").exists() || run_dir.join("checkpoints").exists());
     let start = if start == Start::Fresh && started && !has_run { Start::Overwrite } else { start };
     match start {
-        Start::Fresh if has_run => Err(Error::Input(format!(
-            "{} already holds a run: pass --resume to continue it, --overwrite to replace it, or choose another --out",
-            run_dir.display()
-        ))),
-        Start::Resume if !has_run => Err(Error::Input(format!(
-            "{} holds no run to resume (no run.toml); start one without --resume",
-            run_dir.display()
-        ))),
+        Start::Fresh if has_run => Err(Error::RunExists(run_dir.to_path_buf())),
+        Start::Resume if !has_run => Err(Error::NoRun(run_dir.to_path_buf())),
         Start::Overwrite => {
             for f in RUN_FILES {
                 let _ = std::fs::remove_file(run_dir.join(f));
@@ -354,7 +348,7 @@ fn setup_pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options, given_tok: Op
         // the run's tokenizer is reused, so the vocabulary size asked for no longer matters
         let asked = config::DataSection { tokenizer_vocab_size: stored.data.tokenizer_vocab_size, ..cfg.data.clone() };
         if stored.model != cfg.model || stored.data != asked {
-            return Err(Error::Input(format!(
+            return Err(Error::Mismatch(format!(
                 "{} was started with a different [model] or [data] config; resume with the same ones (only [train] may change)",
                 run_dir.display()
             )));

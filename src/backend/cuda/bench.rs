@@ -376,7 +376,7 @@ pub fn kernels(device: &str) -> Result<()> {
             super::select(super::RuntimeKind::Driver)?;
             run()
         }
-        other => Err(crate::Error::Input(format!("kiln bench kernels runs on cuda or emu, not '{other}'"))),
+        other => Err(crate::Error::unknown("device for kiln bench kernels", other, "cuda or emu")),
     }
 }
 
