@@ -4,6 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln::backend::cpu::gemm::matmul;
+use kiln::backend::{GemmDesc, Trans};
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemm");
@@ -21,7 +22,9 @@ fn bench(c: &mut Criterion) {
         let mut out = vec![0f32; m * n];
         g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
         g.bench_function(BenchmarkId::new(name, format!("{m}x{n}x{k}")), |bch| {
-            bch.iter(|| matmul(&mut out, &a, &b, m, n, k, ta, tb, false))
+            bch.iter(|| {
+                matmul(&mut out, &a, &b, &GemmDesc::new(m, n, k, Trans::from_bool(ta), Trans::from_bool(tb)), false)
+            })
         });
     }
     g.finish();

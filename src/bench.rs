@@ -2,6 +2,7 @@
 //! counts and a timed GPT-2 training step. Figures are always reported next to a ceiling
 //! measured in the same process, so a number means the same on any machine.
 
+use crate::backend::GemmDesc;
 use crate::model::gpt2::{Gpt2, Gpt2Config, Mode};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::{Result, Tape, Tensor};
@@ -15,11 +16,11 @@ pub fn sgemm_gflops(m: usize, n: usize, k: usize, reps: usize) -> f64 {
     let a: Vec<f32> = (0..m * k).map(|_| rng.random::<f32>() - 0.5).collect();
     let b: Vec<f32> = (0..k * n).map(|_| rng.random::<f32>() - 0.5).collect();
     let mut c = vec![0f32; m * n];
-    crate::backend::cpu::gemm::matmul(&mut c, &a, &b, m, n, k, false, false, false);
+    crate::backend::cpu::gemm::matmul(&mut c, &a, &b, &GemmDesc::nn(m, n, k), false);
     let best = (0..reps.max(1))
         .map(|_| {
             let t = Instant::now();
-            crate::backend::cpu::gemm::matmul(&mut c, &a, &b, m, n, k, false, false, false);
+            crate::backend::cpu::gemm::matmul(&mut c, &a, &b, &GemmDesc::nn(m, n, k), false);
             t.elapsed()
         })
         .min()

@@ -5,7 +5,12 @@
 mod common;
 
 use common::{grad_check, poison_pool, rand_tensor, rng, Objective, Tol, POOLED, U32};
-use kiln::ops::gemm::{linear, matmul, matmul_ex, Epilogue, Trans, WeightLayout};
+use kiln::ops::gemm::{linear, matmul, matmul_ex, Epilogue, GemmDesc, Trans, WeightLayout};
+
+/// The GEMM of a test's loop variables.
+fn desc(m: usize, n: usize, k: usize, ta: bool, tb: bool, gelu: bool) -> GemmDesc {
+    GemmDesc { m, n, k, a: Trans::from_bool(ta), b: Trans::from_bool(tb), epilogue: ep(gelu) }
+}
 
 fn ep(gelu: bool) -> Epilogue {
     if gelu {
@@ -214,6 +219,8 @@ fn matmul_rejects_bad_shapes() {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::common::{self, rng, uniform};
+    use super::desc;
+    use kiln::ops::gemm::GemmDesc;
     use half::bf16;
     use kiln::backend::cpu::gemm as cpu;
     use kiln::backend::cuda::gemm::{self as gpu, twin, GemmOut, GemmVariant};
@@ -271,7 +278,7 @@ mod cuda {
     ) -> Vec<f32> {
         let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
         let mut s = vec![0f32; m * n];
-        cpu::matmul(&mut s, &abs(a), &abs(b), m, n, k, ta, tb, false);
+        cpu::matmul(&mut s, &abs(a), &abs(b), &desc(m, n, k, ta, tb, false), false);
         for (idx, s) in s.iter_mut().enumerate() {
             *s += bias.map_or(0.0, |b| b[idx % n].abs()) + old.map_or(0.0, |o| o[idx].abs());
         }
@@ -345,7 +352,7 @@ mod cuda {
                     let b = rand_bf16(&mut r, k * n);
                     let bias = with_bias.then(|| rand_bf16(&mut r, n));
                     let mut acc = vec![0f32; m * n];
-                    cpu::matmul(&mut acc, &a, &b, m, n, k, ta, tb, false);
+                    cpu::matmul(&mut acc, &a, &b, &desc(m, n, k, ta, tb, false), false);
                     let (mut want, mut want_pre) = (vec![0f32; m * n], vec![0f32; m * n]);
                     cpu::matmul_forward(
                         &mut want,
@@ -353,11 +360,7 @@ mod cuda {
                         &a,
                         &b,
                         bias.as_deref(),
-                        m,
-                        n,
-                        k,
-                        ta,
-                        tb,
+                        &desc(m, n, k, ta, tb, false),
                     );
                     let (mut got, mut got_pre) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
                     twin::gemm_epilogue(
@@ -425,9 +428,9 @@ mod cuda {
                 let b = rand_bf16(&mut r, k * n);
                 let old = uniform(&mut r, m * n, 3.0);
                 let mut acc = vec![0f32; m * n];
-                cpu::matmul(&mut acc, &a, &b, m, n, k, ta, tb, false);
+                cpu::matmul(&mut acc, &a, &b, &desc(m, n, k, ta, tb, false), false);
                 let mut want = old.clone();
-                cpu::matmul(&mut want, &a, &b, m, n, k, ta, tb, true);
+                cpu::matmul(&mut want, &a, &b, &desc(m, n, k, ta, tb, false), true);
                 let mut got = old.clone();
                 twin::gemm_epilogue(&mut got, None, &acc, None, m, n, true, true, false);
                 let s = scale(&a, &b, None, Some(&old), m, n, k, ta, tb);
@@ -457,15 +460,31 @@ mod cuda {
         let b = rand_bf16(r, k * n);
         let bias = with_bias.then(|| rand_bf16(r, n));
         let (mut want, mut want_pre) = (vec![0f32; m * n], vec![0f32; m * n]);
-        cpu::matmul_forward(&mut want, gelu.then_some(&mut want_pre[..]), &a, &b, bias.as_deref(), m, n, k, ta, tb);
+        cpu::matmul_forward(
+            &mut want,
+            gelu.then_some(&mut want_pre[..]),
+            &a,
+            &b,
+            bias.as_deref(),
+            &desc(m, n, k, ta, tb, false),
+        );
         let s = scale(&a, &b, bias.as_deref(), None, m, n, k, ta, tb);
 
         let (da, db) = (cu.upload(&to_bf16(&a)).unwrap(), cu.upload(&to_bf16(&b)).unwrap());
         let dbias = bias.as_ref().map(|v| cu.upload(&to_bf16(v)).unwrap());
         let mut out = nan_buffer::<O>(cu, m * n);
         let mut pre = gelu.then(|| nan_buffer::<O>(cu, m * n));
-        gpu::matmul_with(variant, &mut out, pre.as_mut(), &da, &db, dbias.as_ref(), m, n, k, ta, tb, false, gelu)
-            .unwrap();
+        gpu::matmul_with(
+            variant,
+            &mut out,
+            pre.as_mut(),
+            &da,
+            &db,
+            dbias.as_ref(),
+            &desc(m, n, k, ta, tb, gelu),
+            false,
+        )
+        .unwrap();
         cu.sync().unwrap();
         let label = format!(
             "{variant:?} {} M={m} N={n} K={k} ta={ta} tb={tb} bias={with_bias} gelu={gelu}",
@@ -510,14 +529,23 @@ mod cuda {
                         let b = rand_bf16(&mut r, k * n);
                         let old = uniform(&mut r, m * n, 3.0);
                         let mut want = old.clone();
-                        cpu::matmul(&mut want, &a, &b, m, n, k, ta, tb, accumulate);
+                        cpu::matmul(&mut want, &a, &b, &desc(m, n, k, ta, tb, false), accumulate);
                         let s = scale(&a, &b, None, accumulate.then_some(&old[..]), m, n, k, ta, tb);
                         let (da, db) = (cu.upload(&to_bf16(&a)).unwrap(), cu.upload(&to_bf16(&b)).unwrap());
                         // Without accumulate the old contents must not matter: NaN.
                         let mut out: DevBuf<f32> =
                             if accumulate { cu.upload(&old).unwrap() } else { nan_buffer(cu, m * n) };
-                        gpu::matmul_with(variant, &mut out, None, &da, &db, None, m, n, k, ta, tb, accumulate, false)
-                            .unwrap();
+                        gpu::matmul_with(
+                            variant,
+                            &mut out,
+                            None,
+                            &da,
+                            &db,
+                            None,
+                            &desc(m, n, k, ta, tb, false),
+                            accumulate,
+                        )
+                        .unwrap();
                         let label =
                             format!("{variant:?} matmul f32 M={m} N={n} K={k} ta={ta} tb={tb} accumulate={accumulate}");
                         check(&label, &download(cu, &out), &want, &s, k, 0.0, 1.0);
@@ -557,10 +585,10 @@ mod cuda {
                 };
                 for (what, (x, y, dx, dy, rows, cols, inner, tx, ty)) in [("dA", da_args), ("dB", db_args)] {
                     let mut want = vec![0f32; rows * cols];
-                    cpu::matmul(&mut want, x, y, rows, cols, inner, tx, ty, false);
+                    cpu::matmul(&mut want, x, y, &desc(rows, cols, inner, tx, ty, false), false);
                     let s = scale(x, y, None, None, rows, cols, inner, tx, ty);
                     let mut out = nan_buffer::<f32>(cu, rows * cols);
-                    gpu::matmul(&mut out, dx, dy, rows, cols, inner, tx, ty, false).unwrap();
+                    gpu::matmul(&mut out, dx, dy, &desc(rows, cols, inner, tx, ty, false), false).unwrap();
                     let label = format!("backward {what} M={m} N={n} K={k} ta={ta} tb={tb}");
                     check(&label, &download(cu, &out), &want, &s, inner, 0.0, 1.0);
                 }
@@ -601,11 +629,11 @@ mod cuda {
         let a: DevBuf<bf16> = cu.upload(&to_bf16(&[1.0; 12])).unwrap();
         let b: DevBuf<bf16> = cu.upload(&to_bf16(&[1.0; 20])).unwrap();
         let mut out: DevBuf<f32> = cu.zeros(15).unwrap();
-        assert!(gpu::matmul(&mut out, &a, &b, 3, 5, 4, false, false, false).is_ok());
-        assert!(gpu::matmul(&mut out, &a, &b, 3, 5, 5, false, false, false).is_err(), "K too large for A");
-        assert!(gpu::matmul(&mut out, &a, &b, 4, 5, 3, false, false, false).is_err(), "out too small");
+        assert!(gpu::matmul(&mut out, &a, &b, &GemmDesc::nn(3, 5, 4), false).is_ok());
+        assert!(gpu::matmul(&mut out, &a, &b, &GemmDesc::nn(3, 5, 5), false).is_err(), "K too large for A");
+        assert!(gpu::matmul(&mut out, &a, &b, &GemmDesc::nn(4, 5, 3), false).is_err(), "out too small");
         let short_bias: DevBuf<bf16> = cu.upload(&to_bf16(&[0.0; 4])).unwrap();
-        let r = gpu::matmul_forward(&mut out, None, &a, &b, Some(&short_bias), 3, 5, 4, false, false);
+        let r = gpu::matmul_forward(&mut out, None, &a, &b, Some(&short_bias), &GemmDesc::nn(3, 5, 4));
         assert!(r.is_err(), "bias of the wrong length");
         let mut dbias: DevBuf<f32> = cu.zeros(5).unwrap();
         let dy: DevBuf<bf16> = cu.upload(&to_bf16(&[0.0; 14])).unwrap();

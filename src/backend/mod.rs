@@ -173,6 +173,26 @@ impl GemmDesc {
     pub fn new(m: usize, n: usize, k: usize, a: Trans, b: Trans) -> Self {
         GemmDesc { m, n, k, a, b, epilogue: Epilogue::Plain }
     }
+    /// A [m, k] @ B [k, n] (BLAS's "NN").
+    pub fn nn(m: usize, n: usize, k: usize) -> Self {
+        Self::new(m, n, k, Trans::No, Trans::No)
+    }
+    /// A [m, k] @ B^T, B stored [n, k] ("NT").
+    pub fn nt(m: usize, n: usize, k: usize) -> Self {
+        Self::new(m, n, k, Trans::No, Trans::Yes)
+    }
+    /// A^T @ B [k, n], A stored [k, m] ("TN").
+    pub fn tn(m: usize, n: usize, k: usize) -> Self {
+        Self::new(m, n, k, Trans::Yes, Trans::No)
+    }
+    /// A^T @ B^T ("TT").
+    pub fn tt(m: usize, n: usize, k: usize) -> Self {
+        Self::new(m, n, k, Trans::Yes, Trans::Yes)
+    }
+    /// The same product with a GELU epilogue.
+    pub fn with_gelu(self) -> Self {
+        GemmDesc { epilogue: Epilogue::Gelu, ..self }
+    }
 }
 
 /// Matrix products.

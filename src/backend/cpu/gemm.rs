@@ -6,7 +6,7 @@
 
 use super::elementwise::gelu;
 use super::{f32_in, new_f32, pool};
-use crate::backend::{Epilogue, GemmDesc};
+use crate::backend::{Epilogue, GemmDesc, Trans};
 use crate::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
@@ -17,19 +17,11 @@ fn parallelism() -> gemm::Parallelism {
     }
 }
 
-/// out[m, n] (+)= op(A)[m, k] @ op(B)[k, n]; accumulates into `out` when `accumulate` is true.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    out: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    a_trans: bool,
-    b_trans: bool,
-    accumulate: bool,
-) {
+/// out[m, n] (+)= op(A)[m, k] @ op(B)[k, n] as `g` describes (its epilogue is not applied:
+/// `matmul_forward` does that); accumulates into `out` when `accumulate` is true.
+pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: &GemmDesc, accumulate: bool) {
+    let GemmDesc { m, n, k, .. } = *g;
+    let (a_trans, b_trans) = (g.a.is_t(), g.b.is_t());
     assert_eq!(out.len(), m * n, "matmul: out has {} elements, expected {m} x {n}", out.len());
     assert_eq!(a.len(), m * k, "matmul: A has {} elements, expected {m} x {k}", a.len());
     assert_eq!(b.len(), k * n, "matmul: B has {} elements, expected {k} x {n}", b.len());
@@ -48,7 +40,7 @@ pub fn matmul(
     if b_trans && k >= n && m >= 32 {
         let mut bt = super::pool::take(k * n);
         transpose(&mut bt, b, n, k);
-        matmul(out, a, &bt, m, n, k, a_trans, false, accumulate);
+        matmul(out, a, &bt, &GemmDesc { b: Trans::No, ..*g }, accumulate);
         super::pool::give(bt);
         return;
     }
@@ -103,24 +95,20 @@ pub fn transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
 
 /// out[m, n] = op(A) @ op(B) + bias, optionally followed by GELU. With `gelu`, `pre` receives
 /// the pre-activation (backward needs it) and `out` the activation.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_forward(
     out: &mut [f32],
     pre: Option<&mut [f32]>,
     a: &[f32],
     b: &[f32],
     bias: Option<&[f32]>,
-    m: usize,
-    n: usize,
-    k: usize,
-    a_trans: bool,
-    b_trans: bool,
+    g: &GemmDesc,
 ) {
+    let n = g.n;
     let bias_then_matmul = |dst: &mut [f32]| {
         if let Some(bias) = bias {
             dst.par_chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
         }
-        matmul(dst, a, b, m, n, k, a_trans, b_trans, bias.is_some());
+        matmul(dst, a, b, g, bias.is_some());
     };
     match pre {
         None => bias_then_matmul(out),
@@ -166,12 +154,11 @@ impl crate::backend::Matmul for super::Cpu {
         out_dims: &[usize],
     ) -> Result<(Tensor, Option<Tensor>)> {
         const OP: &str = "matmul";
-        let GemmDesc { m, n, k, a: ta, b: tb, epilogue } = *desc;
+        let GemmDesc { m, n, epilogue, .. } = *desc;
         let (ad, bd) = (f32_in(OP, a)?, f32_in(OP, b)?);
         let biasd = bias.map(|t| f32_in(OP, t)).transpose()?;
         let mut pre = (epilogue == Epilogue::Gelu).then(|| pool::take(m * n));
-        let out =
-            new_f32(out_dims, |o| matmul_forward(o, pre.as_deref_mut(), ad, bd, biasd, m, n, k, ta.is_t(), tb.is_t()))?;
+        let out = new_f32(out_dims, |o| matmul_forward(o, pre.as_deref_mut(), ad, bd, biasd, desc))?;
         Ok((out, pre.map(|p| Tensor::from_f32(p, out_dims)).transpose()?))
     }
 
@@ -181,8 +168,7 @@ impl crate::backend::Matmul for super::Cpu {
             return Err(Error::DType { op: OP, expected: DType::F32, got: dtype });
         }
         let (ad, bd) = (f32_in(OP, a)?, f32_in(OP, b)?);
-        let GemmDesc { m, n, k, a: ta, b: tb, .. } = *desc;
-        new_f32(dims, |o| matmul(o, ad, bd, m, n, k, ta.is_t(), tb.is_t(), false))
+        new_f32(dims, |o| matmul(o, ad, bd, desc, false))
     }
 
     fn bias_grad(&self, g: &Tensor, n: usize) -> Result<Tensor> {

@@ -20,6 +20,7 @@
 
 use super::gemm::{bias_backward, matmul, matmul_forward};
 use super::{f32_in, new_f32, pool, take_if, wrap};
+use crate::backend::{GemmDesc, Trans};
 use crate::backend::{LoraArgs, LoraEmbeddingArgs};
 use crate::{Result, Tensor};
 
@@ -45,10 +46,10 @@ pub fn lora_forward(
     r: usize,
     scaling: f32,
 ) {
-    matmul_forward(out, None, x, w, bias, m, n, k, false, w_trans);
-    matmul(us, xd, a, m, r, k, false, true, false);
+    matmul_forward(out, None, x, w, bias, &GemmDesc::new(m, n, k, Trans::No, Trans::from_bool(w_trans)));
+    matmul(us, xd, a, &GemmDesc::nt(m, r, k), false);
     us.iter_mut().for_each(|v| *v *= scaling);
-    matmul(out, us, b, m, n, r, false, true, true);
+    matmul(out, us, b, &GemmDesc::nt(m, n, r), true);
 }
 
 /// Which gradients `lora_backward` writes; each is skipped when None.
@@ -86,28 +87,28 @@ pub fn lora_backward(
     let g = dout;
     if let Some(db) = grads.db {
         // dB [n, r] = G^T [n, m] @ us [m, r]
-        matmul(db, g, us, n, r, m, true, false, false);
+        matmul(db, g, us, &GemmDesc::tn(n, r, m), false);
     }
     let mut du = Vec::new();
     if grads.da.is_some() || grads.dx.is_some() {
         // du [m, r] = s G [m, n] @ B [n, r]
         du = pool::take(m * r);
-        matmul(&mut du, g, b, m, r, n, false, false, false);
+        matmul(&mut du, g, b, &GemmDesc::nn(m, r, n), false);
         du.iter_mut().for_each(|v| *v *= scaling);
     }
     if let Some(da) = grads.da {
         // dA [r, k] = du^T [r, m] @ xd [m, k]
-        matmul(da, &du, xd, r, k, m, true, false, false);
+        matmul(da, &du, xd, &GemmDesc::tn(r, k, m), false);
     }
     if let Some(dx) = grads.dx {
         // dx [m, k] = G [m, n] @ W'^T [n, k] (W' = W, or W^T when stored [n, k]), plus
         // du [m, r] @ A [r, k] through the dropout mask
-        matmul(dx, g, w, m, k, n, false, !w_trans, false);
+        matmul(dx, g, w, &GemmDesc::new(m, k, n, Trans::No, Trans::from_bool(!w_trans)), false);
         match keep {
-            None => matmul(dx, &du, a, m, k, r, false, false, true),
+            None => matmul(dx, &du, a, &GemmDesc::nn(m, k, r), true),
             Some((mask, keep_scale)) => {
                 let mut t = pool::take(m * k);
-                matmul(&mut t, &du, a, m, k, r, false, false, false);
+                matmul(&mut t, &du, a, &GemmDesc::nn(m, k, r), false);
                 for ((d, &t), &mk) in dx.iter_mut().zip(&t).zip(mask) {
                     if mk != 0 {
                         *d += t * keep_scale;
@@ -120,10 +121,10 @@ pub fn lora_backward(
     if let Some(dw) = grads.dw {
         if w_trans {
             // dW [n, k] = G^T [n, m] @ x [m, k]
-            matmul(dw, g, x, n, k, m, true, false, false);
+            matmul(dw, g, x, &GemmDesc::tn(n, k, m), false);
         } else {
             // dW [k, n] = x^T [k, m] @ G [m, n]
-            matmul(dw, x, g, k, n, m, true, false, false);
+            matmul(dw, x, g, &GemmDesc::tn(k, n, m), false);
         }
     }
     if let Some(dbias) = grads.dbias {
@@ -138,7 +139,7 @@ pub fn lora_backward(
 /// (PEFT's merge with fan_in_fan_out, W += scaling * (B A)^T).
 pub fn lora_merge(w: &mut [f32], a: &[f32], b: &[f32], k: usize, n: usize, r: usize, scaling: f32) {
     let mut delta = pool::take(k * n);
-    matmul(&mut delta, a, b, k, n, r, true, true, false);
+    matmul(&mut delta, a, b, &GemmDesc::tt(k, n, r), false);
     for (w, d) in w.iter_mut().zip(&delta) {
         *w += scaling * d;
     }
@@ -165,7 +166,7 @@ pub fn lora_embedding_forward(
             *u = scaling * a[j * v + id as usize];
         }
     }
-    matmul(out, us, b, m, c, r, false, true, false);
+    matmul(out, us, b, &GemmDesc::nt(m, c, r), false);
 }
 
 /// The gradients of `lora_embedding_forward`'s A [r, v] and B [c, r] from dout [m, c]; each is
@@ -187,12 +188,12 @@ pub fn lora_embedding_backward(
     let m = ids.len();
     if let Some(db) = db {
         // dB [c, r] = G^T [c, m] @ us [m, r]
-        matmul(db, dout, us, c, r, m, true, false, false);
+        matmul(db, dout, us, &GemmDesc::tn(c, r, m), false);
     }
     if let Some(da) = da {
         // du [m, r] = s G [m, c] @ B [c, r], scattered into the columns of dA
         let mut du = pool::take(m * r);
-        matmul(&mut du, dout, b, m, r, c, false, false, false);
+        matmul(&mut du, dout, b, &GemmDesc::nn(m, r, c), false);
         da.fill(0.0);
         for (row, &id) in du.chunks(r).zip(ids) {
             for (j, d) in row.iter().enumerate() {

@@ -9,6 +9,7 @@ use super::gemm::{bias_backward, matmul, matmul_forward};
 use super::lora::dropped_input;
 use super::lora::{lora_backward, lora_forward, LoraGrads};
 use super::{f32_in, new_f32, pool, take_if, wrap};
+use crate::backend::GemmDesc;
 use crate::backend::Nf4Args;
 use crate::quant::nf4::Nf4Weight;
 use crate::{Result, Tensor};
@@ -47,7 +48,7 @@ pub fn nf4_linear_forward(
     let wd = dequantized(w);
     match adapter {
         Some(ad) => lora_forward(out, us, x, ad.xd, &wd, false, bias, ad.a, ad.b, m, n, k, ad.r, ad.scaling),
-        None => matmul_forward(out, None, x, &wd, bias, m, n, k, false, false),
+        None => matmul_forward(out, None, x, &wd, bias, &GemmDesc::nn(m, n, k)),
     }
     pool::give(wd);
 }
@@ -80,7 +81,7 @@ pub fn nf4_linear_backward(
         None => {
             if let Some(dx) = grads.dx {
                 // dx [m, k] = G [m, n] @ W^T [n, k]
-                matmul(dx, dout, &wd, m, k, n, false, true, false);
+                matmul(dx, dout, &wd, &GemmDesc::nt(m, k, n), false);
             }
             if let Some(dbias) = grads.dbias {
                 bias_backward(dbias, dout, n);

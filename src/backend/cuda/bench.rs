@@ -10,6 +10,7 @@
 //! is several times the L2 so repetitions do not measure the cache.
 
 use super::{bf16, cuda, Cuda, DevBuf, DeviceElem};
+use crate::backend::GemmDesc;
 use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
 
@@ -202,7 +203,7 @@ pub fn gemm_rows(cu: &Cuda, _copy: f64) -> Result<Vec<Row>> {
         let a = random_bf16(cu, m * k, 11)?;
         let b = random_bf16(cu, k * n, 12)?;
         let mut c = cu.alloc::<bf16>(m * n)?;
-        let ms = time_ms(cu, 3, 20, || super::gemm::matmul(&mut c, &a, &b, m, n, k, false, false, false))?;
+        let ms = time_ms(cu, 3, 20, || super::gemm::matmul(&mut c, &a, &b, &GemmDesc::nn(m, n, k), false))?;
         let tflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
         let (ceiling, name) = match cublas_tflops(cu, m, n, k)? {
             Ok(t) => (t, "cuBLAS".to_string()),

@@ -92,9 +92,9 @@ fn check_dims(op: &'static str, m: usize, n: usize, k: usize) -> Result<()> {
     Ok(())
 }
 
-/// The full GEMM: out = epilogue(op(A) @ op(B)) with `variant`. `pre` receives the
-/// pre-activation (only meaningful with `gelu`); `accumulate` adds the product to the old `out`
-/// (after the bias, when both are given).
+/// The full GEMM `g` (shape, transposes, epilogue) with `variant`. `pre` receives the
+/// pre-activation (only meaningful with a GELU epilogue); `accumulate` adds the product to the
+/// old `out` (after the bias, when both are given).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_with<O: GemmOut>(
     variant: GemmVariant,
@@ -103,14 +103,11 @@ pub fn matmul_with<O: GemmOut>(
     a: &DevBuf<bf16>,
     b: &DevBuf<bf16>,
     bias: Option<&DevBuf<bf16>>,
-    m: usize,
-    n: usize,
-    k: usize,
-    a_trans: bool,
-    b_trans: bool,
+    g: &GemmDesc,
     accumulate: bool,
-    gelu: bool,
 ) -> Result<()> {
+    let GemmDesc { m, n, k, .. } = *g;
+    let (a_trans, b_trans, gelu) = (g.a.is_t(), g.b.is_t(), g.epilogue == Epilogue::Gelu);
     const OP: &str = "cuda::matmul";
     check_dims(OP, m, n, k)?;
     check_len(OP, "out", out.len(), m * n, &format!("{m} x {n}"))?;
@@ -188,39 +185,30 @@ pub fn matmul_with<O: GemmOut>(
     Ok(())
 }
 
-/// out[m, n] (+)= op(A)[m, k] @ op(B)[k, n]; accumulates into `out` when `accumulate` is true.
-#[allow(clippy::too_many_arguments)]
+/// out[m, n] (+)= op(A)[m, k] @ op(B)[k, n] as `g` describes (its epilogue is not applied:
+/// `matmul_forward` does that); accumulates into `out` when `accumulate` is true.
 pub fn matmul<O: GemmOut>(
     out: &mut DevBuf<O>,
     a: &DevBuf<bf16>,
     b: &DevBuf<bf16>,
-    m: usize,
-    n: usize,
-    k: usize,
-    a_trans: bool,
-    b_trans: bool,
+    g: &GemmDesc,
     accumulate: bool,
 ) -> Result<()> {
-    matmul_with(SHIPPED, out, None, a, b, None, m, n, k, a_trans, b_trans, accumulate, false)
+    matmul_with(SHIPPED, out, None, a, b, None, &GemmDesc { epilogue: Epilogue::Plain, ..*g }, accumulate)
 }
 
 /// out[m, n] = op(A) @ op(B) + bias, optionally followed by GELU. With `pre`, GELU is applied and
 /// `pre` receives the pre-activation (backward needs it), as cpu::gemm::matmul_forward.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_forward<O: GemmOut>(
     out: &mut DevBuf<O>,
     pre: Option<&mut DevBuf<O>>,
     a: &DevBuf<bf16>,
     b: &DevBuf<bf16>,
     bias: Option<&DevBuf<bf16>>,
-    m: usize,
-    n: usize,
-    k: usize,
-    a_trans: bool,
-    b_trans: bool,
+    g: &GemmDesc,
 ) -> Result<()> {
-    let gelu = pre.is_some();
-    matmul_with(SHIPPED, out, pre, a, b, bias, m, n, k, a_trans, b_trans, false, gelu)
+    let epilogue = if pre.is_some() { Epilogue::Gelu } else { Epilogue::Plain };
+    matmul_with(SHIPPED, out, pre, a, b, bias, &GemmDesc { epilogue, ..*g }, false)
 }
 
 /// dbias[n] = sum over rows of dout[rows, n], in f32 (overwrites dbias, as the CPU twin).
@@ -307,22 +295,20 @@ impl crate::backend::Matmul for super::Cuda {
         out_dims: &[usize],
     ) -> Result<(Tensor, Option<Tensor>)> {
         const OP: &str = "matmul";
-        let GemmDesc { m, n, k, a: ta, b: tb, epilogue } = *desc;
+        let GemmDesc { m, n, epilogue, .. } = *desc;
         let (ad, bd) = (bf16_in(OP, a)?, bf16_in(OP, b)?);
         let biasd = bias.map(|t| bf16_in(OP, t)).transpose()?;
         let mut pre = (epilogue == Epilogue::Gelu).then(|| self.alloc::<bf16>(m * n)).transpose()?;
-        let out =
-            new_bf16(out_dims, |o| matmul_forward(o, pre.as_mut(), ad, bd, biasd, m, n, k, ta.is_t(), tb.is_t()))?;
+        let out = new_bf16(out_dims, |o| matmul_forward(o, pre.as_mut(), ad, bd, biasd, desc))?;
         Ok((out, pre.map(|p| wrap_bf16(p, out_dims)).transpose()?))
     }
 
     fn gemm(&self, a: &Tensor, b: &Tensor, desc: &GemmDesc, dtype: DType, dims: &[usize]) -> Result<Tensor> {
         const OP: &str = "matmul backward";
         let (ad, bd) = (bf16_in(OP, a)?, bf16_in(OP, b)?);
-        let GemmDesc { m, n, k, a: ta, b: tb, .. } = *desc;
         match dtype {
-            DType::BF16 => new_bf16(dims, |o| matmul(o, ad, bd, m, n, k, ta.is_t(), tb.is_t(), false)),
-            DType::F32 => new_f32(dims, |o| matmul(o, ad, bd, m, n, k, ta.is_t(), tb.is_t(), false)),
+            DType::BF16 => new_bf16(dims, |o| matmul(o, ad, bd, desc, false)),
+            DType::F32 => new_f32(dims, |o| matmul(o, ad, bd, desc, false)),
             _ => Err(Error::DType { op: OP, expected: DType::F32, got: dtype }),
         }
     }

@@ -8,6 +8,7 @@
 
 use super::bench::{random_bf16, random_f32};
 use super::{attention, bf16, cuda, elementwise, embedding, gemm, layernorm, reduce, xent, Cuda, Kernel};
+use crate::backend::{GemmDesc, Trans};
 use crate::{Error, Result};
 
 /// Runs every family once and prints the table; returns the rows (kernel, launches, counters).
@@ -70,12 +71,18 @@ fn workload(cu: &Cuda) -> Result<()> {
     let mut out_mn = cu.alloc::<bf16>(m * n)?;
     for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
         // Transposed operands are the same buffers read the other way: only the layout matters.
-        gemm::matmul(&mut out_mn, &a_mk, &b_kn, m, n, k, ta, tb, false)?;
+        gemm::matmul(
+            &mut out_mn,
+            &a_mk,
+            &b_kn,
+            &GemmDesc::new(m, n, k, Trans::from_bool(ta), Trans::from_bool(tb)),
+            false,
+        )?;
     }
     let small_a = random_bf16(cu, 64 * c, 3)?;
     let small_b = random_bf16(cu, c * 64, 4)?;
     let mut small = cu.alloc::<f32>(64 * 64)?;
-    gemm::matmul(&mut small, &small_a, &small_b, 64, 64, c, false, false, false)?;
+    gemm::matmul(&mut small, &small_a, &small_b, &GemmDesc::nn(64, 64, c), false)?;
     let dout = random_bf16(cu, tokens * c, 5)?;
     let mut dbias = cu.alloc::<f32>(c)?;
     gemm::bias_backward(&mut dbias, &dout, c)?;
