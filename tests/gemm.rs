@@ -5,12 +5,7 @@
 mod common;
 
 use common::{grad_check, poison_pool, rand_tensor, rng, Objective, Tol, POOLED, U32};
-use kiln::ops::gemm::{linear, matmul, matmul_ex, Epilogue, GemmDesc, Trans, WeightLayout};
-
-/// The GEMM of a test's loop variables.
-fn desc(m: usize, n: usize, k: usize, ta: bool, tb: bool, gelu: bool) -> GemmDesc {
-    GemmDesc { m, n, k, a: Trans::from_bool(ta), b: Trans::from_bool(tb), epilogue: ep(gelu) }
-}
+use kiln::ops::gemm::{linear, matmul, matmul_ex, Epilogue, Trans, WeightLayout};
 
 fn ep(gelu: bool) -> Epilogue {
     if gelu {
@@ -219,8 +214,12 @@ fn matmul_rejects_bad_shapes() {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::common::{self, rng, uniform};
-    use super::desc;
-    use kiln::ops::gemm::GemmDesc;
+    use kiln::ops::gemm::{GemmDesc, Trans};
+
+    /// The GEMM of a test's loop variables.
+    fn desc(m: usize, n: usize, k: usize, ta: bool, tb: bool, gelu: bool) -> GemmDesc {
+        GemmDesc { m, n, k, a: Trans::from_bool(ta), b: Trans::from_bool(tb), epilogue: super::ep(gelu) }
+    }
     use half::bf16;
     use kiln::backend::cpu::gemm as cpu;
     use kiln::backend::cuda::gemm::{self as gpu, twin, GemmOut, GemmVariant};
