@@ -218,3 +218,34 @@ pub fn attention_decode(
         }
     });
 }
+
+/// Splits qkv [B, n, 3C] of n new positions per sequence for `attention_decode`: q [B, n, C], and
+/// the k and v thirds into rows len..len + n of k_cache and v_cache [B, cap, C] (other rows are
+/// left as they are).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cache_append(
+    q: &mut [f32],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    qkv: &[f32],
+    b: usize,
+    n: usize,
+    len: usize,
+    cap: usize,
+    c: usize,
+) {
+    assert!(len + n <= cap, "attention_cache_append: {len} cached + {n} new rows do not fit a cache of {cap}");
+    let bufs = [
+        ("q", q.len(), b * n * c),
+        ("k_cache", k_cache.len(), b * cap * c),
+        ("v_cache", v_cache.len(), b * cap * c),
+        ("qkv", qkv.len(), b * n * 3 * c),
+    ];
+    assert_layout("attention_cache_append", &bufs, c, 1);
+    for (row, (src, qr)) in qkv.chunks_exact(3 * c).zip(q.chunks_exact_mut(c)).enumerate() {
+        let dst = ((row / n) * cap + len + row % n) * c;
+        qr.copy_from_slice(&src[..c]);
+        k_cache[dst..dst + c].copy_from_slice(&src[c..2 * c]);
+        v_cache[dst..dst + c].copy_from_slice(&src[2 * c..]);
+    }
+}

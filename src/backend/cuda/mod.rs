@@ -210,3 +210,17 @@ pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
     let blocks = n.div_ceil(block as usize).max(1) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
+
+impl Cuda {
+    /// dst = src for two ranges of equal length, device to device: rows of a KV cache, one
+    /// position of each sequence in a batch.
+    pub fn copy_view<T: DeviceElem>(&self, dst: &mut DevViewMut<'_, T>, src: &DevView<'_, T>) -> Result<()> {
+        if dst.len() != src.len() {
+            return Err(Error::Cuda(format!("device copy of {} elements into {}", src.len(), dst.len())));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.rt().dtod(dst.ptr(), src.ptr(), src.len() * std::mem::size_of::<T>())
+    }
+}
