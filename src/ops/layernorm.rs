@@ -93,3 +93,52 @@ pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<O
         db.map(|d| Tensor::from_f32(d, [c])).transpose()?,
     ])
 }
+
+/// The residual add and the layer norm that follows it (GPT-2's x + attn, then ln_2): returns
+/// (s, layernorm(s)) with s = x + r. On the GPU one fused kernel reads x and r once and writes
+/// both; on the CPU it is `add` then `layernorm`, bit for bit. The tape gets the same two nodes
+/// as that pair (an add, then a layer norm over s with the statistics the kernel saved), so
+/// backward is theirs.
+pub fn add_layernorm(
+    tape: &mut Tape,
+    x: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if let crate::Device::Cuda(_) = x.device() {
+        const OP: &str = "add_layernorm";
+        let _t = crate::profile::scope("add_layernorm", crate::profile::Phase::Forward);
+        if x.dims() != r.dims() {
+            return Err(crate::Error::shape(OP, format!("shapes differ: {:?} vs {:?}", x.dims(), r.dims())));
+        }
+        let c = x.shape().last();
+        expect_dims(OP, "weight", w, &[c])?;
+        expect_dims(OP, "bias", b, &[c])?;
+        let rows = x.shape().rows();
+        let (xd, rd, wd, bd) = (dev::bf16_in(OP, x)?, dev::bf16_in(OP, r)?, dev::bf16_in(OP, w)?, dev::bf16_in(OP, b)?);
+        let cu = crate::backend::cuda::cuda()?;
+        let (mut mean, mut rstd) = (cu.alloc::<f32>(rows)?, cu.alloc::<f32>(rows)?);
+        let mut h = cu.alloc::<crate::backend::cuda::bf16>(x.numel())?;
+        let out = dev::new_bf16(x.dims(), |o| {
+            cuda::layernorm_residual_forward(&mut h, o, &mut mean, &mut rstd, xd, rd, wd, bd, c, eps)
+        })?;
+        let s = Tensor::from_cuda(CudaStorage::BF16(h), x.dims())?;
+        if tape.wants(&[x, r]) {
+            tape.record(Op::Add, &[x, r], &s);
+        }
+        if tape.wants(&[&s, w, b]) {
+            let (mean, rstd) = (
+                Tensor::from_cuda(CudaStorage::F32(mean), [rows])?,
+                Tensor::from_cuda(CudaStorage::F32(rstd), [rows])?,
+            );
+            tape.record(Op::LayerNorm(Saved { x: s.clone(), w: w.clone(), mean, rstd }), &[&s, w, b], &out);
+        }
+        return Ok((s, out));
+    }
+    let s = super::elementwise::add(tape, x, r)?;
+    let y = layernorm(tape, &s, w, b, eps)?;
+    Ok((s, y))
+}
