@@ -157,3 +157,43 @@ pub(crate) fn cast_backward(s: &CastSaved, dout: &Tensor) -> Result<Vec<Option<T
     #[cfg(not(feature = "cuda"))]
     Err(Error::Input(format!("cast backward: a {:?} gradient for a {:?} input", dout.dtype(), s.from)))
 }
+
+/// The last position of each sequence, x [B, T, C] -> [B, 1, C]: the rows generation needs
+/// logits for. Inference only: it records nothing, and refuses a tape that wants x's gradient.
+pub fn last_position(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "last_position";
+    let [b, t, c] = *x.dims() else {
+        return Err(Error::shape(OP, format!("x must be [B, T, C], got {:?}", x.dims())));
+    };
+    if tape.wants(&[x]) {
+        return Err(Error::Input(format!("{OP} is for generation and has no backward")));
+    }
+    if t == 0 || c == 0 {
+        return Err(Error::shape(OP, format!("x {:?} is empty", x.dims())));
+    }
+    if t == 1 {
+        return Ok(x.clone());
+    }
+    match x.device() {
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda(_) => {
+            let cu = crate::backend::cuda::cuda()?;
+            let xd = dev::bf16_in(OP, x)?;
+            dev::new_bf16(&[b, 1, c], |o| {
+                for r in 0..b {
+                    let at = (r * t + t - 1) * c;
+                    cu.copy_view(&mut o.slice_mut(r * c..(r + 1) * c), &xd.slice(at..at + c))?;
+                }
+                Ok(())
+            })
+        }
+        _ => {
+            let xd = f32_input(OP, x)?;
+            new_f32(&[b, 1, c], |o| {
+                for (r, dst) in o.chunks_exact_mut(c).enumerate() {
+                    dst.copy_from_slice(&xd[(r * t + t - 1) * c..(r * t + t) * c]);
+                }
+            })
+        }
+    }
+}

@@ -83,3 +83,48 @@ pub(crate) fn backward(s: &Saved, dout: &Tensor, needs: &[bool]) -> Result<Vec<O
         dwpe.map(|d| Tensor::from_f32(d, s.wpe_dims.as_slice())).transpose()?,
     ])
 }
+
+/// `embedding` at positions offset..offset + T: out[b, t] = wte[ids[b, t]] + wpe[offset + t], what
+/// generation feeds after `offset` cached positions. offset = 0 is `embedding` itself; past 0 it
+/// is inference only (it records nothing, and refuses a tape that wants wte's or wpe's gradient).
+pub fn embedding_at(tape: &mut Tape, ids: &Tensor, wte: &Tensor, wpe: &Tensor, offset: usize) -> Result<Tensor> {
+    if offset == 0 {
+        return embedding(tape, ids, wte, wpe);
+    }
+    const OP: &str = "embedding";
+    let _t = crate::profile::scope("embedding", crate::profile::Phase::Forward);
+    if tape.wants(&[wte, wpe]) {
+        return Err(Error::Input(format!(
+            "{OP} at position offset {offset} is for generation with a KV cache and has no backward: \
+             compute gradients with a forward pass from position 0"
+        )));
+    }
+    let idv = ids.i32s()?;
+    let [b, t] = *ids.dims() else {
+        return Err(Error::shape(OP, format!("ids must be [B, T], got {:?}", ids.dims())));
+    };
+    let (&[v, c], &[p, c2]) = (wte.dims(), wpe.dims()) else {
+        return Err(Error::shape(OP, format!("wte {:?} and wpe {:?} must both be 2-D", wte.dims(), wpe.dims())));
+    };
+    if c != c2 {
+        return Err(Error::shape(OP, format!("wte {:?} and wpe {:?} differ in width", wte.dims(), wpe.dims())));
+    }
+    if offset + t > p {
+        return Err(Error::SeqTooLong { t: offset + t, n_positions: p });
+    }
+    if let Some(i) = idv.iter().position(|&id| id < 0 || id as usize >= v) {
+        return Err(Error::TokenOutOfRange { id: idv[i] as i64, row: i / t, pos: offset + i % t, vocab: v });
+    }
+    match wte.device() {
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda(_) => {
+            let ids_d = crate::backend::cuda::cuda()?.upload(idv)?;
+            let (wte_d, wpe_d) = (dev::bf16_in(OP, wte)?, dev::bf16_in(OP, wpe)?);
+            dev::new_bf16(&[b, t, c], |o| cuda::embedding_forward_at(o, &ids_d, wte_d, wpe_d, offset, t, c))
+        }
+        _ => {
+            let (wte_d, wpe_d) = (f32_input(OP, wte)?, f32_input(OP, wpe)?);
+            new_f32(&[b, t, c], |o| cpu::embedding_forward(o, idv, wte_d, &wpe_d[offset * c..], t, c))
+        }
+    }
+}

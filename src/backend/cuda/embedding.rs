@@ -151,6 +151,54 @@ pub fn embedding_backward(
     Ok(())
 }
 
+/// `embedding_forward` at positions offset..offset + t (generation after `offset` cached
+/// positions): out[r] = wte[ids[r]] + wpe[offset + r % t]. The kernel reads wpe from row `offset`
+/// on; nothing else changes.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_forward_at(
+    out: &mut DevBuf<bf16>,
+    ids: &DevBuf<i32>,
+    wte: &DevBuf<bf16>,
+    wpe: &DevBuf<bf16>,
+    offset: usize,
+    t: usize,
+    c: usize,
+) -> Result<()> {
+    let op = "cuda::embedding_forward_at";
+    let rows = ids.len();
+    check(op, rows, t, c, ("wte", wte.len()), ("wpe", wpe.len()))?;
+    if wpe.len() < (offset + t) * c || out.len() != rows * c {
+        return Err(Error::Shape {
+            op,
+            msg: format!(
+                "wpe has {} elements (need {} x C = {c} for positions {offset}..{}), out {} (need rows * C = {})",
+                wpe.len(),
+                offset + t,
+                offset + t,
+                out.len(),
+                rows * c
+            ),
+        });
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let cu = cuda()?;
+    let (rows32, t32, c32, vocab32) = (rows as i32, t as i32, c as i32, (wte.len() / c) as i32);
+    let warps = KILN_EMB_WARPS as usize;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(warps) as u32, 1, 1),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let wpe_at = wpe.slice(offset * c..);
+    let mut l = cu.launch_builder(Kernel::EmbeddingForward);
+    l.arg(out).arg(ids).arg(wte).arg(&wpe_at).arg(&rows32).arg(&t32).arg(&c32).arg(&vocab32);
+    // SAFETY: the arguments are the kernel's, in its parameter order; wpe_at holds t rows of C (checked above), all the kernel reads from it, and the other lengths are embedding_forward's.
+    unsafe { l.launch(cfg) }?;
+    Ok(())
+}
+
 /// The host twins of the embedding kernels (kernels/host/embedding.cu), over f32 host arrays.
 pub mod twin {
     use super::Buckets;
