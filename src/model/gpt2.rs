@@ -668,7 +668,8 @@ impl Gpt2 {
 
         let wte = self.p("transformer.wte.weight")?; // [V, C]
         let wpe = self.p("transformer.wpe.weight")?; // [P, C]
-                                                     // With a cache, ids continue its sequences at position `past`.
+
+        // The position of ids' first column: with a cache, they continue its sequences.
         let past = match cache.as_deref() {
             Some(_) if targets.is_some() => {
                 return Err(Error::Input("a forward pass with a KV cache computes no loss: give no targets".into()))
