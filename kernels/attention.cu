@@ -45,6 +45,11 @@
 // 45 KB (forward_mma) and 29.7 KB (backward) at hd = 64; the backward needs 54.3 KB at hd = 128,
 // which the wrapper allows by raising the kernel's dynamic shared-memory limit.
 //
+// Generation (the KV cache, kernels at the end of the file): attention_cache_append splits the qkv
+// of new positions into q and the caches' next rows; attention_decode attends each new query to
+// the cache, one warp per (query, head, batch), on CUDA cores with the same online softmax. It has
+// no backward: the cache is for inference.
+//
 // Tested by: cargo test --release --features cuda --test attention (both forward variants at every
 // shape; needs a GPU), and on the CPU by the emulated device (kernels/emu/README.md).
 #include "common.cuh"
@@ -703,4 +708,93 @@ extern "C" __global__ void __launch_bounds__(128) attention_forward_mma(__nv_bfl
 #else
     __trap();  // mma.sync bf16 and cp.async need sm_80; the wrapper never launches it below that
 #endif
+}
+
+// ---- generation: attention against a key/value cache ----
+//
+// Caches kc, vc [B, cap, C] bf16 hold the keys and values of positions 0..len of each sequence
+// (head h at columns h*hd .. (h+1)*hd, as in qkv). CPU twins: attention_cache_append and
+// attention_decode in src/backend/cpu/attention.rs (same names, same argument order).
+
+// Splits qkv [B, n, 3C] of n new positions: q [B, n, C] (compact, for attention_decode) and the k
+// and v thirds into rows len .. len + n of kc and vc. One thread per 16 bytes (8 bf16) of one
+// third's row: grid ceil(B * n * C / 8 / 256), 256 threads. C % 8 == 0 (the wrapper checks), so
+// every row starts 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(256) attention_cache_append(__nv_bfloat16* q, __nv_bfloat16* kc, __nv_bfloat16* vc, const __nv_bfloat16* qkv, int B, int n, int len, int cap, int C) {
+    const int64_t c8 = C / 8;
+    const int64_t e = (int64_t)blockIdx.x * 256 + threadIdx.x;
+    if (e >= (int64_t)B * n * c8) return;
+    const int64_t row = e / c8, col = (e - row * c8) * 8;
+    const int64_t b = row / n, t = row - b * n;
+    const bf16* src = qkv + row * 3 * C + col;
+    const int64_t dst = (b * cap + len + t) * C + col;
+    *reinterpret_cast<uint4*>(q + row * C + col) = *reinterpret_cast<const uint4*>(src);
+    *reinterpret_cast<uint4*>(kc + dst) = *reinterpret_cast<const uint4*>(src + C);
+    *reinterpret_cast<uint4*>(vc + dst) = *reinterpret_cast<const uint4*>(src + 2 * C);
+}
+
+// out [B, n, C] bf16: query i of sequence b (q [B, n, C]) sits at position len + i and attends,
+// causally, to cache rows 0 ..= len + i (which attention_cache_append has filled, its own
+// included). Generation feeds one token at a time, so a query is the unit of work: one warp per
+// (query, head, batch), grid (n, NH, B), 32 threads. Keys come in tiles of 32, one per lane: lane
+// j forms the score of key j0 + j against the query (f32 in shared memory, read by broadcast), the
+// warp takes the tile's max with a butterfly, and each lane folds the tile's probabilities (read
+// back from shared memory) into its head-dim pairs of the accumulator, as attention_forward's
+// online softmax does. Any head dim that is a multiple of 8 up to KILN_ATTN_MAX_HEAD_DIM.
+extern "C" __global__ void __launch_bounds__(32) attention_decode(__nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int B, int n, int len, int cap, int C, int NH) {
+    const int hd = C / NH;
+    const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x;
+    const int pos = len + i;
+    const float scale = 1.0f / sqrtf((float)hd);
+    __shared__ __align__(16) float qs[KILN_ATTN_MAX_HEAD_DIM];
+    __shared__ float ps[32];
+    const bf16* qrow = q + ((size_t)b * n + i) * C + (size_t)h * hd;
+    for (int d = lane; d < hd; d += 32) qs[d] = __bfloat162float(qrow[d]);
+    __syncthreads();
+    const bf16* kb = kc + (size_t)b * cap * C + (size_t)h * hd;  // key j at kb + j * C
+    const bf16* vb = vc + (size_t)b * cap * C + (size_t)h * hd;
+    float m = -INFINITY, l = 0.0f, acc[2 * NP];
+#pragma unroll
+    for (int e = 0; e < 2 * NP; ++e) acc[e] = 0.0f;
+    // Tile 0 holds key 0, which every query sees: the max is finite from the first tile on.
+    for (int j0 = 0; j0 <= pos; j0 += TILE) {
+        const int j = j0 + lane;
+        float s = -INFINITY;
+        if (j <= pos) {
+            float t = 0.0f;
+            for (int c = 0; c < hd / 8; ++c) {
+                float y[8];
+                unpack8(*reinterpret_cast<const uint4*>(kb + (size_t)j * C + c * 8), y);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) t = fmaf(qs[c * 8 + e], y[e], t);
+            }
+            s = t * scale;
+        }
+        const float m_new = attention_online_max(m, warp_max(s));
+        const float corr = attention_rescale(m, m_new);
+        const float p = attention_prob(s, m_new);
+        m = m_new;
+        l = l * corr + p;  // the lane's share of the sum; the warp adds the shares at the end
+#pragma unroll
+        for (int e = 0; e < 2 * NP; ++e) acc[e] *= corr;
+        ps[lane] = p;
+        __syncthreads();
+        const int nj = min(TILE, pos + 1 - j0);
+        for (int jj = 0; jj < nj; ++jj) {
+            const float pj = ps[jj];
+            const bf16* vr = vb + (size_t)(j0 + jj) * C;
+#pragma unroll
+            for (int k = 0; k < NP; ++k) {
+                const int pair = lane + 32 * k;
+                if (pair < hd / 2) {
+                    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(vr + 2 * pair));
+                    acc[2 * k] = fmaf(pj, f.x, acc[2 * k]);
+                    acc[2 * k + 1] = fmaf(pj, f.y, acc[2 * k + 1]);
+                }
+            }
+        }
+        __syncthreads();  // every lane has read ps before the next tile overwrites it
+    }
+    const float lsum = warp_sum(l);
+    store_row<0>(out + ((size_t)b * n + i) * C + (size_t)h * hd, acc, 1.0f / lsum, lane, hd);
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{grad_check, max_abs, poison_pool, rand_tensor, rng, Objective, Tol, POOLED, U32};
-use kiln::ops::attention::attention;
+use kiln::ops::attention::{attention, attention_cached, KvLayer};
 use kiln::{Error, Tape, Tensor};
 
 /// Tolerance. Each output is a softmax-weighted mean of values whose scores are length-hd dots,
@@ -208,13 +208,107 @@ fn cpu_backend_attention_backward_rejects_a_short_gradient_buffer() {
     kiln::backend::cpu::attention::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh);
 }
 
+/// Feeds qkv [B, T, 3C] (host f32) to attention_cached in chunks of `sizes` positions (summing to
+/// T), each chunk made a tensor by `prep` (which puts it on the device under test), and returns
+/// the outputs as [B, T, C] host f32.
+fn cached_in_chunks(
+    qkv: &[f32],
+    dims: (usize, usize, usize, usize),
+    sizes: &[usize],
+    prep: &dyn Fn(Tensor) -> Tensor,
+) -> Vec<f32> {
+    let (b, t, c, nh) = dims;
+    assert_eq!(sizes.iter().sum::<usize>(), t);
+    let mut cache = KvLayer::new(b, t);
+    let mut out = vec![f32::NAN; b * t * c];
+    let mut at = 0;
+    for &n in sizes {
+        let chunk: Vec<f32> =
+            (0..b).flat_map(|bi| &qkv[(bi * t + at) * 3 * c..(bi * t + at + n) * 3 * c]).copied().collect();
+        let o = attention_cached(
+            &mut Tape::inference(),
+            &prep(Tensor::from_f32(chunk, [b, n, 3 * c]).unwrap()),
+            &mut cache,
+            nh,
+        )
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
+        for bi in 0..b {
+            out[(bi * t + at) * c..(bi * t + at + n) * c].copy_from_slice(&o[bi * n * c..(bi + 1) * n * c]);
+        }
+        at += n;
+        assert_eq!(cache.len(), at);
+    }
+    out
+}
+
+/// Chunkings of T = 70 positions: the whole prompt at once, one at a time across the 32-key tile
+/// edges, and mixed.
+const CHUNKS: [&[usize]; 3] = [&[70], &[1; 70], &[5, 1, 1, 25, 1, 1, 30, 6]];
+
+/// attention_cached, fed any chunking, gives attention's rows bit for bit on the CPU (the same
+/// tiles and arithmetic in the same order), at awkward sizes (head dim 5 and 19).
+#[test]
+fn attention_cached_equals_attention() {
+    let mut r = rng(17);
+    for (b, c, nh) in [(2, 15, 3), (1, 38, 2)] {
+        let t = 70;
+        let qkv = rand_tensor(&mut r, &[b, t, 3 * c], 1.5);
+        let want = forward(&qkv, nh);
+        for sizes in CHUNKS {
+            let got = cached_in_chunks(qkv.f32s().unwrap(), (b, t, c, nh), sizes, &|x| x);
+            assert!(got == want, "B={b} C={c} n_head={nh} chunks {sizes:?}: cached rows differ");
+        }
+    }
+}
+
+/// select_rows copies the filled positions of the rows asked for (repeats allowed) and the copies
+/// carry on as those rows would; bad rows, capacity overflow and a tape that wants a gradient are
+/// refused, changing nothing.
+#[test]
+fn attention_cache_rows_and_refusals() {
+    let (b, t, c, nh) = (2, 40, 12, 3);
+    let qkv = rand_tensor(&mut rng(19), &[b, t, 3 * c], 1.5);
+    let want = forward(&qkv, nh);
+    let q = qkv.f32s().unwrap();
+    let rows_of = |bi: usize, from: usize, to: usize| q[(bi * t + from) * 3 * c..(bi * t + to) * 3 * c].to_vec();
+    let mut cache = KvLayer::new(b, t);
+    let first: Vec<f32> = (0..b).flat_map(|bi| rows_of(bi, 0, 33)).collect();
+    attention_cached(&mut Tape::inference(), &Tensor::from_f32(first, [b, 33, 3 * c]).unwrap(), &mut cache, nh)
+        .unwrap();
+    let mut picked = cache.select_rows(&[1, 1, 0]).unwrap();
+    assert_eq!((picked.batch(), picked.len(), picked.capacity()), (3, 33, t));
+    let rest: Vec<f32> = [1, 1, 0].iter().flat_map(|&bi| rows_of(bi, 33, t)).collect();
+    let out =
+        attention_cached(&mut Tape::inference(), &Tensor::from_f32(rest, [3, t - 33, 3 * c]).unwrap(), &mut picked, nh)
+            .unwrap();
+    for (i, &bi) in [1, 1, 0].iter().enumerate() {
+        let got = &out.f32s().unwrap()[i * (t - 33) * c..(i + 1) * (t - 33) * c];
+        assert!(got == &want[(bi * t + 33) * c..(bi + 1) * t * c], "row {i} (was {bi})");
+    }
+    assert!(cache.select_rows(&[2]).unwrap_err().to_string().contains("row 2"));
+    let one = |n: usize| Tensor::from_f32(vec![0.5; b * n * 3 * c], [b, n, 3 * c]).unwrap();
+    let e = attention_cached(&mut Tape::inference(), &one(8), &mut cache, nh).unwrap_err().to_string();
+    assert!(e.contains("capacity of 40"), "{e}");
+    let mut tape = Tape::new();
+    let x = one(1);
+    tape.watch(&x);
+    let e = attention_cached(&mut tape, &x, &mut cache, nh).unwrap_err().to_string();
+    assert!(e.contains("no backward"), "{e}");
+    let e = attention_cached(&mut Tape::inference(), &rand_tensor(&mut rng(1), &[3, 1, 3 * c], 1.0), &mut cache, nh);
+    assert!(matches!(e, Err(Error::Shape { .. })), "{e:?}");
+    assert_eq!(cache.len(), 33);
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::common::{self, max_abs, rng, uniform, U32};
     use kiln::backend::cpu::attention as cpu;
     use kiln::backend::cuda::attention::{self as gpu, twin, AttentionVariant};
     use kiln::backend::cuda::{bf16, Cuda, DevBuf};
-    use kiln::Error;
+    use kiln::ops::attention::{attention_cached, KvLayer};
+    use kiln::{Error, Tensor};
     use rand::Rng;
 
     /// The bf16 unit roundoff (half an ulp of 1): 8 significant bits.
@@ -605,5 +699,55 @@ mod cuda {
             let res = gpu::attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh);
             assert!(matches!(res, Err(Error::Shape { .. })), "C = {c}, n_head = {nh}: {res:?}");
         }
+    }
+
+    /// attention_cached on the device (cache append + decode kernels) against the f32 CPU
+    /// reference, with flash-attention's bound: at most twice the plain bf16 implementation's
+    /// error plus one bf16 rounding of the result, at GPT-2's head dim 64, the generic path
+    /// (16, 40, 128), one and several batch rows, every chunking of CHUNKS; and select_rows on
+    /// the device, whose copies carry on as the rows they copy.
+    #[test]
+    fn attention_cached_kernels_match_cpu() {
+        let Some(_) = common::gpu("attention attention_cached_kernels_match_cpu") else { return };
+        let to_dev = |x: Tensor| -> Tensor {
+            let x = x.to_device(kiln::Device::Cuda(0)).unwrap();
+            kiln::ops::elementwise::to_compute_dtype(&mut kiln::Tape::inference(), &x).unwrap()
+        };
+        let start = std::time::Instant::now();
+        for (k, (b, nh, hd)) in [(2, 4, 16), (1, 2, 64), (2, 1, 40), (1, 1, 128)].into_iter().enumerate() {
+            let (t, c) = (70, nh * hd);
+            let qkv: Vec<f32> = uniform(&mut rng(400 + k as u64), b * t * 3 * c, 2.0).iter().map(|&x| bf(x)).collect();
+            let (mut want, mut lse) = (vec![0f32; b * t * c], vec![0f32; b * nh * t]);
+            cpu::attention_forward(&mut want, &mut lse, &qkv, b, t, c, nh);
+            let plain = plain_forward(&qkv, b, t, c, nh);
+            for sizes in super::CHUNKS {
+                let got = super::cached_in_chunks(&qkv, (b, t, c, nh), sizes, &to_dev);
+                check_bf16(&format!("cached B={b} nh={nh} hd={hd} {} chunks", sizes.len()), &got, &plain, &want, 0.0);
+            }
+        }
+        // Rows 1, 1, 0 of a 2-row cache after 33 positions carry on as those rows.
+        let (b, t, nh, hd) = (2, 40, 2, 16);
+        let c = nh * hd;
+        let qkv: Vec<f32> = uniform(&mut rng(450), b * t * 3 * c, 2.0).iter().map(|&x| bf(x)).collect();
+        let (mut want, mut lse) = (vec![0f32; b * t * c], vec![0f32; b * nh * t]);
+        cpu::attention_forward(&mut want, &mut lse, &qkv, b, t, c, nh);
+        let plain = plain_forward(&qkv, b, t, c, nh);
+        let rows_of = |bi: usize, from: usize, to: usize| qkv[(bi * t + from) * 3 * c..(bi * t + to) * 3 * c].to_vec();
+        let mut cache = KvLayer::new(b, t);
+        let first: Vec<f32> = (0..b).flat_map(|bi| rows_of(bi, 0, 33)).collect();
+        let tape = &mut kiln::Tape::inference();
+        attention_cached(tape, &to_dev(Tensor::from_f32(first, [b, 33, 3 * c]).unwrap()), &mut cache, nh).unwrap();
+        let mut picked = cache.select_rows(&[1, 1, 0]).unwrap();
+        let rest: Vec<f32> = [1, 1, 0].iter().flat_map(|&bi| rows_of(bi, 33, t)).collect();
+        let out = attention_cached(tape, &to_dev(Tensor::from_f32(rest, [3, t - 33, 3 * c]).unwrap()), &mut picked, nh)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        for (i, &bi) in [1, 1, 0].iter().enumerate() {
+            let rows = (bi * t + 33) * c..(bi + 1) * t * c;
+            let got = &out[i * (t - 33) * c..(i + 1) * (t - 33) * c];
+            check_bf16(&format!("selected row {i} (was {bi})"), got, &plain[rows.clone()], &want[rows], 0.0);
+        }
+        eprintln!("attention_cached on the device: {:.2} s", start.elapsed().as_secs_f64());
     }
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{grad_check, max_abs, poison_pool, rand_tensor, rng, Objective, Tol, POOLED};
-use kiln::ops::embedding::embedding;
+use kiln::ops::embedding::{embedding, embedding_at};
 use kiln::{Error, Tape, Tensor};
 use rand::Rng;
 
@@ -165,6 +165,41 @@ fn cpu_backend_embedding_backward_rejects_a_negative_id() {
     kiln::backend::cpu::embedding::embedding_backward(Some(&mut dwte), None, &dout, &ids, t, c);
 }
 
+/// embedding_at(offset) gives rows offset..offset + T of the embedding of the whole sequence, bit
+/// for bit, on `to_dev`'s device (an odd width takes the kernel's unvectorised path); a position
+/// past wpe and a tape that wants a table's gradient are refused.
+fn embedding_at_equals_the_full_rows(to_dev: &dyn Fn(&Tensor) -> Tensor) {
+    let mut r = rng(41);
+    for (v, p, c) in [(11, 20, 16), (7, 9, 5)] {
+        let (b, t) = (2, p);
+        let ids: Vec<i32> = (0..b * t).map(|_| r.random_range(0..v as i32)).collect();
+        let (wte, wpe) = (to_dev(&rand_tensor(&mut r, &[v, c], 1.0)), to_dev(&rand_tensor(&mut r, &[p, c], 1.0)));
+        let all = Tensor::from_i32(ids.clone(), [b, t]).unwrap();
+        let full = embedding(&mut Tape::inference(), &all, &wte, &wpe).unwrap().to_f32_vec().unwrap();
+        for (offset, n) in [(0, 3), (1, 1), (5, 4), (p - 1, 1)] {
+            let part: Vec<i32> = (0..b).flat_map(|bi| ids[bi * t + offset..bi * t + offset + n].to_vec()).collect();
+            let part = Tensor::from_i32(part, [b, n]).unwrap();
+            let got = embedding_at(&mut Tape::inference(), &part, &wte, &wpe, offset).unwrap().to_f32_vec().unwrap();
+            for bi in 0..b {
+                let want = &full[(bi * t + offset) * c..(bi * t + offset + n) * c];
+                assert!(&got[bi * n * c..(bi + 1) * n * c] == want, "V={v} C={c} offset {offset} n {n} row {bi}");
+            }
+        }
+        let two = Tensor::from_i32(vec![0; b * 2], [b, 2]).unwrap();
+        let e = embedding_at(&mut Tape::inference(), &two, &wte, &wpe, p - 1);
+        assert!(matches!(e, Err(Error::SeqTooLong { t: 21 | 10, .. })), "{e:?}");
+        let mut tape = Tape::new();
+        tape.watch(&wpe);
+        let e = embedding_at(&mut tape, &two, &wte, &wpe, 1).unwrap_err().to_string();
+        assert!(e.contains("no backward"), "{e}");
+    }
+}
+
+#[test]
+fn embedding_at_an_offset() {
+    embedding_at_equals_the_full_rows(&|x| x.clone());
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::common::{self, rng, uniform};
@@ -319,5 +354,15 @@ mod cuda {
         let mut dwte = vec![f32::NAN; vocab * c];
         cpu::embedding_backward(Some(&mut dwte), None, &kdout, &kid, t, c);
         assert_bits("dwte without the bad rows", &got.dwte, &dwte);
+    }
+
+    /// embedding_at on the device (the forward kernel over a view of wpe from row `offset`).
+    #[test]
+    fn gpu_embedding_at_an_offset() {
+        let Some(_) = common::gpu("embedding gpu_embedding_at_an_offset") else { return };
+        super::embedding_at_equals_the_full_rows(&|x| {
+            let x = x.to_device(kiln::Device::Cuda(0)).unwrap();
+            kiln::ops::elementwise::to_compute_dtype(&mut kiln::Tape::inference(), &x).unwrap()
+        });
     }
 }

@@ -4,7 +4,9 @@
 mod common;
 
 use common::{grad_check, max_abs, poison_pool, rand_tensor, rng, uniform, Objective, Tol, POOLED, U32};
-use kiln::ops::layernorm::layernorm;
+use kiln::ops::elementwise::{add, to_compute_dtype};
+use kiln::ops::layernorm::{add_layernorm, layernorm};
+use kiln::ops::xent::cross_entropy;
 use kiln::{Error, Tape, Tensor};
 
 const EPS: f32 = 1e-5;
@@ -118,6 +120,52 @@ fn layernorm_rejects_bad_shapes() {
     let ids = Tensor::from_i32(vec![0; 13], [1, 13]).unwrap();
     let res = layernorm(&mut tape, &ids, &w, &b, EPS);
     assert!(matches!(res, Err(Error::DType { .. })), "I32 x: {res:?}");
+}
+
+/// add_layernorm(x, r) and its gradients: given (x + r, layernorm(x + r)) used together (as a
+/// block uses them: the sum goes on down the residual stream), the loss through both outputs.
+fn add_layernorm_run(fused: bool, xs: &[Tensor; 4], targets: &Tensor) -> (Vec<Tensor>, Vec<Tensor>) {
+    let mut tape = Tape::new();
+    // Inputs on a device are f32 masters, cast for the forward as a model does.
+    for x in xs {
+        tape.watch(x);
+    }
+    let v: Vec<Tensor> = xs.iter().map(|x| to_compute_dtype(&mut tape, x).unwrap()).collect();
+    let (s, y) = if fused {
+        add_layernorm(&mut tape, &v[0], &v[1], &v[2], &v[3], EPS).unwrap()
+    } else {
+        let s = add(&mut tape, &v[0], &v[1]).unwrap();
+        let y = layernorm(&mut tape, &s, &v[2], &v[3], EPS).unwrap();
+        (s, y)
+    };
+    let logits = add(&mut tape, &s, &y).unwrap();
+    let loss = cross_entropy(&mut tape, &logits, targets).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let g = xs.iter().map(|x| grads.get(x).expect("a gradient for every input").clone()).collect();
+    (vec![s, y, loss], g)
+}
+
+fn add_layernorm_inputs(seed: u64, dims: &[usize]) -> ([Tensor; 4], Tensor) {
+    let mut r = rng(seed);
+    let c = *dims.last().unwrap();
+    let [x, w, b] = inputs(&mut r, dims, 1.0);
+    let res = rand_tensor(&mut r, dims, 1.0);
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let t: Vec<i32> = (0..rows).map(|i| ((i * 7 + 3) % c) as i32).collect();
+    ([x, res, w, b], Tensor::from_i32(t, &dims[..dims.len() - 1]).unwrap())
+}
+
+/// On the CPU add_layernorm is add then layernorm: the same bits forward and backward.
+#[test]
+fn add_layernorm_is_add_then_layernorm_bit_for_bit() {
+    for (k, dims) in [&[1, 7, 13][..], &[2, 3, 20], &[5, 9]].into_iter().enumerate() {
+        let (xs, targets) = add_layernorm_inputs(70 + k as u64, dims);
+        let (out_f, g_f) = add_layernorm_run(true, &xs, &targets);
+        let (out_u, g_u) = add_layernorm_run(false, &xs, &targets);
+        for (i, (a, b)) in out_f.iter().zip(&out_u).chain(g_f.iter().zip(&g_u)).enumerate() {
+            assert!(a.f32s().unwrap() == b.f32s().unwrap(), "{dims:?}: output/gradient {i} differs");
+        }
+    }
 }
 
 /// The CUDA kernels (kernels/layernorm.cu): host twins against the CPU backend (these run
@@ -423,5 +471,31 @@ mod cuda {
         let mut dx = poisoned(cu, rows * c, bf16::NAN);
         gpu::layernorm_backward(Some(&mut dx), None, None, &dg, &dxin, &dw_in, &dm, &dr, c).unwrap();
         assert_bits("dx alone", &to_f(&cu.download(&dx).unwrap()), &all.dx);
+    }
+
+    /// add_layernorm on the device (the fused residual + layernorm kernel) against add then
+    /// layernorm on the device, forward and backward (the tape gets the same add and layernorm
+    /// nodes, so backward runs the same kernels on the fused forward's outputs). The sum is one f32
+    /// add rounded to bf16 on both paths (bit for bit); the statistics may differ in f32
+    /// summation order, so the normalised output may differ by a bf16 rounding: U_BF of its
+    /// scale, and the gradients (f32 masters, bf16 activations) by as much of theirs.
+    #[test]
+    fn add_layernorm_on_the_device_matches_add_then_layernorm() {
+        let Some(_) = common::gpu("layernorm add_layernorm_on_the_device_matches_add_then_layernorm") else { return };
+        let dev = |x: &kiln::Tensor| x.to_device(kiln::Device::Cuda(0)).unwrap();
+        for (k, dims) in [&[2, 7, 64][..], &[1, 33, 40], &[3, 12]].into_iter().enumerate() {
+            let (xs, targets) = super::add_layernorm_inputs(80 + k as u64, dims);
+            let xs = [dev(&xs[0]), dev(&xs[1]), dev(&xs[2]), dev(&xs[3])];
+            let (out_f, g_f) = super::add_layernorm_run(true, &xs, &targets);
+            let (out_u, g_u) = super::add_layernorm_run(false, &xs, &targets);
+            let names = ["sum", "normed", "loss", "dx", "dr", "dw", "db"];
+            for (name, (a, b)) in names.iter().zip(out_f.iter().zip(&out_u).chain(g_f.iter().zip(&g_u))) {
+                let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+                let e = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs() as f64));
+                let bound = if *name == "sum" { 0.0 } else { U_BF * max_abs(&b) };
+                eprintln!("add_layernorm {dims:?} {name}: max diff {e:.3e}, bound {bound:.3e}");
+                assert!(e <= bound, "{dims:?} {name}: fused and unfused differ by {e:.3e} > {bound:.3e}");
+            }
+        }
     }
 }

@@ -99,6 +99,25 @@ pub trait Elementwise {
     fn sum_squares(&self, xs: &[&Tensor]) -> Result<f64>;
     /// x *= s, in place (an f32 tensor).
     fn scale(&self, x: &mut Tensor, s: f32) -> Result<()>;
+    /// A new tensor of `dims` in the compute dtype, for the caller to write before it reads (the
+    /// CPU's is zeros; a device's holds whatever was there).
+    fn empty(&self, dims: &[usize]) -> Result<Tensor>;
+    /// A new tensor of `dims` and src's dtype holding copies of ranges of `src`: each piece
+    /// (dst offset, src offset, len) in elements. What no piece covers is left as `empty` leaves it.
+    fn gather(&self, src: &Tensor, dims: &[usize], pieces: &[(usize, usize, usize)]) -> Result<Tensor>;
+}
+
+/// Checks `gather`'s pieces against the two sizes.
+pub(crate) fn check_pieces(op: &'static str, src: usize, dst: usize, pieces: &[(usize, usize, usize)]) -> Result<()> {
+    for &(d, s, len) in pieces {
+        if d.checked_add(len).is_none_or(|e| e > dst) || s.checked_add(len).is_none_or(|e| e > src) {
+            return Err(Error::shape(
+                op,
+                format!("a copy of {len} elements from {s} to {d} leaves a source of {src} or a result of {dst}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// LayerNorm's statistics: one mean and one 1 / std per row, f32.
@@ -108,7 +127,7 @@ pub struct RowStats {
 }
 
 /// LayerNorm over the last dimension.
-pub trait Norm {
+pub trait Norm: Elementwise {
     /// (x - mean) * rstd * w + b per row of width w.len(), with the statistics backward needs.
     fn layernorm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<(Tensor, RowStats)>;
     /// [dx, dw, db], each computed only where `needs` asks (dw, db in f32 on every backend).
@@ -120,6 +139,20 @@ pub trait Norm {
         stats: &RowStats,
         needs: [bool; 3],
     ) -> Result<[Option<Tensor>; 3]>;
+    /// (s = x + r, layernorm(s), its statistics); a backend with a fused kernel does it in one
+    /// pass, the default is `add` then `layernorm`.
+    fn add_layernorm(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor, RowStats)> {
+        let s = self.add(x, r)?;
+        let (y, stats) = self.layernorm(&s, w, b, eps)?;
+        Ok((s, y, stats))
+    }
 }
 
 /// Whether an operand of a GEMM is read transposed.
@@ -227,12 +260,23 @@ pub trait Attention {
         lse: &Tensor,
         n_head: usize,
     ) -> Result<Tensor>;
+    /// Generation with a KV cache: writes the keys and values of qkv [B, n, 3C] at rows
+    /// len..len + n of k and v [B, cap, C], then attends new query i (position len + i) to rows
+    /// 0..=len + i: out [B, n, C].
+    fn attention_cached(
+        &self,
+        qkv: &Tensor,
+        k: &mut Tensor,
+        v: &mut Tensor,
+        len: usize,
+        n_head: usize,
+    ) -> Result<Tensor>;
 }
 
 /// Token + position embedding. Token ids are host i32 values the op has checked.
 pub trait Embedding {
-    /// out [B, T, C] = wte[ids] + wpe[t] for `ids` [B, T] (row-major, T = `t`).
-    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: &Tensor) -> Result<Tensor>;
+    /// out [B, T, C] = wte[ids] + wpe[offset + t] for `ids` [B, T] (row-major, T = `t`).
+    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: &Tensor, offset: usize) -> Result<Tensor>;
     /// [dwte, dwpe] in f32, each only where `needs` asks.
     fn embedding_backward(
         &self,

@@ -63,10 +63,19 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    args.device.parse::<Device>()?.ensure_available()?;
+    let device = args.device.parse::<Device>()?;
+    device.ensure_available()?;
     let mut model = checkpoint::load_gpt2(&args.model)?;
     if let Some(dir) = &args.adapter {
         crate::io::peft::load_adapter(&mut model, dir)?;
+    }
+    if device != Device::Cpu {
+        let adapted = model.lora.is_some() || model.nf4.is_some();
+        if adapted && args.device == "auto" {
+            eprintln!("device: the CPU (LoRA and NF4 models generate on the CPU for now)");
+        } else {
+            model.to_device(device)?;
+        }
     }
     let tokenizer = if args.prompt.is_some() || args.tokenizer.is_some() { Some(load_tokenizer(&args)?) } else { None };
     let prompt = match (&args.prompt, &args.prompt_ids, &tokenizer) {

@@ -1,5 +1,6 @@
-//! Text generation for GPT-2: a key/value cache, so that each new token costs one position's work
-//! instead of a forward pass over the whole sequence; transformers' logits processors
+//! Text generation for GPT-2 on the model's own forward pass with a key/value cache
+//! (`Gpt2::forward_with`), so that each new token costs one position's work instead of a pass
+//! over the whole sequence, on whatever device the model is on; transformers' logits processors
 //! (repetition penalty, no-repeat n-grams, then temperature, top-k, top-p when sampling); greedy
 //! decoding or sampling from a seeded RNG. Greedy output equals transformers'
 //! `generate(do_sample=False)` token for token on the oracle fixtures (tests/generate.rs).
@@ -9,199 +10,10 @@
 //! A request that does not fit the context (prompt + max_new_tokens > n_positions) is refused,
 //! not clamped: GPT-2 has no positions past n_positions, and a silently shorter output surprises.
 
-use super::gpt2::{Conv1dWeight, Gpt2, Gpt2Config};
-use crate::backend::cpu::attention::attention_decode;
-use crate::ops::gemm::{self, WeightLayout};
-use crate::ops::{elementwise, layernorm, lora, nf4};
-use crate::{Error, Result, Tape, Tensor};
+use super::gpt2::{Gpt2, Gpt2Config, KvCache};
+use crate::{Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// Keys and values of every layer at the positions seen so far, for a batch of sequences that
-/// advance together.
-pub struct KvCache {
-    k: Vec<Vec<f32>>, // per layer [B, cap, C]
-    v: Vec<Vec<f32>>, // per layer [B, cap, C]
-    batch: usize,
-    cap: usize,
-    c: usize,
-    len: usize,
-}
-
-impl KvCache {
-    /// An empty cache for `batch` sequences of up to `capacity` tokens (at most n_positions).
-    pub fn new(config: &Gpt2Config, batch: usize, capacity: usize) -> Result<Self> {
-        if capacity > config.n_positions {
-            return Err(Error::SeqTooLong { t: capacity, n_positions: config.n_positions });
-        }
-        if batch == 0 {
-            return Err(Error::Input("a KV cache needs at least one sequence".into()));
-        }
-        let n = batch * capacity * config.n_embd;
-        Ok(KvCache {
-            k: (0..config.n_layer).map(|_| vec![0.0; n]).collect(),
-            v: (0..config.n_layer).map(|_| vec![0.0; n]).collect(),
-            batch,
-            cap: capacity,
-            c: config.n_embd,
-            len: 0,
-        })
-    }
-
-    /// Positions cached so far (the same for every sequence).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Number of sequences (batch rows).
-    pub fn batch(&self) -> usize {
-        self.batch
-    }
-
-    /// The most positions this cache holds.
-    pub fn capacity(&self) -> usize {
-        self.cap
-    }
-
-    /// A cache whose row i is a copy of row `rows[i]` of this one (rows may repeat): fans a
-    /// prefilled prompt out to several sequences, or drops finished ones.
-    pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
-        if let Some(&r) = rows.iter().find(|&&r| r >= self.batch) {
-            return Err(Error::Input(format!("row {r} is not in a cache of {} sequences", self.batch)));
-        }
-        let (row, used) = (self.cap * self.c, self.len * self.c);
-        let pick = |layer: &Vec<f32>| {
-            let mut out = vec![0.0; rows.len() * row];
-            for (dst, &r) in out.chunks_mut(row).zip(rows) {
-                dst[..used].copy_from_slice(&layer[r * row..r * row + used]);
-            }
-            out
-        };
-        Ok(KvCache {
-            k: self.k.iter().map(pick).collect(),
-            v: self.v.iter().map(pick).collect(),
-            batch: rows.len(),
-            ..*self
-        })
-    }
-
-    /// Writes the k and v thirds of `qkv` ([B, n, 3C]) at positions len..len + n of layer `l`
-    /// and returns the q third, [B, n, C].
-    fn append(&mut self, l: usize, qkv: &[f32], n: usize) -> Vec<f32> {
-        let c = self.c;
-        let mut q = vec![0f32; self.batch * n * c];
-        for (r, (src, qr)) in qkv.chunks(3 * c).zip(q.chunks_mut(c)).enumerate() {
-            let dst = (r / n * self.cap + self.len + r % n) * c;
-            qr.copy_from_slice(&src[..c]);
-            self.k[l][dst..dst + c].copy_from_slice(&src[c..2 * c]);
-            self.v[l][dst..dst + c].copy_from_slice(&src[2 * c..]);
-        }
-        q
-    }
-}
-
-impl Gpt2 {
-    /// Feeds the next `n` tokens of each of the cache's B sequences (`ids`: [B, n], row-major),
-    /// appends their keys and values to `cache`, and returns the logits at each sequence's last
-    /// new position, [B, V]. Inference only: nothing is recorded for backward.
-    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let cfg = &self.config;
-        let (b, c, past) = (cache.batch, cfg.n_embd, cache.len);
-        if cache.c != c || cache.k.len() != cfg.n_layer {
-            return Err(Error::Input("this KV cache was made for a model of another size".into()));
-        }
-        if ids.is_empty() || ids.len() % b != 0 {
-            return Err(Error::Input(format!("{} token ids do not split into {b} sequences of n >= 1", ids.len())));
-        }
-        let n = ids.len() / b;
-        if past + n > cache.cap {
-            return Err(Error::Input(format!(
-                "{past} cached + {n} new positions exceed the cache's capacity of {}",
-                cache.cap
-            )));
-        }
-        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= cfg.vocab_size) {
-            return Err(Error::TokenOutOfRange { id: id as i64, row: i / n, pos: past + i % n, vocab: cfg.vocab_size });
-        }
-        let p = |name: &str| self.params.get(name);
-        let wte = p("transformer.wte.weight")?; // [V, C]
-        let (wte_d, wpe_d) = (wte.f32s()?, p("transformer.wpe.weight")?.f32s()?); // wpe [P, C]
-
-        let mut x = vec![0f32; b * n * c];
-        for (r, (row, &id)) in x.chunks_mut(c).zip(ids).enumerate() {
-            let (tok, pos) = (id as usize * c, (past + r % n) * c);
-            for ((o, t), w) in row.iter_mut().zip(&wte_d[tok..tok + c]).zip(&wpe_d[pos..pos + c]) {
-                *o = t + w;
-            }
-        }
-        let mut x = Tensor::from_f32(x, [b, n, c])?; // [B, n, C]
-        if self.lora.is_some() {
-            let ids = Tensor::from_i32(ids.iter().map(|&id| id as i32).collect(), [b, n])?;
-            x = self.wte_lora(&mut Tape::inference(), &ids, x)?;
-        }
-        for l in 0..cfg.n_layer {
-            let h = format!("transformer.h.{l}");
-            let a = ln(self, &format!("{h}.ln_1"), &x)?;
-            let qkv = conv1d(self, &format!("{h}.attn.c_attn"), &a, false)?; // [B, n, 3C]
-            let q = cache.append(l, qkv.f32s()?, n); // [B, n, C]
-            let mut a = vec![0f32; b * n * c];
-            attention_decode(&mut a, &q, &cache.k[l], &cache.v[l], b, n, past, cache.cap, c, cfg.n_head);
-            let a = conv1d(self, &format!("{h}.attn.c_proj"), &Tensor::from_f32(a, [b, n, c])?, false)?;
-            x = elementwise::add(&mut Tape::inference(), &x, &a)?;
-            let f = conv1d(self, &format!("{h}.mlp.c_fc"), &ln(self, &format!("{h}.ln_2"), &x)?, true)?; // [B, n, F]
-            let m = conv1d(self, &format!("{h}.mlp.c_proj"), &f, false)?;
-            x = elementwise::add(&mut Tape::inference(), &x, &m)?;
-        }
-        cache.len += n;
-        // Only the last position of each sequence needs logits: the lm_head is the widest GEMM.
-        let xd = x.f32s()?;
-        let last: Vec<f32> = (0..b).flat_map(|r| &xd[((r + 1) * n - 1) * c..(r + 1) * n * c]).copied().collect();
-        // ln_f of the last positions, [B, C]; lm_head is tied to wte: logits [B, V] = h @ wte^T
-        // (plus its LoRA update, when the adapter has one).
-        let h = ln(self, "transformer.ln_f", &Tensor::from_f32(last, [b, c])?)?;
-        self.lm_head(&mut Tape::inference(), &h, wte, false, 0)
-    }
-}
-
-/// The LayerNorm `prefix` of `model` (weight and bias [C]) over x's last dimension.
-fn ln(model: &Gpt2, prefix: &str, x: &Tensor) -> Result<Tensor> {
-    let p = |s: &str| model.params.get(&format!("{prefix}.{s}"));
-    layernorm::layernorm(&mut Tape::inference(), x, p("weight")?, p("bias")?, model.config.layer_norm_epsilon)
-}
-
-/// The Conv1D `prefix` of `model` (weight [in, out], bias [out]): x @ W + b, GELU'd when `gelu`,
-/// plus the LoRA update when the model's adapter targets the layer (unmerged: the base weights
-/// stay as loaded).
-fn conv1d(model: &Gpt2, prefix: &str, x: &Tensor, gelu: bool) -> Result<Tensor> {
-    let (b, tape) = (model.params.get(&format!("{prefix}.bias"))?, &mut Tape::inference());
-    let ad = model.lora.as_ref().and_then(|l| l.adapter(prefix));
-    let y = match (model.conv1d_weight(&format!("{prefix}.weight"))?, ad) {
-        (Conv1dWeight::F32(w), None) => return gemm::linear(tape, x, &w, Some(b), WeightLayout::InOut, gelu),
-        (Conv1dWeight::F32(w), Some(ad)) => {
-            lora::lora_linear(tape, x, &w, Some(b), ad.a, ad.b, ad.scaling, 0.0, false, 0)?
-        }
-        (Conv1dWeight::Nf4(w), ad) => {
-            let ad = ad.map(|ad| nf4::Nf4Lora {
-                a: ad.a,
-                b: ad.b,
-                scaling: ad.scaling,
-                dropout_p: 0.0,
-                train: false,
-                seed: 0,
-            });
-            nf4::nf4_linear(tape, x, &w, Some(b), ad)?
-        }
-    };
-    if gelu {
-        elementwise::gelu(tape, &y)
-    } else {
-        Ok(y)
-    }
-}
 
 /// How to generate; the defaults are greedy decoding of 50 tokens with every processor off.
 #[derive(Clone, Debug, PartialEq)]
@@ -322,6 +134,8 @@ pub fn generate(
         return Ok(seqs);
     }
     let v = model.config.vocab_size;
+    // On the GPU: the bf16 weights once, not a cast per token.
+    let model = &model.inference_copy()?;
     let mut cache = KvCache::new(&model.config, 1, prompt.len() + cfg.max_new_tokens)?;
     let first = model.forward_cached(prompt, &mut cache)?; // [1, V]
     let mut cache = if nseq > 1 { cache.select_rows(&vec![0; nseq])? } else { cache };

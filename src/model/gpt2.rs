@@ -527,7 +527,18 @@ impl Gpt2 {
 
     /// Transformer block `i` on the residual stream x [B, T, C] (pre-norm: x + attn(ln_1(x)),
     /// then + mlp(ln_2(x))). Dropout sites draw from `seed`, so a recomputation draws the same masks.
-    fn block_forward(&self, tape: &mut Tape, i: usize, x: &Tensor, train: bool, seed: u64) -> Result<Tensor> {
+    /// With `cache` (generation), x continues the cached sequences: its keys and values are
+    /// appended and its queries attend to everything cached.
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        tape: &mut Tape,
+        i: usize,
+        x: &Tensor,
+        train: bool,
+        seed: u64,
+        cache: Option<&mut attention::KvLayer>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let eps = cfg.layer_norm_epsilon;
         let site_seed = |site: u64| seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(site);
@@ -539,11 +550,14 @@ impl Gpt2 {
         };
         let h = layernorm::layernorm(tape, x, &w.ln_1_w, &w.ln_1_b, eps)?;
         let qkv = conv1d(tape, 0, "attn.c_attn", &h, &w.c_attn_w, &w.c_attn_b, false)?; // [B, T, 3C]
-        let a = attention::attention(tape, &qkv, cfg.n_head)?; // [B, T, C]
+        let a = match cache {
+            None => attention::attention(tape, &qkv, cfg.n_head)?, // [B, T, C]
+            Some(kv) => attention::attention_cached(tape, &qkv, kv, cfg.n_head)?,
+        };
         let a = conv1d(tape, 1, "attn.c_proj", &a, &w.c_proj_w, &w.c_proj_b, false)?;
         let a = elementwise::dropout(tape, &a, cfg.resid_pdrop, train, site_seed(2 * i as u64 + 1))?;
-        let x = elementwise::add(tape, x, &a)?;
-        let h = layernorm::layernorm(tape, &x, &w.ln_2_w, &w.ln_2_b, eps)?;
+        // x + a and ln_2 of it in one pass on the GPU.
+        let (x, h) = layernorm::add_layernorm(tape, x, &a, &w.ln_2_w, &w.ln_2_b, eps)?;
         let f = conv1d(tape, 2, "mlp.c_fc", &h, &w.c_fc_w, &w.c_fc_b, true)?; // [B, T, F]
         let m = conv1d(tape, 3, "mlp.c_proj", &f, &w.mlp_proj_w, &w.mlp_proj_b, false)?;
         let m = elementwise::dropout(tape, &m, cfg.resid_pdrop, train, site_seed(2 * i as u64 + 2))?;
@@ -555,7 +569,7 @@ impl Gpt2 {
     /// back-propagates through it. Costs one more block forward in backward; saves every
     /// activation inside the block.
     fn checkpointed_block(&self, tape: &mut Tape, i: usize, x: &Tensor, train: bool, seed: u64) -> Result<Tensor> {
-        let out = self.block_forward(&mut Tape::inference(), i, x, train, seed)?;
+        let out = self.block_forward(&mut Tape::inference(), i, x, train, seed, None)?;
         let (base, adapter) = (format!("transformer.h.{i}."), format!("base_model.model.transformer.h.{i}."));
         let params: Vec<Tensor> = self
             .stores()
@@ -569,7 +583,7 @@ impl Gpt2 {
         if tape.wants(&inputs) {
             // the recomputation owns a (cheap, Arc-sharing) copy of the model
             let model = self.clone();
-            let recompute = move |t: &mut Tape, x: &Tensor| model.block_forward(t, i, x, train, seed);
+            let recompute = move |t: &mut Tape, x: &Tensor| model.block_forward(t, i, x, train, seed, None);
             crate::ops::checkpoint::record(tape, Box::new(recompute), x, params.clone(), &out);
         }
         Ok(out)
@@ -579,13 +593,29 @@ impl Gpt2 {
     /// mean loss. Trainable parameters (the adapter's too) are watched on `tape`, so
     /// `tape.backward(loss)` yields their gradients.
     pub fn forward(&self, tape: &mut Tape, ids: &Tensor, targets: Option<&Tensor>, mode: Mode) -> Result<Gpt2Output> {
+        self.forward_with(tape, ids, targets, mode, None)
+    }
+
+    /// `forward`, optionally continuing the sequences held in a KV cache (generation): `ids`
+    /// [B, T] are then positions len..len + T of the cache's B sequences, their keys and values
+    /// are appended to it, and the logits are those of each sequence's last new position only,
+    /// [B, 1, V] (all generation needs: lm_head is the widest GEMM). The cache is inference only:
+    /// a tape that wants gradients through it is refused.
+    pub fn forward_with(
+        &self,
+        tape: &mut Tape,
+        ids: &Tensor,
+        targets: Option<&Tensor>,
+        mode: Mode,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Gpt2Output> {
         let adapter = self.lora.iter().flat_map(|l| l.params.iter());
         for p in self.params.iter().chain(adapter).filter(|p| p.trainable) {
             tape.watch(&p.tensor);
         }
         let device = self.device();
         if device == crate::Device::Cpu {
-            return self.forward_compute(tape, ids, targets, mode);
+            return self.forward_compute(tape, ids, targets, mode, cache);
         }
         // On the GPU the parameters are f32 masters and the forward pass runs in bf16: a view of
         // the model over bf16 casts, recorded on the tape so each master gets an f32 gradient.
@@ -597,7 +627,7 @@ impl Gpt2 {
             p.tensor = crate::ops::elementwise::to_compute_dtype(tape, &p.tensor)?;
         }
         // ids and targets stay on the host: the embedding and loss check them there and upload.
-        view.forward_compute(tape, ids, targets, mode)
+        view.forward_compute(tape, ids, targets, mode, cache)
     }
 
     /// The device holding the parameters.
@@ -626,6 +656,7 @@ impl Gpt2 {
         ids: &Tensor,
         targets: Option<&Tensor>,
         mode: Mode,
+        mut cache: Option<&mut KvCache>,
     ) -> Result<Gpt2Output> {
         let cfg = &self.config;
         let eps = cfg.layer_norm_epsilon;
@@ -638,15 +669,29 @@ impl Gpt2 {
 
         let wte = self.p("transformer.wte.weight")?; // [V, C]
         let wpe = self.p("transformer.wpe.weight")?; // [P, C]
-        let mut x = embedding::embedding(tape, ids, &wte, &wpe)?; // [B, T, C]
+
+        // The position of ids' first column: with a cache, they continue its sequences.
+        let past = match cache.as_deref() {
+            Some(_) if targets.is_some() => {
+                return Err(Error::Input("a forward pass with a KV cache computes no loss: give no targets".into()))
+            }
+            Some(kv) => kv.check(cfg, ids.dims())?,
+            None => 0,
+        };
+        let mut x = embedding::embedding_at(tape, ids, &wte, &wpe, past)?; // [B, T, C]
         x = self.wte_lora(tape, ids, x)?;
         x = elementwise::dropout(tape, &x, cfg.embd_pdrop, train, site_seed(0))?;
         for i in 0..cfg.n_layer {
-            x = if self.gradient_checkpointing && tape.is_recording() {
-                self.checkpointed_block(tape, i, &x, train, seed)?
-            } else {
-                self.block_forward(tape, i, &x, train, seed)?
+            x = match cache.as_deref_mut() {
+                Some(kv) => self.block_forward(tape, i, &x, train, seed, Some(&mut kv.layers[i]))?,
+                None if self.gradient_checkpointing && tape.is_recording() => {
+                    self.checkpointed_block(tape, i, &x, train, seed)?
+                }
+                None => self.block_forward(tape, i, &x, train, seed, None)?,
             };
+        }
+        if cache.is_some() {
+            x = elementwise::last_position(tape, &x)?; // [B, 1, C]
         }
         let h = layernorm::layernorm(
             tape,
@@ -658,5 +703,108 @@ impl Gpt2 {
         let logits = self.lm_head(tape, &h, &wte, train, site_seed(LM_HEAD_LORA_SITE))?; // [B, T, V]
         let loss = targets.map(|t| xent::cross_entropy(tape, &logits, t)).transpose()?;
         Ok(Gpt2Output { logits, loss })
+    }
+}
+
+/// Keys and values of every layer at the positions seen so far, for a batch of sequences that
+/// advance together: what lets generation feed one new token per step instead of the whole
+/// sequence (`Gpt2::forward_with`). The buffers live where the model runs (f32 on the CPU, bf16
+/// on the GPU).
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<attention::KvLayer>,
+    n_embd: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `batch` sequences of up to `capacity` tokens (at most n_positions).
+    pub fn new(config: &Gpt2Config, batch: usize, capacity: usize) -> Result<Self> {
+        if capacity > config.n_positions {
+            return Err(Error::SeqTooLong { t: capacity, n_positions: config.n_positions });
+        }
+        if batch == 0 {
+            return Err(Error::Input("a KV cache needs at least one sequence".into()));
+        }
+        let layers = (0..config.n_layer).map(|_| attention::KvLayer::new(batch, capacity)).collect();
+        Ok(KvCache { layers, n_embd: config.n_embd })
+    }
+
+    /// Positions cached so far (the same for every sequence).
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of sequences (batch rows).
+    pub fn batch(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.batch())
+    }
+
+    /// The most positions this cache holds.
+    pub fn capacity(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.capacity())
+    }
+
+    /// A cache whose row i is a copy of row `rows[i]` of this one (rows may repeat): fans a
+    /// prefilled prompt out to several sequences, or drops finished ones.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
+        let layers = self.layers.iter().map(|l| l.select_rows(rows)).collect::<Result<_>>()?;
+        Ok(KvCache { layers, n_embd: self.n_embd })
+    }
+
+    /// Checks that ids of `dims` [B, T] can continue this cache's sequences in a model of
+    /// `config`, and returns the position they start at.
+    fn check(&self, config: &Gpt2Config, dims: &[usize]) -> Result<usize> {
+        if self.n_embd != config.n_embd || self.layers.len() != config.n_layer {
+            return Err(Error::Input("this KV cache was made for a model of another size".into()));
+        }
+        let (b, past, cap) = (self.batch(), self.len(), self.capacity());
+        match *dims {
+            [rows, t] if rows == b && t > 0 => {
+                if past + t > cap {
+                    return Err(Error::Input(format!(
+                        "{past} cached + {t} new positions exceed the cache's capacity of {cap}"
+                    )));
+                }
+                Ok(past)
+            }
+            _ => Err(Error::Input(format!(
+                "ids {dims:?} do not continue a KV cache of {b} sequences: give [{b}, n >= 1]"
+            ))),
+        }
+    }
+}
+
+impl Gpt2 {
+    /// The model as its forward pass runs: on the GPU with the parameters cast to bf16 once
+    /// (generation reuses it for every token rather than casting at each call), on the CPU a cheap
+    /// copy (tensors are shared). For inference: its parameters are not the masters.
+    pub fn inference_copy(&self) -> Result<Gpt2> {
+        let mut view = self.clone();
+        if self.device() != crate::Device::Cpu {
+            let tape = &mut Tape::inference();
+            for p in view.params.iter_mut() {
+                p.tensor = elementwise::to_compute_dtype(tape, &p.tensor)?;
+            }
+        }
+        Ok(view)
+    }
+
+    /// Feeds the next `n` tokens of each of the cache's B sequences (`ids`: [B, n], row-major),
+    /// appends their keys and values to `cache`, and returns the logits at each sequence's last
+    /// new position as f32 on the host, [B, V]: `forward_with` a cache, for generation.
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let b = cache.batch();
+        if ids.is_empty() || ids.len() % b != 0 {
+            return Err(Error::Input(format!("{} token ids do not split into {b} sequences of n >= 1", ids.len())));
+        }
+        let n = ids.len() / b;
+        let ids = Tensor::from_i32(ids.iter().map(|&id| id.min(i32::MAX as u32) as i32).collect(), [b, n])?;
+        let logits = self.forward_with(&mut Tape::inference(), &ids, None, Mode::Eval, Some(cache))?.logits;
+        let v = self.config.vocab_size;
+        Tensor::from_f32(logits.to_f32_vec()?, [b, v])
     }
 }

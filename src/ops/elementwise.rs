@@ -28,7 +28,8 @@ pub fn gelu(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
-struct Add;
+/// The residual add's node (also recorded by `layernorm::add_layernorm`).
+pub(super) struct Add;
 
 impl Op for Add {
     fn name(&self) -> &'static str {
@@ -116,4 +117,24 @@ pub fn to_compute_dtype(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
         tape.record(Cast { from: x.dtype() }, &[x], &out);
     }
     Ok(out)
+}
+
+/// The last position of each sequence, x [B, T, C] -> [B, 1, C]: the rows generation needs
+/// logits for. Inference only: it records nothing, and refuses a tape that wants x's gradient.
+pub fn last_position(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "last_position";
+    let [b, t, c] = *x.dims() else {
+        return Err(Error::shape(OP, format!("x must be [B, T, C], got {:?}", x.dims())));
+    };
+    if tape.wants(&[x]) {
+        return Err(Error::Input(format!("{OP} is for generation and has no backward")));
+    }
+    if t == 0 || c == 0 {
+        return Err(Error::shape(OP, format!("x {:?} is empty", x.dims())));
+    }
+    if t == 1 {
+        return Ok(x.clone());
+    }
+    let rows: Vec<(usize, usize, usize)> = (0..b).map(|r| (r * c, (r * t + t - 1) * c, c)).collect();
+    on(OP, &[x])?.gather(x, &[b, 1, c], &rows)
 }

@@ -28,6 +28,37 @@ impl Op for Embedding {
 pub fn embedding(tape: &mut Tape, ids: &Tensor, wte: &Tensor, wpe: &Tensor) -> Result<Tensor> {
     const OP: &str = "embedding";
     let _t = crate::profile::scope("embedding", crate::profile::Phase::Forward);
+    let (idv, t) = check(ids, wte, wpe, 0)?;
+    let out = on(OP, &[wte, wpe])?.embedding(idv, t, wte, wpe, 0)?;
+    if tape.wants(&[wte, wpe]) {
+        let saved = Embedding { ids: ids.clone(), wte_dims: wte.dims().to_vec(), wpe_dims: wpe.dims().to_vec() };
+        tape.record(saved, &[wte, wpe], &out);
+    }
+    Ok(out)
+}
+
+/// `embedding` at positions offset..offset + T: out[b, t] = wte[ids[b, t]] + wpe[offset + t], what
+/// generation feeds after `offset` cached positions. offset = 0 is `embedding` itself; past 0 it
+/// is inference only (it records nothing, and refuses a tape that wants wte's or wpe's gradient).
+pub fn embedding_at(tape: &mut Tape, ids: &Tensor, wte: &Tensor, wpe: &Tensor, offset: usize) -> Result<Tensor> {
+    if offset == 0 {
+        return embedding(tape, ids, wte, wpe);
+    }
+    const OP: &str = "embedding";
+    let _t = crate::profile::scope("embedding", crate::profile::Phase::Forward);
+    if tape.wants(&[wte, wpe]) {
+        return Err(Error::Input(format!(
+            "{OP} at position offset {offset} is for generation with a KV cache and has no backward: \
+             compute gradients with a forward pass from position 0"
+        )));
+    }
+    let (idv, t) = check(ids, wte, wpe, offset)?;
+    on(OP, &[wte, wpe])?.embedding(idv, t, wte, wpe, offset)
+}
+
+/// The host ids and T of an embedding at positions offset..offset + T, checked against the tables.
+fn check<'a>(ids: &'a Tensor, wte: &Tensor, wpe: &Tensor, offset: usize) -> Result<(&'a [i32], usize)> {
+    const OP: &str = "embedding";
     let idv = ids.i32s()?;
     let [_, t] = *ids.dims() else {
         return Err(Error::shape(OP, format!("ids must be [B, T], got {:?}", ids.dims())));
@@ -38,16 +69,11 @@ pub fn embedding(tape: &mut Tape, ids: &Tensor, wte: &Tensor, wpe: &Tensor) -> R
     if c != c2 {
         return Err(Error::shape(OP, format!("wte {:?} and wpe {:?} differ in width", wte.dims(), wpe.dims())));
     }
-    if t > p {
-        return Err(Error::SeqTooLong { t, n_positions: p });
+    if offset + t > p {
+        return Err(Error::SeqTooLong { t: offset + t, n_positions: p });
     }
     if let Some(i) = idv.iter().position(|&id| id < 0 || id as usize >= v) {
-        return Err(Error::TokenOutOfRange { id: idv[i] as i64, row: i / t, pos: i % t, vocab: v });
+        return Err(Error::TokenOutOfRange { id: idv[i] as i64, row: i / t, pos: offset + i % t, vocab: v });
     }
-    let out = on(OP, &[wte, wpe])?.embedding(idv, t, wte, wpe)?;
-    if tape.wants(&[wte, wpe]) {
-        let saved = Embedding { ids: ids.clone(), wte_dims: wte.dims().to_vec(), wpe_dims: wpe.dims().to_vec() };
-        tape.record(saved, &[wte, wpe], &out);
-    }
-    Ok(out)
+    Ok((idv, t))
 }

@@ -244,4 +244,57 @@ impl crate::backend::Attention for super::Cpu {
         let (g, q, o, l) = (f32_in(OP, dout)?, f32_in(OP, qkv)?, f32_in(OP, out)?, f32_in(OP, lse)?);
         new_f32(qkv.dims(), |d| attention_backward(d, g, q, o, l, b, t, c, n_head))
     }
+
+    fn attention_cached(
+        &self,
+        qkv: &Tensor,
+        k: &mut Tensor,
+        v: &mut Tensor,
+        len: usize,
+        n_head: usize,
+    ) -> Result<Tensor> {
+        const OP: &str = "attention_cached";
+        let (b, n, c) = qkv_dims(OP, qkv, n_head)?;
+        let cap = k.dims().get(1).copied().unwrap_or(0);
+        if len + n > cap || k.numel() != b * cap * c || v.numel() != k.numel() {
+            let msg = format!("{len} cached + {n} new positions do not fit caches {:?}", k.dims());
+            return Err(crate::Error::shape(OP, msg));
+        }
+        let qkv_d = f32_in(OP, qkv)?;
+        let mut q = vec![0f32; b * n * c];
+        attention_cache_append(&mut q, k.f32s_mut()?, v.f32s_mut()?, qkv_d, b, n, len, cap, c);
+        let (kd, vd) = (f32_in(OP, k)?, f32_in(OP, v)?);
+        new_f32(&[b, n, c], |o| attention_decode(o, &q, kd, vd, b, n, len, cap, c, n_head))
+    }
+}
+
+/// Splits qkv [B, n, 3C] of n new positions per sequence for `attention_decode`: q [B, n, C], and
+/// the k and v thirds into rows len..len + n of k_cache and v_cache [B, cap, C] (other rows are
+/// left as they are).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cache_append(
+    q: &mut [f32],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    qkv: &[f32],
+    b: usize,
+    n: usize,
+    len: usize,
+    cap: usize,
+    c: usize,
+) {
+    assert!(len + n <= cap, "attention_cache_append: {len} cached + {n} new rows do not fit a cache of {cap}");
+    let bufs = [
+        ("q", q.len(), b * n * c),
+        ("k_cache", k_cache.len(), b * cap * c),
+        ("v_cache", v_cache.len(), b * cap * c),
+        ("qkv", qkv.len(), b * n * 3 * c),
+    ];
+    assert_layout("attention_cache_append", &bufs, c, 1);
+    for (row, (src, qr)) in qkv.chunks_exact(3 * c).zip(q.chunks_exact_mut(c)).enumerate() {
+        let dst = ((row / n) * cap + len + row % n) * c;
+        qr.copy_from_slice(&src[..c]);
+        k_cache[dst..dst + c].copy_from_slice(&src[c..2 * c]);
+        v_cache[dst..dst + c].copy_from_slice(&src[2 * c..]);
+    }
 }

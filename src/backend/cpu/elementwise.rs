@@ -161,4 +161,16 @@ impl crate::backend::Elementwise for super::Cpu {
         super::reduce::scale(x.f32s_mut()?, s);
         Ok(())
     }
+    fn empty(&self, dims: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::zeros(dims))
+    }
+    fn gather(&self, src: &Tensor, dims: &[usize], pieces: &[(usize, usize, usize)]) -> Result<Tensor> {
+        let s = f32_in("gather", src)?;
+        let mut out = vec![0f32; dims.iter().product()];
+        crate::backend::check_pieces("gather", s.len(), out.len(), pieces)?;
+        for &(d, from, len) in pieces {
+            out[d..d + len].copy_from_slice(&s[from..from + len]);
+        }
+        Tensor::from_f32(out, dims)
+    }
 }

@@ -68,11 +68,14 @@ pub fn embedding_backward(
 }
 
 impl crate::backend::Embedding for super::Cpu {
-    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: &Tensor) -> Result<Tensor> {
+    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: &Tensor, offset: usize) -> Result<Tensor> {
         const OP: &str = "embedding";
         let c = wte.shape().last();
         let (wte_d, wpe_d) = (f32_in(OP, wte)?, f32_in(OP, wpe)?);
-        new_f32(&[ids.len() / t.max(1), t, c], |o| embedding_forward(o, ids, wte_d, wpe_d, t, c))
+        let wpe_at = wpe_d
+            .get(offset * c..)
+            .ok_or_else(|| crate::Error::SeqTooLong { t: offset + t, n_positions: wpe_d.len() / c.max(1) })?;
+        new_f32(&[ids.len() / t.max(1), t, c], |o| embedding_forward(o, ids, wte_d, wpe_at, t, c))
     }
 
     fn embedding_backward(

@@ -8,7 +8,7 @@
 //! (`AttentionVariant`): tensor cores (mma.sync) at GPT-2's head dim 64 on sm_80+, CUDA cores
 //! otherwise. The backward runs on CUDA cores and is deterministic: no atomics.
 
-use super::tensor::{bf16_in, f32_in, new_bf16, wrap_f32};
+use super::tensor::{bf16_in, f32_in, new_bf16, wrap_f32, CudaStorage};
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::{
     KILN_ATTN_KERNEL_DKDV, KILN_ATTN_KERNEL_DQ, KILN_ATTN_KERNEL_FORWARD, KILN_ATTN_KERNEL_FORWARD_MMA,
@@ -327,4 +327,124 @@ impl crate::backend::Attention for super::Cuda {
         let (g, q, o, l) = (bf16_in(OP, dout)?, bf16_in(OP, qkv)?, bf16_in(OP, out)?, f32_in(OP, lse)?);
         new_bf16(qkv.dims(), |d| attention_backward(d, g, q, o, l, b, t, c, n_head))
     }
+
+    fn attention_cached(
+        &self,
+        qkv: &Tensor,
+        k: &mut Tensor,
+        v: &mut Tensor,
+        len: usize,
+        n_head: usize,
+    ) -> Result<Tensor> {
+        const OP: &str = "attention_cached";
+        let (b, n, c) = qkv_dims(OP, qkv, n_head)?;
+        let cap = k.dims().get(1).copied().unwrap_or(0);
+        let qkv_d = bf16_in(OP, qkv)?;
+        let mut q = self.alloc::<bf16>(b * n * c)?;
+        let got = k.dtype();
+        let (Some(CudaStorage::BF16(kd)), Some(CudaStorage::BF16(vd))) = (k.cuda_storage_mut(), v.cuda_storage_mut())
+        else {
+            return Err(Error::DType { op: OP, expected: crate::DType::BF16, got });
+        };
+        attention_cache_append(&mut q, kd, vd, qkv_d, b, n, len, cap, c)?;
+        new_bf16(&[b, n, c], |o| attention_decode(o, &q, kd, vd, b, n, len, cap, c, n_head))
+    }
+}
+
+/// Checks a KV-cache launch: the shapes and alignment `check` wants, and len + n <= cap within the
+/// kernels' 32-bit sizes.
+fn check_cache(op: &'static str, n: usize, len: usize, cap: usize) -> Result<()> {
+    if len + n > cap || cap > i32::MAX as usize {
+        return Err(Error::Shape { op, msg: format!("{len} cached + {n} new positions do not fit a cache of {cap}") });
+    }
+    Ok(())
+}
+
+/// q [B, n, C] and rows len..len + n of k_cache, v_cache [B, cap, C] from qkv [B, n, 3C]:
+/// cpu::attention::attention_cache_append on bf16 device buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cache_append(
+    q: &mut DevBuf<bf16>,
+    k_cache: &mut DevBuf<bf16>,
+    v_cache: &mut DevBuf<bf16>,
+    qkv: &DevBuf<bf16>,
+    b: usize,
+    n: usize,
+    len: usize,
+    cap: usize,
+    c: usize,
+) -> Result<()> {
+    const OP: &str = "cuda::attention_cache_append";
+    let lens = [
+        ("q", q.len(), b * n * c, q.ptr()),
+        ("k_cache", k_cache.len(), b * cap * c, k_cache.ptr()),
+        ("v_cache", v_cache.len(), b * cap * c, v_cache.ptr()),
+        ("qkv", qkv.len(), b * n * 3 * c, qkv.ptr()),
+    ];
+    if c == 0 || c % 8 != 0 {
+        return Err(Error::Shape { op: OP, msg: format!("C = {c} must be a positive multiple of 8 (16-byte rows)") });
+    }
+    for &(name, len, want, ptr) in &lens {
+        if len != want || ptr % 16 != 0 {
+            return Err(Error::Shape {
+                op: OP,
+                msg: format!("{name} has {len} elements at {ptr:#x}, expected {want}, 16-byte aligned"),
+            });
+        }
+    }
+    check_cache(OP, n, len, cap)?;
+    let chunks = b * n * c / 8;
+    if chunks == 0 {
+        return Ok(());
+    }
+    if b * cap * c > i32::MAX as usize {
+        return Err(Error::Shape { op: OP, msg: format!("a cache of [{b}, {cap}, {c}] is too large for the kernel") });
+    }
+    let cu = cuda()?;
+    let (b32, n32, len32, cap32, c32) = (b as i32, n as i32, len as i32, cap as i32, c as i32);
+    let mut l = cu.launch_builder(Kernel::AttentionCacheAppend);
+    l.arg_mut(q).arg_mut(k_cache).arg_mut(v_cache).arg(qkv).arg(&b32).arg(&n32).arg(&len32).arg(&cap32).arg(&c32);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
+    unsafe { l.launch(super::grid_1d(chunks, 256)) }?;
+    Ok(())
+}
+
+/// out [B, n, C]: query i of q [B, n, C] (at position past + i) against rows 0..=past + i of
+/// k_cache, v_cache [B, cap, C]: cpu::attention::attention_decode on bf16 device buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(
+    out: &mut DevBuf<bf16>,
+    q: &DevBuf<bf16>,
+    k_cache: &DevBuf<bf16>,
+    v_cache: &DevBuf<bf16>,
+    b: usize,
+    n: usize,
+    past: usize,
+    cap: usize,
+    c: usize,
+    nh: usize,
+) -> Result<()> {
+    const OP: &str = "cuda::attention_decode";
+    let lens = [
+        ("out", out.len(), b * n * c, out.ptr()),
+        ("q", q.len(), b * n * c, q.ptr()),
+        ("k_cache", k_cache.len(), b * cap * c, k_cache.ptr()),
+        ("v_cache", v_cache.len(), b * cap * c, v_cache.ptr()),
+    ];
+    check(OP, &lens, b, n, c, nh)?;
+    check_cache(OP, n, past, cap)?;
+    if b * n == 0 {
+        return Ok(());
+    }
+    if n > u32::MAX as usize || b * cap * c > i32::MAX as usize {
+        return Err(Error::Shape { op: OP, msg: format!("n = {n} and a cache of [{b}, {cap}, {c}] are too large") });
+    }
+    let cu = cuda()?;
+    let cfg = LaunchConfig { grid_dim: (n as u32, nh as u32, b as u32), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+    let (b32, n32, past32, cap32, c32, nh32) = (b as i32, n as i32, past as i32, cap as i32, c as i32, nh as i32);
+    let mut l = cu.launch_builder(Kernel::AttentionDecode);
+    l.arg_mut(out).arg(q).arg(k_cache).arg(v_cache).arg(&b32).arg(&n32).arg(&past32).arg(&cap32).arg(&c32).arg(&nh32);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
+    unsafe { l.launch(cfg) }?;
+    Ok(())
 }

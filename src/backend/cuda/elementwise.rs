@@ -306,4 +306,29 @@ impl crate::backend::Elementwise for super::Cuda {
             _ => Err(Error::Input("scaling gradients: GPU gradients of parameters are f32".into())),
         }
     }
+    fn empty(&self, dims: &[usize]) -> Result<Tensor> {
+        Tensor::from_cuda(CudaStorage::BF16(self.alloc::<bf16>(dims.iter().product())?), dims)
+    }
+    fn gather(&self, src: &Tensor, dims: &[usize], pieces: &[(usize, usize, usize)]) -> Result<Tensor> {
+        fn copy<T: super::DeviceElem>(
+            cu: &super::Cuda,
+            src: &DevBuf<T>,
+            n: usize,
+            pieces: &[(usize, usize, usize)],
+        ) -> Result<DevBuf<T>> {
+            crate::backend::check_pieces("gather", src.len(), n, pieces)?;
+            let mut out = cu.alloc::<T>(n)?;
+            for &(d, s, len) in pieces {
+                cu.copy_view(&mut out.slice_mut(d..d + len), &src.slice(s..s + len))?;
+            }
+            Ok(out)
+        }
+        let n = dims.iter().product();
+        let storage = match src.cuda_storage() {
+            Some(CudaStorage::BF16(s)) => CudaStorage::BF16(copy(self, s, n, pieces)?),
+            Some(CudaStorage::F32(s)) => CudaStorage::F32(copy(self, s, n, pieces)?),
+            _ => return Err(Error::DType { op: "gather", expected: DType::BF16, got: src.dtype() }),
+        };
+        Tensor::from_cuda(storage, dims)
+    }
 }

@@ -70,31 +70,7 @@ pub fn embedding_forward(
     t: usize,
     c: usize,
 ) -> Result<()> {
-    let op = "cuda::embedding_forward";
-    let rows = ids.len();
-    check(op, rows, t, c, ("wte", wte.len()), ("wpe", wpe.len()))?;
-    if out.len() != rows * c {
-        return Err(Error::Shape {
-            op,
-            msg: format!("out has {} elements, expected rows * C = {rows} * {c}", out.len()),
-        });
-    }
-    if rows == 0 {
-        return Ok(());
-    }
-    let cu = cuda()?;
-    let (rows32, t32, c32, vocab32) = (rows as i32, t as i32, c as i32, (wte.len() / c) as i32);
-    let warps = KILN_EMB_WARPS as usize;
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(warps) as u32, 1, 1),
-        block_dim: (32 * warps as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut l = cu.launch_builder(Kernel::EmbeddingForward);
-    l.arg(out).arg(ids).arg(wte).arg(wpe).arg(&rows32).arg(&t32).arg(&c32).arg(&vocab32);
-    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
-    unsafe { l.launch(cfg) }?;
-    Ok(())
+    embedding_forward_at(out, ids, wte, wpe, 0, t, c)
 }
 
 /// dwte[id] = sum of dout rows with that token, dwpe[pos] = sum over rows r with r % t = pos, both
@@ -149,6 +125,54 @@ pub fn embedding_backward(
         // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
         unsafe { l.launch(super::grid_1d(t * c, threads as u32)) }?;
     }
+    Ok(())
+}
+
+/// `embedding_forward` at positions offset..offset + t (generation after `offset` cached
+/// positions): out[r] = wte[ids[r]] + wpe[offset + r % t]. The kernel reads wpe from row `offset`
+/// on; nothing else changes.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_forward_at(
+    out: &mut DevBuf<bf16>,
+    ids: &DevBuf<i32>,
+    wte: &DevBuf<bf16>,
+    wpe: &DevBuf<bf16>,
+    offset: usize,
+    t: usize,
+    c: usize,
+) -> Result<()> {
+    let op = "cuda::embedding_forward";
+    let rows = ids.len();
+    check(op, rows, t, c, ("wte", wte.len()), ("wpe", wpe.len()))?;
+    if wpe.len() < (offset + t) * c || out.len() != rows * c {
+        return Err(Error::Shape {
+            op,
+            msg: format!(
+                "wpe has {} elements (need {} x C = {c} for positions {offset}..{}), out {} (need rows * C = {})",
+                wpe.len(),
+                offset + t,
+                offset + t,
+                out.len(),
+                rows * c
+            ),
+        });
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let cu = cuda()?;
+    let (rows32, t32, c32, vocab32) = (rows as i32, t as i32, c as i32, (wte.len() / c) as i32);
+    let warps = KILN_EMB_WARPS as usize;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(warps) as u32, 1, 1),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let wpe_at = wpe.slice(offset * c..);
+    let mut l = cu.launch_builder(Kernel::EmbeddingForward);
+    l.arg(out).arg(ids).arg(wte).arg(&wpe_at).arg(&rows32).arg(&t32).arg(&c32).arg(&vocab32);
+    // SAFETY: the arguments are the kernel's, in its parameter order; wpe_at holds t rows of C (checked above), all the kernel reads from it, and the other lengths are embedding_forward's.
+    unsafe { l.launch(cfg) }?;
     Ok(())
 }
 
@@ -242,13 +266,13 @@ pub mod twin {
 }
 
 impl crate::backend::Embedding for super::Cuda {
-    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: &Tensor) -> Result<Tensor> {
+    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: &Tensor, offset: usize) -> Result<Tensor> {
         const OP: &str = "embedding";
         let c = wte.shape().last();
         // ids stay on the host too (the op checked them there, and the backward groups them there).
         let ids_d = self.upload(ids)?;
         let (wte_d, wpe_d) = (bf16_in(OP, wte)?, bf16_in(OP, wpe)?);
-        new_bf16(&[ids.len() / t.max(1), t, c], |o| embedding_forward(o, &ids_d, wte_d, wpe_d, t, c))
+        new_bf16(&[ids.len() / t.max(1), t, c], |o| embedding_forward_at(o, &ids_d, wte_d, wpe_d, offset, t, c))
     }
 
     fn embedding_backward(

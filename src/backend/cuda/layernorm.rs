@@ -338,4 +338,24 @@ impl crate::backend::Norm for super::Cuda {
             db.map(|d| wrap_f32(d, &[c])).transpose()?,
         ])
     }
+
+    fn add_layernorm(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor, RowStats)> {
+        const OP: &str = "add_layernorm";
+        let (c, rows) = (x.shape().last(), x.shape().rows());
+        let (xd, rd, wd, bd) = (bf16_in(OP, x)?, bf16_in(OP, r)?, bf16_in(OP, w)?, bf16_in(OP, b)?);
+        let (mut mean, mut rstd) = (self.alloc::<f32>(rows)?, self.alloc::<f32>(rows)?);
+        let mut s = self.alloc::<bf16>(x.numel())?;
+        let out = new_bf16(x.dims(), |o| {
+            layernorm_residual_forward(&mut s, o, &mut mean, &mut rstd, xd, rd, wd, bd, c, eps)
+        })?;
+        let stats = RowStats { mean: wrap_f32(mean, &[rows])?, rstd: wrap_f32(rstd, &[rows])? };
+        Ok((wrap_bf16(s, x.dims())?, out, stats))
+    }
 }

@@ -230,3 +230,17 @@ impl crate::backend::Lora for Cuda {
     }
 }
 impl crate::backend::Nf4 for Cuda {}
+
+impl Cuda {
+    /// dst = src for two ranges of equal length, device to device: rows of a KV cache, one
+    /// position of each sequence in a batch.
+    pub fn copy_view<T: DeviceElem>(&self, dst: &mut DevViewMut<'_, T>, src: &DevView<'_, T>) -> Result<()> {
+        if dst.len() != src.len() {
+            return Err(Error::Cuda(format!("device copy of {} elements into {}", src.len(), dst.len())));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.rt().dtod(dst.ptr(), src.ptr(), src.len() * std::mem::size_of::<T>())
+    }
+}
