@@ -108,12 +108,15 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
         let at = e.utf8_error().valid_up_to();
         let bytes = e.as_bytes();
         let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
-        Error::Input(format!(
-            "{}: not UTF-8 text: invalid byte 0x{:02x} at byte offset {at} (line {line}). kiln reads UTF-8 \
+        Error::Malformed {
+            path: path.to_path_buf(),
+            kind: "text",
+            msg: format!(
+                "not UTF-8 text: invalid byte 0x{:02x} at byte offset {at} (line {line}). kiln reads UTF-8 \
              only; convert the file (e.g. `iconv -f latin1 -t utf-8`) or leave it out of the inputs",
-            path.display(),
-            bytes[at]
-        ))
+                bytes[at]
+            ),
+        }
     })?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     match ext.as_str() {
@@ -142,12 +145,12 @@ fn jsonl_documents(path: &Path, text: &str) -> Result<Vec<String>> {
             continue;
         }
         let bad = |what: String| {
-            Error::Input(format!(
-                "{}: line {}: {what}; every line of a JSON-lines corpus must be an object with a string \
-                 \"text\" field, e.g. {{\"text\": \"...\"}}",
-                path.display(),
+            let msg = format!(
+                "line {}: {what}; every line of a JSON-lines corpus must be an object with a string \"text\" \
+                 field, e.g. {{\"text\": \"...\"}}",
                 i + 1
-            ))
+            );
+            Error::malformed(path, "JSON-lines corpus", msg)
         };
         let value = serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON ({e})")))?;
         docs.push(text_field(value).map_err(|w| bad(w.to_string()))?);
@@ -157,17 +160,19 @@ fn jsonl_documents(path: &Path, text: &str) -> Result<Vec<String>> {
 
 fn json_array_documents(path: &Path, text: &str) -> Result<Vec<String>> {
     let values: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|e| {
-        Error::Input(format!("{}: not a JSON array of objects ({e}); fix the file or use JSON lines", path.display()))
+        Error::malformed(
+            path,
+            "JSON corpus",
+            format!("not a JSON array of objects ({e}); fix the file or use JSON lines"),
+        )
     })?;
     values
         .into_iter()
         .enumerate()
         .map(|(i, v)| {
             text_field(v).map_err(|w| {
-                Error::Input(format!(
-                    "{}: element {i}: {w}; every element must be an object with a string \"text\" field",
-                    path.display()
-                ))
+                let msg = format!("element {i}: {w}; every element must be an object with a string \"text\" field");
+                Error::malformed(path, "JSON corpus", msg)
             })
         })
         .collect()
@@ -424,7 +429,7 @@ impl TokenFile {
 /// Errors when the token file's ids may not fit a model with `model_vocab` embeddings.
 pub fn check_vocab(file: &TokenFile, model_vocab: usize) -> Result<()> {
     if file.vocab_size() > model_vocab {
-        return Err(Error::Input(format!(
+        return Err(Error::Mismatch(format!(
             "{}: tokenizer vocabulary {} does not fit the model's vocab_size {model_vocab}; use a model with \
              vocab_size >= {} or re-tokenize the corpus with the model's tokenizer",
             file.path().display(),
@@ -585,7 +590,7 @@ impl WindowSampler {
         }
         let r = &self.range;
         if r.start > r.end || r.end > file.len() {
-            return Err(Error::Input(format!(
+            return Err(Error::Mismatch(format!(
                 "{}: the sampler's range {r:?} is outside the token file's {} tokens; the token file changed \
                  since this state was saved, so rebuild it or start a fresh run",
                 file.path().display(),
@@ -609,7 +614,7 @@ impl WindowSampler {
                 .into_iter()
                 .map(|t| {
                     i32::try_from(t).map_err(|_| {
-                        Error::Input(format!("{}: token id {t} does not fit in i32", file.path().display()))
+                        Error::malformed(file.path(), "token file", format!("token id {t} does not fit in i32"))
                     })
                 })
                 .collect::<Result<Vec<i32>>>()?;
