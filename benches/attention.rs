@@ -4,6 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln::backend::cpu::attention::{attention_backward, attention_forward};
+use kiln::backend::AttnDims;
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("attention");
@@ -14,13 +15,13 @@ fn bench(c: &mut Criterion) {
         let pairs = (b * t * (t + 1) / 2) as u64;
         g.throughput(Throughput::Elements(4 * ch as u64 * pairs));
         g.bench_function(BenchmarkId::new("forward", format!("B{b} T{t}")), |x| {
-            x.iter(|| attention_forward(&mut out, &mut lse, &qkv, b, t, ch, nh))
+            x.iter(|| attention_forward(&mut out, &mut lse, &qkv, &AttnDims { b, t, c: ch, nh }))
         });
         let dout = vec![0.01f32; b * t * ch];
         let mut dqkv = vec![0f32; qkv.len()];
         g.throughput(Throughput::Elements(8 * ch as u64 * pairs));
         g.bench_function(BenchmarkId::new("backward", format!("B{b} T{t}")), |x| {
-            x.iter(|| attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, ch, nh))
+            x.iter(|| attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &AttnDims { b, t, c: ch, nh }))
         });
     }
     g.finish();

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{grad_check, max_abs, poison_pool, rand_tensor, rng, Objective, Tol, POOLED, U32};
+use kiln::backend::AttnDims;
 use kiln::ops::attention::{attention, attention_cached, KvLayer};
 use kiln::{Error, Tape, Tensor};
 
@@ -195,7 +196,7 @@ fn cpu_backend_attention_rejects_a_short_output_buffer() {
     let (b, t, c, nh) = (1, 4, 64, 2);
     let qkv = vec![0.1f32; b * t * 3 * c];
     let (mut out, mut lse) = (vec![0f32; b * t * c - 1], vec![0f32; b * nh * t]);
-    kiln::backend::cpu::attention::attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh);
+    kiln::backend::cpu::attention::attention_forward(&mut out, &mut lse, &qkv, &AttnDims { b, t, c, nh });
 }
 
 #[test]
@@ -205,7 +206,7 @@ fn cpu_backend_attention_backward_rejects_a_short_gradient_buffer() {
     let qkv = vec![0.1f32; b * t * 3 * c];
     let (out, dout, lse) = (vec![0.1f32; b * t * c], vec![0.1f32; b * t * c], vec![0f32; b * nh * t]);
     let mut dqkv = vec![0f32; b * t * 3 * c - 1];
-    kiln::backend::cpu::attention::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh);
+    kiln::backend::cpu::attention::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &AttnDims { b, t, c, nh });
 }
 
 /// Feeds qkv [B, T, 3C] (host f32) to attention_cached in chunks of `sizes` positions (summing to
@@ -307,6 +308,7 @@ mod cuda {
     use kiln::backend::cpu::attention as cpu;
     use kiln::backend::cuda::attention::{self as gpu, twin, AttentionVariant};
     use kiln::backend::cuda::{bf16, Cuda, DevBuf};
+    use kiln::backend::AttnDims;
     use kiln::ops::attention::{attention_cached, KvLayer};
     use kiln::{Error, Tensor};
     use rand::Rng;
@@ -563,18 +565,18 @@ mod cuda {
 
         // The f32 reference.
         let (mut out_ref, mut lse_ref) = (vec![0f32; b * t * c], vec![0f32; b * nh * t]);
-        cpu::attention_forward(&mut out_ref, &mut lse_ref, &qkv_r, b, t, c, nh);
+        cpu::attention_forward(&mut out_ref, &mut lse_ref, &qkv_r, &AttnDims { b, t, c, nh });
         let mut dqkv_ref = vec![0f32; b * t * 3 * c];
-        cpu::attention_backward(&mut dqkv_ref, &dout_r, &qkv_r, &out_ref, &lse_ref, b, t, c, nh);
+        cpu::attention_backward(&mut dqkv_ref, &dout_r, &qkv_r, &out_ref, &lse_ref, &AttnDims { b, t, c, nh });
 
         // The kernels; the backward takes the forward's own bf16 out and f32 lse.
         let qkv_d = cu.upload(&qkv).unwrap();
         let dout_d = cu.upload(&dout).unwrap();
         let mut out_d = nan_bf16(cu, b * t * c);
         let mut lse_d = cu.upload(&vec![f32::NAN; b * nh * t]).unwrap();
-        gpu::attention_forward_with(variant, &mut out_d, &mut lse_d, &qkv_d, b, t, c, nh).unwrap();
+        gpu::attention_forward_with(variant, &mut out_d, &mut lse_d, &qkv_d, &AttnDims { b, t, c, nh }).unwrap();
         let mut dqkv_d = nan_bf16(cu, b * t * 3 * c);
-        gpu::attention_backward(&mut dqkv_d, &dout_d, &qkv_d, &out_d, &lse_d, b, t, c, nh).unwrap();
+        gpu::attention_backward(&mut dqkv_d, &dout_d, &qkv_d, &out_d, &lse_d, &AttnDims { b, t, c, nh }).unwrap();
         cu.sync().unwrap();
         let out_k = to_f32(&cu.download(&out_d).unwrap());
         let lse_k = cu.download(&lse_d).unwrap();
@@ -599,9 +601,9 @@ mod cuda {
 
         // Deterministic: no atomics, fixed summation order, so a second run is bit-identical.
         let mut dqkv2 = nan_bf16(cu, b * t * 3 * c);
-        gpu::attention_backward(&mut dqkv2, &dout_d, &qkv_d, &out_d, &lse_d, b, t, c, nh).unwrap();
+        gpu::attention_backward(&mut dqkv2, &dout_d, &qkv_d, &out_d, &lse_d, &AttnDims { b, t, c, nh }).unwrap();
         let mut out2 = nan_bf16(cu, b * t * c);
-        gpu::attention_forward_with(variant, &mut out2, &mut lse_d, &qkv_d, b, t, c, nh).unwrap();
+        gpu::attention_forward_with(variant, &mut out2, &mut lse_d, &qkv_d, &AttnDims { b, t, c, nh }).unwrap();
         let same = |x: &DevBuf<bf16>, y: &DevBuf<bf16>| {
             let (x, y) = (cu.download(x).unwrap(), cu.download(y).unwrap());
             x.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits())
@@ -621,9 +623,9 @@ mod cuda {
             let qkv: Vec<f32> = uniform(&mut r, b * t * 3 * c, 2.0).iter().map(|&x| bf(x)).collect();
             let dout: Vec<f32> = uniform(&mut r, b * t * c, 1.0).iter().map(|&x| bf(x)).collect();
             let (mut out, mut lse) = (vec![0f32; b * t * c], vec![0f32; b * nh * t]);
-            cpu::attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh);
+            cpu::attention_forward(&mut out, &mut lse, &qkv, &AttnDims { b, t, c, nh });
             let mut dqkv = vec![0f32; b * t * 3 * c];
-            cpu::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh);
+            cpu::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &AttnDims { b, t, c, nh });
             let plain_out = plain_forward(&qkv, b, t, c, nh);
             let plain = plain_backward(&dout, &qkv, &out, &lse, b, t, c, nh);
             let mut pairs = vec![("out", plain_out, out)];
@@ -670,7 +672,7 @@ mod cuda {
                     let qkv = cu.upload(&vec![bf16::ZERO; b * t * 3 * c]).unwrap();
                     let mut out = cu.alloc::<bf16>(b * t * c).unwrap();
                     let mut lse = cu.alloc::<f32>(b * nh * t).unwrap();
-                    let res = gpu::attention_forward_with(variant, &mut out, &mut lse, &qkv, b, t, c, nh);
+                    let res = gpu::attention_forward_with(variant, &mut out, &mut lse, &qkv, &AttnDims { b, t, c, nh });
                     assert!(matches!(res, Err(Error::Shape { .. })), "{variant:?} at hd {hd}: {res:?}");
                 }
             }
@@ -680,8 +682,8 @@ mod cuda {
             let qkv = cu.upload(&to_bf16(&uniform(&mut r, b * t * 3 * c, 2.0))).unwrap();
             let (mut o1, mut o2) = (nan_bf16(cu, b * t * c), nan_bf16(cu, b * t * c));
             let mut lse = cu.alloc::<f32>(b * nh * t).unwrap();
-            gpu::attention_forward(&mut o1, &mut lse, &qkv, b, t, c, nh).unwrap();
-            gpu::attention_forward_with(shipped, &mut o2, &mut lse, &qkv, b, t, c, nh).unwrap();
+            gpu::attention_forward(&mut o1, &mut lse, &qkv, &AttnDims { b, t, c, nh }).unwrap();
+            gpu::attention_forward_with(shipped, &mut o2, &mut lse, &qkv, &AttnDims { b, t, c, nh }).unwrap();
             let (o1, o2) = (cu.download(&o1).unwrap(), cu.download(&o2).unwrap());
             assert!(o1.iter().zip(&o2).all(|(x, y)| x.to_bits() == y.to_bits()), "hd {hd}: default is not {shipped:?}");
         }
@@ -696,7 +698,7 @@ mod cuda {
             let qkv = cu.upload(&vec![bf16::ZERO; b * t * 3 * c]).unwrap();
             let mut out = cu.alloc::<bf16>(b * t * c).unwrap();
             let mut lse = cu.alloc::<f32>(b * nh * t).unwrap();
-            let res = gpu::attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh);
+            let res = gpu::attention_forward(&mut out, &mut lse, &qkv, &AttnDims { b, t, c, nh });
             assert!(matches!(res, Err(Error::Shape { .. })), "C = {c}, n_head = {nh}: {res:?}");
         }
     }
@@ -718,7 +720,7 @@ mod cuda {
             let (t, c) = (70, nh * hd);
             let qkv: Vec<f32> = uniform(&mut rng(400 + k as u64), b * t * 3 * c, 2.0).iter().map(|&x| bf(x)).collect();
             let (mut want, mut lse) = (vec![0f32; b * t * c], vec![0f32; b * nh * t]);
-            cpu::attention_forward(&mut want, &mut lse, &qkv, b, t, c, nh);
+            cpu::attention_forward(&mut want, &mut lse, &qkv, &AttnDims { b, t, c, nh });
             let plain = plain_forward(&qkv, b, t, c, nh);
             for sizes in super::CHUNKS {
                 let got = super::cached_in_chunks(&qkv, (b, t, c, nh), sizes, &to_dev);
@@ -730,7 +732,7 @@ mod cuda {
         let c = nh * hd;
         let qkv: Vec<f32> = uniform(&mut rng(450), b * t * 3 * c, 2.0).iter().map(|&x| bf(x)).collect();
         let (mut want, mut lse) = (vec![0f32; b * t * c], vec![0f32; b * nh * t]);
-        cpu::attention_forward(&mut want, &mut lse, &qkv, b, t, c, nh);
+        cpu::attention_forward(&mut want, &mut lse, &qkv, &AttnDims { b, t, c, nh });
         let plain = plain_forward(&qkv, b, t, c, nh);
         let rows_of = |bi: usize, from: usize, to: usize| qkv[(bi * t + from) * 3 * c..(bi * t + to) * 3 * c].to_vec();
         let mut cache = KvLayer::new(b, t);

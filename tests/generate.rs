@@ -12,6 +12,7 @@ mod common;
 
 use common::cli::{fails_with, kiln, text};
 use common::max_rel_err;
+use kiln::backend::{AttnDims, KvDims};
 
 use kiln::backend::cpu::attention::{attention_decode, attention_forward};
 use kiln::io::checkpoint::{load_all, load_gpt2};
@@ -123,7 +124,7 @@ fn attention_decode_equals_attention_forward() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let qkv: Vec<f32> = (0..b * t * 3 * c).map(|_| rng.random_range(-2.0..2.0)).collect();
     let (mut want, mut lse) = (vec![0f32; b * t * c], vec![0f32; b * nh * t]);
-    attention_forward(&mut want, &mut lse, &qkv, b, t, c, nh);
+    attention_forward(&mut want, &mut lse, &qkv, &AttnDims { b, t, c, nh });
     let third = |part: usize, bi: usize, i: usize| &qkv[(bi * t + i) * 3 * c + part * c..][..c];
     let (mut k, mut v) = (vec![0f32; b * t * c], vec![0f32; b * t * c]);
     for bi in 0..b {
@@ -135,7 +136,7 @@ fn attention_decode_equals_attention_forward() {
     for (past, n) in [(0, 70), (0, 1), (1, 1), (31, 1), (32, 1), (33, 5), (63, 7), (69, 1)] {
         let q: Vec<f32> = (0..b).flat_map(|bi| (past..past + n).flat_map(move |i| third(0, bi, i))).copied().collect();
         let mut out = vec![f32::NAN; b * n * c];
-        attention_decode(&mut out, &q, &k, &v, b, n, past, t, c, nh);
+        attention_decode(&mut out, &q, &k, &v, &KvDims { b, n, past, cap: t, c }, nh);
         for bi in 0..b {
             for i in 0..n {
                 let (got, exp) = (&out[(bi * n + i) * c..][..c], &want[(bi * t + past + i) * c..][..c]);

@@ -247,6 +247,26 @@ pub trait Matmul {
     fn bias_grad(&self, g: &Tensor, n: usize) -> Result<Tensor>;
 }
 
+/// The sizes of a causal multi-head attention: batch, sequence length, model width C and heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnDims {
+    pub b: usize,
+    pub t: usize,
+    pub c: usize,
+    pub nh: usize,
+}
+
+/// The sizes of attention against a KV cache: batch, new positions n, positions already cached
+/// (`past`), the cache's capacity and the model width C.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvDims {
+    pub b: usize,
+    pub n: usize,
+    pub past: usize,
+    pub cap: usize,
+    pub c: usize,
+}
+
 /// Causal multi-head attention over packed qkv [B, T, 3C].
 pub trait Attention {
     /// (out [B, T, C], lse [B, nh, T] in f32).

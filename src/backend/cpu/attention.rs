@@ -8,7 +8,7 @@
 //! Work is split over (batch, head) pairs, one rayon task each.
 
 use super::{axpy, dot, f32_in, new_f32, SendPtr};
-use crate::backend::qkv_dims;
+use crate::backend::{qkv_dims, AttnDims, KvDims};
 use crate::{Result, Tensor};
 use rayon::prelude::*;
 
@@ -67,7 +67,8 @@ fn assert_layout(op: &str, bufs: &[(&str, usize, usize)], c: usize, nh: usize) {
     }
 }
 
-pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) {
+pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], d: &AttnDims) {
+    let AttnDims { b, t, c, nh } = *d;
     let bufs = [("out", out.len(), b * t * c), ("lse", lse.len(), b * nh * t), ("qkv", qkv.len(), b * t * 3 * c)];
     assert_layout("attention_forward", &bufs, c, nh);
     let hd = c / nh;
@@ -105,18 +106,8 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize
 }
 
 /// dqkv = d loss / d qkv, given dout [B, T, C] and the forward's out and lse.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
-    dqkv: &mut [f32],
-    dout: &[f32],
-    qkv: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    b: usize,
-    t: usize,
-    c: usize,
-    nh: usize,
-) {
+pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], d: &AttnDims) {
+    let AttnDims { b, t, c, nh } = *d;
     let bufs = [
         ("dqkv", dqkv.len(), b * t * 3 * c),
         ("dout", dout.len(), b * t * c),
@@ -165,19 +156,8 @@ pub fn attention_backward(
 /// q, out: [B, n, C]; k_cache, v_cache: [B, cap, C] (head h at columns h*hd..(h+1)*hd) with rows
 /// 0..past + n filled, the new ones included. Tiles and online softmax are attention_forward's, so
 /// each row's result is the one the full forward computes from the same q, k and v.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_decode(
-    out: &mut [f32],
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    b: usize,
-    n: usize,
-    past: usize,
-    cap: usize,
-    c: usize,
-    nh: usize,
-) {
+pub fn attention_decode(out: &mut [f32], q: &[f32], k_cache: &[f32], v_cache: &[f32], d: &KvDims, nh: usize) {
+    let KvDims { b, n, past, cap, c } = *d;
     assert!(past + n <= cap, "attention_decode: {past} cached + {n} new rows do not fit a cache of {cap}");
     let bufs = [
         ("out", out.len(), b * n * c),
@@ -227,7 +207,7 @@ impl crate::backend::Attention for super::Cpu {
         let (b, t, c) = qkv_dims(OP, qkv, n_head)?;
         let qd = f32_in(OP, qkv)?;
         let mut lse = vec![0f32; b * n_head * t];
-        let out = new_f32(&[b, t, c], |o| attention_forward(o, &mut lse, qd, b, t, c, n_head))?;
+        let out = new_f32(&[b, t, c], |o| attention_forward(o, &mut lse, qd, &AttnDims { b, t, c, nh: n_head }))?;
         Ok((out, Tensor::from_f32(lse, [b, n_head, t])?))
     }
 
@@ -242,7 +222,7 @@ impl crate::backend::Attention for super::Cpu {
         const OP: &str = "attention backward";
         let (b, t, c) = qkv_dims(OP, qkv, n_head)?;
         let (g, q, o, l) = (f32_in(OP, dout)?, f32_in(OP, qkv)?, f32_in(OP, out)?, f32_in(OP, lse)?);
-        new_f32(qkv.dims(), |d| attention_backward(d, g, q, o, l, b, t, c, n_head))
+        new_f32(qkv.dims(), |d| attention_backward(d, g, q, o, l, &AttnDims { b, t, c, nh: n_head }))
     }
 
     fn attention_cached(
@@ -262,27 +242,17 @@ impl crate::backend::Attention for super::Cpu {
         }
         let qkv_d = f32_in(OP, qkv)?;
         let mut q = vec![0f32; b * n * c];
-        attention_cache_append(&mut q, k.f32s_mut()?, v.f32s_mut()?, qkv_d, b, n, len, cap, c);
+        attention_cache_append(&mut q, k.f32s_mut()?, v.f32s_mut()?, qkv_d, &KvDims { b, n, past: len, cap, c });
         let (kd, vd) = (f32_in(OP, k)?, f32_in(OP, v)?);
-        new_f32(&[b, n, c], |o| attention_decode(o, &q, kd, vd, b, n, len, cap, c, n_head))
+        new_f32(&[b, n, c], |o| attention_decode(o, &q, kd, vd, &KvDims { b, n, past: len, cap, c }, n_head))
     }
 }
 
 /// Splits qkv [B, n, 3C] of n new positions per sequence for `attention_decode`: q [B, n, C], and
 /// the k and v thirds into rows len..len + n of k_cache and v_cache [B, cap, C] (other rows are
 /// left as they are).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_cache_append(
-    q: &mut [f32],
-    k_cache: &mut [f32],
-    v_cache: &mut [f32],
-    qkv: &[f32],
-    b: usize,
-    n: usize,
-    len: usize,
-    cap: usize,
-    c: usize,
-) {
+pub fn attention_cache_append(q: &mut [f32], k_cache: &mut [f32], v_cache: &mut [f32], qkv: &[f32], d: &KvDims) {
+    let KvDims { b, n, past: len, cap, c } = *d;
     assert!(len + n <= cap, "attention_cache_append: {len} cached + {n} new rows do not fit a cache of {cap}");
     let bufs = [
         ("q", q.len(), b * n * c),

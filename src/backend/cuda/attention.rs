@@ -14,7 +14,7 @@ use crate::abi::{
     KILN_ATTN_KERNEL_DKDV, KILN_ATTN_KERNEL_DQ, KILN_ATTN_KERNEL_FORWARD, KILN_ATTN_KERNEL_FORWARD_MMA,
     KILN_ATTN_MAX_HEAD_DIM, KILN_ATTN_MMA_HEAD_DIM, KILN_ATTN_MMA_ROWS, KILN_ATTN_TILE, KILN_ATTN_WARPS,
 };
-use crate::backend::qkv_dims;
+use crate::backend::{qkv_dims, AttnDims, KvDims};
 use crate::{Error, Result, Tensor};
 
 /// Shared memory a block gets without opting in.
@@ -124,30 +124,25 @@ pub fn attention_forward(
     out: &mut DevBuf<bf16>,
     lse: &mut DevBuf<f32>,
     qkv: &DevBuf<bf16>,
-    b: usize,
-    t: usize,
-    c: usize,
-    nh: usize,
+    d: &AttnDims,
 ) -> Result<()> {
+    let AttnDims { b, t, c, nh } = *d;
     // Without a GPU (or with bad sizes) attention_forward_with reports the error.
     let hd = c.checked_div(nh).unwrap_or(0);
     let variant = cuda().map_or(AttentionVariant::Simt, |cu| AttentionVariant::shipped(hd, cu.compute_capability()));
-    attention_forward_with(variant, out, lse, qkv, b, t, c, nh)
+    attention_forward_with(variant, out, lse, qkv, &AttnDims { b, t, c, nh })
 }
 
 /// attention_forward with a chosen variant (tests and benchmarks run both); a shape error if
 /// the variant cannot take this head dim or GPU.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_forward_with(
     variant: AttentionVariant,
     out: &mut DevBuf<bf16>,
     lse: &mut DevBuf<f32>,
     qkv: &DevBuf<bf16>,
-    b: usize,
-    t: usize,
-    c: usize,
-    nh: usize,
+    d: &AttnDims,
 ) -> Result<()> {
+    let AttnDims { b, t, c, nh } = *d;
     let lens = [
         ("out", out.len(), b * t * c, out.ptr()),
         ("lse", lse.len(), b * nh * t, lse.ptr()),
@@ -184,18 +179,15 @@ pub fn attention_forward_with(
 /// dqkv [B, T, 3C] (overwritten, all of it) from dout [B, T, C] and the forward's qkv, out and
 /// lse: cpu::attention::attention_backward on bf16 device buffers. Takes a B x NH x T f32 scratch
 /// buffer for D = rowsum(dout * out).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dqkv: &mut DevBuf<bf16>,
     dout: &DevBuf<bf16>,
     qkv: &DevBuf<bf16>,
     out: &DevBuf<bf16>,
     lse: &DevBuf<f32>,
-    b: usize,
-    t: usize,
-    c: usize,
-    nh: usize,
+    d: &AttnDims,
 ) -> Result<()> {
+    let AttnDims { b, t, c, nh } = *d;
     let lens = [
         ("dqkv", dqkv.len(), b * t * 3 * c, dqkv.ptr()),
         ("dout", dout.len(), b * t * c, dout.ptr()),
@@ -310,7 +302,7 @@ impl crate::backend::Attention for super::Cuda {
         let (b, t, c) = qkv_dims(OP, qkv, n_head)?;
         let qd = bf16_in(OP, qkv)?;
         let mut lse = self.alloc::<f32>(b * n_head * t)?;
-        let out = new_bf16(&[b, t, c], |o| attention_forward(o, &mut lse, qd, b, t, c, n_head))?;
+        let out = new_bf16(&[b, t, c], |o| attention_forward(o, &mut lse, qd, &AttnDims { b, t, c, nh: n_head }))?;
         Ok((out, wrap_f32(lse, &[b, n_head, t])?))
     }
 
@@ -325,7 +317,7 @@ impl crate::backend::Attention for super::Cuda {
         const OP: &str = "attention backward";
         let (b, t, c) = qkv_dims(OP, qkv, n_head)?;
         let (g, q, o, l) = (bf16_in(OP, dout)?, bf16_in(OP, qkv)?, bf16_in(OP, out)?, f32_in(OP, lse)?);
-        new_bf16(qkv.dims(), |d| attention_backward(d, g, q, o, l, b, t, c, n_head))
+        new_bf16(qkv.dims(), |d| attention_backward(d, g, q, o, l, &AttnDims { b, t, c, nh: n_head }))
     }
 
     fn attention_cached(
@@ -346,8 +338,8 @@ impl crate::backend::Attention for super::Cuda {
         else {
             return Err(Error::DType { op: OP, expected: crate::DType::BF16, got });
         };
-        attention_cache_append(&mut q, kd, vd, qkv_d, b, n, len, cap, c)?;
-        new_bf16(&[b, n, c], |o| attention_decode(o, &q, kd, vd, b, n, len, cap, c, n_head))
+        attention_cache_append(&mut q, kd, vd, qkv_d, &KvDims { b, n, past: len, cap, c })?;
+        new_bf16(&[b, n, c], |o| attention_decode(o, &q, kd, vd, &KvDims { b, n, past: len, cap, c }, n_head))
     }
 }
 
@@ -362,18 +354,14 @@ fn check_cache(op: &'static str, n: usize, len: usize, cap: usize) -> Result<()>
 
 /// q [B, n, C] and rows len..len + n of k_cache, v_cache [B, cap, C] from qkv [B, n, 3C]:
 /// cpu::attention::attention_cache_append on bf16 device buffers.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_cache_append(
     q: &mut DevBuf<bf16>,
     k_cache: &mut DevBuf<bf16>,
     v_cache: &mut DevBuf<bf16>,
     qkv: &DevBuf<bf16>,
-    b: usize,
-    n: usize,
-    len: usize,
-    cap: usize,
-    c: usize,
+    d: &KvDims,
 ) -> Result<()> {
+    let KvDims { b, n, past: len, cap, c } = *d;
     const OP: &str = "cuda::attention_cache_append";
     let lens = [
         ("q", q.len(), b * n * c, q.ptr()),
@@ -411,19 +399,15 @@ pub fn attention_cache_append(
 
 /// out [B, n, C]: query i of q [B, n, C] (at position past + i) against rows 0..=past + i of
 /// k_cache, v_cache [B, cap, C]: cpu::attention::attention_decode on bf16 device buffers.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     out: &mut DevBuf<bf16>,
     q: &DevBuf<bf16>,
     k_cache: &DevBuf<bf16>,
     v_cache: &DevBuf<bf16>,
-    b: usize,
-    n: usize,
-    past: usize,
-    cap: usize,
-    c: usize,
+    d: &KvDims,
     nh: usize,
 ) -> Result<()> {
+    let KvDims { b, n, past, cap, c } = *d;
     const OP: &str = "cuda::attention_decode";
     let lens = [
         ("out", out.len(), b * n * c, out.ptr()),

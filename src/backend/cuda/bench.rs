@@ -10,6 +10,7 @@
 //! is several times the L2 so repetitions do not measure the cache.
 
 use super::{bf16, cuda, Cuda, DevBuf, DeviceElem};
+use crate::backend::AttnDims;
 use crate::backend::GemmDesc;
 use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
@@ -236,11 +237,14 @@ pub fn attention_rows(cu: &Cuda, _copy: f64) -> Result<Vec<Row>> {
     let qkv = random_bf16(cu, b * t * 3 * c, 21)?;
     let mut out = cu.alloc::<bf16>(b * t * c)?;
     let mut lse = cu.alloc::<f32>(b * h * t)?;
-    let fwd_ms = time_ms(cu, 3, 20, || super::attention::attention_forward(&mut out, &mut lse, &qkv, b, t, c, h))?;
+    let fwd_ms = time_ms(cu, 3, 20, || {
+        super::attention::attention_forward(&mut out, &mut lse, &qkv, &AttnDims { b, t, c, nh: h })
+    })?;
     let dout = random_bf16(cu, b * t * c, 22)?;
     let mut dqkv = cu.alloc::<bf16>(b * t * 3 * c)?;
-    let bwd_ms =
-        time_ms(cu, 3, 20, || super::attention::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, h))?;
+    let bwd_ms = time_ms(cu, 3, 20, || {
+        super::attention::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &AttnDims { b, t, c, nh: h })
+    })?;
     let fwd_flops = 4.0 * (b * h * d) as f64 * (t * (t + 1) / 2) as f64;
     let shape = format!("B{b} H{h} T{t} D{d}");
     let row = |kernel: &str, ms: f64, flops: f64, target| Row {

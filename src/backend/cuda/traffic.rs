@@ -8,6 +8,7 @@
 
 use super::bench::{random_bf16, random_f32};
 use super::{attention, bf16, cuda, elementwise, embedding, gemm, layernorm, reduce, xent, Cuda, Kernel};
+use crate::backend::AttnDims;
 use crate::backend::{GemmDesc, Trans};
 use crate::{Error, Result};
 
@@ -90,10 +91,22 @@ fn workload(cu: &Cuda) -> Result<()> {
     let qkv = random_bf16(cu, tokens * 3 * c, 6)?;
     let mut out = cu.alloc::<bf16>(tokens * c)?;
     let mut lse = cu.alloc::<f32>(b * nh * t)?;
-    attention::attention_forward_with(attention::AttentionVariant::Simt, &mut out, &mut lse, &qkv, b, t, c, nh)?;
-    attention::attention_forward_with(attention::AttentionVariant::Mma, &mut out, &mut lse, &qkv, b, t, c, nh)?;
+    attention::attention_forward_with(
+        attention::AttentionVariant::Simt,
+        &mut out,
+        &mut lse,
+        &qkv,
+        &AttnDims { b, t, c, nh },
+    )?;
+    attention::attention_forward_with(
+        attention::AttentionVariant::Mma,
+        &mut out,
+        &mut lse,
+        &qkv,
+        &AttnDims { b, t, c, nh },
+    )?;
     let mut dqkv = cu.alloc::<bf16>(tokens * 3 * c)?;
-    attention::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh)?;
+    attention::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &AttnDims { b, t, c, nh })?;
     // LayerNorm.
     let x = random_bf16(cu, tokens * c, 7)?;
     let (lw, lb) = (random_bf16(cu, c, 8)?, random_bf16(cu, c, 9)?);
