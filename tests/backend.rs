@@ -95,8 +95,15 @@ mod cuda {
         let run = |xs: &[Tensor], dout: &Tensor| {
             let mut tape = Tape::new();
             xs.iter().for_each(|t| tape.watch(t));
-            let y =
-                lora::lora_linear(&mut tape, &xs[0], &xs[1], Some(&xs[2]), &xs[3], &xs[4], 2.0, 0.25, true, 9).unwrap();
+            let y = lora::lora_linear(
+                &mut tape,
+                &xs[0],
+                &xs[1],
+                kiln::ops::gemm::WeightLayout::InOut,
+                Some(&xs[2]),
+                &lora::LoraAdapter { a: &xs[3], b: &xs[4], scaling: 2.0, dropout_p: 0.25, train: true, seed: 9 },
+            )
+            .unwrap();
             let g = tape.backward_from(&y, dout.clone()).unwrap();
             let grads: Vec<Tensor> = xs.iter().map(|t| g.get(t).expect("every input is watched").clone()).collect();
             (y, grads)

@@ -27,7 +27,7 @@ use kiln::model::lora;
 use kiln::nn::lora::LoraConfig;
 use kiln::ops::elementwise;
 use kiln::ops::gemm::{linear, matmul, Trans, WeightLayout};
-use kiln::ops::lora::{lora_embedding, lora_linear, lora_linear_ex};
+use kiln::ops::lora::{lora_embedding, lora_linear, LoraAdapter};
 use kiln::{DType, Gpt2, Tape, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -84,7 +84,14 @@ fn lora_linear_grads_match_finite_differences() {
             let inputs = op_inputs(10 + i as u64, x, n, r);
             let label = format!("lora_linear x={x:?} out={n} r={r} dropout={p}");
             grad_check(&label, &inputs, &[0, 1, 2, 3, 4], Objective::Probe(3), FD, 48, |t, v| {
-                lora_linear(t, &v[0], &v[1], Some(&v[4]), &v[2], &v[3], 1.7, p, train, 99)
+                lora_linear(
+                    t,
+                    &v[0],
+                    &v[1],
+                    WeightLayout::InOut,
+                    Some(&v[4]),
+                    &LoraAdapter { a: &v[2], b: &v[3], scaling: 1.7, dropout_p: p, train, seed: 99 },
+                )
             });
         }
     }
@@ -98,7 +105,14 @@ fn lora_linear_grads_match_finite_differences() {
         }
         let inputs = op_inputs(20, &x, n, r);
         grad_check("lora_linear pooled", &inputs, &[0, 1, 2, 3, 4], Objective::Probe(4), FD, 24, |t, v| {
-            lora_linear(t, &v[0], &v[1], Some(&v[4]), &v[2], &v[3], 0.5, 0.1, true, 7)
+            lora_linear(
+                t,
+                &v[0],
+                &v[1],
+                WeightLayout::InOut,
+                Some(&v[4]),
+                &LoraAdapter { a: &v[2], b: &v[3], scaling: 0.5, dropout_p: 0.1, train: true, seed: 7 },
+            )
         });
     }
 }
@@ -115,7 +129,15 @@ fn lora_linear_equals_its_composite_twin() {
         for t in [&v[0], &v[2], &v[3]] {
             t1.watch(t);
         }
-        let fused = lora_linear(&mut t1, &v[0], &v[1], Some(&v[4]), &v[2], &v[3], s, 0.0, false, 0).unwrap();
+        let fused = lora_linear(
+            &mut t1,
+            &v[0],
+            &v[1],
+            WeightLayout::InOut,
+            Some(&v[4]),
+            &LoraAdapter { a: &v[2], b: &v[3], scaling: s, dropout_p: 0.0, train: false, seed: 0 },
+        )
+        .unwrap();
 
         let mut t2 = Tape::new();
         for t in [&v[0], &v[2], &bs] {
@@ -159,13 +181,44 @@ fn lora_linear_rejects_bad_shapes() {
     let mut t = Tape::new();
     let err = |r: kiln::Result<Tensor>| r.unwrap_err().to_string();
     let a_bad = Tensor::zeros([2, 7]);
-    assert!(err(lora_linear(&mut t, &v[0], &v[1], None, &a_bad, &v[3], 1.0, 0.0, false, 0)).contains("lora_A"));
+    assert!(err(lora_linear(
+        &mut t,
+        &v[0],
+        &v[1],
+        WeightLayout::InOut,
+        None,
+        &LoraAdapter { a: &a_bad, b: &v[3], scaling: 1.0, dropout_p: 0.0, train: false, seed: 0 }
+    ))
+    .contains("lora_A"));
     let b_bad = Tensor::zeros([4, 2]);
-    assert!(err(lora_linear(&mut t, &v[0], &v[1], None, &v[2], &b_bad, 1.0, 0.0, false, 0)).contains("lora_B"));
+    assert!(err(lora_linear(
+        &mut t,
+        &v[0],
+        &v[1],
+        WeightLayout::InOut,
+        None,
+        &LoraAdapter { a: &v[2], b: &b_bad, scaling: 1.0, dropout_p: 0.0, train: false, seed: 0 }
+    ))
+    .contains("lora_B"));
     let a0 = Tensor::zeros([0, 8]);
-    assert!(err(lora_linear(&mut t, &v[0], &v[1], None, &a0, &Tensor::zeros([5, 0]), 1.0, 0.0, false, 0))
-        .contains("r >= 1"));
-    assert!(err(lora_linear(&mut t, &v[0], &v[1], None, &v[2], &v[3], 1.0, 1.0, true, 0)).contains("[0, 1)"));
+    assert!(err(lora_linear(
+        &mut t,
+        &v[0],
+        &v[1],
+        WeightLayout::InOut,
+        None,
+        &LoraAdapter { a: &a0, b: &Tensor::zeros([5, 0]), scaling: 1.0, dropout_p: 0.0, train: false, seed: 0 }
+    ))
+    .contains("r >= 1"));
+    assert!(err(lora_linear(
+        &mut t,
+        &v[0],
+        &v[1],
+        WeightLayout::InOut,
+        None,
+        &LoraAdapter { a: &v[2], b: &v[3], scaling: 1.0, dropout_p: 1.0, train: true, seed: 0 }
+    ))
+    .contains("[0, 1)"));
 }
 
 // ------------------------------------------------------------------------- PEFT parity
@@ -718,7 +771,7 @@ fn embedding_fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft-embedding").join(name)
 }
 
-/// lora_embedding (inputs A [r, V], B [C, r]) and lora_linear_ex with the weight stored
+/// lora_embedding (inputs A [r, V], B [C, r]) and lora_linear with the weight stored
 /// [out, in] (lm_head's layout), against finite differences at small, awkward sizes. The ids
 /// repeat, so the scatter into dA must accumulate.
 #[test]
@@ -740,16 +793,23 @@ fn embedding_and_lm_head_lora_grads_match_finite_differences() {
             let mut inputs = op_inputs(70 + i as u64, x, n, r);
             let k = *x.last().unwrap();
             inputs[1] = rand_tensor(&mut rng(80 + i as u64), &[n, k], 1.0);
-            let label = format!("lora_linear_ex OutIn x={x:?} out={n} r={r} dropout={p}");
+            let label = format!("lora_linear OutIn x={x:?} out={n} r={r} dropout={p}");
             grad_check(&label, &inputs[..4], &[0, 1, 2, 3], Objective::Probe(3), FD, 48, |t, v| {
-                lora_linear_ex(t, &v[0], &v[1], WeightLayout::OutIn, None, &v[2], &v[3], 1.7, p, train, 99)
+                lora_linear(
+                    t,
+                    &v[0],
+                    &v[1],
+                    WeightLayout::OutIn,
+                    None,
+                    &LoraAdapter { a: &v[2], b: &v[3], scaling: 1.7, dropout_p: p, train, seed: 99 },
+                )
             });
         }
     }
 }
 
 /// Both new paths against plain computations: lora_embedding against s A[:, id]^T B^T summed in
-/// f64 (1e-5 absolute on outputs of order 1), lora_linear_ex(OutIn, W^T) against
+/// f64 (1e-5 absolute on outputs of order 1), lora_linear(OutIn, W^T) against
 /// lora_linear(InOut, W) with the same dropout mask (outputs and gradients, 1e-5 relative: the
 /// same products in another memory layout).
 #[test]
@@ -785,9 +845,24 @@ fn embedding_and_lm_head_lora_equal_their_composite_twins() {
             t1.watch(t);
             t2.watch(t);
         }
-        let y1 =
-            lora_linear_ex(&mut t1, &vv[0], &wt, WeightLayout::OutIn, None, &vv[2], &vv[3], s, 0.2, true, 5).unwrap();
-        let y2 = lora_linear(&mut t2, &vv[0], &vv[1], None, &vv[2], &vv[3], s, 0.2, true, 5).unwrap();
+        let y1 = lora_linear(
+            &mut t1,
+            &vv[0],
+            &wt,
+            WeightLayout::OutIn,
+            None,
+            &LoraAdapter { a: &vv[2], b: &vv[3], scaling: s, dropout_p: 0.2, train: true, seed: 5 },
+        )
+        .unwrap();
+        let y2 = lora_linear(
+            &mut t2,
+            &vv[0],
+            &vv[1],
+            WeightLayout::InOut,
+            None,
+            &LoraAdapter { a: &vv[2], b: &vv[3], scaling: s, dropout_p: 0.2, train: true, seed: 5 },
+        )
+        .unwrap();
         assert!(max_rel_err_t(&y1, &y2) < 1e-5, "forward x={x:?}");
         let rows = y1.shape().rows();
         let targets =

@@ -16,7 +16,7 @@ use kiln::model::gpt2::{Gpt2, Gpt2Config, Mode};
 use kiln::model::lora;
 use kiln::nn::lora::LoraConfig;
 use kiln::ops::gemm::{linear, WeightLayout};
-use kiln::ops::lora::lora_linear;
+use kiln::ops::lora::{lora_linear, LoraAdapter};
 use kiln::ops::nf4::{nf4_linear, Nf4Lora};
 use kiln::ops::xent::cross_entropy;
 use kiln::quant::nf4::{Nf4Weight, NF4_BLOCKSIZE};
@@ -59,7 +59,15 @@ fn check_against_f32(m: usize, k: usize, n: usize, r: usize, dropout: f32, lora_
                 nf4_linear(&mut tape, &x, &q, Some(&bias), Some(l)).unwrap()
             }
             (true, false) => nf4_linear(&mut tape, &x, &q, Some(&bias), None).unwrap(),
-            (false, true) => lora_linear(&mut tape, &x, &wd, Some(&bias), &a, &b, 1.5, dropout, true, 9).unwrap(),
+            (false, true) => lora_linear(
+                &mut tape,
+                &x,
+                &wd,
+                WeightLayout::InOut,
+                Some(&bias),
+                &LoraAdapter { a: &a, b: &b, scaling: 1.5, dropout_p: dropout, train: true, seed: 9 },
+            )
+            .unwrap(),
             (false, false) => linear(&mut tape, &x, &wd, Some(&bias), WeightLayout::InOut, false).unwrap(),
         };
         let loss = cross_entropy(&mut tape, &y, &targets).unwrap();

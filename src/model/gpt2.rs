@@ -465,9 +465,14 @@ impl Gpt2 {
         let adapter = self.lora.as_ref().and_then(|l| Some((l.adapter(module)?, l.config.dropout)));
         let y = match (w, adapter) {
             (Conv1dWeight::F32(w), None) => return gemm::linear(tape, x, w, Some(b), WeightLayout::InOut, gelu),
-            (Conv1dWeight::F32(w), Some((ad, p))) => {
-                lora::lora_linear(tape, x, w, Some(b), ad.a, ad.b, ad.scaling, p, train, seed)?
-            }
+            (Conv1dWeight::F32(w), Some((ad, p))) => lora::lora_linear(
+                tape,
+                x,
+                w,
+                WeightLayout::InOut,
+                Some(b),
+                &lora::LoraAdapter { a: ad.a, b: ad.b, scaling: ad.scaling, dropout_p: p, train, seed },
+            )?,
             (Conv1dWeight::Nf4(w), ad) => {
                 let ad =
                     ad.map(|(ad, p)| nf4::Nf4Lora { a: ad.a, b: ad.b, scaling: ad.scaling, dropout_p: p, train, seed });
@@ -501,9 +506,14 @@ impl Gpt2 {
         let adapter = self.lora.as_ref().and_then(|l| Some((l.adapter(crate::nn::lora::LM_HEAD)?, l.config.dropout)));
         match adapter {
             None => gemm::linear(tape, h, wte, None, WeightLayout::OutIn, false),
-            Some((ad, p)) => {
-                lora::lora_linear_ex(tape, h, wte, WeightLayout::OutIn, None, ad.a, ad.b, ad.scaling, p, train, seed)
-            }
+            Some((ad, p)) => lora::lora_linear(
+                tape,
+                h,
+                wte,
+                WeightLayout::OutIn,
+                None,
+                &lora::LoraAdapter { a: ad.a, b: ad.b, scaling: ad.scaling, dropout_p: p, train, seed },
+            ),
         }
     }
 

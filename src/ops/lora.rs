@@ -1,6 +1,6 @@
 //! LoRA linear: a Conv1D layer (W [in, out], y = x W + b) with PEFT's low-rank update,
 //!   y = x W + b + scaling * dropout(x) A^T B^T,   A = lora_A [r, in], B = lora_B [out, r],
-//! as one tape node (llm.c granularity); `lora_linear_ex` also takes W stored [out, in] (an
+//! as one tape node (llm.c granularity); `lora_linear` also takes W stored [out, in] (an
 //! nn.Linear, such as GPT-2's lm_head, which is wte [V, C]). Backward computes only what `needs`
 //! asks for, so the frozen base weight of a LoRA model costs no dW GEMM and no gradient buffer;
 //! the rules are in `src/backend/cpu/lora.rs`.
@@ -34,42 +34,31 @@ struct LoraLinear {
     r: usize,
 }
 
-/// y = x @ w + bias + scaling * dropout(x) @ a^T @ b^T for x [..., in], w [in, out] (Conv1D
-/// layout), a [r, in], b [out, r]. Dropout with probability `dropout_p` applies to the adapter's
-/// input only, when `train`; its mask is drawn from `seed`. The inputs are recorded in the order
-/// x, w, a, b, bias.
-#[allow(clippy::too_many_arguments)]
-pub fn lora_linear(
-    tape: &mut Tape,
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    b: &Tensor,
-    scaling: f32,
-    dropout_p: f32,
-    train: bool,
-    seed: u64,
-) -> Result<Tensor> {
-    lora_linear_ex(tape, x, w, WeightLayout::InOut, bias, a, b, scaling, dropout_p, train, seed)
+/// A LoRA adapter as the ops take it: A = lora_A [r, in], B = lora_B [out, r], the scaling, and
+/// dropout on the adapter's input with probability `dropout_p`, applied only when `train`, its
+/// mask drawn from `seed`.
+#[derive(Clone, Copy)]
+pub struct LoraAdapter<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scaling: f32,
+    pub dropout_p: f32,
+    pub train: bool,
+    pub seed: u64,
 }
 
-/// `lora_linear` for a weight in either layout: [in, out] (`InOut`, Conv1D) or [out, in]
-/// (`OutIn`, nn.Linear and GPT-2's tied lm_head: y = x @ w^T + bias + the update).
-#[allow(clippy::too_many_arguments)]
-pub fn lora_linear_ex(
+/// y = x @ W + bias + scaling * dropout(x) @ A^T @ B^T for x [..., in] and W in `layout`: [in,
+/// out] (`InOut`, Conv1D) or [out, in] (`OutIn`, nn.Linear and GPT-2's tied lm_head: y = x @ W^T
+/// + bias + the update). The inputs are recorded in the order x, W, A, B, bias.
+pub fn lora_linear(
     tape: &mut Tape,
     x: &Tensor,
     w: &Tensor,
     layout: WeightLayout,
     bias: Option<&Tensor>,
-    a: &Tensor,
-    b: &Tensor,
-    scaling: f32,
-    dropout_p: f32,
-    train: bool,
-    seed: u64,
+    adapter: &LoraAdapter,
 ) -> Result<Tensor> {
+    let LoraAdapter { a, b, scaling, dropout_p, train, seed } = *adapter;
     const OP: &str = "lora_linear";
     let _t = crate::profile::scope(OP, crate::profile::Phase::Forward);
     if !(0.0..1.0).contains(&dropout_p) {

@@ -12,17 +12,8 @@ use crate::tape::{Op, Tape};
 use crate::{Error, Result, Tensor};
 use std::sync::Arc;
 
-/// The LoRA adapter of an NF4 layer, as `lora::lora_linear` takes it.
-#[derive(Clone, Copy)]
-pub struct Nf4Lora<'a> {
-    pub a: &'a Tensor, // [r, in]
-    pub b: &'a Tensor, // [out, r]
-    pub scaling: f32,
-    /// Dropout on the adapter's input, applied only when `train`; the mask is drawn from `seed`.
-    pub dropout_p: f32,
-    pub train: bool,
-    pub seed: u64,
-}
+/// The LoRA adapter of an NF4 layer: the same as `lora::lora_linear` takes.
+pub use super::lora::LoraAdapter as Nf4Lora;
 
 struct Nf4Linear {
     x: Tensor,
