@@ -17,7 +17,8 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-// The one other place the feature is named: the stand-in that takes the CUDA backend's place.
+// The stand-in takes the CUDA backend's place in a build without the feature: with the two lines
+// above, the only `cfg(feature = "cuda")` that code outside src/backend/cuda needs.
 #[cfg(not(feature = "cuda"))]
 #[path = "no_cuda.rs"]
 pub mod cuda;
@@ -59,8 +60,19 @@ pub fn to_host_f32(t: &Tensor) -> Result<Tensor> {
     t.to_device(Device::Cpu)?.to_dtype(DType::F32)
 }
 
-/// Runs `f` (the CPU backend's implementation) on host copies of a backend's tensors and moves
-/// its outputs back in `dtypes[i]`: how a backend without a kernel for a fused op still runs it.
+/// Moves an output of the CPU backend's implementation, run on host copies of another backend's
+/// tensors, back to `device` in `dtype`: how a backend without a kernel for a fused op still runs
+/// it (the trait defaults of `Lora` and `Nf4`).
+fn move_back(be: &dyn Backend, device: Device, t: Tensor, dtype: DType) -> Result<Tensor> {
+    let t = t.to_device(device)?;
+    if t.dtype() == dtype {
+        Ok(t)
+    } else {
+        be.cast(&t, dtype)
+    }
+}
+
+/// `move_back` over the gradients a backward returns (each where it was asked for).
 fn on_host<const N: usize>(
     be: &dyn Backend,
     device: Device,
@@ -69,10 +81,7 @@ fn on_host<const N: usize>(
 ) -> Result<[Option<Tensor>; N]> {
     let mut res: [Option<Tensor>; N] = std::array::from_fn(|_| None);
     for (i, (out, dtype)) in outs.into_iter().zip(dtypes).enumerate() {
-        if let Some(t) = out {
-            let t = t.to_device(device)?;
-            res[i] = Some(if t.dtype() == dtype { t } else { be.cast(&t, dtype)? });
-        }
+        res[i] = out.map(|t| move_back(be, device, t, dtype)).transpose()?;
     }
     Ok(res)
 }
@@ -370,9 +379,8 @@ pub trait Lora: Elementwise {
         let (x, w, a, b) = (h(args.x)?, h(args.w)?, h(args.a)?, h(args.b)?);
         let bias = args.bias.map(h).transpose()?;
         let (y, us) = cpu::Cpu.lora_linear(&args.with(&x, &w, bias.as_ref(), &a, &b))?;
-        let dt = args.x.dtype();
-        let [y, us] = on_host(self.as_backend(), args.x.device(), [dt, DType::F32], [Some(y), Some(us)])?;
-        Ok((y.expect("given"), us.expect("given")))
+        let (be, device) = (self.as_backend(), args.x.device());
+        Ok((move_back(be, device, y, args.x.dtype())?, move_back(be, device, us, DType::F32)?))
     }
     /// [dx, dW, dA, dB, dbias], each only where `needs` asks; parameter gradients in f32.
     fn lora_linear_backward(
@@ -393,10 +401,8 @@ pub trait Lora: Elementwise {
     fn lora_embedding(&self, args: &LoraEmbeddingArgs) -> Result<(Tensor, Tensor)> {
         let (a, b) = (to_host_f32(args.a)?, to_host_f32(args.b)?);
         let (y, us) = cpu::Cpu.lora_embedding(&LoraEmbeddingArgs { a: &a, b: &b, ..*args })?;
-        let device = args.b.device();
-        let [y, us] =
-            on_host(self.as_backend(), device, [self.as_backend().compute_dtype(), DType::F32], [Some(y), Some(us)])?;
-        Ok((y.expect("given"), us.expect("given")))
+        let (be, device) = (self.as_backend(), args.b.device());
+        Ok((move_back(be, device, y, be.compute_dtype())?, move_back(be, device, us, DType::F32)?))
     }
     /// [dA, dB] in f32, each only where `needs` asks.
     fn lora_embedding_backward(
@@ -444,8 +450,8 @@ pub trait Nf4: Lora {
         let bias = args.bias.map(to_host_f32).transpose()?;
         let ab = args.lora.map(|(a, b, _)| Ok::<_, Error>((to_host_f32(a)?, to_host_f32(b)?))).transpose()?;
         let (y, us) = cpu::Cpu.nf4_linear(&args.with(&x, bias.as_ref(), ab.as_ref().map(|(a, b)| (a, b))))?;
-        let [y, us] = on_host(self.as_backend(), args.x.device(), [args.x.dtype(), DType::F32], [Some(y), Some(us)])?;
-        Ok((y.expect("given"), us.expect("given")))
+        let (be, device) = (self.as_backend(), args.x.device());
+        Ok((move_back(be, device, y, args.x.dtype())?, move_back(be, device, us, DType::F32)?))
     }
     /// [dx, dA, dB, dbias] (no dW: the quantized base is frozen), each only where `needs` asks.
     fn nf4_linear_backward(

@@ -156,7 +156,9 @@ impl AdamW {
     pub fn step_all(&mut self, stores: &mut [&mut ParamStore], grads: &Gradients, lr: f64) -> Result<()> {
         let _t = crate::profile::scope("adamw", crate::profile::Phase::Optimizer);
         self.step += 1;
-        let mut params: Vec<&mut crate::nn::Param> = Vec::new();
+        // Each gradient is looked up before its parameter is written (a write may give a parameter
+        // tensor a new identity).
+        let mut params: Vec<(&mut crate::nn::Param, &Tensor)> = Vec::new();
         for p in stores.iter_mut().flat_map(|s| s.iter_mut()).filter(|p| p.trainable) {
             let Some(g) = grads.get(&p.tensor) else { continue };
             if g.numel() != p.tensor.numel() {
@@ -174,17 +176,17 @@ impl AdamW {
                 }
             };
             self.state.insert(p.name.clone(), (m, v));
-            params.push(p);
+            params.push((p, g));
         }
-        // Gradients are looked up before the parameters are borrowed mutably (a write may give a
-        // parameter tensor a new identity).
-        let gs: Vec<&Tensor> = params.iter().map(|p| grads.get(&p.tensor).expect("checked above")).collect();
         let mut moments: HashMap<&str, &mut (Tensor, Tensor)> =
             self.state.iter_mut().map(|(k, mv)| (k.as_str(), mv)).collect();
         let mut by_device: Vec<(Device, Vec<AdamWSlot>)> = Vec::new();
-        for (p, g) in params.into_iter().zip(gs) {
+        for (p, g) in params {
             let decay = p.tensor.dims().len() >= 2;
-            let (m, v) = moments.remove(p.name.as_str()).map(|mv| (&mut mv.0, &mut mv.1)).expect("inserted above");
+            let Some((m, v)) = moments.remove(p.name.as_str()).map(|mv| (&mut mv.0, &mut mv.1)) else {
+                // two trainable parameters share a name: the second finds the first's moments taken
+                return Err(Error::Input(format!("adamw: two trainable parameters are named {}", p.name)));
+            };
             let device = p.tensor.device();
             let slot = AdamWSlot { p: &mut p.tensor, m, v, g, decay };
             match by_device.iter_mut().find(|(d, _)| *d == device) {
