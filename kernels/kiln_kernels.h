@@ -121,3 +121,7 @@ typedef struct {
 // Most blocks (partial sums) per buffer in reduce_sum_squares_partial; more elements are folded
 // in by a grid-stride loop, so the partial count, and the bits, depend only on n.
 #define KILN_REDUCE_MAX_BLOCKS 1024
+
+// ---- nf4 ----
+// Threads per block of nf4_dequantize (one thread per packed byte).
+#define KILN_NF4_THREADS 256

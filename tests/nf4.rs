@@ -5,6 +5,8 @@
 //! quantize` writes (tested through `kiln::io::nf4::quantize_file_nf4`, the function behind the
 //! command, since the subcommand is wired into the CLI separately).
 
+mod common;
+
 use kiln::io::checkpoint::load_all;
 use kiln::io::nf4::{py_float_repr, quantize_file_nf4, Nf4FileOptions};
 use kiln::io::safetensors::{save, SafeFile};
@@ -232,4 +234,65 @@ fn quantize_file_names_a_matrix_that_does_not_fill_whole_blocks() {
     assert!(err.contains("block size 2"), "{err}");
     let err = quantize_file_nf4(&path, &path, &Nf4FileOptions::default()).unwrap_err().to_string();
     assert!(err.contains("is the input file"), "{err}");
+}
+
+/// The NF4 dequantization kernel (kernels/nf4.cu): its host twin and the kernel on the device
+/// (the GPU, else the emulated device) reproduce the CPU's dequantization bit for bit, for the
+/// double-quantized weights QLoRA keeps (the fixture's matrix, one nested block, and 650 blocks
+/// with scales over three decades, three nested blocks), and bitsandbytes' own dequantized
+/// fixture for single quantization.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{bit_mismatches, common, fixture};
+    use kiln::backend::cuda::nf4::{nf4_dequantize, twin, DevNf4};
+    use kiln::quant::nf4::{quantize_nf4, Nf4Weight};
+    use rand::{Rng, SeedableRng};
+
+    fn weights() -> Vec<Nf4Weight> {
+        let fixture_w = fixture()["W"].f32s().unwrap().to_vec();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(43);
+        let scaled_w: Vec<f32> = (0..650 * 64)
+            .map(|i| {
+                let scale = 10f32.powf(((i / 64) % 13) as f32 / 4.0 - 1.5);
+                (rng.random::<f32>() * 2.0 - 1.0) * scale
+            })
+            .collect();
+        vec![
+            Nf4Weight::quantize(&fixture_w, [64, 256], 64).unwrap(),
+            Nf4Weight::quantize(&scaled_w, [650, 64], 64).unwrap(),
+        ]
+    }
+
+    #[test]
+    fn host_twin_dequantizes_like_the_cpu() {
+        for w in weights() {
+            let want = w.dequantize().unwrap();
+            assert_eq!(bit_mismatches(&twin::nf4_dequantize(&w), &want), 0, "{:?}", w.dims);
+        }
+    }
+
+    #[test]
+    fn kernel_dequantizes_like_the_cpu_and_bitsandbytes() {
+        let Some(cu) = common::gpu("kernel_dequantizes_like_the_cpu_and_bitsandbytes") else { return };
+        for w in weights() {
+            let want = w.dequantize().unwrap();
+            let d = DevNf4::upload(&w).unwrap();
+            let mut out = cu.alloc::<f32>(w.numel()).unwrap();
+            nf4_dequantize(&mut out, &d).unwrap();
+            let got = cu.download(&out).unwrap();
+            assert_eq!(bit_mismatches(&got, &want), 0, "double-quantized {:?}", w.dims);
+        }
+        // single quantization against bitsandbytes' dequantized fixture
+        let f = fixture();
+        let q = quantize_nf4(f["W"].f32s().unwrap(), 64).unwrap();
+        let d = DevNf4::upload_single(&q).unwrap();
+        let mut out = cu.alloc::<f32>(q.numel).unwrap();
+        nf4_dequantize(&mut out, &d).unwrap();
+        let got = cu.download(&out).unwrap();
+        assert_eq!(bit_mismatches(&got, f["dequant"].f32s().unwrap()), 0, "bitsandbytes' dequant");
+        // a weight whose parts do not agree is refused, not read out of bounds
+        let mut bad = weights().remove(0);
+        bad.absmax.codes.pop();
+        assert!(DevNf4::upload(&bad).is_err());
+    }
 }

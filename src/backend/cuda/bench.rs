@@ -172,6 +172,7 @@ pub fn run() -> Result<()> {
         xent_rows,
         super::adamw::bench,
         reduce_rows,
+        nf4_rows,
     ] {
         // One family's failure is reported and the others still run.
         match f(cu, copy) {
@@ -367,6 +368,21 @@ pub fn reduce_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
         bandwidth_row("reduce sum of squares", format!("{n}"), ms, bytes_of::<f32>(n), copy),
         bandwidth_row("reduce scale", format!("{n}"), sc, 2.0 * bytes_of::<f32>(n), copy),
     ])
+}
+
+/// NF4 dequantization of GPT-2 124M's largest weight (c_fc, [768, 3072]) to f32, against copy
+/// bandwidth: it reads the packed codes (n/2 bytes) and the 8-bit absmax (n/64) and writes 4n.
+pub fn nf4_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
+    let dims = [768usize, 3072usize];
+    let n = dims[0] * dims[1];
+    let w = crate::quant::nf4::Nf4Weight::quantize(&cu.download(&random_f32(cu, n, 63)?)?, dims, 64)?;
+    let d = super::nf4::DevNf4::upload(&w)?;
+    let mut out = cu.alloc::<f32>(n)?;
+    let ms = time_ms(cu, 3, 20, || super::nf4::nf4_dequantize(&mut out, &d))?;
+    let bytes = (n / 2 + n / 64) as f64 + bytes_of::<f32>(n);
+    // Issue 12's target for the dequantization: 85% of copy bandwidth.
+    let row = bandwidth_row("nf4 dequantize (to f32)", format!("{}x{}", dims[0], dims[1]), ms, bytes, copy);
+    Ok(vec![Row { target: Some(0.85), ..row }])
 }
 
 /// `kiln bench kernels --device <device>`: every kernel timed against its ceiling on the GPU

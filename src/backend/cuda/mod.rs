@@ -19,6 +19,7 @@ pub mod embedding;
 pub mod emu;
 pub mod gemm;
 pub mod layernorm;
+pub mod nf4;
 pub mod reduce;
 pub mod runtime;
 pub mod tensor;

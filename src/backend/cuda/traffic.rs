@@ -161,5 +161,9 @@ fn workload(cu: &Cuda) -> Result<()> {
     super::adamw::adamw_step(&mut p, &mut m, &mut vv, &g, &super::adamw::typical_scalars())?;
     reduce::sum_squares(&g)?;
     reduce::scale(&mut p, 0.5)?;
+    // NF4 dequantization of a [256, 768] weight (QLoRA's c_attn at this width).
+    let w = crate::quant::nf4::Nf4Weight::quantize(&cu.download(&random_f32(cu, c * 3 * c, 20)?)?, [c, 3 * c], 64)?;
+    let mut wd = cu.alloc::<f32>(w.numel())?;
+    super::nf4::nf4_dequantize(&mut wd, &super::nf4::DevNf4::upload(&w)?)?;
     cu.sync()
 }

@@ -1,0 +1,20 @@
+// nf4.cu: NF4 dequantization (QLoRA's frozen base weights) in bitsandbytes' double-quantized
+// layout, to f32. CPU twin: quant::nf4::Nf4Weight::dequantize_into (src/quant/nf4.rs), which it
+// equals bit for bit (nf4.cuh says why).
+//
+// Work split: one thread per packed byte (two elements), blocks of KILN_NF4_THREADS, a grid-stride
+// loop. Each thread reads its byte, its block's absmax code and nested scale (shared by the 32
+// threads of a 64-element block: one sector, served from L1) and the tables (1 KB, L1-resident),
+// and writes its two f32s as one float2. No shared memory, no atomics.
+//
+// Test: cargo test --release --features cuda --test nf4
+#include "nf4.cuh"
+
+extern "C" __global__ void __launch_bounds__(KILN_NF4_THREADS) nf4_dequantize(float* out, const uint8_t* packed, const uint8_t* absmax_codes, const float* nested_absmax, const float* tables, float offset, int32_t blocksize, int64_t n_bytes) {
+    for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n_bytes; k += (int64_t)gridDim.x * blockDim.x) {
+        // out is 256-byte aligned (the allocator) and 2k even: an aligned 8-byte store, so a warp
+        // writes 256 contiguous bytes in one request.
+        reinterpret_cast<float2*>(out)[k] =
+            kiln_nf4_dequantize_byte(packed, absmax_codes, nested_absmax, tables, offset, blocksize, k);
+    }
+}

@@ -1,0 +1,175 @@
+//! Launch wrappers for kernels/nf4.cu: NF4 dequantization of a double-quantized weight
+//! (`quant::nf4::Nf4Weight`) on the device, equal to the CPU's bit for bit; plus the host twin
+//! (`twin`).
+
+use super::{cuda, DevBuf, Kernel, LaunchConfig};
+use crate::abi::KILN_NF4_THREADS;
+use crate::quant::blockwise::dynamic_map;
+use crate::quant::nf4::{Nf4Weight, NF4_CODE};
+use crate::{Error, Result};
+
+/// The tables the kernel reads: the signed dynamic map (256), then the NF4 values (16).
+pub fn tables() -> Vec<f32> {
+    let mut t = dynamic_map(true);
+    t.extend_from_slice(&NF4_CODE);
+    t
+}
+
+/// An NF4 weight in device memory, as `Nf4Weight` holds it on the host: packed codes, the 8-bit
+/// absmax codes, their nested scales and offset, and the tables. Without absmax codes (single
+/// quantization, `Nf4`), `nested_absmax` holds the f32 absmax of every block.
+pub struct DevNf4 {
+    pub packed: DevBuf<u8>,
+    pub absmax_codes: Option<DevBuf<u8>>,
+    pub nested_absmax: DevBuf<f32>,
+    pub tables: DevBuf<f32>,
+    pub offset: f32,
+    pub blocksize: usize,
+    pub numel: usize,
+}
+
+impl DevNf4 {
+    /// Copies `w` to the device (its 4-bit form: about a quarter of the bytes of bf16).
+    pub fn upload(w: &Nf4Weight) -> Result<DevNf4> {
+        let cu = cuda()?;
+        let numel = w.numel();
+        let blocks = numel.div_ceil(w.blocksize.max(1));
+        if w.blocksize == 0 || w.blocksize % 2 != 0 || numel % 2 != 0 || w.packed.len() * 2 != numel {
+            return Err(Error::Shape {
+                op: "cuda::nf4",
+                msg: format!(
+                    "an NF4 weight of {numel} elements needs an even block size and {} packed bytes; got block size {} \
+                     and {} bytes",
+                    numel / 2,
+                    w.blocksize,
+                    w.packed.len()
+                ),
+            });
+        }
+        if w.absmax.codes.len() != blocks || w.absmax.nested_absmax.len() != blocks.div_ceil(256) {
+            return Err(Error::Shape {
+                op: "cuda::nf4",
+                msg: format!(
+                    "{blocks} blocks need {blocks} absmax codes and {} nested scales; got {} and {}",
+                    blocks.div_ceil(256),
+                    w.absmax.codes.len(),
+                    w.absmax.nested_absmax.len()
+                ),
+            });
+        }
+        Ok(DevNf4 {
+            packed: cu.upload(&w.packed)?,
+            absmax_codes: Some(cu.upload(&w.absmax.codes)?),
+            nested_absmax: cu.upload(&w.absmax.nested_absmax)?,
+            tables: cu.upload(&tables())?,
+            offset: w.absmax.offset,
+            blocksize: w.blocksize,
+            numel,
+        })
+    }
+}
+
+impl DevNf4 {
+    /// Copies a singly quantized tensor (f32 absmax, bitsandbytes' compress_statistics=False) to
+    /// the device.
+    pub fn upload_single(q: &crate::quant::nf4::Nf4) -> Result<DevNf4> {
+        let cu = cuda()?;
+        let blocks = q.numel.div_ceil(q.blocksize.max(1));
+        if q.blocksize == 0 || q.blocksize % 2 != 0 || q.packed.len() * 2 != q.numel || q.absmax.len() != blocks {
+            return Err(Error::Shape {
+                op: "cuda::nf4",
+                msg: format!(
+                    "an NF4 tensor of {} elements in blocks of {} needs {} packed bytes and {blocks} absmax; got {} and {}",
+                    q.numel,
+                    q.blocksize,
+                    q.numel / 2,
+                    q.packed.len(),
+                    q.absmax.len()
+                ),
+            });
+        }
+        Ok(DevNf4 {
+            packed: cu.upload(&q.packed)?,
+            absmax_codes: None,
+            nested_absmax: cu.upload(&q.absmax)?,
+            tables: cu.upload(&tables())?,
+            offset: 0.0,
+            blocksize: q.blocksize,
+            numel: q.numel,
+        })
+    }
+}
+
+/// out = the f32 weight `w` stands for (numel elements), the bits of `Nf4Weight::dequantize_into`.
+pub fn nf4_dequantize(out: &mut DevBuf<f32>, w: &DevNf4) -> Result<()> {
+    if out.len() != w.numel {
+        return Err(Error::Shape {
+            op: "cuda::nf4_dequantize",
+            msg: format!("out has {} elements, the weight {}", out.len(), w.numel),
+        });
+    }
+    let n_bytes = w.packed.len();
+    if n_bytes == 0 {
+        return Ok(());
+    }
+    let cu = cuda()?;
+    let threads = KILN_NF4_THREADS as usize;
+    let blocks = n_bytes.div_ceil(threads).clamp(1, 8 * cu.sm_count().max(1));
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+    let (blocksize, n) = (w.blocksize as i32, n_bytes as i64);
+    let mut l = cu.launch_builder(Kernel::Nf4Dequantize);
+    // A null pointer for the codes selects single quantization (f32 absmax in nested_absmax).
+    let null: u64 = 0;
+    l.arg_mut(out).arg(&w.packed);
+    match &w.absmax_codes {
+        Some(codes) => l.arg(codes),
+        None => l.arg(&null),
+    };
+    l.arg(&w.nested_absmax).arg(&w.tables).arg(&w.offset);
+    l.arg(&blocksize).arg(&n);
+    // SAFETY: the arguments are the kernel's, in its parameter order; DevNf4::upload checked that the packed bytes, the absmax codes and the nested scales cover every block the n_bytes threads index, and out holds 2 * n_bytes elements (checked above).
+    unsafe { l.launch(cfg) }?;
+    Ok(())
+}
+
+/// The host twin of kernels/nf4.cuh (kernels/host/nf4.cu).
+pub mod twin {
+    use crate::quant::nf4::Nf4Weight;
+
+    extern "C" {
+        fn kiln_host_nf4_dequantize(
+            out: *mut f32,
+            packed: *const u8,
+            absmax_codes: *const u8,
+            nested_absmax: *const f32,
+            tables: *const f32,
+            offset: f32,
+            blocksize: i32,
+            n_bytes: i64,
+        );
+    }
+
+    /// `Nf4Weight::dequantize` through the kernel's own math, on the host. Panics if `w` is not
+    /// self-consistent (a test helper: `DevNf4::upload` says why a weight is refused).
+    pub fn nf4_dequantize(w: &Nf4Weight) -> Vec<f32> {
+        let blocks = w.numel().div_ceil(w.blocksize);
+        assert!(w.blocksize % 2 == 0 && w.packed.len() * 2 == w.numel(), "an inconsistent NF4 weight");
+        assert!(w.absmax.codes.len() == blocks && w.absmax.nested_absmax.len() == blocks.div_ceil(256));
+        let tables = super::tables();
+        let mut out = vec![0f32; w.numel()];
+        // SAFETY: out holds 2 * packed.len() elements; the asserts above bound every absmax and nested index.
+        unsafe {
+            kiln_host_nf4_dequantize(
+                out.as_mut_ptr(),
+                w.packed.as_ptr(),
+                w.absmax.codes.as_ptr(),
+                w.absmax.nested_absmax.as_ptr(),
+                tables.as_ptr(),
+                w.absmax.offset,
+                w.blocksize as i32,
+                w.packed.len() as i64,
+            )
+        };
+        out
+    }
+}
