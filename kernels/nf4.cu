@@ -1,5 +1,5 @@
 // nf4.cu: NF4 dequantization (QLoRA's frozen base weights) in bitsandbytes' double-quantized
-// layout, to f32. CPU twin: quant::nf4::Nf4Weight::dequantize_into (src/quant/nf4.rs), which it
+// layout, to f32 (nf4_dequantize) or to bf16 for the bf16 GEMMs (nf4_dequantize_bf16). CPU twin: quant::nf4::Nf4Weight::dequantize_into (src/quant/nf4.rs), which it
 // equals bit for bit (nf4.cuh says why).
 //
 // Work split: one thread per packed byte (two elements), blocks of KILN_NF4_THREADS, a grid-stride
@@ -16,5 +16,14 @@ extern "C" __global__ void __launch_bounds__(KILN_NF4_THREADS) nf4_dequantize(fl
         // writes 256 contiguous bytes in one request.
         reinterpret_cast<float2*>(out)[k] =
             kiln_nf4_dequantize_byte(packed, absmax_codes, nested_absmax, tables, offset, blocksize, k);
+    }
+}
+
+// The same values rounded to bf16 (nearest even), what a bf16 GEMM reads: one 4-byte
+// __nv_bfloat162 store per thread.
+extern "C" __global__ void __launch_bounds__(KILN_NF4_THREADS) nf4_dequantize_bf16(__nv_bfloat16* out, const uint8_t* packed, const uint8_t* absmax_codes, const float* nested_absmax, const float* tables, float offset, int32_t blocksize, int64_t n_bytes) {
+    for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n_bytes; k += (int64_t)gridDim.x * blockDim.x) {
+        const float2 v = kiln_nf4_dequantize_byte(packed, absmax_codes, nested_absmax, tables, offset, blocksize, k);
+        reinterpret_cast<__nv_bfloat162*>(out)[k] = __floats2bfloat162_rn(v.x, v.y);
     }
 }

@@ -281,6 +281,13 @@ mod cuda {
             nf4_dequantize(&mut out, &d).unwrap();
             let got = cu.download(&out).unwrap();
             assert_eq!(bit_mismatches(&got, &want), 0, "double-quantized {:?}", w.dims);
+            // bf16: the f32 values rounded to nearest even
+            let mut out16 = cu.alloc::<half::bf16>(w.numel()).unwrap();
+            nf4_dequantize(&mut out16, &d).unwrap();
+            let got16 = cu.download(&out16).unwrap();
+            let want16: Vec<half::bf16> = want.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            let off = got16.iter().zip(&want16).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(off, 0, "bf16 output of {:?}", w.dims);
         }
         // single quantization against bitsandbytes' dequantized fixture
         let f = fixture();

@@ -370,8 +370,9 @@ pub fn reduce_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
     ])
 }
 
-/// NF4 dequantization of GPT-2 124M's largest weight (c_fc, [768, 3072]) to f32, against copy
-/// bandwidth: it reads the packed codes (n/2 bytes) and the 8-bit absmax (n/64) and writes 4n.
+/// NF4 dequantization of GPT-2 124M's largest weight (c_fc, [768, 3072]) to f32 and to bf16,
+/// against copy bandwidth: it reads the packed codes (n/2 bytes) and the 8-bit absmax (n/64) and
+/// writes 4n or 2n.
 pub fn nf4_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
     let dims = [768usize, 3072usize];
     let n = dims[0] * dims[1];
@@ -379,10 +380,21 @@ pub fn nf4_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
     let d = super::nf4::DevNf4::upload(&w)?;
     let mut out = cu.alloc::<f32>(n)?;
     let ms = time_ms(cu, 3, 20, || super::nf4::nf4_dequantize(&mut out, &d))?;
-    let bytes = (n / 2 + n / 64) as f64 + bytes_of::<f32>(n);
+    let mut out16 = cu.alloc::<bf16>(n)?;
+    let ms16 = time_ms(cu, 3, 20, || super::nf4::nf4_dequantize(&mut out16, &d))?;
+    let read = (n / 2 + n / 64) as f64;
+    let shape = format!("{}x{}", dims[0], dims[1]);
     // Issue 12's target for the dequantization: 85% of copy bandwidth.
-    let row = bandwidth_row("nf4 dequantize (to f32)", format!("{}x{}", dims[0], dims[1]), ms, bytes, copy);
-    Ok(vec![Row { target: Some(0.85), ..row }])
+    Ok(vec![
+        Row {
+            target: Some(0.85),
+            ..bandwidth_row("nf4 dequantize (to f32)", shape.clone(), ms, read + bytes_of::<f32>(n), copy)
+        },
+        Row {
+            target: Some(0.85),
+            ..bandwidth_row("nf4 dequantize (to bf16)", shape, ms16, read + bytes_of::<bf16>(n), copy)
+        },
+    ])
 }
 
 /// `kiln bench kernels --device <device>`: every kernel timed against its ceiling on the GPU

@@ -2,7 +2,7 @@
 //! (`quant::nf4::Nf4Weight`) on the device, equal to the CPU's bit for bit; plus the host twin
 //! (`twin`).
 
-use super::{cuda, DevBuf, Kernel, LaunchConfig};
+use super::{bf16, cuda, DevBuf, DeviceElem, Kernel, LaunchConfig};
 use crate::abi::KILN_NF4_THREADS;
 use crate::quant::blockwise::dynamic_map;
 use crate::quant::nf4::{Nf4Weight, NF4_CODE};
@@ -100,8 +100,26 @@ impl DevNf4 {
     }
 }
 
-/// out = the f32 weight `w` stands for (numel elements), the bits of `Nf4Weight::dequantize_into`.
-pub fn nf4_dequantize(out: &mut DevBuf<f32>, w: &DevNf4) -> Result<()> {
+/// The element types `nf4_dequantize` writes: f32 (the CPU's bits) or bf16 (those rounded to
+/// nearest even, what the bf16 GEMMs read).
+pub trait Nf4Out: DeviceElem + sealed::Sealed {
+    const KERNEL: Kernel;
+}
+impl Nf4Out for f32 {
+    const KERNEL: Kernel = Kernel::Nf4Dequantize;
+}
+impl Nf4Out for bf16 {
+    const KERNEL: Kernel = Kernel::Nf4DequantizeBf16;
+}
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// out = the weight `w` stands for (numel elements): in f32 the bits of
+/// `Nf4Weight::dequantize_into`, in bf16 those rounded to nearest even.
+pub fn nf4_dequantize<O: Nf4Out>(out: &mut DevBuf<O>, w: &DevNf4) -> Result<()> {
     if out.len() != w.numel {
         return Err(Error::Shape {
             op: "cuda::nf4_dequantize",
@@ -117,7 +135,7 @@ pub fn nf4_dequantize(out: &mut DevBuf<f32>, w: &DevNf4) -> Result<()> {
     let blocks = n_bytes.div_ceil(threads).clamp(1, 8 * cu.sm_count().max(1));
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
     let (blocksize, n) = (w.blocksize as i32, n_bytes as i64);
-    let mut l = cu.launch_builder(Kernel::Nf4Dequantize);
+    let mut l = cu.launch_builder(O::KERNEL);
     // A null pointer for the codes selects single quantization (f32 absmax in nested_absmax).
     let null: u64 = 0;
     l.arg_mut(out).arg(&w.packed);
@@ -127,7 +145,7 @@ pub fn nf4_dequantize(out: &mut DevBuf<f32>, w: &DevNf4) -> Result<()> {
     };
     l.arg(&w.nested_absmax).arg(&w.tables).arg(&w.offset);
     l.arg(&blocksize).arg(&n);
-    // SAFETY: the arguments are the kernel's, in its parameter order; DevNf4::upload checked that the packed bytes, the absmax codes and the nested scales cover every block the n_bytes threads index, and out holds 2 * n_bytes elements (checked above).
+    // SAFETY: the arguments are the kernel's (either kernel: the same parameters), in its parameter order; DevNf4::upload checked that the packed bytes, the absmax codes and the nested scales cover every block the n_bytes threads index, and out holds 2 * n_bytes elements (checked above).
     unsafe { l.launch(cfg) }?;
     Ok(())
 }

@@ -163,7 +163,10 @@ fn workload(cu: &Cuda) -> Result<()> {
     reduce::scale(&mut p, 0.5)?;
     // NF4 dequantization of a [256, 768] weight (QLoRA's c_attn at this width).
     let w = crate::quant::nf4::Nf4Weight::quantize(&cu.download(&random_f32(cu, c * 3 * c, 20)?)?, [c, 3 * c], 64)?;
+    let dw = super::nf4::DevNf4::upload(&w)?;
     let mut wd = cu.alloc::<f32>(w.numel())?;
-    super::nf4::nf4_dequantize(&mut wd, &super::nf4::DevNf4::upload(&w)?)?;
+    super::nf4::nf4_dequantize(&mut wd, &dw)?;
+    let mut wd16 = cu.alloc::<bf16>(w.numel())?;
+    super::nf4::nf4_dequantize(&mut wd16, &dw)?;
     cu.sync()
 }
