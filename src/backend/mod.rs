@@ -375,7 +375,7 @@ impl<'a> LoraArgs<'a> {
 pub trait Lora: Elementwise {
     /// (y [m, n], us = scaling * dropout(x) A^T [m, r], which backward needs).
     fn lora_linear(&self, args: &LoraArgs) -> Result<(Tensor, Tensor)> {
-        let h = |t: &Tensor| to_host_f32(t);
+        let h = to_host_f32;
         let (x, w, a, b) = (h(args.x)?, h(args.w)?, h(args.a)?, h(args.b)?);
         let bias = args.bias.map(h).transpose()?;
         let (y, us) = cpu::Cpu.lora_linear(&args.with(&x, &w, bias.as_ref(), &a, &b))?;
@@ -390,7 +390,7 @@ pub trait Lora: Elementwise {
         dout: &Tensor,
         needs: [bool; 5],
     ) -> Result<[Option<Tensor>; 5]> {
-        let h = |t: &Tensor| to_host_f32(t);
+        let h = to_host_f32;
         let (x, w, a, b, us, dout) = (h(args.x)?, h(args.w)?, h(args.a)?, h(args.b)?, h(us)?, h(dout)?);
         let bias = args.bias.map(h).transpose()?;
         let g = cpu::Cpu.lora_linear_backward(&args.with(&x, &w, bias.as_ref(), &a, &b), &us, &dout, needs)?;

@@ -89,42 +89,29 @@ pub fn lora_linear(
     }
     let m = x.shape().rows();
     let keep = dropout_keep(train, dropout_p, seed, m * k);
-    let args = LoraArgs {
-        x,
-        w,
+    let mut saved = LoraLinear {
+        x: x.clone(),
+        w: w.clone(),
         w_trans,
-        bias,
-        a,
-        b,
+        a: a.clone(),
+        b: b.clone(),
+        bias: bias.cloned(),
+        us: Tensor::scalar(0.0),
+        keep,
         scaling,
-        keep: keep.as_ref().map(|(mask, scale)| (mask.as_slice(), *scale)),
         m,
         n,
         k,
         r,
     };
     let inputs: Vec<&Tensor> = [Some(x), Some(w), Some(a), Some(b), bias].into_iter().flatten().collect();
-    let (y, us) = on(OP, &inputs)?.lora_linear(&args)?;
+    let (y, us) = on(OP, &inputs)?.lora_linear(&saved.args())?;
     let mut out_dims = x.dims().to_vec();
     out_dims.pop();
     out_dims.push(n);
     let out = y.reshape(out_dims)?;
     if tape.wants(&inputs) {
-        let saved = LoraLinear {
-            x: x.clone(),
-            w: w.clone(),
-            w_trans,
-            a: a.clone(),
-            b: b.clone(),
-            bias: bias.cloned(),
-            us,
-            keep,
-            scaling,
-            m,
-            n,
-            k,
-            r,
-        };
+        saved.us = us;
         tape.record(saved, &inputs, &out);
     }
     Ok(out)
@@ -140,12 +127,10 @@ pub(crate) fn dropout_keep(train: bool, p: f32, seed: u64, n: usize) -> Option<(
     })
 }
 
-impl Op for LoraLinear {
-    fn name(&self) -> &'static str {
-        "lora_linear"
-    }
-    fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let args = LoraArgs {
+impl LoraLinear {
+    /// The operands as the backend takes them.
+    fn args(&self) -> LoraArgs<'_> {
+        LoraArgs {
             x: &self.x,
             w: &self.w,
             w_trans: self.w_trans,
@@ -158,11 +143,19 @@ impl Op for LoraLinear {
             n: self.n,
             k: self.k,
             r: self.r,
-        };
+        }
+    }
+}
+
+impl Op for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora_linear"
+    }
+    fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let has_bias = self.bias.is_some();
         let needs5 = [needs[0], needs[1], needs[2], needs[3], has_bias && needs[4]];
         let be = on("lora_linear backward", &[dout, &self.x])?;
-        let [dx, dw, da, db, dbias] = be.lora_linear_backward(&args, &self.us, dout, needs5)?;
+        let [dx, dw, da, db, dbias] = be.lora_linear_backward(&self.args(), &self.us, dout, needs5)?;
         let dx = dx.map(|d| d.reshape(self.x.dims())).transpose()?;
         let mut out = vec![dx, dw, da, db];
         if has_bias {
