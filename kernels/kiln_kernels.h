@@ -48,6 +48,32 @@ typedef struct {
 #define KILN_ADAMW_CHUNK 4096
 #define KILN_ADAMW_BLOCK 256
 
+// ---- adamw8bit ----
+// One parameter tensor in the multi-tensor 8-bit AdamW launch (kernels/adamw8bit.cu): device
+// addresses of its f32 weights p and gradient g (n elements each) and of its moments. With
+// bitsandbytes' blockwise 8-bit state (absmax1 non-zero), state1 and state2 are u8 codes of m into
+// the signed dynamic map and of v into the unsigned one, with one f32 absmax each per block of
+// KILN_ADAM8_BLOCK elements at absmax1 and absmax2. Without it (absmax1 = absmax2 = 0: tensors
+// under bitsandbytes' min_8bit_size), state1 and state2 are m and v in f32. Every tensor is cut into
+// blocks of KILN_ADAM8_BLOCK elements, one work item each; block_start is the number of blocks of
+// the tensors before this one. decay is 1 for tensors with weight decay; reserved is padding.
+typedef struct {
+    uint64_t p;
+    uint64_t g;
+    uint64_t state1;
+    uint64_t state2;
+    uint64_t absmax1;
+    uint64_t absmax2;
+    int64_t n;
+    int64_t block_start;
+    int32_t decay;
+    int32_t reserved;
+} Adam8Tensor;
+// Elements per quantization block and threads per block of the kernel (one element a thread).
+#define KILN_ADAM8_BLOCK 256
+// Entries of each moment's quantization table: the code of every 16-bit grid point of [-1, 1].
+#define KILN_ADAM8_LUT_LEN 65536
+
 // ---- gemm ----
 // Bits of the `flags` argument of the gemm_* kernels (kernels/gemm.cu) and of
 // kiln_host_gemm_epilogue. Bias and the pre-activation are switched by passing a null pointer.

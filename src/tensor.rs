@@ -322,6 +322,15 @@ impl Tensor {
         }
     }
 
+    /// Mutable u8 data; copies the buffer first if another tensor shares it.
+    pub fn u8s_mut(&mut self) -> Result<&mut [u8]> {
+        let dtype = self.dtype();
+        match Arc::make_mut(&mut self.storage) {
+            Storage::Cpu(CpuStorage::U8(v)) => Ok(v),
+            _ => Err(Error::DType { op: "u8 write", expected: DType::U8, got: dtype }),
+        }
+    }
+
     /// The data converted to f32 (a copy for bf16/f16/i32/u8, a clone of the Vec for f32). A CUDA
     /// tensor is copied to the host first, which can fail.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {

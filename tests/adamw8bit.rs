@@ -3,6 +3,8 @@
 //! each step; lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 0.01), the optimizer struct's
 //! wiring and checkpoint round trip on a tiny GPT-2, and 100 steps against fp32 AdamW.
 
+mod common;
+
 use kiln::io::checkpoint::load_all;
 use kiln::model::gpt2::{Gpt2, Gpt2Config, Mode};
 use kiln::optim::adamw::{adamw_step, AdamWConfig, AdamWScalars};
@@ -321,4 +323,204 @@ fn hundred_steps_stay_near_fp32_adamw() {
     assert!(moved > 3.0 * bound, "the problem must move the parameters well past the tolerance");
     assert!(err_kiln <= bound, "8-bit AdamW drifted {err_kiln:e} from fp32 AdamW, over the bound {bound:e}");
     assert!(err_kiln <= 2.0 * err_plain, "kiln's 8-bit error {err_kiln:e} is over twice a plain 8-bit's {err_plain:e}");
+}
+
+/// The 8-bit AdamW kernel (kernels/adamw8bit.cu): its host twin and the kernel on the device,
+/// against the CPU step, bit for bit, over tensors of awkward sizes on both sides of
+/// MIN_8BIT_SIZE (f32 moments below it), 3 steps, decay mixed, with an all-zero block.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::common::{self, rng, uniform};
+    use super::{adamw8bit_step, adamw8bit_update, bits_ne, count_ne, Maps8bit, CFG, MIN_8BIT_SIZE};
+    use kiln::abi::{Adam8Tensor, AdamWScalars};
+    use kiln::backend::cuda::adamw8bit::{adamw8bit_step_multi, plan, twin, Adam8Moments, Adam8Param};
+    use kiln::quant::blockwise::num_blocks;
+
+    const SIZES: [usize; 8] = [1, 255, 0, 257, 4096, 3 * 4096 + 77, 70_001, 300];
+
+    /// Codes and absmax of m, then of v.
+    type Q8 = (Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>);
+
+    /// A parameter's weights and moments as the CPU keeps them.
+    #[derive(Clone)]
+    struct Host {
+        p: Vec<f32>,
+        /// (m, v) for f32 moments, or (codes1, absmax1, codes2, absmax2) for 8-bit ones.
+        f32m: Option<(Vec<f32>, Vec<f32>)>,
+        q8: Option<Q8>,
+    }
+
+    fn fresh(i: usize, n: usize) -> Host {
+        let p = uniform(&mut rng(500 + i as u64), n, 1.0);
+        if n < MIN_8BIT_SIZE {
+            Host { p, f32m: Some((vec![0.0; n], vec![0.0; n])), q8: None }
+        } else {
+            let nb = num_blocks(n, 256);
+            Host { p, f32m: None, q8: Some((vec![0; n], vec![0.0; nb], vec![0; n], vec![0.0; nb])) }
+        }
+    }
+
+    /// Step t's gradient of tensor i: uniform, with its first block all zero at step 1 (so that
+    /// block's moments stay zero: codes 0, absmax 0) and a few large and tiny values.
+    fn grad(t: u64, i: usize, n: usize) -> Vec<f32> {
+        let mut g = uniform(&mut rng(1000 * t + i as u64), n, 1.0);
+        if t == 1 {
+            g.iter_mut().take(256).for_each(|x| *x = 0.0);
+        }
+        for (k, x) in g.iter_mut().enumerate() {
+            match k % 97 {
+                3 => *x *= 1e4,
+                5 => *x *= 1e-6,
+                _ => {}
+            }
+        }
+        g
+    }
+
+    fn cpu_step(h: &mut Host, g: &[f32], s: &AdamWScalars, maps: &Maps8bit) {
+        if let Some((m, v)) = &mut h.f32m {
+            for i in 0..g.len() {
+                adamw8bit_update(&mut h.p[i], &mut m[i], &mut v[i], g[i], s);
+            }
+        }
+        if let Some((c1, a1, c2, a2)) = &mut h.q8 {
+            adamw8bit_step(&mut h.p, g, c1, a1, c2, a2, maps, s);
+        }
+    }
+
+    fn assert_same(label: &str, got: &Host, want: &Host) {
+        assert_eq!(bits_ne(&got.p, &want.p), 0, "{label}: p");
+        if let (Some((gm, gv)), Some((wm, wv))) = (&got.f32m, &want.f32m) {
+            assert_eq!(bits_ne(gm, wm) + bits_ne(gv, wv), 0, "{label}: f32 moments");
+        }
+        if let (Some((g1, ga1, g2, ga2)), Some((w1, wa1, w2, wa2))) = (&got.q8, &want.q8) {
+            assert_eq!(count_ne(g1, w1), 0, "{label}: codes of m");
+            assert_eq!(count_ne(g2, w2), 0, "{label}: codes of v");
+            assert_eq!(bits_ne(ga1, wa1) + bits_ne(ga2, wa2), 0, "{label}: absmax");
+        }
+    }
+
+    #[test]
+    fn plan_counts_blocks() {
+        let mut d: Vec<Adam8Tensor> =
+            [256i64, 0, 1, 257, 4096].iter().map(|&n| Adam8Tensor { n, ..Default::default() }).collect();
+        assert_eq!(plan(&mut d), 20, "1 + 0 + 1 + 2 + 16 blocks");
+        assert_eq!(d.iter().map(|x| x.block_start).collect::<Vec<_>>(), [0, 1, 1, 2, 4]);
+    }
+
+    /// kiln_host_adamw8bit_step walks every work item and thread the kernel would, over
+    /// descriptors pointing at host memory.
+    #[test]
+    fn twin_three_steps_match_the_cpu_bit_for_bit() {
+        let maps = Maps8bit::default();
+        let mut twin_state: Vec<Host> = SIZES.iter().enumerate().map(|(i, &n)| fresh(i, n)).collect();
+        let mut cpu_state = twin_state.clone();
+        for t in 1..=3u64 {
+            let lr = 1e-3 / t as f64;
+            let grads: Vec<Vec<f32>> = SIZES.iter().enumerate().map(|(i, &n)| grad(t, i, n)).collect();
+            let mut descs: Vec<Adam8Tensor> = twin_state
+                .iter_mut()
+                .zip(&grads)
+                .enumerate()
+                .map(|(i, (h, g))| {
+                    let (s1, s2, a1, a2) = match (&mut h.f32m, &mut h.q8) {
+                        (Some((m, v)), _) => (m.as_mut_ptr() as u64, v.as_mut_ptr() as u64, 0, 0),
+                        (_, Some((c1, a1, c2, a2))) => (
+                            c1.as_mut_ptr() as u64,
+                            c2.as_mut_ptr() as u64,
+                            a1.as_mut_ptr() as u64,
+                            a2.as_mut_ptr() as u64,
+                        ),
+                        _ => unreachable!(),
+                    };
+                    Adam8Tensor {
+                        p: h.p.as_mut_ptr() as u64,
+                        g: g.as_ptr() as u64,
+                        state1: s1,
+                        state2: s2,
+                        absmax1: a1,
+                        absmax2: a2,
+                        n: h.p.len() as i64,
+                        block_start: -1,
+                        decay: (i % 3 != 1) as i32,
+                        reserved: 0,
+                    }
+                })
+                .collect();
+            let work_items = plan(&mut descs);
+            // SAFETY: every descriptor points at live host vectors of its lengths, and work_items is plan's count for them.
+            unsafe { twin::adamw8bit_step(&descs, work_items, AdamWScalars::new(&CFG, lr, t, true)) };
+            for (i, (h, g)) in cpu_state.iter_mut().zip(&grads).enumerate() {
+                cpu_step(h, g, &AdamWScalars::new(&CFG, lr, t, i % 3 != 1), &maps);
+                assert_same(&format!("twin, step {t}, tensor {i} (n = {})", SIZES[i]), &twin_state[i], h);
+            }
+        }
+        let zero_block = &cpu_state[4].q8.as_ref().unwrap().1;
+        assert!(zero_block[0] != 0.0, "the all-zero block of step 1 has moments after step 2");
+    }
+
+    /// The kernel (on the GPU, or the emulated device with its memcheck) in one launch over all
+    /// tensors, 3 steps.
+    #[test]
+    fn gpu_three_steps_match_the_cpu_bit_for_bit() {
+        let Some(cu) = common::gpu("adamw8bit::cuda::gpu_three_steps_match_the_cpu_bit_for_bit") else { return };
+        let maps = Maps8bit::default();
+        let sizes: Vec<usize> = SIZES.iter().copied().filter(|&n| n > 0).chain([1 << 20 | 3]).collect();
+        let mut cpu_state: Vec<Host> = sizes.iter().enumerate().map(|(i, &n)| fresh(i, n)).collect();
+        // (p, state1 as f32 or u8, ...): two buffers of each type per tensor, unused ones empty
+        struct Dev {
+            p: kiln::backend::cuda::DevBuf<f32>,
+            m: Option<(kiln::backend::cuda::DevBuf<f32>, kiln::backend::cuda::DevBuf<f32>)>,
+            q: Option<[kiln::backend::cuda::DevBuf<u8>; 2]>,
+            a: Option<[kiln::backend::cuda::DevBuf<f32>; 2]>,
+        }
+        let mut dev: Vec<Dev> = cpu_state
+            .iter()
+            .map(|h| Dev {
+                p: cu.upload(&h.p).unwrap(),
+                m: h.f32m.as_ref().map(|(m, v)| (cu.upload(m).unwrap(), cu.upload(v).unwrap())),
+                q: h.q8.as_ref().map(|(c1, _, c2, _)| [cu.upload(c1).unwrap(), cu.upload(c2).unwrap()]),
+                a: h.q8.as_ref().map(|(_, a1, _, a2)| [cu.upload(a1).unwrap(), cu.upload(a2).unwrap()]),
+            })
+            .collect();
+        for t in 1..=3u64 {
+            let lr = 1e-3 / t as f64;
+            let grads: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| grad(t, i, n)).collect();
+            let dg: Vec<_> = grads.iter().map(|g| cu.upload(g).unwrap()).collect();
+            let mut params: Vec<Adam8Param> = dev
+                .iter_mut()
+                .zip(&dg)
+                .enumerate()
+                .map(|(i, (d, g))| {
+                    let moments = match (&mut d.m, &mut d.q, &mut d.a) {
+                        (Some((m, v)), _, _) => Adam8Moments::F32 { m, v },
+                        (_, Some([c1, c2]), Some([a1, a2])) => {
+                            Adam8Moments::Q8 { state1: c1, absmax1: a1, state2: c2, absmax2: a2 }
+                        }
+                        _ => unreachable!(),
+                    };
+                    Adam8Param { p: &mut d.p, g, moments, decay: i % 3 != 1 }
+                })
+                .collect();
+            adamw8bit_step_multi(&mut params, &AdamWScalars::new(&CFG, lr, t, true)).unwrap();
+            drop(params);
+            for (i, (h, g)) in cpu_state.iter_mut().zip(&grads).enumerate() {
+                cpu_step(h, g, &AdamWScalars::new(&CFG, lr, t, i % 3 != 1), &maps);
+                let d = &dev[i];
+                let got = Host {
+                    p: cu.download(&d.p).unwrap(),
+                    f32m: d.m.as_ref().map(|(m, v)| (cu.download(m).unwrap(), cu.download(v).unwrap())),
+                    q8: d.q.as_ref().zip(d.a.as_ref()).map(|([c1, c2], [a1, a2])| {
+                        (
+                            cu.download(c1).unwrap(),
+                            cu.download(a1).unwrap(),
+                            cu.download(c2).unwrap(),
+                            cu.download(a2).unwrap(),
+                        )
+                    }),
+                };
+                assert_same(&format!("device, step {t}, tensor {i} (n = {})", sizes[i]), &got, h);
+            }
+        }
+    }
 }

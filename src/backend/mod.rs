@@ -481,10 +481,30 @@ pub struct AdamWSlot<'a> {
     pub decay: bool,
 }
 
+/// The moments of one parameter under 8-bit AdamW, on the parameter's device.
+pub enum Adam8State<'a> {
+    /// m and v in f32 [n]: parameters under bitsandbytes' min_8bit_size.
+    F32 { m: &'a mut Tensor, v: &'a mut Tensor },
+    /// bitsandbytes' blockwise state: U8 codes [n] of m (signed dynamic map) and of v (unsigned),
+    /// with one f32 absmax per block of 256 [ceil(n / 256)] each.
+    Q8 { state1: &'a mut Tensor, absmax1: &'a mut Tensor, state2: &'a mut Tensor, absmax2: &'a mut Tensor },
+}
+
+/// One parameter's 8-bit AdamW update: p, its gradient and its moments, on one device.
+pub struct AdamW8bitSlot<'a> {
+    pub p: &'a mut Tensor,
+    pub g: &'a Tensor,
+    pub state: Adam8State<'a>,
+    /// Weight decay applies (matrices, never biases or norms).
+    pub decay: bool,
+}
+
 /// Optimizer updates.
 pub trait Optim {
     /// One AdamW step over every slot, with the step's scalars (`decay` is applied per slot).
     fn adamw(&self, slots: &mut [AdamWSlot], scalars: &crate::abi::AdamWScalars) -> Result<()>;
+    /// One 8-bit AdamW step (bitsandbytes' arithmetic) over every slot.
+    fn adamw8bit(&self, slots: &mut [AdamW8bitSlot], scalars: &crate::abi::AdamWScalars) -> Result<()>;
 }
 
 /// (B, T, C) of packed qkv [B, T, 3C] for `n_head` heads, or the error that says why not.

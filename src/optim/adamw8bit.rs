@@ -13,132 +13,73 @@
 //! the same math as `adamw::adamw_update` (torch's AdamW), rounded differently.
 
 use super::adamw::{AdamWConfig, AdamWScalars};
+use crate::backend::{backend, Adam8State, AdamW8bitSlot};
 use crate::nn::ParamStore;
-use crate::quant::blockwise::{self, CodeLut, BLOCKSIZE_8BIT};
+use crate::quant::blockwise::{self, BLOCKSIZE_8BIT};
 use crate::tape::Gradients;
-use crate::{Error, Result, Tensor};
-use rayon::prelude::*;
+use crate::{Device, Error, Result, Tensor};
 use std::collections::{BTreeMap, HashMap};
+
+pub use crate::backend::cpu::adamw8bit::{adamw8bit_step, adamw8bit_update, maps, Maps8bit};
 
 /// Parameters with fewer elements keep f32 moments (bitsandbytes' min_8bit_size).
 pub const MIN_8BIT_SIZE: usize = 4096;
 
-/// The code maps of the two moments with their lookup tables, built once per optimizer.
-#[derive(Clone)]
-pub struct Maps8bit {
-    /// Signed dynamic map, for m (bitsandbytes' qmap1).
-    pub m: CodeLut,
-    /// Unsigned dynamic map, for v (qmap2).
-    pub v: CodeLut,
-}
-
-impl Default for Maps8bit {
-    fn default() -> Self {
-        Maps8bit { m: CodeLut::new(&blockwise::dynamic_map(true)), v: CodeLut::new(&blockwise::dynamic_map(false)) }
-    }
-}
-
-/// One element's update on (dequantized) moments, in the order bitsandbytes' CPU optimizer
-/// computes it with torch ops (`m.mul_(b1).add_(g, alpha=1-b1)`, `v.mul_(b2).addcmul_(g, g,
-/// value=1-b2)`, `p.addcdiv_(m, denom, value=-step_size)`): torch's vectorized add-with-alpha
-/// is a fused multiply-add, and so (by compiler contraction) is addcmul's final add. This order
-/// reproduces bitsandbytes' codes and absmax bit for bit on the oracle fixture, and its
-/// parameters but one of 12,288 values (off by an ulp); torch AdamW's order
-/// (`adamw::adamw_update`) or unfused arithmetic would not.
-#[inline(always)]
-pub fn adamw8bit_update(p: &mut f32, m: &mut f32, v: &mut f32, g: f32, s: &AdamWScalars) {
-    *m = g.mul_add(s.one_minus_beta1, *m * s.beta1);
-    *v = (s.one_minus_beta2 * g).mul_add(g, *v * s.beta2);
-    let denom = v.sqrt() / s.bc2_sqrt + s.eps;
-    *p *= s.decay;
-    *p += (-s.step_size * *m) / denom;
-}
-
-/// Updates a range of parameters and their (f32 or dequantized) moments in place.
-#[inline(always)]
-fn update_range(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamWScalars) {
-    for i in 0..p.len() {
-        adamw8bit_update(&mut p[i], &mut m[i], &mut v[i], g[i], s);
-    }
-}
-
-/// `update_range` compiled with hardware FMA: without it `mul_add` is a call into libm per
-/// element. Same results either way (a fused multiply-add is exactly rounded).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-unsafe fn update_range_fma(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamWScalars) {
-    update_range(p, m, v, g, s)
-}
-
-fn update(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamWScalars) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports FMA, checked just above.
-        return unsafe { update_range_fma(p, m, v, g, s) };
-    }
-    update_range(p, m, v, g, s)
-}
-
-/// One AdamW8bit step of a buffer: `state1`/`absmax1` hold m (codes into `maps.m`, one absmax
-/// per block of 256), `state2`/`absmax2` hold v. Parallel over blocks; each block is
-/// dequantized, updated and requantized in one pass. Fresh state is codes 0 with absmax 0.
-/// Panics if the lengths do not fit `p`.
-#[allow(clippy::too_many_arguments)]
-pub fn adamw8bit_step(
-    p: &mut [f32],
-    g: &[f32],
-    state1: &mut [u8],
-    absmax1: &mut [f32],
-    state2: &mut [u8],
-    absmax2: &mut [f32],
-    maps: &Maps8bit,
-    s: &AdamWScalars,
-) {
-    let n = p.len();
-    let nb = blockwise::num_blocks(n, BLOCKSIZE_8BIT);
-    assert!(g.len() == n && state1.len() == n && state2.len() == n, "adamw8bit_step: buffer lengths differ");
-    assert!(absmax1.len() == nb && absmax2.len() == nb, "adamw8bit_step: {n} elements need {nb} absmax values");
-    const B: usize = BLOCKSIZE_8BIT;
-    p.par_chunks_mut(B)
-        .zip(g.par_chunks(B))
-        .zip(state1.par_chunks_mut(B))
-        .zip(state2.par_chunks_mut(B))
-        .zip(absmax1.par_iter_mut())
-        .zip(absmax2.par_iter_mut())
-        .for_each(|(((((p, g), c1), c2), a1), a2)| {
-            let (mut m, mut v) = ([0f32; B], [0f32; B]);
-            let (m, v) = (&mut m[..p.len()], &mut v[..p.len()]);
-            maps.m.dequantize_block(c1, *a1, m);
-            maps.v.dequantize_block(c2, *a2, v);
-            update(p, m, v, g, s);
-            *a1 = maps.m.quantize_block(m, c1);
-            *a2 = maps.v.quantize_block(v, c2);
-        });
-}
-
-/// The moments of one parameter.
+/// The moments of one parameter, on its device.
 #[derive(Clone)]
 enum Moments {
-    F32 { m: Vec<f32>, v: Vec<f32> },
-    Q8 { state1: Vec<u8>, absmax1: Vec<f32>, state2: Vec<u8>, absmax2: Vec<f32> },
+    F32 { m: Tensor, v: Tensor },
+    Q8 { state1: Tensor, absmax1: Tensor, state2: Tensor, absmax2: Tensor },
 }
 
 impl Moments {
-    fn zeros(n: usize) -> Self {
-        if n < MIN_8BIT_SIZE {
-            Moments::F32 { m: vec![0.0; n], v: vec![0.0; n] }
+    /// Fresh state for `n` elements (8-bit codes 0 with absmax 0 decode to zeros) on the host.
+    fn zeros(n: usize) -> Result<Self> {
+        Ok(if n < MIN_8BIT_SIZE {
+            Moments::F32 { m: Tensor::zeros([n]), v: Tensor::zeros([n]) }
         } else {
             let nb = blockwise::num_blocks(n, BLOCKSIZE_8BIT);
-            Moments::Q8 { state1: vec![0; n], absmax1: vec![0.0; nb], state2: vec![0; n], absmax2: vec![0.0; nb] }
+            let codes = || Tensor::from_u8(vec![0; n], [n]);
+            Moments::Q8 {
+                state1: codes()?,
+                absmax1: Tensor::zeros([nb]),
+                state2: codes()?,
+                absmax2: Tensor::zeros([nb]),
+            }
+        })
+    }
+
+    fn tensors(&self) -> Vec<&Tensor> {
+        match self {
+            Moments::F32 { m, v } => vec![m, v],
+            Moments::Q8 { state1, absmax1, state2, absmax2 } => vec![state1, absmax1, state2, absmax2],
         }
     }
 
     fn bytes(&self) -> usize {
+        self.tensors().iter().map(|t| t.numel() * t.dtype().size_in_bytes()).sum()
+    }
+
+    /// The state on `device` (moved there once, on its first step after a load).
+    fn into_device(self, device: Device) -> Result<Self> {
+        if self.tensors().iter().all(|t| t.device() == device) {
+            return Ok(self);
+        }
+        Ok(match self {
+            Moments::F32 { m, v } => Moments::F32 { m: m.to_device(device)?, v: v.to_device(device)? },
+            Moments::Q8 { state1, absmax1, state2, absmax2 } => Moments::Q8 {
+                state1: state1.to_device(device)?,
+                absmax1: absmax1.to_device(device)?,
+                state2: state2.to_device(device)?,
+                absmax2: absmax2.to_device(device)?,
+            },
+        })
+    }
+
+    fn slot(&mut self) -> Adam8State<'_> {
         match self {
-            Moments::F32 { m, v } => 4 * (m.len() + v.len()),
-            Moments::Q8 { state1, absmax1, state2, absmax2 } => {
-                state1.len() + state2.len() + 4 * (absmax1.len() + absmax2.len())
-            }
+            Moments::F32 { m, v } => Adam8State::F32 { m, v },
+            Moments::Q8 { state1, absmax1, state2, absmax2 } => Adam8State::Q8 { state1, absmax1, state2, absmax2 },
         }
     }
 }
@@ -148,13 +89,13 @@ impl Moments {
 pub struct AdamW8bit {
     pub config: AdamWConfig,
     step: u64,
+    /// Each stepped parameter's moments, on the parameter's device.
     state: HashMap<String, Moments>,
-    maps: Maps8bit,
 }
 
 impl AdamW8bit {
     pub fn new(config: AdamWConfig) -> Self {
-        AdamW8bit { config, step: 0, state: HashMap::new(), maps: Maps8bit::default() }
+        AdamW8bit { config, step: 0, state: HashMap::new() }
     }
 
     /// Steps taken so far.
@@ -176,17 +117,12 @@ impl AdamW8bit {
         names.sort();
         let mut out = Vec::new();
         for n in names {
-            match &self.state[n] {
-                Moments::F32 { m, v } => {
-                    out.push((format!("exp_avg.{n}"), Tensor::from_f32(m.clone(), [m.len()])?));
-                    out.push((format!("exp_avg_sq.{n}"), Tensor::from_f32(v.clone(), [v.len()])?));
-                }
-                Moments::Q8 { state1, absmax1, state2, absmax2 } => {
-                    out.push((format!("state1.{n}"), Tensor::from_u8(state1.clone(), [state1.len()])?));
-                    out.push((format!("absmax1.{n}"), Tensor::from_f32(absmax1.clone(), [absmax1.len()])?));
-                    out.push((format!("state2.{n}"), Tensor::from_u8(state2.clone(), [state2.len()])?));
-                    out.push((format!("absmax2.{n}"), Tensor::from_f32(absmax2.clone(), [absmax2.len()])?));
-                }
+            let kinds: &[&str] = match &self.state[n] {
+                Moments::F32 { .. } => &["exp_avg", "exp_avg_sq"],
+                Moments::Q8 { .. } => &["state1", "absmax1", "state2", "absmax2"],
+            };
+            for (kind, t) in kinds.iter().zip(self.state[n].tensors()) {
+                out.push((format!("{kind}.{n}"), t.to_device(Device::Cpu)?));
             }
         }
         Ok(out)
@@ -239,11 +175,12 @@ impl AdamW8bit {
                     }
                     parts.push(t);
                 }
+                let host = |t: &Tensor| t.to_device(Device::Cpu);
                 Moments::Q8 {
-                    state1: parts[0].u8s()?.to_vec(),
-                    absmax1: parts[1].f32s()?.to_vec(),
-                    state2: parts[2].u8s()?.to_vec(),
-                    absmax2: parts[3].f32s()?.to_vec(),
+                    state1: host(parts[0])?,
+                    absmax1: host(parts[1])?,
+                    state2: host(parts[2])?,
+                    absmax2: host(parts[3])?,
                 }
             } else if let (Some(m), Some(v)) = (get("exp_avg"), get("exp_avg_sq")) {
                 for (kind, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
@@ -251,12 +188,17 @@ impl AdamW8bit {
                         return Err(wrong(kind, t.numel(), n));
                     }
                 }
-                let (m, v) = (m.f32s()?, v.f32s()?);
-                match Moments::zeros(n) {
-                    Moments::F32 { .. } => Moments::F32 { m: m.to_vec(), v: v.to_vec() },
+                let (m, v) = (m.to_device(Device::Cpu)?, v.to_device(Device::Cpu)?);
+                match Moments::zeros(n)? {
+                    Moments::F32 { .. } => Moments::F32 { m, v },
                     Moments::Q8 { mut state1, mut absmax1, mut state2, mut absmax2 } => {
-                        blockwise::quantize_blockwise_lut(m, &self.maps.m, BLOCKSIZE_8BIT, &mut state1, &mut absmax1);
-                        blockwise::quantize_blockwise_lut(v, &self.maps.v, BLOCKSIZE_8BIT, &mut state2, &mut absmax2);
+                        let q = |x: &Tensor, lut, codes: &mut Tensor, absmax: &mut Tensor| -> Result<()> {
+                            let (codes, absmax) = (codes.u8s_mut()?, absmax.f32s_mut()?);
+                            blockwise::quantize_blockwise_lut(x.f32s()?, lut, BLOCKSIZE_8BIT, codes, absmax);
+                            Ok(())
+                        };
+                        q(&m, &maps().m, &mut state1, &mut absmax1)?;
+                        q(&v, &maps().v, &mut state2, &mut absmax2)?;
                         Moments::Q8 { state1, absmax1, state2, absmax2 }
                     }
                 }
@@ -280,19 +222,43 @@ impl AdamW8bit {
     pub fn step_all(&mut self, stores: &mut [&mut ParamStore], grads: &Gradients, lr: f64) -> Result<()> {
         let _t = crate::profile::scope("adamw8bit", crate::profile::Phase::Optimizer);
         self.step += 1;
-        let (state, config, maps, t) = (&mut self.state, &self.config, &self.maps, self.step);
-        super::for_each_update("adamw8bit", stores, grads, |p, g, decay| {
-            let s = AdamWScalars::new(config, lr, t, decay);
-            let n = g.len();
-            let w = p.tensor.f32s_mut()?;
-            match state.entry(p.name.clone()).or_insert_with(|| Moments::zeros(n)) {
-                Moments::F32 { m, v } => update(w, m, v, g, &s),
-                Moments::Q8 { state1, absmax1, state2, absmax2 } => {
-                    adamw8bit_step(w, g, state1, absmax1, state2, absmax2, maps, &s);
-                }
+        // As AdamW: each gradient is looked up before its parameter is written, the state moves
+        // to the parameter's device, and each device's parameters step in one backend call.
+        let mut params: Vec<(&mut crate::nn::Param, &Tensor)> = Vec::new();
+        for p in stores.iter_mut().flat_map(|s| s.iter_mut()).filter(|p| p.trainable) {
+            let Some(g) = grads.get(&p.tensor) else { continue };
+            let n = p.tensor.numel();
+            if g.numel() != n {
+                return Err(Error::shape(
+                    "adamw8bit",
+                    format!("gradient of {} has {} elements, the parameter {n}", p.name, g.numel()),
+                ));
             }
-            Ok(())
-        })?;
+            let moments = match self.state.remove(&p.name) {
+                Some(m) => m,
+                None => Moments::zeros(n)?,
+            };
+            self.state.insert(p.name.clone(), moments.into_device(p.tensor.device())?);
+            params.push((p, g));
+        }
+        let mut moments: HashMap<&str, &mut Moments> = self.state.iter_mut().map(|(k, m)| (k.as_str(), m)).collect();
+        let mut by_device: Vec<(Device, Vec<AdamW8bitSlot>)> = Vec::new();
+        for (p, g) in params {
+            let decay = p.tensor.dims().len() >= 2;
+            let Some(state) = moments.remove(p.name.as_str()) else {
+                return Err(Error::Input(format!("adamw8bit: two trainable parameters are named {}", p.name)));
+            };
+            let device = p.tensor.device();
+            let slot = AdamW8bitSlot { p: &mut p.tensor, g, state: state.slot(), decay };
+            match by_device.iter_mut().find(|(d, _)| *d == device) {
+                Some((_, slots)) => slots.push(slot),
+                None => by_device.push((device, vec![slot])),
+            }
+        }
+        let scalars = AdamWScalars::new(&self.config, lr, self.step, true);
+        for (device, mut slots) in by_device {
+            backend(device)?.adamw8bit(&mut slots, &scalars)?;
+        }
         Ok(())
     }
 }

@@ -11,32 +11,6 @@ use crate::tape::Gradients;
 use crate::{Result, Tensor};
 use std::collections::BTreeMap;
 
-/// Calls `update(param, gradient, decay)` for every trainable parameter of `stores` that has a
-/// gradient, after checking the sizes agree. By GPT-2 practice weight decay applies only to
-/// matrices (2-D and up), never to biases or layernorm weights. Both optimizers step through this.
-pub(crate) fn for_each_update(
-    op: &'static str,
-    stores: &mut [&mut ParamStore],
-    grads: &Gradients,
-    mut update: impl FnMut(&mut crate::nn::Param, &[f32], bool) -> Result<()>,
-) -> Result<()> {
-    for p in stores.iter_mut().flat_map(|s| s.iter_mut()).filter(|p| p.trainable) {
-        let Some(g) = grads.get(&p.tensor) else {
-            continue;
-        };
-        let g = g.f32s()?;
-        if g.len() != p.tensor.numel() {
-            return Err(crate::Error::shape(
-                op,
-                format!("gradient of {} has {} elements, the parameter {}", p.name, g.len(), p.tensor.numel()),
-            ));
-        }
-        let decay = p.tensor.dims().len() >= 2;
-        update(p, g, decay)?;
-    }
-    Ok(())
-}
-
 /// What the training loop and checkpoints need from an optimizer.
 pub trait Optimizer {
     /// One update of every trainable parameter in `stores` that has a gradient.

@@ -92,6 +92,12 @@ impl CodeLut {
         &self.map
     }
 
+    /// The code of each of the 65536 grid points -1 + 2i / 65535 (what `code` indexes), for a
+    /// device that quantizes with the same table.
+    pub fn lut(&self) -> &[u8] {
+        &self.lut
+    }
+
     /// The code of `x` in a block whose absmax has reciprocal `inv_absmax`.
     #[inline]
     pub fn code(&self, x: f32, inv_absmax: f32) -> u8 {

@@ -3,6 +3,7 @@
 //! argument order (outputs first, then inputs, then sizes).
 
 pub mod adamw;
+pub mod adamw8bit;
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
@@ -14,7 +15,7 @@ pub mod pool;
 pub mod reduce;
 pub mod xent;
 
-use crate::backend::{AdamWSlot, Backend, Optim};
+use crate::backend::{AdamW8bitSlot, AdamWSlot, Backend, Optim};
 use crate::{DType, Error, Result, Tensor};
 
 /// The CPU backend: f32 everywhere.
@@ -66,6 +67,9 @@ impl Optim for Cpu {
             adamw::adamw_step(slot.p.f32s_mut()?, slot.m.f32s_mut()?, slot.v.f32s_mut()?, g, &s);
         }
         Ok(())
+    }
+    fn adamw8bit(&self, slots: &mut [AdamW8bitSlot], scalars: &crate::abi::AdamWScalars) -> Result<()> {
+        adamw8bit::step_slots(slots, scalars)
     }
 }
 

@@ -217,11 +217,9 @@ impl crate::backend::Optim for super::Cuda {
         }
         adamw_step_multi(&mut work, s)
     }
-}
-
-fn f32_mut<'a>(t: &'a mut crate::Tensor, what: &str) -> Result<&'a mut DevBuf<f32>> {
-    match t.cuda_storage_mut() {
-        Some(super::CudaStorage::F32(d)) => Ok(d),
-        _ => Err(Error::Input(format!("adamw: the {what} is not an f32 tensor on the GPU"))),
+    fn adamw8bit(&self, slots: &mut [crate::backend::AdamW8bitSlot], s: &AdamWScalars) -> Result<()> {
+        super::adamw8bit::step_slots(slots, s)
     }
 }
+
+use super::adamw8bit::f32_mut;

@@ -171,6 +171,7 @@ pub fn run() -> Result<()> {
         embedding_rows,
         xent_rows,
         super::adamw::bench,
+        super::adamw8bit::bench,
         reduce_rows,
         nf4_rows,
     ] {

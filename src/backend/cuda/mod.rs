@@ -11,6 +11,7 @@ pub use half::bf16;
 use std::sync::OnceLock;
 
 pub mod adamw;
+pub mod adamw8bit;
 pub mod attention;
 pub mod bench;
 pub mod driver;

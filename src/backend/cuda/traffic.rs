@@ -159,6 +159,14 @@ fn workload(cu: &Cuda) -> Result<()> {
     let (mut p, g) = (random_f32(cu, pn, 18)?, random_f32(cu, pn, 19)?);
     let (mut m, mut vv) = (cu.zeros::<f32>(pn)?, cu.zeros::<f32>(pn)?);
     super::adamw::adamw_step(&mut p, &mut m, &mut vv, &g, &super::adamw::typical_scalars())?;
+    // 8-bit AdamW on the same sizes, from fresh state (codes 0, absmax 0).
+    let nb = pn / crate::abi::KILN_ADAM8_BLOCK as usize;
+    let (mut s1, mut s2) = (cu.zeros::<u8>(pn)?, cu.zeros::<u8>(pn)?);
+    let (mut a1, mut a2) = (cu.zeros::<f32>(nb)?, cu.zeros::<f32>(nb)?);
+    let moments =
+        super::adamw8bit::Adam8Moments::Q8 { state1: &mut s1, absmax1: &mut a1, state2: &mut s2, absmax2: &mut a2 };
+    let mut params = [super::adamw8bit::Adam8Param { p: &mut p, g: &g, moments, decay: true }];
+    super::adamw8bit::adamw8bit_step_multi(&mut params, &super::adamw::typical_scalars())?;
     reduce::sum_squares(&g)?;
     reduce::scale(&mut p, 0.5)?;
     // NF4 dequantization of a [256, 768] weight (QLoRA's c_attn at this width).
