@@ -55,10 +55,6 @@ pub enum Error {
     #[error("{what} {value} must be {allowed}")]
     OutOfRange { what: String, value: String, allowed: String },
 
-    /// Work that the CPU backend runs and the GPU path does not yet.
-    #[error("{what} runs on the CPU for now: {fix}")]
-    CpuOnly { what: String, fix: String },
-
     /// Saved state (optimizer moments, an adapter, a cache, a tokenizer) that does not belong to
     /// the model it is used with; the message says which and what to use instead.
     #[error("{0}")]
@@ -111,9 +107,6 @@ impl Error {
             value: p.to_string(),
             allowed: "in [0, 1)".into(),
         }
-    }
-    pub(crate) fn cpu_only(what: impl Into<String>, fix: impl Into<String>) -> Self {
-        Error::CpuOnly { what: what.into(), fix: fix.into() }
     }
     pub(crate) fn shape(op: &'static str, msg: impl Into<String>) -> Self {
         Error::Shape { op, msg: msg.into() }

@@ -327,3 +327,78 @@ fn the_command_defaults_qlora_to_adamw8bit_and_names_a_layer_it_cannot_quantize(
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("transformer.h.0.attn.c_attn") && e.contains("block"), "{e}");
 }
+
+/// LoRA and QLoRA fine-tuning on the CUDA backend (the GPU, or the emulated device) against the
+/// same runs on the CPU: 10 steps of `finetune` from the same base, data, adapter initialisation
+/// and dropout masks, with 8-bit AdamW and fp32 AdamW, gradient checkpointing on one of them.
+///
+/// Tolerance. The device runs the base's forward and backward in bf16 (f32 accumulation), the CPU
+/// in f32; tests/gpt2_cuda.rs derives 1e-2 of the loss for one such step of a 2-layer model (and
+/// allows it). Over 10 steps the adapters' trajectories also part, where bf16 noise flips the
+/// sign of a near-zero gradient and so Adam's step: each such weight moves by 2 lr at most, rarely,
+/// and the loss by far less than the step's own bound. So 1e-2 of the loss at every step; the
+/// CPU's loss must fall by more than 4 times that over the run, so a device run whose adapter did
+/// not train (or trained another way) cannot pass.
+#[cfg(feature = "cuda")]
+#[test]
+fn lora_and_qlora_finetuning_on_the_device_track_the_cpu_for_10_steps() {
+    let Some(cu) = common::gpu("qlora::lora_and_qlora_finetuning_on_the_device_track_the_cpu_for_10_steps") else {
+        return;
+    };
+    let device_flag = if cu.is_emulated() { "emu" } else { "cuda" };
+    const TOL: f64 = 1e-2;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, base) = base_model(dir.path(), 64);
+    let task = dir.path().join("task.jsonl");
+    for (method, optimizer, checkpointing) in
+        [("lora", "adamw", false), ("qlora", "adamw8bit", true), ("lora", "adamw8bit", false)]
+    {
+        let extra = [
+            format!("finetune.method=\"{method}\""),
+            format!("finetune.optimizer=\"{optimizer}\""),
+            format!("finetune.gradient_checkpointing={checkpointing}"),
+            "finetune.lora_r=64".into(), // lora_A [64, 64]: 8-bit moments for the adapter's matrices
+            "finetune.lora_dropout=0.1".into(),
+            "train.max_steps=10".into(),
+            "train.eval_every=0".into(),
+            "train.lr=1e-2".into(),
+        ];
+        let cfg = config(&base, &task, &extra.iter().map(String::as_str).collect::<Vec<_>>());
+        let label = format!("{method} + {optimizer}{}", if checkpointing { " (checkpointed)" } else { "" });
+        let run = |device: kiln::Device| {
+            let out = dir.path().join(format!("{method}-{optimizer}-{device}"));
+            let o = kiln::train::Options { device, ..opts(Start::Fresh, None) };
+            let t0 = Instant::now();
+            let s = finetune(&cfg, &out, &o).unwrap_or_else(|e| panic!("{label} on {device}: {e}"));
+            (losses(&out), s, t0.elapsed().as_secs_f64())
+        };
+        let (cpu, _, t_cpu) = run(kiln::Device::Cpu);
+        let (dev, s, t_dev) = run(kiln::Device::Cuda(0));
+        assert_eq!((cpu.len(), dev.len()), (10, 10), "{label}: ten logged steps each");
+        let worst = cpu.iter().zip(&dev).map(|((_, c), (_, d))| ((d - c) / c).abs()).fold(0.0, f64::max);
+        println!(
+            "{label}: CPU {:.4} -> {:.4} ({t_cpu:.1} s), device {:.4} -> {:.4} ({t_dev:.1} s), worst step {worst:.2e}",
+            cpu[0].1, cpu[9].1, dev[0].1, dev[9].1
+        );
+        assert!(worst < TOL, "{label}: the device's losses {dev:?} leave the CPU's {cpu:?} by {worst:.2e}");
+        assert!(cpu[9].1 < cpu[0].1 * (1.0 - 4.0 * TOL), "{label}: the CPU run must train: {cpu:?}");
+        // the device run saved a PEFT adapter on the host; `kiln generate --adapter` with it
+        // gives the same greedy tokens on the device as on the CPU
+        let ckpt = s.checkpoint.expect("a checkpoint at the last step");
+        assert!(ckpt.join("adapter_model.safetensors").exists(), "{label}: {ckpt:?}");
+        let gen = |device: &str| {
+            let (b, a) = (base.to_str().unwrap(), ckpt.to_str().unwrap());
+            let args = ["generate", "--model", b, "--adapter", a, "--prompt-ids", "5,17,3,60,2", "--device", device];
+            let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(args)
+                .args(["--max-new-tokens", "16", "--ignore-eos"])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8(o.stdout).unwrap()
+        };
+        let on_cpu = gen("cpu");
+        assert_eq!(on_cpu.trim().split(',').count(), 21, "{on_cpu}");
+        assert_eq!(gen(device_flag), on_cpu, "{label}: greedy tokens with the adapter, device vs CPU");
+    }
+}

@@ -85,12 +85,7 @@ fn list(xs: &[String]) -> String {
 }
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
-    // LoRA and QLoRA run on the CPU only so far: `auto` means the CPU for them.
-    let device = if args.device == "auto" && args.method != "full" {
-        crate::Device::Cpu
-    } else {
-        args.device.parse::<crate::Device>()?
-    };
+    let device = args.device.parse::<crate::Device>()?;
     device.ensure_available()?;
     let stored = args.out.join("run.toml");
     let file = args.config.clone().or_else(|| (args.resume && stored.exists()).then_some(stored));

@@ -70,12 +70,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         crate::io::peft::load_adapter(&mut model, dir)?;
     }
     if device != Device::Cpu {
-        let adapted = model.lora.is_some() || model.nf4.is_some();
-        if adapted && args.device == "auto" {
-            eprintln!("device: the CPU (LoRA and NF4 models generate on the CPU for now)");
-        } else {
-            model.to_device(device)?;
-        }
+        model.to_device(device)?;
     }
     let tokenizer = if args.prompt.is_some() || args.tokenizer.is_some() { Some(load_tokenizer(&args)?) } else { None };
     let prompt = match (&args.prompt, &args.prompt_ids, &tokenizer) {

@@ -629,9 +629,8 @@ impl Gpt2 {
         }
         // On the GPU the parameters are f32 masters and the forward pass runs in bf16: a view of
         // the model over bf16 casts, recorded on the tape so each master gets an f32 gradient.
-        if self.lora.is_some() || self.nf4.is_some() {
-            return Err(Error::cpu_only("LoRA and QLoRA", "the GPU path covers full training; use --device cpu"));
-        }
+        // A LoRA adapter stays in f32 (as PEFT keeps it under bf16 compute); NF4 weights are
+        // dequantized by the NF4 op itself.
         let mut view = self.clone();
         for p in view.params.iter_mut() {
             p.tensor = crate::ops::elementwise::to_compute_dtype(tape, &p.tensor)?;
@@ -645,17 +644,15 @@ impl Gpt2 {
         self.params.iter().next().map(|p| p.tensor.device()).unwrap_or_default()
     }
 
-    /// Moves every parameter to `device` (f32 masters; the GPU forward casts them to bf16).
+    /// Moves every parameter, the adapter's too, to `device` (f32 masters; the GPU forward casts
+    /// the base's to bf16). NF4 weights keep their packed form where they are; the NF4 op reads
+    /// them from there.
     pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
         device.ensure_available()?;
-        if device != crate::Device::Cpu && (self.lora.is_some() || self.nf4.is_some()) {
-            return Err(Error::cpu_only(
-                "LoRA and QLoRA",
-                "models with an adapter or NF4 weights stay there; use --device cpu",
-            ));
-        }
-        for p in self.params.iter_mut() {
-            p.tensor = p.tensor.to_dtype(crate::DType::F32)?.to_device(device)?;
+        for store in self.stores_mut() {
+            for p in store.iter_mut() {
+                p.tensor = p.tensor.to_dtype(crate::DType::F32)?.to_device(device)?;
+            }
         }
         Ok(())
     }

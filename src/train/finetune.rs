@@ -180,14 +180,6 @@ fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summar
         (o @ ("adamw" | "adamw8bit"), _) => o,
         (other, _) => return Err(Error::unknown("optimizer", other, "adamw, adamw8bit or auto")),
     };
-    // Checked before the run directory is touched.
-    if opts.device != crate::Device::Cpu && (f.method != "full" || optimizer != "adamw") {
-        return Err(Error::cpu_only(
-            format!("--method {} with --optimizer {optimizer}", f.method),
-            "the GPU path covers full fine-tuning with fp32 AdamW (--method full --optimizer adamw); use --device cpu \
-             for LoRA, QLoRA and 8-bit AdamW",
-        ));
-    }
     let base = cfg
         .model
         .init_from
