@@ -382,6 +382,11 @@ fn lora_and_qlora_finetuning_on_the_device_track_the_cpu_for_10_steps() {
         );
         assert!(worst < TOL, "{label}: the device's losses {dev:?} leave the CPU's {cpu:?} by {worst:.2e}");
         assert!(cpu[9].1 < cpu[0].1 * (1.0 - 4.0 * TOL), "{label}: the CPU run must train: {cpu:?}");
+        // the device's measured peak holds at least the weights and optimizer state kiln can name
+        let mem = s.device_memory.expect("a device run measures its device memory");
+        println!("{label}: {}", mem.describe());
+        assert!(mem.weights > 0 && mem.optimizer > 0 && mem.rest() > 0, "{label}: {mem:?}");
+        assert!(mem.peak >= mem.weights + mem.optimizer, "{label}: {mem:?}");
         // the device run saved a PEFT adapter on the host; `kiln generate --adapter` with it
         // gives the same greedy tokens on the device as on the CPU
         let ckpt = s.checkpoint.expect("a checkpoint at the last step");

@@ -36,6 +36,14 @@ pub trait Backend:
     fn sync(&self) -> Result<()> {
         Ok(())
     }
+    /// (live, peak) bytes of device memory held by kiln's buffers, the peak since the last
+    /// `reset_peak_memory`; None where the backend does not count (the CPU: the `kiln` binary's
+    /// counting allocator, `crate::memory`, measures the host heap instead).
+    fn memory_use(&self) -> Option<(usize, usize)> {
+        None
+    }
+    /// Starts a new peak at what is live now.
+    fn reset_peak_memory(&self) {}
 }
 
 /// The backend of `device`: an error when this build or this machine cannot serve it.

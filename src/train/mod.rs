@@ -69,6 +69,38 @@ pub struct Summary {
     pub tokens_per_s: f64,
     pub interrupted: bool,
     pub checkpoint: Option<PathBuf>,
+    /// What the run held on the GPU (or the emulated device); None on the CPU.
+    pub device_memory: Option<DeviceMemory>,
+}
+
+/// Device memory of a run, measured: the high-water mark of the bytes kiln's buffers held at
+/// once (every device allocation is counted while it lives), and the parts of it kiln can name.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeviceMemory {
+    pub peak: usize,
+    /// The model's weights on the device (f32 masters, the adapter).
+    pub weights: usize,
+    /// The optimizer's state.
+    pub optimizer: usize,
+}
+
+impl DeviceMemory {
+    /// The rest of the peak: gradients, activations, bf16 copies of the weights and workspace.
+    pub fn rest(&self) -> usize {
+        self.peak.saturating_sub(self.weights + self.optimizer)
+    }
+
+    /// One line: the peak and its parts.
+    pub fn describe(&self) -> String {
+        let mb = |b: usize| format!("{:.1} MB", b as f64 / 1e6);
+        format!(
+            "device memory, measured: peak {} = weights {} + optimizer state {} + gradients, activations and workspace {}",
+            mb(self.peak),
+            mb(self.weights),
+            mb(self.optimizer),
+            mb(self.rest())
+        )
+    }
 }
 
 impl Summary {

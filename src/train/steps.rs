@@ -139,7 +139,11 @@ pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec:
         tokens_per_s: 0.0,
         interrupted: false,
         checkpoint: spec.latest.clone(),
+        device_memory: None,
     };
+    // The device's high-water mark starts at what the model (and restored state) holds now.
+    let backend = crate::backend::backend(model.device())?;
+    backend.reset_peak_memory();
     let mut last_saved = spec.latest.as_ref().map(|_| spec.start_step);
 
     for step in spec.start_step..t.max_steps {
@@ -242,6 +246,15 @@ pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec:
     if !rates.is_empty() {
         rates.sort_by(|a, b| a.total_cmp(b));
         summary.tokens_per_s = rates[rates.len() / 2];
+    }
+    if let Some((_, peak)) = backend.memory_use() {
+        let on_device =
+            |t: &Tensor| if t.device() == model.device() { t.numel() * t.dtype().size_in_bytes() } else { 0 };
+        let weights = model.stores().iter().flat_map(|s| s.iter()).map(|p| on_device(&p.tensor)).sum();
+        summary.device_memory = Some(super::DeviceMemory { peak, weights, optimizer: opt.state_bytes() });
+        if !spec.opts.quiet {
+            println!("  {}", summary.device_memory.as_ref().map(|m| m.describe()).unwrap_or_default());
+        }
     }
     Ok(summary)
 }

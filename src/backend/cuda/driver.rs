@@ -136,7 +136,7 @@ impl Runtime for Driver {
         let s = if zero { self.stream.alloc_zeros::<u8>(n) } else { unsafe { self.stream.alloc::<u8>(n) } }
             .map_err(|e| oom(e, bytes))?;
         let ptr = s.device_ptr(&self.stream).0;
-        Ok(Mem::Driver(s, ptr))
+        Ok(Mem::Driver(s, ptr).counted())
     }
     fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| copy_err("context", e))?;

@@ -130,7 +130,7 @@ impl Runtime for Emulator {
                 bytes as f64 / 1e6
             )));
         }
-        Ok(Mem::Emu(p))
+        Ok(Mem::Emu(p, bytes).counted())
     }
     fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
         // SAFETY: the emulator checks every device range itself and reports a bad one as an error; host pointers and lengths come from live slices.

@@ -223,6 +223,12 @@ impl crate::backend::Backend for Cuda {
     fn sync(&self) -> Result<()> {
         Cuda::sync(self)
     }
+    fn memory_use(&self) -> Option<(usize, usize)> {
+        Some(runtime::memory_use())
+    }
+    fn reset_peak_memory(&self) {
+        runtime::reset_peak()
+    }
 }
 
 // No LoRA or NF4 kernels yet: the trait's defaults run the CPU's implementation on host copies.

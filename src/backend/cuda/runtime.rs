@@ -9,6 +9,7 @@ use crate::{Error, Result};
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Grid, block and dynamic shared memory of one launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,26 +44,55 @@ pub enum Event {
     Emu(std::time::Instant),
 }
 
-/// One device allocation; freed on drop.
+/// One device allocation (its address, and for the emulated device its size); freed on drop.
+/// Every allocation is counted while it lives (`memory_use`).
 pub enum Mem {
     Driver(cudarc::driver::CudaSlice<u8>, u64),
-    Emu(u64),
+    Emu(u64, usize),
 }
 
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
 impl Mem {
+    /// Counts a new allocation (the runtimes call this as they create one).
+    pub(crate) fn counted(self) -> Self {
+        let now = LIVE.fetch_add(self.bytes(), Ordering::Relaxed) + self.bytes();
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        self
+    }
     pub fn ptr(&self) -> u64 {
         match self {
-            Mem::Driver(_, p) | Mem::Emu(p) => *p,
+            Mem::Driver(_, p) | Mem::Emu(p, _) => *p,
+        }
+    }
+    pub fn bytes(&self) -> usize {
+        match self {
+            Mem::Driver(s, _) => s.len(),
+            Mem::Emu(_, b) => *b,
         }
     }
 }
 
 impl Drop for Mem {
     fn drop(&mut self) {
-        if let Mem::Emu(p) = self {
+        LIVE.fetch_sub(self.bytes(), Ordering::Relaxed);
+        if let Mem::Emu(p, _) = self {
             super::emu::free(*p);
         }
     }
+}
+
+/// Device memory that kiln's buffers hold now, and the most they held at once since the last
+/// `reset_peak` (the high-water mark of what kiln asked the pool for; the driver's pool may keep
+/// more in reserve), in bytes.
+pub fn memory_use() -> (usize, usize) {
+    (LIVE.load(Ordering::Relaxed), PEAK.load(Ordering::Relaxed))
+}
+
+/// Starts a new high-water mark at what is live now.
+pub fn reset_peak() {
+    PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
 /// The operations the CUDA backend needs from a device. All work runs in order on one stream.
