@@ -7,13 +7,15 @@
 //! CPU, bf16 activations on CUDA, whose parameter gradients are f32 for the f32 masters). The ops
 //! check shapes before they call; a backend checks what its buffers need (dtypes, devices).
 //!
-//! A fused op with no kernel on a backend keeps the trait's default method: the CPU backend's
-//! implementation over host copies, with the results moved back (`on_host`). So every op runs on
-//! every backend from the day it is written, and fast where the backend has a kernel.
+//! A fused op with no kernel on a backend keeps the trait's default method: a composition of the
+//! backend's other methods (`compose`: LoRA and NF4 linear), or the CPU backend's implementation
+//! over host copies with the results moved back (`on_host`: LoRA on an embedding). So every op
+//! runs on every backend from the day it is written, and fast where the backend has a kernel.
 //!
 //! Without the `cuda` feature, `cuda` is a stand-in (`no_cuda.rs`) with the CUDA backend's
 //! outward surface, whose every entry point says kiln was built without CUDA.
 
+mod compose;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -32,6 +34,8 @@ pub trait Backend:
 {
     /// The dtype activations are computed in (f32 on the CPU, bf16 on CUDA).
     fn compute_dtype(&self) -> DType;
+    /// The device this backend's tensors live on.
+    fn device(&self) -> Device;
     /// Waits for queued work (a no-op on the CPU): what a timer needs before it reads the clock.
     fn sync(&self) -> Result<()> {
         Ok(())
@@ -342,6 +346,15 @@ pub trait CrossEntropy {
     fn cross_entropy_backward(&self, logits: &Tensor, saved: &XentSaved, scale: f32) -> Result<Tensor>;
 }
 
+/// Dropout with probability `p` whose mask is drawn from `seed` per element index, the rule of
+/// `Elementwise::dropout` (so every backend draws the same mask from the same seed, and a backward
+/// redraws it instead of keeping it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
 /// A LoRA linear layer's operands: y = x op(W) + bias + scaling * dropout(x) A^T B^T, with
 /// x [m, k], W [k, n] (or [n, k] when `w_trans`), A [r, k], B [n, r].
 #[derive(Clone, Copy)]
@@ -353,8 +366,8 @@ pub struct LoraArgs<'a> {
     pub a: &'a Tensor,
     pub b: &'a Tensor,
     pub scaling: f32,
-    /// The adapter's dropout mask over x (1 = kept) and its scale, when dropout applies.
-    pub keep: Option<(&'a [u8], f32)>,
+    /// The dropout on the adapter's input, when it applies.
+    pub dropout: Option<Dropout>,
     pub m: usize,
     pub n: usize,
     pub k: usize,
@@ -373,22 +386,13 @@ pub struct LoraEmbeddingArgs<'a> {
     pub r: usize,
 }
 
-impl<'a> LoraArgs<'a> {
-    fn with(self, x: &'a Tensor, w: &'a Tensor, bias: Option<&'a Tensor>, a: &'a Tensor, b: &'a Tensor) -> Self {
-        LoraArgs { x, w, bias, a, b, ..self }
-    }
-}
-
-/// The LoRA ops. The defaults run the CPU's implementation over host copies.
-pub trait Lora: Elementwise {
+/// The LoRA ops. The linear layer's defaults compose it from other families' methods (`compose`:
+/// GEMMs, casts, dropout, adds) on the backend's own device; the embedding's run the CPU's
+/// implementation over host copies (a column gather the traits do not have).
+pub trait Lora: Elementwise + Matmul {
     /// (y [m, n], us = scaling * dropout(x) A^T [m, r], which backward needs).
     fn lora_linear(&self, args: &LoraArgs) -> Result<(Tensor, Tensor)> {
-        let h = to_host_f32;
-        let (x, w, a, b) = (h(args.x)?, h(args.w)?, h(args.a)?, h(args.b)?);
-        let bias = args.bias.map(h).transpose()?;
-        let (y, us) = cpu::Cpu.lora_linear(&args.with(&x, &w, bias.as_ref(), &a, &b))?;
-        let (be, device) = (self.as_backend(), args.x.device());
-        Ok((move_back(be, device, y, args.x.dtype())?, move_back(be, device, us, DType::F32)?))
+        compose::lora_linear(self.as_backend(), args)
     }
     /// [dx, dW, dA, dB, dbias], each only where `needs` asks; parameter gradients in f32.
     fn lora_linear_backward(
@@ -398,12 +402,7 @@ pub trait Lora: Elementwise {
         dout: &Tensor,
         needs: [bool; 5],
     ) -> Result<[Option<Tensor>; 5]> {
-        let h = to_host_f32;
-        let (x, w, a, b, us, dout) = (h(args.x)?, h(args.w)?, h(args.a)?, h(args.b)?, h(us)?, h(dout)?);
-        let bias = args.bias.map(h).transpose()?;
-        let g = cpu::Cpu.lora_linear_backward(&args.with(&x, &w, bias.as_ref(), &a, &b), &us, &dout, needs)?;
-        let f = DType::F32;
-        on_host(self.as_backend(), args.x.device(), [args.x.dtype(), f, f, f, f], g)
+        compose::lora_linear_backward(self.as_backend(), args, us, dout, needs)
     }
     /// (scaling * A[:, ids]^T B^T [ids.len(), c], us = scaling * A[:, ids]^T [ids.len(), r]).
     fn lora_embedding(&self, args: &LoraEmbeddingArgs) -> Result<(Tensor, Tensor)> {
@@ -424,7 +423,7 @@ pub trait Lora: Elementwise {
         let g = cpu::Cpu.lora_embedding_backward(&LoraEmbeddingArgs { a: &a, b: &b, ..*args }, &us, &dout, needs)?;
         on_host(self.as_backend(), args.b.device(), [DType::F32; 2], g)
     }
-    /// This backend as a `Backend` (for the defaults, which move results back through it).
+    /// This backend as a `Backend` (for the defaults).
     fn as_backend(&self) -> &dyn Backend;
 }
 
@@ -436,30 +435,32 @@ pub struct Nf4Args<'a> {
     pub bias: Option<&'a Tensor>,
     /// (A [r, k], B [n, r], scaling) of the adapter.
     pub lora: Option<(&'a Tensor, &'a Tensor, f32)>,
-    pub keep: Option<(&'a [u8], f32)>,
+    /// The dropout on the adapter's input, when it applies.
+    pub dropout: Option<Dropout>,
     pub m: usize,
     pub n: usize,
     pub k: usize,
     pub r: usize,
 }
 
-impl<'a> Nf4Args<'a> {
-    fn with(self, x: &'a Tensor, bias: Option<&'a Tensor>, ab: Option<(&'a Tensor, &'a Tensor)>) -> Self {
-        let lora = self.lora.zip(ab).map(|((_, _, s), (a, b))| (a, b, s));
-        Nf4Args { x, bias, lora, ..self }
-    }
-}
-
-/// NF4 linear (QLoRA's frozen base). The defaults run the CPU's implementation on host copies.
+/// NF4 linear (QLoRA's frozen base). The defaults dequantize the weight with `nf4_dequantize` and
+/// run the LoRA linear's composition over it (`compose`).
 pub trait Nf4: Lora {
+    /// The weight [k, n] dequantized, in the compute dtype, on this backend's device (a device
+    /// keeps the packed weight resident: see `nf4_to_device`). The default dequantizes on the
+    /// host.
+    fn nf4_dequantize(&self, w: &Nf4Weight) -> Result<Tensor> {
+        let be = self.as_backend();
+        let host = Tensor::from_f32(w.dequantize()?, w.dims)?;
+        move_back(be, be.device(), host, be.compute_dtype())
+    }
+    /// Keeps `w`'s packed form on this backend's device from now on (nothing on the CPU).
+    fn nf4_to_device(&self, _w: &Nf4Weight) -> Result<()> {
+        Ok(())
+    }
     /// (y [m, n], us [m, r]; r = 0 without an adapter).
     fn nf4_linear(&self, args: &Nf4Args) -> Result<(Tensor, Tensor)> {
-        let x = to_host_f32(args.x)?;
-        let bias = args.bias.map(to_host_f32).transpose()?;
-        let ab = args.lora.map(|(a, b, _)| Ok::<_, Error>((to_host_f32(a)?, to_host_f32(b)?))).transpose()?;
-        let (y, us) = cpu::Cpu.nf4_linear(&args.with(&x, bias.as_ref(), ab.as_ref().map(|(a, b)| (a, b))))?;
-        let (be, device) = (self.as_backend(), args.x.device());
-        Ok((move_back(be, device, y, args.x.dtype())?, move_back(be, device, us, DType::F32)?))
+        compose::nf4_linear(self.as_backend(), args)
     }
     /// [dx, dA, dB, dbias] (no dW: the quantized base is frozen), each only where `needs` asks.
     fn nf4_linear_backward(
@@ -469,13 +470,7 @@ pub trait Nf4: Lora {
         dout: &Tensor,
         needs: [bool; 4],
     ) -> Result<[Option<Tensor>; 4]> {
-        let (x, us, dout) = (to_host_f32(args.x)?, to_host_f32(us)?, to_host_f32(dout)?);
-        let bias = args.bias.map(to_host_f32).transpose()?;
-        let ab = args.lora.map(|(a, b, _)| Ok::<_, Error>((to_host_f32(a)?, to_host_f32(b)?))).transpose()?;
-        let host = args.with(&x, bias.as_ref(), ab.as_ref().map(|(a, b)| (a, b)));
-        let g = cpu::Cpu.nf4_linear_backward(&host, &us, &dout, needs)?;
-        let f = DType::F32;
-        on_host(self.as_backend(), args.x.device(), [args.x.dtype(), f, f, f], g)
+        compose::nf4_linear_backward(self.as_backend(), args, us, dout, needs)
     }
 }
 

@@ -243,7 +243,7 @@ impl StoredNf4 {
             StoredAbsmax::F32(a) => nf4::double_quantize(&a),
             StoredAbsmax::Double(d) => d,
         };
-        Ok(nf4::Nf4Weight { packed: self.packed, absmax, blocksize: self.blocksize, dims })
+        Ok(nf4::Nf4Weight { packed: self.packed, absmax, blocksize: self.blocksize, dims, device: Default::default() })
     }
 }
 

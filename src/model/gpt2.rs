@@ -645,8 +645,8 @@ impl Gpt2 {
     }
 
     /// Moves every parameter, the adapter's too, to `device` (f32 masters; the GPU forward casts
-    /// the base's to bf16). NF4 weights keep their packed form where they are; the NF4 op reads
-    /// them from there.
+    /// the base's to bf16). NF4 weights get a copy of their packed form in the device's memory
+    /// (the host keeps its own, for saving).
     pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
         device.ensure_available()?;
         for store in self.stores_mut() {
@@ -654,7 +654,16 @@ impl Gpt2 {
                 p.tensor = p.tensor.to_dtype(crate::DType::F32)?.to_device(device)?;
             }
         }
+        let backend = crate::backend::backend(device)?;
+        for w in self.nf4.iter().flat_map(|q| q.values()) {
+            backend.nf4_to_device(w)?;
+        }
         Ok(())
+    }
+
+    /// Bytes of NF4 weights held in a device's memory (their packed form).
+    pub fn nf4_device_bytes(&self) -> usize {
+        self.nf4.iter().flat_map(|q| q.values()).filter(|w| w.device.is_made()).map(|w| w.storage_bytes()).sum()
     }
 
     fn forward_compute(

@@ -11,7 +11,7 @@
 
 use super::expect_dims;
 use super::gemm::WeightLayout;
-use crate::backend::{cpu::elementwise as cpu_ew, on, LoraArgs, LoraEmbeddingArgs};
+use crate::backend::{on, Dropout, LoraArgs, LoraEmbeddingArgs};
 use crate::tape::{Op, Tape};
 use crate::{Error, Result, Tensor};
 
@@ -25,8 +25,8 @@ struct LoraLinear {
     bias: Option<Tensor>,
     /// scaling * dropout(x) A^T, [M, r]
     us: Tensor,
-    /// The dropout mask (1 = kept) and 1 / (1 - p), when dropout was applied.
-    keep: Option<(Vec<u8>, f32)>,
+    /// The dropout on the adapter's input, when it was applied (its mask is redrawn from the seed).
+    dropout: Option<Dropout>,
     scaling: f32,
     m: usize,
     n: usize,
@@ -88,7 +88,7 @@ pub fn lora_linear(
         expect_dims(OP, "bias", bias, &[n])?;
     }
     let m = x.shape().rows();
-    let keep = dropout_keep(train, dropout_p, seed, m * k);
+    let dropout = dropout_of(train, dropout_p, seed);
     let mut saved = LoraLinear {
         x: x.clone(),
         w: w.clone(),
@@ -97,7 +97,7 @@ pub fn lora_linear(
         b: b.clone(),
         bias: bias.cloned(),
         us: Tensor::scalar(0.0),
-        keep,
+        dropout,
         scaling,
         m,
         n,
@@ -117,14 +117,10 @@ pub fn lora_linear(
     Ok(out)
 }
 
-/// The LoRA path's dropout mask and scale for `n` input elements, when dropout is active.
-/// Shared with the NF4 op, whose LoRA path drops its input the same way.
-pub(crate) fn dropout_keep(train: bool, p: f32, seed: u64, n: usize) -> Option<(Vec<u8>, f32)> {
-    (train && p > 0.0).then(|| {
-        let mut mask = vec![0u8; n];
-        cpu_ew::dropout_mask(&mut mask, seed, p);
-        (mask, 1.0 / (1.0 - p))
-    })
+/// The LoRA path's dropout, when it is active. Shared with the NF4 op, whose LoRA path drops its
+/// input the same way.
+pub(crate) fn dropout_of(train: bool, p: f32, seed: u64) -> Option<Dropout> {
+    (train && p > 0.0).then_some(Dropout { p, seed })
 }
 
 impl LoraLinear {
@@ -138,7 +134,7 @@ impl LoraLinear {
             a: &self.a,
             b: &self.b,
             scaling: self.scaling,
-            keep: self.keep.as_ref().map(|(mask, scale)| (mask.as_slice(), *scale)),
+            dropout: self.dropout,
             m: self.m,
             n: self.n,
             k: self.k,

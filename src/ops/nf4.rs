@@ -6,7 +6,7 @@
 //! `src/backend/cpu/nf4.rs`, which calls the LoRA backend's.
 
 use super::expect_dims;
-use crate::backend::{on, Nf4Args};
+use crate::backend::{on, Dropout, Nf4Args};
 use crate::quant::nf4::Nf4Weight;
 use crate::tape::{Op, Tape};
 use crate::{Error, Result, Tensor};
@@ -23,7 +23,7 @@ struct Nf4Linear {
     ab: Option<(Tensor, Tensor)>,
     /// scaling * dropout(x) A^T, [M, r]
     us: Tensor,
-    keep: Option<(Vec<u8>, f32)>,
+    dropout: Option<Dropout>,
     scaling: f32,
     m: usize,
     n: usize,
@@ -38,7 +38,7 @@ impl Nf4Linear {
             w: &self.w,
             bias: self.bias.as_ref(),
             lora: self.ab.as_ref().map(|(a, b)| (a, b, self.scaling)),
-            keep: self.keep.as_ref().map(|(mask, scale)| (mask.as_slice(), *scale)),
+            dropout: self.dropout,
             m: self.m,
             n: self.n,
             k: self.k,
@@ -107,14 +107,14 @@ pub fn nf4_linear(
         }
     };
     let m = x.shape().rows();
-    let keep = lora.as_ref().and_then(|l| super::lora::dropout_keep(l.train, l.dropout_p, l.seed, m * k));
+    let dropout = lora.as_ref().and_then(|l| super::lora::dropout_of(l.train, l.dropout_p, l.seed));
     let mut saved = Nf4Linear {
         x: x.clone(),
         w: Arc::clone(w),
         bias: bias.cloned(),
         ab: lora.as_ref().map(|l| (l.a.clone(), l.b.clone())),
         us: Tensor::scalar(0.0),
-        keep,
+        dropout,
         scaling: lora.as_ref().map_or(0.0, |l| l.scaling),
         m,
         n,

@@ -18,6 +18,8 @@
 use super::blockwise::{self, CodeLut, BLOCKSIZE_8BIT};
 use crate::{Error, Result};
 use rayon::prelude::*;
+use std::any::Any;
+use std::sync::{Arc, OnceLock};
 
 /// The 16 NF4 values (bitsandbytes' table, equal to the QLoRA paper's): quantiles of N(0, 1)
 /// scaled to [-1, 1], with an exact zero at index 7. The digits are bitsandbytes' (f64 values
@@ -208,6 +210,47 @@ impl DoubleQuant {
     }
 }
 
+/// A copy of a weight that a device backend keeps beside it (its packed form in device memory),
+/// opaque here: quant knows no backend. Made once, on first use; clones of the weight share it;
+/// it takes no part in comparing weights.
+#[derive(Clone, Default)]
+pub struct DeviceCopy(Arc<OnceLock<Arc<dyn Any + Send + Sync>>>);
+
+impl DeviceCopy {
+    /// The copy, if one of type T was made.
+    pub fn get<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.0.get().and_then(|a| Arc::clone(a).downcast::<T>().ok())
+    }
+
+    /// The copy, made by `make` if there is none yet.
+    pub fn get_or_make<T: Any + Send + Sync>(&self, make: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
+        if let Some(t) = self.get() {
+            return Ok(t);
+        }
+        let made: Arc<dyn Any + Send + Sync> = Arc::new(make()?);
+        // another thread may have made one meanwhile: the first one stays
+        let _ = self.0.set(made);
+        self.get().ok_or_else(|| Error::Input("the weight's device copy is of another kind".into()))
+    }
+
+    /// Whether a copy was made.
+    pub fn is_made(&self) -> bool {
+        self.0.get().is_some()
+    }
+}
+
+impl PartialEq for DeviceCopy {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for DeviceCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_made() { "DeviceCopy(made)" } else { "DeviceCopy(none)" })
+    }
+}
+
 /// A Conv1D weight [in, out] as QLoRA keeps it: the row-major tensor's NF4 codes (two a byte)
 /// and its absmax double-quantized to 8 bits, bitsandbytes' `Linear4bit` storage with
 /// compress_statistics=True. The f32 weight is never kept: `dequantize_into` rebuilds it.
@@ -220,6 +263,8 @@ pub struct Nf4Weight {
     pub blocksize: usize,
     /// [in, out]
     pub dims: [usize; 2],
+    /// The packed form in a device's memory, once a device backend has used the weight.
+    pub device: DeviceCopy,
 }
 
 impl Nf4Weight {
@@ -231,7 +276,7 @@ impl Nf4Weight {
         }
         let q = quantize_nf4(w, blocksize)?;
         let absmax = q.double_quant();
-        Ok(Nf4Weight { packed: q.packed, absmax, blocksize, dims })
+        Ok(Nf4Weight { packed: q.packed, absmax, blocksize, dims, device: DeviceCopy::default() })
     }
 
     pub fn numel(&self) -> usize {

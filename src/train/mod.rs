@@ -78,7 +78,7 @@ pub struct Summary {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DeviceMemory {
     pub peak: usize,
-    /// The model's weights on the device (f32 masters, the adapter).
+    /// The model's weights on the device (f32 masters, the adapter, NF4 weights packed).
     pub weights: usize,
     /// The optimizer's state.
     pub optimizer: usize,

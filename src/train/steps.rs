@@ -250,7 +250,8 @@ pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec:
     if let Some((_, peak)) = backend.memory_use() {
         let on_device =
             |t: &Tensor| if t.device() == model.device() { t.numel() * t.dtype().size_in_bytes() } else { 0 };
-        let weights = model.stores().iter().flat_map(|s| s.iter()).map(|p| on_device(&p.tensor)).sum();
+        let weights = model.stores().iter().flat_map(|s| s.iter()).map(|p| on_device(&p.tensor)).sum::<usize>()
+            + model.nf4_device_bytes();
         summary.device_memory = Some(super::DeviceMemory { peak, weights, optimizer: opt.state_bytes() });
         if !spec.opts.quiet {
             println!("  {}", summary.device_memory.as_ref().map(|m| m.describe()).unwrap_or_default());

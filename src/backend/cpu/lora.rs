@@ -20,8 +20,8 @@
 
 use super::gemm::{bias_backward, matmul, matmul_forward};
 use super::{f32_in, new_f32, pool, take_if, wrap};
+use crate::backend::{Dropout, LoraArgs, LoraEmbeddingArgs};
 use crate::backend::{GemmDesc, Trans};
-use crate::backend::{LoraArgs, LoraEmbeddingArgs};
 use crate::{Result, Tensor};
 
 /// out[m, n] = x @ W + bias + us @ B^T, where `us` [m, r] receives scaling * xd @ A^T (xd is
@@ -204,6 +204,14 @@ pub fn lora_embedding_backward(
     }
 }
 
+/// The mask (1 = kept) and scale 1 / (1 - p) of a dropout over `n` elements, drawn from its seed
+/// as `Elementwise::dropout` draws it.
+pub(crate) fn mask_of(d: Dropout, n: usize) -> (Vec<u8>, f32) {
+    let mut mask = vec![0u8; n];
+    super::elementwise::dropout_mask(&mut mask, d.seed, d.p);
+    (mask, 1.0 / (1.0 - d.p))
+}
+
 /// dropout(x) under a mask with its scale, in a pooled buffer (the caller gives it back).
 pub(crate) fn dropped_input(x: &[f32], (mask, scale): (&[u8], f32)) -> Vec<f32> {
     let mut d = pool::take(x.len());
@@ -217,7 +225,8 @@ impl crate::backend::Lora for super::Cpu {
         let LoraArgs { m, n, k, r, w_trans, scaling, .. } = *args;
         let (xv, wd, ad, bd) = (f32_in(OP, args.x)?, f32_in(OP, args.w)?, f32_in(OP, args.a)?, f32_in(OP, args.b)?);
         let biasd = args.bias.map(|t| f32_in(OP, t)).transpose()?;
-        let dropped = args.keep.map(|k| dropped_input(xv, k));
+        let keep = args.dropout.map(|d| mask_of(d, m * k));
+        let dropped = keep.as_ref().map(|(mask, scale)| dropped_input(xv, (mask, *scale)));
         let xd = dropped.as_deref().unwrap_or(xv);
         let mut us = vec![0f32; m * r];
         let out =
@@ -238,8 +247,10 @@ impl crate::backend::Lora for super::Cpu {
         const OP: &str = "lora_linear backward";
         let LoraArgs { m, n, k, r, .. } = *args;
         let x = f32_in(OP, args.x)?;
-        // dA needs dropout(x) again: rebuilt from the mask rather than kept alive since the forward.
-        let dropped = args.keep.filter(|_| needs[2]).map(|k| dropped_input(x, k));
+        // dA needs dropout(x) again and dx the mask: redrawn rather than kept since the forward.
+        let keep = args.dropout.filter(|_| needs[0] || needs[2]).map(|d| mask_of(d, m * k));
+        let keep = keep.as_ref().map(|(mask, scale)| (mask.as_slice(), *scale));
+        let dropped = keep.filter(|_| needs[2]).map(|k| dropped_input(x, k));
         let (mut dx, mut dw, mut da, mut db) =
             (take_if(needs[0], m * k), take_if(needs[1], k * n), take_if(needs[2], r * k), take_if(needs[3], n * r));
         let mut dbias = needs[4].then(|| vec![0f32; n]);
@@ -253,7 +264,7 @@ impl crate::backend::Lora for super::Cpu {
         let xd = dropped.as_deref().unwrap_or(x);
         let (w, a, b) = (f32_in(OP, args.w)?, f32_in(OP, args.a)?, f32_in(OP, args.b)?);
         let (g, us) = (f32_in(OP, dout)?, f32_in(OP, us)?);
-        lora_backward(grads, g, x, xd, args.keep, w, args.w_trans, a, b, us, m, n, k, r, args.scaling);
+        lora_backward(grads, g, x, xd, keep, w, args.w_trans, a, b, us, m, n, k, r, args.scaling);
         if let Some(d) = dropped {
             pool::give(d);
         }

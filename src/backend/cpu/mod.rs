@@ -25,6 +25,9 @@ impl Backend for Cpu {
     fn compute_dtype(&self) -> DType {
         DType::F32
     }
+    fn device(&self) -> crate::Device {
+        crate::Device::Cpu
+    }
 }
 
 /// The f32 data of an op's input, or an error that names the op.

@@ -6,7 +6,7 @@
 //! dequantized W, so the two paths cannot drift apart.
 
 use super::gemm::{bias_backward, matmul, matmul_forward};
-use super::lora::dropped_input;
+use super::lora::{dropped_input, mask_of};
 use super::lora::{lora_backward, lora_forward, LoraGrads};
 use super::{f32_in, new_f32, pool, take_if, wrap};
 use crate::backend::GemmDesc;
@@ -92,13 +92,18 @@ pub fn nf4_linear_backward(
 }
 
 impl crate::backend::Nf4 for super::Cpu {
+    fn nf4_dequantize(&self, w: &Nf4Weight) -> Result<Tensor> {
+        Tensor::from_f32(w.dequantize()?, w.dims)
+    }
+
     fn nf4_linear(&self, args: &Nf4Args) -> Result<(Tensor, Tensor)> {
         const OP: &str = "nf4_linear";
         let Nf4Args { m, n, k, r, .. } = *args;
         let xv = f32_in(OP, args.x)?;
         let biasd = args.bias.map(|t| f32_in(OP, t)).transpose()?;
         let ab = args.lora.map(|(a, b, s)| Ok::<_, crate::Error>((f32_in(OP, a)?, f32_in(OP, b)?, s))).transpose()?;
-        let dropped = args.keep.map(|k| dropped_input(xv, k));
+        let keep = args.dropout.map(|d| mask_of(d, m * k));
+        let dropped = keep.as_ref().map(|(mask, scale)| dropped_input(xv, (mask, *scale)));
         let adapter = ab.map(|(a, b, scaling)| Nf4Adapter { a, b, xd: dropped.as_deref().unwrap_or(xv), r, scaling });
         let mut us = vec![0f32; m * r];
         let out = new_f32(&[m, n], |o| nf4_linear_forward(o, &mut us, xv, args.w, biasd, adapter.as_ref(), m, n, k))?;
@@ -118,7 +123,9 @@ impl crate::backend::Nf4 for super::Cpu {
         const OP: &str = "nf4_linear backward";
         let Nf4Args { m, n, k, r, .. } = *args;
         let x = f32_in(OP, args.x)?;
-        let dropped = args.keep.filter(|_| needs[1]).map(|k| dropped_input(x, k));
+        let keep = args.dropout.filter(|_| needs[0] || needs[1]).map(|d| mask_of(d, m * k));
+        let keep = keep.as_ref().map(|(mask, scale)| (mask.as_slice(), *scale));
+        let dropped = keep.filter(|_| needs[1]).map(|k| dropped_input(x, k));
         let (mut dx, mut da, mut db) = (take_if(needs[0], m * k), take_if(needs[1], r * k), take_if(needs[2], n * r));
         let mut dbias = needs[3].then(|| vec![0f32; n]);
         let grads = LoraGrads {
@@ -131,7 +138,7 @@ impl crate::backend::Nf4 for super::Cpu {
         let ab = args.lora.map(|(a, b, s)| Ok::<_, crate::Error>((f32_in(OP, a)?, f32_in(OP, b)?, s))).transpose()?;
         let adapter = ab.map(|(a, b, scaling)| Nf4Adapter { a, b, xd: dropped.as_deref().unwrap_or(x), r, scaling });
         let (g, us) = (f32_in(OP, dout)?, f32_in(OP, us)?);
-        nf4_linear_backward(grads, g, x, args.keep, args.w, adapter.as_ref(), us, m, n, k);
+        nf4_linear_backward(grads, g, x, keep, args.w, adapter.as_ref(), us, m, n, k);
         if let Some(d) = dropped {
             pool::give(d);
         }

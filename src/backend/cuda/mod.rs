@@ -220,6 +220,9 @@ impl crate::backend::Backend for Cuda {
     fn compute_dtype(&self) -> crate::DType {
         crate::DType::BF16
     }
+    fn device(&self) -> crate::Device {
+        crate::Device::Cuda(0)
+    }
     fn sync(&self) -> Result<()> {
         Cuda::sync(self)
     }
@@ -231,13 +234,13 @@ impl crate::backend::Backend for Cuda {
     }
 }
 
-// No LoRA or NF4 kernels yet: the trait's defaults run the CPU's implementation on host copies.
+// No fused LoRA or NF4 GEMM kernels yet: the traits' defaults compose them from the GEMM, cast,
+// dropout and add kernels, over weights dequantized by kernels/nf4.cu (nf4.rs).
 impl crate::backend::Lora for Cuda {
     fn as_backend(&self) -> &dyn crate::backend::Backend {
         self
     }
 }
-impl crate::backend::Nf4 for Cuda {}
 
 impl Cuda {
     /// dst = src for two ranges of equal length, device to device: rows of a KV cache, one

@@ -191,3 +191,22 @@ pub mod twin {
         out
     }
 }
+
+/// `w`'s packed form on the device: uploaded on first use and kept with the weight (its
+/// `DeviceCopy`), so a QLoRA model's base stays in device memory in 4 bits.
+pub fn resident(w: &Nf4Weight) -> Result<std::sync::Arc<DevNf4>> {
+    w.device.get_or_make(|| DevNf4::upload(w))
+}
+
+impl crate::backend::Nf4 for super::Cuda {
+    /// bf16 [k, n] from the resident packed weight, one launch of nf4_dequantize_bf16.
+    fn nf4_dequantize(&self, w: &Nf4Weight) -> Result<crate::Tensor> {
+        let d = resident(w)?;
+        let mut out = self.alloc::<bf16>(w.numel())?;
+        nf4_dequantize(&mut out, &d)?;
+        super::tensor::wrap_bf16(out, &w.dims)
+    }
+    fn nf4_to_device(&self, w: &Nf4Weight) -> Result<()> {
+        resident(w).map(|_| ())
+    }
+}
