@@ -14,7 +14,7 @@
 #include "adamw8bit.cuh"
 
 __device__ __forceinline__ float adam8_warp_absmax(float x) {
-    for (int o = 16; o > 0; o >>= 1) x = kiln_adam8_absmax(x, __shfl_xor_sync(0xffffffffu, x, o));
+    for (int o = 16; o > 0; o >>= 1) x = kiln_nan_max(x, __shfl_xor_sync(0xffffffffu, x, o));
     return x;
 }
 
@@ -36,8 +36,8 @@ extern "C" __global__ void __launch_bounds__(KILN_ADAM8_BLOCK) adamw8bit_step(co
             }
             __syncthreads();
             for (int k = 0; k < KILN_ADAM8_BLOCK / 32; k++) {
-                a1 = kiln_adam8_absmax(a1, warp_max[0][k]);
-                a2 = kiln_adam8_absmax(a2, warp_max[1][k]);
+                a1 = kiln_nan_max(a1, warp_max[0][k]);
+                a2 = kiln_nan_max(a2, warp_max[1][k]);
             }
             __syncthreads();  // warp_max is read before the next work item writes it
             if (threadIdx.x == 0) {

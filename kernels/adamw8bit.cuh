@@ -37,12 +37,6 @@ KILN_HD void kiln_adam8_update(float* p, float* m, float* v, float g, const Adam
     *p = kiln_add_rn(*p, kiln_div_rn(kiln_mul_rn(-s->step_size, *m), denom));
 }
 
-// The larger of two absolute values, NaN if either is NaN (quant::blockwise::absmax).
-KILN_HD float kiln_adam8_absmax(float a, float b) {
-    if (a != a || b != b) return a != a ? a : b;
-    return a > b ? a : b;
-}
-
 // The code of x in a block whose absmax is a (non-zero): CodeLut::code with inv = 1 / a.
 KILN_HD uint8_t kiln_adam8_code(float x, float inv, const uint8_t* lut) {
     float s = kiln_mul_rn(x, inv);

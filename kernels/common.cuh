@@ -9,3 +9,11 @@
 #include "kiln_kernels.h"
 
 #define KILN_HD __host__ __device__ __forceinline__
+
+// The larger of two absolute values (or any non-negative values), NaN if either is NaN: the
+// CPU's absmax fold (quant::blockwise::absmax), which max's order-independence lets any reduction
+// order reproduce.
+KILN_HD float kiln_nan_max(float a, float b) {
+    if (a != a || b != b) return a != a ? a : b;
+    return a > b ? a : b;
+}

@@ -1,4 +1,4 @@
-// nf4.cuh: NF4 dequantization in bitsandbytes' layout, shared by kernels/nf4.cu and its host twin
+// nf4.cuh: NF4 quantization and dequantization in bitsandbytes' layout, shared by kernels/nf4.cu and its host twin
 // (kernels/host/nf4.cu).
 //
 // Layout (quant/nf4.rs, bitsandbytes' Linear4bit with compress_statistics=True): element 2k in the
@@ -34,4 +34,23 @@ KILN_HD float2 kiln_nf4_dequantize_byte(const uint8_t* packed, const uint8_t* ab
     // blocksize is even (bitsandbytes' sizes are powers of two from 32), so both elements share a block.
     const float a = kiln_nf4_absmax(absmax_codes, nested_absmax, tables, offset, 2 * k / blocksize);
     return make_float2(kiln_mul_rn(tables[256 + (byte >> 4)], a), kiln_mul_rn(tables[256 + (byte & 0xF)], a));
+}
+
+// Quantization (quant::nf4::quantize_nf4): a block's absmax a = max |x|; each element's code is
+// the number of the 15 NF4 midpoints (host-computed, passed in) strictly below
+// clamp(x * (1 / a), -1, 1), or 7 (the exact zero) for every element of an all-zero block. The
+// product and the reciprocal are explicitly rounded; the comparisons are exact.
+KILN_HD uint8_t kiln_nf4_code(float x, float a, float inv, const float* mids) {
+    if (a == 0.0f) return 7;
+    float s = kiln_mul_rn(x, inv);
+    s = s < -1.0f ? -1.0f : (s > 1.0f ? 1.0f : s);  // a NaN stays NaN and is below no midpoint
+    uint8_t c = 0;
+    for (int k = 0; k < 15; k++) c += mids[k] < s;
+    return c;
+}
+
+// The byte of elements 2k and 2k + 1 of a block (first element in the high nibble).
+KILN_HD uint8_t kiln_nf4_pack(const float* xb, int32_t k, float a, const float* mids) {
+    const float inv = kiln_div_rn(1.0f, a);
+    return (uint8_t)((kiln_nf4_code(xb[2 * k], a, inv, mids) << 4) | kiln_nf4_code(xb[2 * k + 1], a, inv, mids));
 }

@@ -244,7 +244,7 @@ fn quantize_file_names_a_matrix_that_does_not_fill_whole_blocks() {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{bit_mismatches, common, fixture};
-    use kiln::backend::cuda::nf4::{nf4_dequantize, twin, DevNf4};
+    use kiln::backend::cuda::nf4::{nf4_dequantize, nf4_quantize, twin, DevNf4};
     use kiln::quant::nf4::{quantize_nf4, Nf4Weight};
     use rand::{Rng, SeedableRng};
 
@@ -301,5 +301,84 @@ mod cuda {
         let mut bad = weights().remove(0);
         bad.absmax.codes.pop();
         assert!(DevNf4::upload(&bad).is_err());
+    }
+
+    /// Inputs for quantization: the fixture's weight, and blocks of widely varying scale with an
+    /// all-zero block, a block of one repeated value, exact +-absmax pairs, denormals and exact
+    /// NF4 midpoints (times a power of two, so the scaled value lands on the midpoint exactly).
+    fn quantize_inputs() -> Vec<Vec<f32>> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(44);
+        let mut x: Vec<f32> = (0..4096 * 4)
+            .map(|i| {
+                let scale = 10f32.powf(((i / 64) % 13) as f32 / 4.0 - 1.5);
+                (rng.random::<f32>() * 2.0 - 1.0) * scale
+            })
+            .collect();
+        x[64..128].fill(0.0);
+        x[128..192].fill(-0.3);
+        x[192] = 2.0;
+        x[193] = -2.0;
+        x[256..320].iter_mut().enumerate().for_each(|(i, v)| *v = f32::from_bits(1 + i as u32)); // denormals
+        let mids = kiln::quant::nf4::nf4_midpoints();
+        x[320] = 1.0;
+        for (i, m) in mids.iter().enumerate() {
+            x[321 + i] = *m; // block absmax 1: each scales to its midpoint exactly
+        }
+        vec![fixture()["W"].f32s().unwrap().to_vec(), x]
+    }
+
+    #[test]
+    fn host_twin_quantizes_like_the_cpu() {
+        for x in quantize_inputs() {
+            for bs in [32, 64, 256, 4096] {
+                let want = quantize_nf4(&x, bs).unwrap();
+                let got = twin::nf4_quantize(&x, bs).unwrap();
+                assert_eq!(got.packed, want.packed, "codes, block size {bs}");
+                assert_eq!(bit_mismatches(&got.absmax, &want.absmax), 0, "absmax, block size {bs}");
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_quantizes_like_the_cpu_and_bitsandbytes() {
+        let Some(cu) = common::gpu("kernel_quantizes_like_the_cpu_and_bitsandbytes") else { return };
+        for x in quantize_inputs() {
+            for bs in [32, 64, 256, 4096] {
+                let want = quantize_nf4(&x, bs).unwrap();
+                let (packed, absmax) = nf4_quantize(&cu.upload(&x).unwrap(), bs).unwrap();
+                assert_eq!(cu.download(&packed).unwrap(), want.packed, "codes, block size {bs}");
+                assert_eq!(bit_mismatches(&cu.download(&absmax).unwrap(), &want.absmax), 0, "absmax, block size {bs}");
+            }
+        }
+        // bitsandbytes' own codes for the fixture's weight
+        let f = fixture();
+        let (packed, _) = nf4_quantize(&cu.upload(f["W"].f32s().unwrap()).unwrap(), 64).unwrap();
+        assert_eq!(cu.download(&packed).unwrap(), f["packed"].u8s().unwrap(), "bitsandbytes' packed codes");
+        // a size that is not whole blocks is refused before any launch
+        assert!(nf4_quantize(&cu.upload(&[1.0f32; 96]).unwrap(), 64).is_err());
+    }
+
+    /// `kiln quantize --device emu` writes the same file as on the CPU, byte for byte.
+    #[test]
+    fn kiln_quantize_on_the_device_writes_the_cpus_bytes() {
+        let Some(cu) = common::gpu("kiln_quantize_on_the_device_writes_the_cpus_bytes") else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let model = kiln::Gpt2::new_random(kiln::Gpt2Config::preset("tiny").unwrap(), 3).unwrap();
+        kiln::io::checkpoint::save_gpt2(&model, &dir.path().join("base"), kiln::DType::F32).unwrap();
+        let device = if cu.is_emulated() { "emu" } else { "cuda" };
+        let run = |dev: &str| {
+            let out = dir.path().join(format!("q-{dev}"));
+            let base = dir.path().join("base");
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["quantize", "--in", base.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", dev])
+                .arg("--double-quant")
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            std::fs::read(out.join("model.safetensors")).unwrap()
+        };
+        let (on_cpu, on_device) = (run("cpu"), run(device));
+        assert!(on_cpu.len() > 100_000);
+        assert!(on_cpu == on_device, "kiln quantize --device {device} differs from --device cpu");
     }
 }

@@ -14,8 +14,8 @@ extern "C" void kiln_host_adamw8bit_step(const Adam8Tensor* tensors, int32_t n_t
         for (int t = 0; t < KILN_ADAM8_BLOCK; t++) {
             m[t] = v[t] = 0.0f;
             if (base + t < d.n) kiln_adam8_element(d, base + t, maps, s, &m[t], &v[t]);
-            a1 = kiln_adam8_absmax(a1, fabsf(m[t]));
-            a2 = kiln_adam8_absmax(a2, fabsf(v[t]));
+            a1 = kiln_nan_max(a1, fabsf(m[t]));
+            a2 = kiln_nan_max(a2, fabsf(v[t]));
         }
         if (d.absmax1 != 0) {
             reinterpret_cast<float*>(d.absmax1)[w - d.block_start] = a1;

@@ -458,6 +458,12 @@ pub trait Nf4: Lora {
     fn nf4_to_device(&self, _w: &Nf4Weight) -> Result<()> {
         Ok(())
     }
+    /// NF4 codes and absmax of an f32 tensor on this backend's device, in blocks of `blocksize`,
+    /// returned to the host (what a checkpoint writer stores): bitsandbytes' quantize_4bit. The
+    /// default quantizes a host copy.
+    fn nf4_quantize(&self, x: &Tensor, blocksize: usize) -> Result<crate::quant::nf4::Nf4> {
+        crate::quant::nf4::quantize_nf4(to_host_f32(x)?.f32s()?, blocksize)
+    }
     /// (y [m, n], us [m, r]; r = 0 without an adapter).
     fn nf4_linear(&self, args: &Nf4Args) -> Result<(Tensor, Tensor)> {
         compose::nf4_linear(self.as_backend(), args)

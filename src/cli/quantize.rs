@@ -50,11 +50,18 @@ pub struct QuantizeArgs {
     /// Elements per absmax: 32, 64, 128, ..., 4096; every matrix's size must be a multiple of it.
     #[arg(long, default_value_t = 64)]
     pub blocksize: usize,
+    /// Where to quantize: cpu, cuda (kiln's NF4 kernel: the same bits), emu, or auto (the GPU when
+    /// there is one).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 pub fn run(args: QuantizeArgs) -> Result<()> {
     let QuantFormat::Nf4 = args.format;
+    let device = args.device.parse::<crate::Device>()?;
+    device.ensure_available()?;
     let opts = Nf4FileOptions {
+        device,
         blocksize: args.blocksize,
         double_quant: args.double_quant,
         dequant: args.dequant,

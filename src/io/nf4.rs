@@ -21,11 +21,19 @@ pub struct Nf4FileOptions {
     /// Copy GPT-2's embeddings (wte, wpe, an untied lm_head) unchanged, as QLoRA and
     /// transformers' `load_in_4bit` leave them.
     pub keep_embeddings: bool,
+    /// Where the quantization runs (the codes are the same bits on every device).
+    pub device: crate::Device,
 }
 
 impl Default for Nf4FileOptions {
     fn default() -> Self {
-        Nf4FileOptions { blocksize: nf4::NF4_BLOCKSIZE, double_quant: false, dequant: false, keep_embeddings: false }
+        Nf4FileOptions {
+            blocksize: nf4::NF4_BLOCKSIZE,
+            double_quant: false,
+            dequant: false,
+            keep_embeddings: false,
+            device: crate::Device::Cpu,
+        }
     }
 }
 
@@ -126,7 +134,7 @@ pub fn quantize_file_nf4(input: &Path, output: &Path, opts: &Nf4FileOptions) -> 
                 format!("tensor '{name}' has a non-finite value ({}) at flat index {i}; NF4 cannot store it", w[i]),
             ));
         }
-        let q = nf4::quantize_nf4(w, opts.blocksize)?;
+        let q = crate::backend::backend(opts.device)?.nf4_quantize(&t.to_device(opts.device)?, opts.blocksize)?;
         let n = q.numel;
         put(name.clone(), Tensor::from_u8(q.packed.clone(), [n / 2, 1])?, true, &mut report)?;
         put(format!("{name}.quant_map"), Tensor::from_f32(nf4::NF4_CODE.to_vec(), [16])?, true, &mut report)?;

@@ -100,7 +100,8 @@ fn nf4_index(s: f32, mids: &[f32; 15]) -> u8 {
     mids.iter().filter(|&&m| m < s).count() as u8
 }
 
-fn nf4_midpoints() -> [f32; 15] {
+/// The 15 midpoints between consecutive NF4 values, in f32 (what the quantization compares with).
+pub fn nf4_midpoints() -> [f32; 15] {
     std::array::from_fn(|k| (NF4_CODE[k] + NF4_CODE[k + 1]) / 2.0)
 }
 

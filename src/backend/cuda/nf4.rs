@@ -1,11 +1,11 @@
-//! Launch wrappers for kernels/nf4.cu: NF4 dequantization of a double-quantized weight
-//! (`quant::nf4::Nf4Weight`) on the device, equal to the CPU's bit for bit; plus the host twin
-//! (`twin`).
+//! Launch wrappers for kernels/nf4.cu: NF4 quantization of a tensor and dequantization of a
+//! double-quantized weight (`quant::nf4::Nf4Weight`) on the device, each equal to the CPU's bit
+//! for bit; plus the host twins (`twin`).
 
 use super::{bf16, cuda, DevBuf, DeviceElem, Kernel, LaunchConfig};
 use crate::abi::KILN_NF4_THREADS;
 use crate::quant::blockwise::dynamic_map;
-use crate::quant::nf4::{Nf4Weight, NF4_CODE};
+use crate::quant::nf4::{check_nf4_size, nf4_midpoints, Nf4, Nf4Weight, NF4_CODE};
 use crate::{Error, Result};
 
 /// The tables the kernel reads: the signed dynamic map (256), then the NF4 values (16).
@@ -150,11 +150,43 @@ pub fn nf4_dequantize<O: Nf4Out>(out: &mut DevBuf<O>, w: &DevNf4) -> Result<()> 
     Ok(())
 }
 
-/// The host twin of kernels/nf4.cuh (kernels/host/nf4.cu).
+/// NF4 codes (packed two a byte, high nibble first) and the absmax of every block of `blocksize`
+/// elements of `x`: `quant::nf4::quantize_nf4` on the device, the same bits. The size must be a
+/// positive multiple of a block size bitsandbytes supports (the error says which).
+pub fn nf4_quantize(x: &DevBuf<f32>, blocksize: usize) -> Result<(DevBuf<u8>, DevBuf<f32>)> {
+    check_nf4_size(x.len(), blocksize)?;
+    let cu = cuda()?;
+    let n_blocks = x.len() / blocksize;
+    let (mut packed, mut absmax) = (cu.alloc::<u8>(x.len() / 2)?, cu.alloc::<f32>(n_blocks)?);
+    let mids = cu.upload(&nf4_midpoints())?;
+    let warps_per_block = KILN_NF4_THREADS as usize / 32;
+    let blocks = n_blocks.div_ceil(warps_per_block).clamp(1, 8 * cu.sm_count().max(1));
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (KILN_NF4_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (bs, nb) = (blocksize as i32, n_blocks as i64);
+    let mut l = cu.launch_builder(Kernel::Nf4Quantize);
+    l.arg_mut(&mut packed).arg_mut(&mut absmax).arg(x).arg(&mids).arg(&bs).arg(&nb);
+    // SAFETY: the arguments are the kernel's, in order; x holds n_blocks * blocksize elements (checked), packed half that, absmax n_blocks, mids 15.
+    unsafe { l.launch(cfg) }?;
+    Ok((packed, absmax))
+}
+
+/// The host twins of kernels/nf4.cuh (kernels/host/nf4.cu).
 pub mod twin {
-    use crate::quant::nf4::Nf4Weight;
+    use crate::quant::nf4::{check_nf4_size, nf4_midpoints, Nf4, Nf4Weight};
 
     extern "C" {
+        fn kiln_host_nf4_quantize(
+            packed: *mut u8,
+            absmax: *mut f32,
+            x: *const f32,
+            mids: *const f32,
+            blocksize: i32,
+            n_blocks: i64,
+        );
         fn kiln_host_nf4_dequantize(
             out: *mut f32,
             packed: *const u8,
@@ -165,6 +197,25 @@ pub mod twin {
             blocksize: i32,
             n_bytes: i64,
         );
+    }
+
+    /// `quantize_nf4` through the kernel's own math, on the host.
+    pub fn nf4_quantize(x: &[f32], blocksize: usize) -> crate::Result<Nf4> {
+        check_nf4_size(x.len(), blocksize)?;
+        let (mut packed, mut absmax) = (vec![0u8; x.len() / 2], vec![0f32; x.len() / blocksize]);
+        let mids = nf4_midpoints();
+        // SAFETY: x holds absmax.len() blocks of blocksize elements, packed half as many bytes, mids 15 values.
+        unsafe {
+            kiln_host_nf4_quantize(
+                packed.as_mut_ptr(),
+                absmax.as_mut_ptr(),
+                x.as_ptr(),
+                mids.as_ptr(),
+                blocksize as i32,
+                absmax.len() as i64,
+            )
+        };
+        Ok(Nf4 { packed, absmax, blocksize, numel: x.len() })
     }
 
     /// `Nf4Weight::dequantize` through the kernel's own math, on the host. Panics if `w` is not
@@ -208,5 +259,11 @@ impl crate::backend::Nf4 for super::Cuda {
     }
     fn nf4_to_device(&self, w: &Nf4Weight) -> Result<()> {
         resident(w).map(|_| ())
+    }
+    fn nf4_quantize(&self, x: &crate::Tensor, blocksize: usize) -> Result<Nf4> {
+        let xd = super::tensor::f32_in("nf4_quantize", x)?;
+        let (packed, absmax) = nf4_quantize(xd, blocksize)?;
+        let cu = cuda()?;
+        Ok(Nf4 { packed: cu.download(&packed)?, absmax: cu.download(&absmax)?, blocksize, numel: x.numel() })
     }
 }

@@ -169,8 +169,10 @@ fn workload(cu: &Cuda) -> Result<()> {
     super::adamw8bit::adamw8bit_step_multi(&mut params, &super::adamw::typical_scalars())?;
     reduce::sum_squares(&g)?;
     reduce::scale(&mut p, 0.5)?;
-    // NF4 dequantization of a [256, 768] weight (QLoRA's c_attn at this width).
-    let w = crate::quant::nf4::Nf4Weight::quantize(&cu.download(&random_f32(cu, c * 3 * c, 20)?)?, [c, 3 * c], 64)?;
+    // NF4 quantization and dequantization of a [256, 768] weight (QLoRA's c_attn at this width).
+    let wf = random_f32(cu, c * 3 * c, 20)?;
+    super::nf4::nf4_quantize(&wf, 64)?;
+    let w = crate::quant::nf4::Nf4Weight::quantize(&cu.download(&wf)?, [c, 3 * c], 64)?;
     let dw = super::nf4::DevNf4::upload(&w)?;
     let mut wd = cu.alloc::<f32>(w.numel())?;
     super::nf4::nf4_dequantize(&mut wd, &dw)?;
