@@ -25,10 +25,16 @@ pub struct CompareArgs {
     /// Methods, comma separated: scratch, full, lora, qlora.
     #[arg(long, default_value = "scratch,full,lora,qlora")]
     pub methods: String,
+    /// Where every run trains: cpu, cuda, emu, or auto (the GPU when there is one).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 pub fn run(args: CompareArgs) -> Result<()> {
+    let device = args.device.parse::<crate::Device>()?;
+    device.ensure_available()?;
     let opts = CompareOptions {
+        device,
         pretrain_steps: args.pretrain_steps,
         finetune_steps: args.steps,
         target_loss: args.target_loss,

@@ -126,6 +126,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             pretrained: Some(ckpt.clone()),
             progress: true,
             quiet: true,
+            device: crate::Device::Cpu,
         };
         crate::train::compare::compare(&dir.join("compare"), &opts)?;
     }

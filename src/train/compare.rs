@@ -55,6 +55,8 @@ pub struct CompareOptions {
     /// Print only the table and a line per method (each run's own output is suppressed; its
     /// progress still shows when `progress` is set).
     pub quiet: bool,
+    /// Where the runs train (pre-training and every method).
+    pub device: crate::Device,
 }
 
 /// (prompt, completion) pairs.
@@ -98,13 +100,8 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
     let world = crate::data::synthetic::default_corpus(0).0;
     let (train_task, val_task, held_out) = write_task(&world, &dir.join("data"))?;
-    let run_opts = |start| Options {
-        start,
-        progress: opts.progress,
-        stop_after: None,
-        quiet: opts.quiet,
-        device: crate::Device::Cpu,
-    };
+    let run_opts =
+        |start| Options { start, progress: opts.progress, stop_after: None, quiet: opts.quiet, device: opts.device };
 
     // 1. the pre-trained model
     let pretrained = match &opts.pretrained {
