@@ -7,8 +7,8 @@
 // item each (block_start is the prefix sum, as in adamw.cu); a block of KILN_ADAM8_BLOCK threads
 // takes work items in a grid-stride loop, one element a thread: dequantize m and v, update them and
 // p, then the block's new absmax of |m| and |v| (a warp max by shuffles, then across the 8 warps
-// through shared memory), then requantize with the host-built tables (64 KiB a moment, read
-// through L1/L2; each thread reads one entry). Two barriers a work item.
+// through shared memory), then requantize by a binary search over the map's midpoints. The maps
+// and midpoints (4 KB) are copied into shared memory once per block. Two barriers a work item.
 //
 // Test: cargo test --release --features cuda --test adamw8bit
 #include "adamw8bit.cuh"
@@ -18,15 +18,18 @@ __device__ __forceinline__ float adam8_warp_absmax(float x) {
     return x;
 }
 
-extern "C" __global__ void __launch_bounds__(KILN_ADAM8_BLOCK) adamw8bit_step(const Adam8Tensor* tensors, int32_t n_tensors, int64_t work_items, const float* maps, const uint8_t* luts, AdamWScalars s) {
+extern "C" __global__ void __launch_bounds__(KILN_ADAM8_BLOCK) adamw8bit_step(const Adam8Tensor* tensors, int32_t n_tensors, int64_t work_items, const float* tables, AdamWScalars s) {
     __shared__ float warp_max[2][KILN_ADAM8_BLOCK / 32];
+    __shared__ float t[KILN_ADAM8_TABLES];
+    for (int i = threadIdx.x; i < KILN_ADAM8_TABLES; i += blockDim.x) t[i] = tables[i];
+    __syncthreads();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     for (int64_t w = blockIdx.x; w < work_items; w += gridDim.x) {
         const Adam8Tensor d = tensors[kiln_adam8_find_tensor(tensors, n_tensors, w)];
         const int64_t i = (w - d.block_start) * KILN_ADAM8_BLOCK + threadIdx.x;
         const bool in = i < d.n;
         float m = 0.0f, v = 0.0f;
-        if (in) kiln_adam8_element(d, i, maps, s, &m, &v);
+        if (in) kiln_adam8_element(d, i, t, s, &m, &v);
         float a1 = 0.0f, a2 = 0.0f;
         if (d.absmax1 != 0) {  // the same for the whole block: the barriers below are uniform
             const float w1 = adam8_warp_absmax(fabsf(m)), w2 = adam8_warp_absmax(fabsf(v));
@@ -46,6 +49,6 @@ extern "C" __global__ void __launch_bounds__(KILN_ADAM8_BLOCK) adamw8bit_step(co
                 reinterpret_cast<float*>(d.absmax2)[blk] = a2;
             }
         }
-        if (in) kiln_adam8_store(d, i, luts, m, v, a1, a2);
+        if (in) kiln_adam8_store(d, i, t, m, v, a1, a2);
     }
 }

@@ -71,8 +71,9 @@ typedef struct {
 } Adam8Tensor;
 // Elements per quantization block and threads per block of the kernel (one element a thread).
 #define KILN_ADAM8_BLOCK 256
-// Entries of each moment's quantization table: the code of every 16-bit grid point of [-1, 1].
-#define KILN_ADAM8_LUT_LEN 65536
+// Floats of the kernel's table: the signed map (m), the unsigned map (v), then each map's 255
+// midpoints padded to 256.
+#define KILN_ADAM8_TABLES 1024
 
 // ---- gemm ----
 // Bits of the `flags` argument of the gemm_* kernels (kernels/gemm.cu) and of

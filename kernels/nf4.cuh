@@ -25,15 +25,20 @@ KILN_HD float kiln_nf4_absmax(const uint8_t* absmax_codes, const float* nested_a
     return kiln_add_rn(kiln_mul_rn(tables[absmax_codes[blk]], nested_absmax[blk / 256]), offset);
 }
 
-// The two elements of packed byte k (elements 2k and 2k + 1), as a pair: the kernel stores it as
-// one 8-byte float2, the host twin as two floats.
-KILN_HD float2 kiln_nf4_dequantize_byte(const uint8_t* packed, const uint8_t* absmax_codes,
-                                        const float* nested_absmax, const float* tables, float offset,
-                                        int32_t blocksize, int64_t k) {
-    const uint8_t byte = packed[k];
-    // blocksize is even (bitsandbytes' sizes are powers of two from 32), so both elements share a block.
-    const float a = kiln_nf4_absmax(absmax_codes, nested_absmax, tables, offset, 2 * k / blocksize);
-    return make_float2(kiln_mul_rn(tables[256 + (byte >> 4)], a), kiln_mul_rn(tables[256 + (byte & 0xF)], a));
+// The 2 * N elements of the N packed bytes starting at byte N * j (elements 2Nj .. 2Nj + 2N - 1,
+// the first of each byte in its high nibble), given as a word read little-endian: byte b is bits
+// 8b .. 8b + 7. N is 2 or 4 and the block size a multiple of 8 (bitsandbytes' are powers of two
+// from 32), so the elements share one block and one absmax.
+template <int N>
+KILN_HD void kiln_nf4_dequantize_word(float v[2 * N], uint32_t word, const uint8_t* absmax_codes,
+                                      const float* nested_absmax, const float* tables, float offset,
+                                      int32_t blocksize, int64_t j) {
+    const float a = kiln_nf4_absmax(absmax_codes, nested_absmax, tables, offset, 2 * N * j / blocksize);
+    for (int b = 0; b < N; b++) {
+        const uint32_t byte = (word >> (8 * b)) & 0xFFu;
+        v[2 * b] = kiln_mul_rn(tables[256 + (byte >> 4)], a);
+        v[2 * b + 1] = kiln_mul_rn(tables[256 + (byte & 0xFu)], a);
+    }
 }
 
 // Quantization (quant::nf4::quantize_nf4): a block's absmax a = max |x|; each element's code is
@@ -49,8 +54,8 @@ KILN_HD uint8_t kiln_nf4_code(float x, float a, float inv, const float* mids) {
     return c;
 }
 
-// The byte of elements 2k and 2k + 1 of a block (first element in the high nibble).
-KILN_HD uint8_t kiln_nf4_pack(const float* xb, int32_t k, float a, const float* mids) {
+// The byte of an element pair (x0 the first, in the high nibble) of a block with absmax a.
+KILN_HD uint8_t kiln_nf4_pack(float x0, float x1, float a, const float* mids) {
     const float inv = kiln_div_rn(1.0f, a);
-    return (uint8_t)((kiln_nf4_code(xb[2 * k], a, inv, mids) << 4) | kiln_nf4_code(xb[2 * k + 1], a, inv, mids));
+    return (uint8_t)((kiln_nf4_code(x0, a, inv, mids) << 4) | kiln_nf4_code(x1, a, inv, mids));
 }

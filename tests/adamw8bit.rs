@@ -400,6 +400,17 @@ mod cuda {
         }
     }
 
+    /// The kernel finds a code by binary search over the map's midpoints instead of CodeLut's
+    /// 65536-entry table: every grid point of both maps gets the table's code.
+    #[test]
+    fn the_midpoint_search_equals_the_cpus_table_at_every_grid_point() {
+        let maps = Maps8bit::default();
+        for (signed, lut) in [(true, maps.m.lut()), (false, maps.v.lut())] {
+            let off = (0..65536u32).filter(|&q| twin::grid_code(q, signed) != lut[q as usize]).count();
+            assert_eq!(off, 0, "signed map {signed}: {off} grid points get another code");
+        }
+    }
+
     #[test]
     fn plan_counts_blocks() {
         let mut d: Vec<Adam8Tensor> =

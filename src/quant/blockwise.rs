@@ -64,6 +64,12 @@ fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The midpoints between consecutive entries of a sorted map, in f32: a value's code is the
+/// number of them below it (`CodeLut`; the CUDA kernels search them directly).
+pub fn midpoints(map: &[f32]) -> Vec<f32> {
+    map.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect()
+}
+
 /// A map with its 65,536-entry code table: build it once per map, then quantize any number of
 /// blocks with it.
 #[derive(Clone)]
@@ -78,7 +84,7 @@ impl CodeLut {
     pub fn new(map: &[f32]) -> Self {
         assert!((2..=256).contains(&map.len()), "a code map has 2 to 256 entries, got {}", map.len());
         assert!(map.windows(2).all(|w| w[0] <= w[1]), "the code map must be sorted ascending");
-        let mids: Vec<f32> = map.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
+        let mids = midpoints(map);
         let lut = (0..LUT_LEN)
             .map(|i| {
                 let grid = -1.0f32 + (2.0f32 * i as f32) / 65535.0f32;

@@ -3,9 +3,10 @@
 //! CI tests without a GPU; the `kiln bench kernels` row.
 
 use super::{cuda, DevBuf, Kernel, LaunchConfig};
-use crate::abi::{Adam8Tensor, AdamWScalars, KILN_ADAM8_BLOCK, KILN_ADAM8_LUT_LEN};
+use crate::abi::{Adam8Tensor, AdamWScalars, KILN_ADAM8_BLOCK, KILN_ADAM8_TABLES};
 use crate::backend::cpu::adamw8bit::maps;
 use crate::backend::{Adam8State, AdamW8bitSlot};
+use crate::quant::blockwise::midpoints;
 use crate::{Error, Result};
 use std::sync::OnceLock;
 
@@ -31,26 +32,30 @@ pub struct Adam8Param<'a> {
     pub decay: bool,
 }
 
-/// The two code maps (signed, then unsigned: 512 f32) and their quantization tables (2 x 65536
-/// codes) on the device, uploaded once per process. Host copies for the twin: `host_tables`.
-fn tables() -> Result<&'static (DevBuf<f32>, DevBuf<u8>)> {
-    static TABLES: OnceLock<(DevBuf<f32>, DevBuf<u8>)> = OnceLock::new();
+/// The kernel's table on the device (KILN_ADAM8_TABLES floats: `host_tables`), uploaded once per
+/// process.
+fn tables() -> Result<&'static DevBuf<f32>> {
+    static TABLES: OnceLock<DevBuf<f32>> = OnceLock::new();
     if let Some(t) = TABLES.get() {
         return Ok(t);
     }
-    let (m, l) = host_tables();
-    let cu = cuda()?;
-    let t = (cu.upload(&m)?, cu.upload(&l)?);
+    let t = cuda()?.upload(&host_tables())?;
     Ok(TABLES.get_or_init(|| t))
 }
 
-/// The maps and tables the kernel reads, on the host.
-pub fn host_tables() -> (Vec<f32>, Vec<u8>) {
+/// The signed map (m's), the unsigned map (v's), then each map's 255 midpoints padded to 256
+/// (with +inf, never read): what kernels/adamw8bit.cuh dequantizes and requantizes with.
+pub fn host_tables() -> Vec<f32> {
     let maps = maps();
-    let m = [maps.m.map(), maps.v.map()].concat();
-    let l = [maps.m.lut(), maps.v.lut()].concat();
-    debug_assert_eq!(l.len(), 2 * KILN_ADAM8_LUT_LEN as usize);
-    (m, l)
+    let mut t = Vec::with_capacity(KILN_ADAM8_TABLES as usize);
+    t.extend_from_slice(maps.m.map());
+    t.extend_from_slice(maps.v.map());
+    for map in [maps.m.map(), maps.v.map()] {
+        assert_eq!(map.len(), 256, "bitsandbytes' dynamic maps have 256 entries");
+        t.extend(midpoints(map));
+        t.push(f32::INFINITY);
+    }
+    t
 }
 
 /// Sets each descriptor's `block_start` and returns the launch's work items (blocks of 256).
@@ -113,7 +118,7 @@ pub fn adamw8bit_step_multi(params: &mut [Adam8Param], s: &AdamWScalars) -> Resu
         return Ok(());
     }
     let cu = cuda()?;
-    let (maps, luts) = tables()?;
+    let tables = tables()?;
     let table = cu.upload(&descs)?;
     // Enough blocks of 256 to fill every SM several times; the grid-stride loop covers the rest.
     let blocks = (work_items as usize).clamp(1, 8 * cu.sm_count().max(1));
@@ -124,10 +129,10 @@ pub fn adamw8bit_step_multi(params: &mut [Adam8Param], s: &AdamWScalars) -> Resu
     };
     let n_tensors = descs.len() as i32;
     let mut b = cu.launch_builder(Kernel::Adamw8bitStep);
-    b.arg(&table).arg(&n_tensors).arg(&work_items).arg(maps).arg(luts).arg(s);
+    b.arg(&table).arg(&n_tensors).arg(&work_items).arg(tables).arg(s);
     // SAFETY: the table describes live buffers whose lengths `describe` checked (p, g, state of n
-    // elements, absmax of ceil(n / 256)); work_items counts their blocks (plan); the maps and
-    // tables hold 512 f32 and 2 x 65536 codes, as the kernel indexes them.
+    // elements, absmax of ceil(n / 256)); work_items counts their blocks (plan); `tables` holds the
+    // KILN_ADAM8_TABLES floats the kernel copies.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -141,10 +146,10 @@ pub mod twin {
             tensors: *const Adam8Tensor,
             n_tensors: i32,
             work_items: i64,
-            maps: *const f32,
-            luts: *const u8,
+            tables: *const f32,
             s: AdamWScalars,
         );
+        fn kiln_host_adam8_grid_code(q: u32, mids: *const f32) -> u8;
     }
 
     /// The kernel simulated on the host over descriptors planned by `super::plan`.
@@ -153,8 +158,18 @@ pub mod twin {
     /// The descriptors' addresses must point at live host memory of their lengths (as
     /// `super::describe` checks for device buffers), no two tensors sharing memory.
     pub unsafe fn adamw8bit_step(descs: &[Adam8Tensor], work_items: i64, s: AdamWScalars) {
-        let (maps, luts) = super::host_tables();
-        kiln_host_adamw8bit_step(descs.as_ptr(), descs.len() as i32, work_items, maps.as_ptr(), luts.as_ptr(), s)
+        let tables = super::host_tables();
+        kiln_host_adamw8bit_step(descs.as_ptr(), descs.len() as i32, work_items, tables.as_ptr(), s)
+    }
+
+    /// The kernel's code of grid point q (< 65536) for the first moment's map (`signed`) or the
+    /// second's: what CodeLut's table holds at q.
+    pub fn grid_code(q: u32, signed: bool) -> u8 {
+        let tables = super::host_tables();
+        let mids = &tables[if signed { 512 } else { 768 }..];
+        assert!(q < 65536);
+        // SAFETY: mids holds 256 floats, of which the search reads indices below 255.
+        unsafe { kiln_host_adam8_grid_code(q, mids.as_ptr()) }
     }
 }
 

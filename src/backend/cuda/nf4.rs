@@ -34,12 +34,12 @@ impl DevNf4 {
         let cu = cuda()?;
         let numel = w.numel();
         let blocks = numel.div_ceil(w.blocksize.max(1));
-        if w.blocksize == 0 || w.blocksize % 2 != 0 || numel % 2 != 0 || w.packed.len() * 2 != numel {
+        if w.blocksize == 0 || w.blocksize % 8 != 0 || numel % 2 != 0 || w.packed.len() * 2 != numel {
             return Err(Error::Shape {
                 op: "cuda::nf4",
                 msg: format!(
-                    "an NF4 weight of {numel} elements needs an even block size and {} packed bytes; got block size {} \
-                     and {} bytes",
+                    "an NF4 weight of {numel} elements needs a block size that is a multiple of 8 (bitsandbytes' are) \
+                     and {} packed bytes; got block size {} and {} bytes",
                     numel / 2,
                     w.blocksize,
                     w.packed.len()
@@ -75,7 +75,7 @@ impl DevNf4 {
     pub fn upload_single(q: &crate::quant::nf4::Nf4) -> Result<DevNf4> {
         let cu = cuda()?;
         let blocks = q.numel.div_ceil(q.blocksize.max(1));
-        if q.blocksize == 0 || q.blocksize % 2 != 0 || q.packed.len() * 2 != q.numel || q.absmax.len() != blocks {
+        if q.blocksize == 0 || q.blocksize % 8 != 0 || q.packed.len() * 2 != q.numel || q.absmax.len() != blocks {
             return Err(Error::Shape {
                 op: "cuda::nf4",
                 msg: format!(
@@ -104,12 +104,16 @@ impl DevNf4 {
 /// nearest even, what the bf16 GEMMs read).
 pub trait Nf4Out: DeviceElem + sealed::Sealed {
     const KERNEL: Kernel;
+    /// Packed bytes a thread takes per step (16 bytes of output).
+    const BYTES_PER_THREAD: usize;
 }
 impl Nf4Out for f32 {
     const KERNEL: Kernel = Kernel::Nf4Dequantize;
+    const BYTES_PER_THREAD: usize = 2;
 }
 impl Nf4Out for bf16 {
     const KERNEL: Kernel = Kernel::Nf4DequantizeBf16;
+    const BYTES_PER_THREAD: usize = 4;
 }
 mod sealed {
     pub trait Sealed {}
@@ -126,15 +130,16 @@ pub fn nf4_dequantize<O: Nf4Out>(out: &mut DevBuf<O>, w: &DevNf4) -> Result<()> 
             msg: format!("out has {} elements, the weight {}", out.len(), w.numel),
         });
     }
-    let n_bytes = w.packed.len();
-    if n_bytes == 0 {
+    // whole blocks of a multiple of 8 elements (upload checked): whole units of 2 or 4 bytes
+    let n_units = w.packed.len() / O::BYTES_PER_THREAD;
+    if n_units == 0 {
         return Ok(());
     }
     let cu = cuda()?;
     let threads = KILN_NF4_THREADS as usize;
-    let blocks = n_bytes.div_ceil(threads).clamp(1, 8 * cu.sm_count().max(1));
+    let blocks = n_units.div_ceil(threads).clamp(1, 8 * cu.sm_count().max(1));
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
-    let (blocksize, n) = (w.blocksize as i32, n_bytes as i64);
+    let (blocksize, n) = (w.blocksize as i32, n_units as i64);
     let mut l = cu.launch_builder(O::KERNEL);
     // A null pointer for the codes selects single quantization (f32 absmax in nested_absmax).
     let null: u64 = 0;
@@ -145,7 +150,7 @@ pub fn nf4_dequantize<O: Nf4Out>(out: &mut DevBuf<O>, w: &DevNf4) -> Result<()> 
     };
     l.arg(&w.nested_absmax).arg(&w.tables).arg(&w.offset);
     l.arg(&blocksize).arg(&n);
-    // SAFETY: the arguments are the kernel's (either kernel: the same parameters), in its parameter order; DevNf4::upload checked that the packed bytes, the absmax codes and the nested scales cover every block the n_bytes threads index, and out holds 2 * n_bytes elements (checked above).
+    // SAFETY: the arguments are the kernel's (either kernel: the same parameters), in its parameter order; DevNf4::upload checked that the packed bytes (BYTES_PER_THREAD * n_units), the absmax codes and the nested scales cover every block the units index, and out holds 2 * BYTES_PER_THREAD * n_units elements (checked above).
     unsafe { l.launch(cfg) }?;
     Ok(())
 }
@@ -195,7 +200,7 @@ pub mod twin {
             tables: *const f32,
             offset: f32,
             blocksize: i32,
-            n_bytes: i64,
+            n_units: i64,
         );
     }
 
@@ -222,11 +227,11 @@ pub mod twin {
     /// self-consistent (a test helper: `DevNf4::upload` says why a weight is refused).
     pub fn nf4_dequantize(w: &Nf4Weight) -> Vec<f32> {
         let blocks = w.numel().div_ceil(w.blocksize);
-        assert!(w.blocksize % 2 == 0 && w.packed.len() * 2 == w.numel(), "an inconsistent NF4 weight");
+        assert!(w.blocksize % 8 == 0 && w.packed.len() * 2 == w.numel(), "an inconsistent NF4 weight");
         assert!(w.absmax.codes.len() == blocks && w.absmax.nested_absmax.len() == blocks.div_ceil(256));
         let tables = super::tables();
         let mut out = vec![0f32; w.numel()];
-        // SAFETY: out holds 2 * packed.len() elements; the asserts above bound every absmax and nested index.
+        // SAFETY: out holds 2 * packed.len() elements, packed.len() / 2 whole 2-byte units (blocks of a multiple of 8); the asserts above bound every absmax and nested index.
         unsafe {
             kiln_host_nf4_dequantize(
                 out.as_mut_ptr(),
@@ -236,7 +241,7 @@ pub mod twin {
                 tables.as_ptr(),
                 w.absmax.offset,
                 w.blocksize as i32,
-                w.packed.len() as i64,
+                (w.packed.len() / 2) as i64,
             )
         };
         out
