@@ -171,6 +171,20 @@ mod cuda {
         }
         assert!(q.device.is_made(), "the packed weight stays in device memory after the first use");
     }
+
+    /// The bench rows for the NF4 and LoRA linear layers run end to end (here at a small shape)
+    /// and report against the plain GEMM timed in the same run.
+    #[test]
+    fn linear_bench_rows_run() {
+        let Some(cu) = common::gpu("linear_bench_rows_run") else { return };
+        let rows = kiln::backend::cuda::bench::linear_rows_at(cu, &[("small", 64, 96, 64)], 4).unwrap();
+        let names: Vec<&str> = rows.iter().map(|r| r.kernel.as_str()).collect();
+        assert_eq!(names, ["nf4 linear (small)", "lora r=4 linear (small)"]);
+        for r in &rows {
+            assert!(r.ms > 0.0 && r.achieved > 0.0 && r.ceiling > 0.0, "{}: {} ms", r.kernel, r.ms);
+            assert_eq!(r.ceiling_name, "kiln bf16 gemm");
+        }
+    }
 }
 
 /// What was one catch-all `Error::Input(String)` is now variants a caller can match, each still

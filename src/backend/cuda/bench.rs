@@ -174,6 +174,7 @@ pub fn run() -> Result<()> {
         super::adamw8bit::bench,
         reduce_rows,
         nf4_rows,
+        linear_rows,
     ] {
         // One family's failure is reported and the others still run.
         match f(cu, copy) {
@@ -396,6 +397,72 @@ pub fn nf4_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
             ..bandwidth_row("nf4 dequantize (to bf16)", shape, ms16, read + bytes_of::<bf16>(n), copy)
         },
     ])
+}
+
+/// Rows for the QLoRA and LoRA linear layers at GPT-2 124M's training shapes (B x T = 8192
+/// tokens), each against kiln's own bf16 GEMM of the base weight at the same shape, timed in the
+/// same run: `linear_rows_at` with those shapes.
+pub fn linear_rows(cu: &Cuda, _copy: f64) -> Result<Vec<Row>> {
+    linear_rows_at(
+        cu,
+        &[("c_attn", 8192, 2304, 768), ("mlp.c_fc", 8192, 3072, 768), ("mlp.c_proj", 8192, 768, 3072)],
+        16,
+    )
+}
+
+/// For each (name, m, n, k): the NF4 linear layer forward as training runs it (the weight resident
+/// in 4 bits, dequantized to bf16, then the bf16 GEMM: issue 12's target for a fused kernel is 90%
+/// of the plain GEMM), and the LoRA linear forward at rank `r` (base GEMM, the rank-r bottleneck
+/// and its update; no target), both against the bf16 GEMM x @ W alone. TF/s count the base
+/// product's 2mnk flops.
+pub fn linear_rows_at(cu: &Cuda, shapes: &[(&str, usize, usize, usize)], r: usize) -> Result<Vec<Row>> {
+    use super::tensor::{wrap_bf16, wrap_f32};
+    use crate::backend::{Lora, LoraArgs, Nf4, Nf4Args};
+    let mut rows = Vec::new();
+    for &(what, m, n, k) in shapes {
+        let x = wrap_bf16(random_bf16(cu, m * k, 31)?, &[m, k])?;
+        let w_f32 = cu.download(&random_f32(cu, k * n, 32)?)?;
+        let w = wrap_bf16(random_bf16(cu, k * n, 33)?, &[k, n])?;
+        let mut c = cu.alloc::<bf16>(m * n)?;
+        let (xd, wd) = (super::tensor::bf16_in("bench", &x)?, super::tensor::bf16_in("bench", &w)?);
+        let gemm_ms = time_ms(cu, 3, 20, || super::gemm::matmul(&mut c, xd, wd, &GemmDesc::nn(m, n, k), false))?;
+        let flops = 2.0 * (m * n * k) as f64;
+        let ceiling = flops / (gemm_ms * 1e-3) / 1e12;
+        let q = crate::quant::nf4::Nf4Weight::quantize(&w_f32, [k, n], 64)?;
+        cu.nf4_to_device(&q)?;
+        let args = Nf4Args { x: &x, w: &q, bias: None, lora: None, dropout: None, m, n, k, r: 0 };
+        let nf4_ms = time_ms(cu, 3, 20, || cu.nf4_linear(&args).map(|_| ()))?;
+        let a = wrap_f32(random_f32(cu, r * k, 34)?, &[r, k])?;
+        let b = wrap_f32(random_f32(cu, n * r, 35)?, &[n, r])?;
+        let largs = LoraArgs {
+            x: &x,
+            w: &w,
+            w_trans: false,
+            bias: None,
+            a: &a,
+            b: &b,
+            scaling: 2.0,
+            dropout: None,
+            m,
+            n,
+            k,
+            r,
+        };
+        let lora_ms = time_ms(cu, 3, 20, || cu.lora_linear(&largs).map(|_| ()))?;
+        let row = |kernel: String, ms: f64, target| Row {
+            kernel,
+            shape: format!("{m}x{n}x{k}"),
+            ms,
+            achieved: flops / (ms * 1e-3) / 1e12,
+            unit: "TF/s",
+            ceiling,
+            ceiling_name: "kiln bf16 gemm".into(),
+            target,
+        };
+        rows.push(row(format!("nf4 linear ({what})"), nf4_ms, Some(0.9)));
+        rows.push(row(format!("lora r={r} linear ({what})"), lora_ms, None));
+    }
+    Ok(rows)
 }
 
 /// `kiln bench kernels --device <device>`: every kernel timed against its ceiling on the GPU
