@@ -9,24 +9,10 @@ mod common;
 use common::max_rel_err;
 use kiln::io::checkpoint::load_all;
 use kiln::optim::adamw::{adamw_step, AdamWConfig};
-use std::path::PathBuf;
-
-/// A file under the repository root. Looked up at run time first: tools/gpu-bundle.sh runs this
-/// binary on another machine, from the repository root, where the build machine's
-/// CARGO_MANIFEST_DIR does not exist.
-fn repo_file(rel: &str) -> PathBuf {
-    let candidates = [
-        std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
-        std::env::current_dir().ok(),
-    ];
-    let root = candidates.into_iter().flatten().find(|r| r.join(rel).exists());
-    root.unwrap_or_else(|| panic!("{rel} not found: run from the repository root")).join(rel)
-}
 
 #[test]
 fn three_steps_match_torch_adamw() {
-    let f = load_all(&repo_file("tests/fixtures/oracle/dev-set/adam8bit.safetensors")).unwrap();
+    let f = load_all(&common::repo_file("tests/fixtures/oracle/dev-set/adam8bit.safetensors")).unwrap();
     let n = f["adam.p0"].numel();
     let mut p = f["adam.p0"].f32s().unwrap().to_vec();
     let grads = f["adam.grads"].f32s().unwrap();

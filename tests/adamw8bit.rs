@@ -13,7 +13,6 @@ use kiln::quant::blockwise::{dynamic_map, num_blocks};
 use kiln::{Gradients, Tensor};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
-use std::path::Path;
 
 const CFG: AdamWConfig = AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
 
@@ -28,8 +27,7 @@ fn bits_ne(a: &[f32], b: &[f32]) -> usize {
 
 #[test]
 fn three_steps_match_bitsandbytes() {
-    let f = load_all(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle/dev-set/adam8bit.safetensors"))
-        .unwrap();
+    let f = load_all(&common::repo_file("tests/fixtures/oracle/dev-set/adam8bit.safetensors")).unwrap();
     let n = f["adam.p0"].numel();
     let nb = num_blocks(n, 256);
     let mut p = f["adam.p0"].f32s().unwrap().to_vec();

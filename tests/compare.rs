@@ -45,17 +45,19 @@ fn compare_runs_each_method_and_writes_table_and_plot() {
     }
 }
 
-/// `kiln compare --device emu` (the CUDA kernels, emulated): full, LoRA and QLoRA fine-tuning of a
-/// small pre-trained model all run on the device and report their rows.
+/// `kiln compare --device cuda` (or emu, the CUDA kernels emulated, without a GPU): full, LoRA and
+/// QLoRA fine-tuning of a small pre-trained model all run on the device and report their rows.
 #[cfg(feature = "cuda")]
 #[test]
 fn compare_runs_every_method_on_the_cuda_backend() {
+    let Some(cu) = common::gpu("compare_runs_every_method_on_the_cuda_backend") else { return };
+    let device = if cu.is_emulated() { "emu" } else { "cuda" };
     let dir = tempfile::tempdir().unwrap();
     // a small pre-trained model (2 layers of 64) stands in for the tiny preset: the emulator is slow
     let (_, base) = common::sft::base_model(dir.path(), 64);
     let out = dir.path().join("cmp");
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["compare", "--device", "emu", "--out", out.to_str().unwrap(), "--pretrained", base.to_str().unwrap()])
+    let o = common::cli::kiln_command()
+        .args(["compare", "--device", device, "--out", out.to_str().unwrap(), "--pretrained", base.to_str().unwrap()])
         .args(["--steps", "3", "--methods", "full,lora,qlora"])
         .output()
         .unwrap();

@@ -156,7 +156,7 @@ fn kiln_grads_on_the_emulated_device_matches_the_cpu() {
     kiln::io::safetensors::save(&batch, &[("input_ids".to_string(), ids)], &[]).unwrap();
     let run = |device: &str| {
         let out = dir.path().join(format!("grads-{device}.safetensors"));
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        let o = common::cli::kiln_command()
             .args(["grads", "--device", device, "--model"])
             .arg(&model_dir)
             .arg("--batch")

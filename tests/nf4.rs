@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 fn fixture() -> BTreeMap<String, Tensor> {
-    load_all(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle/dev-set/nf4.safetensors")).unwrap()
+    load_all(&common::repo_file("tests/fixtures/oracle/dev-set/nf4.safetensors")).unwrap()
 }
 
 fn bit_mismatches(a: &[f32], b: &[f32]) -> usize {
@@ -369,7 +369,7 @@ mod cuda {
         let run = |dev: &str| {
             let out = dir.path().join(format!("q-{dev}"));
             let base = dir.path().join("base");
-            let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            let o = common::cli::kiln_command()
                 .args(["quantize", "--in", base.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", dev])
                 .arg("--double-quant")
                 .output()

@@ -22,7 +22,6 @@ use kiln::ops::xent::cross_entropy;
 use kiln::quant::nf4::{Nf4Weight, NF4_BLOCKSIZE};
 use kiln::train::{finetune::finetune, Start};
 use kiln::{Tape, Tensor};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -307,7 +306,7 @@ fn the_command_defaults_qlora_to_adamw8bit_and_names_a_layer_it_cannot_quantize(
     let dir = tempfile::tempdir().unwrap();
     let (_, base) = base_model(dir.path(), 64);
     let task = dir.path().join("task.jsonl");
-    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap();
+    let run = |args: &[&str]| common::cli::kiln_command().args(args).output().unwrap();
     let (b, t, out) = (base.to_str().unwrap(), task.to_str().unwrap(), dir.path().join("run"));
     let common = ["finetune", "--method", "qlora", "--data", t, "--max-steps", "3", "--set", "train.batch_size=4"];
     let o = run(&[&common[..], &["--model", b, "--out", out.to_str().unwrap()]].concat());
@@ -394,7 +393,7 @@ fn lora_and_qlora_finetuning_on_the_device_track_the_cpu_for_10_steps() {
         let gen = |device: &str| {
             let (b, a) = (base.to_str().unwrap(), ckpt.to_str().unwrap());
             let args = ["generate", "--model", b, "--adapter", a, "--prompt-ids", "5,17,3,60,2", "--device", device];
-            let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            let o = common::cli::kiln_command()
                 .args(args)
                 .args(["--max-new-tokens", "16", "--ignore-eos"])
                 .output()

@@ -3,9 +3,14 @@
 
 use std::process::{Command, Output};
 
-/// The kiln binary this test crate was built with, as a command to add arguments to.
+/// The kiln binary this test crate was built with, as a command to add arguments to; KILN_BIN
+/// names another one (tools/gpu/run.sh runs the test binaries on a machine where the build
+/// machine's target directory does not exist).
 pub fn kiln_command() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
+    match std::env::var_os("KILN_BIN") {
+        Some(bin) => Command::new(bin),
+        None => Command::new(env!("CARGO_BIN_EXE_kiln")),
+    }
 }
 
 /// Runs kiln with `args` to completion.

@@ -34,6 +34,19 @@
 pub mod cli;
 pub mod sft;
 
+/// A file under the repository root. Looked up at run time first: tools/gpu-bundle.sh runs the
+/// test binaries on another machine, from the repository root, where the build machine's
+/// CARGO_MANIFEST_DIR does not exist.
+pub fn repo_file(rel: &str) -> std::path::PathBuf {
+    let candidates = [
+        std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from),
+        Some(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
+        std::env::current_dir().ok(),
+    ];
+    let root = candidates.into_iter().flatten().find(|r| r.join(rel).exists());
+    root.unwrap_or_else(|| panic!("{rel} not found: run from the repository root")).join(rel)
+}
+
 use kiln::ops::{gemm, xent};
 use kiln::{Result, Tape, Tensor};
 use rand::rngs::StdRng;

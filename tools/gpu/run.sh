@@ -15,6 +15,8 @@ if [ ! -x "$here/kiln" ]; then
     python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$here/bins.tar.xz" "$here" \
         || { echo "FAIL: cannot unpack $here/bins.tar.xz"; exit 1; }
 fi
+# The tests that run the kiln binary find this one (their build machine's path does not exist here).
+export KILN_BIN="$here/kiln"
 # cuBLAS (the GEMM baseline of kiln bench kernels) ships with PyTorch's wheels on the GPU machine:
 # CUDA 12 wheels keep it in nvidia/cublas/lib, CUDA 13 wheels in nvidia/cu13/lib; look for the
 # library itself under every nvidia package directory.
