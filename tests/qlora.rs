@@ -406,3 +406,34 @@ fn lora_and_qlora_finetuning_on_the_device_track_the_cpu_for_10_steps() {
         assert_eq!(gen(device_flag), on_cpu, "{label}: greedy tokens with the adapter, device vs CPU");
     }
 }
+
+/// `kiln memory` plans without building: its counts for each method equal those of the model
+/// built that way (tiny preset: full, LoRA on the default targets, QLoRA's NF4 base plus the
+/// adapter), and its table says which GPT-2 sizes fit a 24 GB card.
+#[test]
+fn the_memory_plan_counts_what_the_built_model_holds() {
+    use kiln::train::memory::Counts;
+    let config = Gpt2Config::preset("tiny").unwrap();
+    let lc = LoraConfig::new(8, 16.0, 0.0, &["c_attn", "c_proj", "c_fc"], false).unwrap();
+    let mut m = Gpt2::new_random(config.clone(), 0).unwrap();
+    m.params.set_trainable(true);
+    assert_eq!(Counts::planned(&config, "full", &lc).unwrap(), Counts::of(&m));
+    let mut m = Gpt2::new_random(config.clone(), 0).unwrap();
+    lora::attach(&mut m, lc.clone(), 0).unwrap();
+    assert_eq!(Counts::planned(&config, "lora", &lc).unwrap(), Counts::of(&m));
+    let mut q = Gpt2::new_random(config.clone(), 0).unwrap();
+    q.quantize_nf4(NF4_BLOCKSIZE).unwrap();
+    lora::attach(&mut q, lc.clone(), 0).unwrap();
+    let planned = Counts::planned(&config, "qlora", &lc).unwrap();
+    assert_eq!(planned, Counts::of(&q));
+    assert!(planned.nf4_params > 0 && planned.nf4_bytes * 7 < 4 * planned.nf4_params);
+
+    let o = common::cli::kiln(&["memory", "--budget-gb", "24"]);
+    let text = common::cli::text(&o);
+    assert!(o.status.success(), "{text}");
+    let row = |name: &str| text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{text}"));
+    // GPT-2 XL: 1.5B parameters do not fit 24 GB with fp32 AdamW, and do in 4 bits with an adapter
+    let xl: Vec<&str> = row("gpt2-xl").split_whitespace().collect();
+    assert_eq!((xl[4], xl[10]), ("over", "fits"), "{text}");
+    assert!(row("gpt2").contains("fits"), "{text}");
+}

@@ -5,6 +5,7 @@ mod compare;
 mod demo;
 mod finetune;
 mod generate;
+mod memory;
 mod pretrain;
 mod quantize;
 mod tokenizer;
@@ -115,6 +116,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Quantize every 2-D tensor of a safetensors file to NF4, as bitsandbytes stores it.
     Quantize(quantize::QuantizeArgs),
+    /// The memory bill of fine-tuning each GPT-2 size (full, LoRA, QLoRA) on a GPU or the CPU.
+    Memory(memory::MemoryArgs),
     /// Tokenizers: train a byte-level BPE on your text.
     Tokenizer {
         #[command(subcommand)]
@@ -174,6 +177,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Finetune(args) => finetune::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Memory(args) => memory::run(args),
         Command::Tokenizer { what } => tokenizer::run(what),
         Command::Generate(args) => generate::run(args),
     }

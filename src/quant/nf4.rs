@@ -211,6 +211,14 @@ impl DoubleQuant {
     }
 }
 
+/// The bytes an `Nf4Weight` of `numel` elements in blocks of `blocksize` holds (its
+/// `storage_bytes`): the codes, one 8-bit absmax a block, one f32 scale per 256 of those, and
+/// the offset.
+pub fn nf4_storage_bytes(numel: usize, blocksize: usize) -> usize {
+    let blocks = numel.div_ceil(blocksize.max(1));
+    numel.div_ceil(2) + blocks + 4 * blocks.div_ceil(BLOCKSIZE_8BIT) + 4
+}
+
 /// A copy of a weight that a device backend keeps beside it (its packed form in device memory),
 /// opaque here: quant knows no backend. Made once, on first use; clones of the weight share it;
 /// it takes no part in comparing weights.

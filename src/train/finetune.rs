@@ -97,45 +97,6 @@ pub fn evaluate_rows(model: &Gpt2, data: &SftData, batch: usize, pad: u32) -> Re
     Ok(if count == 0 { f64::NAN } else { sum / count as f64 })
 }
 
-/// The cost of training `model` as configured, before it starts: one table a person can read.
-/// Weights are counted at their storage size: 4 bytes for f32, about 0.52 for NF4 layers.
-pub fn memory_table(model: &Gpt2, batch: usize, seq: usize, optimizer_bytes_per_param: f64) -> String {
-    let c = &model.config;
-    let stores = model.stores();
-    let quantized = model.nf4_numel();
-    let total: usize = stores.iter().map(|s| s.numel()).sum::<usize>() + quantized;
-    let trainable: usize = stores.iter().map(|s| s.trainable_numel()).sum();
-    let weight_bytes = model.weight_bytes() + model.lora.iter().map(|l| 4 * l.params.numel()).sum::<usize>();
-    let mb = |b: f64| format!("{:9.1} MB", b / 1e6);
-    // Saved per token and layer by kiln's ops: ln_1 out, qkv (3C), attention out, c_proj out,
-    // residual, ln_2 out, c_fc pre-activation and GELU out (2F), mlp out, residual: 8C + 2F floats.
-    // Plus logits and their gradient (2V per token) and the embeddings (C).
-    let per_token = (c.n_layer * (8 * c.n_embd + 2 * c.ffn_dim()) + 2 * c.vocab_size + c.n_embd) as f64 * 4.0;
-    // With checkpointing only each block's input stays, plus one block recomputed at a time.
-    let per_token_ckpt =
-        (c.n_layer * c.n_embd + 8 * c.n_embd + 2 * c.ffn_dim() + 2 * c.vocab_size + c.n_embd) as f64 * 4.0;
-    let tokens = (batch * seq) as f64;
-    let weights = if quantized > 0 {
-        format!(
-            "{} ({quantized} parameters in NF4; {} if all f32)",
-            mb(weight_bytes as f64),
-            mb(4.0 * total as f64).trim()
-        )
-    } else {
-        mb(weight_bytes as f64)
-    };
-    let rows = [
-        ("parameters", format!("{total:>12}")),
-        ("trainable", format!("{trainable:>12} ({:.2}%)", 100.0 * trainable as f64 / total.max(1) as f64)),
-        ("weights", weights),
-        ("gradients", mb(4.0 * trainable as f64)),
-        ("optimizer state", mb(optimizer_bytes_per_param * trainable as f64)),
-        ("activations (est.)", format!("{} at most ({batch} rows of up to {seq} tokens)", mb(per_token * tokens))),
-        ("  with checkpointing", mb(per_token_ckpt * tokens)),
-    ];
-    rows.iter().map(|(k, v)| format!("  {k:<20} {v}\n")).collect()
-}
-
 /// Peak resident memory of this process so far (Linux: VmHWM), in bytes.
 pub fn peak_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -255,10 +216,9 @@ fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summar
     crate::io::write_atomic(&run_dir.join("run.toml"), |w| std::io::Write::write_all(w, cfg.to_toml().as_bytes()))?;
 
     let adam = AdamWConfig { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
-    let (mut opt, state_bytes_per_param): (Box<dyn Optimizer>, f64) = match optimizer {
-        // two 8-bit codes per element plus one f32 absmax per 256-block and moment
-        "adamw8bit" => (Box::new(AdamW8bit::new(adam)), 2.0 + 8.0 / 256.0),
-        _ => (Box::new(AdamW::new(adam)), 8.0),
+    let mut opt: Box<dyn Optimizer> = match optimizer {
+        "adamw8bit" => Box::new(AdamW8bit::new(adam)),
+        _ => Box::new(AdamW::new(adam)),
     };
     let latest =
         if opts.start == Start::Resume { checkpoint::resume_point(run_dir, t.max_steps, opts.quiet)? } else { None };
@@ -298,7 +258,12 @@ fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summar
     model.gradient_checkpointing = f.gradient_checkpointing;
     model.to_device(opts.device)?;
     if !opts.quiet {
-        print!("{}", memory_table(&model, t.batch_size, ctx, state_bytes_per_param));
+        let gpu = opts.device != crate::Device::Cpu;
+        let counts = super::memory::Counts::of(&model);
+        let ckpt = f.gradient_checkpointing;
+        let bytes = super::memory::optimizer_bytes(optimizer);
+        let bill = super::memory::Bill::new(&model.config, counts, (t.batch_size, ctx), bytes, gpu, ckpt);
+        print!("{}", bill.table(t.batch_size, ctx));
     }
     let perm = order(t.seed, pos.epoch, train.rows.len());
     pos.next = pos.next.min(perm.len());

@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod finetune;
+pub mod memory;
 pub mod metrics;
 pub mod schedule;
 pub mod steps;

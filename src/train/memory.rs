@@ -1,0 +1,194 @@
+//! The memory bill: what training a GPT-2 costs, by component, computed before it starts (from
+//! a built model, or from a configuration alone for planning: `kiln memory`). After a run on the
+//! device, `steps::run` prints the measured peak beside it (`DeviceMemory`).
+//!
+//! What each line counts:
+//! - weights: as stored, 4 bytes per f32 parameter (the GPU keeps f32 masters too), NF4 layers at
+//!   their packed size (about 0.52 bytes a weight at block size 64), the adapter in f32;
+//! - bf16 copies (GPU only): the forward reads every f32 base weight as a bf16 copy made for the
+//!   step, and one NF4 layer at a time dequantized to bf16;
+//! - gradients: 4 bytes per trainable parameter;
+//! - optimizer state: per trainable parameter, 8 bytes (AdamW) or 2 + 8/256 (8-bit AdamW);
+//! - activations: what the ops keep for backward, per token and layer 8C + 2F values (ln_1 out,
+//!   qkv 3C, attention out, c_proj out, residual, ln_2 out, c_fc pre-activation and GELU out 2F,
+//!   mlp out, residual), plus logits and their gradient (2V) and the embeddings (C); 4 bytes each
+//!   on the CPU, 2 (bf16) on the GPU. With gradient checkpointing each block keeps only its input
+//!   and one block is recomputed at a time.
+
+use crate::model::gpt2::{Gpt2, Gpt2Config};
+use crate::nn::lora::LoraConfig;
+use crate::Result;
+
+/// The parameter counts a bill is made of.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counts {
+    /// Every parameter, the adapter's and the NF4 layers' included.
+    pub params: usize,
+    pub trainable: usize,
+    /// Base parameters kept in f32 (on the GPU: read through bf16 copies).
+    pub f32_base: usize,
+    /// Parameters of NF4 layers, their packed bytes, and the largest layer's size.
+    pub nf4_params: usize,
+    pub nf4_bytes: usize,
+    pub nf4_largest: usize,
+    /// Adapter parameters (f32).
+    pub adapter: usize,
+}
+
+impl Counts {
+    /// The counts of a built model.
+    pub fn of(model: &Gpt2) -> Counts {
+        let nf4: Vec<_> = model.nf4.iter().flat_map(|q| q.values()).collect();
+        let adapter = model.lora.as_ref().map_or(0, |l| l.params.numel());
+        let f32_base = model.params.numel();
+        let nf4_params = nf4.iter().map(|w| w.numel()).sum();
+        Counts {
+            params: f32_base + nf4_params + adapter,
+            trainable: model.stores().iter().map(|s| s.trainable_numel()).sum(),
+            f32_base,
+            nf4_params,
+            nf4_bytes: nf4.iter().map(|w| w.storage_bytes()).sum(),
+            nf4_largest: nf4.iter().map(|w| w.numel()).max().unwrap_or(0),
+            adapter,
+        }
+    }
+
+    /// The counts of a GPT-2 of `config` fine-tuned by `method` ("full", "lora" or "qlora", with
+    /// `lora`'s adapter for the last two; "qlora" stores every Conv1D weight in NF4 in blocks of
+    /// 64), without building it.
+    pub fn planned(config: &Gpt2Config, method: &str, lora: &LoraConfig) -> Result<Counts> {
+        let all: usize = config.param_shapes().iter().map(|(_, d)| d.iter().product::<usize>()).sum();
+        let adapter = match method {
+            "full" => 0,
+            _ => crate::model::lora::resolve(lora, config)?.iter().map(|m| m.r * (m.fan_in + m.fan_out)).sum(),
+        };
+        let conv: Vec<usize> = crate::model::lora::conv1d_modules(config).iter().map(|(_, i, o)| i * o).collect();
+        let quantized = method == "qlora";
+        let nf4_params = if quantized { conv.iter().sum() } else { 0 };
+        let nf4_bytes = if quantized {
+            conv.iter().map(|&n| crate::quant::nf4::nf4_storage_bytes(n, crate::quant::nf4::NF4_BLOCKSIZE)).sum()
+        } else {
+            0
+        };
+        Ok(Counts {
+            params: all + adapter,
+            trainable: if method == "full" { all } else { adapter },
+            f32_base: all - nf4_params,
+            nf4_params,
+            nf4_bytes,
+            nf4_largest: if quantized { conv.iter().copied().max().unwrap_or(0) } else { 0 },
+            adapter,
+        })
+    }
+}
+
+/// A training run's memory, in bytes, by component.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bill {
+    pub counts: Counts,
+    pub weights: f64,
+    /// bf16 copies the GPU forward reads (0 on the CPU).
+    pub bf16_copies: f64,
+    pub gradients: f64,
+    pub optimizer: f64,
+    pub activations: f64,
+    pub activations_checkpointed: f64,
+    pub checkpointing: bool,
+    pub gpu: bool,
+}
+
+impl Bill {
+    /// The bill for `counts` at `batch` rows of `seq` tokens, with `optimizer_bytes` of state per
+    /// trainable parameter, on the GPU (bf16 activations, bf16 weight copies) or the CPU.
+    pub fn new(
+        config: &Gpt2Config,
+        counts: Counts,
+        tokens: (usize, usize),
+        optimizer_bytes: f64,
+        gpu: bool,
+        checkpointing: bool,
+    ) -> Bill {
+        let c = config;
+        let (batch, seq) = tokens;
+        let value = if gpu { 2.0 } else { 4.0 };
+        let per_token = (c.n_layer * (8 * c.n_embd + 2 * c.ffn_dim()) + 2 * c.vocab_size + c.n_embd) as f64;
+        let per_token_ckpt =
+            (c.n_layer * c.n_embd + 8 * c.n_embd + 2 * c.ffn_dim() + 2 * c.vocab_size + c.n_embd) as f64;
+        let tokens = (batch * seq) as f64;
+        Bill {
+            counts,
+            weights: 4.0 * (counts.f32_base + counts.adapter) as f64 + counts.nf4_bytes as f64,
+            bf16_copies: if gpu { 2.0 * (counts.f32_base + counts.nf4_largest) as f64 } else { 0.0 },
+            gradients: 4.0 * counts.trainable as f64,
+            optimizer: optimizer_bytes * counts.trainable as f64,
+            activations: value * per_token * tokens,
+            activations_checkpointed: value * per_token_ckpt * tokens,
+            checkpointing,
+            gpu,
+        }
+    }
+
+    /// Activations as the run keeps them (checkpointed or not).
+    pub fn kept_activations(&self) -> f64 {
+        if self.checkpointing {
+            self.activations_checkpointed
+        } else {
+            self.activations
+        }
+    }
+
+    /// The sum of every line.
+    pub fn total(&self) -> f64 {
+        self.weights + self.bf16_copies + self.gradients + self.optimizer + self.kept_activations()
+    }
+
+    /// The bill as lines a person reads before training starts.
+    pub fn table(&self, batch: usize, seq: usize) -> String {
+        let c = &self.counts;
+        let mb = |b: f64| format!("{:9.1} MB", b / 1e6);
+        let weights = if c.nf4_params > 0 {
+            format!(
+                "{} ({} parameters in NF4; {} if all f32)",
+                mb(self.weights),
+                c.nf4_params,
+                mb(4.0 * c.params as f64).trim()
+            )
+        } else {
+            mb(self.weights)
+        };
+        let on = if self.gpu { "bf16" } else { "f32" };
+        let ckpt = |on: bool| if on { " (used)" } else { "" };
+        let mut rows = vec![
+            ("parameters", format!("{:>12}", c.params)),
+            ("trainable", format!("{:>12} ({:.2}%)", c.trainable, 100.0 * c.trainable as f64 / c.params.max(1) as f64)),
+            ("weights", weights),
+        ];
+        if self.gpu {
+            rows.push(("bf16 weight copies", mb(self.bf16_copies)));
+        }
+        rows.extend([
+            ("gradients", mb(self.gradients)),
+            ("optimizer state", mb(self.optimizer)),
+            (
+                "activations (est.)",
+                format!(
+                    "{} at most ({batch} rows of up to {seq} tokens, {on}){}",
+                    mb(self.activations),
+                    ckpt(!self.checkpointing)
+                ),
+            ),
+            ("  with checkpointing", format!("{}{}", mb(self.activations_checkpointed), ckpt(self.checkpointing))),
+            ("total (est.)", mb(self.total())),
+        ]);
+        rows.iter().map(|(k, v)| format!("  {k:<20} {v}\n")).collect()
+    }
+}
+
+/// Optimizer state bytes per trainable parameter: AdamW's two f32 moments, or 8-bit AdamW's two
+/// codes plus one f32 absmax per block of 256 and moment.
+pub fn optimizer_bytes(optimizer: &str) -> f64 {
+    match optimizer {
+        "adamw8bit" => 2.0 + 8.0 / 256.0,
+        _ => 8.0,
+    }
+}
