@@ -40,6 +40,7 @@
 // Tested by: cargo test --release --features cuda --test gemm
 // Timed by:  kiln bench kernels (GemmVariant::Naive is the in-family baseline)
 #include "gemm.cuh"
+#include "nf4.cuh"
 
 namespace {
 
@@ -173,6 +174,63 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, int rows, int 
     }
 }
 
+// An NF4 weight as the fused kernels read it (nf4.cuh's layout; absmax_codes null: single
+// quantization, f32 absmax in nested).
+struct Nf4Operand {
+    const uint8_t* packed;
+    const uint8_t* absmax_codes;
+    const float* nested;
+    const float* tables;
+    float offset;
+    int blocksize;
+};
+
+// load_tile for an NF4 matrix w [rows, cols] (row-major element order): each 16-byte chunk of
+// the shared tile (8 elements) is decoded from its 4 packed bytes and its block's absmax and
+// rounded to bf16, the values nf4_dequantize_bf16 writes, so the product equals dequantize-then-
+// GEMM bit for bit. A chunk that is not wholly inside the matrix, or whose 8 elements do not start
+// at a multiple of 8 (cols not a multiple of 8), is decoded element by element with zero fill.
+// The stores are synchronous; the barrier after the pipeline's wait publishes them.
+template <int THREADS, int ROWS, int COLS, int PITCH>
+__device__ __forceinline__ void load_tile_nf4(bf16* s, const Nf4Operand& w, int rows, int cols, int row0, int col0) {
+    constexpr int CPR = COLS / 8;
+    constexpr int CHUNKS = ROWS * CPR;
+    static_assert(COLS % 8 == 0 && CHUNKS % THREADS == 0, "whole chunks, the same count per thread");
+#pragma unroll
+    for (int i = 0; i < CHUNKS / THREADS; ++i) {
+        const int c = threadIdx.x + i * THREADS;
+        const int r = c / CPR;
+        const int cc = (c % CPR) * 8;
+        const int gr = row0 + r;
+        const int gc = col0 + cc;
+        const int64_t e = static_cast<int64_t>(gr) * cols + gc;
+        __align__(16) __nv_bfloat162 h[4];
+        if (gr < rows && gc + 8 <= cols && cols % 8 == 0) {
+            float v[8];
+            const uint32_t word = *reinterpret_cast<const uint32_t*>(w.packed + e / 2);
+            kiln_nf4_dequantize_word<4>(v, word, w.absmax_codes, w.nested, w.tables, w.offset, w.blocksize, e / 8);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+        } else {
+            float v[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                v[j] = 0.0f;
+                if (gr < rows && gc + j < cols) {
+                    const int64_t ej = e + j;
+                    const uint8_t byte = w.packed[ej / 2];
+                    const uint32_t nib = (ej & 1) ? (byte & 0xFu) : (byte >> 4);
+                    const float a = kiln_nf4_absmax(w.absmax_codes, w.nested, w.tables, w.offset, ej / w.blocksize);
+                    v[j] = kiln_mul_rn(w.tables[256 + nib], a);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+        }
+        *reinterpret_cast<uint4*>(s + r * PITCH + cc) = *reinterpret_cast<const uint4*>(h);
+    }
+}
+
 __device__ __forceinline__ void store_value(void* p, int64_t idx, float v, bool out_f32) {
     if (out_f32) {
         static_cast<float*>(p)[idx] = v;
@@ -198,9 +256,10 @@ __device__ __forceinline__ void store_output(void* out, void* pre, const bf16* b
     store_value(out, idx, kiln_gemm_activate(v, (flags & KILN_GEMM_GELU) != 0), out_f32);
 }
 
-template <typename T, bool TRANS_A, bool TRANS_B>
+// B_NF4: B is the NF4 weight `wq` (b unused), decoded into the shared tiles by load_tile_nf4.
+template <typename T, bool TRANS_A, bool TRANS_B, bool B_NF4 = false>
 __device__ __forceinline__ void gemm_mma_body(void* out, void* pre, const bf16* a, const bf16* b, const bf16* bias,
-                                              int m, int n, int k, int flags) {
+                                              int m, int n, int k, int flags, Nf4Operand wq = Nf4Operand{}) {
     constexpr int BM = T::BM, BN = T::BN, WM = T::WM, WN = T::WN, MT = T::MT, NT = T::NT, THREADS = T::THREADS;
     // Shared tiles as they lie in global memory: A [BM][BK] or, transposed, [BK][BM]; B [BK][BN]
     // or, transposed, [BN][BK].
@@ -212,6 +271,13 @@ __device__ __forceinline__ void gemm_mma_body(void* out, void* pre, const bf16* 
     constexpr int B_PITCH = B_COLS + PAD;
     __shared__ __align__(16) bf16 sa[2][A_ROWS * A_PITCH];
     __shared__ __align__(16) bf16 sb[2][B_ROWS * B_PITCH];
+    // An NF4 operand's tables (1 KB) in shared memory: the tile decode looks up every element.
+    __shared__ float nf4_tables[B_NF4 ? KILN_NF4_TABLE_LEN : 1];
+    if constexpr (B_NF4) {
+        for (int i = threadIdx.x; i < KILN_NF4_TABLE_LEN; i += blockDim.x) nf4_tables[i] = wq.tables[i];
+        wq.tables = nf4_tables;
+        __syncthreads();
+    }
 
     const int lane = threadIdx.x % 32;
     const int warp = threadIdx.x / 32;
@@ -228,7 +294,11 @@ __device__ __forceinline__ void gemm_mma_body(void* out, void* pre, const bf16* 
         } else {
             load_tile<THREADS, BM, BK, A_PITCH>(sa[stage], a, m, k, m0, k0);
         }
-        if constexpr (TRANS_B) {
+        if constexpr (B_NF4 && TRANS_B) {
+            load_tile_nf4<THREADS, BN, BK, B_PITCH>(sb[stage], wq, n, k, n0, k0);
+        } else if constexpr (B_NF4) {
+            load_tile_nf4<THREADS, BK, BN, B_PITCH>(sb[stage], wq, k, n, k0, n0);
+        } else if constexpr (TRANS_B) {
             load_tile<THREADS, BN, BK, B_PITCH>(sb[stage], b, n, k, n0, k0);
         } else {
             load_tile<THREADS, BK, BN, B_PITCH>(sb[stage], b, k, n, k0, n0);
@@ -358,6 +428,25 @@ extern "C" __global__ void gemm_mma_small_tn(void* out, void* pre, const __nv_bf
 }
 extern "C" __global__ void gemm_mma_small_tt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
     gemm_mma_body<Small, true, true>(out, pre, a, b, bias, m, n, k, flags);
+}
+
+// The fused NF4 GEMM: out [m, n] = A [m, k] @ op(W) (+ bias) (then GELU), W an NF4 weight
+// (nf4.cuh's layout) decoded tile by tile into shared memory and never materialised: nf4_nn reads
+// W stored [k, n] (x @ W, a QLoRA layer's forward), nf4_nt W stored [n, k] (dY @ W^T with W
+// [in, out], its input gradient). Equal bit for bit to nf4_dequantize_bf16 then gemm_mma_*.
+#define KILN_GEMM_NF4_PARAMS void *out, void *pre, const __nv_bfloat16 *a, const uint8_t *packed, const uint8_t *absmax_codes, const float *nested, const float *tables, float offset, int blocksize, const __nv_bfloat16 *bias, int m, int n, int k, int flags
+#define KILN_GEMM_NF4_OPERAND Nf4Operand{packed, absmax_codes, nested, tables, offset, blocksize}
+extern "C" __global__ void gemm_mma_nf4_nn(KILN_GEMM_NF4_PARAMS) {
+    gemm_mma_body<Large, false, false, true>(out, pre, a, nullptr, bias, m, n, k, flags, KILN_GEMM_NF4_OPERAND);
+}
+extern "C" __global__ void gemm_mma_nf4_nt(KILN_GEMM_NF4_PARAMS) {
+    gemm_mma_body<Large, false, true, true>(out, pre, a, nullptr, bias, m, n, k, flags, KILN_GEMM_NF4_OPERAND);
+}
+extern "C" __global__ void gemm_mma_small_nf4_nn(KILN_GEMM_NF4_PARAMS) {
+    gemm_mma_body<Small, false, false, true>(out, pre, a, nullptr, bias, m, n, k, flags, KILN_GEMM_NF4_OPERAND);
+}
+extern "C" __global__ void gemm_mma_small_nf4_nt(KILN_GEMM_NF4_PARAMS) {
+    gemm_mma_body<Small, false, true, true>(out, pre, a, nullptr, bias, m, n, k, flags, KILN_GEMM_NF4_OPERAND);
 }
 
 // The reference: one thread per output element, f32 accumulation in k order. trans_a / trans_b

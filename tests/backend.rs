@@ -131,11 +131,11 @@ mod cuda {
         }
     }
 
-    /// The same for nf4_linear with an adapter: the weight dequantized on the device, then the
-    /// composition.
+    /// The same for nf4_linear with and without an adapter: the base product in the fused NF4 GEMM
+    /// (the weight decoded into the GEMM's tiles), the adapter composed.
     #[test]
-    fn nf4_linear_without_a_cuda_kernel_runs_on_the_cuda_backend() {
-        let Some(_) = common::gpu("nf4_linear_without_a_cuda_kernel_runs_on_the_cuda_backend") else { return };
+    fn nf4_linear_runs_on_the_cuda_backend_in_the_fused_gemm() {
+        let Some(cu) = common::gpu("nf4_linear_runs_on_the_cuda_backend_in_the_fused_gemm") else { return };
         let mut r = rng(4);
         let (m, k, n, rank) = (24, 64, 40, 4);
         let w = rand_tensor(&mut r, &[k, n], 0.5);
@@ -148,6 +148,10 @@ mod cuda {
         ];
         let dout = rand_tensor(&mut r, &[m, n], 1.0);
         assert!(!q.device.is_made());
+        let emu = cu.emulator();
+        if let Some(e) = emu {
+            e.take_stats();
+        }
         for with_adapter in [true, false] {
             let run = |xs: &[Tensor], dout: &Tensor| {
                 let mut tape = Tape::new();
@@ -170,6 +174,15 @@ mod cuda {
             }
         }
         assert!(q.device.is_made(), "the packed weight stays in device memory after the first use");
+        // the base product ran in the fused NF4 GEMM, forward (nn) and input gradient (nt); no
+        // kernel wrote the dequantized weight out
+        if let Some(e) = emu {
+            let ran: Vec<&str> = e.take_stats().iter().map(|(k, _, _)| k.name()).collect();
+            for k in ["gemm_mma_small_nf4_nn", "gemm_mma_small_nf4_nt"] {
+                assert!(ran.contains(&k), "{k} did not run: {ran:?}");
+            }
+            assert!(!ran.iter().any(|k| k.starts_with("nf4_dequantize")), "{ran:?}");
+        }
     }
 
     /// The bench rows for the NF4 and LoRA linear layers run end to end (here at a small shape)

@@ -381,4 +381,54 @@ mod cuda {
         assert!(on_cpu.len() > 100_000);
         assert!(on_cpu == on_device, "kiln quantize --device {device} differs from --device cpu");
     }
+
+    /// The fused NF4 GEMM (the weight decoded into the GEMM's shared tiles) equals dequantizing
+    /// to bf16 and then the bf16 GEMM, bit for bit: forward x @ W and input gradient dY @ W^T,
+    /// both tiles, bias and GELU, f32 and bf16 outputs, a width that is no multiple of 8 (the
+    /// element-by-element decode) and edges that cut tiles.
+    #[test]
+    fn fused_nf4_gemm_equals_dequantize_then_gemm() {
+        use kiln::backend::cuda::gemm::{matmul_forward, matmul_nf4_with, GemmVariant};
+        use kiln::backend::GemmDesc;
+        let Some(cu) = common::gpu("fused_nf4_gemm_equals_dequantize_then_gemm") else { return };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(45);
+        let mut uniform =
+            |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * s).collect() };
+        for (m, k, n) in [(37, 64, 96), (130, 192, 100), (9, 128, 256)] {
+            let w = Nf4Weight::quantize(&uniform(k * n, 0.5), [k, n], 64).unwrap();
+            let d = DevNf4::upload(&w).unwrap();
+            let mut wd = cu.alloc::<half::bf16>(k * n).unwrap();
+            nf4_dequantize(&mut wd, &d).unwrap();
+            let bf = |v: Vec<f32>| cu.upload(&v.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>()).unwrap();
+            let x = bf(uniform(m * k, 1.0));
+            let g = bf(uniform(m * n, 1.0));
+            let bias = bf(uniform(n, 0.5));
+            for variant in [GemmVariant::MmaSyncSmall, GemmVariant::MmaSyncLarge] {
+                // forward with bias and GELU, bf16 out
+                let (mut want, mut want_pre) =
+                    (cu.alloc::<half::bf16>(m * n).unwrap(), cu.alloc::<half::bf16>(m * n).unwrap());
+                let desc = GemmDesc::nn(m, n, k);
+                matmul_forward(&mut want, Some(&mut want_pre), &x, &wd, Some(&bias), &desc).unwrap();
+                let (mut got, mut got_pre) =
+                    (cu.alloc::<half::bf16>(m * n).unwrap(), cu.alloc::<half::bf16>(m * n).unwrap());
+                matmul_nf4_with(variant, &mut got, Some(&mut got_pre), &x, &d, Some(&bias), &desc).unwrap();
+                let bits = |b: &kiln::backend::cuda::DevBuf<half::bf16>| {
+                    cu.download(b).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(bits(&got), bits(&want), "{variant:?} forward {m}x{k}x{n}");
+                assert_eq!(bits(&got_pre), bits(&want_pre), "{variant:?} pre-activation {m}x{k}x{n}");
+                // input gradient dY [m, n] @ W^T into f32
+                let desc = GemmDesc::nt(m, k, n);
+                let mut want = cu.alloc::<f32>(m * k).unwrap();
+                matmul_forward(&mut want, None, &g, &wd, None, &desc).unwrap();
+                let mut got = cu.alloc::<f32>(m * k).unwrap();
+                matmul_nf4_with(variant, &mut got, None, &g, &d, None, &desc).unwrap();
+                assert_eq!(
+                    bit_mismatches(&cu.download(&got).unwrap(), &cu.download(&want).unwrap()),
+                    0,
+                    "{variant:?} dY W^T {m}x{k}x{n}"
+                );
+            }
+        }
+    }
 }

@@ -431,7 +431,8 @@ fn the_memory_plan_counts_what_the_built_model_holds() {
     let o = common::cli::kiln(&["memory", "--budget-gb", "24"]);
     let text = common::cli::text(&o);
     assert!(o.status.success(), "{text}");
-    let row = |name: &str| text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{text}"));
+    let row =
+        |name: &str| text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{text}"));
     // GPT-2 XL: 1.5B parameters do not fit 24 GB with fp32 AdamW, and do in 4 bits with an adapter
     let xl: Vec<&str> = row("gpt2-xl").split_whitespace().collect();
     assert_eq!((xl[4], xl[10]), ("over", "fits"), "{text}");

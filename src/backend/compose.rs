@@ -11,6 +11,7 @@
 //! where dropout's mask is redrawn from its seed (`Dropout`), never kept.
 
 use super::{Backend, Dropout, GemmDesc, LoraArgs, Nf4Args, Trans};
+use crate::quant::nf4::Nf4Weight;
 use crate::{DType, Result, Tensor};
 
 /// x with the adapter's dropout applied (x itself without it).
@@ -30,32 +31,89 @@ fn compute(be: &dyn Backend, t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// us = scaling * dropout(x) A^T [m, r], in the compute dtype.
-fn bottleneck(
-    be: &dyn Backend,
-    x: &Tensor,
-    a: &Tensor,
+/// A LoRA adapter's operands: A [r, k], B [n, r], the scaling and the input's dropout.
+struct Adapter<'a> {
+    a: &'a Tensor,
+    b: &'a Tensor,
     scaling: f32,
-    d: Option<Dropout>,
+    dropout: Option<Dropout>,
     m: usize,
+    n: usize,
     k: usize,
-) -> Result<Tensor> {
-    let r = a.dims()[0];
-    let mut us = be.gemm(&dropped(be, x, d)?, &compute(be, a)?, &GemmDesc::nt(m, r, k), DType::F32, &[m, r])?;
-    be.scale(&mut us, scaling)?;
-    compute(be, &us)
+    r: usize,
+}
+
+impl Adapter<'_> {
+    /// (y + us B^T, us) for the base output y [m, n] of x [m, k] (compute dtype), with
+    /// us = scaling * dropout(x) A^T [m, r].
+    fn forward(&self, be: &dyn Backend, x: &Tensor, y: Tensor) -> Result<(Tensor, Tensor)> {
+        let Adapter { m, n, k, r, .. } = *self;
+        let mut us = be.gemm(
+            &dropped(be, x, self.dropout)?,
+            &compute(be, self.a)?,
+            &GemmDesc::nt(m, r, k),
+            DType::F32,
+            &[m, r],
+        )?;
+        be.scale(&mut us, self.scaling)?;
+        let us = compute(be, &us)?;
+        let update = be.gemm(&us, &compute(be, self.b)?, &GemmDesc::nt(m, n, r), y.dtype(), &[m, n])?;
+        Ok((be.add(&y, &update)?, us))
+    }
+
+    /// [dropout(du A) (the adapter's share of dx), dA, dB] from g = dout [m, n] (compute dtype),
+    /// each only where `needs` asks.
+    fn backward(
+        &self,
+        be: &dyn Backend,
+        x: &Tensor,
+        us: &Tensor,
+        g: &Tensor,
+        needs: [bool; 3],
+    ) -> Result<[Option<Tensor>; 3]> {
+        let Adapter { m, n, k, r, .. } = *self;
+        let [need_dx, need_da, need_db] = needs;
+        let db = need_db.then(|| be.gemm(g, us, &GemmDesc::tn(n, r, m), DType::F32, &[n, r])).transpose()?;
+        if !(need_dx || need_da) {
+            return Ok([None, None, db]);
+        }
+        let mut du = be.gemm(g, &compute(be, self.b)?, &GemmDesc::nn(m, r, n), DType::F32, &[m, r])?;
+        be.scale(&mut du, self.scaling)?;
+        let du = compute(be, &du)?;
+        let da = need_da
+            .then(|| be.gemm(&du, &dropped(be, x, self.dropout)?, &GemmDesc::tn(r, k, m), DType::F32, &[r, k]))
+            .transpose()?;
+        let dx = need_dx
+            .then(|| {
+                let t = be.gemm(&du, &compute(be, self.a)?, &GemmDesc::nn(m, k, r), be.compute_dtype(), &[m, k])?;
+                dropped(be, &t, self.dropout)
+            })
+            .transpose()?;
+        Ok([dx, da, db])
+    }
+}
+
+/// `base + extra` where both are given.
+fn plus(be: &dyn Backend, base: Option<Tensor>, extra: Option<Tensor>) -> Result<Option<Tensor>> {
+    match (base, extra) {
+        (Some(b), Some(e)) => Ok(Some(be.add(&b, &e)?)),
+        (b, e) => Ok(b.or(e)),
+    }
+}
+
+fn lora_adapter<'a>(args: &LoraArgs<'a>) -> Adapter<'a> {
+    let LoraArgs { a, b, scaling, dropout, m, n, k, r, .. } = *args;
+    Adapter { a, b, scaling, dropout, m, n, k, r }
 }
 
 /// (y [m, n], us [m, r]) of a LoRA linear layer.
 pub(crate) fn lora_linear(be: &dyn Backend, args: &LoraArgs) -> Result<(Tensor, Tensor)> {
-    let LoraArgs { m, n, k, r, .. } = *args;
+    let LoraArgs { m, n, k, .. } = *args;
     let desc = GemmDesc::new(m, n, k, Trans::No, Trans::from_bool(args.w_trans));
     let x = compute(be, args.x)?;
     let bias = args.bias.map(|b| compute(be, b)).transpose()?;
     let (y, _) = be.matmul(&x, &compute(be, args.w)?, bias.as_ref(), &desc, &[m, n])?;
-    let us = bottleneck(be, &x, args.a, args.scaling, args.dropout, m, k)?;
-    let update = be.gemm(&us, &compute(be, args.b)?, &GemmDesc::nt(m, n, r), y.dtype(), &[m, n])?;
-    Ok((be.add(&y, &update)?, us))
+    lora_adapter(args).forward(be, &x, y)
 }
 
 /// [dx, dW, dA, dB, dbias] of a LoRA linear layer, each only where `needs` asks.
@@ -66,33 +124,15 @@ pub(crate) fn lora_linear_backward(
     dout: &Tensor,
     needs: [bool; 5],
 ) -> Result<[Option<Tensor>; 5]> {
-    let LoraArgs { m, n, k, r, w_trans, .. } = *args;
-    let (g, ct) = (compute(be, dout)?, be.compute_dtype());
-    let x = compute(be, args.x)?;
-    let db = needs[3].then(|| be.gemm(&g, us, &GemmDesc::tn(n, r, m), DType::F32, &[n, r])).transpose()?;
-    let du = if needs[0] || needs[2] {
-        let mut du = be.gemm(&g, &compute(be, args.b)?, &GemmDesc::nn(m, r, n), DType::F32, &[m, r])?;
-        be.scale(&mut du, args.scaling)?;
-        Some(compute(be, &du)?)
-    } else {
-        None
-    };
-    let da = match (&du, needs[2]) {
-        (Some(du), true) => {
-            let xd = dropped(be, &x, args.dropout)?;
-            Some(be.gemm(du, &xd, &GemmDesc::tn(r, k, m), DType::F32, &[r, k])?)
-        }
-        _ => None,
-    };
-    let dx = match (&du, needs[0]) {
-        (Some(du), true) => {
+    let LoraArgs { m, n, k, w_trans, .. } = *args;
+    let (g, x) = (compute(be, dout)?, compute(be, args.x)?);
+    let [dx_adapter, da, db] = lora_adapter(args).backward(be, &x, us, &g, [needs[0], needs[2], needs[3]])?;
+    let dx_base = needs[0]
+        .then(|| {
             let desc = GemmDesc::new(m, k, n, Trans::No, Trans::from_bool(!w_trans));
-            let base = be.gemm(&g, &compute(be, args.w)?, &desc, ct, &[m, k])?;
-            let through = be.gemm(du, &compute(be, args.a)?, &GemmDesc::nn(m, k, r), ct, &[m, k])?;
-            Some(be.add(&base, &dropped(be, &through, args.dropout)?)?)
-        }
-        _ => None,
-    };
+            be.gemm(&g, &compute(be, args.w)?, &desc, be.compute_dtype(), &[m, k])
+        })
+        .transpose()?;
     let dw = if !needs[1] {
         None
     } else if w_trans {
@@ -101,28 +141,42 @@ pub(crate) fn lora_linear_backward(
         Some(be.gemm(&x, &g, &GemmDesc::tn(k, n, m), DType::F32, &[k, n])?)
     };
     let dbias = needs[4].then(|| be.bias_grad(&g, n)).transpose()?;
-    Ok([dx, dw, da, db, dbias])
+    Ok([plus(be, dx_base, dx_adapter)?, dw, da, db, dbias])
 }
 
-/// The LoRA operands of an NF4 layer over its dequantized weight `wd` [k, n].
-fn as_lora<'a>(args: &Nf4Args<'a>, wd: &'a Tensor) -> Option<LoraArgs<'a>> {
+/// x [m, k] @ op(W) (+ bias) for an NF4 weight W [in, out]: `trans` false multiplies by W (x has
+/// `in` columns), true by W^T (x has `out` columns); the default of `Nf4::nf4_matmul`: W
+/// dequantized in the compute dtype for this call only, then the GEMM.
+pub(crate) fn nf4_matmul(
+    be: &dyn Backend,
+    x: &Tensor,
+    w: &Nf4Weight,
+    bias: Option<&Tensor>,
+    trans: bool,
+) -> Result<Tensor> {
+    let [rows, cols] = w.dims;
+    let (k, n) = if trans { (cols, rows) } else { (rows, cols) };
+    let m = x.numel() / k.max(1);
+    let wd = be.nf4_dequantize(w)?;
+    let bias = bias.map(|b| compute(be, b)).transpose()?;
+    let desc = GemmDesc::new(m, n, k, Trans::No, Trans::from_bool(trans));
+    Ok(be.matmul(&compute(be, x)?, &wd, bias.as_ref(), &desc, &[m, n])?.0)
+}
+
+fn nf4_adapter<'a>(args: &Nf4Args<'a>) -> Option<Adapter<'a>> {
     let (a, b, scaling) = args.lora?;
-    let Nf4Args { x, bias, dropout, m, n, k, r, .. } = *args;
-    Some(LoraArgs { x, w: wd, w_trans: false, bias, a, b, scaling, dropout, m, n, k, r })
+    let Nf4Args { dropout, m, n, k, r, .. } = *args;
+    Some(Adapter { a, b, scaling, dropout, m, n, k, r })
 }
 
-/// (y [m, n], us [m, r]; an empty us without an adapter) of an NF4 linear layer: the weight
-/// dequantized in the compute dtype for this call only.
+/// (y [m, n], us [m, r]; an empty us without an adapter) of an NF4 linear layer.
 pub(crate) fn nf4_linear(be: &dyn Backend, args: &Nf4Args) -> Result<(Tensor, Tensor)> {
-    let wd = be.nf4_dequantize(args.w)?;
-    match as_lora(args, &wd) {
-        Some(l) => lora_linear(be, &l),
-        None => {
-            let Nf4Args { m, n, k, .. } = *args;
-            let bias = args.bias.map(|b| compute(be, b)).transpose()?;
-            let (y, _) = be.matmul(&compute(be, args.x)?, &wd, bias.as_ref(), &GemmDesc::nn(m, n, k), &[m, n])?;
-            Ok((y, be.empty(&[m, 0])?))
-        }
+    let x = compute(be, args.x)?;
+    let bias = args.bias.map(|b| compute(be, b)).transpose()?;
+    let y = be.nf4_matmul(&x, args.w, bias.as_ref(), false)?;
+    match nf4_adapter(args) {
+        Some(ad) => ad.forward(be, &x, y),
+        None => Ok((y, be.empty(&[args.m, 0])?)),
     }
 }
 
@@ -134,25 +188,13 @@ pub(crate) fn nf4_linear_backward(
     dout: &Tensor,
     needs: [bool; 4],
 ) -> Result<[Option<Tensor>; 4]> {
-    let Nf4Args { m, n, k, .. } = *args;
     let [need_dx, need_da, need_db, need_dbias] = needs;
-    if !(need_dx || need_da || need_db) {
-        let dbias = need_dbias.then(|| be.bias_grad(&compute(be, dout)?, n)).transpose()?;
-        return Ok([None, None, None, dbias]);
-    }
-    let wd = be.nf4_dequantize(args.w)?;
-    match as_lora(args, &wd) {
-        Some(l) => {
-            let [dx, _, da, db, dbias] =
-                lora_linear_backward(be, &l, us, dout, [need_dx, false, need_da, need_db, need_dbias])?;
-            Ok([dx, da, db, dbias])
-        }
-        None => {
-            let g = compute(be, dout)?;
-            let dx =
-                need_dx.then(|| be.gemm(&g, &wd, &GemmDesc::nt(m, k, n), be.compute_dtype(), &[m, k])).transpose()?;
-            let dbias = need_dbias.then(|| be.bias_grad(&g, n)).transpose()?;
-            Ok([dx, None, None, dbias])
-        }
-    }
+    let g = compute(be, dout)?;
+    let [dx_adapter, da, db] = match nf4_adapter(args) {
+        Some(ad) => ad.backward(be, &compute(be, args.x)?, us, &g, [need_dx, need_da, need_db])?,
+        None => [None, None, None],
+    };
+    let dx_base = need_dx.then(|| be.nf4_matmul(&g, args.w, None, true)).transpose()?;
+    let dbias = need_dbias.then(|| be.bias_grad(&g, args.n)).transpose()?;
+    Ok([plus(be, dx_base, dx_adapter)?, da, db, dbias])
 }

@@ -443,8 +443,8 @@ pub struct Nf4Args<'a> {
     pub r: usize,
 }
 
-/// NF4 linear (QLoRA's frozen base). The defaults dequantize the weight with `nf4_dequantize` and
-/// run the LoRA linear's composition over it (`compose`).
+/// NF4 linear (QLoRA's frozen base). The defaults compose it (`compose`): the base product by
+/// `nf4_matmul`, the adapter as the LoRA linear's.
 pub trait Nf4: Lora {
     /// The weight [k, n] dequantized, in the compute dtype, on this backend's device (a device
     /// keeps the packed weight resident: see `nf4_to_device`). The default dequantizes on the
@@ -453,6 +453,13 @@ pub trait Nf4: Lora {
         let be = self.as_backend();
         let host = Tensor::from_f32(w.dequantize()?, w.dims)?;
         move_back(be, be.device(), host, be.compute_dtype())
+    }
+    /// x [m, k] @ W (+ bias) for an NF4 weight W [in, out] (`trans` false: k = in), or
+    /// x @ W^T (`trans` true: k = out, the input gradient), in the compute dtype. The default
+    /// dequantizes W for the call and runs the GEMM; a backend with a fused kernel never
+    /// materialises W.
+    fn nf4_matmul(&self, x: &Tensor, w: &Nf4Weight, bias: Option<&Tensor>, trans: bool) -> Result<Tensor> {
+        compose::nf4_matmul(self.as_backend(), x, w, bias, trans)
     }
     /// Keeps `w`'s packed form on this backend's device from now on (nothing on the CPU).
     fn nf4_to_device(&self, _w: &Nf4Weight) -> Result<()> {

@@ -411,10 +411,10 @@ pub fn linear_rows(cu: &Cuda, _copy: f64) -> Result<Vec<Row>> {
 }
 
 /// For each (name, m, n, k): the NF4 linear layer forward as training runs it (the weight resident
-/// in 4 bits, dequantized to bf16, then the bf16 GEMM: issue 12's target for a fused kernel is 90%
-/// of the plain GEMM), and the LoRA linear forward at rank `r` (base GEMM, the rank-r bottleneck
-/// and its update; no target), both against the bf16 GEMM x @ W alone. TF/s count the base
-/// product's 2mnk flops.
+/// in 4 bits and decoded inside the fused GEMM's tile loads: issue 12's target is 90% of the plain
+/// GEMM), and the LoRA linear forward at rank `r` (base GEMM, the rank-r bottleneck and its
+/// update; no target), both against the bf16 GEMM x @ W alone. TF/s count the base product's
+/// 2mnk flops.
 pub fn linear_rows_at(cu: &Cuda, shapes: &[(&str, usize, usize, usize)], r: usize) -> Result<Vec<Row>> {
     use super::tensor::{wrap_bf16, wrap_f32};
     use crate::backend::{Lora, LoraArgs, Nf4, Nf4Args};

@@ -211,6 +211,108 @@ pub fn matmul_forward<O: GemmOut>(
     matmul_with(SHIPPED, out, pre, a, b, bias, &GemmDesc { epilogue, ..*g }, false)
 }
 
+/// out[m, n] = x[m, k] @ op(W) (+ bias) (then GELU with `pre`), W an NF4 weight on the device,
+/// decoded into the GEMM's shared tiles (kernels/gemm.cu, gemm_mma_nf4_*): `g.b` No reads W stored
+/// [k, n] (a QLoRA layer's forward, x @ W), Yes reads it stored [n, k] (the input gradient
+/// dY @ W^T of a weight [in, out]). Equal bit for bit to `nf4::nf4_dequantize` into bf16 and then
+/// `matmul_forward`; W is never materialised.
+pub fn matmul_nf4<O: GemmOut>(
+    out: &mut DevBuf<O>,
+    pre: Option<&mut DevBuf<O>>,
+    x: &DevBuf<bf16>,
+    w: &super::nf4::DevNf4,
+    bias: Option<&DevBuf<bf16>>,
+    g: &GemmDesc,
+) -> Result<()> {
+    matmul_nf4_with(SHIPPED, out, pre, x, w, bias, g)
+}
+
+/// `matmul_nf4` with the tile chosen by `variant` (MmaSync: by the grid's size, as `matmul_with`;
+/// MmaSyncLarge or MmaSyncSmall: that one; Naive has no NF4 form and is refused).
+pub fn matmul_nf4_with<O: GemmOut>(
+    variant: GemmVariant,
+    out: &mut DevBuf<O>,
+    pre: Option<&mut DevBuf<O>>,
+    x: &DevBuf<bf16>,
+    w: &super::nf4::DevNf4,
+    bias: Option<&DevBuf<bf16>>,
+    g: &GemmDesc,
+) -> Result<()> {
+    let GemmDesc { m, n, k, .. } = *g;
+    const OP: &str = "cuda::matmul_nf4";
+    if g.a.is_t() {
+        return Err(Error::Shape { op: OP, msg: "the activation operand is read as stored (not transposed)".into() });
+    }
+    check_dims(OP, m, n, k)?;
+    check_len(OP, "out", out.len(), m * n, &format!("{m} x {n}"))?;
+    check_len(OP, "x", x.len(), m * k, &format!("{m} x {k}"))?;
+    if w.numel != k * n {
+        return Err(Error::Shape {
+            op: OP,
+            msg: format!("the NF4 weight has {} elements, expected {k} x {n}", w.numel),
+        });
+    }
+    if let Some(p) = &pre {
+        check_len(OP, "pre", p.len(), m * n, &format!("{m} x {n}"))?;
+    }
+    if let Some(bias) = bias {
+        check_len(OP, "bias", bias.len(), n, &format!("{n}"))?;
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let flags = O::FLAGS | if pre.is_some() { FLAG_GELU } else { 0 };
+    let cu = cuda()?;
+    let small = match variant {
+        GemmVariant::MmaSync => n.div_ceil(BN) * m.div_ceil(BM) < cu.sm_count(),
+        GemmVariant::MmaSyncSmall => true,
+        GemmVariant::MmaSyncLarge => false,
+        GemmVariant::Naive => {
+            return Err(Error::Shape { op: OP, msg: "the naive GEMM has no NF4 form: use an mma.sync variant".into() })
+        }
+    };
+    let (kernel, cfg) = match (small, g.b.is_t()) {
+        (false, trans) => (
+            if trans { Kernel::GemmMmaNf4Nt } else { Kernel::GemmMmaNf4Nn },
+            LaunchConfig {
+                grid_dim: (n.div_ceil(BN) as u32, m.div_ceil(BM) as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        ),
+        (true, trans) => (
+            if trans { Kernel::GemmMmaSmallNf4Nt } else { Kernel::GemmMmaSmallNf4Nn },
+            LaunchConfig {
+                grid_dim: (n.div_ceil(SMALL_BN) as u32, m.div_ceil(SMALL_BM) as u32, 1),
+                block_dim: (SMALL_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        ),
+    };
+    let null: u64 = 0;
+    let (mi, ni, ki, bs) = (m as i32, n as i32, k as i32, w.blocksize as i32);
+    let mut l = cu.launch_builder(kernel);
+    l.arg(out);
+    match pre {
+        Some(p) => l.arg(p),
+        None => l.arg(&null),
+    };
+    l.arg(x).arg(&w.packed);
+    match &w.absmax_codes {
+        Some(c) => l.arg(c),
+        None => l.arg(&null),
+    };
+    l.arg(&w.nested_absmax).arg(&w.tables).arg(&w.offset).arg(&bs);
+    match bias {
+        Some(bias) => l.arg(bias),
+        None => l.arg(&null),
+    };
+    l.arg(&mi).arg(&ni).arg(&ki).arg(&flags);
+    // SAFETY: the arguments are the kernel's, in its parameter order; out, pre, x and bias hold the lengths checked above, and the NF4 weight's parts were checked against its k x n elements when it was uploaded (DevNf4::upload), which is every element the tiles decode.
+    unsafe { l.launch(cfg) }?;
+    Ok(())
+}
+
 /// dbias[n] = sum over rows of dout[rows, n], in f32 (overwrites dbias, as the CPU twin).
 pub fn bias_backward(dbias: &mut DevBuf<f32>, dout: &DevBuf<bf16>, n: usize) -> Result<()> {
     const OP: &str = "cuda::bias_backward";

@@ -234,8 +234,8 @@ impl crate::backend::Backend for Cuda {
     }
 }
 
-// No fused LoRA or NF4 GEMM kernels yet: the traits' defaults compose them from the GEMM, cast,
-// dropout and add kernels, over weights dequantized by kernels/nf4.cu (nf4.rs).
+// No fused LoRA kernel yet: the trait's defaults compose LoRA from the GEMM, cast, dropout and add
+// kernels; the NF4 layer's base product is the fused NF4 GEMM (nf4.rs overrides nf4_matmul).
 impl crate::backend::Lora for Cuda {
     fn as_backend(&self) -> &dyn crate::backend::Backend {
         self

@@ -262,6 +262,27 @@ impl crate::backend::Nf4 for super::Cuda {
         nf4_dequantize(&mut out, &d)?;
         super::tensor::wrap_bf16(out, &w.dims)
     }
+    /// The fused NF4 GEMM (kernels/gemm.cu, gemm_mma_nf4_*) on the resident weight: W is decoded
+    /// tile by tile into shared memory, never written out.
+    fn nf4_matmul(
+        &self,
+        x: &crate::Tensor,
+        w: &Nf4Weight,
+        bias: Option<&crate::Tensor>,
+        trans: bool,
+    ) -> Result<crate::Tensor> {
+        use super::tensor::{bf16_in, new_bf16};
+        const OP: &str = "nf4_matmul";
+        let [rows, cols] = w.dims;
+        let (k, n) = if trans { (cols, rows) } else { (rows, cols) };
+        let m = x.numel() / k.max(1);
+        let d = resident(w)?;
+        let xd = bf16_in(OP, x)?;
+        let biasd = bias.map(|b| bf16_in(OP, b)).transpose()?;
+        let desc =
+            crate::backend::GemmDesc::new(m, n, k, crate::backend::Trans::No, crate::backend::Trans::from_bool(trans));
+        new_bf16(&[m, n], |o| super::gemm::matmul_nf4(o, None, xd, &d, biasd, &desc))
+    }
     fn nf4_to_device(&self, w: &Nf4Weight) -> Result<()> {
         resident(w).map(|_| ())
     }

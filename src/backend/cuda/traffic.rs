@@ -178,5 +178,9 @@ fn workload(cu: &Cuda) -> Result<()> {
     super::nf4::nf4_dequantize(&mut wd, &dw)?;
     let mut wd16 = cu.alloc::<bf16>(w.numel())?;
     super::nf4::nf4_dequantize(&mut wd16, &dw)?;
+    // The fused NF4 GEMM with that weight: x [512, 256] @ W [256, 768].
+    let xq = random_bf16(cu, tokens * c, 21)?;
+    let mut yq = cu.alloc::<bf16>(tokens * 3 * c)?;
+    gemm::matmul_nf4(&mut yq, None, &xq, &dw, None, &GemmDesc::nn(tokens, 3 * c, c))?;
     cu.sync()
 }
