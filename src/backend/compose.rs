@@ -6,6 +6,9 @@
 //! the f32 adapter, are cast for each product: r (k + n) elements for the adapter), products
 //! accumulate in f32, outputs are in the compute dtype and parameter gradients in f32.
 //!
+//! The update lands on the base output in the GEMM's epilogue (`gemm_accumulate`), so the forward
+//! adds no pass over [m, n].
+//!
 //! Backward, with G = dout [m, n] and s = scaling (as cpu::lora):
 //!   dB = G^T us;  du = s G B;  dA = du^T dropout(x);  dx = G W'^T + dropout(du A)
 //! where dropout's mask is redrawn from its seed (`Dropout`), never kept.
@@ -57,8 +60,10 @@ impl Adapter<'_> {
         )?;
         be.scale(&mut us, self.scaling)?;
         let us = compute(be, &us)?;
-        let update = be.gemm(&us, &compute(be, self.b)?, &GemmDesc::nt(m, n, r), y.dtype(), &[m, n])?;
-        Ok((be.add(&y, &update)?, us))
+        // y += us B^T in the GEMM's epilogue
+        let mut y = y;
+        be.gemm_accumulate(&mut y, &us, &compute(be, self.b)?, &GemmDesc::nt(m, n, r))?;
+        Ok((y, us))
     }
 
     /// [dropout(du A) (the adapter's share of dx), dA, dB] from g = dout [m, n] (compute dtype),

@@ -266,6 +266,9 @@ pub trait Matmul {
     fn gemm(&self, a: &Tensor, b: &Tensor, desc: &GemmDesc, dtype: DType, dims: &[usize]) -> Result<Tensor>;
     /// The sum over rows of g [rows, n], in f32: a bias gradient.
     fn bias_grad(&self, g: &Tensor, n: usize) -> Result<Tensor>;
+    /// out += op(A) @ op(B), the addition done in the GEMM's epilogue (f32, one rounding to out's
+    /// dtype): how a LoRA update lands on its base output without a separate add.
+    fn gemm_accumulate(&self, out: &mut Tensor, a: &Tensor, b: &Tensor, desc: &GemmDesc) -> Result<()>;
 }
 
 /// The sizes of a causal multi-head attention: batch, sequence length, model width C and heads.

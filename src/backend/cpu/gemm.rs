@@ -176,4 +176,17 @@ impl crate::backend::Matmul for super::Cpu {
         bias_backward(&mut d, f32_in("matmul backward", g)?, n);
         Tensor::from_f32(d, [n])
     }
+
+    fn gemm_accumulate(&self, out: &mut Tensor, a: &Tensor, b: &Tensor, desc: &GemmDesc) -> Result<()> {
+        const OP: &str = "gemm_accumulate";
+        let (ad, bd) = (f32_in(OP, a)?, f32_in(OP, b)?);
+        if out.numel() != desc.m * desc.n {
+            return Err(Error::shape(
+                OP,
+                format!("out has {} elements, the product {} x {}", out.numel(), desc.m, desc.n),
+            ));
+        }
+        matmul(out.f32s_mut()?, ad, bd, desc, true);
+        Ok(())
+    }
 }

@@ -419,4 +419,14 @@ impl crate::backend::Matmul for super::Cuda {
         let gd = bf16_in("matmul backward", g)?;
         new_f32(&[n], |d| bias_backward(d, gd, n))
     }
+
+    fn gemm_accumulate(&self, out: &mut Tensor, a: &Tensor, b: &Tensor, desc: &GemmDesc) -> Result<()> {
+        const OP: &str = "gemm_accumulate";
+        let (ad, bd) = (bf16_in(OP, a)?, bf16_in(OP, b)?);
+        match out.cuda_storage_mut() {
+            Some(super::CudaStorage::BF16(o)) => matmul(o, ad, bd, desc, true),
+            Some(super::CudaStorage::F32(o)) => matmul(o, ad, bd, desc, true),
+            _ => Err(Error::Input(format!("{OP}: the output is not a bf16 or f32 tensor on the GPU"))),
+        }
+    }
 }
