@@ -427,6 +427,23 @@ fn the_memory_plan_counts_what_the_built_model_holds() {
     let planned = Counts::planned(&config, "qlora", &lc).unwrap();
     assert_eq!(planned, Counts::of(&q));
     assert!(planned.nf4_params > 0 && planned.nf4_bytes * 7 < 4 * planned.nf4_params);
+    // the optimizer state the bill counts is what 8-bit AdamW holds after a step, to the byte: at
+    // r = 64 lora_A [64, 128] is 8-bit, lora_B of c_proj [128, 64] too; every bias stays f32
+    for r in [8, 64] {
+        let lc = LoraConfig::new(r, 16.0, 0.0, &["c_attn", "c_proj", "c_fc"], false).unwrap();
+        let mut q = Gpt2::new_random(config.clone(), 0).unwrap();
+        q.quantize_nf4(NF4_BLOCKSIZE).unwrap();
+        lora::attach(&mut q, lc, 0).unwrap();
+        let ids = Tensor::from_i32((0..64).map(|i| i % 500).collect(), [2, 32]).unwrap();
+        let mut tape = Tape::new();
+        let loss = q.forward(&mut tape, &ids, Some(&ids), Mode::Eval).unwrap().loss.unwrap();
+        let grads = tape.backward(&loss).unwrap();
+        let mut opt = kiln::optim::AdamW8bit::new(kiln::optim::AdamWConfig::default());
+        opt.step_all(&mut q.stores_mut(), &grads, 1e-3).unwrap();
+        let counts = Counts::of(&q);
+        let billed = kiln::train::memory::optimizer_state("adamw8bit", &counts);
+        assert_eq!(billed, opt.state_bytes() as f64, "r = {r}: {counts:?}");
+    }
 
     let o = common::cli::kiln(&["memory", "--budget-gb", "24"]);
     let text = common::cli::text(&o);

@@ -3,7 +3,7 @@
 
 use crate::model::gpt2::{Gpt2Config, PRESETS};
 use crate::nn::lora::LoraConfig;
-use crate::train::memory::{optimizer_bytes, Bill, Counts};
+use crate::train::memory::{Bill, Counts};
 use crate::{Error, Result};
 use std::path::PathBuf;
 
@@ -83,7 +83,7 @@ pub fn run(args: MemoryArgs) -> Result<()> {
         let (mut cells, mut bills) = (Vec::new(), Vec::new());
         for (_, method, optimizer) in COLUMNS {
             let counts = Counts::planned(config, method, &lora)?;
-            let bill = Bill::new(config, counts, (args.batch, seq), optimizer_bytes(optimizer), gpu, ckpt);
+            let bill = Bill::new(config, counts, (args.batch, seq), optimizer, gpu, ckpt);
             let fits = if bill.total() <= args.budget_gb * 1e9 { "fits" } else { "over" };
             cells.push(format!("{:.2} GB {fits}", gb(bill.total())));
             bills.push(bill);

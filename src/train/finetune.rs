@@ -261,8 +261,7 @@ fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summar
         let gpu = opts.device != crate::Device::Cpu;
         let counts = super::memory::Counts::of(&model);
         let ckpt = f.gradient_checkpointing;
-        let bytes = super::memory::optimizer_bytes(optimizer);
-        let bill = super::memory::Bill::new(&model.config, counts, (t.batch_size, ctx), bytes, gpu, ckpt);
+        let bill = super::memory::Bill::new(&model.config, counts, (t.batch_size, ctx), optimizer, gpu, ckpt);
         print!("{}", bill.table(t.batch_size, ctx));
     }
     let perm = order(t.seed, pos.epoch, train.rows.len());

@@ -8,7 +8,8 @@
 //! - bf16 copies (GPU only): the forward reads every f32 base weight as a bf16 copy made for the
 //!   step, and one NF4 layer at a time dequantized to bf16;
 //! - gradients: 4 bytes per trainable parameter;
-//! - optimizer state: per trainable parameter, 8 bytes (AdamW) or 2 + 8/256 (8-bit AdamW);
+//! - optimizer state: per trainable parameter, 8 bytes (AdamW) or 2 + 8/256 (8-bit AdamW; tensors
+//!   under 4096 elements keep f32 moments, as bitsandbytes does);
 //! - activations: what the ops keep for backward, per token and layer 8C + 2F values (ln_1 out,
 //!   qkv 3C, attention out, c_proj out, residual, ln_2 out, c_fc pre-activation and GELU out 2F,
 //!   mlp out, residual), plus logits and their gradient (2V) and the embeddings (C); 4 bytes each
@@ -17,6 +18,7 @@
 
 use crate::model::gpt2::{Gpt2, Gpt2Config};
 use crate::nn::lora::LoraConfig;
+use crate::optim::adamw8bit::MIN_8BIT_SIZE;
 use crate::Result;
 
 /// The parameter counts a bill is made of.
@@ -33,6 +35,10 @@ pub struct Counts {
     pub nf4_largest: usize,
     /// Adapter parameters (f32).
     pub adapter: usize,
+    /// Trainable parameters in tensors too small for 8-bit optimizer state (under
+    /// `optim::adamw8bit::MIN_8BIT_SIZE` elements: biases, norms, small adapter matrices), which
+    /// keep f32 moments under 8-bit AdamW too.
+    pub trainable_small: usize,
 }
 
 impl Counts {
@@ -42,6 +48,14 @@ impl Counts {
         let adapter = model.lora.as_ref().map_or(0, |l| l.params.numel());
         let f32_base = model.params.numel();
         let nf4_params = nf4.iter().map(|w| w.numel()).sum();
+        let trainable_small = model
+            .stores()
+            .iter()
+            .flat_map(|s| s.iter())
+            .filter(|p| p.trainable)
+            .map(|p| p.tensor.numel())
+            .filter(|&n| n < MIN_8BIT_SIZE)
+            .sum();
         Counts {
             params: f32_base + nf4_params + adapter,
             trainable: model.stores().iter().map(|s| s.trainable_numel()).sum(),
@@ -50,6 +64,7 @@ impl Counts {
             nf4_bytes: nf4.iter().map(|w| w.storage_bytes()).sum(),
             nf4_largest: nf4.iter().map(|w| w.numel()).max().unwrap_or(0),
             adapter,
+            trainable_small,
         }
     }
 
@@ -58,10 +73,16 @@ impl Counts {
     /// 64), without building it.
     pub fn planned(config: &Gpt2Config, method: &str, lora: &LoraConfig) -> Result<Counts> {
         let all: usize = config.param_shapes().iter().map(|(_, d)| d.iter().product::<usize>()).sum();
-        let adapter = match method {
-            "full" => 0,
-            _ => crate::model::lora::resolve(lora, config)?.iter().map(|m| m.r * (m.fan_in + m.fan_out)).sum(),
+        // every trainable tensor's size: the base's for full fine-tuning, else the adapter's A and B
+        let trainable_tensors: Vec<usize> = match method {
+            "full" => config.param_shapes().iter().map(|(_, d)| d.iter().product()).collect(),
+            _ => crate::model::lora::resolve(lora, config)?
+                .iter()
+                .flat_map(|m| [m.r * m.fan_in, m.fan_out * m.r])
+                .collect(),
         };
+        let adapter = if method == "full" { 0 } else { trainable_tensors.iter().sum() };
+        let trainable_small = trainable_tensors.iter().filter(|&&n| n < MIN_8BIT_SIZE).sum();
         let conv: Vec<usize> = crate::model::lora::conv1d_modules(config).iter().map(|(_, i, o)| i * o).collect();
         let quantized = method == "qlora";
         let nf4_params = if quantized { conv.iter().sum() } else { 0 };
@@ -78,6 +99,7 @@ impl Counts {
             nf4_bytes,
             nf4_largest: if quantized { conv.iter().copied().max().unwrap_or(0) } else { 0 },
             adapter,
+            trainable_small,
         })
     }
 }
@@ -98,13 +120,13 @@ pub struct Bill {
 }
 
 impl Bill {
-    /// The bill for `counts` at `batch` rows of `seq` tokens, with `optimizer_bytes` of state per
-    /// trainable parameter, on the GPU (bf16 activations, bf16 weight copies) or the CPU.
+    /// The bill for `counts` at `batch` rows of `seq` tokens under `optimizer` ("adamw" or
+    /// "adamw8bit"), on the GPU (bf16 activations, bf16 weight copies) or the CPU.
     pub fn new(
         config: &Gpt2Config,
         counts: Counts,
         tokens: (usize, usize),
-        optimizer_bytes: f64,
+        optimizer: &str,
         gpu: bool,
         checkpointing: bool,
     ) -> Bill {
@@ -120,7 +142,7 @@ impl Bill {
             weights: 4.0 * (counts.f32_base + counts.adapter) as f64 + counts.nf4_bytes as f64,
             bf16_copies: if gpu { 2.0 * (counts.f32_base + counts.nf4_largest) as f64 } else { 0.0 },
             gradients: 4.0 * counts.trainable as f64,
-            optimizer: optimizer_bytes * counts.trainable as f64,
+            optimizer: optimizer_state(optimizer, &counts),
             activations: value * per_token * tokens,
             activations_checkpointed: value * per_token_ckpt * tokens,
             checkpointing,
@@ -184,11 +206,16 @@ impl Bill {
     }
 }
 
-/// Optimizer state bytes per trainable parameter: AdamW's two f32 moments, or 8-bit AdamW's two
-/// codes plus one f32 absmax per block of 256 and moment.
-pub fn optimizer_bytes(optimizer: &str) -> f64 {
+/// Optimizer state bytes for `counts`' trainable parameters: AdamW's two f32 moments (8 bytes a
+/// parameter), or 8-bit AdamW's two codes plus one f32 absmax per block of 256 and moment
+/// (2 + 8/256), except in tensors under MIN_8BIT_SIZE, which keep f32 moments (bitsandbytes'
+/// min_8bit_size).
+pub fn optimizer_state(optimizer: &str, counts: &Counts) -> f64 {
     match optimizer {
-        "adamw8bit" => 2.0 + 8.0 / 256.0,
-        _ => 8.0,
+        "adamw8bit" => {
+            let large = counts.trainable.saturating_sub(counts.trainable_small);
+            (2.0 + 8.0 / 256.0) * large as f64 + 8.0 * counts.trainable_small as f64
+        }
+        _ => 8.0 * counts.trainable as f64,
     }
 }
