@@ -27,9 +27,10 @@ pub struct MemoryArgs {
     /// Bill activations without gradient checkpointing.
     #[arg(long)]
     pub no_checkpointing: bool,
-    /// LoRA rank and target modules of the lora and qlora columns.
+    /// LoRA rank of the lora and qlora columns.
     #[arg(long, default_value_t = 8)]
     pub lora_r: usize,
+    /// LoRA target modules of the lora and qlora columns, comma separated.
     #[arg(long, default_value = "c_attn,c_proj,c_fc")]
     pub lora_targets: String,
     /// The card size the last column checks against, in GB (1e9 bytes).
