@@ -16,10 +16,14 @@
 // global memory. Each thread writes 16 contiguous bytes per step, so a warp's store is 512
 // contiguous bytes: in f32 that is 4 elements (2 packed bytes, one 2-byte load), in bf16 8
 // elements (a 4-byte load).
+__device__ __forceinline__ void nf4_tables_to_shared(float* s, const float* g) {
+    for (int i = threadIdx.x; i < KILN_NF4_TABLE_LEN; i += blockDim.x) s[i] = g[i];
+    __syncthreads();
+}
+
 extern "C" __global__ void __launch_bounds__(KILN_NF4_THREADS) nf4_dequantize(float* out, const uint8_t* packed, const uint8_t* absmax_codes, const float* nested_absmax, const float* tables_g, float offset, int32_t blocksize, int64_t n_units) {
     __shared__ float tables[KILN_NF4_TABLE_LEN];
-    for (int i = threadIdx.x; i < KILN_NF4_TABLE_LEN; i += blockDim.x) tables[i] = tables_g[i];
-    __syncthreads();
+    nf4_tables_to_shared(tables, tables_g);
     for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n_units; j += (int64_t)gridDim.x * blockDim.x) {
         float v[4];
         // packed and out are 256-byte aligned (the allocator): every access below is aligned.
@@ -31,8 +35,7 @@ extern "C" __global__ void __launch_bounds__(KILN_NF4_THREADS) nf4_dequantize(fl
 // The same values rounded to bf16 (nearest even), what a bf16 GEMM reads.
 extern "C" __global__ void __launch_bounds__(KILN_NF4_THREADS) nf4_dequantize_bf16(__nv_bfloat16* out, const uint8_t* packed, const uint8_t* absmax_codes, const float* nested_absmax, const float* tables_g, float offset, int32_t blocksize, int64_t n_units) {
     __shared__ float tables[KILN_NF4_TABLE_LEN];
-    for (int i = threadIdx.x; i < KILN_NF4_TABLE_LEN; i += blockDim.x) tables[i] = tables_g[i];
-    __syncthreads();
+    nf4_tables_to_shared(tables, tables_g);
     for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n_units; j += (int64_t)gridDim.x * blockDim.x) {
         float v[8];
         kiln_nf4_dequantize_word<4>(v, reinterpret_cast<const uint32_t*>(packed)[j], absmax_codes, nested_absmax, tables, offset, blocksize, j);

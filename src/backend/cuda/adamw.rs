@@ -2,7 +2,7 @@
 //! bit-identical to `optim::adamw::adamw_step`; plus the host twins (`twin`) that CI tests
 //! without a GPU.
 
-use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
+use super::{bf16, cuda, DevBuf, Kernel};
 use crate::abi::{AdamWScalars, AdamWTensor, KILN_ADAMW_BLOCK, KILN_ADAMW_CHUNK};
 use crate::{Error, Result};
 
@@ -107,12 +107,7 @@ pub unsafe fn adamw_step_table(table: &DevBuf<AdamWTensor>, work_items: i64, s: 
     let cu = cuda()?;
     // 3 blocks of 256 fit an SM at ~80 registers a thread; 4 per SM keeps every SM busy while
     // the grid-stride loop covers the rest.
-    let blocks = (work_items as usize).clamp(1, 4 * cu.sm_count().max(1));
-    let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (KILN_ADAMW_BLOCK as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = super::grid_stride(cu, work_items as usize, 1, KILN_ADAMW_BLOCK as u32, 4);
     let n_tensors = table.len() as i32;
     let mut b = cu.launch_builder(Kernel::AdamwStep);
     b.arg(table).arg(&n_tensors).arg(&work_items).arg(&s);

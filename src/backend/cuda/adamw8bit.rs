@@ -2,7 +2,7 @@
 //! tensor in one launch, bit-identical to `backend::cpu::adamw8bit`; the host twin (`twin`) that
 //! CI tests without a GPU; the `kiln bench kernels` row.
 
-use super::{cuda, DevBuf, Kernel, LaunchConfig};
+use super::{cuda, DevBuf, Kernel};
 use crate::abi::{Adam8Tensor, AdamWScalars, KILN_ADAM8_BLOCK, KILN_ADAM8_TABLES};
 use crate::backend::cpu::adamw8bit::maps;
 use crate::backend::{Adam8State, AdamW8bitSlot};
@@ -121,12 +121,7 @@ pub fn adamw8bit_step_multi(params: &mut [Adam8Param], s: &AdamWScalars) -> Resu
     let tables = tables()?;
     let table = cu.upload(&descs)?;
     // Enough blocks of 256 to fill every SM several times; the grid-stride loop covers the rest.
-    let blocks = (work_items as usize).clamp(1, 8 * cu.sm_count().max(1));
-    let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (KILN_ADAM8_BLOCK as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = super::grid_stride(cu, work_items as usize, 1, KILN_ADAM8_BLOCK as u32, 8);
     let n_tensors = descs.len() as i32;
     let mut b = cu.launch_builder(Kernel::Adamw8bitStep);
     b.arg(&table).arg(&n_tensors).arg(&work_items).arg(tables).arg(s);

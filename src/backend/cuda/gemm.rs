@@ -76,6 +76,25 @@ fn check_len(op: &'static str, what: &str, len: usize, need: usize, dims: &str) 
     Ok(())
 }
 
+/// Checks the lengths of a product's out and optional pre-activation (m x n) and bias (n).
+fn check_epilogue(
+    op: &'static str,
+    m: usize,
+    n: usize,
+    out: usize,
+    pre: Option<usize>,
+    bias: Option<usize>,
+) -> Result<()> {
+    check_len(op, "out", out, m * n, &format!("{m} x {n}"))?;
+    if let Some(p) = pre {
+        check_len(op, "pre", p, m * n, &format!("{m} x {n}"))?;
+    }
+    if let Some(b) = bias {
+        check_len(op, "bias", b, n, &format!("{n}"))?;
+    }
+    Ok(())
+}
+
 /// Every size must fit the kernels' i32 indices with room for a tile past the end.
 fn check_dims(op: &'static str, m: usize, n: usize, k: usize) -> Result<()> {
     const LIMIT: usize = (i32::MAX as usize) - 4096;
@@ -110,15 +129,9 @@ pub fn matmul_with<O: GemmOut>(
     let (a_trans, b_trans, gelu) = (g.a.is_t(), g.b.is_t(), g.epilogue == Epilogue::Gelu);
     const OP: &str = "cuda::matmul";
     check_dims(OP, m, n, k)?;
-    check_len(OP, "out", out.len(), m * n, &format!("{m} x {n}"))?;
     check_len(OP, "A", a.len(), m * k, &format!("{m} x {k}"))?;
     check_len(OP, "B", b.len(), k * n, &format!("{k} x {n}"))?;
-    if let Some(p) = &pre {
-        check_len(OP, "pre", p.len(), m * n, &format!("{m} x {n}"))?;
-    }
-    if let Some(bias) = bias {
-        check_len(OP, "bias", bias.len(), n, &format!("{n}"))?;
-    }
+    check_epilogue(OP, m, n, out.len(), pre.as_ref().map(|p| p.len()), bias.map(|b| b.len()))?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -244,7 +257,6 @@ pub fn matmul_nf4_with<O: GemmOut>(
         return Err(Error::Shape { op: OP, msg: "the activation operand is read as stored (not transposed)".into() });
     }
     check_dims(OP, m, n, k)?;
-    check_len(OP, "out", out.len(), m * n, &format!("{m} x {n}"))?;
     check_len(OP, "x", x.len(), m * k, &format!("{m} x {k}"))?;
     if w.numel != k * n {
         return Err(Error::Shape {
@@ -252,12 +264,7 @@ pub fn matmul_nf4_with<O: GemmOut>(
             msg: format!("the NF4 weight has {} elements, expected {k} x {n}", w.numel),
         });
     }
-    if let Some(p) = &pre {
-        check_len(OP, "pre", p.len(), m * n, &format!("{m} x {n}"))?;
-    }
-    if let Some(bias) = bias {
-        check_len(OP, "bias", bias.len(), n, &format!("{n}"))?;
-    }
+    check_epilogue(OP, m, n, out.len(), pre.as_ref().map(|p| p.len()), bias.map(|b| b.len()))?;
     if m == 0 || n == 0 {
         return Ok(());
     }

@@ -210,6 +210,14 @@ impl Cuda {
     }
 }
 
+/// A grid-stride launch over `items` work items, `per_block` of them per block of `block`
+/// threads: enough blocks for every item, but at most `per_sm` per SM (the kernel's loop covers
+/// the rest, so a huge launch does not pay block scheduling for nothing). At least one block.
+pub fn grid_stride(cu: &Cuda, items: usize, per_block: usize, block: u32, per_sm: usize) -> LaunchConfig {
+    let blocks = items.div_ceil(per_block.max(1)).clamp(1, per_sm * cu.sm_count().max(1));
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// `ceil(n / block)` blocks of `block` threads, no dynamic shared memory.
 pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
     let blocks = n.div_ceil(block as usize).max(1) as u32;

@@ -2,7 +2,7 @@
 //! double-quantized weight (`quant::nf4::Nf4Weight`) on the device, each equal to the CPU's bit
 //! for bit; plus the host twins (`twin`).
 
-use super::{bf16, cuda, DevBuf, DeviceElem, Kernel, LaunchConfig};
+use super::{bf16, cuda, DevBuf, DeviceElem, Kernel};
 use crate::abi::KILN_NF4_THREADS;
 use crate::quant::blockwise::dynamic_map;
 use crate::quant::nf4::{check_nf4_size, nf4_midpoints, Nf4, Nf4Weight, NF4_CODE};
@@ -137,8 +137,7 @@ pub fn nf4_dequantize<O: Nf4Out>(out: &mut DevBuf<O>, w: &DevNf4) -> Result<()> 
     }
     let cu = cuda()?;
     let threads = KILN_NF4_THREADS as usize;
-    let blocks = n_units.div_ceil(threads).clamp(1, 8 * cu.sm_count().max(1));
-    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+    let cfg = super::grid_stride(cu, n_units, threads, threads as u32, 8);
     let (blocksize, n) = (w.blocksize as i32, n_units as i64);
     let mut l = cu.launch_builder(O::KERNEL);
     // A null pointer for the codes selects single quantization (f32 absmax in nested_absmax).
@@ -164,13 +163,8 @@ pub fn nf4_quantize(x: &DevBuf<f32>, blocksize: usize) -> Result<(DevBuf<u8>, De
     let n_blocks = x.len() / blocksize;
     let (mut packed, mut absmax) = (cu.alloc::<u8>(x.len() / 2)?, cu.alloc::<f32>(n_blocks)?);
     let mids = cu.upload(&nf4_midpoints())?;
-    let warps_per_block = KILN_NF4_THREADS as usize / 32;
-    let blocks = n_blocks.div_ceil(warps_per_block).clamp(1, 8 * cu.sm_count().max(1));
-    let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (KILN_NF4_THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    // one warp per quantization block
+    let cfg = super::grid_stride(cu, n_blocks, KILN_NF4_THREADS as usize / 32, KILN_NF4_THREADS as u32, 8);
     let (bs, nb) = (blocksize as i32, n_blocks as i64);
     let mut l = cu.launch_builder(Kernel::Nf4Quantize);
     l.arg_mut(&mut packed).arg_mut(&mut absmax).arg(x).arg(&mids).arg(&bs).arg(&nb);
