@@ -188,6 +188,12 @@ fn state_round_trip_resumes_bit_for_bit() {
     bad.insert(format!("state2.{w}"), Tensor::from_u8(vec![0; 10], [10]).unwrap());
     let err = AdamW8bit::new(CFG).load_state(&bad, 2, &model.params).unwrap_err().to_string();
     assert!(err.contains(w) && err.contains("another model"), "{err}");
+    // so is one of the right size in the wrong dtype (codes as f32), when it is loaded
+    let mut bad = saved.clone();
+    let n = saved[&format!("state1.{w}")].numel();
+    bad.insert(format!("state1.{w}"), Tensor::zeros([n]));
+    let err = AdamW8bit::new(CFG).load_state(&bad, 2, &model.params).unwrap_err().to_string();
+    assert!(err.contains(&format!("state1.{w}")) && err.contains("U8"), "{err}");
 }
 
 /// A plain 8-bit AdamW for comparison: f64 arithmetic, each moment rounded to the exactly

@@ -629,8 +629,8 @@ impl Gpt2 {
         }
         // On the GPU the parameters are f32 masters and the forward pass runs in bf16: a view of
         // the model over bf16 casts, recorded on the tape so each master gets an f32 gradient.
-        // A LoRA adapter stays in f32 (as PEFT keeps it under bf16 compute); NF4 weights are
-        // dequantized by the NF4 op itself.
+        // A LoRA adapter stays in f32 (as PEFT keeps it under bf16 compute); NF4 weights stay
+        // packed, decoded inside the NF4 op's GEMM.
         let mut view = self.clone();
         for p in view.params.iter_mut() {
             p.tensor = crate::ops::elementwise::to_compute_dtype(tape, &p.tensor)?;

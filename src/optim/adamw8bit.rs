@@ -17,7 +17,7 @@ use crate::backend::{backend, Adam8State, AdamW8bitSlot};
 use crate::nn::ParamStore;
 use crate::quant::blockwise::{self, BLOCKSIZE_8BIT};
 use crate::tape::Gradients;
-use crate::{Device, Error, Result, Tensor};
+use crate::{DType, Device, Error, Result, Tensor};
 use std::collections::{BTreeMap, HashMap};
 
 pub use crate::backend::cpu::adamw8bit::{adamw8bit_step, adamw8bit_update, maps, Maps8bit};
@@ -147,6 +147,17 @@ impl AdamW8bit {
             let n = p.tensor.numel();
             let nb = blockwise::num_blocks(n, BLOCKSIZE_8BIT);
             let get = |kind: &str| tensors.get(&format!("{kind}.{}", p.name));
+            let wrong_dtype = |kind: &str, t: &Tensor, want: DType| -> Result<()> {
+                if t.dtype() == want {
+                    return Ok(());
+                }
+                Err(Error::Mismatch(format!(
+                    "optimizer state {kind}.{} is {:?}, but 8-bit AdamW keeps it as {want:?}: the checkpoint's optimizer \
+                     state was written by another tool or is damaged",
+                    p.name,
+                    t.dtype()
+                )))
+            };
             let wrong = |kind: &str, got: usize, want: usize| {
                 Error::Mismatch(format!(
                     "optimizer state {kind}.{} has {got} elements but the parameter {} needs {want} \
@@ -163,7 +174,12 @@ impl AdamW8bit {
                     )));
                 }
                 let mut parts = Vec::new();
-                for (kind, want) in [("state1", n), ("absmax1", nb), ("state2", n), ("absmax2", nb)] {
+                for (kind, want, dtype) in [
+                    ("state1", n, DType::U8),
+                    ("absmax1", nb, DType::F32),
+                    ("state2", n, DType::U8),
+                    ("absmax2", nb, DType::F32),
+                ] {
                     let t = get(kind).ok_or_else(|| {
                         Error::Mismatch(format!(
                             "the checkpoint has state1.{} but no {kind}.{}: its optimizer state is incomplete",
@@ -173,6 +189,7 @@ impl AdamW8bit {
                     if t.numel() != want {
                         return Err(wrong(kind, t.numel(), want));
                     }
+                    wrong_dtype(kind, t, dtype)?;
                     parts.push(t);
                 }
                 let host = |t: &Tensor| t.to_device(Device::Cpu);
@@ -187,6 +204,7 @@ impl AdamW8bit {
                     if t.numel() != n {
                         return Err(wrong(kind, t.numel(), n));
                     }
+                    wrong_dtype(kind, t, DType::F32)?;
                 }
                 let (m, v) = (m.to_device(Device::Cpu)?, v.to_device(Device::Cpu)?);
                 match Moments::zeros(n)? {
