@@ -33,20 +33,26 @@ KILN_HD void kiln_adamw_update(float* p, float* m, float* v, float g, const Adam
     *p = kiln_add_rn(*p, kiln_mul_rn(-s->step_size, kiln_div_rn(*m, denom)));
 }
 
-// The tensor that work item w belongs to: the last of the n_tensors descriptors whose
-// chunk_start <= w (chunk_start is non-decreasing; a tensor with no elements shares its start
-// with the next one and is skipped this way). Requires 0 <= w < total chunks.
-KILN_HD int32_t kiln_adamw_find_tensor(const AdamWTensor* tensors, int32_t n_tensors, int64_t w) {
+// The tensor that work item w belongs to in a multi-tensor launch: the last of the n_tensors
+// descriptors whose `start` field (a prefix sum of work items, non-decreasing; a tensor with no
+// work shares its start with the next one and is skipped this way) is <= w. Requires
+// 0 <= w < total work items. AdamW's descriptors count chunks, 8-bit AdamW's blocks.
+template <typename D>
+KILN_HD int32_t kiln_find_tensor(const D* tensors, int32_t n_tensors, int64_t w, int64_t D::*start) {
     int32_t lo = 0, hi = n_tensors - 1;
     while (lo < hi) {
         const int32_t mid = lo + (hi - lo + 1) / 2;
-        if (tensors[mid].chunk_start <= w) {
+        if (tensors[mid].*start <= w) {
             lo = mid;
         } else {
             hi = mid - 1;
         }
     }
     return lo;
+}
+
+KILN_HD int32_t kiln_adamw_find_tensor(const AdamWTensor* tensors, int32_t n_tensors, int64_t w) {
+    return kiln_find_tensor(tensors, n_tensors, w, &AdamWTensor::chunk_start);
 }
 
 // The share of work item w that thread `lane` of `lanes` updates: elements base + lane,

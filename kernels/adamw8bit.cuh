@@ -67,16 +67,7 @@ KILN_HD uint8_t kiln_adam8_code(float x, float inv, const float* mids) {
 
 // The tensor that work item w belongs to: the last descriptor whose block_start <= w.
 KILN_HD int32_t kiln_adam8_find_tensor(const Adam8Tensor* tensors, int32_t n_tensors, int64_t w) {
-    int32_t lo = 0, hi = n_tensors - 1;
-    while (lo < hi) {
-        const int32_t mid = lo + (hi - lo + 1) / 2;
-        if (tensors[mid].block_start <= w) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    return lo;
+    return kiln_find_tensor(tensors, n_tensors, w, &Adam8Tensor::block_start);
 }
 
 // Phase 1 of element i (< d.n) of the tensor: load p, g and the moments (dequantized with the
