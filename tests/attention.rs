@@ -4,7 +4,7 @@
 mod common;
 
 use common::{grad_check, max_abs, poison_pool, rand_tensor, rng, Objective, Tol, POOLED, U32};
-use kiln::backend::AttnDims;
+use kiln::backend::{Attention as _, AttnDims, Heads};
 use kiln::ops::attention::{attention, attention_cached, KvLayer};
 use kiln::{Error, Tape, Tensor};
 
@@ -24,7 +24,9 @@ fn attention_grads() {
     for (b, t, c, nh) in SHAPES {
         let qkv = rand_tensor(&mut r, &[b, t, 3 * c], 1.5);
         let label = format!("attention B={b} T={t} C={c} n_head={nh}");
-        grad_check(&label, &[qkv], &[0], Objective::Probe(12), TOL, 48, |tape, x| attention(tape, &x[0], nh));
+        grad_check(&label, &[qkv], &[0], Objective::Probe(12), TOL, 48, |tape, x| {
+            attention(tape, &x[0], Heads::mha(nh))
+        });
     }
     // dqkv [1, 64, 288] is a pooled buffer: the second pass takes one filled with NaN.
     let (t, c, nh) = (64, 96, 3);
@@ -37,7 +39,7 @@ fn attention_grads() {
             }
             let label = format!("attention B=1 T={t} C={c} n_head={nh}, pass {pass}");
             grad_check(&label, std::slice::from_ref(&qkv), &[0], Objective::Probe(12), TOL, 48, |tape, x| {
-                attention(tape, &x[0], nh)
+                attention(tape, &x[0], Heads::mha(nh))
             })
         })
         .collect();
@@ -45,7 +47,7 @@ fn attention_grads() {
 }
 
 fn forward(qkv: &Tensor, nh: usize) -> Vec<f32> {
-    attention(&mut Tape::inference(), qkv, nh).unwrap().f32s().unwrap().to_vec()
+    attention(&mut Tape::inference(), qkv, Heads::mha(nh)).unwrap().f32s().unwrap().to_vec()
 }
 
 /// Perturbing the key and value (or the query) at position j leaves every earlier output
@@ -181,7 +183,7 @@ fn attention_rejects_bad_shapes() {
         (vec![4, 36], 3, "qkv not 3-D"),
         (vec![1, 4, 36], 0, "zero heads"),
     ] {
-        let res = attention(&mut tape, &Tensor::zeros(dims.as_slice()), nh);
+        let res = attention(&mut tape, &Tensor::zeros(dims.as_slice()), Heads::mha(nh));
         assert!(matches!(res, Err(Error::Shape { .. })), "{what}: {res:?}");
     }
 }
@@ -230,7 +232,7 @@ fn cached_in_chunks(
             &mut Tape::inference(),
             &prep(Tensor::from_f32(chunk, [b, n, 3 * c]).unwrap()),
             &mut cache,
-            nh,
+            Heads::mha(nh),
         )
         .unwrap()
         .to_f32_vec()
@@ -276,28 +278,42 @@ fn attention_cache_rows_and_refusals() {
     let rows_of = |bi: usize, from: usize, to: usize| q[(bi * t + from) * 3 * c..(bi * t + to) * 3 * c].to_vec();
     let mut cache = KvLayer::new(b, t);
     let first: Vec<f32> = (0..b).flat_map(|bi| rows_of(bi, 0, 33)).collect();
-    attention_cached(&mut Tape::inference(), &Tensor::from_f32(first, [b, 33, 3 * c]).unwrap(), &mut cache, nh)
-        .unwrap();
+    attention_cached(
+        &mut Tape::inference(),
+        &Tensor::from_f32(first, [b, 33, 3 * c]).unwrap(),
+        &mut cache,
+        Heads::mha(nh),
+    )
+    .unwrap();
     let mut picked = cache.select_rows(&[1, 1, 0]).unwrap();
     assert_eq!((picked.batch(), picked.len(), picked.capacity()), (3, 33, t));
     let rest: Vec<f32> = [1, 1, 0].iter().flat_map(|&bi| rows_of(bi, 33, t)).collect();
-    let out =
-        attention_cached(&mut Tape::inference(), &Tensor::from_f32(rest, [3, t - 33, 3 * c]).unwrap(), &mut picked, nh)
-            .unwrap();
+    let out = attention_cached(
+        &mut Tape::inference(),
+        &Tensor::from_f32(rest, [3, t - 33, 3 * c]).unwrap(),
+        &mut picked,
+        Heads::mha(nh),
+    )
+    .unwrap();
     for (i, &bi) in [1, 1, 0].iter().enumerate() {
         let got = &out.f32s().unwrap()[i * (t - 33) * c..(i + 1) * (t - 33) * c];
         assert!(got == &want[(bi * t + 33) * c..(bi + 1) * t * c], "row {i} (was {bi})");
     }
     assert!(cache.select_rows(&[2]).unwrap_err().to_string().contains("row 2"));
     let one = |n: usize| Tensor::from_f32(vec![0.5; b * n * 3 * c], [b, n, 3 * c]).unwrap();
-    let e = attention_cached(&mut Tape::inference(), &one(8), &mut cache, nh).unwrap_err().to_string();
+    let e = attention_cached(&mut Tape::inference(), &one(8), &mut cache, Heads::mha(nh)).unwrap_err().to_string();
     assert!(e.contains("capacity of 40"), "{e}");
     let mut tape = Tape::new();
     let x = one(1);
     tape.watch(&x);
-    let e = attention_cached(&mut tape, &x, &mut cache, nh).unwrap_err().to_string();
+    let e = attention_cached(&mut tape, &x, &mut cache, Heads::mha(nh)).unwrap_err().to_string();
     assert!(e.contains("no backward"), "{e}");
-    let e = attention_cached(&mut Tape::inference(), &rand_tensor(&mut rng(1), &[3, 1, 3 * c], 1.0), &mut cache, nh);
+    let e = attention_cached(
+        &mut Tape::inference(),
+        &rand_tensor(&mut rng(1), &[3, 1, 3 * c], 1.0),
+        &mut cache,
+        Heads::mha(nh),
+    );
     assert!(matches!(e, Err(Error::Shape { .. })), "{e:?}");
     assert_eq!(cache.len(), 33);
 }
@@ -738,18 +754,115 @@ mod cuda {
         let mut cache = KvLayer::new(b, t);
         let first: Vec<f32> = (0..b).flat_map(|bi| rows_of(bi, 0, 33)).collect();
         let tape = &mut kiln::Tape::inference();
-        attention_cached(tape, &to_dev(Tensor::from_f32(first, [b, 33, 3 * c]).unwrap()), &mut cache, nh).unwrap();
+        attention_cached(
+            tape,
+            &to_dev(Tensor::from_f32(first, [b, 33, 3 * c]).unwrap()),
+            &mut cache,
+            kiln::backend::Heads::mha(nh),
+        )
+        .unwrap();
         let mut picked = cache.select_rows(&[1, 1, 0]).unwrap();
         let rest: Vec<f32> = [1, 1, 0].iter().flat_map(|&bi| rows_of(bi, 33, t)).collect();
-        let out = attention_cached(tape, &to_dev(Tensor::from_f32(rest, [3, t - 33, 3 * c]).unwrap()), &mut picked, nh)
-            .unwrap()
-            .to_f32_vec()
-            .unwrap();
+        let out = attention_cached(
+            tape,
+            &to_dev(Tensor::from_f32(rest, [3, t - 33, 3 * c]).unwrap()),
+            &mut picked,
+            kiln::backend::Heads::mha(nh),
+        )
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
         for (i, &bi) in [1, 1, 0].iter().enumerate() {
             let rows = (bi * t + 33) * c..(bi + 1) * t * c;
             let got = &out[i * (t - 33) * c..(i + 1) * (t - 33) * c];
             check_bf16(&format!("selected row {i} (was {bi})"), got, &plain[rows.clone()], &want[rows], 0.0);
         }
         eprintln!("attention_cached on the device: {:.2} s", start.elapsed().as_secs_f64());
+    }
+}
+
+/// Grouped-query attention: gradients against finite differences (dK and dV sum over each KV
+/// head's group of query heads), at group sizes 2 and 4 and awkward head sizes.
+#[test]
+fn gqa_attention_grads() {
+    let mut r = rng(61);
+    for (b, t, nh, nkv, hd) in [(1, 7, 4, 2, 3), (2, 5, 4, 1, 4), (1, 40, 6, 3, 2)] {
+        let heads = Heads { n_head: nh, n_kv_head: nkv };
+        let qkv = rand_tensor(&mut r, &[b, t, (nh + 2 * nkv) * hd], 1.5);
+        let label = format!("gqa attention B={b} T={t} nh={nh} nkv={nkv} hd={hd}");
+        grad_check(&label, &[qkv], &[0], Objective::Probe(12), TOL, 48, |tape, x| attention(tape, &x[0], heads));
+    }
+}
+
+/// GQA equals multi-head attention over K and V heads repeated for every query head of their
+/// group (transformers' repeat_kv): the forward bit for bit (the same dots in the same order),
+/// dQ bit for bit, and dK, dV the sums of the repeated heads' gradients.
+#[test]
+fn gqa_equals_mha_over_repeated_kv_heads() {
+    let mut r = rng(62);
+    let (b, t, nh, nkv, hd) = (2, 37, 6, 2, 8);
+    let (c, ckv, group) = (nh * hd, nkv * hd, nh / nkv);
+    let gqa = rand_tensor(&mut r, &[b, t, c + 2 * ckv], 1.5);
+    let g = gqa.f32s().unwrap();
+    // repeat each KV head for its group: [q | k repeated | v repeated]
+    let mut mha = Vec::with_capacity(b * t * 3 * c);
+    for row in g.chunks_exact(c + 2 * ckv) {
+        mha.extend_from_slice(&row[..c]);
+        for part in [&row[c..c + ckv], &row[c + ckv..]] {
+            for h in 0..nh {
+                mha.extend_from_slice(&part[(h / group) * hd..(h / group + 1) * hd]);
+            }
+        }
+    }
+    let mha = Tensor::from_f32(mha, [b, t, 3 * c]).unwrap();
+    let dout = rand_tensor(&mut r, &[b, t, c], 1.0);
+    let run = |x: &Tensor, heads: Heads| {
+        let cpu = kiln::backend::cpu::Cpu;
+        let (out, lse) = cpu.attention(x, heads).unwrap();
+        let d = cpu.attention_backward(&dout, x, &out, &lse, heads).unwrap();
+        (out.f32s().unwrap().to_vec(), d.f32s().unwrap().to_vec())
+    };
+    let (y1, d1) = run(&gqa, Heads { n_head: nh, n_kv_head: nkv });
+    let (y2, d2) = run(&mha, Heads::mha(nh));
+    assert!(y1 == y2, "GQA forward differs from MHA over repeated heads");
+    let mut worst = 0f32;
+    for (row1, row2) in d1.chunks_exact(c + 2 * ckv).zip(d2.chunks_exact(3 * c)) {
+        assert!(row1[..c] == row2[..c], "dQ differs");
+        for (p, off1) in [(1, c), (2, c + ckv)] {
+            for kv in 0..nkv {
+                for i in 0..hd {
+                    let sum: f32 = (0..group).map(|j| row2[p * c + (kv * group + j) * hd + i]).sum();
+                    worst = worst.max((row1[off1 + kv * hd + i] - sum).abs());
+                }
+            }
+        }
+    }
+    // the group's contributions summed in another order: a few f32 roundings of values ~1
+    assert!(worst < 1e-5, "dK/dV vs the sum over repeated heads: {worst:.3e}");
+}
+
+/// attention_cached over grouped heads (caches of the KV heads only) gives attention's rows bit
+/// for bit, fed in any chunking.
+#[test]
+fn gqa_attention_cached_equals_attention() {
+    let mut r = rng(63);
+    let (b, t, nh, nkv, hd) = (2, 70, 4, 2, 6);
+    let heads = Heads { n_head: nh, n_kv_head: nkv };
+    let (c, w) = (nh * hd, (nh + 2 * nkv) * hd);
+    let qkv = rand_tensor(&mut r, &[b, t, w], 1.5);
+    let want = attention(&mut Tape::inference(), &qkv, heads).unwrap().f32s().unwrap().to_vec();
+    for sizes in CHUNKS {
+        let mut cache = KvLayer::new(b, t);
+        let (mut at, q) = (0, qkv.f32s().unwrap());
+        for &n in sizes {
+            let chunk: Vec<f32> = (0..b).flat_map(|bi| &q[(bi * t + at) * w..(bi * t + at + n) * w]).copied().collect();
+            let x = Tensor::from_f32(chunk, [b, n, w]).unwrap();
+            let o = attention_cached(&mut Tape::inference(), &x, &mut cache, heads).unwrap();
+            for bi in 0..b {
+                let got = &o.f32s().unwrap()[bi * n * c..(bi + 1) * n * c];
+                assert!(got == &want[(bi * t + at) * c..(bi * t + at + n) * c], "chunks {sizes:?} at {at}");
+            }
+            at += n;
+        }
     }
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{grad_check, poison_pool, rand_tensor, rng, Objective, Tol, POOLED, U32};
-use kiln::ops::elementwise::{add, dropout, gelu};
+use kiln::ops::elementwise::{add, dropout, gelu, swiglu};
 use kiln::{Error, Tape, Tensor};
 
 /// Tolerance. Each output is one or two roundings of its input (k ~ 1), so rounding is ~1e-6 of
@@ -446,4 +446,25 @@ mod cuda {
         assert!(matches!(gpu::gelu_forward(&mut out, &a), Err(kiln::Error::Shape { .. })));
         assert!(matches!(gpu::residual_forward(&mut out, &a, &a), Err(kiln::Error::Shape { .. })));
     }
+}
+
+/// SwiGLU: gradients of both inputs against finite differences (truncation h^2 |silu'''| / 6 <=
+/// 2e-5 of the gradient scale), the forward against f64, and mismatched shapes refused.
+#[test]
+fn swiglu_grads_and_forward() {
+    let mut r = rng(37);
+    for dims in [&[9][..], &[2, 5, 11]] {
+        let (g, u) = (rand_tensor(&mut r, dims, 4.0), rand_tensor(&mut r, dims, 2.0));
+        let label = format!("swiglu {dims:?}");
+        grad_check(&label, &[g.clone(), u.clone()], &[0, 1], Objective::Probe(33), TOL, 48, |t, x| {
+            swiglu(t, &x[0], &x[1])
+        });
+        let y = swiglu(&mut Tape::inference(), &g, &u).unwrap();
+        for ((&y, &g), &u) in y.f32s().unwrap().iter().zip(g.f32s().unwrap()).zip(u.f32s().unwrap()) {
+            let want = g as f64 / (1.0 + (-(g as f64)).exp()) * u as f64;
+            assert!((y as f64 - want).abs() <= 4.0 * U32 * want.abs().max(1e-6), "swiglu({g}, {u}) = {y}, want {want}");
+        }
+    }
+    let e = swiglu(&mut Tape::new(), &Tensor::zeros([3]), &Tensor::zeros([4]));
+    assert!(matches!(e, Err(Error::Shape { .. })), "{e:?}");
 }

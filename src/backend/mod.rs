@@ -30,7 +30,7 @@ use crate::{DType, Device, Error, Result, Tensor};
 
 /// A backend: every op family, plus what the tape and the optimizers ask of a device.
 pub trait Backend:
-    Elementwise + Norm + Matmul + Attention + Embedding + CrossEntropy + Lora + Nf4 + Optim + Sync
+    Elementwise + Norm + RmsNorm + Rope + Matmul + Attention + Embedding + CrossEntropy + Lora + Nf4 + Optim + Sync
 {
     /// The dtype activations are computed in (f32 on the CPU, bf16 on CUDA).
     fn compute_dtype(&self) -> DType;
@@ -84,6 +84,20 @@ fn move_back(be: &dyn Backend, device: Device, t: Tensor, dtype: DType) -> Resul
     }
 }
 
+/// Runs `f` (the CPU backend's implementation) on host f32 copies of `inputs` and moves each
+/// output back to `device` in its dtype from `dtypes`: how a backend runs an op it has no kernel
+/// for yet.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn via_host<const N: usize>(
+    be: &dyn Backend,
+    inputs: &[&Tensor],
+    dtypes: [DType; N],
+    f: impl FnOnce(&[Tensor]) -> Result<[Option<Tensor>; N]>,
+) -> Result<[Option<Tensor>; N]> {
+    let host: Vec<Tensor> = inputs.iter().map(|t| to_host_f32(t)).collect::<Result<_>>()?;
+    on_host(be, be.device(), dtypes, f(&host)?)
+}
+
 /// `move_back` over the gradients a backward returns (each where it was asked for).
 fn on_host<const N: usize>(
     be: &dyn Backend,
@@ -107,6 +121,16 @@ pub trait Elementwise {
     fn gelu_backward(&self, x: &Tensor, dout: &Tensor) -> Result<Tensor>;
     /// a + b (same shapes).
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+    /// SwiGLU, the Llama MLP's gate: silu(gate) * up (same shapes), silu(g) = g * sigmoid(g).
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
+    /// [dgate, dup] of `swiglu` at (gate, up), given dout; each only where `needs` asks.
+    fn swiglu_backward(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        dout: &Tensor,
+        needs: [bool; 2],
+    ) -> Result<[Option<Tensor>; 2]>;
     /// Each element zeroed with probability `p` (drawn per element index from `seed`) and the
     /// rest scaled by 1 / (1 - p). The same seed draws the same mask, so this is also the
     /// backward of itself.
@@ -174,6 +198,50 @@ pub trait Norm: Elementwise {
         let (y, stats) = self.layernorm(&s, w, b, eps)?;
         Ok((s, y, stats))
     }
+}
+
+/// RMSNorm over the last dimension (Zhang and Sennrich 2019; Llama's norm): no mean, no bias.
+pub trait RmsNorm: Elementwise {
+    /// (w * (x * rstd), rstd [rows] in f32) with rstd = 1 / sqrt(mean(x^2) + eps) per row.
+    fn rmsnorm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)>;
+    /// [dx, dw], each computed only where `needs` asks (dw in f32 on every backend).
+    fn rmsnorm_backward(
+        &self,
+        dout: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        needs: [bool; 2],
+    ) -> Result<[Option<Tensor>; 2]>;
+    /// (s = x + r, rmsnorm(s), its rstd); a backend with a fused kernel does it in one pass, the
+    /// default is `add` then `rmsnorm`.
+    fn add_rmsnorm(&self, x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
+        let s = self.add(x, r)?;
+        let (y, rstd) = self.rmsnorm(&s, w, eps)?;
+        Ok((s, y, rstd))
+    }
+}
+
+/// Where rotary position embeddings put each head's pairs: transformers' rotate-half convention
+/// (dimension i pairs with i + hd/2), frequencies theta^(-2i/hd), positions offset, offset + 1, ...
+/// along T.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeArgs {
+    pub heads: Heads,
+    pub theta: f32,
+    /// The position of the first row of T (the cached length during generation).
+    pub offset: usize,
+}
+
+/// Rotary position embeddings (Su et al. 2021), fused with the packing of q, k and v into the
+/// attention's qkv layout.
+pub trait Rope {
+    /// qkv [B, T, (nh + 2 nkv) hd] from q [B, T, nh hd], k and v [B, T, nkv hd]: q and k rotated,
+    /// v copied.
+    fn rope_pack(&self, q: &Tensor, k: &Tensor, v: &Tensor, args: &RopeArgs) -> Result<Tensor>;
+    /// [dq, dk, dv] from dqkv: the inverse rotation of the q and k parts (the rotation's
+    /// transpose), the v part copied.
+    fn rope_unpack(&self, dqkv: &Tensor, args: &RopeArgs) -> Result<[Tensor; 3]>;
 }
 
 /// Whether an operand of a GEMM is read transposed.
@@ -271,6 +339,35 @@ pub trait Matmul {
     fn gemm_accumulate(&self, out: &mut Tensor, a: &Tensor, b: &Tensor, desc: &GemmDesc) -> Result<()>;
 }
 
+/// The heads of an attention: `n_head` query heads over `n_kv_head` key/value heads, each KV
+/// head serving n_head / n_kv_head consecutive query heads (grouped-query attention, Ainslie et
+/// al. 2023); n_kv_head = n_head is multi-head attention (GPT-2). The packed qkv row holds the
+/// query heads, then the key heads, then the value heads: (n_head + 2 n_kv_head) hd columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+}
+
+impl Heads {
+    /// Multi-head attention: one KV head per query head.
+    pub fn mha(n_head: usize) -> Self {
+        Heads { n_head, n_kv_head: n_head }
+    }
+    /// Query heads per KV head.
+    pub fn group(&self) -> usize {
+        self.n_head / self.n_kv_head.max(1)
+    }
+    /// Heads in a packed qkv row.
+    pub fn packed(&self) -> usize {
+        self.n_head + 2 * self.n_kv_head
+    }
+    /// Whether the counts make a grouping (both positive, n_kv_head divides n_head).
+    pub fn is_valid(&self) -> bool {
+        self.n_head > 0 && self.n_kv_head > 0 && self.n_head % self.n_kv_head == 0
+    }
+}
+
 /// The sizes of a causal multi-head attention: batch, sequence length, model width C and heads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnDims {
@@ -291,36 +388,38 @@ pub struct KvDims {
     pub c: usize,
 }
 
-/// Causal multi-head attention over packed qkv [B, T, 3C].
+/// Causal attention over packed qkv [B, T, (nh + 2 nkv) hd] (GPT-2's [B, T, 3C] when nkv = nh),
+/// with C = nh hd the output width and Ckv = nkv hd the width of the keys and of the values.
 pub trait Attention {
     /// (out [B, T, C], lse [B, nh, T] in f32).
-    fn attention(&self, qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)>;
-    /// dqkv [B, T, 3C].
+    fn attention(&self, qkv: &Tensor, heads: Heads) -> Result<(Tensor, Tensor)>;
+    /// dqkv, shaped as qkv.
     fn attention_backward(
         &self,
         dout: &Tensor,
         qkv: &Tensor,
         out: &Tensor,
         lse: &Tensor,
-        n_head: usize,
+        heads: Heads,
     ) -> Result<Tensor>;
-    /// Generation with a KV cache: writes the keys and values of qkv [B, n, 3C] at rows
-    /// len..len + n of k and v [B, cap, C], then attends new query i (position len + i) to rows
-    /// 0..=len + i: out [B, n, C].
+    /// Generation with a KV cache: writes the keys and values of qkv [B, n, (nh + 2 nkv) hd] at
+    /// rows len..len + n of k and v [B, cap, Ckv], then attends new query i (position len + i) to
+    /// rows 0..=len + i: out [B, n, C].
     fn attention_cached(
         &self,
         qkv: &Tensor,
         k: &mut Tensor,
         v: &mut Tensor,
         len: usize,
-        n_head: usize,
+        heads: Heads,
     ) -> Result<Tensor>;
 }
 
 /// Token + position embedding. Token ids are host i32 values the op has checked.
 pub trait Embedding {
-    /// out [B, T, C] = wte[ids] + wpe[offset + t] for `ids` [B, T] (row-major, T = `t`).
-    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: &Tensor, offset: usize) -> Result<Tensor>;
+    /// out [B, T, C] = wte[ids] + wpe[offset + t] for `ids` [B, T] (row-major, T = `t`); without
+    /// `wpe` (a model with rotary positions), wte[ids] alone.
+    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: Option<&Tensor>, offset: usize) -> Result<Tensor>;
     /// [dwte, dwpe] in f32, each only where `needs` asks.
     fn embedding_backward(
         &self,
@@ -526,13 +625,19 @@ pub trait Optim {
     fn adamw8bit(&self, slots: &mut [AdamW8bitSlot], scalars: &crate::abi::AdamWScalars) -> Result<()>;
 }
 
-/// (B, T, C) of packed qkv [B, T, 3C] for `n_head` heads, or the error that says why not.
-pub(crate) fn qkv_dims(op: &'static str, qkv: &Tensor, n_head: usize) -> Result<(usize, usize, usize)> {
+/// (B, T, C) of packed qkv [B, T, (nh + 2 nkv) hd] for `heads` (C = nh hd), or the error that
+/// says why not.
+pub(crate) fn qkv_dims(op: &'static str, qkv: &Tensor, heads: Heads) -> Result<(usize, usize, usize)> {
+    let Heads { n_head, n_kv_head } = heads;
     match *qkv.dims() {
-        [b, t, c3] if c3 % 3 == 0 && n_head > 0 && (c3 / 3) % n_head == 0 => Ok((b, t, c3 / 3)),
+        [b, t, w] if heads.is_valid() && w > 0 && w % heads.packed() == 0 => Ok((b, t, w / heads.packed() * n_head)),
         _ => Err(Error::shape(
             op,
-            format!("qkv must be [B, T, 3C] with C divisible by n_head = {n_head}, got {:?}", qkv.dims()),
+            format!(
+                "qkv must be [B, T, (n_head + 2 n_kv_head) hd] for {n_head} query heads over {n_kv_head} KV heads \
+                 (n_kv_head dividing n_head), got {:?}",
+                qkv.dims()
+            ),
         )),
     }
 }

@@ -2,6 +2,7 @@
 //! learned position embeddings, tanh GELU, Conv1D weights stored [in, out], lm_head tied to wte.
 //! Parameter names are the checkpoint keys, so loading and saving is a walk over `param_shapes`.
 
+use crate::backend::Heads;
 use crate::nn::lora::Lora;
 use crate::nn::ParamStore;
 use crate::ops::gemm::WeightLayout;
@@ -561,8 +562,8 @@ impl Gpt2 {
         let h = layernorm::layernorm(tape, x, &w.ln_1_w, &w.ln_1_b, eps)?;
         let qkv = conv1d(tape, 0, "attn.c_attn", &h, &w.c_attn_w, &w.c_attn_b, false)?; // [B, T, 3C]
         let a = match cache {
-            None => attention::attention(tape, &qkv, cfg.n_head)?, // [B, T, C]
-            Some(kv) => attention::attention_cached(tape, &qkv, kv, cfg.n_head)?,
+            None => attention::attention(tape, &qkv, Heads::mha(cfg.n_head))?, // [B, T, C]
+            Some(kv) => attention::attention_cached(tape, &qkv, kv, Heads::mha(cfg.n_head))?,
         };
         let a = conv1d(tape, 1, "attn.c_proj", &a, &w.c_proj_w, &w.c_proj_b, false)?;
         let a = elementwise::dropout(tape, &a, cfg.resid_pdrop, train, site_seed(2 * i as u64 + 1))?;

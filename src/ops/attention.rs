@@ -1,6 +1,7 @@
-//! Causal multi-head self-attention over GPT-2's packed qkv (the c_attn output).
+//! Causal self-attention over packed qkv: GPT-2's c_attn output [B, T, 3C], or Llama's rotated
+//! q, k, v packed by `rope::rope_qkv` with grouped-query heads [B, T, (nh + 2 nkv) hd].
 
-use crate::backend::on;
+use crate::backend::{on, Heads};
 use crate::tape::{Op, Tape};
 use crate::{Error, Result, Tensor};
 
@@ -10,7 +11,7 @@ struct Attention {
     /// One log-sum-exp per (batch, head, query row), f32 on the op's device: all that backward
     /// keeps of the softmax.
     lse: Tensor,
-    n_head: usize,
+    heads: Heads,
 }
 
 impl Op for Attention {
@@ -19,28 +20,24 @@ impl Op for Attention {
     }
     fn backward(&self, dout: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let be = on("attention backward", &[dout, &self.qkv])?;
-        Ok(vec![Some(be.attention_backward(dout, &self.qkv, &self.out, &self.lse, self.n_head)?)])
+        Ok(vec![Some(be.attention_backward(dout, &self.qkv, &self.out, &self.lse, self.heads)?)])
     }
 }
 
-/// softmax(q k^T / sqrt(hd), causal) v per head. qkv: [B, T, 3C] -> out: [B, T, C].
-pub fn attention(tape: &mut Tape, qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+/// softmax(q k^T / sqrt(hd), causal) v per query head, each reading its group's KV head.
+/// qkv: [B, T, (nh + 2 nkv) hd] -> out: [B, T, nh hd] (GPT-2: [B, T, 3C] -> [B, T, C]).
+pub fn attention(tape: &mut Tape, qkv: &Tensor, heads: Heads) -> Result<Tensor> {
     const OP: &str = "attention";
     let _t = crate::profile::scope("attention", crate::profile::Phase::Forward);
-    let [_, _, c3] = *qkv.dims() else {
-        return Err(Error::shape(OP, format!("qkv must be [B, T, 3C], got {:?}", qkv.dims())));
-    };
-    if c3 % 3 != 0 || n_head == 0 || (c3 / 3) % n_head != 0 {
-        return Err(Error::shape(OP, format!("qkv width {c3} must be 3 x C with C divisible by n_head = {n_head}")));
-    }
-    let (out, lse) = on(OP, &[qkv])?.attention(qkv, n_head)?;
+    crate::backend::qkv_dims(OP, qkv, heads)?;
+    let (out, lse) = on(OP, &[qkv])?.attention(qkv, heads)?;
     if tape.wants(&[qkv]) {
-        tape.record(Attention { qkv: qkv.clone(), out: out.clone(), lse, n_head }, &[qkv], &out);
+        tape.record(Attention { qkv: qkv.clone(), out: out.clone(), lse, heads }, &[qkv], &out);
     }
     Ok(out)
 }
 
-/// One layer's keys and values for generation: k and v [B, cap, C] for `batch` sequences of up to
+/// One layer's keys and values for generation: k and v [B, cap, Ckv] (the KV heads only) for `batch` sequences of up to
 /// `capacity` positions, of which the first `len` are filled. The buffers are made by the first
 /// `attention_cached`, on the device and in the compute dtype of its backend.
 #[derive(Debug)]
@@ -84,7 +81,7 @@ impl KvLayer {
             return Err(Error::Input(format!("row {r} is not in a cache of {} sequences", self.batch)));
         }
         let pick = |t: &Tensor| -> Result<Tensor> {
-            let [_, cap, c] = *t.dims() else { unreachable!("a cache buffer is [B, cap, C]") };
+            let [_, cap, c] = *t.dims() else { unreachable!("a cache buffer is [B, cap, Ckv]") };
             let (row, used) = (cap * c, self.len * c);
             let pieces: Vec<(usize, usize, usize)> =
                 rows.iter().enumerate().map(|(i, &r)| (i * row, r * row, used)).collect();
@@ -99,25 +96,20 @@ impl KvLayer {
 }
 
 /// Causal attention of n new positions per sequence against a KV cache, for generation: appends
-/// the keys and values of qkv [B, n, 3C] at rows len..len + n of `cache`, then attends query i
-/// (position len + i) to rows 0..=len + i. out: [B, n, C], each row what `attention` computes for
-/// that position over the whole sequence. Inference only: it records nothing, and refuses a tape
-/// that wants a gradient through it.
-pub fn attention_cached(tape: &mut Tape, qkv: &Tensor, cache: &mut KvLayer, n_head: usize) -> Result<Tensor> {
+/// the keys and values of qkv [B, n, (nh + 2 nkv) hd] at rows len..len + n of `cache`, then
+/// attends query i (position len + i) to rows 0..=len + i. out: [B, n, nh hd], each row what
+/// `attention` computes for that position over the whole sequence. Inference only: it records
+/// nothing, and refuses a tape that wants a gradient through it.
+pub fn attention_cached(tape: &mut Tape, qkv: &Tensor, cache: &mut KvLayer, heads: Heads) -> Result<Tensor> {
     const OP: &str = "attention_cached";
     let _t = crate::profile::scope("attention", crate::profile::Phase::Forward);
-    let [b, n, c3] = *qkv.dims() else {
-        return Err(Error::shape(OP, format!("qkv must be [B, n, 3C], got {:?}", qkv.dims())));
-    };
-    if c3 == 0 || c3 % 3 != 0 || n_head == 0 || (c3 / 3) % n_head != 0 {
-        return Err(Error::shape(OP, format!("qkv width {c3} must be 3 x C with C divisible by n_head = {n_head}")));
-    }
+    let (b, n, c) = crate::backend::qkv_dims(OP, qkv, heads)?;
     if tape.wants(&[qkv]) {
         return Err(Error::Input(format!(
             "{OP} is for generation and has no backward: compute gradients with a forward pass without a KV cache"
         )));
     }
-    let (c, len, cap) = (c3 / 3, cache.len, cache.cap);
+    let (ckv, len, cap) = (c / heads.n_head * heads.n_kv_head, cache.len, cache.cap);
     if b != cache.batch {
         return Err(Error::shape(OP, format!("qkv holds {b} sequences, the KV cache {}", cache.batch)));
     }
@@ -127,9 +119,9 @@ pub fn attention_cached(tape: &mut Tape, qkv: &Tensor, cache: &mut KvLayer, n_he
     let be = on(OP, &[qkv])?;
     let (k, v) = match &mut cache.kv {
         Some((k, v)) => {
-            if k.dims() != [b, cap, c] || k.device() != qkv.device() || k.dtype() != qkv.dtype() {
+            if k.dims() != [b, cap, ckv] || k.device() != qkv.device() || k.dtype() != qkv.dtype() {
                 return Err(Error::Mismatch(format!(
-                    "this KV cache holds {:?} {:?} keys on {}, but qkv [B, n, 3C] = {:?} is {:?} on {}: \
+                    "this KV cache holds {:?} {:?} keys on {}, but qkv [B, n, (nh + 2 nkv) hd] = {:?} is {:?} on {}: \
                      it was made for another model or device",
                     k.dims(),
                     k.dtype(),
@@ -142,11 +134,11 @@ pub fn attention_cached(tape: &mut Tape, qkv: &Tensor, cache: &mut KvLayer, n_he
             (k, v)
         }
         slot @ None => {
-            let (k, v) = slot.insert((be.empty(&[b, cap, c])?, be.empty(&[b, cap, c])?));
+            let (k, v) = slot.insert((be.empty(&[b, cap, ckv])?, be.empty(&[b, cap, ckv])?));
             (k, v)
         }
     };
-    let out = be.attention_cached(qkv, k, v, len, n_head)?;
+    let out = be.attention_cached(qkv, k, v, len, heads)?;
     cache.len += n;
     Ok(out)
 }

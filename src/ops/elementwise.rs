@@ -1,4 +1,4 @@
-//! GELU (tanh approximation), residual add, dropout, and the cast that feeds a GPU forward pass
+//! GELU (tanh approximation), SwiGLU, residual add, dropout, and the cast that feeds a GPU forward pass
 //! its bf16 weights from the optimizer's f32 masters.
 
 use crate::backend::on;
@@ -24,6 +24,34 @@ pub fn gelu(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
     let out = on("gelu", &[x])?.gelu(x)?;
     if tape.wants(&[x]) {
         tape.record(Gelu { x: x.clone() }, &[x], &out);
+    }
+    Ok(out)
+}
+
+struct Swiglu {
+    gate: Tensor,
+    up: Tensor,
+}
+
+impl Op for Swiglu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+    fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let be = on("swiglu backward", &[&self.gate, &self.up, dout])?;
+        Ok(be.swiglu_backward(&self.gate, &self.up, dout, [needs[0], needs[1]])?.into())
+    }
+}
+
+/// silu(gate) * up, elementwise, same shapes: the Llama MLP's activation (SwiGLU, Shazeer 2020).
+pub fn swiglu(tape: &mut Tape, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dims() != up.dims() {
+        return Err(Error::shape("swiglu", format!("gate {:?} and up {:?} differ", gate.dims(), up.dims())));
+    }
+    let _t = crate::profile::scope("swiglu", crate::profile::Phase::Forward);
+    let out = on("swiglu", &[gate, up])?.swiglu(gate, up)?;
+    if tape.wants(&[gate, up]) {
+        tape.record(Swiglu { gate: gate.clone(), up: up.clone() }, &[gate, up], &out);
     }
     Ok(out)
 }

@@ -1,4 +1,5 @@
-//! Token + position embedding, GPT-2's first op: [B, T] ids -> [B, T, C].
+//! Token + position embedding, GPT-2's first op: [B, T] ids -> [B, T, C]; the token embedding
+//! alone for models whose positions are rotary (Llama).
 
 use crate::backend::on;
 use crate::tape::{Op, Tape};
@@ -8,7 +9,8 @@ struct Embedding {
     /// The host ids.
     ids: Tensor,
     wte_dims: Vec<usize>,
-    wpe_dims: Vec<usize>,
+    /// None for a token embedding alone (`token_embedding`).
+    wpe_dims: Option<Vec<usize>>,
 }
 
 impl Op for Embedding {
@@ -18,8 +20,13 @@ impl Op for Embedding {
     fn backward(&self, dout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let be = on("embedding backward", &[dout])?;
         let (ids, t) = (self.ids.i32s()?, self.ids.dims()[1]);
-        let dims = [self.wte_dims.as_slice(), self.wpe_dims.as_slice()];
-        Ok(be.embedding_backward(dout, ids, t, dims, [needs[0], needs[1]])?.into())
+        match &self.wpe_dims {
+            Some(wpe) => Ok(be.embedding_backward(dout, ids, t, [&self.wte_dims, wpe], [needs[0], needs[1]])?.into()),
+            None => {
+                let [dwte, _] = be.embedding_backward(dout, ids, t, [&self.wte_dims, &[0, 0]], [needs[0], false])?;
+                Ok(vec![dwte])
+            }
+        }
     }
 }
 
@@ -29,9 +36,9 @@ pub fn embedding(tape: &mut Tape, ids: &Tensor, wte: &Tensor, wpe: &Tensor) -> R
     const OP: &str = "embedding";
     let _t = crate::profile::scope("embedding", crate::profile::Phase::Forward);
     let (idv, t) = check(ids, wte, wpe, 0)?;
-    let out = on(OP, &[wte, wpe])?.embedding(idv, t, wte, wpe, 0)?;
+    let out = on(OP, &[wte, wpe])?.embedding(idv, t, wte, Some(wpe), 0)?;
     if tape.wants(&[wte, wpe]) {
-        let saved = Embedding { ids: ids.clone(), wte_dims: wte.dims().to_vec(), wpe_dims: wpe.dims().to_vec() };
+        let saved = Embedding { ids: ids.clone(), wte_dims: wte.dims().to_vec(), wpe_dims: Some(wpe.dims().to_vec()) };
         tape.record(saved, &[wte, wpe], &out);
     }
     Ok(out)
@@ -53,7 +60,29 @@ pub fn embedding_at(tape: &mut Tape, ids: &Tensor, wte: &Tensor, wpe: &Tensor, o
         )));
     }
     let (idv, t) = check(ids, wte, wpe, offset)?;
-    on(OP, &[wte, wpe])?.embedding(idv, t, wte, wpe, offset)
+    on(OP, &[wte, wpe])?.embedding(idv, t, wte, Some(wpe), offset)
+}
+
+/// out[b, t] = wte[ids[b, t]]: the token embedding of a model with rotary positions (Llama), the
+/// same at any position. ids: I32 [B, T] on the host; wte: [V, C].
+pub fn token_embedding(tape: &mut Tape, ids: &Tensor, wte: &Tensor) -> Result<Tensor> {
+    const OP: &str = "embedding";
+    let _t = crate::profile::scope("embedding", crate::profile::Phase::Forward);
+    let [_, t] = *ids.dims() else {
+        return Err(Error::shape(OP, format!("ids must be [B, T], got {:?}", ids.dims())));
+    };
+    let &[v, _] = wte.dims() else {
+        return Err(Error::shape(OP, format!("the token table must be [V, C], got {:?}", wte.dims())));
+    };
+    let idv = ids.i32s()?;
+    if let Some(i) = idv.iter().position(|&id| id < 0 || id as usize >= v) {
+        return Err(Error::TokenOutOfRange { id: idv[i] as i64, row: i / t.max(1), pos: i % t.max(1), vocab: v });
+    }
+    let out = on(OP, &[wte])?.embedding(idv, t, wte, None, 0)?;
+    if tape.wants(&[wte]) {
+        tape.record(Embedding { ids: ids.clone(), wte_dims: wte.dims().to_vec(), wpe_dims: None }, &[wte], &out);
+    }
+    Ok(out)
 }
 
 /// The host ids and T of an embedding at positions offset..offset + T, checked against the tables.

@@ -11,6 +11,8 @@ pub mod gemm;
 pub mod layernorm;
 pub mod lora;
 pub mod nf4;
+pub mod rmsnorm;
+pub mod rope;
 pub mod xent;
 
 use crate::{Error, Result, Tensor};

@@ -72,6 +72,45 @@ pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     });
 }
 
+/// silu(g) = g * sigmoid(g), as torch computes it (exact exp).
+#[inline]
+pub fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
+/// out = silu(gate) * up
+pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).zip(up.par_chunks(CHUNK)).for_each(|((o, g), u)| {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = silu(g) * u;
+        }
+    });
+}
+
+/// dgate = dout * up * silu'(gate), dup = dout * silu(gate), with silu'(g) = s (1 + g (1 - s)),
+/// s = sigmoid(g). Either output may be skipped.
+pub fn swiglu_backward(dgate: Option<&mut [f32]>, dup: Option<&mut [f32]>, gate: &[f32], up: &[f32], dout: &[f32]) {
+    if let Some(dgate) = dgate {
+        dgate
+            .par_chunks_mut(CHUNK)
+            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+            .zip(dout.par_chunks(CHUNK))
+            .for_each(|((d, (g, u)), o)| {
+                for (((d, &g), &u), &o) in d.iter_mut().zip(g).zip(u).zip(o) {
+                    let s = 1.0 / (1.0 + (-g).exp());
+                    *d = o * u * (s * (1.0 + g * (1.0 - s)));
+                }
+            });
+    }
+    if let Some(dup) = dup {
+        dup.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).zip(dout.par_chunks(CHUNK)).for_each(|((d, g), o)| {
+            for ((d, &g), &o) in d.iter_mut().zip(g).zip(o) {
+                *d = o * silu(g);
+            }
+        });
+    }
+}
+
 /// out = a + b
 pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
     out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((o, a), b)| {
@@ -135,6 +174,24 @@ impl crate::backend::Elementwise for super::Cpu {
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (ad, bd) = (f32_in("add", a)?, f32_in("add", b)?);
         new_f32(a.dims(), |o| residual_forward(o, ad, bd))
+    }
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let (g, u) = (f32_in("swiglu", gate)?, f32_in("swiglu", up)?);
+        new_f32(gate.dims(), |o| swiglu_forward(o, g, u))
+    }
+    fn swiglu_backward(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        dout: &Tensor,
+        needs: [bool; 2],
+    ) -> Result<[Option<Tensor>; 2]> {
+        const OP: &str = "swiglu backward";
+        let (g, u, o) = (f32_in(OP, gate)?, f32_in(OP, up)?, f32_in(OP, dout)?);
+        let mut dg = super::take_if(needs[0], gate.numel());
+        let mut du = super::take_if(needs[1], gate.numel());
+        swiglu_backward(dg.as_deref_mut(), du.as_deref_mut(), g, u, o);
+        Ok([super::wrap(dg, gate.dims())?, super::wrap(du, gate.dims())?])
     }
     fn dropout(&self, x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
         let xd = f32_in("dropout", x)?;

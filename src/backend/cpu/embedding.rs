@@ -68,10 +68,19 @@ pub fn embedding_backward(
 }
 
 impl crate::backend::Embedding for super::Cpu {
-    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: &Tensor, offset: usize) -> Result<Tensor> {
+    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: Option<&Tensor>, offset: usize) -> Result<Tensor> {
         const OP: &str = "embedding";
         let c = wte.shape().last();
-        let (wte_d, wpe_d) = (f32_in(OP, wte)?, f32_in(OP, wpe)?);
+        let wte_d = f32_in(OP, wte)?;
+        let Some(wpe) = wpe else {
+            // rotary positions: the token rows alone
+            return new_f32(&[ids.len() / t.max(1), t, c], |o| {
+                o.par_chunks_mut(c.max(1)).zip(ids).for_each(|(o, &id)| {
+                    o.copy_from_slice(&wte_d[id as usize * c..(id as usize + 1) * c]);
+                })
+            });
+        };
+        let wpe_d = f32_in(OP, wpe)?;
         let wpe_at = wpe_d
             .get(offset * c..)
             .ok_or_else(|| crate::Error::SeqTooLong { t: offset + t, n_positions: wpe_d.len() / c.max(1) })?;

@@ -13,6 +13,8 @@ pub mod lora;
 pub mod nf4;
 pub mod pool;
 pub mod reduce;
+pub mod rmsnorm;
+pub mod rope;
 pub mod xent;
 
 use crate::backend::{AdamW8bitSlot, AdamWSlot, Backend, Optim};

@@ -14,8 +14,8 @@ use crate::abi::{
     KILN_ATTN_KERNEL_DKDV, KILN_ATTN_KERNEL_DQ, KILN_ATTN_KERNEL_FORWARD, KILN_ATTN_KERNEL_FORWARD_MMA,
     KILN_ATTN_MAX_HEAD_DIM, KILN_ATTN_MMA_HEAD_DIM, KILN_ATTN_MMA_ROWS, KILN_ATTN_TILE, KILN_ATTN_WARPS,
 };
-use crate::backend::{qkv_dims, AttnDims, KvDims};
-use crate::{Error, Result, Tensor};
+use crate::backend::{qkv_dims, via_host, AttnDims, Heads, KvDims};
+use crate::{DType, Error, Result, Tensor};
 
 /// Shared memory a block gets without opting in.
 const DEFAULT_SHARED: usize = 48 * 1024;
@@ -296,10 +296,20 @@ pub mod twin {
     }
 }
 
+// Grouped-query heads (n_kv_head < n_head) have no kernel yet: they run the CPU reference on
+// host copies (`via_host`), correct and slow, until the kernels read a KV head per query group.
 impl crate::backend::Attention for super::Cuda {
-    fn attention(&self, qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
+    fn attention(&self, qkv: &Tensor, heads: Heads) -> Result<(Tensor, Tensor)> {
         const OP: &str = "attention";
-        let (b, t, c) = qkv_dims(OP, qkv, n_head)?;
+        let (b, t, c) = qkv_dims(OP, qkv, heads)?;
+        if heads.n_kv_head != heads.n_head {
+            let [out, lse] = via_host(self, &[qkv], [DType::BF16, DType::F32], |h| {
+                let (out, lse) = crate::backend::cpu::Cpu.attention(&h[0], heads)?;
+                Ok([Some(out), Some(lse)])
+            })?;
+            return Ok((out.expect("computed"), lse.expect("computed")));
+        }
+        let n_head = heads.n_head;
         let qd = bf16_in(OP, qkv)?;
         let mut lse = self.alloc::<f32>(b * n_head * t)?;
         let out = new_bf16(&[b, t, c], |o| attention_forward(o, &mut lse, qd, &AttnDims { b, t, c, nh: n_head }))?;
@@ -312,10 +322,17 @@ impl crate::backend::Attention for super::Cuda {
         qkv: &Tensor,
         out: &Tensor,
         lse: &Tensor,
-        n_head: usize,
+        heads: Heads,
     ) -> Result<Tensor> {
         const OP: &str = "attention backward";
-        let (b, t, c) = qkv_dims(OP, qkv, n_head)?;
+        let (b, t, c) = qkv_dims(OP, qkv, heads)?;
+        if heads.n_kv_head != heads.n_head {
+            let [d] = via_host(self, &[dout, qkv, out, lse], [DType::BF16], |h| {
+                Ok([Some(crate::backend::cpu::Cpu.attention_backward(&h[0], &h[1], &h[2], &h[3], heads)?)])
+            })?;
+            return Ok(d.expect("computed"));
+        }
+        let n_head = heads.n_head;
         let (g, q, o, l) = (bf16_in(OP, dout)?, bf16_in(OP, qkv)?, bf16_in(OP, out)?, f32_in(OP, lse)?);
         new_bf16(qkv.dims(), |d| attention_backward(d, g, q, o, l, &AttnDims { b, t, c, nh: n_head }))
     }
@@ -326,10 +343,20 @@ impl crate::backend::Attention for super::Cuda {
         k: &mut Tensor,
         v: &mut Tensor,
         len: usize,
-        n_head: usize,
+        heads: Heads,
     ) -> Result<Tensor> {
         const OP: &str = "attention_cached";
-        let (b, n, c) = qkv_dims(OP, qkv, n_head)?;
+        let (b, n, c) = qkv_dims(OP, qkv, heads)?;
+        if heads.n_kv_head != heads.n_head {
+            let [out, kn, vn] = via_host(self, &[qkv, k, v], [DType::BF16; 3], |h| {
+                let (mut kh, mut vh) = (h[1].clone(), h[2].clone());
+                let out = crate::backend::cpu::Cpu.attention_cached(&h[0], &mut kh, &mut vh, len, heads)?;
+                Ok([Some(out), Some(kh), Some(vh)])
+            })?;
+            (*k, *v) = (kn.expect("computed"), vn.expect("computed"));
+            return Ok(out.expect("computed"));
+        }
+        let n_head = heads.n_head;
         let cap = k.dims().get(1).copied().unwrap_or(0);
         let qkv_d = bf16_in(OP, qkv)?;
         let mut q = self.alloc::<bf16>(b * n * c)?;

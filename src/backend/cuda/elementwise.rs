@@ -5,6 +5,8 @@
 use super::tensor::{bf16_in, f32_in, new_bf16, new_f32, CudaStorage};
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::KILN_ELEMENTWISE_BLOCK;
+use crate::backend::cpu::Cpu;
+use crate::backend::via_host;
 use crate::{DType, Error, Result, Tensor};
 
 /// Enough blocks for `threads` threads, at most 8 blocks (2048 threads) per SM: the kernels are
@@ -262,6 +264,20 @@ impl crate::backend::Elementwise for super::Cuda {
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (ad, bd) = (bf16_in("add", a)?, bf16_in("add", b)?);
         new_bf16(a.dims(), |o| residual_forward(o, ad, bd))
+    }
+    // No SwiGLU kernel yet: the CPU reference on host copies.
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let [y] = via_host(self, &[gate, up], [DType::BF16], |h| Ok([Some(Cpu.swiglu(&h[0], &h[1])?)]))?;
+        Ok(y.expect("computed"))
+    }
+    fn swiglu_backward(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        dout: &Tensor,
+        needs: [bool; 2],
+    ) -> Result<[Option<Tensor>; 2]> {
+        via_host(self, &[gate, up, dout], [DType::BF16; 2], |h| Cpu.swiglu_backward(&h[0], &h[1], &h[2], needs))
     }
     fn dropout(&self, x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
         // The kernel draws the CPU's mask bits per element, so backward redraws them from the seed.

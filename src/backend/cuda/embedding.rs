@@ -6,7 +6,7 @@
 use super::tensor::{bf16_in, new_bf16, wrap_f32};
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::{KILN_EMB_THREADS, KILN_EMB_WARPS};
-use crate::{Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 
 /// The rows of a batch grouped by token id: bucket b is token `ids[b]` (ascending), found at rows
 /// `rows[start[b] .. start[b + 1]]` (ascending). Ids outside [0, vocab) are left out.
@@ -266,9 +266,22 @@ pub mod twin {
 }
 
 impl crate::backend::Embedding for super::Cuda {
-    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: &Tensor, offset: usize) -> Result<Tensor> {
+    fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: Option<&Tensor>, offset: usize) -> Result<Tensor> {
         const OP: &str = "embedding";
         let c = wte.shape().last();
+        // No token-only kernel yet: rotary models add a zero position table of T rows.
+        let zeros;
+        let (wpe, offset) = match wpe {
+            Some(w) => (w, offset),
+            None => {
+                zeros = crate::backend::Elementwise::cast(
+                    self,
+                    &Tensor::zeros([t, c]).to_device(wte.device())?,
+                    DType::BF16,
+                )?;
+                (&zeros, 0)
+            }
+        };
         // ids stay on the host too (the op checked them there, and the backward groups them there).
         let ids_d = self.upload(ids)?;
         let (wte_d, wpe_d) = (bf16_in(OP, wte)?, bf16_in(OP, wpe)?);

@@ -22,6 +22,8 @@ pub mod gemm;
 pub mod layernorm;
 pub mod nf4;
 pub mod reduce;
+pub mod rmsnorm;
+pub mod rope;
 pub mod runtime;
 pub mod tensor;
 pub mod traffic;
