@@ -3,7 +3,7 @@
 //! measured in the same process, so a number means the same on any machine.
 
 use crate::backend::GemmDesc;
-use crate::model::gpt2::{Gpt2, Gpt2Config, Mode};
+use crate::model::{Config, Mode, Model};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::{Result, Tape, Tensor};
 use rand::{Rng, SeedableRng};
@@ -40,12 +40,18 @@ pub fn sgemm_ceiling() -> (f64, Vec<(String, f64)>) {
 /// FLOPs of one training step (forward + backward) on `b` x `t` tokens: 6 per parameter per
 /// token (2 forward, 4 backward), plus causal attention: q.k and p.v cost 2 * C FLOPs each per
 /// (query, key) pair with key <= query, t(t+1)/2 pairs per sequence and layer, times 3 for
-/// forward and backward. wpe counts in the parameters though it is a lookup (0.6% of 124M).
-pub fn train_step_flops(config: &Gpt2Config, b: usize, t: usize) -> f64 {
+/// forward and backward (C here is the width of the query heads, n_head * head_dim). GPT-2's
+/// wpe counts in the parameters though it is a lookup (0.6% of 124M), as does an embedding
+/// table that is not also the output layer.
+pub fn train_step_flops(config: &Config, b: usize, t: usize) -> f64 {
     let tokens = (b * t) as f64;
     let params = config.num_params() as f64;
     let pairs = (t * (t + 1) / 2) as f64;
-    let attention = 3.0 * 4.0 * config.n_embd as f64 * pairs * b as f64 * config.n_layer as f64;
+    let q_width = match config {
+        Config::Gpt2(c) => c.n_embd,
+        Config::Llama(c) => c.q_width(),
+    };
+    let attention = 3.0 * 4.0 * q_width as f64 * pairs * b as f64 * config.n_layer() as f64;
     6.0 * params * tokens + attention
 }
 
@@ -86,7 +92,7 @@ pub fn random_tokens(vocab: usize, b: usize, t: usize, seed: u64) -> Result<Tens
 /// Runs `warmup` untimed and `steps` timed training steps of `model` on random tokens; the
 /// forward/backward/optimizer split is the mean over the timed steps.
 pub fn train_step(
-    model: &mut Gpt2,
+    model: &mut Model,
     b: usize,
     t: usize,
     warmup: usize,
@@ -94,7 +100,7 @@ pub fn train_step(
     mut on_step: impl FnMut(usize, Duration),
 ) -> Result<TrainStepReport> {
     let cfg = model.config.clone();
-    let ids = random_tokens(cfg.vocab_size, b, t, 1)?;
+    let ids = random_tokens(cfg.vocab_size(), b, t, 1)?;
     let targets = crate::data::batch::Batch { input_ids: ids.clone(), labels: None }.targets()?;
     let mut opt = AdamW::new(AdamWConfig { lr: 1e-4, ..Default::default() });
     let mut report = TrainStepReport {
@@ -144,6 +150,6 @@ pub fn train_step(
 }
 
 /// Waits for the model's device, so host clocks time finished work (a no-op on the CPU).
-fn settle(model: &Gpt2) -> Result<()> {
+fn settle(model: &Model) -> Result<()> {
     crate::backend::backend(model.device())?.sync()
 }

@@ -31,7 +31,7 @@ pub enum Error {
     #[error("{op}: expected dtype {expected:?}, got {got:?}")]
     DType { op: &'static str, expected: crate::DType, got: crate::DType },
 
-    #[error("{op}: one input is on {a} and another on {b}. Move them to one device with Tensor::to_device (a model: Gpt2::to_device).")]
+    #[error("{op}: one input is on {a} and another on {b}. Move them to one device with Tensor::to_device (a model: Model::to_device).")]
     DeviceMismatch { op: &'static str, a: crate::Device, b: crate::Device },
 
     #[error("device cuda:{0} requested, but this kiln was built without CUDA. Rebuild with `cargo build --release --features cuda` (tools/install-cuda.sh installs the nvcc it needs), or use --device cpu.")]

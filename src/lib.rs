@@ -43,6 +43,6 @@ pub mod train;
 
 pub use device::Device;
 pub use error::{Error, Result};
-pub use model::gpt2::{Gpt2, Gpt2Config};
+pub use model::{Config, Gpt2Config, LlamaConfig, Model};
 pub use tape::{Gradients, Tape};
 pub use tensor::{DType, Shape, Tensor, TensorId};

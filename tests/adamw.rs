@@ -58,11 +58,11 @@ fn three_steps_match_torch_adamw() {
 
 #[test]
 fn model_step_skips_decay_on_vectors_and_frozen_parameters() {
-    use kiln::model::gpt2::{Gpt2, Gpt2Config, Mode};
-    let mut model = Gpt2::new_random(Gpt2Config::preset("tiny").unwrap(), 3).unwrap();
+    use kiln::model::{Gpt2Config, Mode, Model};
+    let mut model = Model::new_random(Gpt2Config::preset("tiny").unwrap(), 3).unwrap();
     model.params.get_mut("transformer.wpe.weight").unwrap().trainable = false;
     let before = model.clone();
-    let ids = kiln::bench::random_tokens(model.config.vocab_size, 2, 8, 0).unwrap();
+    let ids = kiln::bench::random_tokens(model.config.vocab_size(), 2, 8, 0).unwrap();
     let targets = kiln::data::batch::Batch { input_ids: ids.clone(), labels: None }.targets().unwrap();
     let mut tape = kiln::Tape::new();
     let loss = model.forward(&mut tape, &ids, Some(&targets), Mode::Eval).unwrap().loss.unwrap();

@@ -6,7 +6,7 @@
 mod common;
 
 use kiln::io::checkpoint::load_all;
-use kiln::model::gpt2::{Gpt2, Gpt2Config, Mode};
+use kiln::model::{Gpt2Config, Mode, Model};
 use kiln::optim::adamw::{adamw_step, AdamWConfig, AdamWScalars};
 use kiln::optim::adamw8bit::{adamw8bit_step, adamw8bit_update, AdamW8bit, Maps8bit, MIN_8BIT_SIZE};
 use kiln::quant::blockwise::{dynamic_map, num_blocks};
@@ -67,10 +67,10 @@ fn three_steps_match_bitsandbytes() {
 }
 
 /// A tiny GPT-2 with `wpe` frozen, and gradients of one batch.
-fn tiny_model_and_grads() -> (Gpt2, Gradients) {
-    let mut model = Gpt2::new_random(Gpt2Config::preset("tiny").unwrap(), 3).unwrap();
+fn tiny_model_and_grads() -> (Model, Gradients) {
+    let mut model = Model::new_random(Gpt2Config::preset("tiny").unwrap(), 3).unwrap();
     model.params.get_mut("transformer.wpe.weight").unwrap().trainable = false;
-    let ids = kiln::bench::random_tokens(model.config.vocab_size, 2, 8, 0).unwrap();
+    let ids = kiln::bench::random_tokens(model.config.vocab_size(), 2, 8, 0).unwrap();
     let targets = kiln::data::batch::Batch { input_ids: ids.clone(), labels: None }.targets().unwrap();
     let mut tape = kiln::Tape::new();
     let loss = model.forward(&mut tape, &ids, Some(&targets), Mode::Eval).unwrap().loss.unwrap();

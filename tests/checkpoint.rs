@@ -4,9 +4,9 @@
 //! parses back to the same config. (tools/check_transformers.py loads kiln's output in
 //! transformers itself, where torch is installed.)
 
-use kiln::io::checkpoint::{load_all, load_gpt2, save_gpt2};
+use kiln::io::checkpoint::{load_all, load_model, save_model};
 use kiln::io::safetensors::{save, SafeFile};
-use kiln::model::gpt2::{Gpt2, Gpt2Config, Mode};
+use kiln::model::{Gpt2Config, Mode, Model};
 use kiln::{DType, Tape, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -14,16 +14,16 @@ fn fixture_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle/dev-set/model")
 }
 
-fn logits(model: &Gpt2) -> Vec<f32> {
-    let ids = kiln::bench::random_tokens(model.config.vocab_size, 2, 9, 5).unwrap();
+fn logits(model: &Model) -> Vec<f32> {
+    let ids = kiln::bench::random_tokens(model.config.vocab_size(), 2, 9, 5).unwrap();
     model.forward(&mut Tape::inference(), &ids, None, Mode::Eval).unwrap().logits.f32s().unwrap().to_vec()
 }
 
 #[test]
 fn kiln_writes_what_transformers_wrote() {
-    let model = load_gpt2(&fixture_model()).unwrap();
+    let model = load_model(&fixture_model()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    save_gpt2(&model, dir.path(), DType::F32).unwrap();
+    save_model(&model, dir.path(), DType::F32).unwrap();
     let (ours, theirs) = (
         SafeFile::open(&dir.path().join("model.safetensors")).unwrap(),
         SafeFile::open(&fixture_model().join("model.safetensors")).unwrap(),
@@ -52,19 +52,19 @@ fn kiln_writes_what_transformers_wrote() {
     assert_eq!(cfg["architectures"][0], "GPT2LMHeadModel");
     assert_eq!(cfg["activation_function"], "gelu_new");
     assert_eq!(cfg["tie_word_embeddings"], true);
-    assert_eq!(Gpt2Config::from_json_file(&dir.path().join("config.json")).unwrap(), model.config);
+    assert_eq!(kiln::Config::from_json_file(&dir.path().join("config.json")).unwrap(), model.config);
 }
 
 #[test]
 fn half_precision_checkpoints_round_trip() {
-    let model = Gpt2::new_random(Gpt2Config::preset("tiny").unwrap(), 7).unwrap();
+    let model = Model::new_random(Gpt2Config::preset("tiny").unwrap(), 7).unwrap();
     for dtype in [DType::BF16, DType::F16] {
         let dir = tempfile::tempdir().unwrap();
-        save_gpt2(&model, dir.path(), dtype).unwrap();
+        save_model(&model, dir.path(), dtype).unwrap();
         let f = SafeFile::open(&dir.path().join("model.safetensors")).unwrap();
         let stored = f.info("transformer.wte.weight").unwrap().0;
         assert_eq!(stored, format!("{dtype:?}"));
-        let back = load_gpt2(dir.path()).unwrap();
+        let back = load_model(dir.path()).unwrap();
         for p in model.params.iter() {
             // loading converts to f32; the values are the rounded originals exactly
             let want = p.tensor.to_dtype(dtype).unwrap().to_f32_vec().unwrap();
@@ -78,10 +78,10 @@ fn half_precision_checkpoints_round_trip() {
 
 #[test]
 fn f32_round_trip_is_exact() {
-    let model = Gpt2::new_random(Gpt2Config::preset("tiny").unwrap(), 1).unwrap();
+    let model = Model::new_random(Gpt2Config::preset("tiny").unwrap(), 1).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    save_gpt2(&model, dir.path(), DType::F32).unwrap();
-    let back = load_gpt2(dir.path()).unwrap();
+    save_model(&model, dir.path(), DType::F32).unwrap();
+    let back = load_model(dir.path()).unwrap();
     assert_eq!(back.config, model.config);
     assert_eq!(logits(&back), logits(&model));
 }
@@ -90,7 +90,7 @@ fn f32_round_trip_is_exact() {
 fn hub_layout_without_prefix_with_buffers_and_lm_head_loads() {
     // The Hub's gpt2 stores "h.0.attn.c_attn.weight" (no "transformer."), the causal-mask
     // buffers "h.N.attn.bias", and sometimes a copy of lm_head.weight.
-    let model = load_gpt2(&fixture_model()).unwrap();
+    let model = load_model(&fixture_model()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(fixture_model().join("config.json"), dir.path().join("config.json")).unwrap();
     let mut tensors: Vec<(String, Tensor)> = model
@@ -101,12 +101,12 @@ fn hub_layout_without_prefix_with_buffers_and_lm_head_loads() {
     tensors.push(("h.0.attn.bias".into(), Tensor::zeros([1, 1, 32, 32])));
     tensors.push(("lm_head.weight".into(), model.params.get("transformer.wte.weight").unwrap().clone()));
     save(&dir.path().join("model.safetensors"), &tensors, &[]).unwrap();
-    assert_eq!(logits(&load_gpt2(dir.path()).unwrap()), logits(&model));
+    assert_eq!(logits(&load_model(dir.path()).unwrap()), logits(&model));
 }
 
 #[test]
 fn sharded_checkpoints_load() {
-    let model = load_gpt2(&fixture_model()).unwrap();
+    let model = load_model(&fixture_model()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(fixture_model().join("config.json"), dir.path().join("config.json")).unwrap();
     let all: Vec<(String, Tensor)> = model.params.iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
@@ -120,22 +120,22 @@ fn sharded_checkpoints_load() {
     }
     let index = serde_json::json!({ "metadata": {}, "weight_map": map });
     std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
-    assert_eq!(logits(&load_gpt2(dir.path()).unwrap()), logits(&model));
+    assert_eq!(logits(&load_model(dir.path()).unwrap()), logits(&model));
 }
 
 #[test]
 fn unknown_tensors_and_missing_tensors_are_errors() {
-    let model = load_gpt2(&fixture_model()).unwrap();
+    let model = load_model(&fixture_model()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(fixture_model().join("config.json"), dir.path().join("config.json")).unwrap();
     let mut tensors: Vec<(String, Tensor)> = model.params.iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
     tensors.push(("transformer.h.0.attn.q_proj.weight".into(), Tensor::zeros([4])));
     save(&dir.path().join("model.safetensors"), &tensors, &[]).unwrap();
-    let e = load_gpt2(dir.path()).err().expect("an unknown tensor must be refused").to_string();
+    let e = load_model(dir.path()).err().expect("an unknown tensor must be refused").to_string();
     assert!(e.contains("q_proj"), "{e}");
     tensors.truncate(3);
     save(&dir.path().join("model.safetensors"), &tensors, &[]).unwrap();
-    let e = load_gpt2(dir.path()).err().expect("a missing tensor must be refused").to_string();
+    let e = load_model(dir.path()).err().expect("a missing tensor must be refused").to_string();
     assert!(e.contains("has no tensor") && e.contains("transformer."), "{e}");
 }
 
@@ -162,7 +162,7 @@ fn configs_accept_generic_names_and_defaults() {
     let c = Gpt2Config::from_json(&v, Path::new("config.json")).unwrap();
     assert_eq!((c.n_positions, c.n_embd, c.n_layer, c.n_head, c.ffn_dim()), (8, 12, 1, 3, 20));
     assert_eq!(c.layer_norm_epsilon, 1e-5);
-    let model = Gpt2::new_random(c, 0).unwrap();
+    let model = Model::new_random(c, 0).unwrap();
     assert_eq!(model.params.get("transformer.h.0.mlp.c_fc.weight").unwrap().dims(), &[12, 20]);
     assert_eq!(Gpt2Config::preset("gpt2").unwrap().num_params(), 124_439_808, "GPT-2 small's published size");
     assert_eq!(Gpt2Config::preset("gpt2-medium").unwrap().num_params(), 354_823_168);
@@ -171,7 +171,7 @@ fn configs_accept_generic_names_and_defaults() {
 #[test]
 fn initialisation_follows_gpt2() {
     let c = Gpt2Config::preset("tiny").unwrap();
-    let m = Gpt2::new_random(c.clone(), 0).unwrap();
+    let m = Model::new_random(c.clone(), 0).unwrap();
     let std = |name: &str| {
         let v = m.params.get(name).unwrap().f32s().unwrap();
         let mean = v.iter().sum::<f32>() / v.len() as f32;
@@ -185,8 +185,8 @@ fn initialisation_follows_gpt2() {
     assert!(m.params.get("transformer.h.0.ln_1.weight").unwrap().f32s().unwrap().iter().all(|&x| x == 1.0));
     assert!(m.params.get("transformer.h.0.attn.c_attn.bias").unwrap().f32s().unwrap().iter().all(|&x| x == 0.0));
     // deterministic in the seed, different across seeds
-    assert_eq!(logits(&Gpt2::new_random(c.clone(), 0).unwrap()), logits(&m));
-    assert_ne!(logits(&Gpt2::new_random(c, 1).unwrap()), logits(&m));
+    assert_eq!(logits(&Model::new_random(c.clone(), 0).unwrap()), logits(&m));
+    assert_ne!(logits(&Model::new_random(c, 1).unwrap()), logits(&m));
 }
 
 /// The float keys of config.json as f64, as a JSON reader sees them.
@@ -219,11 +219,11 @@ fn config_json_holds_the_values_given_not_their_f32_roundings() {
 
     // transformers' config.json, read and written by kiln, keeps every float as transformers wrote it
     let theirs = fixture_model().join("config.json");
-    let model = load_gpt2(&fixture_model()).unwrap();
-    save_gpt2(&model, dir.path(), DType::F32).unwrap();
+    let model = load_model(&fixture_model()).unwrap();
+    save_model(&model, dir.path(), DType::F32).unwrap();
     assert_eq!(json_floats(&dir.path().join("config.json")), json_floats(&theirs));
     // and values that are not f32-exact survive a read and a write too
-    let mut c = model.config.clone();
+    let kiln::Config::Gpt2(mut c) = model.config.clone() else { panic!("a GPT-2 fixture") };
     (c.layer_norm_epsilon, c.resid_pdrop, c.initializer_range) = (1e-6, 0.15, 0.037);
     let v = c.to_json(DType::F32);
     assert_eq!(v["layer_norm_epsilon"].as_f64(), Some(1e-6));

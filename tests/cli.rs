@@ -69,8 +69,8 @@ fn init_writes_a_checkpoint_that_eval_reads_and_refuses_to_overwrite() {
     let m = dir.path().join("tiny");
     let o = kiln(&["init", "--preset", "tiny", "--out", s(&m), "--dtype", "bf16"]);
     assert!(o.status.success(), "{}", text(&o));
-    let model = kiln::io::checkpoint::load_gpt2(&m).unwrap();
-    assert_eq!(model.config, kiln::Gpt2Config::preset("tiny").unwrap());
+    let model = kiln::io::checkpoint::load_model(&m).unwrap();
+    assert_eq!(model.config, kiln::Config::Gpt2(kiln::Gpt2Config::preset("tiny").unwrap()));
     fails_with(&["init", "--preset", "tiny", "--out", s(&m)], &["already holds a checkpoint", "--overwrite"]);
     fails_with(&["init", "--preset", "gpt5", "--out", s(&m)], &["unknown preset 'gpt5'", "gpt2-medium"]);
 }
@@ -129,7 +129,20 @@ fn malformed_configs_are_rejected_with_the_reason() {
             r#"{"vocab_size": 96, "n_positions": 32, "n_embd": 48, "n_layer": 2, "n_head": 5}"#,
             &["not divisible by n_head"],
         ),
-        (r#"{"model_type": "llama", "vocab_size": 96}"#, &["model_type", "llama"]),
+        (r#"{"model_type": "mistral", "vocab_size": 96}"#, &["model_type", "mistral", "llama"]),
+        (r#"{"model_type": "llama", "vocab_size": 96}"#, &["missing required key", "hidden_size"]),
+        (
+            r#"{"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64, "attention_bias": true}"#,
+            &["attention_bias", "biases"],
+        ),
+        (
+            r#"{"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#,
+            &["rope_scaling", "yarn"],
+        ),
+        (
+            r#"{"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 3, "max_position_embeddings": 64}"#,
+            &["num_key_value_heads = 3", "divide"],
+        ),
         (
             r#"{"vocab_size": 96, "n_positions": 32, "n_embd": 48, "n_layer": 2, "n_head": 4, "scale_attn_by_inverse_layer_idx": true}"#,
             &["scale_attn_by_inverse_layer_idx"],

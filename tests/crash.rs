@@ -99,7 +99,7 @@ fn check_checkpoints(run: &Path, base: Option<&Path>, what: &str) {
             assert!(name.starts_with('.'), "{what}: unexpected entry {name} in checkpoints/");
             continue;
         }
-        let base = base.map(|b| kiln::io::checkpoint::load_gpt2(b).unwrap());
+        let base = base.map(|b| kiln::io::checkpoint::load_model(b).unwrap());
         let mut opt = kiln::optim::AdamW::new(kiln::optim::AdamWConfig::default());
         if let Err(e) = checkpoint::load(&p, base, &mut opt) {
             panic!("{what}: {name} is taken for a checkpoint but does not load: {e}");
@@ -283,7 +283,7 @@ fn merge_and_quantize_killed_anywhere_leave_old_or_new_never_half() {
     };
     let reference = tmp.path().join("merged");
     assert!(merge(&reference, None).status.success());
-    let load = |dir: &Path| kiln::io::checkpoint::load_gpt2(dir);
+    let load = |dir: &Path| kiln::io::checkpoint::load_model(dir);
     let new = weights(&reference);
     let old = weights(&base);
     // into a new directory, and over an existing checkpoint (the base's weights)
@@ -305,7 +305,7 @@ fn merge_and_quantize_killed_anywhere_leave_old_or_new_never_half() {
                 let w = weights(&out);
                 assert!(w == new || w == old, "{what}: the weights are neither the old nor the new ones");
                 assert!(out.join("tokenizer.json").exists(), "{what}: weights without their tokenizer");
-                assert!(m.config.n_layer == 1);
+                assert!(m.config.n_layer() == 1);
                 if w == new {
                     assert_eq!(
                         std::fs::read(out.join("config.json")).unwrap(),

@@ -142,7 +142,7 @@ fn lora_finetuning_trains_only_the_adapter_and_resumes_exactly() {
     assert!(ckpt.join("adapter_config.json").exists() && ckpt.join("adapter_model.safetensors").exists());
     assert!(!ckpt.join("model.safetensors").exists(), "a LoRA checkpoint holds the adapter, not the frozen base");
     // the adapter loads onto the base with kiln's PEFT reader, and moved away from its B = 0 start
-    let mut m = kiln::io::checkpoint::load_gpt2(&base).unwrap();
+    let mut m = kiln::io::checkpoint::load_model(&base).unwrap();
     kiln::io::peft::load_adapter(&mut m, &ckpt).unwrap();
     let lora = m.lora.as_ref().unwrap();
     assert!(lora.params.iter().filter(|p| p.name.contains("lora_B")).any(|p| p
@@ -183,7 +183,7 @@ fn lora_on_wte_and_lm_head_finetunes_into_a_peft_adapter() {
         json["target_modules"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     targets.sort();
     assert_eq!(targets, ["c_attn", "lm_head", "wte"]);
-    let mut m = kiln::io::checkpoint::load_gpt2(&base).unwrap();
+    let mut m = kiln::io::checkpoint::load_model(&base).unwrap();
     kiln::io::peft::load_adapter(&mut m, &ckpt).unwrap();
     let lora = m.lora.as_ref().unwrap();
     // both factors that start at zero (lora_embedding_A, lm_head's lora_B) have moved

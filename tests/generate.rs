@@ -3,7 +3,7 @@
 //! full-recompute forward, each logits processor as a pure function on hand-made logits,
 //! sampling's determinism, EOS, several sequences, bad input, and the `kiln generate` CLI.
 //!
-//! Tolerances. The cached path runs the same ops as `Gpt2::forward` on fewer rows; only the GEMMs
+//! Tolerances. The cached path runs the same ops as `Model::forward` on fewer rows; only the GEMMs
 //! may block the reduction differently for a different row count, so the two agree to a few f32
 //! roundings of logits of order 1-10: 1e-5 of max |logit| (observed ~1e-7). Against transformers
 //! (another summation order throughout) the same 1e-4 as tests/gpt2_parity.rs.
@@ -15,10 +15,10 @@ use common::max_rel_err;
 use kiln::backend::{AttnDims, KvDims};
 
 use kiln::backend::cpu::attention::{attention_decode, attention_forward};
-use kiln::io::checkpoint::{load_all, load_gpt2};
+use kiln::io::checkpoint::{load_all, load_model};
 use kiln::model::generate::{self as g, generate, GenerateConfig};
-use kiln::model::gpt2::{KvCache, Mode};
-use kiln::{Gpt2, Tape, Tensor};
+use kiln::model::{KvCache, Mode};
+use kiln::{Model, Tape, Tensor};
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 
@@ -29,8 +29,8 @@ fn fixture(set: &str, name: &str) -> PathBuf {
 }
 
 /// The model, prompt and transformers' greedy output (prompt included) of an oracle set.
-fn oracle(set: &str) -> (Gpt2, Vec<u32>, Vec<u32>) {
-    let model = load_gpt2(&fixture(set, "model")).unwrap();
+fn oracle(set: &str) -> (Model, Vec<u32>, Vec<u32>) {
+    let model = load_model(&fixture(set, "model")).unwrap();
     let gen = load_all(&fixture(set, "generate.safetensors")).unwrap();
     let ids = |k: &str| gen[k].i32s().unwrap().iter().map(|&i| i as u32).collect::<Vec<_>>();
     (model, ids("prompt"), ids("output"))
@@ -45,10 +45,10 @@ fn sampling(max_new_tokens: usize, seed: u64) -> GenerateConfig {
 }
 
 /// The last position's logits of a full-recompute forward over `ids`.
-fn full_last_logits(model: &Gpt2, ids: &[u32]) -> Vec<f32> {
+fn full_last_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
     let t = Tensor::from_i32(ids.iter().map(|&i| i as i32).collect(), [1, ids.len()]).unwrap();
     let logits = model.forward(&mut Tape::inference(), &t, None, Mode::Eval).unwrap().logits;
-    let v = model.config.vocab_size;
+    let v = model.config.vocab_size();
     logits.f32s().unwrap()[(ids.len() - 1) * v..].to_vec()
 }
 
@@ -68,7 +68,7 @@ fn greedy_equals_transformers_on_both_fixtures() {
 fn cached_logits_equal_the_oracle_and_the_full_forward() {
     let (model, prompt, output) = oracle("dev-set");
     let steps = load_all(&fixture("dev-set", "generate.safetensors")).unwrap()["step_logits"].clone(); // [8, V]
-    let v = model.config.vocab_size;
+    let v = model.config.vocab_size();
     let mut cache = KvCache::new(&model.config, 1, output.len()).unwrap();
     let mut logits = model.forward_cached(&prompt, &mut cache).unwrap();
     for (i, want) in steps.f32s().unwrap().chunks(v).enumerate() {
@@ -88,7 +88,7 @@ fn cached_logits_equal_the_oracle_and_the_full_forward() {
 #[test]
 fn cached_forward_equals_full_forward_for_any_chunking() {
     let (model, _, _) = oracle("dev-gen");
-    let (np, v) = (model.config.n_positions, model.config.vocab_size);
+    let (np, v) = (model.config.n_positions(), model.config.vocab_size());
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let rows: Vec<Vec<u32>> = (0..2).map(|_| (0..np).map(|_| rng.random_range(0..v as u32)).collect()).collect();
     let mut cache = KvCache::new(&model.config, 2, np).unwrap();
@@ -400,9 +400,9 @@ fn cli_refuses_bad_input() {
 
 // ---- one forward pass: the cache is the model's own forward ----
 
-/// `generate` without a cache: every step runs `Gpt2::forward` over the whole sequence so far and
+/// `generate` without a cache: every step runs `Model::forward` over the whole sequence so far and
 /// picks from its last position with the same processors and random streams.
-fn generate_full_recompute(model: &Gpt2, prompt: &[u32], cfg: &GenerateConfig) -> Vec<Vec<u32>> {
+fn generate_full_recompute(model: &Model, prompt: &[u32], cfg: &GenerateConfig) -> Vec<Vec<u32>> {
     (0..cfg.num_return_sequences)
         .map(|s| {
             let seed = cfg.seed ^ (s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -428,7 +428,7 @@ fn generate_full_recompute(model: &Gpt2, prompt: &[u32], cfg: &GenerateConfig) -
 fn generate_with_the_cache_equals_full_recompute() {
     for set in ["dev-gen", "dev-set"] {
         let (model, prompt, _) = oracle(set);
-        let cfg = greedy(model.config.n_positions - prompt.len());
+        let cfg = greedy(model.config.n_positions() - prompt.len());
         let got = generate(&model, &prompt, &cfg, |_, _| {}).unwrap();
         assert_eq!(got, generate_full_recompute(&model, &prompt, &cfg), "{set}: greedy");
     }
@@ -466,7 +466,7 @@ fn the_cached_forward_refuses_a_training_tape() {
     assert!(err.contains("no backward") && err.contains("without a KV cache"), "{err}");
     assert_eq!(cache.len(), 0);
     let out = model.forward_with(&mut Tape::inference(), &ids, None, Mode::Eval, Some(&mut cache)).unwrap();
-    assert_eq!((out.logits.dims(), cache.len()), (&[1, 1, model.config.vocab_size][..], 4));
+    assert_eq!((out.logits.dims(), cache.len()), (&[1, 1, model.config.vocab_size()][..], 4));
 }
 
 #[cfg(feature = "cuda")]
@@ -504,7 +504,7 @@ mod cuda {
         let (mut model, _, _) = oracle("dev-gen");
         model.to_device(Device::Cuda(0)).unwrap();
         let model = model.inference_copy().unwrap();
-        let (np, v) = (model.config.n_positions, model.config.vocab_size);
+        let (np, v) = (model.config.n_positions(), model.config.vocab_size());
         let mut rng = rand::rngs::StdRng::seed_from_u64(8);
         let rows: Vec<Vec<u32>> = (0..2).map(|_| (0..np).map(|_| rng.random_range(0..v as u32)).collect()).collect();
         let full = |ids: &[u32]| {

@@ -13,9 +13,9 @@
 
 mod common;
 
-use kiln::model::gpt2::Mode;
+use kiln::model::Mode;
 use kiln::optim::{AdamW, AdamWConfig};
-use kiln::{Device, Gpt2, Gpt2Config, Tape, Tensor};
+use kiln::{Device, Gpt2Config, Model, Tape, Tensor};
 
 /// A 2-layer GPT-2 without dropout of the given sizes.
 fn config(vocab_size: usize, n_positions: usize, n_embd: usize, n_head: usize) -> Gpt2Config {
@@ -37,8 +37,8 @@ fn config(vocab_size: usize, n_positions: usize, n_embd: usize, n_head: usize) -
 }
 
 /// A small GPT-2 with awkward sizes: head dim 16, vocabulary 97, T = 33 (crosses a 32-key tile).
-fn model() -> Gpt2 {
-    Gpt2::new_random(config(97, 64, 64, 4), 7).unwrap()
+fn model() -> Model {
+    Model::new_random(config(97, 64, 64, 4), 7).unwrap()
 }
 
 fn batch() -> (Tensor, Tensor) {
@@ -131,8 +131,8 @@ fn a_cuda_model_trains_and_saves_a_host_checkpoint() {
     // Memorising one batch: the loss must fall well below its start (ln 97 = 4.57).
     assert!(losses[29] < 0.5 * losses[0], "losses {losses:?}");
     let dir = tempfile::tempdir().unwrap();
-    kiln::io::checkpoint::save_gpt2(&m, dir.path(), kiln::DType::F32).unwrap();
-    let back = kiln::io::checkpoint::load_gpt2(dir.path()).unwrap();
+    kiln::io::checkpoint::save_model(&m, dir.path(), kiln::DType::F32).unwrap();
+    let back = kiln::io::checkpoint::load_model(dir.path()).unwrap();
     assert_eq!(back.device(), Device::Cpu);
     let mut tape = Tape::inference();
     let l = back.forward(&mut tape, &ids, Some(&targets), Mode::Eval).unwrap().loss.unwrap().item().unwrap();
@@ -148,9 +148,9 @@ fn kiln_grads_on_the_emulated_device_matches_the_cpu() {
     use kiln::io::checkpoint::load_all;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(211, 48, 96, 3);
-    let m = Gpt2::new_random(cfg, 11).unwrap();
+    let m = Model::new_random(cfg, 11).unwrap();
     let model_dir = dir.path().join("model");
-    kiln::io::checkpoint::save_gpt2(&m, &model_dir, kiln::DType::F32).unwrap();
+    kiln::io::checkpoint::save_model(&m, &model_dir, kiln::DType::F32).unwrap();
     let ids = kiln::bench::random_tokens(211, 3, 45, 5).unwrap();
     let batch = dir.path().join("batch.safetensors");
     kiln::io::safetensors::save(&batch, &[("input_ids".to_string(), ids)], &[]).unwrap();

@@ -9,8 +9,8 @@ mod common;
 use common::max_rel_err_t;
 
 use kiln::data::batch::Batch;
-use kiln::io::checkpoint::{load_all, load_gpt2};
-use kiln::model::gpt2::Mode;
+use kiln::io::checkpoint::{load_all, load_model};
+use kiln::model::Mode;
 use kiln::{Tape, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -22,7 +22,7 @@ fn fixture(name: &str) -> PathBuf {
 
 #[test]
 fn logits_loss_and_every_gradient_match_transformers() {
-    let model = load_gpt2(&fixture("model")).unwrap();
+    let model = load_model(&fixture("model")).unwrap();
     let batch = Batch::load(&fixture("batch.safetensors")).unwrap();
     let forward = load_all(&fixture("forward.safetensors")).unwrap();
     let grads = load_all(&fixture("grads.safetensors")).unwrap();
@@ -55,7 +55,7 @@ fn logits_loss_and_every_gradient_match_transformers() {
 #[test]
 fn hidden_states_match_transformers() {
     // Hidden state 0 is the embedding output; checking it pins down wte/wpe handling on its own.
-    let model = load_gpt2(&fixture("model")).unwrap();
+    let model = load_model(&fixture("model")).unwrap();
     let batch = Batch::load(&fixture("batch.safetensors")).unwrap();
     let forward = load_all(&fixture("forward.safetensors")).unwrap();
     let mut tape = Tape::inference();
@@ -79,7 +79,7 @@ fn tied_embedding_gradient_is_the_sum_of_its_two_uses() {
     assert!(max_rel_err_t(&sum, &grads["transformer.wte.weight"]) < 1e-6);
 
     // and kiln's dlogits equal transformers' (the cross-entropy backward on its own)
-    let model = load_gpt2(&fixture("model")).unwrap();
+    let model = load_model(&fixture("model")).unwrap();
     let batch = Batch::load(&fixture("batch.safetensors")).unwrap();
     let mut tape = Tape::new();
     let out = model.forward(&mut tape, &batch.input_ids, None, Mode::Eval).unwrap();
@@ -94,7 +94,7 @@ fn tied_embedding_gradient_is_the_sum_of_its_two_uses() {
 
 #[test]
 fn frozen_parameters_get_no_gradient() {
-    let mut model = load_gpt2(&fixture("model")).unwrap();
+    let mut model = load_model(&fixture("model")).unwrap();
     model.params.set_trainable(false);
     model.params.get_mut("transformer.ln_f.bias").unwrap().trainable = true;
     let batch = Batch::load(&fixture("batch.safetensors")).unwrap();

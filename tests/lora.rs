@@ -20,15 +20,15 @@ use common::max_rel_err_t;
 
 use common::{grad_check, poison_pool, rand_tensor, rng, Objective, Tol, POOLED};
 use kiln::data::batch::Batch;
-use kiln::io::checkpoint::{load_all, load_gpt2, save_gpt2};
+use kiln::io::checkpoint::{load_all, load_model, save_model};
 use kiln::io::peft::{self, load_adapter, save_adapter};
-use kiln::model::gpt2::Mode;
 use kiln::model::lora;
+use kiln::model::Mode;
 use kiln::nn::lora::LoraConfig;
 use kiln::ops::elementwise;
 use kiln::ops::gemm::{linear, matmul, Trans, WeightLayout};
 use kiln::ops::lora::{lora_embedding, lora_linear, LoraAdapter};
-use kiln::{DType, Gpt2, Tape, Tensor};
+use kiln::{DType, Model, Tape, Tensor};
 use std::path::{Path, PathBuf};
 
 const TOL: f32 = 1e-4;
@@ -37,11 +37,11 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle/dev-set").join(name)
 }
 
-fn base() -> Gpt2 {
-    load_gpt2(&fixture("model")).unwrap()
+fn base() -> Model {
+    load_model(&fixture("model")).unwrap()
 }
 
-fn with_adapter(dir: &Path) -> Gpt2 {
+fn with_adapter(dir: &Path) -> Model {
     let mut m = base();
     load_adapter(&mut m, dir).unwrap();
     m
@@ -53,7 +53,7 @@ fn batch() -> (Tensor, Tensor) {
     (b.input_ids, t)
 }
 
-fn logits(model: &Gpt2) -> Tensor {
+fn logits(model: &Model) -> Tensor {
     model.forward(&mut Tape::inference(), &batch().0, None, Mode::Eval).unwrap().logits
 }
 
@@ -396,7 +396,7 @@ fn kiln_merge_writes_a_plain_checkpoint_and_generate_agrees_with_the_adapter() {
     let o = kiln(&["merge", "--model", s(&base_dir), "--adapter", s(&adapter), "--out", s(&merged_dir)]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(std::fs::read(merged_dir.join("tokenizer.json")).unwrap(), b"{\"stand-in\": true}");
-    let merged = load_gpt2(&merged_dir).unwrap();
+    let merged = load_model(&merged_dir).unwrap();
     let e = max_rel_err_t(&logits(&merged), &logits(&with_adapter(&adapter)));
     assert!(e < 1e-5, "kiln merge output vs unmerged adapter: logits rel err {e}");
 
@@ -425,7 +425,7 @@ fn kiln_merge_writes_a_plain_checkpoint_and_generate_agrees_with_the_adapter() {
 
     // and the same through the library: the KV-cached path with the adapter against the merged one
     let cfg = kiln::model::generate::GenerateConfig { max_new_tokens: 20, ..Default::default() };
-    let run = |m: &Gpt2| kiln::model::generate::generate(m, &[5, 17, 3, 60, 2], &cfg, |_, _| {}).unwrap();
+    let run = |m: &Model| kiln::model::generate::generate(m, &[5, 17, 3, 60, 2], &cfg, |_, _| {}).unwrap();
     assert_eq!(run(&with_adapter(&adapter)), run(&merged));
 
     // bf16 output, and refusals: an existing checkpoint, the base directory itself
@@ -539,10 +539,10 @@ fn a_fresh_adapter_is_peft_initialised_and_changes_nothing() {
 fn adapter_dropout_is_seeded_and_only_in_training() {
     let mut model = with_adapter(&fixture("lora"));
     // The model's own dropout off, so that only the adapter's remains.
-    model.config.embd_pdrop = 0.0;
-    model.config.resid_pdrop = 0.0;
+    let kiln::Config::Gpt2(c) = &mut model.config else { panic!("a GPT-2 fixture") };
+    (c.embd_pdrop, c.resid_pdrop) = (0.0, 0.0);
     let (ids, targets) = batch();
-    let run = |m: &Gpt2, mode| {
+    let run = |m: &Model, mode| {
         m.forward(&mut Tape::inference(), &ids, Some(&targets), mode).unwrap().loss.unwrap().item().unwrap()
     };
     let eval = run(&model, Mode::Eval);
@@ -725,12 +725,11 @@ fn an_adapter_for_another_base_model_is_rejected() {
     );
     // deeper and shallower than the adapter's 2 layers, same width
     for (n_layer, needles) in [(3, &["n_layer = 2", "n_layer = 3"][..]), (1, &["layer 1", "n_layer = 1"][..])] {
-        let mut cfg = base().config;
-        cfg.n_layer = n_layer;
+        let cfg = base().config.with_n_layer(n_layer);
         let dir = tmp.path().join(format!("layers{n_layer}"));
-        save_gpt2(&Gpt2::new_random(cfg, 0).unwrap(), &dir, DType::F32).unwrap();
+        save_model(&Model::new_random(cfg, 0).unwrap(), &dir, DType::F32).unwrap();
         grads_fails(&dir, &adapter, needles);
-        let mut m = load_gpt2(&dir).unwrap();
+        let mut m = load_model(&dir).unwrap();
         let e = err_of(load_adapter(&mut m, &adapter));
         assert!(needles.iter().all(|n| e.contains(n)), "{e}");
         assert!(m.lora.is_none() && m.params.iter().all(|p| p.trainable), "a failed load leaves the model as it was");
@@ -999,13 +998,13 @@ fn grads_and_generate_take_an_embedding_and_lm_head_adapter() {
     for _ in 0..12 {
         let ids = Tensor::from_i32(seq.iter().map(|&x| x as i32).collect(), [1, seq.len()]).unwrap();
         let lg = model.forward(&mut Tape::inference(), &ids, None, Mode::Eval).unwrap().logits;
-        let v = model.config.vocab_size;
+        let v = model.config.vocab_size();
         let last = &lg.f32s().unwrap()[(seq.len() - 1) * v..];
         let best = (0..v).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap();
         seq.push(best as u32);
     }
     let cfg = kiln::model::generate::GenerateConfig { max_new_tokens: 12, eos_token_id: None, ..Default::default() };
-    let run = |m: &Gpt2| kiln::model::generate::generate(m, &prompt, &cfg, |_, _| {}).unwrap().remove(0);
+    let run = |m: &Model| kiln::model::generate::generate(m, &prompt, &cfg, |_, _| {}).unwrap().remove(0);
     let cached = run(&model);
     assert_eq!(cached, seq, "KV-cached greedy vs full-forward greedy");
     assert_ne!(cached, run(&base()), "the adapter changes what is generated");

@@ -363,8 +363,8 @@ mod cuda {
     fn kiln_quantize_on_the_device_writes_the_cpus_bytes() {
         let Some(cu) = common::gpu("kiln_quantize_on_the_device_writes_the_cpus_bytes") else { return };
         let dir = tempfile::tempdir().unwrap();
-        let model = kiln::Gpt2::new_random(kiln::Gpt2Config::preset("tiny").unwrap(), 3).unwrap();
-        kiln::io::checkpoint::save_gpt2(&model, &dir.path().join("base"), kiln::DType::F32).unwrap();
+        let model = kiln::Model::new_random(kiln::Gpt2Config::preset("tiny").unwrap(), 3).unwrap();
+        kiln::io::checkpoint::save_model(&model, &dir.path().join("base"), kiln::DType::F32).unwrap();
         let device = if cu.is_emulated() { "emu" } else { "cuda" };
         let run = |dev: &str| {
             let out = dir.path().join(format!("q-{dev}"));

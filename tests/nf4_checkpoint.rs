@@ -10,8 +10,8 @@ use common::cli::kiln;
 
 use common::sft::{base_model, losses};
 use kiln::data::batch::Batch;
-use kiln::io::checkpoint::{load_all, load_gpt2, load_gpt2_nf4_base, save_gpt2};
-use kiln::model::gpt2::{Gpt2, Mode};
+use kiln::io::checkpoint::{load_all, load_model, load_nf4_base, save_model};
+use kiln::model::{Mode, Model};
 use kiln::quant::nf4::{quantize_nf4, NF4_BLOCKSIZE};
 use kiln::{DType, Tape, Tensor};
 use std::path::{Path, PathBuf};
@@ -42,7 +42,7 @@ fn s(p: &Path) -> &str {
 
 /// The model with every 2-D weight replaced by its NF4 round trip (block size 64, absmax
 /// double-quantized or not), as `kiln quantize` computes it.
-fn dequantized_twin(model: &Gpt2, double_quant: bool, only: impl Fn(&str) -> bool) -> Gpt2 {
+fn dequantized_twin(model: &Model, double_quant: bool, only: impl Fn(&str) -> bool) -> Model {
     let mut twin = model.clone();
     for p in twin.params.iter_mut().filter(|p| p.tensor.dims().len() == 2 && only(&p.name)) {
         let q = quantize_nf4(p.tensor.f32s().unwrap(), NF4_BLOCKSIZE).unwrap();
@@ -83,9 +83,9 @@ fn eval_and_generate_read_a_quantized_checkpoint() {
     assert_eq!(std::fs::read(q_dir.join("config.json")).unwrap(), std::fs::read(f32_dir.join("config.json")).unwrap());
 
     // the loaded weights are the dequantized values, bit for bit (embeddings included)
-    let f32_model = load_gpt2(&f32_dir).unwrap();
+    let f32_model = load_model(&f32_dir).unwrap();
     let twin = dequantized_twin(&f32_model, true, |_| true);
-    let loaded = load_gpt2(&q_dir).unwrap();
+    let loaded = load_model(&q_dir).unwrap();
     assert!(loaded.nf4.is_none(), "eval and generate get plain f32 weights");
     for p in twin.params.iter() {
         let got = loaded.params.get(&p.name).unwrap();
@@ -95,7 +95,7 @@ fn eval_and_generate_read_a_quantized_checkpoint() {
     // kiln eval prints the loss of the dequantized model, not the f32 one
     let batch = batch_file(tmp.path(), 512);
     let b = Batch::load(&batch).unwrap();
-    let loss = |m: &Gpt2| {
+    let loss = |m: &Model| {
         let out = m.forward(&mut Tape::inference(), &b.input_ids, Some(&b.targets().unwrap()), Mode::Eval).unwrap();
         format!("{:.6}", out.loss.unwrap().item().unwrap())
     };
@@ -109,7 +109,7 @@ fn eval_and_generate_read_a_quantized_checkpoint() {
     // kiln generate (sampled, so every probability matters): the same tokens as from a plain
     // checkpoint holding the dequantized weights
     let twin_dir = tmp.path().join("twin");
-    save_gpt2(&twin, &twin_dir, DType::F32).unwrap();
+    save_model(&twin, &twin_dir, DType::F32).unwrap();
     let sample = |m: &Path| {
         let ids = "5,17,230";
         ok(&[
@@ -169,7 +169,7 @@ fn qlora_from_a_quantized_checkpoint_trains_as_from_the_f32_one() {
 
     // Conv1D weights stored in NF4 (single and double-quantized absmax) load as the same codes
     // that QLoRA's on-the-fly quantization of the f32 base gives
-    let mut fly = load_gpt2(&base).unwrap();
+    let mut fly = load_model(&base).unwrap();
     fly.quantize_nf4(NF4_BLOCKSIZE).unwrap();
     for dq in [false, true] {
         let q = tmp.path().join(format!("keep-{dq}"));
@@ -179,7 +179,7 @@ fn qlora_from_a_quantized_checkpoint_trains_as_from_the_f32_one() {
         }
         let said = ok(&args);
         assert!(said.contains("quantized 8 matrices"), "{said}");
-        let mut pre = load_gpt2_nf4_base(&q).unwrap();
+        let mut pre = load_nf4_base(&q).unwrap();
         assert_eq!(pre.nf4.as_ref().map(|m| m.len()), Some(8), "the Conv1D weights stay NF4");
         assert!(pre.params.iter().all(|p| !p.trainable));
         pre.quantize_nf4(NF4_BLOCKSIZE).unwrap();
@@ -200,8 +200,8 @@ fn qlora_from_a_quantized_checkpoint_trains_as_from_the_f32_one() {
     let all = tmp.path().join("all");
     ok(&["quantize", "--in", s(&base), "--out", s(&all)]);
     let twin_dir = tmp.path().join("twin");
-    let twin = dequantized_twin(&load_gpt2(&base).unwrap(), false, |n| n.contains(".wte.") || n.contains(".wpe."));
-    save_gpt2(&twin, &twin_dir, DType::F32).unwrap();
+    let twin = dequantized_twin(&load_model(&base).unwrap(), false, |n| n.contains(".wte.") || n.contains(".wpe."));
+    save_model(&twin, &twin_dir, DType::F32).unwrap();
     std::fs::copy(base.join("tokenizer.json"), twin_dir.join("tokenizer.json")).unwrap();
     let from_all = qlora_losses(&all, &data, &tmp.path().join("run-all"));
     let from_twin = qlora_losses(&twin_dir, &data, &tmp.path().join("run-twin"));
@@ -283,7 +283,7 @@ fn broken_or_misplaced_quantized_checkpoints_are_named() {
         kiln::io::safetensors::save(&dir.join("model.safetensors"), &t, &[]).unwrap();
         let err = fails(&["eval", "--model", s(&dir), "--batch", s(&batch)], needles);
         assert!(err.contains(name), "{what}: {err}");
-        assert!(load_gpt2_nf4_base(&dir).is_err(), "{what}");
+        assert!(load_nf4_base(&dir).is_err(), "{what}");
     }
 }
 

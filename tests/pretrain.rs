@@ -183,7 +183,7 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     assert!(e.contains("training stopped at step") && e.contains("last good checkpoint"), "{e}");
     // every checkpoint left is loadable and finite
     let latest = kiln::train::checkpoint::latest(dir.path()).unwrap().unwrap();
-    let m = kiln::io::checkpoint::load_gpt2(&latest).unwrap();
+    let m = kiln::io::checkpoint::load_model(&latest).unwrap();
     assert!(
         m.params.iter().all(|p| p.tensor.f32s().unwrap().iter().all(|x| x.is_finite())),
         "{} holds non-finite weights",

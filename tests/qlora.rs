@@ -12,8 +12,8 @@ use common::max_rel_err_t;
 
 use common::sft::{base_model, config, losses, opts};
 use common::{poison_pool, rand_tensor, rng};
-use kiln::model::gpt2::{Gpt2, Gpt2Config, Mode};
 use kiln::model::lora;
+use kiln::model::{Gpt2Config, Mode, Model};
 use kiln::nn::lora::LoraConfig;
 use kiln::ops::gemm::{linear, WeightLayout};
 use kiln::ops::lora::{lora_linear, LoraAdapter};
@@ -132,7 +132,7 @@ fn tiny(n_embd: usize, n_inner: Option<usize>) -> Gpt2Config {
 }
 
 /// The same model with every Conv1D weight replaced by its NF4 round trip, in f32.
-fn dequantized_twin(f32_model: &Gpt2, q: &Gpt2) -> Gpt2 {
+fn dequantized_twin(f32_model: &Model, q: &Model) -> Model {
     let mut twin = f32_model.clone();
     for (name, w) in q.nf4.as_ref().unwrap() {
         let t = Tensor::from_f32(w.dequantize().unwrap(), w.dims).unwrap();
@@ -143,7 +143,7 @@ fn dequantized_twin(f32_model: &Gpt2, q: &Gpt2) -> Gpt2 {
 
 #[test]
 fn a_quantized_gpt2_equals_its_dequantized_twin_and_stays_close_to_f32() {
-    let f = Gpt2::new_random(tiny(64, None), 3).unwrap();
+    let f = Model::new_random(tiny(64, None), 3).unwrap();
     let mut q = f.clone();
     q.quantize_nf4(NF4_BLOCKSIZE).unwrap();
     assert_eq!(q.nf4.as_ref().unwrap().len(), 8);
@@ -151,7 +151,7 @@ fn a_quantized_gpt2_equals_its_dequantized_twin_and_stays_close_to_f32() {
     assert!(q.params.iter().all(|p| !p.trainable));
     let twin = dequantized_twin(&f, &q);
     let ids = Tensor::from_i32((0..2 * 24).map(|i| i * 37 % 96).collect(), [2, 24]).unwrap();
-    let logits = |m: &Gpt2| m.forward(&mut Tape::inference(), &ids, None, Mode::Eval).unwrap().logits;
+    let logits = |m: &Model| m.forward(&mut Tape::inference(), &ids, None, Mode::Eval).unwrap().logits;
     let (lq, lt, lf) = (logits(&q), logits(&twin), logits(&f));
     assert!(max_rel_err_t(&lq, &lt) <= SAME_MATH, "{:e}", max_rel_err_t(&lq, &lt));
     // The bound is set against the weights' own error: NF4 moves each Conv1D weight by e_w
@@ -173,11 +173,11 @@ fn a_quantized_gpt2_equals_its_dequantized_twin_and_stays_close_to_f32() {
     );
     assert!(rel_l2 < 2.0 * e_w, "{rel_l2} vs {e_w}");
     // memory: 4 bytes a Conv1D weight in f32, about 0.52 in NF4
-    let conv: usize = lora::conv1d_modules(&f.config).iter().map(|(_, i, o)| i * o).sum();
+    let conv: usize = lora::block_modules(&f.config).iter().map(|(_, _, i, o)| i * o).sum();
     assert_eq!(q.nf4_numel(), conv);
-    let nf4_bytes: usize = lora::conv1d_modules(&f.config)
+    let nf4_bytes: usize = lora::block_modules(&f.config)
         .iter()
-        .map(|(_, i, o)| i * o / 2 + i * o / 64 + 4 * (i * o / 64).div_ceil(256) + 4)
+        .map(|(_, _, i, o)| i * o / 2 + i * o / 64 + 4 * (i * o / 64).div_ceil(256) + 4)
         .sum();
     assert_eq!(q.weight_bytes(), 4 * (f.params.numel() - conv) + nf4_bytes);
     println!("tiny model weights: f32 {} bytes, QLoRA {} bytes", 4 * f.params.numel(), q.weight_bytes());
@@ -185,7 +185,7 @@ fn a_quantized_gpt2_equals_its_dequantized_twin_and_stays_close_to_f32() {
 
 #[test]
 fn lora_gradients_on_the_nf4_base_equal_those_on_its_dequantized_twin() {
-    let f = Gpt2::new_random(tiny(64, None), 5).unwrap();
+    let f = Model::new_random(tiny(64, None), 5).unwrap();
     let mut q = f.clone();
     q.quantize_nf4(NF4_BLOCKSIZE).unwrap();
     let mut twin = dequantized_twin(&f, &q);
@@ -202,7 +202,7 @@ fn lora_gradients_on_the_nf4_base_equal_those_on_its_dequantized_twin() {
     }
     let ids = Tensor::from_i32((0..2 * 16).map(|i| i * 13 % 96).collect(), [2, 16]).unwrap();
     let tgt = Tensor::from_i32((0..2 * 16).map(|i| (i * 13 + 5) % 96).collect(), [2, 16]).unwrap();
-    let grads = |m: &Gpt2| {
+    let grads = |m: &Model| {
         let mut tape = Tape::new();
         let out = m.forward(&mut tape, &ids, Some(&tgt), Mode::Train { seed: 4 }).unwrap();
         let loss = out.loss.unwrap();
@@ -218,7 +218,7 @@ fn lora_gradients_on_the_nf4_base_equal_those_on_its_dequantized_twin() {
     }
     // generation runs through the NF4 op too and agrees with the twin
     let cfg = kiln::model::generate::GenerateConfig { max_new_tokens: 8, ..Default::default() };
-    let run = |m: &Gpt2| kiln::model::generate::generate(m, &[5, 17, 3], &cfg, |_, _| {}).unwrap();
+    let run = |m: &Model| kiln::model::generate::generate(m, &[5, 17, 3], &cfg, |_, _| {}).unwrap();
     assert_eq!(run(&q), run(&twin));
     // merging dequantizes the base and folds the adapter in
     let merged = lora::merged(&q).unwrap();
@@ -228,17 +228,17 @@ fn lora_gradients_on_the_nf4_base_equal_those_on_its_dequantized_twin() {
 #[test]
 fn a_layer_not_a_multiple_of_the_block_size_is_refused_by_name() {
     // n_embd 20: c_attn is 20 x 60 = 1200 elements, 18.75 blocks of 64
-    let mut m = Gpt2::new_random(tiny(20, None), 0).unwrap();
+    let mut m = Model::new_random(tiny(20, None), 0).unwrap();
     let e = m.quantize_nf4(NF4_BLOCKSIZE).unwrap_err().to_string();
     assert!(e.contains("transformer.h.0.attn.c_attn") && e.contains("1200") && e.contains("64"), "{e}");
     assert!(m.nf4.is_none() && m.params.get("transformer.h.0.attn.c_attn.weight").is_ok(), "nothing changed");
     // n_embd 16, n_inner 18: attention fits (768, 256), mlp.c_fc is 16 x 18 = 288
-    let mut m = Gpt2::new_random(tiny(16, Some(18)), 0).unwrap();
+    let mut m = Model::new_random(tiny(16, Some(18)), 0).unwrap();
     let e = m.quantize_nf4(NF4_BLOCKSIZE).unwrap_err().to_string();
     assert!(e.contains("transformer.h.0.mlp.c_fc") && e.contains("288"), "{e}");
     assert!(m.nf4.is_none() && m.params.get("transformer.h.0.attn.c_attn.weight").is_ok(), "nothing changed");
     // n_embd 24: 24 x 72, 24 x 24, 24 x 96 are all whole blocks
-    let mut m = Gpt2::new_random(tiny(24, None), 0).unwrap();
+    let mut m = Model::new_random(tiny(24, None), 0).unwrap();
     m.quantize_nf4(NF4_BLOCKSIZE).unwrap();
 }
 
@@ -271,7 +271,7 @@ fn qlora_finetuning_trains_only_the_adapter_and_resumes_exactly() {
     assert!(ckpt.join("adapter_config.json").exists() && ckpt.join("adapter_model.safetensors").exists());
     assert!(!ckpt.join("model.safetensors").exists(), "a QLoRA checkpoint holds the adapter, not the base");
     // the adapter is a plain PEFT adapter: it loads onto the f32 base and moved away from B = 0
-    let mut m = kiln::io::checkpoint::load_gpt2(&base).unwrap();
+    let mut m = kiln::io::checkpoint::load_model(&base).unwrap();
     kiln::io::peft::load_adapter(&mut m, &ckpt).unwrap();
     let lora = m.lora.as_ref().unwrap();
     assert!(lora.params.iter().filter(|p| p.name.contains("lora_B")).any(|p| p
@@ -413,15 +413,15 @@ fn lora_and_qlora_finetuning_on_the_device_track_the_cpu_for_10_steps() {
 #[test]
 fn the_memory_plan_counts_what_the_built_model_holds() {
     use kiln::train::memory::Counts;
-    let config = Gpt2Config::preset("tiny").unwrap();
+    let config = kiln::Config::preset("tiny").unwrap();
     let lc = LoraConfig::new(8, 16.0, 0.0, &["c_attn", "c_proj", "c_fc"], false).unwrap();
-    let mut m = Gpt2::new_random(config.clone(), 0).unwrap();
+    let mut m = Model::new_random(config.clone(), 0).unwrap();
     m.params.set_trainable(true);
     assert_eq!(Counts::planned(&config, "full", &lc).unwrap(), Counts::of(&m));
-    let mut m = Gpt2::new_random(config.clone(), 0).unwrap();
+    let mut m = Model::new_random(config.clone(), 0).unwrap();
     lora::attach(&mut m, lc.clone(), 0).unwrap();
     assert_eq!(Counts::planned(&config, "lora", &lc).unwrap(), Counts::of(&m));
-    let mut q = Gpt2::new_random(config.clone(), 0).unwrap();
+    let mut q = Model::new_random(config.clone(), 0).unwrap();
     q.quantize_nf4(NF4_BLOCKSIZE).unwrap();
     lora::attach(&mut q, lc.clone(), 0).unwrap();
     let planned = Counts::planned(&config, "qlora", &lc).unwrap();
@@ -431,7 +431,7 @@ fn the_memory_plan_counts_what_the_built_model_holds() {
     // r = 64 lora_A [64, 128] is 8-bit, lora_B of c_proj [128, 64] too; every bias stays f32
     for r in [8, 64] {
         let lc = LoraConfig::new(r, 16.0, 0.0, &["c_attn", "c_proj", "c_fc"], false).unwrap();
-        let mut q = Gpt2::new_random(config.clone(), 0).unwrap();
+        let mut q = Model::new_random(config.clone(), 0).unwrap();
         q.quantize_nf4(NF4_BLOCKSIZE).unwrap();
         lora::attach(&mut q, lc, 0).unwrap();
         let ids = Tensor::from_i32((0..64).map(|i| i % 500).collect(), [2, 32]).unwrap();

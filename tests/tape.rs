@@ -1,6 +1,6 @@
 //! The tape's own rules: what it records, what backward accepts, where gradients go.
 
-use kiln::model::gpt2::{Gpt2, Gpt2Config, Mode};
+use kiln::model::{Gpt2Config, Mode, Model};
 use kiln::ops::{elementwise, gemm, xent};
 use kiln::{Tape, Tensor};
 
@@ -54,7 +54,7 @@ fn backward_rejects_a_non_scalar_or_unconnected_loss() {
 #[test]
 fn inference_records_nothing_and_training_records_each_op_once() {
     let cfg = Gpt2Config::preset("tiny").unwrap();
-    let model = Gpt2::new_random(cfg.clone(), 0).unwrap();
+    let model = Model::new_random(cfg.clone(), 0).unwrap();
     let ids = kiln::bench::random_tokens(cfg.vocab_size, 1, 5, 0).unwrap();
     let mut tape = Tape::inference();
     model.forward(&mut tape, &ids, None, Mode::Eval).unwrap();

@@ -178,7 +178,7 @@ fn nf4_adapter<'a>(args: &Nf4Args<'a>) -> Option<Adapter<'a>> {
 pub(crate) fn nf4_linear(be: &dyn Backend, args: &Nf4Args) -> Result<(Tensor, Tensor)> {
     let x = compute(be, args.x)?;
     let bias = args.bias.map(|b| compute(be, b)).transpose()?;
-    let y = be.nf4_matmul(&x, args.w, bias.as_ref(), false)?;
+    let y = be.nf4_matmul(&x, args.w, bias.as_ref(), args.w_trans)?;
     match nf4_adapter(args) {
         Some(ad) => ad.forward(be, &x, y),
         None => Ok((y, be.empty(&[args.m, 0])?)),
@@ -199,7 +199,7 @@ pub(crate) fn nf4_linear_backward(
         Some(ad) => ad.backward(be, &compute(be, args.x)?, us, &g, [need_dx, need_da, need_db])?,
         None => [None, None, None],
     };
-    let dx_base = need_dx.then(|| be.nf4_matmul(&g, args.w, None, true)).transpose()?;
+    let dx_base = need_dx.then(|| be.nf4_matmul(&g, args.w, None, !args.w_trans)).transpose()?;
     let dbias = need_dbias.then(|| be.bias_grad(&g, args.n)).transpose()?;
     Ok([plus(be, dx_base, dx_adapter)?, da, db, dbias])
 }

@@ -529,11 +529,14 @@ pub trait Lora: Elementwise + Matmul {
     fn as_backend(&self) -> &dyn Backend;
 }
 
-/// An NF4 linear layer's operands: y = x deq(W) + bias (+ the LoRA update with `lora`).
+/// An NF4 linear layer's operands: y = x deq(W) + bias (+ the LoRA update with `lora`), W
+/// [k, n] (a Conv1D's [in, out]) or, with `w_trans`, [n, k] (an nn.Linear's [out, in]: y = x
+/// deq(W)^T).
 #[derive(Clone, Copy)]
 pub struct Nf4Args<'a> {
     pub x: &'a Tensor,
     pub w: &'a Nf4Weight,
+    pub w_trans: bool,
     pub bias: Option<&'a Tensor>,
     /// (A [r, k], B [n, r], scaling) of the adapter.
     pub lora: Option<(&'a Tensor, &'a Tensor, f32)>,

@@ -2,7 +2,7 @@
 
 use crate::bench;
 use crate::io::checkpoint;
-use crate::model::gpt2::{Gpt2, Gpt2Config};
+use crate::model::{Config, Model};
 use crate::{Device, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -53,11 +53,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let device = device.parse::<Device>()?;
             device.ensure_available()?;
             let mut m = match &model {
-                Some(dir) => checkpoint::load_gpt2(dir)?,
-                None => Gpt2::new_random(Gpt2Config::preset(&preset)?, 0)?,
+                Some(dir) => checkpoint::load_model(dir)?,
+                None => Model::new_random(Config::preset(&preset)?, 0)?,
             };
-            if seq > m.config.n_positions {
-                return Err(crate::Error::SeqTooLong { t: seq, n_positions: m.config.n_positions });
+            if seq > m.config.n_positions() {
+                return Err(crate::Error::SeqTooLong { t: seq, n_positions: m.config.n_positions() });
             }
             let name = model.as_ref().map(|d| d.display().to_string()).unwrap_or(preset);
             if device != Device::Cpu {
@@ -110,7 +110,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 
 /// `kiln bench train-step --device cuda`: the step's TFLOP/s against cuBLAS' bf16 GEMM rate at
 /// 4096^3 measured in the same run.
-fn gpu_train_step(m: &mut Gpt2, name: &str, batch: usize, seq: usize, warmup: usize, steps: usize) -> Result<()> {
+fn gpu_train_step(m: &mut Model, name: &str, batch: usize, seq: usize, warmup: usize, steps: usize) -> Result<()> {
     println!(
         "kiln bench train-step: {name}, {} parameters, batch {batch} x seq {seq}, {}",
         m.params.numel(),

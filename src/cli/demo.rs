@@ -6,7 +6,7 @@
 use crate::data::synthetic::World;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::generate::{generate, GenerateConfig};
-use crate::model::gpt2::Gpt2;
+use crate::model::Model;
 use crate::train::{self, Options, Start};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ pub struct DemoArgs {
 }
 
 /// Asks the model where each person lives (greedy) and counts the right answers; prints a few.
-fn quiz(model: &Gpt2, tok: &Tokenizer, world: &World, show: usize) -> Result<usize> {
+fn quiz(model: &Model, tok: &Tokenizer, world: &World, show: usize) -> Result<usize> {
     let mut right = 0;
     for (i, p) in world.people.iter().enumerate() {
         let prompt = format!("Where does {} live? {} lives in", p.name, p.name);
@@ -80,7 +80,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("  corpus: {} bytes like this: {}", cfg.data.builtin_bytes, sample.lines().next().unwrap_or(""));
     println!("  tokenizer: byte-level BPE with {} tokens, trained on the corpus", tok.vocab_size());
 
-    let before = Gpt2::new_random(train::model_config(&cfg, &tok)?, cfg.train.seed)?;
+    let before = Model::new_random(train::model_config(&cfg, &tok)?, cfg.train.seed)?;
     println!("  model: {} parameters; before training it answers:", before.params.numel());
     let right_before = quiz(&before, &tok, &world, 3)?;
 
@@ -92,7 +92,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         return Ok(());
     }
     let ckpt = summary.checkpoint.clone().ok_or_else(|| Error::Input("the demo run saved no checkpoint".into()))?;
-    let after = crate::io::checkpoint::load_gpt2(&ckpt)?;
+    let after = crate::io::checkpoint::load_model(&ckpt)?;
     println!("  after {} steps it answers:", summary.steps);
     let right_after = quiz(&after, &tok, &world, 3)?;
 

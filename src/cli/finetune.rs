@@ -52,7 +52,8 @@ pub struct FinetuneArgs {
     /// Dropout on the LoRA path's input.
     #[arg(long)]
     pub lora_dropout: Option<f32>,
-    /// Modules LoRA adapts, comma separated (GPT-2: c_attn, c_proj, c_fc, wte, lm_head).
+    /// Modules LoRA adapts, comma separated (default: GPT-2's c_attn, c_proj, c_fc; a Llama's q_proj,
+    /// k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; also the embedding and lm_head).
     #[arg(long)]
     pub targets: Option<String>,
     /// rsLoRA scaling, alpha / sqrt(r).

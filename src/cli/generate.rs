@@ -65,7 +65,7 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let device = args.device.parse::<Device>()?;
     device.ensure_available()?;
-    let mut model = checkpoint::load_gpt2(&args.model)?;
+    let mut model = checkpoint::load_model(&args.model)?;
     if let Some(dir) = &args.adapter {
         crate::io::peft::load_adapter(&mut model, dir)?;
     }
@@ -78,7 +78,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, Some(ids), _) => parse_ids(ids)?,
         _ => return Err(Error::Input("give a prompt: --prompt TEXT or --prompt-ids 1,2,3".into())),
     };
-    let eos = model.config.eos_token_id.or_else(|| tokenizer.as_ref().and_then(|t| t.eos_id()));
+    let eos = model.config.eos_token_id().or_else(|| tokenizer.as_ref().and_then(|t| t.eos_id()));
     let cfg = GenerateConfig {
         max_new_tokens: args.max_new_tokens,
         do_sample: args.do_sample,

@@ -1,7 +1,7 @@
-//! `kiln memory`: the memory bill of fine-tuning each GPT-2 preset (or a checkpoint's config) by
+//! `kiln memory`: the memory bill of fine-tuning each preset (or a checkpoint's config) by
 //! each method, before anything is built or loaded: which fits a card of a given size.
 
-use crate::model::gpt2::{Gpt2Config, PRESETS};
+use crate::model::{gpt2, llama, Config};
 use crate::nn::lora::LoraConfig;
 use crate::train::memory::{Bill, Counts};
 use crate::{Error, Result};
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct MemoryArgs {
-    /// Presets to bill, comma separated (default: every one but tiny); or use --model.
+    /// Presets to bill, comma separated (default: every one but the tiny ones); or use --model.
     #[arg(long)]
     pub preset: Option<String>,
     /// A checkpoint directory whose config.json to bill instead of presets.
@@ -30,8 +30,9 @@ pub struct MemoryArgs {
     /// LoRA rank of the lora and qlora columns.
     #[arg(long, default_value_t = 8)]
     pub lora_r: usize,
-    /// LoRA target modules of the lora and qlora columns, comma separated.
-    #[arg(long, default_value = "c_attn,c_proj,c_fc")]
+    /// LoRA target modules of the lora and qlora columns, comma separated (all-linear: every
+    /// weight matrix of the blocks).
+    #[arg(long, default_value = "all-linear")]
     pub lora_targets: String,
     /// The card size the last column checks against, in GB (1e9 bytes).
     #[arg(long, default_value_t = 24.0)]
@@ -54,15 +55,16 @@ pub fn run(args: MemoryArgs) -> Result<()> {
         "cpu" => false,
         other => return Err(Error::unknown("device for kiln memory", other, "cuda or cpu")),
     };
-    let configs: Vec<(String, Gpt2Config)> = match (&args.model, &args.preset) {
-        (Some(dir), _) => vec![(dir.display().to_string(), Gpt2Config::from_json_file(&dir.join("config.json"))?)],
+    let configs: Vec<(String, Config)> = match (&args.model, &args.preset) {
+        (Some(dir), _) => vec![(dir.display().to_string(), Config::from_json_file(&dir.join("config.json"))?)],
         (None, Some(list)) => {
-            list.split(',').map(|p| Ok((p.trim().to_string(), Gpt2Config::preset(p.trim())?))).collect::<Result<_>>()?
+            list.split(',').map(|p| Ok((p.trim().to_string(), Config::preset(p.trim())?))).collect::<Result<_>>()?
         }
-        (None, None) => PRESETS
+        (None, None) => gpt2::PRESETS
             .iter()
-            .filter(|&&p| p != "tiny")
-            .map(|&p| Ok((p.to_string(), Gpt2Config::preset(p)?)))
+            .chain(llama::PRESETS)
+            .filter(|&&p| !p.contains("tiny"))
+            .map(|&p| Ok((p.to_string(), Config::preset(p)?)))
             .collect::<Result<_>>()?,
     };
     let targets: Vec<&str> = args.lora_targets.split(',').collect();
@@ -80,7 +82,7 @@ pub fn run(args: MemoryArgs) -> Result<()> {
     println!("{:<14} {:>11} {:>20} {:>20} {:>20}", "model", "parameters", COLUMNS[0].0, COLUMNS[1].0, COLUMNS[2].0);
     let gb = |b: f64| b / 1e9;
     for (name, config) in &configs {
-        let seq = args.seq.min(config.n_positions);
+        let seq = args.seq.min(config.n_positions());
         let (mut cells, mut bills) = (Vec::new(), Vec::new());
         for (_, method, optimizer) in COLUMNS {
             let counts = Counts::planned(config, method, &lora)?;

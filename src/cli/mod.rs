@@ -12,7 +12,7 @@ mod tokenizer;
 
 use crate::data::batch::Batch;
 use crate::io::{checkpoint, peft};
-use crate::model::gpt2::{Gpt2, Gpt2Config, Mode};
+use crate::model::{Config, Mode, Model};
 use crate::{DType, Device, Error, Result, Tape, Tensor};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 #[command(
     name = "kiln",
     version,
-    about = "Train, study and benchmark GPT-2 language models: a from-scratch tensor engine in Rust"
+    about = "Train, study and benchmark GPT-2 and Llama language models: a from-scratch tensor engine in Rust"
 )]
 struct Cli {
     /// Worker threads for the CPU backend (default: all cores, or RAYON_NUM_THREADS).
@@ -33,9 +33,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write a randomly initialised GPT-2 as a Hugging Face checkpoint directory.
+    /// Write a randomly initialised GPT-2 or Llama as a Hugging Face checkpoint directory.
     Init {
-        /// Model size: tiny, gpt2, gpt2-medium, gpt2-large or gpt2-xl.
+        /// Model: tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl (GPT-2), or llama-tiny, smollm2-135m,
+        /// smollm2-360m (Llama).
         #[arg(long, default_value = "tiny")]
         preset: String,
         /// Output directory (created; an existing checkpoint there is refused unless --overwrite).
@@ -184,16 +185,21 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn init(preset: &str, out: &Path, seed: u64, dtype: DType, overwrite: bool) -> Result<()> {
-    let config = Gpt2Config::preset(preset)?;
+    let config = Config::preset(preset)?;
     if out.join("model.safetensors").exists() && !overwrite {
         return Err(Error::Input(format!(
             "{} already holds a checkpoint; pass --overwrite to replace it",
             out.display()
         )));
     }
-    let model = Gpt2::new_random(config, seed)?;
-    checkpoint::save_gpt2(&model, out, dtype)?;
-    println!("wrote a random {preset} GPT-2 ({} parameters, {dtype:?}) to {}", model.params.numel(), out.display());
+    let model = Model::new_random(config, seed)?;
+    checkpoint::save_model(&model, out, dtype)?;
+    println!(
+        "wrote a random {preset} {} ({} parameters, {dtype:?}) to {}",
+        model.config.family(),
+        model.params.numel(),
+        out.display()
+    );
     Ok(())
 }
 
@@ -204,16 +210,16 @@ fn forward(
     batch_path: &Path,
     device: Device,
     tape: &mut Tape,
-) -> Result<(Gpt2, Batch, Tensor)> {
+) -> Result<(Model, Batch, Tensor)> {
     device.ensure_available()?;
-    let mut model = checkpoint::load_gpt2(model_dir)?;
+    let mut model = checkpoint::load_model(model_dir)?;
     if let Some(dir) = adapter {
         peft::load_adapter(&mut model, dir)?;
     }
     model.to_device(device)?;
     let batch = Batch::load(batch_path)?;
     batch
-        .validate(model.config.vocab_size, model.config.n_positions)
+        .validate(model.config.vocab_size(), model.config.n_positions())
         .map_err(|e| Error::Input(format!("{}: {e}", batch_path.display())))?;
     let targets = batch.targets()?;
     let out = model.forward(tape, &batch.input_ids, Some(&targets), Mode::Eval)?;
@@ -271,11 +277,11 @@ fn merge(model_dir: &Path, adapter: &Path, out: &Path, dtype: DType, overwrite: 
             out.display()
         )));
     }
-    let mut model = checkpoint::load_gpt2(model_dir)?;
+    let mut model = checkpoint::load_model(model_dir)?;
     peft::load_adapter(&mut model, adapter)?;
     let merged = crate::model::lora::merged(&model)?;
     let side: Vec<PathBuf> = MODEL_SIDE_FILES.iter().map(|f| model_dir.join(f)).filter(|p| p.is_file()).collect();
-    checkpoint::save_gpt2_with(&merged, out, dtype, &side)?;
+    checkpoint::save_model_with(&merged, out, dtype, &side)?;
     let lora = model.lora.as_ref().expect("the adapter was loaded");
     println!(
         "merged {} ({} adapted layers, {} adapter parameters) into {}; wrote {dtype:?} weights to {}",

@@ -2,11 +2,11 @@
 //! `model.safetensors.index.json`). kiln reads what transformers writes (with or without the
 //! `transformer.` prefix, ignoring the causal-mask buffers and the tied `lm_head.weight`) and
 //! writes what transformers reads. Weights that `kiln quantize` stored in NF4 load too:
-//! dequantized (`load_gpt2`), or kept in NF4 as QLoRA's base (`load_gpt2_nf4_base`).
+//! dequantized (`load_model`), or kept in NF4 as QLoRA's base (`load_nf4_base`).
 
 use super::nf4::{self, NF4_SUFFIXES};
 use super::safetensors::{self as st, SafeFile};
-use crate::model::gpt2::{Gpt2, Gpt2Config};
+use crate::model::{Config, Model};
 use crate::nn::ParamStore;
 use crate::{DType, Error, Result, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -14,10 +14,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Buffers and tied copies that transformers may store and kiln derives instead (a tied lm_head
-/// in NF4 included: it spreads over several tensors).
+/// in NF4 included: it spreads over several tensors; an untied one is a parameter, listed by the
+/// config, so it is read before this is asked).
 fn is_ignored(key: &str) -> bool {
     let key = NF4_SUFFIXES.iter().find_map(|s| key.strip_suffix(s)).unwrap_or(key);
-    key == "lm_head.weight" || key.ends_with(".attn.bias") || key.ends_with(".attn.masked_bias")
+    key == "lm_head.weight"
+        || key.ends_with(".attn.bias")
+        || key.ends_with(".attn.masked_bias")
+        || key.ends_with(".rotary_emb.inv_freq")
 }
 
 /// Opens the weight files of `dir`: one file, or the shards of an index.
@@ -42,7 +46,7 @@ fn open_weights(dir: &Path) -> Result<(Vec<SafeFile>, HashMap<String, usize>)> {
         return Err(Error::checkpoint(
             dir,
             "holds only pytorch_model.bin; kiln reads safetensors. Convert it with transformers: \
-             GPT2LMHeadModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)",
+             AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)",
         ));
     } else {
         return Err(Error::checkpoint(dir, "has no model.safetensors: is this a Hugging Face checkpoint directory?"));
@@ -56,44 +60,46 @@ fn open_weights(dir: &Path) -> Result<(Vec<SafeFile>, HashMap<String, usize>)> {
     Ok((files, names))
 }
 
-/// Loads a GPT-2 from a Hugging Face checkpoint directory. Weights stored as bf16 or f16 are
+/// Loads a model (GPT-2 or Llama, as config.json says) from a Hugging Face checkpoint directory.
+/// Weights stored as bf16 or f16 are
 /// converted to f32, and weights stored in NF4 (`kiln quantize`) are dequantized to f32; every
 /// tensor's shape is checked against config.json.
-pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
+pub fn load_model(dir: &Path) -> Result<Model> {
     load(dir, false)
 }
 
-/// QLoRA's base: as `load_gpt2`, but the Conv1D weights a checkpoint stores in NF4 stay in NF4
-/// (in `Gpt2::nf4`, frozen, their absmax double-quantized as QLoRA's own quantization does), so
-/// `Gpt2::quantize_nf4` then quantizes only what the file holds in f32, and a pre-quantized base
+/// QLoRA's base: as `load_model`, but the Conv1D weights a checkpoint stores in NF4 stay in NF4
+/// (in `Model::nf4`, frozen, their absmax double-quantized as QLoRA's own quantization does), so
+/// `Model::quantize_nf4` then quantizes only what the file holds in f32, and a pre-quantized base
 /// gives the same codes as quantizing its original on the fly. Other NF4 tensors (embeddings,
 /// which QLoRA keeps in f32) are dequantized.
-pub fn load_gpt2_nf4_base(dir: &Path) -> Result<Gpt2> {
+pub fn load_nf4_base(dir: &Path) -> Result<Model> {
     load(dir, true)
 }
 
-fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
+fn load(dir: &Path, keep_nf4: bool) -> Result<Model> {
     if !dir.is_dir() {
         let why = if dir.exists() { "it is a file, not a checkpoint directory" } else { "no such directory" };
         return Err(Error::read(dir, std::io::Error::new(std::io::ErrorKind::NotFound, why)));
     }
     let config_path = dir.join("config.json");
-    let config = Gpt2Config::from_json_file(&config_path)?;
+    let config = Config::from_json_file(&config_path)?;
+    let family = config.family();
     let (files, names) = open_weights(dir)?;
     if config.checked_num_params().is_none() {
         return Err(Error::config(
             &config_path,
-            "describes a GPT-2 too large to count (its parameter count overflows): the file is corrupt",
+            format!("describes a {family} too large to count (its parameter count overflows): the file is corrupt"),
         ));
     }
     // A corrupt n_layer must not build millions of shapes: list at most two layers more than the
-    // files hold tensors for (12 a layer), so the first missing tensor is still the error.
-    let mut listed = config.clone();
-    listed.n_layer = listed.n_layer.min(names.len() / 12 + 2);
+    // files hold tensors for, so the first missing tensor is still the error.
+    let per_layer = config.with_n_layer(1).param_shapes().len() - config.with_n_layer(0).param_shapes().len();
+    let listed = config.with_n_layer(config.n_layer().min(names.len() / per_layer + 2));
     let mut params = ParamStore::new();
     let mut used = std::collections::HashSet::new();
     let conv1d: std::collections::HashSet<String> = if keep_nf4 {
-        crate::model::lora::conv1d_modules(&listed).into_iter().map(|(m, _, _)| format!("{m}.weight")).collect()
+        crate::model::lora::block_modules(&listed).into_iter().map(|(m, ..)| format!("{m}.weight")).collect()
     } else {
         Default::default()
     };
@@ -103,7 +109,7 @@ fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
         let Some((key, &fi)) = [&name, &short].into_iter().find_map(|k| names.get_key_value(k.as_str())) else {
             return Err(Error::checkpoint(
                 dir,
-                format!("model.safetensors has no tensor '{name}': the checkpoint is incomplete or not a GPT-2, or config.json belongs to another model"),
+                format!("model.safetensors has no tensor '{name}': the checkpoint is incomplete or not a {family}, or config.json belongs to another model"),
             ));
         };
         used.insert(key.clone());
@@ -133,7 +139,7 @@ fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
         let t = file.tensor_f32(key).map_err(|_| {
             Error::checkpoint(
                 file.path(),
-                format!("tensor '{key}' has dtype {stored_dtype}; GPT-2 weights must be F32, BF16 or F16"),
+                format!("tensor '{key}' has dtype {stored_dtype}; {family} weights must be F32, BF16 or F16"),
             )
         })?;
         st::check_finite(file.path(), key, &t)?;
@@ -147,7 +153,7 @@ fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
         return Err(Error::checkpoint(
             files[names[extra[0]]].path(),
             format!(
-                "holds tensors a GPT-2 of this config.json does not have (e.g. {}): is this another architecture, \
+                "holds tensors a {family} of this config.json does not have (e.g. {}): is this another architecture, \
                  or does config.json belong to another model?",
                 extra.join(", ")
             ),
@@ -155,10 +161,10 @@ fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
     }
     let nf4 = (!kept.is_empty()).then_some(kept);
     if nf4.is_some() {
-        // a base with frozen NF4 layers is frozen throughout, as `Gpt2::quantize_nf4` leaves it
+        // a base with frozen NF4 layers is frozen throughout, as `Model::quantize_nf4` leaves it
         params.set_trainable(false);
     }
-    Ok(Gpt2 { config, params, lora: None, nf4, gradient_checkpointing: false })
+    Ok(Model { config, params, lora: None, nf4, gradient_checkpointing: false })
 }
 
 /// Writes `model` to `dir` (created if needed) as config.json + model.safetensors in `dtype`.
@@ -166,13 +172,13 @@ fn load(dir: &Path, keep_nf4: bool) -> Result<Gpt2> {
 /// first and the new one written last (to a temporary name, then renamed), so a crash leaves the
 /// old checkpoint, no checkpoint, or the new one, never weights beside a config they do not fit.
 /// Other files in `dir` are left alone.
-pub fn save_gpt2(model: &Gpt2, dir: &Path, dtype: DType) -> Result<()> {
-    save_gpt2_with(model, dir, dtype, &[])
+pub fn save_model(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
+    save_model_with(model, dir, dtype, &[])
 }
 
-/// `save_gpt2`, with `files` (a tokenizer, generation config) copied into `dir` before the
+/// `save_model`, with `files` (a tokenizer, generation config) copied into `dir` before the
 /// weights are written, so a checkpoint is never without them.
-pub fn save_gpt2_with(model: &Gpt2, dir: &Path, dtype: DType, files: &[std::path::PathBuf]) -> Result<()> {
+pub fn save_model_with(model: &Model, dir: &Path, dtype: DType, files: &[std::path::PathBuf]) -> Result<()> {
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(Error::Input(format!("checkpoints are written as f32, bf16 or f16, not {dtype:?}")));
     }

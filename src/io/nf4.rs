@@ -239,7 +239,7 @@ impl StoredNf4 {
     }
 
     /// QLoRA's form of a weight stored [in, out] (GPT-2's Conv1D layout, which both
-    /// `quantize_file_nf4` and `Gpt2::quantize_nf4` quantize as it is): the same codes, and the
+    /// `quantize_file_nf4` and `Model::quantize_nf4` quantize as it is): the same codes, and the
     /// absmax double-quantized as `Nf4Weight::quantize` does unless it already is, so the result
     /// equals quantizing the original weight on the fly, bit for bit.
     pub fn into_weight(self) -> Result<nf4::Nf4Weight> {

@@ -16,7 +16,9 @@
 //! size the adapter was made for), and the file must hold exactly the tensors its config implies.
 
 use super::safetensors::{self as st, SafeFile};
-use crate::model::gpt2::Gpt2;
+use crate::model::llama::EMBED_TOKENS;
+use crate::model::lora::embedding_module;
+use crate::model::{Config, Model};
 use crate::nn::lora::{self, Lora, LoraConfig, ALL_LINEAR, PEFT_PREFIX};
 use crate::nn::ParamStore;
 use crate::{Error, Result};
@@ -167,18 +169,25 @@ fn py_number(x: f64) -> Value {
     }
 }
 
-/// The adapter_config.json PEFT writes for `cfg` on a GPT-2 (every key PEFT 0.21 writes).
-pub fn config_to_json(cfg: &LoraConfig) -> Value {
+/// The adapter_config.json PEFT writes for `cfg` on a model of `model` (every key PEFT 0.21
+/// writes): GPT-2's Conv1D layers are fan_in_fan_out, a Llama's nn.Linear layers are not.
+pub fn config_to_json(cfg: &LoraConfig, model: &Config) -> Value {
     let targets = match cfg.targets.as_slice() {
         [t] if t == ALL_LINEAR => json!(ALL_LINEAR),
         ts => json!(ts),
     };
     // PEFT records the model class only for adapters without a task type.
     let auto_mapping = match cfg.task_type {
-        None => json!({
-            "base_model_class": "GPT2LMHeadModel",
-            "parent_library": "transformers.models.gpt2.modeling_gpt2"
-        }),
+        None => match model {
+            Config::Gpt2(_) => json!({
+                "base_model_class": "GPT2LMHeadModel",
+                "parent_library": "transformers.models.gpt2.modeling_gpt2"
+            }),
+            Config::Llama(_) => json!({
+                "base_model_class": "LlamaForCausalLM",
+                "parent_library": "transformers.models.llama.modeling_llama"
+            }),
+        },
         Some(_) => Value::Null,
     };
     // 0.05f32 is written as 0.05, not as its f64 widening 0.05000000074505806.
@@ -194,7 +203,7 @@ pub fn config_to_json(cfg: &LoraConfig) -> Value {
         "ensure_weight_tying": false,
         "eva_config": null,
         "exclude_modules": null,
-        "fan_in_fan_out": true,
+        "fan_in_fan_out": matches!(model, Config::Gpt2(_)),
         "inference_mode": true,
         "init_lora_weights": true,
         "kasa_config": null,
@@ -232,7 +241,7 @@ pub fn config_to_json(cfg: &LoraConfig) -> Value {
 /// tensors. As with a checkpoint's weights, old adapter weights are removed first and the new
 /// ones written last (to a temporary name, then renamed), so a crash never pairs them with a
 /// config they do not belong to.
-pub fn save_adapter(model: &Gpt2, dir: &Path) -> Result<()> {
+pub fn save_adapter(model: &Model, dir: &Path) -> Result<()> {
     let lora = model
         .lora
         .as_ref()
@@ -240,7 +249,8 @@ pub fn save_adapter(model: &Gpt2, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
     let tensors: Vec<_> = lora.params.iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
     super::remove_if_present(&dir.join(WEIGHTS_FILE))?;
-    let text = serde_json::to_string_pretty(&config_to_json(&lora.config)).expect("a JSON value serialises");
+    let text =
+        serde_json::to_string_pretty(&config_to_json(&lora.config, &model.config)).expect("a JSON value serialises");
     super::write_atomic(&dir.join(CONFIG_FILE), |w| std::io::Write::write_all(w, text.as_bytes()))?;
     st::save(&dir.join(WEIGHTS_FILE), &tensors, &[])
 }
@@ -261,8 +271,17 @@ fn split_name(name: &str) -> Option<(&str, char)> {
 /// The n_embd an adapter factor implies, when its shape pins it down.
 fn implied_n_embd(module: &str, factor: char, dims: &[usize]) -> Option<usize> {
     match (module, factor, dims) {
-        (lora::WTE, 'B', &[c, _]) | (lora::LM_HEAD, 'A', &[_, c]) => return Some(c),
+        (lora::WTE | EMBED_TOKENS, 'B', &[c, _]) | (lora::LM_HEAD, 'A', &[_, c]) => return Some(c),
         _ => {}
+    }
+    let llama = module.strip_prefix("model.layers.").and_then(|s| s.split_once('.')).map(|(_, k)| k);
+    if let Some(kind) = llama.map(|k| k.strip_prefix("self_attn.").or(k.strip_prefix("mlp.")).unwrap_or(k)) {
+        // a Llama's layers: A [r, C] reads the residual stream, o_proj's and down_proj's B writes it
+        return match (kind, factor, dims) {
+            ("q_proj" | "k_proj" | "v_proj" | "gate_proj" | "up_proj", 'A', &[_, c]) => Some(c),
+            ("o_proj" | "down_proj", 'B', &[c, _]) => Some(c),
+            _ => None,
+        };
     }
     let kind = module.rsplit_once(".h.").map(|(_, s)| s.split_once('.').map_or(s, |(_, k)| k))?;
     match (kind, factor, dims) {
@@ -275,7 +294,7 @@ fn implied_n_embd(module: &str, factor: char, dims: &[usize]) -> Option<usize> {
 
 /// Loads the PEFT LoRA adapter in `dir` onto `model`, whose base parameters are frozen. The
 /// adapter must have been made for this model's architecture and size.
-pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
+pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         let why = if dir.exists() { "it is a file, not an adapter directory" } else { "no such directory" };
         return Err(Error::read(dir, std::io::Error::new(std::io::ErrorKind::NotFound, why)));
@@ -304,8 +323,8 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
     let mut max_layer = None;
     for name in file.names() {
         if let Some(module) = name.strip_prefix(PEFT_PREFIX).and_then(|n| n.strip_suffix(".base_layer.weight")) {
-            if module == lora::WTE || module == lora::LM_HEAD {
-                check_embedding_copy(model, &file, &wpath, &name)?;
+            if module == embedding_module(&mc) || module == lora::LM_HEAD {
+                check_embedding_copy(model, module, &file, &wpath, &name)?;
                 continue;
             }
         }
@@ -317,20 +336,25 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
             };
             return Err(Error::checkpoint(&wpath, format!("tensor '{name}' is {what}")));
         };
-        let layer = module.strip_prefix("transformer.h.").and_then(|s| s.split('.').next()?.parse::<usize>().ok());
+        let layer = ["transformer.h.", "model.layers."]
+            .iter()
+            .find_map(|p| module.strip_prefix(p))
+            .and_then(|s| s.split('.').next()?.parse::<usize>().ok());
         max_layer = max_layer.max(layer);
         let (_, dims) = file.info(&name)?;
         let Some(&(fan_in, fan_out)) = layers.get(module) else {
             let msg = match layer {
-                Some(l) if l >= mc.n_layer => format!(
+                Some(l) if l >= mc.n_layer() => format!(
                     "holds '{name}' for layer {l}: the adapter was made for a model with more layers, this model has \
                      n_layer = {}. Load the adapter onto the base model it was trained from",
-                    mc.n_layer
+                    mc.n_layer()
                 ),
                 _ => format!(
-                    "holds '{name}', but {module} is not a layer of GPT-2 that kiln's LoRA adapts (the Conv1D layers, \
-                     transformer.wte and lm_head): the adapter was made for another architecture (or targets a \
-                     module kiln does not adapt)"
+                    "holds '{name}', but {module} is not a layer of this {} that kiln's LoRA adapts (the blocks' \
+                     weight matrices, {} and lm_head): the adapter was made for another architecture (or targets \
+                     a module kiln does not adapt)",
+                    mc.family(),
+                    embedding_module(&mc)
                 ),
             };
             return Err(Error::checkpoint(&wpath, msg));
@@ -341,10 +365,10 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
             _ => false,
         };
         if !fits {
-            let implied = implied_n_embd(module, factor, &dims).filter(|&c| c != mc.n_embd);
+            let implied = implied_n_embd(module, factor, &dims).filter(|&c| c != mc.n_embd());
             let why = match implied {
                 Some(c) => {
-                    format!("the adapter was made for a model with n_embd {c}, this model has n_embd {}", mc.n_embd)
+                    format!("the adapter was made for a model with n_embd {c}, this model has n_embd {}", mc.n_embd())
                 }
                 None => "the adapter was made for a model of another size".to_string(),
             };
@@ -366,10 +390,10 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
         for (factor, name) in [('A', m.a_name()), ('B', m.b_name())] {
             let Some((found, dims)) = stored.remove(&(m.module.clone(), factor)) else {
                 let hint = match max_layer {
-                    Some(l) if l + 1 < mc.n_layer => format!(
+                    Some(l) if l + 1 < mc.n_layer() => format!(
                         ": the adapter was made for a model with n_layer = {}, this model has n_layer = {}",
                         l + 1,
-                        mc.n_layer
+                        mc.n_layer()
                     ),
                     _ => ": the file is incomplete or belongs to another adapter_config.json".to_string(),
                 };
@@ -407,18 +431,21 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Checks PEFT's copy of the tied embedding matrix (`<module>.base_layer.weight`, written when an
-/// adapter targets wte or lm_head) against the base model's wte: PEFT would load the copy over
-/// the base weights, so a copy that differs means the adapter belongs to other embeddings.
-fn check_embedding_copy(model: &Gpt2, file: &SafeFile, wpath: &Path, name: &str) -> Result<()> {
-    let wte = model.params.get("transformer.wte.weight")?;
+/// Checks PEFT's copy of an embedding matrix (`<module>.base_layer.weight`, written when an
+/// adapter targets the token embedding or lm_head) against the base model's: PEFT would load the
+/// copy over the base weights, so a copy that differs means the adapter belongs to other
+/// embeddings. A tied lm_head's matrix is the token embedding's.
+fn check_embedding_copy(model: &Model, module: &str, file: &SafeFile, wpath: &Path, name: &str) -> Result<()> {
+    let own = format!("{module}.weight");
+    let base = if model.params.get(&own).is_ok() { own } else { format!("{}.weight", embedding_module(&model.config)) };
+    let wte = model.params.get(&base)?;
     let (_, dims) = file.info(name)?;
     if dims != wte.dims() {
         return Err(Error::checkpoint(
             wpath,
             format!(
                 "holds '{name}' of shape {dims:?} (PEFT's copy of the embedding matrix), but this model's \
-                 transformer.wte is {:?}: the adapter was made for a model of another size. Load the adapter onto \
+                 {base} is {:?}: the adapter was made for a model of another size. Load the adapter onto \
                  the base model it was trained from",
                 wte.dims()
             ),
@@ -430,7 +457,7 @@ fn check_embedding_copy(model: &Gpt2, file: &SafeFile, wpath: &Path, name: &str)
             wpath,
             format!(
                 "holds '{name}', PEFT's copy of the embedding matrix, and it differs from this model's \
-                 transformer.wte: the adapter was trained on other (resized or retrained) embeddings, which kiln \
+                 {base}: the adapter was trained on other (resized or retrained) embeddings, which kiln \
                  does not load from an adapter. Load it onto the base model it was trained from"
             ),
         ));

@@ -1,5 +1,5 @@
 //! Text generation for GPT-2 on the model's own forward pass with a key/value cache
-//! (`Gpt2::forward_with`), so that each new token costs one position's work instead of a pass
+//! (`Model::forward_with`), so that each new token costs one position's work instead of a pass
 //! over the whole sequence, on whatever device the model is on; transformers' logits processors
 //! (repetition penalty, no-repeat n-grams, then temperature, top-k, top-p when sampling); greedy
 //! decoding or sampling from a seeded RNG. Greedy output equals transformers'
@@ -10,7 +10,7 @@
 //! A request that does not fit the context (prompt + max_new_tokens > n_positions) is refused,
 //! not clamped: GPT-2 has no positions past n_positions, and a silently shorter output surprises.
 
-use super::gpt2::{Gpt2, Gpt2Config, KvCache};
+use super::{Config, KvCache, Model};
 use crate::{Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -61,11 +61,11 @@ impl Default for GenerateConfig {
 
 impl GenerateConfig {
     /// Checks this request against the model and prompt, saying what to change when it cannot run.
-    pub fn validate(&self, config: &Gpt2Config, prompt: &[u32]) -> Result<()> {
+    pub fn validate(&self, config: &Config, prompt: &[u32]) -> Result<()> {
         let bad = |msg: String| Err(Error::Input(msg));
-        let (v, np, len) = (config.vocab_size, config.n_positions, prompt.len());
+        let (v, np, len) = (config.vocab_size(), config.n_positions(), prompt.len());
         if prompt.is_empty() {
-            let hint = config.eos_token_id.map(|e| format!(" (GPT-2 starts texts with <|endoftext|>, id {e})"));
+            let hint = config.bos_token_id().map(|e| format!(" (this model's texts start with token {e})"));
             return bad(format!("the prompt is empty: give at least one token{}", hint.unwrap_or_default()));
         }
         if let Some((pos, &id)) = prompt.iter().enumerate().find(|(_, &id)| id as usize >= v) {
@@ -122,7 +122,7 @@ impl GenerateConfig {
 /// Generates from `prompt` and returns prompt + new tokens for each of `cfg.num_return_sequences`
 /// sequences; `on_token(sequence, id)` sees every token as it is produced (for streaming).
 pub fn generate(
-    model: &Gpt2,
+    model: &Model,
     prompt: &[u32],
     cfg: &GenerateConfig,
     mut on_token: impl FnMut(usize, u32),
@@ -133,7 +133,7 @@ pub fn generate(
     if cfg.max_new_tokens == 0 {
         return Ok(seqs);
     }
-    let v = model.config.vocab_size;
+    let v = model.config.vocab_size();
     // On the GPU: the bf16 weights once, not a cast per token.
     let model = &model.inference_copy()?;
     let mut cache = KvCache::new(&model.config, 1, prompt.len() + cfg.max_new_tokens)?;

@@ -2,19 +2,15 @@
 //! learned position embeddings, tanh GELU, Conv1D weights stored [in, out], lm_head tied to wte.
 //! Parameter names are the checkpoint keys, so loading and saving is a walk over `param_shapes`.
 
+use super::{shortest_decimal, KvCache, Mode, Model, ModelOutput};
 use crate::backend::Heads;
-use crate::nn::lora::Lora;
 use crate::nn::ParamStore;
 use crate::ops::gemm::WeightLayout;
 use crate::ops::{attention, elementwise, embedding, gemm, layernorm, lora, nf4, xent};
 use crate::quant::nf4::Nf4Weight;
 use crate::tape::Tape;
 use crate::{Error, Result, Tensor};
-use rand::SeedableRng;
-use rand_distr::{Distribution, Normal};
-use rayon::prelude::*;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -36,12 +32,6 @@ pub struct Gpt2Config {
     pub initializer_range: f32,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
-}
-
-/// An f32 as the f64 of its shortest round-tripping decimal (0.1f32 -> 0.1), for JSON.
-fn shortest_decimal(x: f32) -> f64 {
-    // Display prints the shortest digits that parse back to the same f32
-    x.to_string().parse().expect("an f32's decimal form parses")
 }
 
 /// The names `Gpt2Config::preset` knows.
@@ -273,27 +263,6 @@ impl Gpt2Config {
     }
 }
 
-/// The dropout site of lm_head's LoRA input, apart from the model's own sites (0, 1, 2, ...) and
-/// the blocks' LoRA sites (2^32 + ...).
-const LM_HEAD_LORA_SITE: u64 = 1 << 33;
-
-/// Whether dropout is active. Training takes a seed so that every mask can be replayed.
-/// Embedding and residual dropout (embd_pdrop, resid_pdrop) are applied; dropout on the
-/// attention probabilities (attn_pdrop) is not: the flash-style attention never forms them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Eval,
-    Train { seed: u64 },
-}
-
-/// What a forward pass returns.
-pub struct Gpt2Output {
-    /// [B, T, V]
-    pub logits: Tensor,
-    /// Mean cross-entropy over positions with a target, when targets were given.
-    pub loss: Option<Tensor>,
-}
-
 /// One transformer block's weights (shapes with C = n_embd, F = ffn_dim).
 struct Block {
     ln_1_w: Tensor,           // [C]
@@ -310,62 +279,38 @@ struct Block {
     mlp_proj_b: Tensor,       // [C]
 }
 
-/// A Conv1D weight [in, out]: f32 in `params`, or NF4 in `Gpt2::nf4` (QLoRA's frozen base).
+/// A Conv1D weight [in, out]: f32 in `params`, or NF4 in `Model::nf4` (QLoRA's frozen base).
 #[derive(Clone)]
 pub(crate) enum Conv1dWeight {
     F32(Tensor),
     Nf4(Arc<Nf4Weight>),
 }
 
-/// A GPT-2 language model with its parameters under Hugging Face names.
-#[derive(Clone)]
-pub struct Gpt2 {
-    pub config: Gpt2Config,
-    pub params: ParamStore,
-    /// A LoRA adapter on the Conv1D layers, wte and lm_head (`nn::lora::attach`,
-    /// `io::peft::load_adapter`); the forward pass and generation apply it unmerged.
-    pub lora: Option<Lora>,
-    /// QLoRA's frozen base: Conv1D weights (by checkpoint name, e.g.
-    /// `transformer.h.0.attn.c_attn.weight`) held in NF4 and absent from `params`
-    /// (`quantize_nf4`). The forward pass dequantizes them per call.
-    pub nf4: Option<BTreeMap<String, Arc<Nf4Weight>>>,
-    /// Recompute each block's activations during backward instead of keeping them.
-    pub gradient_checkpointing: bool,
+/// Parameters initialised as GPT2LMHeadModel initialises them: weights ~ N(0, 0.02), the two
+/// residual projections (attn.c_proj, mlp.c_proj) ~ N(0, 0.02 / sqrt(2 n_layer)), biases 0,
+/// layernorm weights 1. Deterministic in `seed`.
+pub(crate) fn init_params(config: &Gpt2Config, seed: u64) -> Result<ParamStore> {
+    let std = config.initializer_range;
+    let proj_std = std / (2.0 * config.n_layer as f32).sqrt();
+    super::random_params(config.param_shapes(), seed, |name| {
+        if name.ends_with(".bias") {
+            super::Init::Const(0.0)
+        } else if name.contains(".ln_") {
+            super::Init::Const(1.0)
+        } else if name.ends_with("c_proj.weight") {
+            super::Init::Normal(proj_std)
+        } else {
+            super::Init::Normal(std)
+        }
+    })
 }
 
-impl Gpt2 {
-    /// A randomly initialised model, as GPT2LMHeadModel initialises one: weights ~ N(0, 0.02),
-    /// the two residual projections (attn.c_proj, mlp.c_proj) ~ N(0, 0.02 / sqrt(2 n_layer)),
-    /// biases 0, layernorm weights 1. Deterministic in `seed`.
-    pub fn new_random(config: Gpt2Config, seed: u64) -> Result<Self> {
-        let std = config.initializer_range;
-        let proj_std = std / (2.0 * config.n_layer as f32).sqrt();
-        let tensors: Vec<(String, Tensor)> = config
-            .param_shapes()
-            .into_par_iter()
-            .enumerate()
-            .map(|(i, (name, dims))| {
-                let n: usize = dims.iter().product();
-                let data = if name.ends_with(".bias") {
-                    vec![0.0; n]
-                } else if name.contains(".ln_") {
-                    vec![1.0; n]
-                } else {
-                    let s = if name.ends_with("c_proj.weight") { proj_std } else { std };
-                    let normal = Normal::new(0.0f32, s).expect("a positive standard deviation");
-                    // One stream per parameter, so initialisation is parallel and order-free.
-                    let mut rng =
-                        rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64);
-                    (0..n).map(|_| normal.sample(&mut rng)).collect()
-                };
-                Tensor::from_f32(data, dims.as_slice()).map(|t| (name, t))
-            })
-            .collect::<Result<_>>()?;
-        let mut params = ParamStore::new();
-        for (name, t) in tensors {
-            params.insert(name, t);
+impl Model {
+    fn gpt2_config(&self) -> &Gpt2Config {
+        match &self.config {
+            super::Config::Gpt2(c) => c,
+            super::Config::Llama(_) => unreachable!("GPT-2 code runs on GPT-2 models only (Model::forward dispatches)"),
         }
-        Ok(Gpt2 { config, params, lora: None, nf4: None, gradient_checkpointing: false })
     }
 
     fn p(&self, name: &str) -> Result<Tensor> {
@@ -380,7 +325,7 @@ impl Gpt2 {
         }
     }
 
-    fn block(&self, i: usize) -> Result<Block> {
+    fn gpt2_weights(&self, i: usize) -> Result<Block> {
         let h = |s: &str| self.p(&format!("transformer.h.{i}.{s}"));
         let w = |s: &str| self.conv1d_weight(&format!("transformer.h.{i}.{s}"));
         Ok(Block {
@@ -397,55 +342,6 @@ impl Gpt2 {
             mlp_proj_w: w("mlp.c_proj.weight")?,
             mlp_proj_b: h("mlp.c_proj.bias")?,
         })
-    }
-
-    /// QLoRA's base: moves every Conv1D weight from `params` into `nf4` (NF4 in blocks of
-    /// `blocksize`, absmax double-quantized), freeing the f32 copies; wte, wpe, the layernorms
-    /// and the biases stay f32 and are frozen. Refuses (naming the layer, changing nothing) when
-    /// a layer's size is not a multiple of the block size: kiln does not pad.
-    pub fn quantize_nf4(&mut self, blocksize: usize) -> Result<()> {
-        let mut done = self.nf4.take().unwrap_or_default();
-        let mut todo = Vec::new();
-        for (module, fan_in, fan_out) in crate::model::lora::conv1d_modules(&self.config) {
-            let name = format!("{module}.weight");
-            if done.contains_key(&name) {
-                continue;
-            }
-            let w = self.params.get(&name)?;
-            let q = Nf4Weight::quantize(w.f32s()?, [fan_in, fan_out], blocksize).map_err(|e| {
-                Error::Input(format!(
-                    "QLoRA cannot quantize {module} (weight [{fan_in}, {fan_out}], {} elements) to NF4: {e}",
-                    fan_in * fan_out
-                ))
-            });
-            match q {
-                Ok(q) => todo.push((name, Arc::new(q))),
-                Err(e) => {
-                    self.nf4 = (!done.is_empty()).then_some(done);
-                    return Err(e);
-                }
-            }
-        }
-        let mut kept = ParamStore::new();
-        for p in self.params.iter().filter(|p| !todo.iter().any(|(n, _)| *n == p.name)) {
-            kept.insert(p.name.clone(), p.tensor.clone());
-        }
-        kept.set_trainable(false);
-        self.params = kept;
-        done.extend(todo);
-        self.nf4 = Some(done);
-        Ok(())
-    }
-
-    /// Bytes the base weights occupy: f32 parameters at 4 bytes, NF4 layers at their storage.
-    pub fn weight_bytes(&self) -> usize {
-        let nf4: usize = self.nf4.iter().flat_map(|q| q.values()).map(|w| w.storage_bytes()).sum();
-        4 * self.params.numel() + nf4
-    }
-
-    /// Elements of the NF4 layers (parameters that `params` no longer holds).
-    pub fn nf4_numel(&self) -> usize {
-        self.nf4.iter().flat_map(|q| q.values()).map(|w| w.numel()).sum()
     }
 
     /// The Conv1D `module` (weight [in, out], bias [out]): x @ W + b, GELU'd when `gelu`; through
@@ -487,61 +383,12 @@ impl Gpt2 {
         }
     }
 
-    /// x [..., C] (the embedding of `ids`) plus the LoRA update of `transformer.wte` when the
-    /// adapter targets it: scaling * lora_embedding_A[:, ids]^T lora_embedding_B^T (no dropout,
-    /// as in PEFT).
-    pub(crate) fn wte_lora(&self, tape: &mut Tape, ids: &Tensor, x: Tensor) -> Result<Tensor> {
-        match self.lora.as_ref().and_then(|l| l.adapter(crate::nn::lora::WTE)) {
-            None => Ok(x),
-            Some(ad) => {
-                let delta = lora::lora_embedding(tape, ids, ad.a, ad.b, ad.scaling)?;
-                elementwise::add(tape, &x, &delta)
-            }
-        }
-    }
-
-    /// The output layer on h [..., C]: logits [..., V] = h @ wte^T (lm_head is tied to wte), plus
-    /// the LoRA update scaling * dropout(h) A^T B^T when the adapter targets `lm_head` (dropout
-    /// from `seed` when `train`).
-    pub(crate) fn lm_head(&self, tape: &mut Tape, h: &Tensor, wte: &Tensor, train: bool, seed: u64) -> Result<Tensor> {
-        let adapter = self.lora.as_ref().and_then(|l| Some((l.adapter(crate::nn::lora::LM_HEAD)?, l.config.dropout)));
-        match adapter {
-            None => gemm::linear(tape, h, wte, None, WeightLayout::OutIn, false),
-            Some((ad, p)) => lora::lora_linear(
-                tape,
-                h,
-                wte,
-                WeightLayout::OutIn,
-                None,
-                &lora::LoraAdapter { a: ad.a, b: ad.b, scaling: ad.scaling, dropout_p: p, train, seed },
-            ),
-        }
-    }
-
-    /// The parameter stores: the base model's, then the adapter's when one is attached.
-    pub fn stores(&self) -> Vec<&ParamStore> {
-        let mut v = vec![&self.params];
-        if let Some(l) = &self.lora {
-            v.push(&l.params);
-        }
-        v
-    }
-
-    /// `stores`, mutably (what an optimizer steps).
-    pub fn stores_mut(&mut self) -> Vec<&mut ParamStore> {
-        let mut v = vec![&mut self.params];
-        if let Some(l) = &mut self.lora {
-            v.push(&mut l.params);
-        }
-        v
-    }
-
     /// Transformer block `i` on the residual stream x [B, T, C] (pre-norm: x + attn(ln_1(x)),
     /// then + mlp(ln_2(x))). Dropout sites draw from `seed`, so a recomputation draws the same masks.
     /// With `cache` (generation), x continues the cached sequences: its keys and values are
     /// appended and its queries attend to everything cached.
     #[allow(clippy::too_many_arguments)]
-    fn block_forward(
+    pub(crate) fn gpt2_block(
         &self,
         tape: &mut Tape,
         i: usize,
@@ -550,10 +397,10 @@ impl Gpt2 {
         seed: u64,
         cache: Option<&mut attention::KvLayer>,
     ) -> Result<Tensor> {
-        let cfg = &self.config;
+        let cfg = self.gpt2_config();
         let eps = cfg.layer_norm_epsilon;
         let site_seed = |site: u64| seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(site);
-        let w = self.block(i)?;
+        let w = self.gpt2_weights(i)?;
         // A Conv1D of this block; the LoRA dropout sites (k = 0..3) are apart from the model's own.
         let conv1d = |tape: &mut Tape, k: u64, name: &str, x: &Tensor, w: &Conv1dWeight, b: &Tensor, gelu: bool| {
             let seed = site_seed((1 << 32) + 4 * i as u64 + k);
@@ -575,107 +422,15 @@ impl Gpt2 {
         elementwise::add(tape, &x, &m)
     }
 
-    /// Block `i` with gradient checkpointing: run without keeping activations, and record one
-    /// node whose backward re-runs the block on a fresh tape (same dropout masks) and
-    /// back-propagates through it. Costs one more block forward in backward; saves every
-    /// activation inside the block.
-    fn checkpointed_block(&self, tape: &mut Tape, i: usize, x: &Tensor, train: bool, seed: u64) -> Result<Tensor> {
-        let out = self.block_forward(&mut Tape::inference(), i, x, train, seed, None)?;
-        let (base, adapter) = (format!("transformer.h.{i}."), format!("base_model.model.transformer.h.{i}."));
-        let params: Vec<Tensor> = self
-            .stores()
-            .iter()
-            .flat_map(|s| s.iter())
-            .filter(|p| (p.name.starts_with(&base) || p.name.starts_with(&adapter)) && tape.tracks(&p.tensor))
-            .map(|p| p.tensor.clone())
-            .collect();
-        let mut inputs: Vec<&Tensor> = vec![x];
-        inputs.extend(params.iter());
-        if tape.wants(&inputs) {
-            // the recomputation owns a (cheap, Arc-sharing) copy of the model
-            let model = self.clone();
-            let recompute = move |t: &mut Tape, x: &Tensor| model.block_forward(t, i, x, train, seed, None);
-            crate::ops::checkpoint::record(tape, Box::new(recompute), x, params.clone(), &out);
-        }
-        Ok(out)
-    }
-
-    /// Logits for `ids` (I32 [B, T]) and, with `targets` (I32 [B, T], -100 = no target), the
-    /// mean loss. Trainable parameters (the adapter's too) are watched on `tape`, so
-    /// `tape.backward(loss)` yields their gradients.
-    pub fn forward(&self, tape: &mut Tape, ids: &Tensor, targets: Option<&Tensor>, mode: Mode) -> Result<Gpt2Output> {
-        self.forward_with(tape, ids, targets, mode, None)
-    }
-
-    /// `forward`, optionally continuing the sequences held in a KV cache (generation): `ids`
-    /// [B, T] are then positions len..len + T of the cache's B sequences, their keys and values
-    /// are appended to it, and the logits are those of each sequence's last new position only,
-    /// [B, 1, V] (all generation needs: lm_head is the widest GEMM). The cache is inference only:
-    /// a tape that wants gradients through it is refused.
-    pub fn forward_with(
-        &self,
-        tape: &mut Tape,
-        ids: &Tensor,
-        targets: Option<&Tensor>,
-        mode: Mode,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Gpt2Output> {
-        let adapter = self.lora.iter().flat_map(|l| l.params.iter());
-        for p in self.params.iter().chain(adapter).filter(|p| p.trainable) {
-            tape.watch(&p.tensor);
-        }
-        let device = self.device();
-        if device == crate::Device::Cpu {
-            return self.forward_compute(tape, ids, targets, mode, cache);
-        }
-        // On the GPU the parameters are f32 masters and the forward pass runs in bf16: a view of
-        // the model over bf16 casts, recorded on the tape so each master gets an f32 gradient.
-        // A LoRA adapter stays in f32 (as PEFT keeps it under bf16 compute); NF4 weights stay
-        // packed, decoded inside the NF4 op's GEMM.
-        let mut view = self.clone();
-        for p in view.params.iter_mut() {
-            p.tensor = crate::ops::elementwise::to_compute_dtype(tape, &p.tensor)?;
-        }
-        // ids and targets stay on the host: the embedding and loss check them there and upload.
-        view.forward_compute(tape, ids, targets, mode, cache)
-    }
-
-    /// The device holding the parameters.
-    pub fn device(&self) -> crate::Device {
-        self.params.iter().next().map(|p| p.tensor.device()).unwrap_or_default()
-    }
-
-    /// Moves every parameter, the adapter's too, to `device` (f32 masters; the GPU forward casts
-    /// the base's to bf16). NF4 weights get a copy of their packed form in the device's memory
-    /// (the host keeps its own, for saving).
-    pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
-        device.ensure_available()?;
-        for store in self.stores_mut() {
-            for p in store.iter_mut() {
-                p.tensor = p.tensor.to_dtype(crate::DType::F32)?.to_device(device)?;
-            }
-        }
-        let backend = crate::backend::backend(device)?;
-        for w in self.nf4.iter().flat_map(|q| q.values()) {
-            backend.nf4_to_device(w)?;
-        }
-        Ok(())
-    }
-
-    /// Bytes of NF4 weights held in a device's memory (their packed form).
-    pub fn nf4_device_bytes(&self) -> usize {
-        self.nf4.iter().flat_map(|q| q.values()).filter(|w| w.device.is_made()).map(|w| w.storage_bytes()).sum()
-    }
-
-    fn forward_compute(
+    pub(crate) fn gpt2_forward(
         &self,
         tape: &mut Tape,
         ids: &Tensor,
         targets: Option<&Tensor>,
         mode: Mode,
         mut cache: Option<&mut KvCache>,
-    ) -> Result<Gpt2Output> {
-        let cfg = &self.config;
+    ) -> Result<ModelOutput> {
+        let cfg = self.gpt2_config();
         let eps = cfg.layer_norm_epsilon;
         let (train, seed) = match mode {
             Mode::Eval => (false, 0),
@@ -688,24 +443,12 @@ impl Gpt2 {
         let wpe = self.p("transformer.wpe.weight")?; // [P, C]
 
         // The position of ids' first column: with a cache, they continue its sequences.
-        let past = match cache.as_deref() {
-            Some(_) if targets.is_some() => {
-                return Err(Error::Input("a forward pass with a KV cache computes no loss: give no targets".into()))
-            }
-            Some(kv) => kv.check(cfg, ids.dims())?,
-            None => 0,
-        };
+        let past = self.check_cache(cache.as_deref(), ids, targets)?;
         let mut x = embedding::embedding_at(tape, ids, &wte, &wpe, past)?; // [B, T, C]
-        x = self.wte_lora(tape, ids, x)?;
+        x = self.embedding_lora(tape, crate::nn::lora::WTE, ids, x)?;
         x = elementwise::dropout(tape, &x, cfg.embd_pdrop, train, site_seed(0))?;
         for i in 0..cfg.n_layer {
-            x = match cache.as_deref_mut() {
-                Some(kv) => self.block_forward(tape, i, &x, train, seed, Some(&mut kv.layers[i]))?,
-                None if self.gradient_checkpointing && tape.is_recording() => {
-                    self.checkpointed_block(tape, i, &x, train, seed)?
-                }
-                None => self.block_forward(tape, i, &x, train, seed, None)?,
-            };
+            x = self.run_block(tape, i, &x, train, seed, cache.as_deref_mut())?;
         }
         if cache.is_some() {
             x = elementwise::last_position(tape, &x)?; // [B, 1, C]
@@ -717,111 +460,8 @@ impl Gpt2 {
             &self.p("transformer.ln_f.bias")?,
             eps,
         )?;
-        let logits = self.lm_head(tape, &h, &wte, train, site_seed(LM_HEAD_LORA_SITE))?; // [B, T, V]
+        let logits = self.lm_head(tape, &h, &wte, train, site_seed(super::LM_HEAD_LORA_SITE))?; // [B, T, V]
         let loss = targets.map(|t| xent::cross_entropy(tape, &logits, t)).transpose()?;
-        Ok(Gpt2Output { logits, loss })
-    }
-}
-
-/// Keys and values of every layer at the positions seen so far, for a batch of sequences that
-/// advance together: what lets generation feed one new token per step instead of the whole
-/// sequence (`Gpt2::forward_with`). The buffers live where the model runs (f32 on the CPU, bf16
-/// on the GPU).
-#[derive(Debug)]
-pub struct KvCache {
-    layers: Vec<attention::KvLayer>,
-    n_embd: usize,
-}
-
-impl KvCache {
-    /// An empty cache for `batch` sequences of up to `capacity` tokens (at most n_positions).
-    pub fn new(config: &Gpt2Config, batch: usize, capacity: usize) -> Result<Self> {
-        if capacity > config.n_positions {
-            return Err(Error::SeqTooLong { t: capacity, n_positions: config.n_positions });
-        }
-        if batch == 0 {
-            return Err(Error::Input("a KV cache needs at least one sequence".into()));
-        }
-        let layers = (0..config.n_layer).map(|_| attention::KvLayer::new(batch, capacity)).collect();
-        Ok(KvCache { layers, n_embd: config.n_embd })
-    }
-
-    /// Positions cached so far (the same for every sequence).
-    pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Number of sequences (batch rows).
-    pub fn batch(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.batch())
-    }
-
-    /// The most positions this cache holds.
-    pub fn capacity(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.capacity())
-    }
-
-    /// A cache whose row i is a copy of row `rows[i]` of this one (rows may repeat): fans a
-    /// prefilled prompt out to several sequences, or drops finished ones.
-    pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
-        let layers = self.layers.iter().map(|l| l.select_rows(rows)).collect::<Result<_>>()?;
-        Ok(KvCache { layers, n_embd: self.n_embd })
-    }
-
-    /// Checks that ids of `dims` [B, T] can continue this cache's sequences in a model of
-    /// `config`, and returns the position they start at.
-    fn check(&self, config: &Gpt2Config, dims: &[usize]) -> Result<usize> {
-        if self.n_embd != config.n_embd || self.layers.len() != config.n_layer {
-            return Err(Error::Input("this KV cache was made for a model of another size".into()));
-        }
-        let (b, past, cap) = (self.batch(), self.len(), self.capacity());
-        match *dims {
-            [rows, t] if rows == b && t > 0 => {
-                if past + t > cap {
-                    return Err(Error::Input(format!(
-                        "{past} cached + {t} new positions exceed the cache's capacity of {cap}"
-                    )));
-                }
-                Ok(past)
-            }
-            _ => Err(Error::Input(format!(
-                "ids {dims:?} do not continue a KV cache of {b} sequences: give [{b}, n >= 1]"
-            ))),
-        }
-    }
-}
-
-impl Gpt2 {
-    /// The model as its forward pass runs: on the GPU with the parameters cast to bf16 once
-    /// (generation reuses it for every token rather than casting at each call), on the CPU a cheap
-    /// copy (tensors are shared). For inference: its parameters are not the masters.
-    pub fn inference_copy(&self) -> Result<Gpt2> {
-        let mut view = self.clone();
-        if self.device() != crate::Device::Cpu {
-            let tape = &mut Tape::inference();
-            for p in view.params.iter_mut() {
-                p.tensor = elementwise::to_compute_dtype(tape, &p.tensor)?;
-            }
-        }
-        Ok(view)
-    }
-
-    /// Feeds the next `n` tokens of each of the cache's B sequences (`ids`: [B, n], row-major),
-    /// appends their keys and values to `cache`, and returns the logits at each sequence's last
-    /// new position as f32 on the host, [B, V]: `forward_with` a cache, for generation.
-    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let b = cache.batch();
-        if ids.is_empty() || ids.len() % b != 0 {
-            return Err(Error::Input(format!("{} token ids do not split into {b} sequences of n >= 1", ids.len())));
-        }
-        let n = ids.len() / b;
-        let ids = Tensor::from_i32(ids.iter().map(|&id| id.min(i32::MAX as u32) as i32).collect(), [b, n])?;
-        let logits = self.forward_with(&mut Tape::inference(), &ids, None, Mode::Eval, Some(cache))?.logits;
-        let v = self.config.vocab_size;
-        Tensor::from_f32(logits.to_f32_vec()?, [b, v])
+        Ok(ModelOutput { logits, loss })
     }
 }

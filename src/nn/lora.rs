@@ -147,8 +147,10 @@ pub(crate) fn matches(module: &str, target: &str) -> bool {
 /// where the forward pass applies the update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModuleKind {
-    /// A Conv1D, W [in, out].
+    /// A Conv1D, W [in, out] (GPT-2's layers).
     Conv1d,
+    /// An nn.Linear, W [out, in] (a Llama's q/k/v/o_proj and gate/up/down_proj).
+    Linear,
     /// GPT-2's token embedding `transformer.wte`, W [V, C]: in = V, out = C.
     Embedding,
     /// GPT-2's lm_head, an nn.Linear(C, V) whose weight is wte [V, C]: in = C, out = V.

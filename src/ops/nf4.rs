@@ -1,4 +1,4 @@
-//! NF4 linear (QLoRA): a Conv1D whose frozen weight W [in, out] is stored in NF4 with a
+//! NF4 linear (QLoRA): a Conv1D (W [in, out]) or nn.Linear (W [out, in]) whose frozen weight is
 //! double-quantized absmax, optionally with a LoRA adapter on top,
 //!   y = x deq(W) + b + scaling * dropout(x) A^T B^T,
 //! as one tape node. The node saves the `Arc<Nf4Weight>`, never the dequantized matrix, and
@@ -7,6 +7,7 @@
 
 use super::expect_dims;
 use crate::backend::{on, Dropout, Nf4Args};
+use crate::ops::gemm::WeightLayout;
 use crate::quant::nf4::Nf4Weight;
 use crate::tape::{Op, Tape};
 use crate::{Error, Result, Tensor};
@@ -18,6 +19,8 @@ pub use super::lora::LoraAdapter as Nf4Lora;
 struct Nf4Linear {
     x: Tensor,
     w: Arc<Nf4Weight>,
+    /// W is stored [out, in] (an nn.Linear) rather than [in, out] (a Conv1D).
+    w_trans: bool,
     bias: Option<Tensor>,
     /// (A, B) when the layer has an adapter.
     ab: Option<(Tensor, Tensor)>,
@@ -36,6 +39,7 @@ impl Nf4Linear {
         Nf4Args {
             x: &self.x,
             w: &self.w,
+            w_trans: self.w_trans,
             bias: self.bias.as_ref(),
             lora: self.ab.as_ref().map(|(a, b)| (a, b, self.scaling)),
             dropout: self.dropout,
@@ -71,8 +75,8 @@ impl Op for Nf4Linear {
     }
 }
 
-/// y = x @ deq(w) + bias (+ the LoRA update) for x [..., in] and w an NF4 weight [in, out]. The
-/// inputs are recorded in the order x, A, B, bias (those given).
+/// y = x @ deq(w) + bias (+ the LoRA update) for x [..., in] and w an NF4 weight [in, out] (a
+/// Conv1D). The inputs are recorded in the order x, A, B, bias (those given).
 pub fn nf4_linear(
     tape: &mut Tape,
     x: &Tensor,
@@ -80,9 +84,23 @@ pub fn nf4_linear(
     bias: Option<&Tensor>,
     lora: Option<Nf4Lora>,
 ) -> Result<Tensor> {
+    nf4_linear_with(tape, x, w, WeightLayout::InOut, bias, lora)
+}
+
+/// `nf4_linear` for a weight in either layout: [in, out] (`InOut`, a Conv1D) or [out, in]
+/// (`OutIn`, an nn.Linear as bitsandbytes quantizes it: y = x @ deq(w)^T).
+pub fn nf4_linear_with(
+    tape: &mut Tape,
+    x: &Tensor,
+    w: &Arc<Nf4Weight>,
+    layout: WeightLayout,
+    bias: Option<&Tensor>,
+    lora: Option<Nf4Lora>,
+) -> Result<Tensor> {
     const OP: &str = "nf4_linear";
     let _t = crate::profile::scope(OP, crate::profile::Phase::Forward);
-    let [k, n] = w.dims;
+    let w_trans = layout == WeightLayout::OutIn;
+    let [k, n] = if w_trans { [w.dims[1], w.dims[0]] } else { w.dims };
     if x.dims().is_empty() || x.shape().last() != k {
         return Err(Error::shape(
             OP,
@@ -111,6 +129,7 @@ pub fn nf4_linear(
     let mut saved = Nf4Linear {
         x: x.clone(),
         w: Arc::clone(w),
+        w_trans,
         bias: bias.cloned(),
         ab: lora.as_ref().map(|l| (l.a.clone(), l.b.clone())),
         us: Tensor::scalar(0.0),

@@ -4,8 +4,8 @@
 //! hidden temporary directory and renamed into place; only then are older ones pruned.
 
 use crate::data::tokenizer::Tokenizer;
-use crate::io::checkpoint::{load_all, load_gpt2, save_gpt2};
-use crate::model::gpt2::Gpt2;
+use crate::io::checkpoint::{load_all, load_model, save_model};
+use crate::model::Model;
 use crate::optim::Optimizer;
 use crate::{DType, Error, Result};
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,7 @@ pub struct TrainerState {
 
 /// A checkpoint read back.
 pub struct Loaded {
-    pub model: Gpt2,
+    pub model: Model,
     pub data: serde_json::Value,
     pub step: usize,
     pub elapsed_s: f64,
@@ -96,7 +96,7 @@ pub fn resume_point(run_dir: &Path, max_steps: usize, quiet: bool) -> Result<Opt
 /// Writes a checkpoint for `state.step` and keeps the newest `keep_last` (at least one).
 pub fn save(
     run_dir: &Path,
-    model: &Gpt2,
+    model: &Model,
     tok: &Tokenizer,
     opt: &dyn Optimizer,
     state: &TrainerState,
@@ -113,7 +113,7 @@ pub fn save(
     if model.lora.is_some() {
         crate::io::peft::save_adapter(model, &tmp)?;
     } else {
-        save_gpt2(model, &tmp, DType::F32)?;
+        save_model(model, &tmp, DType::F32)?;
     }
     tok.save(&tmp.join("tokenizer.json"))?;
     crate::io::safetensors::save(
@@ -151,7 +151,7 @@ fn discard(dir: &Path) -> Result<()> {
 
 /// Reads a checkpoint, restoring the optimizer's moments and step into `opt`. A checkpoint that
 /// holds an adapter (adapter_config.json) is applied to `base`, which must then be given.
-pub fn load(dir: &Path, base: Option<Gpt2>, opt: &mut dyn Optimizer) -> Result<Loaded> {
+pub fn load(dir: &Path, base: Option<Model>, opt: &mut dyn Optimizer) -> Result<Loaded> {
     let model = if dir.join("adapter_config.json").exists() {
         let mut base =
             base.ok_or_else(|| Error::checkpoint(dir, "holds an adapter; its base model is needed to resume"))?;
@@ -159,7 +159,7 @@ pub fn load(dir: &Path, base: Option<Gpt2>, opt: &mut dyn Optimizer) -> Result<L
         crate::io::peft::load_adapter(&mut base, dir)?;
         base
     } else {
-        load_gpt2(dir)?
+        load_model(dir)?
     };
     let path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::read(&path, e))?;

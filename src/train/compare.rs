@@ -15,7 +15,7 @@ use super::{finetune, metrics, Options, Start};
 use crate::data::synthetic::World;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::generate::{generate, GenerateConfig};
-use crate::model::gpt2::Gpt2;
+use crate::model::Model;
 use crate::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -80,7 +80,7 @@ fn write_task(world: &World, dir: &Path) -> Result<(PathBuf, PathBuf, Examples)>
 }
 
 /// The share of `questions` whose greedy answer starts with the expected word.
-pub fn accuracy(model: &Gpt2, tok: &Tokenizer, questions: &[(String, String)]) -> Result<f64> {
+pub fn accuracy(model: &Model, tok: &Tokenizer, questions: &[(String, String)]) -> Result<f64> {
     let mut right = 0;
     for (prompt, answer) in questions {
         let ids = tok.encode(prompt)?;
@@ -121,11 +121,11 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
         }
     };
     let tok = Tokenizer::load(&pretrained.join("tokenizer.json"))?;
-    let base = crate::io::checkpoint::load_gpt2(&pretrained)?;
+    let base = crate::io::checkpoint::load_model(&pretrained)?;
     // the same architecture, randomly initialised, for the from-scratch run
     let scratch_dir = dir.join("scratch-init");
-    let scratch = Gpt2::new_random(base.config.clone(), 1)?;
-    crate::io::checkpoint::save_gpt2(&scratch, &scratch_dir, crate::DType::F32)?;
+    let scratch = Model::new_random(base.config.clone(), 1)?;
+    crate::io::checkpoint::save_model(&scratch, &scratch_dir, crate::DType::F32)?;
     tok.save(&scratch_dir.join("tokenizer.json"))?;
 
     let mut rows = vec![];
@@ -175,11 +175,11 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
         // the model as trained: a plain checkpoint, or the base with the saved adapter
         let ckpt = s.checkpoint.clone().ok_or_else(|| Error::Input(format!("{method}: no checkpoint")))?;
         let trained = if ckpt.join("adapter_config.json").exists() {
-            let mut m = crate::io::checkpoint::load_gpt2(init)?;
+            let mut m = crate::io::checkpoint::load_model(init)?;
             crate::io::peft::load_adapter(&mut m, &ckpt)?;
             m
         } else {
-            crate::io::checkpoint::load_gpt2(&ckpt)?
+            crate::io::checkpoint::load_model(&ckpt)?
         };
         let trainable = match &trained.lora {
             Some(l) => l.params.numel(),

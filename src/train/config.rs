@@ -52,7 +52,7 @@ impl Default for FinetuneSection {
             lora_r: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.05,
-            lora_targets: vec!["c_attn".into(), "c_proj".into(), "c_fc".into()],
+            lora_targets: crate::model::lora::GPT2_DEFAULT_TARGETS.iter().map(|t| t.to_string()).collect(),
             rslora: false,
         }
     }

@@ -8,7 +8,7 @@ use super::config::RunConfig;
 use super::{checkpoint, steps, Options, Start, Summary};
 use crate::data::sft::{self, SftData};
 use crate::data::tokenizer::Tokenizer;
-use crate::model::gpt2::{Gpt2, Mode};
+use crate::model::{Mode, Model};
 use crate::nn::lora::LoraConfig;
 use crate::optim::{AdamW, AdamW8bit, AdamWConfig, Optimizer};
 use crate::quant::nf4::NF4_BLOCKSIZE;
@@ -60,14 +60,14 @@ impl steps::Task for SftTask {
         sft::batch(&rows, self.pad)
     }
 
-    fn evaluate(&mut self, model: &Gpt2) -> Result<Option<f64>> {
+    fn evaluate(&mut self, model: &Model) -> Result<Option<f64>> {
         if self.val.rows.is_empty() {
             return Ok(None);
         }
         evaluate_rows(model, &self.val, self.batch, self.pad).map(Some)
     }
 
-    fn save(&mut self, model: &Gpt2, opt: &dyn Optimizer, step: usize, elapsed_s: f64) -> Result<PathBuf> {
+    fn save(&mut self, model: &Model, opt: &dyn Optimizer, step: usize, elapsed_s: f64) -> Result<PathBuf> {
         let data = serde_json::to_value(&self.pos).expect("the position serialises");
         checkpoint::save(
             &self.run_dir,
@@ -81,7 +81,7 @@ impl steps::Task for SftTask {
 }
 
 /// Mean loss per trained token over `data`'s rows.
-pub fn evaluate_rows(model: &Gpt2, data: &SftData, batch: usize, pad: u32) -> Result<f64> {
+pub fn evaluate_rows(model: &Model, data: &SftData, batch: usize, pad: u32) -> Result<f64> {
     let (mut sum, mut count) = (0.0, 0usize);
     let rows: Vec<&(Vec<u32>, Vec<i32>)> = data.rows.iter().collect();
     for chunk in rows.chunks(batch.max(1)) {
@@ -162,22 +162,22 @@ fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summar
     // pre-quantized checkpoint (`kiln quantize`) stores in NF4 are taken as they are.
     let adapter = matches!(f.method.as_str(), "lora" | "qlora");
     let (mut model, prequantized) = if f.method == "qlora" {
-        let mut m = crate::io::checkpoint::load_gpt2_nf4_base(base)?;
+        let mut m = crate::io::checkpoint::load_nf4_base(base)?;
         let stored = m.nf4.as_ref().map_or(0, |q| q.len());
         m.quantize_nf4(NF4_BLOCKSIZE)?;
         (m, stored)
     } else {
-        (crate::io::checkpoint::load_gpt2(base)?, 0)
+        (crate::io::checkpoint::load_model(base)?, 0)
     };
-    if tok.id_bound() > model.config.vocab_size {
+    if tok.id_bound() > model.config.vocab_size() {
         return Err(Error::Mismatch(format!(
             "the tokenizer's vocabulary ({}) does not fit the model's vocab_size ({}): use the base model's own tokenizer",
             tok.id_bound(),
-            model.config.vocab_size
+            model.config.vocab_size()
         )));
     }
     // train.seq_len caps the context; the model's n_positions caps it too
-    let ctx = t.seq_len.min(model.config.n_positions);
+    let ctx = t.seq_len.min(model.config.n_positions());
     let load = |inputs: &[String]| -> Result<Vec<sft::Example>> {
         let mut all = vec![];
         for p in crate::data::corpus::expand_inputs(inputs)? {
@@ -195,7 +195,7 @@ fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summar
         val_examples = shuffled.split_off(examples.len() - n_val);
         examples = shuffled;
     }
-    let eos = tok.eos_id().or(model.config.eos_token_id);
+    let eos = tok.eos_id().or(model.config.eos_token_id());
     let train = sft::tokenize(&examples, &tok, ctx, eos, f.pack)?;
     let val = sft::tokenize(&val_examples, &tok, ctx, eos, false)?;
     if !opts.quiet {
@@ -234,7 +234,8 @@ fn finetune_in(cfg: &RunConfig, run_dir: &Path, opts: &Options) -> Result<Summar
         }
         None => {
             if adapter {
-                let lc = LoraConfig::new(f.lora_r, f.lora_alpha, f.lora_dropout, &f.lora_targets, f.rslora)?;
+                let targets = crate::model::lora::default_targets_for(&model.config, &f.lora_targets);
+                let lc = LoraConfig::new(f.lora_r, f.lora_alpha, f.lora_dropout, &targets, f.rslora)?;
                 crate::model::lora::attach(&mut model, lc, t.seed)?;
             }
             (SftPosition::default(), 0, 0.0)

@@ -16,7 +16,7 @@
 //!   on the CPU, 2 (bf16) on the GPU. With gradient checkpointing each block keeps only its input
 //!   and one block is recomputed at a time.
 
-use crate::model::gpt2::{Gpt2, Gpt2Config};
+use crate::model::{Config, Model};
 use crate::nn::lora::LoraConfig;
 use crate::optim::adamw8bit::MIN_8BIT_SIZE;
 use crate::Result;
@@ -43,7 +43,7 @@ pub struct Counts {
 
 impl Counts {
     /// The counts of a built model.
-    pub fn of(model: &Gpt2) -> Counts {
+    pub fn of(model: &Model) -> Counts {
         let nf4: Vec<_> = model.nf4.iter().flat_map(|q| q.values()).collect();
         let adapter = model.lora.as_ref().map_or(0, |l| l.params.numel());
         let f32_base = model.params.numel();
@@ -68,10 +68,10 @@ impl Counts {
         }
     }
 
-    /// The counts of a GPT-2 of `config` fine-tuned by `method` ("full", "lora" or "qlora", with
-    /// `lora`'s adapter for the last two; "qlora" stores every Conv1D weight in NF4 in blocks of
-    /// 64), without building it.
-    pub fn planned(config: &Gpt2Config, method: &str, lora: &LoraConfig) -> Result<Counts> {
+    /// The counts of a model of `config` fine-tuned by `method` ("full", "lora" or "qlora", with
+    /// `lora`'s adapter for the last two; "qlora" stores every block's weight matrix in NF4 in
+    /// blocks of 64), without building it.
+    pub fn planned(config: &Config, method: &str, lora: &LoraConfig) -> Result<Counts> {
         let all: usize = config.param_shapes().iter().map(|(_, d)| d.iter().product::<usize>()).sum();
         // every trainable tensor's size: the base's for full fine-tuning, else the adapter's A and B
         let trainable_tensors: Vec<usize> = match method {
@@ -83,7 +83,7 @@ impl Counts {
         };
         let adapter = if method == "full" { 0 } else { trainable_tensors.iter().sum() };
         let trainable_small = trainable_tensors.iter().filter(|&&n| n < MIN_8BIT_SIZE).sum();
-        let conv: Vec<usize> = crate::model::lora::conv1d_modules(config).iter().map(|(_, i, o)| i * o).collect();
+        let conv: Vec<usize> = crate::model::lora::block_modules(config).iter().map(|(_, _, i, o)| i * o).collect();
         let quantized = method == "qlora";
         let nf4_params = if quantized { conv.iter().sum() } else { 0 };
         let nf4_bytes = if quantized {
@@ -123,19 +123,25 @@ impl Bill {
     /// The bill for `counts` at `batch` rows of `seq` tokens under `optimizer` ("adamw" or
     /// "adamw8bit"), on the GPU (bf16 activations, bf16 weight copies) or the CPU.
     pub fn new(
-        config: &Gpt2Config,
+        config: &Config,
         counts: Counts,
         tokens: (usize, usize),
         optimizer: &str,
         gpu: bool,
         checkpointing: bool,
     ) -> Bill {
-        let c = config;
         let (batch, seq) = tokens;
         let value = if gpu { 2.0 } else { 4.0 };
-        let per_token = (c.n_layer * (8 * c.n_embd + 2 * c.ffn_dim()) + 2 * c.vocab_size + c.n_embd) as f64;
-        let per_token_ckpt =
-            (c.n_layer * c.n_embd + 8 * c.n_embd + 2 * c.ffn_dim() + 2 * c.vocab_size + c.n_embd) as f64;
+        // values a block keeps per token for backward: GPT-2's layernorm inputs and outputs, qkv,
+        // attention output, MLP pre-activation and GELU output; a Llama's RMSNorm inputs and
+        // outputs, q, k, v and their packed rotation, attention output, gate, up and SwiGLU output
+        let block = match config {
+            Config::Gpt2(c) => 8 * c.n_embd + 2 * c.ffn_dim(),
+            Config::Llama(c) => 4 * c.hidden_size + 3 * c.q_width() + 2 * c.kv_width() + 3 * c.intermediate_size,
+        };
+        let (l, c, v) = (config.n_layer(), config.n_embd(), config.vocab_size());
+        let per_token = (l * block + 2 * v + c) as f64;
+        let per_token_ckpt = (l * c + block + 2 * v + c) as f64;
         let tokens = (batch * seq) as f64;
         Bill {
             counts,

@@ -23,7 +23,7 @@ pub mod steps;
 
 use crate::data::corpus::{self, TokenFile, WindowSampler};
 use crate::data::tokenizer::Tokenizer;
-use crate::model::gpt2::{Gpt2, Gpt2Config, Mode};
+use crate::model::{Config, Mode, Model};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::tape::Tape;
 use crate::{Error, Result, Tensor};
@@ -237,32 +237,56 @@ fn token_file(inputs: &[PathBuf], tok: &Tokenizer, path: &Path, progress: bool) 
 
 /// The model config a run trains: the preset (or init checkpoint) with the run's overrides and
 /// the tokenizer's vocabulary.
-pub fn model_config(cfg: &RunConfig, tok: &Tokenizer) -> Result<Gpt2Config> {
+pub fn model_config(cfg: &RunConfig, tok: &Tokenizer) -> Result<Config> {
     let mut c = base_model_config(cfg)?;
-    c.vocab_size = tok.id_bound();
-    c.eos_token_id = tok.eos_id();
-    c.bos_token_id = tok.eos_id();
+    let (v, eos) = (tok.id_bound(), tok.eos_id());
+    match &mut c {
+        Config::Gpt2(c) => (c.vocab_size, c.eos_token_id, c.bos_token_id) = (v, eos, eos),
+        Config::Llama(c) => (c.vocab_size, c.eos_token_id, c.bos_token_id) = (v, eos, eos),
+    }
     Ok(c)
 }
 
 /// The preset with the run's overrides, before a tokenizer sets the vocabulary.
-fn base_model_config(cfg: &RunConfig) -> Result<Gpt2Config> {
+fn base_model_config(cfg: &RunConfig) -> Result<Config> {
     let m = &cfg.model;
-    let mut c = Gpt2Config::preset(&m.preset)?;
-    c.n_layer = m.n_layer.unwrap_or(c.n_layer);
-    c.n_head = m.n_head.unwrap_or(c.n_head);
-    c.n_embd = m.n_embd.unwrap_or(c.n_embd);
-    c.n_positions = m.n_positions.unwrap_or(c.n_positions);
-    if let Some(p) = m.dropout {
-        (c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) = (p, p, p);
+    let mut config = Config::preset(&m.preset)?;
+    match &mut config {
+        Config::Gpt2(c) => {
+            c.n_layer = m.n_layer.unwrap_or(c.n_layer);
+            c.n_head = m.n_head.unwrap_or(c.n_head);
+            c.n_embd = m.n_embd.unwrap_or(c.n_embd);
+            c.n_positions = m.n_positions.unwrap_or(c.n_positions);
+            if let Some(p) = m.dropout {
+                (c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) = (p, p, p);
+            }
+        }
+        Config::Llama(c) => {
+            if m.dropout.is_some_and(|p| p != 0.0) {
+                return Err(Error::Input(format!(
+                    "model.dropout: the {} preset is a Llama, which has no dropout; leave model.dropout out",
+                    m.preset
+                )));
+            }
+            c.num_hidden_layers = m.n_layer.unwrap_or(c.num_hidden_layers);
+            let heads = m.n_head.unwrap_or(c.num_attention_heads);
+            // the grouping (query heads per KV head) stays the preset's where the new count allows
+            let group = c.num_attention_heads / c.num_key_value_heads;
+            c.num_key_value_heads = if heads % group == 0 { heads / group } else { heads };
+            c.num_attention_heads = heads;
+            c.hidden_size = m.n_embd.unwrap_or(c.hidden_size);
+            c.head_dim = c.hidden_size / heads.max(1);
+            c.max_position_embeddings = m.n_positions.unwrap_or(c.max_position_embeddings);
+        }
     }
-    if c.n_embd % c.n_head != 0 {
+    let (c, h) = (config.n_embd(), config.heads().n_head);
+    if h == 0 || c % h != 0 || (matches!(config, Config::Llama(_)) && (c / h) % 2 != 0) {
         return Err(Error::Input(format!(
-            "model.n_embd = {} is not divisible by model.n_head = {}",
-            c.n_embd, c.n_head
+            "model.n_embd = {c} is not divisible by model.n_head = {h}{}",
+            if matches!(config, Config::Llama(_)) { " into heads of an even size (rotary pairs)" } else { "" }
         )));
     }
-    Ok(c)
+    Ok(config)
 }
 
 /// Input ids and next-token targets [B, T] for windows of seq+1 tokens starting at `starts`.
@@ -277,7 +301,7 @@ pub fn windows_batch(file: &TokenFile, starts: &[usize], seq: usize) -> Result<(
 }
 
 /// Mean loss over the evaluation windows (deterministic: the same windows every time).
-pub fn evaluate(model: &Gpt2, file: &TokenFile, starts: &[usize], batch: usize, seq: usize) -> Result<f64> {
+pub fn evaluate(model: &Model, file: &TokenFile, starts: &[usize], batch: usize, seq: usize) -> Result<f64> {
     let (mut sum, mut n) = (0.0, 0usize);
     for chunk in starts.chunks(batch.max(1)) {
         let (ids, tgt) = windows_batch(file, chunk, seq)?;
@@ -301,9 +325,9 @@ pub fn check_start(cfg: &RunConfig) -> Result<Option<Tokenizer>> {
                     "model.init_from has no config.json: give a Hugging Face checkpoint directory",
                 ));
             }
-            crate::model::gpt2::Gpt2Config::from_json_file(&dir.join("config.json"))?.n_positions
+            Config::from_json_file(&dir.join("config.json"))?.n_positions()
         }
-        None => base_model_config(cfg)?.n_positions,
+        None => base_model_config(cfg)?.n_positions(),
     };
     if cfg.train.seq_len > n_positions {
         return Err(Error::Input(format!(
@@ -363,7 +387,7 @@ pub(crate) fn forget_failed_start<T>(run_dir: &Path, created: bool, result: &Res
 
 /// A pre-training run ready for its first step.
 struct Prepared {
-    model: Gpt2,
+    model: Model,
     opt: AdamW,
     tok: Tokenizer,
     train_file: TokenFile,
@@ -445,17 +469,17 @@ fn setup_pretrain(cfg: &RunConfig, run_dir: &Path, opts: &Options, given_tok: Op
         }
         None => {
             let model = match &cfg.model.init_from {
-                Some(dir) => crate::io::checkpoint::load_gpt2(dir)?,
-                None => Gpt2::new_random(model_config(cfg, &tok)?, t.seed)?,
+                Some(dir) => crate::io::checkpoint::load_model(dir)?,
+                None => Model::new_random(model_config(cfg, &tok)?, t.seed)?,
             };
             let mode = cfg.data.sampling.parse()?;
             (model, WindowSampler::new(t.seed, train_range.clone(), mode), 0, 0.0)
         }
     };
-    corpus::check_vocab(&train_file, model.config.vocab_size)?;
+    corpus::check_vocab(&train_file, model.config.vocab_size())?;
     model.to_device(opts.device)?;
-    if t.seq_len > model.config.n_positions {
-        return Err(Error::SeqTooLong { t: t.seq_len, n_positions: model.config.n_positions });
+    if t.seq_len > model.config.n_positions() {
+        return Err(Error::SeqTooLong { t: t.seq_len, n_positions: model.config.n_positions() });
     }
     let eval_starts = corpus::eval_windows(val_range.clone(), t.seq_len, t.eval_windows);
     Ok(Prepared { model, opt, tok, train_file, val_file, sampler, eval_starts, start_step, elapsed0, latest })
@@ -518,7 +542,7 @@ impl steps::Task for PretrainTask<'_> {
     fn next_batch(&mut self) -> Result<(Tensor, Tensor)> {
         self.sampler.next_batch(self.train_file, self.batch, self.seq)
     }
-    fn evaluate(&mut self, model: &Gpt2) -> Result<Option<f64>> {
+    fn evaluate(&mut self, model: &Model) -> Result<Option<f64>> {
         if self.eval_starts.is_empty() {
             return Ok(None);
         }
@@ -526,7 +550,7 @@ impl steps::Task for PretrainTask<'_> {
     }
     fn save(
         &mut self,
-        model: &Gpt2,
+        model: &Model,
         opt: &dyn crate::optim::Optimizer,
         step: usize,
         elapsed_s: f64,

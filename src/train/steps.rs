@@ -6,7 +6,7 @@
 use super::config::TrainSection;
 use super::metrics::{self, Record};
 use super::{schedule, Options, Summary};
-use crate::model::gpt2::{Gpt2, Mode};
+use crate::model::{Mode, Model};
 use crate::optim::Optimizer;
 use crate::tape::{Gradients, Tape};
 use crate::{Error, Result, Tensor};
@@ -18,9 +18,9 @@ pub trait Task {
     /// The next micro-batch: input ids and next-token targets (-100 = no loss), both [B, T].
     fn next_batch(&mut self) -> Result<(Tensor, Tensor)>;
     /// Validation loss, or None when there is nothing to validate on.
-    fn evaluate(&mut self, model: &Gpt2) -> Result<Option<f64>>;
+    fn evaluate(&mut self, model: &Model) -> Result<Option<f64>>;
     /// Writes a checkpoint after `step` optimizer steps and returns where.
-    fn save(&mut self, model: &Gpt2, opt: &dyn Optimizer, step: usize, elapsed_s: f64) -> Result<PathBuf>;
+    fn save(&mut self, model: &Model, opt: &dyn Optimizer, step: usize, elapsed_s: f64) -> Result<PathBuf>;
 }
 
 /// Where the loop starts and what it reports.
@@ -115,7 +115,7 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
 
 /// Runs optimizer steps from `spec.start_step` to `train.max_steps` (or until Ctrl-C or
 /// `opts.stop_after`), saving, evaluating and logging as configured.
-pub fn run(model: &mut Gpt2, opt: &mut dyn Optimizer, task: &mut dyn Task, spec: &Spec) -> Result<Summary> {
+pub fn run(model: &mut Model, opt: &mut dyn Optimizer, task: &mut dyn Task, spec: &Spec) -> Result<Summary> {
     let t = spec.train;
     interrupt::install();
     let bar = crate::progress::Progress::new(

@@ -2,7 +2,7 @@
 //! with a tokenizer trained on the built-in world, the world's Q/A task, and a fast run config.
 
 use kiln::data::synthetic::World;
-use kiln::model::gpt2::Gpt2;
+use kiln::model::Model;
 use kiln::train::{Options, RunConfig, Start};
 use std::path::Path;
 
@@ -14,9 +14,9 @@ pub fn base_model(dir: &Path, n_embd: usize) -> (World, std::path::PathBuf) {
     let tok = kiln::data::tokenizer::train_bpe(&[corpus], 400, 2).unwrap();
     let sets = ["model.n_layer=2".into(), format!("model.n_embd={n_embd}"), "model.n_positions=64".into()];
     let cfg = RunConfig::load(None, &sets).unwrap();
-    let model = Gpt2::new_random(kiln::train::model_config(&cfg, &tok).unwrap(), 0).unwrap();
+    let model = Model::new_random(kiln::train::model_config(&cfg, &tok).unwrap(), 0).unwrap();
     let m = dir.join("base");
-    kiln::io::checkpoint::save_gpt2(&model, &m, kiln::DType::F32).unwrap();
+    kiln::io::checkpoint::save_model(&model, &m, kiln::DType::F32).unwrap();
     tok.save(&m.join("tokenizer.json")).unwrap();
     std::fs::write(dir.join("task.jsonl"), world.task_jsonl()).unwrap();
     (world, m)

@@ -28,7 +28,7 @@ fn fuzz_checkpoint_weights() {
         let dir = case_dir(Some(if bf16 { &s.model_bf16 } else { &s.model_f32 }));
         let path = dir.path().join("model.safetensors");
         let n = put(&path, &mutated_st(&path, &edits));
-        if let Some(model) = check(&path, n, || checkpoint::load_gpt2(dir.path()))? {
+        if let Some(model) = check(&path, n, || checkpoint::load_model(dir.path()))? {
             prop_assert!(finite_params(&model), "a checkpoint with non-finite weights loaded");
             downstream("a forward pass", || forward(&model))?;
         }
@@ -45,8 +45,8 @@ fn fuzz_nf4_checkpoint() {
         let path = dir.path().join("model.safetensors");
         let n = put(&path, &mutated_st(&path, &edits));
         let load = || match as_qlora_base {
-            true => checkpoint::load_gpt2_nf4_base(dir.path()),
-            false => checkpoint::load_gpt2(dir.path()),
+            true => checkpoint::load_nf4_base(dir.path()),
+            false => checkpoint::load_model(dir.path()),
         };
         if let Some(model) = check(&path, n, load)? {
             prop_assert!(finite_params(&model), "an NF4 checkpoint with non-finite values loaded");
@@ -65,10 +65,15 @@ fn fuzz_checkpoint_config() {
         let dir = case_dir(Some(&s.model_f32));
         let path = dir.path().join("config.json");
         let n = put(&path, &apply_json_file(&seed, &edits));
-        let loaded = check(&path, n, || checkpoint::load_gpt2(dir.path()))?;
+        let loaded = check(&path, n, || checkpoint::load_model(dir.path()))?;
         if let Some(model) = loaded {
             let c = &model.config;
-            let floats = [c.layer_norm_epsilon, c.embd_pdrop, c.resid_pdrop, c.attn_pdrop, c.initializer_range];
+            let floats = match c {
+                kiln::Config::Gpt2(c) => {
+                    vec![c.layer_norm_epsilon, c.embd_pdrop, c.resid_pdrop, c.attn_pdrop, c.initializer_range]
+                }
+                kiln::Config::Llama(c) => vec![c.rms_norm_eps, c.rope_theta, c.initializer_range],
+            };
             prop_assert!(floats.iter().all(|f| f.is_finite()), "a config with non-finite values loaded: {c:?}");
             downstream("a forward pass", || forward(&model))?;
         }
@@ -84,7 +89,7 @@ fn fuzz_checkpoint_config() {
 fn fuzz_peft_adapter() {
     let _serial = serial();
     let s = seeds();
-    let base = checkpoint::load_gpt2(&s.model_f32).unwrap();
+    let base = checkpoint::load_model(&s.model_f32).unwrap();
     let config_seed = std::fs::read(s.adapter.join(peft::CONFIG_FILE)).unwrap();
     let edits = prop_oneof![json_file_edits().prop_map(|e| (Some(e), vec![])), st_edits().prop_map(|e| (None, e)),];
     fuzz("peft-adapter", cases(160), edits, |(config_edits, st)| {

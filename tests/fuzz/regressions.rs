@@ -35,11 +35,11 @@ fn a_config_json_larger_than_its_weights_is_refused_before_allocating() {
     let _serial = serial();
     // Before: 1.2 million parameter shapes were built (160 MB) before any was looked up.
     let dir = model_with_config("n_layer", 100_000.into());
-    let msg = load_error(&dir.path().join("config.json"), || checkpoint::load_gpt2(dir.path()));
+    let msg = load_error(&dir.path().join("config.json"), || checkpoint::load_model(dir.path()));
     assert!(msg.contains("has no tensor 'transformer.h.2.ln_1.weight'"), "{msg}");
     // and sizes whose parameter count overflows are refused before any shape is computed
     let dir = model_with_config("n_embd", (1u64 << 63).into());
-    let msg = load_error(&dir.path().join("config.json"), || checkpoint::load_gpt2(dir.path()));
+    let msg = load_error(&dir.path().join("config.json"), || checkpoint::load_model(dir.path()));
     assert!(msg.contains("overflows"), "{msg}");
 }
 
@@ -48,7 +48,7 @@ fn weights_a_config_json_does_not_have_are_named_by_their_file() {
     let _serial = serial();
     // Before: only the directory was named.
     let dir = model_with_config("n_layer", 1.into());
-    let msg = load_error(&dir.path().join("model.safetensors"), || checkpoint::load_gpt2(dir.path()));
+    let msg = load_error(&dir.path().join("model.safetensors"), || checkpoint::load_model(dir.path()));
     assert!(msg.contains("transformer.h.1.") && msg.contains("config.json"), "{msg}");
 }
 
@@ -57,7 +57,7 @@ fn a_config_json_float_beyond_f32_is_refused() {
     let _serial = serial();
     // Before: 1e300 became an infinite layer_norm_epsilon, and every layer norm output 0.
     let dir = model_with_config("layer_norm_epsilon", serde_json::json!(1e300));
-    let msg = load_error(&dir.path().join("config.json"), || checkpoint::load_gpt2(dir.path()));
+    let msg = load_error(&dir.path().join("config.json"), || checkpoint::load_model(dir.path()));
     assert!(msg.contains("layer_norm_epsilon"), "{msg}");
 }
 
@@ -68,14 +68,14 @@ fn non_finite_weights_are_refused_with_their_tensor() {
     let dir = case_dir(Some(&seeds().model_f32));
     let file = dir.path().join("model.safetensors");
     poke_f32(&file, "transformer.h.0.attn.c_attn.weight", f32::NAN);
-    let msg = load_error(&file, || checkpoint::load_gpt2(dir.path()));
+    let msg = load_error(&file, || checkpoint::load_model(dir.path()));
     assert!(msg.contains("transformer.h.0.attn.c_attn.weight") && msg.contains("NaN"), "{msg}");
 
     let dir = case_dir(Some(&seeds().adapter));
     let file = dir.path().join(peft::WEIGHTS_FILE);
     let name = "base_model.model.transformer.h.1.attn.c_attn.lora_A.weight";
     poke_f32(&file, name, f32::INFINITY);
-    let mut model = checkpoint::load_gpt2(&seeds().model_f32).unwrap();
+    let mut model = checkpoint::load_model(&seeds().model_f32).unwrap();
     let msg = load_error(&file, || peft::load_adapter(&mut model, dir.path()));
     assert!(msg.contains(name) && msg.contains("inf"), "{msg}");
 }

@@ -51,10 +51,10 @@ pub fn seeds() -> &'static Seeds {
         tok.save(&tokenizer).unwrap();
         let mut config = tiny_config();
         config.vocab_size = tok.id_bound();
-        let model = Gpt2::new_random(config, 7).unwrap();
+        let model = Model::new_random(config, 7).unwrap();
         let (model_f32, model_bf16) = (d.join("model-f32"), d.join("model-bf16"));
         for (dir, dtype) in [(&model_f32, DType::F32), (&model_bf16, DType::BF16)] {
-            checkpoint::save_gpt2(&model, dir, dtype).unwrap();
+            checkpoint::save_model(&model, dir, dtype).unwrap();
             tok.save(&dir.join("tokenizer.json")).unwrap();
         }
         let model_nf4 = d.join("model-nf4");
@@ -108,7 +108,7 @@ pub fn case_dir(from: Option<&Path>) -> tempfile::TempDir {
 }
 
 /// A forward pass on a few tokens, the step every loaded model must survive.
-pub fn forward(model: &Gpt2) -> kiln::Result<()> {
+pub fn forward(model: &Model) -> kiln::Result<()> {
     let ids = Tensor::from_i32(vec![1, 2, 3, 4], [1, 4])?;
     let targets = Tensor::from_i32(vec![2, 3, 4, -100], [1, 4])?;
     model.forward(&mut Tape::inference(), &ids, Some(&targets), Mode::Eval).map(|_| ())
@@ -138,7 +138,7 @@ pub fn mutated_st(file: &Path, edits: &[StEdit]) -> Vec<u8> {
 }
 
 /// Every parameter of a loaded model (and of its adapter) is finite.
-pub fn finite_params(m: &Gpt2) -> bool {
+pub fn finite_params(m: &Model) -> bool {
     let lora = m.lora.iter().flat_map(|l| l.params.iter());
     m.params.iter().chain(lora).all(|p| p.tensor.f32s().is_ok_and(|v| v.iter().all(|x| x.is_finite())))
 }

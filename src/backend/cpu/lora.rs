@@ -146,6 +146,17 @@ pub fn lora_merge(w: &mut [f32], a: &[f32], b: &[f32], k: usize, n: usize, r: us
     pool::give(delta);
 }
 
+/// W [n, k] += scaling * B A for an nn.Linear weight (stored [out, in]), A [r, k], B [n, r]:
+/// PEFT's merge for Linear layers.
+pub fn lora_merge_linear(w: &mut [f32], a: &[f32], b: &[f32], k: usize, n: usize, r: usize, scaling: f32) {
+    let mut delta = pool::take(k * n);
+    matmul(&mut delta, b, a, &GemmDesc::nn(n, k, r), false);
+    for (w, d) in w.iter_mut().zip(&delta) {
+        *w += scaling * d;
+    }
+    pool::give(delta);
+}
+
 /// out[m, c] = us @ B^T, where `us` [m, r] receives scaling * A[:, ids]^T (row i holds column
 /// ids[i] of A [r, v], scaled): LoRA's update of an embedding lookup, for B [c, r].
 #[allow(clippy::too_many_arguments)]

@@ -32,13 +32,15 @@ fn dequantized(w: &Nf4Weight) -> Vec<f32> {
 }
 
 /// out[m, n] = x @ W + bias (+ us @ B^T, `us` [m, r] receiving scaling * xd @ A^T when an
-/// adapter is given), with W dequantized from `w`.
+/// adapter is given), with W dequantized from `w` ([k, n], or [n, k] read transposed with
+/// `w_trans`).
 #[allow(clippy::too_many_arguments)]
 pub fn nf4_linear_forward(
     out: &mut [f32],
     us: &mut [f32],
     x: &[f32],
     w: &Nf4Weight,
+    w_trans: bool,
     bias: Option<&[f32]>,
     adapter: Option<&Nf4Adapter>,
     m: usize,
@@ -47,8 +49,11 @@ pub fn nf4_linear_forward(
 ) {
     let wd = dequantized(w);
     match adapter {
-        Some(ad) => lora_forward(out, us, x, ad.xd, &wd, false, bias, ad.a, ad.b, m, n, k, ad.r, ad.scaling),
-        None => matmul_forward(out, None, x, &wd, bias, &GemmDesc::nn(m, n, k)),
+        Some(ad) => lora_forward(out, us, x, ad.xd, &wd, w_trans, bias, ad.a, ad.b, m, n, k, ad.r, ad.scaling),
+        None => {
+            let desc = if w_trans { GemmDesc::nt(m, n, k) } else { GemmDesc::nn(m, n, k) };
+            matmul_forward(out, None, x, &wd, bias, &desc)
+        }
     }
     pool::give(wd);
 }
@@ -62,6 +67,7 @@ pub fn nf4_linear_backward(
     x: &[f32],
     keep: Option<(&[u8], f32)>,
     w: &Nf4Weight,
+    w_trans: bool,
     adapter: Option<&Nf4Adapter>,
     us: &[f32],
     m: usize,
@@ -77,11 +83,12 @@ pub fn nf4_linear_backward(
     }
     let wd = dequantized(w);
     match adapter {
-        Some(ad) => lora_backward(grads, dout, x, ad.xd, keep, &wd, false, ad.a, ad.b, us, m, n, k, ad.r, ad.scaling),
+        Some(ad) => lora_backward(grads, dout, x, ad.xd, keep, &wd, w_trans, ad.a, ad.b, us, m, n, k, ad.r, ad.scaling),
         None => {
             if let Some(dx) = grads.dx {
-                // dx [m, k] = G [m, n] @ W^T [n, k]
-                matmul(dx, dout, &wd, &GemmDesc::nt(m, k, n), false);
+                // dx [m, k] = G [m, n] @ W^T [n, k] (W stored [n, k] with w_trans: G @ W)
+                let desc = if w_trans { GemmDesc::nn(m, k, n) } else { GemmDesc::nt(m, k, n) };
+                matmul(dx, dout, &wd, &desc, false);
             }
             if let Some(dbias) = grads.dbias {
                 bias_backward(dbias, dout, n);
@@ -106,7 +113,9 @@ impl crate::backend::Nf4 for super::Cpu {
         let dropped = keep.as_ref().map(|(mask, scale)| dropped_input(xv, (mask, *scale)));
         let adapter = ab.map(|(a, b, scaling)| Nf4Adapter { a, b, xd: dropped.as_deref().unwrap_or(xv), r, scaling });
         let mut us = vec![0f32; m * r];
-        let out = new_f32(&[m, n], |o| nf4_linear_forward(o, &mut us, xv, args.w, biasd, adapter.as_ref(), m, n, k))?;
+        let out = new_f32(&[m, n], |o| {
+            nf4_linear_forward(o, &mut us, xv, args.w, args.w_trans, biasd, adapter.as_ref(), m, n, k)
+        })?;
         if let Some(d) = dropped {
             pool::give(d);
         }
@@ -138,7 +147,7 @@ impl crate::backend::Nf4 for super::Cpu {
         let ab = args.lora.map(|(a, b, s)| Ok::<_, crate::Error>((f32_in(OP, a)?, f32_in(OP, b)?, s))).transpose()?;
         let adapter = ab.map(|(a, b, scaling)| Nf4Adapter { a, b, xd: dropped.as_deref().unwrap_or(x), r, scaling });
         let (g, us) = (f32_in(OP, dout)?, f32_in(OP, us)?);
-        nf4_linear_backward(grads, g, x, keep, args.w, adapter.as_ref(), us, m, n, k);
+        nf4_linear_backward(grads, g, x, keep, args.w, args.w_trans, adapter.as_ref(), us, m, n, k);
         if let Some(d) = dropped {
             pool::give(d);
         }

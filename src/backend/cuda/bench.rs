@@ -430,7 +430,7 @@ pub fn linear_rows_at(cu: &Cuda, shapes: &[(&str, usize, usize, usize)], r: usiz
         let ceiling = flops / (gemm_ms * 1e-3) / 1e12;
         let q = crate::quant::nf4::Nf4Weight::quantize(&w_f32, [k, n], 64)?;
         cu.nf4_to_device(&q)?;
-        let args = Nf4Args { x: &x, w: &q, bias: None, lora: None, dropout: None, m, n, k, r: 0 };
+        let args = Nf4Args { x: &x, w: &q, w_trans: false, bias: None, lora: None, dropout: None, m, n, k, r: 0 };
         let nf4_ms = time_ms(cu, 3, 20, || cu.nf4_linear(&args).map(|_| ()))?;
         let a = wrap_f32(random_f32(cu, r * k, 34)?, &[r, k])?;
         let b = wrap_f32(random_f32(cu, n * r, 35)?, &[n, r])?;
