@@ -234,3 +234,80 @@ fn qlora_equals_lora_on_the_decoded_base() {
         assert!(rel(a, b) < 1e-4, "adapter gradient: {}", rel(a, b));
     }
 }
+
+/// `kiln finetune` on a Llama: QLoRA with rsLoRA on the default targets (the seven linear layers,
+/// NF4 base, 8-bit AdamW) trains only the adapter, lowers the loss, resumes to the same numbers
+/// as an uninterrupted run, and writes a PEFT adapter for an nn.Linear model (fan_in_fan_out
+/// false, use_rslora, LlamaForCausalLM's module names); LoRA's adapter merged into the base gives
+/// the loss the unmerged adapter gives.
+#[test]
+fn finetuning_a_llama_with_qlora_and_lora() {
+    use common::sft::{base_model_of, config, losses, opts};
+    use kiln::train::{finetune::finetune, Start};
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, base) = base_model_of(tmp.path(), "llama-tiny", 64);
+    assert!(matches!(load_model(&base).unwrap().config, Config::Llama(_)));
+    let task = tmp.path().join("task.jsonl");
+    let cfg_of = |m: &str| {
+        config(&base, &task, &[&format!("finetune.method=\"{m}\""), "finetune.rslora=true", "train.max_steps=8"])
+    };
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let s = finetune(&cfg_of("qlora"), &a, &opts(Start::Fresh, None)).unwrap();
+    let la = losses(&a);
+    assert!(la.last().unwrap().1 < la[0].1, "QLoRA did not lower the loss: {la:?}");
+    finetune(&cfg_of("qlora"), &b, &opts(Start::Fresh, Some(4))).unwrap();
+    finetune(&cfg_of("qlora"), &b, &opts(Start::Resume, None)).unwrap();
+    assert_eq!(losses(&b), la, "a resumed QLoRA run differs from an uninterrupted one");
+
+    let adapter = s.checkpoint.unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(v["fan_in_fan_out"], false);
+    assert_eq!(v["use_rslora"], true);
+    let mut targets: Vec<&str> = v["target_modules"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    targets.sort();
+    assert_eq!(targets, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]);
+    let names = kiln::io::checkpoint::load_all(&adapter.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(names.len(), 2 * 7 * 2, "A and B of 7 layers in 2 blocks");
+    assert!(names.contains_key("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"));
+
+    // LoRA, then kiln merge: the merged checkpoint's loss is the adapter's
+    let c = tmp.path().join("c");
+    let s = finetune(&cfg_of("lora"), &c, &opts(Start::Fresh, None)).unwrap();
+    let lora_dir = s.checkpoint.unwrap();
+    let merged = tmp.path().join("merged");
+    let o = common::cli::kiln_command()
+        .args(["merge", "--model"])
+        .arg(&base)
+        .arg("--adapter")
+        .arg(&lora_dir)
+        .arg("--out")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "kiln merge: {}", String::from_utf8_lossy(&o.stderr));
+    let ids = kiln::bench::random_tokens(400, 2, 30, 1).unwrap();
+    let mut with_adapter = load_model(&base).unwrap();
+    kiln::io::peft::load_adapter(&mut with_adapter, &lora_dir).unwrap();
+    let (l1, l2) = (loss_of(&with_adapter, &ids, &ids), loss_of(&load_model(&merged).unwrap(), &ids, &ids));
+    assert!((l1 - l2).abs() < 1e-4 * l1.abs(), "merged {l2} vs adapter {l1}");
+    assert!((loss_of(&load_model(&base).unwrap(), &ids, &ids) - l1).abs() > 1e-3, "the adapter changed nothing");
+
+    // chat data in SmolLM2-Instruct's layout (--chat chatml), recorded in the run's config
+    let chats = tmp.path().join("chat.jsonl");
+    let line = r#"{"messages": [{"role": "user", "content": "Where does Tom live?"}, {"role": "assistant", "content": "In Lima."}]}"#;
+    std::fs::write(&chats, format!("{line}\n").repeat(20)).unwrap();
+    let run = tmp.path().join("chat-run");
+    let o = common::cli::kiln_command()
+        .args(["finetune", "--method", "lora", "--chat", "chatml", "--max-steps", "2", "--model"])
+        .arg(&base)
+        .arg("--data")
+        .arg(&chats)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "kiln finetune --chat chatml: {}", String::from_utf8_lossy(&o.stderr));
+    let toml = std::fs::read_to_string(run.join("run.toml")).unwrap();
+    assert!(toml.contains("<|im_start|>assistant") && toml.contains("<|im_end|>"), "{toml}");
+}

@@ -228,3 +228,33 @@ fn the_shared_alpaca_set_loads() {
     assert_eq!(d.rows.len(), 999);
     assert!(d.rows.iter().all(|r| r.0.len() <= 512 && r.1.iter().any(|&l| l != IGNORE)));
 }
+
+/// The chatml template lays a conversation out as SmolLM2-Instruct's chat template does
+/// (`<|im_start|>role\n` ... `<|im_end|>\n` per turn; that template also inserts a default system
+/// message when a conversation has none, which kiln leaves to the data), training on each
+/// assistant turn with its `<|im_end|>`; unknown names are refused with the list.
+#[test]
+fn chatml_template_lays_out_turns_as_smollm2_instruct() {
+    let dir = tempfile::tempdir().unwrap();
+    let chat = ChatTemplate::named("chatml").unwrap();
+    let ex = load_examples(
+        &write(
+            dir.path(),
+            "c.jsonl",
+            r#"{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#,
+        ),
+        Format::Chat,
+        &chat,
+    )
+    .unwrap();
+    let text: String = ex[0].iter().map(|s| s.text.as_str()).collect();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
+    );
+    let trained: Vec<&str> = ex[0].iter().filter(|s| s.trained).map(|s| s.text.as_str()).collect();
+    assert_eq!(trained, ["hello<|im_end|>\n"]);
+    assert_eq!(ChatTemplate::named("kiln").unwrap(), ChatTemplate::default());
+    let e = ChatTemplate::named("llama3").unwrap_err().to_string();
+    assert!(e.contains("llama3") && e.contains("chatml"), "{e}");
+}

@@ -27,6 +27,11 @@ pub struct FinetuneArgs {
     /// The examples' format: auto, prompt_completion, alpaca or chat.
     #[arg(long)]
     pub format: Option<String>,
+    /// How chat messages become text: kiln (<|user|> headers) or chatml (<|im_start|>role ...
+    /// <|im_end|>, as SmolLM2-Instruct's tokenizer has it); the config's [finetune.chat] sets
+    /// each piece.
+    #[arg(long)]
+    pub chat: Option<String>,
     /// Concatenate short examples into full rows.
     #[arg(long)]
     pub pack: bool,
@@ -114,6 +119,11 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     }
     if let Some(f) = &args.format {
         o.push(format!("finetune.format={}", quoted(f)));
+    }
+    if let Some(name) = &args.chat {
+        let t = crate::data::sft::ChatTemplate::named(name)?;
+        let table = toml::Value::try_from(&t).map_err(|e| crate::Error::Input(format!("chat template: {e}")))?;
+        o.push(format!("finetune.chat={table}"));
     }
     if args.pack {
         o.push("finetune.pack=true".into());

@@ -105,7 +105,7 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
-    /// The main job: pre-train a tiny GPT-2 on the built-in corpus and show what it learned.
+    /// The main job: pre-train a tiny GPT-2 (or Llama) on the built-in corpus and show what it learned.
     Demo(demo::DemoArgs),
     /// Pre-train-then-fine-tune vs from scratch, and full vs LoRA vs QLoRA, on the built-in world.
     Compare(compare::CompareArgs),

@@ -46,6 +46,26 @@ pub struct ChatTemplate {
     pub turn_end: String,
 }
 
+/// The chat templates `ChatTemplate::named` knows.
+pub const CHAT_TEMPLATES: &[&str] = &["kiln", "chatml"];
+
+impl ChatTemplate {
+    /// A named template: `kiln` (the default: `<|user|>` headers, a newline ends a turn) or
+    /// `chatml` (SmolLM2-Instruct's and Qwen's: `<|im_start|>role` ... `<|im_end|>`).
+    pub fn named(name: &str) -> crate::Result<Self> {
+        match name {
+            "kiln" => Ok(Self::default()),
+            "chatml" => Ok(ChatTemplate {
+                system: "<|im_start|>system\n".into(),
+                user: "<|im_start|>user\n".into(),
+                assistant: "<|im_start|>assistant\n".into(),
+                turn_end: "<|im_end|>\n".into(),
+            }),
+            other => Err(crate::Error::unknown("chat template", other, CHAT_TEMPLATES.join(", "))),
+        }
+    }
+}
+
 impl Default for ChatTemplate {
     fn default() -> Self {
         ChatTemplate {

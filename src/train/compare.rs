@@ -1,5 +1,5 @@
-//! `kiln compare`: the experiment the field argues about, on the built-in world. A tiny GPT-2 is
-//! pre-trained on the built-in corpus (facts about invented people, in prose); then the built-in
+//! `kiln compare`: the experiment the field argues about, on the built-in world. A tiny GPT-2 (or
+//! Llama) is pre-trained on the built-in corpus (facts about invented people, in prose); then the built-in
 //! task (questions in a Q/A layout the corpus never uses) is learned four ways:
 //!
 //! - scratch: the same architecture from random initialisation, on the task alone;
@@ -44,6 +44,8 @@ pub struct Row {
 
 /// Options of a comparison.
 pub struct CompareOptions {
+    /// The model pre-trained when no `pretrained` checkpoint is given: "tiny" or "llama-tiny".
+    pub preset: String,
     pub pretrain_steps: usize,
     pub finetune_steps: usize,
     pub target_loss: f64,
@@ -107,8 +109,11 @@ pub fn compare(dir: &Path, opts: &CompareOptions) -> Result<Vec<Row>> {
     let pretrained = match &opts.pretrained {
         Some(p) => p.clone(),
         None => {
-            println!("pre-training the tiny preset on the built-in corpus ({} steps) ...", opts.pretrain_steps);
-            let cfg = super::demo_config(opts.pretrain_steps, &[])?;
+            println!(
+                "pre-training the {} preset on the built-in corpus ({} steps) ...",
+                opts.preset, opts.pretrain_steps
+            );
+            let cfg = super::demo_config(opts.pretrain_steps, &[format!("model.preset=\"{}\"", opts.preset)])?;
             let s = super::pretrain(&cfg, &dir.join("pretrain"), &run_opts(Start::Overwrite))?;
             if s.interrupted {
                 println!("interrupted: the comparison stops after pre-training ({})", s.describe());

@@ -1,4 +1,5 @@
-//! Fine-tuning test fixtures shared by tests/finetune.rs and tests/qlora.rs: a small random GPT-2
+//! Fine-tuning test fixtures shared by tests/finetune.rs, tests/qlora.rs and tests/llama.rs: a small
+//! random GPT-2 (or Llama)
 //! with a tokenizer trained on the built-in world, the world's Q/A task, and a fast run config.
 
 use kiln::data::synthetic::World;
@@ -8,11 +9,21 @@ use std::path::Path;
 
 /// A small random GPT-2 with a tokenizer trained on the world's text, saved as a checkpoint.
 pub fn base_model(dir: &Path, n_embd: usize) -> (World, std::path::PathBuf) {
+    base_model_of(dir, "tiny", n_embd)
+}
+
+/// `base_model` of a preset's family (tiny: GPT-2, llama-tiny: Llama), 2 layers of `n_embd`.
+pub fn base_model_of(dir: &Path, preset: &str, n_embd: usize) -> (World, std::path::PathBuf) {
     let (world, text) = kiln::data::synthetic::default_corpus(120_000);
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, text).unwrap();
     let tok = kiln::data::tokenizer::train_bpe(&[corpus], 400, 2).unwrap();
-    let sets = ["model.n_layer=2".into(), format!("model.n_embd={n_embd}"), "model.n_positions=64".into()];
+    let sets = [
+        format!("model.preset={preset:?}"),
+        "model.n_layer=2".into(),
+        format!("model.n_embd={n_embd}"),
+        "model.n_positions=64".into(),
+    ];
     let cfg = RunConfig::load(None, &sets).unwrap();
     let model = Model::new_random(kiln::train::model_config(&cfg, &tok).unwrap(), 0).unwrap();
     let m = dir.join("base");
