@@ -55,7 +55,7 @@ pub fn train_step_flops(config: &Config, b: usize, t: usize) -> f64 {
     6.0 * params * tokens + attention
 }
 
-/// Timings of a GPT-2 training step.
+/// Timings of a training step.
 pub struct TrainStepReport {
     pub params: usize,
     pub tokens: usize,

@@ -1,6 +1,6 @@
 //! Oracle parity: kiln's Llama against PyTorch + transformers 5 + peft on the llama-dev fixture
 //! (a tiny LlamaForCausalLM: 4 query heads over 2 KV heads, tied embeddings, perturbed RMSNorm
-//! weights, labels masked on a prefix; made by tests/fixtures/oracle/make_llama_fixtures.py).
+//! weights, labels masked on a prefix; made by tools/oracle/make_llama_fixtures.py).
 //! Logits, loss, hidden states, every parameter gradient, the LoRA and rsLoRA adapters'
 //! gradients, and a greedy generation. Tolerance as for GPT-2 (tests/gpt2_parity.rs): max
 //! |a - b| / (max |b| + 1e-6) < 1e-4 per tensor in f32, where a wrong op is off by O(1).

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Time GPT-2 training steps (forward, backward, fp32 AdamW) against the CPU's sgemm rate.
+    /// Time training steps of a GPT-2 or Llama (forward, backward, fp32 AdamW) against the CPU's sgemm rate.
     TrainStep {
         /// Model size (see `kiln init`); ignored when --model is given.
         #[arg(long, default_value = "gpt2")]

@@ -1,4 +1,4 @@
-//! `kiln generate`: continues a prompt with a GPT-2 checkpoint, printing tokens as they come.
+//! `kiln generate`: continues a prompt with a GPT-2 or Llama checkpoint, printing tokens as they come.
 //! Text prompts go through the model's tokenizer; `--prompt-ids` takes and prints token ids, for
 //! models without one. Timing goes to stderr, so stdout holds only the generated sequences.
 

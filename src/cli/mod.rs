@@ -111,13 +111,13 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Supervised fine-tuning of a checkpoint on labelled examples (prompt/completion, Alpaca, chat).
     Finetune(finetune::FinetuneArgs),
-    /// Pre-train a GPT-2 on a corpus (the built-in one by default), with checkpoints and resume.
+    /// Pre-train a GPT-2 or Llama on a corpus (the built-in one by default), with checkpoints and resume.
     Pretrain(pretrain::PretrainArgs),
     /// Generate text (or token ids) from a checkpoint, streamed as it comes.
     Generate(generate::GenerateArgs),
     /// Quantize every 2-D tensor of a safetensors file to NF4, as bitsandbytes stores it.
     Quantize(quantize::QuantizeArgs),
-    /// The memory bill of fine-tuning each GPT-2 size (full, LoRA, QLoRA) on a GPU or the CPU.
+    /// The memory bill of fine-tuning each GPT-2 and SmolLM2 size (full, LoRA, QLoRA) on a GPU or the CPU.
     Memory(memory::MemoryArgs),
     /// Tokenizers: train a byte-level BPE on your text.
     Tokenizer {

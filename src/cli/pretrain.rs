@@ -1,4 +1,4 @@
-//! `kiln pretrain`: train a GPT-2 from random initialisation (or a checkpoint) on a corpus.
+//! `kiln pretrain`: train a GPT-2 or Llama from random initialisation (or a checkpoint) on a corpus.
 
 use crate::train::{self, Options, RunConfig, Start};
 use crate::{Error, Result};
@@ -12,7 +12,8 @@ pub struct PretrainArgs {
     /// A TOML run config ([model], [data], [train] sections; every key optional).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Model size: tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl (overrides model.preset).
+    /// Model size: tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl (GPT-2), llama-tiny, smollm2-135m,
+    /// smollm2-360m (Llama); overrides model.preset.
     #[arg(long)]
     pub preset: Option<String>,
     /// Training text: files, globs, directories or .jsonl with a "text" field (default: the built-in corpus).

@@ -62,7 +62,7 @@ impl Default for FinetuneSection {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
-    /// tiny, gpt2, gpt2-medium, gpt2-large or gpt2-xl
+    /// tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-tiny, smollm2-135m or smollm2-360m
     pub preset: String,
     /// Start from this Hugging Face checkpoint instead of random weights.
     pub init_from: Option<PathBuf>,

@@ -1,4 +1,4 @@
-//! The memory bill: what training a GPT-2 costs, by component, computed before it starts (from
+//! The memory bill: what training a model costs, by component, computed before it starts (from
 //! a built model, or from a configuration alone for planning: `kiln memory`). After a run on the
 //! device, `steps::run` prints the measured peak beside it (`DeviceMemory`).
 //!
