@@ -53,7 +53,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let device = device.parse::<Device>()?;
             device.ensure_available()?;
             let mut m = match &model {
-                Some(dir) => checkpoint::load_model(dir)?,
+                Some(dir) => checkpoint::load_model(&crate::io::hub::local_model(dir)?)?,
                 None => Model::new_random(Config::preset(&preset)?, 0)?,
             };
             if seq > m.config.n_positions() {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct FinetuneArgs {
-    /// The pre-trained base: a Hugging Face checkpoint directory (kiln's or transformers').
+    /// The pre-trained base: a Hugging Face checkpoint directory (kiln's or transformers'), or a Hub id.
     #[arg(long)]
     pub model: PathBuf,
     /// Examples: JSON lines or a JSON array, as prompt/completion, Alpaca or chat messages.
@@ -109,7 +109,8 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     if file.is_some() {
         o.clear();
     }
-    o.push(format!("model.init_from={}", quoted(&args.model.display().to_string())));
+    let model = crate::io::hub::local_model(&args.model)?;
+    o.push(format!("model.init_from={}", quoted(&model.display().to_string())));
     o.push(format!("finetune.method={}", quoted(&args.method)));
     if !args.data.is_empty() {
         o.push(format!("data.train={}", list(&args.data)));

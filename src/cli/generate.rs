@@ -11,7 +11,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// Hugging Face checkpoint directory (config.json + model.safetensors).
+    /// Hugging Face checkpoint directory (config.json + model.safetensors), or a Hub id (fetched into the
+    /// Hugging Face cache unless already there).
     #[arg(long)]
     pub model: PathBuf,
     /// A PEFT LoRA adapter directory made for --model, applied without merging it.
@@ -62,9 +63,10 @@ pub struct GenerateArgs {
     pub device: String,
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+pub fn run(mut args: GenerateArgs) -> Result<()> {
     let device = args.device.parse::<Device>()?;
     device.ensure_available()?;
+    args.model = crate::io::hub::local_model(&args.model)?;
     let mut model = checkpoint::load_model(&args.model)?;
     if let Some(dir) = &args.adapter {
         crate::io::peft::load_adapter(&mut model, dir)?;

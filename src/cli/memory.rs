@@ -56,7 +56,10 @@ pub fn run(args: MemoryArgs) -> Result<()> {
         other => return Err(Error::unknown("device for kiln memory", other, "cuda or cpu")),
     };
     let configs: Vec<(String, Config)> = match (&args.model, &args.preset) {
-        (Some(dir), _) => vec![(dir.display().to_string(), Config::from_json_file(&dir.join("config.json"))?)],
+        (Some(dir), _) => {
+            let local = crate::io::hub::local_model(dir)?;
+            vec![(dir.display().to_string(), Config::from_json_file(&local.join("config.json"))?)]
+        }
         (None, Some(list)) => {
             list.split(',').map(|p| Ok((p.trim().to_string(), Config::preset(p.trim())?))).collect::<Result<_>>()?
         }

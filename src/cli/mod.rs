@@ -3,6 +3,7 @@
 mod bench;
 mod compare;
 mod demo;
+mod download;
 mod finetune;
 mod generate;
 mod memory;
@@ -54,7 +55,8 @@ enum Command {
     },
     /// Print the mean next-token loss of a batch file under a model.
     Eval {
-        /// Hugging Face checkpoint directory (config.json + model.safetensors).
+        /// Hugging Face checkpoint directory (config.json + model.safetensors), or a Hub id (fetched into
+        /// the Hugging Face cache unless already there).
         #[arg(long)]
         model: PathBuf,
         /// safetensors with input_ids [B, T] (I64 or I32) and optional labels (-100 = masked).
@@ -68,7 +70,8 @@ enum Command {
     /// Write the loss and every parameter's gradient (Hugging Face names) to a safetensors file;
     /// with --adapter, the gradients of the adapter's tensors (PEFT names) instead.
     Grads {
-        /// Hugging Face checkpoint directory (config.json + model.safetensors).
+        /// Hugging Face checkpoint directory (config.json + model.safetensors), or a Hub id (fetched into
+        /// the Hugging Face cache unless already there).
         #[arg(long)]
         model: PathBuf,
         /// safetensors with input_ids [B, T] (I64 or I32) and optional labels (-100 = masked).
@@ -119,6 +122,8 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
     /// The memory bill of fine-tuning each GPT-2 and SmolLM2 size (full, LoRA, QLoRA) on a GPU or the CPU.
     Memory(memory::MemoryArgs),
+    /// Fetch a model or a dataset from the Hugging Face Hub into the standard cache (HF_HOME).
+    Download(download::DownloadArgs),
     /// Tokenizers: train a byte-level BPE on your text.
     Tokenizer {
         #[command(subcommand)]
@@ -180,6 +185,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Quantize(args) => quantize::run(args),
         Command::Memory(args) => memory::run(args),
         Command::Tokenizer { what } => tokenizer::run(what),
+        Command::Download(args) => download::run(args),
         Command::Generate(args) => generate::run(args),
     }
 }
@@ -212,6 +218,7 @@ fn forward(
     tape: &mut Tape,
 ) -> Result<(Model, Batch, Tensor)> {
     device.ensure_available()?;
+    let model_dir = &crate::io::hub::local_model(model_dir)?;
     let mut model = checkpoint::load_model(model_dir)?;
     if let Some(dir) = adapter {
         peft::load_adapter(&mut model, dir)?;
@@ -263,6 +270,7 @@ const MODEL_SIDE_FILES: &[&str] = &[
 ];
 
 fn merge(model_dir: &Path, adapter: &Path, out: &Path, dtype: DType, overwrite: bool) -> Result<()> {
+    let model_dir = &crate::io::hub::local_model(model_dir)?;
     let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
     if same(model_dir, out) {
         return Err(Error::Input(format!(

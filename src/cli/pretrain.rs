@@ -16,7 +16,8 @@ pub struct PretrainArgs {
     /// smollm2-360m (Llama); overrides model.preset.
     #[arg(long)]
     pub preset: Option<String>,
-    /// Training text: files, globs, directories or .jsonl with a "text" field (default: the built-in corpus).
+    /// Training text: files, globs, directories, .jsonl with a "text" field, .parquet with a "text"
+    /// column, or a Hub dataset id as id[:subset[/split]] (default: the built-in corpus).
     #[arg(long, num_args = 1..)]
     pub data: Vec<String>,
     /// Held-out text for validation (default: the last data.val_fraction of the training tokens).

@@ -1,5 +1,5 @@
-//! Pre-training corpora: text files (or `.jsonl` with a "text" field) expanded from files, globs
-//! and directories, tokenized in parallel into one flat token file, then read back through a
+//! Pre-training corpora: text files (or `.jsonl` with a "text" field, or `.parquet` with a
+//! "text" column, or a Hub dataset id) expanded from files, globs and directories, tokenized in parallel into one flat token file, then read back through a
 //! memory map as training windows (shuffled blocks per epoch, or random offsets) and fixed
 //! validation windows.
 //!
@@ -37,12 +37,16 @@ pub fn name_files(files: &[PathBuf]) -> String {
 }
 
 /// The files named by `inputs`: files as given, directories walked recursively (sorted, every
-/// regular file), glob patterns expanded (sorted). Duplicates are kept once, in first-seen order.
+/// regular file), glob patterns expanded (sorted), and Hugging Face Hub dataset ids
+/// ("Salesforce/wikitext:wikitext-2-raw-v1/train", `io::hub::dataset_input`) fetched into the
+/// cache as their Parquet files. Duplicates are kept once, in first-seen order.
 pub fn expand_inputs(inputs: &[String]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for input in inputs {
         let path = Path::new(input);
-        if path.is_dir() {
+        if let Some(files) = crate::io::hub::dataset_input(input)? {
+            out.extend(files);
+        } else if path.is_dir() {
             walk_dir(path, &mut out)?;
         } else if path.is_file() {
             out.push(path.to_path_buf());
@@ -101,8 +105,12 @@ fn walk_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 /// The documents of one file: a plain text file is one document; a `.jsonl` / `.json` file holds
-/// one JSON object a line (or one JSON array of objects) whose "text" field is a document.
+/// one JSON object a line (or one JSON array of objects) whose "text" field is a document; a
+/// `.parquet` file (the Hub's dataset format) a "text" column, a document a row.
 pub fn read_documents(path: &Path) -> Result<Vec<String>> {
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet")) {
+        return crate::data::parquet::read_text_column(path, crate::data::parquet::TEXT_COLUMN);
+    }
     let bytes = std::fs::read(path).map_err(|e| Error::read(path, e))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();

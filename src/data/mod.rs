@@ -6,6 +6,7 @@ pub const IGNORE: i32 = crate::abi::KILN_XENT_IGNORE as i32;
 
 pub mod batch;
 pub mod corpus;
+pub mod parquet;
 pub mod sft;
 pub mod synthetic;
 pub mod tokenizer;

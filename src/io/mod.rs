@@ -1,6 +1,7 @@
 //! Files: safetensors through a memory map, Hugging Face checkpoint directories, atomic writes.
 
 pub mod checkpoint;
+pub mod hub;
 pub mod nf4;
 pub mod peft;
 pub mod safetensors;
