@@ -1,5 +1,5 @@
-// elementwise.cu: GELU forward/backward, residual add, in-place add and dropout on bf16 tensors
-// with f32 arithmetic in between; CPU twin src/backend/cpu/elementwise.rs (same names, same
+// elementwise.cu: GELU forward/backward, SwiGLU forward/backward, residual add, in-place add and
+// dropout on bf16 tensors with f32 arithmetic in between; CPU twin src/backend/cpu/elementwise.rs (same names, same
 // argument order). Also, with no CPU twin since the CPU is all f32: an f32 in-place add for f32
 // gradients and the f32 <-> bf16 casts between master weights and the bf16 forward.
 //
@@ -69,6 +69,53 @@ extern "C" __global__ void __launch_bounds__(KILN_ELEMENTWISE_BLOCK) elementwise
     for (int64_t i = tail + thread_index(); i < n; i += thread_stride()) {
         const float g = __bfloat162float(dout[i]);
         dinp[i] = __float2bfloat16_rn(kiln_mul_rn(g, kiln_gelu_grad(__bfloat162float(inp[i]))));
+    }
+}
+
+// out = silu(gate) * up, the Llama MLP's activation.
+extern "C" __global__ void __launch_bounds__(KILN_ELEMENTWISE_BLOCK) elementwise_swiglu_forward(__nv_bfloat16* out, const __nv_bfloat16* gate, const __nv_bfloat16* up, int64_t n) {
+    int64_t tail = 0;
+    if (aligned16(out) && aligned16(gate) && aligned16(up)) {
+        const int64_t groups = n / 8;
+        for (int64_t v = thread_index(); v < groups; v += thread_stride()) {
+            float g[8], u[8];
+            load8(g, gate + 8 * v);
+            load8(u, up + 8 * v);
+#pragma unroll
+            for (int j = 0; j < 8; j++) g[j] = kiln_mul_rn(kiln_silu(g[j]), u[j]);
+            store8(out + 8 * v, g);
+        }
+        tail = groups * 8;
+    }
+    for (int64_t i = tail + thread_index(); i < n; i += thread_stride()) {
+        out[i] = __float2bfloat16_rn(kiln_mul_rn(kiln_silu(__bfloat162float(gate[i])), __bfloat162float(up[i])));
+    }
+}
+
+// dgate = (dout * up) * silu'(gate) and dup = dout * silu(gate), both in one pass.
+extern "C" __global__ void __launch_bounds__(KILN_ELEMENTWISE_BLOCK) elementwise_swiglu_backward(__nv_bfloat16* dgate, __nv_bfloat16* dup, const __nv_bfloat16* gate, const __nv_bfloat16* up, const __nv_bfloat16* dout, int64_t n) {
+    int64_t tail = 0;
+    if (aligned16(dgate) && aligned16(dup) && aligned16(gate) && aligned16(up) && aligned16(dout)) {
+        const int64_t groups = n / 8;
+        for (int64_t v = thread_index(); v < groups; v += thread_stride()) {
+            float g[8], u[8], o[8], dg[8];
+            load8(g, gate + 8 * v);
+            load8(u, up + 8 * v);
+            load8(o, dout + 8 * v);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                dg[j] = kiln_mul_rn(kiln_mul_rn(o[j], u[j]), kiln_silu_grad(g[j]));
+                u[j] = kiln_mul_rn(o[j], kiln_silu(g[j]));
+            }
+            store8(dgate + 8 * v, dg);
+            store8(dup + 8 * v, u);
+        }
+        tail = groups * 8;
+    }
+    for (int64_t i = tail + thread_index(); i < n; i += thread_stride()) {
+        const float g = __bfloat162float(gate[i]), u = __bfloat162float(up[i]), o = __bfloat162float(dout[i]);
+        dgate[i] = __float2bfloat16_rn(kiln_mul_rn(kiln_mul_rn(o, u), kiln_silu_grad(g)));
+        dup[i] = __float2bfloat16_rn(kiln_mul_rn(o, kiln_silu(g)));
     }
 }
 

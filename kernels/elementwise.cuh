@@ -1,4 +1,4 @@
-// elementwise.cuh: the per-element math of the elementwise family (GELU, dropout), shared by
+// elementwise.cuh: the per-element math of the elementwise family (GELU, SwiGLU, dropout), shared by
 // kernels/elementwise.cu, the GEMM epilogue (kernels/gemm.cu includes this for GELU) and the host
 // twins in kernels/host/elementwise.cu.
 //
@@ -112,6 +112,18 @@ KILN_HD float kiln_gelu_grad(float x) {
     return kiln_add_rn(left, right);
 }
 #endif  // KILN_GELU_DEFINED
+
+#ifndef KILN_SILU_DEFINED
+#define KILN_SILU_DEFINED
+// SwiGLU's gate, silu(g) = g sigmoid(g), sigmoid(g) = 1 / (1 + e^-g) with e^x as cpu::fast_exp;
+// cpu::sigmoid, silu and silu_grad's bits.
+KILN_HD float kiln_sigmoid(float g) { return kiln_div_rn(1.0f, kiln_add_rn(1.0f, kiln_gelu_exp(-g))); }
+KILN_HD float kiln_silu(float g) { return kiln_mul_rn(g, kiln_sigmoid(g)); }
+KILN_HD float kiln_silu_grad(float g) {
+    const float s = kiln_sigmoid(g);
+    return kiln_mul_rn(s, kiln_add_rn(1.0f, kiln_mul_rn(g, kiln_sub_rn(1.0f, s))));
+}
+#endif  // KILN_SILU_DEFINED
 
 // Whether element i survives dropout with probability p of dropping under `seed`: splitmix64's
 // finaliser over the counter, its top 24 bits as a uniform in [0, 1). cpu::dropout_keep's rule.

@@ -438,6 +438,52 @@ mod cuda {
         }
     }
 
+    /// SwiGLU's kernels equal the CPU bit for bit (kernels/elementwise.cuh repeats cpu::silu and
+    /// silu_grad with fast_exp), forward and both gradients, at SIZES and on the scalar path (a
+    /// view one element off 16-byte alignment); inputs reach silu's saturated tails.
+    #[test]
+    fn gpu_swiglu_forward_backward() {
+        let Some(cu) = common::gpu("elementwise::cuda::gpu_swiglu_forward_backward") else { return };
+        let mut r = rng(86);
+        for n in SIZES {
+            let g = round_bf16(&uniform(&mut r, n, 12.0));
+            let u = round_bf16(&uniform(&mut r, n, 3.0));
+            let o = round_bf16(&uniform(&mut r, n, 2.0));
+            let (gd, ud, od) =
+                (cu.upload(&to_bf16(&g)).unwrap(), cu.upload(&to_bf16(&u)).unwrap(), cu.upload(&to_bf16(&o)).unwrap());
+            let mut y = poisoned(cu, n);
+            gpu::swiglu_forward(&mut y, &gd, &ud).unwrap();
+            let mut want = vec![0f32; n];
+            cpu::swiglu_forward(&mut want, &g, &u);
+            check_bf16(&format!("swiglu_forward n={n}"), &cu.download(&y).unwrap(), &want);
+            let (mut dg, mut du) = (poisoned(cu, n), poisoned(cu, n));
+            gpu::swiglu_backward(&mut dg, &mut du, &gd, &ud, &od).unwrap();
+            let (mut wg, mut wu) = (vec![0f32; n], vec![0f32; n]);
+            cpu::swiglu_backward(Some(&mut wg), Some(&mut wu), &g, &u, &o);
+            check_bf16(&format!("swiglu_backward dgate n={n}"), &cu.download(&dg).unwrap(), &wg);
+            check_bf16(&format!("swiglu_backward dup n={n}"), &cu.download(&du).unwrap(), &wu);
+        }
+        // the scalar path
+        let n = 1025;
+        let g = round_bf16(&uniform(&mut r, n + 1, 12.0));
+        let u = round_bf16(&uniform(&mut r, n + 1, 3.0));
+        let (gd, ud) = (cu.upload(&to_bf16(&g)).unwrap(), cu.upload(&to_bf16(&u)).unwrap());
+        let mut y = poisoned(cu, n + 1);
+        {
+            let (gv, uv, mut yv) = (gd.slice(1..), ud.slice(1..), y.slice_mut(1..));
+            let n64 = n as i64;
+            let mut b = cu.launch_builder(Kernel::ElementwiseSwigluForward);
+            b.arg_mut(&mut yv).arg(&gv).arg(&uv).arg(&n64);
+            // SAFETY: swiglu_forward's arguments in order; every view holds n elements.
+            unsafe { b.launch(grid_1d(n, 256)) }.unwrap();
+        }
+        let got = cu.download(&y).unwrap();
+        assert!(got[0].is_nan(), "the element before the view was written");
+        let mut want = vec![0f32; n];
+        cpu::swiglu_forward(&mut want, &g[1..], &u[1..]);
+        check_bf16("swiglu_forward unaligned", &got[1..], &want);
+    }
+
     #[test]
     fn gpu_wrappers_reject_mismatched_lengths() {
         let Some(cu) = common::gpu("elementwise::cuda::gpu_wrappers_reject_mismatched_lengths") else { return };
@@ -445,6 +491,7 @@ mod cuda {
         let mut out = poisoned(cu, 9);
         assert!(matches!(gpu::gelu_forward(&mut out, &a), Err(kiln::Error::Shape { .. })));
         assert!(matches!(gpu::residual_forward(&mut out, &a, &a), Err(kiln::Error::Shape { .. })));
+        assert!(matches!(gpu::swiglu_forward(&mut out, &a, &a), Err(kiln::Error::Shape { .. })));
     }
 }
 

@@ -72,10 +72,23 @@ pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     });
 }
 
-/// silu(g) = g * sigmoid(g), as torch computes it (exact exp).
+/// sigmoid(g) = 1 / (1 + e^-g), e^x by `fast_exp`: the bits kernels/elementwise.cuh computes.
+#[inline]
+pub fn sigmoid(g: f32) -> f32 {
+    1.0 / (1.0 + fast_exp(-g))
+}
+
+/// silu(g) = g * sigmoid(g), torch's SiLU (its exp replaced by `fast_exp`, within 2 ulp).
 #[inline]
 pub fn silu(g: f32) -> f32 {
-    g / (1.0 + (-g).exp())
+    g * sigmoid(g)
+}
+
+/// d silu(g) / dg = s (1 + g (1 - s)), s = sigmoid(g).
+#[inline]
+pub fn silu_grad(g: f32) -> f32 {
+    let s = sigmoid(g);
+    s * (1.0 + g * (1.0 - s))
 }
 
 /// out = silu(gate) * up
@@ -87,8 +100,7 @@ pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
     });
 }
 
-/// dgate = dout * up * silu'(gate), dup = dout * silu(gate), with silu'(g) = s (1 + g (1 - s)),
-/// s = sigmoid(g). Either output may be skipped.
+/// dgate = (dout * up) * silu'(gate), dup = dout * silu(gate). Either output may be skipped.
 pub fn swiglu_backward(dgate: Option<&mut [f32]>, dup: Option<&mut [f32]>, gate: &[f32], up: &[f32], dout: &[f32]) {
     if let Some(dgate) = dgate {
         dgate
@@ -97,8 +109,7 @@ pub fn swiglu_backward(dgate: Option<&mut [f32]>, dup: Option<&mut [f32]>, gate:
             .zip(dout.par_chunks(CHUNK))
             .for_each(|((d, (g, u)), o)| {
                 for (((d, &g), &u), &o) in d.iter_mut().zip(g).zip(u).zip(o) {
-                    let s = 1.0 / (1.0 + (-g).exp());
-                    *d = o * u * (s * (1.0 + g * (1.0 - s)));
+                    *d = o * u * silu_grad(g);
                 }
             });
     }

@@ -5,8 +5,6 @@
 use super::tensor::{bf16_in, f32_in, new_bf16, new_f32, CudaStorage};
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::KILN_ELEMENTWISE_BLOCK;
-use crate::backend::cpu::Cpu;
-use crate::backend::via_host;
 use crate::{DType, Error, Result, Tensor};
 
 /// Enough blocks for `threads` threads, at most 8 blocks (2048 threads) per SM: the kernels are
@@ -47,6 +45,39 @@ pub fn gelu_backward(dinp: &mut DevBuf<bf16>, inp: &DevBuf<bf16>, dout: &DevBuf<
     let n64 = n as i64;
     let mut b = cu.launch_builder(Kernel::ElementwiseGeluBackward);
     b.arg(dinp).arg(inp).arg(dout).arg(&n64);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
+    Ok(())
+}
+
+/// out = silu(gate) * up (cpu::swiglu_forward's f32 value, rounded once to bf16).
+pub fn swiglu_forward(out: &mut DevBuf<bf16>, gate: &DevBuf<bf16>, up: &DevBuf<bf16>) -> Result<()> {
+    let n = out.len();
+    same_len("cuda::swiglu_forward", n, &[("gate", gate.len()), ("up", up.len())])?;
+    let cu = cuda()?;
+    let n64 = n as i64;
+    let mut b = cu.launch_builder(Kernel::ElementwiseSwigluForward);
+    b.arg(out).arg(gate).arg(up).arg(&n64);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
+    unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
+    Ok(())
+}
+
+/// dgate = (dout * up) * silu'(gate) and dup = dout * silu(gate), in one pass.
+pub fn swiglu_backward(
+    dgate: &mut DevBuf<bf16>,
+    dup: &mut DevBuf<bf16>,
+    gate: &DevBuf<bf16>,
+    up: &DevBuf<bf16>,
+    dout: &DevBuf<bf16>,
+) -> Result<()> {
+    let n = dgate.len();
+    let lens = [("dup", dup.len()), ("gate", gate.len()), ("up", up.len()), ("dout", dout.len())];
+    same_len("cuda::swiglu_backward", n, &lens)?;
+    let cu = cuda()?;
+    let n64 = n as i64;
+    let mut b = cu.launch_builder(Kernel::ElementwiseSwigluBackward);
+    b.arg(dgate).arg(dup).arg(gate).arg(up).arg(dout).arg(&n64);
     // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { b.launch(config(n.div_ceil(8), cu.sm_count())) }?;
     Ok(())
@@ -239,6 +270,9 @@ pub fn bench(cu: &super::Cuda, copy: f64) -> Result<Vec<super::bench::Row>> {
     let (w, r) = (3, 20);
     row("gelu_forward", 4.0, time_ms(cu, w, r, || gelu_forward(&mut out, &a))?);
     row("gelu_backward", 6.0, time_ms(cu, w, r, || gelu_backward(&mut out, &a, &b))?);
+    row("swiglu_forward", 6.0, time_ms(cu, w, r, || swiglu_forward(&mut out, &a, &b))?);
+    let mut out2 = cu.alloc::<bf16>(n)?;
+    row("swiglu_backward", 10.0, time_ms(cu, w, r, || swiglu_backward(&mut out, &mut out2, &a, &b, &a))?);
     row("residual_forward", 6.0, time_ms(cu, w, r, || residual_forward(&mut out, &a, &b))?);
     row("add_assign", 6.0, time_ms(cu, w, r, || add_assign(&mut out, &a))?);
     row("add_assign_f32", 12.0, time_ms(cu, w, r, || add_assign_f32(&mut bf, &af))?);
@@ -265,10 +299,9 @@ impl crate::backend::Elementwise for super::Cuda {
         let (ad, bd) = (bf16_in("add", a)?, bf16_in("add", b)?);
         new_bf16(a.dims(), |o| residual_forward(o, ad, bd))
     }
-    // No SwiGLU kernel yet: the CPU reference on host copies.
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        let [y] = via_host(self, &[gate, up], [DType::BF16], |h| Ok([Some(Cpu.swiglu(&h[0], &h[1])?)]))?;
-        Ok(y.expect("computed"))
+        let (g, u) = (bf16_in("swiglu", gate)?, bf16_in("swiglu", up)?);
+        new_bf16(gate.dims(), |o| swiglu_forward(o, g, u))
     }
     fn swiglu_backward(
         &self,
@@ -277,7 +310,13 @@ impl crate::backend::Elementwise for super::Cuda {
         dout: &Tensor,
         needs: [bool; 2],
     ) -> Result<[Option<Tensor>; 2]> {
-        via_host(self, &[gate, up, dout], [DType::BF16; 2], |h| Cpu.swiglu_backward(&h[0], &h[1], &h[2], needs))
+        const OP: &str = "swiglu backward";
+        let (g, u, o) = (bf16_in(OP, gate)?, bf16_in(OP, up)?, bf16_in(OP, dout)?);
+        // one kernel writes both gradients; one the tape does not want is dropped
+        let mut dup = self.alloc::<bf16>(gate.numel())?;
+        let dgate = new_bf16(gate.dims(), |dg| swiglu_backward(dg, &mut dup, g, u, o))?;
+        let dup = super::tensor::wrap_bf16(dup, gate.dims())?;
+        Ok([needs[0].then_some(dgate), needs[1].then_some(dup)])
     }
     fn dropout(&self, x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
         // The kernel draws the CPU's mask bits per element, so backward redraws them from the seed.

@@ -125,6 +125,9 @@ fn workload(cu: &Cuda) -> Result<()> {
     let mut eo = cu.alloc::<bf16>(n)?;
     elementwise::gelu_forward(&mut eo, &e)?;
     elementwise::gelu_backward(&mut eo, &e, &e2)?;
+    elementwise::swiglu_forward(&mut eo, &e, &e2)?;
+    let (mut eo2, e3) = (cu.alloc::<bf16>(n)?, random_bf16(cu, n, 15)?);
+    elementwise::swiglu_backward(&mut eo, &mut eo2, &e, &e2, &e3)?;
     elementwise::residual_forward(&mut eo, &e, &e2)?;
     elementwise::add_assign(&mut eo, &e)?;
     let f = random_f32(cu, n, 12)?;
