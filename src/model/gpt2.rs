@@ -399,7 +399,7 @@ impl Model {
     ) -> Result<Tensor> {
         let cfg = self.gpt2_config();
         let eps = cfg.layer_norm_epsilon;
-        let site_seed = |site: u64| seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(site);
+        let site_seed = |site: u64| super::site_seed(seed, site);
         let w = self.gpt2_weights(i)?;
         // A Conv1D of this block; the LoRA dropout sites (k = 0..3) are apart from the model's own.
         let conv1d = |tape: &mut Tape, k: u64, name: &str, x: &Tensor, w: &Conv1dWeight, b: &Tensor, gelu: bool| {
@@ -432,12 +432,9 @@ impl Model {
     ) -> Result<ModelOutput> {
         let cfg = self.gpt2_config();
         let eps = cfg.layer_norm_epsilon;
-        let (train, seed) = match mode {
-            Mode::Eval => (false, 0),
-            Mode::Train { seed } => (true, seed),
-        };
+        let (train, seed) = mode.parts();
         // Each dropout site draws its mask from its own stream of the step's seed.
-        let site_seed = |site: u64| seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(site);
+        let site_seed = |site: u64| super::site_seed(seed, site);
 
         let wte = self.p("transformer.wte.weight")?; // [V, C]
         let wpe = self.p("transformer.wpe.weight")?; // [P, C]

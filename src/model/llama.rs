@@ -116,6 +116,9 @@ impl LlamaConfig {
             })? as f32,
             None => r.float("rope_theta", 10_000.0)?,
         };
+        if theta <= 1.0 {
+            return Err(Error::config(path, format!("\"rope_theta\" = {theta} must be greater than 1")));
+        }
         let (c, nh) = (r.int(&["hidden_size"], None)?, r.int(&["num_attention_heads"], None)?);
         let cfg = LlamaConfig {
             vocab_size: r.int(&["vocab_size"], None)?,
@@ -350,7 +353,7 @@ impl Model {
         let p = |s: &str| self.params.get(&format!("{l}.{s}")).cloned();
         // the seven linear layers' LoRA dropout sites, apart from every other block's
         let lin = |tape: &mut Tape, k: u64, name: &str, x: &Tensor| {
-            let site = seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add((1 << 32) + 8 * i as u64 + k);
+            let site = super::site_seed(seed, (1 << 32) + 8 * i as u64 + k);
             self.linear(tape, &format!("{l}.{name}"), x, train, site)
         };
         let h = rmsnorm::rmsnorm(tape, x, &p("input_layernorm.weight")?, eps)?;
@@ -382,10 +385,7 @@ impl Model {
         mut cache: Option<&mut KvCache>,
     ) -> Result<ModelOutput> {
         let cfg = self.llama_config();
-        let (train, seed) = match mode {
-            Mode::Eval => (false, 0),
-            Mode::Train { seed } => (true, seed),
-        };
+        let (train, seed) = mode.parts();
         let past = self.check_cache(cache.as_deref(), ids, targets)?;
         if past + ids.dims().get(1).copied().unwrap_or(0) > cfg.max_position_embeddings {
             return Err(Error::SeqTooLong { t: past + ids.dims()[1], n_positions: cfg.max_position_embeddings });
@@ -401,7 +401,7 @@ impl Model {
         }
         let h = rmsnorm::rmsnorm(tape, &x, self.params.get("model.norm.weight")?, cfg.rms_norm_eps)?;
         let head = if cfg.tie_word_embeddings { emb } else { self.params.get("lm_head.weight")?.clone() };
-        let site = seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(super::LM_HEAD_LORA_SITE);
+        let site = super::site_seed(seed, super::LM_HEAD_LORA_SITE);
         let logits = self.lm_head(tape, &h, &head, train, site)?; // [B, T, V]
         let loss = targets.map(|t| xent::cross_entropy(tape, &logits, t)).transpose()?;
         Ok(ModelOutput { logits, loss })

@@ -324,6 +324,22 @@ pub enum Mode {
     Train { seed: u64 },
 }
 
+impl Mode {
+    /// (whether dropout is active, the step's seed; 0 in eval).
+    pub fn parts(self) -> (bool, u64) {
+        match self {
+            Mode::Eval => (false, 0),
+            Mode::Train { seed } => (true, seed),
+        }
+    }
+}
+
+/// The seed of dropout site `site` in a step seeded `seed`: each site draws its mask from its
+/// own stream, so a recomputation (gradient checkpointing) draws the same masks.
+pub(crate) fn site_seed(seed: u64, site: u64) -> u64 {
+    seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(site)
+}
+
 /// What a forward pass returns.
 pub struct ModelOutput {
     /// [B, T, V]
