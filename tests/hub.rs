@@ -302,4 +302,12 @@ fn hub_ids_and_paths_are_told_apart() {
     assert!(!is_hub_id("./model"));
     assert!(!is_hub_id("data.parquet/x y"));
     assert!(!is_hub_id("tests"), "an existing directory is a path");
+    // --data: a missing file stays a missing file (no network), an org/name or an explicit
+    // subset is a dataset
+    use kiln::io::hub::dataset_input;
+    for missing in ["corpus.txt", "data/train.jsonl", "notes", "wiki.parquet"] {
+        assert!(dataset_input(missing).unwrap().is_none(), "{missing} taken for a Hub dataset");
+    }
+    let e = kiln::data::corpus::expand_inputs(&["corpus.txt".to_string()]).unwrap_err().to_string();
+    assert!(e.contains("corpus.txt") && e.contains("no such file"), "{e}");
 }

@@ -187,15 +187,23 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<String>) {
     }
 }
 
-/// A `--data` input naming a Hub dataset, "id[@revision][:subset[/split]]" (e.g.
-/// "Salesforce/wikitext:wikitext-2-raw-v1/train"), as its Parquet files; None for a path that
-/// exists, a glob, or anything else that is not a Hub id.
+/// A `--data` input naming a Hub dataset, "org/name[@revision][:subset[/split]]" (e.g.
+/// "Salesforce/wikitext:wikitext-2-raw-v1/train"; a bare name needs the ":subset"), as its
+/// Parquet files; None for a path that exists, a glob, a file name, or anything else.
 pub fn dataset_input(input: &str) -> Result<Option<Vec<PathBuf>>> {
     let (id, part) = match input.split_once(':') {
         Some((id, part)) => (id, Some(part)),
         None => (input, None),
     };
-    if Path::new(input).exists() || input.contains(['*', '?', '[']) || !is_hub_id(id) {
+    // a bare name (or a file name with a text extension) is a missing file, not a dataset: Hub
+    // datasets are "org/name" here, or any id with an explicit ":subset"
+    let file_like = [".txt", ".jsonl", ".json", ".parquet", ".md", ".csv"].iter().any(|e| id.ends_with(e));
+    if Path::new(input).exists()
+        || input.contains(['*', '?', '['])
+        || !is_hub_id(id)
+        || file_like
+        || (part.is_none() && !id.contains('/'))
+    {
         return Ok(None);
     }
     let (subset, split) = match part.map(|p| p.split_once('/').map_or((p, None), |(a, b)| (a, Some(b)))) {
@@ -212,7 +220,9 @@ pub fn local_model(arg: &Path) -> Result<PathBuf> {
     match arg.to_str() {
         Some(s) if !arg.exists() && is_hub_id(s) => {
             eprintln!("{s} is not a local directory: fetching it from the Hugging Face Hub ({})", endpoint());
-            download_model(s)
+            download_model(s).map_err(|e| {
+                Error::Input(format!("{s} is neither a directory here nor a model kiln could fetch from the Hub: {e}"))
+            })
         }
         _ => Ok(arg.to_path_buf()),
     }
