@@ -68,7 +68,8 @@ pub fn load_model(dir: &Path) -> Result<Model> {
     load(dir, false)
 }
 
-/// QLoRA's base: as `load_model`, but the Conv1D weights a checkpoint stores in NF4 stay in NF4
+/// QLoRA's base: as `load_model`, but the blocks' weight matrices (GPT-2's Conv1D layers, a
+/// Llama's linear layers) a checkpoint stores in NF4 stay in NF4
 /// (in `Model::nf4`, frozen, their absmax double-quantized as QLoRA's own quantization does), so
 /// `Model::quantize_nf4` then quantizes only what the file holds in f32, and a pre-quantized base
 /// gives the same codes as quantizing its original on the fly. Other NF4 tensors (embeddings,

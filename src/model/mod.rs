@@ -353,12 +353,13 @@ pub struct ModelOutput {
 pub struct Model {
     pub config: Config,
     pub params: ParamStore,
-    /// A LoRA adapter on the Conv1D layers, wte and lm_head (`nn::lora::attach`,
-    /// `io::peft::load_adapter`); the forward pass and generation apply it unmerged.
+    /// A LoRA adapter on the blocks' weight matrices, the token embedding and lm_head
+    /// (`model::lora::attach`, `io::peft::load_adapter`); the forward pass and generation apply it
+    /// unmerged.
     pub lora: Option<Lora>,
-    /// QLoRA's frozen base: Conv1D weights (by checkpoint name, e.g.
-    /// `transformer.h.0.attn.c_attn.weight`) held in NF4 and absent from `params`
-    /// (`quantize_nf4`). The forward pass dequantizes them per call.
+    /// QLoRA's frozen base: the blocks' weight matrices (by checkpoint name, e.g.
+    /// `transformer.h.0.attn.c_attn.weight`, `model.layers.0.self_attn.q_proj.weight`) held in NF4
+    /// and absent from `params` (`quantize_nf4`), decoded inside the NF4 op's GEMM.
     pub nf4: Option<BTreeMap<String, Arc<Nf4Weight>>>,
     /// Recompute each block's activations during backward instead of keeping them.
     pub gradient_checkpointing: bool,
@@ -368,8 +369,8 @@ impl Model {
     /// QLoRA's base: moves every weight matrix of the blocks (GPT-2's Conv1D layers, a Llama's
     /// seven linear layers) from `params` into `nf4` (NF4 in blocks of `blocksize`, absmax
     /// double-quantized), freeing the f32 copies; the embeddings, norms and biases stay f32 and
-    /// are frozen. Refuses (naming the layer, changing nothing) when
-    /// a layer's size is not a multiple of the block size: kiln does not pad.
+    /// are frozen. Refuses (naming the layer, changing nothing) when a layer's size is not a
+    /// multiple of the block size: kiln does not pad.
     pub fn quantize_nf4(&mut self, blocksize: usize) -> Result<()> {
         let mut done = self.nf4.take().unwrap_or_default();
         let mut todo = Vec::new();

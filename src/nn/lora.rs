@@ -1,5 +1,8 @@
-//! LoRA (Hu et al. 2021) for GPT-2, laid out as PEFT lays it out, so adapters move between kiln
-//! and PEFT unchanged.
+//! LoRA (Hu et al. 2021), laid out as PEFT lays it out, so adapters move between kiln and PEFT
+//! unchanged. What follows describes GPT-2's layers; a Llama's are nn.Linear layers (`Linear`,
+//! W [out, in], y = x W^T, the same lora_A [r, in] and lora_B [out, r], `fan_in_fan_out: false`),
+//! its embedding `model.embed_tokens` and its lm_head tied or untied (model/lora.rs has both
+//! families' tables).
 //!
 //! A targeted Conv1D (W [in, out], y = x W + b) gains lora_A [r, in] and lora_B [out, r]:
 //!   y = x W + b + scaling * dropout(x) A^T B^T,   scaling = alpha / r  (rsLoRA: alpha / sqrt(r)).
@@ -21,13 +24,14 @@
 //! tape allocates no gradient for them and an optimizer given `Lora::params` keeps no state for
 //! them.
 //!
-//! GPT-2's module tables, resolving targets against them, `attach` and `merged` are in
+//! The models' module tables, resolving targets against them, `attach` and `merged` are in
 //! model/lora.rs; this module is the adapters alone.
 //!
-//! Merging (`model::lora::merged`, `kiln merge`) folds Conv1D adapters into their weights and refuses an
-//! adapter on wte or lm_head: GPT-2 ties the two to one weight matrix (kiln's checkpoints are
-//! always tied), so folding either adapter into it would also change the other layer, and the
-//! merged model would compute something else. Such an adapter is used unmerged (`--adapter`).
+//! Merging (`model::lora::merged`, `kiln merge`) folds the blocks' adapters into their weights and
+//! refuses an adapter on the embedding or lm_head of a model that ties the two to one weight
+//! matrix (GPT-2 always; a Llama with tie_word_embeddings): folding either adapter into it would
+//! also change the other layer, and the merged model would compute something else. Such an
+//! adapter is used unmerged (`--adapter`). An untied Llama's embedding and lm_head adapters merge.
 
 use crate::nn::ParamStore;
 use crate::{Error, Result, Tensor};
@@ -36,7 +40,8 @@ use std::collections::{BTreeMap, HashMap};
 /// The prefix PEFT gives every tensor of a causal-LM adapter (PeftModel.base_model.model).
 pub const PEFT_PREFIX: &str = "base_model.model.";
 
-/// PEFT's shorthand for every linear layer except the output layer (for GPT-2: every Conv1D).
+/// PEFT's shorthand for every linear layer except the output layer (GPT-2's Conv1D layers, a
+/// Llama's seven linear layers).
 pub const ALL_LINEAR: &str = "all-linear";
 
 /// The hyper-parameters of a LoRA adapter, as in PEFT's LoraConfig.
@@ -198,7 +203,7 @@ pub struct Adapter<'a> {
     pub scaling: f32,
 }
 
-/// A LoRA adapter attached to a GPT-2: its config, its modules and their tensors.
+/// A LoRA adapter attached to a model: its config, its modules and their tensors.
 #[derive(Clone, Debug)]
 pub struct Lora {
     pub config: LoraConfig,
