@@ -35,7 +35,7 @@ impl Op for Embedding {
 pub fn embedding(tape: &mut Tape, ids: &Tensor, wte: &Tensor, wpe: &Tensor) -> Result<Tensor> {
     const OP: &str = "embedding";
     let _t = crate::profile::scope("embedding", crate::profile::Phase::Forward);
-    let (idv, t) = check(ids, wte, wpe, 0)?;
+    let (idv, t) = check(ids, wte, Some(wpe), 0)?;
     let out = on(OP, &[wte, wpe])?.embedding(idv, t, wte, Some(wpe), 0)?;
     if tape.wants(&[wte, wpe]) {
         let saved = Embedding { ids: ids.clone(), wte_dims: wte.dims().to_vec(), wpe_dims: Some(wpe.dims().to_vec()) };
@@ -59,7 +59,7 @@ pub fn embedding_at(tape: &mut Tape, ids: &Tensor, wte: &Tensor, wpe: &Tensor, o
              compute gradients with a forward pass from position 0"
         )));
     }
-    let (idv, t) = check(ids, wte, wpe, offset)?;
+    let (idv, t) = check(ids, wte, Some(wpe), offset)?;
     on(OP, &[wte, wpe])?.embedding(idv, t, wte, Some(wpe), offset)
 }
 
@@ -68,16 +68,7 @@ pub fn embedding_at(tape: &mut Tape, ids: &Tensor, wte: &Tensor, wpe: &Tensor, o
 pub fn token_embedding(tape: &mut Tape, ids: &Tensor, wte: &Tensor) -> Result<Tensor> {
     const OP: &str = "embedding";
     let _t = crate::profile::scope("embedding", crate::profile::Phase::Forward);
-    let [_, t] = *ids.dims() else {
-        return Err(Error::shape(OP, format!("ids must be [B, T], got {:?}", ids.dims())));
-    };
-    let &[v, _] = wte.dims() else {
-        return Err(Error::shape(OP, format!("the token table must be [V, C], got {:?}", wte.dims())));
-    };
-    let idv = ids.i32s()?;
-    if let Some(i) = idv.iter().position(|&id| id < 0 || id as usize >= v) {
-        return Err(Error::TokenOutOfRange { id: idv[i] as i64, row: i / t.max(1), pos: i % t.max(1), vocab: v });
-    }
+    let (idv, t) = check(ids, wte, None, 0)?;
     let out = on(OP, &[wte])?.embedding(idv, t, wte, None, 0)?;
     if tape.wants(&[wte]) {
         tape.record(Embedding { ids: ids.clone(), wte_dims: wte.dims().to_vec(), wpe_dims: None }, &[wte], &out);
@@ -85,21 +76,30 @@ pub fn token_embedding(tape: &mut Tape, ids: &Tensor, wte: &Tensor) -> Result<Te
     Ok(out)
 }
 
-/// The host ids and T of an embedding at positions offset..offset + T, checked against the tables.
-fn check<'a>(ids: &'a Tensor, wte: &Tensor, wpe: &Tensor, offset: usize) -> Result<(&'a [i32], usize)> {
+/// The host ids and T of an embedding at positions offset..offset + T, checked against the tables
+/// (the token table alone without `wpe`).
+fn check<'a>(ids: &'a Tensor, wte: &Tensor, wpe: Option<&Tensor>, offset: usize) -> Result<(&'a [i32], usize)> {
     const OP: &str = "embedding";
     let idv = ids.i32s()?;
     let [_, t] = *ids.dims() else {
         return Err(Error::shape(OP, format!("ids must be [B, T], got {:?}", ids.dims())));
     };
-    let (&[v, c], &[p, c2]) = (wte.dims(), wpe.dims()) else {
-        return Err(Error::shape(OP, format!("wte {:?} and wpe {:?} must both be 2-D", wte.dims(), wpe.dims())));
+    let (v, c) = match (wte.dims(), wpe.map(Tensor::dims)) {
+        (&[v, c], None | Some(&[_, _])) => (v, c),
+        (_, None) => {
+            return Err(Error::shape(OP, format!("the token table must be [V, C], got {:?}", wte.dims())));
+        }
+        (_, Some(p)) => {
+            return Err(Error::shape(OP, format!("wte {:?} and wpe {p:?} must both be 2-D", wte.dims())));
+        }
     };
-    if c != c2 {
-        return Err(Error::shape(OP, format!("wte {:?} and wpe {:?} differ in width", wte.dims(), wpe.dims())));
-    }
-    if offset + t > p {
-        return Err(Error::SeqTooLong { t: offset + t, n_positions: p });
+    if let Some(&[p, c2]) = wpe.map(Tensor::dims) {
+        if c != c2 {
+            return Err(Error::shape(OP, format!("wte {:?} and wpe [{p}, {c2}] differ in width", wte.dims())));
+        }
+        if offset + t > p {
+            return Err(Error::SeqTooLong { t: offset + t, n_positions: p });
+        }
     }
     if let Some(i) = idv.iter().position(|&id| id < 0 || id as usize >= v) {
         return Err(Error::TokenOutOfRange { id: idv[i] as i64, row: i / t, pos: offset + i % t, vocab: v });
