@@ -428,7 +428,7 @@ impl Model {
         ids: &Tensor,
         targets: Option<&Tensor>,
         mode: Mode,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<ModelOutput> {
         let cfg = self.gpt2_config();
         let eps = cfg.layer_norm_epsilon;
@@ -444,12 +444,7 @@ impl Model {
         let mut x = embedding::embedding_at(tape, ids, &wte, &wpe, past)?; // [B, T, C]
         x = self.embedding_lora(tape, crate::nn::lora::WTE, ids, x)?;
         x = elementwise::dropout(tape, &x, cfg.embd_pdrop, train, site_seed(0))?;
-        for i in 0..cfg.n_layer {
-            x = self.run_block(tape, i, &x, train, seed, cache.as_deref_mut())?;
-        }
-        if cache.is_some() {
-            x = elementwise::last_position(tape, &x)?; // [B, 1, C]
-        }
+        let x = self.run_blocks(tape, x, train, seed, cache)?; // [B, T, C], or [B, 1, C] with a cache
         let h = layernorm::layernorm(
             tape,
             &x,

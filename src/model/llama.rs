@@ -382,7 +382,7 @@ impl Model {
         ids: &Tensor,
         targets: Option<&Tensor>,
         mode: Mode,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<ModelOutput> {
         let cfg = self.llama_config();
         let (train, seed) = mode.parts();
@@ -393,12 +393,7 @@ impl Model {
         let emb = self.params.get(&format!("{EMBED_TOKENS}.weight"))?.clone(); // [V, C]
         let mut x = embedding::token_embedding(tape, ids, &emb)?; // [B, T, C]
         x = self.embedding_lora(tape, EMBED_TOKENS, ids, x)?;
-        for i in 0..cfg.num_hidden_layers {
-            x = self.run_block(tape, i, &x, train, seed, cache.as_deref_mut())?;
-        }
-        if cache.is_some() {
-            x = elementwise::last_position(tape, &x)?; // [B, 1, C]
-        }
+        let x = self.run_blocks(tape, x, train, seed, cache)?; // [B, T, C], or [B, 1, C] with a cache
         let h = rmsnorm::rmsnorm(tape, &x, self.params.get("model.norm.weight")?, cfg.rms_norm_eps)?;
         let head = if cfg.tie_word_embeddings { emb } else { self.params.get("lm_head.weight")?.clone() };
         let site = super::site_seed(seed, super::LM_HEAD_LORA_SITE);

@@ -525,6 +525,25 @@ impl Model {
         }
     }
 
+    /// Every block in turn on x [B, T, C] (`run_block`), then, with a cache (generation), only each
+    /// sequence's last position [B, 1, C]: all lm_head needs there.
+    fn run_blocks(
+        &self,
+        tape: &mut Tape,
+        mut x: Tensor,
+        train: bool,
+        seed: u64,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        for i in 0..self.config.n_layer() {
+            x = self.run_block(tape, i, &x, train, seed, cache.as_deref_mut())?;
+        }
+        match cache {
+            Some(_) => elementwise::last_position(tape, &x),
+            None => Ok(x),
+        }
+    }
+
     /// The position ids' first column starts at: 0, or the cache's length when they continue
     /// it (a forward pass with a cache takes no targets).
     fn check_cache(&self, cache: Option<&KvCache>, ids: &Tensor, targets: Option<&Tensor>) -> Result<usize> {
