@@ -39,16 +39,7 @@ fn logits_loss_and_every_gradient_match_transformers() {
     let g = tape.backward(&loss).unwrap();
     // The fixture holds every parameter's gradient; kiln must produce each one.
     assert_eq!(grads.len(), model.params.len(), "fixture and model disagree on the parameter count");
-    let mut worst = (0f32, String::new());
-    for p in model.params.iter() {
-        let want = grads.get(&p.name).unwrap_or_else(|| panic!("fixture lacks {}", p.name));
-        let got = g.get(&p.tensor).unwrap_or_else(|| panic!("kiln produced no gradient for {}", p.name));
-        let e = max_rel_err_t(got, want);
-        assert!(e < TOL, "{}: rel err {e}", p.name);
-        if e > worst.0 {
-            worst = (e, p.name.clone());
-        }
-    }
+    let worst = common::assert_grads_match("gpt2", model.params.iter(), &g, &grads, TOL);
     println!("worst gradient rel err {:.2e} ({})", worst.0, worst.1);
 }
 

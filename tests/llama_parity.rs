@@ -49,16 +49,7 @@ fn logits_loss_and_every_gradient_match_transformers() {
 
     let g = tape.backward(&loss).unwrap();
     assert_eq!(grads.len(), model.params.len(), "fixture and model disagree on the parameter count");
-    let mut worst = (0f32, String::new());
-    for p in model.params.iter() {
-        let want = grads.get(&p.name).unwrap_or_else(|| panic!("fixture lacks {}", p.name));
-        let got = g.get(&p.tensor).unwrap_or_else(|| panic!("kiln produced no gradient for {}", p.name));
-        let e = max_rel_err_t(got, want);
-        assert!(e < TOL, "{}: rel err {e}", p.name);
-        if e > worst.0 {
-            worst = (e, p.name.clone());
-        }
-    }
+    let worst = common::assert_grads_match("llama", model.params.iter(), &g, &grads, TOL);
     println!("loss {got} (transformers {want}); worst gradient rel err {:.2e} ({})", worst.0, worst.1);
 }
 
@@ -109,13 +100,7 @@ fn lora_and_rslora_gradients_match_peft() {
         let g = tape.backward(&loss).unwrap();
         let lora = model.lora.as_ref().unwrap();
         assert_eq!(lora.params.len(), want.len() - 2, "{kind}: adapter tensors vs the fixture's gradients");
-        let mut worst = 0f32;
-        for p in lora.params.iter() {
-            let w = want.get(&p.name).unwrap_or_else(|| panic!("{kind}: fixture lacks {}", p.name));
-            let e = max_rel_err_t(g.get(&p.tensor).unwrap(), w);
-            assert!(e < TOL, "{kind}: {} rel err {e}", p.name);
-            worst = worst.max(e);
-        }
+        let (worst, _) = common::assert_grads_match(kind, lora.params.iter(), &g, &want, TOL);
         // the base stays frozen: no gradient buffer for any of its tensors
         assert!(model.params.iter().all(|p| g.get(&p.tensor).is_none()), "{kind}: a base parameter got a gradient");
         println!("{kind}: loss {got} (peft {wl}); worst adapter gradient rel err {worst:.2e}");

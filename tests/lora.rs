@@ -220,15 +220,7 @@ fn check_against(name: &str, dir: &Path, grads: &Path) {
     assert_eq!(want.len() - 2, lora.params.len(), "{name}: fixture and adapter disagree on the tensor count");
     assert_eq!(g.len(), lora.params.len(), "{name}: only the adapter's tensors may get gradient buffers");
     assert!(model.params.iter().all(|p| !p.trainable && g.get(&p.tensor).is_none()));
-    let mut worst = (0f32, String::new());
-    for p in lora.params.iter() {
-        let w = want.get(&p.name).unwrap_or_else(|| panic!("{name}: fixture lacks {}", p.name));
-        let e = max_rel_err_t(g.get(&p.tensor).unwrap(), w);
-        assert!(e < TOL, "{name}: {}: rel err {e}", p.name);
-        if e > worst.0 {
-            worst = (e, p.name.clone());
-        }
-    }
+    let worst = common::assert_grads_match(name, lora.params.iter(), &g, &want, TOL);
     println!(
         "{name}: loss rel err {loss_err:.2e}, logits {logits_err:.2e}, worst gradient {:.2e} ({})",
         worst.0, worst.1

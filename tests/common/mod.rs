@@ -101,6 +101,29 @@ pub fn max_rel_err_t(a: &Tensor, b: &Tensor) -> f32 {
     max_rel_err(a.f32s().unwrap(), b.f32s().unwrap())
 }
 
+/// Each parameter's gradient in `g` against the fixture tensor of the same name in `want`: a
+/// gradient must exist and be within `tol` (max_rel_err_t), else a panic naming `label` and the
+/// parameter. Returns the worst (error, name).
+pub fn assert_grads_match<'a>(
+    label: &str,
+    params: impl IntoIterator<Item = &'a kiln::nn::Param>,
+    g: &kiln::Gradients,
+    want: &std::collections::BTreeMap<String, Tensor>,
+    tol: f32,
+) -> (f32, String) {
+    let mut worst = (0f32, String::new());
+    for p in params {
+        let w = want.get(&p.name).unwrap_or_else(|| panic!("{label}: fixture lacks {}", p.name));
+        let got = g.get(&p.tensor).unwrap_or_else(|| panic!("{label}: kiln produced no gradient for {}", p.name));
+        let e = max_rel_err_t(got, w);
+        assert!(e < tol, "{label}: {}: rel err {e}", p.name);
+        if e > worst.0 {
+            worst = (e, p.name.clone());
+        }
+    }
+    worst
+}
+
 /// The largest absolute value.
 pub fn max_abs(v: &[f32]) -> f64 {
     v.iter().fold(0f64, |m, &x| m.max((x as f64).abs()))
