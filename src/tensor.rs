@@ -297,37 +297,37 @@ impl Tensor {
     pub fn f32s(&self) -> Result<&[f32]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-            _ => Err(Error::DType { op: "f32 access", expected: DType::F32, got: self.dtype() }),
+            _ => Err(host_access_error("f32 access", DType::F32, self.dtype(), self.device())),
         }
     }
     pub fn i32s(&self) -> Result<&[i32]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::I32(v)) => Ok(v),
-            _ => Err(Error::DType { op: "i32 access", expected: DType::I32, got: self.dtype() }),
+            _ => Err(host_access_error("i32 access", DType::I32, self.dtype(), self.device())),
         }
     }
     pub fn u8s(&self) -> Result<&[u8]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::U8(v)) => Ok(v),
-            _ => Err(Error::DType { op: "u8 access", expected: DType::U8, got: self.dtype() }),
+            _ => Err(host_access_error("u8 access", DType::U8, self.dtype(), self.device())),
         }
     }
 
     /// Mutable f32 data; copies the buffer first if another tensor shares it.
     pub fn f32s_mut(&mut self) -> Result<&mut [f32]> {
-        let dtype = self.dtype();
+        let (dtype, device) = (self.dtype(), self.device());
         match Arc::make_mut(&mut self.storage) {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-            _ => Err(Error::DType { op: "f32 write", expected: DType::F32, got: dtype }),
+            _ => Err(host_access_error("f32 write", DType::F32, dtype, device)),
         }
     }
 
     /// Mutable u8 data; copies the buffer first if another tensor shares it.
     pub fn u8s_mut(&mut self) -> Result<&mut [u8]> {
-        let dtype = self.dtype();
+        let (dtype, device) = (self.dtype(), self.device());
         match Arc::make_mut(&mut self.storage) {
             Storage::Cpu(CpuStorage::U8(v)) => Ok(v),
-            _ => Err(Error::DType { op: "u8 write", expected: DType::U8, got: dtype }),
+            _ => Err(host_access_error("u8 write", DType::U8, dtype, device)),
         }
     }
 
@@ -393,4 +393,13 @@ impl Tensor {
         }
         Ok(())
     }
+}
+
+/// Why host data cannot be read: the tensor lives on a device (move it with `to_device`), or it
+/// holds another dtype.
+fn host_access_error(op: &'static str, expected: DType, got: DType, device: Device) -> Error {
+    if device != Device::Cpu {
+        return Error::DeviceMismatch { op, a: device, b: Device::Cpu };
+    }
+    Error::DType { op, expected, got }
 }

@@ -167,6 +167,7 @@ pub fn run() -> Result<()> {
         gemm_rows,
         attention_rows,
         layernorm_rows,
+        rmsnorm_rows,
         super::elementwise::bench,
         embedding_rows,
         xent_rows,
@@ -312,6 +313,30 @@ pub fn layernorm_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
     Ok(vec![
         bandwidth_row("layernorm forward", shape.clone(), f, 2.0 * act + bytes_of::<f32>(2 * rows), copy),
         bandwidth_row("layernorm backward", shape, bw, 3.0 * act + bytes_of::<f32>(2 * rows), copy),
+    ])
+}
+
+/// RMSNorm forward (plain and fused with the residual add) and backward over SmolLM2-360M's
+/// 8192 x 960 activations.
+pub fn rmsnorm_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
+    use super::rmsnorm::{rmsnorm_backward, rmsnorm_forward, rmsnorm_residual_forward};
+    let (rows, c) = (8192usize, 960usize);
+    let x = random_bf16(cu, rows * c, 35)?;
+    let r = random_bf16(cu, rows * c, 36)?;
+    let w = random_bf16(cu, c, 37)?;
+    let (mut out, mut h) = (cu.alloc::<bf16>(rows * c)?, cu.alloc::<bf16>(rows * c)?);
+    let mut rstd = cu.alloc::<f32>(rows)?;
+    let f = time_ms(cu, 3, 50, || rmsnorm_forward(&mut out, &mut rstd, &x, &w, c, 1e-5))?;
+    let fr = time_ms(cu, 3, 50, || rmsnorm_residual_forward(&mut h, &mut out, &mut rstd, &x, &r, &w, c, 1e-5))?;
+    let mut dx = cu.alloc::<bf16>(rows * c)?;
+    let mut dw = cu.alloc::<f32>(c)?;
+    let bw = time_ms(cu, 3, 50, || rmsnorm_backward(Some(&mut dx), Some(&mut dw), &r, &x, &w, &rstd, c))?;
+    let (act, stat) = (bytes_of::<bf16>(rows * c), bytes_of::<f32>(rows));
+    let shape = format!("{rows}x{c}");
+    Ok(vec![
+        bandwidth_row("rmsnorm forward", shape.clone(), f, 2.0 * act + stat, copy),
+        bandwidth_row("rmsnorm + residual forward", shape.clone(), fr, 4.0 * act + stat, copy),
+        bandwidth_row("rmsnorm backward", shape, bw, 3.0 * act + stat, copy),
     ])
 }
 

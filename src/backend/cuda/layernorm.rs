@@ -9,8 +9,8 @@ use crate::abi::{KILN_LN_DW_ROWS, KILN_LN_DW_THREADS, KILN_LN_WARPS};
 use crate::backend::RowStats;
 use crate::{Error, Result, Tensor};
 
-/// The row count implied by `mean` (one statistic per row), checked against every buffer.
-fn rows_of(
+/// Checks every buffer against rows x C (per row) or C (per column); shared with rmsnorm.rs.
+pub(super) fn rows_of(
     op: &'static str,
     c: usize,
     rows: usize,
@@ -18,7 +18,7 @@ fn rows_of(
     per_col: &[(&str, usize)],
 ) -> Result<()> {
     if c == 0 {
-        return Err(Error::Shape { op, msg: "C = 0: a layer norm needs at least one channel".into() });
+        return Err(Error::Shape { op, msg: "C = 0: a norm needs at least one channel".into() });
     }
     if c > i32::MAX as usize || rows > i32::MAX as usize {
         return Err(Error::Shape {
@@ -42,8 +42,8 @@ fn rows_of(
     Ok(())
 }
 
-/// One warp per row, KILN_LN_WARPS rows per block.
-fn row_config(rows: usize) -> LaunchConfig {
+/// One warp per row, KILN_LN_WARPS rows per block (the norm kernels' launch shape).
+pub(super) fn row_config(rows: usize) -> LaunchConfig {
     let warps = KILN_LN_WARPS as usize;
     LaunchConfig {
         grid_dim: (rows.div_ceil(warps).max(1) as u32, 1, 1),

@@ -7,7 +7,7 @@
 //! it can run at copy bandwidth; a kernel far above 1 cannot, whatever the GPU.
 
 use super::bench::{random_bf16, random_f32};
-use super::{attention, bf16, cuda, elementwise, embedding, gemm, layernorm, reduce, xent, Cuda, Kernel};
+use super::{attention, bf16, cuda, elementwise, embedding, gemm, layernorm, reduce, rmsnorm, xent, Cuda, Kernel};
 use crate::backend::AttnDims;
 use crate::backend::{GemmDesc, Trans};
 use crate::{Error, Result};
@@ -118,6 +118,11 @@ fn workload(cu: &Cuda) -> Result<()> {
     let mut dx = cu.alloc::<bf16>(tokens * c)?;
     let (mut dw, mut db) = (cu.alloc::<f32>(c)?, cu.alloc::<f32>(c)?);
     layernorm::layernorm_backward(Some(&mut dx), Some(&mut dw), Some(&mut db), &dout, &x, &lw, &mean, &rstd, c)?;
+    // RMSNorm (Llama's norm), plain, fused with the residual add, and backward.
+    let mut rs = cu.alloc::<f32>(tokens)?;
+    rmsnorm::rmsnorm_forward(&mut y, &mut rs, &x, &lw, c, 1e-5)?;
+    rmsnorm::rmsnorm_residual_forward(&mut h, &mut y, &mut rs, &x, &dout, &lw, c, 1e-5)?;
+    rmsnorm::rmsnorm_backward(Some(&mut dx), Some(&mut dw), &dout, &x, &lw, &rs, c)?;
     // Elementwise.
     let n = tokens * 4 * c;
     let e = random_bf16(cu, n, 10)?;

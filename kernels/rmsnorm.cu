@@ -1,0 +1,194 @@
+// rmsnorm.cu: RMSNorm over the last dimension C of a [rows, C] tensor, bf16 in and out, f32 rstd
+// (one per row) kept for backward. y = w * (x * rstd), rstd = 1 / sqrt(mean(x^2) + eps).
+// CPU twin: src/backend/cpu/rmsnorm.rs (rmsnorm_forward, rmsnorm_backward).
+//
+// Kernels and work split, as layernorm.cu (whose launch constants KILN_LN_* they share):
+// - rmsnorm_forward: one warp per row, KILN_LN_WARPS rows per block, no shared memory and no
+//   block barrier. The warp walks its row twice: the sum of squares, then the output.
+// - rmsnorm_residual_forward: the first walk computes h = a + r (rounded to bf16, the value
+//   backward sees as x), writes h and sums its squares. A Llama block adds each sublayer's output
+//   to the residual stream and normalises the sum for the next sublayer: one launch and one read
+//   of h fewer than add then norm.
+// - rmsnorm_backward_dx: one warp per row: the row mean of g w x rstd, then dx.
+// - rmsnorm_backward_dw_partial + rmsnorm_backward_dw_finish: dw deterministically, without
+//   atomics: the partial kernel's block (x = group of KILN_LN_DW_ROWS rows, y = stripe of
+//   KILN_LN_DW_THREADS columns) gives each thread one column, accumulated over the group's rows in
+//   row order, into [groups, C]; the finish kernel adds the groups in order. The grouping depends
+//   only on (rows, C): the same bits on every run and every GPU.
+// Every kernel has a 16-byte path (8 bf16 per access) taken when C % 8 == 0 and every bf16 pointer
+// is 16-byte aligned, otherwise one bf16 per lane per step.
+//
+// Test: cargo test --release --features cuda --test rmsnorm
+#include "rmsnorm.cuh"
+#include "vec.cuh"
+
+namespace {
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum of squares of one row (lane partials, then the butterfly).
+template <bool VEC>
+__device__ __forceinline__ float row_sumsq(const __nv_bfloat16* x, int c, int lane) {
+    float s = 0.0f;
+    if (VEC) {
+        for (int i = 8 * lane; i < c; i += 256) {
+            float f[8];
+            load8(f, x + i);
+#pragma unroll
+            for (int j = 0; j < 8; j++) s += f[j] * f[j];
+        }
+    } else {
+        for (int i = lane; i < c; i += 32) {
+            const float v = __bfloat162float(x[i]);
+            s += v * v;
+        }
+    }
+    return warp_sum(s);
+}
+
+// h = bf16(a + r), written to h, and the sum of squares of h (of the rounded values).
+template <bool VEC>
+__device__ __forceinline__ float residual_row_sumsq(__nv_bfloat16* h, const __nv_bfloat16* a, const __nv_bfloat16* r, int c, int lane) {
+    float s = 0.0f;
+    if (VEC) {
+        for (int i = 8 * lane; i < c; i += 256) {
+            float fa[8], fr[8];
+            load8(fa, a + i);
+            load8(fr, r + i);
+#pragma unroll
+            for (int j = 0; j < 8; j++) fa[j] = __bfloat162float(__float2bfloat16_rn(fa[j] + fr[j]));
+            store8(h + i, fa);
+#pragma unroll
+            for (int j = 0; j < 8; j++) s += fa[j] * fa[j];
+        }
+    } else {
+        for (int i = lane; i < c; i += 32) {
+            const __nv_bfloat16 v = __float2bfloat16_rn(__bfloat162float(a[i]) + __bfloat162float(r[i]));
+            h[i] = v;
+            const float f = __bfloat162float(v);
+            s += f * f;
+        }
+    }
+    return warp_sum(s);
+}
+
+// The output of a row once its sum of squares is known. The lane-to-element mapping is the
+// sums', so a lane re-reads only elements it wrote itself when x is the h just stored.
+template <bool VEC>
+__device__ __forceinline__ void finish_row(__nv_bfloat16* out, float* rstd_out, const __nv_bfloat16* x, const __nv_bfloat16* w, int c, float eps, int lane, float sumsq) {
+    const float rstd = rms_rstd(sumsq / (float)c, eps);
+    if (VEC) {
+        for (int i = 8 * lane; i < c; i += 256) {
+            float f[8], fw[8];
+            load8(f, x + i);
+            load8(fw, w + i);
+#pragma unroll
+            for (int j = 0; j < 8; j++) f[j] = rms_out(f[j], rstd, fw[j]);
+            store8(out + i, f);
+        }
+    } else {
+        for (int i = lane; i < c; i += 32) out[i] = __float2bfloat16_rn(rms_out(__bfloat162float(x[i]), rstd, __bfloat162float(w[i])));
+    }
+    if (lane == 0) *rstd_out = rstd;
+}
+
+template <bool VEC>
+__device__ __forceinline__ void dx_row(__nv_bfloat16* dx, const __nv_bfloat16* g, const __nv_bfloat16* x, const __nv_bfloat16* w, float rstd, int c, int lane) {
+    float s = 0.0f;
+    if (VEC) {
+        for (int i = 8 * lane; i < c; i += 256) {
+            float fg[8], fx[8], fw[8];
+            load8(fg, g + i);
+            load8(fx, x + i);
+            load8(fw, w + i);
+#pragma unroll
+            for (int j = 0; j < 8; j++) s += rms_gwx(fg[j], fw[j], fx[j], rstd);
+        }
+    } else {
+        for (int i = lane; i < c; i += 32) s += rms_gwx(__bfloat162float(g[i]), __bfloat162float(w[i]), __bfloat162float(x[i]), rstd);
+    }
+    const float m = warp_sum(s) / (float)c;
+    if (VEC) {
+        for (int i = 8 * lane; i < c; i += 256) {
+            float fg[8], fx[8], fw[8];
+            load8(fg, g + i);
+            load8(fx, x + i);
+            load8(fw, w + i);
+#pragma unroll
+            for (int j = 0; j < 8; j++) fg[j] = rms_dx(fg[j], fw[j], fx[j], rstd, m);
+            store8(dx + i, fg);
+        }
+    } else {
+        for (int i = lane; i < c; i += 32) {
+            dx[i] = __float2bfloat16_rn(rms_dx(__bfloat162float(g[i]), __bfloat162float(w[i]), __bfloat162float(x[i]), rstd, m));
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) rmsnorm_forward(__nv_bfloat16* out, float* rstd, const __nv_bfloat16* x, const __nv_bfloat16* w, int rows, int c, float eps) {
+    const int row = blockIdx.x * KILN_LN_WARPS + (int)(threadIdx.x >> 5);
+    if (row >= rows) return;  // a whole warp leaves together; the kernel has no block barrier
+    const int lane = threadIdx.x & 31;
+    const int64_t off = (int64_t)row * c;
+    if (c % 8 == 0 && aligned16(out) && aligned16(x) && aligned16(w)) {
+        finish_row<true>(out + off, rstd + row, x + off, w, c, eps, lane, row_sumsq<true>(x + off, c, lane));
+    } else {
+        finish_row<false>(out + off, rstd + row, x + off, w, c, eps, lane, row_sumsq<false>(x + off, c, lane));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) rmsnorm_residual_forward(__nv_bfloat16* h, __nv_bfloat16* out, float* rstd, const __nv_bfloat16* a, const __nv_bfloat16* r, const __nv_bfloat16* w, int rows, int c, float eps) {
+    const int row = blockIdx.x * KILN_LN_WARPS + (int)(threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    const int64_t off = (int64_t)row * c;
+    if (c % 8 == 0 && aligned16(h) && aligned16(out) && aligned16(a) && aligned16(r) && aligned16(w)) {
+        const float s = residual_row_sumsq<true>(h + off, a + off, r + off, c, lane);
+        finish_row<true>(out + off, rstd + row, h + off, w, c, eps, lane, s);
+    } else {
+        const float s = residual_row_sumsq<false>(h + off, a + off, r + off, c, lane);
+        finish_row<false>(out + off, rstd + row, h + off, w, c, eps, lane, s);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) rmsnorm_backward_dx(__nv_bfloat16* dx, const __nv_bfloat16* dout, const __nv_bfloat16* x, const __nv_bfloat16* w, const float* rstd, int rows, int c) {
+    const int row = blockIdx.x * KILN_LN_WARPS + (int)(threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    const int64_t off = (int64_t)row * c;
+    if (c % 8 == 0 && aligned16(dx) && aligned16(dout) && aligned16(x) && aligned16(w)) {
+        dx_row<true>(dx + off, dout + off, x + off, w, rstd[row], c, lane);
+    } else {
+        dx_row<false>(dx + off, dout + off, x + off, w, rstd[row], c, lane);
+    }
+}
+
+// partial[g, col] = sum over the group's rows of dout * (x rstd).
+// Grid (groups, ceil(C / KILN_LN_DW_THREADS)); groups = ceil(rows / KILN_LN_DW_ROWS).
+extern "C" __global__ void __launch_bounds__(KILN_LN_DW_THREADS) rmsnorm_backward_dw_partial(float* partial, const __nv_bfloat16* dout, const __nv_bfloat16* x, const float* rstd, int rows, int c) {
+    const int col = blockIdx.y * KILN_LN_DW_THREADS + threadIdx.x;
+    if (col >= c) return;
+    const int r0 = blockIdx.x * KILN_LN_DW_ROWS;
+    const int r1 = min(r0 + KILN_LN_DW_ROWS, rows);
+    float acc = 0.0f;
+    for (int r = r0; r < r1; r++) {
+        const int64_t i = (int64_t)r * c + col;
+        acc = rms_dw_acc(acc, __bfloat162float(dout[i]), __bfloat162float(x[i]), rstd[r]);
+    }
+    partial[(int64_t)blockIdx.x * c + col] = acc;
+}
+
+// dw[col] = sum over groups (in order) of partial[g, col].
+extern "C" __global__ void __launch_bounds__(KILN_LN_DW_THREADS) rmsnorm_backward_dw_finish(float* dw, const float* partial, int groups, int c) {
+    const int col = blockIdx.x * KILN_LN_DW_THREADS + threadIdx.x;
+    if (col >= c) return;
+    float s = 0.0f;
+    for (int g = 0; g < groups; g++) s += partial[(int64_t)g * c + col];
+    dw[col] = s;
+}
