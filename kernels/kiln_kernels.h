@@ -126,6 +126,10 @@ typedef struct {
 #define KILN_LN_DW_ROWS 64
 #define KILN_LN_DW_THREADS 256
 
+// ---- rope ----
+// Threads per block of rope_pack / rope_unpack (one block per row).
+#define KILN_ROPE_THREADS 128
+
 // ---- elementwise ----
 // Threads per block of every elementwise kernel (each thread takes 8 elements per grid-stride step).
 #define KILN_ELEMENTWISE_BLOCK 256

@@ -106,3 +106,201 @@ fn rope_rejects_bad_shapes() {
     let e = rope_qkv(&mut Tape::new(), &z(&[1, 3, 32]), &z(&[1, 3, 24]), &z(&[1, 3, 24]), bad, 1e4, 0);
     assert!(matches!(e, Err(Error::Shape { .. })), "3 KV heads for 4 query heads: {e:?}");
 }
+
+/// The CUDA kernels (kernels/rope.cu) and their host twins against the CPU backend; without a GPU
+/// they run on the emulated device.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::common::{self, rng, uniform, U32};
+    use kiln::backend::cpu::rope as cpu;
+    use kiln::backend::cuda::rope::{self as gpu, twin};
+    use kiln::backend::cuda::{bf16, Cuda, DevBuf};
+    use kiln::backend::Heads;
+
+    const U_BF: f64 = 1.0 / 256.0;
+
+    /// (B, T, n_head, n_kv_head, hd, theta, offset): SmolLM2-135M's heads; a group of 2 at an
+    /// offset; hd = 6 (hd % 4 != 0: the one-pair path, an odd v width per KV head); hd = 128 MHA;
+    /// positions past the first table (256) so that it grows.
+    const CASES: [(usize, usize, usize, usize, usize, f32, usize); 5] = [
+        (2, 5, 9, 3, 64, 100_000.0, 0),
+        (1, 7, 4, 2, 8, 10_000.0, 3),
+        (2, 3, 2, 1, 6, 10_000.0, 1),
+        (1, 4, 2, 2, 128, 500_000.0, 0),
+        (1, 3, 2, 1, 16, 10_000.0, 300),
+    ];
+
+    fn to_bf(v: &[f32]) -> Vec<bf16> {
+        v.iter().map(|&x| bf16::from_f32(x)).collect()
+    }
+    fn to_f(v: &[bf16]) -> Vec<f32> {
+        v.iter().map(|x| x.to_f32()).collect()
+    }
+    fn rounded(v: Vec<f32>) -> Vec<f32> {
+        to_f(&to_bf(&v))
+    }
+
+    struct Case {
+        t: usize,
+        hd: usize,
+        theta: f32,
+        offset: usize,
+        heads: Heads,
+        /// q, k, v (forward) or dqkv (backward), bf16-valued.
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        g: Vec<f32>,
+    }
+
+    fn case(seed: u64, c: (usize, usize, usize, usize, usize, f32, usize)) -> Case {
+        let (b, t, nh, nkv, hd, theta, offset) = c;
+        let mut r = rng(seed);
+        let rows = b * t;
+        let heads = Heads { n_head: nh, n_kv_head: nkv };
+        Case {
+            t,
+            hd,
+            theta,
+            offset,
+            heads,
+            q: rounded(uniform(&mut r, rows * nh * hd, 1.0)),
+            k: rounded(uniform(&mut r, rows * nkv * hd, 1.0)),
+            v: rounded(uniform(&mut r, rows * nkv * hd, 1.0)),
+            g: rounded(uniform(&mut r, rows * heads.packed() * hd, 1.0)),
+        }
+    }
+
+    fn cpu_table(c: &Case) -> (Vec<f32>, Vec<f32>) {
+        cpu::rope_table(c.t, c.hd, c.theta, c.offset)
+    }
+
+    /// The twins rotate with the CPU's table and formulas in the CPU's order: equal bits.
+    #[test]
+    fn twins_match_cpu_bits() {
+        for (i, &shape) in CASES.iter().enumerate() {
+            let c = case(10 + i as u64, shape);
+            let cs = gpu::host_table(c.hd, c.theta, c.offset + c.t);
+            let (cos, sin) = cpu_table(&c);
+            let mut want = vec![0f32; c.g.len()];
+            cpu::rope_pack(&mut want, &c.q, &c.k, &c.v, c.t, c.hd, c.heads, (&cos, &sin));
+            let mut got = vec![f32::NAN; c.g.len()];
+            twin::rope_pack(&mut got, &c.q, &c.k, &c.v, &cs, c.t, c.offset, c.hd, c.heads);
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "twin pack, case {i}");
+            let mut w = [vec![0f32; c.q.len()], vec![0f32; c.k.len()], vec![0f32; c.v.len()]];
+            let [w0, w1, w2] = &mut w;
+            cpu::rope_unpack(w0, w1, w2, &c.g, c.t, c.hd, c.heads, (&cos, &sin));
+            let mut gt = [vec![f32::NAN; c.q.len()], vec![f32::NAN; c.k.len()], vec![f32::NAN; c.v.len()]];
+            let [g0, g1, g2] = &mut gt;
+            twin::rope_unpack(g0, g1, g2, &c.g, &cs, c.t, c.offset, c.hd, c.heads);
+            for (part, (a, b)) in gt.iter().zip(&w).enumerate() {
+                assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "twin unpack part {part}, case {i}");
+            }
+        }
+    }
+
+    /// Each rotated element a c -+ b s may be fused into one multiply-add on the device (its
+    /// error moves by 2 u (|a c| + |b s|)), then rounds to bf16 (u_bf of the value); copied
+    /// elements equal the input bit for bit. `pairs` gives, per output element, |a c| + |b s|
+    /// (0 for a copy).
+    fn check(label: &str, got: &[f32], want: &[f32], scale: &[f64]) {
+        for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
+            let f = 2.0 * U32 * s;
+            let bound = f + U_BF * (w.abs() as f64 + f);
+            assert!((g as f64 - w as f64).abs() <= bound, "{label}: element {i}: {g} vs cpu {w} (bound {bound:.2e})");
+        }
+    }
+
+    /// Per element of one rotated head run x (rows of heads of hd), |a c| + |b s| of its formula.
+    fn scales(x: &[f32], hd: usize, t: usize, row_width: usize, cos: &[f32], sin: &[f32]) -> Vec<f64> {
+        let h2 = hd / 2;
+        (0..x.len())
+            .map(|j| {
+                let (row, col) = (j / row_width, j % row_width);
+                let (base, i) = (j - col % hd, col % hd % h2);
+                let p = row % t;
+                let (c, s) = (cos[p * h2 + i] as f64, sin[p * h2 + i] as f64);
+                let (a, b) = (x[base + i] as f64, x[base + i + h2] as f64);
+                (a * c).abs() + (b * s).abs() + (b * c).abs() + (a * s).abs()
+            })
+            .collect()
+    }
+
+    fn up(cu: &Cuda, v: &[f32]) -> DevBuf<bf16> {
+        cu.upload(&to_bf(v)).unwrap()
+    }
+
+    #[test]
+    fn gpu_pack_and_unpack_match_cpu() {
+        let Some(cu) = common::gpu("rope gpu_pack_and_unpack_match_cpu") else { return };
+        for (i, &shape) in CASES.iter().enumerate() {
+            let c = case(20 + i as u64, shape);
+            let (cos, sin) = cpu_table(&c);
+            let (nh, nkv, hd) = (c.heads.n_head, c.heads.n_kv_head, c.hd);
+            let table = gpu::table(hd, c.theta, c.offset + c.t).unwrap();
+            assert!(table.positions >= c.offset + c.t);
+            let label = format!("case {i} {shape:?}");
+
+            let mut want = vec![0f32; c.g.len()];
+            cpu::rope_pack(&mut want, &c.q, &c.k, &c.v, c.t, hd, c.heads, (&cos, &sin));
+            let mut qkv = cu.upload(&vec![bf16::NAN; c.g.len()]).unwrap();
+            gpu::rope_pack(&mut qkv, &up(cu, &c.q), &up(cu, &c.k), &up(cu, &c.v), &table, c.t, c.offset, c.heads)
+                .unwrap();
+            let got = to_f(&cu.download(&qkv).unwrap());
+            // The scale of each packed element: the rotated q, k parts from their inputs, v exact.
+            let w = c.heads.packed() * hd;
+            let (sq, sk) = (scales(&c.q, hd, c.t, nh * hd, &cos, &sin), scales(&c.k, hd, c.t, nkv * hd, &cos, &sin));
+            let scale: Vec<f64> = (0..c.g.len())
+                .map(|j| {
+                    let (row, col) = (j / w, j % w);
+                    if col < nh * hd {
+                        sq[row * nh * hd + col]
+                    } else if col < (nh + nkv) * hd {
+                        sk[row * nkv * hd + col - nh * hd]
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            check(&format!("{label} pack"), &got, &want, &scale);
+
+            let mut w3 = [vec![0f32; c.q.len()], vec![0f32; c.k.len()], vec![0f32; c.v.len()]];
+            let [w0, w1, w2] = &mut w3;
+            cpu::rope_unpack(w0, w1, w2, &c.g, c.t, hd, c.heads, (&cos, &sin));
+            let nan = |n: usize| cu.upload(&vec![bf16::NAN; n]).unwrap();
+            let (mut dq, mut dk, mut dv) = (nan(c.q.len()), nan(c.k.len()), nan(c.v.len()));
+            gpu::rope_unpack(&mut dq, &mut dk, &mut dv, &up(cu, &c.g), &table, c.t, c.offset, c.heads).unwrap();
+            // The gradient's parts as separate runs, for their scales.
+            let rows = c.g.len() / w;
+            let part = |lo: usize, width: usize| -> Vec<f32> {
+                (0..rows).flat_map(|r| c.g[r * w + lo..r * w + lo + width].to_vec()).collect()
+            };
+            let gq = scales(&part(0, nh * hd), hd, c.t, nh * hd, &cos, &sin);
+            let gk = scales(&part(nh * hd, nkv * hd), hd, c.t, nkv * hd, &cos, &sin);
+            let gv = vec![0f64; c.v.len()];
+            for (name, (buf, (want, scale))) in
+                ["dq", "dk", "dv"].iter().zip([&dq, &dk, &dv].into_iter().zip(w3.iter().zip([&gq, &gk, &gv])))
+            {
+                check(&format!("{label} unpack {name}"), &to_f(&cu.download(buf).unwrap()), want, scale);
+            }
+        }
+    }
+
+    /// The device table holds the CPU's numbers, and a longer request grows it in place of the
+    /// shorter one.
+    #[test]
+    fn gpu_table_is_the_cpu_table_and_grows() {
+        let Some(cu) = common::gpu("rope gpu_table_is_the_cpu_table_and_grows") else { return };
+        let small = gpu::table(10, 1234.0, 5).unwrap();
+        assert_eq!(small.positions, 256);
+        assert_eq!(cu.download(&small.cs).unwrap(), gpu::host_table(10, 1234.0, 256));
+        let big = gpu::table(10, 1234.0, 700).unwrap();
+        assert_eq!(big.positions, 1024);
+        let again = gpu::table(10, 1234.0, 3).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&big, &again), "a shorter request reuses the grown table");
+        let (cos, sin) = cpu::rope_table(1, 10, 1234.0, 999);
+        let host = cu.download(&big.cs).unwrap();
+        assert_eq!(&host[999 * 10..999 * 10 + 5], &cos[..]);
+        assert_eq!(&host[999 * 10 + 5..1000 * 10], &sin[..]);
+    }
+}

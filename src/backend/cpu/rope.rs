@@ -137,6 +137,17 @@ pub(crate) fn rope_dims(
     Ok((b, t, hd))
 }
 
+/// (B, T, hd) of a packed qkv (or its gradient) [B, T, (nh + 2 nkv) hd] with an even hd, or why not.
+pub(crate) fn packed_dims(op: &'static str, qkv: &Tensor, heads: Heads) -> Result<(usize, usize, usize)> {
+    let &[b, t, w] = qkv.dims() else {
+        return Err(Error::shape(op, format!("dqkv must be [B, T, W], got {:?}", qkv.dims())));
+    };
+    if !heads.is_valid() || w % heads.packed() != 0 || (w / heads.packed()) % 2 != 0 {
+        return Err(Error::shape(op, format!("dqkv width {w} is not (n_head + 2 n_kv_head) x an even head size")));
+    }
+    Ok((b, t, w / heads.packed()))
+}
+
 impl crate::backend::Rope for super::Cpu {
     fn rope_pack(&self, q: &Tensor, k: &Tensor, v: &Tensor, args: &RopeArgs) -> Result<Tensor> {
         const OP: &str = "rope";
@@ -150,13 +161,7 @@ impl crate::backend::Rope for super::Cpu {
     fn rope_unpack(&self, dqkv: &Tensor, args: &RopeArgs) -> Result<[Tensor; 3]> {
         const OP: &str = "rope backward";
         let heads = args.heads;
-        let &[b, t, w] = dqkv.dims() else {
-            return Err(Error::shape(OP, format!("dqkv must be [B, T, W], got {:?}", dqkv.dims())));
-        };
-        if !heads.is_valid() || w % heads.packed() != 0 || (w / heads.packed()) % 2 != 0 {
-            return Err(Error::shape(OP, format!("dqkv width {w} is not (n_head + 2 n_kv_head) x an even head size")));
-        }
-        let hd = w / heads.packed();
+        let (b, t, hd) = packed_dims(OP, dqkv, heads)?;
         let (c, ckv) = (heads.n_head * hd, heads.n_kv_head * hd);
         let g = f32_in(OP, dqkv)?;
         let (cos, sin) = rope_table(t, hd, args.theta, args.offset);

@@ -168,6 +168,7 @@ pub fn run() -> Result<()> {
         attention_rows,
         layernorm_rows,
         rmsnorm_rows,
+        rope_rows,
         super::elementwise::bench,
         embedding_rows,
         xent_rows,
@@ -337,6 +338,29 @@ pub fn rmsnorm_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
         bandwidth_row("rmsnorm forward", shape.clone(), f, 2.0 * act + stat, copy),
         bandwidth_row("rmsnorm + residual forward", shape.clone(), fr, 4.0 * act + stat, copy),
         bandwidth_row("rmsnorm backward", shape, bw, 3.0 * act + stat, copy),
+    ])
+}
+
+/// RoPE fused with the qkv packing and its backward at SmolLM2-360M's heads (15 query over 5 KV
+/// heads of 64) and 8192 tokens.
+pub fn rope_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
+    use super::rope::{rope_pack, rope_unpack, table};
+    let (b, t, heads, hd) = (4usize, 2048usize, crate::backend::Heads { n_head: 15, n_kv_head: 5 }, 64usize);
+    let rows = b * t;
+    let (c, ckv) = (heads.n_head * hd, heads.n_kv_head * hd);
+    let q = random_bf16(cu, rows * c, 38)?;
+    let kv = random_bf16(cu, rows * ckv, 39)?;
+    let mut qkv = cu.alloc::<bf16>(rows * heads.packed() * hd)?;
+    let cs = table(hd, 100_000.0, t)?;
+    let f = time_ms(cu, 3, 50, || rope_pack(&mut qkv, &q, &kv, &kv, &cs, t, 0, heads))?;
+    let (mut dq, mut dk, mut dv) =
+        (cu.alloc::<bf16>(rows * c)?, cu.alloc::<bf16>(rows * ckv)?, cu.alloc::<bf16>(rows * ckv)?);
+    let bw = time_ms(cu, 3, 50, || rope_unpack(&mut dq, &mut dk, &mut dv, &qkv, &cs, t, 0, heads))?;
+    let bytes = 2.0 * bytes_of::<bf16>(rows * heads.packed() * hd);
+    let shape = format!("{rows}x(15+2x5)x{hd}");
+    Ok(vec![
+        bandwidth_row("rope + qkv pack", shape.clone(), f, bytes, copy),
+        bandwidth_row("rope + qkv unpack (backward)", shape, bw, bytes, copy),
     ])
 }
 

@@ -7,7 +7,9 @@
 //! it can run at copy bandwidth; a kernel far above 1 cannot, whatever the GPU.
 
 use super::bench::{random_bf16, random_f32};
-use super::{attention, bf16, cuda, elementwise, embedding, gemm, layernorm, reduce, rmsnorm, xent, Cuda, Kernel};
+use super::{
+    attention, bf16, cuda, elementwise, embedding, gemm, layernorm, reduce, rmsnorm, rope, xent, Cuda, Kernel,
+};
 use crate::backend::AttnDims;
 use crate::backend::{GemmDesc, Trans};
 use crate::{Error, Result};
@@ -123,6 +125,15 @@ fn workload(cu: &Cuda) -> Result<()> {
     rmsnorm::rmsnorm_forward(&mut y, &mut rs, &x, &lw, c, 1e-5)?;
     rmsnorm::rmsnorm_residual_forward(&mut h, &mut y, &mut rs, &x, &dout, &lw, c, 1e-5)?;
     rmsnorm::rmsnorm_backward(Some(&mut dx), Some(&mut dw), &dout, &x, &lw, &rs, c)?;
+    // RoPE fused with the qkv packing, at Llama's grouping (4 query heads over 2 KV heads).
+    let heads = crate::backend::Heads { n_head: nh, n_kv_head: nh / 2 };
+    let (rq, rkv) = (random_bf16(cu, tokens * c, 22)?, random_bf16(cu, tokens * c / 2, 23)?);
+    let mut rqkv = cu.alloc::<bf16>(tokens * 2 * c)?;
+    let table = rope::table(c / nh, 10_000.0, t)?;
+    rope::rope_pack(&mut rqkv, &rq, &rkv, &rkv, &table, t, 0, heads)?;
+    let (mut dq, mut dk, mut dv) =
+        (cu.alloc::<bf16>(tokens * c)?, cu.alloc::<bf16>(tokens * c / 2)?, cu.alloc::<bf16>(tokens * c / 2)?);
+    rope::rope_unpack(&mut dq, &mut dk, &mut dv, &rqkv, &table, t, 0, heads)?;
     // Elementwise.
     let n = tokens * 4 * c;
     let e = random_bf16(cu, n, 10)?;
