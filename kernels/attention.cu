@@ -1,13 +1,17 @@
 // attention.cu: causal multi-head self-attention, the flash way (FlashAttention-2's loop order),
 // on CUDA cores. Twin: src/backend/cpu/attention.rs (same names, same argument order).
 //
-// What it computes. qkv [B, T, 3C] bf16 is the c_attn output (q, k, v side by side; head h at
-// columns h*hd .. (h+1)*hd of each third, hd = C / NH). Forward: out [B, T, C] bf16 =
-// softmax(q k^T / sqrt(hd), causal) v, and lse [B, NH, T] f32, the log-sum-exp of each row's
-// scaled scores, all the backward keeps of the softmax. Backward: dqkv [B, T, 3C] bf16, every
-// element written once (=, not +=), from dout [B, T, C], qkv, out and lse, by three kernels:
+// What it computes. qkv [B, T, C + 2 Ckv] bf16 packs per row the queries of NH heads, then the
+// keys and the values of NKV heads (head dim hd = C / NH, Ckv = NKV hd): GPT-2's c_attn output
+// [B, T, 3C] when NKV = NH, a Llama block's rope_pack output with grouped-query heads when NKV <
+// NH. Query head h attends with KV head h / (NH / NKV), read in place: no K or V is copied per
+// group. Forward: out [B, T, C] bf16 = softmax(q k^T / sqrt(hd), causal) v, and lse [B, NH, T]
+// f32, the log-sum-exp of each row's scaled scores, all the backward keeps of the softmax.
+// Backward: dqkv shaped as qkv, every element written once (=, not +=), from dout [B, T, C], qkv,
+// out and lse, by three kernels:
 //   attention_backward_preprocess  D [B, NH, T] f32 = rowsum(dout * out) per head;
-//   attention_backward_dkdv        dK, dV: one block per key tile, looping over query tiles;
+//   attention_backward_dkdv        dK, dV: one block per (key tile, KV head), looping over the
+//                                  group's query heads and their query tiles in a fixed order;
 //   attention_backward_dq          dQ: one block per query tile, looping over key tiles.
 // Each recomputes P = exp(s - lse) rather than storing it. Splitting dQ from dK/dV recomputes the
 // scores and dP once more (7 tile products instead of 5), and buys determinism with no atomics:
@@ -80,6 +84,17 @@ __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
+}
+
+// Where one KV head's keys and values sit in a packed qkv row [q | k | v] of C + 2 Ckv columns
+// (Ckv = NKV hd): k at C + g hd, v at C + Ckv + g hd; ld is the row's width. Query head h reads
+// KV head g = h / (NH / NKV), so each K and V row serves its group without a copy.
+struct HeadCols {
+    size_t ld, k, v;
+};
+__device__ __forceinline__ HeadCols head_cols(int C, int NH, int NKV, int hd, int g) {
+    const size_t ckv = (size_t)NKV * hd;
+    return HeadCols{(size_t)C + 2 * ckv, (size_t)C + (size_t)g * hd, (size_t)C + ckv + (size_t)g * hd};
 }
 
 // Eight bf16 (one 16-byte word, element 0 in the low half of .x) as f32.
@@ -204,13 +219,16 @@ __device__ __forceinline__ void store_row(bf16* dst, const float v[2 * NP], floa
 }
 
 template <int HD>
-__device__ __forceinline__ void forward_body(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, int hd_rt) {
+__device__ __forceinline__ void forward_body(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, int NKV, int hd_rt) {
     const int hd = HD ? HD : hd_rt;
     // Query tiles in reverse: the longest rows (most key tiles) start first, the short ones fill in.
     const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * TILE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const size_t ld = 3 * (size_t)C;
+    const HeadCols hc = head_cols(C, NH, NKV, hd, h / (NH / NKV));
+    const size_t ld = hc.ld;
     const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * hd;
+    const bf16* kbase = qkv + (size_t)b * T * ld + hc.k;
+    const bf16* vbase = qkv + (size_t)b * T * ld + hc.v;
     const float scale = 1.0f / sqrtf((float)hd);
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -235,8 +253,8 @@ __device__ __forceinline__ void forward_body(bf16* out, float* lse, const bf16* 
     for (int kt = 0; kt < n_kt; ++kt) {
         const int k0 = kt * TILE;
         __syncthreads();  // every warp is done with the previous K, V tiles
-        load_tile_bf16(ks, base + (size_t)k0 * ld + C, ld, min(TILE, T - k0), hd);
-        load_tile_bf16(vs, base + (size_t)k0 * ld + 2 * C, ld, min(TILE, T - k0), hd);
+        load_tile_bf16(ks, kbase + (size_t)k0 * ld, ld, min(TILE, T - k0), hd);
+        load_tile_bf16(vs, vbase + (size_t)k0 * ld, ld, min(TILE, T - k0), hd);
         __syncthreads();
 
         float s[ROWS];
@@ -273,15 +291,15 @@ __device__ __forceinline__ void forward_body(bf16* out, float* lse, const bf16* 
 
 template <int HD>
 __device__ __forceinline__ void dkdv_body(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                          const float* dsum, int T, int C, int NH, int hd_rt) {
+                                          const float* dsum, int T, int C, int NH, int NKV, int hd_rt) {
     const int hd = HD ? HD : hd_rt;
-    const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * TILE;
+    // blockIdx.y is a KV head: its dK, dV sum over the group of query heads it serves.
+    const int b = blockIdx.z, g = blockIdx.y, k0 = blockIdx.x * TILE, group = NH / NKV;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const size_t ld = 3 * (size_t)C;
-    const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * hd;
-    const bf16* dbase = dout + (size_t)b * T * C + (size_t)h * hd;
-    const float* lse_bh = lse + ((size_t)b * NH + h) * T;
-    const float* d_bh = dsum + ((size_t)b * NH + h) * T;
+    const HeadCols hc = head_cols(C, NH, NKV, hd, g);
+    const size_t ld = hc.ld;
+    const bf16* kbase = qkv + (size_t)b * T * ld + hc.k;
+    const bf16* vbase = qkv + (size_t)b * T * ld + hc.v;
     const float scale = 1.0f / sqrtf((float)hd);
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -291,8 +309,8 @@ __device__ __forceinline__ void dkdv_body(bf16* dqkv, const bf16* dout, const bf
     bf16* dos = qs + TILE * (hd + PAD);                              // [TILE][hd + PAD]
     float* pw = reinterpret_cast<float*>(dos + TILE * (hd + PAD)) + warp * ROWS * TILE;
 
-    load_tile_f32(ks, base + (size_t)k0 * ld + C, ld, min(TILE, T - k0), hd);
-    load_tile_f32(vs, base + (size_t)k0 * ld + 2 * C, ld, min(TILE, T - k0), hd);
+    load_tile_f32(ks, kbase + (size_t)k0 * ld, ld, min(TILE, T - k0), hd);
+    load_tile_f32(vs, vbase + (size_t)k0 * ld, ld, min(TILE, T - k0), hd);
 
     float dk[ROWS][2 * NP], dv[ROWS][2 * NP];
 #pragma unroll
@@ -300,57 +318,67 @@ __device__ __forceinline__ void dkdv_body(bf16* dqkv, const bf16* dout, const bf
 #pragma unroll
         for (int e = 0; e < 2 * NP; ++e) dk[r][e] = dv[r][e] = 0.0f;
 
-    // Query tiles from the diagonal (the tile holding key k0) to the end.
+    // The group's query heads in order, and for each the query tiles from the diagonal (the tile
+    // holding key k0) to the end: one fixed summation order.
     const int n_qt = (T + TILE - 1) / TILE;
-    for (int qt = blockIdx.x; qt < n_qt; ++qt) {
-        const int q0 = qt * TILE;
-        __syncthreads();  // every warp is done with the previous Q, dO tiles (and K, V are loaded)
-        load_tile_bf16(qs, base + (size_t)q0 * ld, ld, min(TILE, T - q0), hd);
-        load_tile_bf16(dos, dbase + (size_t)q0 * C, C, min(TILE, T - q0), hd);
-        __syncthreads();
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+        const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * hd;
+        const bf16* dbase = dout + (size_t)b * T * C + (size_t)h * hd;
+        const float* lse_bh = lse + ((size_t)b * NH + h) * T;
+        const float* d_bh = dsum + ((size_t)b * NH + h) * T;
+        for (int qt = blockIdx.x; qt < n_qt; ++qt) {
+            const int q0 = qt * TILE;
+            __syncthreads();  // every warp is done with the previous Q, dO tiles (and K, V are loaded)
+            load_tile_bf16(qs, base + (size_t)q0 * ld, ld, min(TILE, T - q0), hd);
+            load_tile_bf16(dos, dbase + (size_t)q0 * C, C, min(TILE, T - q0), hd);
+            __syncthreads();
 
-        const int i = q0 + lane;
-        const float lse_i = i < T ? lse_bh[i] : 0.0f;
-        const float d_i = i < T ? d_bh[i] : 0.0f;
-        float s[ROWS], dp[ROWS], ds[ROWS];
-        dot_rows<HD>(s, ks + warp * ROWS * hd, qs + lane * (hd + PAD), hd);
-        dot_rows<HD>(dp, vs + warp * ROWS * hd, dos + lane * (hd + PAD), hd);
+            const int i = q0 + lane;
+            const float lse_i = i < T ? lse_bh[i] : 0.0f;
+            const float d_i = i < T ? d_bh[i] : 0.0f;
+            float s[ROWS], dp[ROWS], ds[ROWS];
+            dot_rows<HD>(s, ks + warp * ROWS * hd, qs + lane * (hd + PAD), hd);
+            dot_rows<HD>(dp, vs + warp * ROWS * hd, dos + lane * (hd + PAD), hd);
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            const int j = k0 + warp * ROWS + r;
-            const float p = (i < T && j <= i) ? attention_prob(s[r] * scale, lse_i) : 0.0f;
-            ds[r] = attention_dscore(p, dp[r], d_i) * scale;
-            pw[r * TILE + lane] = p;
+            for (int r = 0; r < ROWS; ++r) {
+                const int j = k0 + warp * ROWS + r;
+                const float p = (i < T && j <= i) ? attention_prob(s[r] * scale, lse_i) : 0.0f;
+                ds[r] = attention_dscore(p, dp[r], d_i) * scale;
+                pw[r * TILE + lane] = p;
+            }
+            __syncwarp();
+            accumulate_rows<HD>(dv, pw, dos, lane, hd);  // dV_j += sum_i p_ij dO_i
+            __syncwarp();  // all lanes have read p before it is overwritten
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) pw[r * TILE + lane] = ds[r];
+            __syncwarp();
+            accumulate_rows<HD>(dk, pw, qs, lane, hd);  // dK_j += sum_i dS_ij Q_i
         }
-        __syncwarp();
-        accumulate_rows<HD>(dv, pw, dos, lane, hd);  // dV_j += sum_i p_ij dO_i
-        __syncwarp();  // all lanes have read p before it is overwritten
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) pw[r * TILE + lane] = ds[r];
-        __syncwarp();
-        accumulate_rows<HD>(dk, pw, qs, lane, hd);  // dK_j += sum_i dS_ij Q_i
     }
 
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
         const int j = k0 + warp * ROWS + r;
         if (j < T) {
-            bf16* row = dqkv + ((size_t)b * T + j) * ld + (size_t)h * hd;
-            store_row<HD>(row + C, dk[r], 1.0f, lane, hd);
-            store_row<HD>(row + 2 * (size_t)C, dv[r], 1.0f, lane, hd);
+            bf16* row = dqkv + ((size_t)b * T + j) * ld;
+            store_row<HD>(row + hc.k, dk[r], 1.0f, lane, hd);
+            store_row<HD>(row + hc.v, dv[r], 1.0f, lane, hd);
         }
     }
 }
 
 template <int HD>
 __device__ __forceinline__ void dq_body(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                        const float* dsum, int T, int C, int NH, int hd_rt) {
+                                        const float* dsum, int T, int C, int NH, int NKV, int hd_rt) {
     const int hd = HD ? HD : hd_rt;
     // Query tiles in reverse: the longest rows (most key tiles) start first, the short ones fill in.
     const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * TILE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const size_t ld = 3 * (size_t)C;
+    const HeadCols hc = head_cols(C, NH, NKV, hd, h / (NH / NKV));
+    const size_t ld = hc.ld;
     const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * hd;
+    const bf16* kbase = qkv + (size_t)b * T * ld + hc.k;
+    const bf16* vbase = qkv + (size_t)b * T * ld + hc.v;
     const bf16* dbase = dout + (size_t)b * T * C + (size_t)h * hd;
     const float* lse_bh = lse + ((size_t)b * NH + h) * T;
     const float* d_bh = dsum + ((size_t)b * NH + h) * T;
@@ -380,8 +408,8 @@ __device__ __forceinline__ void dq_body(bf16* dqkv, const bf16* dout, const bf16
     for (int kt = 0; kt < n_kt; ++kt) {
         const int k0 = kt * TILE;
         __syncthreads();  // every warp is done with the previous K, V tiles (and Q, dO are loaded)
-        load_tile_bf16(ks, base + (size_t)k0 * ld + C, ld, min(TILE, T - k0), hd);
-        load_tile_bf16(vs, base + (size_t)k0 * ld + 2 * C, ld, min(TILE, T - k0), hd);
+        load_tile_bf16(ks, kbase + (size_t)k0 * ld, ld, min(TILE, T - k0), hd);
+        load_tile_bf16(vs, vbase + (size_t)k0 * ld, ld, min(TILE, T - k0), hd);
         __syncthreads();
 
         float s[ROWS], dp[ROWS];
@@ -500,12 +528,15 @@ __device__ __forceinline__ void mma_load_tile(bf16* dst, const bf16* src, size_t
     }
 }
 
-__device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH) {
+__device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, int NKV) {
     // Query tiles in reverse: the longest rows (most key tiles) start first, the short ones fill in.
     const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const size_t ld = 3 * (size_t)C;
+    const HeadCols hc = head_cols(C, NH, NKV, MMA_HD, h / (NH / NKV));
+    const size_t ld = hc.ld;
     const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * MMA_HD;
+    const bf16* kbase = qkv + (size_t)b * T * ld + hc.k;
+    const bf16* vbase = qkv + (size_t)b * T * ld + hc.v;
     const float scale = 1.0f / sqrtf((float)MMA_HD);
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -517,8 +548,8 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
     // diagonal tile can hold keys after a row, or keys >= T (zeros, then masked for real rows).
     const int n_kt = q0 / MMA_KEYS + 1;
     mma_load_tile(qs, base + (size_t)q0 * ld, ld, min(MMA_ROWS, T - q0));
-    mma_load_tile(ks, base + C, ld, min(MMA_KEYS, T));
-    mma_load_tile(vs, base + 2 * (size_t)C, ld, min(MMA_KEYS, T));
+    mma_load_tile(ks, kbase, ld, min(MMA_KEYS, T));
+    mma_load_tile(vs, vbase, ld, min(MMA_KEYS, T));
     cp_async_commit();
 
     // This thread's rows of the warp's 16: i0 (fragment row g) and i1 = i0 + 8.
@@ -535,9 +566,8 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
         // iteration came after every warp's last read of it), then wait for this one.
         if (kt + 1 < n_kt) {
             const int k1 = k0 + MMA_KEYS;
-            mma_load_tile(ks + (buf ^ 1) * MMA_KEYS * MMA_LD, base + (size_t)k1 * ld + C, ld, min(MMA_KEYS, T - k1));
-            mma_load_tile(vs + (buf ^ 1) * MMA_KEYS * MMA_LD, base + (size_t)k1 * ld + 2 * (size_t)C, ld,
-                          min(MMA_KEYS, T - k1));
+            mma_load_tile(ks + (buf ^ 1) * MMA_KEYS * MMA_LD, kbase + (size_t)k1 * ld, ld, min(MMA_KEYS, T - k1));
+            mma_load_tile(vs + (buf ^ 1) * MMA_KEYS * MMA_LD, vbase + (size_t)k1 * ld, ld, min(MMA_KEYS, T - k1));
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -653,12 +683,13 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
 
 }  // namespace
 
-// out [B, T, C] bf16, lse [B, NH, T] f32 from qkv [B, T, 3C] bf16. Grid (ceil(T / 32), NH, B),
-// 128 threads, attention_smem_bytes(FORWARD, C / NH) bytes of dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(128) attention_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T, int C, int NH) {
+// out [B, T, C] bf16, lse [B, NH, T] f32 from qkv [B, T, C + 2 Ckv] bf16 (Ckv = NKV hd; 3C when
+// NKV = NH). Grid (ceil(T / 32), NH, B), 128 threads, attention_smem_bytes(FORWARD, C / NH) bytes
+// of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(128) attention_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T, int C, int NH, int NKV) {
     const int hd = C / NH;
-    if (hd == 64) forward_body<64>(out, lse, qkv, T, C, NH, hd);
-    else forward_body<0>(out, lse, qkv, T, C, NH, hd);
+    if (hd == 64) forward_body<64>(out, lse, qkv, T, C, NH, NKV, hd);
+    else forward_body<0>(out, lse, qkv, T, C, NH, NKV, hd);
 }
 
 // dsum [B, NH, T] f32 = sum over the head's dims of dout * out. One warp per (b, t, h), 4 warps
@@ -683,28 +714,29 @@ extern "C" __global__ void __launch_bounds__(128) attention_backward_preprocess(
     if (lane == 0) dsum[((size_t)b * NH + h) * T + t] = acc;
 }
 
-// The dK and dV columns of dqkv [B, T, 3C] bf16. Grid (ceil(T / 32), NH, B) over key tiles, 128
-// threads, attention_smem_bytes(DKDV, C / NH) bytes of dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* dsum, int B, int T, int C, int NH) {
+// The dK and dV columns of dqkv [B, T, C + 2 Ckv] bf16. Grid (ceil(T / 32), NKV, B) over key
+// tiles of each KV head, 128 threads, attention_smem_bytes(DKDV, C / NH) bytes of dynamic shared
+// memory.
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* dsum, int B, int T, int C, int NH, int NKV) {
     const int hd = C / NH;
-    if (hd == 64) dkdv_body<64>(dqkv, dout, qkv, lse, dsum, T, C, NH, hd);
-    else dkdv_body<0>(dqkv, dout, qkv, lse, dsum, T, C, NH, hd);
+    if (hd == 64) dkdv_body<64>(dqkv, dout, qkv, lse, dsum, T, C, NH, NKV, hd);
+    else dkdv_body<0>(dqkv, dout, qkv, lse, dsum, T, C, NH, NKV, hd);
 }
 
-// The dQ columns of dqkv [B, T, 3C] bf16. Grid (ceil(T / 32), NH, B) over query tiles, 128
+// The dQ columns of dqkv [B, T, C + 2 Ckv] bf16. Grid (ceil(T / 32), NH, B) over query tiles, 128
 // threads, attention_smem_bytes(DQ, C / NH) bytes of dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dq(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* dsum, int B, int T, int C, int NH) {
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dq(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* dsum, int B, int T, int C, int NH, int NKV) {
     const int hd = C / NH;
-    if (hd == 64) dq_body<64>(dqkv, dout, qkv, lse, dsum, T, C, NH, hd);
-    else dq_body<0>(dqkv, dout, qkv, lse, dsum, T, C, NH, hd);
+    if (hd == 64) dq_body<64>(dqkv, dout, qkv, lse, dsum, T, C, NH, NKV, hd);
+    else dq_body<0>(dqkv, dout, qkv, lse, dsum, T, C, NH, NKV, hd);
 }
 
 // The tensor-core forward for head dim 64 on sm_80+: out and lse exactly as attention_forward.
 // Grid (ceil(T / 64), NH, B), 128 threads, attention_smem_bytes(FORWARD_MMA, 64) = 46080 bytes
 // of dynamic shared memory. The wrapper launches it only when C / NH == 64.
-extern "C" __global__ void __launch_bounds__(128) attention_forward_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T, int C, int NH) {
+extern "C" __global__ void __launch_bounds__(128) attention_forward_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T, int C, int NH, int NKV) {
 #if defined(KILN_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
-    forward_mma_body(out, lse, qkv, T, C, NH);
+    forward_mma_body(out, lse, qkv, T, C, NH, NKV);
 #else
     __trap();  // mma.sync bf16 and cp.async need sm_80; the wrapper never launches it below that
 #endif
@@ -712,37 +744,38 @@ extern "C" __global__ void __launch_bounds__(128) attention_forward_mma(__nv_bfl
 
 // ---- generation: attention against a key/value cache ----
 //
-// Caches kc, vc [B, cap, C] bf16 hold the keys and values of positions 0..len of each sequence
-// (head h at columns h*hd .. (h+1)*hd, as in qkv). CPU twins: attention_cache_append and
+// Caches kc, vc [B, cap, Ckv] bf16 hold the keys and values of positions 0..len of each sequence
+// (KV head g at columns g*hd .. (g+1)*hd, as in qkv's key and value parts; Ckv = C without GQA). CPU twins: attention_cache_append and
 // attention_decode in src/backend/cpu/attention.rs (same names, same argument order).
 
-// Splits qkv [B, n, 3C] of n new positions: q [B, n, C] (compact, for attention_decode) and the k
-// and v thirds into rows len .. len + n of kc and vc. One thread per 16 bytes (8 bf16) of one
-// third's row: grid ceil(B * n * C / 8 / 256), 256 threads. C % 8 == 0 (the wrapper checks), so
-// every row starts 16-byte aligned.
-extern "C" __global__ void __launch_bounds__(256) attention_cache_append(__nv_bfloat16* q, __nv_bfloat16* kc, __nv_bfloat16* vc, const __nv_bfloat16* qkv, int B, int n, int len, int cap, int C) {
-    const int64_t c8 = C / 8;
+// Splits qkv [B, n, C + 2 Ckv] of n new positions: q [B, n, C] (compact, for attention_decode)
+// and the key and value parts into rows len .. len + n of kc and vc. One thread per 16 bytes
+// (8 bf16) of a packed row: grid ceil(B * n * (C + 2 Ckv) / 8 / 256), 256 threads. C and Ckv are
+// multiples of 8 (the wrapper checks), so every row and part starts 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(256) attention_cache_append(__nv_bfloat16* q, __nv_bfloat16* kc, __nv_bfloat16* vc, const __nv_bfloat16* qkv, int B, int n, int len, int cap, int C, int CKV) {
+    const int64_t w8 = (C + 2 * (int64_t)CKV) / 8;
     const int64_t e = (int64_t)blockIdx.x * 256 + threadIdx.x;
-    if (e >= (int64_t)B * n * c8) return;
-    const int64_t row = e / c8, col = (e - row * c8) * 8;
+    if (e >= (int64_t)B * n * w8) return;
+    const int64_t row = e / w8, col = (e - row * w8) * 8;
     const int64_t b = row / n, t = row - b * n;
-    const bf16* src = qkv + row * 3 * C + col;
-    const int64_t dst = (b * cap + len + t) * C + col;
-    *reinterpret_cast<uint4*>(q + row * C + col) = *reinterpret_cast<const uint4*>(src);
-    *reinterpret_cast<uint4*>(kc + dst) = *reinterpret_cast<const uint4*>(src + C);
-    *reinterpret_cast<uint4*>(vc + dst) = *reinterpret_cast<const uint4*>(src + 2 * C);
+    const uint4 v = *reinterpret_cast<const uint4*>(qkv + row * w8 * 8 + col);
+    const int64_t dst = (b * cap + len + t) * CKV;
+    if (col < C) *reinterpret_cast<uint4*>(q + row * C + col) = v;
+    else if (col < C + CKV) *reinterpret_cast<uint4*>(kc + dst + col - C) = v;
+    else *reinterpret_cast<uint4*>(vc + dst + col - C - CKV) = v;
 }
 
 // out [B, n, C] bf16: query i of sequence b (q [B, n, C]) sits at position len + i and attends,
 // causally, to cache rows 0 ..= len + i (which attention_cache_append has filled, its own
 // included). Generation feeds one token at a time, so a query is the unit of work: one warp per
-// (query, head, batch), grid (n, NH, B), 32 threads. Keys come in tiles of 32, one per lane: lane
+// (query, head, batch), grid (n, NH, B), 32 threads; head h reads KV head h / (NH / NKV) of the
+// caches [B, cap, NKV hd]. Keys come in tiles of 32, one per lane: lane
 // j forms the score of key j0 + j against the query (f32 in shared memory, read by broadcast), the
 // warp takes the tile's max with a butterfly, and each lane folds the tile's probabilities (read
 // back from shared memory) into its head-dim pairs of the accumulator, as attention_forward's
 // online softmax does. Any head dim that is a multiple of 8 up to KILN_ATTN_MAX_HEAD_DIM.
-extern "C" __global__ void __launch_bounds__(32) attention_decode(__nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int B, int n, int len, int cap, int C, int NH) {
-    const int hd = C / NH;
+extern "C" __global__ void __launch_bounds__(32) attention_decode(__nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int B, int n, int len, int cap, int C, int NH, int NKV) {
+    const int hd = C / NH, ckv = NKV * hd;
     const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x;
     const int pos = len + i;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -751,8 +784,9 @@ extern "C" __global__ void __launch_bounds__(32) attention_decode(__nv_bfloat16*
     const bf16* qrow = q + ((size_t)b * n + i) * C + (size_t)h * hd;
     for (int d = lane; d < hd; d += 32) qs[d] = __bfloat162float(qrow[d]);
     __syncthreads();
-    const bf16* kb = kc + (size_t)b * cap * C + (size_t)h * hd;  // key j at kb + j * C
-    const bf16* vb = vc + (size_t)b * cap * C + (size_t)h * hd;
+    const int g = h / (NH / NKV);
+    const bf16* kb = kc + (size_t)b * cap * ckv + (size_t)g * hd;  // key j at kb + j * ckv
+    const bf16* vb = vc + (size_t)b * cap * ckv + (size_t)g * hd;
     float m = -INFINITY, l = 0.0f, acc[2 * NP];
 #pragma unroll
     for (int e = 0; e < 2 * NP; ++e) acc[e] = 0.0f;
@@ -764,7 +798,7 @@ extern "C" __global__ void __launch_bounds__(32) attention_decode(__nv_bfloat16*
             float t = 0.0f;
             for (int c = 0; c < hd / 8; ++c) {
                 float y[8];
-                unpack8(*reinterpret_cast<const uint4*>(kb + (size_t)j * C + c * 8), y);
+                unpack8(*reinterpret_cast<const uint4*>(kb + (size_t)j * ckv + c * 8), y);
 #pragma unroll
                 for (int e = 0; e < 8; ++e) t = fmaf(qs[c * 8 + e], y[e], t);
             }
@@ -782,7 +816,7 @@ extern "C" __global__ void __launch_bounds__(32) attention_decode(__nv_bfloat16*
         const int nj = min(TILE, pos + 1 - j0);
         for (int jj = 0; jj < nj; ++jj) {
             const float pj = ps[jj];
-            const bf16* vr = vb + (size_t)(j0 + jj) * C;
+            const bf16* vr = vb + (size_t)(j0 + jj) * ckv;
 #pragma unroll
             for (int k = 0; k < NP; ++k) {
                 const int pair = lane + 32 * k;

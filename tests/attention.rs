@@ -211,28 +211,28 @@ fn cpu_backend_attention_backward_rejects_a_short_gradient_buffer() {
     kiln::backend::cpu::attention::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &AttnDims { b, t, c, nh });
 }
 
-/// Feeds qkv [B, T, 3C] (host f32) to attention_cached in chunks of `sizes` positions (summing to
-/// T), each chunk made a tensor by `prep` (which puts it on the device under test), and returns
-/// the outputs as [B, T, C] host f32.
+/// Feeds qkv [B, T, W] (host f32; W = 3C, or C + 2 Ckv with grouped heads) to attention_cached in
+/// chunks of `sizes` positions (summing to T), each chunk made a tensor by `prep` (which puts it
+/// on the device under test), and returns the outputs as [B, T, C] host f32.
 fn cached_in_chunks(
     qkv: &[f32],
-    dims: (usize, usize, usize, usize),
+    dims: (usize, usize, usize, Heads),
     sizes: &[usize],
     prep: &dyn Fn(Tensor) -> Tensor,
 ) -> Vec<f32> {
-    let (b, t, c, nh) = dims;
+    let (b, t, c, heads) = dims;
+    let w = c / heads.n_head * heads.packed();
     assert_eq!(sizes.iter().sum::<usize>(), t);
     let mut cache = KvLayer::new(b, t);
     let mut out = vec![f32::NAN; b * t * c];
     let mut at = 0;
     for &n in sizes {
-        let chunk: Vec<f32> =
-            (0..b).flat_map(|bi| &qkv[(bi * t + at) * 3 * c..(bi * t + at + n) * 3 * c]).copied().collect();
+        let chunk: Vec<f32> = (0..b).flat_map(|bi| &qkv[(bi * t + at) * w..(bi * t + at + n) * w]).copied().collect();
         let o = attention_cached(
             &mut Tape::inference(),
-            &prep(Tensor::from_f32(chunk, [b, n, 3 * c]).unwrap()),
+            &prep(Tensor::from_f32(chunk, [b, n, w]).unwrap()),
             &mut cache,
-            Heads::mha(nh),
+            heads,
         )
         .unwrap()
         .to_f32_vec()
@@ -260,7 +260,7 @@ fn attention_cached_equals_attention() {
         let qkv = rand_tensor(&mut r, &[b, t, 3 * c], 1.5);
         let want = forward(&qkv, nh);
         for sizes in CHUNKS {
-            let got = cached_in_chunks(qkv.f32s().unwrap(), (b, t, c, nh), sizes, &|x| x);
+            let got = cached_in_chunks(qkv.f32s().unwrap(), (b, t, c, Heads::mha(nh)), sizes, &|x| x);
             assert!(got == want, "B={b} C={c} n_head={nh} chunks {sizes:?}: cached rows differ");
         }
     }
@@ -324,7 +324,7 @@ mod cuda {
     use kiln::backend::cpu::attention as cpu;
     use kiln::backend::cuda::attention::{self as gpu, twin, AttentionVariant};
     use kiln::backend::cuda::{bf16, Cuda, DevBuf};
-    use kiln::backend::AttnDims;
+    use kiln::backend::{AttnDims, Heads};
     use kiln::ops::attention::{attention_cached, KvLayer};
     use kiln::{Error, Tensor};
     use rand::Rng;
@@ -705,6 +705,106 @@ mod cuda {
         }
     }
 
+    /// Grouped-query heads on the kernels (each KV head read in place by its group): forward and
+    /// backward against the f32 CPU reference of MHA over the repeated KV heads (equal to the CPU's
+    /// GQA: tests gqa_equals_mha_over_repeated_kv_heads), with dK and dV summed over each group,
+    /// under check_shape's bounds (the plain bf16 reference's dK, dV summed likewise); both
+    /// forward variants where they apply, and a second backward bit for bit.
+    fn check_gqa_shape(cu: &Cuda, variant: AttentionVariant, b: usize, t: usize, heads: Heads, hd: usize, seed: u64) {
+        let (nh, nkv) = (heads.n_head, heads.n_kv_head);
+        let (c, w) = (nh * hd, heads.packed() * hd);
+        let label = format!("{variant:?} B={b} T={t} nh={nh} nkv={nkv} hd={hd}");
+        let mut r = rng(seed);
+        let qkv = to_bf16(&uniform(&mut r, b * t * w, 2.0));
+        let dout = to_bf16(&uniform(&mut r, b * t * c, 1.0));
+        let (qkv_r, dout_r) = (to_f32(&qkv), to_f32(&dout));
+        let mha = super::repeat_kv(&qkv_r, heads, hd);
+        let d = AttnDims { b, t, c, nh };
+
+        let (mut out_ref, mut lse_ref) = (vec![0f32; b * t * c], vec![0f32; b * nh * t]);
+        cpu::attention_forward(&mut out_ref, &mut lse_ref, &mha, &d);
+        let mut dmha = vec![0f32; b * t * 3 * c];
+        cpu::attention_backward(&mut dmha, &dout_r, &mha, &out_ref, &lse_ref, &d);
+        let dqkv_ref = super::sum_repeated_kv(&dmha, heads, hd);
+        let plain = super::sum_repeated_kv(&plain_backward(&dout_r, &mha, &out_ref, &lse_ref, b, t, c, nh), heads, hd);
+
+        let qkv_d = cu.upload(&qkv).unwrap();
+        let dout_d = cu.upload(&dout).unwrap();
+        let mut out_d = nan_bf16(cu, b * t * c);
+        let mut lse_d = cu.upload(&vec![f32::NAN; b * nh * t]).unwrap();
+        gpu::gqa_attention_forward_with(variant, &mut out_d, &mut lse_d, &qkv_d, &d, nkv).unwrap();
+        let mut dqkv_d = nan_bf16(cu, b * t * w);
+        gpu::gqa_attention_backward(&mut dqkv_d, &dout_d, &qkv_d, &out_d, &lse_d, &d, nkv).unwrap();
+        let out_k = to_f32(&cu.download(&out_d).unwrap());
+        let lse_k = cu.download(&lse_d).unwrap();
+        let dqkv_k = to_f32(&cu.download(&dqkv_d).unwrap());
+
+        check_bf16(&format!("{label} out"), &out_k, &plain_forward(&mha, b, t, c, nh), &out_ref, 0.0);
+        let e_lse = max_diff(&lse_k, &lse_ref);
+        let lse_bound = 256.0 * U32 * (1.0 + max_abs(&lse_ref));
+        assert!(e_lse <= lse_bound, "{label} lse: max error {e_lse:.3e} > {lse_bound:.3e}");
+        // check_shape's f32 floor, times the group size for the summed dK, dV.
+        let f32_floor = 64.0 * heads.group() as f64 * U32 * max_abs(&dqkv_ref);
+        let cols = |v: &[f32], lo: usize, n: usize| -> Vec<f32> {
+            v.chunks_exact(w).flat_map(|r| r[lo..lo + n].to_vec()).collect()
+        };
+        for (name, lo, n) in [("dq", 0, c), ("dk", c, nkv * hd), ("dv", c + nkv * hd, nkv * hd)] {
+            let want = cols(&dqkv_ref, lo, n);
+            check_bf16(&format!("{label} {name}"), &cols(&dqkv_k, lo, n), &cols(&plain, lo, n), &want, f32_floor);
+        }
+        let mut again = nan_bf16(cu, b * t * w);
+        gpu::gqa_attention_backward(&mut again, &dout_d, &qkv_d, &out_d, &lse_d, &d, nkv).unwrap();
+        let (x, y) = (cu.download(&dqkv_d).unwrap(), cu.download(&again).unwrap());
+        assert!(
+            x.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{label}: the backward is not deterministic"
+        );
+    }
+
+    /// SmolLM2-135M's grouping (9 query heads over 3 KV heads of 64), groups of 2 and 4, head
+    /// dims 64 (both forwards), 32 and 128 (over 48 KB of shared memory in the backward), partial
+    /// tiles and several key tiles.
+    #[test]
+    fn gqa_kernels_match_cpu() {
+        let Some(cu) = common::gpu("attention gqa_kernels_match_cpu") else { return };
+        let cc = cu.compute_capability();
+        let shapes = [(2, 37, 4, 2, 64), (1, 97, 9, 3, 64), (2, 33, 4, 1, 32), (1, 70, 4, 2, 128)];
+        for (k, (b, t, nh, nkv, hd)) in shapes.into_iter().enumerate() {
+            for variant in [AttentionVariant::Simt, AttentionVariant::Mma] {
+                if variant.supports(hd, cc) {
+                    check_gqa_shape(cu, variant, b, t, Heads { n_head: nh, n_kv_head: nkv }, hd, 500 + k as u64);
+                }
+            }
+        }
+    }
+
+    /// attention_cached with grouped heads on the device (caches of the KV heads only, the append
+    /// and decode kernels) against the CPU's f32 attention, with check_bf16's bound, fed in every
+    /// chunking of CHUNKS.
+    #[test]
+    fn gqa_attention_cached_kernels_match_cpu() {
+        let Some(_) = common::gpu("attention gqa_attention_cached_kernels_match_cpu") else { return };
+        let to_dev = |x: Tensor| -> Tensor {
+            let x = x.to_device(kiln::Device::Cuda(0)).unwrap();
+            kiln::ops::elementwise::to_compute_dtype(&mut kiln::Tape::inference(), &x).unwrap()
+        };
+        for (k, (b, nh, nkv, hd)) in [(2, 4, 2, 16), (1, 9, 3, 64), (1, 4, 1, 128)].into_iter().enumerate() {
+            let heads = Heads { n_head: nh, n_kv_head: nkv };
+            let (t, c) = (70, nh * hd);
+            let qkv: Vec<f32> =
+                uniform(&mut rng(600 + k as u64), b * t * heads.packed() * hd, 2.0).iter().map(|&x| bf(x)).collect();
+            let mha = super::repeat_kv(&qkv, heads, hd);
+            let (mut want, mut lse) = (vec![0f32; b * t * c], vec![0f32; b * nh * t]);
+            cpu::attention_forward(&mut want, &mut lse, &mha, &AttnDims { b, t, c, nh });
+            let plain = plain_forward(&mha, b, t, c, nh);
+            for sizes in super::CHUNKS {
+                let got = super::cached_in_chunks(&qkv, (b, t, c, heads), sizes, &to_dev);
+                let label = format!("gqa cached B={b} nh={nh} nkv={nkv} hd={hd} {} chunks", sizes.len());
+                check_bf16(&label, &got, &plain, &want, 0.0);
+            }
+        }
+    }
+
     /// Head dims the kernels cannot take are refused with a shape error, before any launch.
     #[test]
     fn kernels_refuse_unsupported_head_dims() {
@@ -739,7 +839,7 @@ mod cuda {
             cpu::attention_forward(&mut want, &mut lse, &qkv, &AttnDims { b, t, c, nh });
             let plain = plain_forward(&qkv, b, t, c, nh);
             for sizes in super::CHUNKS {
-                let got = super::cached_in_chunks(&qkv, (b, t, c, nh), sizes, &to_dev);
+                let got = super::cached_in_chunks(&qkv, (b, t, c, Heads::mha(nh)), sizes, &to_dev);
                 check_bf16(&format!("cached B={b} nh={nh} hd={hd} {} chunks", sizes.len()), &got, &plain, &want, 0.0);
             }
         }
@@ -794,6 +894,40 @@ fn gqa_attention_grads() {
     }
 }
 
+/// Packed GQA rows [q | k | v] of `heads` as MHA rows [q | k repeated | v repeated]: each KV head
+/// repeated for every query head of its group (transformers' repeat_kv).
+fn repeat_kv(qkv: &[f32], heads: Heads, hd: usize) -> Vec<f32> {
+    let (nh, c, ckv) = (heads.n_head, heads.n_head * hd, heads.n_kv_head * hd);
+    let mut mha = Vec::with_capacity(qkv.len() / (c + 2 * ckv) * 3 * c);
+    for row in qkv.chunks_exact(c + 2 * ckv) {
+        mha.extend_from_slice(&row[..c]);
+        for part in [&row[c..c + ckv], &row[c + ckv..]] {
+            for h in 0..nh {
+                mha.extend_from_slice(&part[(h / heads.group()) * hd..(h / heads.group() + 1) * hd]);
+            }
+        }
+    }
+    mha
+}
+
+/// The gradient of packed GQA rows from that of their `repeat_kv` rows: dQ as is, dK and dV of a
+/// KV head the sums over its group's repeated heads (in group order, f32).
+fn sum_repeated_kv(dmha: &[f32], heads: Heads, hd: usize) -> Vec<f32> {
+    let (nkv, c, ckv) = (heads.n_kv_head, heads.n_head * hd, heads.n_kv_head * hd);
+    let mut g = Vec::with_capacity(dmha.len() / (3 * c) * (c + 2 * ckv));
+    for row in dmha.chunks_exact(3 * c) {
+        g.extend_from_slice(&row[..c]);
+        for p in [1, 2] {
+            for kv in 0..nkv {
+                for i in 0..hd {
+                    g.push((0..heads.group()).map(|j| row[p * c + (kv * heads.group() + j) * hd + i]).sum());
+                }
+            }
+        }
+    }
+    g
+}
+
 /// GQA equals multi-head attention over K and V heads repeated for every query head of their
 /// group (transformers' repeat_kv): the forward bit for bit (the same dots in the same order),
 /// dQ bit for bit, and dK, dV the sums of the repeated heads' gradients.
@@ -801,19 +935,9 @@ fn gqa_attention_grads() {
 fn gqa_equals_mha_over_repeated_kv_heads() {
     let mut r = rng(62);
     let (b, t, nh, nkv, hd) = (2, 37, 6, 2, 8);
-    let (c, ckv, group) = (nh * hd, nkv * hd, nh / nkv);
+    let (c, ckv) = (nh * hd, nkv * hd);
     let gqa = rand_tensor(&mut r, &[b, t, c + 2 * ckv], 1.5);
-    let g = gqa.f32s().unwrap();
-    // repeat each KV head for its group: [q | k repeated | v repeated]
-    let mut mha = Vec::with_capacity(b * t * 3 * c);
-    for row in g.chunks_exact(c + 2 * ckv) {
-        mha.extend_from_slice(&row[..c]);
-        for part in [&row[c..c + ckv], &row[c + ckv..]] {
-            for h in 0..nh {
-                mha.extend_from_slice(&part[(h / group) * hd..(h / group + 1) * hd]);
-            }
-        }
-    }
+    let mha = repeat_kv(gqa.f32s().unwrap(), Heads { n_head: nh, n_kv_head: nkv }, hd);
     let mha = Tensor::from_f32(mha, [b, t, 3 * c]).unwrap();
     let dout = rand_tensor(&mut r, &[b, t, c], 1.0);
     let run = |x: &Tensor, heads: Heads| {
@@ -825,17 +949,11 @@ fn gqa_equals_mha_over_repeated_kv_heads() {
     let (y1, d1) = run(&gqa, Heads { n_head: nh, n_kv_head: nkv });
     let (y2, d2) = run(&mha, Heads::mha(nh));
     assert!(y1 == y2, "GQA forward differs from MHA over repeated heads");
+    let summed = sum_repeated_kv(&d2, Heads { n_head: nh, n_kv_head: nkv }, hd);
     let mut worst = 0f32;
-    for (row1, row2) in d1.chunks_exact(c + 2 * ckv).zip(d2.chunks_exact(3 * c)) {
+    for (row1, row2) in d1.chunks_exact(c + 2 * ckv).zip(summed.chunks_exact(c + 2 * ckv)) {
         assert!(row1[..c] == row2[..c], "dQ differs");
-        for (p, off1) in [(1, c), (2, c + ckv)] {
-            for kv in 0..nkv {
-                for i in 0..hd {
-                    let sum: f32 = (0..group).map(|j| row2[p * c + (kv * group + j) * hd + i]).sum();
-                    worst = worst.max((row1[off1 + kv * hd + i] - sum).abs());
-                }
-            }
-        }
+        worst = row1[c..].iter().zip(&row2[c..]).fold(worst, |m, (x, y)| m.max((x - y).abs()));
     }
     // the group's contributions summed in another order: a few f32 roundings of values ~1
     assert!(worst < 1e-5, "dK/dV vs the sum over repeated heads: {worst:.3e}");

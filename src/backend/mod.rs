@@ -84,20 +84,6 @@ fn move_back(be: &dyn Backend, device: Device, t: Tensor, dtype: DType) -> Resul
     }
 }
 
-/// Runs `f` (the CPU backend's implementation) on host f32 copies of `inputs` and moves each
-/// output back to `device` in its dtype from `dtypes`: how a backend runs an op it has no kernel
-/// for yet.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) fn via_host<const N: usize>(
-    be: &dyn Backend,
-    inputs: &[&Tensor],
-    dtypes: [DType; N],
-    f: impl FnOnce(&[Tensor]) -> Result<[Option<Tensor>; N]>,
-) -> Result<[Option<Tensor>; N]> {
-    let host: Vec<Tensor> = inputs.iter().map(|t| to_host_f32(t)).collect::<Result<_>>()?;
-    on_host(be, be.device(), dtypes, f(&host)?)
-}
-
 /// `move_back` over the gradients a backward returns (each where it was asked for).
 fn on_host<const N: usize>(
     be: &dyn Backend,

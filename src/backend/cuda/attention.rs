@@ -2,8 +2,8 @@
 //! the names and argument order of `backend::cpu::attention`; plus the host twins (`twin`) of the
 //! kernels' softmax math, which CI tests without a GPU.
 //!
-//! Layout as on the CPU: qkv [B, T, 3C] and dqkv [B, T, 3C], out and dout [B, T, C], lse
-//! [B, NH, T]. Activations and their gradients are bf16 (dqkv too: every element is written once,
+//! Layout as on the CPU: qkv and dqkv [B, T, C + 2 Ckv] (GPT-2's [B, T, 3C]; Ckv = n_kv_head hd
+//! with grouped-query heads, the `gqa_` functions), out and dout [B, T, C], lse [B, NH, T]. Activations and their gradients are bf16 (dqkv too: every element is written once,
 //! as the CPU twin's copy does, never accumulated); lse is f32. The forward has two variants
 //! (`AttentionVariant`): tensor cores (mma.sync) at GPT-2's head dim 64 on sm_80+, CUDA cores
 //! otherwise. The backward runs on CUDA cores and is deterministic: no atomics.
@@ -14,14 +14,15 @@ use crate::abi::{
     KILN_ATTN_KERNEL_DKDV, KILN_ATTN_KERNEL_DQ, KILN_ATTN_KERNEL_FORWARD, KILN_ATTN_KERNEL_FORWARD_MMA,
     KILN_ATTN_MAX_HEAD_DIM, KILN_ATTN_MMA_HEAD_DIM, KILN_ATTN_MMA_ROWS, KILN_ATTN_TILE, KILN_ATTN_WARPS,
 };
-use crate::backend::{qkv_dims, via_host, AttnDims, Heads, KvDims};
-use crate::{DType, Error, Result, Tensor};
+use crate::backend::{qkv_dims, AttnDims, Heads, KvDims};
+use crate::{Error, Result, Tensor};
 
 /// Shared memory a block gets without opting in.
 const DEFAULT_SHARED: usize = 48 * 1024;
 
 /// Checks the sizes and alignment the kernels rely on and returns the head dim. `bufs`: (name,
 /// elements, elements expected, device address).
+#[allow(clippy::too_many_arguments)]
 fn check(
     op: &'static str,
     bufs: &[(&str, usize, usize, u64)],
@@ -29,10 +30,14 @@ fn check(
     t: usize,
     c: usize,
     nh: usize,
+    nkv: usize,
 ) -> Result<usize> {
     let shape = |msg: String| Err(Error::Shape { op, msg });
     if nh == 0 || c % nh != 0 {
         return shape(format!("C = {c} must be a multiple of n_head = {nh}"));
+    }
+    if nkv == 0 || nh % nkv != 0 {
+        return shape(format!("n_kv_head = {nkv} must divide n_head = {nh}"));
     }
     let hd = c / nh;
     let max = KILN_ATTN_MAX_HEAD_DIM as usize;
@@ -52,7 +57,8 @@ fn check(
     for &(name, len, want, ptr) in bufs {
         if len != want {
             return shape(format!(
-                "{name} has {len} elements, expected {want} for B = {b}, T = {t}, C = {c}, n_head = {nh}"
+                "{name} has {len} elements, expected {want} for B = {b}, T = {t}, C = {c}, n_head = {nh}, \
+                 n_kv_head = {nkv}"
             ));
         }
         // The kernels move rows in 16-byte vectors (cp.async, uint4 loads); head dims are
@@ -95,8 +101,9 @@ impl AttentionVariant {
     }
 }
 
-/// One block of 4 warps per (`rows`-row tile, head, batch), with `kernel`'s dynamic shared memory,
-/// raising the kernel's limit when it needs more than the default 48 KB.
+/// One block of 4 warps per (`rows`-row tile, head, batch) (`nh` heads: query heads, or KV heads
+/// for dK/dV), with `kernel`'s dynamic shared memory, raising the kernel's limit when it needs
+/// more than the default 48 KB.
 #[allow(clippy::too_many_arguments)]
 fn config(f: Kernel, kernel: usize, rows: usize, hd: usize, b: usize, t: usize, nh: usize) -> Result<LaunchConfig> {
     let bytes = twin::smem_bytes(kernel, hd);
@@ -126,11 +133,22 @@ pub fn attention_forward(
     qkv: &DevBuf<bf16>,
     d: &AttnDims,
 ) -> Result<()> {
-    let AttnDims { b, t, c, nh } = *d;
-    // Without a GPU (or with bad sizes) attention_forward_with reports the error.
-    let hd = c.checked_div(nh).unwrap_or(0);
+    gqa_attention_forward(out, lse, qkv, d, d.nh)
+}
+
+/// `attention_forward` over qkv [B, T, C + 2 Ckv] with `nkv` KV heads, each serving nh / nkv
+/// query heads: cpu::attention::gqa_attention_forward on bf16 device buffers.
+pub fn gqa_attention_forward(
+    out: &mut DevBuf<bf16>,
+    lse: &mut DevBuf<f32>,
+    qkv: &DevBuf<bf16>,
+    d: &AttnDims,
+    nkv: usize,
+) -> Result<()> {
+    // Without a GPU (or with bad sizes) gqa_attention_forward_with reports the error.
+    let hd = d.c.checked_div(d.nh).unwrap_or(0);
     let variant = cuda().map_or(AttentionVariant::Simt, |cu| AttentionVariant::shipped(hd, cu.compute_capability()));
-    attention_forward_with(variant, out, lse, qkv, &AttnDims { b, t, c, nh })
+    gqa_attention_forward_with(variant, out, lse, qkv, d, nkv)
 }
 
 /// attention_forward with a chosen variant (tests and benchmarks run both); a shape error if
@@ -142,13 +160,26 @@ pub fn attention_forward_with(
     qkv: &DevBuf<bf16>,
     d: &AttnDims,
 ) -> Result<()> {
+    gqa_attention_forward_with(variant, out, lse, qkv, d, d.nh)
+}
+
+/// `gqa_attention_forward` with a chosen variant.
+pub fn gqa_attention_forward_with(
+    variant: AttentionVariant,
+    out: &mut DevBuf<bf16>,
+    lse: &mut DevBuf<f32>,
+    qkv: &DevBuf<bf16>,
+    d: &AttnDims,
+    nkv: usize,
+) -> Result<()> {
     let AttnDims { b, t, c, nh } = *d;
+    let w = packed_width(c, nh, nkv);
     let lens = [
         ("out", out.len(), b * t * c, out.ptr()),
         ("lse", lse.len(), b * nh * t, lse.ptr()),
-        ("qkv", qkv.len(), b * t * 3 * c, qkv.ptr()),
+        ("qkv", qkv.len(), b * t * w, qkv.ptr()),
     ];
-    let hd = check("cuda::attention_forward", &lens, b, t, c, nh)?;
+    let hd = check("cuda::attention_forward", &lens, b, t, c, nh, nkv)?;
     let cu = cuda()?;
     if !variant.supports(hd, cu.compute_capability()) {
         let (major, minor) = cu.compute_capability();
@@ -168,9 +199,9 @@ pub fn attention_forward_with(
         AttentionVariant::Mma => (Kernel::AttentionForwardMma, KILN_ATTN_KERNEL_FORWARD_MMA, KILN_ATTN_MMA_ROWS),
     };
     let cfg = config(kernel, which as usize, rows as usize, hd, b, t, nh)?;
-    let (b32, t32, c32, nh32) = (b as i32, t as i32, c as i32, nh as i32);
+    let (b32, t32, c32, nh32, nkv32) = (b as i32, t as i32, c as i32, nh as i32, nkv as i32);
     let mut l = cu.launch_builder(kernel);
-    l.arg(out).arg(lse).arg(qkv).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
+    l.arg(out).arg(lse).arg(qkv).arg(&b32).arg(&t32).arg(&c32).arg(&nh32).arg(&nkv32);
     // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(cfg) }?;
     Ok(())
@@ -187,20 +218,36 @@ pub fn attention_backward(
     lse: &DevBuf<f32>,
     d: &AttnDims,
 ) -> Result<()> {
+    gqa_attention_backward(dqkv, dout, qkv, out, lse, d, d.nh)
+}
+
+/// `attention_backward` with `nkv` KV heads: dK and dV of a KV head sum over its group of query
+/// heads in a fixed order (cpu::attention::gqa_attention_backward on bf16 device buffers).
+#[allow(clippy::too_many_arguments)]
+pub fn gqa_attention_backward(
+    dqkv: &mut DevBuf<bf16>,
+    dout: &DevBuf<bf16>,
+    qkv: &DevBuf<bf16>,
+    out: &DevBuf<bf16>,
+    lse: &DevBuf<f32>,
+    d: &AttnDims,
+    nkv: usize,
+) -> Result<()> {
     let AttnDims { b, t, c, nh } = *d;
+    let w = packed_width(c, nh, nkv);
     let lens = [
-        ("dqkv", dqkv.len(), b * t * 3 * c, dqkv.ptr()),
+        ("dqkv", dqkv.len(), b * t * w, dqkv.ptr()),
         ("dout", dout.len(), b * t * c, dout.ptr()),
-        ("qkv", qkv.len(), b * t * 3 * c, qkv.ptr()),
+        ("qkv", qkv.len(), b * t * w, qkv.ptr()),
         ("out", out.len(), b * t * c, out.ptr()),
         ("lse", lse.len(), b * nh * t, lse.ptr()),
     ];
-    let hd = check("cuda::attention_backward", &lens, b, t, c, nh)?;
+    let hd = check("cuda::attention_backward", &lens, b, t, c, nh, nkv)?;
     if b * t == 0 {
         return Ok(());
     }
     let cu = cuda()?;
-    let (b32, t32, c32, nh32) = (b as i32, t as i32, c as i32, nh as i32);
+    let (b32, t32, c32, nh32, nkv32) = (b as i32, t as i32, c as i32, nh as i32, nkv as i32);
     let mut dsum = cu.alloc::<f32>(b * nh * t)?;
 
     // One warp per (b, t, h), 4 warps per block.
@@ -216,13 +263,13 @@ pub fn attention_backward(
     unsafe { l.launch(pre) }?;
 
     // dK, dV (key tiles) and dQ (query tiles) write disjoint columns of dqkv.
-    for (kernel, which) in [
-        (Kernel::AttentionBackwardDkdv, KILN_ATTN_KERNEL_DKDV as usize),
-        (Kernel::AttentionBackwardDq, KILN_ATTN_KERNEL_DQ as usize),
+    for (kernel, which, heads) in [
+        (Kernel::AttentionBackwardDkdv, KILN_ATTN_KERNEL_DKDV as usize, nkv),
+        (Kernel::AttentionBackwardDq, KILN_ATTN_KERNEL_DQ as usize, nh),
     ] {
-        let cfg = config(kernel, which, KILN_ATTN_TILE as usize, hd, b, t, nh)?;
+        let cfg = config(kernel, which, KILN_ATTN_TILE as usize, hd, b, t, heads)?;
         let mut l = cu.launch_builder(kernel);
-        l.arg_mut(dqkv).arg(dout).arg(qkv).arg(lse).arg(&dsum).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
+        l.arg_mut(dqkv).arg(dout).arg(qkv).arg(lse).arg(&dsum).arg(&b32).arg(&t32).arg(&c32).arg(&nh32).arg(&nkv32);
         // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
         unsafe { l.launch(cfg) }?;
     }
@@ -296,24 +343,16 @@ pub mod twin {
     }
 }
 
-// Grouped-query heads (n_kv_head < n_head) have no kernel yet: they run the CPU reference on
-// host copies (`via_host`), correct and slow, until the kernels read a KV head per query group.
 impl crate::backend::Attention for super::Cuda {
     fn attention(&self, qkv: &Tensor, heads: Heads) -> Result<(Tensor, Tensor)> {
         const OP: &str = "attention";
         let (b, t, c) = qkv_dims(OP, qkv, heads)?;
-        if heads.n_kv_head != heads.n_head {
-            let [out, lse] = via_host(self, &[qkv], [DType::BF16, DType::F32], |h| {
-                let (out, lse) = crate::backend::cpu::Cpu.attention(&h[0], heads)?;
-                Ok([Some(out), Some(lse)])
-            })?;
-            return Ok((out.expect("computed"), lse.expect("computed")));
-        }
-        let n_head = heads.n_head;
+        let (nh, nkv) = (heads.n_head, heads.n_kv_head);
         let qd = bf16_in(OP, qkv)?;
-        let mut lse = self.alloc::<f32>(b * n_head * t)?;
-        let out = new_bf16(&[b, t, c], |o| attention_forward(o, &mut lse, qd, &AttnDims { b, t, c, nh: n_head }))?;
-        Ok((out, wrap_f32(lse, &[b, n_head, t])?))
+        let mut lse = self.alloc::<f32>(b * nh * t)?;
+        let d = AttnDims { b, t, c, nh };
+        let out = new_bf16(&[b, t, c], |o| gqa_attention_forward(o, &mut lse, qd, &d, nkv))?;
+        Ok((out, wrap_f32(lse, &[b, nh, t])?))
     }
 
     fn attention_backward(
@@ -326,15 +365,9 @@ impl crate::backend::Attention for super::Cuda {
     ) -> Result<Tensor> {
         const OP: &str = "attention backward";
         let (b, t, c) = qkv_dims(OP, qkv, heads)?;
-        if heads.n_kv_head != heads.n_head {
-            let [d] = via_host(self, &[dout, qkv, out, lse], [DType::BF16], |h| {
-                Ok([Some(crate::backend::cpu::Cpu.attention_backward(&h[0], &h[1], &h[2], &h[3], heads)?)])
-            })?;
-            return Ok(d.expect("computed"));
-        }
-        let n_head = heads.n_head;
         let (g, q, o, l) = (bf16_in(OP, dout)?, bf16_in(OP, qkv)?, bf16_in(OP, out)?, f32_in(OP, lse)?);
-        new_bf16(qkv.dims(), |d| attention_backward(d, g, q, o, l, &AttnDims { b, t, c, nh: n_head }))
+        let d = AttnDims { b, t, c, nh: heads.n_head };
+        new_bf16(qkv.dims(), |dq| gqa_attention_backward(dq, g, q, o, l, &d, heads.n_kv_head))
     }
 
     fn attention_cached(
@@ -347,16 +380,8 @@ impl crate::backend::Attention for super::Cuda {
     ) -> Result<Tensor> {
         const OP: &str = "attention_cached";
         let (b, n, c) = qkv_dims(OP, qkv, heads)?;
-        if heads.n_kv_head != heads.n_head {
-            let [out, kn, vn] = via_host(self, &[qkv, k, v], [DType::BF16; 3], |h| {
-                let (mut kh, mut vh) = (h[1].clone(), h[2].clone());
-                let out = crate::backend::cpu::Cpu.attention_cached(&h[0], &mut kh, &mut vh, len, heads)?;
-                Ok([Some(out), Some(kh), Some(vh)])
-            })?;
-            (*k, *v) = (kn.expect("computed"), vn.expect("computed"));
-            return Ok(out.expect("computed"));
-        }
-        let n_head = heads.n_head;
+        let (nh, nkv) = (heads.n_head, heads.n_kv_head);
+        let ckv = c / nh * nkv;
         let cap = k.dims().get(1).copied().unwrap_or(0);
         let qkv_d = bf16_in(OP, qkv)?;
         let mut q = self.alloc::<bf16>(b * n * c)?;
@@ -365,9 +390,15 @@ impl crate::backend::Attention for super::Cuda {
         else {
             return Err(Error::DType { op: OP, expected: crate::DType::BF16, got });
         };
-        attention_cache_append(&mut q, kd, vd, qkv_d, &KvDims { b, n, past: len, cap, c })?;
-        new_bf16(&[b, n, c], |o| attention_decode(o, &q, kd, vd, &KvDims { b, n, past: len, cap, c }, n_head))
+        let d = KvDims { b, n, past: len, cap, c };
+        gqa_attention_cache_append(&mut q, kd, vd, qkv_d, &d, ckv)?;
+        new_bf16(&[b, n, c], |o| gqa_attention_decode(o, &q, kd, vd, &d, nh, nkv))
     }
+}
+
+/// Columns of a packed qkv row: C of queries, then keys and values of nkv heads of C / nh.
+fn packed_width(c: usize, nh: usize, nkv: usize) -> usize {
+    c + 2 * c.checked_div(nh).unwrap_or(0) * nkv
 }
 
 /// Checks a KV-cache launch: the shapes and alignment `check` wants, and len + n <= cap within the
@@ -388,16 +419,31 @@ pub fn attention_cache_append(
     qkv: &DevBuf<bf16>,
     d: &KvDims,
 ) -> Result<()> {
+    gqa_attention_cache_append(q, k_cache, v_cache, qkv, d, d.c)
+}
+
+/// `attention_cache_append` for packed qkv [B, n, C + 2 Ckv] and caches [B, cap, Ckv].
+pub fn gqa_attention_cache_append(
+    q: &mut DevBuf<bf16>,
+    k_cache: &mut DevBuf<bf16>,
+    v_cache: &mut DevBuf<bf16>,
+    qkv: &DevBuf<bf16>,
+    d: &KvDims,
+    ckv: usize,
+) -> Result<()> {
     let KvDims { b, n, past: len, cap, c } = *d;
     const OP: &str = "cuda::attention_cache_append";
     let lens = [
         ("q", q.len(), b * n * c, q.ptr()),
-        ("k_cache", k_cache.len(), b * cap * c, k_cache.ptr()),
-        ("v_cache", v_cache.len(), b * cap * c, v_cache.ptr()),
-        ("qkv", qkv.len(), b * n * 3 * c, qkv.ptr()),
+        ("k_cache", k_cache.len(), b * cap * ckv, k_cache.ptr()),
+        ("v_cache", v_cache.len(), b * cap * ckv, v_cache.ptr()),
+        ("qkv", qkv.len(), b * n * (c + 2 * ckv), qkv.ptr()),
     ];
-    if c == 0 || c % 8 != 0 {
-        return Err(Error::Shape { op: OP, msg: format!("C = {c} must be a positive multiple of 8 (16-byte rows)") });
+    if c == 0 || c % 8 != 0 || ckv == 0 || ckv % 8 != 0 {
+        return Err(Error::Shape {
+            op: OP,
+            msg: format!("C = {c} and Ckv = {ckv} must be positive multiples of 8 (16-byte rows)"),
+        });
     }
     for &(name, len, want, ptr) in &lens {
         if len != want || ptr % 16 != 0 {
@@ -408,17 +454,29 @@ pub fn attention_cache_append(
         }
     }
     check_cache(OP, n, len, cap)?;
-    let chunks = b * n * c / 8;
+    let chunks = b * n * (c + 2 * ckv) / 8;
     if chunks == 0 {
         return Ok(());
     }
-    if b * cap * c > i32::MAX as usize {
-        return Err(Error::Shape { op: OP, msg: format!("a cache of [{b}, {cap}, {c}] is too large for the kernel") });
+    if b * cap * ckv > i32::MAX as usize || c + 2 * ckv > i32::MAX as usize {
+        return Err(Error::Shape {
+            op: OP,
+            msg: format!("a cache of [{b}, {cap}, {ckv}] is too large for the kernel"),
+        });
     }
     let cu = cuda()?;
-    let (b32, n32, len32, cap32, c32) = (b as i32, n as i32, len as i32, cap as i32, c as i32);
+    let (b32, n32, len32, cap32, c32, ckv32) = (b as i32, n as i32, len as i32, cap as i32, c as i32, ckv as i32);
     let mut l = cu.launch_builder(Kernel::AttentionCacheAppend);
-    l.arg_mut(q).arg_mut(k_cache).arg_mut(v_cache).arg(qkv).arg(&b32).arg(&n32).arg(&len32).arg(&cap32).arg(&c32);
+    l.arg_mut(q)
+        .arg_mut(k_cache)
+        .arg_mut(v_cache)
+        .arg(qkv)
+        .arg(&b32)
+        .arg(&n32)
+        .arg(&len32)
+        .arg(&cap32)
+        .arg(&c32)
+        .arg(&ckv32);
     // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(super::grid_1d(chunks, 256)) }?;
     Ok(())
@@ -434,15 +492,30 @@ pub fn attention_decode(
     d: &KvDims,
     nh: usize,
 ) -> Result<()> {
+    gqa_attention_decode(out, q, k_cache, v_cache, d, nh, nh)
+}
+
+/// `attention_decode` against caches [B, cap, Ckv] of `nkv` KV heads; query head h reads KV head
+/// h / (nh / nkv).
+pub fn gqa_attention_decode(
+    out: &mut DevBuf<bf16>,
+    q: &DevBuf<bf16>,
+    k_cache: &DevBuf<bf16>,
+    v_cache: &DevBuf<bf16>,
+    d: &KvDims,
+    nh: usize,
+    nkv: usize,
+) -> Result<()> {
     let KvDims { b, n, past, cap, c } = *d;
     const OP: &str = "cuda::attention_decode";
+    let ckv = packed_width(c, nh, nkv).saturating_sub(c) / 2;
     let lens = [
         ("out", out.len(), b * n * c, out.ptr()),
         ("q", q.len(), b * n * c, q.ptr()),
-        ("k_cache", k_cache.len(), b * cap * c, k_cache.ptr()),
-        ("v_cache", v_cache.len(), b * cap * c, v_cache.ptr()),
+        ("k_cache", k_cache.len(), b * cap * ckv, k_cache.ptr()),
+        ("v_cache", v_cache.len(), b * cap * ckv, v_cache.ptr()),
     ];
-    check(OP, &lens, b, n, c, nh)?;
+    check(OP, &lens, b, n, c, nh, nkv)?;
     check_cache(OP, n, past, cap)?;
     if b * n == 0 {
         return Ok(());
@@ -452,9 +525,11 @@ pub fn attention_decode(
     }
     let cu = cuda()?;
     let cfg = LaunchConfig { grid_dim: (n as u32, nh as u32, b as u32), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
-    let (b32, n32, past32, cap32, c32, nh32) = (b as i32, n as i32, past as i32, cap as i32, c as i32, nh as i32);
+    let (b32, n32, past32, cap32, c32) = (b as i32, n as i32, past as i32, cap as i32, c as i32);
+    let (nh32, nkv32) = (nh as i32, nkv as i32);
     let mut l = cu.launch_builder(Kernel::AttentionDecode);
-    l.arg_mut(out).arg(q).arg(k_cache).arg(v_cache).arg(&b32).arg(&n32).arg(&past32).arg(&cap32).arg(&c32).arg(&nh32);
+    l.arg_mut(out).arg(q).arg(k_cache).arg(v_cache).arg(&b32).arg(&n32).arg(&past32).arg(&cap32).arg(&c32);
+    l.arg(&nh32).arg(&nkv32);
     // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(cfg) }?;
     Ok(())

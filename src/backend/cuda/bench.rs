@@ -262,10 +262,33 @@ pub fn attention_rows(cu: &Cuda, _copy: f64) -> Result<Vec<Row>> {
         ceiling_name: "cuBLAS 4096^3".into(),
         target,
     };
-    Ok(vec![
+    let mut rows = vec![
         row("attention forward", fwd_ms, fwd_flops, Some(0.40)),
         row("attention backward", bwd_ms, 2.5 * fwd_flops, None),
-    ])
+    ];
+    // Grouped-query heads at SmolLM2-360M's grouping (15 query heads over 5 KV heads of 64): the
+    // same FLOPs per query head, a third of the K and V bytes.
+    let (h, kv) = (15usize, 5usize);
+    let c = h * d;
+    let w = (h + 2 * kv) * d;
+    let dims = AttnDims { b, t, c, nh: h };
+    let qkv = random_bf16(cu, b * t * w, 23)?;
+    let mut out = cu.alloc::<bf16>(b * t * c)?;
+    let mut lse = cu.alloc::<f32>(b * h * t)?;
+    let fwd_ms = time_ms(cu, 3, 20, || super::attention::gqa_attention_forward(&mut out, &mut lse, &qkv, &dims, kv))?;
+    let dout = random_bf16(cu, b * t * c, 24)?;
+    let mut dqkv = cu.alloc::<bf16>(b * t * w)?;
+    let bwd_ms =
+        time_ms(cu, 3, 20, || super::attention::gqa_attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &dims, kv))?;
+    let fwd_flops = 4.0 * (b * h * d) as f64 * (t * (t + 1) / 2) as f64;
+    let shape = format!("B{b} H{h}/KV{kv} T{t} D{d}");
+    for (kernel, ms, flops, target) in [
+        ("attention forward gqa", fwd_ms, fwd_flops, Some(0.40)),
+        ("attention backward gqa", bwd_ms, 2.5 * fwd_flops, None),
+    ] {
+        rows.push(Row { shape: shape.clone(), ..row(kernel, ms, flops, target) });
+    }
+    Ok(rows)
 }
 
 /// A memory-bound row: `bytes` moved (read + written once) in `ms`, against the copy bandwidth.
