@@ -7,7 +7,9 @@
 // - embedding_forward: one warp per output row, KILN_EMB_WARPS rows per block; 16-byte accesses
 //   (8 bf16) when C % 8 == 0 and every pointer is 16-byte aligned, else one bf16 per lane per step.
 //   A token id outside [0, vocab) is never dereferenced: its row is written as NaN, so a bad id
-//   that slipped past the op's check (the op errors before launching) shows in the loss.
+//   that slipped past the op's check (the op errors before launching) shows in the loss. A null
+//   wpe means token rows alone (rotary models, whose positions enter in the attention): the row
+//   is copied bit for bit, as the CPU copies it.
 // - embedding_backward_wte: deterministic without atomics and without a device sort. The host
 //   (src/backend/cuda/embedding.rs, Buckets) groups the token rows by id once per step: the
 //   distinct ids, and for each the rows holding it in ascending order (a sort of rows pairs on
@@ -38,6 +40,14 @@ extern "C" __global__ void __launch_bounds__(KILN_EMB_WARPS * 32) embedding_forw
         return;
     }
     const __nv_bfloat16* te = wte + (int64_t)id * c;
+    if (wpe == nullptr) {
+        if (c % 8 == 0 && aligned16(out) && aligned16(wte)) {
+            for (int i = 8 * lane; i < c; i += 256) *reinterpret_cast<uint4*>(o + i) = *reinterpret_cast<const uint4*>(te + i);
+        } else {
+            for (int i = lane; i < c; i += 32) o[i] = te[i];
+        }
+        return;
+    }
     const __nv_bfloat16* pe = wpe + (int64_t)(row % t) * c;
     if (c % 8 == 0 && aligned16(out) && aligned16(wte) && aligned16(wpe)) {
         for (int i = 8 * lane; i < c; i += 256) {

@@ -356,6 +356,34 @@ mod cuda {
         assert_bits("dwte without the bad rows", &got.dwte, &dwte);
     }
 
+    /// Token rows alone (no position table, as Llama embeds): each output row is its table row
+    /// bit for bit (signed zeros and NaN payloads included, which an add of zero would change),
+    /// on the 16-byte path (C = 64) and the scalar one (C = 13); bad ids give NaN rows.
+    #[test]
+    fn gpu_token_embedding_copies_rows() {
+        let Some(cu) = common::gpu("embedding gpu_token_embedding_copies_rows") else { return };
+        let vocab = 40;
+        for (k, c) in [64usize, 13].into_iter().enumerate() {
+            let mut table: Vec<bf16> = to_bf(&rounded(uniform(&mut rng(500 + k as u64), vocab * c, 1.0)));
+            table[3 * c] = bf16::from_bits(0x8000); // -0.0
+            table[3 * c + 1] = bf16::from_bits(0x7fc1); // a NaN with a payload
+            let id = vec![3, 0, 39, 3, 40, -1, 17];
+            let (did, dte) = (cu.upload(&id).unwrap(), cu.upload(&table).unwrap());
+            let mut out = poisoned(cu, id.len() * c, bf16::from_f32(7.0));
+            gpu::token_embedding_forward(&mut out, &did, &dte, c).unwrap();
+            let got = cu.download(&out).unwrap();
+            for (row, &i) in id.iter().enumerate() {
+                let o = &got[row * c..(row + 1) * c];
+                if (0..vocab as i32).contains(&i) {
+                    let want = &table[i as usize * c..(i as usize + 1) * c];
+                    assert!(o.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "C={c} row {row} (id {i})");
+                } else {
+                    assert!(o.iter().all(|x| x.is_nan()), "C={c} row {row} (bad id {i}): {o:?}");
+                }
+            }
+        }
+    }
+
     /// embedding_at on the device (the forward kernel over a view of wpe from row `offset`).
     #[test]
     fn gpu_embedding_at_an_offset() {

@@ -6,7 +6,7 @@
 use super::tensor::{bf16_in, new_bf16, wrap_f32};
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::{KILN_EMB_THREADS, KILN_EMB_WARPS};
-use crate::{DType, Error, Result, Tensor};
+use crate::{Error, Result, Tensor};
 
 /// The rows of a batch grouped by token id: bucket b is token `ids[b]` (ascending), found at rows
 /// `rows[start[b] .. start[b + 1]]` (ascending). Ids outside [0, vocab) are left out.
@@ -162,18 +162,44 @@ pub fn embedding_forward_at(
     }
     let cu = cuda()?;
     let (rows32, t32, c32, vocab32) = (rows as i32, t as i32, c as i32, (wte.len() / c) as i32);
-    let warps = KILN_EMB_WARPS as usize;
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(warps) as u32, 1, 1),
-        block_dim: (32 * warps as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = forward_config(rows);
     let wpe_at = wpe.slice(offset * c..);
     let mut l = cu.launch_builder(Kernel::EmbeddingForward);
     l.arg(out).arg(ids).arg(wte).arg(&wpe_at).arg(&rows32).arg(&t32).arg(&c32).arg(&vocab32);
     // SAFETY: the arguments are the kernel's, in its parameter order; wpe_at holds t rows of C (checked above), all the kernel reads from it, and the other lengths are embedding_forward's.
     unsafe { l.launch(cfg) }?;
     Ok(())
+}
+
+/// out[r] = wte[ids[r]], copied bit for bit: the token rows alone, for models whose positions
+/// enter in the attention (rotary embeddings). The forward kernel with no position table.
+pub fn token_embedding_forward(out: &mut DevBuf<bf16>, ids: &DevBuf<i32>, wte: &DevBuf<bf16>, c: usize) -> Result<()> {
+    let op = "cuda::token_embedding_forward";
+    let rows = ids.len();
+    check(op, rows, 1, c, ("wte", wte.len()), ("(no position table)", c))?;
+    if out.len() != rows * c {
+        return Err(Error::Shape { op, msg: format!("out has {} elements, need rows * C = {}", out.len(), rows * c) });
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let (rows32, c32, vocab32, one) = (rows as i32, c as i32, (wte.len() / c) as i32, 1i32);
+    let null: u64 = 0;
+    let mut l = cuda()?.launch_builder(Kernel::EmbeddingForward);
+    l.arg(out).arg(ids).arg(wte).arg(&null).arg(&rows32).arg(&one).arg(&c32).arg(&vocab32);
+    // SAFETY: the arguments are the kernel's, in its parameter order; a null wpe is never read (the kernel copies token rows), and the other lengths are checked above.
+    unsafe { l.launch(forward_config(rows)) }?;
+    Ok(())
+}
+
+/// One warp per output row, KILN_EMB_WARPS rows per block.
+fn forward_config(rows: usize) -> LaunchConfig {
+    let warps = KILN_EMB_WARPS as usize;
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(warps) as u32, 1, 1),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// The host twins of the embedding kernels (kernels/host/embedding.cu), over f32 host arrays.
@@ -269,23 +295,17 @@ impl crate::backend::Embedding for super::Cuda {
     fn embedding(&self, ids: &[i32], t: usize, wte: &Tensor, wpe: Option<&Tensor>, offset: usize) -> Result<Tensor> {
         const OP: &str = "embedding";
         let c = wte.shape().last();
-        // No token-only kernel yet: rotary models add a zero position table of T rows.
-        let zeros;
-        let (wpe, offset) = match wpe {
-            Some(w) => (w, offset),
-            None => {
-                zeros = crate::backend::Elementwise::cast(
-                    self,
-                    &Tensor::zeros([t, c]).to_device(wte.device())?,
-                    DType::BF16,
-                )?;
-                (&zeros, 0)
-            }
-        };
         // ids stay on the host too (the op checked them there, and the backward groups them there).
         let ids_d = self.upload(ids)?;
-        let (wte_d, wpe_d) = (bf16_in(OP, wte)?, bf16_in(OP, wpe)?);
-        new_bf16(&[ids.len() / t.max(1), t, c], |o| embedding_forward_at(o, &ids_d, wte_d, wpe_d, offset, t, c))
+        let wte_d = bf16_in(OP, wte)?;
+        let dims = [ids.len() / t.max(1), t, c];
+        match wpe {
+            Some(wpe) => {
+                let wpe_d = bf16_in(OP, wpe)?;
+                new_bf16(&dims, |o| embedding_forward_at(o, &ids_d, wte_d, wpe_d, offset, t, c))
+            }
+            None => new_bf16(&dims, |o| token_embedding_forward(o, &ids_d, wte_d, c)),
+        }
     }
 
     fn embedding_backward(

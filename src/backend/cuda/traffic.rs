@@ -160,6 +160,7 @@ fn workload(cu: &Cuda) -> Result<()> {
     let ids = cu.upload(&ids_h)?;
     let (wte, wpe) = (random_bf16(cu, v * c, 14)?, random_bf16(cu, t * c, 15)?);
     embedding::embedding_forward(&mut y, &ids, &wte, &wpe, t, c)?;
+    embedding::token_embedding_forward(&mut y, &ids, &wte, c)?;
     let (mut dwte, mut dwpe) = (cu.zeros::<f32>(v * c)?, cu.zeros::<f32>(t * c)?);
     embedding::embedding_backward(Some(&mut dwte), Some(&mut dwpe), &dout, &ids_h, t, c)?;
     // Cross-entropy, bf16 and f32 logits.
