@@ -94,6 +94,30 @@ fn an_out_of_bounds_store_names_the_thread_and_the_allocation() {
     );
 }
 
+/// A launch with one argument too few or too many is refused before it starts, naming the
+/// kernel and both counts (build.rs reads each kernel's parameter count from its declaration).
+#[test]
+fn a_launch_with_the_wrong_argument_count_is_refused() {
+    let cu = emu("a_launch_with_the_wrong_argument_count_is_refused");
+    assert_eq!(Kernel::SelftestFill.params(), 3);
+    assert!(Kernel::ALL.iter().all(|k| k.params() > 0), "every kernel takes arguments");
+    let mut out = cu.alloc::<i32>(64).unwrap();
+    for extra in [false, true] {
+        let mut l = cu.launch_builder(Kernel::SelftestFill);
+        l.arg_mut(&mut out).arg(&64i32);
+        if extra {
+            l.arg(&0i32).arg(&0i32);
+        }
+        // SAFETY: the count check refuses the launch before any argument reaches the kernel.
+        let e = unsafe { l.launch(blocks(1, 64)) }.unwrap_err().to_string();
+        let n = if extra { 4 } else { 2 };
+        assert!(
+            e.contains("selftest_fill") && e.contains(&format!("given {n} arguments")) && e.contains("declares 3"),
+            "{e}"
+        );
+    }
+}
+
 #[test]
 fn a_barrier_not_reached_by_every_thread_names_both_lines() {
     let cu = emu("a_barrier_not_reached_by_every_thread_names_both_lines");
@@ -191,7 +215,7 @@ fn a_misaligned_pointer_is_caught_at_the_access() {
     let launch = |at: usize, out: &mut cuda::DevBuf<bf16>, lse: &mut cuda::DevBuf<f32>| {
         let view = qkv.slice(at..at + n);
         let mut l = cu.launch_builder(Kernel::AttentionForwardMma);
-        l.arg(out).arg(lse).arg(&view).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
+        l.arg(out).arg(lse).arg(&view).arg(&b32).arg(&t32).arg(&c32).arg(&nh32).arg(&nh32);
         // SAFETY: the emulated device checks every access before it happens and turns the deliberate fault into this launch's error.
         unsafe { l.launch(cfg) }
     };

@@ -306,6 +306,12 @@ impl<'a> Launch<'a> {
     /// As `Runtime::launch`: the arguments are the kernel's and the configuration is one the
     /// kernel handles.
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<()> {
+        // A wrong count would hand the kernel garbage (or read past kernelParams): refuse it here,
+        // where the message can name the kernel.
+        if self.args.len() != self.kernel.params() {
+            let (n, want) = (self.args.len(), self.kernel.params());
+            return Err(launch_failed(self.kernel, format!("given {n} arguments, but it declares {want} parameters")));
+        }
         let mut ptrs: Vec<*mut c_void> = self.args.iter_mut().map(|a| a.as_mut_ptr() as *mut c_void).collect();
         // SAFETY: the caller of this unsafe fn guarantees the arguments (Launch::launch's contract).
         unsafe { self.rt.launch(self.kernel, &cfg, &mut ptrs) }
