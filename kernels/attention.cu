@@ -36,7 +36,7 @@
 // and 0 (any multiple of 8 up to KILN_ATTN_MAX_HEAD_DIM = 128, read at run time); the kernel picks
 // one. These keep P, dS and all sums in f32, so they are at least as accurate as the plain bf16
 // reference the tests measure against. The forward has a second, tensor-core variant,
-// attention_forward_mma (head dim 64 only, sm_80+; the wrapper's AttentionVariant picks it there):
+// attention_forward_mma (head dims 64 and 128, sm_80+; the wrapper's AttentionVariant picks it there):
 // FlashAttention-2's forward on mma.sync m16n8k16 bf16 -> f32. One block of 4 warps per 64 query
 // rows, each warp 16 rows (one m16 block); K and V tiles of 64 keys staged in shared memory with
 // cp.async, double-buffered (the next tile loads while this one is used); S = Q K^T and O += P V
@@ -46,8 +46,9 @@
 // The backward has no tensor-core variant yet.
 //
 // Shared memory is dynamic, sized by attention_smem_bytes (attention.cuh): 21.5 KB (forward),
-// 45 KB (forward_mma) and 29.7 KB (backward) at hd = 64; the backward needs 54.3 KB at hd = 128,
-// which the wrapper allows by raising the kernel's dynamic shared-memory limit.
+// 45 KB (forward_mma) and 29.7 KB (backward) at hd = 64; the backward needs 54.3 KB and the
+// forward_mma 85 KB at hd = 128, which the wrapper allows by raising the kernel's dynamic
+// shared-memory limit.
 //
 // Generation (the KV cache, kernels at the end of the file): attention_cache_append splits the qkv
 // of new positions into q and the caches' next rows; attention_decode attends each new query to
@@ -319,41 +320,39 @@ __device__ __forceinline__ void dkdv_body(bf16* dqkv, const bf16* dout, const bf
         for (int e = 0; e < 2 * NP; ++e) dk[r][e] = dv[r][e] = 0.0f;
 
     // The group's query heads in order, and for each the query tiles from the diagonal (the tile
-    // holding key k0) to the end: one fixed summation order.
+    // holding key k0) to the end: one fixed summation order. One flat loop over (head, tile): a
+    // nested loop held more registers than the single-head kernel and spilled on sm_80.
     const int n_qt = (T + TILE - 1) / TILE;
-    for (int h = g * group; h < (g + 1) * group; ++h) {
-        const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * hd;
-        const bf16* dbase = dout + (size_t)b * T * C + (size_t)h * hd;
-        const float* lse_bh = lse + ((size_t)b * NH + h) * T;
-        const float* d_bh = dsum + ((size_t)b * NH + h) * T;
-        for (int qt = blockIdx.x; qt < n_qt; ++qt) {
-            const int q0 = qt * TILE;
-            __syncthreads();  // every warp is done with the previous Q, dO tiles (and K, V are loaded)
-            load_tile_bf16(qs, base + (size_t)q0 * ld, ld, min(TILE, T - q0), hd);
-            load_tile_bf16(dos, dbase + (size_t)q0 * C, C, min(TILE, T - q0), hd);
-            __syncthreads();
+    const int per_head = n_qt - blockIdx.x;
+    for (int it = 0; it < group * per_head; ++it) {
+        const int h = g * group + it / per_head;
+        const int q0 = (blockIdx.x + it % per_head) * TILE;
+        __syncthreads();  // every warp is done with the previous Q, dO tiles (and K, V are loaded)
+        load_tile_bf16(qs, qkv + ((size_t)b * T + q0) * ld + (size_t)h * hd, ld, min(TILE, T - q0), hd);
+        load_tile_bf16(dos, dout + ((size_t)b * T + q0) * C + (size_t)h * hd, C, min(TILE, T - q0), hd);
+        __syncthreads();
 
-            const int i = q0 + lane;
-            const float lse_i = i < T ? lse_bh[i] : 0.0f;
-            const float d_i = i < T ? d_bh[i] : 0.0f;
-            float s[ROWS], dp[ROWS], ds[ROWS];
-            dot_rows<HD>(s, ks + warp * ROWS * hd, qs + lane * (hd + PAD), hd);
-            dot_rows<HD>(dp, vs + warp * ROWS * hd, dos + lane * (hd + PAD), hd);
+        const int i = q0 + lane;
+        const size_t bh = (size_t)b * NH + h;
+        const float lse_i = i < T ? lse[bh * T + i] : 0.0f;
+        const float d_i = i < T ? dsum[bh * T + i] : 0.0f;
+        float s[ROWS], dp[ROWS], ds[ROWS];
+        dot_rows<HD>(s, ks + warp * ROWS * hd, qs + lane * (hd + PAD), hd);
+        dot_rows<HD>(dp, vs + warp * ROWS * hd, dos + lane * (hd + PAD), hd);
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                const int j = k0 + warp * ROWS + r;
-                const float p = (i < T && j <= i) ? attention_prob(s[r] * scale, lse_i) : 0.0f;
-                ds[r] = attention_dscore(p, dp[r], d_i) * scale;
-                pw[r * TILE + lane] = p;
-            }
-            __syncwarp();
-            accumulate_rows<HD>(dv, pw, dos, lane, hd);  // dV_j += sum_i p_ij dO_i
-            __syncwarp();  // all lanes have read p before it is overwritten
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) pw[r * TILE + lane] = ds[r];
-            __syncwarp();
-            accumulate_rows<HD>(dk, pw, qs, lane, hd);  // dK_j += sum_i dS_ij Q_i
+        for (int r = 0; r < ROWS; ++r) {
+            const int j = k0 + warp * ROWS + r;
+            const float p = (i < T && j <= i) ? attention_prob(s[r] * scale, lse_i) : 0.0f;
+            ds[r] = attention_dscore(p, dp[r], d_i) * scale;
+            pw[r * TILE + lane] = p;
         }
+        __syncwarp();
+        accumulate_rows<HD>(dv, pw, dos, lane, hd);  // dV_j += sum_i p_ij dO_i
+        __syncwarp();  // all lanes have read p before it is overwritten
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) pw[r * TILE + lane] = ds[r];
+        __syncwarp();
+        accumulate_rows<HD>(dk, pw, qs, lane, hd);  // dK_j += sum_i dS_ij Q_i
     }
 
 #pragma unroll
@@ -451,11 +450,15 @@ __device__ __forceinline__ void dq_body(bf16* dqkv, const bf16* dout, const bf16
 // kernels/emu/emu.h, which is included before this file) instead.
 constexpr int MMA_ROWS = KILN_ATTN_MMA_ROWS;     // query rows per block, 16 per warp
 constexpr int MMA_KEYS = KILN_ATTN_MMA_ROWS;     // keys per K/V tile (equal: the diagonal is one tile)
-constexpr int MMA_HD = KILN_ATTN_MMA_HEAD_DIM;
-constexpr int MMA_LD = MMA_HD + PAD;             // bf16 row stride of the shared tiles: 36 words
 static_assert(MMA_ROWS == 16 * WARPS, "each warp owns one m16 block of query rows");
-static_assert(MMA_LD % 8 == 0, "rows stay 16-byte aligned for cp.async");
-static_assert((MMA_LD / 2) % 32 == 4, "rows g = 0..7 of a fragment load start 4 banks apart");
+// The bf16 row stride of the shared tiles at head dim HD: 36 words at 64, 68 at 128.
+template <int HD>
+__host__ __device__ constexpr int mma_ld() {
+    return HD + PAD;
+}
+static_assert(mma_ld<64>() % 8 == 0 && mma_ld<128>() % 8 == 0, "rows stay 16-byte aligned for cp.async");
+static_assert((mma_ld<64>() / 2) % 32 == 4 && (mma_ld<128>() / 2) % 32 == 4,
+              "rows g = 0..7 of a fragment load start 4 banks apart");
 
 // d += A B for one m16n8k16 block (fragments as above), f32 accumulation.
 __device__ __forceinline__ void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
@@ -516,49 +519,52 @@ __device__ __forceinline__ uint32_t pack_bf16_raw(const bf16& lo, const bf16& hi
     return (uint32_t)a | ((uint32_t)b << 16);
 }
 
-// Starts copying `rows` (<= MMA_ROWS) rows of 64 bf16 (global row stride src_ld) into a shared
-// tile of row stride MMA_LD; the rest of the tile's rows become zeros.
+// Starts copying `rows` (<= MMA_ROWS) rows of HD bf16 (global row stride src_ld) into a shared
+// tile of row stride mma_ld<HD>(); the rest of the tile's rows become zeros.
+template <int HD>
 __device__ __forceinline__ void mma_load_tile(bf16* dst, const bf16* src, size_t src_ld, int rows) {
-    constexpr int CHUNKS = MMA_HD / 8;  // 16-byte chunks per row
+    constexpr int CHUNKS = HD / 8, LD = mma_ld<HD>();  // 16-byte chunks per row; row stride
 #pragma unroll
     for (int k = 0; k < MMA_ROWS * CHUNKS / THREADS; ++k) {
         const int idx = threadIdx.x + k * THREADS, r = idx / CHUNKS, c = idx % CHUNKS;
         const bool valid = r < rows;
-        cp_async_16(dst + r * MMA_LD + c * 8, src + (valid ? (size_t)r * src_ld : 0) + c * 8, valid);
+        cp_async_16(dst + r * LD + c * 8, src + (valid ? (size_t)r * src_ld : 0) + c * 8, valid);
     }
 }
 
+template <int HD>
 __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, int NKV) {
     // Query tiles in reverse: the longest rows (most key tiles) start first, the short ones fill in.
     const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const HeadCols hc = head_cols(C, NH, NKV, MMA_HD, h / (NH / NKV));
+    const HeadCols hc = head_cols(C, NH, NKV, HD, h / (NH / NKV));
     const size_t ld = hc.ld;
-    const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * MMA_HD;
+    const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * HD;
     const bf16* kbase = qkv + (size_t)b * T * ld + hc.k;
     const bf16* vbase = qkv + (size_t)b * T * ld + hc.v;
-    const float scale = 1.0f / sqrtf((float)MMA_HD);
+    const float scale = 1.0f / sqrtf((float)HD);
+    constexpr int LD = mma_ld<HD>();
 
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16* qs = reinterpret_cast<bf16*>(smem);  // [MMA_ROWS][MMA_LD]
-    bf16* ks = qs + MMA_ROWS * MMA_LD;         // [2][MMA_KEYS][MMA_LD], double-buffered
-    bf16* vs = ks + 2 * MMA_KEYS * MMA_LD;     // [2][MMA_KEYS][MMA_LD]
+    bf16* qs = reinterpret_cast<bf16*>(smem);  // [MMA_ROWS][LD]
+    bf16* ks = qs + MMA_ROWS * LD;         // [2][MMA_KEYS][LD], double-buffered
+    bf16* vs = ks + 2 * MMA_KEYS * LD;     // [2][MMA_KEYS][LD]
 
     // Key tiles 0 .. the diagonal one (q0 / 64: query and key tiles are the same 64 rows). Only the
     // diagonal tile can hold keys after a row, or keys >= T (zeros, then masked for real rows).
     const int n_kt = q0 / MMA_KEYS + 1;
-    mma_load_tile(qs, base + (size_t)q0 * ld, ld, min(MMA_ROWS, T - q0));
-    mma_load_tile(ks, kbase, ld, min(MMA_KEYS, T));
-    mma_load_tile(vs, vbase, ld, min(MMA_KEYS, T));
+    mma_load_tile<HD>(qs, base + (size_t)q0 * ld, ld, min(MMA_ROWS, T - q0));
+    mma_load_tile<HD>(ks, kbase, ld, min(MMA_KEYS, T));
+    mma_load_tile<HD>(vs, vbase, ld, min(MMA_KEYS, T));
     cp_async_commit();
 
     // This thread's rows of the warp's 16: i0 (fragment row g) and i1 = i0 + 8.
     const int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
-    uint32_t qf[MMA_HD / 16][4];  // Q as A fragments, one per 16 head dims
-    float o[MMA_HD / 8][4];       // O as accumulators, one per 8 head dims
+    uint32_t qf[HD / 16][4];  // Q as A fragments, one per 16 head dims
+    float o[HD / 8][4];       // O as accumulators, one per 8 head dims
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this thread's 16 columns per tile
 #pragma unroll
-    for (int n = 0; n < MMA_HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
 
     for (int kt = 0; kt < n_kt; ++kt) {
         const int buf = kt & 1, k0 = kt * MMA_KEYS;
@@ -566,24 +572,24 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
         // iteration came after every warp's last read of it), then wait for this one.
         if (kt + 1 < n_kt) {
             const int k1 = k0 + MMA_KEYS;
-            mma_load_tile(ks + (buf ^ 1) * MMA_KEYS * MMA_LD, kbase + (size_t)k1 * ld, ld, min(MMA_KEYS, T - k1));
-            mma_load_tile(vs + (buf ^ 1) * MMA_KEYS * MMA_LD, vbase + (size_t)k1 * ld, ld, min(MMA_KEYS, T - k1));
+            mma_load_tile<HD>(ks + (buf ^ 1) * MMA_KEYS * LD, kbase + (size_t)k1 * ld, ld, min(MMA_KEYS, T - k1));
+            mma_load_tile<HD>(vs + (buf ^ 1) * MMA_KEYS * LD, vbase + (size_t)k1 * ld, ld, min(MMA_KEYS, T - k1));
             cp_async_commit();
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
         __syncthreads();  // every thread's copies of tile kt (and Q) have landed
-        const bf16* kb = ks + buf * MMA_KEYS * MMA_LD;
-        const bf16* vb = vs + buf * MMA_KEYS * MMA_LD;
+        const bf16* kb = ks + buf * MMA_KEYS * LD;
+        const bf16* vb = vs + buf * MMA_KEYS * LD;
         if (kt == 0) {
-            const bf16* q = qs + (warp * 16 + g) * MMA_LD + 2 * t;
+            const bf16* q = qs + (warp * 16 + g) * LD + 2 * t;
 #pragma unroll
-            for (int kk = 0; kk < MMA_HD / 16; ++kk) {
+            for (int kk = 0; kk < HD / 16; ++kk) {
                 qf[kk][0] = *reinterpret_cast<const uint32_t*>(q + kk * 16);
-                qf[kk][1] = *reinterpret_cast<const uint32_t*>(q + 8 * MMA_LD + kk * 16);
+                qf[kk][1] = *reinterpret_cast<const uint32_t*>(q + 8 * LD + kk * 16);
                 qf[kk][2] = *reinterpret_cast<const uint32_t*>(q + kk * 16 + 8);
-                qf[kk][3] = *reinterpret_cast<const uint32_t*>(q + 8 * MMA_LD + kk * 16 + 8);
+                qf[kk][3] = *reinterpret_cast<const uint32_t*>(q + 8 * LD + kk * 16 + 8);
             }
         }
 
@@ -593,9 +599,9 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
 #pragma unroll
         for (int n = 0; n < MMA_KEYS / 8; ++n) {
             s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-            const bf16* k = kb + (n * 8 + g) * MMA_LD + 2 * t;
+            const bf16* k = kb + (n * 8 + g) * LD + 2 * t;
 #pragma unroll
-            for (int kk = 0; kk < MMA_HD / 16; ++kk) {
+            for (int kk = 0; kk < HD / 16; ++kk) {
                 const uint32_t bk[2] = {*reinterpret_cast<const uint32_t*>(k + kk * 16),
                                         *reinterpret_cast<const uint32_t*>(k + kk * 16 + 8)};
                 mma_bf16_16816(s[n], qf[kk], bk);
@@ -636,7 +642,7 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
             }
         }
 #pragma unroll
-        for (int n = 0; n < MMA_HD / 8; ++n) {
+        for (int n = 0; n < HD / 8; ++n) {
             o[n][0] *= corr[0];
             o[n][1] *= corr[0];
             o[n][2] *= corr[1];
@@ -650,11 +656,11 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
             const uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
                                     pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                     pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            const bf16* v = vb + (kk * 16 + 2 * t) * MMA_LD + g;
+            const bf16* v = vb + (kk * 16 + 2 * t) * LD + g;
 #pragma unroll
-            for (int n = 0; n < MMA_HD / 8; ++n) {
-                const uint32_t bv[2] = {pack_bf16_raw(v[n * 8], v[MMA_LD + n * 8]),
-                                        pack_bf16_raw(v[8 * MMA_LD + n * 8], v[9 * MMA_LD + n * 8])};
+            for (int n = 0; n < HD / 8; ++n) {
+                const uint32_t bv[2] = {pack_bf16_raw(v[n * 8], v[LD + n * 8]),
+                                        pack_bf16_raw(v[8 * LD + n * 8], v[9 * LD + n * 8])};
                 mma_bf16_16816(o[n], pa, bv);
             }
         }
@@ -673,9 +679,9 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
         if (i >= T) continue;
         if (t == 0) lse[((size_t)b * NH + h) * T + i] = attention_lse(m[r], l[r]);
         const float mul = 1.0f / l[r];
-        bf16* row = out + ((size_t)b * T + i) * C + (size_t)h * MMA_HD + 2 * t;
+        bf16* row = out + ((size_t)b * T + i) * C + (size_t)h * HD + 2 * t;
 #pragma unroll
-        for (int n = 0; n < MMA_HD / 8; ++n)
+        for (int n = 0; n < HD / 8; ++n)
             *reinterpret_cast<__nv_bfloat162*>(row + n * 8) =
                 __floats2bfloat162_rn(o[n][2 * r] * mul, o[n][2 * r + 1] * mul);
     }
@@ -731,12 +737,14 @@ extern "C" __global__ void __launch_bounds__(128) attention_backward_dq(__nv_bfl
     else dq_body<0>(dqkv, dout, qkv, lse, dsum, T, C, NH, NKV, hd);
 }
 
-// The tensor-core forward for head dim 64 on sm_80+: out and lse exactly as attention_forward.
-// Grid (ceil(T / 64), NH, B), 128 threads, attention_smem_bytes(FORWARD_MMA, 64) = 46080 bytes
-// of dynamic shared memory. The wrapper launches it only when C / NH == 64.
+// The tensor-core forward for head dims 64 and 128 on sm_80+: out and lse exactly as
+// attention_forward. Grid (ceil(T / 64), NH, B), 128 threads, attention_smem_bytes(FORWARD_MMA,
+// hd) bytes of dynamic shared memory: 46080 at 64, 87040 at 128 (the wrapper raises the limit).
+// The wrapper launches it only at those head dims.
 extern "C" __global__ void __launch_bounds__(128) attention_forward_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T, int C, int NH, int NKV) {
 #if defined(KILN_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
-    forward_mma_body(out, lse, qkv, T, C, NH, NKV);
+    if (C / NH == 128) forward_mma_body<128>(out, lse, qkv, T, C, NH, NKV);
+    else forward_mma_body<64>(out, lse, qkv, T, C, NH, NKV);
 #else
     __trap();  // mma.sync bf16 and cp.async need sm_80; the wrapper never launches it below that
 #endif

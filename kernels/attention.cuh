@@ -55,9 +55,12 @@ KILN_HD int attention_f32_tile_bytes(int hd) { return KILN_ATTN_TILE * hd * 4; }
 KILN_HD int attention_bf16_tile_bytes(int hd) { return KILN_ATTN_TILE * (hd + KILN_ATTN_PAD) * 2; }
 KILN_HD int attention_p_bytes() { return KILN_ATTN_WARPS * KILN_ATTN_ROWS * KILN_ATTN_TILE * 4; }
 
-// The tensor-core forward's tiles: KILN_ATTN_MMA_ROWS rows of 64 bf16, padded by KILN_ATTN_PAD so
+// The head dims the tensor-core forward takes (its fragment loops are unrolled per head dim).
+KILN_HD bool attention_mma_head_dim(int hd) { return hd == KILN_ATTN_MMA_HEAD_DIM || hd == 2 * KILN_ATTN_MMA_HEAD_DIM; }
+
+// The tensor-core forward's tiles: KILN_ATTN_MMA_ROWS rows of hd bf16, padded by KILN_ATTN_PAD so
 // that the fragment loads (8 rows x 4 words per instruction) fall in 32 different banks.
-KILN_HD int attention_mma_tile_bytes() { return KILN_ATTN_MMA_ROWS * (KILN_ATTN_MMA_HEAD_DIM + KILN_ATTN_PAD) * 2; }
+KILN_HD int attention_mma_tile_bytes(int hd) { return KILN_ATTN_MMA_ROWS * (hd + KILN_ATTN_PAD) * 2; }
 
 // Forward: Q f32, K bf16 (padded), V bf16 (padded, same shape as K), P.
 // Backward dK/dV: K f32, V f32, Q bf16, dO bf16, P. Backward dQ: Q f32, dO f32, K bf16, V bf16, P.
@@ -65,8 +68,8 @@ KILN_HD int attention_smem_bytes(int kernel, int hd) {
     switch (kernel) {
     case KILN_ATTN_KERNEL_FORWARD:
         return attention_f32_tile_bytes(hd) + 2 * attention_bf16_tile_bytes(hd) + attention_p_bytes();
-    case KILN_ATTN_KERNEL_FORWARD_MMA:  // head dim 64 only: Q, and K and V double-buffered, all bf16 padded
-        return hd == KILN_ATTN_MMA_HEAD_DIM ? attention_mma_tile_bytes() * 5 : -1;
+    case KILN_ATTN_KERNEL_FORWARD_MMA:  // head dims 64 and 128: Q, and K and V double-buffered, bf16 padded
+        return attention_mma_head_dim(hd) ? attention_mma_tile_bytes(hd) * 5 : -1;
     case KILN_ATTN_KERNEL_DKDV:
     case KILN_ATTN_KERNEL_DQ:
         return 2 * attention_f32_tile_bytes(hd) + 2 * attention_bf16_tile_bytes(hd) + attention_p_bytes();

@@ -113,8 +113,9 @@ typedef struct {
 #define KILN_ATTN_KERNEL_FORWARD 0
 #define KILN_ATTN_KERNEL_DKDV 1
 #define KILN_ATTN_KERNEL_DQ 2
-// The tensor-core forward (attention_forward_mma, head dim 64 only, sm_80+): 64 query rows per
-// block (4 warps of 16, one mma.sync m16 row block each) against tiles of 64 keys.
+// The tensor-core forward (attention_forward_mma, sm_80+): 64 query rows per block (4 warps of 16,
+// one mma.sync m16 row block each) against tiles of 64 keys, at head dim KILN_ATTN_MMA_HEAD_DIM
+// and twice it (attention_mma_head_dim).
 #define KILN_ATTN_KERNEL_FORWARD_MMA 3
 #define KILN_ATTN_MMA_ROWS 64
 #define KILN_ATTN_MMA_HEAD_DIM 64

@@ -439,20 +439,26 @@ mod cuda {
         assert_eq!(twin::smem_bytes(dq, 64), twin::smem_bytes(dkdv, 64));
         assert!(twin::smem_bytes(dkdv, 64) <= 48 * 1024 && twin::smem_bytes(fwd, 128) <= 48 * 1024);
         assert_eq!(twin::smem_bytes(dkdv, 128), 54272);
-        // The tensor-core forward (hd = 64 only): Q, and K and V twice, each 64 x (64 + 8) bf16.
+        // The tensor-core forward (hd = 64 and 128): Q, and K and V twice, each 64 x (hd + 8) bf16;
+        // at 128 past the default 48 KB, within every sm_80+ GPU's opt-in limit (99 KB or more).
         let mma = kiln::abi::KILN_ATTN_KERNEL_FORWARD_MMA as usize;
         assert_eq!(twin::smem_bytes(mma, 64), 5 * 64 * 72 * 2);
         assert!(twin::smem_bytes(mma, 64) <= 48 * 1024);
+        assert_eq!(twin::smem_bytes(mma, 128), 5 * 64 * 136 * 2);
+        assert!(twin::smem_bytes(mma, 128) <= 99 * 1024);
+        assert!([32, 96, 40].iter().all(|&hd| twin::smem_bytes_at(mma, hd).is_none()));
     }
 
-    /// The shipped forward: tensor cores exactly where they apply (hd = 64 on sm_80+).
+    /// The shipped forward: tensor cores exactly where they apply (hd = 64 or 128 on sm_80+).
     #[test]
     fn shipped_variant() {
         use AttentionVariant::{Mma, Simt};
-        assert_eq!(AttentionVariant::shipped(64, (8, 0)), Mma);
-        assert_eq!(AttentionVariant::shipped(64, (9, 0)), Mma);
-        assert_eq!(AttentionVariant::shipped(64, (7, 5)), Simt);
-        for hd in [32, 40, 96, 128] {
+        for hd in [64, 128] {
+            assert_eq!(AttentionVariant::shipped(hd, (8, 0)), Mma);
+            assert_eq!(AttentionVariant::shipped(hd, (9, 0)), Mma);
+            assert_eq!(AttentionVariant::shipped(hd, (7, 5)), Simt);
+        }
+        for hd in [32, 40, 96, 120] {
             assert_eq!(AttentionVariant::shipped(hd, (9, 0)), Simt, "hd {hd}");
             assert!(!Mma.supports(hd, (9, 0)) && Simt.supports(hd, (9, 0)));
         }

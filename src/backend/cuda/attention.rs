@@ -3,9 +3,10 @@
 //! kernels' softmax math, which CI tests without a GPU.
 //!
 //! Layout as on the CPU: qkv and dqkv [B, T, C + 2 Ckv] (GPT-2's [B, T, 3C]; Ckv = n_kv_head hd
-//! with grouped-query heads, the `gqa_` functions), out and dout [B, T, C], lse [B, NH, T]. Activations and their gradients are bf16 (dqkv too: every element is written once,
-//! as the CPU twin's copy does, never accumulated); lse is f32. The forward has two variants
-//! (`AttentionVariant`): tensor cores (mma.sync) at GPT-2's head dim 64 on sm_80+, CUDA cores
+//! with grouped-query heads, the `gqa_` functions), out and dout [B, T, C], lse [B, NH, T].
+//! Activations and their gradients are bf16 (dqkv too: every element is written once, as the CPU
+//! twin's copy does, never accumulated); lse is f32. The forward has two variants
+//! (`AttentionVariant`): tensor cores (mma.sync) at head dims 64 and 128 on sm_80+, CUDA cores
 //! otherwise. The backward runs on CUDA cores and is deterministic: no atomics.
 
 use super::tensor::{bf16_in, f32_in, new_bf16, wrap_f32, CudaStorage};
@@ -78,12 +79,12 @@ fn check(
 pub enum AttentionVariant {
     /// attention_forward: f32 FMAs on CUDA cores, any head dim that is a multiple of 8 up to 128.
     Simt,
-    /// attention_forward_mma: mma.sync bf16 tensor cores, 64-row query tiles; head dim 64, sm_80+.
+    /// attention_forward_mma: mma.sync bf16 tensor cores, 64-row query tiles; head dims 64 and 128, sm_80+.
     Mma,
 }
 
 impl AttentionVariant {
-    /// The shipped choice: Mma where it applies (head dim 64 on sm_80 or newer), Simt otherwise.
+    /// The shipped choice: Mma where it applies (head dim 64 or 128 on sm_80 or newer), Simt otherwise.
     pub fn shipped(hd: usize, compute_capability: (i32, i32)) -> AttentionVariant {
         if Self::Mma.supports(hd, compute_capability) {
             AttentionVariant::Mma
@@ -96,7 +97,9 @@ impl AttentionVariant {
     pub fn supports(self, hd: usize, compute_capability: (i32, i32)) -> bool {
         match self {
             AttentionVariant::Simt => true,
-            AttentionVariant::Mma => hd == KILN_ATTN_MMA_HEAD_DIM as usize && compute_capability >= (8, 0),
+            AttentionVariant::Mma => {
+                twin::smem_bytes_at(KILN_ATTN_KERNEL_FORWARD_MMA as usize, hd).is_some() && compute_capability >= (8, 0)
+            }
         }
     }
 }
@@ -186,8 +189,9 @@ pub fn gqa_attention_forward_with(
         return Err(Error::Shape {
             op: "cuda::attention_forward",
             msg: format!(
-                "the {variant:?} forward needs head dim {} on sm_80 or newer; got head dim {hd} on sm_{major}{minor}",
-                KILN_ATTN_MMA_HEAD_DIM
+                "the {variant:?} forward needs head dim {} or {} on sm_80 or newer; got head dim {hd} on sm_{major}{minor}",
+                KILN_ATTN_MMA_HEAD_DIM,
+                2 * KILN_ATTN_MMA_HEAD_DIM
             ),
         });
     }
@@ -336,10 +340,14 @@ pub mod twin {
     /// Bytes of dynamic shared memory the kernel (KILN_ATTN_KERNEL_*) needs at head dim `hd`
     /// (the Mma forward takes only hd = 64).
     pub fn smem_bytes(kernel: usize, hd: usize) -> usize {
+        smem_bytes_at(kernel, hd).unwrap_or_else(|| panic!("attention kernel {kernel} does not run at head dim {hd}"))
+    }
+
+    /// `smem_bytes`, or None where the kernel does not take head dim `hd`.
+    pub fn smem_bytes_at(kernel: usize, hd: usize) -> Option<usize> {
         // SAFETY: plain integers in and out.
         let bytes = unsafe { kiln_host_attention_smem_bytes(kernel as i32, hd as i32) };
-        assert!(bytes > 0, "unknown attention kernel {kernel}");
-        bytes as usize
+        (bytes > 0).then_some(bytes as usize)
     }
 }
 
