@@ -210,7 +210,7 @@ fn build_cuda(root: &Path, kernels: &Path, out: &Path) {
             if !name.starts_with(&format!("{family}_")) {
                 fail(&format!("kernels/{family}.cu: kernel '{name}' must be named {family}_<what>"));
             }
-            let n = param_count(line).unwrap_or_else(|| {
+            let n = param_count(&expand_params(line, &src)).unwrap_or_else(|| {
                 fail(&format!("kernels/{family}.cu: declare kernel '{name}' with its parameter list on one line"))
             });
             names.push((family.clone(), name));
@@ -416,6 +416,23 @@ fn kernel_decl(line: &str) -> Option<(String, Option<String>)> {
     let rest = rest.trim_start().trim_start_matches("void").trim_start();
     let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
     Some((name, bound))
+}
+
+/// The declaration line with a parameter list given as one object-like macro (`name(MACRO)`, a
+/// `#define MACRO ...` on one line of the same file) replaced by the macro's text.
+fn expand_params(line: &str, src: &str) -> String {
+    let Some((name, _)) = kernel_decl(line) else { return line.to_string() };
+    let Some(open) = line.find(&format!("{name}(")).map(|i| i + name.len()) else { return line.to_string() };
+    let Some(close) = line[open..].find(')').map(|i| open + i) else { return line.to_string() };
+    let inner = line[open + 1..close].trim();
+    if inner.is_empty() || !inner.chars().all(|c| c.is_alphanumeric() || c == '_') {
+        return line.to_string();
+    }
+    let def = src.lines().find_map(|l| l.trim_start().strip_prefix("#define ")?.strip_prefix(inner)?.strip_prefix(' '));
+    match def {
+        Some(text) => format!("{}{}{}", &line[..open + 1], text.trim(), &line[close..]),
+        None => line.to_string(),
+    }
 }
 
 /// The number of parameters in a one-line kernel declaration `... name(T a, U b) {`: commas at
