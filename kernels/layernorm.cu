@@ -33,12 +33,6 @@
 
 namespace {
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // Sum of one row (lane partials, then the butterfly).
 template <bool VEC>
 __device__ __forceinline__ float row_sum(const __nv_bfloat16* x, int c, int lane) {

@@ -1,5 +1,6 @@
 // vec.cuh: 16-byte loads and stores of bf16 for the memory-bound kernels (elementwise,
-// layernorm, embedding). Device code only: the host twins never include it.
+// layernorm, rmsnorm, embedding), and the warp sum of the one-warp-per-row kernels. Device code
+// only: the host twins never include it.
 #pragma once
 #include "common.cuh"
 
@@ -25,3 +26,11 @@ __device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&f)[8]) {
 
 // Whether a 16-byte access at p is aligned (the vector paths need every pointer aligned).
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// The sum of v over the warp's 32 lanes, in every lane (a butterfly: the order is fixed, so the
+// same inputs give the same bits).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}

@@ -202,33 +202,15 @@ fn embedding_at_an_offset() {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::common::dev::{assert_bits, poisoned, rounded, to_bf};
     use super::common::{self, rng, uniform};
     use kiln::backend::cpu::embedding as cpu;
     use kiln::backend::cuda::embedding::{self as gpu, twin, Buckets};
-    use kiln::backend::cuda::{bf16, Cuda, DevBuf, DeviceElem};
+    use kiln::backend::cuda::{bf16, Cuda};
     use rand::Rng;
 
     const TS: [usize; 4] = [1, 7, 97, 1025];
     const CS: [usize; 4] = [1, 13, 768, 1000];
-
-    fn to_bf(v: &[f32]) -> Vec<bf16> {
-        v.iter().map(|&x| bf16::from_f32(x)).collect()
-    }
-    fn to_f(v: &[bf16]) -> Vec<f32> {
-        v.iter().map(|x| x.to_f32()).collect()
-    }
-    fn rounded(v: Vec<f32>) -> Vec<f32> {
-        to_f(&to_bf(&v))
-    }
-    fn poisoned<T: DeviceElem + Copy>(cu: &Cuda, n: usize, nan: T) -> DevBuf<T> {
-        cu.upload(&vec![nan; n]).unwrap()
-    }
-    fn assert_bits(label: &str, got: &[f32], want: &[f32]) {
-        assert_eq!(got.len(), want.len(), "{label}: length");
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(g.to_bits() == w.to_bits(), "{label}: element {i}: {g:e} vs {w:e}");
-        }
-    }
 
     /// ids drawn mostly from a few popular tokens (long buckets) and the rest of the vocabulary.
     fn ids(seed: u64, rows: usize, vocab: usize) -> Vec<i32> {

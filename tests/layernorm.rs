@@ -183,26 +183,16 @@ fn add_layernorm_is_add_then_layernorm_bit_for_bit() {
 /// and these allow that plus the f32 terms, which are 1e-4 or less of it at C = 1000.
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::common::dev::{assert_bits, poisoned, rounded, to_bf, to_f};
     use super::common::{self, max_abs, rng, uniform, U32};
     use kiln::backend::cpu::layernorm as cpu;
     use kiln::backend::cuda::layernorm::{self as gpu, twin};
-    use kiln::backend::cuda::{bf16, Cuda, DevBuf, DeviceElem};
+    use kiln::backend::cuda::{bf16, Cuda};
 
     const U_BF: f64 = 1.0 / 256.0;
     const EPS: f32 = 1e-5;
     const ROWS: [usize; 4] = [1, 7, 97, 1025];
     const COLS: [usize; 4] = [1, 13, 768, 1000];
-
-    fn to_bf(v: &[f32]) -> Vec<bf16> {
-        v.iter().map(|&x| bf16::from_f32(x)).collect()
-    }
-    fn to_f(v: &[bf16]) -> Vec<f32> {
-        v.iter().map(|x| x.to_f32()).collect()
-    }
-    /// The values a bf16 buffer holds, as f32 (what the CPU is given).
-    fn rounded(v: Vec<f32>) -> Vec<f32> {
-        to_f(&to_bf(&v))
-    }
 
     /// x (rows * c, offset by `offset`), w ~ 1 +- 0.5, b ~ +-0.5, all bf16-valued.
     fn inputs(seed: u64, rows: usize, c: usize, offset: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -211,13 +201,6 @@ mod cuda {
         let w = rounded(uniform(&mut r, c, 0.5).iter().map(|v| v + 1.0).collect());
         let b = rounded(uniform(&mut r, c, 0.5));
         (x, w, b)
-    }
-
-    fn assert_bits(label: &str, got: &[f32], want: &[f32]) {
-        assert_eq!(got.len(), want.len(), "{label}: length");
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(g.to_bits() == w.to_bits(), "{label}: element {i}: {g:e} vs {w:e}");
-        }
     }
 
     /// The host twin's forward is the CPU's formulas in the CPU's order: equal bits.
@@ -323,10 +306,6 @@ mod cuda {
                 );
             }
         }
-    }
-
-    fn poisoned<T: DeviceElem + Copy>(cu: &Cuda, n: usize, nan: T) -> DevBuf<T> {
-        cu.upload(&vec![nan; n]).unwrap()
     }
 
     #[test]

@@ -78,10 +78,11 @@ fn rmsnorm_rejects_a_weight_of_the_wrong_width() {
 /// rounding of the output (u_bf of its magnitude), which the plain bf16 result has anyway.
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::common::dev::{assert_bits, poisoned, rounded, to_bf, to_f};
     use super::common::{self, rng, uniform, U32};
     use kiln::backend::cpu::rmsnorm as cpu;
     use kiln::backend::cuda::rmsnorm::{self as gpu, twin};
-    use kiln::backend::cuda::{bf16, Cuda, DevBuf, DeviceElem};
+    use kiln::backend::cuda::{bf16, Cuda};
 
     const U_BF: f64 = 1.0 / 256.0;
     const EPS: f32 = 1e-5;
@@ -89,33 +90,12 @@ mod cuda {
     /// path), SmolLM2-135M's 576 and a width past one 256-column stripe (the 16-byte path).
     const SHAPES: [(usize, usize); 6] = [(1, 1), (7, 13), (97, 576), (130, 1000), (5, 2048), (64, 24)];
 
-    fn to_bf(v: &[f32]) -> Vec<bf16> {
-        v.iter().map(|&x| bf16::from_f32(x)).collect()
-    }
-    fn to_f(v: &[bf16]) -> Vec<f32> {
-        v.iter().map(|x| x.to_f32()).collect()
-    }
-    fn rounded(v: Vec<f32>) -> Vec<f32> {
-        to_f(&to_bf(&v))
-    }
-
     /// x (rows * c, offset by `offset`: an RMS far from the spread) and w ~ 1 +- 0.5, bf16-valued.
     fn inputs(seed: u64, rows: usize, c: usize, offset: f32) -> (Vec<f32>, Vec<f32>) {
         let mut r = rng(seed);
         let x = rounded(uniform(&mut r, rows * c, 1.0).iter().map(|v| v + offset).collect());
         let w = rounded(uniform(&mut r, c, 0.5).iter().map(|v| v + 1.0).collect());
         (x, w)
-    }
-
-    fn assert_bits(label: &str, got: &[f32], want: &[f32]) {
-        assert_eq!(got.len(), want.len(), "{label}: length");
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(g.to_bits() == w.to_bits(), "{label}: element {i}: {g:e} vs {w:e}");
-        }
-    }
-
-    fn poisoned<T: DeviceElem + Copy>(cu: &Cuda, n: usize, nan: T) -> DevBuf<T> {
-        cu.upload(&vec![nan; n]).unwrap()
     }
 
     /// The twin's forward is the CPU's mean square and the shared formulas: equal bits.

@@ -111,6 +111,7 @@ fn rope_rejects_bad_shapes() {
 /// they run on the emulated device.
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::common::dev::{rounded, to_bf, to_f};
     use super::common::{self, rng, uniform, U32};
     use kiln::backend::cpu::rope as cpu;
     use kiln::backend::cuda::rope::{self as gpu, twin};
@@ -129,16 +130,6 @@ mod cuda {
         (1, 4, 2, 2, 128, 500_000.0, 0),
         (1, 3, 2, 1, 16, 10_000.0, 300),
     ];
-
-    fn to_bf(v: &[f32]) -> Vec<bf16> {
-        v.iter().map(|&x| bf16::from_f32(x)).collect()
-    }
-    fn to_f(v: &[bf16]) -> Vec<f32> {
-        v.iter().map(|x| x.to_f32()).collect()
-    }
-    fn rounded(v: Vec<f32>) -> Vec<f32> {
-        to_f(&to_bf(&v))
-    }
 
     struct Case {
         t: usize,

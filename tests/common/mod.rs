@@ -315,3 +315,30 @@ pub fn gpu(test: &str) -> Option<&'static kiln::backend::cuda::Cuda> {
         }
     }
 }
+
+/// Host-side helpers of the kernel tests: bf16 conversions, NaN-poisoned device buffers (so an
+/// element a kernel fails to write shows), and bitwise comparison.
+#[cfg(feature = "cuda")]
+pub mod dev {
+    use kiln::backend::cuda::{bf16, Cuda, DevBuf, DeviceElem};
+
+    pub fn to_bf(v: &[f32]) -> Vec<bf16> {
+        v.iter().map(|&x| bf16::from_f32(x)).collect()
+    }
+    pub fn to_f(v: &[bf16]) -> Vec<f32> {
+        v.iter().map(|x| x.to_f32()).collect()
+    }
+    /// The values a bf16 buffer holds, as f32 (what the CPU is given).
+    pub fn rounded(v: Vec<f32>) -> Vec<f32> {
+        to_f(&to_bf(&v))
+    }
+    pub fn poisoned<T: DeviceElem + Copy>(cu: &Cuda, n: usize, nan: T) -> DevBuf<T> {
+        cu.upload(&vec![nan; n]).unwrap()
+    }
+    pub fn assert_bits(label: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{label}: length");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(g.to_bits() == w.to_bits(), "{label}: element {i}: {g:e} vs {w:e}");
+        }
+    }
+}
