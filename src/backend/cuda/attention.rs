@@ -389,7 +389,7 @@ impl crate::backend::Attention for super::Cuda {
         const OP: &str = "attention_cached";
         let (b, n, c) = qkv_dims(OP, qkv, heads)?;
         let (nh, nkv) = (heads.n_head, heads.n_kv_head);
-        let ckv = c / nh * nkv;
+        let ckv = kv_width(c, nh, nkv);
         let cap = k.dims().get(1).copied().unwrap_or(0);
         let qkv_d = bf16_in(OP, qkv)?;
         let mut q = self.alloc::<bf16>(b * n * c)?;
@@ -404,9 +404,14 @@ impl crate::backend::Attention for super::Cuda {
     }
 }
 
-/// Columns of a packed qkv row: C of queries, then keys and values of nkv heads of C / nh.
+/// Columns of the keys (or the values) of nkv heads of C / nh: Ckv.
+fn kv_width(c: usize, nh: usize, nkv: usize) -> usize {
+    c.checked_div(nh).unwrap_or(0) * nkv
+}
+
+/// Columns of a packed qkv row: C of queries, then Ckv of keys and Ckv of values.
 fn packed_width(c: usize, nh: usize, nkv: usize) -> usize {
-    c + 2 * c.checked_div(nh).unwrap_or(0) * nkv
+    c + 2 * kv_width(c, nh, nkv)
 }
 
 /// Checks a KV-cache launch: the shapes and alignment `check` wants, and len + n <= cap within the
@@ -516,7 +521,7 @@ pub fn gqa_attention_decode(
 ) -> Result<()> {
     let KvDims { b, n, past, cap, c } = *d;
     const OP: &str = "cuda::attention_decode";
-    let ckv = packed_width(c, nh, nkv).saturating_sub(c) / 2;
+    let ckv = kv_width(c, nh, nkv);
     let lens = [
         ("out", out.len(), b * n * c, out.ptr()),
         ("q", q.len(), b * n * c, q.ptr()),

@@ -105,16 +105,7 @@ pub fn rope_pack(
     heads: Heads,
 ) -> Result<()> {
     let rows = check("cuda::rope_pack", qkv.len(), [q.len(), k.len(), v.len()], cs, t, offset, heads)?;
-    if rows == 0 {
-        return Ok(());
-    }
-    let i = |x: usize| x as i32;
-    let (t32, off32, hd32, nh32, nkv32) = (i(t), i(offset), i(cs.hd), i(heads.n_head), i(heads.n_kv_head));
-    let mut l = cuda()?.launch_builder(Kernel::RopePack);
-    l.arg(qkv).arg(q).arg(k).arg(v).arg(&cs.cs).arg(&t32).arg(&off32).arg(&hd32).arg(&nh32).arg(&nkv32);
-    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
-    unsafe { l.launch(row_config(rows)) }?;
-    Ok(())
+    launch(Kernel::RopePack, [&*qkv, q, k, v], rows, cs, t, offset, heads)
 }
 
 /// dq, dk (rotated back) and dv (copied) from dqkv; the backward of `rope_pack`.
@@ -130,14 +121,32 @@ pub fn rope_unpack(
     heads: Heads,
 ) -> Result<()> {
     let rows = check("cuda::rope_unpack", dqkv.len(), [dq.len(), dk.len(), dv.len()], cs, t, offset, heads)?;
+    launch(Kernel::RopeUnpack, [&*dq, &*dk, &*dv, dqkv], rows, cs, t, offset, heads)
+}
+
+/// Launches rope_pack or rope_unpack, whose parameters are four bf16 buffers (those of
+/// `rope_pack` or `rope_unpack`, in order) and then the same table and sizes; `check` has
+/// measured every buffer against `rows`.
+fn launch(
+    kernel: Kernel,
+    bufs: [&DevBuf<bf16>; 4],
+    rows: usize,
+    cs: &RopeTable,
+    t: usize,
+    offset: usize,
+    heads: Heads,
+) -> Result<()> {
     if rows == 0 {
         return Ok(());
     }
     let i = |x: usize| x as i32;
     let (t32, off32, hd32, nh32, nkv32) = (i(t), i(offset), i(cs.hd), i(heads.n_head), i(heads.n_kv_head));
-    let mut l = cuda()?.launch_builder(Kernel::RopeUnpack);
-    l.arg(dq).arg(dk).arg(dv).arg(dqkv).arg(&cs.cs).arg(&t32).arg(&off32).arg(&hd32).arg(&nh32).arg(&nkv32);
-    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
+    let mut l = cuda()?.launch_builder(kernel);
+    for b in bufs {
+        l.arg(b);
+    }
+    l.arg(&cs.cs).arg(&t32).arg(&off32).arg(&hd32).arg(&nh32).arg(&nkv32);
+    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked by the caller are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(row_config(rows)) }?;
     Ok(())
 }
