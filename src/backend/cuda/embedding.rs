@@ -41,7 +41,16 @@ impl Buckets {
     }
 }
 
-fn check(op: &'static str, rows: usize, t: usize, c: usize, table: (&str, usize), wpe: (&str, usize)) -> Result<()> {
+/// Checks the sizes the embedding kernels index with: a table of rows of C, and a position table
+/// (where there is one) of at least T rows.
+fn check(
+    op: &'static str,
+    rows: usize,
+    t: usize,
+    c: usize,
+    table: (&str, usize),
+    wpe: Option<(&str, usize)>,
+) -> Result<()> {
     if t == 0 || c == 0 {
         return Err(Error::Shape { op, msg: format!("T = {t}, C = {c}: both must be positive") });
     }
@@ -54,8 +63,10 @@ fn check(op: &'static str, rows: usize, t: usize, c: usize, table: (&str, usize)
             msg: format!("{} has {} elements: not rows of C = {c} (or too many)", table.0, table.1),
         });
     }
-    if wpe.1 % c != 0 || wpe.1 < t * c {
-        return Err(Error::Shape { op, msg: format!("{} has {} elements: need [>= T, C] = [{t}, {c}]", wpe.0, wpe.1) });
+    if let Some((name, len)) = wpe {
+        if len % c != 0 || len < t * c {
+            return Err(Error::Shape { op, msg: format!("{name} has {len} elements: need [>= T, C] = [{t}, {c}]") });
+        }
     }
     Ok(())
 }
@@ -97,7 +108,7 @@ pub fn embedding_backward(
     let threads = KILN_EMB_THREADS as usize;
     let (rows32, t32, c32) = (rows as i32, t as i32, c as i32);
     if let Some(dwte) = dwte {
-        check(op, rows, t, c, ("dwte", dwte.len()), ("t * c", t * c))?;
+        check(op, rows, t, c, ("dwte", dwte.len()), None)?;
         let vocab = dwte.len() / c;
         cu.memset_zeros(&mut dwte.slice_mut(..))?;
         let b = Buckets::new(ids, vocab);
@@ -116,7 +127,7 @@ pub fn embedding_backward(
         }
     }
     if let Some(dwpe) = dwpe {
-        check(op, rows, t, c, ("t * c", t * c), ("dwpe", dwpe.len()))?;
+        check(op, rows, t, c, ("t * c", t * c), Some(("dwpe", dwpe.len())))?;
         if dwpe.len() > t * c {
             cu.memset_zeros(&mut dwpe.slice_mut(t * c..))?;
         }
@@ -143,7 +154,7 @@ pub fn embedding_forward_at(
 ) -> Result<()> {
     let op = "cuda::embedding_forward";
     let rows = ids.len();
-    check(op, rows, t, c, ("wte", wte.len()), ("wpe", wpe.len()))?;
+    check(op, rows, t, c, ("wte", wte.len()), Some(("wpe", wpe.len())))?;
     if wpe.len() < (offset + t) * c || out.len() != rows * c {
         return Err(Error::Shape {
             op,
@@ -176,7 +187,7 @@ pub fn embedding_forward_at(
 pub fn token_embedding_forward(out: &mut DevBuf<bf16>, ids: &DevBuf<i32>, wte: &DevBuf<bf16>, c: usize) -> Result<()> {
     let op = "cuda::token_embedding_forward";
     let rows = ids.len();
-    check(op, rows, 1, c, ("wte", wte.len()), ("(no position table)", c))?;
+    check(op, rows, 1, c, ("wte", wte.len()), None)?;
     if out.len() != rows * c {
         return Err(Error::Shape { op, msg: format!("out has {} elements, need rows * C = {}", out.len(), rows * c) });
     }
