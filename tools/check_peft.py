@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Checks that a LoRA adapter trained by `kiln finetune --method lora` (or qlora) loads in PEFT and
 gives the same loss as kiln, on a GPT-2 and on a Llama (the seed's seven targets with rsLoRA, and
-QLoRA), where torch, transformers and peft are installed (too heavy for CI, whose
-tests check the adapter's file layout against PEFT's instead).
+QLoRA), with the libraries of tools/oracle/requirements.txt installed (CI installs them in a
+virtual environment and runs this).
 
 Usage: python tools/check_peft.py [path/to/kiln]   (default target/release/kiln)
 """

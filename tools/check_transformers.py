@@ -1,7 +1,6 @@
 #!/usr/bin/env python3
-"""Checks kiln's checkpoints against Hugging Face transformers both ways, where torch and
-transformers are installed (they are too heavy for CI, whose Rust tests check the file layout
-instead):
+"""Checks kiln's checkpoints against Hugging Face transformers both ways, with the libraries of
+tools/oracle/requirements.txt installed (CI installs them in a virtual environment and runs this):
 
   1. a checkpoint `kiln init` writes (f32 and bf16; GPT-2's tiny preset, a Llama's llama-tiny and
      smollm2-135m) loads in transformers, and transformers' loss on a batch equals `kiln eval`'s;
