@@ -1,14 +1,16 @@
 // attention.cu: causal multi-head self-attention, the flash way (FlashAttention-2's loop order),
-// on CUDA cores. Twin: src/backend/cpu/attention.rs (same names, same argument order).
+// on CUDA cores. CPU twin: src/backend/cpu/attention.rs (the same names, over packed qkv; with RoPE
+// on load, src/backend/cpu/rope.rs's rope_pack before it and rope_unpack after).
 //
-// What it computes. qkv [B, T, C + 2 Ckv] bf16 packs per row the queries of NH heads, then the
-// keys and the values of NKV heads (head dim hd = C / NH, Ckv = NKV hd): GPT-2's c_attn output
-// [B, T, 3C] when NKV = NH, a Llama block's rope_pack output with grouped-query heads when NKV <
-// NH. Query head h attends with KV head h / (NH / NKV), read in place: no K or V is copied per
-// group. Forward: out [B, T, C] bf16 = softmax(q k^T / sqrt(hd), causal) v, and lse [B, NH, T]
-// f32, the log-sum-exp of each row's scaled scores, all the backward keeps of the softmax.
-// Backward: dqkv shaped as qkv, every element written once (=, not +=), from dout [B, T, C], qkv,
-// out and lse, by three kernels:
+// What it computes. Queries of NH heads and the keys and values of NKV heads (head dim hd = C / NH,
+// Ckv = NKV hd), from three pointers with row strides (the operands, described below the
+// helpers): GPT-2's packed c_attn output [B, T, 3C] (NKV = NH), or a Llama block's q, k and v as
+// its three projections give them, with grouped-query heads and RoPE applied on load. Query head h
+// attends with KV head h / (NH / NKV), read in place: no K or V is copied per group. Forward: out
+// [B, T, C] bf16 = softmax(q k^T / sqrt(hd), causal) v, and lse [B, NH, T] f32, the log-sum-exp
+// of each row's scaled scores, all the backward keeps of the softmax. Backward: dq, dk and dv laid
+// out as q, k and v, every element written once (=, not +=), from dout [B, T, C], q, k, v, out
+// and lse, by three kernels:
 //   attention_backward_preprocess  D [B, NH, T] f32 = rowsum(dout * out) per head;
 //   attention_backward_dkdv        dK, dV: one block per (key tile, KV head), looping over the
 //                                  group's query heads and their query tiles in a fixed order;
@@ -59,6 +61,7 @@
 // shape; needs a GPU), and on the CPU by the emulated device (kernels/emu/README.md).
 #include "common.cuh"
 #include "attention.cuh"
+#include "rope.cuh"
 
 namespace {
 
@@ -87,16 +90,22 @@ __device__ __forceinline__ float warp_sum(float x) {
     return x;
 }
 
-// Where one KV head's keys and values sit in a packed qkv row [q | k | v] of C + 2 Ckv columns
-// (Ckv = NKV hd): k at C + g hd, v at C + Ckv + g hd; ld is the row's width. Query head h reads
-// KV head g = h / (NH / NKV), so each K and V row serves its group without a copy.
-struct HeadCols {
-    size_t ld, k, v;
-};
-__device__ __forceinline__ HeadCols head_cols(int C, int NH, int NKV, int hd, int g) {
-    const size_t ckv = (size_t)NKV * hd;
-    return HeadCols{(size_t)C + 2 * ckv, (size_t)C + (size_t)g * hd, (size_t)C + ckv + (size_t)g * hd};
-}
+// The operands. q [B, T, ldq] holds query head h at columns h hd .. (h + 1) hd of each row; k and
+// v [B, T, ldkv] hold KV head g at g hd. Query head h reads KV head g = h / (NH / NKV), in place: no
+// K or V is copied per group. GPT-2's packed qkv [B, T, 3C] passes q = qkv, k = qkv + C, v = qkv +
+// 2C with ldq = ldkv = 3C (a packed GQA row [q | k | v]: k = qkv + C, v = qkv + C + Ckv); a Llama
+// block passes its three projections as they are (ldq = C, ldkv = Ckv). The backward writes dq, dk
+// and dv with the same strides as q, k and v. Pointers and strides are multiples of 8 elements
+// (16 bytes), which the wrapper checks.
+//
+// RoPE on load. With a table cs ([T][hd] f32, rope.cu's layout: cos of pair i at [p][i], sin at
+// [p][hd/2 + i]), q and k are rotated as they are loaded (row t at position t) and dq, dk rotated
+// back as they are stored, so a Llama block's attention needs no packed, rotated copy of q and k.
+// A rotated value is rounded to bf16, as rope_pack stores it, and a gradient is rounded to bf16
+// before it is turned back, as attention-then-rope_unpack does: the fused kernels equal rope_pack +
+// attention + rope_unpack bit for bit. cs null: no rotation (GPT-2).
+
+__device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
 // Eight bf16 (one 16-byte word, element 0 in the low half of .x) as f32.
 __device__ __forceinline__ void unpack8(uint4 u, float f[8]) {
@@ -108,12 +117,45 @@ __device__ __forceinline__ void unpack8(uint4 u, float f[8]) {
     }
 }
 
+// RoPE on load, for either kind of tile: rows of hd bf16 from global (row stride src_ld) rotated
+// as rope_pack rotates them, row r at the table row cs + r hd. Each step takes two adjacent pairs
+// of a row, dims (i, i + 1) and (i + hd/2, i + hd/2 + 1), as bf16x2 words (hd % 8 == 0, so both
+// halves start word-aligned), and hands the rotated values, rounded to bf16, to put(r, i, lo, hi);
+// rows r >= rows give zeros. Few registers live at once: it runs inside the key-tile loops.
+template <typename Put>
+__device__ __forceinline__ void rope_tile(const bf16* src, size_t src_ld, int rows, int hd, const float* cs, Put put) {
+    const int h2 = hd / 2, steps = h2 / 2;
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < TILE * steps; idx += THREADS) {
+        const int r = idx / steps, i = 2 * (idx - r * steps);
+        float2 lo = make_float2(0.0f, 0.0f), hi = lo;
+        if (r < rows) {
+            const bf16* row = src + (size_t)r * src_ld;
+            const float* c = cs + (size_t)r * hd;
+            const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(row + i));
+            const float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(row + i + h2));
+            const float2 co = *reinterpret_cast<const float2*>(c + i), si = *reinterpret_cast<const float2*>(c + h2 + i);
+            lo = make_float2(round_bf16(rope_lo(x.x, y.x, co.x, si.x)), round_bf16(rope_lo(x.y, y.y, co.y, si.y)));
+            hi = make_float2(round_bf16(rope_hi(x.x, y.x, co.x, si.x)), round_bf16(rope_hi(x.y, y.y, co.y, si.y)));
+        }
+        put(r, i, lo, hi);
+    }
+}
+
 // Copies `rows` (<= TILE) rows of hd bf16 from global (row stride src_ld elements) into a bf16
 // shared tile with row stride hd + PAD; rows rows..TILE-1 become zeros, so every value read later
-// is finite. All pointers and strides are multiples of 8 elements (16 bytes): hd % 8 == 0 makes
-// C, 3C and h * hd multiples of 8.
-__device__ __forceinline__ void load_tile_bf16(bf16* dst, const bf16* src, size_t src_ld, int rows, int hd) {
-    const int hd8 = hd / 8, ld = hd + PAD;
+// is finite. All pointers and strides are multiples of 8 elements (16 bytes). With cs (the table
+// row of the tile's first position), rotated on the way (rope_tile).
+__device__ __forceinline__ void load_tile_bf16(bf16* dst, const bf16* src, size_t src_ld, int rows, int hd, const float* cs) {
+    const int ld = hd + PAD;
+    if (cs) {
+        rope_tile(src, src_ld, rows, hd, cs, [&](int r, int i, float2 lo, float2 hi) {
+            *reinterpret_cast<__nv_bfloat162*>(dst + r * ld + i) = __floats2bfloat162_rn(lo.x, lo.y);
+            *reinterpret_cast<__nv_bfloat162*>(dst + r * ld + i + hd / 2) = __floats2bfloat162_rn(hi.x, hi.y);
+        });
+        return;
+    }
+    const int hd8 = hd / 8;
     for (int idx = threadIdx.x; idx < TILE * hd8; idx += THREADS) {
         const int r = idx / hd8, c = idx - r * hd8;
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
@@ -123,7 +165,14 @@ __device__ __forceinline__ void load_tile_bf16(bf16* dst, const bf16* src, size_
 }
 
 // The same into an f32 tile with row stride hd.
-__device__ __forceinline__ void load_tile_f32(float* dst, const bf16* src, size_t src_ld, int rows, int hd) {
+__device__ __forceinline__ void load_tile_f32(float* dst, const bf16* src, size_t src_ld, int rows, int hd, const float* cs) {
+    if (cs) {
+        rope_tile(src, src_ld, rows, hd, cs, [&](int r, int i, float2 lo, float2 hi) {
+            *reinterpret_cast<float2*>(dst + r * hd + i) = lo;
+            *reinterpret_cast<float2*>(dst + r * hd + i + hd / 2) = hi;
+        });
+        return;
+    }
     const int hd8 = hd / 8;
     for (int idx = threadIdx.x; idx < TILE * hd8; idx += THREADS) {
         const int r = idx / hd8, c = idx - r * hd8;
@@ -219,17 +268,55 @@ __device__ __forceinline__ void store_row(bf16* dst, const float v[2 * NP], floa
     }
 }
 
+// store_row of a dq or dk row with the rotation undone when cs_row (the row position's table row)
+// is given: the lane's values, rounded to bf16 as attention stores dqkv, go through the warp's
+// scratch (hd floats of shared memory) so that each lane reads the partners of its dims, then turn
+// back by the negative angle as rope_unpack does.
 template <int HD>
-__device__ __forceinline__ void forward_body(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, int NKV, int hd_rt) {
+__device__ __forceinline__ void store_row_unrope(bf16* dst, const float v[2 * NP], int lane, int hd_rt, const float* cs_row, float* scratch) {
+    if (!cs_row) {
+        store_row<HD>(dst, v, 1.0f, lane, hd_rt);
+        return;
+    }
+    const int hd = HD ? HD : hd_rt, h2 = hd / 2;
+    constexpr int np = HD ? (HD / 2 + 31) / 32 : NP;
+    __syncwarp();  // every lane is done with what the scratch held before
+#pragma unroll
+    for (int k = 0; k < np; ++k) {
+        const int pair = lane + 32 * k;
+        if (pair < hd / 2) {
+            scratch[2 * pair] = round_bf16(v[2 * k]);
+            scratch[2 * pair + 1] = round_bf16(v[2 * k + 1]);
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < np; ++k) {
+        const int pair = lane + 32 * k;
+        if (pair >= hd / 2) continue;
+        float y[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int d = 2 * pair + e;
+            y[e] = d < h2 ? rope_lo(scratch[d], scratch[d + h2], cs_row[d], -cs_row[h2 + d])
+                          : rope_hi(scratch[d - h2], scratch[d], cs_row[d - h2], -cs_row[d]);
+        }
+        *reinterpret_cast<__nv_bfloat162*>(dst + 2 * pair) = __floats2bfloat162_rn(y[0], y[1]);
+    }
+    __syncwarp();  // every lane has read the scratch before the next row overwrites it
+}
+
+template <int HD>
+__device__ __forceinline__ void forward_body(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const float* cs, int T, int C,
+                                             int NH, int NKV, int ldq, int ldkv, int hd_rt) {
     const int hd = HD ? HD : hd_rt;
     // Query tiles in reverse: the longest rows (most key tiles) start first, the short ones fill in.
     const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * TILE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const HeadCols hc = head_cols(C, NH, NKV, hd, h / (NH / NKV));
-    const size_t ld = hc.ld;
-    const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * hd;
-    const bf16* kbase = qkv + (size_t)b * T * ld + hc.k;
-    const bf16* vbase = qkv + (size_t)b * T * ld + hc.v;
+    const int g = h / (NH / NKV);
+    const bf16* base = q + (size_t)b * T * ldq + (size_t)h * hd;
+    const bf16* kbase = k + (size_t)b * T * ldkv + (size_t)g * hd;
+    const bf16* vbase = v + (size_t)b * T * ldkv + (size_t)g * hd;
     const float scale = 1.0f / sqrtf((float)hd);
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -238,7 +325,7 @@ __device__ __forceinline__ void forward_body(bf16* out, float* lse, const bf16* 
     bf16* vs = ks + TILE * (hd + PAD);                                               // [TILE][hd + PAD]
     float* pw = reinterpret_cast<float*>(vs + TILE * (hd + PAD)) + warp * ROWS * TILE;  // this warp's [ROWS][TILE]
 
-    load_tile_f32(qs, base + (size_t)q0 * ld, ld, min(TILE, T - q0), hd);
+    load_tile_f32(qs, base + (size_t)q0 * ldq, ldq, min(TILE, T - q0), hd, cs ? cs + (size_t)q0 * hd : nullptr);
 
     float m[ROWS], l[ROWS], acc[ROWS][2 * NP];
 #pragma unroll
@@ -254,8 +341,8 @@ __device__ __forceinline__ void forward_body(bf16* out, float* lse, const bf16* 
     for (int kt = 0; kt < n_kt; ++kt) {
         const int k0 = kt * TILE;
         __syncthreads();  // every warp is done with the previous K, V tiles
-        load_tile_bf16(ks, kbase + (size_t)k0 * ld, ld, min(TILE, T - k0), hd);
-        load_tile_bf16(vs, vbase + (size_t)k0 * ld, ld, min(TILE, T - k0), hd);
+        load_tile_bf16(ks, kbase + (size_t)k0 * ldkv, ldkv, min(TILE, T - k0), hd, cs ? cs + (size_t)k0 * hd : nullptr);
+        load_tile_bf16(vs, vbase + (size_t)k0 * ldkv, ldkv, min(TILE, T - k0), hd, nullptr);
         __syncthreads();
 
         float s[ROWS];
@@ -291,16 +378,15 @@ __device__ __forceinline__ void forward_body(bf16* out, float* lse, const bf16* 
 }
 
 template <int HD>
-__device__ __forceinline__ void dkdv_body(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                          const float* dsum, int T, int C, int NH, int NKV, int hd_rt) {
+__device__ __forceinline__ void dkdv_body(bf16* dk_out, bf16* dv_out, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
+                                          const float* cs, const float* lse, const float* dsum, int T, int C, int NH, int NKV,
+                                          int ldq, int ldkv, int hd_rt) {
     const int hd = HD ? HD : hd_rt;
     // blockIdx.y is a KV head: its dK, dV sum over the group of query heads it serves.
     const int b = blockIdx.z, g = blockIdx.y, k0 = blockIdx.x * TILE, group = NH / NKV;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const HeadCols hc = head_cols(C, NH, NKV, hd, g);
-    const size_t ld = hc.ld;
-    const bf16* kbase = qkv + (size_t)b * T * ld + hc.k;
-    const bf16* vbase = qkv + (size_t)b * T * ld + hc.v;
+    const bf16* kbase = k + (size_t)b * T * ldkv + (size_t)g * hd;
+    const bf16* vbase = v + (size_t)b * T * ldkv + (size_t)g * hd;
     const float scale = 1.0f / sqrtf((float)hd);
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -310,8 +396,8 @@ __device__ __forceinline__ void dkdv_body(bf16* dqkv, const bf16* dout, const bf
     bf16* dos = qs + TILE * (hd + PAD);                              // [TILE][hd + PAD]
     float* pw = reinterpret_cast<float*>(dos + TILE * (hd + PAD)) + warp * ROWS * TILE;
 
-    load_tile_f32(ks, kbase + (size_t)k0 * ld, ld, min(TILE, T - k0), hd);
-    load_tile_f32(vs, vbase + (size_t)k0 * ld, ld, min(TILE, T - k0), hd);
+    load_tile_f32(ks, kbase + (size_t)k0 * ldkv, ldkv, min(TILE, T - k0), hd, cs ? cs + (size_t)k0 * hd : nullptr);
+    load_tile_f32(vs, vbase + (size_t)k0 * ldkv, ldkv, min(TILE, T - k0), hd, nullptr);
 
     float dk[ROWS][2 * NP], dv[ROWS][2 * NP];
 #pragma unroll
@@ -328,8 +414,9 @@ __device__ __forceinline__ void dkdv_body(bf16* dqkv, const bf16* dout, const bf
         const int h = g * group + it / per_head;
         const int q0 = (blockIdx.x + it % per_head) * TILE;
         __syncthreads();  // every warp is done with the previous Q, dO tiles (and K, V are loaded)
-        load_tile_bf16(qs, qkv + ((size_t)b * T + q0) * ld + (size_t)h * hd, ld, min(TILE, T - q0), hd);
-        load_tile_bf16(dos, dout + ((size_t)b * T + q0) * C + (size_t)h * hd, C, min(TILE, T - q0), hd);
+        load_tile_bf16(qs, q + ((size_t)b * T + q0) * ldq + (size_t)h * hd, ldq, min(TILE, T - q0), hd,
+                       cs ? cs + (size_t)q0 * hd : nullptr);
+        load_tile_bf16(dos, dout + ((size_t)b * T + q0) * C + (size_t)h * hd, C, min(TILE, T - q0), hd, nullptr);
         __syncthreads();
 
         const int i = q0 + lane;
@@ -359,25 +446,25 @@ __device__ __forceinline__ void dkdv_body(bf16* dqkv, const bf16* dout, const bf
     for (int r = 0; r < ROWS; ++r) {
         const int j = k0 + warp * ROWS + r;
         if (j < T) {
-            bf16* row = dqkv + ((size_t)b * T + j) * ld;
-            store_row<HD>(row + hc.k, dk[r], 1.0f, lane, hd);
-            store_row<HD>(row + hc.v, dv[r], 1.0f, lane, hd);
+            const size_t off = ((size_t)b * T + j) * ldkv + (size_t)g * hd;
+            store_row_unrope<HD>(dk_out + off, dk[r], lane, hd, cs ? cs + (size_t)j * hd : nullptr, pw);
+            store_row<HD>(dv_out + off, dv[r], 1.0f, lane, hd);
         }
     }
 }
 
 template <int HD>
-__device__ __forceinline__ void dq_body(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                        const float* dsum, int T, int C, int NH, int NKV, int hd_rt) {
+__device__ __forceinline__ void dq_body(bf16* dq_out, const bf16* dout, const bf16* q, const bf16* k, const bf16* v, const float* cs,
+                                        const float* lse, const float* dsum, int T, int C, int NH, int NKV, int ldq, int ldkv,
+                                        int hd_rt) {
     const int hd = HD ? HD : hd_rt;
     // Query tiles in reverse: the longest rows (most key tiles) start first, the short ones fill in.
     const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * TILE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const HeadCols hc = head_cols(C, NH, NKV, hd, h / (NH / NKV));
-    const size_t ld = hc.ld;
-    const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * hd;
-    const bf16* kbase = qkv + (size_t)b * T * ld + hc.k;
-    const bf16* vbase = qkv + (size_t)b * T * ld + hc.v;
+    const int g = h / (NH / NKV);
+    const bf16* base = q + (size_t)b * T * ldq + (size_t)h * hd;
+    const bf16* kbase = k + (size_t)b * T * ldkv + (size_t)g * hd;
+    const bf16* vbase = v + (size_t)b * T * ldkv + (size_t)g * hd;
     const bf16* dbase = dout + (size_t)b * T * C + (size_t)h * hd;
     const float* lse_bh = lse + ((size_t)b * NH + h) * T;
     const float* d_bh = dsum + ((size_t)b * NH + h) * T;
@@ -390,8 +477,8 @@ __device__ __forceinline__ void dq_body(bf16* dqkv, const bf16* dout, const bf16
     bf16* vs = ks + TILE * (hd + PAD);                               // [TILE][hd + PAD]
     float* pw = reinterpret_cast<float*>(vs + TILE * (hd + PAD)) + warp * ROWS * TILE;
 
-    load_tile_f32(qs, base + (size_t)q0 * ld, ld, min(TILE, T - q0), hd);
-    load_tile_f32(dos, dbase + (size_t)q0 * C, C, min(TILE, T - q0), hd);
+    load_tile_f32(qs, base + (size_t)q0 * ldq, ldq, min(TILE, T - q0), hd, cs ? cs + (size_t)q0 * hd : nullptr);
+    load_tile_f32(dos, dbase + (size_t)q0 * C, C, min(TILE, T - q0), hd, nullptr);
 
     float lse_r[ROWS], d_r[ROWS], dq[ROWS][2 * NP];
 #pragma unroll
@@ -407,8 +494,8 @@ __device__ __forceinline__ void dq_body(bf16* dqkv, const bf16* dout, const bf16
     for (int kt = 0; kt < n_kt; ++kt) {
         const int k0 = kt * TILE;
         __syncthreads();  // every warp is done with the previous K, V tiles (and Q, dO are loaded)
-        load_tile_bf16(ks, kbase + (size_t)k0 * ld, ld, min(TILE, T - k0), hd);
-        load_tile_bf16(vs, vbase + (size_t)k0 * ld, ld, min(TILE, T - k0), hd);
+        load_tile_bf16(ks, kbase + (size_t)k0 * ldkv, ldkv, min(TILE, T - k0), hd, cs ? cs + (size_t)k0 * hd : nullptr);
+        load_tile_bf16(vs, vbase + (size_t)k0 * ldkv, ldkv, min(TILE, T - k0), hd, nullptr);
         __syncthreads();
 
         float s[ROWS], dp[ROWS];
@@ -428,7 +515,9 @@ __device__ __forceinline__ void dq_body(bf16* dqkv, const bf16* dout, const bf16
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
         const int i = q0 + warp * ROWS + r;
-        if (i < T) store_row<HD>(dqkv + ((size_t)b * T + i) * ld + (size_t)h * hd, dq[r], 1.0f, lane, hd);
+        if (i < T)
+            store_row_unrope<HD>(dq_out + ((size_t)b * T + i) * ldq + (size_t)h * hd, dq[r], lane, hd,
+                                 cs ? cs + (size_t)i * hd : nullptr, pw);
     }
 }
 
@@ -532,16 +621,33 @@ __device__ __forceinline__ void mma_load_tile(bf16* dst, const bf16* src, size_t
     }
 }
 
+// Rotates `rows` rows of a shared tile (row stride mma_ld<HD>()) in place, row r at the table row
+// cs + r HD: rope_pack's arithmetic on the same bf16 values, so the tile then holds what a plain
+// load of rope_pack's output would. Each thread owns its pairs (i, i + HD/2): no thread reads what
+// another writes.
 template <int HD>
-__device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, int NKV) {
+__device__ __forceinline__ void mma_rope_tile(bf16* tile, int rows, const float* cs) {
+    constexpr int H2 = HD / 2, LD = mma_ld<HD>();
+    for (int idx = threadIdx.x; idx < rows * H2; idx += THREADS) {
+        const int r = idx / H2, i = idx % H2;
+        bf16* x = tile + r * LD;
+        const float* c = cs + (size_t)r * HD;
+        const float a = __bfloat162float(x[i]), b = __bfloat162float(x[i + H2]);
+        x[i] = __float2bfloat16_rn(rope_lo(a, b, c[i], c[H2 + i]));
+        x[i + H2] = __float2bfloat16_rn(rope_hi(a, b, c[i], c[H2 + i]));
+    }
+}
+
+template <int HD>
+__device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const float* cs,
+                                                 int T, int C, int NH, int NKV, int ldq, int ldkv) {
     // Query tiles in reverse: the longest rows (most key tiles) start first, the short ones fill in.
     const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const HeadCols hc = head_cols(C, NH, NKV, HD, h / (NH / NKV));
-    const size_t ld = hc.ld;
-    const bf16* base = qkv + (size_t)b * T * ld + (size_t)h * HD;
-    const bf16* kbase = qkv + (size_t)b * T * ld + hc.k;
-    const bf16* vbase = qkv + (size_t)b * T * ld + hc.v;
+    const int kv_head = h / (NH / NKV);
+    const bf16* base = q + (size_t)b * T * ldq + (size_t)h * HD;
+    const bf16* kbase = k + (size_t)b * T * ldkv + (size_t)kv_head * HD;
+    const bf16* vbase = v + (size_t)b * T * ldkv + (size_t)kv_head * HD;
     const float scale = 1.0f / sqrtf((float)HD);
     constexpr int LD = mma_ld<HD>();
 
@@ -553,9 +659,9 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
     // Key tiles 0 .. the diagonal one (q0 / 64: query and key tiles are the same 64 rows). Only the
     // diagonal tile can hold keys after a row, or keys >= T (zeros, then masked for real rows).
     const int n_kt = q0 / MMA_KEYS + 1;
-    mma_load_tile<HD>(qs, base + (size_t)q0 * ld, ld, min(MMA_ROWS, T - q0));
-    mma_load_tile<HD>(ks, kbase, ld, min(MMA_KEYS, T));
-    mma_load_tile<HD>(vs, vbase, ld, min(MMA_KEYS, T));
+    mma_load_tile<HD>(qs, base + (size_t)q0 * ldq, ldq, min(MMA_ROWS, T - q0));
+    mma_load_tile<HD>(ks, kbase, ldkv, min(MMA_KEYS, T));
+    mma_load_tile<HD>(vs, vbase, ldkv, min(MMA_KEYS, T));
     cp_async_commit();
 
     // This thread's rows of the warp's 16: i0 (fragment row g) and i1 = i0 + 8.
@@ -572,24 +678,29 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
         // iteration came after every warp's last read of it), then wait for this one.
         if (kt + 1 < n_kt) {
             const int k1 = k0 + MMA_KEYS;
-            mma_load_tile<HD>(ks + (buf ^ 1) * MMA_KEYS * LD, kbase + (size_t)k1 * ld, ld, min(MMA_KEYS, T - k1));
-            mma_load_tile<HD>(vs + (buf ^ 1) * MMA_KEYS * LD, vbase + (size_t)k1 * ld, ld, min(MMA_KEYS, T - k1));
+            mma_load_tile<HD>(ks + (buf ^ 1) * MMA_KEYS * LD, kbase + (size_t)k1 * ldkv, ldkv, min(MMA_KEYS, T - k1));
+            mma_load_tile<HD>(vs + (buf ^ 1) * MMA_KEYS * LD, vbase + (size_t)k1 * ldkv, ldkv, min(MMA_KEYS, T - k1));
             cp_async_commit();
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
         __syncthreads();  // every thread's copies of tile kt (and Q) have landed
+        if (cs) {  // RoPE on load: the landed K tile (and, first, the Q tile) turned in place
+            if (kt == 0) mma_rope_tile<HD>(qs, min(MMA_ROWS, T - q0), cs + (size_t)q0 * HD);
+            mma_rope_tile<HD>(ks + buf * MMA_KEYS * LD, min(MMA_KEYS, T - k0), cs + (size_t)k0 * HD);
+            __syncthreads();
+        }
         const bf16* kb = ks + buf * MMA_KEYS * LD;
         const bf16* vb = vs + buf * MMA_KEYS * LD;
         if (kt == 0) {
-            const bf16* q = qs + (warp * 16 + g) * LD + 2 * t;
+            const bf16* qr = qs + (warp * 16 + g) * LD + 2 * t;
 #pragma unroll
             for (int kk = 0; kk < HD / 16; ++kk) {
-                qf[kk][0] = *reinterpret_cast<const uint32_t*>(q + kk * 16);
-                qf[kk][1] = *reinterpret_cast<const uint32_t*>(q + 8 * LD + kk * 16);
-                qf[kk][2] = *reinterpret_cast<const uint32_t*>(q + kk * 16 + 8);
-                qf[kk][3] = *reinterpret_cast<const uint32_t*>(q + 8 * LD + kk * 16 + 8);
+                qf[kk][0] = *reinterpret_cast<const uint32_t*>(qr + kk * 16);
+                qf[kk][1] = *reinterpret_cast<const uint32_t*>(qr + 8 * LD + kk * 16);
+                qf[kk][2] = *reinterpret_cast<const uint32_t*>(qr + kk * 16 + 8);
+                qf[kk][3] = *reinterpret_cast<const uint32_t*>(qr + 8 * LD + kk * 16 + 8);
             }
         }
 
@@ -689,13 +800,16 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
 
 }  // namespace
 
-// out [B, T, C] bf16, lse [B, NH, T] f32 from qkv [B, T, C + 2 Ckv] bf16 (Ckv = NKV hd; 3C when
-// NKV = NH). Grid (ceil(T / 32), NH, B), 128 threads, attention_smem_bytes(FORWARD, C / NH) bytes
-// of dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(128) attention_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T, int C, int NH, int NKV) {
+// The kernels' operands (q, k, v with their row strides ldq and ldkv, and the RoPE table cs or
+// null) are described at the top of the file. B, T, C, NH, NKV: batch, sequence, C = NH hd the
+// query (and output) width, NKV KV heads.
+
+// out [B, T, C] bf16 and lse [B, NH, T] f32. Grid (ceil(T / 32), NH, B), 128 threads,
+// attention_smem_bytes(FORWARD, C / NH) bytes of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(128) attention_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* cs, int B, int T, int C, int NH, int NKV, int ldq, int ldkv) {
     const int hd = C / NH;
-    if (hd == 64) forward_body<64>(out, lse, qkv, T, C, NH, NKV, hd);
-    else forward_body<0>(out, lse, qkv, T, C, NH, NKV, hd);
+    if (hd == 64) forward_body<64>(out, lse, q, k, v, cs, T, C, NH, NKV, ldq, ldkv, hd);
+    else forward_body<0>(out, lse, q, k, v, cs, T, C, NH, NKV, ldq, ldkv, hd);
 }
 
 // dsum [B, NH, T] f32 = sum over the head's dims of dout * out. One warp per (b, t, h), 4 warps
@@ -720,31 +834,31 @@ extern "C" __global__ void __launch_bounds__(128) attention_backward_preprocess(
     if (lane == 0) dsum[((size_t)b * NH + h) * T + t] = acc;
 }
 
-// The dK and dV columns of dqkv [B, T, C + 2 Ckv] bf16. Grid (ceil(T / 32), NKV, B) over key
-// tiles of each KV head, 128 threads, attention_smem_bytes(DKDV, C / NH) bytes of dynamic shared
-// memory.
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* dsum, int B, int T, int C, int NH, int NKV) {
+// dk, dv [B, T, ldkv] bf16 (the KV heads' columns; dk rotated back with cs). Grid (ceil(T / 32),
+// NKV, B) over key tiles of each KV head, 128 threads, attention_smem_bytes(DKDV, C / NH) bytes of
+// dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* cs, const float* lse, const float* dsum, int B, int T, int C, int NH, int NKV, int ldq, int ldkv) {
     const int hd = C / NH;
-    if (hd == 64) dkdv_body<64>(dqkv, dout, qkv, lse, dsum, T, C, NH, NKV, hd);
-    else dkdv_body<0>(dqkv, dout, qkv, lse, dsum, T, C, NH, NKV, hd);
+    if (hd == 64) dkdv_body<64>(dk, dv, dout, q, k, v, cs, lse, dsum, T, C, NH, NKV, ldq, ldkv, hd);
+    else dkdv_body<0>(dk, dv, dout, q, k, v, cs, lse, dsum, T, C, NH, NKV, ldq, ldkv, hd);
 }
 
-// The dQ columns of dqkv [B, T, C + 2 Ckv] bf16. Grid (ceil(T / 32), NH, B) over query tiles, 128
-// threads, attention_smem_bytes(DQ, C / NH) bytes of dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dq(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse, const float* dsum, int B, int T, int C, int NH, int NKV) {
+// dq [B, T, ldq] bf16 (the query heads' columns; rotated back with cs). Grid (ceil(T / 32), NH,
+// B) over query tiles, 128 threads, attention_smem_bytes(DQ, C / NH) bytes of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dq(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* cs, const float* lse, const float* dsum, int B, int T, int C, int NH, int NKV, int ldq, int ldkv) {
     const int hd = C / NH;
-    if (hd == 64) dq_body<64>(dqkv, dout, qkv, lse, dsum, T, C, NH, NKV, hd);
-    else dq_body<0>(dqkv, dout, qkv, lse, dsum, T, C, NH, NKV, hd);
+    if (hd == 64) dq_body<64>(dq, dout, q, k, v, cs, lse, dsum, T, C, NH, NKV, ldq, ldkv, hd);
+    else dq_body<0>(dq, dout, q, k, v, cs, lse, dsum, T, C, NH, NKV, ldq, ldkv, hd);
 }
 
 // The tensor-core forward for head dims 64 and 128 on sm_80+: out and lse exactly as
 // attention_forward. Grid (ceil(T / 64), NH, B), 128 threads, attention_smem_bytes(FORWARD_MMA,
 // hd) bytes of dynamic shared memory: 46080 at 64, 87040 at 128 (the wrapper raises the limit).
 // The wrapper launches it only at those head dims.
-extern "C" __global__ void __launch_bounds__(128) attention_forward_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T, int C, int NH, int NKV) {
+extern "C" __global__ void __launch_bounds__(128) attention_forward_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* cs, int B, int T, int C, int NH, int NKV, int ldq, int ldkv) {
 #if defined(KILN_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
-    if (C / NH == 128) forward_mma_body<128>(out, lse, qkv, T, C, NH, NKV);
-    else forward_mma_body<64>(out, lse, qkv, T, C, NH, NKV);
+    if (C / NH == 128) forward_mma_body<128>(out, lse, q, k, v, cs, T, C, NH, NKV, ldq, ldkv);
+    else forward_mma_body<64>(out, lse, q, k, v, cs, T, C, NH, NKV, ldq, ldkv);
 #else
     __trap();  // mma.sync bf16 and cp.async need sm_80; the wrapper never launches it below that
 #endif

@@ -2,10 +2,12 @@
 // qkv layout. CPU twin: src/backend/cpu/rope.rs (rope_pack, rope_unpack).
 //
 // Llama projects q [rows, nh hd], k and v [rows, nkv hd] with three linears (each its own LoRA
-// target); the attention kernels read one packed row [q | k | v] of (nh + 2 nkv) hd. The packing
-// is a copy the block needs anyway, so the rotation of q and k rides on it: rope_pack reads q, k
-// and v once and writes qkv once, rotated; rope_unpack is its backward (dq, dk rotated back, dv
-// copied). No extra pass over the activations exists for RoPE on the device.
+// target). In training the attention kernels read those three buffers and rotate q and k as they
+// load them (attention.cu, "RoPE on load"), so no pass exists for RoPE at all. Generation appends
+// packed rows [q | k | v] of (nh + 2 nkv) hd to the KV cache, and there the rotation rides on the
+// packing copy: rope_pack reads q, k and v once and writes qkv once, rotated; rope_unpack is its
+// backward (dq, dk rotated back, dv copied), and the reference the fused kernels are tested
+// against.
 //
 // cs is the table [positions, hd] f32: cos of pair i at [p, i], sin at [p, hd/2 + i], built by
 // the CPU (rope.cuh says why) and kept on the device by the wrapper. Row r of the batch is at

@@ -784,6 +784,75 @@ mod cuda {
         }
     }
 
+    /// RoPE on load: rope_attention_forward and rope_attention_backward (q, k and v as three
+    /// buffers, rotated inside the attention kernels) equal rope_pack + the packed attention +
+    /// rope_unpack on the same device bit for bit: out, lse, dq, dk and dv. Both forward variants
+    /// where they apply; head dims 8 (pairs inside one 16-byte chunk), 16, 64 (SmolLM2-135M's 9
+    /// over 3 heads) and 128; partial tiles and several key tiles; theta 10^4 to 5 x 10^5.
+    #[test]
+    fn rope_attention_kernels_equal_rope_pack_then_attention() {
+        use kiln::backend::cuda::rope as rope_gpu;
+        let Some(cu) = common::gpu("attention rope_attention_kernels_equal_rope_pack_then_attention") else { return };
+        let cc = cu.compute_capability();
+        let shapes = [
+            (2, 37, 8, 2, 8, 500_000.0),
+            (1, 70, 4, 2, 16, 10_000.0),
+            (1, 97, 9, 3, 64, 100_000.0),
+            (1, 70, 4, 1, 128, 500_000.0),
+        ];
+        for (n, (b, t, nh, nkv, hd, theta)) in shapes.into_iter().enumerate() {
+            let heads = Heads { n_head: nh, n_kv_head: nkv };
+            let (c, ckv, w) = (nh * hd, nkv * hd, heads.packed() * hd);
+            let d = AttnDims { b, t, c, nh };
+            let mut r = rng(900 + n as u64);
+            let mut up = |len: usize, scale: f32| cu.upload(&to_bf16(&uniform(&mut r, len, scale))).unwrap();
+            let (q, k, v, dout) = (up(b * t * c, 2.0), up(b * t * ckv, 2.0), up(b * t * ckv, 2.0), up(b * t * c, 1.0));
+            let table = rope_gpu::table(hd, theta, t).unwrap();
+            for variant in [AttentionVariant::Simt, AttentionVariant::Mma] {
+                if !variant.supports(hd, cc) {
+                    continue;
+                }
+                let label = format!("{variant:?} B={b} T={t} nh={nh} nkv={nkv} hd={hd}");
+                // unfused: pack (rotating), attend over the packed rows, unpack (rotating back)
+                let mut qkv = nan_bf16(cu, b * t * w);
+                rope_gpu::rope_pack(&mut qkv, &q, &k, &v, &table, t, 0, heads).unwrap();
+                let (mut out1, mut lse1) = (nan_bf16(cu, b * t * c), cu.upload(&vec![f32::NAN; b * nh * t]).unwrap());
+                gpu::gqa_attention_forward_with(variant, &mut out1, &mut lse1, &qkv, &d, nkv).unwrap();
+                let mut dqkv = nan_bf16(cu, b * t * w);
+                gpu::gqa_attention_backward(&mut dqkv, &dout, &qkv, &out1, &lse1, &d, nkv).unwrap();
+                let (mut dq1, mut dk1, mut dv1) =
+                    (nan_bf16(cu, b * t * c), nan_bf16(cu, b * t * ckv), nan_bf16(cu, b * t * ckv));
+                rope_gpu::rope_unpack(&mut dq1, &mut dk1, &mut dv1, &dqkv, &table, t, 0, heads).unwrap();
+                // fused
+                let (mut out2, mut lse2) = (nan_bf16(cu, b * t * c), cu.upload(&vec![f32::NAN; b * nh * t]).unwrap());
+                gpu::rope_attention_forward_with(variant, &mut out2, &mut lse2, &q, &k, &v, &table.cs, &d, nkv)
+                    .unwrap();
+                let (mut dq2, mut dk2, mut dv2) =
+                    (nan_bf16(cu, b * t * c), nan_bf16(cu, b * t * ckv), nan_bf16(cu, b * t * ckv));
+                let grads = [&mut dq2, &mut dk2, &mut dv2];
+                gpu::rope_attention_backward(grads, &dout, [&q, &k, &v], &table.cs, &out2, &lse2, &d, nkv).unwrap();
+
+                let bits =
+                    |x: &DevBuf<bf16>| -> Vec<u16> { cu.download(x).unwrap().iter().map(|y| y.to_bits()).collect() };
+                for (name, a, b) in [("out", &out1, &out2), ("dq", &dq1, &dq2), ("dk", &dk1, &dk2), ("dv", &dv1, &dv2)]
+                {
+                    let (x, y) = (bits(a), bits(b));
+                    let diff = x.iter().zip(&y).filter(|(p, q)| p != q).count();
+                    assert_eq!(
+                        diff,
+                        0,
+                        "{label} {name}: {diff} of {} elements differ from rope_pack + attention",
+                        x.len()
+                    );
+                    let nans = y.iter().filter(|&&u| bf16::from_bits(u).is_nan()).count();
+                    assert_eq!(nans, 0, "{label} {name}: {nans} elements left unwritten (NaN)");
+                }
+                let (l1, l2) = (cu.download(&lse1).unwrap(), cu.download(&lse2).unwrap());
+                assert!(l1.iter().zip(&l2).all(|(p, q)| p.to_bits() == q.to_bits()), "{label} lse differs");
+            }
+        }
+    }
+
     /// attention_cached with grouped heads on the device (caches of the KV heads only, the append
     /// and decode kernels) against the CPU's f32 attention, with check_bf16's bound, fed in every
     /// chunking of CHUNKS.

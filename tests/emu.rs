@@ -213,11 +213,13 @@ fn a_misaligned_pointer_is_caught_at_the_access() {
         block_dim: (32 * KILN_ATTN_WARPS as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let (b32, t32, c32, nh32) = (b as i32, t as i32, c as i32, nh as i32);
+    let (b32, t32, c32, nh32, ld) = (b as i32, t as i32, c as i32, nh as i32, 3 * c as i32);
     let launch = |at: usize, out: &mut cuda::DevBuf<bf16>, lse: &mut cuda::DevBuf<f32>| {
-        let view = qkv.slice(at..at + n);
+        // q, k and v: the three parts of the packed rows, no RoPE table
+        let (q, k, v) = (qkv.slice(at..at + n), qkv.slice(at + c..at + n), qkv.slice(at + 2 * c..at + n));
         let mut l = cu.launch_builder(Kernel::AttentionForwardMma);
-        l.arg(out).arg(lse).arg(&view).arg(&b32).arg(&t32).arg(&c32).arg(&nh32).arg(&nh32);
+        l.arg(out).arg(lse).arg(&q).arg(&k).arg(&v).arg(&0u64);
+        l.arg(&b32).arg(&t32).arg(&c32).arg(&nh32).arg(&nh32).arg(&ld).arg(&ld);
         // SAFETY: the emulated device checks every access before it happens and turns the deliberate fault into this launch's error.
         unsafe { l.launch(cfg) }
     };

@@ -5,6 +5,7 @@
 //!   theta 10000;
 //! - llama-c (`--config llama-c`): 8 query heads over 2 KV heads of size 8, an untied lm_head,
 //!   theta 500000, eps 1e-6, 37 tokens.
+//!
 //! Each: logits, loss, hidden states, every parameter gradient, the LoRA and rsLoRA adapters'
 //! gradients, and a greedy generation. Tolerance as for GPT-2 (tests/gpt2_parity.rs): max
 //! |a - b| / (max |b| + 1e-6) < 1e-4 per tensor in f32, where a wrong op is off by O(1).

@@ -1,13 +1,15 @@
 //! Rotary position embeddings fused with packing q, k, v: the forward against a direct f64
 //! formula (transformers' rotate-half convention), gradients against finite differences, offsets
 //! (a row at position p is rotated the same whether it comes first or after p cached rows), and
-//! shape errors.
+//! shape errors. Fused with the attention (`rope_attention`): equal to packing then attending, on
+//! the CPU and through the CUDA backend, where no packing kernel runs.
 
 mod common;
 
 use common::{grad_check, rand_tensor, rng, Objective, Tol};
 use kiln::backend::Heads;
-use kiln::ops::rope::rope_qkv;
+use kiln::ops::attention::attention;
+use kiln::ops::rope::{rope_attention, rope_qkv};
 use kiln::{Error, Tape, Tensor};
 
 /// Tolerance. A rotation is linear, so the finite difference has no truncation error: only
@@ -71,6 +73,40 @@ fn rope_grads() {
         grad_check(&label, &[q, k, v], &[0, 1, 2], Objective::Probe(7), TOL, 32, |tape, x| {
             rope_qkv(tape, &x[0], &x[1], &x[2], heads, 500_000.0, 2)
         });
+    }
+}
+
+/// rope_attention (one op, keeping q, k and v) equals attention over rope_qkv's packed rows, in
+/// its output and in the gradients of q, k and v, bit for bit: the CPU backend computes it that
+/// way, and the op's backward must route each gradient to its input.
+#[test]
+fn rope_attention_equals_rope_qkv_then_attention() {
+    let mut r = rng(54);
+    for (b, t, nh, nkv, hd) in [(2, 9, 4, 2, 8), (1, 13, 6, 3, 16)] {
+        let heads = Heads { n_head: nh, n_kv_head: nkv };
+        let q = rand_tensor(&mut r, &[b, t, nh * hd], 1.0);
+        let k = rand_tensor(&mut r, &[b, t, nkv * hd], 1.0);
+        let v = rand_tensor(&mut r, &[b, t, nkv * hd], 1.0);
+        let dout = rand_tensor(&mut r, &[b, t, nh * hd], 1.0);
+        let run = |fused: bool| {
+            let mut tape = Tape::new();
+            [&q, &k, &v].iter().for_each(|x| tape.watch(x));
+            let out = if fused {
+                rope_attention(&mut tape, &q, &k, &v, heads, 10_000.0).unwrap()
+            } else {
+                let qkv = rope_qkv(&mut tape, &q, &k, &v, heads, 10_000.0, 0).unwrap();
+                attention(&mut tape, &qkv, heads).unwrap()
+            };
+            let g = tape.backward_from(&out, dout.clone()).unwrap();
+            let grads: Vec<Vec<f32>> =
+                [&q, &k, &v].iter().map(|x| g.get(x).unwrap().f32s().unwrap().to_vec()).collect();
+            (out.f32s().unwrap().to_vec(), grads)
+        };
+        let ((o1, g1), (o2, g2)) = (run(false), run(true));
+        assert_eq!(o1, o2, "nh={nh} nkv={nkv} hd={hd}: outputs differ");
+        for (name, a, b) in [("dq", &g1[0], &g2[0]), ("dk", &g1[1], &g2[1]), ("dv", &g1[2], &g2[2])] {
+            assert_eq!(a, b, "nh={nh} nkv={nkv} hd={hd}: {name} differs");
+        }
     }
 }
 
@@ -221,8 +257,13 @@ mod cuda {
         cu.upload(&to_bf(v)).unwrap()
     }
 
+    /// The emulator counts launches for the whole process: tests that launch rope kernels hold
+    /// this while they run, so that one test's launch list holds only its own kernels.
+    static LAUNCHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn gpu_pack_and_unpack_match_cpu() {
+        let _one = LAUNCHES.lock().unwrap_or_else(|e| e.into_inner());
         let Some(cu) = common::gpu("rope gpu_pack_and_unpack_match_cpu") else { return };
         for (i, &shape) in CASES.iter().enumerate() {
             let c = case(20 + i as u64, shape);
@@ -293,5 +334,72 @@ mod cuda {
         let host = cu.download(&big.cs).unwrap();
         assert_eq!(&host[999 * 10..999 * 10 + 5], &cos[..]);
         assert_eq!(&host[999 * 10 + 5..1000 * 10], &sin[..]);
+    }
+
+    /// rope_attention through the tape on the CUDA backend: output and the gradients of q, k and v
+    /// against the CPU's within bf16's error (2e-2 of the norm, as tests/backend.rs derives; a
+    /// rotation the wrong way is off by O(1)), and the attention kernels rotated on load: no
+    /// rope_pack or rope_unpack kernel ran (checked where the device is emulated).
+    #[test]
+    fn rope_attention_on_the_device_rotates_in_the_attention_kernels() {
+        use kiln::ops::attention::attention;
+        use kiln::ops::rope::{rope_attention, rope_qkv};
+        use kiln::{Device, Tape, Tensor};
+        let Some(cu) = common::gpu("rope rope_attention_on_the_device_rotates_in_the_attention_kernels") else {
+            return;
+        };
+        let _one = LAUNCHES.lock().unwrap_or_else(|e| e.into_inner());
+        let rel = |a: &Tensor, b: &Tensor| -> f64 {
+            let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+            let num: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+            (num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().max(1e-30)).sqrt()
+        };
+        let (b, t, heads, hd) = (2, 45, Heads { n_head: 6, n_kv_head: 2 }, 16);
+        let mut r = rng(55);
+        let host: Vec<Tensor> = [heads.n_head, heads.n_kv_head, heads.n_kv_head, heads.n_head]
+            .iter()
+            .map(|&n| common::rand_tensor(&mut r, &[b, t, n * hd], 1.0))
+            .collect();
+        let run = |x: &[Tensor], fused: bool| {
+            let mut tape = Tape::new();
+            x[..3].iter().for_each(|x| tape.watch(x));
+            let out = if fused {
+                rope_attention(&mut tape, &x[0], &x[1], &x[2], heads, 10_000.0).unwrap()
+            } else {
+                let qkv = rope_qkv(&mut tape, &x[0], &x[1], &x[2], heads, 10_000.0, 0).unwrap();
+                attention(&mut tape, &qkv, heads).unwrap()
+            };
+            let g = tape.backward_from(&out, x[3].clone()).unwrap();
+            let grads: Vec<Tensor> = x[..3].iter().map(|x| g.get(x).unwrap().clone()).collect();
+            (out, grads)
+        };
+        let (want, want_g) = run(&host, false);
+        let to_dev = |x: &Tensor| {
+            let x = x.to_device(Device::Cuda(0)).unwrap();
+            kiln::ops::elementwise::to_compute_dtype(&mut Tape::inference(), &x).unwrap()
+        };
+        let dev: Vec<Tensor> = host.iter().map(to_dev).collect();
+        if let Some(e) = cu.emulator() {
+            e.take_stats();
+        }
+        let (got, got_g) = run(&dev, true);
+        let e = rel(&got, &want);
+        assert!(e < 2e-2, "output off by {e:.2e}");
+        for (name, g, w) in
+            [("dq", &got_g[0], &want_g[0]), ("dk", &got_g[1], &want_g[1]), ("dv", &got_g[2], &want_g[2])]
+        {
+            assert_eq!(g.device(), Device::Cuda(0));
+            let e = rel(g, w);
+            println!("rope_attention on the device: {name} off by {e:.2e}");
+            assert!(e < 2e-2, "{name} off by {e:.2e}");
+        }
+        if let Some(e) = cu.emulator() {
+            let ran: Vec<&str> = e.take_stats().iter().map(|(k, _, _)| k.name()).collect();
+            assert!(ran.iter().any(|k| k.starts_with("attention_forward")), "no attention forward ran: {ran:?}");
+            for k in ["attention_backward_dq", "attention_backward_dkdv"] {
+                assert!(ran.contains(&k), "{k} did not run: {ran:?}");
+            }
+            assert!(!ran.iter().any(|k| k.starts_with("rope_")), "a packing kernel ran: {ran:?}");
+        }
     }
 }

@@ -220,14 +220,40 @@ pub struct RopeArgs {
 }
 
 /// Rotary position embeddings (Su et al. 2021), fused with the packing of q, k and v into the
-/// attention's qkv layout.
-pub trait Rope {
+/// attention's qkv layout, or with the attention itself.
+pub trait Rope: Attention {
     /// qkv [B, T, (nh + 2 nkv) hd] from q [B, T, nh hd], k and v [B, T, nkv hd]: q and k rotated,
     /// v copied.
     fn rope_pack(&self, q: &Tensor, k: &Tensor, v: &Tensor, args: &RopeArgs) -> Result<Tensor>;
     /// [dq, dk, dv] from dqkv: the inverse rotation of the q and k parts (the rotation's
     /// transpose), the v part copied.
     fn rope_unpack(&self, dqkv: &Tensor, args: &RopeArgs) -> Result<[Tensor; 3]>;
+    /// Causal attention over q [B, T, nh hd], k and v [B, T, nkv hd] as a Llama block's three
+    /// projections give them, q and k rotated first: (out, lse) of `attention(rope_pack(q, k, v))`.
+    /// The default computes just that; the CUDA backend rotates inside the attention kernels' loads
+    /// and never makes the packed copy.
+    fn rope_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, args: &RopeArgs) -> Result<(Tensor, Tensor)> {
+        let qkv = self.rope_pack(q, k, v, args)?;
+        self.attention(&qkv, args.heads)
+    }
+    /// [dq, dk, dv] of `rope_attention` from dout and its out and lse. The default packs q, k and
+    /// v again (the op keeps them, not their packed copy), then runs attention's backward and
+    /// rope_unpack.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention_backward(
+        &self,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        args: &RopeArgs,
+    ) -> Result<[Tensor; 3]> {
+        let qkv = self.rope_pack(q, k, v, args)?;
+        let dqkv = self.attention_backward(dout, &qkv, out, lse, args.heads)?;
+        self.rope_unpack(&dqkv, args)
+    }
 }
 
 /// Whether an operand of a GEMM is read transposed.

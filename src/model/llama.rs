@@ -360,11 +360,12 @@ impl Model {
         let q = lin(tape, 0, "self_attn.q_proj", &h)?; // [B, T, nh hd]
         let k = lin(tape, 1, "self_attn.k_proj", &h)?; // [B, T, nkv hd]
         let v = lin(tape, 2, "self_attn.v_proj", &h)?;
-        let offset = cache.as_ref().map_or(0, |kv| kv.len());
-        let qkv = rope::rope_qkv(tape, &q, &k, &v, cfg.heads(), cfg.rope_theta, offset)?;
         let a = match cache {
-            None => attention::attention(tape, &qkv, cfg.heads())?,
-            Some(kv) => attention::attention_cached(tape, &qkv, kv, cfg.heads())?,
+            None => rope::rope_attention(tape, &q, &k, &v, cfg.heads(), cfg.rope_theta)?,
+            Some(kv) => {
+                let qkv = rope::rope_qkv(tape, &q, &k, &v, cfg.heads(), cfg.rope_theta, kv.len())?;
+                attention::attention_cached(tape, &qkv, kv, cfg.heads())?
+            }
         };
         let a = lin(tape, 3, "self_attn.o_proj", &a)?;
         let (x, h) = rmsnorm::add_rmsnorm(tape, x, &a, &p("post_attention_layernorm.weight")?, eps)?;

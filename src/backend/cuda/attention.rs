@@ -183,6 +183,114 @@ pub fn gqa_attention_forward_with(
         ("qkv", qkv.len(), b * t * w, qkv.ptr()),
     ];
     let hd = check("cuda::attention_forward", &lens, b, t, c, nh, nkv)?;
+    forward(variant, out, lse, Operands::packed(qkv.ptr(), c, kv_width(c, nh, nkv)), None, d, nkv, hd)
+}
+
+/// `rope_attention_forward` with a chosen variant.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_attention_forward_with(
+    variant: AttentionVariant,
+    out: &mut DevBuf<bf16>,
+    lse: &mut DevBuf<f32>,
+    q: &DevBuf<bf16>,
+    k: &DevBuf<bf16>,
+    v: &DevBuf<bf16>,
+    table: &DevBuf<f32>,
+    d: &AttnDims,
+    nkv: usize,
+) -> Result<()> {
+    let AttnDims { b, t, c, nh } = *d;
+    let ckv = kv_width(c, nh, nkv);
+    let lens = [
+        ("out", out.len(), b * t * c, out.ptr()),
+        ("lse", lse.len(), b * nh * t, lse.ptr()),
+        ("q", q.len(), b * t * c, q.ptr()),
+        ("k", k.len(), b * t * ckv, k.ptr()),
+        ("v", v.len(), b * t * ckv, v.ptr()),
+    ];
+    let hd = check("cuda::rope_attention_forward", &lens, b, t, c, nh, nkv)?;
+    check_table("cuda::rope_attention_forward", table, t, hd)?;
+    forward(variant, out, lse, Operands::apart(q, k, v, c, ckv), Some(table), d, nkv, hd)
+}
+
+/// out [B, T, C] and lse [B, NH, T] of attention over q [B, T, C], k and v [B, T, Ckv] as three
+/// projections give them, q and k rotated by RoPE (positions 0..T, `table` from
+/// cuda::rope::table) inside the kernels' loads: equals rope_pack followed by
+/// gqa_attention_forward bit for bit, without the packed copy.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_attention_forward(
+    out: &mut DevBuf<bf16>,
+    lse: &mut DevBuf<f32>,
+    q: &DevBuf<bf16>,
+    k: &DevBuf<bf16>,
+    v: &DevBuf<bf16>,
+    table: &DevBuf<f32>,
+    d: &AttnDims,
+    nkv: usize,
+) -> Result<()> {
+    let hd = d.c.checked_div(d.nh).unwrap_or(0);
+    let variant = cuda().map_or(AttentionVariant::Simt, |cu| AttentionVariant::shipped(hd, cu.compute_capability()));
+    rope_attention_forward_with(variant, out, lse, q, k, v, table, d, nkv)
+}
+
+/// Where the kernels find q, k and v (or write dq, dk and dv): device addresses and row strides in
+/// elements (kernels/attention.cu's operands).
+#[derive(Clone, Copy, Debug)]
+struct Operands {
+    q: u64,
+    k: u64,
+    v: u64,
+    ldq: usize,
+    ldkv: usize,
+}
+
+impl Operands {
+    /// The three parts of packed rows [q | k | v] of C + 2 Ckv columns, the first at `base`.
+    fn packed(base: u64, c: usize, ckv: usize) -> Self {
+        let at = |col: usize| base + (col * std::mem::size_of::<bf16>()) as u64;
+        Operands { q: base, k: at(c), v: at(c + ckv), ldq: c + 2 * ckv, ldkv: c + 2 * ckv }
+    }
+
+    /// Three buffers [.., C], [.., Ckv], [.., Ckv].
+    fn apart(q: &DevBuf<bf16>, k: &DevBuf<bf16>, v: &DevBuf<bf16>, c: usize, ckv: usize) -> Self {
+        Operands { q: q.ptr(), k: k.ptr(), v: v.ptr(), ldq: c, ldkv: ckv }
+    }
+
+    /// Appends q, k, v to a launch (the kernels take them in that order).
+    fn args(&self, l: &mut super::runtime::Launch<'_>) {
+        l.arg(&self.q).arg(&self.k).arg(&self.v);
+    }
+}
+
+/// The RoPE table must hold the positions 0..t at head dim hd ([positions, hd] f32).
+fn check_table(op: &'static str, table: &DevBuf<f32>, t: usize, hd: usize) -> Result<()> {
+    if table.len() < t * hd || table.ptr() % 16 != 0 {
+        return Err(Error::Shape {
+            op,
+            msg: format!(
+                "the RoPE table holds {} values at {:#x}, fewer than the {t} positions x head dim {hd} needed, \
+                 or not 16-byte aligned",
+                table.len(),
+                table.ptr()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Launches a forward kernel on checked operands (`table`: RoPE on load).
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    variant: AttentionVariant,
+    out: &mut DevBuf<bf16>,
+    lse: &mut DevBuf<f32>,
+    ops: Operands,
+    table: Option<&DevBuf<f32>>,
+    d: &AttnDims,
+    nkv: usize,
+    hd: usize,
+) -> Result<()> {
+    let AttnDims { b, t, c, nh } = *d;
     let cu = cuda()?;
     if !variant.supports(hd, cu.compute_capability()) {
         let (major, minor) = cu.compute_capability();
@@ -204,9 +312,13 @@ pub fn gqa_attention_forward_with(
     };
     let cfg = config(kernel, which as usize, rows as usize, hd, b, t, nh)?;
     let (b32, t32, c32, nh32, nkv32) = (b as i32, t as i32, c as i32, nh as i32, nkv as i32);
+    let (ldq, ldkv) = (ops.ldq as i32, ops.ldkv as i32);
+    let cs = table.map_or(0u64, |x| x.ptr());
     let mut l = cu.launch_builder(kernel);
-    l.arg(out).arg(lse).arg(qkv).arg(&b32).arg(&t32).arg(&c32).arg(&nh32).arg(&nkv32);
-    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
+    l.arg_mut(out).arg_mut(lse);
+    ops.args(&mut l);
+    l.arg(&cs).arg(&b32).arg(&t32).arg(&c32).arg(&nh32).arg(&nkv32).arg(&ldq).arg(&ldkv);
+    // SAFETY: the arguments are the kernel's, in its parameter order; every caller measured the buffers (check, check_table) against the sizes it indexes up to at this launch configuration.
     unsafe { l.launch(cfg) }?;
     Ok(())
 }
@@ -247,6 +359,58 @@ pub fn gqa_attention_backward(
         ("lse", lse.len(), b * nh * t, lse.ptr()),
     ];
     let hd = check("cuda::attention_backward", &lens, b, t, c, nh, nkv)?;
+    let ckv = kv_width(c, nh, nkv);
+    let (grads, ops) = (Operands::packed(dqkv.ptr(), c, ckv), Operands::packed(qkv.ptr(), c, ckv));
+    backward(grads, dout, ops, None, out, lse, d, nkv, hd)
+}
+
+/// [dq, dk, dv] of `rope_attention_forward` (each overwritten, all of it; dq and dk rotated back)
+/// from dout and the forward's q, k, v, out and lse: equals gqa_attention_backward over
+/// rope_pack's qkv followed by rope_unpack, bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_attention_backward(
+    [dq, dk, dv]: [&mut DevBuf<bf16>; 3],
+    dout: &DevBuf<bf16>,
+    [q, k, v]: [&DevBuf<bf16>; 3],
+    table: &DevBuf<f32>,
+    out: &DevBuf<bf16>,
+    lse: &DevBuf<f32>,
+    d: &AttnDims,
+    nkv: usize,
+) -> Result<()> {
+    let AttnDims { b, t, c, nh } = *d;
+    let ckv = kv_width(c, nh, nkv);
+    let lens = [
+        ("dq", dq.len(), b * t * c, dq.ptr()),
+        ("dk", dk.len(), b * t * ckv, dk.ptr()),
+        ("dv", dv.len(), b * t * ckv, dv.ptr()),
+        ("dout", dout.len(), b * t * c, dout.ptr()),
+        ("q", q.len(), b * t * c, q.ptr()),
+        ("k", k.len(), b * t * ckv, k.ptr()),
+        ("v", v.len(), b * t * ckv, v.ptr()),
+        ("out", out.len(), b * t * c, out.ptr()),
+        ("lse", lse.len(), b * nh * t, lse.ptr()),
+    ];
+    let hd = check("cuda::rope_attention_backward", &lens, b, t, c, nh, nkv)?;
+    check_table("cuda::rope_attention_backward", table, t, hd)?;
+    let (grads, ops) = (Operands::apart(dq, dk, dv, c, ckv), Operands::apart(q, k, v, c, ckv));
+    backward(grads, dout, ops, Some(table), out, lse, d, nkv, hd)
+}
+
+/// Launches the three backward kernels on checked operands (`grads` written, `table`: RoPE).
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    grads: Operands,
+    dout: &DevBuf<bf16>,
+    ops: Operands,
+    table: Option<&DevBuf<f32>>,
+    out: &DevBuf<bf16>,
+    lse: &DevBuf<f32>,
+    d: &AttnDims,
+    nkv: usize,
+    hd: usize,
+) -> Result<()> {
+    let AttnDims { b, t, c, nh } = *d;
     if b * t == 0 {
         return Ok(());
     }
@@ -263,18 +427,27 @@ pub fn gqa_attention_backward(
     };
     let mut l = cu.launch_builder(Kernel::AttentionBackwardPreprocess);
     l.arg_mut(&mut dsum).arg(dout).arg(out).arg(&b32).arg(&t32).arg(&c32).arg(&nh32);
-    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
+    // SAFETY: the arguments are the kernel's, in its parameter order; every caller measured dout and out (check) for these sizes, and dsum is allocated here for B x NH x T.
     unsafe { l.launch(pre) }?;
 
-    // dK, dV (key tiles) and dQ (query tiles) write disjoint columns of dqkv.
+    // dK, dV (key tiles) and dQ (query tiles) write disjoint columns (of dqkv when packed).
+    let (ldq, ldkv) = (ops.ldq as i32, ops.ldkv as i32);
+    let cs = table.map_or(0u64, |x| x.ptr());
     for (kernel, which, heads) in [
         (Kernel::AttentionBackwardDkdv, KILN_ATTN_KERNEL_DKDV as usize, nkv),
         (Kernel::AttentionBackwardDq, KILN_ATTN_KERNEL_DQ as usize, nh),
     ] {
         let cfg = config(kernel, which, KILN_ATTN_TILE as usize, hd, b, t, heads)?;
         let mut l = cu.launch_builder(kernel);
-        l.arg_mut(dqkv).arg(dout).arg(qkv).arg(lse).arg(&dsum).arg(&b32).arg(&t32).arg(&c32).arg(&nh32).arg(&nkv32);
-        // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
+        if kernel == Kernel::AttentionBackwardDkdv {
+            l.arg(&grads.k).arg(&grads.v);
+        } else {
+            l.arg(&grads.q);
+        }
+        l.arg(dout);
+        ops.args(&mut l);
+        l.arg(&cs).arg(lse).arg(&dsum).arg(&b32).arg(&t32).arg(&c32).arg(&nh32).arg(&nkv32).arg(&ldq).arg(&ldkv);
+        // SAFETY: the arguments are the kernel's, in its parameter order; every caller measured the buffers (check, check_table) against the sizes it indexes up to at this launch configuration.
         unsafe { l.launch(cfg) }?;
     }
     Ok(())

@@ -282,9 +282,26 @@ pub fn attention_rows(cu: &Cuda, _copy: f64) -> Result<Vec<Row>> {
         time_ms(cu, 3, 20, || super::attention::gqa_attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &dims, kv))?;
     let fwd_flops = 4.0 * (b * h * d) as f64 * (t * (t + 1) / 2) as f64;
     let shape = format!("B{b} H{h}/KV{kv} T{t} D{d}");
+    // The same heads as a Llama block trains them: q, k and v from three buffers, RoPE applied as
+    // the kernels load (and undone as the backward stores), no packed copy. Against the rows
+    // above, the cost of the rotation; the rope + qkv pack rows are the pass it replaces.
+    let (q, k, v) =
+        (random_bf16(cu, b * t * c, 25)?, random_bf16(cu, b * t * kv * d, 26)?, random_bf16(cu, b * t * kv * d, 27)?);
+    let table = super::rope::table(d, 100_000.0, t)?;
+    let rope_fwd_ms = time_ms(cu, 3, 20, || {
+        super::attention::rope_attention_forward(&mut out, &mut lse, &q, &k, &v, &table.cs, &dims, kv)
+    })?;
+    let (mut dq, mut dk, mut dv) =
+        (cu.alloc::<bf16>(b * t * c)?, cu.alloc::<bf16>(b * t * kv * d)?, cu.alloc::<bf16>(b * t * kv * d)?);
+    let rope_bwd_ms = time_ms(cu, 3, 20, || {
+        let grads = [&mut dq, &mut dk, &mut dv];
+        super::attention::rope_attention_backward(grads, &dout, [&q, &k, &v], &table.cs, &out, &lse, &dims, kv)
+    })?;
     for (kernel, ms, flops, target) in [
         ("attention forward gqa", fwd_ms, fwd_flops, Some(0.40)),
         ("attention backward gqa", bwd_ms, 2.5 * fwd_flops, None),
+        ("attention forward gqa, rope on load", rope_fwd_ms, fwd_flops, Some(0.40)),
+        ("attention backward gqa, rope on load", rope_bwd_ms, 2.5 * fwd_flops, None),
     ] {
         rows.push(Row { shape: shape.clone(), ..row(kernel, ms, flops, target) });
     }

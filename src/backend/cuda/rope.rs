@@ -3,11 +3,12 @@
 //! and argument order of `backend::cpu::rope`; the device's cos/sin tables; and the host twins
 //! (`twin`), which CI tests against the CPU backend without a GPU.
 
-use super::tensor::{bf16_in, new_bf16, wrap_bf16};
+use super::attention::{rope_attention_backward, rope_attention_forward};
+use super::tensor::{bf16_in, f32_in, new_bf16, wrap_bf16, wrap_f32};
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::KILN_ROPE_THREADS;
 use crate::backend::cpu::rope::{packed_dims, rope_dims, rope_table};
-use crate::backend::{Heads, RopeArgs};
+use crate::backend::{AttnDims, Heads, RopeArgs};
 use crate::{Error, Result, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -286,6 +287,53 @@ impl crate::backend::Rope for super::Cuda {
         let (mut dq, mut dk, mut dv) =
             (self.alloc::<bf16>(b * t * c)?, self.alloc::<bf16>(b * t * ckv)?, self.alloc::<bf16>(b * t * ckv)?);
         rope_unpack(&mut dq, &mut dk, &mut dv, g, &cs, t, args.offset, heads)?;
+        Ok([wrap_bf16(dq, &[b, t, c])?, wrap_bf16(dk, &[b, t, ckv])?, wrap_bf16(dv, &[b, t, ckv])?])
+    }
+
+    /// The attention kernels rotate q and k as they load them (kernels/attention.cu, "RoPE on
+    /// load"): no packed copy is made. Positions start at 0 there; another offset packs first.
+    fn rope_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, args: &RopeArgs) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "attention";
+        if args.offset != 0 {
+            let qkv = self.rope_pack(q, k, v, args)?;
+            return crate::backend::Attention::attention(self, &qkv, args.heads);
+        }
+        let (b, t, hd) = rope_dims(OP, q, k, v, args.heads)?;
+        let (nh, nkv) = (args.heads.n_head, args.heads.n_kv_head);
+        let (qd, kd, vd) = (bf16_in(OP, q)?, bf16_in(OP, k)?, bf16_in(OP, v)?);
+        let cs = table(hd, args.theta, t)?;
+        let mut lse = self.alloc::<f32>(b * nh * t)?;
+        let d = AttnDims { b, t, c: nh * hd, nh };
+        let out = new_bf16(&[b, t, nh * hd], |o| rope_attention_forward(o, &mut lse, qd, kd, vd, &cs.cs, &d, nkv))?;
+        Ok((out, wrap_f32(lse, &[b, nh, t])?))
+    }
+
+    fn rope_attention_backward(
+        &self,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        args: &RopeArgs,
+    ) -> Result<[Tensor; 3]> {
+        const OP: &str = "attention backward";
+        if args.offset != 0 {
+            let qkv = self.rope_pack(q, k, v, args)?;
+            let dqkv = crate::backend::Attention::attention_backward(self, dout, &qkv, out, lse, args.heads)?;
+            return self.rope_unpack(&dqkv, args);
+        }
+        let (b, t, hd) = rope_dims(OP, q, k, v, args.heads)?;
+        let (nh, nkv) = (args.heads.n_head, args.heads.n_kv_head);
+        let (c, ckv) = (nh * hd, nkv * hd);
+        let (qd, kd, vd) = (bf16_in(OP, q)?, bf16_in(OP, k)?, bf16_in(OP, v)?);
+        let (g, o, l) = (bf16_in(OP, dout)?, bf16_in(OP, out)?, f32_in(OP, lse)?);
+        let cs = table(hd, args.theta, t)?;
+        let (mut dq, mut dk, mut dv) =
+            (self.alloc::<bf16>(b * t * c)?, self.alloc::<bf16>(b * t * ckv)?, self.alloc::<bf16>(b * t * ckv)?);
+        let d = AttnDims { b, t, c, nh };
+        rope_attention_backward([&mut dq, &mut dk, &mut dv], g, [qd, kd, vd], &cs.cs, o, l, &d, nkv)?;
         Ok([wrap_bf16(dq, &[b, t, c])?, wrap_bf16(dk, &[b, t, ckv])?, wrap_bf16(dv, &[b, t, ckv])?])
     }
 }
