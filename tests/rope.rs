@@ -401,5 +401,19 @@ mod cuda {
             }
             assert!(!ran.iter().any(|k| k.starts_with("rope_")), "a packing kernel ran: {ran:?}");
         }
+        // Rows starting at another position: the fused kernels rotate from position 0, so the
+        // backend packs first there; the same output and gradients as the CPU's.
+        let args = kiln::backend::RopeArgs { heads, theta: 10_000.0, offset: 5 };
+        let (cpu, gpu) =
+            (kiln::backend::backend(Device::Cpu).unwrap(), kiln::backend::backend(Device::Cuda(0)).unwrap());
+        let (want, want_lse) = cpu.rope_attention(&host[0], &host[1], &host[2], &args).unwrap();
+        let (got, got_lse) = gpu.rope_attention(&dev[0], &dev[1], &dev[2], &args).unwrap();
+        assert!(rel(&got, &want) < 2e-2, "offset 5: output off by {:.2e}", rel(&got, &want));
+        let want_g =
+            cpu.rope_attention_backward(&host[3], &host[0], &host[1], &host[2], &want, &want_lse, &args).unwrap();
+        let got_g = gpu.rope_attention_backward(&dev[3], &dev[0], &dev[1], &dev[2], &got, &got_lse, &args).unwrap();
+        for (i, (g, w)) in got_g.iter().zip(&want_g).enumerate() {
+            assert!(rel(g, w) < 2e-2, "offset 5: gradient {i} off by {:.2e}", rel(g, w));
+        }
     }
 }

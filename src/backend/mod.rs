@@ -233,8 +233,7 @@ pub trait Rope: Attention {
     /// The default computes just that; the CUDA backend rotates inside the attention kernels' loads
     /// and never makes the packed copy.
     fn rope_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, args: &RopeArgs) -> Result<(Tensor, Tensor)> {
-        let qkv = self.rope_pack(q, k, v, args)?;
-        self.attention(&qkv, args.heads)
+        pack_then_attend(self, q, k, v, args)
     }
     /// [dq, dk, dv] of `rope_attention` from dout and its out and lse. The default packs q, k and
     /// v again (the op keeps them, not their packed copy), then runs attention's backward and
@@ -250,10 +249,35 @@ pub trait Rope: Attention {
         lse: &Tensor,
         args: &RopeArgs,
     ) -> Result<[Tensor; 3]> {
-        let qkv = self.rope_pack(q, k, v, args)?;
-        let dqkv = self.attention_backward(dout, &qkv, out, lse, args.heads)?;
-        self.rope_unpack(&dqkv, args)
+        pack_then_attend_backward(self, dout, [q, k, v], out, lse, args)
     }
+}
+
+/// `Rope::rope_attention` as rope_pack, then attention over the packed rows: the default, and
+/// what a backend that fuses them falls back to where it cannot.
+pub fn pack_then_attend<B: Rope + ?Sized>(
+    be: &B,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    args: &RopeArgs,
+) -> Result<(Tensor, Tensor)> {
+    let qkv = be.rope_pack(q, k, v, args)?;
+    be.attention(&qkv, args.heads)
+}
+
+/// The backward of `pack_then_attend`: q, k and v packed again, attention's backward, rope_unpack.
+pub fn pack_then_attend_backward<B: Rope + ?Sized>(
+    be: &B,
+    dout: &Tensor,
+    [q, k, v]: [&Tensor; 3],
+    out: &Tensor,
+    lse: &Tensor,
+    args: &RopeArgs,
+) -> Result<[Tensor; 3]> {
+    let qkv = be.rope_pack(q, k, v, args)?;
+    let dqkv = be.attention_backward(dout, &qkv, out, lse, args.heads)?;
+    be.rope_unpack(&dqkv, args)
 }
 
 /// Whether an operand of a GEMM is read transposed.

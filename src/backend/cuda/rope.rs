@@ -295,8 +295,7 @@ impl crate::backend::Rope for super::Cuda {
     fn rope_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, args: &RopeArgs) -> Result<(Tensor, Tensor)> {
         const OP: &str = "attention";
         if args.offset != 0 {
-            let qkv = self.rope_pack(q, k, v, args)?;
-            return crate::backend::Attention::attention(self, &qkv, args.heads);
+            return crate::backend::pack_then_attend(self, q, k, v, args);
         }
         let (b, t, hd) = rope_dims(OP, q, k, v, args.heads)?;
         let (nh, nkv) = (args.heads.n_head, args.heads.n_kv_head);
@@ -320,9 +319,7 @@ impl crate::backend::Rope for super::Cuda {
     ) -> Result<[Tensor; 3]> {
         const OP: &str = "attention backward";
         if args.offset != 0 {
-            let qkv = self.rope_pack(q, k, v, args)?;
-            let dqkv = crate::backend::Attention::attention_backward(self, dout, &qkv, out, lse, args.heads)?;
-            return self.rope_unpack(&dqkv, args);
+            return crate::backend::pack_then_attend_backward(self, dout, [q, k, v], out, lse, args);
         }
         let (b, t, hd) = rope_dims(OP, q, k, v, args.heads)?;
         let (nh, nkv) = (args.heads.n_head, args.heads.n_kv_head);
