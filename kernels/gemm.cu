@@ -33,9 +33,15 @@
 // accumulation straight from global memory; every transpose, bias, GELU and accumulate. The tests
 // hold every variant to the same bound against the CPU; the bench shows the tensor-core speedup.
 //
-// gemm_bias_backward: dbias[j] = sum_i dY[i, j], f32 out. A block of 32 x 16 threads owns 32
-// columns: each of the 16 row lanes sums every 16th row (coalesced 32-column reads), then one row
-// of threads adds the 16 partials in a fixed order, so the result is deterministic.
+// gemm_bias_backward_partial + gemm_bias_backward_finish: dbias[j] = sum_i dY[i, j], f32 out,
+// deterministic without atomics, at copy bandwidth. The partial kernel's grid is 2-D: blockIdx.x
+// picks 256 columns, blockIdx.y a group of KILN_GEMM_BIAS_GROUP rows, so a GPT-2 step (8192 rows)
+// has 128 groups in flight per 256 columns instead of one block per 32 columns. In a block each
+// lane owns 8 columns, read as one 16-byte word per row where n % 8 == 0 (every GPT-2 width; 2-byte
+// loads 32 columns apart otherwise, still coalesced), and each of the 4 row lanes sums every 4th
+// row of the group; the lanes' sums are added in lane order and written as the group's partial
+// [groups, n]. The finish kernel adds the groups in order per column. The partials are 1/64 of
+// dY's bytes in f32 (3%), written once and read once. One group (rows <= 64) writes dbias itself.
 //
 // Tested by: cargo test --release --features cuda --test gemm
 // Timed by:  kiln bench kernels (GemmVariant::Naive is the in-family baseline)
@@ -466,25 +472,62 @@ extern "C" __global__ void gemm_naive(void* out, void* pre, const __nv_bfloat16*
     store_output(out, pre, bias, static_cast<int64_t>(i) * n + j, j, s, flags);
 }
 
-// dbias [n] = column sums of dout [rows, n], f32. Grid ceil(n / 32), block 32 x KILN_GEMM_BIAS_ROWS.
-extern "C" __global__ void gemm_bias_backward(float* dbias, const __nv_bfloat16* dout, int rows, int n) {
-    __shared__ float part[KILN_GEMM_BIAS_ROWS][33];
-    const int col = blockIdx.x * 32 + threadIdx.x;
-    float s = 0.0f;
-    if (col < n) {
-#pragma unroll 4
-        for (int r = threadIdx.y; r < rows; r += KILN_GEMM_BIAS_ROWS) {
-            s += __bfloat162float(dout[static_cast<int64_t>(r) * n + col]);
+// part [ceil(rows / KILN_GEMM_BIAS_GROUP), n] f32: column sums of dout [rows, n] over each group
+// of rows. Grid (ceil(n / 256), groups), block (32, KILN_GEMM_BIAS_LANES). VEC (n % 8 == 0 and
+// dout 16-byte aligned): lane l owns columns 8l .. 8l + 7 of the block's 256; else l + 32e.
+template <bool VEC>
+__device__ __forceinline__ void bias_partial(float* part, const __nv_bfloat16* dout, int rows, int n) {
+    constexpr int LANES = KILN_GEMM_BIAS_LANES;
+    // One padding word every 32: lane l's 8 columns (8l + e) then fall in 32 distinct banks for
+    // each e, and a warp's 32 consecutive columns still do.
+    __shared__ float sums[LANES][256 + 8];
+    auto at = [](int j) { return j + j / 32; };
+    const int lane = threadIdx.x, y = threadIdx.y, c0 = blockIdx.x * 256;
+    const int r0 = blockIdx.y * KILN_GEMM_BIAS_GROUP, r1 = min(r0 + KILN_GEMM_BIAS_GROUP, rows);
+    auto col = [&](int e) { return VEC ? c0 + 8 * lane + e : c0 + lane + 32 * e; };
+    float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r = r0 + y; r < r1; r += LANES) {
+        const __nv_bfloat16* row = dout + static_cast<int64_t>(r) * n;
+        if (VEC) {
+            if (col(0) < n) {
+                const uint4 u = *reinterpret_cast<const uint4*>(row + col(0));
+                const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    s[2 * i] += __uint_as_float(w[i] << 16);
+                    s[2 * i + 1] += __uint_as_float(w[i] & 0xffff0000u);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                if (col(e) < n) s[e] += __bfloat162float(row[col(e)]);
+            }
         }
     }
-    part[threadIdx.y][threadIdx.x] = s;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sums[y][at(col(e) - c0)] = s[e];
     __syncthreads();
-    if (threadIdx.y == 0 && col < n) {
+    // 128 threads, 256 columns: each adds two columns' lane sums in lane order.
+    for (int j = y * 32 + lane; j < 256; j += 32 * LANES) {
+        if (c0 + j >= n) continue;
         float t = 0.0f;
 #pragma unroll
-        for (int y = 0; y < KILN_GEMM_BIAS_ROWS; ++y) {
-            t += part[y][threadIdx.x];
-        }
-        dbias[col] = t;
+        for (int l = 0; l < LANES; ++l) t += sums[l][at(j)];
+        part[static_cast<int64_t>(blockIdx.y) * n + c0 + j] = t;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * KILN_GEMM_BIAS_LANES) gemm_bias_backward_partial(float* part, const __nv_bfloat16* dout, int rows, int n) {
+    if (n % 8 == 0 && (reinterpret_cast<uintptr_t>(dout) & 15) == 0) bias_partial<true>(part, dout, rows, n);
+    else bias_partial<false>(part, dout, rows, n);
+}
+
+// dbias [n] = sum over groups, in order, of part [groups, n]. Grid ceil(n / KILN_GEMM_BIAS_FINISH).
+extern "C" __global__ void __launch_bounds__(KILN_GEMM_BIAS_FINISH) gemm_bias_backward_finish(float* dbias, const float* part, int groups, int n) {
+    const int col = blockIdx.x * KILN_GEMM_BIAS_FINISH + threadIdx.x;
+    if (col >= n) return;
+    float t = 0.0f;
+    for (int g = 0; g < groups; ++g) t += part[static_cast<int64_t>(g) * n + col];
+    dbias[col] = t;
 }

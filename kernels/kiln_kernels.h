@@ -96,8 +96,12 @@ typedef struct {
 #define KILN_GEMM_SMALL_THREADS 128
 // Block of the naive kernel: KILN_GEMM_NAIVE_TILE x KILN_GEMM_NAIVE_TILE threads, one per output.
 #define KILN_GEMM_NAIVE_TILE 16
-// Block of gemm_bias_backward: 32 columns x KILN_GEMM_BIAS_ROWS row lanes.
-#define KILN_GEMM_BIAS_ROWS 16
+// gemm_bias_backward_partial: a block of 32 x KILN_GEMM_BIAS_LANES threads sums 256 columns
+// (8 per thread) over a group of KILN_GEMM_BIAS_GROUP rows, the row lanes interleaved.
+#define KILN_GEMM_BIAS_LANES 4
+#define KILN_GEMM_BIAS_GROUP 64
+// gemm_bias_backward_finish: threads (one column each) per block.
+#define KILN_GEMM_BIAS_FINISH 256
 
 // ---- attention ----
 // Causal flash attention (kernels/attention.cu). A tile is 32 keys or 32 query rows (one per

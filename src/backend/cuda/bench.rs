@@ -165,6 +165,7 @@ pub fn run() -> Result<()> {
     let mut rows = Vec::new();
     for f in [
         gemm_rows,
+        bias_rows,
         attention_rows,
         layernorm_rows,
         rmsnorm_rows,
@@ -402,6 +403,21 @@ pub fn rope_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
         bandwidth_row("rope + qkv pack", shape.clone(), f, bytes, copy),
         bandwidth_row("rope + qkv unpack (backward)", shape, bw, bytes, copy),
     ])
+}
+
+/// The bias gradient (column sums of dY) at GPT-2 124M's three bias widths over 8192 tokens:
+/// memory-bound, it reads dY once.
+pub fn bias_rows(cu: &Cuda, copy: f64) -> Result<Vec<Row>> {
+    let rows = 8192usize;
+    let mut out = Vec::new();
+    for (what, n) in [("c_proj", 768usize), ("c_attn", 2304), ("c_fc", 3072)] {
+        let dy = random_bf16(cu, rows * n, 40 + n as u64)?;
+        let mut db = cu.alloc::<f32>(n)?;
+        let ms = time_ms(cu, 3, 50, || super::gemm::bias_backward(&mut db, &dy, n))?;
+        let bytes = bytes_of::<bf16>(rows * n) + bytes_of::<f32>(n);
+        out.push(bandwidth_row(&format!("bias backward ({what})"), format!("{rows}x{n}"), ms, bytes, copy));
+    }
+    Ok(out)
 }
 
 /// Token + position embedding forward and its deterministic backward at 8192 tokens of GPT-2.

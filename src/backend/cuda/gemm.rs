@@ -10,8 +10,9 @@
 use super::tensor::{bf16_in, new_bf16, new_f32, wrap_bf16};
 use super::{bf16, cuda, DevBuf, DeviceElem, Kernel, LaunchConfig};
 use crate::abi::{
-    KILN_GEMM_ACCUMULATE, KILN_GEMM_BIAS_ROWS, KILN_GEMM_BM, KILN_GEMM_BN, KILN_GEMM_GELU, KILN_GEMM_NAIVE_TILE,
-    KILN_GEMM_OUT_F32, KILN_GEMM_SMALL_BM, KILN_GEMM_SMALL_BN, KILN_GEMM_SMALL_THREADS, KILN_GEMM_THREADS,
+    KILN_GEMM_ACCUMULATE, KILN_GEMM_BIAS_FINISH, KILN_GEMM_BIAS_GROUP, KILN_GEMM_BIAS_LANES, KILN_GEMM_BM,
+    KILN_GEMM_BN, KILN_GEMM_GELU, KILN_GEMM_NAIVE_TILE, KILN_GEMM_OUT_F32, KILN_GEMM_SMALL_BM, KILN_GEMM_SMALL_BN,
+    KILN_GEMM_SMALL_THREADS, KILN_GEMM_THREADS,
 };
 use crate::backend::{Epilogue, GemmDesc};
 use crate::{DType, Error, Result, Tensor};
@@ -24,7 +25,6 @@ const SMALL_BM: usize = KILN_GEMM_SMALL_BM as usize;
 const SMALL_BN: usize = KILN_GEMM_SMALL_BN as usize;
 const SMALL_THREADS: u32 = KILN_GEMM_SMALL_THREADS as u32;
 const NAIVE_TILE: usize = KILN_GEMM_NAIVE_TILE as usize;
-const BIAS_ROWS: u32 = KILN_GEMM_BIAS_ROWS as u32;
 const FLAG_OUT_F32: i32 = KILN_GEMM_OUT_F32 as i32;
 const FLAG_ACCUMULATE: i32 = KILN_GEMM_ACCUMULATE as i32;
 const FLAG_GELU: i32 = KILN_GEMM_GELU as i32;
@@ -320,7 +320,9 @@ pub fn matmul_nf4_with<O: GemmOut>(
     Ok(())
 }
 
-/// dbias[n] = sum over rows of dout[rows, n], in f32 (overwrites dbias, as the CPU twin).
+/// dbias[n] = sum over rows of dout[rows, n], in f32 (overwrites dbias, as the CPU twin):
+/// column sums per group of KILN_GEMM_BIAS_GROUP rows, then the groups added in order
+/// (deterministic, no atomics; kernels/gemm.cu says how).
 pub fn bias_backward(dbias: &mut DevBuf<f32>, dout: &DevBuf<bf16>, n: usize) -> Result<()> {
     const OP: &str = "cuda::bias_backward";
     if n == 0 {
@@ -328,20 +330,47 @@ pub fn bias_backward(dbias: &mut DevBuf<f32>, dout: &DevBuf<bf16>, n: usize) -> 
     }
     check_len(OP, "dbias", dbias.len(), n, &format!("{n}"))?;
     let rows = dout.len() / n;
-    if rows * n != dout.len() || rows > i32::MAX as usize {
+    if rows * n != dout.len() || rows > i32::MAX as usize || n > i32::MAX as usize {
         return Err(Error::Shape {
             op: OP,
             msg: format!("dout has {} elements, not a whole number of rows of {n}", dout.len()),
         });
     }
+    let groups = rows.div_ceil(KILN_GEMM_BIAS_GROUP as usize);
+    if groups > 65535 {
+        return Err(Error::Shape {
+            op: OP,
+            msg: format!("{rows} rows make {groups} groups of {KILN_GEMM_BIAS_GROUP}, over the grid's 65535"),
+        });
+    }
     let cu = cuda()?;
-    let cfg =
-        LaunchConfig { grid_dim: (n.div_ceil(32) as u32, 1, 1), block_dim: (32, BIAS_ROWS, 1), shared_mem_bytes: 0 };
-    let mut l = cu.launch_builder(Kernel::GemmBiasBackward);
-    let (rows_i, n_i) = (rows as i32, n as i32);
-    l.arg(dbias).arg(dout).arg(&rows_i).arg(&n_i);
-    // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
-    unsafe { l.launch(cfg) }?;
+    let (rows_i, n_i, groups_i) = (rows as i32, n as i32, groups as i32);
+    let partial = LaunchConfig {
+        grid_dim: (n.div_ceil(256) as u32, groups.max(1) as u32, 1),
+        block_dim: (32, KILN_GEMM_BIAS_LANES as u32, 1),
+        shared_mem_bytes: 0,
+    };
+    // One group writes the sums where they belong; more write partials, added in order after.
+    let mut part = if groups > 1 { Some(cu.alloc::<f32>(groups * n)?) } else { None };
+    let mut l = cu.launch_builder(Kernel::GemmBiasBackwardPartial);
+    match part.as_mut() {
+        Some(p) => l.arg_mut(p),
+        None => l.arg_mut(dbias),
+    };
+    l.arg(dout).arg(&rows_i).arg(&n_i);
+    // SAFETY: the arguments are the kernel's, in its parameter order; dout holds rows x n (checked above) and the output groups x n (allocated here, or dbias of n with one group), the elements this grid touches.
+    unsafe { l.launch(partial) }?;
+    if let Some(p) = part {
+        let finish = LaunchConfig {
+            grid_dim: (n.div_ceil(KILN_GEMM_BIAS_FINISH as usize) as u32, 1, 1),
+            block_dim: (KILN_GEMM_BIAS_FINISH as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = cu.launch_builder(Kernel::GemmBiasBackwardFinish);
+        l.arg_mut(dbias).arg(&p).arg(&groups_i).arg(&n_i);
+        // SAFETY: the arguments are the kernel's, in its parameter order; dbias holds n and the partials groups x n.
+        unsafe { l.launch(finish) }?;
+    }
     Ok(())
 }
 
