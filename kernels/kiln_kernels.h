@@ -127,6 +127,13 @@ typedef struct {
 // ---- layernorm ----
 // Rows per block of the one-warp-per-row kernels (forward, residual forward, backward dx).
 #define KILN_LN_WARPS 8
+// Rows per block of those kernels (each warp takes every KILN_LN_WARPS-th): the weights a block
+// stages in shared memory serve this many rows.
+#define KILN_LN_BLOCK_ROWS 32
+// Rows of at most this many columns (C % 8 == 0) stay in registers between a row kernel's walks
+// (8 16-byte words a lane), and the weights are staged in shared memory once per block, so every
+// byte is read from global memory once: SmolLM2 (576, 960, 2048) and GPT-2 (768, 1024, 1280, 1600).
+#define KILN_LN_CACHE_C 2048
 // dw/db: rows per partial-sum group, and columns (threads) per block of the partial/finish kernels.
 #define KILN_LN_DW_ROWS 64
 #define KILN_LN_DW_THREADS 256

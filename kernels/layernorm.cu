@@ -3,10 +3,16 @@
 // CPU twin: src/backend/cpu/layernorm.rs (layernorm_forward, layernorm_backward).
 //
 // Kernels and work split:
-// - layernorm_forward: one warp per row, KILN_LN_WARPS rows per block, no shared memory and no
-//   block barrier. The warp walks its row three times, as row_stats does: the sum (mean), the
-//   centred squares (variance; two passes rather than Welford so the arithmetic matches the CPU),
-//   then the output. The second and third walks hit L1/L2 (a GPT-2 row is 1.5 KB).
+// - layernorm_forward: one warp per row at a time, KILN_LN_BLOCK_ROWS rows per block
+//   (KILN_LN_WARPS warps, each taking every 8th). The warp walks its row
+//   three times, as row_stats does: the sum (mean), the centred squares (variance; two passes
+//   rather than Welford so the arithmetic matches the CPU), then the output. Rows of at most
+//   KILN_LN_CACHE_C columns on the 16-byte path are cached: each lane keeps its words of the row
+//   in registers (raw bf16, 4 registers a word) for the second and third walks, and w and b are
+//   staged in shared memory once per block (the block's barriers), so every input byte is read
+//   from global memory once; same arithmetic, same order, same bits as the uncached walks, which
+//   wider rows take. The block's mean and rstd values are gathered in shared memory and stored
+//   together at the end.
 // - layernorm_residual_forward: the same, but the first walk computes h = a + b (rounded to bf16,
 //   the value backward will see as x), writes h and sums it; GPT-2 adds the residual and then
 //   normalises, so this saves a launch and a read of h.
@@ -160,45 +166,191 @@ __device__ __forceinline__ void dx_row(__nv_bfloat16* dx, const __nv_bfloat16* g
     }
 }
 
+// ---- cached rows (16-byte path, C <= KILN_LN_CACHE_C; rmsnorm.cu has the same for its walks) ----
+constexpr int CACHE = KILN_LN_CACHE_C / 256;  // 16-byte words a lane holds
+
+// row_sum<true>, keeping the lane's words (word k at column 8 lane + 256 k).
+__device__ __forceinline__ float cache_row_sum(uint4 (&xv)[CACHE], const __nv_bfloat16* x, int c, int lane) {
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < CACHE; k++) {
+        const int i = 8 * lane + 256 * k;
+        if (i >= c) continue;
+        xv[k] = *reinterpret_cast<const uint4*>(x + i);
+        float f[8];
+        unpack8(f, xv[k]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) s += f[j];
+    }
+    return warp_sum(s);
+}
+
+// residual_row_sum<true>, keeping h's words.
+__device__ __forceinline__ float cache_residual_row_sum(uint4 (&hv)[CACHE], __nv_bfloat16* h, const __nv_bfloat16* a, const __nv_bfloat16* r, int c, int lane) {
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < CACHE; k++) {
+        const int i = 8 * lane + 256 * k;
+        if (i >= c) continue;
+        float fa[8], fr[8];
+        load8(fa, a + i);
+        load8(fr, r + i);
+#pragma unroll
+        for (int j = 0; j < 8; j++) fa[j] = __bfloat162float(__float2bfloat16_rn(fa[j] + fr[j]));
+        hv[k] = pack8(fa);
+        *reinterpret_cast<uint4*>(h + i) = hv[k];
+#pragma unroll
+        for (int j = 0; j < 8; j++) s += fa[j];
+    }
+    return warp_sum(s);
+}
+
+// finish_row<true> from the cached words and the staged w and b.
+__device__ __forceinline__ void cache_finish_row(__nv_bfloat16* out, float* mean_out, float* rstd_out, const uint4 (&xv)[CACHE], const uint4* ws, const uint4* bs, int c, float eps, int lane, float sum) {
+    const float mean = ln_mean(sum, c);
+    float sq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < CACHE; k++) {
+        if (8 * lane + 256 * k >= c) continue;
+        float f[8];
+        unpack8(f, xv[k]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) sq += (f[j] - mean) * (f[j] - mean);
+    }
+    const float rstd = ln_rstd(ln_var(warp_sum(sq), c), eps);
+#pragma unroll
+    for (int k = 0; k < CACHE; k++) {
+        const int i = 8 * lane + 256 * k;
+        if (i >= c) continue;
+        float f[8], fw[8], fb[8];
+        unpack8(f, xv[k]);
+        unpack8(fw, ws[i / 8]);
+        unpack8(fb, bs[i / 8]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) f[j] = ln_out(f[j], mean, rstd, fw[j], fb[j]);
+        store8(out + i, f);
+    }
+    if (lane == 0) {
+        *mean_out = mean;
+        *rstd_out = rstd;
+    }
+}
+
+// dx_row<true> with dout and x cached and w staged.
+__device__ __forceinline__ void cache_dx_row(__nv_bfloat16* dx, const __nv_bfloat16* g, const __nv_bfloat16* x, const uint4* ws, float mean, float rstd, int c, int lane) {
+    uint4 gv[CACHE], xv[CACHE];
+    float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < CACHE; k++) {
+        const int i = 8 * lane + 256 * k;
+        if (i >= c) continue;
+        gv[k] = *reinterpret_cast<const uint4*>(g + i);
+        xv[k] = *reinterpret_cast<const uint4*>(x + i);
+        float fg[8], fx[8], fw[8];
+        unpack8(fg, gv[k]);
+        unpack8(fx, xv[k]);
+        unpack8(fw, ws[i / 8]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float dxhat = fg[j] * fw[j];
+            s1 += dxhat;
+            s2 += dxhat * ln_xhat(fx[j], mean, rstd);
+        }
+    }
+    const float m1 = warp_sum(s1) / (float)c;
+    const float m2 = warp_sum(s2) / (float)c;
+#pragma unroll
+    for (int k = 0; k < CACHE; k++) {
+        const int i = 8 * lane + 256 * k;
+        if (i >= c) continue;
+        float fg[8], fx[8], fw[8];
+        unpack8(fg, gv[k]);
+        unpack8(fx, xv[k]);
+        unpack8(fw, ws[i / 8]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) fg[j] = ln_dx(fg[j], fw[j], ln_xhat(fx[j], mean, rstd), rstd, m1, m2);
+        store8(dx + i, fg);
+    }
+}
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) layernorm_forward(__nv_bfloat16* out, float* mean, float* rstd, const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* b, int rows, int c, float eps) {
-    const int row = blockIdx.x * KILN_LN_WARPS + (int)(threadIdx.x >> 5);
-    if (row >= rows) return;  // a whole warp leaves together; the kernel has no block barrier
-    const int lane = threadIdx.x & 31;
-    const int64_t off = (int64_t)row * c;
-    if (c % 8 == 0 && aligned16(out) && aligned16(x) && aligned16(w) && aligned16(b)) {
-        const float s = row_sum<true>(x + off, c, lane);
-        finish_row<true>(out + off, mean + row, rstd + row, x + off, w, b, c, eps, lane, s);
-    } else {
-        const float s = row_sum<false>(x + off, c, lane);
-        finish_row<false>(out + off, mean + row, rstd + row, x + off, w, b, c, eps, lane, s);
+    __shared__ uint4 ws[KILN_LN_CACHE_C / 8], bs[KILN_LN_CACHE_C / 8];
+    const bool vec = c % 8 == 0 && aligned16(out) && aligned16(x) && aligned16(w) && aligned16(b);
+    const bool cached = vec && c <= KILN_LN_CACHE_C;  // the same in every thread of the block
+    if (cached) {
+        stage16(ws, w, c / 8);
+        stage16(bs, b, c / 8);
     }
+    __shared__ float s_mean[KILN_LN_BLOCK_ROWS], s_rstd[KILN_LN_BLOCK_ROWS];
+    const int lane = threadIdx.x & 31;
+    const int64_t first = (int64_t)blockIdx.x * KILN_LN_BLOCK_ROWS;
+    const int64_t last = ((int64_t)blockIdx.x + 1) * KILN_LN_BLOCK_ROWS, end = last < rows ? last : rows;
+    for (int64_t row = first + (threadIdx.x >> 5); row < end; row += KILN_LN_WARPS) {
+        const int64_t off = row * c;
+        if (cached) {
+            uint4 xv[CACHE];
+            const float s = cache_row_sum(xv, x + off, c, lane);
+            cache_finish_row(out + off, s_mean + (row - first), s_rstd + (row - first), xv, ws, bs, c, eps, lane, s);
+        } else if (vec) {
+            const float s = row_sum<true>(x + off, c, lane);
+            finish_row<true>(out + off, s_mean + (row - first), s_rstd + (row - first), x + off, w, b, c, eps, lane, s);
+        } else {
+            const float s = row_sum<false>(x + off, c, lane);
+            finish_row<false>(out + off, s_mean + (row - first), s_rstd + (row - first), x + off, w, b, c, eps, lane, s);
+        }
+    }
+    store_block_rows(mean, s_mean, first, end);
+    store_block_rows(rstd, s_rstd, first, end);
 }
 
 extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) layernorm_residual_forward(__nv_bfloat16* h, __nv_bfloat16* out, float* mean, float* rstd, const __nv_bfloat16* a, const __nv_bfloat16* r, const __nv_bfloat16* w, const __nv_bfloat16* b, int rows, int c, float eps) {
-    const int row = blockIdx.x * KILN_LN_WARPS + (int)(threadIdx.x >> 5);
-    if (row >= rows) return;
-    const int lane = threadIdx.x & 31;
-    const int64_t off = (int64_t)row * c;
-    if (c % 8 == 0 && aligned16(h) && aligned16(out) && aligned16(a) && aligned16(r) && aligned16(w) && aligned16(b)) {
-        const float s = residual_row_sum<true>(h + off, a + off, r + off, c, lane);
-        finish_row<true>(out + off, mean + row, rstd + row, h + off, w, b, c, eps, lane, s);
-    } else {
-        const float s = residual_row_sum<false>(h + off, a + off, r + off, c, lane);
-        finish_row<false>(out + off, mean + row, rstd + row, h + off, w, b, c, eps, lane, s);
+    __shared__ uint4 ws[KILN_LN_CACHE_C / 8], bs[KILN_LN_CACHE_C / 8];
+    const bool vec = c % 8 == 0 && aligned16(h) && aligned16(out) && aligned16(a) && aligned16(r) && aligned16(w) && aligned16(b);
+    const bool cached = vec && c <= KILN_LN_CACHE_C;
+    if (cached) {
+        stage16(ws, w, c / 8);
+        stage16(bs, b, c / 8);
     }
+    __shared__ float s_mean[KILN_LN_BLOCK_ROWS], s_rstd[KILN_LN_BLOCK_ROWS];
+    const int lane = threadIdx.x & 31;
+    const int64_t first = (int64_t)blockIdx.x * KILN_LN_BLOCK_ROWS;
+    const int64_t last = ((int64_t)blockIdx.x + 1) * KILN_LN_BLOCK_ROWS, end = last < rows ? last : rows;
+    for (int64_t row = first + (threadIdx.x >> 5); row < end; row += KILN_LN_WARPS) {
+        const int64_t off = row * c;
+        if (cached) {
+            uint4 hv[CACHE];
+            const float s = cache_residual_row_sum(hv, h + off, a + off, r + off, c, lane);
+            cache_finish_row(out + off, s_mean + (row - first), s_rstd + (row - first), hv, ws, bs, c, eps, lane, s);
+        } else if (vec) {
+            const float s = residual_row_sum<true>(h + off, a + off, r + off, c, lane);
+            finish_row<true>(out + off, s_mean + (row - first), s_rstd + (row - first), h + off, w, b, c, eps, lane, s);
+        } else {
+            const float s = residual_row_sum<false>(h + off, a + off, r + off, c, lane);
+            finish_row<false>(out + off, s_mean + (row - first), s_rstd + (row - first), h + off, w, b, c, eps, lane, s);
+        }
+    }
+    store_block_rows(mean, s_mean, first, end);
+    store_block_rows(rstd, s_rstd, first, end);
 }
 
 extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) layernorm_backward_dx(__nv_bfloat16* dx, const __nv_bfloat16* dout, const __nv_bfloat16* x, const __nv_bfloat16* w, const float* mean, const float* rstd, int rows, int c) {
-    const int row = blockIdx.x * KILN_LN_WARPS + (int)(threadIdx.x >> 5);
-    if (row >= rows) return;
+    __shared__ uint4 ws[KILN_LN_CACHE_C / 8];
+    const bool vec = c % 8 == 0 && aligned16(dx) && aligned16(dout) && aligned16(x) && aligned16(w);
+    const bool cached = vec && c <= KILN_LN_CACHE_C;
+    if (cached) stage16(ws, w, c / 8);
     const int lane = threadIdx.x & 31;
-    const int64_t off = (int64_t)row * c;
-    if (c % 8 == 0 && aligned16(dx) && aligned16(dout) && aligned16(x) && aligned16(w)) {
-        dx_row<true>(dx + off, dout + off, x + off, w, mean[row], rstd[row], c, lane);
-    } else {
-        dx_row<false>(dx + off, dout + off, x + off, w, mean[row], rstd[row], c, lane);
+    const int64_t last = ((int64_t)blockIdx.x + 1) * KILN_LN_BLOCK_ROWS, end = last < rows ? last : rows;
+    for (int64_t row = (int64_t)blockIdx.x * KILN_LN_BLOCK_ROWS + (threadIdx.x >> 5); row < end; row += KILN_LN_WARPS) {
+        const int64_t off = row * c;
+        if (cached) {
+            cache_dx_row(dx + off, dout + off, x + off, ws, mean[row], rstd[row], c, lane);
+        } else if (vec) {
+            dx_row<true>(dx + off, dout + off, x + off, w, mean[row], rstd[row], c, lane);
+        } else {
+            dx_row<false>(dx + off, dout + off, x + off, w, mean[row], rstd[row], c, lane);
+        }
     }
 }
 

@@ -3,8 +3,9 @@
 // CPU twin: src/backend/cpu/rmsnorm.rs (rmsnorm_forward, rmsnorm_backward).
 //
 // Kernels and work split, as layernorm.cu (whose launch constants KILN_LN_* they share):
-// - rmsnorm_forward: one warp per row, KILN_LN_WARPS rows per block, no shared memory and no
-//   block barrier. The warp walks its row twice: the sum of squares, then the output.
+// - rmsnorm_forward: one warp per row at a time, KILN_LN_BLOCK_ROWS rows per block (KILN_LN_WARPS
+//   warps, each taking every 8th). The warp walks its row twice: the sum of squares, then the
+//   output. The block's rstd values are gathered in shared memory and stored together at the end.
 // - rmsnorm_residual_forward: the first walk computes h = a + r (rounded to bf16, the value
 //   backward sees as x), writes h and sums its squares. A Llama block adds each sublayer's output
 //   to the residual stream and normalises the sum for the next sublayer: one launch and one read
@@ -16,7 +17,12 @@
 //   row order, into [groups, C]; the finish kernel adds the groups in order. The grouping depends
 //   only on (rows, C): the same bits on every run and every GPU.
 // Every kernel has a 16-byte path (8 bf16 per access) taken when C % 8 == 0 and every bf16 pointer
-// is 16-byte aligned, otherwise one bf16 per lane per step.
+// is 16-byte aligned, otherwise one bf16 per lane per step. On the 16-byte path, rows of at most
+// KILN_LN_CACHE_C columns are cached: each lane keeps its words of the row in registers between
+// the walks (as raw bf16, 4 registers a word), and w is staged in shared memory once per block of
+// KILN_LN_WARPS rows, so x, a, r, h, dout and w are each read from global memory once (the
+// emulator's sector count shows it). The arithmetic and its order are the uncached walks', so
+// both give the same bits. Wider rows walk twice.
 //
 // Test: cargo test --release --features cuda --test rmsnorm
 #include "rmsnorm.cuh"
@@ -123,43 +129,163 @@ __device__ __forceinline__ void dx_row(__nv_bfloat16* dx, const __nv_bfloat16* g
     }
 }
 
+// ---- cached rows (16-byte path, C <= KILN_LN_CACHE_C) ----
+constexpr int CACHE = KILN_LN_CACHE_C / 256;  // 16-byte words a lane holds
+
+// The lane's words of a row (word k at column 8 lane + 256 k), and the sum of squares of their
+// values, in row_sumsq<true>'s order.
+__device__ __forceinline__ float cache_row_sumsq(uint4 (&xv)[CACHE], const __nv_bfloat16* x, int c, int lane) {
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < CACHE; k++) {
+        const int i = 8 * lane + 256 * k;
+        if (i >= c) continue;
+        xv[k] = *reinterpret_cast<const uint4*>(x + i);
+        float f[8];
+        unpack8(f, xv[k]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) s += f[j] * f[j];
+    }
+    return warp_sum(s);
+}
+
+// residual_row_sumsq<true> keeping h's words.
+__device__ __forceinline__ float cache_residual_row_sumsq(uint4 (&hv)[CACHE], __nv_bfloat16* h, const __nv_bfloat16* a, const __nv_bfloat16* r, int c, int lane) {
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < CACHE; k++) {
+        const int i = 8 * lane + 256 * k;
+        if (i >= c) continue;
+        float fa[8], fr[8];
+        load8(fa, a + i);
+        load8(fr, r + i);
+#pragma unroll
+        for (int j = 0; j < 8; j++) fa[j] = __bfloat162float(__float2bfloat16_rn(fa[j] + fr[j]));
+        hv[k] = pack8(fa);
+        *reinterpret_cast<uint4*>(h + i) = hv[k];
+#pragma unroll
+        for (int j = 0; j < 8; j++) s += fa[j] * fa[j];
+    }
+    return warp_sum(s);
+}
+
+// finish_row<true> from the cached words and the staged w.
+__device__ __forceinline__ void cache_finish_row(__nv_bfloat16* out, float* rstd_out, const uint4 (&xv)[CACHE], const uint4* ws, int c, float eps, int lane, float sumsq) {
+    const float rstd = rms_rstd(sumsq / (float)c, eps);
+#pragma unroll
+    for (int k = 0; k < CACHE; k++) {
+        const int i = 8 * lane + 256 * k;
+        if (i >= c) continue;
+        float f[8], fw[8];
+        unpack8(f, xv[k]);
+        unpack8(fw, ws[i / 8]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) f[j] = rms_out(f[j], rstd, fw[j]);
+        store8(out + i, f);
+    }
+    if (lane == 0) *rstd_out = rstd;
+}
+
+// dx_row<true> with dout and x cached and w staged.
+__device__ __forceinline__ void cache_dx_row(__nv_bfloat16* dx, const __nv_bfloat16* g, const __nv_bfloat16* x, const uint4* ws, float rstd, int c, int lane) {
+    uint4 gv[CACHE], xv[CACHE];
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < CACHE; k++) {
+        const int i = 8 * lane + 256 * k;
+        if (i >= c) continue;
+        gv[k] = *reinterpret_cast<const uint4*>(g + i);
+        xv[k] = *reinterpret_cast<const uint4*>(x + i);
+        float fg[8], fx[8], fw[8];
+        unpack8(fg, gv[k]);
+        unpack8(fx, xv[k]);
+        unpack8(fw, ws[i / 8]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) s += rms_gwx(fg[j], fw[j], fx[j], rstd);
+    }
+    const float m = warp_sum(s) / (float)c;
+#pragma unroll
+    for (int k = 0; k < CACHE; k++) {
+        const int i = 8 * lane + 256 * k;
+        if (i >= c) continue;
+        float fg[8], fx[8], fw[8];
+        unpack8(fg, gv[k]);
+        unpack8(fx, xv[k]);
+        unpack8(fw, ws[i / 8]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) fg[j] = rms_dx(fg[j], fw[j], fx[j], rstd, m);
+        store8(dx + i, fg);
+    }
+}
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) rmsnorm_forward(__nv_bfloat16* out, float* rstd, const __nv_bfloat16* x, const __nv_bfloat16* w, int rows, int c, float eps) {
-    const int row = blockIdx.x * KILN_LN_WARPS + (int)(threadIdx.x >> 5);
-    if (row >= rows) return;  // a whole warp leaves together; the kernel has no block barrier
+    __shared__ uint4 ws[KILN_LN_CACHE_C / 8];
+    const bool vec = c % 8 == 0 && aligned16(out) && aligned16(x) && aligned16(w);
+    const bool cached = vec && c <= KILN_LN_CACHE_C;  // the same in every thread of the block
+    if (cached) stage16(ws, w, c / 8);
+    __shared__ float s_rstd[KILN_LN_BLOCK_ROWS];
     const int lane = threadIdx.x & 31;
-    const int64_t off = (int64_t)row * c;
-    if (c % 8 == 0 && aligned16(out) && aligned16(x) && aligned16(w)) {
-        finish_row<true>(out + off, rstd + row, x + off, w, c, eps, lane, row_sumsq<true>(x + off, c, lane));
-    } else {
-        finish_row<false>(out + off, rstd + row, x + off, w, c, eps, lane, row_sumsq<false>(x + off, c, lane));
+    const int64_t first = (int64_t)blockIdx.x * KILN_LN_BLOCK_ROWS;
+    const int64_t last = ((int64_t)blockIdx.x + 1) * KILN_LN_BLOCK_ROWS, end = last < rows ? last : rows;
+    for (int64_t row = first + (threadIdx.x >> 5); row < end; row += KILN_LN_WARPS) {
+        const int64_t off = row * c;
+        if (cached) {
+            uint4 xv[CACHE];
+            const float s = cache_row_sumsq(xv, x + off, c, lane);
+            cache_finish_row(out + off, s_rstd + (row - first), xv, ws, c, eps, lane, s);
+        } else if (vec) {
+            finish_row<true>(out + off, s_rstd + (row - first), x + off, w, c, eps, lane, row_sumsq<true>(x + off, c, lane));
+        } else {
+            finish_row<false>(out + off, s_rstd + (row - first), x + off, w, c, eps, lane, row_sumsq<false>(x + off, c, lane));
+        }
     }
+    store_block_rows(rstd, s_rstd, first, end);
 }
 
 extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) rmsnorm_residual_forward(__nv_bfloat16* h, __nv_bfloat16* out, float* rstd, const __nv_bfloat16* a, const __nv_bfloat16* r, const __nv_bfloat16* w, int rows, int c, float eps) {
-    const int row = blockIdx.x * KILN_LN_WARPS + (int)(threadIdx.x >> 5);
-    if (row >= rows) return;
+    __shared__ uint4 ws[KILN_LN_CACHE_C / 8];
+    const bool vec = c % 8 == 0 && aligned16(h) && aligned16(out) && aligned16(a) && aligned16(r) && aligned16(w);
+    const bool cached = vec && c <= KILN_LN_CACHE_C;
+    if (cached) stage16(ws, w, c / 8);
+    __shared__ float s_rstd[KILN_LN_BLOCK_ROWS];
     const int lane = threadIdx.x & 31;
-    const int64_t off = (int64_t)row * c;
-    if (c % 8 == 0 && aligned16(h) && aligned16(out) && aligned16(a) && aligned16(r) && aligned16(w)) {
-        const float s = residual_row_sumsq<true>(h + off, a + off, r + off, c, lane);
-        finish_row<true>(out + off, rstd + row, h + off, w, c, eps, lane, s);
-    } else {
-        const float s = residual_row_sumsq<false>(h + off, a + off, r + off, c, lane);
-        finish_row<false>(out + off, rstd + row, h + off, w, c, eps, lane, s);
+    const int64_t first = (int64_t)blockIdx.x * KILN_LN_BLOCK_ROWS;
+    const int64_t last = ((int64_t)blockIdx.x + 1) * KILN_LN_BLOCK_ROWS, end = last < rows ? last : rows;
+    for (int64_t row = first + (threadIdx.x >> 5); row < end; row += KILN_LN_WARPS) {
+        const int64_t off = row * c;
+        if (cached) {
+            uint4 hv[CACHE];
+            const float s = cache_residual_row_sumsq(hv, h + off, a + off, r + off, c, lane);
+            cache_finish_row(out + off, s_rstd + (row - first), hv, ws, c, eps, lane, s);
+        } else if (vec) {
+            const float s = residual_row_sumsq<true>(h + off, a + off, r + off, c, lane);
+            finish_row<true>(out + off, s_rstd + (row - first), h + off, w, c, eps, lane, s);
+        } else {
+            const float s = residual_row_sumsq<false>(h + off, a + off, r + off, c, lane);
+            finish_row<false>(out + off, s_rstd + (row - first), h + off, w, c, eps, lane, s);
+        }
     }
+    store_block_rows(rstd, s_rstd, first, end);
 }
 
 extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) rmsnorm_backward_dx(__nv_bfloat16* dx, const __nv_bfloat16* dout, const __nv_bfloat16* x, const __nv_bfloat16* w, const float* rstd, int rows, int c) {
-    const int row = blockIdx.x * KILN_LN_WARPS + (int)(threadIdx.x >> 5);
-    if (row >= rows) return;
+    __shared__ uint4 ws[KILN_LN_CACHE_C / 8];
+    const bool vec = c % 8 == 0 && aligned16(dx) && aligned16(dout) && aligned16(x) && aligned16(w);
+    const bool cached = vec && c <= KILN_LN_CACHE_C;
+    if (cached) stage16(ws, w, c / 8);
     const int lane = threadIdx.x & 31;
-    const int64_t off = (int64_t)row * c;
-    if (c % 8 == 0 && aligned16(dx) && aligned16(dout) && aligned16(x) && aligned16(w)) {
-        dx_row<true>(dx + off, dout + off, x + off, w, rstd[row], c, lane);
-    } else {
-        dx_row<false>(dx + off, dout + off, x + off, w, rstd[row], c, lane);
+    const int64_t last = ((int64_t)blockIdx.x + 1) * KILN_LN_BLOCK_ROWS, end = last < rows ? last : rows;
+    for (int64_t row = (int64_t)blockIdx.x * KILN_LN_BLOCK_ROWS + (threadIdx.x >> 5); row < end; row += KILN_LN_WARPS) {
+        const int64_t off = row * c;
+        if (cached) {
+            cache_dx_row(dx + off, dout + off, x + off, ws, rstd[row], c, lane);
+        } else if (vec) {
+            dx_row<true>(dx + off, dout + off, x + off, w, rstd[row], c, lane);
+        } else {
+            dx_row<false>(dx + off, dout + off, x + off, w, rstd[row], c, lane);
+        }
     }
 }
 

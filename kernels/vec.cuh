@@ -24,6 +24,41 @@ __device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&f)[8]) {
     *reinterpret_cast<uint4*>(p) = u;
 }
 
+// The same from and to a 16-byte word in registers (taken by value: a word in shared memory is
+// read with one 16-byte load, not four 4-byte ones that would conflict across lanes).
+__device__ __forceinline__ void unpack8(float (&f)[8], uint4 u) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 t = __bfloat1622float2(h[j]);
+        f[2 * j] = t.x;
+        f[2 * j + 1] = t.y;
+    }
+}
+
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+    uint4 u;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; j++) h[j] = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
+    return u;
+}
+
+// Copies n16 16-byte words from global to shared memory with the whole block, then a barrier:
+// a row kernel's weights, read once per block instead of once per row. Every thread must call it.
+__device__ __forceinline__ void stage16(uint4* dst, const void* src, int n16) {
+    for (int i = threadIdx.x; i < n16; i += blockDim.x) dst[i] = reinterpret_cast<const uint4*>(src)[i];
+    __syncthreads();
+}
+
+// Writes per-row statistics that a block's warps gathered in shared memory during its row loop
+// (s[i] for row first + i) with one coalesced store, not a 4-byte store per warp and row. Starts
+// with a barrier: every thread must call it, after the loop.
+__device__ __forceinline__ void store_block_rows(float* out, const float* s, int64_t first, int64_t end) {
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < end - first; i += blockDim.x) out[first + i] = s[i];
+}
+
 // Whether a 16-byte access at p is aligned (the vector paths need every pointer aligned).
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 

@@ -87,8 +87,10 @@ mod cuda {
     const U_BF: f64 = 1.0 / 256.0;
     const EPS: f32 = 1e-5;
     /// Rows and widths: one row, a partial block of warps, several dw groups; C odd (the scalar
-    /// path), SmolLM2-135M's 576 and a width past one 256-column stripe (the 16-byte path).
-    const SHAPES: [(usize, usize); 6] = [(1, 1), (7, 13), (97, 576), (130, 1000), (5, 2048), (64, 24)];
+    /// path), SmolLM2-135M's 576 and a width past one 256-column stripe (the 16-byte path with the
+    /// row cached in registers, up to KILN_LN_CACHE_C = 2048), and 2304 (the 16-byte path that
+    /// walks the row again).
+    const SHAPES: [(usize, usize); 7] = [(1, 1), (7, 13), (97, 576), (130, 1000), (5, 2048), (64, 24), (9, 2304)];
 
     /// x (rows * c, offset by `offset`: an RMS far from the spread) and w ~ 1 +- 0.5, bf16-valued.
     fn inputs(seed: u64, rows: usize, c: usize, offset: f32) -> (Vec<f32>, Vec<f32>) {

@@ -5,7 +5,7 @@
 
 use super::tensor::{bf16_in, f32_in, new_bf16, wrap_bf16, wrap_f32};
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
-use crate::abi::{KILN_LN_DW_ROWS, KILN_LN_DW_THREADS, KILN_LN_WARPS};
+use crate::abi::{KILN_LN_BLOCK_ROWS, KILN_LN_DW_ROWS, KILN_LN_DW_THREADS, KILN_LN_WARPS};
 use crate::backend::RowStats;
 use crate::{Error, Result, Tensor};
 
@@ -42,11 +42,12 @@ pub(super) fn rows_of(
     Ok(())
 }
 
-/// One warp per row, KILN_LN_WARPS rows per block (the norm kernels' launch shape).
+/// KILN_LN_WARPS warps per block, one row at a time each, over the block's KILN_LN_BLOCK_ROWS rows
+/// (the norm kernels' launch shape).
 pub(super) fn row_config(rows: usize) -> LaunchConfig {
     let warps = KILN_LN_WARPS as usize;
     LaunchConfig {
-        grid_dim: (rows.div_ceil(warps).max(1) as u32, 1, 1),
+        grid_dim: (rows.div_ceil(KILN_LN_BLOCK_ROWS as usize).max(1) as u32, 1, 1),
         block_dim: (32 * warps as u32, 1, 1),
         shared_mem_bytes: 0,
     }
