@@ -6,7 +6,8 @@
 #![cfg(feature = "cuda")]
 
 use kiln::abi::{
-    KILN_ATTN_KERNEL_FORWARD_MMA, KILN_ATTN_MMA_HEAD_DIM, KILN_ATTN_MMA_ROWS, KILN_ATTN_WARPS, KILN_LN_WARPS,
+    KILN_ATTN_KERNEL_FORWARD_MMA, KILN_ATTN_MMA_HEAD_DIM, KILN_ATTN_MMA_ROWS, KILN_ATTN_WARPS, KILN_LN_BLOCK_ROWS,
+    KILN_LN_WARPS,
 };
 use kiln::backend::cuda::{self, attention, bf16, Cuda, Kernel, LaunchConfig, RuntimeKind};
 
@@ -155,8 +156,8 @@ fn reading_memory_nothing_wrote_is_a_fault() {
 #[test]
 fn a_grid_one_block_short_leaves_rows_that_the_download_names() {
     let cu = emu("a_grid_one_block_short_leaves_rows_that_the_download_names");
-    let (rows, c) = (20usize, 64usize);
-    let warps = KILN_LN_WARPS as usize;
+    let (rows, c) = (40usize, 64usize);
+    let (warps, per_block) = (KILN_LN_WARPS as usize, KILN_LN_BLOCK_ROWS as usize);
     let x: Vec<bf16> = (0..rows * c).map(|i| bf16::from_f32((i % 7) as f32 - 3.0)).collect();
     let (x, w, b) =
         (cu.upload(&x).unwrap(), cu.upload(&vec![bf16::ONE; c]).unwrap(), cu.upload(&vec![bf16::ZERO; c]).unwrap());
@@ -185,9 +186,9 @@ fn a_grid_one_block_short_leaves_rows_that_the_download_names() {
         .unwrap();
         cu.download(&out).map(|_| ())
     };
-    let full = rows.div_ceil(warps);
+    let full = rows.div_ceil(per_block);
     run(full).unwrap();
-    let first_unwritten = (full - 1) * warps * c * 2;
+    let first_unwritten = (full - 1) * per_block * c * 2;
     fault_says(
         run(full - 1),
         &["reads bytes nothing has written", &format!("offsets {first_unwritten}..{}", rows * c * 2)],
