@@ -167,43 +167,7 @@ __device__ __forceinline__ void dx_row(__nv_bfloat16* dx, const __nv_bfloat16* g
 }
 
 // ---- cached rows (16-byte path, C <= KILN_LN_CACHE_C; rmsnorm.cu has the same for its walks) ----
-constexpr int CACHE = KILN_LN_CACHE_C / 256;  // 16-byte words a lane holds
-
-// row_sum<true>, keeping the lane's words (word k at column 8 lane + 256 k).
-__device__ __forceinline__ float cache_row_sum(uint4 (&xv)[CACHE], const __nv_bfloat16* x, int c, int lane) {
-    float s = 0.0f;
-#pragma unroll
-    for (int k = 0; k < CACHE; k++) {
-        const int i = 8 * lane + 256 * k;
-        if (i >= c) continue;
-        xv[k] = *reinterpret_cast<const uint4*>(x + i);
-        float f[8];
-        unpack8(f, xv[k]);
-#pragma unroll
-        for (int j = 0; j < 8; j++) s += f[j];
-    }
-    return warp_sum(s);
-}
-
-// residual_row_sum<true>, keeping h's words.
-__device__ __forceinline__ float cache_residual_row_sum(uint4 (&hv)[CACHE], __nv_bfloat16* h, const __nv_bfloat16* a, const __nv_bfloat16* r, int c, int lane) {
-    float s = 0.0f;
-#pragma unroll
-    for (int k = 0; k < CACHE; k++) {
-        const int i = 8 * lane + 256 * k;
-        if (i >= c) continue;
-        float fa[8], fr[8];
-        load8(fa, a + i);
-        load8(fr, r + i);
-#pragma unroll
-        for (int j = 0; j < 8; j++) fa[j] = __bfloat162float(__float2bfloat16_rn(fa[j] + fr[j]));
-        hv[k] = pack8(fa);
-        *reinterpret_cast<uint4*>(h + i) = hv[k];
-#pragma unroll
-        for (int j = 0; j < 8; j++) s += fa[j];
-    }
-    return warp_sum(s);
-}
+constexpr int CACHE = KILN_ROW_WORDS;
 
 // finish_row<true> from the cached words and the staged w and b.
 __device__ __forceinline__ void cache_finish_row(__nv_bfloat16* out, float* mean_out, float* rstd_out, const uint4 (&xv)[CACHE], const uint4* ws, const uint4* bs, int c, float eps, int lane, float sum) {
@@ -291,7 +255,7 @@ extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) layernorm_forwa
         const int64_t off = row * c;
         if (cached) {
             uint4 xv[CACHE];
-            const float s = cache_row_sum(xv, x + off, c, lane);
+            const float s = cache_row(xv, x + off, c, lane, [](float v) { return v; });
             cache_finish_row(out + off, s_mean + (row - first), s_rstd + (row - first), xv, ws, bs, c, eps, lane, s);
         } else if (vec) {
             const float s = row_sum<true>(x + off, c, lane);
@@ -321,7 +285,7 @@ extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) layernorm_resid
         const int64_t off = row * c;
         if (cached) {
             uint4 hv[CACHE];
-            const float s = cache_residual_row_sum(hv, h + off, a + off, r + off, c, lane);
+            const float s = cache_residual_row(hv, h + off, a + off, r + off, c, lane, [](float v) { return v; });
             cache_finish_row(out + off, s_mean + (row - first), s_rstd + (row - first), hv, ws, bs, c, eps, lane, s);
         } else if (vec) {
             const float s = residual_row_sum<true>(h + off, a + off, r + off, c, lane);

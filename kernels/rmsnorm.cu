@@ -130,44 +130,7 @@ __device__ __forceinline__ void dx_row(__nv_bfloat16* dx, const __nv_bfloat16* g
 }
 
 // ---- cached rows (16-byte path, C <= KILN_LN_CACHE_C) ----
-constexpr int CACHE = KILN_LN_CACHE_C / 256;  // 16-byte words a lane holds
-
-// The lane's words of a row (word k at column 8 lane + 256 k), and the sum of squares of their
-// values, in row_sumsq<true>'s order.
-__device__ __forceinline__ float cache_row_sumsq(uint4 (&xv)[CACHE], const __nv_bfloat16* x, int c, int lane) {
-    float s = 0.0f;
-#pragma unroll
-    for (int k = 0; k < CACHE; k++) {
-        const int i = 8 * lane + 256 * k;
-        if (i >= c) continue;
-        xv[k] = *reinterpret_cast<const uint4*>(x + i);
-        float f[8];
-        unpack8(f, xv[k]);
-#pragma unroll
-        for (int j = 0; j < 8; j++) s += f[j] * f[j];
-    }
-    return warp_sum(s);
-}
-
-// residual_row_sumsq<true> keeping h's words.
-__device__ __forceinline__ float cache_residual_row_sumsq(uint4 (&hv)[CACHE], __nv_bfloat16* h, const __nv_bfloat16* a, const __nv_bfloat16* r, int c, int lane) {
-    float s = 0.0f;
-#pragma unroll
-    for (int k = 0; k < CACHE; k++) {
-        const int i = 8 * lane + 256 * k;
-        if (i >= c) continue;
-        float fa[8], fr[8];
-        load8(fa, a + i);
-        load8(fr, r + i);
-#pragma unroll
-        for (int j = 0; j < 8; j++) fa[j] = __bfloat162float(__float2bfloat16_rn(fa[j] + fr[j]));
-        hv[k] = pack8(fa);
-        *reinterpret_cast<uint4*>(h + i) = hv[k];
-#pragma unroll
-        for (int j = 0; j < 8; j++) s += fa[j] * fa[j];
-    }
-    return warp_sum(s);
-}
+constexpr int CACHE = KILN_ROW_WORDS;
 
 // finish_row<true> from the cached words and the staged w.
 __device__ __forceinline__ void cache_finish_row(__nv_bfloat16* out, float* rstd_out, const uint4 (&xv)[CACHE], const uint4* ws, int c, float eps, int lane, float sumsq) {
@@ -233,7 +196,7 @@ extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) rmsnorm_forward
         const int64_t off = row * c;
         if (cached) {
             uint4 xv[CACHE];
-            const float s = cache_row_sumsq(xv, x + off, c, lane);
+            const float s = cache_row(xv, x + off, c, lane, [](float v) { return v * v; });
             cache_finish_row(out + off, s_rstd + (row - first), xv, ws, c, eps, lane, s);
         } else if (vec) {
             finish_row<true>(out + off, s_rstd + (row - first), x + off, w, c, eps, lane, row_sumsq<true>(x + off, c, lane));
@@ -257,7 +220,7 @@ extern "C" __global__ void __launch_bounds__(KILN_LN_WARPS * 32) rmsnorm_residua
         const int64_t off = row * c;
         if (cached) {
             uint4 hv[CACHE];
-            const float s = cache_residual_row_sumsq(hv, h + off, a + off, r + off, c, lane);
+            const float s = cache_residual_row(hv, h + off, a + off, r + off, c, lane, [](float v) { return v * v; });
             cache_finish_row(out + off, s_rstd + (row - first), hv, ws, c, eps, lane, s);
         } else if (vec) {
             const float s = residual_row_sumsq<true>(h + off, a + off, r + off, c, lane);
