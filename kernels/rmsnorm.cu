@@ -20,7 +20,7 @@
 // is 16-byte aligned, otherwise one bf16 per lane per step. On the 16-byte path, rows of at most
 // KILN_LN_CACHE_C columns are cached: each lane keeps its words of the row in registers between
 // the walks (as raw bf16, 4 registers a word), and w is staged in shared memory once per block of
-// KILN_LN_WARPS rows, so x, a, r, h, dout and w are each read from global memory once (the
+// KILN_LN_BLOCK_ROWS rows, so x, a, r, h, dout and w are each read from global memory once (the
 // emulator's sector count shows it). The arithmetic and its order are the uncached walks', so
 // both give the same bits. Wider rows walk twice.
 //
