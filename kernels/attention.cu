@@ -192,6 +192,7 @@ __device__ __forceinline__ void load_tile_f32(float* dst, const bf16* src, size_
 template <int HD>
 __device__ __forceinline__ void dot_rows(float s[ROWS], const float* a, const bf16* b, int hd_rt) {
     const int hd = HD ? HD : hd_rt;
+    KILN_FLOPS(2 * ROWS * hd);
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) s[r] = 0.0f;
 #pragma unroll
@@ -225,6 +226,7 @@ __device__ __forceinline__ void accumulate_rows(float acc[ROWS][2 * NP], const f
     const int hd = HD ? HD : hd_rt;
     const int ld = hd + PAD;
     constexpr int np = HD ? (HD / 2 + 31) / 32 : NP;
+    KILN_FLOPS(2 * TILE * ROWS * 2 * np);
     for (int j = 0; j < TILE; j += 4) {
         float xv[4][2 * np];
 #pragma unroll

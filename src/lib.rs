@@ -34,6 +34,7 @@ pub mod model;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod predict;
 pub mod profile;
 pub mod progress;
 pub mod quant;

@@ -98,6 +98,44 @@ fn bench_train_step_reports_the_ratio_to_sgemm() {
     }
 }
 
+/// `--predict` prices kernels the emulated device counted; on any other device it says so.
+#[test]
+fn bench_predict_needs_the_emulated_device() {
+    fails_with(&["bench", "train-step", "--preset", "tiny", "--predict"], &["--predict", "--device emu"]);
+}
+
+/// `kiln bench train-step --device emu --predict` prints each kernel's floor and the step's, with
+/// llm.c's published rate beside it, and says it is a floor.
+#[test]
+#[cfg(feature = "cuda")]
+fn bench_predict_prints_the_step_floor() {
+    let o = kiln(&[
+        "bench",
+        "train-step",
+        "--preset",
+        "tiny",
+        "--batch",
+        "2",
+        "--seq",
+        "32",
+        "--device",
+        "emu",
+        "--predict",
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    for needle in ["attention_backward_dkdv", "gemm_mma", "step floor:", "tokens/s", "llm.c", "not a measurement"] {
+        assert!(t.contains(needle), "predict output lacks '{needle}':\n{t}");
+    }
+    let floor_ms: f64 = t
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("step floor: "))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no step floor in:\n{t}"));
+    assert!(floor_ms > 0.0 && floor_ms.is_finite(), "{t}");
+}
+
 #[test]
 fn missing_files_are_named() {
     let batch = fixture("batch.safetensors");

@@ -67,6 +67,7 @@ uint32_t shfl_xor(unsigned mask, uint32_t v, int lane_mask, int width, const cha
 uint32_t shfl_idx(unsigned mask, uint32_t v, int src_lane, int width, const char* file, int line);
 uint32_t shfl_down(unsigned mask, uint32_t v, unsigned delta, int width, const char* file, int line);
 void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2]);
+void count_flops(uint64_t n);
 void ldmatrix_x4(uint32_t r[4], const void* p, bool trans);
 void cp_async_16(void* dst, const void* src, bool valid);
 void cp_async_commit();
@@ -99,6 +100,9 @@ inline T from_bits(uint32_t u) {
 inline unsigned kiln_emu_mask() { return 0xffffffffu; }
 inline unsigned kiln_emu_mask(unsigned m) { return m; }
 #define __trap() kiln_emu::trap(__FILE__, __LINE__)
+// The floating-point operations a thread issues on CUDA cores, declared by the kernel where it
+// issues them (common.cuh): counted per launch for kiln bench train-step --predict.
+#define KILN_FLOPS(n) kiln_emu::count_flops(n)
 
 #define __shfl_xor_sync(mask, v, ...) kiln_emu_shfl_xor(mask, v, __FILE__, __LINE__, __VA_ARGS__)
 #define __shfl_sync(mask, v, ...) kiln_emu_shfl_idx(mask, v, __FILE__, __LINE__, __VA_ARGS__)

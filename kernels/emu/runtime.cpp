@@ -60,7 +60,7 @@ struct Alloc {
     uint8_t* init;  // 1 where written
     uint8_t* rsec;  // per 32-byte sector: read in this launch
     uint8_t* wsec;  // per 32-byte sector: written in this launch
-    std::atomic<bool>* touched;
+    std::atomic<uint64_t>* touched;  // which of the launch's sampled blocks touched it (bit n: pick n; bit 0 unsampled)
 };
 static std::mutex g_mem_mu;
 static uintptr_t g_arena = 0;
@@ -172,11 +172,11 @@ struct SReq {
 struct Stats {
     uint64_t global_requests = 0, global_sectors = 0, global_bytes = 0;
     uint64_t shared_requests = 0, shared_wavefronts = 0, shared_ideal = 0;
-    uint64_t mma = 0, barriers = 0;
+    uint64_t mma = 0, barriers = 0, flops = 0;
     void add(const Stats& o) {
         global_requests += o.global_requests; global_sectors += o.global_sectors; global_bytes += o.global_bytes;
         shared_requests += o.shared_requests; shared_wavefronts += o.shared_wavefronts; shared_ideal += o.shared_ideal;
-        mma += o.mma; barriers += o.barriers;
+        mma += o.mma; barriers += o.barriers; flops += o.flops;
     }
 };
 
@@ -188,6 +188,7 @@ struct LaunchState {
     size_t smem;
     size_t static_smem_limit;
     uint64_t total_blocks;
+    std::vector<uint64_t> picks;  // the blocks to run when sampling (see kiln_emu_set_sample); empty: all
     std::atomic<uint64_t> next{0};
     std::atomic<bool> abort{false};
     std::mutex mu;
@@ -195,6 +196,8 @@ struct LaunchState {
     Stats stats;
 };
 static LaunchState* g_launch = nullptr;
+// Sampling (kiln_emu_set_sample): at most this many blocks of each launch run; 0: all of them.
+static unsigned g_sample = 0;
 
 // The race check's record of one byte of shared memory in the current barrier phase (entries from
 // an older phase are empty): its last writer, and who read it since.
@@ -242,6 +245,7 @@ thread_local Thread* cur = nullptr;
 thread_local Dim3 cur_block{0, 0, 0};
 thread_local const Launch* cur_launch = nullptr;
 static thread_local Worker* cur_worker = nullptr;
+static thread_local unsigned cur_pick = 0;  // which of a sampled launch's blocks runs (0 unsampled)
 
 // ------------------------------------------------------------------------------------------------
 // Context switch: saves the callee-saved registers, the SSE and x87 control words and the stack
@@ -390,14 +394,16 @@ static void global_access(Thread* t, uintptr_t a, size_t n, bool write) {
         al->wsec[off / 32] = 1;
         al->wsec[(off + n - 1) / 32] = 1;
     } else {
-        for (size_t i = 0; i < n; ++i)
+        // A sampled launch reads what the blocks it skipped would have written: no check then.
+        for (size_t i = 0; i < n && !g_sample; ++i)
             if (!al->init[off + i])
                 fault("uninitialised global load: %zu-byte read at 0x%lx (offset %zu of allocation #%lu, %zu bytes) of device memory that nothing has written",
                       n, (unsigned long)a, off + i, (unsigned long)al->id, al->size);
         al->rsec[off / 32] = 1;
         al->rsec[(off + n - 1) / 32] = 1;
     }
-    if (!al->touched->load(std::memory_order_relaxed)) al->touched->store(true, std::memory_order_relaxed);
+    const uint64_t bit = 1ull << cur_pick;
+    if (!(al->touched->load(std::memory_order_relaxed) & bit)) al->touched->fetch_or(bit, std::memory_order_relaxed);
     // Counters: this access joins request number gseq of its warp.
     Worker* w = cur_worker;
     std::vector<GReq>& reqs = w->greq[t->warp];
@@ -700,6 +706,10 @@ static void mma_done(Warp& wp, Slot* s) {
     cur_worker->stats.mma++;
 }
 
+void count_flops(uint64_t n) {
+    if (cur_worker) cur_worker->stats.flops += n;
+}
+
 void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
     Slot* s = warp_op(WarpOp::Mma, 0xffffffffu, "mma.sync", 0, [&](Slot& sl) {
         memcpy(sl.a, a, 16);
@@ -953,8 +963,10 @@ static void work(Worker* w) {
     const uint64_t gx = L->dims.grid.x, gy = L->dims.grid.y;
     for (;;) {
         if (L->abort.load()) break;
-        const uint64_t i = L->next.fetch_add(1);
-        if (i >= L->total_blocks) break;
+        const uint64_t n = L->next.fetch_add(1);
+        if (n >= (L->picks.empty() ? L->total_blocks : L->picks.size())) break;
+        const uint64_t i = L->picks.empty() ? n : L->picks[n];
+        cur_pick = L->picks.empty() ? 0 : (unsigned)n;
         run_block(w, Dim3{(unsigned)(i % gx), (unsigned)((i / gx) % gy), (unsigned)(i / (gx * gy))});
     }
     {
@@ -1008,18 +1020,66 @@ static void pool_start() {
     }
 }
 
-// Distinct sectors of the launch (read and written), from the touched allocations' sector maps.
-static uint64_t unique_sectors() {
-    uint64_t n = 0;
+// The distinct sectors one direction of a launch touched in one allocation (its sector map), or,
+// when only a sample of the blocks ran (scale = all blocks / blocks run > 1), an estimate of what
+// all of them would touch. The sample's count times the scale is right when blocks touch disjoint
+// data (a row kernel's rows, AdamW's chunks) and too high when they share it (a GEMM's operand
+// tiles, a norm's weights); where every sampled block touched the allocation (`shared`), it is
+// capped by the span from the first sector touched to the last, which the sample (holding the
+// grid's first and last blocks) covers.
+static double sector_estimate(const uint8_t* map, size_t secs, double scale, bool shared) {
+    size_t first = secs, last = 0, n = 0;
+    for (size_t i = 0; i < secs; ++i)
+        if (map[i]) {
+            n++;
+            first = std::min(first, i);
+            last = i;
+        }
+    if (n == 0 || scale <= 1.0) return (double)n;
+    const double scaled = (double)n * scale;
+    return shared ? std::min((double)(last - first + 1), scaled) : scaled;
+}
+
+// The `n` blocks a sampled launch runs, as linear indices x + gx * yz, sorted: spread evenly along
+// the grid's x and, independently, along the rest (y and z), from block 0 to the last block, so a
+// per-block cost that grows along x (a causal attention's query tiles) or along y (a GEMM's rows of
+// tiles) is averaged over its whole range. Where two picks coincide (a short dimension), the
+// duplicate is replaced by the nearest block not yet picked.
+static std::vector<uint64_t> sample_blocks(uint64_t gx, uint64_t gyz, uint64_t n) {
+    const uint64_t total = gx * gyz;
+    std::vector<uint64_t> picks;
+    std::vector<bool> taken(total, false);
+    for (uint64_t j = 0; j < n; ++j) {
+        const uint64_t x = (j * (gx - 1) + (n - 1) / 2) / (n - 1), yz = (j * (gyz - 1) + (n - 1) / 2) / (n - 1);
+        const uint64_t at = x + gx * yz;
+        uint64_t i = at;
+        for (uint64_t d = 1; taken[i]; ++d) {
+            if (at + d < total && !taken[at + d]) i = at + d;
+            else if (at >= d && !taken[at - d]) i = at - d;
+        }
+        taken[i] = true;
+        picks.push_back(i);
+    }
+    std::sort(picks.begin(), picks.end());
+    return picks;
+}
+
+// Distinct sectors of the launch (read and written), from the touched allocations' sector maps;
+// an estimate when `run` of the blocks ran as a sample (sector_estimate).
+static uint64_t unique_sectors(double scale, uint64_t run) {
+    double n = 0;
+    const uint64_t every = run >= 64 ? ~0ull : (1ull << run) - 1;
     for (Alloc& al : g_allocs) {
-        if (!al.touched->load()) continue;
+        const uint64_t picks = al.touched->load();
+        if (!picks) continue;
         const size_t secs = (al.size + 31) / 32;
-        for (size_t i = 0; i < secs; ++i) n += al.rsec[i] + al.wsec[i];
+        const bool shared = picks == every;
+        n += sector_estimate(al.rsec, secs, scale, shared) + sector_estimate(al.wsec, secs, scale, shared);
         memset(al.rsec, 0, secs);
         memset(al.wsec, 0, secs);
-        al.touched->store(false);
+        al.touched->store(0);
     }
-    return n;
+    return (uint64_t)std::llround(n);
 }
 
 }  // namespace kiln_emu
@@ -1049,6 +1109,7 @@ struct KilnEmuStats {
     uint64_t global_requests, global_sectors, global_bytes, unique_sectors;
     uint64_t shared_requests, shared_wavefronts, shared_ideal;
     uint64_t mma, barriers, blocks, threads;
+    uint64_t flops, run_blocks;
 };
 
 // Per calling thread: Rust reads them right after the call that set them.
@@ -1060,6 +1121,18 @@ const char* kiln_emu_error() { return g_error.c_str(); }
 void kiln_emu_last_stats(KilnEmuStats* out) { *out = g_last_stats; }
 
 uint64_t kiln_emu_live_bytes() { return kiln_emu::g_live_bytes; }
+
+// Sampling, for a prediction of a step too large to emulate whole (kiln bench train-step
+// --predict): from now on a launch of more than `blocks` (2 to 64) blocks runs only that many, evenly
+// spaced over its grid and including the first and the last, and its counters are scaled to the
+// whole grid (the distinct sectors estimated, see sector_estimate). Outputs of the skipped blocks
+// are never written, so the memcheck's uninitialised-read checks are off while sampling (bounds,
+// alignment and barriers are still checked) and results are garbage: counters only. 0 turns it
+// off.
+void kiln_emu_set_sample(unsigned blocks) {
+    std::lock_guard<std::mutex> g(kiln_emu::g_mem_mu);
+    kiln_emu::g_sample = blocks == 1 ? 2 : std::min(blocks, 64u);
+}
 
 // n bytes of device memory, 0xff-filled and unwritten (or zeroed and written); 0 when out of memory.
 uintptr_t kiln_emu_malloc(size_t n, int zero) {
@@ -1079,7 +1152,7 @@ uintptr_t kiln_emu_malloc(size_t n, int zero) {
     al.init = static_cast<uint8_t*>(calloc(size, 1));
     al.rsec = static_cast<uint8_t*>(calloc((size + 31) / 32, 1));
     al.wsec = static_cast<uint8_t*>(calloc((size + 31) / 32, 1));
-    al.touched = new std::atomic<bool>(false);
+    al.touched = new std::atomic<uint64_t>(0);
     if (!al.init || !al.rsec || !al.wsec) return 0;
     memset(reinterpret_cast<void*>(base), zero ? 0 : 0xff, size);
     if (zero) memset(al.init, 1, size);
@@ -1137,7 +1210,7 @@ int kiln_emu_dtoh(void* dst, uintptr_t src, size_t n) {
     if (n) {
         const Alloc* al = find_alloc(src);
         const size_t off = src - al->base;
-        const void* hole = memchr(al->init + off, 0, n);
+        const void* hole = g_sample ? nullptr : memchr(al->init + off, 0, n);
         if (hole) {
             const size_t at = static_cast<const uint8_t*>(hole) - al->init;
             size_t end = at;
@@ -1217,6 +1290,8 @@ int kiln_emu_launch(const char* name, kiln_emu_entry entry, unsigned bound, unsi
     L.args = args;
     L.smem = smem;
     L.total_blocks = (uint64_t)gx * gy * gz;
+    if (g_sample && L.total_blocks > g_sample) L.picks = sample_blocks(gx, (uint64_t)gy * gz, g_sample);
+    const uint64_t run_blocks = L.picks.empty() ? L.total_blocks : L.picks.size();
     g_launch = &L;
     {
         std::lock_guard<std::mutex> g(g_pool->mu);
@@ -1230,9 +1305,13 @@ int kiln_emu_launch(const char* name, kiln_emu_entry entry, unsigned bound, unsi
         g_pool->done_cv.wait(lk, [] { return g_pool->busy == 0; });
     }
     g_launch = nullptr;
-    g_last_stats = KilnEmuStats{L.stats.global_requests, L.stats.global_sectors, L.stats.global_bytes, unique_sectors(),
-                                L.stats.shared_requests, L.stats.shared_wavefronts, L.stats.shared_ideal, L.stats.mma,
-                                L.stats.barriers, L.total_blocks, L.total_blocks * threads};
+    // A sampled launch's counters, scaled to the whole grid.
+    const double scale = (double)L.total_blocks / (double)run_blocks;
+    const auto all = [scale](uint64_t v) { return (uint64_t)std::llround((double)v * scale); };
+    g_last_stats = KilnEmuStats{all(L.stats.global_requests), all(L.stats.global_sectors), all(L.stats.global_bytes),
+                                unique_sectors(scale, run_blocks), all(L.stats.shared_requests), all(L.stats.shared_wavefronts),
+                                all(L.stats.shared_ideal), all(L.stats.mma), all(L.stats.barriers), L.total_blocks,
+                                L.total_blocks * threads, all(L.stats.flops), run_blocks};
     if (!L.fault.empty()) {
         g_error = "emulated CUDA fault in " + L.fault;
         return 1;

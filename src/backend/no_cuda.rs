@@ -78,6 +78,10 @@ pub mod bench {
     pub fn device_name() -> Result<String> {
         Err(Error::CudaNotBuilt(0))
     }
+    /// Counting launches on the emulated device: not built.
+    pub fn count_launches(_blocks: u32, _run: impl FnOnce() -> Result<()>) -> Result<Vec<crate::predict::Launch>> {
+        Err(Error::CudaNotBuilt(0))
+    }
     /// cuBLAS' GEMM rate: not built.
     pub fn gemm_ceiling_tflops(_n: usize) -> Result<std::result::Result<f64, String>> {
         Err(Error::CudaNotBuilt(0))

@@ -33,6 +33,15 @@ pub enum BenchCommand {
         /// emulated GPU: kiln's CUDA kernels on the CPU, checked); cuda and emu need `--features cuda`.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// With --device emu: instead of timing, count one step's kernels on the emulated device
+        /// and print the floor under its time on an H200 (each kernel's fewest bytes and its math
+        /// at the chip's ceilings). Try --batch 8 --seq 1024 for GPT-2 124M's step.
+        #[arg(long)]
+        predict: bool,
+        /// With --predict: blocks each launch runs (evenly spaced; counters scaled to the whole
+        /// grid). More is slower and closer.
+        #[arg(long, default_value_t = 8)]
+        sample_blocks: u32,
     },
     /// Time every CUDA kernel family against ceilings measured in the same run: cuBLAS for the
     /// matrix kernels, device-to-device copy bandwidth for the memory-bound ones (needs a GPU and
@@ -49,8 +58,13 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Kernels { device } => crate::backend::cuda::bench::kernels(&device),
-        BenchCommand::TrainStep { preset, model, batch, seq, steps, warmup, device } => {
+        BenchCommand::TrainStep { preset, model, batch, seq, steps, warmup, device, predict, sample_blocks } => {
             let device = device.parse::<Device>()?;
+            if predict && !crate::backend::cuda::is_emulated() {
+                return Err(crate::Error::Input(
+                    "--predict counts a step's kernels on the emulated device: add --device emu".into(),
+                ));
+            }
             device.ensure_available()?;
             let mut m = match &model {
                 Some(dir) => checkpoint::load_model(&crate::io::hub::local_model(dir)?)?,
@@ -62,6 +76,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let name = model.as_ref().map(|d| d.display().to_string()).unwrap_or(preset);
             if device != Device::Cpu {
                 m.to_device(device)?;
+                if predict {
+                    return predict_train_step(&mut m, &name, batch, seq, sample_blocks);
+                }
                 return gpu_train_step(&mut m, &name, batch, seq, warmup, steps);
             }
             let threads = rayon::current_num_threads();
@@ -140,5 +157,28 @@ fn gpu_train_step(m: &mut Model, name: &str, batch: usize, seq: usize, warmup: u
         }
         Err(why) => println!("  no cuBLAS ceiling: {why}"),
     }
+    Ok(())
+}
+
+/// `kiln bench train-step --device emu --predict`: one step's kernels counted on the emulated
+/// device (a sample of each launch's blocks), priced at an H200's ceilings.
+fn predict_train_step(m: &mut Model, name: &str, batch: usize, seq: usize, blocks: u32) -> Result<()> {
+    println!(
+        "kiln bench train-step --predict: {name}, {} parameters, batch {batch} x seq {seq}, counted on the emulated \
+         device ({blocks} blocks of each launch, counters scaled to the whole grid)",
+        m.params.numel()
+    );
+    let started = std::time::Instant::now();
+    let launches = crate::backend::cuda::bench::count_launches(blocks, || {
+        bench::train_step(m, batch, seq, 0, 1, |_, _| {}).map(|_| ())
+    })?;
+    let p = crate::predict::Prediction::new(
+        &launches,
+        crate::predict::H200,
+        batch * seq,
+        bench::train_step_flops(&m.config, batch, seq),
+    );
+    p.print();
+    println!("  ({:.0} s on the emulator)", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -596,3 +596,41 @@ pub fn device_name() -> Result<String> {
 pub fn gemm_ceiling_tflops(n: usize) -> Result<std::result::Result<f64, String>> {
     cublas_tflops(super::cuda()?, n, n, n)
 }
+
+/// Sampling and the launch log stay on only while a prediction runs, whatever it returns.
+struct Counting<'a>(&'a super::emu::Emulator);
+
+impl Drop for Counting<'_> {
+    fn drop(&mut self) {
+        self.0.sample(None);
+        self.0.record(false);
+    }
+}
+
+/// Runs `run` on the emulated device with every launch of more than `blocks` blocks sampled
+/// (`Emulator::sample`) and returns each launch's counters, scaled to its whole grid: what
+/// `kiln bench train-step --predict` prices. The results `run` computes are garbage.
+pub fn count_launches(blocks: u32, run: impl FnOnce() -> Result<()>) -> Result<Vec<crate::predict::Launch>> {
+    let cu = cuda()?;
+    let Some(emu) = cu.emulator() else {
+        return Err(Error::Input("--predict counts kernels on the emulated device: add --device emu".into()));
+    };
+    let guard = Counting(emu);
+    emu.record(true);
+    emu.sample(Some(blocks));
+    run()?;
+    let log = emu.record(false);
+    drop(guard);
+    Ok(log
+        .into_iter()
+        .map(|(k, s)| crate::predict::Launch {
+            kernel: k.name(),
+            blocks: s.blocks,
+            run_blocks: s.run_blocks,
+            moved_bytes: 32.0 * s.global_sectors as f64,
+            fewest_bytes: 32.0 * s.unique_sectors as f64,
+            tensor_flops: crate::predict::MMA_FLOPS * s.mma as f64,
+            core_flops: s.flops as f64,
+        })
+        .collect())
+}

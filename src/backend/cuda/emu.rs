@@ -33,6 +33,29 @@ pub struct LaunchStats {
     pub barriers: u64,
     pub blocks: u64,
     pub threads: u64,
+    /// Floating-point operations the threads declared on CUDA cores (KILN_FLOPS in common.cuh).
+    pub flops: u64,
+    /// Blocks that ran: all of them, or a sample (`Emulator::sample`), whose counters above are
+    /// scaled to the whole grid.
+    pub run_blocks: u64,
+}
+
+impl LaunchStats {
+    fn add(&mut self, o: &LaunchStats) {
+        self.global_requests += o.global_requests;
+        self.global_sectors += o.global_sectors;
+        self.global_bytes += o.global_bytes;
+        self.unique_sectors += o.unique_sectors;
+        self.shared_requests += o.shared_requests;
+        self.shared_wavefronts += o.shared_wavefronts;
+        self.shared_ideal += o.shared_ideal;
+        self.mma += o.mma;
+        self.barriers += o.barriers;
+        self.blocks += o.blocks;
+        self.threads += o.threads;
+        self.flops += o.flops;
+        self.run_blocks += o.run_blocks;
+    }
 }
 
 unsafe extern "C" {
@@ -44,6 +67,7 @@ unsafe extern "C" {
     fn kiln_emu_dtoh(dst: *mut c_void, src: u64, n: usize) -> i32;
     fn kiln_emu_dtod(dst: u64, src: u64, n: usize) -> i32;
     fn kiln_emu_memset(dst: u64, byte: i32, n: usize) -> i32;
+    fn kiln_emu_set_sample(blocks: u32);
     #[allow(clippy::too_many_arguments)]
     fn kiln_emu_launch(
         name: *const c_char,
@@ -79,6 +103,9 @@ pub struct Emulator {
     optin: Mutex<HashMap<Kernel, u32>>,
     /// Per kernel: the launches and their summed counters, for `kiln bench kernels --device emu`.
     stats: Mutex<HashMap<Kernel, (u64, LaunchStats)>>,
+    /// Every launch in order, while `record` is on (the predicted step needs each launch's own
+    /// grid and counters, not their sums).
+    log: Mutex<Option<Vec<(Kernel, LaunchStats)>>>,
 }
 
 pub fn open() -> Emulator {
@@ -93,6 +120,7 @@ pub fn open() -> Emulator {
         names,
         optin: Mutex::new(HashMap::new()),
         stats: Mutex::new(HashMap::new()),
+        log: Mutex::new(None),
     }
 }
 
@@ -111,6 +139,26 @@ impl Emulator {
         let mut v: Vec<_> = m.drain().map(|(k, (n, s))| (k, n, s)).collect();
         v.sort_by_key(|(k, _, _)| k.name());
         v
+    }
+
+    /// Starts keeping every launch's counters in order (`true`), or stops and returns those kept.
+    pub fn record(&self, on: bool) -> Vec<(Kernel, LaunchStats)> {
+        let mut log = self.log.lock().unwrap();
+        let kept = log.take().unwrap_or_default();
+        if on {
+            *log = Some(Vec::new());
+        }
+        kept
+    }
+
+    /// From now on, each launch of more than `blocks` blocks runs only `blocks` of them (evenly
+    /// spaced, the first and last among them; 2 to 64) and reports its counters scaled to the whole grid,
+    /// the distinct sectors estimated (kernels/emu/runtime.cpp's kiln_emu_set_sample). The skipped
+    /// blocks write nothing, so results are garbage and the uninitialised-read checks are off: for
+    /// counting a step too large to run whole. `None` runs every block again, checked.
+    pub fn sample(&self, blocks: Option<u32>) {
+        // SAFETY: a plain setter; the emulator takes its memory lock, so no launch is running.
+        unsafe { kiln_emu_set_sample(blocks.unwrap_or(0)) }
     }
 }
 
@@ -176,18 +224,10 @@ impl Runtime for Emulator {
             let mut m = self.stats.lock().unwrap();
             let e = m.entry(k).or_default();
             e.0 += 1;
-            let t = &mut e.1;
-            t.global_requests += s.global_requests;
-            t.global_sectors += s.global_sectors;
-            t.global_bytes += s.global_bytes;
-            t.unique_sectors += s.unique_sectors;
-            t.shared_requests += s.shared_requests;
-            t.shared_wavefronts += s.shared_wavefronts;
-            t.shared_ideal += s.shared_ideal;
-            t.mma += s.mma;
-            t.barriers += s.barriers;
-            t.blocks += s.blocks;
-            t.threads += s.threads;
+            e.1.add(&s);
+            if let Some(log) = self.log.lock().unwrap().as_mut() {
+                log.push((k, s));
+            }
         }
         check(rc)
     }
