@@ -45,11 +45,14 @@
 // on tensor cores, the online softmax in f32 on the accumulator fragments, P rounded to bf16 in
 // registers (the S accumulators are the P V A-fragments, see the layout note at the kernel), and
 // the causal mask applied on the diagonal tile only. Same out and lse as attention_forward.
-// The backward has no tensor-core variant yet.
+// The backward's dQ has a tensor-core variant too, attention_backward_dq_mma (the same tiles, with
+// dO beside Q; dS rounded to bf16 for dQ = dS K, as FlashAttention-2 does); dK/dV still run on CUDA
+// cores.
 //
 // Shared memory is dynamic, sized by attention_smem_bytes (attention.cuh): 21.5 KB (forward),
-// 45 KB (forward_mma) and 29.7 KB (backward) at hd = 64; the backward needs 54.3 KB and the
-// forward_mma 85 KB at hd = 128, which the wrapper allows by raising the kernel's dynamic
+// 45 KB (forward_mma), 29.7 KB (backward) and 54 KB (dq_mma) at hd = 64; at hd = 128 the backward
+// needs 54.3 KB, the forward_mma 85 KB and the dq_mma 102 KB (over sm_86/89's 99 KB: the wrapper
+// keeps dQ on CUDA cores there), which the wrapper allows by raising the kernel's dynamic
 // shared-memory limit.
 //
 // Generation (the KV cache, kernels at the end of the file): attention_cache_append splits the qkv
@@ -800,6 +803,158 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
     }
 }
 
+
+// dQ on tensor cores: one block of 4 warps per 64 query rows, as the forward, looping over the key
+// tiles up to the diagonal with K and V double-buffered by cp.async. Per tile, for the warp's 16
+// rows: S = Q K^T and dP = dO V^T (both with the key rows as B fragments, as the forward's S), P =
+// exp(S scale - lse) from the forward's lse (no online softmax), dS = P (dP - D) scale in f32,
+// then dQ += dS K, with dS rounded to bf16 into A fragments straight from the accumulators (as the
+// forward's P) and K's B fragment read down its rows (as the forward's V). dQ stays in f32
+// accumulators to the end; each element is summed by one thread in a fixed order (deterministic).
+template <int HD>
+__device__ __forceinline__ void dq_mma_body(bf16* dq_out, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
+                                            const float* cs, const float* lse, const float* dsum, int T, int C, int NH,
+                                            int NKV, int ldq, int ldkv) {
+    const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int kv_head = h / (NH / NKV);
+    const bf16* base = q + (size_t)b * T * ldq + (size_t)h * HD;
+    const bf16* kbase = k + (size_t)b * T * ldkv + (size_t)kv_head * HD;
+    const bf16* vbase = v + (size_t)b * T * ldkv + (size_t)kv_head * HD;
+    const bf16* dbase = dout + (size_t)b * T * C + (size_t)h * HD;
+    const float scale = 1.0f / sqrtf((float)HD);
+    constexpr int LD = mma_ld<HD>();
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* qs = reinterpret_cast<bf16*>(smem);  // [MMA_ROWS][LD]
+    bf16* dos = qs + MMA_ROWS * LD;            // [MMA_ROWS][LD]
+    bf16* ks = dos + MMA_ROWS * LD;            // [2][MMA_KEYS][LD], double-buffered
+    bf16* vs = ks + 2 * MMA_KEYS * LD;         // [2][MMA_KEYS][LD]
+
+    const int n_kt = q0 / MMA_KEYS + 1;
+    const int rows = min(MMA_ROWS, T - q0);
+    mma_load_tile<HD>(qs, base + (size_t)q0 * ldq, ldq, rows);
+    mma_load_tile<HD>(dos, dbase + (size_t)q0 * C, C, rows);
+    mma_load_tile<HD>(ks, kbase, ldkv, min(MMA_KEYS, T));
+    mma_load_tile<HD>(vs, vbase, ldkv, min(MMA_KEYS, T));
+    cp_async_commit();
+
+    const int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+    const float* lse_bh = lse + ((size_t)b * NH + h) * T;
+    const float* d_bh = dsum + ((size_t)b * NH + h) * T;
+    const float lse_r[2] = {i0 < T ? lse_bh[i0] : 0.0f, i1 < T ? lse_bh[i1] : 0.0f};
+    const float d_r[2] = {i0 < T ? d_bh[i0] : 0.0f, i1 < T ? d_bh[i1] : 0.0f};
+    uint32_t qf[HD / 16][4], df[HD / 16][4];  // Q and dO as A fragments
+    float dq[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+
+    for (int kt = 0; kt < n_kt; ++kt) {
+        const int buf = kt & 1, k0 = kt * MMA_KEYS;
+        if (kt + 1 < n_kt) {
+            const int k1 = k0 + MMA_KEYS;
+            mma_load_tile<HD>(ks + (buf ^ 1) * MMA_KEYS * LD, kbase + (size_t)k1 * ldkv, ldkv, min(MMA_KEYS, T - k1));
+            mma_load_tile<HD>(vs + (buf ^ 1) * MMA_KEYS * LD, vbase + (size_t)k1 * ldkv, ldkv, min(MMA_KEYS, T - k1));
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // tile kt (and, first, Q and dO) has landed
+        if (cs) {
+            if (kt == 0) mma_rope_tile<HD>(qs, rows, cs + (size_t)q0 * HD);
+            mma_rope_tile<HD>(ks + buf * MMA_KEYS * LD, min(MMA_KEYS, T - k0), cs + (size_t)k0 * HD);
+            __syncthreads();
+        }
+        const bf16* kb = ks + buf * MMA_KEYS * LD;
+        const bf16* vb = vs + buf * MMA_KEYS * LD;
+        if (kt == 0) {
+            const int r0 = (warp * 16 + g) * LD + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                const int at[4] = {r0 + kk * 16, r0 + 8 * LD + kk * 16, r0 + kk * 16 + 8, r0 + 8 * LD + kk * 16 + 8};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    qf[kk][i] = *reinterpret_cast<const uint32_t*>(qs + at[i]);
+                    df[kk][i] = *reinterpret_cast<const uint32_t*>(dos + at[i]);
+                }
+            }
+        }
+
+        // S = Q K^T and dP = dO V^T: key rows 8n + g as B fragments.
+        float s[MMA_KEYS / 8][4], dp[MMA_KEYS / 8][4];
+#pragma unroll
+        for (int n = 0; n < MMA_KEYS / 8; ++n) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+            dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
+            const bf16* kr = kb + (n * 8 + g) * LD + 2 * t;
+            const bf16* vr = vb + (n * 8 + g) * LD + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                const uint32_t bk[2] = {*reinterpret_cast<const uint32_t*>(kr + kk * 16),
+                                        *reinterpret_cast<const uint32_t*>(kr + kk * 16 + 8)};
+                const uint32_t bv[2] = {*reinterpret_cast<const uint32_t*>(vr + kk * 16),
+                                        *reinterpret_cast<const uint32_t*>(vr + kk * 16 + 8)};
+                mma_bf16_16816(s[n], qf[kk], bk);
+                mma_bf16_16816(dp[n], df[kk], bv);
+            }
+        }
+
+        // dS = P (dP - D) scale, in place of S; zero past the causal edge and for rows past T.
+#pragma unroll
+        for (int n = 0; n < MMA_KEYS / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = e < 2 ? i0 : i1, j = k0 + n * 8 + 2 * t + (e & 1);
+                const float p = (i < T && j <= i) ? attention_prob(s[n][e] * scale, lse_r[e / 2]) : 0.0f;
+                s[n][e] = attention_dscore(p, dp[n][e], d_r[e / 2]) * scale;
+            }
+        }
+
+        // dQ += dS K: dS's A fragment for keys 16kk .. 16kk + 15 is blocks 2kk, 2kk + 1 in bf16;
+        // K's B fragment for head dims 8n .. 8n + 7 is K[16kk + 2t (+1, +8, +9)][8n + g].
+#pragma unroll
+        for (int kk = 0; kk < MMA_KEYS / 16; ++kk) {
+            const uint32_t da[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                                    pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                    pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const bf16* kc = kb + (kk * 16 + 2 * t) * LD + g;
+#pragma unroll
+            for (int n = 0; n < HD / 8; ++n) {
+                const uint32_t bk[2] = {pack_bf16_raw(kc[n * 8], kc[LD + n * 8]),
+                                        pack_bf16_raw(kc[8 * LD + n * 8], kc[9 * LD + n * 8])};
+                mma_bf16_16816(dq[n], da, bk);
+            }
+        }
+        __syncthreads();  // every warp is done with buffer buf before the next iteration refills it
+    }
+
+    // Store rows i0, i1: dims 8n + 2t, + 1 of block n. With RoPE, rounded to bf16 (as the
+    // CUDA-core kernel stores) and turned back by the negative angle: dim d < HD/2 pairs with
+    // d + HD/2, which is block n + HD/16 of the same thread.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = r ? i1 : i0;
+        if (i >= T) continue;
+        bf16* row = dq_out + ((size_t)b * T + i) * ldq + (size_t)h * HD + 2 * t;
+        const float* c = cs ? cs + (size_t)i * HD : nullptr;
+        constexpr int H2 = HD / 2, NB = HD / 16;
+#pragma unroll
+        for (int n = 0; n < HD / 8; ++n) {
+            float y[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int d = n * 8 + 2 * t + e;
+                const float x = dq[n][2 * r + e];
+                if (!c) y[e] = x;
+                else if (n < NB) y[e] = rope_lo(round_bf16(x), round_bf16(dq[n + NB][2 * r + e]), c[d], -c[H2 + d]);
+                else y[e] = rope_hi(round_bf16(dq[n - NB][2 * r + e]), round_bf16(x), c[d - H2], -c[d]);
+            }
+            *reinterpret_cast<__nv_bfloat162*>(row + n * 8) = __floats2bfloat162_rn(y[0], y[1]);
+        }
+    }
+}
+
 }  // namespace
 
 // The kernels' operands (q, k, v with their row strides ldq and ldkv, and the RoPE table cs or
@@ -861,6 +1016,19 @@ extern "C" __global__ void __launch_bounds__(128) attention_forward_mma(__nv_bfl
 #if defined(KILN_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
     if (C / NH == 128) forward_mma_body<128>(out, lse, q, k, v, cs, T, C, NH, NKV, ldq, ldkv);
     else forward_mma_body<64>(out, lse, q, k, v, cs, T, C, NH, NKV, ldq, ldkv);
+#else
+    __trap();  // mma.sync bf16 and cp.async need sm_80; the wrapper never launches it below that
+#endif
+}
+
+// dq exactly as attention_backward_dq computes it, on tensor cores (dS rounded to bf16 for the
+// dQ product) for head dims 64 and 128 on sm_80+. Grid (ceil(T / 64), NH, B), 128 threads,
+// attention_smem_bytes(DQ_MMA, hd) bytes of dynamic shared memory: 55296 at 64, 104448 at 128
+// (the wrapper raises the limit). The wrapper launches it only at those head dims.
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* cs, const float* lse, const float* dsum, int B, int T, int C, int NH, int NKV, int ldq, int ldkv) {
+#if defined(KILN_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+    if (C / NH == 128) dq_mma_body<128>(dq, dout, q, k, v, cs, lse, dsum, T, C, NH, NKV, ldq, ldkv);
+    else dq_mma_body<64>(dq, dout, q, k, v, cs, lse, dsum, T, C, NH, NKV, ldq, ldkv);
 #else
     __trap();  // mma.sync bf16 and cp.async need sm_80; the wrapper never launches it below that
 #endif

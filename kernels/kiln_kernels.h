@@ -123,6 +123,8 @@ typedef struct {
 #define KILN_ATTN_KERNEL_FORWARD_MMA 3
 #define KILN_ATTN_MMA_ROWS 64
 #define KILN_ATTN_MMA_HEAD_DIM 64
+// The tensor-core dQ (attention_backward_dq_mma, sm_80+): the forward's tiles, with dO beside Q.
+#define KILN_ATTN_KERNEL_DQ_MMA 4
 
 // ---- layernorm ----
 // Rows per block of the one-warp-per-row kernels (forward, residual forward, backward dx).

@@ -447,6 +447,13 @@ mod cuda {
         assert_eq!(twin::smem_bytes(mma, 128), 5 * 64 * 136 * 2);
         assert!(twin::smem_bytes(mma, 128) <= 99 * 1024);
         assert!([32, 96, 40].iter().all(|&hd| twin::smem_bytes_at(mma, hd).is_none()));
+        // The tensor-core dQ: dO beside Q, six tiles; at 128 (104448 bytes) past sm_86/89's 99 KB,
+        // where the shipped backward keeps dQ on CUDA cores.
+        let dq_mma = kiln::abi::KILN_ATTN_KERNEL_DQ_MMA as usize;
+        assert_eq!(twin::smem_bytes(dq_mma, 64), 6 * 64 * 72 * 2);
+        assert_eq!(twin::smem_bytes(dq_mma, 128), 6 * 64 * 136 * 2);
+        assert!(twin::smem_bytes(dq_mma, 128) > 99 * 1024);
+        assert!([32, 96, 40].iter().all(|&hd| twin::smem_bytes_at(dq_mma, hd).is_none()));
     }
 
     /// The shipped forward: tensor cores exactly where they apply (hd = 64 or 128 on sm_80+).
@@ -573,7 +580,9 @@ mod cuda {
     /// (<= 32 + 5 + 2 roundings), and m + ln l one more: 256 u (1 + max|lse|) covers all of it
     /// with room, and is still far below what a missing key or a wrong scale moves lse by.
     ///
-    /// `variant` picks the forward; the backward always runs from that forward's out and lse.
+    /// `variant` picks the forward and the backward's dQ (on tensor cores for Mma, which rounds
+    /// dS to bf16 before dQ = dS K as the plain reference does); the backward runs from that
+    /// forward's out and lse.
     /// The Mma forward rounds the unnormalised P (each row's largest entry is 1) to bf16 before
     /// P V, as the plain reference rounds the normalised P: the same relative rounding, so the
     /// same 2x-plain bound applies to it.
@@ -598,7 +607,17 @@ mod cuda {
         let mut lse_d = cu.upload(&vec![f32::NAN; b * nh * t]).unwrap();
         gpu::attention_forward_with(variant, &mut out_d, &mut lse_d, &qkv_d, &AttnDims { b, t, c, nh }).unwrap();
         let mut dqkv_d = nan_bf16(cu, b * t * 3 * c);
-        gpu::attention_backward(&mut dqkv_d, &dout_d, &qkv_d, &out_d, &lse_d, &AttnDims { b, t, c, nh }).unwrap();
+        gpu::gqa_attention_backward_with(
+            variant,
+            &mut dqkv_d,
+            &dout_d,
+            &qkv_d,
+            &out_d,
+            &lse_d,
+            &AttnDims { b, t, c, nh },
+            nh,
+        )
+        .unwrap();
         cu.sync().unwrap();
         let out_k = to_f32(&cu.download(&out_d).unwrap());
         let lse_k = cu.download(&lse_d).unwrap();
@@ -623,7 +642,17 @@ mod cuda {
 
         // Deterministic: no atomics, fixed summation order, so a second run is bit-identical.
         let mut dqkv2 = nan_bf16(cu, b * t * 3 * c);
-        gpu::attention_backward(&mut dqkv2, &dout_d, &qkv_d, &out_d, &lse_d, &AttnDims { b, t, c, nh }).unwrap();
+        gpu::gqa_attention_backward_with(
+            variant,
+            &mut dqkv2,
+            &dout_d,
+            &qkv_d,
+            &out_d,
+            &lse_d,
+            &AttnDims { b, t, c, nh },
+            nh,
+        )
+        .unwrap();
         let mut out2 = nan_bf16(cu, b * t * c);
         gpu::attention_forward_with(variant, &mut out2, &mut lse_d, &qkv_d, &AttnDims { b, t, c, nh }).unwrap();
         let same = |x: &DevBuf<bf16>, y: &DevBuf<bf16>| {
@@ -740,7 +769,7 @@ mod cuda {
         let mut lse_d = cu.upload(&vec![f32::NAN; b * nh * t]).unwrap();
         gpu::gqa_attention_forward_with(variant, &mut out_d, &mut lse_d, &qkv_d, &d, nkv).unwrap();
         let mut dqkv_d = nan_bf16(cu, b * t * w);
-        gpu::gqa_attention_backward(&mut dqkv_d, &dout_d, &qkv_d, &out_d, &lse_d, &d, nkv).unwrap();
+        gpu::gqa_attention_backward_with(variant, &mut dqkv_d, &dout_d, &qkv_d, &out_d, &lse_d, &d, nkv).unwrap();
         let out_k = to_f32(&cu.download(&out_d).unwrap());
         let lse_k = cu.download(&lse_d).unwrap();
         let dqkv_k = to_f32(&cu.download(&dqkv_d).unwrap());
@@ -759,7 +788,7 @@ mod cuda {
             check_bf16(&format!("{label} {name}"), &cols(&dqkv_k, lo, n), &cols(&plain, lo, n), &want, f32_floor);
         }
         let mut again = nan_bf16(cu, b * t * w);
-        gpu::gqa_attention_backward(&mut again, &dout_d, &qkv_d, &out_d, &lse_d, &d, nkv).unwrap();
+        gpu::gqa_attention_backward_with(variant, &mut again, &dout_d, &qkv_d, &out_d, &lse_d, &d, nkv).unwrap();
         let (x, y) = (cu.download(&dqkv_d).unwrap(), cu.download(&again).unwrap());
         assert!(
             x.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),

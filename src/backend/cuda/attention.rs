@@ -7,13 +7,15 @@
 //! Activations and their gradients are bf16 (dqkv too: every element is written once, as the CPU
 //! twin's copy does, never accumulated); lse is f32. The forward has two variants
 //! (`AttentionVariant`): tensor cores (mma.sync) at head dims 64 and 128 on sm_80+, CUDA cores
-//! otherwise. The backward runs on CUDA cores and is deterministic: no atomics.
+//! otherwise. The backward is deterministic (no atomics): dK/dV on CUDA cores, dQ on tensor cores
+//! where the forward's Mma variant applies (attention_backward_dq_mma), on CUDA cores otherwise.
 
 use super::tensor::{bf16_in, f32_in, new_bf16, wrap_f32, CudaStorage};
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::{
-    KILN_ATTN_KERNEL_DKDV, KILN_ATTN_KERNEL_DQ, KILN_ATTN_KERNEL_FORWARD, KILN_ATTN_KERNEL_FORWARD_MMA,
-    KILN_ATTN_MAX_HEAD_DIM, KILN_ATTN_MMA_HEAD_DIM, KILN_ATTN_MMA_ROWS, KILN_ATTN_TILE, KILN_ATTN_WARPS,
+    KILN_ATTN_KERNEL_DKDV, KILN_ATTN_KERNEL_DQ, KILN_ATTN_KERNEL_DQ_MMA, KILN_ATTN_KERNEL_FORWARD,
+    KILN_ATTN_KERNEL_FORWARD_MMA, KILN_ATTN_MAX_HEAD_DIM, KILN_ATTN_MMA_HEAD_DIM, KILN_ATTN_MMA_ROWS, KILN_ATTN_TILE,
+    KILN_ATTN_WARPS,
 };
 use crate::backend::{qkv_dims, AttnDims, Heads, KvDims};
 use crate::{Error, Result, Tensor};
@@ -349,6 +351,36 @@ pub fn gqa_attention_backward(
     d: &AttnDims,
     nkv: usize,
 ) -> Result<()> {
+    let hd = d.c.checked_div(d.nh).unwrap_or(0);
+    gqa_attention_backward_with(backward_variant(hd), dqkv, dout, qkv, out, lse, d, nkv)
+}
+
+/// The shipped dQ: tensor cores where the forward's are used and the larger tiles (Q and dO beside
+/// K and V) fit the GPU's shared memory (not at head dim 128 on sm_86/89's 99 KB), CUDA cores
+/// otherwise.
+fn backward_variant(hd: usize) -> AttentionVariant {
+    let Ok(cu) = cuda() else { return AttentionVariant::Simt };
+    let fits =
+        twin::smem_bytes_at(KILN_ATTN_KERNEL_DQ_MMA as usize, hd).is_some_and(|b| b <= cu.max_shared_per_block());
+    match AttentionVariant::shipped(hd, cu.compute_capability()) {
+        AttentionVariant::Mma if fits => AttentionVariant::Mma,
+        _ => AttentionVariant::Simt,
+    }
+}
+
+/// `gqa_attention_backward` with a chosen variant for dQ (tests and benchmarks run both; dK and
+/// dV run on CUDA cores in both); a shape error if the variant cannot take this head dim or GPU.
+#[allow(clippy::too_many_arguments)]
+pub fn gqa_attention_backward_with(
+    variant: AttentionVariant,
+    dqkv: &mut DevBuf<bf16>,
+    dout: &DevBuf<bf16>,
+    qkv: &DevBuf<bf16>,
+    out: &DevBuf<bf16>,
+    lse: &DevBuf<f32>,
+    d: &AttnDims,
+    nkv: usize,
+) -> Result<()> {
     let AttnDims { b, t, c, nh } = *d;
     let w = packed_width(c, nh, nkv);
     let lens = [
@@ -361,7 +393,7 @@ pub fn gqa_attention_backward(
     let hd = check("cuda::attention_backward", &lens, b, t, c, nh, nkv)?;
     let ckv = kv_width(c, nh, nkv);
     let (grads, ops) = (Operands::packed(dqkv.ptr(), c, ckv), Operands::packed(qkv.ptr(), c, ckv));
-    backward(grads, dout, ops, None, out, lse, d, nkv, hd)
+    backward(variant, grads, dout, ops, None, out, lse, d, nkv, hd)
 }
 
 /// [dq, dk, dv] of `rope_attention_forward` (each overwritten, all of it; dq and dk rotated back)
@@ -394,12 +426,14 @@ pub fn rope_attention_backward(
     let hd = check("cuda::rope_attention_backward", &lens, b, t, c, nh, nkv)?;
     check_table("cuda::rope_attention_backward", table, t, hd)?;
     let (grads, ops) = (Operands::apart(dq, dk, dv, c, ckv), Operands::apart(q, k, v, c, ckv));
-    backward(grads, dout, ops, Some(table), out, lse, d, nkv, hd)
+    backward(backward_variant(hd), grads, dout, ops, Some(table), out, lse, d, nkv, hd)
 }
 
-/// Launches the three backward kernels on checked operands (`grads` written, `table`: RoPE).
+/// Launches the three backward kernels on checked operands (`grads` written, `table`: RoPE), dQ
+/// on tensor cores when `variant` is Mma.
 #[allow(clippy::too_many_arguments)]
 fn backward(
+    variant: AttentionVariant,
     grads: Operands,
     dout: &DevBuf<bf16>,
     ops: Operands,
@@ -415,6 +449,17 @@ fn backward(
         return Ok(());
     }
     let cu = cuda()?;
+    if !variant.supports(hd, cu.compute_capability()) {
+        let (major, minor) = cu.compute_capability();
+        return Err(Error::Shape {
+            op: "cuda::attention_backward",
+            msg: format!(
+                "the {variant:?} dQ needs head dim {} or {} on sm_80 or newer; got head dim {hd} on sm_{major}{minor}",
+                KILN_ATTN_MMA_HEAD_DIM,
+                2 * KILN_ATTN_MMA_HEAD_DIM
+            ),
+        });
+    }
     let (b32, t32, c32, nh32, nkv32) = (b as i32, t as i32, c as i32, nh as i32, nkv as i32);
     let mut dsum = cu.alloc::<f32>(b * nh * t)?;
 
@@ -433,11 +478,17 @@ fn backward(
     // dK, dV (key tiles) and dQ (query tiles) write disjoint columns (of dqkv when packed).
     let (ldq, ldkv) = (ops.ldq as i32, ops.ldkv as i32);
     let cs = table.map_or(0u64, |x| x.ptr());
-    for (kernel, which, heads) in [
-        (Kernel::AttentionBackwardDkdv, KILN_ATTN_KERNEL_DKDV as usize, nkv),
-        (Kernel::AttentionBackwardDq, KILN_ATTN_KERNEL_DQ as usize, nh),
-    ] {
-        let cfg = config(kernel, which, KILN_ATTN_TILE as usize, hd, b, t, heads)?;
+    let tile = KILN_ATTN_TILE as usize;
+    let dq = match variant {
+        AttentionVariant::Simt => (Kernel::AttentionBackwardDq, KILN_ATTN_KERNEL_DQ as usize, tile),
+        AttentionVariant::Mma => {
+            (Kernel::AttentionBackwardDqMma, KILN_ATTN_KERNEL_DQ_MMA as usize, KILN_ATTN_MMA_ROWS as usize)
+        }
+    };
+    for (kernel, which, rows, heads) in
+        [(Kernel::AttentionBackwardDkdv, KILN_ATTN_KERNEL_DKDV as usize, tile, nkv), (dq.0, dq.1, dq.2, nh)]
+    {
+        let cfg = config(kernel, which, rows, hd, b, t, heads)?;
         let mut l = cu.launch_builder(kernel);
         if kernel == Kernel::AttentionBackwardDkdv {
             l.arg(&grads.k).arg(&grads.v);
