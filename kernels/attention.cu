@@ -45,15 +45,18 @@
 // on tensor cores, the online softmax in f32 on the accumulator fragments, P rounded to bf16 in
 // registers (the S accumulators are the P V A-fragments, see the layout note at the kernel), and
 // the causal mask applied on the diagonal tile only. Same out and lse as attention_forward.
-// The backward's dQ has a tensor-core variant too, attention_backward_dq_mma (the same tiles, with
-// dO beside Q; dS rounded to bf16 for dQ = dS K, as FlashAttention-2 does); dK/dV still run on CUDA
-// cores.
+// The backward has tensor-core variants too (sm_80+, head dims 64 and 128, where their tiles fit):
+// attention_backward_dkdv_mma (64 keys per block, the transposed products S^T = K Q^T and
+// dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q) and attention_backward_dq_mma (the forward's
+// tiles with dO beside Q), both rounding P and dS to bf16 for the products as FlashAttention-2
+// does, and still split so that each output element is summed by one thread (7 tile products, no
+// atomics).
 //
 // Shared memory is dynamic, sized by attention_smem_bytes (attention.cuh): 21.5 KB (forward),
-// 45 KB (forward_mma), 29.7 KB (backward) and 54 KB (dq_mma) at hd = 64; at hd = 128 the backward
-// needs 54.3 KB, the forward_mma 85 KB and the dq_mma 102 KB (over sm_86/89's 99 KB: the wrapper
-// keeps dQ on CUDA cores there), which the wrapper allows by raising the kernel's dynamic
-// shared-memory limit.
+// 45 KB (forward_mma), 29.7 KB (backward), 54 KB (dq_mma) and 55 KB (dkdv_mma) at hd = 64; at
+// hd = 128 the backward needs 54.3 KB, the forward_mma 85 KB and the mma backward 102-103 KB (over
+// sm_86/89's 99 KB: the wrapper keeps the backward on CUDA cores there), which the wrapper allows
+// by raising the kernel's dynamic shared-memory limit.
 //
 // Generation (the KV cache, kernels at the end of the file): attention_cache_append splits the qkv
 // of new positions into q and the caches' next rows; attention_decode attends each new query to
@@ -804,6 +807,30 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
 }
 
 
+// Stores row r (0: fragment row g, 1: g + 8) of a 16 x HD accumulator block acc as bf16 at row
+// (already offset by the thread's column 2t): dims 8n + 2t, + 1 of block n. With cs (the row
+// position's table row) the values are rounded to bf16 (as the CUDA-core kernels store them) and
+// turned back by the negative angle, as rope_unpack does: dim d < HD/2 pairs with d + HD/2, which
+// is block n + HD/16 of the same thread, so no value crosses threads.
+template <int HD>
+__device__ __forceinline__ void store_mma_row(bf16* row, const float acc[HD / 8][4], int r, const float* cs) {
+    constexpr int H2 = HD / 2, NB = HD / 16;
+    const int t = threadIdx.x % 4;
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+        float y[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int d = n * 8 + 2 * t + e;
+            const float x = acc[n][2 * r + e];
+            if (!cs) y[e] = x;
+            else if (n < NB) y[e] = rope_lo(round_bf16(x), round_bf16(acc[n + NB][2 * r + e]), cs[d], -cs[H2 + d]);
+            else y[e] = rope_hi(round_bf16(acc[n - NB][2 * r + e]), round_bf16(x), cs[d - H2], -cs[d]);
+        }
+        *reinterpret_cast<__nv_bfloat162*>(row + n * 8) = __floats2bfloat162_rn(y[0], y[1]);
+    }
+}
+
 // dQ on tensor cores: one block of 4 warps per 64 query rows, as the forward, looping over the key
 // tiles up to the diagonal with K and V double-buffered by cp.async. Per tile, for the warp's 16
 // rows: S = Q K^T and dP = dO V^T (both with the key rows as B fragments, as the forward's S), P =
@@ -929,29 +956,164 @@ __device__ __forceinline__ void dq_mma_body(bf16* dq_out, const bf16* dout, cons
         __syncthreads();  // every warp is done with buffer buf before the next iteration refills it
     }
 
-    // Store rows i0, i1: dims 8n + 2t, + 1 of block n. With RoPE, rounded to bf16 (as the
-    // CUDA-core kernel stores) and turned back by the negative angle: dim d < HD/2 pairs with
-    // d + HD/2, which is block n + HD/16 of the same thread.
+    // Store rows i0, i1 (with RoPE undone in registers).
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int i = r ? i1 : i0;
-        if (i >= T) continue;
-        bf16* row = dq_out + ((size_t)b * T + i) * ldq + (size_t)h * HD + 2 * t;
-        const float* c = cs ? cs + (size_t)i * HD : nullptr;
-        constexpr int H2 = HD / 2, NB = HD / 16;
-#pragma unroll
-        for (int n = 0; n < HD / 8; ++n) {
-            float y[2];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int d = n * 8 + 2 * t + e;
-                const float x = dq[n][2 * r + e];
-                if (!c) y[e] = x;
-                else if (n < NB) y[e] = rope_lo(round_bf16(x), round_bf16(dq[n + NB][2 * r + e]), c[d], -c[H2 + d]);
-                else y[e] = rope_hi(round_bf16(dq[n - NB][2 * r + e]), round_bf16(x), c[d - H2], -c[d]);
-            }
-            *reinterpret_cast<__nv_bfloat162*>(row + n * 8) = __floats2bfloat162_rn(y[0], y[1]);
+        if (i < T)
+            store_mma_row<HD>(dq_out + ((size_t)b * T + i) * ldq + (size_t)h * HD + 2 * t, dq, r,
+                              cs ? cs + (size_t)i * HD : nullptr);
+    }
+}
+
+// dK and dV on tensor cores: one block of 4 warps per (64-key tile, KV head, batch), each warp
+// owning 16 keys, looping over the group's query heads and, for each, the query tiles from the
+// diagonal to the end (dkdv_body's fixed order), with Q, dO and their rows' lse and D
+// double-buffered. Per query tile, in two halves of 32 queries (to hold fewer registers), the
+// transposed products with the keys as the A side: S^T = K Q^T and dP^T = V dO^T (query rows as B
+// fragments, as the forward's keys), P^T = exp(S^T scale - lse) and dS^T = P^T (dP^T - D) scale in
+// f32, then dV += P^T dO and dK += dS^T Q with P^T and dS^T rounded to bf16 into A fragments
+// from the accumulators and dO, Q read down their rows as B fragments (as the forward's V).
+// K and V fragments are read from their shared tiles at each use.
+template <int HD>
+__device__ __forceinline__ void dkdv_mma_body(bf16* dk_out, bf16* dv_out, const bf16* dout, const bf16* q, const bf16* k,
+                                              const bf16* v, const float* cs, const float* lse, const float* dsum, int T,
+                                              int C, int NH, int NKV, int ldq, int ldkv) {
+    const int b = blockIdx.z, kvh = blockIdx.y, k0 = blockIdx.x * MMA_KEYS, group = NH / NKV;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const float scale = 1.0f / sqrtf((float)HD);
+    constexpr int LD = mma_ld<HD>(), HALF = MMA_ROWS / 2;
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* ks = reinterpret_cast<bf16*>(smem);  // [MMA_KEYS][LD]
+    bf16* vs = ks + MMA_KEYS * LD;             // [MMA_KEYS][LD]
+    bf16* qs = vs + MMA_KEYS * LD;             // [2][MMA_ROWS][LD], double-buffered
+    bf16* dos = qs + 2 * MMA_ROWS * LD;        // [2][MMA_ROWS][LD]
+    float* ls = reinterpret_cast<float*>(dos + 2 * MMA_ROWS * LD);  // [2][MMA_ROWS] lse
+    float* ds_ = ls + 2 * MMA_ROWS;                                 // [2][MMA_ROWS] D
+
+    const int keys = min(MMA_KEYS, T - k0);
+    mma_load_tile<HD>(ks, k + ((size_t)b * T + k0) * ldkv + (size_t)kvh * HD, ldkv, keys);
+    mma_load_tile<HD>(vs, v + ((size_t)b * T + k0) * ldkv + (size_t)kvh * HD, ldkv, keys);
+
+    // Item it: query head kvh * group + it / per_head, query tile blockIdx.x + it % per_head.
+    const int per_head = (T + MMA_ROWS - 1) / MMA_ROWS - blockIdx.x, items = group * per_head;
+    auto load = [&](int it, int buf) {
+        const int h = kvh * group + it / per_head, q0 = (blockIdx.x + it % per_head) * MMA_ROWS;
+        const int rows = min(MMA_ROWS, T - q0);
+        mma_load_tile<HD>(qs + buf * MMA_ROWS * LD, q + ((size_t)b * T + q0) * ldq + (size_t)h * HD, ldq, rows);
+        mma_load_tile<HD>(dos + buf * MMA_ROWS * LD, dout + ((size_t)b * T + q0) * C + (size_t)h * HD, C, rows);
+        const size_t bh = ((size_t)b * NH + h) * T;
+        for (int r = threadIdx.x; r < MMA_ROWS; r += THREADS) {
+            ls[buf * MMA_ROWS + r] = r < rows ? lse[bh + q0 + r] : 0.0f;
+            ds_[buf * MMA_ROWS + r] = r < rows ? dsum[bh + q0 + r] : 0.0f;
         }
+    };
+    load(0, 0);
+    cp_async_commit();
+
+    const int j0 = k0 + warp * 16 + g, j1 = j0 + 8;  // this thread's keys (fragment rows g, g + 8)
+    float dk[HD / 8][4], dv[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.0f;
+
+    for (int it = 0; it < items; ++it) {
+        const int buf = it & 1, q0 = (blockIdx.x + it % per_head) * MMA_ROWS;
+        if (it + 1 < items) {
+            load(it + 1, buf ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // item it's Q, dO, lse, D (and, first, K and V) have landed
+        bf16* qb = qs + buf * MMA_ROWS * LD;
+        const bf16* db = dos + buf * MMA_ROWS * LD;
+        if (cs) {  // RoPE on load: the Q tile, and first the K tile, turned in place
+            if (it == 0) mma_rope_tile<HD>(ks, keys, cs + (size_t)k0 * HD);
+            mma_rope_tile<HD>(qb, min(MMA_ROWS, T - q0), cs + (size_t)q0 * HD);
+            __syncthreads();
+        }
+        const float* lb = ls + buf * MMA_ROWS;
+        const float* dsb = ds_ + buf * MMA_ROWS;
+        const int kr = (warp * 16 + g) * LD + 2 * t;  // the warp's key rows as A fragments
+
+#pragma unroll 1
+        for (int half = 0; half < 2; ++half) {
+            const int h0 = half * HALF;
+            // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys and 32 queries.
+            float st[HALF / 8][4], dpt[HALF / 8][4];
+#pragma unroll
+            for (int n = 0; n < HALF / 8; ++n) {
+                st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.0f;
+                dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
+            }
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                const int at[4] = {kr + kk * 16, kr + 8 * LD + kk * 16, kr + kk * 16 + 8, kr + 8 * LD + kk * 16 + 8};
+                uint32_t ka[4], va[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    ka[i] = *reinterpret_cast<const uint32_t*>(ks + at[i]);
+                    va[i] = *reinterpret_cast<const uint32_t*>(vs + at[i]);
+                }
+#pragma unroll
+                for (int n = 0; n < HALF / 8; ++n) {
+                    const bf16* qr = qb + (h0 + n * 8 + g) * LD + 2 * t + kk * 16;
+                    const bf16* dr = db + (h0 + n * 8 + g) * LD + 2 * t + kk * 16;
+                    const uint32_t bq[2] = {*reinterpret_cast<const uint32_t*>(qr), *reinterpret_cast<const uint32_t*>(qr + 8)};
+                    const uint32_t bd[2] = {*reinterpret_cast<const uint32_t*>(dr), *reinterpret_cast<const uint32_t*>(dr + 8)};
+                    mma_bf16_16816(st[n], ka, bq);
+                    mma_bf16_16816(dpt[n], va, bd);
+                }
+            }
+            // P^T into st, dS^T into dpt: element e of block n is key (e < 2 ? j0 : j1), query
+            // q0 + h0 + 8n + 2t + (e & 1); zero past the causal edge and for queries past T.
+#pragma unroll
+            for (int n = 0; n < HALF / 8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = h0 + n * 8 + 2 * t + (e & 1), i = q0 + r, j = e < 2 ? j0 : j1;
+                    const float p = (i < T && j <= i) ? attention_prob(st[n][e] * scale, lb[r]) : 0.0f;
+                    st[n][e] = p;
+                    dpt[n][e] = attention_dscore(p, dpt[n][e], dsb[r]) * scale;
+                }
+            }
+            // dV += P^T dO and dK += dS^T Q over these 32 queries: the A fragment of queries
+            // 16kk .. 16kk + 15 is blocks 2kk, 2kk + 1; dO's and Q's B fragment for head dims
+            // 8n .. 8n + 7 is X[h0 + 16kk + 2t (+1, +8, +9)][8n + g].
+#pragma unroll
+            for (int kk = 0; kk < HALF / 16; ++kk) {
+                const uint32_t pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
+                                        pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                                        pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+                const uint32_t sa[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]), pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                                        pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                                        pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+                const bf16* dc = db + (h0 + kk * 16 + 2 * t) * LD + g;
+                const bf16* qc = qb + (h0 + kk * 16 + 2 * t) * LD + g;
+#pragma unroll
+                for (int n = 0; n < HD / 8; ++n) {
+                    const uint32_t bd[2] = {pack_bf16_raw(dc[n * 8], dc[LD + n * 8]),
+                                            pack_bf16_raw(dc[8 * LD + n * 8], dc[9 * LD + n * 8])};
+                    const uint32_t bq[2] = {pack_bf16_raw(qc[n * 8], qc[LD + n * 8]),
+                                            pack_bf16_raw(qc[8 * LD + n * 8], qc[9 * LD + n * 8])};
+                    mma_bf16_16816(dv[n], pa, bd);
+                    mma_bf16_16816(dk[n], sa, bq);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with buffer buf before the next item refills it
+    }
+
+    // Store keys j0, j1 (dK with RoPE undone in registers, as dq_mma_body does).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int j = r ? j1 : j0;
+        if (j >= T) continue;
+        const size_t off = ((size_t)b * T + j) * ldkv + (size_t)kvh * HD + 2 * t;
+        store_mma_row<HD>(dk_out + off, dk, r, cs ? cs + (size_t)j * HD : nullptr);
+        store_mma_row<HD>(dv_out + off, dv, r, nullptr);
     }
 }
 
@@ -1029,6 +1191,19 @@ extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_mma(__nv
 #if defined(KILN_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
     if (C / NH == 128) dq_mma_body<128>(dq, dout, q, k, v, cs, lse, dsum, T, C, NH, NKV, ldq, ldkv);
     else dq_mma_body<64>(dq, dout, q, k, v, cs, lse, dsum, T, C, NH, NKV, ldq, ldkv);
+#else
+    __trap();  // mma.sync bf16 and cp.async need sm_80; the wrapper never launches it below that
+#endif
+}
+
+// dk and dv exactly as attention_backward_dkdv computes them, on tensor cores (P and dS rounded to
+// bf16 for dV = P^T dO and dK = dS^T Q) for head dims 64 and 128 on sm_80+. Grid (ceil(T / 64),
+// NKV, B) over key tiles, 128 threads, attention_smem_bytes(DKDV_MMA, hd) bytes of dynamic shared
+// memory: 56320 at 64, 105472 at 128 (the wrapper raises the limit).
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* cs, const float* lse, const float* dsum, int B, int T, int C, int NH, int NKV, int ldq, int ldkv) {
+#if defined(KILN_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+    if (C / NH == 128) dkdv_mma_body<128>(dk, dv, dout, q, k, v, cs, lse, dsum, T, C, NH, NKV, ldq, ldkv);
+    else dkdv_mma_body<64>(dk, dv, dout, q, k, v, cs, lse, dsum, T, C, NH, NKV, ldq, ldkv);
 #else
     __trap();  // mma.sync bf16 and cp.async need sm_80; the wrapper never launches it below that
 #endif

@@ -72,6 +72,8 @@ KILN_HD int attention_smem_bytes(int kernel, int hd) {
         return attention_mma_head_dim(hd) ? attention_mma_tile_bytes(hd) * 5 : -1;
     case KILN_ATTN_KERNEL_DQ_MMA:  // Q and dO, and K and V double-buffered
         return attention_mma_head_dim(hd) ? attention_mma_tile_bytes(hd) * 6 : -1;
+    case KILN_ATTN_KERNEL_DKDV_MMA:  // K and V, and Q, dO and their rows' lse and D double-buffered
+        return attention_mma_head_dim(hd) ? attention_mma_tile_bytes(hd) * 6 + 4 * KILN_ATTN_MMA_ROWS * 4 : -1;
     case KILN_ATTN_KERNEL_DKDV:
     case KILN_ATTN_KERNEL_DQ:
         return 2 * attention_f32_tile_bytes(hd) + 2 * attention_bf16_tile_bytes(hd) + attention_p_bytes();

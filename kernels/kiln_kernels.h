@@ -125,6 +125,9 @@ typedef struct {
 #define KILN_ATTN_MMA_HEAD_DIM 64
 // The tensor-core dQ (attention_backward_dq_mma, sm_80+): the forward's tiles, with dO beside Q.
 #define KILN_ATTN_KERNEL_DQ_MMA 4
+// The tensor-core dK/dV (attention_backward_dkdv_mma, sm_80+): 64 keys per block (16 per warp)
+// against the same tiles of queries, with Q, dO and their rows' lse and D double-buffered.
+#define KILN_ATTN_KERNEL_DKDV_MMA 5
 
 // ---- layernorm ----
 // Rows per block of the one-warp-per-row kernels (forward, residual forward, backward dx).

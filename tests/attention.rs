@@ -454,6 +454,11 @@ mod cuda {
         assert_eq!(twin::smem_bytes(dq_mma, 128), 6 * 64 * 136 * 2);
         assert!(twin::smem_bytes(dq_mma, 128) > 99 * 1024);
         assert!([32, 96, 40].iter().all(|&hd| twin::smem_bytes_at(dq_mma, hd).is_none()));
+        // The tensor-core dK/dV: K, V, and Q and dO twice, plus two buffers of 64 lse and 64 D.
+        let dkdv_mma = kiln::abi::KILN_ATTN_KERNEL_DKDV_MMA as usize;
+        assert_eq!(twin::smem_bytes(dkdv_mma, 64), 6 * 64 * 72 * 2 + 4 * 64 * 4);
+        assert_eq!(twin::smem_bytes(dkdv_mma, 128), 6 * 64 * 136 * 2 + 4 * 64 * 4);
+        assert!([32, 96, 40].iter().all(|&hd| twin::smem_bytes_at(dkdv_mma, hd).is_none()));
     }
 
     /// The shipped forward: tensor cores exactly where they apply (hd = 64 or 128 on sm_80+).
@@ -580,9 +585,9 @@ mod cuda {
     /// (<= 32 + 5 + 2 roundings), and m + ln l one more: 256 u (1 + max|lse|) covers all of it
     /// with room, and is still far below what a missing key or a wrong scale moves lse by.
     ///
-    /// `variant` picks the forward and the backward's dQ (on tensor cores for Mma, which rounds
-    /// dS to bf16 before dQ = dS K as the plain reference does); the backward runs from that
-    /// forward's out and lse.
+    /// `variant` picks the forward and the backward (on tensor cores for Mma, which rounds P and
+    /// dS to bf16 before the dV, dQ and dK products, as the plain reference does); the backward
+    /// runs from that forward's out and lse.
     /// The Mma forward rounds the unnormalised P (each row's largest entry is 1) to bf16 before
     /// P V, as the plain reference rounds the normalised P: the same relative rounding, so the
     /// same 2x-plain bound applies to it.

@@ -7,15 +7,15 @@
 //! Activations and their gradients are bf16 (dqkv too: every element is written once, as the CPU
 //! twin's copy does, never accumulated); lse is f32. The forward has two variants
 //! (`AttentionVariant`): tensor cores (mma.sync) at head dims 64 and 128 on sm_80+, CUDA cores
-//! otherwise. The backward is deterministic (no atomics): dK/dV on CUDA cores, dQ on tensor cores
-//! where the forward's Mma variant applies (attention_backward_dq_mma), on CUDA cores otherwise.
+//! otherwise. The backward is deterministic (no atomics), on tensor cores (attention_backward_dkdv_mma
+//! and _dq_mma) where the Mma variant applies and its tiles fit, on CUDA cores otherwise.
 
 use super::tensor::{bf16_in, f32_in, new_bf16, wrap_f32, CudaStorage};
 use super::{bf16, cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::{
-    KILN_ATTN_KERNEL_DKDV, KILN_ATTN_KERNEL_DQ, KILN_ATTN_KERNEL_DQ_MMA, KILN_ATTN_KERNEL_FORWARD,
-    KILN_ATTN_KERNEL_FORWARD_MMA, KILN_ATTN_MAX_HEAD_DIM, KILN_ATTN_MMA_HEAD_DIM, KILN_ATTN_MMA_ROWS, KILN_ATTN_TILE,
-    KILN_ATTN_WARPS,
+    KILN_ATTN_KERNEL_DKDV, KILN_ATTN_KERNEL_DKDV_MMA, KILN_ATTN_KERNEL_DQ, KILN_ATTN_KERNEL_DQ_MMA,
+    KILN_ATTN_KERNEL_FORWARD, KILN_ATTN_KERNEL_FORWARD_MMA, KILN_ATTN_MAX_HEAD_DIM, KILN_ATTN_MMA_HEAD_DIM,
+    KILN_ATTN_MMA_ROWS, KILN_ATTN_TILE, KILN_ATTN_WARPS,
 };
 use crate::backend::{qkv_dims, AttnDims, Heads, KvDims};
 use crate::{Error, Result, Tensor};
@@ -355,21 +355,22 @@ pub fn gqa_attention_backward(
     gqa_attention_backward_with(backward_variant(hd), dqkv, dout, qkv, out, lse, d, nkv)
 }
 
-/// The shipped dQ: tensor cores where the forward's are used and the larger tiles (Q and dO beside
-/// K and V) fit the GPU's shared memory (not at head dim 128 on sm_86/89's 99 KB), CUDA cores
-/// otherwise.
+/// The shipped backward: tensor cores where the forward's are used and the backward's larger tiles
+/// (Q, dO, K and V together) fit the GPU's shared memory (not at head dim 128 on sm_86/89's 99 KB),
+/// CUDA cores otherwise.
 fn backward_variant(hd: usize) -> AttentionVariant {
     let Ok(cu) = cuda() else { return AttentionVariant::Simt };
-    let fits =
-        twin::smem_bytes_at(KILN_ATTN_KERNEL_DQ_MMA as usize, hd).is_some_and(|b| b <= cu.max_shared_per_block());
+    let fits = [KILN_ATTN_KERNEL_DQ_MMA, KILN_ATTN_KERNEL_DKDV_MMA]
+        .iter()
+        .all(|&k| twin::smem_bytes_at(k as usize, hd).is_some_and(|b| b <= cu.max_shared_per_block()));
     match AttentionVariant::shipped(hd, cu.compute_capability()) {
         AttentionVariant::Mma if fits => AttentionVariant::Mma,
         _ => AttentionVariant::Simt,
     }
 }
 
-/// `gqa_attention_backward` with a chosen variant for dQ (tests and benchmarks run both; dK and
-/// dV run on CUDA cores in both); a shape error if the variant cannot take this head dim or GPU.
+/// `gqa_attention_backward` with a chosen variant (tests and benchmarks run both); a shape error if
+/// the variant cannot take this head dim or GPU.
 #[allow(clippy::too_many_arguments)]
 pub fn gqa_attention_backward_with(
     variant: AttentionVariant,
@@ -429,8 +430,8 @@ pub fn rope_attention_backward(
     backward(backward_variant(hd), grads, dout, ops, Some(table), out, lse, d, nkv, hd)
 }
 
-/// Launches the three backward kernels on checked operands (`grads` written, `table`: RoPE), dQ
-/// on tensor cores when `variant` is Mma.
+/// Launches the three backward kernels on checked operands (`grads` written, `table`: RoPE), dK/dV
+/// and dQ on tensor cores when `variant` is Mma.
 #[allow(clippy::too_many_arguments)]
 fn backward(
     variant: AttentionVariant,
@@ -454,7 +455,7 @@ fn backward(
         return Err(Error::Shape {
             op: "cuda::attention_backward",
             msg: format!(
-                "the {variant:?} dQ needs head dim {} or {} on sm_80 or newer; got head dim {hd} on sm_{major}{minor}",
+                "the {variant:?} backward needs head dim {} or {} on sm_80 or newer; got head dim {hd} on sm_{major}{minor}",
                 KILN_ATTN_MMA_HEAD_DIM,
                 2 * KILN_ATTN_MMA_HEAD_DIM
             ),
@@ -478,19 +479,20 @@ fn backward(
     // dK, dV (key tiles) and dQ (query tiles) write disjoint columns (of dqkv when packed).
     let (ldq, ldkv) = (ops.ldq as i32, ops.ldkv as i32);
     let cs = table.map_or(0u64, |x| x.ptr());
-    let tile = KILN_ATTN_TILE as usize;
-    let dq = match variant {
-        AttentionVariant::Simt => (Kernel::AttentionBackwardDq, KILN_ATTN_KERNEL_DQ as usize, tile),
-        AttentionVariant::Mma => {
-            (Kernel::AttentionBackwardDqMma, KILN_ATTN_KERNEL_DQ_MMA as usize, KILN_ATTN_MMA_ROWS as usize)
-        }
+    let launches = match variant {
+        AttentionVariant::Simt => [
+            (Kernel::AttentionBackwardDkdv, KILN_ATTN_KERNEL_DKDV, KILN_ATTN_TILE, nkv),
+            (Kernel::AttentionBackwardDq, KILN_ATTN_KERNEL_DQ, KILN_ATTN_TILE, nh),
+        ],
+        AttentionVariant::Mma => [
+            (Kernel::AttentionBackwardDkdvMma, KILN_ATTN_KERNEL_DKDV_MMA, KILN_ATTN_MMA_ROWS, nkv),
+            (Kernel::AttentionBackwardDqMma, KILN_ATTN_KERNEL_DQ_MMA, KILN_ATTN_MMA_ROWS, nh),
+        ],
     };
-    for (kernel, which, rows, heads) in
-        [(Kernel::AttentionBackwardDkdv, KILN_ATTN_KERNEL_DKDV as usize, tile, nkv), (dq.0, dq.1, dq.2, nh)]
-    {
-        let cfg = config(kernel, which, rows, hd, b, t, heads)?;
+    for (kernel, which, rows, heads) in launches {
+        let cfg = config(kernel, which as usize, rows as usize, hd, b, t, heads)?;
         let mut l = cu.launch_builder(kernel);
-        if kernel == Kernel::AttentionBackwardDkdv {
+        if matches!(kernel, Kernel::AttentionBackwardDkdv | Kernel::AttentionBackwardDkdvMma) {
             l.arg(&grads.k).arg(&grads.v);
         } else {
             l.arg(&grads.q);
