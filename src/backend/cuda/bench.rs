@@ -251,6 +251,12 @@ pub fn attention_rows(cu: &Cuda, _copy: f64) -> Result<Vec<Row>> {
     let bwd_ms = time_ms(cu, 3, 20, || {
         super::attention::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &AttnDims { b, t, c, nh: h })
     })?;
+    // The CUDA-core backward at the same shape, which the tensor-core one replaced.
+    let simt_bwd_ms = time_ms(cu, 1, 5, || {
+        let dims = AttnDims { b, t, c, nh: h };
+        let simt = super::attention::AttentionVariant::Simt;
+        super::attention::gqa_attention_backward_with(simt, &mut dqkv, &dout, &qkv, &out, &lse, &dims, h)
+    })?;
     let fwd_flops = 4.0 * (b * h * d) as f64 * (t * (t + 1) / 2) as f64;
     let shape = format!("B{b} H{h} T{t} D{d}");
     let row = |kernel: &str, ms: f64, flops: f64, target| Row {
@@ -266,6 +272,7 @@ pub fn attention_rows(cu: &Cuda, _copy: f64) -> Result<Vec<Row>> {
     let mut rows = vec![
         row("attention forward", fwd_ms, fwd_flops, Some(0.40)),
         row("attention backward", bwd_ms, 2.5 * fwd_flops, None),
+        row("attention backward, CUDA cores", simt_bwd_ms, 2.5 * fwd_flops, None),
     ];
     // Grouped-query heads at SmolLM2-360M's grouping (15 query heads over 5 KV heads of 64): the
     // same FLOPs per query head, a third of the K and V bytes.
