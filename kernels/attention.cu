@@ -616,6 +616,28 @@ __device__ __forceinline__ uint32_t pack_bf16_raw(const bf16& lo, const bf16& hi
     return (uint32_t)a | ((uint32_t)b << 16);
 }
 
+// The A fragment of 16 columns of an accumulator tile (its 8-column blocks s0, s1), rounded to
+// bf16: per the layouts above, a score tile's accumulators are the next product's A side.
+__device__ __forceinline__ void acc_to_a(uint32_t a[4], const float s0[4], const float s1[4]) {
+    a[0] = pack_bf16(s0[0], s0[1]);
+    a[1] = pack_bf16(s0[2], s0[3]);
+    a[2] = pack_bf16(s1[0], s1[1]);
+    a[3] = pack_bf16(s1[2], s1[3]);
+}
+
+// acc[n] += A X[16 rows][8n .. 8n + 7] for every block n of head dims: X's B fragments are read down
+// its rows, x pointing at X[2t][g] of the 16 rows (row stride mma_ld<HD>()), so block n takes
+// X[2t (+1, +8, +9)][8n + g]. The forward's P V, dQ's dS K, dK/dV's P^T dO and dS^T Q.
+template <int HD>
+__device__ __forceinline__ void mma_down_rows(float acc[HD / 8][4], const uint32_t a[4], const bf16* x) {
+    constexpr int LD = mma_ld<HD>();
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+        const uint32_t bx[2] = {pack_bf16_raw(x[n * 8], x[LD + n * 8]), pack_bf16_raw(x[8 * LD + n * 8], x[9 * LD + n * 8])};
+        mma_bf16_16816(acc[n], a, bx);
+    }
+}
+
 // Starts copying `rows` (<= MMA_ROWS) rows of HD bf16 (global row stride src_ld) into a shared
 // tile of row stride mma_ld<HD>(); the rest of the tile's rows become zeros.
 template <int HD>
@@ -626,6 +648,25 @@ __device__ __forceinline__ void mma_load_tile(bf16* dst, const bf16* src, size_t
         const int idx = threadIdx.x + k * THREADS, r = idx / CHUNKS, c = idx % CHUNKS;
         const bool valid = r < rows;
         cp_async_16(dst + r * LD + c * 8, src + (valid ? (size_t)r * src_ld : 0) + c * 8, valid);
+    }
+}
+
+// The K/V pipeline of the query-tile kernels: starts copying key tile kt + 1 (if any) into the other
+// of the two buffers ks and vs hold (free: the __syncthreads closing the previous iteration came
+// after every warp's last read of it), then waits for this thread's copies of tile kt; the
+// caller's __syncthreads makes every thread's visible.
+template <int HD>
+__device__ __forceinline__ void mma_next_kv(bf16* ks, bf16* vs, int kt, int n_kt, const bf16* kbase, const bf16* vbase,
+                                            int ldkv, int T) {
+    constexpr int LD = mma_ld<HD>();
+    if (kt + 1 < n_kt) {
+        const int k1 = (kt + 1) * MMA_KEYS, other = ((kt + 1) & 1) * MMA_KEYS * LD;
+        mma_load_tile<HD>(ks + other, kbase + (size_t)k1 * ldkv, ldkv, min(MMA_KEYS, T - k1));
+        mma_load_tile<HD>(vs + other, vbase + (size_t)k1 * ldkv, ldkv, min(MMA_KEYS, T - k1));
+        cp_async_commit();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
     }
 }
 
@@ -682,17 +723,7 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
 
     for (int kt = 0; kt < n_kt; ++kt) {
         const int buf = kt & 1, k0 = kt * MMA_KEYS;
-        // Start the next tile into the other buffer (free: the __syncthreads closing the previous
-        // iteration came after every warp's last read of it), then wait for this one.
-        if (kt + 1 < n_kt) {
-            const int k1 = k0 + MMA_KEYS;
-            mma_load_tile<HD>(ks + (buf ^ 1) * MMA_KEYS * LD, kbase + (size_t)k1 * ldkv, ldkv, min(MMA_KEYS, T - k1));
-            mma_load_tile<HD>(vs + (buf ^ 1) * MMA_KEYS * LD, vbase + (size_t)k1 * ldkv, ldkv, min(MMA_KEYS, T - k1));
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        mma_next_kv<HD>(ks, vs, kt, n_kt, kbase, vbase, ldkv, T);
         __syncthreads();  // every thread's copies of tile kt (and Q) have landed
         if (cs) {  // RoPE on load: the landed K tile (and, first, the Q tile) turned in place
             if (kt == 0) mma_rope_tile<HD>(qs, min(MMA_ROWS, T - q0), cs + (size_t)q0 * HD);
@@ -772,16 +803,9 @@ __device__ __forceinline__ void forward_mma_body(bf16* out, float* lse, const bf
         // bf16; V's B fragment for head dims 8n .. 8n + 7 is V[16kk + 2t (+1, +8, +9)][8n + g].
 #pragma unroll
         for (int kk = 0; kk < MMA_KEYS / 16; ++kk) {
-            const uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                                    pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                    pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            const bf16* v = vb + (kk * 16 + 2 * t) * LD + g;
-#pragma unroll
-            for (int n = 0; n < HD / 8; ++n) {
-                const uint32_t bv[2] = {pack_bf16_raw(v[n * 8], v[LD + n * 8]),
-                                        pack_bf16_raw(v[8 * LD + n * 8], v[9 * LD + n * 8])};
-                mma_bf16_16816(o[n], pa, bv);
-            }
+            uint32_t pa[4];
+            acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+            mma_down_rows<HD>(o, pa, vb + (kk * 16 + 2 * t) * LD + g);
         }
         __syncthreads();  // every warp is done with buffer buf before the next iteration refills it
     }
@@ -878,15 +902,7 @@ __device__ __forceinline__ void dq_mma_body(bf16* dq_out, const bf16* dout, cons
 
     for (int kt = 0; kt < n_kt; ++kt) {
         const int buf = kt & 1, k0 = kt * MMA_KEYS;
-        if (kt + 1 < n_kt) {
-            const int k1 = k0 + MMA_KEYS;
-            mma_load_tile<HD>(ks + (buf ^ 1) * MMA_KEYS * LD, kbase + (size_t)k1 * ldkv, ldkv, min(MMA_KEYS, T - k1));
-            mma_load_tile<HD>(vs + (buf ^ 1) * MMA_KEYS * LD, vbase + (size_t)k1 * ldkv, ldkv, min(MMA_KEYS, T - k1));
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        mma_next_kv<HD>(ks, vs, kt, n_kt, kbase, vbase, ldkv, T);
         __syncthreads();  // tile kt (and, first, Q and dO) has landed
         if (cs) {
             if (kt == 0) mma_rope_tile<HD>(qs, rows, cs + (size_t)q0 * HD);
@@ -942,16 +958,9 @@ __device__ __forceinline__ void dq_mma_body(bf16* dq_out, const bf16* dout, cons
         // K's B fragment for head dims 8n .. 8n + 7 is K[16kk + 2t (+1, +8, +9)][8n + g].
 #pragma unroll
         for (int kk = 0; kk < MMA_KEYS / 16; ++kk) {
-            const uint32_t da[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                                    pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                    pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            const bf16* kc = kb + (kk * 16 + 2 * t) * LD + g;
-#pragma unroll
-            for (int n = 0; n < HD / 8; ++n) {
-                const uint32_t bk[2] = {pack_bf16_raw(kc[n * 8], kc[LD + n * 8]),
-                                        pack_bf16_raw(kc[8 * LD + n * 8], kc[9 * LD + n * 8])};
-                mma_bf16_16816(dq[n], da, bk);
-            }
+            uint32_t da[4];
+            acc_to_a(da, s[2 * kk], s[2 * kk + 1]);
+            mma_down_rows<HD>(dq, da, kb + (kk * 16 + 2 * t) * LD + g);
         }
         __syncthreads();  // every warp is done with buffer buf before the next iteration refills it
     }
@@ -1084,23 +1093,12 @@ __device__ __forceinline__ void dkdv_mma_body(bf16* dk_out, bf16* dv_out, const 
             // 8n .. 8n + 7 is X[h0 + 16kk + 2t (+1, +8, +9)][8n + g].
 #pragma unroll
             for (int kk = 0; kk < HALF / 16; ++kk) {
-                const uint32_t pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
-                                        pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                                        pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-                const uint32_t sa[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]), pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
-                                        pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                                        pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-                const bf16* dc = db + (h0 + kk * 16 + 2 * t) * LD + g;
-                const bf16* qc = qb + (h0 + kk * 16 + 2 * t) * LD + g;
-#pragma unroll
-                for (int n = 0; n < HD / 8; ++n) {
-                    const uint32_t bd[2] = {pack_bf16_raw(dc[n * 8], dc[LD + n * 8]),
-                                            pack_bf16_raw(dc[8 * LD + n * 8], dc[9 * LD + n * 8])};
-                    const uint32_t bq[2] = {pack_bf16_raw(qc[n * 8], qc[LD + n * 8]),
-                                            pack_bf16_raw(qc[8 * LD + n * 8], qc[9 * LD + n * 8])};
-                    mma_bf16_16816(dv[n], pa, bd);
-                    mma_bf16_16816(dk[n], sa, bq);
-                }
+                uint32_t pa[4], sa[4];
+                acc_to_a(pa, st[2 * kk], st[2 * kk + 1]);
+                acc_to_a(sa, dpt[2 * kk], dpt[2 * kk + 1]);
+                const int at = (h0 + kk * 16 + 2 * t) * LD + g;
+                mma_down_rows<HD>(dv, pa, db + at);
+                mma_down_rows<HD>(dk, sa, qb + at);
             }
         }
         __syncthreads();  // every warp is done with buffer buf before the next item refills it

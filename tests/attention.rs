@@ -611,18 +611,12 @@ mod cuda {
         let mut out_d = nan_bf16(cu, b * t * c);
         let mut lse_d = cu.upload(&vec![f32::NAN; b * nh * t]).unwrap();
         gpu::attention_forward_with(variant, &mut out_d, &mut lse_d, &qkv_d, &AttnDims { b, t, c, nh }).unwrap();
+        let backward = |dqkv: &mut DevBuf<bf16>| {
+            let d = AttnDims { b, t, c, nh };
+            gpu::gqa_attention_backward_with(variant, dqkv, &dout_d, &qkv_d, &out_d, &lse_d, &d, nh).unwrap()
+        };
         let mut dqkv_d = nan_bf16(cu, b * t * 3 * c);
-        gpu::gqa_attention_backward_with(
-            variant,
-            &mut dqkv_d,
-            &dout_d,
-            &qkv_d,
-            &out_d,
-            &lse_d,
-            &AttnDims { b, t, c, nh },
-            nh,
-        )
-        .unwrap();
+        backward(&mut dqkv_d);
         cu.sync().unwrap();
         let out_k = to_f32(&cu.download(&out_d).unwrap());
         let lse_k = cu.download(&lse_d).unwrap();
@@ -647,17 +641,7 @@ mod cuda {
 
         // Deterministic: no atomics, fixed summation order, so a second run is bit-identical.
         let mut dqkv2 = nan_bf16(cu, b * t * 3 * c);
-        gpu::gqa_attention_backward_with(
-            variant,
-            &mut dqkv2,
-            &dout_d,
-            &qkv_d,
-            &out_d,
-            &lse_d,
-            &AttnDims { b, t, c, nh },
-            nh,
-        )
-        .unwrap();
+        backward(&mut dqkv2);
         let mut out2 = nan_bf16(cu, b * t * c);
         gpu::attention_forward_with(variant, &mut out2, &mut lse_d, &qkv_d, &AttnDims { b, t, c, nh }).unwrap();
         let same = |x: &DevBuf<bf16>, y: &DevBuf<bf16>| {

@@ -264,6 +264,22 @@ impl Operands {
     }
 }
 
+/// A shape error naming the head dims and GPUs the Mma variant takes, where `variant` cannot run.
+fn check_variant(op: &'static str, variant: AttentionVariant, hd: usize) -> Result<()> {
+    let (major, minor) = cuda()?.compute_capability();
+    if variant.supports(hd, (major, minor)) {
+        return Ok(());
+    }
+    Err(Error::Shape {
+        op,
+        msg: format!(
+            "the {variant:?} kernels need head dim {} or {} on sm_80 or newer; got head dim {hd} on sm_{major}{minor}",
+            KILN_ATTN_MMA_HEAD_DIM,
+            2 * KILN_ATTN_MMA_HEAD_DIM
+        ),
+    })
+}
+
 /// The RoPE table must hold the positions 0..t at head dim hd ([positions, hd] f32).
 fn check_table(op: &'static str, table: &DevBuf<f32>, t: usize, hd: usize) -> Result<()> {
     if table.len() < t * hd || table.ptr() % 16 != 0 {
@@ -294,17 +310,7 @@ fn forward(
 ) -> Result<()> {
     let AttnDims { b, t, c, nh } = *d;
     let cu = cuda()?;
-    if !variant.supports(hd, cu.compute_capability()) {
-        let (major, minor) = cu.compute_capability();
-        return Err(Error::Shape {
-            op: "cuda::attention_forward",
-            msg: format!(
-                "the {variant:?} forward needs head dim {} or {} on sm_80 or newer; got head dim {hd} on sm_{major}{minor}",
-                KILN_ATTN_MMA_HEAD_DIM,
-                2 * KILN_ATTN_MMA_HEAD_DIM
-            ),
-        });
-    }
+    check_variant("cuda::attention_forward", variant, hd)?;
     if b * t == 0 {
         return Ok(());
     }
@@ -450,17 +456,7 @@ fn backward(
         return Ok(());
     }
     let cu = cuda()?;
-    if !variant.supports(hd, cu.compute_capability()) {
-        let (major, minor) = cu.compute_capability();
-        return Err(Error::Shape {
-            op: "cuda::attention_backward",
-            msg: format!(
-                "the {variant:?} backward needs head dim {} or {} on sm_80 or newer; got head dim {hd} on sm_{major}{minor}",
-                KILN_ATTN_MMA_HEAD_DIM,
-                2 * KILN_ATTN_MMA_HEAD_DIM
-            ),
-        });
-    }
+    check_variant("cuda::attention_backward", variant, hd)?;
     let (b32, t32, c32, nh32, nkv32) = (b as i32, t as i32, c as i32, nh as i32, nkv as i32);
     let mut dsum = cu.alloc::<f32>(b * nh * t)?;
 
