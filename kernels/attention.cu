@@ -1083,9 +1083,10 @@ __device__ __forceinline__ void dkdv_mma_body(bf16* dk_out, bf16* dv_out, const 
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int r = h0 + n * 8 + 2 * t + (e & 1), i = q0 + r, j = e < 2 ? j0 : j1;
-                    const float p = (i < T && j <= i) ? attention_prob(st[n][e] * scale, lb[r]) : 0.0f;
+                    const float lse_i = lb[r], d_i = dsb[r];  // read by every lane: no divergent loads
+                    const float p = (i < T && j <= i) ? attention_prob(st[n][e] * scale, lse_i) : 0.0f;
                     st[n][e] = p;
-                    dpt[n][e] = attention_dscore(p, dpt[n][e], dsb[r]) * scale;
+                    dpt[n][e] = attention_dscore(p, dpt[n][e], d_i) * scale;
                 }
             }
             // dV += P^T dO and dK += dS^T Q over these 32 queries: the A fragment of queries

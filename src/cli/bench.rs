@@ -39,7 +39,7 @@ pub enum BenchCommand {
         #[arg(long)]
         predict: bool,
         /// With --predict: blocks each launch runs (evenly spaced; counters scaled to the whole
-        /// grid). More is slower and closer.
+        /// grid), 2 to 64; more is slower and closer. 0 runs every block.
         #[arg(long, default_value_t = 8)]
         sample_blocks: u32,
     },
