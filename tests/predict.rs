@@ -70,7 +70,8 @@ fn a_sampled_step_prices_like_the_whole_step() {
     let (pw, ps) = (Prediction::new(&whole, H200, b * t, flops), Prediction::new(&sampled, H200, b * t, flops));
     eprintln!("floor: {:.4} ms whole, {:.4} ms sampled", pw.floor() * 1e3, ps.floor() * 1e3);
     assert!(close(pw.floor(), ps.floor(), 0.10));
-    // The attention backward runs on CUDA cores and declares its math; the GEMMs use tensor cores.
+    // At the tiny preset's head dim (32) the attention runs on CUDA cores and declares its math;
+    // the GEMMs use tensor cores.
     assert!(w["attention_backward_dkdv"].2 > 0.0 && w["attention_backward_dq"].2 > 0.0);
     assert!(w.iter().filter(|(k, _)| k.starts_with("gemm_mma")).all(|(_, v)| v.1 > 0.0));
 }
