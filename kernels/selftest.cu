@@ -40,3 +40,80 @@ extern "C" __global__ void __launch_bounds__(256) selftest_block_sum(float* out,
         out[blockIdx.x] = acc;
     }
 }
+
+// ---- Hopper: the emulated mbarrier, TMA and wgmma against plain computations (tests/hopper.rs,
+// which runs them on an sm_90 GPU where there is one, so the emulator's reading of the PTX ISA is
+// checked against the hardware's). ----
+#include "hopper.cuh"
+
+// out (64 x N f32, row-major) = a (64 x K) b (N x K)^T, with a and b stored K-major in shared
+// memory with `swizzle` (0, 32, 64, 128: K = swizzle / 2, one swizzle row, or 64 without) and
+// multiplied by K / 16 wgmma. With clobber = 1 thread 0 changes A while the wgmma are in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_tile(float* out, const __nv_bfloat16* a, const __nv_bfloat16* b, int swizzle, int clobber) {
+#if KILN_SM90A
+    extern __shared__ __align__(16) unsigned char wgmma_smem[];
+    const int K = swizzle ? swizzle / 2 : 64;
+    const uint32_t lbo = 128, sbo = swizzle ? 8 * swizzle : (K / 8) * 128;
+    unsigned char* As = sm90_align(wgmma_smem, 1024);
+    unsigned char* Bs = As + 64 * K * 2;
+    for (int i = threadIdx.x; i < 64 * K; i += blockDim.x)
+        *reinterpret_cast<__nv_bfloat16*>(As + kmajor_offset(i / K, i % K, swizzle, lbo, sbo)) = a[i];
+    for (int i = threadIdx.x; i < N * K; i += blockDim.x)
+        *reinterpret_cast<__nv_bfloat16*>(Bs + kmajor_offset(i / K, i % K, swizzle, lbo, sbo)) = b[i];
+    fence_proxy_async();
+    __syncthreads();
+    float d[N / 2];
+    for (int i = 0; i < N / 2; ++i) d[i] = 0.0f;
+    wgmma_fence_operands(d);
+    wgmma_fence();
+    for (int kk = 0; kk < K / 16; ++kk) {
+        const uint32_t koff = swizzle ? kk * 32 : kk * 2 * lbo;
+        wgmma_m64k16<N>(d, wgmma_desc(As + koff, lbo, sbo, swizzle), wgmma_desc(Bs + koff, lbo, sbo, swizzle), kk > 0);
+    }
+    wgmma_commit();
+    if (clobber && threadIdx.x == 0) *reinterpret_cast<__nv_bfloat16*>(As) = __float2bfloat16(1000.0f);
+    wgmma_wait<0>();
+    wgmma_fence_operands(d);
+    const int q = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int j = 0; j < N / 8; ++j)
+        for (int i = 0; i < 4; ++i)
+            out[(16 * q + lane / 4 + (i >= 2 ? 8 : 0)) * N + 8 * j + 2 * (lane % 4) + (i & 1)] = d[4 * j + i];
+#else
+    __trap();
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(128) selftest_wgmma_n64(float* out, const __nv_bfloat16* a, const __nv_bfloat16* b, int swizzle, int clobber) {
+    wgmma_tile<64>(out, a, b, swizzle, clobber);
+}
+extern "C" __global__ void __launch_bounds__(128) selftest_wgmma_n128(float* out, const __nv_bfloat16* a, const __nv_bfloat16* b, int swizzle, int clobber) {
+    wgmma_tile<128>(out, a, b, swizzle, clobber);
+}
+
+// The rows x cols box of `map` (a 2-D bf16 tensor) at (c0 inner, c1 outer) through TMA, unswizzled
+// into out (rows x cols, row-major). With arrive = 0 nobody arrives on the mbarrier: a deadlock.
+extern "C" __global__ void __launch_bounds__(128) selftest_tma(__nv_bfloat16* out, const __grid_constant__ KilnTensorMap map, int c0, int c1, int rows, int cols, int swizzle, int arrive) {
+#if KILN_SM90A
+    extern __shared__ __align__(16) unsigned char tma_smem[];
+    uint64_t* bar = reinterpret_cast<uint64_t*>(tma_smem);
+    unsigned char* box = sm90_align(tma_smem + 8, 1024);
+    if (threadIdx.x == 0) {
+        mbar_init(bar, 1);
+        mbar_fence_init();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && arrive) {
+        mbar_arrive_expect_tx(bar, rows * cols * 2);
+        tma_load_2d(box, &map, c0, c1, bar);
+    }
+    mbar_wait(bar, 0);
+    for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
+        const uint32_t at = (i / cols) * cols * 2 + (i % cols) * 2;
+        const uint32_t sw = swizzle ? at ^ (((at >> 7) & (swizzle / 16 - 1)) << 4) : at;
+        out[i] = *reinterpret_cast<const __nv_bfloat16*>(box + sw);
+    }
+#else
+    __trap();
+#endif
+}

@@ -9,7 +9,7 @@ use kiln::abi::{
     KILN_ATTN_KERNEL_FORWARD_MMA, KILN_ATTN_MMA_HEAD_DIM, KILN_ATTN_MMA_ROWS, KILN_ATTN_WARPS, KILN_LN_BLOCK_ROWS,
     KILN_LN_WARPS,
 };
-use kiln::backend::cuda::{self, attention, bf16, Cuda, Kernel, LaunchConfig, RuntimeKind};
+use kiln::backend::cuda::{self, attention, bf16, tma, Cuda, Kernel, LaunchConfig, RuntimeKind};
 
 fn emu(test: &str) -> &'static Cuda {
     cuda::select(RuntimeKind::Emulator).unwrap();
@@ -228,5 +228,65 @@ fn a_misaligned_pointer_is_caught_at_the_access() {
     fault_says(
         launch(1, &mut out, &mut lse),
         &["kernel attention_forward_mma", "cp.async global source", "is not 16-byte aligned"],
+    );
+}
+
+#[test]
+fn an_mbarrier_phase_that_never_completes_is_a_deadlock() {
+    let cu = emu("an_mbarrier_phase_that_never_completes_is_a_deadlock");
+    let host = vec![bf16::from_f32(1.0); 64 * 64];
+    let t = cu.upload(&host).unwrap();
+    let map = cu
+        .tensor_map_2d(&tma::Tiled2d {
+            ptr: t.ptr(),
+            rows: 64,
+            cols: 64,
+            pitch: 64,
+            box_rows: 8,
+            box_cols: 64,
+            swizzle: tma::Swizzle::B128,
+        })
+        .unwrap();
+    let mut out = cu.alloc::<bf16>(8 * 64).unwrap();
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 4096 };
+    let launch = |out: &mut cuda::DevBuf<bf16>, arrive: i32| {
+        let mut l = cu.launch_builder(Kernel::SelftestTma);
+        l.arg_mut(out).arg(&map).arg(&0i32).arg(&0i32).arg(&8i32).arg(&64i32).arg(&128i32).arg(&arrive);
+        // SAFETY: the emulated device checks every access before it happens and turns the deliberate fault into this launch's error.
+        unsafe { l.launch(cfg) }
+    };
+    launch(&mut out, 1).unwrap();
+    assert!(cu.download(&out).unwrap().iter().all(|v| v.to_f32() == 1.0));
+    // Nobody arrives and no copy completes: every thread waits for phase 0 forever.
+    fault_says(
+        launch(&mut out, 0),
+        &[
+            "kernel selftest_tma",
+            "mbarrier deadlock",
+            "128 thread(s) wait for the phase of parity 0",
+            "1 of 1 arrivals pending",
+        ],
+    );
+}
+
+#[test]
+fn shared_memory_a_wgmma_reads_must_not_change_before_it_retires() {
+    let cu = emu("shared_memory_a_wgmma_reads_must_not_change_before_it_retires");
+    let a = cu.upload(&vec![bf16::from_f32(0.5); 64 * 64]).unwrap();
+    let b = cu.upload(&vec![bf16::from_f32(0.25); 64 * 64]).unwrap();
+    let mut out = cu.alloc::<f32>(64 * 64).unwrap();
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 1024 + 128 * 64 * 2 };
+    let launch = |out: &mut cuda::DevBuf<f32>, clobber: i32| {
+        let mut l = cu.launch_builder(Kernel::SelftestWgmmaN64);
+        l.arg_mut(out).arg(&a).arg(&b).arg(&0i32).arg(&clobber);
+        // SAFETY: the emulated device checks every access before it happens and turns the deliberate fault into this launch's error.
+        unsafe { l.launch(cfg) }
+    };
+    launch(&mut out, 0).unwrap();
+    assert!(cu.download(&out).unwrap().iter().all(|&v| v == 64.0 * 0.125));
+    // Thread 0 stores into the A tile between issuing the wgmma and waiting for it.
+    fault_says(
+        launch(&mut out, 1),
+        &["kernel selftest_wgmma_n64", "shared memory of wgmma number 0 of warpgroup 0 changed", "wgmma.wait_group"],
     );
 }

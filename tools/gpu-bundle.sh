@@ -12,7 +12,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 out=gpu-bundle
-tests=(ptxas gemm attention layernorm rmsnorm rope elementwise embedding xent reduce adamw adamw8bit nf4 backend gpt2_cuda qlora compare llama_parity)
+tests=(ptxas hopper gemm attention layernorm rmsnorm rope elementwise embedding xent reduce adamw adamw8bit nf4 backend gpt2_cuda qlora compare llama_parity)
 
 tools/install-cuda.sh >/dev/null
 export KILN_CUDA_ARCHS="${KILN_CUDA_ARCHS:-90a}"

@@ -5,7 +5,7 @@
 // runtime.cpp: threads and blocks (each CUDA thread a fiber; a block's threads take turns on one
 // OS thread between barriers; blocks run in parallel on the CPU's cores), __syncthreads and
 // __syncwarp, warp shuffles, mma.sync m16n8k16 bf16, ldmatrix x4 (.trans), cp.async with
-// commit/wait groups, static and dynamic shared memory, and a memcheck: every memory access of
+// commit/wait groups, mbarriers, TMA tiled loads, wgmma, static and dynamic shared memory, and a memcheck: every memory access of
 // kernel code is compiled with GCC's -fsanitize=kernel-address instrumentation, whose hooks
 // (__asan_load4_noabort, ...) runtime.cpp implements to check it against the device allocation,
 // shared memory or stack it belongs to.
@@ -16,8 +16,11 @@
 //     bit of f32 results);
 //   - expf, logf, tanhf, sqrtf come from the host's libm (the GPU's expf/logf are within 2 ulp,
 //     sqrtf is correctly rounded on both);
-//   - mma.sync sums the 16 products of each output element exactly in double and rounds once to
-//     f32; the tensor cores' internal rounding differs slightly (within f32 of the exact sum).
+//   - mma.sync and wgmma sum the 16 products of each output element exactly in double and round
+//     once to f32; the tensor cores' internal rounding differs slightly (within f32 of the exact
+//     sum).
+// Hopper's mbarriers, TMA tiled loads (cp.async.bulk.tensor) and wgmma (bf16, K-major operands,
+// every swizzle mode) are emulated too, for kernels/hopper.cuh; kernels/emu/README.md says how.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -32,6 +35,8 @@
 #define __launch_bounds__(...)
 #undef __align__
 #define __align__(n) __attribute__((aligned(n)))
+#undef __grid_constant__
+#define __grid_constant__
 // build.rs rewrites `__shared__` in the kernel source to KILN_EMU_SHARED (a static array becomes one
 // per OS thread, which is one per running block) and registers each array with
 // kiln_emu::shared_static, and turns `extern __shared__ T name[];` into a pointer to the block's
@@ -72,6 +77,16 @@ void ldmatrix_x4(uint32_t r[4], const void* p, bool trans);
 void cp_async_16(void* dst, const void* src, bool valid);
 void cp_async_commit();
 void cp_async_wait(int n);
+// Hopper (runtime.cpp's "Hopper" section).
+uint32_t smem_addr(const void* p);
+void mbar_init(void* bar, unsigned count);
+void mbar_arrive(void* bar, uint32_t expect_tx);
+void mbar_expect_tx(void* bar, uint32_t bytes);
+bool mbar_try_wait(void* bar, uint32_t parity);
+void tma_load(void* dst, const void* map, const int* c, int n, void* bar);
+void wgmma_bf16(float* d, int n, uint64_t da, uint64_t db, int scale_d);
+void wgmma_commit();
+void wgmma_wait(int n);
 
 template <typename T>
 inline uint32_t to_bits(T v) {

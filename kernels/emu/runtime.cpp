@@ -36,6 +36,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "emu.h"
@@ -107,7 +108,7 @@ static bool was_freed(uintptr_t a) {
 
 // ------------------------------------------------------------------------------------------------
 // Fibers.
-enum class State : uint8_t { Runnable, WaitBlock, WaitWarp, Exited };
+enum class State : uint8_t { Runnable, WaitBlock, WaitWarp, WaitMbar, Exited };
 enum class WarpOp : uint8_t { None, Syncwarp, Shfl, Mma, Ldmatrix };
 static const char* op_name(WarpOp k) {
     switch (k) {
@@ -125,6 +126,13 @@ struct Copy {
     bool valid;
 };
 
+// A wgmma this thread issued and has not yet seen retire: its accumulators (the thread's own
+// registers, written when a wgmma.wait_group retires it) and the warpgroup's record of the operands.
+struct WgPending {
+    float* d;
+    uint32_t op;  // index into Worker::wg_ops of the thread's warpgroup
+};
+
 struct Thread {
     Dim3 tid;  // first member: emu.h's thread_idx() reads it
     int lin, lane, warp;
@@ -134,6 +142,12 @@ struct Thread {
     uint32_t gseq, sseq;
     std::vector<Copy> cp_open;
     std::vector<std::vector<Copy>> cp_groups;
+    // Hopper: wgmma issued since the last commit, committed groups, the thread's count of wgmma
+    // issued (its position in the warpgroup's list), and the mbarrier phase it waits for.
+    std::vector<WgPending> wg_open;
+    std::vector<std::vector<WgPending>> wg_groups;
+    uint32_t wg_seq;
+    uint32_t mbar_off, mbar_parity;
 };
 
 struct Slot {
@@ -218,6 +232,32 @@ struct Region {
     Race* race;
 };
 
+// An mbarrier (PTX ISA, "mbarrier"): kept beside shared memory, keyed by its offset in the block's
+// dynamic shared memory. A phase completes when its pending arrivals reach zero and its
+// transaction count is zero; then the next phase starts with `count` pending arrivals, the bulk
+// copies that signalled it land, and the threads waiting for it resume.
+struct Landing {
+    unsigned char* dst;
+    std::vector<unsigned char> bytes;
+};
+struct Mbar {
+    uint32_t count, pending;
+    int64_t tx;
+    uint32_t phase;  // phases completed
+    std::vector<Landing> landings;
+};
+
+// A warpgroup's wgmma, as its first thread to issue it found the operands: A (64 x 16) and
+// B (n x 16, both K-major), to compute each thread's accumulators when it retires the
+// operation and, when the last thread has, to check that the shared memory under the descriptors
+// did not change meanwhile (the tensor cores read it asynchronously until then).
+struct WgOp {
+    uint64_t da, db;
+    int n, scale_d;
+    std::vector<uint16_t> a, b;  // bf16 bits, row-major (rows x 16)
+    int outstanding;
+};
+
 struct Worker {
     std::vector<Thread> threads;
     std::vector<char*> stacks;
@@ -239,6 +279,8 @@ struct Worker {
     std::vector<SReq> sreq[32];
     Stats stats;
     bool faulted = false;
+    std::unordered_map<uint32_t, Mbar> mbars;
+    std::vector<WgOp> wg_ops[8];  // per warpgroup (warps 4g .. 4g + 3)
 };
 
 thread_local Thread* cur = nullptr;
@@ -380,14 +422,14 @@ static inline void check_align(uintptr_t a, size_t n, const char* space) {
         fault("misaligned %zu-byte %s access at 0x%lx (a %zu-byte access needs a %zu-byte aligned address)", n, space, (unsigned long)a, n, n);
 }
 
-static void global_access(Thread* t, uintptr_t a, size_t n, bool write) {
+static void global_access(Thread* t, uintptr_t a, size_t n, bool write, bool aligned = true) {
     const Alloc* al = find_alloc(a);
     if (!al || a + n > al->base + al->size || a < al->base) {
         char buf[512];
         describe_stray(buf, sizeof buf, a, n);
         fault("out-of-bounds global %s: %s", write ? "store" : "load", buf);
     }
-    check_align(a, n, "global");
+    if (aligned) check_align(a, n, "global");
     const size_t off = a - al->base;
     if (write) {
         mark_written(al, a, n);
@@ -789,8 +831,299 @@ void cp_async_wait(int n) {
     }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Hopper (sm_90, sm_90a): shared addresses, mbarriers, TMA tiled loads and wgmma, each from the PTX
+// ISA's description of the instruction. The operands live in the block's dynamic shared memory.
+// The race check does not see the copy engine's writes or the tensor cores' reads (they are
+// ordered by mbarriers and wgmma.wait_group, not barriers); instead a TMA destination holds garbage
+// until its mbarrier phase completes, and a wgmma's shared memory must not change until every
+// thread of the warpgroup has retired it.
+
+// The shared address of the dynamic shared memory's first byte: deliberately not a multiple of
+// 1024, so a kernel that needs an aligned swizzle atom must align it itself, as on a GPU, where
+// dynamic shared memory is only guaranteed 16-byte alignment.
+constexpr uint32_t SMEM_WINDOW = 0x410;
+
+uint32_t smem_addr(const void* p) {
+    Worker* w = cur_worker;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p), d = reinterpret_cast<uintptr_t>(w->dyn);
+    if (a - d >= DYN_CAP)
+        fault("shared address of 0x%lx requested: the emulator gives shared addresses (mbarriers, TMA destinations, wgmma "
+              "descriptors) only in dynamic shared memory", (unsigned long)a);
+    return SMEM_WINDOW + (uint32_t)(a - d);
+}
+
+// The bytes [s, s + n) of the shared window, checked to lie in the launch's dynamic shared memory.
+static unsigned char* smem_bytes(uint32_t s, size_t n, const char* what) {
+    if (s < SMEM_WINDOW || s - SMEM_WINDOW + n > g_launch->smem)
+        fault("%s at shared address 0x%x (%zu bytes) is outside the launch's %zu bytes of dynamic shared memory (shared addresses "
+              "0x%x to 0x%zx)", what, s, n, g_launch->smem, SMEM_WINDOW, SMEM_WINDOW + g_launch->smem);
+    return cur_worker->dyn + (s - SMEM_WINDOW);
+}
+
+// mbarrier.init/arrive/expect_tx/try_wait.parity (PTX ISA, "Parallel Synchronization and
+// Communication Instructions: mbarrier"): the object is 8 bytes, 8-byte aligned, in shared memory.
+static uint32_t mbar_off(const void* bar, const char* what) {
+    const uint32_t s = smem_addr(bar);
+    if (s & 7) fault("%s: the mbarrier at shared address 0x%x is not 8-byte aligned", what, s);
+    smem_bytes(s, 8, what);
+    return s - SMEM_WINDOW;
+}
+static Mbar& mbar_at(uint32_t off, const char* what) {
+    auto it = cur_worker->mbars.find(off);
+    if (it == cur_worker->mbars.end())
+        fault("%s on dynamic shared memory byte %u, where no mbarrier.init made an mbarrier", what, off);
+    return it->second;
+}
+
+void mbar_init(void* bar, unsigned count) {
+    const uint32_t off = mbar_off(bar, "mbarrier.init");
+    if (count == 0 || count >= (1u << 20)) fault("mbarrier.init with an expected arrival count of %u (1 to 2^20 - 1)", count);
+    cur_worker->mbars[off] = Mbar{count, count, 0, 0, {}};
+}
+
+// Completes the current phase: the copies that signalled it land, the next phase begins, and the
+// threads waiting for this one resume.
+static void mbar_complete(Worker* w, uint32_t off, Mbar& m) {
+    for (const Landing& l : m.landings) memcpy(l.dst, l.bytes.data(), l.bytes.size());
+    m.landings.clear();
+    m.phase++;
+    m.pending = m.count;
+    m.tx = 0;
+    for (Thread& t : w->threads)
+        if (t.state == State::WaitMbar && t.mbar_off == off && (m.phase & 1) != t.mbar_parity) {
+            t.state = State::Runnable;
+            w->runq.push_back(t.lin);
+        }
+}
+
+// The transaction count moves by `bytes` (expect_tx adds, a copy's complete_tx subtracts).
+static void mbar_tx(uint32_t off, int64_t bytes) {
+    Mbar& m = mbar_at(off, "an mbarrier transaction");
+    m.tx += bytes;
+    if (m.tx >= (1 << 20) || m.tx <= -(1 << 20))
+        fault("the transaction count of the mbarrier at dynamic shared memory byte %u reached %lld (its range is +-(2^20 - 1))", off,
+              (long long)m.tx);
+    if (m.pending == 0 && m.tx == 0) mbar_complete(cur_worker, off, m);
+}
+
+void mbar_arrive(void* bar, uint32_t expect_tx) {
+    const uint32_t off = mbar_off(bar, "mbarrier.arrive");
+    Mbar& m = mbar_at(off, "mbarrier.arrive");
+    m.tx += expect_tx;
+    m.pending--;
+    if (m.pending == 0 && m.tx == 0) mbar_complete(cur_worker, off, m);
+}
+
+void mbar_expect_tx(void* bar, uint32_t bytes) {
+    const uint32_t off = mbar_off(bar, "mbarrier.expect_tx");
+    mbar_tx(off, bytes);
+}
+
+// try_wait.parity waits for the phase of the given parity to complete: the phase in progress has
+// parity (phases completed) & 1. The emulator blocks the thread until then and returns true.
+bool mbar_try_wait(void* bar, uint32_t parity) {
+    const uint32_t off = mbar_off(bar, "mbarrier.try_wait");
+    const Mbar& m = mbar_at(off, "mbarrier.try_wait");
+    if ((m.phase & 1) != (parity & 1)) return true;
+    Thread* t = cur;
+    t->state = State::WaitMbar;
+    t->mbar_off = off;
+    t->mbar_parity = parity & 1;
+    yield_to_scheduler();
+    return true;
+}
+
+// A tensor map as kiln_emu_tensor_map_encode_tiled writes it into a CUtensorMap's 128 bytes (the
+// driver's own encoding is not documented; the parameters and the rules they must meet are).
+struct TensorMap {
+    uint32_t magic;
+    uint8_t elem, rank, swizzle, pad;
+    uint64_t addr;
+    uint32_t dims[5];
+    uint32_t pad2;
+    uint64_t strides[4];  // bytes between consecutive indices of dimensions 1 .. rank - 1
+    uint16_t box[5];
+};
+static_assert(sizeof(TensorMap) <= 128, "a CUtensorMap has 128 bytes");
+constexpr uint32_t TENSOR_MAP_MAGIC = 0x6b544d31;  // "1MTk"
+
+// The swizzle of the 128B/64B/32B modes (TMA and wgmma alike): bits 4.. of a shared address XORed
+// with the bits from 7 up, 3, 2 or 1 of them (the 16-byte chunk within a `span`-byte row, XOR the
+// row within the 8-row atom).
+static inline uint32_t swizzle(uint32_t a, unsigned span) { return span ? a ^ (((a >> 7) & (span / 16 - 1)) << 4) : a; }
+
+// cp.async.bulk.tensor.Nd.shared::cluster.global.mbarrier::complete_tx::bytes: the box at `c` lands
+// at dst (row-major, the innermost dimension contiguous, swizzled), elements outside the tensor
+// zero; the copy signals complete_tx with the whole box's bytes on the mbarrier.
+void tma_load(void* dst, const void* map, const int* c, int n, void* bar) {
+    Thread* t = cur;
+    TensorMap m;
+    memcpy(&m, map, sizeof m);
+    if (m.magic != TENSOR_MAP_MAGIC)
+        fault("cp.async.bulk.tensor with a tensor map the emulator did not encode (make it with Cuda::tensor_map_2d)");
+    if (n != m.rank) fault("cp.async.bulk.tensor.%dd with a tensor map of rank %d", n, m.rank);
+    const uint32_t s = smem_addr(dst);
+    const size_t row = (size_t)m.box[0] * m.elem;
+    size_t total = row;
+    for (int i = 1; i < m.rank; ++i) total *= m.box[i];
+    const uint32_t align = m.swizzle ? 8u * m.swizzle : 128u;
+    if (s % align)
+        fault("TMA destination at shared address 0x%x is not %u-byte aligned (%s)", s, align,
+              m.swizzle ? "a swizzled box starts on its swizzle atom: 8 rows of the swizzle span" : "the copy engine's rule");
+    if (m.swizzle && row != m.swizzle)
+        fault("TMA box rows of %zu bytes with the %u-byte swizzle: the emulator takes rows that span the swizzle exactly", row, m.swizzle);
+    unsigned char* base = smem_bytes(s, total, "TMA destination");
+    const uint32_t off = mbar_off(bar, "cp.async.bulk.tensor");
+    mbar_at(off, "cp.async.bulk.tensor");
+    Landing l{base, std::vector<unsigned char>(total, 0)};
+    const size_t rows = total / row;
+    std::vector<unsigned char> line(row);
+    for (size_t r = 0; r < rows; ++r) {
+        // The outer coordinates of box row r; a row outside the tensor is all zeros.
+        bool inside = true;
+        uint64_t goff = 0;
+        size_t rest = r;
+        for (int i = 1; i < m.rank; ++i) {
+            const int64_t ci = (int64_t)c[i] + (int64_t)(rest % m.box[i]);
+            rest /= m.box[i];
+            if (ci < 0 || ci >= (int64_t)m.dims[i]) inside = false;
+            else goff += (uint64_t)ci * m.strides[i - 1];
+        }
+        std::fill(line.begin(), line.end(), 0);
+        if (inside) {
+            const int64_t x0 = std::max<int64_t>(c[0], 0), x1 = std::min<int64_t>((int64_t)c[0] + m.box[0], m.dims[0]);
+            if (x0 < x1) {
+                const uintptr_t ga = m.addr + goff + (uint64_t)x0 * m.elem;
+                const size_t len = (size_t)(x1 - x0) * m.elem;
+                // Counted as the copy engine moves it: each 32-byte sector once.
+                for (uintptr_t a = ga; a < ga + len;) {
+                    const uintptr_t e = std::min<uintptr_t>(ga + len, (a / 32 + 1) * 32);
+                    global_access(t, a, e - a, false, false);
+                    a = e;
+                }
+                memcpy(line.data() + (x0 - c[0]) * m.elem, reinterpret_cast<const void*>(ga), len);
+            }
+        }
+        for (size_t b = 0; b < row; b += 16) {
+            const uint32_t at = swizzle(s + (uint32_t)(r * row + b), m.swizzle) - s;
+            memcpy(l.bytes.data() + at, line.data() + b, 16);
+        }
+    }
+    memset(base, 0x7f, total);  // garbage until the phase completes
+    Mbar& mb = mbar_at(off, "cp.async.bulk.tensor");
+    mb.landings.push_back(std::move(l));
+    mbar_tx(off, -(int64_t)total);
+}
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 with A and B in shared memory, both K-major
+// (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate": "Matrix Descriptor" and
+// "Shared Memory Matrix Layout"). A descriptor holds the start address >> 4 (bits 0-13), the
+// leading-dimension byte offset >> 4 (16-29), the stride-dimension byte offset >> 4 (32-45), a
+// base offset (49-51) and the swizzle mode (62-63: none, 128B, 64B, 32B).
+static unsigned desc_swizzle(uint64_t d) {
+    static const unsigned span[4] = {0, 128, 64, 32};
+    return span[d >> 62];
+}
+static void desc_check(uint64_t d, const char* which) {
+    if ((d >> 49) & 7) fault("wgmma %s descriptor with a base offset of %u: the emulator takes swizzle atoms aligned to their size", which,
+                             (unsigned)((d >> 49) & 7));
+    const unsigned span = desc_swizzle(d);
+    const uint32_t start = (uint32_t)(d & 0x3fff) << 4;
+    if (span && start % span + 32 > span)
+        fault("wgmma %s descriptor: the 16 K elements at shared address 0x%x cross the %u-byte swizzle row", which, start, span);
+    if (span && (start - start % span) % (8 * span))
+        fault("wgmma %s descriptor: the %u-byte swizzle atom at shared address 0x%x is not aligned to %u bytes", which, span,
+              start - start % span, 8 * span);
+}
+// Element (r, k) of a K-major operand: core matrices of 8 rows of 16 bytes; without a swizzle a
+// core matrix is 128 contiguous bytes, the next in K `lbo` bytes on and the next 8 rows `sbo` bytes
+// on; with one, a row of the atom is `span` bytes of K, 8 rows make the atom and the next 8 rows
+// are `sbo` bytes on, and the 16-byte chunks are swizzled.
+static uint32_t kmajor_addr(uint64_t d, int r, int k) {
+    const uint32_t start = (uint32_t)(d & 0x3fff) << 4, lbo = (uint32_t)((d >> 16) & 0x3fff) << 4,
+                   sbo = (uint32_t)((d >> 32) & 0x3fff) << 4;
+    const unsigned span = desc_swizzle(d);
+    if (!span) return start + (r / 8) * sbo + (r % 8) * 16 + (k / 8) * lbo + (k % 8) * 2;
+    return swizzle(start + (r / 8) * sbo + (r % 8) * span + k * 2, span);
+}
+static void wg_read(uint64_t d, int rows, std::vector<uint16_t>& out) {
+    out.resize((size_t)rows * 16);
+    for (int r = 0; r < rows; ++r)
+        for (int k = 0; k < 16; ++k) memcpy(&out[r * 16 + k], smem_bytes(kmajor_addr(d, r, k), 2, "wgmma operand"), 2);
+}
+
+void wgmma_bf16(float* d, int n, uint64_t da, uint64_t db, int scale_d) {
+    Thread* t = cur;
+    Worker* w = cur_worker;
+    const int g = t->warp / 4;
+    if ((int)w->threads.size() < 128 * (g + 1))
+        fault("wgmma from warp %d, in a block of %zu threads: a warpgroup is 4 whole warps (128 threads)", t->warp, w->threads.size());
+    if (n < 8 || n > 256 || n % 8) fault("wgmma with N = %d (8 to 256, a multiple of 8)", n);
+    std::vector<WgOp>& ops = w->wg_ops[g];
+    const uint32_t seq = t->wg_seq++;
+    if (seq == ops.size()) {
+        desc_check(da, "A");
+        desc_check(db, "B");
+        WgOp op{da, db, n, scale_d, {}, {}, 128};
+        wg_read(da, 64, op.a);
+        wg_read(db, n, op.b);
+        ops.push_back(std::move(op));
+        w->stats.mma += (uint64_t)n / 2;  // 64 x n x 16: n / 2 mma.sync.m16n8k16 of work
+    } else {
+        const WgOp& op = ops[seq];
+        if (op.da != da || op.db != db || op.n != n || op.scale_d != scale_d)
+            fault("wgmma number %u of warpgroup %d: this thread's operands (A 0x%lx, B 0x%lx, N %d, scale-d %d) differ from those "
+                  "another thread of the warpgroup gave (A 0x%lx, B 0x%lx, N %d, scale-d %d)", seq, g, (unsigned long)da,
+                  (unsigned long)db, n, scale_d, (unsigned long)op.da, (unsigned long)op.db, op.n, op.scale_d);
+    }
+    t->wg_open.push_back({d, seq});
+}
+
+// Retires one wgmma for this thread: its accumulators, in the layout of the PTX ISA's "Matrix
+// Fragments for wgmma .m64nNk16" (warp q of the warpgroup holds rows 16q .. 16q + 15; register
+// 4j + i of lane l: row 16q + l / 4 (+ 8 for i >= 2), column 8j + 2 (l % 4) + (i & 1)), products
+// summed exactly and rounded once, as the emulated mma.sync does.
+static void wg_retire(Worker* w, Thread* t, const WgPending& p) {
+    WgOp& op = w->wg_ops[t->warp / 4][p.op];
+    const int q = t->warp % 4, lane = t->lane;
+    for (int j = 0; j < op.n / 8; ++j)
+        for (int i = 0; i < 4; ++i) {
+            const int row = 16 * q + lane / 4 + (i >= 2 ? 8 : 0), col = 8 * j + 2 * (lane % 4) + (i & 1);
+            double acc = op.scale_d ? p.d[4 * j + i] : 0.0;
+            for (int k = 0; k < 16; ++k) acc += (double)bf16_bits(op.a[row * 16 + k]) * (double)bf16_bits(op.b[col * 16 + k]);
+            p.d[4 * j + i] = (float)acc;
+        }
+    if (--op.outstanding == 0) {
+        std::vector<uint16_t> a, b;
+        wg_read(op.da, 64, a);
+        wg_read(op.db, op.n, b);
+        if (a != op.a || b != op.b)
+            fault("the shared memory of wgmma number %u of warpgroup %d changed before every thread's wgmma.wait_group retired it (the "
+                  "tensor cores read it until then)", p.op, t->warp / 4);
+        op.a = {};
+        op.b = {};
+    }
+}
+
+void wgmma_commit() {
+    Thread* t = cur;
+    t->wg_groups.push_back(std::move(t->wg_open));
+    t->wg_open.clear();
+}
+
+void wgmma_wait(int n) {
+    Thread* t = cur;
+    Worker* w = cur_worker;
+    while ((int)t->wg_groups.size() > n) {
+        for (const WgPending& p : t->wg_groups.front()) wg_retire(w, t, p);
+        t->wg_groups.erase(t->wg_groups.begin());
+    }
+}
+
 static void thread_exit(Worker* w, Thread* t) {
     if (!t->cp_open.empty() || !t->cp_groups.empty()) fault("the thread exits with cp.async copies it never waited for");
+    if (!t->wg_open.empty() || !t->wg_groups.empty()) fault("the thread exits with wgmma operations no wgmma.wait_group retired");
     Warp& wp = w->warps[t->warp];
     const uint32_t bit = 1u << t->lane;
     if (wp.arrived_mask && (wp.mask & bit))
@@ -886,6 +1219,8 @@ static void run_block(Worker* w, Dim3 b) {
     w->live = n;
     w->arrived = 0;
     w->runq.clear();
+    w->mbars.clear();
+    for (auto& ops : w->wg_ops) ops.clear();
     w->sched_sp = scheduler_context();
     memset(w->dyn, 0x7f, g_launch->smem);
     for (int i = 0; i < n; ++i) {
@@ -900,6 +1235,9 @@ static void run_block(Worker* w, Dim3 b) {
         t.gseq = t.sseq = 0;
         t.cp_open.clear();
         t.cp_groups.clear();
+        t.wg_open.clear();
+        t.wg_groups.clear();
+        t.wg_seq = 0;
         w->runq.push_back(i);
     }
     while (!w->runq.empty()) {
@@ -914,14 +1252,25 @@ static void run_block(Worker* w, Dim3 b) {
         // Deadlock: some live threads wait at a barrier others never reach.
         std::string msg;
         int at_block = 0, at_warp = 0;
+        int at_mbar = 0;
         const Thread* first_block = nullptr;
         const Thread* first_warp = nullptr;
+        const Thread* first_mbar = nullptr;
         for (const Thread& t : w->threads) {
             if (t.state == State::WaitBlock) { at_block++; if (!first_block) first_block = &t; }
             if (t.state == State::WaitWarp) { at_warp++; if (!first_warp) first_warp = &t; }
+            if (t.state == State::WaitMbar) { at_mbar++; if (!first_mbar) first_mbar = &t; }
         }
         char buf[768];
-        if (first_block && first_warp) {
+        if (first_mbar) {
+            const Mbar& m = w->mbars[first_mbar->mbar_off];
+            snprintf(buf, sizeof buf,
+                     "mbarrier deadlock: %d thread(s) wait for the phase of parity %u of the mbarrier at dynamic shared memory byte %u, "
+                     "which never completes (%u of %u arrivals pending, transaction count %lld)%s",
+                     at_mbar, first_mbar->mbar_parity, first_mbar->mbar_off, m.pending, m.count, (long long)m.tx,
+                     at_block ? ", while other threads wait at __syncthreads" : "");
+            first_block = first_mbar;
+        } else if (first_block && first_warp) {
             const Warp& wp = w->warps[first_warp->warp];
             snprintf(buf, sizeof buf,
                      "barrier deadlock: %d thread(s) wait at __syncthreads (%s:%d) while %d wait at %s (%s:%d), e.g. thread %u; "
@@ -940,6 +1289,17 @@ static void run_block(Worker* w, Dim3 b) {
         cur = nullptr;
         return;
     }
+    // Every thread of a warpgroup issues each of its wgmma (.sync.aligned): one that some never
+    // issued is still outstanding here.
+    for (int g = 0; g < 8; ++g)
+        for (size_t i = 0; i < w->wg_ops[g].size(); ++i)
+            if (w->wg_ops[g][i].outstanding) {
+                char buf[256];
+                snprintf(buf, sizeof buf, "wgmma number %zu of warpgroup %d was issued by %d of its 128 threads: all of them must issue it",
+                         i, g, 128 - w->wg_ops[g][i].outstanding);
+                record_fault(where() + ": " + buf);
+                return;
+            }
     finish_block_stats(w, warps);
 }
 
@@ -1246,6 +1606,51 @@ int kiln_emu_memset(uintptr_t dst, int byte, size_t n) {
     if (!host_range(dst, n, "memset")) return 1;
     memset(reinterpret_cast<void*>(dst), byte, n);
     if (n) mark_written(find_alloc(dst), dst, n);
+    return 0;
+}
+
+// cuTensorMapEncodeTiled for the emulated device: the same parameters (element size in bytes for
+// the data type; no interleave, no L2 promotion, zero fill), checked by the rules the driver's
+// documentation gives, written in the emulator's own layout. Returns 0, or 1 with the reason.
+int kiln_emu_tensor_map_encode_tiled(void* out, unsigned elem, unsigned rank, uintptr_t addr, const uint64_t* dims,
+                                     const uint64_t* strides, const uint32_t* box, const uint32_t* estrides, unsigned swizzle) {
+    using namespace kiln_emu;
+    char buf[512];
+    const char* bad = nullptr;
+    if (rank < 1 || rank > 5) bad = "the rank must be 1 to 5";
+    else if (elem != 1 && elem != 2 && elem != 4 && elem != 8) bad = "the element size must be 1, 2, 4 or 8 bytes";
+    else if (addr % 16) bad = "the global address must be 16-byte aligned";
+    else if (swizzle != 0 && swizzle != 32 && swizzle != 64 && swizzle != 128) bad = "the swizzle must be none, 32, 64 or 128 bytes";
+    else if (((size_t)box[0] * elem) % 16) bad = "the box's inner dimension must span a multiple of 16 bytes";
+    else if (swizzle && (size_t)box[0] * elem > swizzle) bad = "the box's inner dimension must span at most the swizzle's bytes";
+    for (unsigned i = 0; !bad && i < rank; ++i) {
+        if (dims[i] == 0 || dims[i] > (1ull << 32)) bad = "every global dimension must be 1 to 2^32";
+        else if (box[i] == 0 || box[i] > 256) bad = "every box dimension must be 1 to 256";
+        else if (estrides[i] != 1) bad = "element strides other than 1 are not emulated";
+        else if (i > 0 && (strides[i - 1] % 16 || strides[i - 1] >= (1ull << 40))) bad = "every global stride must be a multiple of 16 bytes under 2^40";
+    }
+    if (bad) {
+        snprintf(buf, sizeof buf, "tensor map rejected: %s", bad);
+        g_error = buf;
+        return 1;
+    }
+    {
+        std::lock_guard<std::mutex> g(g_mem_mu);
+        if (!host_range(addr, 1, "tensor map")) return 1;
+    }
+    TensorMap m{};
+    m.magic = TENSOR_MAP_MAGIC;
+    m.elem = (uint8_t)elem;
+    m.rank = (uint8_t)rank;
+    m.swizzle = (uint8_t)swizzle;
+    m.addr = addr;
+    for (unsigned i = 0; i < rank; ++i) {
+        m.dims[i] = (uint32_t)std::min<uint64_t>(dims[i], 0xffffffffu);
+        m.box[i] = (uint16_t)box[i];
+        if (i > 0) m.strides[i - 1] = strides[i - 1];
+    }
+    memset(out, 0, 128);
+    memcpy(out, &m, sizeof m);
     return 0;
 }
 

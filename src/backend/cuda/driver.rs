@@ -115,6 +115,49 @@ fn copy_err(what: &str, e: DriverError) -> Error {
 }
 
 impl Driver {
+    /// cuTensorMapEncodeTiled for a bf16 tensor (no interleave, 128-byte L2 promotion, zeros
+    /// outside the tensor); the arguments were checked by `Tiled2d::check`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn encode_tensor_map(
+        &self,
+        out: &mut super::tma::TensorMap,
+        addr: u64,
+        dims: &[u64],
+        strides: &[u64],
+        boxes: &[u32],
+        estrides: &[u32],
+        swizzle: super::tma::Swizzle,
+    ) -> Result<()> {
+        use super::tma::Swizzle;
+        use sys::CUtensorMapSwizzle_enum as S;
+        let sw = match swizzle {
+            Swizzle::None => S::CU_TENSOR_MAP_SWIZZLE_NONE,
+            Swizzle::B32 => S::CU_TENSOR_MAP_SWIZZLE_32B,
+            Swizzle::B64 => S::CU_TENSOR_MAP_SWIZZLE_64B,
+            Swizzle::B128 => S::CU_TENSOR_MAP_SWIZZLE_128B,
+        };
+        self.ctx.bind_to_thread().map_err(|e| copy_err("context", e))?;
+        // SAFETY: out is a CUtensorMap's 128 bytes (same layout: 16 u64, 64-byte aligned); the
+        // arrays hold dims.len() entries (strides one fewer), as the rank passed says.
+        let rc = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                out as *mut super::tma::TensorMap as *mut sys::CUtensorMap,
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                dims.len() as u32,
+                addr as *mut c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                estrides.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sw,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        rc.result().map_err(|e| Error::Cuda(format!("cuTensorMapEncodeTiled failed: {e}")))
+    }
+
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }

@@ -69,6 +69,18 @@ unsafe extern "C" {
     fn kiln_emu_memset(dst: u64, byte: i32, n: usize) -> i32;
     fn kiln_emu_set_sample(blocks: u32);
     #[allow(clippy::too_many_arguments)]
+    fn kiln_emu_tensor_map_encode_tiled(
+        out: *mut c_void,
+        elem: u32,
+        rank: u32,
+        addr: u64,
+        dims: *const u64,
+        strides: *const u64,
+        boxes: *const u32,
+        estrides: *const u32,
+        swizzle: u32,
+    ) -> i32;
+    #[allow(clippy::too_many_arguments)]
     fn kiln_emu_launch(
         name: *const c_char,
         entry: unsafe extern "C" fn(*mut *mut c_void),
@@ -88,6 +100,44 @@ unsafe extern "C" {
 fn last_error() -> String {
     // SAFETY: the runtime returns a NUL-terminated string it owns until the next call.
     unsafe { CStr::from_ptr(kiln_emu_error()) }.to_string_lossy().into_owned()
+}
+
+/// The emulator's cuTensorMapEncodeTiled (kernels/emu/runtime.cpp) for a bf16 tensor of `rank`
+/// dimensions: `dims`, `boxes` and `estrides` have `rank` entries, `strides` (bytes) one fewer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encode_tensor_map(
+    out: &mut [u64; 16],
+    rank: u32,
+    addr: u64,
+    dims: &[u64],
+    strides: &[u64],
+    boxes: &[u32],
+    estrides: &[u32],
+    swizzle: u32,
+) -> Result<()> {
+    let r = rank as usize;
+    assert!(
+        dims.len() == r && boxes.len() == r && estrides.len() == r && strides.len() + 1 == r,
+        "tensor map arrays of rank {rank}"
+    );
+    // SAFETY: out is 128 writable bytes; the arrays hold `rank` (strides rank - 1) entries, checked above.
+    let rc = unsafe {
+        kiln_emu_tensor_map_encode_tiled(
+            out.as_mut_ptr() as *mut c_void,
+            2,
+            rank,
+            addr,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            estrides.as_ptr(),
+            swizzle,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Cuda(last_error()));
+    }
+    Ok(())
 }
 
 pub(crate) fn free(p: u64) {

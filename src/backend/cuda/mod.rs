@@ -26,6 +26,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod runtime;
 pub mod tensor;
+pub mod tma;
 pub mod traffic;
 pub mod xent;
 
