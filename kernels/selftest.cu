@@ -117,3 +117,67 @@ extern "C" __global__ void __launch_bounds__(128) selftest_tma(__nv_bfloat16* ou
     __trap();
 #endif
 }
+
+// out (M x N f32, row-major) = a (M x K) b (N x K)^T, both row-major: the core loop of a Hopper
+// GEMM on one 64 x 128 output tile per block. Warp 4 (the producer; one thread issues) streams
+// 64-wide K slices of A and B by TMA, with the 128-byte swizzle, into a ring of stages; each stage
+// has a `full` mbarrier (one arrival, plus the copies' bytes) and an `empty` one (the 128 consumer
+// threads are done with it). The consumer warpgroup waits for a full stage, multiplies it with
+// four wgmma (16 of K each: the descriptors' start moves 32 bytes along the swizzled rows),
+// retires them and frees the stage. K past the tensor arrives as zeros.
+#define SELFTEST_PIPE_STAGES 2
+extern "C" __global__ void __launch_bounds__(160) selftest_tma_wgmma(float* out, const __grid_constant__ KilnTensorMap ma, const __grid_constant__ KilnTensorMap mb, int M, int N, int K) {
+#if KILN_SM90A
+    extern __shared__ __align__(16) unsigned char pipe_smem[];
+    constexpr int BM = 64, BN = 128, BK = 64, S = SELFTEST_PIPE_STAGES;
+    constexpr uint32_t A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+    uint64_t* full = reinterpret_cast<uint64_t*>(pipe_smem);
+    uint64_t* empty = full + S;
+    unsigned char* tiles = sm90_align(pipe_smem + 16 * S, 1024);
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, k_tiles = (K + BK - 1) / BK;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < S; ++s) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], 128);
+        }
+        mbar_fence_init();
+    }
+    __syncthreads();
+    if (threadIdx.x >= 128) {
+        if (threadIdx.x == 128)
+            for (int kt = 0; kt < k_tiles; ++kt) {
+                const int s = kt % S;
+                // Round kt / S of stage s needs round kt / S - 1 freed (the first round passes).
+                mbar_wait(&empty[s], ((kt / S) & 1) ^ 1);
+                unsigned char* st = tiles + s * (A_BYTES + B_BYTES);
+                mbar_arrive_expect_tx(&full[s], A_BYTES + B_BYTES);
+                tma_load_2d(st, &ma, kt * BK, m0, &full[s]);
+                tma_load_2d(st + A_BYTES, &mb, kt * BK, n0, &full[s]);
+            }
+        return;
+    }
+    float d[BN / 2];
+    for (int i = 0; i < BN / 2; ++i) d[i] = 0.0f;
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        const int s = kt % S;
+        mbar_wait(&full[s], (kt / S) & 1);
+        const unsigned char* st = tiles + s * (A_BYTES + B_BYTES);
+        wgmma_fence_operands(d);
+        wgmma_fence();
+        for (int kk = 0; kk < BK / 16; ++kk)
+            wgmma_m64k16<BN>(d, wgmma_desc(st + kk * 32, 16, 1024, 128), wgmma_desc(st + A_BYTES + kk * 32, 16, 1024, 128), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(d);
+        mbar_arrive(&empty[s]);
+    }
+    const int q = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int j = 0; j < BN / 8; ++j)
+        for (int i = 0; i < 4; ++i) {
+            const int r = m0 + 16 * q + lane / 4 + (i >= 2 ? 8 : 0), c = n0 + 8 * j + 2 * (lane % 4) + (i & 1);
+            if (r < M && c < N) out[(size_t)r * N + c] = d[4 * j + i];
+        }
+#else
+    __trap();
+#endif
+}

@@ -118,3 +118,56 @@ fn tensor_maps_refuse_what_the_copy_engine_cannot_do() {
         assert!(e.contains(says), "{bad:?}: the error does not say {says:?}: {e}");
     }
 }
+
+#[test]
+fn a_tma_and_wgmma_pipeline_multiplies_with_ragged_edges() {
+    let Some(cu) = hopper("a_tma_and_wgmma_pipeline_multiplies_with_ragged_edges") else { return };
+    let mut r = common::rng(91);
+    // Two blocks each way, the last ones past M and N, and K = 200: four 64-wide slices through
+    // two stages (each mbarrier completes two phases), the last slice partly past the tensor.
+    let (m, n, k) = (100usize, 200usize, 200usize);
+    let a = rand_bf16(&mut r, m * k);
+    let b = rand_bf16(&mut r, n * k);
+    let (da, db) = (cu.upload(&a).unwrap(), cu.upload(&b).unwrap());
+    let map = |ptr: u64, rows: usize, box_rows: u32| {
+        let t = Tiled2d {
+            ptr,
+            rows: rows as u64,
+            cols: k as u64,
+            pitch: k as u64,
+            box_rows,
+            box_cols: 64,
+            swizzle: Swizzle::B128,
+        };
+        cu.tensor_map_2d(&t).unwrap()
+    };
+    let (ma, mb) = (map(da.ptr(), m, 64), map(db.ptr(), n, 128));
+    let mut out = cu.alloc::<f32>(m * n).unwrap();
+    let smem = 32 + 1024 + 2 * (64 + 128) * 64 * 2;
+    cu.set_max_dynamic_shared(Kernel::SelftestTmaWgmma, smem).unwrap();
+    let mut l = cu.launch_builder(Kernel::SelftestTmaWgmma);
+    let (m32, n32, k32) = (m as i32, n as i32, k as i32);
+    l.arg_mut(&mut out).arg(&ma).arg(&mb).arg(&m32).arg(&n32).arg(&k32);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(128) as u32, m.div_ceil(64) as u32, 1),
+        block_dim: (160, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: out holds m x n floats; the maps describe a (m x k) and b (n x k), which outlive the launch.
+    unsafe { l.launch(cfg) }.unwrap();
+    let got = cu.download(&out).unwrap();
+    let mut worst = 0.0f64;
+    for i in 0..m {
+        for j in 0..n {
+            let (mut want, mut mag) = (0.0f64, 0.0f64);
+            for kk in 0..k {
+                let p = a[i * k + kk].to_f64() * b[j * k + kk].to_f64();
+                want += p;
+                mag += p.abs();
+            }
+            worst = worst.max((got[i * n + j] as f64 - want).abs() / mag);
+        }
+    }
+    eprintln!("TMA + wgmma pipeline, {m} x {n} x {k}: worst error {worst:.2e} of the products' magnitude");
+    assert!(worst < 1e-5, "an element is off by {worst:.2e} of its products' magnitude");
+}
