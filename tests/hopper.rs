@@ -29,6 +29,25 @@ fn rand_bf16(r: &mut impl Rng, n: usize) -> Vec<bf16> {
     (0..n).map(|_| bf16::from_f32(r.random_range(-2.0f32..2.0))).collect()
 }
 
+/// The largest error of `got` (m x n, row-major) against a (m x k) b (n x k)^T summed exactly, as
+/// a fraction of the sum of the products' magnitudes.
+fn worst_error(got: &[f32], a: &[bf16], b: &[bf16], k: usize) -> f64 {
+    let n = b.len() / k;
+    let mut worst = 0.0f64;
+    for (i, row) in a.chunks(k).enumerate() {
+        for (j, col) in b.chunks(k).enumerate() {
+            let (mut want, mut mag) = (0.0f64, 0.0f64);
+            for (x, y) in row.iter().zip(col) {
+                let p = x.to_f64() * y.to_f64();
+                want += p;
+                mag += p.abs();
+            }
+            worst = worst.max((got[i * n + j] as f64 - want).abs() / (mag + 1e-30));
+        }
+    }
+    worst
+}
+
 #[test]
 fn wgmma_multiplies_tiles_in_every_swizzle_mode() {
     let Some(cu) = hopper("wgmma_multiplies_tiles_in_every_swizzle_mode") else { return };
@@ -45,20 +64,7 @@ fn wgmma_multiplies_tiles_in_every_swizzle_mode() {
             l.arg_mut(&mut out).arg(&da).arg(&db).arg(&swizzle).arg(&0i32);
             // SAFETY: out holds 64 x n floats, a 64 x k and b n x k bf16; smem covers both tiles and the alignment.
             unsafe { l.launch(one_block(128, smem)) }.unwrap();
-            let got = cu.download(&out).unwrap();
-            let mut worst = 0.0f64;
-            for m in 0..64 {
-                for j in 0..n {
-                    let (mut want, mut mag) = (0.0f64, 0.0f64);
-                    for kk in 0..k {
-                        let p = a[m * k + kk].to_f64() * b[j * k + kk].to_f64();
-                        want += p;
-                        mag += p.abs();
-                    }
-                    let err = (got[m * n + j] as f64 - want).abs() / (mag + 1e-30);
-                    worst = worst.max(err);
-                }
-            }
+            let worst = worst_error(&cu.download(&out).unwrap(), &a, &b, k);
             eprintln!("wgmma m64n{n}k16, {swizzle}-byte swizzle (0: none), K = {k}: worst error {worst:.2e} of the products' magnitude");
             assert!(
                 worst < 1e-5,
@@ -155,19 +161,7 @@ fn a_tma_and_wgmma_pipeline_multiplies_with_ragged_edges() {
     };
     // SAFETY: out holds m x n floats; the maps describe a (m x k) and b (n x k), which outlive the launch.
     unsafe { l.launch(cfg) }.unwrap();
-    let got = cu.download(&out).unwrap();
-    let mut worst = 0.0f64;
-    for i in 0..m {
-        for j in 0..n {
-            let (mut want, mut mag) = (0.0f64, 0.0f64);
-            for kk in 0..k {
-                let p = a[i * k + kk].to_f64() * b[j * k + kk].to_f64();
-                want += p;
-                mag += p.abs();
-            }
-            worst = worst.max((got[i * n + j] as f64 - want).abs() / mag);
-        }
-    }
+    let worst = worst_error(&cu.download(&out).unwrap(), &a, &b, k);
     eprintln!("TMA + wgmma pipeline, {m} x {n} x {k}: worst error {worst:.2e} of the products' magnitude");
     assert!(worst < 1e-5, "an element is off by {worst:.2e} of its products' magnitude");
 }
