@@ -59,14 +59,10 @@ fn a_missing_barrier_is_a_shared_memory_race() {
     // Without it: thread t reads s[t + 1] in the phase thread t + 1 writes it.
     let msg = fault_says(
         rotate(cu, &x, &mut out, 0),
-        &[
-            "shared-memory race",
-            "kernel selftest_rotate",
-            "block (0, 0, 0)",
-            "shared array s",
-            "with no barrier between",
-        ],
+        &["shared-memory race", "kernel selftest_rotate", "shared array s", "with no barrier between"],
     );
+    // Both blocks race, each on its own worker: whichever reports first is named.
+    assert!(msg.contains("block (0, 0, 0)") || msg.contains("block (1, 0, 0)"), "{msg}");
     assert!(msg.contains("write after read") || msg.contains("read after write"), "{msg}");
 }
 
