@@ -73,6 +73,16 @@ impl Bound {
 }
 
 impl Launch {
+    /// Adds another launch's blocks, bytes and FLOPs to this one's.
+    fn add(&mut self, o: &Launch) {
+        self.blocks += o.blocks;
+        self.run_blocks += o.run_blocks;
+        self.moved_bytes += o.moved_bytes;
+        self.fewest_bytes += o.fewest_bytes;
+        self.tensor_flops += o.tensor_flops;
+        self.core_flops += o.core_flops;
+    }
+
     /// The share of the chip a launch of this many blocks can use (one block runs on one
     /// multiprocessor).
     pub fn share(&self, c: &Ceilings) -> f64 {
@@ -94,14 +104,9 @@ impl Launch {
 /// One kernel's launches in a step, summed.
 #[derive(Clone, Debug)]
 pub struct KernelRow {
-    pub kernel: &'static str,
+    /// Its launches' blocks, bytes and FLOPs added up, under the kernel's name.
+    pub sum: Launch,
     pub launches: u64,
-    pub blocks: u64,
-    pub run_blocks: u64,
-    pub moved_bytes: f64,
-    pub fewest_bytes: f64,
-    pub tensor_flops: f64,
-    pub core_flops: f64,
     /// Summed floors of its launches, seconds.
     pub floor: f64,
     /// What bounds most of that time.
@@ -125,36 +130,20 @@ impl Prediction {
         let mut rows: Vec<(KernelRow, [f64; 3])> = Vec::new();
         for l in launches {
             let (t, bound) = l.floor(&ceilings);
-            let i = match rows.iter().position(|(r, _)| r.kernel == l.kernel) {
-                Some(i) => i,
+            let (r, by_bound) = match rows.iter().position(|(r, _)| r.sum.kernel == l.kernel) {
+                Some(i) => {
+                    let (r, by_bound) = &mut rows[i];
+                    r.sum.add(l);
+                    (r, by_bound)
+                }
                 None => {
-                    rows.push((
-                        KernelRow {
-                            kernel: l.kernel,
-                            launches: 0,
-                            blocks: 0,
-                            run_blocks: 0,
-                            moved_bytes: 0.0,
-                            fewest_bytes: 0.0,
-                            tensor_flops: 0.0,
-                            core_flops: 0.0,
-                            floor: 0.0,
-                            bound,
-                            underfilled: 0,
-                        },
-                        [0.0; 3],
-                    ));
-                    rows.len() - 1
+                    let row = KernelRow { sum: l.clone(), launches: 0, floor: 0.0, bound, underfilled: 0 };
+                    rows.push((row, [0.0; 3]));
+                    let (r, by_bound) = rows.last_mut().unwrap();
+                    (r, by_bound)
                 }
             };
-            let (r, by_bound) = &mut rows[i];
             r.launches += 1;
-            r.blocks += l.blocks;
-            r.run_blocks += l.run_blocks;
-            r.moved_bytes += l.moved_bytes;
-            r.fewest_bytes += l.fewest_bytes;
-            r.tensor_flops += l.tensor_flops;
-            r.core_flops += l.core_flops;
             r.floor += t;
             r.underfilled += (l.blocks < ceilings.sms) as u64;
             by_bound[bound as usize] += t;
@@ -167,7 +156,7 @@ impl Prediction {
                 r
             })
             .collect();
-        rows.sort_by(|a, b| b.floor.total_cmp(&a.floor).then(a.kernel.cmp(b.kernel)));
+        rows.sort_by(|a, b| b.floor.total_cmp(&a.floor).then(a.sum.kernel.cmp(b.sum.kernel)));
         Prediction { ceilings, rows, tokens, model_flops }
     }
 
@@ -210,13 +199,13 @@ impl Prediction {
         for r in &self.rows {
             println!(
                 "  {:<34} {:>5} {:>9} {:>10.1} {:>6.2}x {:>10.1} {:>9.1} {:>9.3} {:>5.1}% {:<7}",
-                r.kernel,
+                r.sum.kernel,
                 r.launches,
                 r.underfilled,
-                r.fewest_bytes / 1e6,
-                r.moved_bytes / r.fewest_bytes.max(1.0),
-                r.tensor_flops / 1e9,
-                r.core_flops / 1e9,
+                r.sum.fewest_bytes / 1e6,
+                r.sum.moved_bytes / r.sum.fewest_bytes.max(1.0),
+                r.sum.tensor_flops / 1e9,
+                r.sum.core_flops / 1e9,
                 r.floor * 1e3,
                 100.0 * r.floor / total,
                 r.bound.name()
@@ -289,7 +278,7 @@ mod tests {
         ];
         let p = Prediction::new(&launches, H200, 1000, 0.79e13);
         assert_eq!(p.rows.len(), 2);
-        assert_eq!(p.rows[0].kernel, "b");
+        assert_eq!(p.rows[0].sum.kernel, "b");
         assert_eq!(p.rows[0].bound, Bound::Tensor);
         assert_eq!(p.rows[1].launches, 2);
         assert_eq!(p.rows[1].underfilled, 1);
