@@ -142,7 +142,20 @@ KILN_HD uint32_t kmajor_offset(int r, int k, int swizzle, uint32_t lbo, uint32_t
     return a ^ (((a >> 7) & (swizzle / 16 - 1)) << 4);
 }
 
-// The shared-memory matrix descriptor of a K-major tile at p (PTX ISA, "Matrix Descriptor
+// The byte offset of element (r, k) of an MN-major bf16 tile (r along M or N) for a descriptor
+// with this swizzle, from a base aligned to 1024 bytes. With a swizzle of `span` bytes a line of
+// span / 2 elements of M or N holds one k, 8 lines (8 k) make an atom, the next span / 2 elements
+// of M or N are `lbo` bytes on and the next 8 k `sbo` bytes on; without one a core matrix is 8
+// lines of 8 elements, the next 8 elements of M or N `sbo` bytes on and the next 8 k `lbo` bytes
+// on (the PTX ISA's "Major-ness supported by Strides").
+KILN_HD uint32_t mnmajor_offset(int r, int k, int swizzle, uint32_t lbo, uint32_t sbo) {
+    if (!swizzle) return (r / 8) * sbo + (r % 8) * 2 + (k / 8) * lbo + (k % 8) * 16;
+    const int e = swizzle / 2;
+    const uint32_t a = (r / e) * lbo + (k / 8) * sbo + (k % 8) * swizzle + (r % e) * 2;
+    return a ^ (((a >> 7) & (swizzle / 16 - 1)) << 4);
+}
+
+// The shared-memory matrix descriptor of a tile at p (PTX ISA, "Matrix Descriptor
 // Format"): start address, leading- and stride-dimension byte offsets (each >> 4 in 14 bits), and
 // the swizzle mode in bits 62-63 (1: 128B, 2: 64B, 3: 32B).
 static __device__ __forceinline__ uint64_t wgmma_desc(const void* p, uint32_t lbo, uint32_t sbo, int swizzle) {
@@ -188,49 +201,65 @@ static __device__ __forceinline__ void wgmma_fence_operands(float (&d)[R]) {
 
 // d (64 x N f32, in the fragment layout: warp q of the warpgroup holds rows 16q .. 16q + 15;
 // register 4j + i of lane l is row 16q + l / 4 (+ 8 for i >= 2), column 8j + 2 (l % 4) + (i & 1))
-// = A (64 x 16) B (16 x N) + (scale_d ? d : 0), A and B bf16 in shared memory, both K-major.
+// = A (64 x 16) B (16 x N) + (scale_d ? d : 0), A and B bf16 in shared memory: K-major, or
+// MN-major where TA (for A) or TB (for B) is 1 (the instruction's imm-trans-a / imm-trans-b).
 // Issued by all 128 threads of a warpgroup; d is not to be touched until a wgmma_wait retires it.
-template <int N>
-__device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d);
-
-template <>
-__device__ __forceinline__ void wgmma_m64k16<64>(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
+template <int N, int TA = 0, int TB = 0>
+__device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
+    static_assert(N == 64 || N == 128, "the kernels use m64n64k16 and m64n128k16");
 #ifdef KILN_CUDA_EMU
-    kiln_emu::wgmma_bf16(d, 64, da, db, scale_d);
+    kiln_emu::wgmma_bf16(d, N, da, db, scale_d, TA, TB);
 #else
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,\n"
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(scale_d));
+    if constexpr (N == 64) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,\n"
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "l"(da), "l"(db), "r"(scale_d), "n"(TA), "n"(TB));
+    } else {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,\n"
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,\n"
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,\n"
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %68;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(da), "l"(db), "r"(scale_d), "n"(TA), "n"(TB));
+    }
 #endif
 }
 
-template <>
-__device__ __forceinline__ void wgmma_m64k16<128>(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+// ---- setmaxnreg: a warpgroup hands registers back (dec) or takes them (inc), so a producer that
+// only issues copies can leave its share to the consumers' accumulators. REGS: 24 to 256, a
+// multiple of 8; the kernel's __launch_bounds__ fixes the count it starts from. ----
+
+template <int REGS>
+static __device__ __forceinline__ void setmaxnreg_dec() {
 #ifdef KILN_CUDA_EMU
-    kiln_emu::wgmma_bf16(d, 128, da, db, scale_d);
+    kiln_emu::setmaxnreg(REGS);
 #else
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,\n"
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,\n"
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,\n"
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db), "r"(scale_d));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+#endif
+}
+
+template <int REGS>
+static __device__ __forceinline__ void setmaxnreg_inc() {
+#ifdef KILN_CUDA_EMU
+    kiln_emu::setmaxnreg(REGS);
+#else
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
 #endif
 }

@@ -46,21 +46,41 @@ extern "C" __global__ void __launch_bounds__(256) selftest_block_sum(float* out,
 // checked against the hardware's). ----
 #include "hopper.cuh"
 
-// out (64 x N f32, row-major) = a (64 x K) b (N x K)^T, with a and b stored K-major in shared
-// memory with `swizzle` (0, 32, 64, 128: K = swizzle / 2, one swizzle row, or 64 without) and
-// multiplied by K / 16 wgmma. With clobber = 1 thread 0 changes A while the wgmma are in flight.
-template <int N>
+// out (64 x N f32, row-major) = a (64 x K) b (N x K)^T, with a and b stored in shared memory with
+// `swizzle` (0, 32, 64, 128) and multiplied by K / 16 wgmma. K-major (trans = 0): K = swizzle / 2,
+// one swizzle row, or 64 without. MN-major (trans = 1, both operands): K = 64, the lines of M or N
+// side by side `lbo` apart and the 8-k groups after them. With clobber = 1 thread 0 changes A
+// while the wgmma are in flight.
+template <int N, int TRANS>
 __device__ __forceinline__ void wgmma_tile(float* out, const __nv_bfloat16* a, const __nv_bfloat16* b, int swizzle, int clobber) {
 #if KILN_SM90A
     extern __shared__ __align__(16) unsigned char wgmma_smem[];
-    const int K = swizzle ? swizzle / 2 : 64;
-    const uint32_t lbo = 128, sbo = swizzle ? 8 * swizzle : (K / 8) * 128;
+    const int K = swizzle && !TRANS ? swizzle / 2 : 64;
+    // (lbo, sbo) of an operand with `rows` rows, and where its k16 step kk starts.
+    auto strides = [&](int rows, uint32_t& lbo, uint32_t& sbo) {
+        if (!TRANS) {
+            lbo = 128;
+            sbo = swizzle ? 8 * swizzle : (K / 8) * 128;
+        } else if (swizzle) {
+            lbo = 8 * swizzle;                        // the next swizzle / 2 rows: the next atom
+            sbo = (rows / (swizzle / 2)) * lbo;       // the next 8 k: past all of them
+        } else {
+            sbo = 128;                                // the next 8 rows: the next core matrix
+            lbo = (rows / 8) * 128;                   // the next 8 k: past all of them
+        }
+    };
+    uint32_t alb, asb, blb, bsb;
+    strides(64, alb, asb);
+    strides(N, blb, bsb);
     unsigned char* As = sm90_align(wgmma_smem, 1024);
     unsigned char* Bs = As + 64 * K * 2;
+    auto at = [&](int r, int k, uint32_t lbo, uint32_t sbo) {
+        return TRANS ? mnmajor_offset(r, k, swizzle, lbo, sbo) : kmajor_offset(r, k, swizzle, lbo, sbo);
+    };
     for (int i = threadIdx.x; i < 64 * K; i += blockDim.x)
-        *reinterpret_cast<__nv_bfloat16*>(As + kmajor_offset(i / K, i % K, swizzle, lbo, sbo)) = a[i];
+        *reinterpret_cast<__nv_bfloat16*>(As + at(i / K, i % K, alb, asb)) = a[i];
     for (int i = threadIdx.x; i < N * K; i += blockDim.x)
-        *reinterpret_cast<__nv_bfloat16*>(Bs + kmajor_offset(i / K, i % K, swizzle, lbo, sbo)) = b[i];
+        *reinterpret_cast<__nv_bfloat16*>(Bs + at(i / K, i % K, blb, bsb)) = b[i];
     fence_proxy_async();
     __syncthreads();
     float d[N / 2];
@@ -68,8 +88,10 @@ __device__ __forceinline__ void wgmma_tile(float* out, const __nv_bfloat16* a, c
     wgmma_fence_operands(d);
     wgmma_fence();
     for (int kk = 0; kk < K / 16; ++kk) {
-        const uint32_t koff = swizzle ? kk * 32 : kk * 2 * lbo;
-        wgmma_m64k16<N>(d, wgmma_desc(As + koff, lbo, sbo, swizzle), wgmma_desc(Bs + koff, lbo, sbo, swizzle), kk > 0);
+        // K-major: 32 bytes along a swizzle row, or two core matrices; MN-major: two 8-k groups.
+        const uint32_t ka = TRANS ? kk * 2 * (swizzle ? asb : alb) : swizzle ? kk * 32 : kk * 2 * alb;
+        const uint32_t kb = TRANS ? kk * 2 * (swizzle ? bsb : blb) : swizzle ? kk * 32 : kk * 2 * blb;
+        wgmma_m64k16<N, TRANS, TRANS>(d, wgmma_desc(As + ka, alb, asb, swizzle), wgmma_desc(Bs + kb, blb, bsb, swizzle), kk > 0);
     }
     wgmma_commit();
     if (clobber && threadIdx.x == 0) *reinterpret_cast<__nv_bfloat16*>(As) = __float2bfloat16(1000.0f);
@@ -85,10 +107,16 @@ __device__ __forceinline__ void wgmma_tile(float* out, const __nv_bfloat16* a, c
 }
 
 extern "C" __global__ void __launch_bounds__(128) selftest_wgmma_n64(float* out, const __nv_bfloat16* a, const __nv_bfloat16* b, int swizzle, int clobber) {
-    wgmma_tile<64>(out, a, b, swizzle, clobber);
+    wgmma_tile<64, 0>(out, a, b, swizzle, clobber);
 }
 extern "C" __global__ void __launch_bounds__(128) selftest_wgmma_n128(float* out, const __nv_bfloat16* a, const __nv_bfloat16* b, int swizzle, int clobber) {
-    wgmma_tile<128>(out, a, b, swizzle, clobber);
+    wgmma_tile<128, 0>(out, a, b, swizzle, clobber);
+}
+extern "C" __global__ void __launch_bounds__(128) selftest_wgmma_mn_n64(float* out, const __nv_bfloat16* a, const __nv_bfloat16* b, int swizzle, int clobber) {
+    wgmma_tile<64, 1>(out, a, b, swizzle, clobber);
+}
+extern "C" __global__ void __launch_bounds__(128) selftest_wgmma_mn_n128(float* out, const __nv_bfloat16* a, const __nv_bfloat16* b, int swizzle, int clobber) {
+    wgmma_tile<128, 1>(out, a, b, swizzle, clobber);
 }
 
 // The rows x cols box of `map` (a 2-D bf16 tensor) at (c0 inner, c1 outer) through TMA, unswizzled

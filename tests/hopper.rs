@@ -49,12 +49,18 @@ fn worst_error(got: &[f32], a: &[bf16], b: &[bf16], k: usize) -> f64 {
 }
 
 #[test]
-fn wgmma_multiplies_tiles_in_every_swizzle_mode() {
-    let Some(cu) = hopper("wgmma_multiplies_tiles_in_every_swizzle_mode") else { return };
+fn wgmma_multiplies_tiles_in_every_swizzle_mode_and_major_ness() {
+    let Some(cu) = hopper("wgmma_multiplies_tiles_in_every_swizzle_mode_and_major_ness") else { return };
     let mut r = common::rng(90);
-    for (n, kernel) in [(64usize, Kernel::SelftestWgmmaN64), (128, Kernel::SelftestWgmmaN128)] {
+    let kernels = [
+        (64usize, false, Kernel::SelftestWgmmaN64),
+        (128, false, Kernel::SelftestWgmmaN128),
+        (64, true, Kernel::SelftestWgmmaMnN64),
+        (128, true, Kernel::SelftestWgmmaMnN128),
+    ];
+    for (n, mn_major, kernel) in kernels {
         for swizzle in [0i32, 32, 64, 128] {
-            let k = if swizzle == 0 { 64 } else { swizzle as usize / 2 };
+            let k = if swizzle == 0 || mn_major { 64 } else { swizzle as usize / 2 };
             let a = rand_bf16(&mut r, 64 * k);
             let b = rand_bf16(&mut r, n * k);
             let (da, db) = (cu.upload(&a).unwrap(), cu.upload(&b).unwrap());
@@ -65,10 +71,13 @@ fn wgmma_multiplies_tiles_in_every_swizzle_mode() {
             // SAFETY: out holds 64 x n floats, a 64 x k and b n x k bf16; smem covers both tiles and the alignment.
             unsafe { l.launch(one_block(128, smem)) }.unwrap();
             let worst = worst_error(&cu.download(&out).unwrap(), &a, &b, k);
-            eprintln!("wgmma m64n{n}k16, {swizzle}-byte swizzle (0: none), K = {k}: worst error {worst:.2e} of the products' magnitude");
+            let major = if mn_major { "MN-major" } else { "K-major" };
+            eprintln!(
+                "wgmma m64n{n}k16 {major}, {swizzle}-byte swizzle (0: none), K = {k}: worst error {worst:.2e} of the products' magnitude"
+            );
             assert!(
                 worst < 1e-5,
-                "wgmma N = {n}, swizzle {swizzle}: an element is off by {worst:.2e} of its products' magnitude"
+                "wgmma N = {n} {major}, swizzle {swizzle}: an element is off by {worst:.2e} of its products' magnitude"
             );
         }
     }

@@ -19,8 +19,8 @@
 //   - mma.sync and wgmma sum the 16 products of each output element exactly in double and round
 //     once to f32; the tensor cores' internal rounding differs slightly (within f32 of the exact
 //     sum).
-// Hopper's mbarriers, TMA tiled loads (cp.async.bulk.tensor) and wgmma (bf16, K-major operands,
-// every swizzle mode) are emulated too, for kernels/hopper.cuh; kernels/emu/README.md says how.
+// Hopper's mbarriers, TMA tiled loads (cp.async.bulk.tensor) and wgmma (bf16, K- or MN-major
+// operands, every swizzle mode) are emulated too, for kernels/hopper.cuh; kernels/emu/README.md says how.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -84,7 +84,8 @@ void mbar_arrive(void* bar, uint32_t expect_tx);
 void mbar_expect_tx(void* bar, uint32_t bytes);
 bool mbar_try_wait(void* bar, uint32_t parity);
 void tma_load(void* dst, const void* map, const int* c, int n, void* bar);
-void wgmma_bf16(float* d, int n, uint64_t da, uint64_t db, int scale_d);
+void wgmma_bf16(float* d, int n, uint64_t da, uint64_t db, int scale_d, int trans_a, int trans_b);
+void setmaxnreg(int regs);
 void wgmma_commit();
 void wgmma_wait(int n);
 

@@ -248,12 +248,12 @@ struct Mbar {
 };
 
 // A warpgroup's wgmma, as its first thread to issue it found the operands: A (64 x 16) and
-// B (n x 16, both K-major), to compute each thread's accumulators when it retires the
+// B (n x 16), gathered row by row in K whichever their major-ness, to compute each thread's accumulators when it retires the
 // operation and, when the last thread has, to check that the shared memory under the descriptors
 // did not change meanwhile (the tensor cores read it asynchronously until then).
 struct WgOp {
     uint64_t da, db;
-    int n, scale_d;
+    int n, scale_d, trans_a, trans_b;
     std::vector<uint16_t> a, b;  // bf16 bits, row-major (rows x 16)
     int outstanding;
 };
@@ -1016,44 +1016,58 @@ void tma_load(void* dst, const void* map, const int* c, int n, void* bar) {
     mbar_tx(off, -(int64_t)total);
 }
 
-// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 with A and B in shared memory, both K-major
-// (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate": "Matrix Descriptor" and
-// "Shared Memory Matrix Layout"). A descriptor holds the start address >> 4 (bits 0-13), the
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 with A and B in shared memory, each K-major
+// or, with its imm-trans flag, MN-major (PTX ISA, "Asynchronous Warpgroup Level Matrix
+// Multiply-Accumulate": "Matrix Descriptor", "Shared Memory Matrix Layout" and "Major-ness
+// supported by Strides"). A descriptor holds the start address >> 4 (bits 0-13), the
 // leading-dimension byte offset >> 4 (16-29), the stride-dimension byte offset >> 4 (32-45), a
 // base offset (49-51) and the swizzle mode (62-63: none, 128B, 64B, 32B).
 static unsigned desc_swizzle(uint64_t d) {
     static const unsigned span[4] = {0, 128, 64, 32};
     return span[d >> 62];
 }
-static void desc_check(uint64_t d, const char* which) {
+static void desc_check(uint64_t d, const char* which, int mn_major) {
     if ((d >> 49) & 7) fault("wgmma %s descriptor with a base offset of %u: the emulator takes swizzle atoms aligned to their size", which,
                              (unsigned)((d >> 49) & 7));
     const unsigned span = desc_swizzle(d);
     const uint32_t start = (uint32_t)(d & 0x3fff) << 4;
-    if (span && start % span + 32 > span)
+    if (span && mn_major && start % (8 * span))
+        fault("wgmma %s descriptor (MN-major): the %u-byte swizzle atom at shared address 0x%x is not aligned to %u bytes (the "
+              "emulator takes MN-major operands that start on an atom)", which, span, start, 8 * span);
+    if (span && !mn_major && start % span + 32 > span)
         fault("wgmma %s descriptor: the 16 K elements at shared address 0x%x cross the %u-byte swizzle row", which, start, span);
-    if (span && (start - start % span) % (8 * span))
+    if (span && !mn_major && (start - start % span) % (8 * span))
         fault("wgmma %s descriptor: the %u-byte swizzle atom at shared address 0x%x is not aligned to %u bytes", which, span,
               start - start % span, 8 * span);
 }
-// Element (r, k) of a K-major operand: core matrices of 8 rows of 16 bytes; without a swizzle a
-// core matrix is 128 contiguous bytes, the next in K `lbo` bytes on and the next 8 rows `sbo` bytes
-// on; with one, a row of the atom is `span` bytes of K, 8 rows make the atom and the next 8 rows
-// are `sbo` bytes on, and the 16-byte chunks are swizzled.
-static uint32_t kmajor_addr(uint64_t d, int r, int k) {
+// Element (r, k) of an operand (r its row in M or N). K-major: core matrices of 8 rows of 16
+// bytes; without a swizzle a core matrix is 128 contiguous bytes, the next in K `lbo` bytes on and
+// the next 8 rows `sbo` bytes on; with one, a row of the atom is `span` bytes of K, 8 rows make the
+// atom and the next 8 rows are `sbo` bytes on. MN-major: the roles turn; a line of the atom holds
+// M or N elements for one k. Without a swizzle a core matrix is 8 lines of k of 16 bytes (8
+// elements of M or N), the next 8 elements of M or N `sbo` bytes on and the next 8 k `lbo` bytes
+// on; with one, a line is `span` bytes of M or N, 8 lines (8 k) make the atom, the next `span` / 2
+// elements of M or N are `lbo` bytes on and the next 8 k `sbo` bytes on. The 16-byte chunks are
+// swizzled by address in every mode.
+static uint32_t operand_addr(uint64_t d, int r, int k, int mn_major) {
     const uint32_t start = (uint32_t)(d & 0x3fff) << 4, lbo = (uint32_t)((d >> 16) & 0x3fff) << 4,
                    sbo = (uint32_t)((d >> 32) & 0x3fff) << 4;
     const unsigned span = desc_swizzle(d);
+    if (mn_major) {
+        if (!span) return start + (r / 8) * sbo + (r % 8) * 2 + (k / 8) * lbo + (k % 8) * 16;
+        const unsigned e = span / 2;
+        return swizzle(start + (r / e) * lbo + (k / 8) * sbo + (k % 8) * span + (r % e) * 2, span);
+    }
     if (!span) return start + (r / 8) * sbo + (r % 8) * 16 + (k / 8) * lbo + (k % 8) * 2;
     return swizzle(start + (r / 8) * sbo + (r % 8) * span + k * 2, span);
 }
-static void wg_read(uint64_t d, int rows, std::vector<uint16_t>& out) {
+static void wg_read(uint64_t d, int rows, int mn_major, std::vector<uint16_t>& out) {
     out.resize((size_t)rows * 16);
     for (int r = 0; r < rows; ++r)
-        for (int k = 0; k < 16; ++k) memcpy(&out[r * 16 + k], smem_bytes(kmajor_addr(d, r, k), 2, "wgmma operand"), 2);
+        for (int k = 0; k < 16; ++k) memcpy(&out[r * 16 + k], smem_bytes(operand_addr(d, r, k, mn_major), 2, "wgmma operand"), 2);
 }
 
-void wgmma_bf16(float* d, int n, uint64_t da, uint64_t db, int scale_d) {
+void wgmma_bf16(float* d, int n, uint64_t da, uint64_t db, int scale_d, int trans_a, int trans_b) {
     Thread* t = cur;
     Worker* w = cur_worker;
     const int g = t->warp / 4;
@@ -1063,19 +1077,20 @@ void wgmma_bf16(float* d, int n, uint64_t da, uint64_t db, int scale_d) {
     std::vector<WgOp>& ops = w->wg_ops[g];
     const uint32_t seq = t->wg_seq++;
     if (seq == ops.size()) {
-        desc_check(da, "A");
-        desc_check(db, "B");
-        WgOp op{da, db, n, scale_d, {}, {}, 128};
-        wg_read(da, 64, op.a);
-        wg_read(db, n, op.b);
+        desc_check(da, "A", trans_a);
+        desc_check(db, "B", trans_b);
+        WgOp op{da, db, n, scale_d, trans_a, trans_b, {}, {}, 128};
+        wg_read(da, 64, trans_a, op.a);
+        wg_read(db, n, trans_b, op.b);
         ops.push_back(std::move(op));
         w->stats.mma += (uint64_t)n / 2;  // 64 x n x 16: n / 2 mma.sync.m16n8k16 of work
     } else {
         const WgOp& op = ops[seq];
-        if (op.da != da || op.db != db || op.n != n || op.scale_d != scale_d)
-            fault("wgmma number %u of warpgroup %d: this thread's operands (A 0x%lx, B 0x%lx, N %d, scale-d %d) differ from those "
-                  "another thread of the warpgroup gave (A 0x%lx, B 0x%lx, N %d, scale-d %d)", seq, g, (unsigned long)da,
-                  (unsigned long)db, n, scale_d, (unsigned long)op.da, (unsigned long)op.db, op.n, op.scale_d);
+        if (op.da != da || op.db != db || op.n != n || op.scale_d != scale_d || op.trans_a != trans_a || op.trans_b != trans_b)
+            fault("wgmma number %u of warpgroup %d: this thread's operands (A 0x%lx, B 0x%lx, N %d, scale-d %d, trans %d %d) differ "
+                  "from those another thread of the warpgroup gave (A 0x%lx, B 0x%lx, N %d, scale-d %d, trans %d %d)", seq, g,
+                  (unsigned long)da, (unsigned long)db, n, scale_d, trans_a, trans_b, (unsigned long)op.da, (unsigned long)op.db,
+                  op.n, op.scale_d, op.trans_a, op.trans_b);
     }
     t->wg_open.push_back({d, seq});
 }
@@ -1096,8 +1111,8 @@ static void wg_retire(Worker* w, Thread* t, const WgPending& p) {
         }
     if (--op.outstanding == 0) {
         std::vector<uint16_t> a, b;
-        wg_read(op.da, 64, a);
-        wg_read(op.db, op.n, b);
+        wg_read(op.da, 64, op.trans_a, a);
+        wg_read(op.db, op.n, op.trans_b, b);
         if (a != op.a || b != op.b)
             fault("the shared memory of wgmma number %u of warpgroup %d changed before every thread's wgmma.wait_group retired it (the "
                   "tensor cores read it until then)", p.op, t->warp / 4);
@@ -1119,6 +1134,13 @@ void wgmma_wait(int n) {
         for (const WgPending& p : t->wg_groups.front()) wg_retire(w, t, p);
         t->wg_groups.erase(t->wg_groups.begin());
     }
+}
+
+// setmaxnreg.{inc,dec}.sync.aligned.u32: a warpgroup asks for a new per-thread register count. The
+// emulated threads have no register file, so only the operand is checked (PTX ISA: 24 to 256, a
+// multiple of 8).
+void setmaxnreg(int regs) {
+    if (regs < 24 || regs > 256 || regs % 8) fault("setmaxnreg %d: the count must be 24 to 256 and a multiple of 8", regs);
 }
 
 static void thread_exit(Worker* w, Thread* t) {
