@@ -27,7 +27,13 @@
 // K = 29 or a vocabulary of 50257), is loaded element by element with bounds checks and zero
 // fill: correct for every shape, but such operands lose the asynchronous copy (the slow path is
 // per chunk, so only the misaligned operand pays). Outputs are stored with per-element bounds
-// checks. A wgmma (sm_90a) variant can follow as another GemmVariant with the same epilogue.
+// checks.
+//
+// gemm_wgmma_{nn,nt,tn,tt}: the Hopper kernels (GemmVariant::Wgmma), wgmma fed by TMA through an
+// mbarrier ring, a producer warpgroup and two consumers, persistent over 128 x 128 tiles; the
+// section above them says how. Same epilogue, stored as column pairs. TMA needs every operand's
+// rows 16-byte aligned (a leading dimension that is a multiple of 8); the wrapper takes the
+// mma.sync kernels for any other shape.
 //
 // gemm_naive: the obviously-correct reference, one thread per output (16 x 16 blocks), f32
 // accumulation straight from global memory; every transpose, bias, GELU and accumulate. The tests
@@ -46,6 +52,7 @@
 // Tested by: cargo test --release --features cuda --test gemm
 // Timed by:  kiln bench kernels (GemmVariant::Naive is the in-family baseline)
 #include "gemm.cuh"
+#include "hopper.cuh"
 #include "nf4.cuh"
 
 namespace {
@@ -262,6 +269,44 @@ __device__ __forceinline__ void store_output(void* out, void* pre, const bf16* b
     store_value(out, idx, kiln_gemm_activate(v, (flags & KILN_GEMM_GELU) != 0), out_f32);
 }
 
+// store_output for the adjacent columns col and col + 1 of one row (idx, idx + 1), with one
+// 4-byte (bf16) or 8-byte (f32) access per buffer where both are inside the row and idx is even
+// (n even: every row starts aligned); element by element otherwise.
+[[maybe_unused]] __device__ __forceinline__ void store_output_pair(void* out, void* pre, const bf16* bias, int64_t idx, int col, int n, float a0,
+                                                  float a1, int flags) {
+    if (col + 1 >= n || (idx & 1)) {
+        store_output(out, pre, bias, idx, col, a0, flags);
+        if (col + 1 < n) store_output(out, pre, bias, idx + 1, col + 1, a1, flags);
+        return;
+    }
+    const bool out_f32 = (flags & KILN_GEMM_OUT_F32) != 0;
+    const bool accumulate = (flags & KILN_GEMM_ACCUMULATE) != 0;
+    const bool gelu = (flags & KILN_GEMM_GELU) != 0;
+    float old0 = 0.0f, old1 = 0.0f;
+    if (accumulate) {
+        if (out_f32) {
+            const float2 o = *reinterpret_cast<const float2*>(static_cast<const float*>(out) + idx);
+            old0 = o.x, old1 = o.y;
+        } else {
+            const __nv_bfloat162 o = *reinterpret_cast<const __nv_bfloat162*>(static_cast<const bf16*>(out) + idx);
+            old0 = __low2float(o), old1 = __high2float(o);
+        }
+    }
+    const float b0 = bias != nullptr ? __bfloat162float(bias[col]) : 0.0f;
+    const float b1 = bias != nullptr ? __bfloat162float(bias[col + 1]) : 0.0f;
+    const float v0 = kiln_gemm_preact(a0, bias != nullptr, b0, accumulate, old0);
+    const float v1 = kiln_gemm_preact(a1, bias != nullptr, b1, accumulate, old1);
+    auto put = [&](void* p, float x0, float x1) {
+        if (out_f32) {
+            *reinterpret_cast<float2*>(static_cast<float*>(p) + idx) = make_float2(x0, x1);
+        } else {
+            *reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(p) + idx) = __floats2bfloat162_rn(x0, x1);
+        }
+    };
+    if (pre != nullptr) put(pre, v0, v1);
+    put(out, kiln_gemm_activate(v0, gelu), kiln_gemm_activate(v1, gelu));
+}
+
 // B_NF4: B is the NF4 weight `wq` (b unused), decoded into the shared tiles by load_tile_nf4.
 template <typename T, bool TRANS_A, bool TRANS_B, bool B_NF4 = false>
 __device__ __forceinline__ void gemm_mma_body(void* out, void* pre, const bf16* a, const bf16* b, const bf16* bias,
@@ -405,6 +450,147 @@ __device__ __forceinline__ void gemm_mma_body(void* out, void* pre, const bf16* 
     }
 }
 
+// ---- Hopper (sm_90a): gemm_wgmma_* ----
+//
+// One block per SM, persistent: it walks output tiles t = blockIdx.x, + gridDim.x, ..., numbered
+// down KILN_GEMM_WGMMA_GROUP tile rows at a time and then across (grouped rasterisation: the
+// blocks in flight share A's and B's panels in L2). Warpgroup 0 is the producer: after giving
+// back registers (setmaxnreg) one thread streams 64-wide K slices of A and B by TMA, with the
+// 128-byte swizzle, into a ring of 4 stages, each with a `full` mbarrier (its arrival plus the
+// copies' bytes) and an `empty` one (the 256 consumer threads are done with it). Warpgroups 1 and
+// 2 are the consumers, rows 0-63 and 64-127 of the tile: each waits for a full stage, issues four
+// m64n128k16 wgmma on it, keeps that group in flight while it waits for the next stage, and frees
+// a stage once the wgmma reading it have retired; at the end of the tile it writes its 64 x 128
+// accumulators through the shared epilogue (store_output_pair). The ring runs on across tiles, so
+// the producer fetches the next tile's slices while the consumers finish the last one's epilogue.
+//
+// Layouts (the tensor maps are made by the wrapper, src/backend/cuda/gemm.rs): A stored [m, k]
+// (K-major) comes as one 128-row box per stage; A stored [k, m] (M-major) as two boxes of 64 k
+// lines x 64 m, one per consumer; B stored [n, k] (K-major) as one 128-row box; B stored [k, n]
+// (N-major) as two boxes of 64 k lines x 64 n, `lbo` 8 KB apart. Each box is 8 KB per 64 rows or
+// lines and every one starts on a 1024-byte swizzle atom. K-major operands step k16 by 32 bytes
+// along the swizzled rows, MN-major ones by two 8-line atoms (2 KB). Edges past m, n and k arrive
+// as zeros, so only the epilogue checks bounds.
+constexpr int WG_BM = KILN_GEMM_WGMMA_BM, WG_BN = KILN_GEMM_WGMMA_BN, WG_BK = KILN_GEMM_WGMMA_BK;
+constexpr int WG_STAGES = KILN_GEMM_WGMMA_STAGES;
+constexpr uint32_t WG_BOX = 64 * WG_BK * 2;                             // 64 rows (or lines) of one stage: 8 KB
+constexpr uint32_t WG_STAGE = (WG_BM + WG_BN) * WG_BK * 2;              // A and B of one stage: 32 KB
+static_assert(WG_BM == 128 && WG_BN == 128 && WG_BK == 64, "the boxes and descriptors below assume 128 x 128 x 64");
+static_assert(KILN_GEMM_WGMMA_SMEM >= 16 * WG_STAGES + 1023 + WG_STAGES * WG_STAGE, "shared memory budget");
+
+// The output tile (tm, tn) of tile number t: KILN_GEMM_WGMMA_GROUP tile rows at a time, down
+// each column of the group before the next.
+__device__ __forceinline__ void wgmma_tile_at(int t, int tiles_m, int tiles_n, int& tm, int& tn) {
+    const int per_group = KILN_GEMM_WGMMA_GROUP * tiles_n;
+    const int first = (t / per_group) * KILN_GEMM_WGMMA_GROUP;
+    const int rows = min(tiles_m - first, KILN_GEMM_WGMMA_GROUP);
+    tm = first + (t % per_group) % rows;
+    tn = (t % per_group) / rows;
+}
+
+template <bool TRANS_A, bool TRANS_B>
+__device__ __forceinline__ void gemm_wgmma_body(void* out, void* pre, const bf16* bias, const KilnTensorMap* ma, const KilnTensorMap* mb,
+                                                int m, int n, int k, int flags) {
+#if KILN_SM90A
+    extern __shared__ __align__(16) unsigned char wgmma_gemm_smem[];
+    uint64_t* full = reinterpret_cast<uint64_t*>(wgmma_gemm_smem);
+    uint64_t* empty = full + WG_STAGES;
+    unsigned char* tiles = sm90_align(wgmma_gemm_smem + 16 * WG_STAGES, 1024);
+    const int tiles_m = (m + WG_BM - 1) / WG_BM, tiles_n = (n + WG_BN - 1) / WG_BN, n_tiles = tiles_m * tiles_n;
+    const int k_tiles = (k + WG_BK - 1) / WG_BK;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < WG_STAGES; ++s) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], 256);
+        }
+        mbar_fence_init();
+    }
+    __syncthreads();
+
+    if (threadIdx.x < 128) {  // the producer warpgroup
+        setmaxnreg_dec<40>();
+        if (threadIdx.x != 0) return;
+        int it = 0;  // k slices issued by this block, over all its tiles: stage it % S, round it / S
+        for (int t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+            int tm, tn;
+            wgmma_tile_at(t, tiles_m, tiles_n, tm, tn);
+            const int m0 = tm * WG_BM, n0 = tn * WG_BN;
+            for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+                const int s = it % WG_STAGES, k0 = kt * WG_BK;
+                // Round r of stage s needs round r - 1 freed (the first round passes at once).
+                mbar_wait(&empty[s], ((it / WG_STAGES) & 1) ^ 1);
+                unsigned char* as = tiles + s * WG_STAGE;
+                unsigned char* bs = as + WG_BM * WG_BK * 2;
+                mbar_arrive_expect_tx(&full[s], WG_STAGE);
+                if (TRANS_A) {
+                    tma_load_2d(as, ma, m0, k0, &full[s]);
+                    tma_load_2d(as + WG_BOX, ma, m0 + 64, k0, &full[s]);
+                } else {
+                    tma_load_2d(as, ma, k0, m0, &full[s]);
+                }
+                if (TRANS_B) {
+                    tma_load_2d(bs, mb, k0, n0, &full[s]);
+                } else {
+                    tma_load_2d(bs, mb, n0, k0, &full[s]);
+                    tma_load_2d(bs + WG_BOX, mb, n0 + 64, k0, &full[s]);
+                }
+            }
+        }
+        return;
+    }
+
+    setmaxnreg_inc<232>();
+    const int c = threadIdx.x / 128 - 1;  // this consumer's rows: 64c .. 64c + 63 of the tile
+    const int q = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    float d[WG_BN / 2];
+    int it = 0;
+    for (int t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+        int tm, tn;
+        wgmma_tile_at(t, tiles_m, tiles_n, tm, tn);
+        const int m0 = tm * WG_BM + 64 * c, n0 = tn * WG_BN;
+#pragma unroll
+        for (int i = 0; i < WG_BN / 2; ++i) d[i] = 0.0f;
+        int held = -1;  // the stage the wgmma group in flight reads
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+            const int s = it % WG_STAGES;
+            mbar_wait(&full[s], (it / WG_STAGES) & 1);
+            const unsigned char* as = tiles + s * WG_STAGE + c * WG_BOX;
+            const unsigned char* bs = tiles + s * WG_STAGE + WG_BM * WG_BK * 2;
+            wgmma_fence_operands(d);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < WG_BK / 16; ++kk) {
+                const uint64_t da = TRANS_A ? wgmma_desc(as + kk * 2048, WG_BOX, 1024, 128) : wgmma_desc(as + kk * 32, 16, 1024, 128);
+                const uint64_t db = TRANS_B ? wgmma_desc(bs + kk * 32, 16, 1024, 128) : wgmma_desc(bs + kk * 2048, WG_BOX, 1024, 128);
+                wgmma_m64k16<WG_BN, TRANS_A ? 1 : 0, TRANS_B ? 0 : 1>(d, da, db, 1);
+            }
+            wgmma_commit();
+            wgmma_wait<1>();  // the previous slice's group has retired: its stage can be refilled
+            wgmma_fence_operands(d);
+            if (held >= 0) mbar_arrive(&empty[held]);
+            held = s;
+        }
+        wgmma_wait<0>();
+        wgmma_fence_operands(d);
+        if (held >= 0) mbar_arrive(&empty[held]);
+        // Register 4j + 2h + e: row 16q + lane / 4 + 8h, column 8j + 2 (lane % 4) + e.
+#pragma unroll
+        for (int j = 0; j < WG_BN / 8; ++j) {
+            const int col = n0 + 8 * j + 2 * (lane % 4);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = m0 + 16 * q + lane / 4 + 8 * h;
+                if (row < m && col < n)
+                    store_output_pair(out, pre, bias, static_cast<int64_t>(row) * n + col, col, n, d[4 * j + 2 * h],
+                                      d[4 * j + 2 * h + 1], flags);
+            }
+        }
+    }
+#else
+    __trap();
+#endif
+}
+
 }  // namespace
 
 // out [m, n] (bf16 or f32 by flags) = op(A) @ op(B) (+ bias [n]) (+ out_old) (then GELU, with the
@@ -434,6 +620,24 @@ extern "C" __global__ void gemm_mma_small_tn(void* out, void* pre, const __nv_bf
 }
 extern "C" __global__ void gemm_mma_small_tt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
     gemm_mma_body<Small, true, true>(out, pre, a, b, bias, m, n, k, flags);
+}
+
+// The Hopper kernels (sm_90a; they trap elsewhere): the same product and epilogue as gemm_mma_*,
+// A and B read through the tensor maps `ma` and `mb` (TMA, 128-byte swizzle: boxes of 64 x 128
+// rows for a K-major operand, 64 x 64 for an MN-major one). Grid: at most one block per SM (fewer
+// when there are fewer tiles), KILN_GEMM_WGMMA_THREADS threads, KILN_GEMM_WGMMA_SMEM bytes of
+// dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(KILN_GEMM_WGMMA_THREADS) gemm_wgmma_nn(void* out, void* pre, const __nv_bfloat16* bias, const __grid_constant__ KilnTensorMap ma, const __grid_constant__ KilnTensorMap mb, int m, int n, int k, int flags) {
+    gemm_wgmma_body<false, false>(out, pre, bias, &ma, &mb, m, n, k, flags);
+}
+extern "C" __global__ void __launch_bounds__(KILN_GEMM_WGMMA_THREADS) gemm_wgmma_nt(void* out, void* pre, const __nv_bfloat16* bias, const __grid_constant__ KilnTensorMap ma, const __grid_constant__ KilnTensorMap mb, int m, int n, int k, int flags) {
+    gemm_wgmma_body<false, true>(out, pre, bias, &ma, &mb, m, n, k, flags);
+}
+extern "C" __global__ void __launch_bounds__(KILN_GEMM_WGMMA_THREADS) gemm_wgmma_tn(void* out, void* pre, const __nv_bfloat16* bias, const __grid_constant__ KilnTensorMap ma, const __grid_constant__ KilnTensorMap mb, int m, int n, int k, int flags) {
+    gemm_wgmma_body<true, false>(out, pre, bias, &ma, &mb, m, n, k, flags);
+}
+extern "C" __global__ void __launch_bounds__(KILN_GEMM_WGMMA_THREADS) gemm_wgmma_tt(void* out, void* pre, const __nv_bfloat16* bias, const __grid_constant__ KilnTensorMap ma, const __grid_constant__ KilnTensorMap mb, int m, int n, int k, int flags) {
+    gemm_wgmma_body<true, true>(out, pre, bias, &ma, &mb, m, n, k, flags);
 }
 
 // The fused NF4 GEMM: out [m, n] = A [m, k] @ op(W) (+ bias) (then GELU), W an NF4 weight

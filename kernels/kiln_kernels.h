@@ -94,6 +94,18 @@ typedef struct {
 #define KILN_GEMM_SMALL_BM 64
 #define KILN_GEMM_SMALL_BN 64
 #define KILN_GEMM_SMALL_THREADS 128
+// The Hopper kernels (gemm_wgmma_*, sm_90a): KILN_GEMM_WGMMA_THREADS threads (a producer
+// warpgroup and two consumer warpgroups) per block, persistent over KILN_GEMM_WGMMA_BM x
+// KILN_GEMM_WGMMA_BN output tiles taken in groups of KILN_GEMM_WGMMA_GROUP tile rows, K stepped by
+// KILN_GEMM_WGMMA_BK through KILN_GEMM_WGMMA_STAGES shared stages; KILN_GEMM_WGMMA_SMEM bytes of
+// dynamic shared memory (the stages' 32 KB each, 1 KB to align them, the mbarriers).
+#define KILN_GEMM_WGMMA_BM 128
+#define KILN_GEMM_WGMMA_BN 128
+#define KILN_GEMM_WGMMA_BK 64
+#define KILN_GEMM_WGMMA_STAGES 4
+#define KILN_GEMM_WGMMA_GROUP 8
+#define KILN_GEMM_WGMMA_THREADS 384
+#define KILN_GEMM_WGMMA_SMEM 132160
 // Block of the naive kernel: KILN_GEMM_NAIVE_TILE x KILN_GEMM_NAIVE_TILE threads, one per output.
 #define KILN_GEMM_NAIVE_TILE 16
 // gemm_bias_backward_partial: a block of 32 x KILN_GEMM_BIAS_LANES threads sums 256 columns

@@ -239,14 +239,27 @@ mod cuda {
     /// The emulated device runs a kernel thousands of times slower than a GPU: there the tests take
     /// the shapes up to (97, 770, 64) (several tiles, ragged edges) and one with four k steps per
     /// tile (both shared stages refilled), not GPT-2's full widths.
+    /// (136, 200, 200) is one every layout of the wgmma kernel takes (leading dimensions that are
+    /// multiples of 8): 2 x 2 tiles, the last ones ragged, and K in four slices, the last of 8.
     fn shapes(cu: &kiln::backend::cuda::Cuda) -> Vec<(usize, usize, usize)> {
         if cu.is_emulated() {
-            vec![(1, 1, 1), (7, 13, 29), (97, 770, 64), (130, 72, 256)]
+            vec![(1, 1, 1), (7, 13, 29), (97, 770, 64), (130, 72, 256), (136, 200, 200)]
         } else {
-            SHAPES.to_vec()
+            SHAPES.iter().copied().chain([(136, 200, 200)]).collect()
         }
     }
-    const VARIANTS: [GemmVariant; 3] = [GemmVariant::MmaSyncLarge, GemmVariant::MmaSyncSmall, GemmVariant::Naive];
+    /// Every variant the device runs: both mma.sync tiles, the naive reference and, on sm_90 (the
+    /// emulated device is one), the wgmma kernel, persistent over one block per SM and held to two
+    /// blocks. Wgmma takes mma.sync's kernels where TMA cannot read an operand (a leading
+    /// dimension that is not a multiple of 8), as documented; `wgmma_runs_where_tma_can_read`
+    /// checks that it does run its own kernels where it can.
+    fn variants(cu: &kiln::backend::cuda::Cuda) -> Vec<GemmVariant> {
+        let mut v = vec![GemmVariant::MmaSyncLarge, GemmVariant::MmaSyncSmall, GemmVariant::Naive];
+        if cu.compute_capability() == (9, 0) {
+            v.extend([GemmVariant::Wgmma, GemmVariant::WgmmaTwoBlocks]);
+        }
+        v
+    }
     const TRANSPOSES: [(bool, bool); 4] = [(false, false), (false, true), (true, false), (true, true)];
 
     fn round_bf16(v: &[f32]) -> Vec<f32> {
@@ -501,7 +514,7 @@ mod cuda {
     fn gemm_forward_matches_cpu_every_transpose_bias_gelu() {
         let Some(cu) = common::gpu("gemm_forward_matches_cpu_every_transpose_bias_gelu") else { return };
         let mut r = rng(201);
-        for variant in VARIANTS {
+        for variant in variants(cu) {
             for shape in shapes(cu) {
                 for (ta, tb) in TRANSPOSES {
                     for (with_bias, gelu) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -520,7 +533,7 @@ mod cuda {
         let Some(cu) = common::gpu("gemm_matmul_f32_accumulate_matches_cpu") else { return };
         let mut r = rng(202);
         let shapes = shapes(cu).into_iter().chain([(5, 9, 0)]);
-        for variant in VARIANTS {
+        for variant in variants(cu) {
             for (m, n, k) in shapes.clone() {
                 for (ta, tb) in TRANSPOSES {
                     for accumulate in [false, true] {
@@ -631,6 +644,35 @@ mod cuda {
                     assert!(err <= bound, "rows={rows} n={n} [{j}]: {} vs {} (bound {bound:.2e})", got[j], want[j]);
                 }
             }
+        }
+    }
+
+    /// On sm_90 the shipped variant runs the wgmma kernels for each layout TMA can read (the
+    /// emulated device counts the kernels it ran), and refuses nothing the mma.sync path takes.
+    #[test]
+    fn wgmma_runs_where_tma_can_read() {
+        let Some(cu) = common::gpu("wgmma_runs_where_tma_can_read") else { return };
+        let Some(emu) = cu.emulator() else {
+            eprintln!("SKIPPED wgmma_runs_where_tma_can_read: counts launches on the emulated device only");
+            return;
+        };
+        let mut r = rng(205);
+        let (m, n, k) = (136, 200, 200);
+        for (ta, tb) in TRANSPOSES {
+            let a = rand_bf16(&mut r, m * k);
+            let b = rand_bf16(&mut r, k * n);
+            let (da, db) = (cu.upload(&to_bf16(&a)).unwrap(), cu.upload(&to_bf16(&b)).unwrap());
+            let mut out = nan_buffer::<f32>(cu, m * n);
+            gpu::matmul(&mut out, &da, &db, &desc(m, n, k, ta, tb, false), false).unwrap();
+            cu.sync().unwrap();
+            let want = format!("gemm_wgmma_{}{}", if ta { "t" } else { "n" }, if tb { "t" } else { "n" });
+            // Other tests of this binary launch GEMMs concurrently: look for ours among them.
+            let ran: Vec<&str> = emu.take_stats().iter().map(|(kernel, _, _)| kernel.name()).collect();
+            assert!(ran.contains(&want.as_str()), "ta={ta} tb={tb}: expected {want} among {ran:?}");
+            let mut want_out = vec![0f32; m * n];
+            cpu::matmul(&mut want_out, &a, &b, &desc(m, n, k, ta, tb, false), false);
+            let s = scale(&a, &b, None, None, m, n, k, ta, tb);
+            check(&format!("shipped wgmma ta={ta} tb={tb}"), &download(cu, &out), &want_out, &s, k, 0.0, 1.0);
         }
     }
 

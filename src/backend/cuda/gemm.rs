@@ -8,11 +8,13 @@
 //! the bias is bf16, like the weights it sits beside.
 
 use super::tensor::{bf16_in, new_bf16, new_f32, wrap_bf16};
+use super::tma::{Swizzle, TensorMap, Tiled2d};
 use super::{bf16, cuda, DevBuf, DeviceElem, Kernel, LaunchConfig};
 use crate::abi::{
     KILN_GEMM_ACCUMULATE, KILN_GEMM_BIAS_FINISH, KILN_GEMM_BIAS_GROUP, KILN_GEMM_BIAS_LANES, KILN_GEMM_BM,
     KILN_GEMM_BN, KILN_GEMM_GELU, KILN_GEMM_NAIVE_TILE, KILN_GEMM_OUT_F32, KILN_GEMM_SMALL_BM, KILN_GEMM_SMALL_BN,
-    KILN_GEMM_SMALL_THREADS, KILN_GEMM_THREADS,
+    KILN_GEMM_SMALL_THREADS, KILN_GEMM_THREADS, KILN_GEMM_WGMMA_BK, KILN_GEMM_WGMMA_BM, KILN_GEMM_WGMMA_BN,
+    KILN_GEMM_WGMMA_SMEM, KILN_GEMM_WGMMA_THREADS,
 };
 use crate::backend::{Epilogue, GemmDesc};
 use crate::{DType, Error, Result, Tensor};
@@ -28,10 +30,25 @@ const NAIVE_TILE: usize = KILN_GEMM_NAIVE_TILE as usize;
 const FLAG_OUT_F32: i32 = KILN_GEMM_OUT_F32 as i32;
 const FLAG_ACCUMULATE: i32 = KILN_GEMM_ACCUMULATE as i32;
 const FLAG_GELU: i32 = KILN_GEMM_GELU as i32;
+const WG_BM: usize = KILN_GEMM_WGMMA_BM as usize;
+const WG_BN: usize = KILN_GEMM_WGMMA_BN as usize;
+const WG_BK: u32 = KILN_GEMM_WGMMA_BK as u32;
+const WG_THREADS: u32 = KILN_GEMM_WGMMA_THREADS as u32;
+const WG_SMEM: usize = KILN_GEMM_WGMMA_SMEM as usize;
 
 /// Which GEMM kernel runs; `SHIPPED` is the one `matmul` and `matmul_forward` use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmVariant {
+    /// The fastest kernel that can run the product: `Wgmma` on an sm_90 device when TMA can read
+    /// every operand (see `Wgmma`), otherwise `MmaSync`.
+    Best,
+    /// wgmma fed by TMA (gemm_wgmma_*, sm_90 only): persistent 128 x 128 tiles, one block per SM
+    /// at most. TMA reads rows that start 16 bytes apart, so an operand whose leading dimension
+    /// is not a multiple of 8 (and K = 0) takes `MmaSync` instead.
+    Wgmma,
+    /// Wgmma held to a grid of two blocks, so each block walks many tiles through the same ring
+    /// of stages (tests).
+    WgmmaTwoBlocks,
     /// mma.sync m16n8k16 tensor cores with cp.async double buffering (sm_80 and later), the tile
     /// picked per call: 128 x 128 (gemm_mma_*) unless that grid has fewer blocks than the GPU has
     /// SMs, then 64 x 64 (gemm_mma_small_*).
@@ -45,9 +62,8 @@ pub enum GemmVariant {
     Naive,
 }
 
-/// The variant behind `matmul` and `matmul_forward`. A wgmma (sm_90a) variant would join the enum
-/// and be chosen here by compute capability.
-pub const SHIPPED: GemmVariant = GemmVariant::MmaSync;
+/// The variant behind `matmul` and `matmul_forward`.
+pub const SHIPPED: GemmVariant = GemmVariant::Best;
 
 mod sealed {
     pub trait Sealed {}
@@ -140,13 +156,36 @@ pub fn matmul_with<O: GemmOut>(
     let (mi, ni, ki) = (m as i32, n as i32, k as i32);
     // A null device pointer switches the bias or the pre-activation off.
     let null: u64 = 0;
+    let sm90 = cu.compute_capability() == (9, 0);
+    let tma_ok = k > 0 && [a.ptr(), b.ptr()].iter().all(|p| p % 16 == 0) && {
+        // Each operand's row pitch in elements, as stored.
+        let (pa, pb) = (if a_trans { m } else { k }, if b_trans { k } else { n });
+        pa % 8 == 0 && pb % 8 == 0
+    };
+    let variant = match variant {
+        GemmVariant::Best if sm90 && tma_ok => GemmVariant::Wgmma,
+        GemmVariant::Wgmma | GemmVariant::WgmmaTwoBlocks if !sm90 => {
+            return Err(Error::Cuda(format!(
+                "the wgmma GEMM needs an sm_90 GPU; {} is sm_{}{}: use GemmVariant::Best",
+                cu.name(),
+                cu.compute_capability().0,
+                cu.compute_capability().1
+            )))
+        }
+        GemmVariant::Best | GemmVariant::Wgmma | GemmVariant::WgmmaTwoBlocks if !tma_ok => GemmVariant::MmaSync,
+        v => v,
+    };
     let large_blocks = n.div_ceil(BN) * m.div_ceil(BM);
     let variant = match variant {
         GemmVariant::MmaSync if large_blocks < cu.sm_count() => GemmVariant::MmaSyncSmall,
         GemmVariant::MmaSync => GemmVariant::MmaSyncLarge,
         v => v,
     };
+    if let GemmVariant::Wgmma | GemmVariant::WgmmaTwoBlocks = variant {
+        return matmul_wgmma(variant, out, pre, a, b, bias, g, flags);
+    }
     let (kernel, cfg) = match variant {
+        GemmVariant::Best | GemmVariant::Wgmma | GemmVariant::WgmmaTwoBlocks => unreachable!("resolved above"),
         GemmVariant::MmaSyncLarge | GemmVariant::MmaSync => {
             let kernel = match (a_trans, b_trans) {
                 (false, false) => Kernel::GemmMmaNn,
@@ -198,6 +237,69 @@ pub fn matmul_with<O: GemmOut>(
     Ok(())
 }
 
+/// The wgmma launch of `matmul_with` (sm_90, operands TMA can read: checked by the caller): the
+/// tensor maps of A and B as gemm_wgmma_* loads them (128-byte swizzle; a K-major operand in boxes
+/// of 128 rows of 64 k, an MN-major one in boxes of 64 k lines of 64), and a persistent grid.
+#[allow(clippy::too_many_arguments)]
+fn matmul_wgmma<O: GemmOut>(
+    variant: GemmVariant,
+    out: &mut DevBuf<O>,
+    pre: Option<&mut DevBuf<O>>,
+    a: &DevBuf<bf16>,
+    b: &DevBuf<bf16>,
+    bias: Option<&DevBuf<bf16>>,
+    g: &GemmDesc,
+    flags: i32,
+) -> Result<()> {
+    let GemmDesc { m, n, k, .. } = *g;
+    let (a_trans, b_trans) = (g.a.is_t(), g.b.is_t());
+    let cu = cuda()?;
+    // The map of a row-major [rows, cols] operand: K-major when its rows run along K.
+    let map = |ptr: u64, rows: usize, cols: usize, k_major: bool| -> Result<TensorMap> {
+        cu.tensor_map_2d(&Tiled2d {
+            ptr,
+            rows: rows as u64,
+            cols: cols as u64,
+            pitch: cols as u64,
+            box_rows: if k_major { WG_BM as u32 } else { WG_BK },
+            box_cols: 64,
+            swizzle: Swizzle::B128,
+        })
+    };
+    let ma = if a_trans { map(a.ptr(), k, m, false)? } else { map(a.ptr(), m, k, true)? };
+    let mb = if b_trans { map(b.ptr(), n, k, true)? } else { map(b.ptr(), k, n, false)? };
+    let kernel = match (a_trans, b_trans) {
+        (false, false) => Kernel::GemmWgmmaNn,
+        (false, true) => Kernel::GemmWgmmaNt,
+        (true, false) => Kernel::GemmWgmmaTn,
+        (true, true) => Kernel::GemmWgmmaTt,
+    };
+    cu.set_max_dynamic_shared(kernel, WG_SMEM)?;
+    let tiles = m.div_ceil(WG_BM) * n.div_ceil(WG_BN);
+    let blocks = if variant == GemmVariant::WgmmaTwoBlocks { 2 } else { cu.sm_count() };
+    let cfg = LaunchConfig {
+        grid_dim: (tiles.min(blocks) as u32, 1, 1),
+        block_dim: (WG_THREADS, 1, 1),
+        shared_mem_bytes: WG_SMEM as u32,
+    };
+    let null: u64 = 0;
+    let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+    let mut l = cu.launch_builder(kernel);
+    l.arg(out);
+    match pre {
+        Some(p) => l.arg(p),
+        None => l.arg(&null),
+    };
+    match bias {
+        Some(bias) => l.arg(bias),
+        None => l.arg(&null),
+    };
+    l.arg(&ma).arg(&mb).arg(&mi).arg(&ni).arg(&ki).arg(&flags);
+    // SAFETY: the arguments are the kernel's, in its parameter order; the maps describe a and b with the lengths the caller checked, and they outlive the launch (the maps are copied into the launch's parameters).
+    unsafe { l.launch(cfg) }?;
+    Ok(())
+}
+
 /// out[m, n] (+)= op(A)[m, k] @ op(B)[k, n] as `g` describes (its epilogue is not applied:
 /// `matmul_forward` does that); accumulates into `out` when `accumulate` is true.
 pub fn matmul<O: GemmOut>(
@@ -240,8 +342,9 @@ pub fn matmul_nf4<O: GemmOut>(
     matmul_nf4_with(SHIPPED, out, pre, x, w, bias, g)
 }
 
-/// `matmul_nf4` with the tile chosen by `variant` (MmaSync: by the grid's size, as `matmul_with`;
-/// MmaSyncLarge or MmaSyncSmall: that one; Naive has no NF4 form and is refused).
+/// `matmul_nf4` with the tile chosen by `variant` (Best or MmaSync: by the grid's size, as
+/// `matmul_with`'s mma.sync; MmaSyncLarge or MmaSyncSmall: that one; Naive and the wgmma variants
+/// have no NF4 form and are refused).
 pub fn matmul_nf4_with<O: GemmOut>(
     variant: GemmVariant,
     out: &mut DevBuf<O>,
@@ -271,11 +374,15 @@ pub fn matmul_nf4_with<O: GemmOut>(
     let flags = O::FLAGS | if pre.is_some() { FLAG_GELU } else { 0 };
     let cu = cuda()?;
     let small = match variant {
-        GemmVariant::MmaSync => n.div_ceil(BN) * m.div_ceil(BM) < cu.sm_count(),
+        // No wgmma form of the NF4 kernels yet: Best takes mma.sync's choice of tile.
+        GemmVariant::Best | GemmVariant::MmaSync => n.div_ceil(BN) * m.div_ceil(BM) < cu.sm_count(),
         GemmVariant::MmaSyncSmall => true,
         GemmVariant::MmaSyncLarge => false,
-        GemmVariant::Naive => {
-            return Err(Error::Shape { op: OP, msg: "the naive GEMM has no NF4 form: use an mma.sync variant".into() })
+        GemmVariant::Naive | GemmVariant::Wgmma | GemmVariant::WgmmaTwoBlocks => {
+            return Err(Error::Shape {
+                op: OP,
+                msg: format!("{variant:?} has no NF4 form: use an mma.sync variant (or Best)"),
+            })
         }
     };
     let (kernel, cfg) = match (small, g.b.is_t()) {
