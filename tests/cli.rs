@@ -124,7 +124,7 @@ fn bench_predict_prints_the_step_floor() {
     ]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    for needle in ["attention_backward_dkdv", "gemm_wgmma", "step floor:", "tokens/s", "llm.c", "not a measurement"] {
+    for needle in ["attention_backward_dkdv", "gemm_mma", "step floor:", "tokens/s", "llm.c", "not a measurement"] {
         assert!(t.contains(needle), "predict output lacks '{needle}':\n{t}");
     }
     let floor_ms: f64 = t

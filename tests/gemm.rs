@@ -249,8 +249,8 @@ mod cuda {
         }
     }
     /// Every variant the device runs: both mma.sync tiles, the naive reference and, on sm_90 (the
-    /// emulated device is one), the wgmma kernel, persistent over one block per SM and held to two
-    /// blocks. Wgmma takes mma.sync's kernels where TMA cannot read an operand (a leading
+    /// emulated device is one), the wgmma kernel, with its own grid (one block per SM on a GPU, one
+    /// per tile on the emulated device) and held to two blocks, which walk several tiles each. Wgmma takes mma.sync's kernels where TMA cannot read an operand (a leading
     /// dimension that is not a multiple of 8), as documented; `wgmma_runs_where_tma_can_read`
     /// checks that it does run its own kernels where it can.
     fn variants(cu: &kiln::backend::cuda::Cuda) -> Vec<GemmVariant> {
@@ -647,8 +647,42 @@ mod cuda {
         }
     }
 
-    /// On sm_90 the shipped variant runs the wgmma kernels for each layout TMA can read (the
-    /// emulated device counts the kernels it ran), and refuses nothing the mma.sync path takes.
+    /// Which kernel each variant launches (`gpu::resolve`, what `matmul_with` asks): Best takes
+    /// wgmma on sm_90 for GPT-2's large products, mma.sync where TMA cannot read an operand (the
+    /// vocabulary of 50257 as a leading dimension, a misaligned address, K = 0), where 128 x 128
+    /// tiles would leave SMs idle, and on other GPUs; a forced wgmma variant is refused off sm_90.
+    #[test]
+    fn variants_resolve_to_the_kernel_each_shape_allows() {
+        use GemmVariant::*;
+        let (h100, a100) = ((9, 0), (8, 0));
+        let g = |m, n, k, ta, tb| desc(m, n, k, ta, tb, false);
+        let cases = [
+            (Best, h100, g(8192, 2304, 768, false, false), 0, Wgmma),
+            (Best, h100, g(8192, 768, 3072, false, true), 0, Wgmma),
+            (Best, h100, g(3072, 768, 8192, true, false), 0, Wgmma),
+            // c_proj's weight gradient: 36 tiles of 128 x 128 for 132 SMs.
+            (Best, h100, g(768, 768, 8192, true, false), 0, MmaSyncSmall),
+            // lm_head's input gradient reads dlogits [8192, 50257]: rows not 16-byte aligned.
+            (Best, h100, g(8192, 768, 50257, false, false), 0, MmaSyncLarge),
+            (Best, h100, g(8192, 2304, 768, false, false), 8, MmaSyncLarge),
+            (Best, a100, g(8192, 2304, 768, false, false), 0, MmaSyncLarge),
+            (Wgmma, h100, g(136, 200, 200, true, true), 0, Wgmma),
+            (WgmmaTwoBlocks, h100, g(136, 200, 200, false, false), 0, WgmmaTwoBlocks),
+            (Wgmma, h100, g(7, 13, 29, false, false), 0, MmaSyncSmall),
+            (Wgmma, h100, g(5, 9, 0, false, false), 0, MmaSyncSmall),
+            (MmaSync, h100, g(8192, 2304, 768, false, false), 0, MmaSyncLarge),
+            (Naive, h100, g(8192, 2304, 768, false, false), 0, Naive),
+        ];
+        for (variant, cc, d, misalign, want) in cases {
+            let got = gpu::resolve(variant, cc, 132, &d, 1 << 20, (1 << 21) + misalign).unwrap();
+            assert_eq!(got, want, "{variant:?} on sm_{}{} for {d:?} (B misaligned by {misalign})", cc.0, cc.1);
+        }
+        let e = gpu::resolve(Wgmma, (8, 6), 84, &g(256, 256, 256, false, false), 0, 0).unwrap_err();
+        assert!(e.contains("sm_90") && e.contains("Best"), "{e}");
+    }
+
+    /// The wgmma variant runs its own kernels for every layout TMA can read (the emulated device
+    /// counts the kernels it ran), with the shipped epilogue's results.
     #[test]
     fn wgmma_runs_where_tma_can_read() {
         let Some(cu) = common::gpu("wgmma_runs_where_tma_can_read") else { return };
@@ -663,16 +697,17 @@ mod cuda {
             let b = rand_bf16(&mut r, k * n);
             let (da, db) = (cu.upload(&to_bf16(&a)).unwrap(), cu.upload(&to_bf16(&b)).unwrap());
             let mut out = nan_buffer::<f32>(cu, m * n);
-            gpu::matmul(&mut out, &da, &db, &desc(m, n, k, ta, tb, false), false).unwrap();
+            let d = desc(m, n, k, ta, tb, false);
+            gpu::matmul_with(GemmVariant::Wgmma, &mut out, None, &da, &db, None, &d, false).unwrap();
             cu.sync().unwrap();
             let want = format!("gemm_wgmma_{}{}", if ta { "t" } else { "n" }, if tb { "t" } else { "n" });
             // Other tests of this binary launch GEMMs concurrently: look for ours among them.
             let ran: Vec<&str> = emu.take_stats().iter().map(|(kernel, _, _)| kernel.name()).collect();
             assert!(ran.contains(&want.as_str()), "ta={ta} tb={tb}: expected {want} among {ran:?}");
             let mut want_out = vec![0f32; m * n];
-            cpu::matmul(&mut want_out, &a, &b, &desc(m, n, k, ta, tb, false), false);
+            cpu::matmul(&mut want_out, &a, &b, &d, false);
             let s = scale(&a, &b, None, None, m, n, k, ta, tb);
-            check(&format!("shipped wgmma ta={ta} tb={tb}"), &download(cu, &out), &want_out, &s, k, 0.0, 1.0);
+            check(&format!("wgmma ta={ta} tb={tb}"), &download(cu, &out), &want_out, &s, k, 0.0, 1.0);
         }
     }
 

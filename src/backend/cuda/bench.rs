@@ -9,6 +9,7 @@
 //! (never zeros, which can run faster than real data) and each memory-bound kernel's working set
 //! is several times the L2 so repetitions do not measure the cache.
 
+use super::gemm::GemmVariant;
 use super::{bf16, cuda, Cuda, DevBuf, DeviceElem};
 use crate::backend::AttnDims;
 use crate::backend::GemmDesc;
@@ -227,7 +228,35 @@ pub fn gemm_rows(cu: &Cuda, _copy: f64) -> Result<Vec<Row>> {
             unit: "TF/s",
             ceiling,
             ceiling_name: name,
-            target: Some(0.70),
+            target: Some(0.95),
+        });
+    }
+    // The backward layouts at 4096^3 (dX = dY W^T reads B stored [n, k]; dW = X^T dY reads A
+    // stored [k, m]), against cuBLAS' rate for the forward layout; and on sm_90 the mma.sync kernel
+    // that Best replaces there, so one run shows what wgmma gains.
+    let (ceiling, ceiling_name) = (rows[0].ceiling, format!("{} nn", rows[0].ceiling_name));
+    let s = 4096;
+    let a = random_bf16(cu, s * s, 11)?;
+    let b = random_bf16(cu, s * s, 12)?;
+    let mut c = cu.alloc::<bf16>(s * s)?;
+    let mut extra = vec![
+        ("gemm (square, dX layout nt)", GemmVariant::Best, GemmDesc::nt(s, s, s)),
+        ("gemm (square, dW layout tn)", GemmVariant::Best, GemmDesc::tn(s, s, s)),
+    ];
+    if cu.compute_capability() == (9, 0) {
+        extra.push(("gemm mma.sync (square)", GemmVariant::MmaSync, GemmDesc::nn(s, s, s)));
+    }
+    for (what, variant, g) in extra {
+        let ms = time_ms(cu, 3, 20, || super::gemm::matmul_with(variant, &mut c, None, &a, &b, None, &g, false))?;
+        rows.push(Row {
+            kernel: what.into(),
+            shape: format!("{s}x{s}x{s}"),
+            ms,
+            achieved: 2.0 * (s * s * s) as f64 / (ms * 1e-3) / 1e12,
+            unit: "TF/s",
+            ceiling,
+            ceiling_name: ceiling_name.clone(),
+            target: Some(0.95),
         });
     }
     Ok(rows)

@@ -40,7 +40,7 @@ const WG_SMEM: usize = KILN_GEMM_WGMMA_SMEM as usize;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmVariant {
     /// The fastest kernel that can run the product: `Wgmma` on an sm_90 device when TMA can read
-    /// every operand (see `Wgmma`), otherwise `MmaSync`.
+    /// every operand (see `Wgmma`) and its tiles fill the SMs, otherwise `MmaSync`.
     Best,
     /// wgmma fed by TMA (gemm_wgmma_*, sm_90 only): persistent 128 x 128 tiles, one block per SM
     /// at most. TMA reads rows that start 16 bytes apart, so an operand whose leading dimension
@@ -156,37 +156,17 @@ pub fn matmul_with<O: GemmOut>(
     let (mi, ni, ki) = (m as i32, n as i32, k as i32);
     // A null device pointer switches the bias or the pre-activation off.
     let null: u64 = 0;
-    let sm90 = cu.compute_capability() == (9, 0);
-    let tma_ok = k > 0 && [a.ptr(), b.ptr()].iter().all(|p| p % 16 == 0) && {
-        // Each operand's row pitch in elements, as stored.
-        let (pa, pb) = (if a_trans { m } else { k }, if b_trans { k } else { n });
-        pa % 8 == 0 && pb % 8 == 0
-    };
-    let variant = match variant {
-        GemmVariant::Best if sm90 && tma_ok => GemmVariant::Wgmma,
-        GemmVariant::Wgmma | GemmVariant::WgmmaTwoBlocks if !sm90 => {
-            return Err(Error::Cuda(format!(
-                "the wgmma GEMM needs an sm_90 GPU; {} is sm_{}{}: use GemmVariant::Best",
-                cu.name(),
-                cu.compute_capability().0,
-                cu.compute_capability().1
-            )))
-        }
-        GemmVariant::Best | GemmVariant::Wgmma | GemmVariant::WgmmaTwoBlocks if !tma_ok => GemmVariant::MmaSync,
-        v => v,
-    };
-    let large_blocks = n.div_ceil(BN) * m.div_ceil(BM);
-    let variant = match variant {
-        GemmVariant::MmaSync if large_blocks < cu.sm_count() => GemmVariant::MmaSyncSmall,
-        GemmVariant::MmaSync => GemmVariant::MmaSyncLarge,
-        v => v,
-    };
+    let variant = resolve(variant, cu.compute_capability(), cu.sm_count(), g, a.ptr(), b.ptr()).map_err(|why| {
+        Error::Cuda(format!("{why}; {} is sm_{}{}", cu.name(), cu.compute_capability().0, cu.compute_capability().1))
+    })?;
     if let GemmVariant::Wgmma | GemmVariant::WgmmaTwoBlocks = variant {
         return matmul_wgmma(variant, out, pre, a, b, bias, g, flags);
     }
     let (kernel, cfg) = match variant {
-        GemmVariant::Best | GemmVariant::Wgmma | GemmVariant::WgmmaTwoBlocks => unreachable!("resolved above"),
-        GemmVariant::MmaSyncLarge | GemmVariant::MmaSync => {
+        GemmVariant::Best | GemmVariant::Wgmma | GemmVariant::WgmmaTwoBlocks | GemmVariant::MmaSync => {
+            unreachable!("resolve() returns a kernel")
+        }
+        GemmVariant::MmaSyncLarge => {
             let kernel = match (a_trans, b_trans) {
                 (false, false) => Kernel::GemmMmaNn,
                 (false, true) => Kernel::GemmMmaNt,
@@ -237,6 +217,44 @@ pub fn matmul_with<O: GemmOut>(
     Ok(())
 }
 
+/// The kernel `matmul_with(variant, ..)` launches for `g` on a device of compute capability `cc`
+/// with `sms` SMs, A and B at device addresses `a_ptr` and `b_ptr`: Wgmma, WgmmaTwoBlocks,
+/// MmaSyncLarge, MmaSyncSmall or Naive. Best takes Wgmma on sm_90 when TMA can read both
+/// operands (16-byte aligned rows: leading dimensions that are multiples of 8, and K > 0) and its
+/// 128 x 128 tiles fill the SMs; a product with fewer tiles (a narrow layer's weight gradient,
+/// long in K) goes to mma.sync, whose 64 x 64 tiles give four times the blocks, until the wgmma
+/// kernel splits K. A wgmma variant takes mma.sync where TMA cannot read an operand, and is
+/// refused (the reason in the error) on a device that is not sm_90. MmaSync takes the 128 x 128
+/// tile unless that grid has fewer blocks than the device has SMs.
+pub fn resolve(
+    variant: GemmVariant,
+    cc: (i32, i32),
+    sms: usize,
+    g: &GemmDesc,
+    a_ptr: u64,
+    b_ptr: u64,
+) -> std::result::Result<GemmVariant, String> {
+    use GemmVariant::*;
+    let GemmDesc { m, n, k, .. } = *g;
+    let sm90 = cc == (9, 0);
+    // Each operand's row pitch in elements, as stored.
+    let (pa, pb) = (if g.a.is_t() { m } else { k }, if g.b.is_t() { k } else { n });
+    let tma_ok = k > 0 && a_ptr % 16 == 0 && b_ptr % 16 == 0 && pa % 8 == 0 && pb % 8 == 0;
+    let fills = m.div_ceil(WG_BM) * n.div_ceil(WG_BN) >= sms;
+    let variant = match variant {
+        Wgmma | WgmmaTwoBlocks if !sm90 => return Err(format!("the {variant:?} GEMM needs an sm_90 GPU: use Best")),
+        Best if sm90 && tma_ok && fills => Wgmma,
+        Best => MmaSync,
+        Wgmma | WgmmaTwoBlocks if !tma_ok => MmaSync,
+        v => v,
+    };
+    Ok(match variant {
+        MmaSync if n.div_ceil(BN) * m.div_ceil(BM) < sms => MmaSyncSmall,
+        MmaSync => MmaSyncLarge,
+        v => v,
+    })
+}
+
 /// The wgmma launch of `matmul_with` (sm_90, operands TMA can read: checked by the caller): the
 /// tensor maps of A and B as gemm_wgmma_* loads them (128-byte swizzle; a K-major operand in boxes
 /// of 128 rows of 64 k, an MN-major one in boxes of 64 k lines of 64), and a persistent grid.
@@ -276,7 +294,14 @@ fn matmul_wgmma<O: GemmOut>(
     };
     cu.set_max_dynamic_shared(kernel, WG_SMEM)?;
     let tiles = m.div_ceil(WG_BM) * n.div_ceil(WG_BN);
-    let blocks = if variant == GemmVariant::WgmmaTwoBlocks { 2 } else { cu.sm_count() };
+    // One block per SM on a GPU. The emulated device runs blocks one after another on its
+    // workers, so there a block per tile costs the same and lets `--predict` sample tiles rather
+    // than whole walks of them; WgmmaTwoBlocks keeps the walk under test.
+    let blocks = match variant {
+        GemmVariant::WgmmaTwoBlocks => 2,
+        _ if cu.is_emulated() => tiles,
+        _ => cu.sm_count(),
+    };
     let cfg = LaunchConfig {
         grid_dim: (tiles.min(blocks) as u32, 1, 1),
         block_dim: (WG_THREADS, 1, 1),

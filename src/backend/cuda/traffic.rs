@@ -66,8 +66,7 @@ pub fn run() -> Result<Vec<(Kernel, u64, super::emu::LaunchStats)>> {
 fn workload(cu: &Cuda) -> Result<()> {
     let (tokens, c, nh, t, v) = (512usize, 256usize, 4usize, 256usize, 4096usize);
     let b = tokens / t;
-    // GEMM: every transpose pair at a large-tile shape ([512, 768] = [512, 256] x [256, 768]),
-    // and the small-tile path.
+    // GEMM: every transpose pair through the shipped variant ([512, 768] = [512, 256] x [256, 768]),
     let (m, n, k) = (tokens, 3 * c, c);
     let a_mk = random_bf16(cu, m * k, 1)?;
     let b_kn = random_bf16(cu, k * n, 2)?;
@@ -82,10 +81,31 @@ fn workload(cu: &Cuda) -> Result<()> {
             false,
         )?;
     }
+    // The mma.sync kernels, which the shipped variant replaces with wgmma on the (sm_90) emulated
+    // device: the large tile at the same shape, and the small tile.
+    gemm::matmul_with(
+        gemm::GemmVariant::MmaSyncLarge,
+        &mut out_mn,
+        None,
+        &a_mk,
+        &b_kn,
+        None,
+        &GemmDesc::nn(m, n, k),
+        false,
+    )?;
     let small_a = random_bf16(cu, 64 * c, 3)?;
     let small_b = random_bf16(cu, c * 64, 4)?;
     let mut small = cu.alloc::<f32>(64 * 64)?;
-    gemm::matmul(&mut small, &small_a, &small_b, &GemmDesc::nn(64, 64, c), false)?;
+    gemm::matmul_with(
+        gemm::GemmVariant::MmaSyncSmall,
+        &mut small,
+        None,
+        &small_a,
+        &small_b,
+        None,
+        &GemmDesc::nn(64, 64, c),
+        false,
+    )?;
     let dout = random_bf16(cu, tokens * c, 5)?;
     let mut dbias = cu.alloc::<f32>(c)?;
     gemm::bias_backward(&mut dbias, &dout, c)?;
