@@ -14,8 +14,12 @@
 // swizzle of `span` bytes (32, 64 or 128) a row of K elements spans `span` bytes, 8 rows make an
 // atom of 8 * span bytes (aligned to its size), atoms follow each other `sbo` bytes apart down
 // the rows, and the 16-byte chunks are permuted: address bits 4.. XOR bits 7.. (3 bits for 128B,
-// 2 for 64B, 1 for 32B). Without a swizzle each core matrix is 128 contiguous bytes, the next one in K `lbo` bytes on and the next 8 rows `sbo` bytes on. TMA
-// writes the same swizzle when its tensor map names it.
+// 2 for 64B, 1 for 32B). Without a swizzle each core matrix is 128 contiguous bytes, the next
+// one in K `lbo` bytes on and the next 8 rows `sbo` bytes on. An MN-major operand (a tile stored
+// with M or N contiguous, as TMA lands a [k, n] matrix) turns the roles: a line of the atom holds
+// span / 2 elements of M or N for one k, 8 lines (8 k) make the atom, `lbo` steps to the next
+// span / 2 of M or N and `sbo` to the next 8 k (mnmajor_offset). TMA writes the same swizzle when
+// its tensor map names it.
 #pragma once
 #include "common.cuh"
 

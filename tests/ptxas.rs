@@ -111,3 +111,20 @@ fn exceptions_name_real_kernels() {
         assert!(why.len() > 20, "{name}: say why its stack frame is acceptable");
     }
 }
+
+/// ptxas keeps wgmma asynchronous: where it cannot (an accumulator touched while a wgmma is in
+/// flight, a call between issue and wait) it says "wgmma.mma_async instructions are serialized"
+/// and the Hopper kernels lose their overlap of math and copies without failing a test.
+#[test]
+fn no_wgmma_is_serialized() {
+    let serialized: Vec<&str> =
+        PTXAS_REPORT.lines().filter(|l| l.contains("wgmma") && l.contains("serialized")).collect();
+    assert!(serialized.is_empty(), "ptxas serialized wgmma:\n{}", serialized.join("\n"));
+    if ARCHS.split(',').any(|a| a.trim() == "90a") {
+        let report = parse(PTXAS_REPORT);
+        assert!(
+            report.contains_key(&("gemm_wgmma_nn".to_string(), "sm_90a".to_string())),
+            "gemm_wgmma_nn not built for sm_90a"
+        );
+    }
+}
