@@ -255,7 +255,7 @@ mod cuda {
     /// checks that it does run its own kernels where it can.
     fn variants(cu: &kiln::backend::cuda::Cuda) -> Vec<GemmVariant> {
         let mut v = vec![GemmVariant::MmaSyncLarge, GemmVariant::MmaSyncSmall, GemmVariant::Naive];
-        if cu.compute_capability() == (9, 0) {
+        if gpu::runs_wgmma(cu) {
             v.extend([GemmVariant::Wgmma, GemmVariant::WgmmaTwoBlocks]);
         }
         v
@@ -654,7 +654,8 @@ mod cuda {
     #[test]
     fn variants_resolve_to_the_kernel_each_shape_allows() {
         use GemmVariant::*;
-        let (h100, a100) = ((9, 0), (8, 0));
+        // Whether the device runs the wgmma kernels (gpu::runs_wgmma: sm_90 with sm_90a code).
+        let (h100, a100) = (true, false);
         let g = |m, n, k, ta, tb| desc(m, n, k, ta, tb, false);
         let cases = [
             (Best, h100, g(8192, 2304, 768, false, false), 0, Wgmma),
@@ -673,12 +674,12 @@ mod cuda {
             (MmaSync, h100, g(8192, 2304, 768, false, false), 0, MmaSyncLarge),
             (Naive, h100, g(8192, 2304, 768, false, false), 0, Naive),
         ];
-        for (variant, cc, d, misalign, want) in cases {
-            let got = gpu::resolve(variant, cc, 132, &d, 1 << 20, (1 << 21) + misalign).unwrap();
-            assert_eq!(got, want, "{variant:?} on sm_{}{} for {d:?} (B misaligned by {misalign})", cc.0, cc.1);
+        for (variant, wg, d, misalign, want) in cases {
+            let got = gpu::resolve(variant, wg, 132, &d, 1 << 20, (1 << 21) + misalign).unwrap();
+            assert_eq!(got, want, "{variant:?} (wgmma device: {wg}) for {d:?} (B misaligned by {misalign})");
         }
-        let e = gpu::resolve(Wgmma, (8, 6), 84, &g(256, 256, 256, false, false), 0, 0).unwrap_err();
-        assert!(e.contains("sm_90") && e.contains("Best"), "{e}");
+        let e = gpu::resolve(Wgmma, a100, 84, &g(256, 256, 256, false, false), 0, 0).unwrap_err();
+        assert!(e.contains("sm_90a") && e.contains("Best"), "{e}");
     }
 
     /// The wgmma variant runs its own kernels for every layout TMA can read (the emulated device

@@ -243,7 +243,7 @@ pub fn gemm_rows(cu: &Cuda, _copy: f64) -> Result<Vec<Row>> {
         ("gemm (square, dX layout nt)", GemmVariant::Best, GemmDesc::nt(s, s, s)),
         ("gemm (square, dW layout tn)", GemmVariant::Best, GemmDesc::tn(s, s, s)),
     ];
-    if cu.compute_capability() == (9, 0) {
+    if super::gemm::runs_wgmma(cu) {
         extra.push(("gemm mma.sync (square)", GemmVariant::MmaSync, GemmDesc::nn(s, s, s)));
     }
     for (what, variant, g) in extra {

@@ -156,8 +156,13 @@ pub fn matmul_with<O: GemmOut>(
     let (mi, ni, ki) = (m as i32, n as i32, k as i32);
     // A null device pointer switches the bias or the pre-activation off.
     let null: u64 = 0;
-    let variant = resolve(variant, cu.compute_capability(), cu.sm_count(), g, a.ptr(), b.ptr()).map_err(|why| {
-        Error::Cuda(format!("{why}; {} is sm_{}{}", cu.name(), cu.compute_capability().0, cu.compute_capability().1))
+    let variant = resolve(variant, runs_wgmma(cu), cu.sm_count(), g, a.ptr(), b.ptr()).map_err(|why| {
+        let (major, minor) = cu.compute_capability();
+        Error::Cuda(format!(
+            "{why}; {} is sm_{major}{minor}, this build has machine code for sm_{{{}}}",
+            cu.name(),
+            super::ARCHS
+        ))
     })?;
     if let GemmVariant::Wgmma | GemmVariant::WgmmaTwoBlocks = variant {
         return matmul_wgmma(variant, out, pre, a, b, bias, g, flags);
@@ -217,18 +222,24 @@ pub fn matmul_with<O: GemmOut>(
     Ok(())
 }
 
-/// The kernel `matmul_with(variant, ..)` launches for `g` on a device of compute capability `cc`
-/// with `sms` SMs, A and B at device addresses `a_ptr` and `b_ptr`: Wgmma, WgmmaTwoBlocks,
-/// MmaSyncLarge, MmaSyncSmall or Naive. Best takes Wgmma on sm_90 when TMA can read both
+/// Whether `cu` runs the gemm_wgmma_* kernels: the emulated device, or an sm_90 GPU with a build
+/// that compiled sm_90a machine code (elsewhere the kernels are compiled to a trap).
+pub fn runs_wgmma(cu: &super::Cuda) -> bool {
+    cu.is_emulated() || (cu.compute_capability() == (9, 0) && super::ARCHS.split(',').any(|a| a.trim() == "90a"))
+}
+
+/// The kernel `matmul_with(variant, ..)` launches for `g` on a device that runs the wgmma kernels
+/// or not (`wgmma`: `runs_wgmma`), with `sms` SMs, A and B at device addresses `a_ptr` and `b_ptr`:
+/// Wgmma, WgmmaTwoBlocks, MmaSyncLarge, MmaSyncSmall or Naive. Best takes Wgmma on such a device when TMA can read both
 /// operands (16-byte aligned rows: leading dimensions that are multiples of 8, and K > 0) and its
 /// 128 x 128 tiles fill the SMs; a product with fewer tiles (a narrow layer's weight gradient,
 /// long in K) goes to mma.sync, whose 64 x 64 tiles give four times the blocks, until the wgmma
 /// kernel splits K. A wgmma variant takes mma.sync where TMA cannot read an operand, and is
-/// refused (the reason in the error) on a device that is not sm_90. MmaSync takes the 128 x 128
-/// tile unless that grid has fewer blocks than the device has SMs.
+/// refused (the reason in the error) elsewhere. MmaSync takes the 128 x 128 tile unless that grid
+/// has fewer blocks than the device has SMs.
 pub fn resolve(
     variant: GemmVariant,
-    cc: (i32, i32),
+    wgmma: bool,
     sms: usize,
     g: &GemmDesc,
     a_ptr: u64,
@@ -236,14 +247,17 @@ pub fn resolve(
 ) -> std::result::Result<GemmVariant, String> {
     use GemmVariant::*;
     let GemmDesc { m, n, k, .. } = *g;
-    let sm90 = cc == (9, 0);
     // Each operand's row pitch in elements, as stored.
     let (pa, pb) = (if g.a.is_t() { m } else { k }, if g.b.is_t() { k } else { n });
     let tma_ok = k > 0 && a_ptr % 16 == 0 && b_ptr % 16 == 0 && pa % 8 == 0 && pb % 8 == 0;
     let fills = m.div_ceil(WG_BM) * n.div_ceil(WG_BN) >= sms;
     let variant = match variant {
-        Wgmma | WgmmaTwoBlocks if !sm90 => return Err(format!("the {variant:?} GEMM needs an sm_90 GPU: use Best")),
-        Best if sm90 && tma_ok && fills => Wgmma,
+        Wgmma | WgmmaTwoBlocks if !wgmma => {
+            return Err(format!(
+                "the {variant:?} GEMM needs an sm_90 GPU and sm_90a machine code (KILN_CUDA_ARCHS with 90a): use Best"
+            ))
+        }
+        Best if wgmma && tma_ok && fills => Wgmma,
         Best => MmaSync,
         Wgmma | WgmmaTwoBlocks if !tma_ok => MmaSync,
         v => v,
