@@ -42,9 +42,10 @@ pub enum GemmVariant {
     /// The fastest kernel that can run the product: `Wgmma` on an sm_90 device when TMA can read
     /// every operand (see `Wgmma`) and its tiles fill the SMs, otherwise `MmaSync`.
     Best,
-    /// wgmma fed by TMA (gemm_wgmma_*, sm_90 only): persistent 128 x 128 tiles, one block per SM
-    /// at most. TMA reads rows that start 16 bytes apart, so an operand whose leading dimension
-    /// is not a multiple of 8 (and K = 0) takes `MmaSync` instead.
+    /// wgmma fed by TMA (gemm_wgmma_*, sm_90 only): persistent 128 x 128 tiles, one block per SM at
+    /// most on a GPU (one per tile on the emulated device). TMA reads rows that start 16 bytes
+    /// apart, so an operand whose leading dimension is not a multiple of 8 (and K = 0) takes
+    /// `MmaSync` instead.
     Wgmma,
     /// Wgmma held to a grid of two blocks, so each block walks many tiles through the same ring
     /// of stages (tests).
@@ -230,13 +231,13 @@ pub fn runs_wgmma(cu: &super::Cuda) -> bool {
 
 /// The kernel `matmul_with(variant, ..)` launches for `g` on a device that runs the wgmma kernels
 /// or not (`wgmma`: `runs_wgmma`), with `sms` SMs, A and B at device addresses `a_ptr` and `b_ptr`:
-/// Wgmma, WgmmaTwoBlocks, MmaSyncLarge, MmaSyncSmall or Naive. Best takes Wgmma on such a device when TMA can read both
-/// operands (16-byte aligned rows: leading dimensions that are multiples of 8, and K > 0) and its
-/// 128 x 128 tiles fill the SMs; a product with fewer tiles (a narrow layer's weight gradient,
-/// long in K) goes to mma.sync, whose 64 x 64 tiles give four times the blocks, until the wgmma
-/// kernel splits K. A wgmma variant takes mma.sync where TMA cannot read an operand, and is
-/// refused (the reason in the error) elsewhere. MmaSync takes the 128 x 128 tile unless that grid
-/// has fewer blocks than the device has SMs.
+/// Wgmma, WgmmaTwoBlocks, MmaSyncLarge, MmaSyncSmall or Naive. Best takes Wgmma on such a device
+/// when TMA can read both operands (16-byte aligned rows: leading dimensions that are multiples of
+/// 8, and K > 0) and its 128 x 128 tiles fill the SMs; a product with fewer tiles (a narrow layer's
+/// weight gradient, long in K) goes to mma.sync, whose 64 x 64 tiles give four times the blocks,
+/// until the wgmma kernel splits K. A wgmma variant takes mma.sync where TMA cannot read an
+/// operand, and is refused (the reason in the error) elsewhere. MmaSync takes the 128 x 128 tile
+/// unless that grid has fewer blocks than the device has SMs.
 pub fn resolve(
     variant: GemmVariant,
     wgmma: bool,
