@@ -263,11 +263,17 @@ pub fn resolve(
         Wgmma | WgmmaTwoBlocks if !tma_ok => MmaSync,
         v => v,
     };
-    Ok(match variant {
-        MmaSync if n.div_ceil(BN) * m.div_ceil(BM) < sms => MmaSyncSmall,
-        MmaSync => MmaSyncLarge,
-        v => v,
-    })
+    Ok(if variant == MmaSync { mma_tile(m, n, sms) } else { variant })
+}
+
+/// MmaSync's tile for an m x n output on `sms` SMs: 128 x 128 unless that grid has fewer blocks
+/// than the SMs, then 64 x 64 (the NF4 kernels choose the same way).
+fn mma_tile(m: usize, n: usize, sms: usize) -> GemmVariant {
+    if n.div_ceil(BN) * m.div_ceil(BM) < sms {
+        GemmVariant::MmaSyncSmall
+    } else {
+        GemmVariant::MmaSyncLarge
+    }
 }
 
 /// The wgmma launch of `matmul_with` (sm_90, operands TMA can read: checked by the caller): the
@@ -415,7 +421,7 @@ pub fn matmul_nf4_with<O: GemmOut>(
     let cu = cuda()?;
     let small = match variant {
         // No wgmma form of the NF4 kernels yet: Best takes mma.sync's choice of tile.
-        GemmVariant::Best | GemmVariant::MmaSync => n.div_ceil(BN) * m.div_ceil(BM) < cu.sm_count(),
+        GemmVariant::Best | GemmVariant::MmaSync => mma_tile(m, n, cu.sm_count()) == GemmVariant::MmaSyncSmall,
         GemmVariant::MmaSyncSmall => true,
         GemmVariant::MmaSyncLarge => false,
         GemmVariant::Naive | GemmVariant::Wgmma | GemmVariant::WgmmaTwoBlocks => {
