@@ -154,11 +154,11 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a
 #endif
 }
 
-// Copy the ROWS x COLS tile at (row0, col0) of the row-major matrix g [rows, cols] into shared
-// memory s (row pitch PITCH), zero outside the matrix. Whole in-bounds 16-byte-aligned chunks go
+// Copy the ROWS x COLS tile at (row0, col0) of the row-major matrix g [rows, cols] (rows `pitch`
+// elements apart, pitch >= cols) into shared memory s (row pitch PITCH), zero outside the matrix. Whole in-bounds 16-byte-aligned chunks go
 // by cp.async; any other chunk element by element (synchronous, bounds-checked).
 template <int THREADS, int ROWS, int COLS, int PITCH>
-__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, int rows, int cols, int row0, int col0) {
+__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, int rows, int cols, int pitch, int row0, int col0) {
     constexpr int CPR = COLS / 8;  // 16-byte chunks per tile row
     constexpr int CHUNKS = ROWS * CPR;
     static_assert(COLS % 8 == 0 && CHUNKS % THREADS == 0, "whole chunks, the same count per thread");
@@ -171,7 +171,7 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, int rows, int 
         const int gc = col0 + cc;
         bf16* dst = s + r * PITCH + cc;
         const bool row_ok = gr < rows;
-        const bf16* src = g + (row_ok ? static_cast<int64_t>(gr) * cols + gc : 0);
+        const bf16* src = g + (row_ok ? static_cast<int64_t>(gr) * pitch + gc : 0);
         if (row_ok && gc + 8 <= cols && (reinterpret_cast<uintptr_t>(src) & 15) == 0) {
             cp_async16(dst, src);
         } else {
@@ -310,7 +310,8 @@ __device__ __forceinline__ void store_output(void* out, void* pre, const bf16* b
 // B_NF4: B is the NF4 weight `wq` (b unused), decoded into the shared tiles by load_tile_nf4.
 template <typename T, bool TRANS_A, bool TRANS_B, bool B_NF4 = false>
 __device__ __forceinline__ void gemm_mma_body(void* out, void* pre, const bf16* a, const bf16* b, const bf16* bias,
-                                              int m, int n, int k, int flags, Nf4Operand wq = Nf4Operand{}) {
+                                              int m, int n, int k, int lda, int ldb, int ldc, int flags,
+                                              Nf4Operand wq = Nf4Operand{}) {
     constexpr int BM = T::BM, BN = T::BN, WM = T::WM, WN = T::WN, MT = T::MT, NT = T::NT, THREADS = T::THREADS;
     // Shared tiles as they lie in global memory: A [BM][BK] or, transposed, [BK][BM]; B [BK][BN]
     // or, transposed, [BN][BK].
@@ -341,18 +342,18 @@ __device__ __forceinline__ void gemm_mma_body(void* out, void* pre, const bf16* 
     auto load = [&](int stage, int kt) {
         const int k0 = kt * BK;
         if constexpr (TRANS_A) {
-            load_tile<THREADS, BK, BM, A_PITCH>(sa[stage], a, k, m, k0, m0);
+            load_tile<THREADS, BK, BM, A_PITCH>(sa[stage], a, k, m, lda, k0, m0);
         } else {
-            load_tile<THREADS, BM, BK, A_PITCH>(sa[stage], a, m, k, m0, k0);
+            load_tile<THREADS, BM, BK, A_PITCH>(sa[stage], a, m, k, lda, m0, k0);
         }
         if constexpr (B_NF4 && TRANS_B) {
             load_tile_nf4<THREADS, BN, BK, B_PITCH>(sb[stage], wq, n, k, n0, k0);
         } else if constexpr (B_NF4) {
             load_tile_nf4<THREADS, BK, BN, B_PITCH>(sb[stage], wq, k, n, k0, n0);
         } else if constexpr (TRANS_B) {
-            load_tile<THREADS, BN, BK, B_PITCH>(sb[stage], b, n, k, n0, k0);
+            load_tile<THREADS, BN, BK, B_PITCH>(sb[stage], b, n, k, ldb, n0, k0);
         } else {
-            load_tile<THREADS, BK, BN, B_PITCH>(sb[stage], b, k, n, k0, n0);
+            load_tile<THREADS, BK, BN, B_PITCH>(sb[stage], b, k, n, ldb, k0, n0);
         }
     };
 
@@ -443,7 +444,7 @@ __device__ __forceinline__ void gemm_mma_body(void* out, void* pre, const bf16* 
                 const int row = m0 + wm + mt * 16 + (lane >> 2) + (e >> 1) * 8;
                 const int col = n0 + wn + nt * 8 + (lane & 3) * 2 + (e & 1);
                 if (row < m && col < n) {
-                    store_output(out, pre, bias, static_cast<int64_t>(row) * n + col, col, acc[mt][nt][e], flags);
+                    store_output(out, pre, bias, static_cast<int64_t>(row) * ldc + col, col, acc[mt][nt][e], flags);
                 }
             }
         }
@@ -490,7 +491,7 @@ __device__ __forceinline__ void wgmma_tile_at(int t, int tiles_m, int tiles_n, i
 
 template <bool TRANS_A, bool TRANS_B>
 __device__ __forceinline__ void gemm_wgmma_body(void* out, void* pre, const bf16* bias, const KilnTensorMap* ma, const KilnTensorMap* mb,
-                                                int m, int n, int k, int flags) {
+                                                int m, int n, int k, int ldc, int flags) {
 #if KILN_SM90A
     extern __shared__ __align__(16) unsigned char wgmma_gemm_smem[];
     uint64_t* full = reinterpret_cast<uint64_t*>(wgmma_gemm_smem);
@@ -581,7 +582,7 @@ __device__ __forceinline__ void gemm_wgmma_body(void* out, void* pre, const bf16
             for (int h = 0; h < 2; ++h) {
                 const int row = m0 + 16 * q + lane / 4 + 8 * h;
                 if (row < m && col < n)
-                    store_output_pair(out, pre, bias, static_cast<int64_t>(row) * n + col, col, n, d[4 * j + 2 * h],
+                    store_output_pair(out, pre, bias, static_cast<int64_t>(row) * ldc + col, col, n, d[4 * j + 2 * h],
                                       d[4 * j + 2 * h + 1], flags);
             }
         }
@@ -597,29 +598,29 @@ __device__ __forceinline__ void gemm_wgmma_body(void* out, void* pre, const bf16
 // pre-activation written to `pre` when it is not null). nn: A [m, k], B [k, n]; nt: B stored
 // [n, k]; tn: A stored [k, m]; tt: both. Large tiles: grid (ceil(n / 128), ceil(m / 128)), 256
 // threads; small (_small_): grid (ceil(n / 64), ceil(m / 64)), 128 threads.
-extern "C" __global__ void gemm_mma_nn(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
-    gemm_mma_body<Large, false, false>(out, pre, a, b, bias, m, n, k, flags);
+extern "C" __global__ void gemm_mma_nn(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int lda, int ldb, int ldc, int flags) {
+    gemm_mma_body<Large, false, false>(out, pre, a, b, bias, m, n, k, lda, ldb, ldc, flags);
 }
-extern "C" __global__ void gemm_mma_nt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
-    gemm_mma_body<Large, false, true>(out, pre, a, b, bias, m, n, k, flags);
+extern "C" __global__ void gemm_mma_nt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int lda, int ldb, int ldc, int flags) {
+    gemm_mma_body<Large, false, true>(out, pre, a, b, bias, m, n, k, lda, ldb, ldc, flags);
 }
-extern "C" __global__ void gemm_mma_tn(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
-    gemm_mma_body<Large, true, false>(out, pre, a, b, bias, m, n, k, flags);
+extern "C" __global__ void gemm_mma_tn(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int lda, int ldb, int ldc, int flags) {
+    gemm_mma_body<Large, true, false>(out, pre, a, b, bias, m, n, k, lda, ldb, ldc, flags);
 }
-extern "C" __global__ void gemm_mma_tt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
-    gemm_mma_body<Large, true, true>(out, pre, a, b, bias, m, n, k, flags);
+extern "C" __global__ void gemm_mma_tt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int lda, int ldb, int ldc, int flags) {
+    gemm_mma_body<Large, true, true>(out, pre, a, b, bias, m, n, k, lda, ldb, ldc, flags);
 }
-extern "C" __global__ void gemm_mma_small_nn(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
-    gemm_mma_body<Small, false, false>(out, pre, a, b, bias, m, n, k, flags);
+extern "C" __global__ void gemm_mma_small_nn(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int lda, int ldb, int ldc, int flags) {
+    gemm_mma_body<Small, false, false>(out, pre, a, b, bias, m, n, k, lda, ldb, ldc, flags);
 }
-extern "C" __global__ void gemm_mma_small_nt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
-    gemm_mma_body<Small, false, true>(out, pre, a, b, bias, m, n, k, flags);
+extern "C" __global__ void gemm_mma_small_nt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int lda, int ldb, int ldc, int flags) {
+    gemm_mma_body<Small, false, true>(out, pre, a, b, bias, m, n, k, lda, ldb, ldc, flags);
 }
-extern "C" __global__ void gemm_mma_small_tn(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
-    gemm_mma_body<Small, true, false>(out, pre, a, b, bias, m, n, k, flags);
+extern "C" __global__ void gemm_mma_small_tn(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int lda, int ldb, int ldc, int flags) {
+    gemm_mma_body<Small, true, false>(out, pre, a, b, bias, m, n, k, lda, ldb, ldc, flags);
 }
-extern "C" __global__ void gemm_mma_small_tt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int flags) {
-    gemm_mma_body<Small, true, true>(out, pre, a, b, bias, m, n, k, flags);
+extern "C" __global__ void gemm_mma_small_tt(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int lda, int ldb, int ldc, int flags) {
+    gemm_mma_body<Small, true, true>(out, pre, a, b, bias, m, n, k, lda, ldb, ldc, flags);
 }
 
 // The Hopper kernels (sm_90a; they trap elsewhere): the same product and epilogue as gemm_mma_*,
@@ -627,41 +628,41 @@ extern "C" __global__ void gemm_mma_small_tt(void* out, void* pre, const __nv_bf
 // rows for a K-major operand, 64 x 64 for an MN-major one). Grid: at most one block per SM (fewer
 // when there are fewer tiles), KILN_GEMM_WGMMA_THREADS threads, KILN_GEMM_WGMMA_SMEM bytes of
 // dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(KILN_GEMM_WGMMA_THREADS) gemm_wgmma_nn(void* out, void* pre, const __nv_bfloat16* bias, const __grid_constant__ KilnTensorMap ma, const __grid_constant__ KilnTensorMap mb, int m, int n, int k, int flags) {
-    gemm_wgmma_body<false, false>(out, pre, bias, &ma, &mb, m, n, k, flags);
+extern "C" __global__ void __launch_bounds__(KILN_GEMM_WGMMA_THREADS) gemm_wgmma_nn(void* out, void* pre, const __nv_bfloat16* bias, const __grid_constant__ KilnTensorMap ma, const __grid_constant__ KilnTensorMap mb, int m, int n, int k, int ldc, int flags) {
+    gemm_wgmma_body<false, false>(out, pre, bias, &ma, &mb, m, n, k, ldc, flags);
 }
-extern "C" __global__ void __launch_bounds__(KILN_GEMM_WGMMA_THREADS) gemm_wgmma_nt(void* out, void* pre, const __nv_bfloat16* bias, const __grid_constant__ KilnTensorMap ma, const __grid_constant__ KilnTensorMap mb, int m, int n, int k, int flags) {
-    gemm_wgmma_body<false, true>(out, pre, bias, &ma, &mb, m, n, k, flags);
+extern "C" __global__ void __launch_bounds__(KILN_GEMM_WGMMA_THREADS) gemm_wgmma_nt(void* out, void* pre, const __nv_bfloat16* bias, const __grid_constant__ KilnTensorMap ma, const __grid_constant__ KilnTensorMap mb, int m, int n, int k, int ldc, int flags) {
+    gemm_wgmma_body<false, true>(out, pre, bias, &ma, &mb, m, n, k, ldc, flags);
 }
-extern "C" __global__ void __launch_bounds__(KILN_GEMM_WGMMA_THREADS) gemm_wgmma_tn(void* out, void* pre, const __nv_bfloat16* bias, const __grid_constant__ KilnTensorMap ma, const __grid_constant__ KilnTensorMap mb, int m, int n, int k, int flags) {
-    gemm_wgmma_body<true, false>(out, pre, bias, &ma, &mb, m, n, k, flags);
+extern "C" __global__ void __launch_bounds__(KILN_GEMM_WGMMA_THREADS) gemm_wgmma_tn(void* out, void* pre, const __nv_bfloat16* bias, const __grid_constant__ KilnTensorMap ma, const __grid_constant__ KilnTensorMap mb, int m, int n, int k, int ldc, int flags) {
+    gemm_wgmma_body<true, false>(out, pre, bias, &ma, &mb, m, n, k, ldc, flags);
 }
-extern "C" __global__ void __launch_bounds__(KILN_GEMM_WGMMA_THREADS) gemm_wgmma_tt(void* out, void* pre, const __nv_bfloat16* bias, const __grid_constant__ KilnTensorMap ma, const __grid_constant__ KilnTensorMap mb, int m, int n, int k, int flags) {
-    gemm_wgmma_body<true, true>(out, pre, bias, &ma, &mb, m, n, k, flags);
+extern "C" __global__ void __launch_bounds__(KILN_GEMM_WGMMA_THREADS) gemm_wgmma_tt(void* out, void* pre, const __nv_bfloat16* bias, const __grid_constant__ KilnTensorMap ma, const __grid_constant__ KilnTensorMap mb, int m, int n, int k, int ldc, int flags) {
+    gemm_wgmma_body<true, true>(out, pre, bias, &ma, &mb, m, n, k, ldc, flags);
 }
 
 // The fused NF4 GEMM: out [m, n] = A [m, k] @ op(W) (+ bias) (then GELU), W an NF4 weight
 // (nf4.cuh's layout) decoded tile by tile into shared memory and never materialised: nf4_nn reads
 // W stored [k, n] (x @ W, a QLoRA layer's forward), nf4_nt W stored [n, k] (dY @ W^T with W
 // [in, out], its input gradient). Equal bit for bit to nf4_dequantize_bf16 then gemm_mma_*.
-#define KILN_GEMM_NF4_PARAMS void *out, void *pre, const __nv_bfloat16 *a, const uint8_t *packed, const uint8_t *absmax_codes, const float *nested, const float *tables, float offset, int blocksize, const __nv_bfloat16 *bias, int m, int n, int k, int flags
+#define KILN_GEMM_NF4_PARAMS void *out, void *pre, const __nv_bfloat16 *a, const uint8_t *packed, const uint8_t *absmax_codes, const float *nested, const float *tables, float offset, int blocksize, const __nv_bfloat16 *bias, int m, int n, int k, int lda, int ldc, int flags
 #define KILN_GEMM_NF4_OPERAND Nf4Operand{packed, absmax_codes, nested, tables, offset, blocksize}
 extern "C" __global__ void gemm_mma_nf4_nn(KILN_GEMM_NF4_PARAMS) {
-    gemm_mma_body<Large, false, false, true>(out, pre, a, nullptr, bias, m, n, k, flags, KILN_GEMM_NF4_OPERAND);
+    gemm_mma_body<Large, false, false, true>(out, pre, a, nullptr, bias, m, n, k, lda, 0, ldc, flags, KILN_GEMM_NF4_OPERAND);
 }
 extern "C" __global__ void gemm_mma_nf4_nt(KILN_GEMM_NF4_PARAMS) {
-    gemm_mma_body<Large, false, true, true>(out, pre, a, nullptr, bias, m, n, k, flags, KILN_GEMM_NF4_OPERAND);
+    gemm_mma_body<Large, false, true, true>(out, pre, a, nullptr, bias, m, n, k, lda, 0, ldc, flags, KILN_GEMM_NF4_OPERAND);
 }
 extern "C" __global__ void gemm_mma_small_nf4_nn(KILN_GEMM_NF4_PARAMS) {
-    gemm_mma_body<Small, false, false, true>(out, pre, a, nullptr, bias, m, n, k, flags, KILN_GEMM_NF4_OPERAND);
+    gemm_mma_body<Small, false, false, true>(out, pre, a, nullptr, bias, m, n, k, lda, 0, ldc, flags, KILN_GEMM_NF4_OPERAND);
 }
 extern "C" __global__ void gemm_mma_small_nf4_nt(KILN_GEMM_NF4_PARAMS) {
-    gemm_mma_body<Small, false, true, true>(out, pre, a, nullptr, bias, m, n, k, flags, KILN_GEMM_NF4_OPERAND);
+    gemm_mma_body<Small, false, true, true>(out, pre, a, nullptr, bias, m, n, k, lda, 0, ldc, flags, KILN_GEMM_NF4_OPERAND);
 }
 
 // The reference: one thread per output element, f32 accumulation in k order. trans_a / trans_b
 // are 0 or 1. Grid (ceil(n / 16), ceil(m / 16)), 16 x 16 threads.
-extern "C" __global__ void gemm_naive(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int trans_a, int trans_b, int flags) {
+extern "C" __global__ void gemm_naive(void* out, void* pre, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* bias, int m, int n, int k, int lda, int ldb, int ldc, int trans_a, int trans_b, int flags) {
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     const int i = blockIdx.y * blockDim.y + threadIdx.y;
     if (i >= m || j >= n) {
@@ -669,11 +670,11 @@ extern "C" __global__ void gemm_naive(void* out, void* pre, const __nv_bfloat16*
     }
     float s = 0.0f;
     for (int p = 0; p < k; ++p) {
-        const float x = __bfloat162float(trans_a ? a[static_cast<int64_t>(p) * m + i] : a[static_cast<int64_t>(i) * k + p]);
-        const float y = __bfloat162float(trans_b ? b[static_cast<int64_t>(j) * k + p] : b[static_cast<int64_t>(p) * n + j]);
+        const float x = __bfloat162float(trans_a ? a[static_cast<int64_t>(p) * lda + i] : a[static_cast<int64_t>(i) * lda + p]);
+        const float y = __bfloat162float(trans_b ? b[static_cast<int64_t>(j) * ldb + p] : b[static_cast<int64_t>(p) * ldb + j]);
         s = fmaf(x, y, s);  // the product of two bf16 is exact in f32 either way
     }
-    store_output(out, pre, bias, static_cast<int64_t>(i) * n + j, j, s, flags);
+    store_output(out, pre, bias, static_cast<int64_t>(i) * ldc + j, j, s, flags);
 }
 
 // part [ceil(rows / KILN_GEMM_BIAS_GROUP), n] f32: column sums of dout [rows, n] over each group

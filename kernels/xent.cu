@@ -1,12 +1,14 @@
-// xent.cu: fused softmax cross-entropy over rows of logits [rows, V] (V = 50257 for GPT-2: a
-// multiple of nothing). Forward writes each row's loss = lse - logit[target] and lse (f32);
+// xent.cu: fused softmax cross-entropy over rows of logits [rows, V] whose rows lie `pitch`
+// elements apart (pitch >= V: the classifier pads GPT-2's V = 50257, a multiple of nothing, to a
+// pitch of 50304 so its GEMMs can read the logits by TMA; the columns past V are never read or
+// written). Forward writes each row's loss = lse - logit[target] and lse (f32);
 // backward overwrites the logits in place with dlogits = (softmax - onehot) * scale, from the
 // saved lse, so the probabilities are never stored. CPU twin: src/backend/cpu/xent.rs
 // (xent_forward, xent_backward); rows whose target is KILN_XENT_IGNORE (-100) get loss 0 and a
 // zero gradient row.
 //
 // Work split: one block of KILN_XENT_THREADS threads per row (gridDim.x = rows). A row starts at
-// an arbitrary address (row * V elements), so each row is cut into a head of < 16 bytes up to the
+// an arbitrary address (row * pitch elements), so each row is cut into a head of < 16 bytes up to the
 // first 16-byte boundary, a body read with 16-byte loads (8 bf16 or 4 f32), and a tail; threads
 // take head/tail elements and body vectors in a strided loop. Forward: each thread keeps an
 // online (max, sum) pair (xent.cuh); a __shfl_xor butterfly merges the pairs of a warp, then
@@ -61,10 +63,10 @@ __device__ __forceinline__ int row_head(const T* row, int v) {
 constexpr int WARPS = KILN_XENT_THREADS / 32;
 
 template <typename T>
-__device__ __forceinline__ void forward_row(float* losses, float* lse, const T* logits, const int32_t* targets, int v) {
+__device__ __forceinline__ void forward_row(float* losses, float* lse, const T* logits, const int32_t* targets, int v, int pitch) {
     constexpr int N = 16 / sizeof(T);
     const int64_t row = blockIdx.x;
-    const T* z = logits + row * (int64_t)v;
+    const T* z = logits + row * (int64_t)pitch;
     const int head = row_head(z, v);
     const int nvec = (v - head) / N;
     const int tail = head + nvec * N;
@@ -105,10 +107,10 @@ __device__ __forceinline__ void forward_row(float* losses, float* lse, const T* 
 }
 
 template <typename T>
-__device__ __forceinline__ void backward_row(T* dz_row_base, const float* lse, const int32_t* targets, int v, float scale) {
+__device__ __forceinline__ void backward_row(T* dz_row_base, const float* lse, const int32_t* targets, int v, int pitch, float scale) {
     constexpr int N = 16 / sizeof(T);
     const int64_t row = blockIdx.x;
-    T* z = dz_row_base + row * (int64_t)v;
+    T* z = dz_row_base + row * (int64_t)pitch;
     const int t = targets[row];
     const bool ignore = t == KILN_XENT_IGNORE;
     const bool bad = !ignore && (t < 0 || t >= v);
@@ -132,19 +134,19 @@ __device__ __forceinline__ void backward_row(T* dz_row_base, const float* lse, c
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(KILN_XENT_THREADS) xent_forward(float* losses, float* lse, const __nv_bfloat16* logits, const int32_t* targets, int v) {
-    forward_row(losses, lse, logits, targets, v);
+extern "C" __global__ void __launch_bounds__(KILN_XENT_THREADS) xent_forward(float* losses, float* lse, const __nv_bfloat16* logits, const int32_t* targets, int v, int pitch) {
+    forward_row(losses, lse, logits, targets, v, pitch);
 }
 
-extern "C" __global__ void __launch_bounds__(KILN_XENT_THREADS) xent_forward_f32(float* losses, float* lse, const float* logits, const int32_t* targets, int v) {
-    forward_row(losses, lse, logits, targets, v);
+extern "C" __global__ void __launch_bounds__(KILN_XENT_THREADS) xent_forward_f32(float* losses, float* lse, const float* logits, const int32_t* targets, int v, int pitch) {
+    forward_row(losses, lse, logits, targets, v, pitch);
 }
 
 // dlogits holds the logits on entry and the gradient on exit.
-extern "C" __global__ void __launch_bounds__(KILN_XENT_THREADS) xent_backward(__nv_bfloat16* dlogits, const float* lse, const int32_t* targets, int v, float scale) {
-    backward_row(dlogits, lse, targets, v, scale);
+extern "C" __global__ void __launch_bounds__(KILN_XENT_THREADS) xent_backward(__nv_bfloat16* dlogits, const float* lse, const int32_t* targets, int v, int pitch, float scale) {
+    backward_row(dlogits, lse, targets, v, pitch, scale);
 }
 
-extern "C" __global__ void __launch_bounds__(KILN_XENT_THREADS) xent_backward_f32(float* dlogits, const float* lse, const int32_t* targets, int v, float scale) {
-    backward_row(dlogits, lse, targets, v, scale);
+extern "C" __global__ void __launch_bounds__(KILN_XENT_THREADS) xent_backward_f32(float* dlogits, const float* lse, const int32_t* targets, int v, int pitch, float scale) {
+    backward_row(dlogits, lse, targets, v, pitch, scale);
 }

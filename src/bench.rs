@@ -122,7 +122,6 @@ pub fn train_step(
         let mut tape = Tape::new();
         let out = model.forward(&mut tape, &ids, Some(&targets), Mode::Train { seed: i as u64 })?;
         let loss = out.loss.expect("targets were given");
-        drop(out.logits);
         settle(model)?;
         let t1 = Instant::now();
         let grads = tape.backward(&loss)?;

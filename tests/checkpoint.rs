@@ -16,7 +16,7 @@ fn fixture_model() -> PathBuf {
 
 fn logits(model: &Model) -> Vec<f32> {
     let ids = kiln::bench::random_tokens(model.config.vocab_size(), 2, 9, 5).unwrap();
-    model.forward(&mut Tape::inference(), &ids, None, Mode::Eval).unwrap().logits.f32s().unwrap().to_vec()
+    model.forward(&mut Tape::inference(), &ids, None, Mode::Eval).unwrap().logits.unwrap().f32s().unwrap().to_vec()
 }
 
 #[test]

@@ -98,7 +98,7 @@ fn a_launch_with_the_wrong_argument_count_is_refused() {
     let cu = emu("a_launch_with_the_wrong_argument_count_is_refused");
     assert_eq!(Kernel::SelftestFill.params(), 3);
     // A parameter list given as a macro (kernels/gemm.cu's KILN_GEMM_NF4_PARAMS) is counted expanded.
-    assert_eq!(Kernel::GemmMmaNf4Nn.params(), 14);
+    assert_eq!(Kernel::GemmMmaNf4Nn.params(), 16);
     assert!(Kernel::ALL.iter().all(|k| k.params() > 0), "every kernel takes arguments");
     let mut out = cu.alloc::<i32>(64).unwrap();
     for extra in [false, true] {

@@ -196,6 +196,44 @@ fn matmul_rejects_bad_shapes() {
     assert!(matches!(res, Err(Error::DType { .. })), "I32 A: {res:?}");
 }
 
+/// rows x cols values laid in rows `pitch` apart, `fill` between them.
+fn pad(v: &[f32], cols: usize, pitch: usize, fill: f32) -> Vec<f32> {
+    v.chunks(cols.max(1)).flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(fill, pitch - cols))).collect()
+}
+
+/// The first `cols` of each `pitch`-long row.
+fn unpad(v: &[f32], cols: usize, pitch: usize) -> Vec<f32> {
+    v.chunks(pitch).flat_map(|r| r[..cols].to_vec()).collect()
+}
+
+/// The CPU GEMM reads A and B from rows wider than their columns and writes C into such rows
+/// (`Pitch`): the dense product, within f32 rounding (the crate may block the two differently),
+/// with NaN in the operands' padding never read and C's padding never written.
+#[test]
+fn cpu_matmul_reads_and_writes_padded_rows() {
+    use kiln::backend::cpu::gemm as cpu;
+    use kiln::backend::{GemmDesc, Pitch};
+    let mut r = rng(31);
+    let (m, n, k) = (37, 13, 29);
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        let d = GemmDesc::new(m, n, k, Trans::from_bool(ta), Trans::from_bool(tb));
+        let (a, b) = (common::uniform(&mut r, m * k, 1.0), common::uniform(&mut r, k * n, 1.0));
+        let mut want = vec![0f32; m * n];
+        cpu::matmul(&mut want, &a, &b, &d, false);
+        let (aw, bw) = (d.a_stored()[1], d.b_stored()[1]);
+        let p = d.with_pitch(Pitch { a: Some(aw + 3), b: Some(bw + 5), c: Some(n + 7) });
+        let mut got = vec![7.0f32; m * (n + 7)];
+        cpu::matmul(&mut got, &pad(&a, aw, aw + 3, f32::NAN), &pad(&b, bw, bw + 5, f32::NAN), &p, false);
+        for (i, (g, w)) in unpad(&got, n, n + 7).iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "ta={ta} tb={tb} [{i}]: {g} vs {w}");
+        }
+        assert!(got.chunks(n + 7).all(|row| row[n..].iter().all(|&x| x == 7.0)), "ta={ta} tb={tb}: padding written");
+        assert!(p.check_pitch("test").is_ok());
+        let narrow = d.with_pitch(Pitch { c: Some(n - 1), ..Pitch::default() });
+        assert!(matches!(narrow.check_pitch("test"), Err(Error::Shape { .. })), "a pitch under the width is refused");
+    }
+}
+
 /// The CUDA GEMM (kernels/gemm.cu): the host twin of its epilogue against the CPU backend (runs
 /// everywhere), and the kernels against the CPU backend (skipped without a GPU).
 ///
@@ -218,7 +256,15 @@ mod cuda {
 
     /// The GEMM of a test's loop variables.
     fn desc(m: usize, n: usize, k: usize, ta: bool, tb: bool, gelu: bool) -> GemmDesc {
-        GemmDesc { m, n, k, a: Trans::from_bool(ta), b: Trans::from_bool(tb), epilogue: super::ep(gelu) }
+        GemmDesc {
+            m,
+            n,
+            k,
+            a: Trans::from_bool(ta),
+            b: Trans::from_bool(tb),
+            epilogue: super::ep(gelu),
+            pitch: Default::default(),
+        }
     }
     use half::bf16;
     use kiln::backend::cpu::gemm as cpu;
@@ -709,6 +755,65 @@ mod cuda {
             cpu::matmul(&mut want_out, &a, &b, &d, false);
             let s = scale(&a, &b, None, None, m, n, k, ta, tb);
             check(&format!("wgmma ta={ta} tb={tb}"), &download(cu, &out), &want_out, &s, k, 0.0, 1.0);
+        }
+    }
+
+    /// Every variant reads A and B from padded rows and writes C and the pre-activation into
+    /// padded rows (`Pitch`), every transpose, with bias and GELU: the CPU's dense product within
+    /// the kernels' bound, NaN in the operands' padding never read, the output's padding (NaN)
+    /// never written. Pitches that are multiples of 8 (the classifier's case) let the wgmma
+    /// kernel take a shape whose dense widths it could not read (N = 13, K = 29); odd ones take
+    /// mma.sync's element-wise loads.
+    #[test]
+    fn gemm_reads_and_writes_padded_rows_every_variant() {
+        use kiln::backend::Pitch;
+        let Some(cu) = common::gpu("gemm_reads_and_writes_padded_rows_every_variant") else { return };
+        let mut r = rng(206);
+        for variant in variants(cu) {
+            for (m, n, k, extra) in [(37, 13, 29, 3), (136, 13, 29, 8), (130, 72, 136, 24)] {
+                for (ta, tb) in TRANSPOSES {
+                    let d = desc(m, n, k, ta, tb, true);
+                    let (aw, bw) = (d.a_stored()[1], d.b_stored()[1]);
+                    let up = |w: usize| if extra % 8 == 0 { w.next_multiple_of(8) + extra } else { w + extra };
+                    let (pa, pb, pc) = (up(aw), up(bw), up(n));
+                    let p = d.with_pitch(Pitch { a: Some(pa), b: Some(pb), c: Some(pc) });
+                    let (a, b, bias) = (rand_bf16(&mut r, m * k), rand_bf16(&mut r, k * n), rand_bf16(&mut r, n));
+                    let (mut want, mut want_pre) = (vec![0f32; m * n], vec![0f32; m * n]);
+                    cpu::matmul_forward(
+                        &mut want,
+                        Some(&mut want_pre[..]),
+                        &a,
+                        &b,
+                        Some(&bias),
+                        &desc(m, n, k, ta, tb, false),
+                    );
+                    let s = scale(&a, &b, Some(&bias), None, m, n, k, ta, tb);
+                    let da = cu.upload(&to_bf16(&super::pad(&a, aw, pa, f32::NAN))).unwrap();
+                    let db = cu.upload(&to_bf16(&super::pad(&b, bw, pb, f32::NAN))).unwrap();
+                    let dbias = cu.upload(&to_bf16(&bias)).unwrap();
+                    let (mut out, mut pre) = (nan_buffer::<bf16>(cu, m * pc), nan_buffer::<bf16>(cu, m * pc));
+                    gpu::matmul_with(variant, &mut out, Some(&mut pre), &da, &db, Some(&dbias), &p, false).unwrap();
+                    cu.sync().unwrap();
+                    let label = format!("{variant:?} padded M={m} N={n} K={k} pitches {pa} {pb} {pc} ta={ta} tb={tb}");
+                    for (what, got, want) in
+                        [("out", download(cu, &out), &want), ("pre", download(cu, &pre), &want_pre)]
+                    {
+                        check(
+                            &format!("{label} {what}"),
+                            &super::unpad(&got, n, pc),
+                            want,
+                            &s,
+                            k,
+                            <bf16 as Out>::ROUND_U,
+                            1.13,
+                        );
+                        assert!(
+                            got.chunks(pc).all(|row| row[n..].iter().all(|x| x.is_nan())),
+                            "{label}: {what} padding written"
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -47,7 +47,7 @@ fn sampling(max_new_tokens: usize, seed: u64) -> GenerateConfig {
 /// The last position's logits of a full-recompute forward over `ids`.
 fn full_last_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
     let t = Tensor::from_i32(ids.iter().map(|&i| i as i32).collect(), [1, ids.len()]).unwrap();
-    let logits = model.forward(&mut Tape::inference(), &t, None, Mode::Eval).unwrap().logits;
+    let logits = model.forward(&mut Tape::inference(), &t, None, Mode::Eval).unwrap().logits.unwrap();
     let v = model.config.vocab_size();
     logits.f32s().unwrap()[(ids.len() - 1) * v..].to_vec()
 }
@@ -466,7 +466,7 @@ fn the_cached_forward_refuses_a_training_tape() {
     assert!(err.contains("no backward") && err.contains("without a KV cache"), "{err}");
     assert_eq!(cache.len(), 0);
     let out = model.forward_with(&mut Tape::inference(), &ids, None, Mode::Eval, Some(&mut cache)).unwrap();
-    assert_eq!((out.logits.dims(), cache.len()), (&[1, 1, model.config.vocab_size()][..], 4));
+    assert_eq!((out.logits.as_ref().unwrap().dims(), cache.len()), (&[1, 1, model.config.vocab_size()][..], 4));
 }
 
 #[cfg(feature = "cuda")]
@@ -509,7 +509,7 @@ mod cuda {
         let rows: Vec<Vec<u32>> = (0..2).map(|_| (0..np).map(|_| rng.random_range(0..v as u32)).collect()).collect();
         let full = |ids: &[u32]| {
             let t = Tensor::from_i32(ids.iter().map(|&i| i as i32).collect(), [1, ids.len()]).unwrap();
-            let logits = model.forward(&mut Tape::inference(), &t, None, Mode::Eval).unwrap().logits;
+            let logits = model.forward(&mut Tape::inference(), &t, None, Mode::Eval).unwrap().logits.unwrap();
             logits.to_f32_vec().unwrap()[(ids.len() - 1) * v..].to_vec()
         };
         let mut cache = KvCache::new(&model.config, 2, np).unwrap();

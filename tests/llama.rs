@@ -157,7 +157,7 @@ fn cached_logits_equal_a_full_forward() {
     let mut got = model.forward_cached(&ids[..7], &mut cache).unwrap().f32s().unwrap().to_vec();
     for t in 7..=20 {
         let full = Tensor::from_i32(ids[..t].iter().map(|&x| x as i32).collect(), [1, t]).unwrap();
-        let logits = model.forward(&mut Tape::inference(), &full, None, Mode::Eval).unwrap().logits;
+        let logits = model.forward(&mut Tape::inference(), &full, None, Mode::Eval).unwrap().logits.unwrap();
         let last = &logits.f32s().unwrap()[(t - 1) * 150..t * 150];
         let e = last.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(e < 1e-4, "position {t}: cached logits differ from the full pass by {e}");
@@ -222,7 +222,7 @@ fn qlora_equals_lora_on_the_decoded_base() {
             .iter()
             .map(|p| g.get(&p.tensor).unwrap().f32s().unwrap().to_vec())
             .collect();
-        (out.logits.f32s().unwrap().to_vec(), grads)
+        (out.logits.unwrap().f32s().unwrap().to_vec(), grads)
     };
     let ((lq, gq), (ld, gd)) = (run(&q), run(&decoded));
     let rel = |a: &[f32], b: &[f32]| {

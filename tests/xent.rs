@@ -314,8 +314,9 @@ mod cuda {
                 check_backward(&label, &z, &t, v, 0.25, dlse, &d, false);
                 // And the CPU's own gradient, from the CPU's lse, meets the same bound.
                 let (mut cl, mut clse) = (vec![0f32; rows], vec![0f32; rows]);
-                cpu::xent_forward(&mut cl, &mut clse, &z, &t, v);
-                cpu::xent_backward(&mut d, &z, &clse, &t, v, 0.25);
+                cpu::xent_forward(&mut cl, &mut clse, &z, &t, v, v);
+                d.copy_from_slice(&z);
+                cpu::xent_backward(&mut d, &clse, &t, v, v, 0.25);
                 check_backward(&format!("{label} (cpu)"), &z, &t, v, 0.25, dlse, &d, false);
             }
         }
@@ -339,13 +340,13 @@ mod cuda {
                     let (mut losses, mut lse) = (poisoned(cu, rows, f32::NAN), poisoned(cu, rows, f32::NAN));
                     let d = if f32_logits {
                         let mut dz = cu.upload(&z).unwrap();
-                        gpu::xent_forward(&mut losses, &mut lse, &dz, &dt, v).unwrap();
-                        gpu::xent_backward(&mut dz, &lse, &dt, v, scale).unwrap();
+                        gpu::xent_forward(&mut losses, &mut lse, &dz, &dt, v, v).unwrap();
+                        gpu::xent_backward(&mut dz, &lse, &dt, v, v, scale).unwrap();
                         cu.download(&dz).unwrap()
                     } else {
                         let mut dz = cu.upload(&to_bf(&z)).unwrap();
-                        gpu::xent_forward(&mut losses, &mut lse, &dz, &dt, v).unwrap();
-                        gpu::xent_backward(&mut dz, &lse, &dt, v, scale).unwrap();
+                        gpu::xent_forward(&mut losses, &mut lse, &dz, &dt, v, v).unwrap();
+                        gpu::xent_backward(&mut dz, &lse, &dt, v, v, scale).unwrap();
                         to_f(&cu.download(&dz).unwrap())
                     };
                     (cu.download(&losses).unwrap(), cu.download(&lse).unwrap(), d)
@@ -364,6 +365,52 @@ mod cuda {
         }
     }
 
+    /// Rows lying `pitch` > V elements apart (the classifier's padded logits) give the bits of the
+    /// dense rows, and the padding between them is neither read (NaN there changes nothing) nor
+    /// written; CPU and device alike.
+    #[test]
+    fn padded_rows_equal_dense_rows_and_keep_their_padding() {
+        let pad = |z: &[f32], v: usize, pitch: usize, fill: f32| -> Vec<f32> {
+            z.chunks(v).flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(fill, pitch - v))).collect()
+        };
+        let unpad =
+            |z: &[f32], v: usize, pitch: usize| -> Vec<f32> { z.chunks(pitch).flat_map(|r| r[..v].to_vec()).collect() };
+        let same =
+            |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        for (k, (rows, v)) in [(5, 1000), (3, 50257), (4, 13)].into_iter().enumerate() {
+            let pitch = kiln::backend::padded_vocab(v);
+            let (mut z, t) = problem(4000 + k as u64, rows, v, 0.0);
+            let label = format!("rows={rows} V={v} pitch={pitch}");
+            // CPU.
+            let (mut l1, mut s1, mut l2, mut s2) =
+                (vec![0f32; rows], vec![0f32; rows], vec![0f32; rows], vec![0f32; rows]);
+            let r1 = cpu::xent_forward(&mut l1, &mut s1, &z, &t, v, v);
+            let mut zp = pad(&z, v, pitch, f32::NAN);
+            let r2 = cpu::xent_forward(&mut l2, &mut s2, &zp, &t, v, pitch);
+            assert!(r1 == r2 && same(&l1, &l2) && same(&s1, &s2), "cpu forward {label}");
+            cpu::xent_backward(&mut z, &s1, &t, v, v, 0.5);
+            cpu::xent_backward(&mut zp, &s2, &t, v, pitch, 0.5);
+            assert!(same(&z, &unpad(&zp, v, pitch)), "cpu backward {label}");
+            assert!(zp.chunks(pitch).all(|r| r[v..].iter().all(|x| x.is_nan())), "cpu padding written {label}");
+            // Device, bf16 logits.
+            let Some(cu) = common::gpu("xent padded_rows_equal_dense_rows_and_keep_their_padding") else { continue };
+            let (z, _) = problem(4000 + k as u64, rows, v, 0.0);
+            let dt = cu.upload(&t).unwrap();
+            let run = |logits: Vec<f32>, p: usize| {
+                let mut dz = cu.upload(&to_bf(&logits)).unwrap();
+                let (mut losses, mut lse) = (poisoned(cu, rows, f32::NAN), poisoned(cu, rows, f32::NAN));
+                gpu::xent_forward(&mut losses, &mut lse, &dz, &dt, v, p).unwrap();
+                gpu::xent_backward(&mut dz, &lse, &dt, v, p, 0.5).unwrap();
+                (cu.download(&losses).unwrap(), cu.download(&lse).unwrap(), to_f(&cu.download(&dz).unwrap()))
+            };
+            let (la, sa, da) = run(z.clone(), v);
+            let (lb, sb, db) = run(pad(&z, v, pitch, f32::NAN), pitch);
+            assert!(same(&la, &lb) && same(&sa, &sb), "gpu forward {label}");
+            assert!(same(&da, &unpad(&db, v, pitch)), "gpu backward {label}");
+            assert!(db.chunks(pitch).all(|r| r[v..].iter().all(|x| x.is_nan())), "gpu padding written {label}");
+        }
+    }
+
     /// A target outside [0, V) that is not IGNORE is never dereferenced: NaN loss and NaN row.
     #[test]
     fn gpu_bad_target_is_nan_not_a_fault() {
@@ -375,8 +422,8 @@ mod cuda {
         let dt = cu.upload(&t).unwrap();
         let mut dz = cu.upload(&to_bf(&z)).unwrap();
         let (mut losses, mut lse) = (poisoned(cu, rows, 0f32), poisoned(cu, rows, 0f32));
-        gpu::xent_forward(&mut losses, &mut lse, &dz, &dt, v).unwrap();
-        gpu::xent_backward(&mut dz, &lse, &dt, v, 1.0).unwrap();
+        gpu::xent_forward(&mut losses, &mut lse, &dz, &dt, v, v).unwrap();
+        gpu::xent_backward(&mut dz, &lse, &dt, v, v, 1.0).unwrap();
         let (l, d) = (cu.download(&losses).unwrap(), to_f(&cu.download(&dz).unwrap()));
         assert!(l[0].is_nan() && l[1] == 0.0 && l[2].is_nan(), "{l:?}");
         assert!(
@@ -391,4 +438,72 @@ mod cuda {
     fn ignore_label_agrees() {
         assert_eq!(gpu::IGNORE, IGNORE);
     }
+}
+
+/// `classifier_loss` (the classifier and the loss as one op, its logits in padded rows, its
+/// backward in place) equals `linear` then `cross_entropy`: the loss and the gradients of the
+/// input and the weight, on the CPU and (when there is one) the GPU, with masked positions.
+#[test]
+fn classifier_loss_equals_linear_then_cross_entropy() {
+    use kiln::ops::gemm::{linear, WeightLayout};
+    use kiln::ops::xent::classifier_loss;
+    let mut r = rng(77);
+    let (b, t, c, v) = (2, 9, 64, 300);
+    let h = rand_tensor(&mut r, &[b, t, c], 1.0);
+    let w = rand_tensor(&mut r, &[v, c], 0.5);
+    let tg = targets(&mut r, &[b, t], v, 4);
+    #[allow(unused_mut)]
+    let mut devices = vec![kiln::Device::Cpu];
+    #[cfg(feature = "cuda")]
+    if common::gpu("classifier_loss_equals_linear_then_cross_entropy (GPU half)").is_some() {
+        devices.push(kiln::Device::Cuda(0));
+    }
+    for dev in devices {
+        // The device computes in bf16: its tensors are the CPU's values rounded to bf16.
+        let on = |x: &Tensor| match dev {
+            kiln::Device::Cpu => x.clone(),
+            _ => x.to_dtype(kiln::DType::BF16).unwrap().to_device(dev).unwrap(),
+        };
+        let (h, w) = (on(&h), on(&w));
+        let run = |fused: bool| {
+            let mut tape = Tape::new();
+            tape.watch(&h);
+            tape.watch(&w);
+            let loss = if fused {
+                classifier_loss(&mut tape, &h, &w, &tg).unwrap()
+            } else {
+                let logits = linear(&mut tape, &h, &w, None, WeightLayout::OutIn, false).unwrap();
+                cross_entropy(&mut tape, &logits, &tg).unwrap()
+            };
+            let g = tape.backward(&loss).unwrap();
+            let grad = |x: &Tensor| g.get(x).unwrap().to_device(kiln::Device::Cpu).unwrap().to_f32_vec().unwrap();
+            (loss.item().unwrap(), grad(&h), grad(&w))
+        };
+        let (l1, dh1, dw1) = run(true);
+        let (l2, dh2, dw2) = run(false);
+        // The GPU's input gradient is bf16 (one rounding, 2^-9); everything else is f32.
+        let tol = if dev == kiln::Device::Cpu { 1e-5 } else { 4e-3 };
+        assert!((l1 - l2).abs() <= 1e-6 * l2.abs(), "{dev:?}: loss {l1} vs {l2}");
+        for (what, a, b) in [("dh", &dh1, &dh2), ("dw", &dw1, &dw2)] {
+            let scale = max_abs(b) as f32;
+            let err = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(scale > 0.0 && err <= tol * scale, "{dev:?} {what}: max error {err} against scale {scale}");
+        }
+    }
+}
+
+/// A classifier weight that is not [V, C] with the input's C, or targets outside the vocabulary,
+/// are errors that say so.
+#[test]
+fn classifier_loss_rejects_bad_inputs() {
+    use kiln::ops::xent::classifier_loss;
+    let mut tape = Tape::new();
+    let h = Tensor::zeros([2, 3, 8]);
+    let ok = Tensor::from_i32(vec![0; 6], [2, 3]).unwrap();
+    let e = classifier_loss(&mut tape, &h, &Tensor::zeros([10, 7]), &ok);
+    assert!(matches!(e, Err(Error::Shape { .. })), "{e:?}");
+    let e = classifier_loss(&mut tape, &h, &Tensor::zeros([10, 8]), &Tensor::from_i32(vec![10; 6], [2, 3]).unwrap());
+    assert!(matches!(&e, Err(Error::Input(m)) if m.contains("outside the vocabulary")), "{e:?}");
+    let e = classifier_loss(&mut tape, &h, &Tensor::zeros([10, 8]), &Tensor::from_i32(vec![0; 3], [3]).unwrap());
+    assert!(matches!(e, Err(Error::Shape { .. })), "{e:?}");
 }

@@ -324,12 +324,75 @@ pub struct GemmDesc {
     pub a: Trans,
     pub b: Trans,
     pub epilogue: Epilogue,
+    /// The operands' row pitches, where they are not dense.
+    pub pitch: Pitch,
+}
+
+/// Row pitches (leading dimensions, in elements) of a GEMM's A, B and C as stored; `None` is a
+/// dense matrix (the pitch is its stored width). A padded pitch lets a product read or write a
+/// matrix whose rows are wider than the columns it uses, with no copy: the classifier's logits
+/// [rows, V] lie in rows of round_up(V, 128) elements, which the wgmma GEMM can read by TMA.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pitch {
+    pub a: Option<usize>,
+    pub b: Option<usize>,
+    pub c: Option<usize>,
 }
 
 impl GemmDesc {
     /// A plain product.
     pub fn new(m: usize, n: usize, k: usize, a: Trans, b: Trans) -> Self {
-        GemmDesc { m, n, k, a, b, epilogue: Epilogue::Plain }
+        GemmDesc { m, n, k, a, b, epilogue: Epilogue::Plain, pitch: Pitch::default() }
+    }
+    /// A's stored shape [rows, cols]: [m, k], or [k, m] transposed.
+    pub fn a_stored(&self) -> [usize; 2] {
+        if self.a.is_t() {
+            [self.k, self.m]
+        } else {
+            [self.m, self.k]
+        }
+    }
+    /// B's stored shape [rows, cols]: [k, n], or [n, k] transposed.
+    pub fn b_stored(&self) -> [usize; 2] {
+        if self.b.is_t() {
+            [self.n, self.k]
+        } else {
+            [self.k, self.n]
+        }
+    }
+    /// A's row pitch in elements.
+    pub fn lda(&self) -> usize {
+        self.pitch.a.unwrap_or(self.a_stored()[1])
+    }
+    /// B's row pitch in elements.
+    pub fn ldb(&self) -> usize {
+        self.pitch.b.unwrap_or(self.b_stored()[1])
+    }
+    /// C's row pitch in elements.
+    pub fn ldc(&self) -> usize {
+        self.pitch.c.unwrap_or(self.n)
+    }
+    /// The elements A, B and C occupy: rows times pitch.
+    pub fn lens(&self) -> [usize; 3] {
+        [self.a_stored()[0] * self.lda(), self.b_stored()[0] * self.ldb(), self.m * self.ldc()]
+    }
+    /// The same product with these pitches.
+    pub fn with_pitch(self, pitch: Pitch) -> Self {
+        GemmDesc { pitch, ..self }
+    }
+    /// Errors unless every pitch holds its matrix's stored width.
+    pub fn check_pitch(&self, op: &'static str) -> Result<()> {
+        for (name, pitch, width) in
+            [("A", self.lda(), self.a_stored()[1]), ("B", self.ldb(), self.b_stored()[1]), ("C", self.ldc(), self.n)]
+        {
+            if pitch < width {
+                return Err(Error::shape(
+                    op,
+                    format!("{name}'s row pitch {pitch} is narrower than its {width} columns"),
+                ));
+            }
+        }
+        Ok(())
     }
     /// A [m, k] @ B [k, n] (BLAS's "NN").
     pub fn nn(m: usize, n: usize, k: usize) -> Self {
@@ -476,12 +539,21 @@ pub struct XentSaved {
     pub targets: Tensor,
 }
 
-/// Fused softmax cross-entropy over rows of logits [rows, V].
+/// Fused softmax cross-entropy over rows of logits [rows, pitch] whose first `v` columns are the
+/// vocabulary (pitch = the last dim, >= v; the columns past v are padding, never read).
 pub trait CrossEntropy {
-    /// `targets` is the host I32 tensor (checked: each in [0, V) or IGNORE).
-    fn cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> Result<XentSaved>;
-    /// (softmax(logits) - onehot(target)) * scale, zero rows where the target is IGNORE.
-    fn cross_entropy_backward(&self, logits: &Tensor, saved: &XentSaved, scale: f32) -> Result<Tensor>;
+    /// `targets` is the host I32 tensor (checked: each in [0, v) or IGNORE).
+    fn cross_entropy(&self, logits: &Tensor, targets: &Tensor, v: usize) -> Result<XentSaved>;
+    /// (softmax(logits) - onehot(target)) * scale in the first v columns, zero rows where the
+    /// target is IGNORE: written over `logits` (a copy of them first where another tensor shares
+    /// their storage), the padding left as it was.
+    fn cross_entropy_backward(&self, logits: Tensor, saved: &XentSaved, scale: f32, v: usize) -> Result<Tensor>;
+}
+
+/// The row pitch kiln gives a vocabulary of `v` logits: the next multiple of 128, so the
+/// classifier's GEMMs read and write the logits in 16-byte-aligned rows (TMA) and whole tiles.
+pub fn padded_vocab(v: usize) -> usize {
+    v.next_multiple_of(128)
 }
 
 /// Dropout with probability `p` whose mask is drawn from `seed` per element index, the rule of

@@ -6,7 +6,7 @@ use super::{shortest_decimal, KvCache, Mode, Model, ModelOutput};
 use crate::backend::Heads;
 use crate::nn::ParamStore;
 use crate::ops::gemm::WeightLayout;
-use crate::ops::{attention, elementwise, embedding, gemm, layernorm, lora, nf4, xent};
+use crate::ops::{attention, elementwise, embedding, gemm, layernorm, lora, nf4};
 use crate::quant::nf4::Nf4Weight;
 use crate::tape::Tape;
 use crate::{Error, Result, Tensor};
@@ -452,8 +452,6 @@ impl Model {
             &self.p("transformer.ln_f.bias")?,
             eps,
         )?;
-        let logits = self.lm_head(tape, &h, &wte, train, site_seed(super::LM_HEAD_LORA_SITE))?; // [B, T, V]
-        let loss = targets.map(|t| xent::cross_entropy(tape, &logits, t)).transpose()?;
-        Ok(ModelOutput { logits, loss })
+        self.head_and_loss(tape, &h, &wte, targets, train, site_seed(super::LM_HEAD_LORA_SITE))
     }
 }

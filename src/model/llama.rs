@@ -6,7 +6,7 @@
 use super::{ConfigReader, KvCache, Mode, Model, ModelOutput};
 use crate::backend::Heads;
 use crate::ops::gemm::{self, WeightLayout};
-use crate::ops::{attention, elementwise, embedding, lora, nf4, rmsnorm, rope, xent};
+use crate::ops::{attention, elementwise, embedding, lora, nf4, rmsnorm, rope};
 use crate::tape::Tape;
 use crate::{Error, Result, Tensor};
 use serde_json::{json, Value};
@@ -398,8 +398,6 @@ impl Model {
         let h = rmsnorm::rmsnorm(tape, &x, self.params.get("model.norm.weight")?, cfg.rms_norm_eps)?;
         let head = if cfg.tie_word_embeddings { emb } else { self.params.get("lm_head.weight")?.clone() };
         let site = super::site_seed(seed, super::LM_HEAD_LORA_SITE);
-        let logits = self.lm_head(tape, &h, &head, train, site)?; // [B, T, V]
-        let loss = targets.map(|t| xent::cross_entropy(tape, &logits, t)).transpose()?;
-        Ok(ModelOutput { logits, loss })
+        self.head_and_loss(tape, &h, &head, targets, train, site)
     }
 }

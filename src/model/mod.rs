@@ -342,8 +342,9 @@ pub(crate) fn site_seed(seed: u64, site: u64) -> u64 {
 
 /// What a forward pass returns.
 pub struct ModelOutput {
-    /// [B, T, V]
-    pub logits: Tensor,
+    /// [B, T, V]; None from a training forward with targets, whose classifier and loss are one op
+    /// that never hands the logits out (`Model::forward` with `Mode::Eval` returns them).
+    pub logits: Option<Tensor>,
     /// Mean cross-entropy over positions with a target, when targets were given.
     pub loss: Option<Tensor>,
 }
@@ -435,6 +436,29 @@ impl Model {
     /// The output layer on h [..., C]: logits [..., V] = h @ wte^T (lm_head is tied to wte), plus
     /// the LoRA update scaling * dropout(h) A^T B^T when the adapter targets `lm_head` (dropout
     /// from `seed` when `train`).
+    /// The classifier over h [B, T, C] with weight `w` [V, C], and the loss when `targets` are
+    /// given. A training step (`train`, targets, no adapter on lm_head) runs the fused
+    /// `xent::classifier_loss`, which keeps the logits to itself (`logits` is then None);
+    /// otherwise the logits [B, T, V] and, with targets, their cross-entropy.
+    pub(crate) fn head_and_loss(
+        &self,
+        tape: &mut Tape,
+        h: &Tensor,
+        w: &Tensor,
+        targets: Option<&Tensor>,
+        train: bool,
+        seed: u64,
+    ) -> Result<ModelOutput> {
+        let adapted = self.lora.as_ref().is_some_and(|l| l.adapter(crate::nn::lora::LM_HEAD).is_some());
+        if let (Some(t), true, false) = (targets, train, adapted) {
+            let loss = crate::ops::xent::classifier_loss(tape, h, w, t)?;
+            return Ok(ModelOutput { logits: None, loss: Some(loss) });
+        }
+        let logits = self.lm_head(tape, h, w, train, seed)?;
+        let loss = targets.map(|t| crate::ops::xent::cross_entropy(tape, &logits, t)).transpose()?;
+        Ok(ModelOutput { logits: Some(logits), loss })
+    }
+
     pub(crate) fn lm_head(&self, tape: &mut Tape, h: &Tensor, wte: &Tensor, train: bool, seed: u64) -> Result<Tensor> {
         let adapter = self.lora.as_ref().and_then(|l| Some((l.adapter(crate::nn::lora::LM_HEAD)?, l.config.dropout)));
         match adapter {
@@ -762,7 +786,8 @@ impl Model {
         }
         let n = ids.len() / b;
         let ids = Tensor::from_i32(ids.iter().map(|&id| id.min(i32::MAX as u32) as i32).collect(), [b, n])?;
-        let logits = self.forward_with(&mut Tape::inference(), &ids, None, Mode::Eval, Some(cache))?.logits;
+        let logits =
+            self.forward_with(&mut Tape::inference(), &ids, None, Mode::Eval, Some(cache))?.logits.expect("no targets");
         let v = self.config.vocab_size();
         Tensor::from_f32(logits.to_f32_vec()?, [b, v])
     }

@@ -102,7 +102,7 @@ pub fn matmul_ex(
     let mut out_dims = lead;
     out_dims.push(n);
     let inputs: Vec<&Tensor> = [Some(a), Some(b), bias].into_iter().flatten().collect();
-    let desc = GemmDesc { m, n, k, a: ta, b: tb, epilogue };
+    let desc = GemmDesc { m, n, k, a: ta, b: tb, epilogue, pitch: Default::default() };
     let (out, pre) = on(OP, &inputs)?.matmul(a, b, bias, &desc, &out_dims)?;
     if tape.wants(&inputs) {
         let saved = Matmul { a: a.clone(), b: b.clone(), desc, has_bias: bias.is_some(), pre };

@@ -12,7 +12,9 @@
 //!   under 4096 elements keep f32 moments, as bitsandbytes does);
 //! - activations: what the ops keep for backward, per token and layer 8C + 2F values (ln_1 out,
 //!   qkv 3C, attention out, c_proj out, residual, ln_2 out, c_fc pre-activation and GELU out 2F,
-//!   mlp out, residual), plus logits and their gradient (2V) and the embeddings (C); 4 bytes each
+//!   mlp out, residual), plus the logits, in rows padded to a multiple of 128 that their gradient
+//!   then overwrites (V' = `backend::padded_vocab(V)`; an adapter on lm_head keeps the two apart,
+//!   2V, which the bill does not count), and the embeddings (C); 4 bytes each
 //!   on the CPU, 2 (bf16) on the GPU. With gradient checkpointing each block keeps only its input
 //!   and one block is recomputed at a time.
 
@@ -139,9 +141,10 @@ impl Bill {
             Config::Gpt2(c) => 8 * c.n_embd + 2 * c.ffn_dim(),
             Config::Llama(c) => 4 * c.hidden_size + 3 * c.q_width() + 2 * c.kv_width() + 3 * c.intermediate_size,
         };
-        let (l, c, v) = (config.n_layer(), config.n_embd(), config.vocab_size());
-        let per_token = (l * block + 2 * v + c) as f64;
-        let per_token_ckpt = (l * c + block + 2 * v + c) as f64;
+        let (l, c) = (config.n_layer(), config.n_embd());
+        let v = crate::backend::padded_vocab(config.vocab_size());
+        let per_token = (l * block + v + c) as f64;
+        let per_token_ckpt = (l * c + block + v + c) as f64;
         let tokens = (batch * seq) as f64;
         Bill {
             counts,

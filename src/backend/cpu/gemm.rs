@@ -22,9 +22,14 @@ fn parallelism() -> gemm::Parallelism {
 pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: &GemmDesc, accumulate: bool) {
     let GemmDesc { m, n, k, .. } = *g;
     let (a_trans, b_trans) = (g.a.is_t(), g.b.is_t());
-    assert_eq!(out.len(), m * n, "matmul: out has {} elements, expected {m} x {n}", out.len());
-    assert_eq!(a.len(), m * k, "matmul: A has {} elements, expected {m} x {k}", a.len());
-    assert_eq!(b.len(), k * n, "matmul: B has {} elements, expected {k} x {n}", b.len());
+    let (lda, ldb, ldc) = (g.lda(), g.ldb(), g.ldc());
+    let [la, lb, lc] = g.lens();
+    if let Err(e) = g.check_pitch("matmul") {
+        panic!("{e}");
+    }
+    assert_eq!(out.len(), lc, "matmul: out has {} elements, expected {m} x {ldc}", out.len());
+    assert_eq!(a.len(), la, "matmul: A has {} elements, expected {:?} rows x {lda}", a.len(), g.a_stored()[0]);
+    assert_eq!(b.len(), lb, "matmul: B has {} elements, expected {:?} rows x {ldb}", b.len(), g.b_stored()[0]);
     if m == 0 || n == 0 {
         return;
     }
@@ -37,7 +42,7 @@ pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: &GemmDesc, accumulate: b
     // The gemm crate packs a column-major right-hand side slowly when k is large (measured at
     // GPT-2's backward shapes: 160 vs 380 GFLOP/s for 256x768x3072), so such a B is transposed
     // into a row-major copy first; the copy costs k*n moves against 2*m*n*k flops.
-    if b_trans && k >= n && m >= 32 {
+    if b_trans && k >= n && m >= 32 && g.pitch.b.is_none() {
         let mut bt = super::pool::take(k * n);
         transpose(&mut bt, b, n, k);
         matmul(out, a, &bt, &GemmDesc { b: Trans::No, ..*g }, accumulate);
@@ -45,8 +50,8 @@ pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: &GemmDesc, accumulate: b
         return;
     }
     // (row stride, column stride) of each operand as seen by the product.
-    let (a_rs, a_cs) = if a_trans { (1, m as isize) } else { (k as isize, 1) };
-    let (b_rs, b_cs) = if b_trans { (1, k as isize) } else { (n as isize, 1) };
+    let (a_rs, a_cs) = if a_trans { (1, lda as isize) } else { (lda as isize, 1) };
+    let (b_rs, b_cs) = if b_trans { (1, ldb as isize) } else { (ldb as isize, 1) };
     // SAFETY: the asserts above bound every index the strides can reach.
     // The crate computes dst = alpha * dst + beta * lhs @ rhs (alpha and beta swapped vs BLAS).
     unsafe {
@@ -56,7 +61,7 @@ pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: &GemmDesc, accumulate: b
             k,
             out.as_mut_ptr(),
             1,
-            n as isize,
+            ldc as isize,
             accumulate,
             a.as_ptr(),
             a_cs,
@@ -103,10 +108,10 @@ pub fn matmul_forward(
     bias: Option<&[f32]>,
     g: &GemmDesc,
 ) {
-    let n = g.n;
+    let (n, ldc) = (g.n, g.ldc());
     let bias_then_matmul = |dst: &mut [f32]| {
         if let Some(bias) = bias {
-            dst.par_chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
+            dst.par_chunks_mut(ldc).for_each(|row| row[..n].copy_from_slice(bias));
         }
         matmul(dst, a, b, g, bias.is_some());
     };
@@ -154,10 +159,10 @@ impl crate::backend::Matmul for super::Cpu {
         out_dims: &[usize],
     ) -> Result<(Tensor, Option<Tensor>)> {
         const OP: &str = "matmul";
-        let GemmDesc { m, n, epilogue, .. } = *desc;
+        let GemmDesc { m, epilogue, .. } = *desc;
         let (ad, bd) = (f32_in(OP, a)?, f32_in(OP, b)?);
         let biasd = bias.map(|t| f32_in(OP, t)).transpose()?;
-        let mut pre = (epilogue == Epilogue::Gelu).then(|| pool::take(m * n));
+        let mut pre = (epilogue == Epilogue::Gelu).then(|| pool::take(m * desc.ldc()));
         let out = new_f32(out_dims, |o| matmul_forward(o, pre.as_deref_mut(), ad, bd, biasd, desc))?;
         Ok((out, pre.map(|p| Tensor::from_f32(p, out_dims)).transpose()?))
     }
@@ -180,10 +185,16 @@ impl crate::backend::Matmul for super::Cpu {
     fn gemm_accumulate(&self, out: &mut Tensor, a: &Tensor, b: &Tensor, desc: &GemmDesc) -> Result<()> {
         const OP: &str = "gemm_accumulate";
         let (ad, bd) = (f32_in(OP, a)?, f32_in(OP, b)?);
-        if out.numel() != desc.m * desc.n {
+        if out.numel() != desc.m * desc.ldc() {
             return Err(Error::shape(
                 OP,
-                format!("out has {} elements, the product {} x {}", out.numel(), desc.m, desc.n),
+                format!(
+                    "out has {} elements, the product {} x {} (row pitch {})",
+                    out.numel(),
+                    desc.m,
+                    desc.n,
+                    desc.ldc()
+                ),
             ));
         }
         matmul(out.f32s_mut()?, ad, bd, desc, true);

@@ -4,7 +4,7 @@
 //! without keeping the probabilities.
 
 use super::elementwise::fast_exp;
-use super::{f32_in, new_f32};
+use super::f32_in;
 use crate::backend::XentSaved;
 use crate::{Result, Tensor};
 use rayon::prelude::*;
@@ -35,11 +35,20 @@ pub fn logsumexp(row: &[f32]) -> f32 {
     m + s.ln()
 }
 
-/// Writes each row's lse and loss (0 for ignored rows); returns (sum of losses, counted rows).
-/// The sum runs serially in row order, so it is the same however the rows were scheduled.
-pub fn xent_forward(losses: &mut [f32], lse: &mut [f32], logits: &[f32], targets: &[i32], v: usize) -> (f64, usize) {
-    losses.par_iter_mut().zip(lse.par_iter_mut()).zip(logits.par_chunks(v).zip(targets.par_iter())).for_each(
+/// Writes each row's lse and loss (0 for ignored rows) from logits whose rows of `v` values lie
+/// `pitch` elements apart; returns (sum of losses, counted rows). The sum runs serially in row
+/// order, so it is the same however the rows were scheduled.
+pub fn xent_forward(
+    losses: &mut [f32],
+    lse: &mut [f32],
+    logits: &[f32],
+    targets: &[i32],
+    v: usize,
+    pitch: usize,
+) -> (f64, usize) {
+    losses.par_iter_mut().zip(lse.par_iter_mut()).zip(logits.par_chunks(pitch).zip(targets.par_iter())).for_each(
         |((loss, lse), (row, &tgt))| {
+            let row = &row[..v];
             *lse = logsumexp(row);
             *loss = if tgt == IGNORE { 0.0 } else { *lse - row[tgt as usize] };
         },
@@ -48,35 +57,37 @@ pub fn xent_forward(losses: &mut [f32], lse: &mut [f32], logits: &[f32], targets
     (losses.iter().map(|&l| l as f64).sum(), count)
 }
 
-/// dlogits[r] = (softmax(logits[r]) - onehot(target[r])) * scale; zero for ignored rows.
-pub fn xent_backward(dlogits: &mut [f32], logits: &[f32], lse: &[f32], targets: &[i32], v: usize, scale: f32) {
-    dlogits.par_chunks_mut(v).zip(logits.par_chunks(v)).zip(lse.par_iter().zip(targets.par_iter())).for_each(
-        |((d, row), (&lse, &tgt))| {
-            if tgt == IGNORE {
-                d.fill(0.0);
-                return;
-            }
-            for (d, &x) in d.iter_mut().zip(row) {
-                *d = fast_exp(x - lse) * scale;
-            }
-            d[tgt as usize] -= scale;
-        },
-    );
+/// dlogits[r] = (softmax(logits[r]) - onehot(target[r])) * scale, in place (`z` holds the logits
+/// on entry, rows of `v` values `pitch` apart; the columns past v are left alone); zero for
+/// ignored rows.
+pub fn xent_backward(z: &mut [f32], lse: &[f32], targets: &[i32], v: usize, pitch: usize, scale: f32) {
+    z.par_chunks_mut(pitch).zip(lse.par_iter().zip(targets.par_iter())).for_each(|(d, (&lse, &tgt))| {
+        let d = &mut d[..v];
+        if tgt == IGNORE {
+            d.fill(0.0);
+            return;
+        }
+        for x in d.iter_mut() {
+            *x = fast_exp(*x - lse) * scale;
+        }
+        d[tgt as usize] -= scale;
+    });
 }
 
 impl crate::backend::CrossEntropy for super::Cpu {
-    fn cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> Result<XentSaved> {
-        let (v, n) = (logits.shape().last(), logits.shape().rows());
+    fn cross_entropy(&self, logits: &Tensor, targets: &Tensor, v: usize) -> Result<XentSaved> {
+        let (pitch, n) = (logits.shape().last(), logits.shape().rows());
         let (ld, td) = (f32_in("cross_entropy", logits)?, targets.i32s()?);
         let (mut losses, mut lse) = (vec![0f32; n], vec![0f32; n]);
-        let (sum, count) = xent_forward(&mut losses, &mut lse, ld, td, v);
+        let (sum, count) = xent_forward(&mut losses, &mut lse, ld, td, v, pitch);
         Ok(XentSaved { sum, count, lse: Tensor::from_f32(lse, [n])?, targets: targets.clone() })
     }
 
-    fn cross_entropy_backward(&self, logits: &Tensor, saved: &XentSaved, scale: f32) -> Result<Tensor> {
+    fn cross_entropy_backward(&self, mut logits: Tensor, saved: &XentSaved, scale: f32, v: usize) -> Result<Tensor> {
         const OP: &str = "cross_entropy backward";
-        let v = logits.shape().last();
-        let (l, t, lse) = (f32_in(OP, logits)?, saved.targets.i32s()?, f32_in(OP, &saved.lse)?);
-        new_f32(logits.dims(), |d| xent_backward(d, l, lse, t, v, scale))
+        let pitch = logits.shape().last();
+        let (t, lse) = (saved.targets.i32s()?, f32_in(OP, &saved.lse)?);
+        xent_backward(logits.f32s_mut()?, lse, t, v, pitch, scale);
+        Ok(logits)
     }
 }

@@ -4,7 +4,8 @@
 //! without a GPU.
 //!
 //! Layout as on the CPU: row-major, `a_trans` means A is stored [k, m], `b_trans` that B is stored
-//! [n, k]. Outputs are bf16 (activations) or f32 (weight gradients, usually with `accumulate`);
+//! [n, k]; each matrix's rows lie its pitch apart (`GemmDesc::lda`, `ldb`, `ldc`: dense unless
+//! `GemmDesc::pitch` says otherwise), and a buffer holds exactly rows x pitch elements. Outputs are bf16 (activations) or f32 (weight gradients, usually with `accumulate`);
 //! the bias is bf16, like the weights it sits beside.
 
 use super::tensor::{bf16_in, new_bf16, new_f32, wrap_bf16};
@@ -43,8 +44,8 @@ pub enum GemmVariant {
     /// every operand (see `Wgmma`) and its tiles fill the SMs, otherwise `MmaSync`.
     Best,
     /// wgmma fed by TMA (gemm_wgmma_*, sm_90 only): persistent 128 x 128 tiles, one block per SM at
-    /// most on a GPU (one per tile on the emulated device). TMA reads rows that start 16 bytes
-    /// apart, so an operand whose leading dimension is not a multiple of 8 (and K = 0) takes
+    /// most on a GPU (one per tile on the emulated device). TMA reads rows that start on 16-byte
+    /// boundaries, so an operand whose row pitch is not a multiple of 8 (and K = 0) takes
     /// `MmaSync` instead.
     Wgmma,
     /// Wgmma held to a grid of two blocks, so each block walks many tiles through the same ring
@@ -93,18 +94,20 @@ fn check_len(op: &'static str, what: &str, len: usize, need: usize, dims: &str) 
     Ok(())
 }
 
-/// Checks the lengths of a product's out and optional pre-activation (m x n) and bias (n).
+/// Checks the lengths of a product's out and optional pre-activation (m rows of pitch ldc) and
+/// bias (n).
 fn check_epilogue(
     op: &'static str,
     m: usize,
+    ldc: usize,
     n: usize,
     out: usize,
     pre: Option<usize>,
     bias: Option<usize>,
 ) -> Result<()> {
-    check_len(op, "out", out, m * n, &format!("{m} x {n}"))?;
+    check_len(op, "out", out, m * ldc, &format!("{m} x {ldc}"))?;
     if let Some(p) = pre {
-        check_len(op, "pre", p, m * n, &format!("{m} x {n}"))?;
+        check_len(op, "pre", p, m * ldc, &format!("{m} x {ldc}"))?;
     }
     if let Some(b) = bias {
         check_len(op, "bias", b, n, &format!("{n}"))?;
@@ -146,15 +149,20 @@ pub fn matmul_with<O: GemmOut>(
     let (a_trans, b_trans, gelu) = (g.a.is_t(), g.b.is_t(), g.epilogue == Epilogue::Gelu);
     const OP: &str = "cuda::matmul";
     check_dims(OP, m, n, k)?;
-    check_len(OP, "A", a.len(), m * k, &format!("{m} x {k}"))?;
-    check_len(OP, "B", b.len(), k * n, &format!("{k} x {n}"))?;
-    check_epilogue(OP, m, n, out.len(), pre.as_ref().map(|p| p.len()), bias.map(|b| b.len()))?;
+    g.check_pitch(OP)?;
+    let (lda, ldb, ldc) = (g.lda(), g.ldb(), g.ldc());
+    check_dims(OP, lda, ldb, ldc)?;
+    let [la, lb, _] = g.lens();
+    check_len(OP, "A", a.len(), la, &format!("{} rows x {lda}", g.a_stored()[0]))?;
+    check_len(OP, "B", b.len(), lb, &format!("{} rows x {ldb}", g.b_stored()[0]))?;
+    check_epilogue(OP, m, ldc, n, out.len(), pre.as_ref().map(|p| p.len()), bias.map(|b| b.len()))?;
     if m == 0 || n == 0 {
         return Ok(());
     }
     let flags = O::FLAGS | if accumulate { FLAG_ACCUMULATE } else { 0 } | if gelu { FLAG_GELU } else { 0 };
     let cu = cuda()?;
     let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+    let (lda, ldb, ldc) = (lda as i32, ldb as i32, ldc as i32);
     // A null device pointer switches the bias or the pre-activation off.
     let null: u64 = 0;
     let variant = resolve(variant, runs_wgmma(cu), cu.sm_count(), g, a.ptr(), b.ptr()).map_err(|why| {
@@ -213,7 +221,7 @@ pub fn matmul_with<O: GemmOut>(
         Some(bias) => l.arg(bias),
         None => l.arg(&null),
     };
-    l.arg(&mi).arg(&ni).arg(&ki);
+    l.arg(&mi).arg(&ni).arg(&ki).arg(&lda).arg(&ldb).arg(&ldc);
     if variant == GemmVariant::Naive {
         l.arg(&ta).arg(&tb);
     }
@@ -249,7 +257,7 @@ pub fn resolve(
     use GemmVariant::*;
     let GemmDesc { m, n, k, .. } = *g;
     // Each operand's row pitch in elements, as stored.
-    let (pa, pb) = (if g.a.is_t() { m } else { k }, if g.b.is_t() { k } else { n });
+    let (pa, pb) = (g.lda(), g.ldb());
     let tma_ok = k > 0 && a_ptr % 16 == 0 && b_ptr % 16 == 0 && pa % 8 == 0 && pb % 8 == 0;
     let fills = m.div_ceil(WG_BM) * n.div_ceil(WG_BN) >= sms;
     let variant = match variant {
@@ -294,19 +302,19 @@ fn matmul_wgmma<O: GemmOut>(
     let (a_trans, b_trans) = (g.a.is_t(), g.b.is_t());
     let cu = cuda()?;
     // The map of a row-major [rows, cols] operand: K-major when its rows run along K.
-    let map = |ptr: u64, rows: usize, cols: usize, k_major: bool| -> Result<TensorMap> {
+    let map = |ptr: u64, [rows, cols]: [usize; 2], pitch: usize, k_major: bool| -> Result<TensorMap> {
         cu.tensor_map_2d(&Tiled2d {
             ptr,
             rows: rows as u64,
             cols: cols as u64,
-            pitch: cols as u64,
+            pitch: pitch as u64,
             box_rows: if k_major { WG_BM as u32 } else { WG_BK },
             box_cols: 64,
             swizzle: Swizzle::B128,
         })
     };
-    let ma = if a_trans { map(a.ptr(), k, m, false)? } else { map(a.ptr(), m, k, true)? };
-    let mb = if b_trans { map(b.ptr(), n, k, true)? } else { map(b.ptr(), k, n, false)? };
+    let ma = map(a.ptr(), g.a_stored(), g.lda(), !a_trans)?;
+    let mb = map(b.ptr(), g.b_stored(), g.ldb(), b_trans)?;
     let kernel = match (a_trans, b_trans) {
         (false, false) => Kernel::GemmWgmmaNn,
         (false, true) => Kernel::GemmWgmmaNt,
@@ -329,7 +337,7 @@ fn matmul_wgmma<O: GemmOut>(
         shared_mem_bytes: WG_SMEM as u32,
     };
     let null: u64 = 0;
-    let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+    let (mi, ni, ki, ldc) = (m as i32, n as i32, k as i32, g.ldc() as i32);
     let mut l = cu.launch_builder(kernel);
     l.arg(out);
     match pre {
@@ -340,7 +348,7 @@ fn matmul_wgmma<O: GemmOut>(
         Some(bias) => l.arg(bias),
         None => l.arg(&null),
     };
-    l.arg(&ma).arg(&mb).arg(&mi).arg(&ni).arg(&ki).arg(&flags);
+    l.arg(&ma).arg(&mb).arg(&mi).arg(&ni).arg(&ki).arg(&ldc).arg(&flags);
     // SAFETY: the arguments are the kernel's, in its parameter order; the maps describe a and b with the lengths the caller checked, and they outlive the launch (the maps are copied into the launch's parameters).
     unsafe { l.launch(cfg) }?;
     Ok(())
@@ -406,14 +414,20 @@ pub fn matmul_nf4_with<O: GemmOut>(
         return Err(Error::Shape { op: OP, msg: "the activation operand is read as stored (not transposed)".into() });
     }
     check_dims(OP, m, n, k)?;
-    check_len(OP, "x", x.len(), m * k, &format!("{m} x {k}"))?;
+    g.check_pitch(OP)?;
+    if g.pitch.b.is_some() {
+        return Err(Error::Shape { op: OP, msg: "the NF4 weight is stored dense: it takes no row pitch".into() });
+    }
+    let (lda, ldc) = (g.lda(), g.ldc());
+    check_dims(OP, lda, n, ldc)?;
+    check_len(OP, "x", x.len(), m * lda, &format!("{m} x {lda}"))?;
     if w.numel != k * n {
         return Err(Error::Shape {
             op: OP,
             msg: format!("the NF4 weight has {} elements, expected {k} x {n}", w.numel),
         });
     }
-    check_epilogue(OP, m, n, out.len(), pre.as_ref().map(|p| p.len()), bias.map(|b| b.len()))?;
+    check_epilogue(OP, m, ldc, n, out.len(), pre.as_ref().map(|p| p.len()), bias.map(|b| b.len()))?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -467,7 +481,8 @@ pub fn matmul_nf4_with<O: GemmOut>(
         Some(bias) => l.arg(bias),
         None => l.arg(&null),
     };
-    l.arg(&mi).arg(&ni).arg(&ki).arg(&flags);
+    let (lda, ldc) = (lda as i32, ldc as i32);
+    l.arg(&mi).arg(&ni).arg(&ki).arg(&lda).arg(&ldc).arg(&flags);
     // SAFETY: the arguments are the kernel's, in its parameter order; out, pre, x and bias hold the lengths checked above, and the NF4 weight's parts were checked against its k x n elements when it was uploaded (DevNf4::upload), which is every element the tiles decode.
     unsafe { l.launch(cfg) }?;
     Ok(())
@@ -586,10 +601,10 @@ impl crate::backend::Matmul for super::Cuda {
         out_dims: &[usize],
     ) -> Result<(Tensor, Option<Tensor>)> {
         const OP: &str = "matmul";
-        let GemmDesc { m, n, epilogue, .. } = *desc;
+        let GemmDesc { m, epilogue, .. } = *desc;
         let (ad, bd) = (bf16_in(OP, a)?, bf16_in(OP, b)?);
         let biasd = bias.map(|t| bf16_in(OP, t)).transpose()?;
-        let mut pre = (epilogue == Epilogue::Gelu).then(|| self.alloc::<bf16>(m * n)).transpose()?;
+        let mut pre = (epilogue == Epilogue::Gelu).then(|| self.alloc::<bf16>(m * desc.ldc())).transpose()?;
         let out = new_bf16(out_dims, |o| matmul_forward(o, pre.as_mut(), ad, bd, biasd, desc))?;
         Ok((out, pre.map(|p| wrap_bf16(p, out_dims)).transpose()?))
     }

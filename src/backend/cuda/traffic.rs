@@ -187,13 +187,13 @@ fn workload(cu: &Cuda) -> Result<()> {
     let targets = cu.upload(&(0..tokens as i32).map(|i| (i * 13) % v as i32).collect::<Vec<_>>())?;
     let logits = random_bf16(cu, tokens * v, 16)?;
     let (mut losses, mut lse2) = (cu.alloc::<f32>(tokens)?, cu.alloc::<f32>(tokens)?);
-    xent::xent_forward(&mut losses, &mut lse2, &logits, &targets, v)?;
+    xent::xent_forward(&mut losses, &mut lse2, &logits, &targets, v, v)?;
     let mut dl = logits.try_clone()?;
-    xent::xent_backward(&mut dl, &lse2, &targets, v, 1.0 / tokens as f32)?;
+    xent::xent_backward(&mut dl, &lse2, &targets, v, v, 1.0 / tokens as f32)?;
     let logits32 = random_f32(cu, tokens * v, 17)?;
-    xent::xent_forward(&mut losses, &mut lse2, &logits32, &targets, v)?;
+    xent::xent_forward(&mut losses, &mut lse2, &logits32, &targets, v, v)?;
     let mut dl32 = logits32.try_clone()?;
-    xent::xent_backward(&mut dl32, &lse2, &targets, v, 1.0 / tokens as f32)?;
+    xent::xent_backward(&mut dl32, &lse2, &targets, v, v, 1.0 / tokens as f32)?;
     // The optimizer and the gradient norm.
     let pn = 1 << 20;
     let (mut p, g) = (random_f32(cu, pn, 18)?, random_f32(cu, pn, 19)?);

@@ -12,14 +12,17 @@ use crate::{DType, Error, Result, Tensor};
 /// The targets' label for "no target here" (PyTorch's ignore_index), equal to `cpu::xent::IGNORE`.
 pub const IGNORE: i32 = crate::abi::KILN_XENT_IGNORE as i32;
 
-fn check(op: &'static str, logits: usize, rows: usize, v: usize, others: &[(&str, usize)]) -> Result<()> {
-    if v == 0 || v > i32::MAX as usize || rows > i32::MAX as usize {
-        return Err(Error::Shape { op, msg: format!("V = {v} and {rows} rows: need 0 < V and both within i32") });
-    }
-    if logits != rows * v {
+fn check(op: &'static str, logits: usize, rows: usize, v: usize, pitch: usize, others: &[(&str, usize)]) -> Result<()> {
+    if v == 0 || pitch < v || pitch > i32::MAX as usize || rows > i32::MAX as usize {
         return Err(Error::Shape {
             op,
-            msg: format!("logits have {logits} elements, expected rows * V = {rows} * {v}"),
+            msg: format!("V = {v}, pitch {pitch} and {rows} rows: need 0 < V <= pitch, all within i32"),
+        });
+    }
+    if logits != rows * pitch {
+        return Err(Error::Shape {
+            op,
+            msg: format!("logits have {logits} elements, expected rows * pitch = {rows} * {pitch}"),
         });
     }
     for &(name, len) in others {
@@ -55,8 +58,8 @@ mod sealed {
     impl Sealed for f32 {}
 }
 
-/// Each row's lse and loss = lse - logit[target] (0 where the target is IGNORE); rows =
-/// targets.len(). Unlike the CPU twin it does not sum the losses (that would wait for the
+/// Each row's lse and loss = lse - logit[target] (0 where the target is IGNORE), the rows of
+/// `v` logits lying `pitch` elements apart; rows = targets.len(). Unlike the CPU twin it does not sum the losses (that would wait for the
 /// device): `loss_sum` does, when the caller wants the number.
 pub fn xent_forward<T: Logits>(
     losses: &mut DevBuf<f32>,
@@ -64,16 +67,17 @@ pub fn xent_forward<T: Logits>(
     logits: &DevBuf<T>,
     targets: &DevBuf<i32>,
     v: usize,
+    pitch: usize,
 ) -> Result<()> {
     let rows = targets.len();
-    check("cuda::xent_forward", logits.len(), rows, v, &[("losses", losses.len()), ("lse", lse.len())])?;
+    check("cuda::xent_forward", logits.len(), rows, v, pitch, &[("losses", losses.len()), ("lse", lse.len())])?;
     if rows == 0 {
         return Ok(());
     }
     let cu = cuda()?;
-    let v32 = v as i32;
+    let (v32, p32) = (v as i32, pitch as i32);
     let mut l = cu.launch_builder(T::FORWARD);
-    l.arg(losses).arg(lse).arg(logits).arg(targets).arg(&v32);
+    l.arg(losses).arg(lse).arg(logits).arg(targets).arg(&v32).arg(&p32);
     // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(config(rows)) }?;
     Ok(())
@@ -89,23 +93,25 @@ pub fn loss_sum(losses: &DevBuf<f32>, targets: &[i32]) -> Result<(f64, usize)> {
 }
 
 /// dlogits = (softmax(logits) - onehot(target)) * scale, in place: `dlogits` holds the logits on
-/// entry (the CPU twin's separate `logits` argument); zero rows where the target is IGNORE.
+/// entry (the CPU twin's separate `logits` argument), rows of `v` values `pitch` apart, the
+/// columns past v untouched; zero rows where the target is IGNORE.
 pub fn xent_backward<T: Logits>(
     dlogits: &mut DevBuf<T>,
     lse: &DevBuf<f32>,
     targets: &DevBuf<i32>,
     v: usize,
+    pitch: usize,
     scale: f32,
 ) -> Result<()> {
     let rows = targets.len();
-    check("cuda::xent_backward", dlogits.len(), rows, v, &[("lse", lse.len())])?;
+    check("cuda::xent_backward", dlogits.len(), rows, v, pitch, &[("lse", lse.len())])?;
     if rows == 0 {
         return Ok(());
     }
     let cu = cuda()?;
-    let v32 = v as i32;
+    let (v32, p32) = (v as i32, pitch as i32);
     let mut l = cu.launch_builder(T::BACKWARD);
-    l.arg(dlogits).arg(lse).arg(targets).arg(&v32).arg(&scale);
+    l.arg(dlogits).arg(lse).arg(targets).arg(&v32).arg(&p32).arg(&scale);
     // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
     unsafe { l.launch(config(rows)) }?;
     Ok(())
@@ -173,30 +179,30 @@ pub mod twin {
 }
 
 impl crate::backend::CrossEntropy for super::Cuda {
-    fn cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> Result<XentSaved> {
+    fn cross_entropy(&self, logits: &Tensor, targets: &Tensor, v: usize) -> Result<XentSaved> {
         const OP: &str = "cross_entropy";
-        let (v, n) = (logits.shape().last(), logits.shape().rows());
+        let (pitch, n) = (logits.shape().last(), logits.shape().rows());
         let td = targets.i32s()?;
         let ld = bf16_in(OP, logits)?;
         let td_dev = self.upload(td)?;
         let (mut losses, mut lse) = (self.alloc::<f32>(n)?, self.alloc::<f32>(n)?);
-        xent_forward(&mut losses, &mut lse, ld, &td_dev, v)?;
+        xent_forward(&mut losses, &mut lse, ld, &td_dev, v, pitch)?;
         let (sum, count) = loss_sum(&losses, td)?;
         let targets = Tensor::from_cuda(CudaStorage::I32(td_dev), targets.dims())?;
         Ok(XentSaved { sum, count, lse: wrap_f32(lse, &[n])?, targets })
     }
 
-    fn cross_entropy_backward(&self, logits: &Tensor, saved: &XentSaved, scale: f32) -> Result<Tensor> {
+    fn cross_entropy_backward(&self, mut logits: Tensor, saved: &XentSaved, scale: f32, v: usize) -> Result<Tensor> {
         const OP: &str = "cross_entropy backward";
-        let v = logits.shape().last();
-        // The kernel turns logits into dlogits in place; the tape still holds the logits, so this
-        // works on a device copy of them.
-        let mut dlogits = logits.clone().reshape(logits.dims())?;
+        let pitch = logits.shape().last();
         let (lse, t) = (f32_in(OP, &saved.lse)?, i32_in(OP, &saved.targets)?);
-        match dlogits.cuda_storage_mut() {
-            Some(CudaStorage::BF16(d)) => xent_backward(d, lse, t, v, scale)?,
-            _ => return Err(Error::DType { op: OP, expected: DType::BF16, got: logits.dtype() }),
+        let dtype = logits.dtype();
+        // The kernel turns logits into dlogits in place (cuda_storage_mut copies them first when
+        // the tape still shares them).
+        match logits.cuda_storage_mut() {
+            Some(CudaStorage::BF16(d)) => xent_backward(d, lse, t, v, pitch, scale)?,
+            _ => return Err(Error::DType { op: OP, expected: DType::BF16, got: dtype }),
         }
-        Ok(dlogits)
+        Ok(logits)
     }
 }
