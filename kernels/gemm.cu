@@ -5,7 +5,9 @@
 // device); out and the optional pre-activation share one type, bf16 or f32 (flags).
 //
 // Layout, as on the CPU: every matrix is row-major; op(A) = A^T means A is stored [K, M], op(B) =
-// B^T means B is stored [N, K]. The epilogue (bias, optional accumulate into the old output,
+// B^T means B is stored [N, K]. Each matrix's rows lie lda, ldb, ldc elements apart (at least its
+// stored width; wider for a padded matrix such as the classifier's logits, whose columns past the
+// width are never read or written). The epilogue (bias, optional accumulate into the old output,
 // optional GELU with the pre-activation saved, rounding to the output type) is gemm.cuh's, one
 // definition for every kernel here and for the host twin (kernels/host/gemm.cu).
 //
@@ -23,8 +25,8 @@
 // mma fragments, so the four transpose combinations differ only in the shared tile shapes and
 // the ldmatrix addresses. Rows are padded by 16 bytes, which makes every ldmatrix phase hit 8
 // distinct 16-byte bank groups. Edges: a 16-byte chunk that is not wholly inside the matrix, or
-// whose global address is not 16-byte aligned (a leading dimension that is no multiple of 8, e.g.
-// K = 29 or a vocabulary of 50257), is loaded element by element with bounds checks and zero
+// whose global address is not 16-byte aligned (a row pitch that is no multiple of 8, e.g. K = 29
+// or an unpadded vocabulary of 50257), is loaded element by element with bounds checks and zero
 // fill: correct for every shape, but such operands lose the asynchronous copy (the slow path is
 // per chunk, so only the misaligned operand pays). Outputs are stored with per-element bounds
 // checks.
@@ -32,8 +34,8 @@
 // gemm_wgmma_{nn,nt,tn,tt}: the Hopper kernels (GemmVariant::Wgmma), wgmma fed by TMA through an
 // mbarrier ring, a producer warpgroup and two consumers, persistent over 128 x 128 tiles; the
 // section above them says how. Same epilogue, stored as column pairs. TMA needs every operand's
-// rows 16-byte aligned (a leading dimension that is a multiple of 8); the wrapper takes the
-// mma.sync kernels for any other shape.
+// rows 16-byte aligned (a row pitch that is a multiple of 8; the tensor maps carry lda and ldb);
+// the wrapper takes the mma.sync kernels for any other shape.
 //
 // gemm_naive: the obviously-correct reference, one thread per output (16 x 16 blocks), f32
 // accumulation straight from global memory; every transpose, bias, GELU and accumulate. The tests
@@ -46,11 +48,13 @@
 // lane owns 8 columns, read as one 16-byte word per row where n % 8 == 0 (every GPT-2 width; 2-byte
 // loads 32 columns apart otherwise, still coalesced), and each of the 4 row lanes sums every 4th
 // row of the group; the lanes' sums are added in lane order and written as the group's partial
-// [groups, n]. The finish kernel adds the groups in order per column. The partials are 1/64 of
-// dY's bytes in f32 (3%), written once and read once. One group (rows <= 64) writes dbias itself.
+// [groups, n]. The finish kernel adds the groups per column in colsum.cuh's fixed order. The
+// partials are 1/64 of dY's bytes in f32 (3%), written once and read once. One group (rows <= 64)
+// writes dbias itself.
 //
 // Tested by: cargo test --release --features cuda --test gemm
 // Timed by:  kiln bench kernels (GemmVariant::Naive is the in-family baseline)
+#include "colsum.cuh"
 #include "gemm.cuh"
 #include "hopper.cuh"
 #include "nf4.cuh"
@@ -271,7 +275,7 @@ __device__ __forceinline__ void store_output(void* out, void* pre, const bf16* b
 
 // store_output for the adjacent columns col and col + 1 of one row (idx, idx + 1), with one
 // 4-byte (bf16) or 8-byte (f32) access per buffer where both are inside the row and idx is even
-// (n even: every row starts aligned); element by element otherwise.
+// (ldc even: every row starts aligned); element by element otherwise.
 [[maybe_unused]] __device__ __forceinline__ void store_output_pair(void* out, void* pre, const bf16* bias, int64_t idx, int col, int n, float a0,
                                                   float a1, int flags) {
     if (col + 1 >= n || (idx & 1)) {
@@ -728,11 +732,11 @@ extern "C" __global__ void __launch_bounds__(32 * KILN_GEMM_BIAS_LANES) gemm_bia
     else bias_partial<false>(part, dout, rows, n);
 }
 
-// dbias [n] = sum over groups, in order, of part [groups, n]. Grid ceil(n / KILN_GEMM_BIAS_FINISH).
-extern "C" __global__ void __launch_bounds__(KILN_GEMM_BIAS_FINISH) gemm_bias_backward_finish(float* dbias, const float* part, int groups, int n) {
-    const int col = blockIdx.x * KILN_GEMM_BIAS_FINISH + threadIdx.x;
-    if (col >= n) return;
-    float t = 0.0f;
-    for (int g = 0; g < groups; ++g) t += part[static_cast<int64_t>(g) * n + col];
-    dbias[col] = t;
+// dbias [n] = the sum over groups of part [groups, n] (colsum.cuh's fixed order). Grid
+// ceil(n / 32), block (32, KILN_COLSUM_WARPS).
+extern "C" __global__ void __launch_bounds__(32 * KILN_COLSUM_WARPS) gemm_bias_backward_finish(float* dbias, const float* part, int groups, int n) {
+    __shared__ float colsums[KILN_COLSUM_WARPS][32];
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    const float t = colsum_block(colsums, part, n, groups, col, col < n);
+    if (threadIdx.y == 0 && col < n) dbias[col] = t;
 }

@@ -112,8 +112,9 @@ typedef struct {
 // (8 per thread) over a group of KILN_GEMM_BIAS_GROUP rows, the row lanes interleaved.
 #define KILN_GEMM_BIAS_LANES 4
 #define KILN_GEMM_BIAS_GROUP 64
-// gemm_bias_backward_finish: threads (one column each) per block.
-#define KILN_GEMM_BIAS_FINISH 256
+// The finish step of the column sums (colsum.cuh: gemm_bias_backward_finish,
+// layernorm_backward_dwdb_finish, rmsnorm_backward_dw_finish): warps per block of 32 columns.
+#define KILN_COLSUM_WARPS 8
 
 // ---- attention ----
 // Causal flash attention (kernels/attention.cu). A tile is 32 keys or 32 query rows (one per

@@ -21,7 +21,7 @@
 //   deterministically and without atomics. The partial kernel's block (x = group of
 //   KILN_LN_DW_ROWS rows, y = stripe of KILN_LN_DW_THREADS columns) gives each thread one column,
 //   which it accumulates over the group's rows in row order; it writes [groups, 2, C] partial sums.
-//   The finish kernel gives each thread one column and adds the groups in order. The grouping
+//   The finish kernel adds the groups per column in colsum.cuh's fixed order. The grouping
 //   depends only on (rows, C), so the bits are the same on every run and every GPU. Cost: the
 //   partial kernel re-reads dout and x (the dx kernel reads them too), i.e. ~1.5x the bytes of a
 //   fused kernel that kept dw/db in shared memory; fusing would need per-warp shared copies of
@@ -34,6 +34,7 @@
 // (__shfl_xor), so mean/rstd differ from the CPU's serial sums only by summation order.
 //
 // Test: cargo test --release --features cuda --test layernorm
+#include "colsum.cuh"
 #include "layernorm.cuh"
 #include "vec.cuh"
 
@@ -337,16 +338,14 @@ extern "C" __global__ void __launch_bounds__(KILN_LN_DW_THREADS) layernorm_backw
     p[c + col] = ab;
 }
 
-// dw[col] = sum over groups (in order) of partial[g, 0, col]; db likewise. Either may be null.
-extern "C" __global__ void __launch_bounds__(KILN_LN_DW_THREADS) layernorm_backward_dwdb_finish(float* dw, float* db, const float* partial, int groups, int c) {
-    const int col = blockIdx.x * KILN_LN_DW_THREADS + threadIdx.x;
-    if (col >= c) return;
-    float sw = 0.0f, sb = 0.0f;
-    for (int g = 0; g < groups; g++) {
-        const float* p = partial + (int64_t)g * 2 * c;
-        sw += p[col];
-        sb += p[c + col];
-    }
-    if (dw) dw[col] = sw;
-    if (db) db[col] = sb;
+// dw[col] = the sum over groups of partial[g, 0, col], db[col] of partial[g, 1, col]
+// (colsum.cuh's fixed order, over the 2C columns of partial's rows). Either may be null. Grid
+// ceil(2C / 32), block (32, KILN_COLSUM_WARPS).
+extern "C" __global__ void __launch_bounds__(32 * KILN_COLSUM_WARPS) layernorm_backward_dwdb_finish(float* dw, float* db, const float* partial, int groups, int c) {
+    __shared__ float colsums[KILN_COLSUM_WARPS][32];
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    float* out = col < c ? dw : db;
+    const bool ok = col < 2 * c && out != nullptr;
+    const float t = colsum_block(colsums, partial, 2 * static_cast<int64_t>(c), groups, col, ok);
+    if (threadIdx.y == 0 && ok) out[col < c ? col : col - c] = t;
 }

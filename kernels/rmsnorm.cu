@@ -14,8 +14,8 @@
 // - rmsnorm_backward_dw_partial + rmsnorm_backward_dw_finish: dw deterministically, without
 //   atomics: the partial kernel's block (x = group of KILN_LN_DW_ROWS rows, y = stripe of
 //   KILN_LN_DW_THREADS columns) gives each thread one column, accumulated over the group's rows in
-//   row order, into [groups, C]; the finish kernel adds the groups in order. The grouping depends
-//   only on (rows, C): the same bits on every run and every GPU.
+//   row order, into [groups, C]; the finish kernel adds the groups in colsum.cuh's fixed order.
+//   The grouping depends only on (rows, C): the same bits on every run and every GPU.
 // Every kernel has a 16-byte path (8 bf16 per access) taken when C % 8 == 0 and every bf16 pointer
 // is 16-byte aligned, otherwise one bf16 per lane per step. On the 16-byte path, rows of at most
 // KILN_LN_CACHE_C columns are cached: each lane keeps its words of the row in registers between
@@ -25,6 +25,7 @@
 // both give the same bits. Wider rows walk twice.
 //
 // Test: cargo test --release --features cuda --test rmsnorm
+#include "colsum.cuh"
 #include "rmsnorm.cuh"
 #include "vec.cuh"
 
@@ -268,10 +269,9 @@ extern "C" __global__ void __launch_bounds__(KILN_LN_DW_THREADS) rmsnorm_backwar
 }
 
 // dw[col] = sum over groups (in order) of partial[g, col].
-extern "C" __global__ void __launch_bounds__(KILN_LN_DW_THREADS) rmsnorm_backward_dw_finish(float* dw, const float* partial, int groups, int c) {
-    const int col = blockIdx.x * KILN_LN_DW_THREADS + threadIdx.x;
-    if (col >= c) return;
-    float s = 0.0f;
-    for (int g = 0; g < groups; g++) s += partial[(int64_t)g * c + col];
-    dw[col] = s;
+extern "C" __global__ void __launch_bounds__(32 * KILN_COLSUM_WARPS) rmsnorm_backward_dw_finish(float* dw, const float* partial, int groups, int c) {
+    __shared__ float colsums[KILN_COLSUM_WARPS][32];
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    const float t = colsum_block(colsums, partial, c, groups, col, col < c);
+    if (threadIdx.y == 0 && col < c) dw[col] = t;
 }

@@ -1,6 +1,9 @@
 // Host twins of kernels/rmsnorm.cuh, compiled for the CPU (build.rs, -ffp-contract=off) so CI can
 // compare them with src/backend/cpu/rmsnorm.rs without a GPU. Arrays are f32 (the kernels' bf16
 // inputs widened); either output of the backward may be null.
+#include <vector>
+
+#include "../colsum.cuh"
 #include "../rmsnorm.cuh"
 
 // The forward with the CPU's mean square (summed in f64, as cpu::row_rstd does), then the shared
@@ -17,8 +20,8 @@ extern "C" void kiln_host_rmsnorm_forward(float* out, float* rstd, const float* 
 }
 
 // dx with the CPU's serial row sums; dw exactly as the device computes it (groups of
-// KILN_LN_DW_ROWS rows summed in row order with rms_dw_acc, then the groups in order), so the
-// kernels' dw equals this bit for bit on the same (bf16-valued) inputs.
+// KILN_LN_DW_ROWS rows summed in row order with rms_dw_acc, then the groups in colsum.cuh's
+// order), so the kernels' dw equals this bit for bit on the same (bf16-valued) inputs.
 extern "C" void kiln_host_rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, const float* rstd, int64_t rows, int64_t c) {
     if (dx) {
         for (int64_t r = 0; r < rows; r++) {
@@ -30,13 +33,14 @@ extern "C" void kiln_host_rmsnorm_backward(float* dx, float* dw, const float* do
         }
     }
     if (!dw) return;
+    const int64_t groups = (rows + KILN_LN_DW_ROWS - 1) / KILN_LN_DW_ROWS;
+    std::vector<float> part(groups);  // this column's partial sums
     for (int64_t col = 0; col < c; col++) {
-        float s = 0.0f;
-        for (int64_t r0 = 0; r0 < rows; r0 += KILN_LN_DW_ROWS) {
+        for (int64_t gi = 0; gi < groups; gi++) {
             float acc = 0.0f;
-            for (int64_t r = r0; r < rows && r < r0 + KILN_LN_DW_ROWS; r++) acc = rms_dw_acc(acc, dout[r * c + col], x[r * c + col], rstd[r]);
-            s += acc;
+            for (int64_t r = gi * KILN_LN_DW_ROWS; r < rows && r < (gi + 1) * KILN_LN_DW_ROWS; r++) acc = rms_dw_acc(acc, dout[r * c + col], x[r * c + col], rstd[r]);
+            part[gi] = acc;
         }
-        dw[col] = s;
+        dw[col] = colsum_in_order(part.data(), 1, (int)groups);
     }
 }

@@ -12,10 +12,10 @@ use super::tensor::{bf16_in, new_bf16, new_f32, wrap_bf16};
 use super::tma::{Swizzle, TensorMap, Tiled2d};
 use super::{bf16, cuda, DevBuf, DeviceElem, Kernel, LaunchConfig};
 use crate::abi::{
-    KILN_GEMM_ACCUMULATE, KILN_GEMM_BIAS_FINISH, KILN_GEMM_BIAS_GROUP, KILN_GEMM_BIAS_LANES, KILN_GEMM_BM,
-    KILN_GEMM_BN, KILN_GEMM_GELU, KILN_GEMM_NAIVE_TILE, KILN_GEMM_OUT_F32, KILN_GEMM_SMALL_BM, KILN_GEMM_SMALL_BN,
-    KILN_GEMM_SMALL_THREADS, KILN_GEMM_THREADS, KILN_GEMM_WGMMA_BK, KILN_GEMM_WGMMA_BM, KILN_GEMM_WGMMA_BN,
-    KILN_GEMM_WGMMA_SMEM, KILN_GEMM_WGMMA_THREADS,
+    KILN_GEMM_ACCUMULATE, KILN_GEMM_BIAS_GROUP, KILN_GEMM_BIAS_LANES, KILN_GEMM_BM, KILN_GEMM_BN, KILN_GEMM_GELU,
+    KILN_GEMM_NAIVE_TILE, KILN_GEMM_OUT_F32, KILN_GEMM_SMALL_BM, KILN_GEMM_SMALL_BN, KILN_GEMM_SMALL_THREADS,
+    KILN_GEMM_THREADS, KILN_GEMM_WGMMA_BK, KILN_GEMM_WGMMA_BM, KILN_GEMM_WGMMA_BN, KILN_GEMM_WGMMA_SMEM,
+    KILN_GEMM_WGMMA_THREADS,
 };
 use crate::backend::{Epilogue, GemmDesc};
 use crate::{DType, Error, Result, Tensor};
@@ -529,11 +529,7 @@ pub fn bias_backward(dbias: &mut DevBuf<f32>, dout: &DevBuf<bf16>, n: usize) -> 
     // SAFETY: the arguments are the kernel's, in its parameter order; dout holds rows x n (checked above) and the output groups x n (allocated here, or dbias of n with one group), the elements this grid touches.
     unsafe { l.launch(partial) }?;
     if let Some(p) = part {
-        let finish = LaunchConfig {
-            grid_dim: (n.div_ceil(KILN_GEMM_BIAS_FINISH as usize) as u32, 1, 1),
-            block_dim: (KILN_GEMM_BIAS_FINISH as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let finish = super::reduce::colsum_config(n);
         let mut l = cu.launch_builder(Kernel::GemmBiasBackwardFinish);
         l.arg_mut(dbias).arg(&p).arg(&groups_i).arg(&n_i);
         // SAFETY: the arguments are the kernel's, in its parameter order; dbias holds n and the partials groups x n.

@@ -203,9 +203,8 @@ pub fn layernorm_backward(
         None => l.arg(&null),
     };
     l.arg(&partial).arg(&groups32).arg(&c32);
-    let cfg = LaunchConfig { grid_dim: (stripes as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
-    unsafe { l.launch(cfg) }?;
+    unsafe { l.launch(super::reduce::colsum_config(2 * c)) }?;
     Ok(())
 }
 

@@ -7,6 +7,13 @@ use super::{cuda, DevBuf, Kernel, LaunchConfig};
 use crate::abi::KILN_REDUCE_THREADS;
 use crate::Result;
 
+/// The launch of a column-sum finish kernel over `cols` columns (kernels/colsum.cuh): one block
+/// of 32 x KILN_COLSUM_WARPS threads per 32 columns.
+pub(crate) fn colsum_config(cols: usize) -> LaunchConfig {
+    let warps = crate::abi::KILN_COLSUM_WARPS as u32;
+    LaunchConfig { grid_dim: (cols.div_ceil(32) as u32, 1, 1), block_dim: (32, warps, 1), shared_mem_bytes: 0 }
+}
+
 fn blocks(n: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (n, 1, 1), block_dim: (KILN_REDUCE_THREADS as u32, 1, 1), shared_mem_bytes: 0 }
 }

@@ -113,9 +113,8 @@ pub fn rmsnorm_backward(
     let groups32 = groups as i32;
     let mut l = cu.launch_builder(Kernel::RmsnormBackwardDwFinish);
     l.arg(dw).arg(&partial).arg(&groups32).arg(&c32);
-    let cfg = LaunchConfig { grid_dim: (stripes as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the arguments are the kernel's, in its parameter order, and the buffer lengths checked above are the ones it indexes up to at this launch configuration.
-    unsafe { l.launch(cfg) }?;
+    unsafe { l.launch(super::reduce::colsum_config(c)) }?;
     Ok(())
 }
 
