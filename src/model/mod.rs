@@ -433,9 +433,6 @@ impl Model {
         }
     }
 
-    /// The output layer on h [..., C]: logits [..., V] = h @ wte^T (lm_head is tied to wte), plus
-    /// the LoRA update scaling * dropout(h) A^T B^T when the adapter targets `lm_head` (dropout
-    /// from `seed` when `train`).
     /// The classifier over h [B, T, C] with weight `w` [V, C], and the loss when `targets` are
     /// given. A training step (`train`, targets, no adapter on lm_head) runs the fused
     /// `xent::classifier_loss`, which keeps the logits to itself (`logits` is then None);
@@ -459,6 +456,9 @@ impl Model {
         Ok(ModelOutput { logits: Some(logits), loss })
     }
 
+    /// The output layer on h [..., C]: logits [..., V] = h @ wte^T (lm_head is tied to wte), plus
+    /// the LoRA update scaling * dropout(h) A^T B^T when the adapter targets `lm_head` (dropout
+    /// from `seed` when `train`).
     pub(crate) fn lm_head(&self, tape: &mut Tape, h: &Tensor, wte: &Tensor, train: bool, seed: u64) -> Result<Tensor> {
         let adapter = self.lora.as_ref().and_then(|l| Some((l.adapter(crate::nn::lora::LM_HEAD)?, l.config.dropout)));
         match adapter {
@@ -622,7 +622,9 @@ impl Model {
 
     /// Logits for `ids` (I32 [B, T]) and, with `targets` (I32 [B, T], -100 = no target), the
     /// mean loss. Trainable parameters (the adapter's too) are watched on `tape`, so
-    /// `tape.backward(loss)` yields their gradients.
+    /// `tape.backward(loss)` yields their gradients. A `Mode::Train` forward with targets returns
+    /// the loss alone (its classifier and loss are one op, `xent::classifier_loss`); `Mode::Eval`
+    /// returns the logits as well.
     pub fn forward(&self, tape: &mut Tape, ids: &Tensor, targets: Option<&Tensor>, mode: Mode) -> Result<ModelOutput> {
         self.forward_with(tape, ids, targets, mode, None)
     }
